@@ -1,0 +1,22 @@
+"""otq_kernels: low-bit codebook quantization and fused LUT kernels for Flow Matching models.
+
+Nothing here touches a GPU, compiles or allocates at import time.
+"""
+
+from . import ops
+from .format import QuantizedTensor, pack_codes, plane_widths, unpack_codes
+from .quantizers import METHODS, fake_quantize, fake_quantize_state_dict, fit_codebook
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "QuantizedTensor",
+    "fake_quantize",
+    "fake_quantize_state_dict",
+    "fit_codebook",
+    "ops",
+    "pack_codes",
+    "plane_widths",
+    "unpack_codes",
+]

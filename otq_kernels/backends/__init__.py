@@ -1,0 +1,31 @@
+"""Backends: each module implements some of the kernel functions below.
+
+Interface (a backend defines the ones it supports):
+- ``unavailable(device) -> str | None``: why it cannot run on ``device`` (None = it can).
+- ``linear(x [M, K], qt, bias [N] | None) -> [M, N]`` in x.dtype.
+- ``conv2d(x [B, C, H, W], qt, bias, stride, padding, dilation, groups) -> [B, N, OH, OW]``.
+- ``fit_rows(rows [R, n] float, bits, assign) -> (codes int [R, n], centroids f32 [R, 2**b])``
+  for the "ot" method.
+- ``pack(codes [N, K], bits) -> planes``; ``unpack(planes, bits, k) -> codes int64 [N, k]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+NAMES = ("reference", "dequant", "triton", "cuda", "cpu")
+
+
+def get(name: str):
+    """The backend module called ``name`` (imported on first use)."""
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {NAMES} or 'auto'")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def function(name: str, op: str):
+    """Backend ``name``'s implementation of ``op`` or a clear NotImplementedError."""
+    impl = getattr(get(name), op, None)
+    if impl is None:
+        raise NotImplementedError(f"backend {name!r} does not implement {op!r}")
+    return impl

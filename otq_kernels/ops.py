@@ -1,0 +1,246 @@
+"""torch.library ops and backend dispatch (DESIGN §4).
+
+Ops: ``otq::codebook_linear``, ``otq::codebook_conv2d``, ``otq::fit_codebook``,
+``otq::pack``, ``otq::unpack``; each has a fake implementation so torch.compile and
+CUDA graphs can trace them. The Python wrappers below validate inputs, pick a backend
+(argument, else env ``OTQ_BACKEND``, else auto) and call the op.
+"""
+
+import functools
+import json
+import os
+from importlib import resources
+from typing import Optional
+
+import torch
+
+from . import backends
+from .format import QuantizedTensor, check_bits, padded_k, plane_widths
+from .quantizers import fit_rows_reference
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FUSED_METHODS = ("ot",)
+
+
+# ----------------------------------------------------------------------------- dispatch
+@functools.lru_cache(maxsize=None)
+def tuning_table(gpu_name: str) -> dict:
+    """Crossover table for ``gpu_name`` (the shipped default for GPUs not listed)."""
+    path = os.environ.get("OTQ_TUNING_FILE")
+    text = open(path).read() if path else (
+        resources.files("otq_kernels").joinpath("tuning/default.json").read_text())
+    table = json.loads(text)
+    return table.get("gpus", {}).get(gpu_name, table["default"])
+
+
+def _gpu_table(device: torch.device) -> dict:
+    return tuning_table(torch.cuda.get_device_name(device))
+
+
+_OP_FUNCTION = {"linear": "linear", "conv2d": "conv2d", "fit": "fit_rows", "pack": "pack",
+                "unpack": "unpack"}
+
+
+def _candidates(op: str, device: torch.device, m: int) -> list[str]:
+    """Backends to try for ``op``, best first (M = activation rows, or row length for fit)."""
+    if device.type != "cuda":
+        return ["cpu", "reference"]
+    table = _gpu_table(device).get(op, {})
+    if op in ("linear", "conv2d"):
+        names = ["cuda"] if m <= table.get("cuda_max_m", -1) else []
+        names += ["triton"] if m <= table.get("triton_max_m", -1) else []
+        return names + ["dequant"]
+    if op == "fit":
+        fits_one_program = m <= table.get("triton_max_n", 4096)
+        return (["triton"] if fits_one_program else []) + ["cuda", "triton", "reference"]
+    return ["triton", "cuda", "reference"]
+
+
+def _auto_backend(op: str, device: torch.device, m: int) -> str:
+    """The first candidate that implements ``op`` and can run on ``device``."""
+    for name in _candidates(op, device, m):
+        module = backends.get(name)
+        if hasattr(module, _OP_FUNCTION[op]) and module.unavailable(device) is None:
+            return name
+    return "reference"
+
+
+def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: int = 1) -> str:
+    """A concrete backend name for ``op`` on ``device`` with M rows of activations."""
+    name = backend if backend not in (None, "auto") else os.environ.get("OTQ_BACKEND", "auto")
+    if name == "auto":
+        return _auto_backend(op, torch.device(device), m)
+    module = backends.get(name)
+    reason = module.unavailable(torch.device(device))
+    if reason:
+        raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+    return name
+
+
+def _qt(planes, codebook, bits, shape) -> QuantizedTensor:
+    n = shape[0] if len(shape) > 1 else 1
+    gran = "channel" if codebook.shape[0] == n and n > 1 else "tensor"
+    return QuantizedTensor(list(planes), codebook, bits, tuple(shape), gran)
+
+
+# ----------------------------------------------------------------------------- ops
+@torch.library.custom_op("otq::codebook_linear", mutates_args=())
+def _codebook_linear_op(x: torch.Tensor, planes: list[torch.Tensor], codebook: torch.Tensor,
+                        bits: int, n: int, k: int, bias: Optional[torch.Tensor],
+                        backend: str) -> torch.Tensor:
+    qt = _qt(planes, codebook, bits, (n, k))
+    return backends.function(backend, "linear")(x, qt, bias)
+
+
+@_codebook_linear_op.register_fake
+def _(x, planes, codebook, bits, n, k, bias, backend):
+    return x.new_empty(x.shape[0], n)
+
+
+@torch.library.custom_op("otq::codebook_conv2d", mutates_args=())
+def _codebook_conv2d_op(x: torch.Tensor, planes: list[torch.Tensor], codebook: torch.Tensor,
+                        bits: int, weight_shape: list[int], bias: Optional[torch.Tensor],
+                        stride: list[int], padding: list[int], dilation: list[int],
+                        groups: int, backend: str) -> torch.Tensor:
+    qt = _qt(planes, codebook, bits, weight_shape)
+    impl = backends.function(backend, "conv2d")
+    return impl(x, qt, bias, stride, padding, dilation, groups)
+
+
+@_codebook_conv2d_op.register_fake
+def _(x, planes, codebook, bits, weight_shape, bias, stride, padding, dilation, groups, backend):
+    return x.new_empty(conv2d_output_shape(x.shape, weight_shape, stride, padding, dilation))
+
+
+@torch.library.custom_op("otq::fit_codebook", mutates_args=())
+def _fit_codebook_op(rows: torch.Tensor, bits: int, method: str, assign: str,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if method in FUSED_METHODS and backend != "reference":
+        codes, centroids = backends.function(backend, "fit_rows")(rows, bits, assign)
+    else:
+        codes, centroids = fit_rows_reference(rows, bits, method, assign)
+    return codes.to(torch.int64), centroids.to(torch.float32)
+
+
+@_fit_codebook_op.register_fake
+def _(rows, bits, method, assign, backend):
+    codes = rows.new_empty(rows.shape, dtype=torch.int64)
+    return codes, rows.new_empty(rows.shape[0], 2**bits, dtype=torch.float32)
+
+
+@torch.library.custom_op("otq::pack", mutates_args=())
+def _pack_op(codes: torch.Tensor, bits: int, backend: str) -> list[torch.Tensor]:
+    return backends.function(backend, "pack")(codes, bits)
+
+
+@_pack_op.register_fake
+def _(codes, bits, backend):
+    n, k = codes.shape
+    return [codes.new_empty(n, padded_k(k) * w // 32, dtype=torch.int32)
+            for w in plane_widths(bits)]
+
+
+@torch.library.custom_op("otq::unpack", mutates_args=())
+def _unpack_op(planes: list[torch.Tensor], bits: int, k: int, backend: str) -> torch.Tensor:
+    return backends.function(backend, "unpack")(list(planes), bits, k)
+
+
+@_unpack_op.register_fake
+def _(planes, bits, k, backend):
+    return planes[0].new_empty(planes[0].shape[0], k, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- checks
+def conv2d_output_shape(x_shape, weight_shape, stride, padding, dilation) -> list[int]:
+    """[B, N, OH, OW] of a conv of x [B, C, H, W] with weight [N, C/g, KH, KW]."""
+    b, _, h, w = x_shape
+    out = [b, weight_shape[0]]
+    for size, kernel, s, p, d in zip((h, w), weight_shape[2:], stride, padding, dilation,
+                                     strict=True):
+        out.append((size + 2 * p - d * (kernel - 1) - 1) // s + 1)
+    return out
+
+
+def _check_activation(x, qt: QuantizedTensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{what}: activations must be float16/bfloat16/float32, got {got}")
+    if x.device != qt.device:
+        raise ValueError(f"{what}: activations on {x.device} but quantized weight on {qt.device}")
+
+
+def _check_bias(bias, qt: QuantizedTensor, what: str) -> None:
+    if bias is None:
+        return
+    if tuple(bias.shape) != (qt.n,) or bias.device != qt.device:
+        raise ValueError(f"{what}: bias must be [{qt.n}] on {qt.device}, got "
+                         f"{tuple(bias.shape)} on {bias.device}")
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+# ----------------------------------------------------------------------------- public
+def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """y = x @ W^T + bias with W the codebook weight. x [..., K] -> [..., N] (x.dtype)."""
+    _check_activation(x, qt, "codebook_linear")
+    _check_bias(bias, qt, "codebook_linear")
+    if x.dim() == 0 or x.shape[-1] != qt.k:
+        raise ValueError(f"codebook_linear: x has {x.shape[-1] if x.dim() else 0} features "
+                         f"but the weight expects K={qt.k}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, qt.k).contiguous()
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, qt.n)
+    name = resolve_backend(backend, "linear", x.device, x2.shape[0])
+    y = torch.ops.otq.codebook_linear(x2, qt.planes, qt.codebook, qt.bits, qt.n, qt.k,
+                                      bias, name)
+    return y.reshape(*lead, qt.n)
+
+
+def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None,
+                    stride=1, padding=0, dilation=1, groups: int = 1,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """2-D convolution with the codebook weight [N, C/groups, KH, KW]. x [B, C, H, W]."""
+    _check_activation(x, qt, "codebook_conv2d")
+    _check_bias(bias, qt, "codebook_conv2d")
+    if len(qt.shape) != 4:
+        raise ValueError(f"codebook_conv2d: weight must be 4-D, got shape {list(qt.shape)}")
+    if x.dim() != 4 or x.shape[1] != qt.shape[1] * groups:
+        raise ValueError(f"codebook_conv2d: x must be [B, {qt.shape[1] * groups}, H, W] "
+                         f"(groups={groups}), got {list(x.shape)}")
+    if qt.n % groups:
+        raise ValueError(f"codebook_conv2d: {qt.n} output channels not divisible by groups")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    out_shape = conv2d_output_shape(x.shape, qt.shape, stride, padding, dilation)
+    if min(out_shape[2:]) <= 0:
+        raise ValueError(f"codebook_conv2d: input {list(x.shape)} too small for the kernel")
+    if x.shape[0] == 0:
+        return x.new_empty(out_shape)
+    m = out_shape[0] * out_shape[2] * out_shape[3]
+    name = resolve_backend(backend, "conv2d", x.device, m)
+    return torch.ops.otq.codebook_conv2d(x.contiguous(), qt.planes, qt.codebook, qt.bits,
+                                         list(qt.shape), bias, stride, padding, dilation,
+                                         groups, name)
+
+
+def fit_rows(rows: torch.Tensor, bits: int, method: str = "ot", assign: str = "rank",
+             backend: Optional[str] = None):
+    """Fit codebooks per row. rows [R, n] -> (codes int64 [R, n], centroids f32 [R, 2**b])."""
+    check_bits(bits)
+    name = resolve_backend(backend, "fit", rows.device, rows.shape[1])
+    return torch.ops.otq.fit_codebook(rows.contiguous(), bits, method, assign, name)
+
+
+def pack(codes: torch.Tensor, bits: int, backend: Optional[str] = None) -> list[torch.Tensor]:
+    """Pack codes [N, K] into bit planes with the chosen backend (canonical format)."""
+    name = resolve_backend(backend, "pack", codes.device)
+    return torch.ops.otq.pack(codes.contiguous(), bits, name)
+
+
+def unpack(qt: QuantizedTensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Codes int64 [N, K] of ``qt`` with the chosen backend."""
+    name = resolve_backend(backend, "unpack", qt.device)
+    return torch.ops.otq.unpack(qt.planes, qt.bits, qt.k, name)
