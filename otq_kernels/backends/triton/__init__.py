@@ -13,3 +13,45 @@ def unavailable(device) -> str | None:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tests)"
     return None
+
+
+# Each kernel family lives in its own module, imported on first use (never at package
+# import, so no GPU query or compilation happens then).
+def linear(x, qt, bias):
+    """x [M, K] -> [M, N]: GEMV / split-K / tiled GEMM on codes decoded in-kernel."""
+    from .linear import linear_triton
+
+    return linear_triton(x, qt, bias)
+
+
+def conv2d(x, qt, bias, stride, padding, dilation, groups):
+    """Implicit-GEMM conv on channels-last tiles. x [B, C, H, W] -> [B, N, OH, OW]."""
+    from .conv import conv2d_triton
+
+    return conv2d_triton(x, qt, bias, stride, padding, dilation, groups)
+
+
+def fit_rows(rows, bits, assign="rank"):
+    """Fused sort-based equal-mass binning, one program per row."""
+    from .fit import fit_rows_triton
+
+    return fit_rows_triton(rows, bits, assign)
+
+
+def pack(codes, bits):
+    from .pack import pack_triton
+
+    return pack_triton(codes, bits)
+
+
+def unpack(planes, bits, k):
+    from .pack import unpack_triton
+
+    return unpack_triton(planes, bits, k)
+
+
+def dequantize_triton(qt, dtype):
+    """Dense weight of qt.shape in ``dtype``, expanded by a Triton kernel."""
+    from .dequant import dequantize_triton as impl
+
+    return impl(qt, dtype)
