@@ -49,7 +49,7 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
-    """Pack codes int [N, K] (values in [0, 2**bits)) into bit planes (list of int32 [N, Kp*w/32])."""
+    """Pack codes int [N, K] in [0, 2**bits) into bit planes: int32 [N, K_pad * w / 32] each."""
     bits = check_bits(bits)
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
@@ -91,7 +91,7 @@ def unpack_planes(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor
         shifts = torch.arange(per_word, device=plane.device, dtype=torch.int64) * width
         fields = (words.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
         codes |= fields.reshape(n, kp) << offset
-    return codes[:, :k]
+    return codes[:, :k].contiguous()
 
 
 @dataclass
@@ -118,7 +118,8 @@ class QuantizedTensor:
         check_bits(self.bits)
         self.shape = tuple(int(s) for s in self.shape)
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+            raise ValueError(
+                f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         groups = 1 if self.granularity == "tensor" else self.n
         if tuple(self.codebook.shape) != (groups, 2**self.bits):
             raise ValueError(

@@ -23,7 +23,7 @@ FUSED_METHODS = ("ot",)
 
 
 # ----------------------------------------------------------------------------- dispatch
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tuning_table(gpu_name: str) -> dict:
     """Crossover table for ``gpu_name`` (the shipped default for GPUs not listed)."""
     path = os.environ.get("OTQ_TUNING_FILE")
@@ -39,42 +39,59 @@ def _gpu_table(device: torch.device) -> dict:
 
 _OP_FUNCTION = {"linear": "linear", "conv2d": "conv2d", "fit": "fit_rows", "pack": "pack",
                 "unpack": "unpack"}
+UNLIMITED = 2**62
 
 
-def _candidates(op: str, device: torch.device, m: int) -> list[str]:
-    """Backends to try for ``op``, best first (M = activation rows, or row length for fit)."""
+def _candidates(op: str, device: torch.device) -> list[tuple[str, int]]:
+    """(backend, largest M it takes) for ``op``, best first; M = row length for "fit"."""
     if device.type != "cuda":
-        return ["cpu", "reference"]
+        return [("cpu", UNLIMITED), ("reference", UNLIMITED)]
     table = _gpu_table(device).get(op, {})
     if op in ("linear", "conv2d"):
-        names = ["cuda"] if m <= table.get("cuda_max_m", -1) else []
-        names += ["triton"] if m <= table.get("triton_max_m", -1) else []
-        return names + ["dequant"]
+        return [("cuda", table.get("cuda_max_m", -1)), ("triton", table.get("triton_max_m", -1)),
+                ("dequant", UNLIMITED)]
     if op == "fit":
-        fits_one_program = m <= table.get("triton_max_n", 4096)
-        return (["triton"] if fits_one_program else []) + ["cuda", "triton", "reference"]
-    return ["triton", "cuda", "reference"]
+        return [("triton", table.get("triton_max_n", 4096)), ("cuda", UNLIMITED),
+                ("triton", UNLIMITED), ("reference", UNLIMITED)]
+    return [("triton", UNLIMITED), ("cuda", UNLIMITED), ("reference", UNLIMITED)]
 
 
-def _auto_backend(op: str, device: torch.device, m: int) -> str:
-    """The first candidate that implements ``op`` and can run on ``device``."""
-    for name in _candidates(op, device, m):
+@torch.compiler.assume_constant_result
+def _auto_plan(op: str, device: str) -> tuple:
+    """The runnable candidates of ``op`` on ``device`` as ((name, max_m), ...)."""
+    dev = torch.device(device)
+    plan = []
+    for name, max_m in _candidates(op, dev):
         module = backends.get(name)
-        if hasattr(module, _OP_FUNCTION[op]) and module.unavailable(device) is None:
-            return name
-    return "reference"
+        if hasattr(module, _OP_FUNCTION[op]) and module.unavailable(dev) is None:
+            plan.append((name, max_m))
+    return tuple(plan) + (("reference", UNLIMITED),)
+
+
+@torch.compiler.assume_constant_result
+def _explicit_backend(backend: str, device: str) -> str:
+    """``backend`` (or env OTQ_BACKEND when None/"auto"), checked to run on ``device``."""
+    name = backend if backend not in (None, "auto") else os.environ.get("OTQ_BACKEND", "auto")
+    if name != "auto":
+        reason = backends.get(name).unavailable(torch.device(device))
+        if reason:
+            raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+    return name
 
 
 def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: int = 1) -> str:
-    """A concrete backend name for ``op`` on ``device`` with M rows of activations."""
-    name = backend if backend not in (None, "auto") else os.environ.get("OTQ_BACKEND", "auto")
-    if name == "auto":
-        return _auto_backend(op, torch.device(device), m)
-    module = backends.get(name)
-    reason = module.unavailable(torch.device(device))
-    if reason:
-        raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
-    return name
+    """A concrete backend name for ``op`` on ``device`` with M rows of activations.
+
+    Under torch.compile the availability checks are trace-time constants and the M
+    comparison becomes a shape guard.
+    """
+    name = _explicit_backend(backend or "auto", str(device))
+    if name != "auto":
+        return name
+    for name, max_m in _auto_plan(op, str(device)):
+        if m <= max_m:
+            return name
+    return "reference"
 
 
 def _qt(planes, codebook, bits, shape) -> QuantizedTensor:

@@ -27,7 +27,7 @@ def _pad_levels(centroids: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def nearest_codes(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid (lowest index on ties). x [R, n], centroids [R, K] ascending."""
+    """Nearest centroid (lowest index on ties). x [R, n], centroids [R, K] ascending -> [R, n]."""
     mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
     return torch.searchsorted(mids.contiguous(), x.contiguous(), right=False)
 
@@ -91,7 +91,7 @@ def uniform_rows(x: torch.Tensor, bits: int):
 
 
 def quantile_edges(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The K+1 empirical quantiles at 0, 1/K, ..., 1 (linear interpolation). x [R, n] -> [R, K+1]."""
+    """Empirical quantiles at 0, 1/K, ..., 1 (linear interpolation). x [R, n] -> [R, K+1]."""
     values = torch.sort(x, dim=1).values
     n = x.shape[1]
     pos = torch.linspace(0, 1, k + 1, dtype=torch.float64, device=x.device) * (n - 1)
@@ -148,7 +148,7 @@ _REFERENCE = {
 
 
 def fit_rows_reference(x: torch.Tensor, bits: int, method: str = "ot", assign: str = "rank"):
-    """Torch reference quantizer. x [R, n] float -> (codes int64 [R, n], centroids f32 [R, 2**bits])."""
+    """Torch reference. x [R, n] float -> (codes int64 [R, n], centroids f32 [R, 2**bits])."""
     codes, centroids = _REFERENCE[method](x.to(torch.float64), bits, assign)
     return codes, centroids.to(torch.float32)
 

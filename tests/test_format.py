@@ -1,0 +1,124 @@
+"""The canonical packed format (DESIGN §2) against an independent bit-level packer."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import otq_kernels as otq
+from otq_kernels.format import QuantizedTensor, padded_k, plane_offsets, unpack_planes
+
+EXPECTED_WIDTHS = {8: [8], 7: [4, 2, 1], 6: [4, 2], 5: [4, 1], 4: [4], 3: [2, 1], 2: [2]}
+
+
+def pack_by_bits(codes: np.ndarray, bits: int) -> list[np.ndarray]:
+    """Independent packer: place every field bit by bit with Python ints (uint32 words)."""
+    n, k = codes.shape
+    kp = -(-k // 32) * 32
+    planes, offset = [], 0
+    for width in EXPECTED_WIDTHS[bits]:
+        words = np.zeros((n, kp * width // 32), dtype=np.uint64)
+        for row in range(n):
+            for col in range(k):
+                field = (int(codes[row, col]) >> offset) & ((1 << width) - 1)
+                words[row, col * width // 32] += field << ((col * width) % 32)
+        planes.append(words.astype(np.uint32))
+        offset += width
+    return planes
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_plane_widths_and_offsets(bits):
+    assert otq.plane_widths(bits) == EXPECTED_WIDTHS[bits]
+    assert sum(otq.plane_widths(bits)) == bits
+    assert plane_offsets(bits)[0] == 0
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("k", [1, 7, 32, 33, 127])
+def test_pack_matches_bit_level_layout(bits, k):
+    gen = torch.Generator().manual_seed(bits * 1000 + k)
+    codes = torch.randint(0, 2**bits, (3, k), generator=gen)
+    planes = otq.pack_codes(codes, bits)
+    expected = pack_by_bits(codes.numpy(), bits)
+    assert len(planes) == len(expected)
+    for plane, ref in zip(planes, expected, strict=True):
+        assert plane.dtype == torch.int32
+        np.testing.assert_array_equal(plane.numpy().view(np.uint32), ref)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(1, 5), k=st.integers(1, 200), seed=st.integers(0, 99))
+def test_pack_unpack_round_trip(bits, n, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    planes = otq.pack_codes(codes, bits)
+    assert torch.equal(unpack_planes(planes, bits, k), codes)
+    for plane, width in zip(planes, otq.plane_widths(bits), strict=True):
+        assert plane.shape == (n, padded_k(k) * width // 32)
+
+
+def test_padding_codes_are_zero():
+    codes = torch.full((2, 5), 255)
+    planes = otq.pack_codes(codes, 8)
+    words = planes[0].numpy().view(np.uint32)
+    assert (words[:, 2:] == 0).all() and (words[:, 1] == 0xFF).all()
+
+
+@pytest.mark.parametrize("bad", [1, 9, 0, 4.0, "4", True])
+def test_bad_bits_rejected(bad):
+    with pytest.raises(ValueError, match="bits"):
+        otq.pack_codes(torch.zeros(1, 4, dtype=torch.long), bad)
+
+
+def test_codes_out_of_range_or_float_rejected():
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        otq.pack_codes(torch.tensor([[0, 4]]), 2)
+    with pytest.raises(ValueError, match="integer"):
+        otq.pack_codes(torch.zeros(1, 4), 2)
+    with pytest.raises(ValueError, match="2-D"):
+        otq.pack_codes(torch.zeros(4, dtype=torch.long), 2)
+
+
+def _qt(bits=3, shape=(4, 10), granularity="channel"):
+    codes = torch.randint(0, 2**bits, (shape[0], int(np.prod(shape[1:]))))
+    groups = shape[0] if granularity == "channel" else 1
+    book = torch.sort(torch.randn(groups, 2**bits), dim=1).values
+    return QuantizedTensor(otq.pack_codes(codes, bits), book, bits, shape, granularity), codes
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_dequantize_looks_up_codebook(granularity):
+    qt, codes = _qt(granularity=granularity, shape=(4, 2, 5))
+    dense = qt.dequantize()
+    rows = torch.arange(4).unsqueeze(1) if granularity == "channel" else 0
+    assert dense.shape == (4, 2, 5)
+    assert torch.equal(dense.reshape(4, 10), qt.codebook[rows, codes])
+    assert torch.equal(otq.unpack_codes(qt), codes)
+
+
+def test_bits_per_weight_counts_codebook_and_padding():
+    qt, _ = _qt(bits=3, shape=(4, 10), granularity="channel")
+    stored_bits = 4 * 32 * 3 + 4 * 8 * 32  # padded codes + fp32 codebooks
+    assert qt.nbytes * 8 == stored_bits
+    assert qt.bits_per_weight == pytest.approx(stored_bits / 40)
+
+
+def test_to_preserves_content():
+    qt, _ = _qt()
+    moved = qt.to("cpu", codebook_dtype=torch.float64)
+    assert moved.codebook.dtype == torch.float64
+    assert torch.equal(moved.dequantize(), qt.dequantize().double())
+
+
+def test_inconsistent_quantized_tensor_rejected():
+    qt, _ = _qt(bits=3, shape=(4, 10))
+    with pytest.raises(ValueError, match="codebook"):
+        QuantizedTensor(qt.planes, qt.codebook[:2], 3, (4, 10), "channel")
+    with pytest.raises(ValueError, match="plane"):
+        QuantizedTensor([qt.planes[0][:, :1], qt.planes[1]], qt.codebook, 3, (4, 10))
+    with pytest.raises(ValueError, match="planes"):
+        QuantizedTensor(qt.planes[:1], qt.codebook, 3, (4, 10))
+    with pytest.raises(ValueError, match="granularity"):
+        QuantizedTensor(qt.planes, qt.codebook, 3, (4, 10), "row")

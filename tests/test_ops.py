@@ -1,0 +1,149 @@
+"""torch.library ops, input checks and backend dispatch (reference backend on CPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import otq_kernels as otq
+from otq_kernels import ops
+
+
+def _qt(shape=(9, 13), bits=4, granularity="channel"):
+    torch.manual_seed(0)
+    return otq.fit_codebook(torch.randn(shape), bits, "ot", granularity)
+
+
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 5), ()])
+def test_linear_matches_dense(lead):
+    qt = _qt()
+    x = torch.randn(*lead, 13)
+    bias = torch.randn(9)
+    y = ops.codebook_linear(x, qt, bias, backend="reference")
+    assert y.shape == (*lead, 9)
+    torch.testing.assert_close(y, F.linear(x, qt.dequantize(), bias))
+
+
+def test_linear_identity_reproduces_weight():
+    qt = _qt(shape=(6, 11), bits=3, granularity="tensor")
+    y = ops.codebook_linear(torch.eye(11), qt, backend="reference")
+    assert torch.equal(y, qt.dequantize().T)
+
+
+def test_linear_non_contiguous_and_empty_batch():
+    qt = _qt()
+    x = torch.randn(13, 4).T  # non-contiguous [4, 13]
+    torch.testing.assert_close(ops.codebook_linear(x, qt), F.linear(x, qt.dequantize()))
+    assert ops.codebook_linear(torch.randn(0, 13), qt).shape == (0, 9)
+
+
+@pytest.mark.parametrize("stride, padding, dilation, groups", [
+    (1, 0, 1, 1), (2, 1, 1, 1), (1, 1, 2, 2), ((2, 1), (0, 1), 1, 2)])
+def test_conv2d_matches_dense(stride, padding, dilation, groups):
+    qt = _qt(shape=(6, 4 // groups, 3, 3), bits=5)
+    x = torch.randn(2, 4, 7, 9)
+    bias = torch.randn(6)
+    y = ops.codebook_conv2d(x, qt, bias, stride, padding, dilation, groups, backend="reference")
+    ref = F.conv2d(x, qt.dequantize(), bias, stride, padding, dilation, groups)
+    torch.testing.assert_close(y, ref)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda qt: ops.codebook_linear(torch.randn(2, 12), qt), "K=13"),
+    (lambda qt: ops.codebook_linear(torch.randn(2, 13).long(), qt), "float16/bfloat16/float32"),
+    (lambda qt: ops.codebook_linear(torch.randn(2, 13).double(), qt), "float16/bfloat16/float32"),
+    (lambda qt: ops.codebook_linear(torch.randn(2, 13), qt, torch.randn(8)), "bias"),
+    (lambda qt: ops.codebook_linear(torch.randn(2, 13), qt, backend="gpu"), "unknown backend"),
+    (lambda qt: ops.codebook_linear(torch.randn(2, 13), qt, backend="cuda"), "cannot run"),
+    (lambda qt: ops.codebook_conv2d(torch.randn(1, 13, 4, 4), qt), "4-D"),
+])
+def test_bad_input_clear_error(call, match):
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        call(_qt())
+
+
+def test_conv2d_shape_errors():
+    qt = _qt(shape=(4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        ops.codebook_conv2d(torch.randn(1, 5, 8, 8), qt)
+    with pytest.raises(ValueError, match="too small"):
+        ops.codebook_conv2d(torch.randn(1, 3, 2, 2), qt)
+
+
+def test_opcheck_linear_and_conv():
+    qt = _qt()
+    args = (torch.randn(3, 13), qt.planes, qt.codebook, qt.bits, qt.n, qt.k, torch.randn(9),
+            "reference")
+    torch.library.opcheck(torch.ops.otq.codebook_linear.default, args)
+    cq = _qt(shape=(4, 2, 3, 3))
+    cargs = (torch.randn(1, 2, 6, 5), cq.planes, cq.codebook, cq.bits, list(cq.shape), None,
+             [1, 1], [1, 1], [1, 1], 1, "reference")
+    torch.library.opcheck(torch.ops.otq.codebook_conv2d.default, cargs)
+
+
+def test_opcheck_fit_pack_unpack():
+    rows = torch.randn(3, 40)
+    torch.library.opcheck(torch.ops.otq.fit_codebook.default, (rows, 3, "ot", "rank", "reference"))
+    codes = torch.randint(0, 8, (3, 40))
+    torch.library.opcheck(torch.ops.otq.pack.default, (codes, 3, "reference"))
+    planes = otq.pack_codes(codes, 3)
+    torch.library.opcheck(torch.ops.otq.unpack.default, (planes, 3, 40, "reference"))
+
+
+def test_torch_compile_fullgraph():
+    qt = _qt()
+    conv_qt = _qt(shape=(4, 2, 3, 3))
+
+    def f(x, img):
+        return ops.codebook_linear(x, qt, backend="reference").sum() + ops.codebook_conv2d(
+            img, conv_qt, None, 1, 1, backend="reference").sum()
+
+    for dynamic in (False, True):
+        compiled = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+        for m in (2, 3):
+            x, img = torch.randn(m, 13), torch.randn(1, 2, 5, 4 + m)
+            torch.testing.assert_close(compiled(x, img), f(x, img))
+
+
+def test_fit_pack_unpack_wrappers_agree_with_format():
+    rows = torch.randn(4, 50)
+    codes, cents = ops.fit_rows(rows, 3, backend="reference")
+    assert codes.shape == (4, 50) and cents.shape == (4, 8)
+    planes = ops.pack(codes, 3, backend="reference")
+    qt = otq.QuantizedTensor(planes, cents, 3, (4, 50), "channel")
+    assert torch.equal(ops.unpack(qt, backend="reference"), codes)
+
+
+def test_dispatch_env_and_auto(monkeypatch):
+    cpu = torch.device("cpu")
+    assert ops.resolve_backend(None, "linear", cpu, 1) in ("cpu", "reference")
+    assert ops.resolve_backend("auto", "conv2d", cpu, 1) in ("cpu", "reference")
+    monkeypatch.setenv("OTQ_BACKEND", "reference")
+    assert ops.resolve_backend(None, "linear", cpu, 1) == "reference"
+    monkeypatch.setenv("OTQ_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.resolve_backend(None, "linear", cpu, 1)
+
+
+def test_auto_never_picks_triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for op in ("linear", "conv2d", "fit", "pack", "unpack"):
+        assert ops.resolve_backend(None, op, torch.device("cpu"), 1) != "triton"
+
+
+def test_gpu_candidates_follow_tuning_table(monkeypatch):
+    monkeypatch.setattr(ops, "_gpu_table", lambda device: {
+        "linear": {"cuda_max_m": 4, "triton_max_m": 32}, "conv2d": {"triton_max_m": 64}})
+    plan = dict.fromkeys(["cuda", "triton", "dequant"], ops.UNLIMITED)
+    monkeypatch.setattr(ops, "_auto_plan", lambda op, device: tuple(
+        (name, m) for name, m in ops._candidates(op, torch.device(device)) if name in plan))
+    gpu = torch.device("cuda", 0)
+    assert ops.resolve_backend(None, "linear", gpu, 1) == "cuda"
+    assert ops.resolve_backend(None, "linear", gpu, 16) == "triton"
+    assert ops.resolve_backend(None, "linear", gpu, 1024) == "dequant"
+    assert ops.resolve_backend(None, "conv2d", gpu, 65) == "dequant"
+    assert ops.resolve_backend(None, "conv2d", gpu, 64) == "triton"
+
+
+def test_default_tuning_table_has_every_op():
+    table = ops.tuning_table("some unknown GPU")
+    assert {"linear", "conv2d"} <= set(table)

@@ -1,0 +1,194 @@
+"""Quantizers (DESIGN §3) against independent numpy implementations written here."""
+
+import numpy as np
+import pytest
+import torch
+
+import otq_kernels as otq
+from otq_kernels.quantizers import fit_rows_reference
+
+BITS = range(2, 9)
+
+
+# ----------------------------------------------------------------------------- numpy oracles
+def np_ot(row, bits, assign="rank"):
+    k = min(2**bits, row.size)
+    order = np.argsort(row, kind="stable")
+    chunks = np.array_split(order, k)  # first n % k chunks are one longer
+    centroids = np.array([row[c].mean() for c in chunks])
+    codes = np.empty(row.size, dtype=np.int64)
+    for j, c in enumerate(chunks):
+        codes[c] = j
+    if assign == "nearest":
+        codes = np.abs(row[:, None] - centroids[None, :]).argmin(1)
+    return codes, centroids
+
+
+def np_lloyd(row, bits):
+    codes, cents = np_ot(row, bits)
+    for _ in range(50):
+        new = np.abs(row[:, None] - cents[None, :]).argmin(1)
+        if np.array_equal(new, codes):
+            break
+        codes = new
+        cents = np.array([row[codes == j].mean() if (codes == j).any() else cents[j]
+                          for j in range(cents.size)])
+    return codes, cents
+
+
+def np_uniform(row, bits):
+    lo, hi = row.min(), row.max()
+    s = (hi - lo) / (2**bits - 1)
+    codes = np.zeros(row.size, np.int64) if s == 0 else np.round((row - lo) / s).astype(np.int64)
+    return np.clip(codes, 0, 2**bits - 1), lo + np.arange(2**bits) * s
+
+
+def np_piecewise(row, bits):
+    k = min(2**bits, row.size)
+    edges = np.quantile(row, np.linspace(0, 1, k + 1))
+    codes = np.clip(np.searchsorted(edges, row, side="right") - 1, 0, k - 1)
+    return codes, (edges[:-1] + edges[1:]) / 2
+
+
+def np_log2(row, bits):
+    k = min(2**bits, row.size)
+    pos, neg = row[row > 0], -row[row < 0]
+    n_pos = k // 2 if pos.size and neg.size else (k if pos.size else 0)
+    levels = []
+    if neg.size:
+        levels += list(-(2 ** np.linspace(np.log2(neg.min()), np.log2(neg.max()), k - n_pos)))
+    if pos.size:
+        levels += list(2 ** np.linspace(np.log2(pos.min()), np.log2(pos.max()), n_pos))
+    levels = np.sort(np.array(levels))
+    return np.abs(row[:, None] - levels[None, :]).argmin(1), levels
+
+
+ORACLES = {"ot": np_ot, "lloyd": np_lloyd, "uniform": np_uniform, "piecewise": np_piecewise,
+           "log2": np_log2}
+
+
+def _rows(r=5, n=57, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((r, n)))
+
+
+# ----------------------------------------------------------------------------- agreement
+@pytest.mark.parametrize("method", otq.METHODS)
+@pytest.mark.parametrize("bits", BITS)
+def test_matches_numpy_oracle(method, bits):
+    x = _rows(n=300 if method != "lloyd" else 120, seed=bits)
+    codes, cents = fit_rows_reference(x, bits, method)
+    for i, row in enumerate(x.numpy()):
+        ref_codes, ref_cents = ORACLES[method](row, bits)
+        used = ref_cents.size
+        np.testing.assert_allclose(cents[i, :used].numpy(), ref_cents, rtol=2e-5, atol=1e-6)
+        # padded levels repeat the last centroid
+        assert torch.all(cents[i, used:] == cents[i, used - 1])
+        mismatch = (codes[i].numpy() != ref_codes).mean()
+        assert mismatch <= 0.01, f"{method} b={bits}: {mismatch:.1%} codes differ"
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_ot_nearest_assignment(bits):
+    x = _rows(n=200, seed=3)
+    codes, cents = fit_rows_reference(x, bits, "ot", assign="nearest")
+    for i, row in enumerate(x.numpy()):
+        ref_codes, ref_cents = np_ot(row, bits, "nearest")
+        assert (codes[i].numpy() == ref_codes).mean() > 0.99
+        np.testing.assert_allclose(cents[i, : ref_cents.size].numpy(), ref_cents, rtol=2e-5)
+
+
+@pytest.mark.parametrize("method", otq.METHODS)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_centroids_ascending_and_codes_in_range(method, granularity):
+    w = torch.randn(12, 3, 3, 3)
+    qt = otq.fit_codebook(w, 3, method, granularity)
+    assert torch.all(qt.codebook[:, 1:] >= qt.codebook[:, :-1])
+    assert qt.codebook.shape == (1 if granularity == "tensor" else 12, 8)
+    assert qt.dequantize().shape == w.shape
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_lloyd_never_worse_than_ot(bits):
+    w = torch.randn(16, 200, dtype=torch.float64) ** 3  # heavy tails separate the two
+    err = {m: (otq.fit_codebook(w, bits, m).dequantize(torch.float64) - w).pow(2).mean(1)
+           for m in ("ot", "lloyd")}
+    assert torch.all(err["lloyd"] <= err["ot"] * (1 + 1e-9) + 1e-15)
+
+
+def test_ot_is_equal_mass():
+    w = torch.randn(1, 103)
+    codes = otq.unpack_codes(otq.fit_codebook(w, 3, "ot"))
+    counts = torch.bincount(codes[0], minlength=8)
+    assert counts.tolist() == [13, 13, 13, 13, 13, 13, 13, 12]
+
+
+# ----------------------------------------------------------------------------- degenerate input
+@pytest.mark.parametrize("method", otq.METHODS)
+@pytest.mark.parametrize("value", [0.0, 1.5, -2.0])
+def test_constant_rows_exact(method, value):
+    w = torch.full((3, 40), value)
+    qt = otq.fit_codebook(w, 4, method)
+    assert torch.isfinite(qt.codebook).all()
+    assert torch.equal(qt.dequantize(), w)
+
+
+@pytest.mark.parametrize("method", ["ot", "lloyd"])
+@pytest.mark.parametrize("bits", [3, 8])
+def test_short_rows_exact(method, bits):
+    w = torch.randn(4, 5)
+    assert torch.allclose(otq.fit_codebook(w, bits, method).dequantize(), w)
+
+
+@pytest.mark.parametrize("method", otq.METHODS)
+def test_short_rows_finite(method):
+    qt = otq.fit_codebook(torch.randn(4, 3), 8, method)
+    assert torch.isfinite(qt.codebook).all() and torch.isfinite(qt.dequantize()).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.tensor([[1.0, float("nan")]]), "NaN/Inf"),
+    (torch.tensor([[1.0, float("inf")]]), "NaN/Inf"),
+    (torch.ones(2, 2, dtype=torch.int32), "floating-point"),
+    (torch.empty(0, 4), "non-empty"),
+    (torch.tensor(1.0), "non-empty"),
+    ([[1.0, 2.0]], "torch.Tensor"),
+])
+def test_bad_weights_rejected(bad, match):
+    with pytest.raises(ValueError, match=match):
+        otq.fit_codebook(bad, 4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"bits": 1}, "bits"), ({"bits": 9}, "bits"), ({"method": "kmeans"}, "method"),
+    ({"granularity": "row"}, "granularity"), ({"assign": "closest"}, "assign"),
+])
+def test_bad_options_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        otq.fit_codebook(torch.randn(4, 8), **kwargs)
+
+
+# ----------------------------------------------------------------------------- shapes / paper mode
+@pytest.mark.parametrize("shape", [(7,), (5, 9), (4, 3, 5), (6, 2, 3, 3), (10, 16)])
+def test_any_weight_shape(shape):
+    w = torch.randn(shape)
+    qt = otq.fit_codebook(w, 8, "ot")
+    assert qt.dequantize().shape == w.shape
+    assert (qt.dequantize() - w).abs().max() < 0.1
+
+
+def test_fake_quantize_state_dict_follows_seed_rules():
+    sd = {
+        "conv.weight": torch.randn(8, 2, 3, 3),
+        "conv.bias": torch.randn(8),
+        "tiny": torch.randn(3),  # fewer than 2**bits elements: untouched
+        "steps": torch.tensor(7),  # integer: passes through
+    }
+    out = otq.fake_quantize_state_dict(sd, 3, "ot")
+    assert torch.equal(out["tiny"], sd["tiny"]) and torch.equal(out["steps"], sd["steps"])
+    per_row = otq.fit_codebook(sd["conv.weight"], 3, "ot", "channel").dequantize()
+    assert torch.equal(out["conv.weight"], per_row)
+    per_tensor = otq.fit_codebook(sd["conv.bias"], 3, "ot", "tensor").dequantize()
+    assert torch.equal(out["conv.bias"], per_tensor)
+    assert len(out["conv.weight"].unique()) <= 8 * 8
+    uniform = otq.fake_quantize_state_dict(sd, 3, "uniform")
+    assert not torch.equal(uniform["tiny"], sd["tiny"]) or sd["tiny"].unique().numel() <= 2
