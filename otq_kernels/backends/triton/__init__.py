@@ -16,10 +16,11 @@ def unavailable(device) -> str | None:
 
 
 # Each kernel family lives in its own module, imported on first use (never at package
-# import, so no GPU query or compilation happens then).
+# import, so no GPU query or compilation happens then). A submodule must not share an
+# entry point's name: importing it would rebind the package attribute to the module.
 def linear(x, qt, bias):
     """x [M, K] -> [M, N]: GEMV / split-K / tiled GEMM on codes decoded in-kernel."""
-    from .linear import linear_triton
+    from .matmul import linear_triton
 
     return linear_triton(x, qt, bias)
 
@@ -39,13 +40,13 @@ def fit_rows(rows, bits, assign="rank"):
 
 
 def pack(codes, bits):
-    from .pack import pack_triton
+    from .packing import pack_triton
 
     return pack_triton(codes, bits)
 
 
 def unpack(planes, bits, k):
-    from .pack import unpack_triton
+    from .packing import unpack_triton
 
     return unpack_triton(planes, bits, k)
 

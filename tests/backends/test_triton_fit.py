@@ -1,0 +1,164 @@
+"""Fused Triton equal-mass binning and the torch.sort path against quantizers.ot_rows."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import otq_kernels as otq  # noqa: E402
+from otq_kernels.backends.triton.fit import (  # noqa: E402
+    fit_pack_triton,
+    fit_rows_torch_sort,
+    fit_rows_triton,
+)
+from otq_kernels.format import pack_codes  # noqa: E402
+from otq_kernels.quantizers import chunk_of_rank, ot_rows  # noqa: E402
+
+FITTERS = {"triton": fit_rows_triton, "torch_sort": fit_rows_torch_sort}
+
+
+def continuous_rows(r: int, n: int, seed: int, device) -> torch.Tensor:
+    """[r, n] float32 rows with all values distinct within a row."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(r, n, generator=gen)
+    assert all(row.unique().numel() == n for row in x)
+    return x.to(device)
+
+
+def assert_matches_reference(x, bits, assign, codes, centroids):
+    ref_codes, ref_cents = ot_rows(x.double().cpu(), bits, assign)
+    assert codes.dtype == torch.int64 and centroids.dtype == torch.float32
+    assert centroids.shape == (x.shape[0], 2**bits)
+    assert torch.equal(codes.cpu(), ref_codes)
+    torch.testing.assert_close(centroids.cpu().double(), ref_cents, rtol=1e-5, atol=1e-6)
+
+
+def assert_equal_mass(x, bits, codes, centroids):
+    """Codes are an equal-mass split of the sorted row; centroids are the chunk means."""
+    r, n = x.shape
+    k = min(2**bits, n)
+    sizes = torch.bincount(chunk_of_rank(n, k), minlength=k)
+    x, codes, centroids = x.double().cpu(), codes.cpu(), centroids.double().cpu()
+    for row in range(r):
+        assert torch.equal(torch.bincount(codes[row], minlength=k), sizes)
+        means = torch.stack([x[row][codes[row] == c].mean() for c in range(k)])
+        torch.testing.assert_close(centroids[row, :k], means, rtol=1e-5, atol=1e-6)
+        for c in range(k - 1):
+            assert x[row][codes[row] == c].max() <= x[row][codes[row] == c + 1].min()
+        assert torch.equal(centroids[row, k:], centroids[row, k - 1].expand(2**bits - k))
+
+
+def assert_nearest(x, codes, centroids):
+    """Every code names a nearest centroid."""
+    x, centroids = x.double().cpu(), centroids.double().cpu()
+    dist = (x.unsqueeze(-1) - centroids.unsqueeze(1)).abs()
+    chosen = dist.gather(2, codes.cpu().unsqueeze(-1)).squeeze(-1)
+    assert torch.all(chosen <= dist.min(-1).values + 1e-6)
+
+
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+@pytest.mark.parametrize("n", [1, 3, 7, 33, 100, 128])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_triton_matches_ot_rows(bits, n, assign, device):
+    x = continuous_rows(2, n, seed=bits * 1000 + n, device=device)
+    assert_matches_reference(x, bits, assign, *fit_rows_triton(x, bits, assign))
+
+
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+@pytest.mark.parametrize("n", [1, 3, 7, 33, 100, 128, 1000])
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+def test_torch_sort_matches_ot_rows(bits, n, assign, device):
+    x = continuous_rows(3, n, seed=bits * 1000 + n, device=device)
+    assert_matches_reference(x, bits, assign, *fit_rows_torch_sort(x, bits, assign))
+
+
+@pytest.mark.parametrize("fitter", FITTERS)
+@pytest.mark.parametrize("bits,n", [(2, 40), (3, 7), (4, 100), (8, 128)])
+def test_ties_give_equal_mass_chunks(fitter, bits, n, device):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randint(-2, 3, (3, n), generator=gen).float() * 0.25
+    x[1] = 0.7  # constant row
+    x[2, ::3] = -0.0  # signed zeros tie with +0.0
+    x = x.to(device)
+    codes, centroids = FITTERS[fitter](x, bits, "rank")
+    assert_equal_mass(x, bits, codes, centroids)
+    # keys break ties by position, like the reference's stable sort
+    assert torch.equal(codes.cpu(), ot_rows(x.double().cpu(), bits)[0])
+    codes, centroids = FITTERS[fitter](x, bits, "nearest")
+    assert_nearest(x, codes, centroids)
+
+
+@pytest.mark.parametrize("rows,n,row_tile", [(5, 7, 2048), (3, 33, 32), (9, 20, 64)])
+def test_row_tiling_and_masked_rows(rows, n, row_tile, device):
+    x = continuous_rows(rows, n, seed=rows + n, device=device)
+    codes, centroids = fit_rows_triton(x, 4, row_tile=row_tile)
+    assert_matches_reference(x, 4, "rank", codes, centroids)
+
+
+def test_long_rows_fall_back_to_torch_sort(device):
+    x = continuous_rows(2, 300, seed=3, device=device)
+    codes, centroids = fit_rows_triton(x, 5, "nearest", max_n=256)
+    assert_matches_reference(x, 5, "nearest", codes, centroids)
+
+
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+@pytest.mark.parametrize("bits,n", [(3, 40), (8, 100)])
+def test_half_rows_use_int32_keys(bits, n, assign, device):
+    """fp16 rows (int32 sort keys), with ties and signed zeros; strided input."""
+    x = continuous_rows(n, 3, seed=n, device=device).t().half()  # [3, n], non-contiguous
+    x[0, ::4] = 0.0
+    x[1, 1::5] = -0.0
+    codes, centroids = fit_rows_triton(x, bits, assign)
+    assert_matches_reference(x, bits, assign, codes, centroids)
+    if assign == "rank":
+        assert_equal_mass(x, bits, codes, centroids)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_long_rows_on_gpu(dtype):
+    """Blocks of 4096 and 16384 (the H100 target's 11520-value rows) compile and match."""
+    for n in (4096, 11520):
+        x = continuous_rows(3, n, seed=n, device=torch.device("cuda")).to(dtype)
+        for assign in ("rank", "nearest"):
+            codes, centroids = fit_rows_triton(x, 8, assign)
+            ref_codes, ref_cents = ot_rows(x.double(), 8, assign)
+            if assign == "rank":
+                assert torch.equal(codes, ref_codes)
+            assert (codes != ref_codes).float().mean() < 1e-3
+            torch.testing.assert_close(centroids.double(), ref_cents, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_pack_planes(device):
+    x = continuous_rows(2, 45, seed=7, device=device)
+    codes, _, planes = fit_pack_triton(x, 7)
+    for got, expected in zip(planes, pack_codes(codes, 7), strict=True):
+        assert torch.equal(got.cpu(), expected.cpu())
+
+
+@pytest.mark.parametrize("fitter", FITTERS)
+def test_empty_rows(fitter, device):
+    codes, centroids = FITTERS[fitter](torch.zeros(0, 9, device=device), 3)
+    assert codes.shape == (0, 9) and centroids.shape == (0, 8)
+
+
+def test_bad_arguments(device):
+    x = continuous_rows(1, 4, seed=0, device=device)
+    with pytest.raises(ValueError):
+        fit_rows_triton(x, 3, "median")
+    with pytest.raises(ValueError):
+        fit_rows_triton(x, 1)
+    with pytest.raises(ValueError):
+        fit_rows_torch_sort(x.long(), 3)
+
+
+@pytest.mark.parametrize("shape,granularity", [((6, 2, 3, 3), "channel"), ((4, 20), "tensor"),
+                                               ((50,), "tensor")])
+def test_fit_codebook_end_to_end(shape, granularity, device):
+    gen = torch.Generator().manual_seed(len(shape))
+    w = torch.randn(shape, generator=gen).to(device)
+    got = otq.fit_codebook(w, bits=4, granularity=granularity, backend="triton")
+    ref = otq.fit_codebook(w, bits=4, granularity=granularity, backend="reference")
+    assert got.granularity == ref.granularity and got.shape == ref.shape
+    assert torch.equal(otq.unpack_codes(got).cpu(), otq.unpack_codes(ref).cpu())
+    torch.testing.assert_close(got.codebook.cpu(), ref.codebook.cpu(), rtol=1e-5, atol=1e-6)
