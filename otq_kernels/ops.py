@@ -121,7 +121,7 @@ def _codebook_conv2d_op(x: torch.Tensor, planes: list[torch.Tensor], codebook: t
                         groups: int, backend: str) -> torch.Tensor:
     qt = _qt(planes, codebook, bits, weight_shape)
     impl = backends.function(backend, "conv2d")
-    return impl(x, qt, bias, stride, padding, dilation, groups)
+    return impl(x, qt, bias, stride, padding, dilation, groups).contiguous()
 
 
 @_codebook_conv2d_op.register_fake
@@ -238,7 +238,9 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
         return x.new_empty(out_shape)
     m = out_shape[0] * out_shape[2] * out_shape[3]
     name = resolve_backend(backend, "conv2d", x.device, m)
-    return torch.ops.otq.codebook_conv2d(x.contiguous(), qt.planes, qt.codebook, qt.bits,
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous()  # NCHW or channels_last are both taken as they are
+    return torch.ops.otq.codebook_conv2d(x, qt.planes, qt.codebook, qt.bits,
                                          list(qt.shape), bias, stride, padding, dilation,
                                          groups, name)
 

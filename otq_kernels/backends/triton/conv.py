@@ -1,0 +1,169 @@
+"""Fused codebook conv2d: implicit GEMM on channels-last activations, weights decoded in-kernel.
+
+GEMM view per group g: M = B * OH * OW output pixels, N = C_out / groups output channels,
+K = (C_in / groups) * KH * KW in torch's (c, kh, kw) order. The K loop walks channel
+blocks of BLOCK_C and, inside, the KH * KW filter taps: each step loads an activation tile
+[BLOCK_M, BLOCK_C] contiguous along channels from the NHWC input (zero outside the padded
+image), decodes the matching weight tile [BLOCK_C, BLOCK_N] (k = c * KH * KW + tap, a
+strided walk of the canonical order, so the decoder gathers words; the words of one
+channel block stay in L1 across its taps) and accumulates with ``tl.dot`` in float32.
+The output tile is written straight into an NCHW tensor (coalesced along output pixels).
+
+1x1 / stride 1 / no padding / groups 1 convs go to :func:`linear_triton` (GEMV and
+split-K kernels for small M) on the NHWC view of x, unless ``kernel="implicit"``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode import _decode_gather, _grouped_tile, codebook_args, plane_args
+from .matmul import _dot_precision, linear_triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KERNELS = ("implicit", "linear")
+
+
+def _conv_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_C": 16, "GROUP_M": 8},
+                              num_warps=1)]
+    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+              (64, 64, 32, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (32, 64, 32, 4, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_C": c, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for m, n, c, w, s in shapes]
+
+
+def _prune_conv(configs, named_args, **kwargs):
+    """Drop tiles larger than the (power-of-two rounded) problem."""
+    args = {**named_args, **kwargs}
+
+    def fits(block, size):
+        return block <= max(16, triton.next_power_of_2(size))
+
+    kept = [c for c in configs if fits(c.kwargs["BLOCK_M"], args["M"])
+            and fits(c.kwargs["BLOCK_N"], args["N"]) and fits(c.kwargs["BLOCK_C"], args["C"])]
+    return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
+
+
+@triton.autotune(_conv_configs(), key=["M", "N", "C", "KH", "KW", "W0", "W1", "W2"],
+                 prune_configs_by={"early_config_prune": _prune_conv})
+@triton.jit
+def _conv2d_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
+                   M, N, C, in_h, in_w, out_h, out_w, k_pad,
+                   stride_xb, stride_xh, stride_xw,
+                   stride_p0n, stride_p1n, stride_p2n, stride_cbn,
+                   stride_yb, stride_yc, stride_yh, stride_yw,
+                   conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
+                   W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+                   PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    """Grid (M tiles * N tiles, groups). x NHWC (channel stride 1); N, C are per group."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    group = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = group * N + offs_n
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    batch = offs_m // (out_h * out_w)
+    pix = offs_m % (out_h * out_w)
+    ih0 = (pix // out_w) * conv_stride_h - pad_h
+    iw0 = (pix % out_w) * conv_stride_w - pad_w
+    x_base = x_ptr + batch * stride_xb + group * C
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        w_mask = c_mask[:, None] & n_mask[None, :]
+        for kh in range(KH):
+            ih = ih0 + kh * dil_h
+            h_ok = m_mask & (ih >= 0) & (ih < in_h)
+            for kw in range(KW):
+                iw = iw0 + kw * dil_w
+                ok = h_ok & (iw >= 0) & (iw < in_w)
+                a_ptrs = x_base[:, None] + (ih * stride_xh + iw * stride_xw)[:, None] + offs_c[None, :]
+                a = tl.load(a_ptrs, mask=ok[:, None] & c_mask[None, :], other=0.0)
+                cols = offs_c * (KH * KW) + (kh * KW + kw)
+                w = _decode_gather(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
+                                   codebook_ptr, stride_cbn, rows[None, :], cols[:, None], w_mask,
+                                   W0, W1, W2, PER_CHANNEL)
+                acc = tl.dot(a, w.to(a.dtype), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_row = batch * stride_yb + (pix // out_w) * stride_yh + (pix % out_w) * stride_yw
+    y_ptrs = y_ptr + y_row[:, None] + rows[None, :] * stride_yc
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _is_pointwise(qt, stride, padding, groups) -> bool:
+    return tuple(qt.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) \
+        and tuple(padding) == (0, 0) and groups == 1
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=1, padding=0,
+                  dilation=1, groups: int = 1, kernel: str | None = None) -> torch.Tensor:
+    """x [B, C, H, W] (any memory format) -> y [B, N, OH, OW] (contiguous NCHW, x.dtype).
+
+    qt: codebook weight [N, C / groups, KH, KW]. kernel: "implicit" or "linear" to force
+    a path ("linear" only for 1x1 / stride 1 / no padding / groups 1); None picks.
+    """
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    n_out, c_g, kh, kw = qt.shape
+    b, c_in, h, w = x.shape
+    if c_in != c_g * groups or n_out % groups:
+        raise ValueError(f"conv2d_triton: x {list(x.shape)} does not match weight "
+                         f"{list(qt.shape)} with groups={groups}")
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    kernel = kernel or ("linear" if _is_pointwise(qt, stride, padding, groups) else "implicit")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown conv kernel {kernel!r}; choose one of {KERNELS}")
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    if kernel == "linear":
+        if not _is_pointwise(qt, stride, padding, groups):
+            raise ValueError("kernel='linear' needs a 1x1 conv with stride 1, padding 0, groups 1")
+        y = linear_triton(x_nhwc.view(b * h * w, c_in), _as_matrix(qt), bias)
+        return y.view(b, h, w, n_out).permute(0, 3, 1, 2).contiguous()
+    y = torch.empty(b, n_out, oh, ow, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    _launch(x_nhwc, qt, bias, y, stride, padding, dilation, groups)
+    return y
+
+
+def _as_matrix(qt):
+    """The same planes and codebook viewed as a [N, K] linear weight."""
+    from ...format import QuantizedTensor
+
+    return QuantizedTensor(qt.planes, qt.codebook, qt.bits, (qt.n, qt.k), qt.granularity,
+                           qt.method)
+
+
+def _launch(x_nhwc, qt, bias, y, stride, padding, dilation, groups) -> None:
+    """Run the implicit-GEMM kernel: x NHWC [B, H, W, C] -> y [B, N, OH, OW] (any strides)."""
+    n_out, c_g, kh, kw = qt.shape
+    b, h, w, _ = x_nhwc.shape
+    oh, ow = y.shape[2:]
+    m, n_g = b * oh * ow, n_out // groups
+    planes, strides, widths = plane_args(qt)
+    book, stride_cbn, per_channel = codebook_args(qt)
+    bias = bias.contiguous() if bias is not None else None
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_g, meta["BLOCK_N"]), groups)
+    _conv2d_kernel[grid](
+        x_nhwc, *planes, book, bias if bias is not None else y, y,
+        m, n_g, c_g, h, w, oh, ow, -(-qt.k // 32) * 32,
+        x_nhwc.stride(0), x_nhwc.stride(1), x_nhwc.stride(2),
+        *strides, stride_cbn, *y.stride(), *stride, *padding, *dilation,
+        **widths, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
+        DOT_PRECISION=_dot_precision(x_nhwc.dtype), KH=kh, KW=kw)

@@ -1,0 +1,269 @@
+"""Fused codebook linear: y = x @ W^T + bias with W decoded from bit planes in-kernel.
+
+Three kernels (``KERNELS``), chosen by M (:func:`choose_kernel`) unless forced:
+
+- ``gemv``   M <= 8: broadcast-multiply + ``tl.sum`` in float32; each program decodes a
+  [BLOCK_N, BLOCK_K] weight tile once and applies it to up to 8 activation rows.
+- ``splitk`` 8 < M <= 64: ``tl.dot`` tiles with a small BLOCK_M.
+- ``gemm``   M > 64: ``tl.dot`` tiles, grouped program order, no split.
+
+``gemv`` and ``splitk`` split K over ``split_k`` programs when N alone cannot fill the
+GPU; float32 partials go to a workspace [split_k, M, N] that ``_splitk_reduce_kernel``
+sums (deterministic, no atomics), adding the bias and casting to x.dtype. The dense
+weight is never materialized: codes are unpacked and looked up tile by tile.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode import _decode_rows, _grouped_tile, codebook_args, plane_args
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KERNELS = ("gemv", "splitk", "gemm")
+GEMV_MAX_M = 8
+SPLITK_MAX_M = 64
+
+
+# ----------------------------------------------------------------------------- configs
+def _gemv_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
+    shapes = [(16, 128, 2), (32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 8),
+              (64, 64, 4), (128, 64, 8), (16, 64, 4), (32, 64, 8), (8, 128, 4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=2)
+            for n, k, w in shapes]
+
+
+def _dot_configs(kind: str) -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 8},
+                              num_warps=1)]
+    if kind == "splitk":
+        shapes = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3),
+                  (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 3)]
+    else:
+        shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                  (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
+
+
+def _fits(limit: int, size: int) -> bool:
+    """A block no larger than the (power-of-two rounded) problem size, minimum 16/32."""
+    return limit <= max(16, triton.next_power_of_2(size))
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    """Drop tiles wider than the problem or with > 128 float32 products per thread."""
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs
+            if _fits(c.kwargs["BLOCK_N"], args["N"]) and _fits(c.kwargs["BLOCK_K"] // 2, args["K"])
+            and args["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 32 * c.num_warps]
+    return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])[:1]
+
+
+def _prune_dot(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem."""
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs
+            if _fits(c.kwargs["BLOCK_M"], args["M"]) and _fits(c.kwargs["BLOCK_N"], args["N"])
+            and _fits(c.kwargs["BLOCK_K"] // 2, args["K"])]
+    return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _k_range(K, BLOCK_K: tl.constexpr):
+    """[k_lo, k_hi) of this program's K slice (program axis 1 splits K)."""
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
+    k_lo = tl.program_id(1) * per_split
+    return k_lo, tl.minimum(k_lo + per_split, K)
+
+
+@triton.jit
+def _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
+                HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
+    """Write acc float32 [BLOCK_M, BLOCK_N]: a float32 partial of split pid(1), or the output."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if WRITE_PARTIAL:
+        y_ptrs = y_ptr + tl.program_id(1) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _linear_gemv_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
+                        M, N, K, k_pad, stride_xm, stride_p0n, stride_p1n, stride_p2n,
+                        stride_cbn, stride_ym, stride_ys,
+                        W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+                        PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (N tiles, split_k, M tiles): y[m, n] = sum_k x[m, k] * W[n, k] in float32."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo, k_hi = _k_range(K, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        w = _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
+                         codebook_ptr, stride_cbn, offs_n, n_mask, k0, k_pad,
+                         W0, W1, W2, PER_CHANNEL, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
+                HAS_BIAS, WRITE_PARTIAL)
+
+
+@triton.jit
+def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
+                        M, N, K, k_pad, stride_xm, stride_p0n, stride_p1n, stride_p2n,
+                        stride_cbn, stride_ym, stride_ys,
+                        W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+                        PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        WRITE_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    """Grid (M tiles * N tiles, split_k): tl.dot of x tiles with decoded weight tiles."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_lo, k_hi = _k_range(K, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        w = _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
+                         codebook_ptr, stride_cbn, offs_n, n_mask, k0, k_pad,
+                         W0, W1, W2, PER_CHANNEL, BLOCK_N, BLOCK_K)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
+                HAS_BIAS, WRITE_PARTIAL)
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, numel, N, SPLIT_K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y [M, N] (contiguous) = sum over splits of ws [SPLIT_K, M, N] float32, + bias."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+_gemv_tuned = triton.autotune(_gemv_configs(), key=["M", "N", "K", "W0", "W1", "W2"],
+                              prune_configs_by={"early_config_prune": _prune_gemv})(
+    _linear_gemv_kernel)
+_splitk_tuned = triton.autotune(_dot_configs("splitk"), key=["M", "N", "K", "W0", "W1", "W2"],
+                                prune_configs_by={"early_config_prune": _prune_dot})(
+    _linear_gemm_kernel)
+_gemm_tuned = triton.autotune(_dot_configs("gemm"), key=["M", "N", "K", "W0", "W1", "W2"],
+                              prune_configs_by={"early_config_prune": _prune_dot})(
+    _linear_gemm_kernel)
+
+
+# ----------------------------------------------------------------------------- host
+def choose_kernel(m: int) -> str:
+    """The kernel for M activation rows: gemv (M <= 8), splitk (M <= 64), else gemm."""
+    if m <= GEMV_MAX_M:
+        return "gemv"
+    return "splitk" if m <= SPLITK_MAX_M else "gemm"
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_split_k(kernel: str, m: int, n: int, k: int, device: torch.device) -> int:
+    """K splits so that about two waves of programs run; 1 for gemm or when N fills the GPU."""
+    if kernel == "gemm":
+        return 1
+    tiles = triton.cdiv(n, 64) * (triton.cdiv(m, GEMV_MAX_M) if kernel == "gemv" else triton.cdiv(m, 16))
+    wanted = triton.cdiv(2 * _sm_count(device), tiles)
+    return int(max(1, min(wanted, k // 512, 32)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: float32 activations follow torch's TF32 switch."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def linear_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None,
+                  kernel: str | None = None, split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] -> y [M, N] in x.dtype with the codebook weight qt [N, K].
+
+    kernel: one of KERNELS to force it (benchmarks, tests); None picks by M.
+    split_k: K splits for gemv/splitk (None: enough programs to fill the GPU).
+    """
+    if x.dim() != 2 or x.shape[1] != qt.k:
+        raise ValueError(f"linear_triton: x must be [M, {qt.k}], got {list(x.shape)}")
+    kernel = kernel or choose_kernel(x.shape[0])
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
+    m, k, n = x.shape[0], qt.k, qt.n
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
+    split = 1 if kernel == "gemm" else (split_k or choose_split_k(kernel, m, n, k, x.device))
+    bias = bias.contiguous() if bias is not None else None
+    out = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    _launch(kernel, x, qt, bias, out, split)
+    if split > 1:
+        _reduce_splits(out, bias, y)
+    return y
+
+
+def _launch(kernel: str, x, qt, bias, out, split: int) -> None:
+    """Run ``kernel`` writing y [M, N] (split == 1) or partials [split, M, N] into ``out``."""
+    m, k, n = x.shape[0], qt.k, qt.n
+    planes, strides, widths = plane_args(qt)
+    book, stride_cbn, per_channel = codebook_args(qt)
+    args = (x, *planes, book, bias if bias is not None else out, out,
+            m, n, k, -(-k // 32) * 32, x.stride(0), *strides, stride_cbn,
+            out.stride(-2), out.stride(0) if split > 1 else 0)
+    flags = dict(**widths, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
+                 WRITE_PARTIAL=split > 1)
+    if kernel == "gemv":
+        block_m = min(triton.next_power_of_2(m), GEMV_MAX_M)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, triton.cdiv(m, block_m))
+        _gemv_tuned[grid](*args, **flags, BLOCK_M=block_m)
+        return
+    tuned = _splitk_tuned if kernel == "splitk" else _gemm_tuned
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+    tuned[grid](*args, **flags, DOT_PRECISION=_dot_precision(x.dtype))
+
+
+def _reduce_splits(partials: torch.Tensor, bias, y: torch.Tensor) -> None:
+    """y [M, N] = partials [S, M, N].sum(0) + bias, in y.dtype."""
+    block = 64 if INTERPRET else 1024
+    numel = y.numel()
+    _splitk_reduce_kernel[(triton.cdiv(numel, block),)](
+        partials, bias if bias is not None else y, y, numel, y.shape[1],
+        SPLIT_K=partials.shape[0], HAS_BIAS=bias is not None, BLOCK=block)

@@ -1,0 +1,85 @@
+"""Fused Triton codebook conv2d (implicit GEMM, 1x1 via linear) against the reference backend."""
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from _triton_tolerance import DTYPES, assert_matches_reference, make_qt, randn  # noqa: E402
+
+import otq_kernels as otq  # noqa: E402
+from otq_kernels.backends import reference  # noqa: E402
+from otq_kernels.backends.triton.conv import conv2d_triton  # noqa: E402
+
+
+def check_conv(x_shape, c_out, ksize, bits, granularity, dtype, device, stride=1, padding=0,
+               dilation=1, groups=1, with_bias=True, channels_last=False, **options):
+    """conv2d_triton on random inputs vs the reference backend (same codes)."""
+    b, c, h, w = x_shape
+    qt = make_qt((c_out, c // groups, ksize, ksize), bits, granularity, device,
+                 seed=bits * 10 + ksize + groups)
+    x = randn(x_shape, device, dtype, seed=b + h)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    bias = randn((c_out,), device, dtype, seed=3) if with_bias else None
+    conv = (stride, stride), (padding, padding), (dilation, dilation), groups
+    y = conv2d_triton(x, qt, bias, *conv, **options)
+    truth = reference.conv2d(x.double(), qt, None if bias is None else bias.double(), *conv)
+    assert_matches_reference(y, reference.conv2d(x, qt, bias, *conv), truth, dtype)
+
+
+GEOMETRIES = list(itertools.product([1, 3], [1, 2], [0, 1], [1, 2], [1, 2]))
+
+
+@pytest.mark.parametrize("ksize,stride,padding,dilation,groups", GEOMETRIES)
+def test_geometry_sweep(ksize, stride, padding, dilation, groups, device):
+    batch = 1 + 2 * (stride + padding + dilation) % 2
+    check_conv((batch, 4, 5, 7), 6, ksize, 3, "channel", torch.float32, device, stride,
+               padding, dilation, groups, with_bias=groups == 1, kernel="implicit")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ksize,stride,padding,dilation,groups,batch",
+                         [(3, 1, 1, 1, 1, 3), (3, 2, 1, 2, 2, 1), (1, 2, 0, 1, 2, 3)])
+def test_geometry_half_precision(ksize, stride, padding, dilation, groups, batch, dtype, device):
+    check_conv((batch, 6, 7, 5), 4, ksize, 4, "tensor", dtype, device, stride, padding,
+               dilation, groups)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_every_bit_width(bits, granularity, dtype, device):
+    check_conv((1, 5, 5, 7), 7, 3, bits, granularity, dtype, device, padding=1,
+               with_bias=bits % 2 == 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", ["implicit", "linear", None])
+def test_pointwise_paths(kernel, dtype, device):
+    check_conv((3, 33, 5, 7), 9, 1, 5, "channel", dtype, device, kernel=kernel)
+
+
+def test_more_channels_than_one_block(device):
+    check_conv((1, 40, 5, 7), 38, 3, 4, "channel", torch.float32, device, padding=1, groups=2)
+
+
+def test_channels_last_input(device):
+    check_conv((2, 4, 5, 7), 6, 3, 3, "tensor", torch.float32, device, padding=1,
+               channels_last=True)
+
+
+def test_through_ops(device):
+    qt = make_qt((6, 2, 3, 3), 4, "channel", device)
+    x = randn((2, 4, 5, 7), device, torch.float32)
+    bias = randn((6,), device, torch.float32)
+    y = otq.ops.codebook_conv2d(x, qt, bias, 2, 1, 1, 2, backend="triton")
+    torch.testing.assert_close(y, reference.conv2d(x, qt, bias, (2, 2), (1, 1), (1, 1), 2))
+
+
+def test_linear_path_needs_pointwise(device):
+    qt = make_qt((6, 4, 3, 3), 2, "tensor", device)
+    with pytest.raises(ValueError, match="1x1"):
+        conv2d_triton(randn((1, 4, 5, 5), device, torch.float32), qt, kernel="linear")

@@ -1,0 +1,83 @@
+"""Fused Triton codebook linear (gemv / splitk / gemm) against the reference backend."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from _triton_tolerance import DTYPES, assert_matches_reference, make_qt, randn  # noqa: E402
+
+import otq_kernels as otq  # noqa: E402
+from otq_kernels.backends import reference  # noqa: E402
+from otq_kernels.backends.triton.matmul import KERNELS, choose_kernel, linear_triton  # noqa: E402
+
+
+def check_linear(m, n, k, bits, granularity, dtype, device, with_bias=True, **options):
+    """linear_triton on random inputs vs the reference backend (same codes)."""
+    qt = make_qt((n, k), bits, granularity, device, seed=bits * 100 + n + k)
+    x = randn((m, k), device, dtype, seed=m)
+    bias = randn((n,), device, dtype, seed=7) if with_bias else None
+    y = linear_triton(x, qt, bias, **options)
+    truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
+    assert_matches_reference(y, reference.linear(x, qt, bias), truth, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_every_bit_width(bits, granularity, kernel, dtype, device):
+    m = 5 if kernel == "gemv" else 20
+    check_linear(m, 9, 70, bits, granularity, dtype, device, with_bias=bits % 2 == 0,
+                 kernel=kernel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (33, 127), (33, 7)])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 33, 128])
+def test_odd_shapes_auto_dispatch(m, n, k, dtype, device):
+    check_linear(m, n, k, 3, "channel", dtype, device, with_bias=(m + n) % 2 == 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split_k", [1, 2, 3, 5])
+@pytest.mark.parametrize("kernel", ["gemv", "splitk"])
+def test_split_k(kernel, split_k, dtype, device):
+    m = 3 if kernel == "gemv" else 17
+    check_linear(m, 7, 161, 7, "tensor", dtype, device, kernel=kernel, split_k=split_k)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [7, 33])
+def test_identity_reproduces_weight(k, dtype, kernel, device):
+    qt = make_qt((11, k), 5, "channel", device)
+    eye = torch.eye(k, device=device, dtype=dtype)
+    y = linear_triton(eye, qt, None, kernel=kernel)
+    assert torch.equal(y, qt.dequantize(dtype).T)
+
+
+def test_non_contiguous_input(device):
+    qt = make_qt((9, 40), 4, "channel", device)
+    x = randn((40, 6), device, torch.float32).T
+    assert not x.is_contiguous()
+    torch.testing.assert_close(linear_triton(x, qt), reference.linear(x, qt, None))
+
+
+def test_through_ops_with_leading_dims(device):
+    qt = make_qt((9, 40), 4, "tensor", device)
+    x = randn((2, 3, 40), device, torch.float32)
+    bias = randn((9,), device, torch.float32)
+    y = otq.ops.codebook_linear(x, qt, bias, backend="triton")
+    torch.testing.assert_close(y, reference.linear(x.reshape(6, 40), qt, bias).reshape(2, 3, 9))
+
+
+def test_dispatch_by_m():
+    assert [choose_kernel(m) for m in (1, 8, 9, 64, 65, 4096)] == \
+        ["gemv", "gemv", "splitk", "splitk", "gemm", "gemm"]
+
+
+def test_unknown_kernel_rejected(device):
+    qt = make_qt((4, 8), 2, "tensor", device)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        linear_triton(randn((1, 8), device, torch.float32), qt, kernel="magic")
