@@ -1,0 +1,205 @@
+"""Codebook conv2d vs FP16 cuDNN on the dense dequantized weight (DESIGN §7).
+
+The mnist UNet's own Conv2d layers (3×3 and 1×1, derived from the model: weight shape,
+input resolution, stride, padding) at batch 1 / 8 / 64. Paths:
+
+- ``fp16`` / ``cudnn``: F.conv2d with the dense fp16 weight, NCHW input (the model's
+  layout): the ratio's numerator; ``fp16`` / ``cudnn_nhwc``: the same with channels-last
+  tensors (``ratio_best`` uses the faster of the two);
+- ``dequant``: transient dense weight, then cuDNN (the dequantized baseline);
+- ``triton``: the implicit-GEMM conv (weights never expanded in memory);
+- on CPU also ``reference`` and ``cpu`` where implemented.
+
+Rows carry M = batch·OH·OW (the GEMM M), N = C_out, K = C_in/groups·KH·KW, the effective
+GB/s (packed weights + codebook + input + output), % of copy bandwidth and ratio.
+``--write-tuning PATH`` stores the largest M where Triton beats dequant (conv2d section).
+"""
+
+from __future__ import annotations
+
+import math
+
+import common
+import torch
+import torch.nn.functional as F
+
+DEFAULT_BATCHES = [1, 8, 64]
+
+
+def conv_layers(args) -> tuple[list[dict], str]:
+    """Unique conv configurations of the UNet (or one tiny layer in smoke mode)."""
+    if args.smoke:
+        return [{"weight_shape": (8, 8, 3, 3), "input_shape": (8, 5, 5), "stride": 1,
+                 "padding": 1, "count": 1, "name": "smoke"}], "smoke"
+    layers, source = common.unet_layers()
+    unique: dict[tuple, dict] = {}
+    for layer in layers:
+        if layer["kind"] != "Conv2d":
+            continue
+        key = (layer["weight_shape"], layer["input_shape"], layer["stride"], layer["padding"])
+        entry = unique.setdefault(key, {**layer, "count": 0})
+        entry["count"] += 1
+    if not args.include_1x1:
+        unique = {k: v for k, v in unique.items() if k[0][2:] != (1, 1)}
+    # lowest resolution first: the layers where fusion should pay (and the budget order)
+    ordered = sorted(unique.values(), key=lambda v: (v["input_shape"][1], -v["count"]))
+    return ordered, source
+
+
+def out_hw(h: int, w: int, kernel: tuple[int, int], stride: int, padding: int) -> tuple[int, int]:
+    """Output height and width of a dilation-1 conv."""
+    return ((h + 2 * padding - kernel[0]) // stride + 1,
+            (w + 2 * padding - kernel[1]) // stride + 1)
+
+
+def candidates(run: common.Run, backends: list[str]) -> list[tuple[str, str, object]]:
+    """(backend, kernel, fn | skip reason); fn(x, qt, stride, padding) -> y."""
+    from otq_kernels import ops
+
+    out = []
+    for name in backends:
+        reason = common.backend_unavailable(name, run.device)
+        kernel = {"triton": "implicit_gemm", "dequant": "cudnn"}.get(name, name)
+        fn = (lambda x, qt, s, p, name=name:
+              ops.codebook_conv2d(x, qt, None, s, p, 1, 1, backend=name))
+        out.append((name, kernel, reason or fn))
+    return out
+
+
+def time_dense(run, layer_key, x, dense, stride, padding, fields, conv_bytes, cache):
+    """Time F.conv2d with the dense weight in NCHW and NHWC (once per shape and batch)."""
+    if layer_key in cache:
+        return
+    size = dense.element_size()
+    dense_bytes = conv_bytes + dense.numel() * size
+    run.add({**fields, "backend": "fp16", "kernel": "cudnn", "bits": None,
+             "granularity": None, "bytes": dense_bytes,
+             **run.time(lambda: F.conv2d(x, dense, None, stride, padding))})
+    if run.device.type == "cuda":
+        x_cl = x.to(memory_format=torch.channels_last)
+        w_cl = dense.to(memory_format=torch.channels_last)
+        run.add({**fields, "backend": "fp16", "kernel": "cudnn_nhwc", "bits": None,
+                 "granularity": None, "bytes": dense_bytes,
+                 **run.time(lambda: F.conv2d(x_cl, w_cl, None, stride, padding))})
+    cache[layer_key] = True
+
+
+def bench_layer(run, layer, batch, bits, gran, paths, dtype, cache) -> None:
+    """All paths for one layer, batch, bit width and granularity."""
+    w_shape = tuple(layer["weight_shape"])
+    c, h, w = layer["input_shape"]
+    n, k = w_shape[0], math.prod(w_shape[1:])
+    stride, padding = layer["stride"], layer["padding"]
+    oh, ow = out_hw(h, w, w_shape[2:], stride, padding)
+    qt = common.random_qt(n, k, bits, gran, run.device, shape=w_shape)
+    dense = qt.dequantize(dtype).contiguous()
+    gen = torch.Generator(device=run.device).manual_seed(batch)
+    x = torch.randn(batch, c, h, w, device=run.device, dtype=dtype, generator=gen)
+    size = dense.element_size()
+    act_bytes = (x.numel() + batch * n * oh * ow) * size
+    shape = f"{n}x{c}x{w_shape[2]}x{w_shape[3]}@{h}x{w}"
+    fields = {"op": "conv2d", "M": batch * oh * ow, "N": n, "K": k, "shape": shape,
+              "batch": batch, "dtype": str(dtype).replace("torch.", ""),
+              "layer_count": layer["count"], "stride": stride, "padding": padding}
+    time_dense(run, (shape, batch), x, dense, stride, padding, fields, act_bytes, cache)
+    y_ref = F.conv2d(x, dense, None, stride, padding)
+    qfields = {**fields, "bits": bits, "granularity": gran,
+               "bound_ratio": common.bound_ratio(qt), "bits_per_weight": qt.bits_per_weight}
+    for backend, kernel, fn in paths:
+        row = {**qfields, "backend": backend, "kernel": kernel}
+        if isinstance(fn, str):
+            run.add(common.skipped_row(fn, **row))
+            continue
+        try:
+            err = common.rel_error(fn(x, qt, stride, padding), y_ref)
+            timing = run.time(lambda fn=fn: fn(x, qt, stride, padding))
+        except Exception as exc:  # noqa: BLE001
+            run.add(common.skipped_row(common.describe_error(exc), **row))
+            continue
+        run.add({**row, **timing, "rel_err": err,
+                 "bytes": act_bytes + common.quantized_bytes(qt)})
+
+
+def best_dense_ratios(rows: list[dict]) -> None:
+    """ratio_best = min(fp16 NCHW, fp16 NHWC) / t for every timed row."""
+    best: dict[tuple, float] = {}
+    for r in rows:
+        if r.get("backend") == "fp16" and r.get("p50_us"):
+            key = (r["shape"], r["batch"])
+            best[key] = min(best.get(key, math.inf), r["p50_us"])
+    for r in rows:
+        ref = best.get((r.get("shape"), r.get("batch")))
+        if r.get("p50_us") and ref:
+            r["ratio_best"] = ref / r["p50_us"]
+
+
+def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
+    """conv2d.triton_max_m: largest measured M (batch·OH·OW) below which Triton wins.
+
+    Rows are grouped by M; a group wins when the geometric mean of t_dequant / t_triton
+    over its layers, bits and granularities exceeds 1.
+    """
+    times: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("p50_us") and r.get("backend") in ("dequant", "triton"):
+            key = (r["M"], r["shape"], r["bits"], r["granularity"])
+            times.setdefault(key, {})[r["backend"]] = r["p50_us"]
+    per_m: dict[int, list[float]] = {}
+    for (m, *_), t in times.items():
+        if "dequant" in t and "triton" in t:
+            per_m.setdefault(m, []).append(t["dequant"] / t["triton"])
+    if not per_m:
+        return {}, {}
+    means = {m: common.geomean(v) for m, v in sorted(per_m.items())}
+    value = common.crossover({m: (g or 0) > 1.0 for m, g in means.items()})
+    return {"triton_max_m": value}, {"triton": {str(m): round(g, 3) for m, g in means.items()}}
+
+
+def main(argv=None) -> int:
+    p = common.parser("conv", __doc__.splitlines()[0])
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (1,8,64)")
+    p.add_argument("--bits", default=None, help="comma-separated bit widths (default 4,2,3,8)")
+    p.add_argument("--granularity", default="channel,tensor")
+    p.add_argument("--backends", default=None,
+                   help="default GPU: triton,dequant; CPU: reference,cpu,triton,dequant")
+    p.add_argument("--include-1x1", action="store_true", help="also the 1×1 convs")
+    p.add_argument("--write-tuning", default=None, metavar="PATH")
+    args = p.parse_args(argv)
+    run = common.Run("conv", args)
+    gpu = run.device.type == "cuda"
+    dtype = torch.float16 if gpu else torch.float32
+    batches = common.csv_ints(args.batches) if args.batches else \
+        ([1] if args.smoke else DEFAULT_BATCHES)
+    bits_list = common.csv_ints(args.bits) if args.bits else ([3] if args.smoke else [4, 2, 3, 8])
+    grans = common.csv_strs(args.granularity)
+    backends = common.csv_strs(args.backends or ("triton,dequant" if gpu else
+                                                 "reference,cpu,triton,dequant"))
+    layers, source = conv_layers(args)
+    run.meta.update(layers_source=source, batches=batches, bits=bits_list, granularities=grans,
+                    backends=backends, dtype=str(dtype),
+                    layers=[{"weight_shape": v["weight_shape"], "input_shape": v["input_shape"],
+                             "count": v["count"]} for v in layers])
+    paths = candidates(run, backends)
+    cache: dict = {}
+    for bits in bits_list:
+        for gran in grans:
+            for batch in batches:
+                for layer in layers:
+                    if run.over_budget((layer["weight_shape"], layer["input_shape"], batch,
+                                        bits, gran)):
+                        continue
+                    bench_layer(run, layer, batch, bits, gran, paths, dtype, cache)
+    common.fill_ratios(run.rows, ("op", "shape", "batch", "dtype"))
+    best_dense_ratios(run.rows)
+    values, evidence = derive_crossover(run.rows)
+    run.meta["crossovers"] = {"values": values, "geomean_speedup_vs_dequant": evidence}
+    run.write()
+    if args.write_tuning and values and gpu and not args.smoke:
+        name = torch.cuda.get_device_name(run.device)
+        run.log(f"tuning {values} -> "
+                f"{common.write_tuning(args.write_tuning, name, 'conv2d', values, evidence)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

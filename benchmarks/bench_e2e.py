@@ -1,0 +1,174 @@
+"""End-to-end Flow Matching sampling step: the mnist UNet, FP16 dense vs quantized.
+
+Random weights of the ``mnist`` config (55.7M parameters; speed does not depend on the
+values). For batch 1 / 16 / 64 it times one Euler step ``x + dt·v(x, t)`` (one forward)
+back to back, as a sampler runs them (no L2 flush: weights that fit in L2 stay there
+between steps, exactly as in sampling), eagerly and as a CUDA-graph replay, and records
+the peak GPU memory of a step and the model's bytes. Variants:
+
+- ``fp16``: the dense model in fp16 (the baseline);
+- ``auto``: ``quantize_model(..., backend="auto")``: the fused kernels where dispatch picks
+  them;
+- ``dequant``: the same quantized model with every layer on ``backend="dequant"`` (expand
+  each layer to a transient dense weight, then cuBLAS/cuDNN).
+
+Bits 4 (channel and tensor) and 2 / 3 / 8 (channel). ratio = t_fp16 / t and
+peak_ratio = peak / peak_fp16 at the same batch and timing mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import common
+import torch
+
+# (bits, granularity, backend), in budget order: the issue-6 goal variant first.
+VARIANTS = [(None, None, "fp16"), (4, "channel", "auto"), (4, "channel", "dequant"),
+            (4, "tensor", "auto"), (2, "channel", "auto"), (3, "channel", "auto"),
+            (8, "channel", "auto"), (2, "channel", "dequant"), (3, "channel", "dequant"),
+            (8, "channel", "dequant")]
+
+
+def module_bytes(model: torch.nn.Module) -> int:
+    """Bytes of all parameters and buffers (packed planes and codebooks included)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def set_backend(model: torch.nn.Module, backend: str) -> int:
+    """Point every quantized layer at ``backend``; returns how many layers changed."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "backend") and hasattr(module, "qweight"):
+            module.backend = backend
+            count += 1
+    return count
+
+
+def build_variant(master, bits, gran, backend, device, dtype):
+    """A copy of ``master`` on ``device``: dense, or quantized with ``backend``."""
+    model = copy.deepcopy(master).to(device)
+    if bits is not None:
+        from otq_kernels.nn import quantize_model
+
+        quantize_model(model, bits=bits, method="ot", granularity=gran,
+                       backend="auto", progress=False)
+        set_backend(model, backend)
+    return model.to(dtype).eval()
+
+
+def step_fn(model, x, t, dt: float):
+    """One Euler step closure over static tensors (graph-capturable)."""
+    def step():
+        with torch.inference_mode():
+            return x + dt * model(x, t)
+    return step
+
+
+def peak_step_bytes(run, step) -> int | None:
+    """Peak allocated bytes during one step (weights and inputs included)."""
+    if run.device.type != "cuda":
+        return None
+    run.sync()
+    torch.cuda.reset_peak_memory_stats(run.device)
+    step()
+    run.sync()
+    return torch.cuda.max_memory_allocated(run.device)
+
+
+def bench_variant(run, master, variant, batches, image, dtype, modes) -> None:
+    """Rows for one variant at every batch size and timing mode."""
+    bits, gran, backend = variant
+    fields = {"op": "e2e", "backend": backend, "bits": bits, "granularity": gran,
+              "shape": run.meta["config"], "dtype": str(dtype).replace("torch.", "")}
+    try:
+        model = build_variant(master, bits, gran, backend, run.device, dtype)
+    except Exception as exc:  # noqa: BLE001
+        run.add(common.skipped_row(common.describe_error(exc), **fields))
+        return
+    nbytes = module_bytes(model)
+    summary = getattr(model, "otq_summary", None)
+    bpw = getattr(summary, "model_bits_per_weight", None)
+    for batch in batches:
+        gen = torch.Generator(device=run.device).manual_seed(batch)
+        x = torch.randn(batch, *image, device=run.device, dtype=dtype, generator=gen)
+        t = torch.full((batch,), 0.5, device=run.device)
+        step = step_fn(model, x, t, 0.01)
+        for mode in modes:
+            row = {**fields, "kernel": mode, "M": batch, "batch": batch}
+            if run.over_budget((variant, batch, mode)):
+                continue
+            try:
+                peak = peak_step_bytes(run, step)
+                timing = run.time(step, graph=mode == "graph", flush=False,
+                                  gpu_opts={"warmup_ms": 50, "rep_ms": 200, "max_reps": 100})
+            except Exception as exc:  # noqa: BLE001
+                run.add(common.skipped_row(common.describe_error(exc), **row))
+                continue
+            if mode == "graph" and timing.get("timing") != "graph":
+                row["note"] = "CUDA-graph capture failed; eager time reported"
+            run.add({**row, **timing, "model_bytes": nbytes, "peak_bytes": peak,
+                     "model_bits_per_weight": bpw})
+    del model
+    gc.collect()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fill_memory_ratios(rows: list[dict]) -> None:
+    """peak_ratio and model_bytes_ratio against the fp16 row of the same batch and mode."""
+    base = {(r["M"], r["kernel"]): r for r in rows if r.get("backend") == "fp16"
+            and r.get("p50_us")}
+    for r in rows:
+        ref = base.get((r.get("M"), r.get("kernel")))
+        if not ref or not r.get("p50_us"):
+            continue
+        if r.get("peak_bytes") and ref.get("peak_bytes"):
+            r["peak_ratio"] = r["peak_bytes"] / ref["peak_bytes"]
+        r["model_bytes_ratio"] = r["model_bytes"] / ref["model_bytes"]
+
+
+def main(argv=None) -> int:
+    p = common.parser("e2e", __doc__.splitlines()[0])
+    p.add_argument("--config", default=None, help="UNet config (default mnist; tiny in smoke)")
+    p.add_argument("--batches", default=None, help="comma-separated (default 1,16,64)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated bits:granularity:backend or fp16 "
+                        "(default: fp16, 4:channel:auto, 4:channel:dequant, ...)")
+    p.add_argument("--no-graph", action="store_true", help="eager timing only")
+    args = p.parse_args(argv)
+    run = common.Run("e2e", args, measure_ceilings=not args.smoke)
+    from otq_kernels.models import IMAGE_SIZES, build_model
+
+    config = args.config or ("tiny" if args.smoke else "mnist")
+    gpu = run.device.type == "cuda"
+    dtype = torch.float16 if gpu else torch.float32
+    batches = common.csv_ints(args.batches) if args.batches else ([1] if args.smoke
+                                                                   else [1, 16, 64])
+    variants = VARIANTS[:3] if args.smoke else VARIANTS
+    if args.variants:
+        variants = [(None, None, "fp16") if v == "fp16" else
+                    (int(v.split(":")[0]), v.split(":")[1], v.split(":")[2])
+                    for v in common.csv_strs(args.variants)]
+    modes = ["eager"] if (args.no_graph or not gpu or args.smoke) else ["eager", "graph"]
+    torch.manual_seed(0)
+    master = build_model(config).eval()
+    size = IMAGE_SIZES[config]
+    image = (master.in_channels, size, size)
+    run.meta.update(config=config, parameters=sum(p.numel() for p in master.parameters()),
+                    batches=batches, modes=modes, dtype=str(dtype), l2_flush_bytes=0,
+                    variants=[list(v) for v in variants])
+    for variant in variants:
+        if run.over_budget(variant):
+            continue
+        bench_variant(run, master, variant, batches, image, dtype, modes)
+    common.fill_ratios(run.rows, ("op", "M", "kernel", "dtype"))
+    fill_memory_ratios(run.rows)
+    run.write()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""Codebook linear kernels vs FP16 cuBLAS on the dense dequantized weight (DESIGN §7).
+
+For every (N, K) shape — the mnist UNet's Linear / Conv1d / 1×1-Conv2d shapes (derived
+from the model) and the large goal shapes 4096², 8192², 14336×4096 — every bit width,
+both granularities and M ∈ {1, 4, 16, 64, 256, 1024, 4096}, it times:
+
+- ``fp16``: F.linear with the dense fp16 weight (cuBLAS), the ratio's numerator;
+- ``dequant``: expand to a transient dense weight, then cuBLAS (the dequantized baseline);
+- ``triton`` (kernel ``auto`` = what dispatch runs, plus each forced kernel gemv /
+  splitk / gemm where its M range makes sense);
+- ``cuda``: the hand-written LUT GEMV (small M);
+- on CPU also ``reference`` and the C++ ``cpu`` backend.
+
+Rows: p20/p50/p80 µs, effective GB/s (packed planes + codebook + x + y bytes), % of the
+measured copy bandwidth, ratio = t_fp16 / t, the memory-bound cap 16 / (bits per weight)
+and the fraction of it reached, and the relative error vs the fp16 dense result.
+
+``--write-tuning PATH`` turns the measured crossovers into the dispatch table's format.
+"""
+
+from __future__ import annotations
+
+import common
+import torch
+import torch.nn.functional as F
+
+GOAL_SHAPES = [("goal", 8192, 8192), ("goal", 14336, 4096), ("large", 4096, 4096)]
+DEFAULT_MS = [1, 4, 16, 64, 256, 1024, 4096]
+# Forced Triton kernels and the largest M each is timed at (None = every M).
+TRITON_KERNELS = {"gemv": 16, "splitk": 256, "gemm": None}
+FUSED = ("triton", "cuda")
+
+
+def unet_shapes(config: str = "mnist") -> tuple[list[tuple[str, int, int]], str]:
+    """Unique (N, K) of the UNet's Linear, Conv1d and 1×1 Conv2d layers."""
+    layers, source = common.unet_layers(config)
+    seen: dict[tuple[int, int], str] = {}
+    for layer in layers:
+        w = layer["weight_shape"]
+        pointwise = layer["kind"] == "Linear" or all(s == 1 for s in w[2:])
+        if pointwise:
+            seen.setdefault((w[0], int(torch.tensor(w[1:]).prod())), layer["kind"])
+    return [(f"unet-{kind}", n, k) for (n, k), kind in seen.items()], source
+
+
+def shape_list(args) -> tuple[list[tuple[str, int, int]], str]:
+    """Shapes to run: --shapes NxK,..., or goal + UNet shapes (goal first: budget order)."""
+    if args.shapes:
+        out = []
+        for item in common.csv_strs(args.shapes):
+            n, k = (int(v) for v in item.lower().split("x"))
+            out.append(("custom", n, k))
+        return out, "--shapes"
+    if args.smoke:
+        return [("smoke", 40, 72)], "smoke"
+    unet, source = unet_shapes()
+    return GOAL_SHAPES + unet, source
+
+
+def triton_forced(kernel: str):
+    """Callable (x, qt) -> y running one Triton kernel, or raises ImportError."""
+    try:
+        from otq_kernels.backends.triton.matmul import linear_triton
+    except ImportError:  # the module's earlier name
+        from otq_kernels.backends.triton.matmul import linear_triton
+
+    return lambda x, qt: linear_triton(x, qt, None, kernel=kernel)
+
+
+def backend_fn(name: str):
+    """Callable (x, qt) -> y through the public op with backend ``name``."""
+    from otq_kernels import ops
+
+    return lambda x, qt: ops.codebook_linear(x, qt, None, backend=name)
+
+
+def candidates(run: common.Run, backends: list[str]) -> list[tuple[str, str, object, int | None]]:
+    """(backend, kernel, fn | skip reason, max M) for every path to time."""
+    out = []
+    for name in backends:
+        reason = common.backend_unavailable(name, run.device)
+        if name == "triton":
+            out.append(("triton", "auto", reason or backend_fn("triton"), None))
+            for kernel, max_m in TRITON_KERNELS.items():
+                try:
+                    fn = reason or triton_forced(kernel)
+                except Exception as err:  # noqa: BLE001
+                    fn = common.describe_error(err)
+                out.append(("triton", kernel, fn, max_m))
+        else:
+            kernel = {"dequant": "cublas", "cuda": "lut_gemv", "cpu": "lut"}.get(name, "torch")
+            out.append((name, kernel, reason or backend_fn(name), None))
+    return out
+
+
+def linear_bytes(m: int, n: int, k: int, weight_bytes: int, act_size: int) -> int:
+    """Minimal bytes moved: weights once, x read, y written."""
+    return weight_bytes + (m * k + m * n) * act_size
+
+
+def time_fp16(run, m, n, k, dense, dtype, cache) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Time (once per run and (M, N, K)) F.linear with the dense weight; returns row, x, y."""
+    gen = torch.Generator(device=run.device).manual_seed(m)
+    x = torch.randn(m, k, device=run.device, dtype=dtype, generator=gen)
+    y_ref = F.linear(x, dense)
+    key = (m, n, k)
+    if key not in cache:
+        timing = run.time(lambda: F.linear(x, dense), graph=run.args.graph)
+        size = torch.tensor([], dtype=dtype).element_size()
+        cache[key] = run.add({"op": "linear", "backend": "fp16",
+                              "kernel": "cublas" if run.device.type == "cuda" else "torch",
+                              "M": m, "N": n, "K": k, "shape": f"{n}x{k}",
+                              "dtype": str(dtype).replace("torch.", ""),
+                              "bytes": linear_bytes(m, n, k, n * k * size, size), **timing})
+    return cache[key], x, y_ref
+
+
+def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> None:
+    """All M and paths for one (shape, bits, granularity)."""
+    qt = common.random_qt(n, k, bits, gran, run.device)
+    dense = qt.dequantize(dtype).reshape(n, k).contiguous()
+    size = dense.element_size()
+    wbytes = common.quantized_bytes(qt)
+    base = {"op": "linear", "bits": bits, "granularity": gran, "N": n, "K": k,
+            "shape": f"{n}x{k}", "source": tag, "dtype": str(dtype).replace("torch.", ""),
+            "bound_ratio": common.bound_ratio(qt), "bits_per_weight": qt.bits_per_weight}
+    for m in ms:
+        _, x, y_ref = time_fp16(run, m, n, k, dense, dtype, fp16_cache)
+        for backend, kernel, fn, max_m in paths:
+            fields = {**base, "backend": backend, "kernel": kernel, "M": m}
+            if max_m is not None and m > max_m:
+                continue
+            if isinstance(fn, str):
+                run.add(common.skipped_row(fn, **fields))
+                continue
+            try:
+                err = common.rel_error(fn(x, qt), y_ref)
+                timing = run.time(lambda fn=fn, x=x: fn(x, qt), graph=run.args.graph)
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                run.add(common.skipped_row(common.describe_error(exc), **fields))
+                continue
+            run.add({**fields, **timing, "rel_err": err,
+                     "bytes": linear_bytes(m, n, k, wbytes, size)})
+
+
+def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
+    """Dispatch thresholds from measured rows.
+
+    triton_max_m: largest grid M up to which Triton (kernel auto) beats dequant, judged
+    by the geometric mean of t_dequant / t_triton over shapes, bits and granularities.
+    cuda_max_m: likewise for the CUDA GEMV against the faster of dequant and Triton
+    (dispatch tries cuda first, so it must beat both).
+    """
+    times: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("p50_us") and r.get("backend") in ("dequant", "cuda", "triton") and \
+                r.get("kernel") in ("auto", "cublas", "lut_gemv"):
+            key = (r["M"], r["shape"], r["bits"], r["granularity"])
+            times.setdefault(key, {})[r["backend"]] = r["p50_us"]
+    speedups: dict[str, dict[int, list[float]]] = {"triton": {}, "cuda": {}}
+    for (m, *_), t in times.items():
+        if "dequant" not in t:
+            continue
+        if "triton" in t:
+            speedups["triton"].setdefault(m, []).append(t["dequant"] / t["triton"])
+        if "cuda" in t:
+            rival = min(t["dequant"], t.get("triton", t["dequant"]))
+            speedups["cuda"].setdefault(m, []).append(rival / t["cuda"])
+    values, evidence = {}, {}
+    for path, per_m in speedups.items():
+        if not per_m:
+            continue
+        means = {m: common.geomean(v) for m, v in sorted(per_m.items())}
+        values[f"{path}_max_m"] = common.crossover({m: (g or 0) > 1.0 for m, g in means.items()})
+        evidence[path] = {str(m): round(g, 3) for m, g in means.items() if g}
+    return values, evidence
+
+
+def main(argv=None) -> int:
+    p = common.parser("linear", __doc__.splitlines()[0])
+    p.add_argument("--ms", default=None, help="comma-separated M values")
+    p.add_argument("--bits", default=None, help="comma-separated bit widths (default 4,2,3,8)")
+    p.add_argument("--granularity", default="tensor,channel")
+    p.add_argument("--shapes", default=None, help="comma-separated NxK (default: goal + UNet)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated (default GPU: triton,cuda,dequant; CPU: "
+                        "reference,cpu,triton,dequant)")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--graph", action="store_true", help="time CUDA-graph replays")
+    p.add_argument("--write-tuning", default=None, metavar="PATH",
+                   help="merge the measured crossovers into this tuning JSON")
+    args = p.parse_args(argv)
+    run = common.Run("linear", args)
+    gpu = run.device.type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if gpu else torch.float32)
+    ms = common.csv_ints(args.ms) if args.ms else ([3] if args.smoke else DEFAULT_MS)
+    bits_list = common.csv_ints(args.bits) if args.bits else ([3] if args.smoke else [4, 2, 3, 8])
+    grans = common.csv_strs(args.granularity)
+    default_backends = "triton,cuda,dequant" if gpu else "reference,cpu,triton,dequant"
+    backends = common.csv_strs(args.backends or default_backends)
+    shapes, source = shape_list(args)
+    run.meta.update(shapes_source=source, ms=ms, bits=bits_list, granularities=grans,
+                    backends=backends, dtype=str(dtype), graph=args.graph)
+    paths = candidates(run, backends)
+    fp16_cache: dict = {}
+    for tag, n, k in shapes:
+        for bits in bits_list:
+            for gran in grans:
+                if run.over_budget((tag, n, k, bits, gran)):
+                    continue
+                bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache)
+    common.fill_ratios(run.rows, ("op", "M", "N", "K", "dtype"))
+    common.fill_ratios(run.rows, ("op", "M", "N", "K", "dtype", "bits", "granularity"),
+                       baseline="dequant", field="ratio_vs_dequant")
+    values, evidence = derive_crossovers(run.rows)
+    run.meta["crossovers"] = {"values": values, "geomean_speedup_vs_rival": evidence}
+    run.write()
+    if args.write_tuning and values and gpu and not args.smoke:
+        name = torch.cuda.get_device_name(run.device)
+        path = common.write_tuning(args.write_tuning, name, "linear", values, evidence)
+        run.log(f"tuning {values} -> {path}")
+    elif args.write_tuning:
+        run.log("--write-tuning ignored: needs a non-smoke GPU run with fused and dequant rows")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

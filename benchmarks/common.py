@@ -1,0 +1,603 @@
+"""Shared benchmark harness: timing, bandwidth/GEMM ceilings, result rows and JSON output.
+
+Every ``bench_*.py`` script imports this module first (it puts the repository root on
+``sys.path`` so the scripts run from a plain checkout) and then:
+
+1. builds its parser with :func:`parser` (``--smoke``, ``--out``, ``--device``,
+   ``--budget-s``),
+2. opens a :class:`Run` (device, output path, meta, ceilings measured once per run),
+3. times callables with :meth:`Run.time` (CUDA events, warm-up, L2 flush between reps,
+   optional CUDA-graph replay; wall clock on CPU) and appends rows with :meth:`Run.add`,
+4. calls :meth:`Run.write` (``benchmarks/results/<gpu-slug>/<subject>.json`` by default).
+
+``--smoke`` exercises the code path on tiny shapes (CPU: reference / cpu / Triton
+interpreter) with wall-clock timing; its rows say ``"smoke": true`` and its JSON never goes
+under ``benchmarks/results/`` (default: a temp dir). Nothing here touches the GPU at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+L2_FLUSH_BYTES = 256 * 1024 * 1024
+QUANTILES = (0.2, 0.5, 0.8)
+ROW_KEYS = ("op", "backend", "kernel", "bits", "granularity", "M", "N", "K", "shape", "dtype",
+            "p20_us", "p50_us", "p80_us", "gbps", "pct_copy_bw", "ratio", "smoke", "skipped")
+META_KEYS = ("subject", "smoke", "device", "gpu", "torch", "triton", "cuda", "git_sha", "date",
+             "hostname", "copy_gbps", "gemm")
+
+
+# ----------------------------------------------------------------------------- CLI
+def parser(subject: str, description: str) -> argparse.ArgumentParser:
+    """Argument parser with the options every benchmark shares."""
+    p = argparse.ArgumentParser(prog=f"bench_{subject}.py", description=description)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes, wall-clock timing, any device: exercises the code path "
+                        "only (rows marked smoke; JSON goes to a temp dir)")
+    p.add_argument("--out", default=None,
+                   help="output directory (default benchmarks/results/<gpu-slug>/, or a temp "
+                        "dir with --smoke); the file is <out>/<subject>.json")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting new configurations after this many seconds and write "
+                        "what was measured (skipped configurations are listed in meta)")
+    p.add_argument("--no-flush", action="store_true",
+                   help="do not flush L2 between timed reps (default: flush with a 256 MB write)")
+    p.add_argument("--quiet", action="store_true", help="no per-row progress lines")
+    return p
+
+
+def csv_ints(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]."""
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def csv_strs(text: str) -> list[str]:
+    """'a,b' -> ['a', 'b']."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+# ----------------------------------------------------------------------------- environment
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (results folder name)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def git_sha() -> str:
+    """HEAD's sha (+ '-dirty'), else env OTQ_GIT_SHA (no .git on the GPU machine)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("OTQ_GIT_SHA", "unknown")
+
+
+def triton_version() -> str | None:
+    """Installed triton's version or None."""
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def device_info(device: torch.device) -> dict:
+    """GPU name, SMs, L2 and memory (CUDA) or the CPU's description."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"gpu": props.name, "sm_count": props.multi_processor_count,
+                "l2_bytes": getattr(props, "L2_cache_size", None),
+                "memory_bytes": props.total_memory,
+                "capability": f"{props.major}.{props.minor}"}
+    return {"gpu": None, "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(),
+            "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def base_meta(subject: str, device: torch.device, smoke: bool) -> dict:
+    """Versions, machine and provenance for a results file."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"subject": subject, "smoke": smoke, "device": device.type,
+            **device_info(device),
+            "torch": torch.__version__, "triton": triton_version(), "cuda": torch.version.cuda,
+            "cudnn": cudnn, "python": platform.python_version(), "git_sha": git_sha(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "hostname": socket.gethostname(), "argv": sys.argv[1:]}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device, defaulting to cuda when available."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def default_out_dir(device: torch.device, smoke: bool) -> Path:
+    """benchmarks/results/<gpu-slug>/ on GPU, .../cpu/ on CPU, a temp dir for smoke runs."""
+    if smoke:
+        return Path(tempfile.gettempdir()) / "otq_bench_smoke"
+    if device.type == "cuda":
+        return RESULTS / gpu_slug(torch.cuda.get_device_name(device))
+    return RESULTS / "cpu"
+
+
+def check_smoke_out(out_dir: Path) -> None:
+    """Refuse to write smoke JSON into the committed results tree."""
+    resolved = out_dir.resolve()
+    if resolved == RESULTS.resolve() or RESULTS.resolve() in resolved.parents:
+        raise SystemExit(f"--smoke results must not go under {RESULTS}: pick another --out")
+
+
+# ----------------------------------------------------------------------------- timing
+def _quantiles_us(samples_s: list[float]) -> dict:
+    """p20/p50/p80 in microseconds of samples in seconds."""
+    xs = sorted(samples_s)
+    if len(xs) == 1:
+        xs = xs * 2
+    qs = statistics.quantiles(xs, n=10, method="inclusive")  # deciles
+    return {"p20_us": qs[1] * 1e6, "p50_us": statistics.median(xs) * 1e6,
+            "p80_us": qs[7] * 1e6, "reps": len(samples_s)}
+
+
+def time_cpu(fn: Callable[[], object], reps: int = 5, warmup: int = 1,
+             max_s: float = 2.0) -> dict:
+    """Wall-clock quantiles of ``fn`` on the host (at least 2 reps, stops after ``max_s``)."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    begin = time.perf_counter()
+    while len(samples) < reps and (len(samples) < 2 or time.perf_counter() - begin < max_s):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return {**_quantiles_us(samples), "timing": "wall"}
+
+
+def capture_graph(fn: Callable[[], object]):
+    """A CUDA graph of ``fn`` (already warmed up) or None when capture fails."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):  # warm the side stream as torch recommends
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return graph
+    except Exception:  # noqa: BLE001 - any failure means "time it eagerly"
+        torch.cuda.synchronize()
+        return None
+
+
+class L2Flusher:
+    """Writes a 256 MB buffer between timed reps (allocated on first use, not at import)."""
+
+    def __init__(self, device: torch.device, nbytes: int = L2_FLUSH_BYTES):
+        self.buffer = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.zero_()
+
+
+def time_cuda(fn: Callable[[], object], flusher: L2Flusher | None = None, graph: bool = False,
+              warmup_ms: float = 25.0, rep_ms: float = 60.0, min_reps: int = 10,
+              max_reps: int = 300, est_runs: int = 5) -> dict:
+    """do_bench-style quantiles of ``fn`` on the GPU with per-rep CUDA events.
+
+    The flush (if any) runs before each rep outside the events, so it is not timed but it
+    also keeps the GPU busy while the host launches ``fn`` (launch latency hidden as in a
+    pipelined model). ``graph=True`` replays a CUDA graph of ``fn``; when capture fails the
+    eager time is reported with ``"timing": "events"``.
+    """
+    fn()
+    torch.cuda.synchronize()
+    call, mode = fn, "events"
+    if graph:
+        g = capture_graph(fn)
+        if g is not None:
+            call, mode = g.replay, "graph"
+    flush = flusher or (lambda: None)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(est_runs):
+        flush()
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    est_ms = max(start.elapsed_time(end) / est_runs, 1e-3)
+    for _ in range(int(warmup_ms / est_ms)):
+        call()
+    n = int(min(max(rep_ms / est_ms, min_reps), max_reps))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush()
+        starts[i].record()
+        call()
+        ends[i].record()
+    torch.cuda.synchronize()
+    samples = [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends, strict=True)]
+    return {**_quantiles_us(samples), "timing": mode}
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        nbytes = min(nbytes, 16 << 20)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    if device.type == "cuda":
+        t = time_cuda(lambda: dst.copy_(src), rep_ms=100, max_reps=50)
+    else:
+        t = time_cpu(lambda: dst.copy_(src), reps=5)
+    return 2 * nbytes / (t["p50_us"] * 1e-6) / 1e9
+
+
+def measure_fp16_gemm_tflops(device: torch.device, size: int = 8192) -> dict:
+    """Dense GEMM rate: fp16 size³ on GPU; fp32 256³ on CPU (a smoke-level sanity number)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    size = size if device.type == "cuda" else 256
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    if device.type == "cuda":
+        t = time_cuda(lambda: a @ b, rep_ms=200, max_reps=30)
+    else:
+        t = time_cpu(lambda: a @ b, reps=5)
+    tflops = 2 * size**3 / (t["p50_us"] * 1e-6) / 1e12
+    return {"dtype": str(dtype).replace("torch.", ""), "size": size, "tflops": tflops}
+
+
+# ----------------------------------------------------------------------------- rows
+def quantized_bytes(qt) -> int:
+    """Stored bytes of a QuantizedTensor: packed planes + fp32 codebook."""
+    return sum(p.numel() * p.element_size() for p in qt.planes) + \
+        qt.codebook.numel() * qt.codebook.element_size()
+
+
+def bound_ratio(qt) -> float:
+    """Memory-bound cap of the speed-up over fp16 weights: 16 / (true bits per weight)."""
+    return 16.0 / (8.0 * quantized_bytes(qt) / max(qt.numel, 1))
+
+
+def skipped_row(reason: str, **fields) -> dict:
+    """A row that records why a backend/configuration was not measured."""
+    row = {key: None for key in ROW_KEYS}
+    row.update(fields)
+    row["skipped"] = reason
+    return row
+
+
+def describe_error(err: BaseException) -> str:
+    """One line: the exception type and the first line of its message (≤ 300 chars)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}"[:300]
+
+
+def fill_ratios(rows: list[dict], key_fields: tuple[str, ...], baseline: str = "fp16",
+                field: str = "ratio") -> None:
+    """row[field] = p50(baseline row) / p50(row) for rows sharing ``key_fields`` (same run).
+
+    With field "ratio" also sets ``frac_of_bound`` = ratio / bound_ratio where known.
+    """
+    base = {tuple(r.get(k) for k in key_fields): r["p50_us"] for r in rows
+            if r.get("backend") == baseline and r.get("p50_us")}
+    for r in rows:
+        ref = base.get(tuple(r.get(k) for k in key_fields))
+        if r.get("p50_us") and ref:
+            r[field] = ref / r["p50_us"]
+            if field == "ratio" and r.get("bound_ratio"):
+                r["frac_of_bound"] = r["ratio"] / r["bound_ratio"]
+
+
+class Run:
+    """One benchmark invocation: device, budget, ceilings, rows and the JSON writer."""
+
+    def __init__(self, subject: str, args: argparse.Namespace, measure_ceilings: bool = True):
+        self.subject, self.args = subject, args
+        self.smoke = bool(args.smoke)
+        self.device = resolve_device(args.device)
+        if self.device.type == "cpu":
+            # Triton kernels run under the interpreter on CPU (must precede their creation).
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+            if self.smoke:  # tiny ops: threads only thrash (badly on a loaded CI machine)
+                torch.set_num_threads(1)
+        out = Path(args.out) if args.out else default_out_dir(self.device, self.smoke)
+        if self.smoke:
+            check_smoke_out(out)
+        self.out_path = out / f"{subject}.json"
+        self.started = time.perf_counter()
+        self.rows: list[dict] = []
+        self.meta = base_meta(subject, self.device, self.smoke)
+        self.meta.update(l2_flush_bytes=0 if args.no_flush or self.device.type != "cuda"
+                         else L2_FLUSH_BYTES, budget_s=args.budget_s, skipped_configs=[],
+                         copy_gbps=None, gemm=None)
+        self._flusher = None
+        self.copy_gbps = None
+        if measure_ceilings:
+            self.measure_ceilings()
+
+    # -- ceilings and timing
+    def measure_ceilings(self) -> None:
+        """Copy bandwidth and dense GEMM rate, once per run (stored in meta)."""
+        self.copy_gbps = measure_copy_bandwidth(self.device)
+        self.meta["copy_gbps"] = self.copy_gbps
+        self.meta["gemm"] = measure_fp16_gemm_tflops(self.device)
+        self.log(f"copy {self.copy_gbps:.0f} GB/s, GEMM {self.meta['gemm']}")
+
+    def flusher(self) -> L2Flusher | None:
+        """The shared 256 MB flush buffer (None on CPU or with --no-flush)."""
+        if self.device.type != "cuda" or self.args.no_flush:
+            return None
+        if self._flusher is None:
+            self._flusher = L2Flusher(self.device)
+        return self._flusher
+
+    def time(self, fn: Callable[[], object], graph: bool = False, flush: bool = True,
+             gpu_opts: dict | None = None, cpu_opts: dict | None = None) -> dict:
+        """Quantiles of ``fn``: CUDA events on GPU (L2 flushed), wall clock on CPU.
+
+        gpu_opts go to :func:`time_cuda`, cpu_opts to :func:`time_cpu`. In smoke mode
+        ``fn`` runs twice, untimed warm-up excluded (the caller's check call warmed it).
+        """
+        if self.smoke:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+                return time_cpu(lambda: (fn(), torch.cuda.synchronize()), reps=2, warmup=0)
+            return time_cpu(fn, reps=2, warmup=0)
+        if self.device.type == "cuda":
+            return time_cuda(fn, self.flusher() if flush else None, graph, **(gpu_opts or {}))
+        return time_cpu(fn, **{"reps": 5, **(cpu_opts or {})})
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # -- budget
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def over_budget(self, config: object = None) -> bool:
+        """True (and the configuration noted in meta) once --budget-s is spent."""
+        budget = self.args.budget_s
+        if budget is None or self.elapsed() < budget:
+            return False
+        if config is not None:
+            self.meta["skipped_configs"].append(str(config))
+        return True
+
+    # -- rows
+    def add(self, row: dict) -> dict:
+        """Complete a row (GB/s, % of copy bandwidth, smoke flag) and keep it."""
+        full = {key: None for key in ROW_KEYS}
+        full.update(row)
+        full["smoke"] = self.smoke
+        nbytes = full.get("bytes")
+        if nbytes and full.get("p50_us"):
+            full["gbps"] = nbytes / (full["p50_us"] * 1e-6) / 1e9
+            if self.copy_gbps:
+                full["pct_copy_bw"] = 100.0 * full["gbps"] / self.copy_gbps
+        self.rows.append(full)
+        if not self.args.quiet:
+            self.log(format_row(full))
+        return full
+
+    def log(self, text: str) -> None:
+        print(f"[{self.subject} {self.elapsed():6.1f}s] {text}", flush=True)
+
+    def write(self) -> Path:
+        """Write {"meta", "rows"} JSON; returns its path."""
+        self.meta["wall_s"] = round(self.elapsed(), 2)
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"meta": self.meta, "rows": [clean(r) for r in self.rows]}
+        self.out_path.write_text(json.dumps(payload, indent=1) + "\n")
+        self.log(f"wrote {len(self.rows)} rows to {self.out_path}")
+        return self.out_path
+
+
+def clean(row: dict) -> dict:
+    """JSON-safe row: NaN/inf -> None, floats rounded to 4 significant-ish digits."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, float):
+            value = None if not math.isfinite(value) else float(f"{value:.5g}")
+        out[key] = value
+    return out
+
+
+def format_row(row: dict) -> str:
+    """A short progress line for a row."""
+    if row.get("skipped"):
+        return (f"{row.get('op')} {row.get('backend')}/{row.get('kernel')} "
+                f"b{row.get('bits')} {row.get('shape')}: skipped ({row['skipped']})")
+    ratio = f" x{row['ratio']:.2f}" if row.get("ratio") else ""
+    gbps = f" {row['gbps']:.0f}GB/s" if row.get("gbps") else ""
+    if row.get("weights_per_s"):
+        gbps = f" {row['weights_per_s'] / 1e6:.1f}M weights/s over {row.get('weights')}"
+    return (f"{row.get('op')} {row.get('backend')}/{row.get('kernel')} b{row.get('bits')} "
+            f"{row.get('granularity')} M={row.get('M')} {row.get('shape')}: "
+            f"{row['p50_us']:.1f}us{gbps}{ratio}")
+
+
+def validate(payload: dict) -> list[str]:
+    """Schema problems of a results payload (empty list = valid)."""
+    problems = [f"meta lacks {k}" for k in META_KEYS if k not in payload.get("meta", {})]
+    rows = payload.get("rows")
+    if not isinstance(rows, list) or not rows:
+        return problems + ["no rows"]
+    for i, row in enumerate(rows):
+        problems += [f"row {i} lacks {k}" for k in ROW_KEYS if k not in row]
+        if not row.get("skipped") and row.get("p50_us") is None:
+            problems.append(f"row {i} has neither a time nor a skip reason")
+    return problems
+
+
+# ----------------------------------------------------------------------------- models
+# The mnist UNet's quantizable layers (derived from otq_kernels.models, config "mnist",
+# 28×28 input, batch 1): kind, weight shape, input [C, H, W] or [C, L], stride, padding,
+# count. Used when the model code cannot be imported; `unet_layers` derives it live.
+MNIST_LAYERS_FALLBACK = [
+    ("Linear", (512, 128), (128,), 1, 0, 1),
+    ("Linear", (512, 512), (512,), 1, 0, 30),
+    ("Conv1d", (768, 256, 1), (256, 196), 1, 0, 9),
+    ("Conv1d", (768, 256, 1), (256, 49), 1, 0, 1),
+    ("Conv1d", (256, 256, 1), (256, 196), 1, 0, 9),
+    ("Conv1d", (256, 256, 1), (256, 49), 1, 0, 1),
+    ("Conv2d", (256, 1, 3, 3), (1, 28, 28), 1, 1, 1),
+    ("Conv2d", (1, 256, 3, 3), (256, 28, 28), 1, 1, 1),
+    ("Conv2d", (256, 256, 3, 3), (256, 28, 28), 1, 1, 13),
+    ("Conv2d", (256, 256, 3, 3), (256, 14, 14), 1, 1, 13),
+    ("Conv2d", (256, 256, 3, 3), (256, 7, 7), 1, 1, 17),
+    ("Conv2d", (256, 512, 3, 3), (512, 28, 28), 1, 1, 5),
+    ("Conv2d", (256, 512, 3, 3), (512, 14, 14), 1, 1, 5),
+    ("Conv2d", (256, 512, 3, 3), (512, 7, 7), 1, 1, 5),
+    ("Conv2d", (256, 512, 1, 1), (512, 28, 28), 1, 0, 5),
+    ("Conv2d", (256, 512, 1, 1), (512, 14, 14), 1, 0, 5),
+    ("Conv2d", (256, 512, 1, 1), (512, 7, 7), 1, 0, 5),
+]
+
+
+def unet_layers(config: str = "mnist") -> tuple[list[dict], str]:
+    """Quantizable layers of a UNet config with their batch-1 input shapes.
+
+    Runs the model on the meta device (no memory, no GPU) with forward hooks; returns
+    ([{name, kind, weight_shape, input_shape, stride, padding}], source). Falls back to the
+    hard-coded mnist table when the model code is unavailable.
+    """
+    try:
+        from torch import nn
+
+        from otq_kernels.models import IMAGE_SIZES, build_model
+
+        with torch.device("meta"):
+            model = build_model(config)
+        layers: list[dict] = []
+
+        def hook(name):
+            def record(module, inputs, _output):
+                layers.append({"name": name, "kind": type(module).__name__,
+                               "weight_shape": tuple(module.weight.shape),
+                               "input_shape": tuple(inputs[0].shape[1:]),
+                               "stride": _first(getattr(module, "stride", 1)),
+                               "padding": _first(getattr(module, "padding", 0))})
+            return record
+
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                module.register_forward_hook(hook(name))
+        size = IMAGE_SIZES[config]
+        x = torch.empty(1, model.in_channels, size, size, device="meta")
+        with torch.no_grad():
+            model(x, torch.empty(1, device="meta"))
+        return layers, f"otq_kernels.models config {config!r} (meta-device forward)"
+    except Exception as err:  # noqa: BLE001 - fall back to the table, say why
+        if config != "mnist":
+            raise
+        layers = []
+        for kind, w, inp, stride, pad, count in MNIST_LAYERS_FALLBACK:
+            for i in range(count):
+                layers.append({"name": f"{kind}{w}#{i}", "kind": kind, "weight_shape": w,
+                               "input_shape": inp, "stride": stride, "padding": pad})
+        return layers, f"hard-coded mnist table ({describe_error(err)})"
+
+
+def _first(value) -> int:
+    return int(value[0]) if isinstance(value, (tuple, list)) else int(value)
+
+
+def random_qt(n: int, k: int, bits: int, granularity: str, device: torch.device,
+              shape: tuple[int, ...] | None = None, seed: int = 0):
+    """A QuantizedTensor of random codes and an ascending random codebook (timing only)."""
+    from otq_kernels.format import QuantizedTensor, pack_codes
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), device=device, generator=gen)
+    groups = 1 if granularity == "tensor" else n
+    book = torch.randn(groups, 2**bits, device=device, generator=gen).sort(dim=1).values
+    return QuantizedTensor(pack_codes(codes, bits), 0.02 * book, bits, shape or (n, k),
+                           granularity)
+
+
+def backend_unavailable(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (None = it can)."""
+    try:
+        from otq_kernels import backends
+
+        return backends.get(name).unavailable(device)
+    except Exception as err:  # noqa: BLE001
+        return describe_error(err)
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖y − ref‖ / ‖ref‖ in fp32 (NaN/inf in y give inf)."""
+    y, ref = y.float(), ref.float()
+    if not bool(torch.isfinite(y).all()):
+        return math.inf
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def write_tuning(path: str | Path, gpu_name: str, section: str, values: dict,
+                 evidence: dict) -> Path:
+    """Merge measured crossovers into a tuning table (otq_kernels/tuning/default.json format).
+
+    Starts from ``path`` if it exists, else from the shipped default; sets
+    ``gpus[gpu_name][section] = values`` and records the evidence under
+    ``gpus[gpu_name]["_measured"][section]``. Other GPUs and sections are kept.
+    """
+    path = Path(path)
+    source = path if path.exists() else REPO / "otq_kernels" / "tuning" / "default.json"
+    table = json.loads(source.read_text())
+    entry = table.setdefault("gpus", {}).setdefault(gpu_name, {})
+    entry[section] = values
+    entry.setdefault("_measured", {})[section] = evidence
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=2) + "\n")
+    return path
+
+
+def crossover(ms_wins: dict[int, bool]) -> int:
+    """Largest M of the grid such that the path wins at every grid M up to it (0 = never)."""
+    best = 0
+    for m in sorted(ms_wins):
+        if not ms_wins[m]:
+            break
+        best = m
+    return best
+
+
+def geomean(values: list[float]) -> float | None:
+    """Geometric mean of positive values (None when empty)."""
+    values = [v for v in values if v and v > 0]
+    if not values:
+        return None
+    return math.exp(sum(math.log(v) for v in values) / len(values))
