@@ -1,0 +1,204 @@
+// The one pybind11 module otq_kernels._C. Entry points take raw data pointers (Python
+// passes tensor.data_ptr()) plus sizes; CUDA ones also take the stream as an integer.
+// The Python wrappers (otq_kernels/backends/{cpu,cuda}.py) validate dtypes, contiguity
+// and devices; the checks here turn remaining misuse into ValueError, never a crash.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_ops.h"
+#include "planes.h"
+#ifdef OTQ_WITH_CUDA
+#include "cuda/launchers.h"
+#endif
+
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C
+#endif
+
+namespace py = pybind11;
+using Ptrs = std::vector<uintptr_t>;
+
+namespace {
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+void check_bits(int bits) {
+  require(otq::valid_bits(bits), "bits must be in 2..8, got " + std::to_string(bits));
+}
+
+void check_size(int64_t value, const char* name) {
+  require(value > 0, std::string(name) + " must be positive, got " + std::to_string(value));
+}
+
+void check_ptr(uintptr_t ptr, const char* name) {
+  require(ptr != 0, std::string(name) + " is a null pointer");
+}
+
+void check_planes(const Ptrs& planes, int bits) {
+  const int count = otq::plane_spec(bits).count;
+  require(static_cast<int>(planes.size()) == count,
+          "bits=" + std::to_string(bits) + " needs " + std::to_string(count) + " planes, got " +
+              std::to_string(planes.size()));
+  for (uintptr_t p : planes) check_ptr(p, "plane");
+}
+
+otq::cpu::Planes cpu_planes(const Ptrs& planes) {
+  otq::cpu::Planes out{{nullptr, nullptr, nullptr, nullptr}};
+  for (size_t i = 0; i < planes.size(); ++i) out.ptr[i] = reinterpret_cast<uint32_t*>(planes[i]);
+  return out;
+}
+
+template <typename T>
+T* as(uintptr_t ptr) {
+  return reinterpret_cast<T*>(ptr);
+}
+
+void cpu_pack(uintptr_t codes, int64_t n, int64_t k, int bits, const Ptrs& planes) {
+  check_bits(bits), check_size(n, "n"), check_size(k, "k"), check_ptr(codes, "codes");
+  check_planes(planes, bits);
+  py::gil_scoped_release release;
+  otq::cpu::pack(as<const int64_t>(codes), n, k, bits, cpu_planes(planes));
+}
+
+void cpu_unpack(const Ptrs& planes, int64_t n, int64_t k, int bits, uintptr_t codes) {
+  check_bits(bits), check_size(n, "n"), check_size(k, "k"), check_ptr(codes, "codes");
+  check_planes(planes, bits);
+  py::gil_scoped_release release;
+  otq::cpu::unpack(cpu_planes(planes), n, k, bits, as<int64_t>(codes));
+}
+
+void cpu_fit_rows(uintptr_t x, bool is_double, int64_t r, int64_t n, int bits, bool nearest,
+                  uintptr_t codes, uintptr_t centroids) {
+  check_bits(bits), check_size(r, "r"), check_size(n, "n");
+  require(n < (int64_t{1} << 32), "rows longer than 2**32 - 1 values are not supported");
+  check_ptr(x, "x"), check_ptr(codes, "codes"), check_ptr(centroids, "centroids");
+  py::gil_scoped_release release;
+  if (is_double)
+    otq::cpu::fit_rows(as<const double>(x), r, n, bits, nearest, as<int64_t>(codes),
+                       as<float>(centroids));
+  else
+    otq::cpu::fit_rows(as<const float>(x), r, n, bits, nearest, as<int64_t>(codes),
+                       as<float>(centroids));
+}
+
+void cpu_lut_linear(uintptr_t x, int64_t m, int64_t k, const Ptrs& planes, int bits,
+                    uintptr_t codebook, int64_t groups, int64_t n, uintptr_t bias, uintptr_t y) {
+  check_bits(bits), check_size(m, "m"), check_size(k, "k"), check_size(n, "n");
+  require(groups == 1 || groups == n, "groups must be 1 or n");
+  check_ptr(x, "x"), check_ptr(codebook, "codebook"), check_ptr(y, "y");
+  check_planes(planes, bits);
+  py::gil_scoped_release release;
+  otq::cpu::lut_linear(as<const float>(x), m, k, cpu_planes(planes), bits,
+                       as<const float>(codebook), groups, n, as<const float>(bias), as<float>(y));
+}
+
+#ifdef OTQ_WITH_CUDA
+void check_cuda(int err) {
+  if (err != 0) throw std::runtime_error(std::string("CUDA error: ") + otq::cuda::error_string(err));
+}
+
+std::vector<uint32_t*> device_planes(const Ptrs& planes) {
+  std::vector<uint32_t*> out(otq::kMaxPlanes, nullptr);
+  for (size_t i = 0; i < planes.size(); ++i) {
+    require(planes[i] % 16 == 0, "plane pointers must be 16-byte aligned");
+    out[i] = reinterpret_cast<uint32_t*>(planes[i]);
+  }
+  return out;
+}
+
+void cuda_lut_linear(uintptr_t x, int dtype, int64_t m, int64_t k, const Ptrs& planes, int bits,
+                     uintptr_t codebook, bool per_channel, int64_t n, uintptr_t bias, uintptr_t y,
+                     int split_k, uintptr_t workspace, uintptr_t stream) {
+  check_bits(bits), check_size(m, "m"), check_size(k, "k"), check_size(n, "n");
+  require(dtype >= 0 && dtype <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16)");
+  require(split_k >= 1, "split_k must be >= 1");
+  require(split_k == 1 || workspace != 0, "split_k > 1 needs a workspace");
+  require(k < (int64_t{1} << 31) && n < (int64_t{1} << 31), "k and n must be < 2**31");
+  check_ptr(x, "x"), check_ptr(codebook, "codebook"), check_ptr(y, "y");
+  check_planes(planes, bits);
+  auto dev = device_planes(planes);
+  check_cuda(otq::cuda::lut_linear(as<const void>(x), dtype, m, k, dev.data(), bits,
+                                   as<const float>(codebook), per_channel, n,
+                                   as<const float>(bias), as<void>(y), split_k,
+                                   as<float>(workspace), as<void>(stream)));
+}
+
+void cuda_fit_rows(uintptr_t x, int64_t r, int64_t n, int bits, bool nearest, uintptr_t codes,
+                   uintptr_t centroids, uintptr_t workspace, size_t workspace_bytes,
+                   uintptr_t stream) {
+  check_bits(bits), check_size(r, "r"), check_size(n, "n");
+  require(n < (int64_t{1} << 31), "rows longer than 2**31 - 1 values are not supported");
+  check_ptr(x, "x"), check_ptr(codes, "codes"), check_ptr(centroids, "centroids");
+  check_ptr(workspace, "workspace");
+  require(workspace_bytes >= otq::cuda::fit_rows_workspace_bytes(r, n, bits),
+          "workspace too small: use cuda_fit_rows_workspace_bytes");
+  check_cuda(otq::cuda::fit_rows(as<const float>(x), r, n, bits, nearest, as<int64_t>(codes),
+                                 as<float>(centroids), as<void>(workspace), workspace_bytes,
+                                 as<void>(stream)));
+}
+
+size_t cuda_fit_rows_workspace_bytes(int64_t r, int64_t n, int bits) {
+  check_bits(bits), check_size(r, "r"), check_size(n, "n");
+  return otq::cuda::fit_rows_workspace_bytes(r, n, bits);
+}
+
+void cuda_pack(uintptr_t codes, int64_t n, int64_t k, int bits, const Ptrs& planes,
+               uintptr_t stream) {
+  check_bits(bits), check_size(n, "n"), check_size(k, "k"), check_ptr(codes, "codes");
+  check_planes(planes, bits);
+  auto dev = device_planes(planes);
+  check_cuda(otq::cuda::pack(as<const int64_t>(codes), n, k, bits, dev.data(), as<void>(stream)));
+}
+
+void cuda_unpack(const Ptrs& planes, int64_t n, int64_t k, int bits, uintptr_t codes,
+                 uintptr_t stream) {
+  check_bits(bits), check_size(n, "n"), check_size(k, "k"), check_ptr(codes, "codes");
+  check_planes(planes, bits);
+  auto dev = device_planes(planes);
+  check_cuda(otq::cuda::unpack(dev.data(), n, k, bits, as<int64_t>(codes), as<void>(stream)));
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "otq_kernels native kernels (CPU always; CUDA when WITH_CUDA)";
+#ifdef OTQ_WITH_CUDA
+  m.attr("WITH_CUDA") = true;
+#else
+  m.attr("WITH_CUDA") = false;
+#endif
+  using namespace py::literals;
+  m.def("cpu_pack", &cpu_pack, "codes"_a, "n"_a, "k"_a, "bits"_a, "planes"_a,
+        "Pack int64 codes [n, k] into the bit planes (pointers, widest first).");
+  m.def("cpu_unpack", &cpu_unpack, "planes"_a, "n"_a, "k"_a, "bits"_a, "codes"_a,
+        "Unpack bit planes into int64 codes [n, k].");
+  m.def("cpu_fit_rows", &cpu_fit_rows, "x"_a, "is_double"_a, "r"_a, "n"_a, "bits"_a,
+        "nearest"_a, "codes"_a, "centroids"_a,
+        "Equal-mass binning of x [r, n] (float32 or float64): int64 codes, f32 centroids.");
+  m.def("cpu_lut_linear", &cpu_lut_linear, "x"_a, "m"_a, "k"_a, "planes"_a, "bits"_a,
+        "codebook"_a, "groups"_a, "n"_a, "bias"_a, "y"_a,
+        "y[m, n] = x[m, k] @ W^T + bias in float32 (bias pointer 0 = none).");
+#ifdef OTQ_WITH_CUDA
+  m.attr("GEMV_MAX_M") = otq::cuda::kGemvMaxM;
+  m.def("cuda_lut_linear", &cuda_lut_linear, "x"_a, "dtype"_a, "m"_a, "k"_a, "planes"_a,
+        "bits"_a, "codebook"_a, "per_channel"_a, "n"_a, "bias"_a, "y"_a, "split_k"_a,
+        "workspace"_a, "stream"_a, "LUT GEMV (dtype 0 f32, 1 f16, 2 bf16), fp32 accumulation.");
+  m.def("cuda_fit_rows_workspace_bytes", &cuda_fit_rows_workspace_bytes, "r"_a, "n"_a,
+        "bits"_a, "Workspace bytes cuda_fit_rows needs.");
+  m.def("cuda_fit_rows", &cuda_fit_rows, "x"_a, "r"_a, "n"_a, "bits"_a, "nearest"_a, "codes"_a,
+        "centroids"_a, "workspace"_a, "workspace_bytes"_a, "stream"_a,
+        "Equal-mass binning of x float32 [r, n] with CUB segmented radix sort.");
+  m.def("cuda_pack", &cuda_pack, "codes"_a, "n"_a, "k"_a, "bits"_a, "planes"_a, "stream"_a,
+        "Pack int64 codes [n, k] into bit planes on the GPU.");
+  m.def("cuda_unpack", &cuda_unpack, "planes"_a, "n"_a, "k"_a, "bits"_a, "codes"_a, "stream"_a,
+        "Unpack bit planes into int64 codes [n, k] on the GPU.");
+#endif
+}

@@ -1,11 +1,146 @@
-"""The C++ CPU backend (wraps otq_kernels._C). Filled in by the native-extension work."""
+"""The C++ CPU backend: wraps ``otq_kernels._C`` (csrc/cpu).
+
+The wrappers validate and convert on the Python side (devices, dtypes, contiguity,
+shapes, code ranges) so the C++ only ever sees well-formed contiguous buffers.
+"""
 
 from __future__ import annotations
 
-from .._native import unavailable_reason
+import torch
+
+from .._native import native, unavailable_reason
+from ..format import QuantizedTensor, check_bits, padded_k, plane_widths
+
+FIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ASSIGNS = ("rank", "nearest")
 
 
 def unavailable(device) -> str | None:
     if device.type != "cpu":
         return f"the cpu backend runs on CPU tensors, not {device}"
     return unavailable_reason()
+
+
+def _require_cpu(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"cpu backend: {name} must be a CPU tensor, got {t.device}")
+
+
+def _check_planes(planes, bits: int, n: int, k: int) -> list[torch.Tensor]:
+    """Planes as contiguous int32 CPU tensors of the canonical shapes (ValueError otherwise)."""
+    widths = plane_widths(bits)
+    if len(planes) != len(widths):
+        raise ValueError(f"bits={bits} needs {len(widths)} planes, got {len(planes)}")
+    out = []
+    for plane, width in zip(planes, widths, strict=True):
+        _require_cpu(plane, "plane")
+        expect = (n, padded_k(k) * width // 32)
+        if plane.dtype != torch.int32 or tuple(plane.shape) != expect:
+            raise ValueError(f"plane of width {width} must be int32 {list(expect)}, "
+                             f"got {plane.dtype} {list(plane.shape)}")
+        out.append(plane.contiguous())
+    return out
+
+
+def _check_codebook(qt: QuantizedTensor) -> torch.Tensor:
+    """qt's codebook as a contiguous float32 CPU tensor [G, 2**bits], G in {1, N}."""
+    book = qt.codebook
+    _require_cpu(book, "codebook")
+    if book.dim() != 2 or book.shape[0] not in (1, qt.n) or book.shape[1] != 2**qt.bits:
+        raise ValueError(f"codebook must be [1 or {qt.n}, {2**qt.bits}], got {list(book.shape)}")
+    return book.to(torch.float32).contiguous()
+
+
+def _ptrs(tensors: list[torch.Tensor]) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+def pack(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """codes int [N, K] in [0, 2**bits) -> bit planes (list of int32 [N, K_pad*w/32])."""
+    bits = check_bits(bits)
+    _require_cpu(codes, "codes")
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [N, K], got shape {list(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
+    n, k = codes.shape
+    codes = codes.to(torch.int64).contiguous()
+    planes = [torch.empty(n, padded_k(k) * w // 32, dtype=torch.int32)
+              for w in plane_widths(bits)]
+    if codes.numel():
+        native().cpu_pack(codes.data_ptr(), n, k, bits, _ptrs(planes))
+    return planes
+
+
+def unpack(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
+    """Bit planes -> codes int64 [N, k]."""
+    bits = check_bits(bits)
+    if not planes:
+        raise ValueError("unpack needs at least one plane")
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    n = planes[0].shape[0]
+    planes = _check_planes(planes, bits, n, k)
+    codes = torch.empty(n, k, dtype=torch.int64)
+    if codes.numel():
+        native().cpu_unpack(_ptrs(planes), n, k, bits, codes.data_ptr())
+    return codes
+
+
+def fit_rows(rows: torch.Tensor, bits: int, assign: str = "rank"):
+    """Equal-mass ("ot") codebooks per row.
+
+    rows [R, n] float (finite) -> (codes int64 [R, n], centroids float32 [R, 2**bits]).
+    float64 rows are sorted in float64; other float dtypes in float32 (exact conversion).
+    """
+    bits = check_bits(bits)
+    _require_cpu(rows, "rows")
+    if assign not in ASSIGNS:
+        raise ValueError(f"unknown assign {assign!r}; choose one of {ASSIGNS}")
+    if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise ValueError(f"rows must be a non-empty 2-D [R, n] tensor, got {list(rows.shape)}")
+    if rows.dtype not in FIT_DTYPES:
+        raise ValueError(f"rows must be float16/bfloat16/float32/float64, got {rows.dtype}")
+    if not bool(torch.isfinite(rows).all()):
+        raise ValueError("rows contain NaN/Inf; cannot fit a codebook")
+    is_double = rows.dtype == torch.float64
+    x = rows.contiguous() if is_double else rows.to(torch.float32).contiguous()
+    r, n = x.shape
+    codes = torch.empty(r, n, dtype=torch.int64)
+    centroids = torch.empty(r, 2**bits, dtype=torch.float32)
+    native().cpu_fit_rows(x.data_ptr(), is_double, r, n, bits, assign == "nearest",
+                          codes.data_ptr(), centroids.data_ptr())
+    return codes, centroids
+
+
+def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ W^T + bias with W decoded from ``qt``. x [M, K] -> [M, N] in x.dtype.
+
+    Computes in float32 (fp16/bf16 activations are converted, the output cast back).
+    """
+    _require_cpu(x, "x")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != qt.k:
+        raise ValueError(f"x must be [M, {qt.k}], got {list(x.shape)}")
+    planes = _check_planes(qt.planes, qt.bits, qt.n, qt.k)
+    book = _check_codebook(qt)
+    m = x.shape[0]
+    y = torch.empty(m, qt.n, dtype=torch.float32)
+    if m == 0:
+        return y.to(x.dtype)
+    xf = x.to(torch.float32).contiguous()
+    b = None
+    if bias is not None:
+        _require_cpu(bias, "bias")
+        if tuple(bias.shape) != (qt.n,):
+            raise ValueError(f"bias must be [{qt.n}], got {list(bias.shape)}")
+        b = bias.to(torch.float32).contiguous()
+    native().cpu_lut_linear(xf.data_ptr(), m, qt.k, _ptrs(planes), qt.bits, book.data_ptr(),
+                            book.shape[0], qt.n, 0 if b is None else b.data_ptr(), y.data_ptr())
+    return y.to(x.dtype)

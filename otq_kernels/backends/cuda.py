@@ -1,11 +1,190 @@
-"""The hand-written CUDA backend (wraps otq_kernels._C). Filled in by the native work."""
+"""The hand-written CUDA backend: wraps ``otq_kernels._C`` (csrc/cuda).
+
+- ``linear``: LUT GEMV (fp32 accumulation, bias fused, split-K with an fp32 workspace);
+  M rows are processed in chunks of ``GEMV_MAX_M`` (it is meant for small M).
+- ``fit_rows``: equal-mass binning on CUB's stable (segmented) radix sort.
+- ``pack`` / ``unpack``: the canonical bit planes.
+
+The wrappers validate devices, dtypes, shapes and alignment, allocate outputs and
+workspaces with torch and launch on ``torch.cuda.current_stream()``.
+"""
 
 from __future__ import annotations
 
-from .._native import unavailable_reason
+import torch
+
+from .._native import native, unavailable_reason
+from ..format import QuantizedTensor, check_bits, padded_k, plane_widths
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ASSIGNS = ("rank", "nearest")
+GEMV_MAX_M = 8          # rows of x per kernel launch (csrc/cuda/launchers.h kGemvMaxM)
+ROWS_PER_BLOCK = 16     # weight rows per thread block (csrc/cuda/lut_gemv.cu)
+GROUP = 32              # weights per lane step
+MAX_SPLIT_K = 64
 
 
 def unavailable(device) -> str | None:
     if device.type != "cuda":
         return f"the cuda backend needs CUDA tensors, not {device}"
     return unavailable_reason(require_cuda=True)
+
+
+def _require_cuda(t, name: str, device: torch.device | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda" or (device is not None and t.device != device):
+        raise ValueError(f"cuda backend: {name} must be on {device or 'a CUDA device'}, "
+                         f"got {t.device}")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous with a 16-byte-aligned start (the kernels use 128-bit loads)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _check_planes(planes, bits: int, n: int, k: int, device) -> list[torch.Tensor]:
+    widths = plane_widths(bits)
+    if len(planes) != len(widths):
+        raise ValueError(f"bits={bits} needs {len(widths)} planes, got {len(planes)}")
+    out = []
+    for plane, width in zip(planes, widths, strict=True):
+        _require_cuda(plane, "plane", device)
+        expect = (n, padded_k(k) * width // 32)
+        if plane.dtype != torch.int32 or tuple(plane.shape) != expect:
+            raise ValueError(f"plane of width {width} must be int32 {list(expect)}, "
+                             f"got {plane.dtype} {list(plane.shape)}")
+        out.append(_aligned(plane))
+    return out
+
+
+def split_k_for(n: int, k: int, sms: int) -> int:
+    """Split-K factor for N rows of K: about 4 blocks per SM, >= 32 groups per warp slice.
+
+    >>> split_k_for(16, 32 * 32 * 8, 132)
+    8
+    """
+    blocks = -(-n // ROWS_PER_BLOCK)
+    groups = padded_k(k) // GROUP
+    want = -(-4 * sms // blocks)
+    return max(1, min(want, groups // 32, MAX_SPLIT_K))
+
+
+def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+           split_k: int | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias. x [M, K] fp16/bf16/fp32 on CUDA -> [M, N] in x.dtype.
+
+    split_k: force a split-K factor (None = heuristic from the SM count).
+    """
+    _require_cuda(x, "x")
+    dev = x.device
+    if x.dtype not in DTYPE_CODES:
+        raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != qt.k:
+        raise ValueError(f"x must be [M, {qt.k}], got {list(x.shape)}")
+    planes = _check_planes(qt.planes, qt.bits, qt.n, qt.k, dev)
+    book = qt.codebook
+    _require_cuda(book, "codebook", dev)
+    if book.dim() != 2 or book.shape[0] not in (1, qt.n) or book.shape[1] != 2**qt.bits:
+        raise ValueError(f"codebook must be [1 or {qt.n}, {2**qt.bits}], got {list(book.shape)}")
+    per_channel = book.shape[0] == qt.n and qt.n > 1
+    m, n, k = x.shape[0], qt.n, qt.k
+    y = torch.empty(m, n, dtype=x.dtype, device=dev)
+    if m == 0:
+        return y
+    b = None
+    if bias is not None:
+        _require_cuda(bias, "bias", dev)
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+        b = bias.to(torch.float32).contiguous()
+    with torch.cuda.device(dev):
+        if split_k is None:
+            split_k = split_k_for(n, k, torch.cuda.get_device_properties(dev).multi_processor_count)
+        if not isinstance(split_k, int) or split_k < 1:
+            raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+        ws = (torch.empty(split_k * min(m, GEMV_MAX_M) * n, dtype=torch.float32, device=dev)
+              if split_k > 1 else None)
+        xa = _aligned(x)
+        book = book.to(torch.float32).contiguous()
+        native(require_cuda=True).cuda_lut_linear(
+            xa.data_ptr(), DTYPE_CODES[x.dtype], m, k, [p.data_ptr() for p in planes], qt.bits,
+            book.data_ptr(), per_channel, n, 0 if b is None else b.data_ptr(), y.data_ptr(),
+            split_k, 0 if ws is None else ws.data_ptr(), _stream(dev))
+    return y
+
+
+def fit_rows(rows: torch.Tensor, bits: int, assign: str = "rank"):
+    """Equal-mass ("ot") codebooks per row on the GPU (values sorted as float32).
+
+    rows [R, n] float on CUDA -> (codes int64 [R, n], centroids float32 [R, 2**bits]).
+    """
+    bits = check_bits(bits)
+    _require_cuda(rows, "rows")
+    if assign not in ASSIGNS:
+        raise ValueError(f"unknown assign {assign!r}; choose one of {ASSIGNS}")
+    if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise ValueError(f"rows must be a non-empty 2-D [R, n] tensor, got {list(rows.shape)}")
+    if rows.dtype not in FIT_DTYPES:
+        raise ValueError(f"rows must be float16/bfloat16/float32/float64, got {rows.dtype}")
+    if not bool(torch.isfinite(rows).all()):
+        raise ValueError("rows contain NaN/Inf; cannot fit a codebook")
+    dev = rows.device
+    x = rows.to(torch.float32).contiguous()
+    r, n = x.shape
+    lib = native(require_cuda=True)
+    with torch.cuda.device(dev):
+        codes = torch.empty(r, n, dtype=torch.int64, device=dev)
+        centroids = torch.empty(r, 2**bits, dtype=torch.float32, device=dev)
+        nbytes = lib.cuda_fit_rows_workspace_bytes(r, n, bits)
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        lib.cuda_fit_rows(x.data_ptr(), r, n, bits, assign == "nearest", codes.data_ptr(),
+                          centroids.data_ptr(), ws.data_ptr(), nbytes, _stream(dev))
+    return codes, centroids
+
+
+def pack(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """codes int [N, K] in [0, 2**bits) on CUDA -> bit planes (int32 [N, K_pad*w/32])."""
+    bits = check_bits(bits)
+    _require_cuda(codes, "codes")
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [N, K], got shape {list(codes.shape)}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
+    dev = codes.device
+    n, k = codes.shape
+    with torch.cuda.device(dev):
+        c = codes.to(torch.int64).contiguous()
+        planes = [torch.empty(n, padded_k(k) * w // 32, dtype=torch.int32, device=dev)
+                  for w in plane_widths(bits)]
+        if c.numel():
+            native(require_cuda=True).cuda_pack(c.data_ptr(), n, k, bits,
+                                                [p.data_ptr() for p in planes], _stream(dev))
+    return planes
+
+
+def unpack(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
+    """Bit planes on CUDA -> codes int64 [N, k]."""
+    bits = check_bits(bits)
+    if not planes:
+        raise ValueError("unpack needs at least one plane")
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    _require_cuda(planes[0], "plane")
+    dev = planes[0].device
+    n = planes[0].shape[0]
+    planes = _check_planes(planes, bits, n, k, dev)
+    with torch.cuda.device(dev):
+        codes = torch.empty(n, k, dtype=torch.int64, device=dev)
+        if codes.numel():
+            native(require_cuda=True).cuda_unpack([p.data_ptr() for p in planes], n, k, bits,
+                                                  codes.data_ptr(), _stream(dev))
+    return codes

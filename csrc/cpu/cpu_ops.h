@@ -1,0 +1,36 @@
+// CPU kernels of otq_kernels._C. Callers (bindings.cpp) validate shapes; pointers are
+// contiguous row-major buffers. Plane p of a [n, k] code matrix is uint32 [n, row_words].
+#pragma once
+
+#include <cstdint>
+
+#include "../planes.h"
+
+namespace otq::cpu {
+
+struct Planes {
+  uint32_t* ptr[kMaxPlanes];
+};
+
+// codes int64 [n, k] (values < 2**bits) -> planes (padding words and fields zeroed).
+void pack(const int64_t* codes, int64_t n, int64_t k, int bits, Planes planes);
+
+// planes -> codes int64 [n, k].
+void unpack(Planes planes, int64_t n, int64_t k, int bits, int64_t* codes);
+
+// Decode one row of codes into out[padded_k(k)] (padding codes are 0).
+void decode_row(Planes planes, int64_t row, int64_t k, int bits, uint8_t* out);
+
+// Equal-mass ("ot") binning of each row of x [r, n]: codes int64 [r, n] and centroids
+// float32 [r, 2**bits] (ascending, unused levels = last centroid).
+void fit_rows(const float* x, int64_t r, int64_t n, int bits, bool nearest, int64_t* codes,
+              float* centroids);
+void fit_rows(const double* x, int64_t r, int64_t n, int bits, bool nearest, int64_t* codes,
+              float* centroids);
+
+// y[m, n] = x[m, k] @ W^T (+ bias), W[j, :] = codebook[g(j), code(j, :)]; fp32 throughout.
+// codebook is float32 [groups, 2**bits] with groups 1 (tensor) or n (channel); bias may be null.
+void lut_linear(const float* x, int64_t m, int64_t k, Planes planes, int bits,
+                const float* codebook, int64_t groups, int64_t n, const float* bias, float* y);
+
+}  // namespace otq::cpu

@@ -1,0 +1,76 @@
+// LUT GEMV/GEMM on the CPU: decode a block of weight rows once (codes -> codebook values),
+// then reuse it for every activation row. Parallel over blocks of output features.
+#include <algorithm>
+#include <vector>
+
+#include "cpu_ops.h"
+
+namespace otq::cpu {
+namespace {
+
+constexpr int64_t kRowsPerBlock = 4;
+
+// dense[r, :k] = codebook row of weight row (first + r) looked up at its codes.
+void decode_block(Planes planes, int bits, const float* codebook, int64_t groups, int64_t first,
+                  int64_t rows, int64_t k, uint8_t* codes, float* dense) {
+  const int64_t levels = int64_t{1} << bits;
+  for (int64_t r = 0; r < rows; ++r) {
+    decode_row(planes, first + r, k, bits, codes);
+    const float* lut = codebook + (groups == 1 ? 0 : (first + r) * levels);
+    float* out = dense + r * k;
+    for (int64_t i = 0; i < k; ++i) out[i] = lut[codes[i]];
+  }
+}
+
+// y[0..rows) = dense[r, :] . xm for a full block of kRowsPerBlock rows.
+void dot_block(const float* dense, const float* xm, int64_t k, float* acc) {
+  const float *w0 = dense, *w1 = dense + k, *w2 = dense + 2 * k, *w3 = dense + 3 * k;
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t i = 0; i < k; ++i) {
+    const float v = xm[i];
+    a0 += v * w0[i];
+    a1 += v * w1[i];
+    a2 += v * w2[i];
+    a3 += v * w3[i];
+  }
+  acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
+
+float dot(const float* w, const float* xm, int64_t k) {
+  float a = 0.f;
+#pragma omp simd reduction(+ : a)
+  for (int64_t i = 0; i < k; ++i) a += xm[i] * w[i];
+  return a;
+}
+
+}  // namespace
+
+void lut_linear(const float* x, int64_t m, int64_t k, Planes planes, int bits,
+                const float* codebook, int64_t groups, int64_t n, const float* bias, float* y) {
+  const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
+#pragma omp parallel
+  {
+    std::vector<uint8_t> codes(padded_k(k));
+    std::vector<float> dense(kRowsPerBlock * k);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t first = b * kRowsPerBlock;
+      const int64_t rows = std::min(kRowsPerBlock, n - first);
+      decode_block(planes, bits, codebook, groups, first, rows, k, codes.data(), dense.data());
+      float acc[kRowsPerBlock];
+      for (int64_t i = 0; i < m; ++i) {
+        const float* xm = x + i * k;
+        if (rows == kRowsPerBlock) {
+          dot_block(dense.data(), xm, k, acc);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) acc[r] = dot(dense.data() + r * k, xm, k);
+        }
+        float* ym = y + i * n + first;
+        for (int64_t r = 0; r < rows; ++r) ym[r] = acc[r] + (bias ? bias[first + r] : 0.f);
+      }
+    }
+  }
+}
+
+}  // namespace otq::cpu

@@ -1,0 +1,39 @@
+// Host launchers of the CUDA kernels. Plain C++: bindings.cpp includes this header
+// without any CUDA or torch headers. Every launcher enqueues on `stream` (a cudaStream_t
+// passed as void*) and returns 0 or a cudaError_t value (see error_string).
+// Callers guarantee contiguous device buffers, 16-byte-aligned planes and valid sizes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace otq::cuda {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Rows of activations one kernel launch handles; larger M runs in chunks.
+constexpr int kGemvMaxM = 8;
+
+// y[m, n] (dtype) = x[m, k] (dtype) @ W^T + bias (float32 [n] or null), W from the
+// planes and the float32 codebook [per_channel ? n : 1, 2**bits]. With split_k > 1,
+// workspace must hold split_k * min(m, kGemvMaxM) * n floats.
+int lut_linear(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* const* planes,
+               int bits, const float* codebook, bool per_channel, int64_t n, const float* bias,
+               void* y, int split_k, float* workspace, void* stream);
+
+// Bytes of workspace fit_rows needs for r rows of n values.
+size_t fit_rows_workspace_bytes(int64_t r, int64_t n, int bits);
+
+// Equal-mass binning of x float32 [r, n]: codes int64 [r, n], centroids float32 [r, 2**bits].
+int fit_rows(const float* x, int64_t r, int64_t n, int bits, bool nearest, int64_t* codes,
+             float* centroids, void* workspace, size_t workspace_bytes, void* stream);
+
+// codes int64 [n, k] <-> bit planes (canonical layout).
+int pack(const int64_t* codes, int64_t n, int64_t k, int bits, uint32_t* const* planes,
+         void* stream);
+int unpack(const uint32_t* const* planes, int64_t n, int64_t k, int bits, int64_t* codes,
+           void* stream);
+
+const char* error_string(int code);
+
+}  // namespace otq::cuda

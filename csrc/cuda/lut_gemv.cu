@@ -1,0 +1,276 @@
+// LUT GEMV for small M: y[m, n] = x[m, k] @ W^T + bias, W[j, i] = codebook[g(j), code(j, i)].
+//
+// A block is 4 warps; a warp owns 4 weight rows and walks its K range one 32-weight group
+// per lane per step: it loads the group's words of every plane (128-bit loads for 8- and
+// 4-bit planes), ORs the fields into codes, looks the codes up in shared memory and
+// accumulates in fp32 against up to kGemvMaxM activation rows (8-wide vector loads).
+// Shared tables: one per layer, duplicated per lane ([2^b][32], conflict-free); or one
+// per weight row ([16 rows][2^b], conflict-free for b <= 5). Split-K over blockIdx.y
+// writes fp32 partials that a fix-up kernel sums (deterministic, bias fused there).
+#include "common.cuh"
+#include "launchers.h"
+
+namespace otq::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kRowsPerWarp = 4;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
+constexpr int kGroup = 32;  // weights a lane decodes per step (one word of 1-bit codes)
+constexpr int kSub = 8;     // weights per activation vector load
+constexpr int kMaxWidth = 8;
+
+// The words of one 32-weight group of one row, per plane (plane p uses width_p words).
+template <int BITS>
+struct GroupWords {
+  uint32_t w[kMaxPlanes][kMaxWidth];
+
+  __device__ __forceinline__ void load(const PlaneArgs& planes, int64_t row, int64_t group) {
+    constexpr PlaneSpec spec = plane_spec(BITS);
+#pragma unroll
+    for (int p = 0; p < spec.count; ++p) {
+      const int width = spec.width[p];
+      const uint32_t* src = planes.ptr[p] + row * planes.row_words[p] + group * width;
+      if (width >= 4) {
+#pragma unroll
+        for (int v = 0; v < width / 4; ++v) {
+          const uint4 q = __ldg(reinterpret_cast<const uint4*>(src) + v);
+          w[p][4 * v] = q.x, w[p][4 * v + 1] = q.y, w[p][4 * v + 2] = q.z, w[p][4 * v + 3] = q.w;
+        }
+      } else if (width == 2) {
+        const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
+        w[p][0] = q.x, w[p][1] = q.y;
+      } else {
+        w[p][0] = __ldg(src);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void clear() {
+    constexpr PlaneSpec spec = plane_spec(BITS);
+#pragma unroll
+    for (int p = 0; p < spec.count; ++p)
+#pragma unroll
+      for (int i = 0; i < spec.width[p]; ++i) w[p][i] = 0u;
+  }
+
+  // Code of weight j (0..31) of the group; j must be a compile-time constant after unrolling.
+  __device__ __forceinline__ int code(int j) const {
+    constexpr PlaneSpec spec = plane_spec(BITS);
+    uint32_t c = 0;
+#pragma unroll
+    for (int p = 0; p < spec.count; ++p) {
+      const int width = spec.width[p], bit = j * width;
+      c |= ((w[p][bit / 32] >> (bit % 32)) & ((1u << width) - 1u)) << spec.offset[p];
+    }
+    return static_cast<int>(c);
+  }
+};
+
+__device__ __forceinline__ void load8_vec(const float* p, float (&o)[kSub]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+}
+
+__device__ __forceinline__ void load8_vec(const __half* p, float (&o)[kSub]) {
+  const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
+  const __half2* h = reinterpret_cast<const __half2*>(&q);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    o[2 * i] = f.x, o[2 * i + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ void load8_vec(const __nv_bfloat16* p, float (&o)[kSub]) {
+  const uint4 q = __ldg(reinterpret_cast<const uint4*>(p));
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&q);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    o[2 * i] = f.x, o[2 * i + 1] = f.y;
+  }
+}
+
+// x_row[k0, k0 + 8) as floats; zeros past k (the padded tail of the codes).
+template <typename T>
+__device__ __forceinline__ void load_x8(const T* __restrict__ x_row, int64_t k0, int64_t k,
+                                        bool vec, float (&o)[kSub]) {
+  if (vec && k0 + kSub <= k) {
+    load8_vec(x_row + k0, o);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kSub; ++i) o[i] = k0 + i < k ? to_float(x_row[k0 + i]) : 0.f;
+  }
+}
+
+// Per-layer table: lut[c * 32 + lane]. Per-row tables: lut[r * 2^b + c], r = row in block.
+template <int BITS>
+__device__ __forceinline__ void load_luts(float* lut, const float* __restrict__ codebook,
+                                          bool per_channel, int64_t block_row, int64_t n) {
+  constexpr int kLevels = 1 << BITS;
+  if (!per_channel) {
+    for (int i = threadIdx.x; i < kLevels * kWarpSize; i += kThreads)
+      lut[i] = __ldg(codebook + i / kWarpSize);
+    return;
+  }
+  for (int i = threadIdx.x; i < kRowsPerBlock * kLevels; i += kThreads) {
+    const int64_t row = block_row + i / kLevels;
+    lut[i] = row < n ? __ldg(codebook + row * kLevels + i % kLevels) : 0.f;
+  }
+}
+
+template <typename T, int BITS>
+__global__ void __launch_bounds__(kThreads)
+    lut_gemv_kernel(const T* __restrict__ x, int m, int64_t k, bool vec_x, PlaneArgs planes,
+                    const float* __restrict__ codebook, bool per_channel, int64_t n,
+                    const float* __restrict__ bias, T* __restrict__ y,
+                    float* __restrict__ partial, int64_t groups_per_split) {
+  constexpr int kLevels = 1 << BITS;
+  extern __shared__ float lut[];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t block_row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  load_luts<BITS>(lut, codebook, per_channel, block_row, n);
+  __syncthreads();
+
+  const int64_t first_row = block_row + warp * kRowsPerWarp;
+  const int stride = per_channel ? 1 : kWarpSize;
+  int base[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) base[r] = per_channel ? (warp * kRowsPerWarp + r) * kLevels : lane;
+
+  const int64_t groups = padded_k(k) / kGroup;
+  const int64_t g_begin = static_cast<int64_t>(blockIdx.y) * groups_per_split;
+  const int64_t g_end = min(groups, g_begin + groups_per_split);
+  float acc[kRowsPerWarp][kGemvMaxM] = {};
+  for (int64_t g = g_begin + lane; g < g_end; g += kWarpSize) {
+    GroupWords<BITS> words[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      if (first_row + r < n)
+        words[r].load(planes, first_row + r, g);
+      else
+        words[r].clear();
+    }
+#pragma unroll
+    for (int j0 = 0; j0 < kGroup; j0 += kSub) {
+      float w[kRowsPerWarp][kSub];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+        for (int j = 0; j < kSub; ++j) w[r][j] = lut[words[r].code(j0 + j) * stride + base[r]];
+#pragma unroll
+      for (int mm = 0; mm < kGemvMaxM; ++mm) {
+        if (mm >= m) break;
+        float xv[kSub];
+        load_x8(x + mm * k, g * kGroup + j0, k, vec_x, xv);
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+          for (int j = 0; j < kSub; ++j) acc[r][mm] = fmaf(w[r][j], xv[j], acc[r][mm]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t row = first_row + r;
+#pragma unroll
+    for (int mm = 0; mm < kGemvMaxM; ++mm) {
+      if (mm >= m) break;  // m is uniform: every lane takes part in warp_sum
+      const float s = warp_sum(acc[r][mm]);
+      if (lane != 0 || row >= n) continue;
+      if (partial != nullptr)
+        partial[(static_cast<int64_t>(blockIdx.y) * m + mm) * n + row] = s;
+      else
+        y[mm * n + row] = from_float<T>(s + (bias != nullptr ? bias[row] : 0.f));
+    }
+  }
+}
+
+// y[i] = sum over splits of partial[s, i] + bias[i % n]; partial is [splits, m, n].
+template <typename T>
+__global__ void splitk_fixup_kernel(const float* __restrict__ partial, int splits, int64_t mn,
+                                    int64_t n, const float* __restrict__ bias, T* __restrict__ y) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < mn;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    for (int sp = 0; sp < splits; ++sp) s += partial[sp * mn + i];
+    y[i] = from_float<T>(s + (bias != nullptr ? bias[i % n] : 0.f));
+  }
+}
+
+template <typename T, int BITS>
+int launch(const T* x, int64_t m, int64_t k, PlaneArgs planes, const float* codebook,
+           bool per_channel, int64_t n, const float* bias, T* y, int split_k, float* workspace,
+           cudaStream_t stream) {
+  const int64_t groups = padded_k(k) / kGroup;
+  int64_t per_split = (groups + split_k - 1) / split_k;
+  const int64_t splits = (groups + per_split - 1) / per_split;  // no empty splits
+  if (splits > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const dim3 grid(static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock),
+                  static_cast<unsigned>(splits));
+  const size_t smem = sizeof(float) * (1 << BITS) * (per_channel ? kRowsPerBlock : kWarpSize);
+  const bool vec_x = k % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  for (int64_t m0 = 0; m0 < m; m0 += kGemvMaxM) {
+    const int mc = static_cast<int>(m - m0 < kGemvMaxM ? m - m0 : kGemvMaxM);
+    float* partial = splits > 1 ? workspace : nullptr;
+    lut_gemv_kernel<T, BITS><<<grid, kThreads, smem, stream>>>(
+        x + m0 * k, mc, k, vec_x, planes, codebook, per_channel, n, bias, y + m0 * n, partial,
+        per_split);
+    if (splits > 1)
+      splitk_fixup_kernel<T><<<blocks_for(mc * n, 256), 256, 0, stream>>>(
+          workspace, static_cast<int>(splits), mc * n, n, bias, y + m0 * n);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename T>
+int launch_bits(const void* x, int64_t m, int64_t k, PlaneArgs planes, int bits,
+                const float* codebook, bool per_channel, int64_t n, const float* bias, void* y,
+                int split_k, float* workspace, cudaStream_t stream) {
+  const T* xt = static_cast<const T*>(x);
+  T* yt = static_cast<T*>(y);
+#define OTQ_GEMV_CASE(B) \
+  case B:                \
+    return launch<T, B>(xt, m, k, planes, codebook, per_channel, n, bias, yt, split_k, workspace, stream);
+  switch (bits) {
+    OTQ_GEMV_CASE(2)
+    OTQ_GEMV_CASE(3)
+    OTQ_GEMV_CASE(4)
+    OTQ_GEMV_CASE(5)
+    OTQ_GEMV_CASE(6)
+    OTQ_GEMV_CASE(7)
+    OTQ_GEMV_CASE(8)
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+#undef OTQ_GEMV_CASE
+}
+
+}  // namespace
+
+int lut_linear(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* const* planes,
+               int bits, const float* codebook, bool per_channel, int64_t n, const float* bias,
+               void* y, int split_k, float* workspace, void* stream) {
+  if (!valid_bits(bits) || m <= 0 || k <= 0 || n <= 0 || split_k < 1)
+    return static_cast<int>(cudaErrorInvalidValue);
+  const PlaneArgs args = plane_args(planes, bits, k);
+  const cudaStream_t s = as_stream(stream);
+  switch (dtype) {
+    case kFloat32:
+      return launch_bits<float>(x, m, k, args, bits, codebook, per_channel, n, bias, y, split_k, workspace, s);
+    case kFloat16:
+      return launch_bits<__half>(x, m, k, args, bits, codebook, per_channel, n, bias, y, split_k, workspace, s);
+    case kBFloat16:
+      return launch_bits<__nv_bfloat16>(x, m, k, args, bits, codebook, per_channel, n, bias, y, split_k, workspace, s);
+    default:
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
+
+const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // namespace otq::cuda

@@ -1,0 +1,190 @@
+"""The C++ CPU backend (otq_kernels._C, csrc/cpu) against format.py, ot_rows and reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import otq_kernels as otq
+from otq_kernels import _native
+from otq_kernels.backends import reference
+from otq_kernels.format import pack_codes, unpack_planes
+from otq_kernels.quantizers import ot_rows
+
+_C = pytest.importorskip(
+    "otq_kernels._C",
+    reason="native extension not built: pip install --no-build-isolation -e . (make setup)",
+)
+from otq_kernels.backends import cpu  # noqa: E402
+
+ODD_K = [1, 7, 33, 127, 1000]
+
+
+def make_qt(n: int, k: int, bits: int, granularity: str, seed: int = 0):
+    """A QuantizedTensor of a random [n, k] weight fitted by the reference quantizer."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return otq.fit_codebook(w, bits=bits, granularity=granularity, backend="reference")
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------- pack/unpack
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(1, 5),
+       k=st.one_of(st.sampled_from(ODD_K), st.integers(1, 200)), seed=st.integers(0, 2**16))
+def test_pack_unpack_bit_exact(bits, n, k, seed):
+    codes = torch.randint(0, 2**bits, (n, k), generator=torch.Generator().manual_seed(seed))
+    planes = cpu.pack(codes, bits)
+    expect = pack_codes(codes, bits)
+    assert len(planes) == len(expect)
+    for got, want in zip(planes, expect, strict=True):
+        assert got.dtype == torch.int32 and torch.equal(got, want)
+    assert torch.equal(cpu.unpack(expect, bits, k), codes)
+    assert torch.equal(unpack_planes(planes, bits, k), codes)
+
+
+def test_pack_accepts_other_int_dtypes_and_views():
+    codes = torch.randint(0, 8, (6, 70), dtype=torch.int32)
+    view = codes[:, 3:40]  # not contiguous
+    assert all(torch.equal(a, b) for a, b in
+               zip(cpu.pack(view, 3), pack_codes(view, 3), strict=True))
+
+
+# ----------------------------------------------------------------------------- fit_rows
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("n", [1, 7, 33, 127, 1000])
+def test_fit_rows_matches_ot_rows(n, bits, assign):
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(n + bits))
+    codes, centroids = cpu.fit_rows(x, bits, assign)
+    ref_codes, ref_centroids = ot_rows(x.double(), bits, assign)
+    assert codes.dtype == torch.int64 and centroids.dtype == torch.float32
+    assert centroids.shape == (5, 2**bits)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(centroids, ref_centroids.float(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_fit_rows_ties_match_stable_sort(dtype):
+    """Many equal values (and -0.0 vs +0.0): ranks follow a stable sort, as in ot_rows."""
+    x = torch.randint(-3, 4, (4, 301), generator=torch.Generator().manual_seed(3)).to(dtype)
+    x[:, ::7] = -0.0
+    for bits in (2, 3, 8):
+        codes, centroids = cpu.fit_rows(x, bits)
+        ref_codes, ref_centroids = ot_rows(x.double(), bits)
+        assert torch.equal(codes, ref_codes)
+        torch.testing.assert_close(centroids, ref_centroids.float())
+
+
+def test_fit_rows_tensor_granularity_long_row():
+    x = torch.randn(1, 200_003, generator=torch.Generator().manual_seed(5))
+    codes, centroids = cpu.fit_rows(x, 4)
+    ref_codes, ref_centroids = ot_rows(x.double(), 4)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(centroids, ref_centroids.float())
+
+
+def test_fit_codebook_through_ops_uses_cpu_backend():
+    w = torch.randn(9, 40)
+    a = otq.fit_codebook(w, bits=3, backend="cpu")
+    b = otq.fit_codebook(w, bits=3, backend="reference")
+    assert torch.equal(a.codes(), b.codes())
+    torch.testing.assert_close(a.codebook, b.codebook)
+
+
+# ----------------------------------------------------------------------------- linear
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_linear_matches_reference(bits, granularity):
+    n, k = 33, 127
+    qt = make_qt(n, k, bits, granularity, seed=bits)
+    gen = torch.Generator().manual_seed(1)
+    bias = torch.randn(n, generator=gen)
+    for m in (1, 2, 3, 7, 16, 33):
+        x = torch.randn(m, k, generator=gen)
+        for b in (None, bias):
+            y = cpu.linear(x, qt, b)
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            assert rel_err(y, reference.linear(x.double(), qt, b)) < 1e-5
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (5, 1000), (130, 7)])
+def test_linear_odd_shapes(n, k):
+    qt = make_qt(n, k, 5, "channel", seed=n * k)
+    x = torch.randn(3, k)
+    y = cpu.linear(x, qt, None)
+    assert rel_err(y, reference.linear(x.double(), qt, None)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_half_activations_keep_dtype(dtype):
+    qt = make_qt(17, 65, 4, "tensor")
+    x = torch.randn(3, 65).to(dtype)
+    bias = torch.randn(17).to(dtype)
+    y = cpu.linear(x, qt, bias)
+    assert y.dtype == dtype
+    truth = reference.linear(x.double(), qt, bias.double())
+    assert rel_err(y, truth) < (2e-3 if dtype == torch.float16 else 1e-2)
+
+
+def test_codebook_linear_op_with_cpu_backend():
+    qt = make_qt(11, 50, 3, "channel")
+    x = torch.randn(2, 4, 50)
+    y = otq.ops.codebook_linear(x, qt, backend="cpu")
+    ref = otq.ops.codebook_linear(x, qt, backend="reference")
+    assert y.shape == (2, 4, 11)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_bad_inputs_raise_value_errors():
+    qt = make_qt(4, 40, 3, "channel")
+    with pytest.raises(ValueError, match="bits"):
+        cpu.pack(torch.zeros(2, 3, dtype=torch.int64), 9)
+    with pytest.raises(ValueError, match=r"lie in \[0, 4\)"):
+        cpu.pack(torch.full((2, 3), 4), 2)
+    with pytest.raises(ValueError, match="integer"):
+        cpu.pack(torch.zeros(2, 3), 2)
+    with pytest.raises(ValueError, match="needs 2 planes"):
+        cpu.unpack(qt.planes[:1], 3, 40)
+    with pytest.raises(ValueError, match="int32"):
+        cpu.unpack([p.to(torch.int64) for p in qt.planes], 3, 40)
+    with pytest.raises(ValueError, match=r"x must be \[M, 40\]"):
+        cpu.linear(torch.randn(2, 41), qt, None)
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        cpu.linear(torch.randn(2, 40).double(), qt, None)
+    with pytest.raises(ValueError, match="bias"):
+        cpu.linear(torch.randn(2, 40), qt, torch.randn(5))
+    with pytest.raises(ValueError, match="NaN"):
+        cpu.fit_rows(torch.tensor([[0.0, float("nan")]]), 2)
+    with pytest.raises(ValueError, match="assign"):
+        cpu.fit_rows(torch.randn(2, 5), 2, "closest")
+
+
+def test_native_entry_points_validate_arguments():
+    with pytest.raises(ValueError, match="bits must be in 2..8"):
+        _C.cpu_unpack([1], 1, 32, 9, 1)
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.cpu_pack(0, 1, 32, 2, [1])
+    with pytest.raises(ValueError, match="needs 2 planes"):
+        _C.cpu_pack(1, 1, 32, 3, [1])
+    with pytest.raises(ValueError, match="positive"):
+        _C.cpu_fit_rows(1, False, 0, 4, 2, False, 1, 1)
+    assert _C.WITH_CUDA in (True, False)
+
+
+def test_missing_extension_names_the_build_command(monkeypatch):
+    monkeypatch.setattr(_native, "_load", lambda: (None, "ImportError: no module _C"))
+    with pytest.raises(_native.NativeUnavailable, match="pip install --no-build-isolation -e ."):
+        cpu.pack(torch.zeros(1, 4, dtype=torch.int64), 2)
+    reason = cpu.unavailable(torch.device("cpu"))
+    assert "ImportError" in reason and "make setup" in reason
+
+
+def test_pack_empty_codes_like_format():
+    for shape in [(0, 5), (3, 0)]:
+        codes = torch.zeros(shape, dtype=torch.int64)
+        got, want = cpu.pack(codes, 3), pack_codes(codes, 3)
+        assert [tuple(p.shape) for p in got] == [tuple(p.shape) for p in want]

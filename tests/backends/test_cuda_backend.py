@@ -1,0 +1,148 @@
+"""The hand-written CUDA backend (csrc/cuda) against format.py, ot_rows and reference.
+
+Every test needs a GPU and an extension built with its CUDA sources (OTQ_WITH_CUDA).
+"""
+
+import pytest
+import torch
+
+import otq_kernels as otq
+from otq_kernels.backends import reference
+from otq_kernels.format import pack_codes
+from otq_kernels.quantizers import ot_rows
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture(scope="module")
+def cuda_backend():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from otq_kernels.backends import cuda
+
+    reason = cuda.unavailable(torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    return cuda
+
+
+def make_qt(n: int, k: int, bits: int, granularity: str, seed: int = 0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    return otq.fit_codebook(w, bits=bits, granularity=granularity,
+                            backend="reference").to("cuda")
+
+
+def rel_err(y: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((y.double() - truth).norm() / truth.norm().clamp_min(1e-30))
+
+
+def check_linear(cuda, m, n, k, bits, granularity, dtype, with_bias, split_k=None):
+    """Within 2x the reference's own error in ``dtype`` (vs float64), plus one roundoff."""
+    qt = make_qt(n, k, bits, granularity, seed=bits * 1000 + n + k)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    bias = torch.randn(n, generator=gen).to("cuda", dtype) if with_bias else None
+    y = cuda.linear(x, qt, bias, split_k=split_k)
+    assert y.dtype == dtype and y.shape == (m, n)
+    truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
+    ref_err = rel_err(reference.linear(x, qt, bias), truth)
+    assert rel_err(y, truth) <= 2 * ref_err + FLOOR[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_linear_every_bit_width(cuda_backend, bits, granularity, dtype):
+    for m in (1, 2, 3, 7):
+        for with_bias in (False, True):
+            check_linear(cuda_backend, m, 33, 127, bits, granularity, dtype, with_bias)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (17, 1000), (130, 7), (257, 4099)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_odd_shapes(cuda_backend, n, k, dtype):
+    check_linear(cuda_backend, 3, n, k, 5, "channel", dtype, True)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3, 64])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_linear_split_k(cuda_backend, split_k, granularity):
+    check_linear(cuda_backend, 2, 45, 3000, 4, granularity, torch.float16, True, split_k)
+
+
+@pytest.mark.parametrize("m", [8, 9, 20])
+def test_linear_larger_m_runs_in_chunks(cuda_backend, m):
+    check_linear(cuda_backend, m, 19, 300, 3, "tensor", torch.bfloat16, True, split_k=2)
+
+
+def test_linear_unaligned_activations(cuda_backend):
+    qt = make_qt(9, 64, 4, "tensor")
+    x = torch.randn(2, 65, device="cuda", dtype=torch.float16)[:, 1:]  # offset start
+    y = cuda_backend.linear(x, qt, None)
+    truth = reference.linear(x.double(), qt, None)
+    assert rel_err(y, truth) <= 2 * rel_err(reference.linear(x, qt, None), truth) + 1e-3
+
+
+def test_codebook_linear_op_with_cuda_backend(cuda_backend):
+    qt = make_qt(40, 96, 4, "channel")
+    x = torch.randn(2, 3, 96, device="cuda", dtype=torch.float16)
+    y = otq.ops.codebook_linear(x, qt, backend="cuda")
+    ref = otq.ops.codebook_linear(x, qt, backend="reference")
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("r,n", [(5, 1), (5, 7), (3, 33), (4, 127), (6, 1000)])
+def test_fit_rows_matches_ot_rows(cuda_backend, r, n, bits, assign):
+    x = torch.randn(r, n, generator=torch.Generator().manual_seed(n + bits))
+    codes, centroids = cuda_backend.fit_rows(x.cuda(), bits, assign)
+    ref_codes, ref_centroids = ot_rows(x.double(), bits, assign)
+    assert torch.equal(codes.cpu(), ref_codes)
+    torch.testing.assert_close(centroids.cpu(), ref_centroids.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_fit_rows_ties_match_stable_sort(cuda_backend):
+    x = torch.randint(-3, 4, (4, 301), generator=torch.Generator().manual_seed(3)).float()
+    x[:, ::7] = -0.0
+    codes, centroids = cuda_backend.fit_rows(x.cuda(), 3)
+    ref_codes, ref_centroids = ot_rows(x.double(), 3)
+    assert torch.equal(codes.cpu(), ref_codes)
+    torch.testing.assert_close(centroids.cpu(), ref_centroids.float())
+
+
+@pytest.mark.parametrize("r,n", [(1, 300_007), (70_000, 9), (2, 2_000_003)])
+def test_fit_rows_long_rows_and_batches(cuda_backend, r, n):
+    """One long row (tensor granularity), more rows than a grid dimension, several batches."""
+    x = torch.randn(r, n, generator=torch.Generator().manual_seed(r))
+    codes, centroids = cuda_backend.fit_rows(x.cuda(), 4)
+    ref_codes, ref_centroids = ot_rows(x.double(), 4)
+    assert torch.equal(codes.cpu(), ref_codes)
+    torch.testing.assert_close(centroids.cpu(), ref_centroids.float())
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("k", [1, 7, 33, 127, 1000])
+def test_pack_unpack_bit_exact(cuda_backend, bits, k):
+    codes = torch.randint(0, 2**bits, (5, k), generator=torch.Generator().manual_seed(k))
+    planes = cuda_backend.pack(codes.cuda(), bits)
+    for got, want in zip(planes, pack_codes(codes, bits), strict=True):
+        assert torch.equal(got.cpu(), want)
+    assert torch.equal(cuda_backend.unpack(planes, bits, k).cpu(), codes)
+
+
+def test_bad_inputs_raise_value_errors(cuda_backend):
+    qt = make_qt(4, 40, 3, "channel")
+    with pytest.raises(ValueError, match="CUDA"):
+        cuda_backend.linear(torch.randn(2, 40), qt, None)
+    with pytest.raises(ValueError, match=r"x must be \[M, 40\]"):
+        cuda_backend.linear(torch.randn(2, 41, device="cuda"), qt, None)
+    with pytest.raises(ValueError, match="split_k"):
+        cuda_backend.linear(torch.randn(2, 40, device="cuda"), qt, None, split_k=0)
+    with pytest.raises(ValueError, match="NaN"):
+        cuda_backend.fit_rows(torch.tensor([[0.0, float("inf")]], device="cuda"), 2)
+    with pytest.raises(ValueError, match="lie in"):
+        cuda_backend.pack(torch.full((2, 3), 9, device="cuda"), 3)
