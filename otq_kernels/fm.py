@@ -1,0 +1,207 @@
+"""Flow Matching glue: velocity wrapper, ODE sampling and a small training loop.
+
+Uses ``flow_matching`` (imported lazily, so the package imports without it):
+``flow_matching.solver.ODESolver`` for sampling and ``flow_matching.path.CondOTProbPath``
+(x_t = t·x1 + (1 − t)·x0, target dx_t = x1 − x0) for training. Noise x0 ~ N(0, I) at
+t = 0, data x1 in [-1, 1] at t = 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+class VelocityWrapper(nn.Module):
+    """Adapt a ``model(x, t, extra)`` network to the solver's ``(x, t, **extras)`` call.
+
+    The scalar solver time is broadcast to [B]; extras (e.g. ``label``) are passed in
+    the ``extra`` dict. With ``cfg_scale`` w != 0 and a label, returns the
+    classifier-free-guided velocity ``(1 + w)·v(x|label) − w·v(x|null)`` where the null
+    label is ``model.num_classes``.
+    """
+
+    def __init__(self, model: nn.Module, cfg_scale: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.cfg_scale = cfg_scale
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, **extras) -> torch.Tensor:
+        """x [B, C, H, W], t scalar or [B] -> velocity [B, C, H, W]."""
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        label = extras.get("label")
+        if self.cfg_scale == 0.0 or label is None:
+            return self.model(x, t, extras)
+        null = torch.full_like(label, self.model.num_classes)
+        v = self.model(torch.cat([x, x]), torch.cat([t, t]), {"label": torch.cat([label, null])})
+        v_cond, v_null = v.chunk(2)
+        return (1 + self.cfg_scale) * v_cond - self.cfg_scale * v_null
+
+
+def make_noise(
+    shape: Iterable[int],
+    seed: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Reproducible x0 ~ N(0, I) of ``shape`` (drawn on CPU, then moved): same seed,
+    same tensor on every device, for paired FP-vs-quantized comparisons."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(device, dtype)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    x0: torch.Tensor,
+    steps: int = 50,
+    method: str = "euler",
+    atol: float = 1e-5,
+    rtol: float = 1e-5,
+    label: torch.Tensor | None = None,
+    cfg_scale: float = 0.0,
+    return_intermediates: bool = False,
+) -> torch.Tensor:
+    """Integrate dx/dt = v(x, t) from t = 0 (noise ``x0`` [B, C, H, W]) to t = 1.
+
+    Fixed-step methods (euler, midpoint, heun2, ...) use ``step_size = 1 / steps``
+    (NFE = steps × stages); adaptive ones (dopri5, ...) use ``atol``/``rtol``. The model
+    is run in eval mode (restored afterwards). Returns x1 [B, C, H, W] (unclamped), or
+    [steps + 1, B, C, H, W] with ``return_intermediates`` (fixed-step methods only).
+    """
+    from flow_matching.solver import ODESolver
+
+    if method not in FIXED_STEP_METHODS + ADAPTIVE_METHODS:
+        raise ValueError(
+            f"unknown method {method!r}; fixed-step: {FIXED_STEP_METHODS}, "
+            f"adaptive: {ADAPTIVE_METHODS}"
+        )
+    fixed = method in FIXED_STEP_METHODS
+    if fixed and steps < 1:
+        raise ValueError("steps must be >= 1")
+    extras = {} if label is None else {"label": label.to(x0.device)}
+    time_grid = torch.tensor([0.0, 1.0], device=x0.device)
+    if return_intermediates:
+        if not fixed:
+            raise ValueError("return_intermediates needs a fixed-step method")
+        time_grid = torch.linspace(0.0, 1.0, steps + 1, device=x0.device)
+    was_training = model.training
+    model.eval()
+    try:
+        solver = ODESolver(velocity_model=VelocityWrapper(model, cfg_scale))
+        return solver.sample(
+            x_init=x0,
+            step_size=1.0 / steps if fixed else None,
+            method=method,
+            atol=atol,
+            rtol=rtol,
+            time_grid=time_grid,
+            return_intermediates=return_intermediates,
+            **extras,
+        )
+    finally:
+        model.train(was_training)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point state (weights + buffers)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v, 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict(self.shadow)
+
+
+def _lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def train(
+    model: nn.Module,
+    data: torch.Tensor,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    labels: torch.Tensor | None = None,
+    weight_decay: float = 0.0,
+    ema_decay: float | None = None,
+    warmup: int = 0,
+    schedule: str = "constant",
+    grad_clip: float | None = 1.0,
+    log_every: int = 0,
+    callback: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Conditional-OT flow matching: minimise ||v(x_t, t) − (x1 − x0)||² with AdamW.
+
+    ``data`` [N, C, H, W] in [-1, 1] (optionally ``labels`` [N] for conditional models).
+    Each step draws a batch with replacement, t ~ U(0, 1) and x0 ~ N(0, I) from a
+    generator seeded with ``seed`` (model init is the caller's). ``schedule``:
+    'constant' or 'cosine' (after ``warmup`` linear steps). With ``ema_decay`` an EMA
+    of the weights is kept and copied into ``model`` at the end. Leaves the model in
+    eval mode. Returns the per-step losses.
+    """
+    from flow_matching.path import CondOTProbPath
+
+    if schedule not in ("constant", "cosine"):
+        raise ValueError("schedule must be 'constant' or 'cosine'")
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(int(seed))
+    path = CondOTProbPath()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    ema = EMA(model, ema_decay) if ema_decay else None
+    model.train()
+    losses: list[float] = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(step, steps, warmup, schedule)
+        idx = torch.randint(len(data), (batch_size,), generator=g)
+        x1 = data[idx].to(device)
+        x0 = torch.randn(x1.shape, generator=g).to(device)
+        t = torch.rand(batch_size, generator=g).to(device)
+        ps = path.sample(x_0=x0, x_1=x1, t=t)
+        extra = {} if labels is None else {"label": labels[idx].to(device)}
+        loss = torch.mean((model(ps.x_t, ps.t, extra) - ps.dx_t) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        losses.append(loss.item())
+        if callback is not None and log_every and (step + 1) % log_every == 0:
+            callback(step + 1, sum(losses[-log_every:]) / log_every)
+    if ema is not None:
+        ema.copy_to(model)
+    model.eval()
+    return losses
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """Deep copy (handy for FP-vs-quantized pairs: quantize the copy in place)."""
+    return copy.deepcopy(model)

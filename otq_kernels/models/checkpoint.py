@@ -1,0 +1,103 @@
+"""Load flow_matching-example checkpoints (plain and EMA layouts) without pickle.
+
+Accepted inputs:
+
+* a state dict already loaded by the caller (``{name: tensor}``);
+* the examples' checkpoint dict ``{"model": state_dict, ...}`` (optimizer etc. ignored);
+* a path to a ``.safetensors`` file, or to a ``.pt``/``.pth`` file read with
+  ``torch.load(weights_only=True)`` (never full unpickling).
+
+The examples wrap the network in an EMA module whose state dict holds the raw weights
+under ``model.<name>``, the EMA copies as ``shadow_params.<i>`` (``i`` indexing the
+trainable parameters in ``model.parameters()`` order) and an integer ``num_updates``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+_SHADOW = re.compile(r"^shadow_params\.(\d+)$")
+
+
+def _read_file(path: str | os.PathLike) -> dict:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if path.endswith((".pt", ".pth", ".ckpt", ".bin")):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise ValueError(f"unsupported checkpoint format {path!r} (use .safetensors, .pt or .pth)")
+
+
+def _unwrap(obj: Mapping) -> dict[str, torch.Tensor]:
+    """Return the flat tensor dict: ``obj["model"]`` when present, else ``obj``."""
+    inner = obj.get("model") if isinstance(obj, Mapping) else None
+    state = inner if isinstance(inner, Mapping) else obj
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def extract_state_dict(
+    state: Mapping[str, torch.Tensor], model: nn.Module, use_ema: bool = True
+) -> dict[str, torch.Tensor]:
+    """Map a plain or EMA-layout state dict onto ``model``'s key names.
+
+    With EMA keys present and ``use_ema`` the shadow weights replace the raw ones.
+    """
+    own_prefixed = any(k.startswith("model.") for k in model.state_dict())
+    if own_prefixed or not any(k.startswith("model.") for k in state):
+        return dict(state)
+    out = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    shadows = {int(m.group(1)): v for k, v in state.items() if (m := _SHADOW.match(k))}
+    if use_ema and shadows:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if len(names) != len(shadows):
+            raise ValueError(
+                f"EMA checkpoint has {len(shadows)} shadow params, model has {len(names)} "
+                "trainable parameters: different architecture"
+            )
+        for i, name in enumerate(names):
+            out[name] = shadows[i]
+    return out
+
+
+def load_fm_checkpoint(
+    path_or_state: str | os.PathLike | Mapping,
+    model: nn.Module,
+    use_ema: bool = True,
+) -> nn.Module:
+    """Load weights into ``model`` (in place, returned); strict on names and shapes.
+
+    Raises ValueError naming missing / unexpected / mis-shaped keys when the
+    checkpoint belongs to another architecture.
+    """
+    raw = path_or_state if isinstance(path_or_state, Mapping) else _read_file(path_or_state)
+    state = extract_state_dict(_unwrap(raw), model, use_ema=use_ema)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            "checkpoint does not match the model architecture: "
+            f"missing keys {_head(missing)}; unexpected keys {_head(unexpected)}; "
+            f"shape mismatches {_head(shapes)}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _head(items: list[str], n: int = 8) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return f"{items[:n]}{more}"

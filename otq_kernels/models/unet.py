@@ -1,0 +1,166 @@
+"""ADM-style UNet for Flow Matching velocity fields (written from scratch).
+
+The module tree and parameter names match the ADM layout used by flow_matching's image
+examples (``time_embed``, ``label_emb``, ``input_blocks``, ``middle_block``,
+``output_blocks``, ``out``), so their checkpoints load with
+:func:`otq_kernels.models.load_fm_checkpoint`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .layers import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    TimestepEmbedSequential,
+    Upsample,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+
+class UNetModel(nn.Module):
+    """Velocity network v(x, t) on images.
+
+    Args:
+        in_channels / out_channels: image channels.
+        model_channels: base width ``mc``; level ``i`` has ``mc·channel_mult[i]`` channels.
+        num_res_blocks: ResBlocks per level in the encoder (decoder has one more).
+        attention_resolutions: downsampling factors (1, 2, 4, ...) that get attention.
+        dropout: dropout inside ResBlocks.
+        channel_mult: width multipliers per level.
+        conv_resample: learnable convs in Down/Upsample (else avg-pool / nearest).
+        num_classes: class count for ``label_emb`` (an extra row, index ``num_classes``,
+            is the null label for classifier-free guidance); None = unconditional.
+        num_heads / num_head_channels / num_heads_upsample: attention heads (a fixed
+            head width wins when ``num_head_channels`` != -1).
+        use_scale_shift_norm: FiLM conditioning in ResBlocks.
+        resblock_updown: resample with ResBlocks instead of Down/Upsample.
+        use_new_attention_order: qkv split order, see :class:`AttentionBlock`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        model_channels: int = 32,
+        out_channels: int = 1,
+        num_res_blocks: int = 1,
+        attention_resolutions: Sequence[int] = (2,),
+        dropout: float = 0.0,
+        channel_mult: Sequence[float] = (1, 2),
+        conv_resample: bool = True,
+        num_classes: int | None = None,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = True,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = True,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.model_channels = model_channels
+        self.num_classes = num_classes
+        self.channel_mult = tuple(channel_mult)
+        self._attn = dict(num_head_channels=num_head_channels, new_order=use_new_attention_order)
+        self._res = dict(dropout=dropout, use_scale_shift_norm=use_scale_shift_norm)
+        self._heads_up = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        attention_resolutions = set(attention_resolutions)
+
+        emb_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes + 1, emb_dim)
+
+        ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))]
+        )
+        skip_chans, ds = [ch], 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                out_ch = int(mult * model_channels)
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, out_channels=out_ch, **self._res)]
+                ch = out_ch
+                if ds in attention_resolutions:
+                    layers.append(AttentionBlock(ch, num_heads, **self._attn))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = (
+                    ResBlock(ch, emb_dim, out_channels=ch, down=True, **self._res)
+                    if resblock_updown
+                    else Downsample(ch, conv_resample, out_channels=ch)
+                )
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, **self._res),
+            AttentionBlock(ch, num_heads, **self._attn),
+            ResBlock(ch, emb_dim, **self._res),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                out_ch = int(mult * model_channels)
+                skip = skip_chans.pop()
+                layers = [ResBlock(ch + skip, emb_dim, out_channels=out_ch, **self._res)]
+                ch = out_ch
+                if ds in attention_resolutions:
+                    layers.append(AttentionBlock(ch, self._heads_up, **self._attn))
+                if level and i == num_res_blocks:
+                    layers.append(
+                        ResBlock(ch, emb_dim, out_channels=ch, up=True, **self._res)
+                        if resblock_updown
+                        else Upsample(ch, conv_resample, out_channels=ch)
+                    )
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
+        )
+
+    def embed(self, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """Time (and class) embedding: t [B] in [0, 1], label [B] int -> [B, 4·mc]."""
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+        if self.num_classes is not None:
+            if label is None:
+                raise ValueError("this UNet is class-conditional: pass extra={'label': ...}")
+            emb = emb + self.label_emb(label.long())
+        return emb
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, extra: dict | None = None
+    ) -> torch.Tensor:
+        """Velocity: x [B, C, H, W], t [B] or scalar in [0, 1] -> [B, C_out, H, W].
+
+        ``extra`` may hold ``"label"`` [B] (int64) for class-conditional models.
+        H and W must be divisible by ``2 ** (len(channel_mult) - 1)``.
+        """
+        extra = extra or {}
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.embed(t, extra.get("label"))
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h.type(x.dtype))

@@ -1,0 +1,94 @@
+"""Fidelity metrics (PSNR/SSIM, paper protocol, FID availability) and the latent probe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("torchmetrics")
+
+from otq_kernels.metrics import fidelity, latent  # noqa: E402
+from otq_kernels.models import build_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny CPU models run far faster single-threaded on shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(seed: int = 1):
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def test_paired_psnr_ssim():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 1, 16, 16, generator=g) * 2 - 1
+    same = fidelity.paired_psnr_ssim(a, a.clone())
+    assert same["psnr"] == math.inf and same["ssim"] == pytest.approx(1.0, abs=1e-6)
+    small = fidelity.paired_psnr_ssim(a, a + 0.01 * torch.randn(a.shape, generator=g))
+    big = fidelity.paired_psnr_ssim(a, a + 0.2 * torch.randn(a.shape, generator=g))
+    assert math.inf > small["psnr"] > big["psnr"] > 0
+    assert 1.0 > small["ssim"] > big["ssim"]
+    # PSNR with data_range 2: 10·log10(4 / mse)
+    assert small["psnr"] == pytest.approx(10 * math.log10(4 / small["mse"]), rel=1e-4)
+    with pytest.raises(ValueError):
+        fidelity.paired_psnr_ssim(a, a[:2])
+
+
+def test_box_ssim_identity_and_noise():
+    x = torch.rand(2, 1, 16, 16)
+    assert fidelity.box_ssim(x, x) == pytest.approx(1.0, abs=1e-6)
+    assert fidelity.box_ssim(x, x + 0.3 * torch.randn_like(x)) < 0.9
+
+
+def test_paper_velocity_psnr_ssim():
+    fp, images = _model(1), torch.rand(4, 1, 16, 16)
+    same = fidelity.paper_velocity_psnr_ssim(fp, _model(1), images)
+    assert same["psnr"] == math.inf and same["ssim"] == pytest.approx(1.0, abs=1e-6)
+    q = _model(1)
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    res = fidelity.paper_velocity_psnr_ssim(fp, q, images)
+    v = fp(images, torch.zeros(4))
+    rmse = torch.sqrt(torch.mean((v - q(images, torch.zeros(4))) ** 2)).item()
+    assert res["psnr"] == pytest.approx(20 * math.log10(1 / rmse), rel=1e-4)
+    assert 0 < res["ssim"] < 1
+
+
+def test_fid_unavailable_is_reported(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    res = fidelity.fid(x, x)
+    assert res["fid"] is None and res["fid_unavailable"]
+
+
+def test_latent_probe_shapes():
+    model, images = _model(), torch.rand(24, 1, 16, 16)
+    res = latent.latent_variance_probe(model, images, ts=(0.0, 0.5), n_components=5)
+    assert set(res) == {0.0, 0.5}
+    r = res[0.0]
+    assert r["variances"].shape == (5,) and r["dim"] == 64 * 8 * 8 and r["n"] == 24
+    assert torch.all(r["variances"][:-1] >= r["variances"][1:])
+    assert 0 <= r["collapsed"] <= 5 and r["mean"] > 0
+
+
+def test_pca_variances_match_covariance_eigenvalues():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g) * torch.tensor([3.0, 2, 1, 0.5, 0.1, 0.0])
+    var = latent.pca_variances(x, 6)
+    eig = torch.linalg.eigvalsh(torch.cov(x.T.double())).flip(0).float()
+    torch.testing.assert_close(var, eig, rtol=1e-4, atol=1e-6)
+    assert int((var < latent.COLLAPSE_THRESHOLD).sum()) == 1

@@ -1,0 +1,169 @@
+"""ADM-style UNet: shapes, key names, configs and checkpoint loading (tiny configs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from otq_kernels.models import (
+    UNetModel,
+    build_model,
+    config_names,
+    load_fm_checkpoint,
+    unet_config,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny CPU models run far faster single-threaded on shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# A sample of key names from flow_matching's examples/image UNet (mnist config).
+MNIST_KEYS = [
+    "time_embed.0.weight",
+    "time_embed.2.bias",
+    "input_blocks.0.0.weight",
+    "input_blocks.1.0.in_layers.0.weight",
+    "input_blocks.1.0.in_layers.2.weight",
+    "input_blocks.1.0.emb_layers.1.weight",
+    "input_blocks.1.0.out_layers.0.bias",
+    "input_blocks.1.0.out_layers.3.weight",
+    "input_blocks.6.0.in_layers.2.weight",
+    "input_blocks.6.1.norm.weight",
+    "input_blocks.6.1.qkv.weight",
+    "input_blocks.6.1.proj_out.bias",
+    "middle_block.0.in_layers.2.weight",
+    "middle_block.1.qkv.weight",
+    "middle_block.2.out_layers.3.weight",
+    "output_blocks.0.0.skip_connection.weight",
+    "output_blocks.7.1.qkv.weight",
+    "out.0.weight",
+    "out.2.weight",
+    "out.2.bias",
+]
+
+
+def _tiny(**kw) -> UNetModel:
+    torch.manual_seed(0)
+    return build_model("tiny", **kw)
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    """Give the zero-initialised layers non-zero weights so outputs are informative."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_forward_shape_and_scalar_t():
+    model = _randomize(_tiny()).eval()
+    x = torch.randn(3, 1, 16, 16)
+    y = model(x, torch.tensor([0.0, 0.5, 1.0]))
+    assert y.shape == x.shape
+    torch.testing.assert_close(model(x, 0.5), model(x, torch.full((3,), 0.5)))
+
+
+def test_zero_init_output():
+    model = _tiny().eval()
+    y = model(torch.randn(2, 1, 16, 16), torch.rand(2))
+    assert torch.count_nonzero(y) == 0
+
+
+def test_mnist_config_layout_and_size():
+    model = build_model("mnist")
+    keys = set(model.state_dict())
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(55.67e6, rel=1e-3)
+    assert len(keys) == 390
+    missing = [k for k in MNIST_KEYS if k not in keys]
+    assert not missing, missing
+    counts = {
+        t: sum(isinstance(m, t) for m in model.modules())
+        for t in (nn.Conv2d, nn.Linear, nn.Conv1d, nn.GroupNorm)
+    }
+    assert counts == {nn.Conv2d: 75, nn.Linear: 31, nn.Conv1d: 20, nn.GroupNorm: 69}
+    assert all(m.kernel_size == (1,) for m in model.modules() if isinstance(m, nn.Conv1d))
+
+
+def test_configs():
+    assert {"mnist", "cifar10", "imagenet64", "tiny", "digits"} <= set(config_names())
+    cfg = unet_config("imagenet64")
+    assert cfg["num_classes"] == 1000 and cfg["resblock_updown"] and cfg["model_channels"] == 192
+    cfg["model_channels"] = 1
+    assert unet_config("imagenet64")["model_channels"] == 192  # a copy
+    with pytest.raises(ValueError, match="valid: .*mnist"):
+        unet_config("nope")
+
+
+def test_class_conditional_and_resblock_updown():
+    model = _randomize(_tiny(num_classes=10, resblock_updown=True, num_head_channels=32)).eval()
+    assert model.label_emb.weight.shape == (11, 128)  # +1 null label
+    x, t = torch.randn(2, 1, 16, 16), torch.rand(2)
+    y0 = model(x, t, {"label": torch.tensor([0, 1])})
+    y1 = model(x, t, {"label": torch.tensor([2, 3])})
+    assert y0.shape == x.shape and not torch.allclose(y0, y1)
+    with pytest.raises(ValueError, match="label"):
+        model(x, t)
+
+
+def test_attention_orders_agree_for_one_head():
+    a = _randomize(_tiny(use_new_attention_order=True)).eval()
+    b = _tiny(use_new_attention_order=False).eval()
+    b.load_state_dict(a.state_dict())
+    x, t = torch.randn(2, 1, 16, 16), torch.rand(2)
+    torch.testing.assert_close(a(x, t), b(x, t))
+
+
+def test_checkpoint_plain_and_ema_layout(tmp_path):
+    src = _randomize(_tiny())
+    ema_src = _randomize(_tiny())
+    # The examples' EMA layout: raw weights under model.*, shadows by parameter index.
+    state = {f"model.{k}": v for k, v in src.state_dict().items()}
+    for i, p in enumerate(ema_src.parameters()):
+        state[f"shadow_params.{i}"] = p.detach().clone()
+    state["num_updates"] = torch.tensor(7)
+    ckpt = {"model": state, "epoch": 3}
+
+    x, t = torch.randn(2, 1, 16, 16), torch.rand(2)
+    dst = load_fm_checkpoint(ckpt, _tiny(), use_ema=True).eval()
+    torch.testing.assert_close(dst(x, t), ema_src.eval()(x, t))
+    dst = load_fm_checkpoint(ckpt, _tiny(), use_ema=False).eval()
+    torch.testing.assert_close(dst(x, t), src.eval()(x, t))
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_file(src.state_dict(), str(path))
+    torch.testing.assert_close(load_fm_checkpoint(path, _tiny()).eval()(x, t), src(x, t))
+    pt = tmp_path / "m.pt"
+    torch.save(ckpt, pt)
+    torch.testing.assert_close(load_fm_checkpoint(pt, _tiny()).eval()(x, t), ema_src(x, t))
+
+
+def test_checkpoint_wrong_architecture():
+    state = build_model("digits").state_dict()
+    with pytest.raises(ValueError, match="missing keys .*unexpected keys"):
+        load_fm_checkpoint(state, _tiny())
+    with pytest.raises(ValueError, match="shape mismatches .*input_blocks.0.0.weight"):
+        load_fm_checkpoint(_tiny(in_channels=3).state_dict(), _tiny())
+    with pytest.raises(FileNotFoundError):
+        load_fm_checkpoint("/nonexistent/x.safetensors", _tiny())
+
+
+def test_demo_model_loads():
+    from otq_kernels.models import demo_model_metadata, demo_model_path, load_demo_model
+
+    if not demo_model_path().exists():
+        pytest.skip("demo asset not built")
+    model = load_demo_model()
+    meta = demo_model_metadata()
+    assert meta["config"] == "digits" and float(meta["final_loss"]) > 0
+    y = model(torch.randn(2, 1, 16, 16), torch.rand(2))
+    assert y.shape == (2, 1, 16, 16) and torch.isfinite(y).all()

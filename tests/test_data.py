@@ -1,0 +1,56 @@
+"""Bundled and local-path data sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from otq_kernels import data
+
+
+def test_digits():
+    pytest.importorskip("sklearn")
+    x, y = data.load_digits(16, return_labels=True)
+    assert x.shape == (1797, 1, 16, 16) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and y.shape == (1797,)
+    assert data.load_digits(28).shape[-1] == 28
+
+
+def test_image_patches():
+    pytest.importorskip("skimage")
+    x = data.load_image_patches(size=32, n=8, seed=0)
+    assert x.shape == (8, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
+    torch.testing.assert_close(x, data.load_image_patches(size=32, n=8, seed=0))
+
+
+def test_local_loaders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        data.load_mnist(tmp_path / "missing")
+    imgs = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=imgs,
+        y_train=np.arange(5),
+        x_test=imgs[:2],
+        y_test=np.arange(2),
+    )
+    x, y = data.load_mnist(tmp_path / "mnist.npz", return_labels=True)
+    assert x.shape == (5, 1, 28, 28) and y.tolist() == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(x[:, 0], torch.from_numpy(imgs / 127.5 - 1).float())
+    # IDX layout
+    (tmp_path / "idx").mkdir()
+    header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (5, 28, 28))
+    (tmp_path / "idx/t10k-images-idx3-ubyte").write_bytes(header + imgs.tobytes())
+    lab = bytes([0, 0, 8, 1]) + (5).to_bytes(4, "big") + bytes(range(5))
+    (tmp_path / "idx/t10k-labels-idx1-ubyte").write_bytes(lab)
+    x2 = data.load_mnist(tmp_path / "idx", split="test", size=16)
+    assert x2.shape == (5, 1, 16, 16)
+    # CIFAR-10 binary layout
+    rec = np.random.default_rng(1).integers(0, 256, (4, 3073), dtype=np.uint8)
+    rec[:, 0] = [3, 1, 4, 1]
+    rec.tofile(tmp_path / "test_batch.bin")
+    x3, y3 = data.load_cifar10(tmp_path, split="test", return_labels=True)
+    assert x3.shape == (4, 3, 32, 32) and y3.tolist() == [3, 1, 4, 1]
+    with pytest.raises(FileNotFoundError):
+        data.load_cifar10(tmp_path, split="train")

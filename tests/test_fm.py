@@ -1,0 +1,128 @@
+"""Flow Matching glue: noise, sampling with flow_matching's ODESolver, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("flow_matching")
+
+from otq_kernels import fm  # noqa: E402
+from otq_kernels.models import build_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny CPU models run far faster single-threaded on shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    model = build_model("tiny", **kw)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def test_make_noise_is_reproducible():
+    a = fm.make_noise((2, 1, 16, 16), seed=3)
+    torch.testing.assert_close(a, fm.make_noise((2, 1, 16, 16), seed=3), rtol=0, atol=0)
+    assert not torch.equal(a, fm.make_noise((2, 1, 16, 16), seed=4))
+    assert fm.make_noise((1, 4), seed=0, dtype=torch.float64).dtype == torch.float64
+
+
+def test_velocity_wrapper_broadcasts_time():
+    model = _model()
+    x = torch.randn(3, 1, 16, 16)
+    v = fm.VelocityWrapper(model)(x=x, t=torch.tensor(0.3))
+    torch.testing.assert_close(v, model(x, torch.full((3,), 0.3)))
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun2", "dopri5"])
+def test_sample_methods_deterministic(method):
+    model = _model()
+    x0 = fm.make_noise((2, 1, 16, 16), seed=0)
+    kw = dict(steps=4, method=method, atol=1e-3, rtol=1e-3)
+    a = fm.sample(model, x0, **kw)
+    b = fm.sample(model, x0.clone(), **kw)
+    assert a.shape == x0.shape and torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, x0)
+
+
+def test_sample_euler_matches_manual_loop():
+    model = _model()
+    x = x0 = fm.make_noise((2, 1, 16, 16), seed=5)
+    with torch.no_grad():
+        for i in range(3):
+            x = x + model(x, torch.full((2,), i / 3)) / 3
+    torch.testing.assert_close(fm.sample(model, x0, steps=3), x, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_intermediates_labels_and_errors():
+    model = _model()
+    x0 = fm.make_noise((2, 1, 16, 16), seed=0)
+    traj = fm.sample(model, x0, steps=2, return_intermediates=True)
+    assert traj.shape == (3, 2, 1, 16, 16)
+    torch.testing.assert_close(traj[0], x0)
+    cond = _model(num_classes=3)
+    y = fm.sample(cond, x0, steps=2, label=torch.tensor([0, 2]), cfg_scale=0.5)
+    assert y.shape == x0.shape
+    with pytest.raises(ValueError, match="unknown method"):
+        fm.sample(model, x0, method="leapfrog")
+    model.train()
+    fm.sample(model, x0, steps=1)
+    assert model.training  # mode restored
+
+
+def test_train_reduces_loss():
+    from otq_kernels.data import load_digits
+
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    data = load_digits(8)[:256]
+    losses = fm.train(model, data, steps=30, batch_size=16, lr=2e-3, seed=0, warmup=5)
+    assert len(losses) == 30 and not model.training
+    assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:4]) / 4
+
+
+def test_train_ema_and_labels_deterministic():
+    data = torch.rand(16, 1, 16, 16) * 2 - 1
+    labels = torch.arange(16) % 3
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = build_model("tiny", num_classes=3)
+        runs.append(
+            fm.train(
+                model,
+                data,
+                steps=2,
+                batch_size=4,
+                seed=1,
+                labels=labels,
+                ema_decay=0.9,
+                schedule="cosine",
+            )
+        )
+    assert runs[0] == runs[1]
+
+
+def test_lazy_imports():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, otq_kernels.fm, otq_kernels.models, otq_kernels.data, "
+        "otq_kernels.metrics.fidelity, otq_kernels.metrics.latent; "
+        "bad = [m for m in ('flow_matching', 'torchmetrics', 'sklearn', 'skimage') "
+        "if m in sys.modules]; assert not bad, bad"
+    )
+    root = __file__.rsplit("/tests/", 1)[0]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
