@@ -3,8 +3,10 @@
 Nothing here touches a GPU, compiles or allocates at import time.
 """
 
-from . import ops
+from . import nn, ops
+from .checkpoint import load_quantized, save_quantized
 from .format import QuantizedTensor, pack_codes, plane_widths, unpack_codes
+from .nn import quantize_model
 from .quantizers import METHODS, fake_quantize, fake_quantize_state_dict, fit_codebook
 
 __version__ = "0.1.0"
@@ -15,8 +17,12 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_state_dict",
     "fit_codebook",
+    "load_quantized",
+    "nn",
     "ops",
     "pack_codes",
     "plane_widths",
+    "quantize_model",
+    "save_quantized",
     "unpack_codes",
 ]

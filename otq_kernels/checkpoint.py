@@ -1,0 +1,276 @@
+"""Save and load quantized models as safetensors (never pickle).
+
+File layout (format ``otq_kernels.quantized``, version 1):
+
+* tensors: the quantized model's full ``state_dict()``: for each quantized layer
+  ``<layer>.plane<i>`` (int32 bit planes, DESIGN §2), ``<layer>.codebook`` (float32
+  [G, 2**bits]) and ``<layer>.bias``; every other parameter and buffer under its own name;
+* metadata (strings): ``format``, ``format_version``, ``otq_version``, ``layers`` (JSON:
+  ``{name: {type, bits, method, granularity, shape, bias, stats}}``), ``kept_float`` (JSON:
+  ``{name: reason}``) and ``user`` (JSON: whatever the caller passed, e.g. the model config).
+
+:func:`load_quantized` loads into a *float* skeleton of the same architecture (or an
+already-quantized one), swapping the listed layers to Quant* modules. Everything is
+validated before the model is touched; problems raise ValueError naming the layer or key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+from .format import GRANULARITIES, QuantizedTensor, check_bits, plane_widths
+from .nn import QuantConv1d, QuantConv2d, QuantLinear, _QuantModule, quantization_summary
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "load_quantized", "read_metadata", "save_quantized"]
+
+FORMAT = "otq_kernels.quantized"
+FORMAT_VERSION = 1
+QUANT_CLASSES = {c.__name__: c for c in (QuantLinear, QuantConv1d, QuantConv2d)}
+
+
+# ----------------------------------------------------------------------------- save
+def _layer_meta(module: _QuantModule) -> dict:
+    stats = {k: (None if isinstance(v, float) and math.isinf(v) else v)
+             for k, v in module.stats.items()}
+    return {"type": type(module).__name__, "bits": module.bits, "method": module.method,
+            "granularity": module.granularity, "shape": list(module.weight_shape),
+            "bias": module.bias is not None, "stats": stats}
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None):
+    """Write ``model`` (after :func:`otq_kernels.quantize_model`) to a safetensors file.
+
+    metadata: optional JSON-serialisable dict stored under ``user`` (e.g. the config
+    needed to rebuild the float skeleton). Returns the path.
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    layers = {name: _layer_meta(m) for name, m in model.named_modules()
+              if isinstance(m, _QuantModule)}
+    if not layers:
+        raise ValueError("model has no quantized layers; call otq.quantize_model first")
+    if "" in layers:
+        raise ValueError("the root module itself is quantized; wrap it in nn.Sequential")
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "otq_version": __version__,
+        "layers": json.dumps(layers),
+        "kept_float": json.dumps(getattr(model, "_otq_reasons", {})),
+        "user": json.dumps(metadata or {}),
+    }
+    save_file(tensors, os.fspath(path), metadata=meta)
+    return path
+
+
+# ----------------------------------------------------------------------------- read
+def _open(path) -> tuple[dict, dict]:
+    """(metadata strings, tensors) of a safetensors file; ValueError if it is not one."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types (header, truncation)
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                         f"{err}") from None
+    return meta, tensors
+
+
+def _json(meta: dict, key: str, path) -> dict:
+    try:
+        value = json.loads(meta.get(key, "{}"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: metadata {key!r} must be a JSON object")
+    return value
+
+
+def _check_format(meta: dict, path) -> None:
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an otq_kernels quantized checkpoint (metadata 'format' "
+                         f"is {meta.get('format')!r}, expected {FORMAT!r})")
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise ValueError(f"{path}: unknown format_version {version!r} (this otq_kernels reads "
+                         f"version {FORMAT_VERSION}); upgrade otq_kernels")
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """Parsed metadata of a quantized checkpoint: format, version, layers, kept_float, user."""
+    meta, _ = _open(path)
+    _check_format(meta, path)
+    return {"format": meta["format"], "format_version": int(meta["format_version"]),
+            "otq_version": meta.get("otq_version"), "layers": _json(meta, "layers", path),
+            "kept_float": _json(meta, "kept_float", path), "user": _json(meta, "user", path)}
+
+
+# ----------------------------------------------------------------------------- load
+def _check_entry(name: str, entry) -> type[_QuantModule]:
+    """Validate one ``layers`` entry; returns the Quant* class."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"layer {name!r}: metadata entry must be an object")
+    cls = QUANT_CLASSES.get(entry.get("type"))
+    if cls is None:
+        raise ValueError(f"layer {name!r}: unknown layer type {entry.get('type')!r}")
+    try:
+        check_bits(entry.get("bits"))
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err}") from None
+    if entry.get("granularity") not in GRANULARITIES:
+        raise ValueError(f"layer {name!r}: bad granularity {entry.get('granularity')!r}")
+    shape = entry.get("shape")
+    ndim = {QuantLinear: 2, QuantConv1d: 3, QuantConv2d: 4}[cls]
+    if (not isinstance(shape, list) or len(shape) != ndim
+            or not all(isinstance(s, int) and s > 0 for s in shape)):
+        raise ValueError(f"layer {name!r}: shape {shape!r} is not a valid {ndim}-D weight shape")
+    return cls
+
+
+def _target(model: nn.Module, name: str, cls: type[_QuantModule], entry: dict) -> nn.Module:
+    """The skeleton's module called ``name``, checked for type, weight shape and bias."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"layer {name!r} from the checkpoint is missing in the model") from None
+    if isinstance(module, cls):
+        shape = list(module.weight_shape)
+    elif isinstance(module, cls.FLOAT_TYPE):
+        shape = list(module.weight.shape)
+    else:
+        raise ValueError(f"layer {name!r}: checkpoint has {entry['type']} but the model has "
+                         f"{type(module).__name__} (expected {cls.FLOAT_TYPE.__name__})")
+    if shape != entry["shape"]:
+        raise ValueError(f"layer {name!r}: weight shape {entry['shape']} in the checkpoint, "
+                         f"{shape} in the model")
+    if (module.bias is not None) != bool(entry.get("bias")):
+        raise ValueError(f"layer {name!r}: bias presence differs between checkpoint and model")
+    return module
+
+
+def _tensor(tensors: dict, key: str, dtype: torch.dtype) -> torch.Tensor:
+    if key not in tensors:
+        raise ValueError(f"tensor {key!r} is missing from the checkpoint")
+    t = tensors[key]
+    if t.dtype != dtype:
+        raise ValueError(f"tensor {key!r} has dtype {t.dtype}, expected {dtype}")
+    return t
+
+
+def _quantized_tensor(name: str, entry: dict, tensors: dict) -> QuantizedTensor:
+    """Rebuild the layer's QuantizedTensor, validating plane/codebook shapes and dtypes."""
+    planes = [_tensor(tensors, f"{name}.plane{i}", torch.int32)
+              for i in range(len(plane_widths(entry["bits"])))]
+    extra = f"{name}.plane{len(planes)}"
+    if extra in tensors:
+        raise ValueError(f"tensor {extra!r}: too many bit planes for bits={entry['bits']}")
+    codebook = _tensor(tensors, f"{name}.codebook", torch.float32)
+    if not bool(torch.isfinite(codebook).all()):
+        raise ValueError(f"tensor {name + '.codebook'!r} contains NaN/Inf")
+    try:
+        return QuantizedTensor(planes, codebook, entry["bits"], tuple(entry["shape"]),
+                               entry["granularity"], str(entry.get("method", "unknown")))
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: tensors inconsistent with bits={entry['bits']}, "
+                         f"shape={entry['shape']}: {err}") from None
+
+
+def _build(module: nn.Module, cls, qt: QuantizedTensor, bias, entry: dict, backend: str):
+    kwargs = {} if cls is QuantLinear else cls._conv_cfg(module)
+    layer = cls(qt, bias, module.backend if isinstance(module, _QuantModule) else backend,
+                **kwargs)
+    layer.stats = {k: (math.inf if v is None else v)
+                   for k, v in (entry.get("stats") or {}).items()}
+    return layer
+
+
+def _bias(name: str, entry: dict, tensors: dict) -> torch.Tensor | None:
+    if not entry.get("bias"):
+        return None
+    key = f"{name}.bias"
+    if key not in tensors:
+        raise ValueError(f"tensor {key!r} is missing from the checkpoint")
+    bias = tensors[key]
+    if not bias.is_floating_point() or list(bias.shape) != entry["shape"][:1]:
+        raise ValueError(f"tensor {key!r} must be float {entry['shape'][:1]}, got "
+                         f"{bias.dtype} {list(bias.shape)}")
+    return bias
+
+
+def _expected_state(model: nn.Module, swaps: list) -> dict:
+    """The model's state dict as it will be after the swaps (without touching the model)."""
+    own = model.state_dict()
+    for name, layer in swaps:
+        own = {k: v for k, v in own.items() if not k.startswith(name + ".")}
+        own.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
+    return own
+
+
+def _check_rest(own: dict, tensors: dict, path) -> None:
+    """Key sets equal; every tensor's shape equal and dtype kind compatible."""
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model: missing keys "
+                         f"{missing[:8]}, unexpected keys {unexpected[:8]}")
+    for key, value in own.items():
+        t = tensors[key]
+        if tuple(t.shape) != tuple(value.shape):
+            raise ValueError(f"tensor {key!r} has shape {list(t.shape)}, the model expects "
+                             f"{list(value.shape)}")
+        if t.is_floating_point() != value.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"tensor {key!r} has dtype {t.dtype}, the model expects "
+                             f"{value.dtype}")
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "auto",
+                   device=None) -> nn.Module:
+    """Load a :func:`save_quantized` file into ``model`` (a float skeleton), in place.
+
+    The layers listed in the file are swapped for Quant* modules (using ``backend``), then
+    every tensor is loaded strictly. ``device``: where to put the weights (default: the
+    model's; the model is moved there). Returns ``model`` with ``model.otq_summary``.
+    Raises ValueError naming the layer or key for a corrupt/truncated file, an unknown
+    format version, tensors whose shapes/dtypes disagree with the metadata, or a model of
+    another architecture; the model is only modified once everything has been validated.
+    """
+    meta, tensors = _open(path)
+    _check_format(meta, path)
+    layers = _json(meta, "layers", path)
+    device = torch.device(device) if device is not None else _device(model)
+    swaps = []
+    for name, entry in layers.items():
+        cls = _check_entry(name, entry)
+        if not name:
+            raise ValueError(f"{path}: layer name '' (the root module) cannot be swapped")
+        module = _target(model, name, cls, entry)
+        qt = _quantized_tensor(name, entry, tensors)
+        bias = _bias(name, entry, tensors)
+        swaps.append((name, _build(module, cls, qt, bias, entry, backend)))
+    _check_rest(_expected_state(model, swaps), tensors, path)
+    for name, layer in swaps:  # everything validated: now mutate the model
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    model.to(device)
+    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
+    model._otq_reasons = _json(meta, "kept_float", path)
+    model.otq_summary = quantization_summary(model)
+    return model

@@ -1,0 +1,358 @@
+"""The ``otq`` command: quantize | sample | eval | bench | demo.
+
+    otq quantize -o model_q4.safetensors --bits 4 --method ot     # the bundled demo model
+    otq quantize --checkpoint fp.safetensors --config mnist -o q.safetensors \\
+        --override 'input_blocks.0.*=8' --override 'out.2=8'
+    otq sample --checkpoint model_q4.safetensors --n 64 --steps 20 -o samples.png
+    otq eval --bits 2 3 4 8 --methods ot uniform --out-dir eval_out
+    otq bench linear --smoke
+    otq demo
+
+Models: the bundled demo model by default; ``--checkpoint`` takes a float checkpoint
+(.safetensors, or .pt/.pth read with weights_only) plus ``--config`` (a UNet config name,
+unless the file's metadata has ``config_kwargs``), or a quantized file written by
+``otq quantize`` (its metadata knows the architecture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from .quantizers import METHODS
+
+SOLVERS = ("euler", "midpoint", "heun2", "rk4", "dopri5")
+
+
+# ----------------------------------------------------------------------------- models
+def _file_metadata(path: str) -> dict:
+    """safetensors metadata ({} for other files)."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as err:
+        raise SystemExit(f"otq: cannot read {path}: {err}") from None
+
+
+def _config_kwargs(name: str | None, meta_kwargs) -> tuple[str, dict]:
+    from .models import unet_config
+
+    if name:
+        return name, unet_config(name)
+    if meta_kwargs:
+        kwargs = json.loads(meta_kwargs) if isinstance(meta_kwargs, str) else meta_kwargs
+        return "from checkpoint metadata", kwargs
+    raise SystemExit("otq: this checkpoint does not record its architecture; pass --config "
+                     "(one of the UNet config names, e.g. mnist, cifar10, digits, tiny)")
+
+
+def load_model(args) -> tuple:
+    """(model, info) from --checkpoint / --config / --random-init; info has config,
+    config_kwargs, image_size, source, quantized."""
+    from .checkpoint import FORMAT, load_quantized
+    from .models import (
+        IMAGE_SIZES,
+        UNetModel,
+        demo_model_metadata,
+        load_demo_model,
+        load_fm_checkpoint,
+    )
+
+    random_init = getattr(args, "random_init", None)
+    ckpt = getattr(args, "checkpoint", None)
+    info = {"quantized": False}
+    if random_init:
+        from .demo import random_model
+        from .models import unet_config
+
+        model = random_model(random_init, seed=0)
+        info.update(config=random_init, config_kwargs=unet_config(random_init),
+                    source=f"random init ({random_init})")
+    elif ckpt is None:
+        model = load_demo_model()
+        meta = demo_model_metadata()
+        info.update(config=meta.get("config", "digits"), config_kwargs=meta.get("config_kwargs"),
+                    source="bundled demo model")
+    else:
+        meta = _file_metadata(ckpt)
+        if meta.get("format") == FORMAT:
+            user = json.loads(meta.get("user", "{}"))
+            name, kwargs = _config_kwargs(args.config, user.get("config_kwargs"))
+            model = load_quantized(ckpt, UNetModel(**kwargs).eval())
+            info.update(quantized=True, image_size=user.get("image_size"),
+                        config=user.get("config", name))
+        else:
+            name, kwargs = _config_kwargs(args.config, meta.get("config_kwargs"))
+            model = load_fm_checkpoint(ckpt, UNetModel(**kwargs)).eval()
+            info.update(config=meta.get("config", name))
+        info.update(config_kwargs=kwargs, source=str(ckpt))
+    size = (getattr(args, "image_size", None) or info.get("image_size")
+            or IMAGE_SIZES.get(info.get("config"), 16))
+    info["image_size"] = int(size)
+    return model.to(_device(args)).eval(), info
+
+
+def _device(args):
+    import torch
+
+    name = getattr(args, "device", "auto") or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _add_model_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help=f"{what} (default: the bundled digits demo model)")
+    p.add_argument("--config", default=None,
+                   help="UNet config name for a float checkpoint without config metadata "
+                        "(mnist, cifar10, imagenet64, digits, tiny)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="sample resolution (default: from the config / checkpoint)")
+    p.add_argument("--random-init", default=None, help=argparse.SUPPRESS)  # tests, dry runs
+    _device_arg(p)
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, ... (default auto: cuda when available)")
+
+
+# ----------------------------------------------------------------------------- quantize
+def _parse_override(text: str) -> tuple[str, dict]:
+    """'PATTERN=BITS[:METHOD[:GRANULARITY]]' -> (pattern, options)."""
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"override {text!r} must be PATTERN=BITS[:METHOD]")
+    parts = spec.split(":")
+    try:
+        opts: dict = {"bits": int(parts[0])}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"override {text!r}: bits must be an integer") from None
+    if len(parts) > 1 and parts[1]:
+        opts["method"] = parts[1]
+    if len(parts) > 2 and parts[2]:
+        opts["granularity"] = parts[2]
+    return pattern, opts
+
+
+def cmd_quantize(args) -> int:
+    from .checkpoint import save_quantized
+    from .nn import format_summary, quantize_model
+
+    model, info = load_model(args)
+    if info["quantized"]:
+        raise SystemExit("otq quantize: the checkpoint is already quantized")
+    overrides = dict(args.override or [])
+    quantize_model(model, bits=args.bits, method=args.method, granularity=args.granularity,
+                   include=args.include, exclude=args.exclude, backend=args.backend,
+                   overrides=overrides, progress=not args.quiet)
+    print(format_summary(model.otq_summary))
+    meta = {"config": info["config"], "config_kwargs": info["config_kwargs"],
+            "image_size": info["image_size"], "source": info["source"],
+            "command": "otq " + shlex.join(sys.argv[1:]) if sys.argv else "otq quantize"}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_quantized(model, out, metadata=meta)
+    print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KB)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- sample
+def cmd_sample(args) -> int:
+    from . import fm
+    from .demo import image_shape, save_grid
+
+    model, info = load_model(args)
+    x0 = fm.make_noise((args.n, *image_shape(model, info["image_size"])), args.seed,
+                       device=_device(args))
+    x = fm.sample(model, x0, steps=args.steps, method=args.method)
+    save_grid(x, args.output, nrow=min(args.nrow, args.n))
+    kind = "quantized" if info["quantized"] else "float"
+    print(f"wrote {args.output}: {args.n} samples of the {kind} model ({info['source']}), "
+          f"{args.method} x {args.steps} steps, seed {args.seed}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from .demo import evaluate
+
+    model, info = load_model(args)
+    if info["quantized"]:
+        raise SystemExit("otq eval: give the float model; eval quantizes it at every setting")
+    evaluate(model, bits=args.bits, methods=args.methods, granularity=args.granularity,
+             n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,
+             image_size=info["image_size"], n_real=args.n_real, backend=args.backend,
+             out_dir=args.out_dir, paper_protocol=not args.no_paper_protocol,
+             progress=not args.quiet, meta={"model": info["source"], "config": info["config"]})
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+def _bench_dir() -> Path | None:
+    d = Path(__file__).resolve().parents[1] / "benchmarks"
+    return d if d.is_dir() and any(d.glob("bench_*.py")) else None
+
+
+def cmd_bench(args) -> int:
+    d = _bench_dir()
+    if d is None:
+        print("otq bench: benchmarks/ is not next to this installation (installed from a "
+              "wheel?). Clone the repository and run e.g. `python benchmarks/bench_linear.py "
+              "--smoke` there, or `bash benchmarks/run_smoke.sh`.")
+        return 1
+    available = sorted(p.stem.removeprefix("bench_") for p in d.glob("bench_*.py"))
+    if args.list or not args.subjects:
+        print(f"benchmarks in {d}: {', '.join(available)}\n"
+              "run: otq bench SUBJECT [SUBJECT ...] [--smoke] [-- extra args for the script]")
+        return 0
+    unknown = [s for s in args.subjects if s not in available]
+    if unknown:
+        raise SystemExit(f"otq bench: unknown subject(s) {unknown}; available: {available}")
+    extra = (["--smoke"] if args.smoke else []) + list(args.extra)
+    for subject in args.subjects:
+        cmd = [sys.executable, str(d / f"bench_{subject}.py"), *extra]
+        print("+", shlex.join(cmd), flush=True)
+        rc = subprocess.call(cmd, cwd=d.parent)
+        if rc:
+            return rc
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from .demo import run
+
+    run(out_dir=args.out_dir, bits=args.bits, methods=args.methods, n=args.n,
+        steps=args.steps, solver=args.solver, seed=args.seed, progress=not args.quiet,
+        device=_device(args))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--granularity", default="channel", choices=["channel", "tensor"],
+                   help="one codebook per output channel (default) or per tensor")
+    p.add_argument("--backend", default="auto",
+                   help="forward backend: auto, reference, dequant, triton, cuda, cpu")
+
+
+def _sweep_args(p: argparse.ArgumentParser, steps: int) -> None:
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8],
+                   help="bit widths to sweep (default 2 3 4 8)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   metavar="METHOD",
+                   help=f"quantizers to sweep (default all: {', '.join(METHODS)})")
+    p.add_argument("--n", type=int, default=16, help="samples per setting (default 16)")
+    p.add_argument("--steps", type=int, default=steps, help=f"ODE steps (default {steps})")
+    p.add_argument("--solver", default="euler", choices=SOLVERS, help="ODE solver (default euler)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (same noise for every model)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 avoids OpenMP "
+                        "oversubscription on a busy machine)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="otq", description="Low-bit codebook (OT) quantization of Flow Matching models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quantize", help="quantize a model to a safetensors file",
+                       description="Quantize every Linear/Conv1d/Conv2d and save the packed "
+                                   "model (safetensors); prints the per-layer summary.")
+    _add_model_args(p, "float checkpoint to quantize")
+    p.add_argument("-o", "--output", default="model_quantized.safetensors",
+                   help="output file (default model_quantized.safetensors)")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight code, 2..8 (default 4)")
+    p.add_argument("--method", default="ot", choices=METHODS, help="quantizer (default ot)")
+    _quant_args(p)
+    p.add_argument("--include", nargs="+", default=None, metavar="PATTERN",
+                   help="only layers whose name matches one of these fnmatch patterns")
+    p.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN",
+                   help="keep layers matching these fnmatch patterns in float")
+    p.add_argument("--override", type=_parse_override, action="append", metavar="PAT=BITS[:M]",
+                   help="per-layer bits (and method), e.g. --override 'out.2=8' (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("sample", help="PNG grid of samples from a float or quantized model",
+                       description="Integrate the FM ODE from seeded noise and save a grid.")
+    _add_model_args(p, "float or quantized (otq quantize) checkpoint")
+    p.add_argument("-o", "--output", default="samples.png", help="PNG path (default samples.png)")
+    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--steps", type=int, default=20, help="ODE steps (default 20)")
+    p.add_argument("--method", default="midpoint", choices=SOLVERS,
+                   help="ODE solver (default midpoint)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--nrow", type=int, default=8, help="images per grid row (default 8)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="fidelity over bits x methods -> JSON, table, plots",
+                       description="Quantize a float model at every bits x method setting and "
+                                   "compare each with the FP model on the same noise: paired "
+                                   "PSNR/SSIM and pixel W2 of the samples, the paper's velocity "
+                                   "PSNR/SSIM at t=0, the latent-variance probe, FID (only if "
+                                   "available offline), bits/weight and bytes.")
+    _add_model_args(p, "float checkpoint to evaluate")
+    _sweep_args(p, steps=8)
+    _quant_args(p)
+    p.add_argument("--n-real", type=int, default=64,
+                   help="real images for the paper protocol and latent probe (default 64)")
+    p.add_argument("--no-paper-protocol", action="store_true",
+                   help="skip the t=0 velocity PSNR/SSIM and the latent probe")
+    p.add_argument("--out-dir", default="eval_out", help="output directory (default eval_out)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="run the benchmark scripts of a repository checkout",
+                       description="Thin wrapper over benchmarks/bench_<subject>.py; "
+                                   "arguments after `--` are passed to the scripts, e.g. "
+                                   "otq bench linear --smoke -- --bits 4")
+    p.add_argument("subjects", nargs="*", help="e.g. linear conv fit e2e wasserstein")
+    p.add_argument("--list", action="store_true", help="list the available subjects")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU-friendly run")
+    p.set_defaults(extra=[])  # everything after `--` (split off in main) goes to the scripts
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the demo: bundled model at 2/3/4/8 bits, all methods",
+                       description="Quantize the bundled digits FM model with every method at "
+                                   "2, 3, 4 and 8 bits, sample the same noise, print the "
+                                   "fidelity + size table and write plots and grids.")
+    _sweep_args(p, steps=8)
+    _device_arg(p)
+    p.add_argument("--out-dir", default="demo_out", help="output directory (default demo_out)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``otq`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"arguments after '--' are only accepted by `otq bench`: {extra}")
+    args.extra = extra
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

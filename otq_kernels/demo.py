@@ -1,0 +1,464 @@
+"""The demo and the evaluation engine behind ``otq eval`` / ``otq demo``.
+
+:func:`evaluate` quantizes one float FM model at every (bits, method) setting, samples
+the *same* noise with the FP model and each quantized one, and scores each setting:
+
+* end-to-end paired fidelity of the samples: PSNR / SSIM (torchmetrics) and the exact
+  per-pair pixel W2 (``metrics.wasserstein.paired_pixel_w2``, κ-bounds above 32 px);
+* the paper's protocol: PSNR / SSIM of the velocities at t = 0 on real images in [0, 1]
+  (``metrics.fidelity.paper_velocity_psnr_ssim``), and the latent-variance probe
+  (PCA(20) of the bottleneck at t = 0, ``metrics.latent``);
+* FID only when torch-fidelity and the Inception weights are on disk (else "unavailable"
+  with the reason, never a number);
+* size: bits per weight of the quantized layers (codebooks included) and model bytes.
+
+It writes ``results.json``, ``table.txt``, plots (fidelity vs bits per method, PSNR vs
+model size) and sample grids into ``out_dir``. :func:`run` is ``otq demo``: the bundled
+digits model at 2, 3, 4, 8 bits with all five methods.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .nn import quantization_summary, quantize_model
+from .quantizers import METHODS
+
+DEMO_BITS = (2, 3, 4, 8)
+DEFAULT_OUT = "demo_out"
+
+
+# ----------------------------------------------------------------------------- models
+def random_model(config: str = "tiny", seed: int = 0) -> nn.Module:
+    """A randomly initialised UNet of ``config`` whose zero-initialised layers get small
+    random weights (so its outputs depend on every layer). For tests and dry runs."""
+    from .models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not bool(p.any()):
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def image_shape(model: nn.Module, size: int) -> tuple[int, int, int]:
+    """(C, H, W) of the model's samples."""
+    return (int(getattr(model, "in_channels", 1)), size, size)
+
+
+def real_images(shape: tuple[int, int, int], n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """n real images [n, C, H, W] in [0, 1] for the paper protocol, and their description.
+
+    Bundled data only: scikit-learn digits for 1 channel, scikit-image patches otherwise
+    (gray repeated to C channels).
+    """
+    from .data import load_digits, load_image_patches
+
+    c, h, _ = shape
+    if c == 1:
+        x = load_digits(size=h)
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+        return (x[idx] + 1) / 2, f"sklearn digits upscaled to {h}x{h} ({min(n, len(x))} images)"
+    x = load_image_patches(size=h, n=n, seed=seed)
+    return ((x + 1) / 2).repeat(1, c, 1, 1), f"scikit-image gray patches x{c} channels ({n})"
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+def _pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------------------- scoring
+def _finite(v):
+    """JSON-safe float: inf/nan become strings."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
+    return v
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    return _finite(obj)
+
+
+def size_stats(model: nn.Module) -> dict:
+    """Model size: bytes as stored, fp32/fp16 sizes, bits/weight (quantized layers only,
+    codebooks included) and overall."""
+    s = quantization_summary(model)
+    q = s.quantized
+    numel = sum(math.prod(r.shape) for r in q)
+    return {
+        "model_bytes": s.bytes_after, "fp32_bytes": s.bytes_fp32, "fp16_bytes": s.bytes_fp16,
+        "quantized_layers": len(q), "kept_float_layers": len(s.kept_float),
+        "layer_bits_per_weight": 8.0 * sum(r.nbytes for r in q) / numel if numel else 32.0,
+        "model_bits_per_weight": s.model_bits_per_weight,
+        "mean_sqnr_db": _mean([r.sqnr_db for r in q if r.sqnr_db is not None
+                               and math.isfinite(r.sqnr_db)]),
+    }
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+@torch.no_grad()
+def velocity_and_latent(model: nn.Module, images: torch.Tensor, t: float = 0.0):
+    """One forward at time t on ``images`` [B, C, H, W] in [0, 1]: (velocity [B, C, H, W],
+    latent-variance probe dict) — the probe is PCA(20) of the bottleneck (``middle_block``)
+    activations captured by a hook during the same forward."""
+    from .metrics.latent import COLLAPSE_THRESHOLD, pca_variances
+
+    captured = []
+    block = getattr(model, "middle_block", None)
+    handle = None if block is None else block.register_forward_hook(
+        lambda _m, _i, out: captured.append(out.detach().float().flatten(1).cpu()))
+    try:
+        v = model(images, torch.full((images.shape[0],), float(t), device=images.device)).float()
+    finally:
+        if handle is not None:
+            handle.remove()
+    if not captured:
+        return v, None
+    var = pca_variances(captured[0])
+    return v, {"mean": var.mean().item(), "std": var.std(unbiased=False).item(),
+               "collapsed": int((var < COLLAPSE_THRESHOLD).sum()), "dim": captured[0].shape[1],
+               "n": captured[0].shape[0]}
+
+
+def paper_protocol(v_fp: torch.Tensor, v_q: torch.Tensor) -> dict:
+    """The LowBit-HighFid PSNR/SSIM of velocities (same as
+    ``metrics.fidelity.paper_velocity_psnr_ssim``, with the FP velocity computed once):
+    PSNR = 20·log10(1/RMSE) over the batch, SSIM with the 11×11 box window."""
+    from .metrics.fidelity import box_ssim
+
+    rmse = torch.sqrt(torch.mean((v_fp.double() - v_q.double()) ** 2)).item()
+    return {"psnr": math.inf if rmse == 0 else 20 * math.log10(1.0 / rmse),
+            "ssim": box_ssim(v_fp, v_q), "rmse": rmse}
+
+
+def score(fp: dict, q_samples, model_q, real01, fid_reason) -> dict:
+    """Every metric of one setting. fp: {"samples" [B, C, H, W] in [-1, 1], "velocity"
+    (FP velocity at t=0 on real01) or None}; real01: real images in [0, 1] or None."""
+    from .metrics import fidelity
+    from .metrics.wasserstein import paired_pixel_w2
+
+    out = {"samples": fidelity.paired_psnr_ssim(fp["samples"], q_samples)}
+    w2 = paired_pixel_w2(fp["samples"], q_samples)
+    w = w2["upper"].clamp_min(0).sqrt()
+    out["pixel_w2"] = {"method": w2["method"], "kappa": w2["kappa"], "mean": float(w.mean()),
+                       "max": float(w.max()), "w2sq": w2["upper"].tolist(),
+                       "lower_w2sq": w2["lower"].tolist()}
+    if real01 is not None:
+        v_q, latent = velocity_and_latent(model_q, real01)
+        out["paper_velocity_t0"] = paper_protocol(fp["velocity"], v_q)
+        if latent is not None:
+            out["latent_t0"] = latent
+    out["fid"] = ({"fid": None, "fid_unavailable": fid_reason} if fid_reason
+                  else fidelity.fid(real01 * 2 - 1, q_samples))
+    return out
+
+
+# ----------------------------------------------------------------------------- engine
+def _sample(model, x0, steps, solver):
+    from . import fm
+
+    t = time.perf_counter()
+    with torch.inference_mode():
+        x = fm.sample(model, x0, steps=steps, method=solver)
+    return x, time.perf_counter() - t
+
+
+def evaluate(model: nn.Module, bits=DEMO_BITS, methods=METHODS, granularity: str = "channel",
+             n: int = 16, steps: int = 8, solver: str = "euler", seed: int = 0,
+             image_size: int = 16, n_real: int = 64, backend: str = "auto",
+             out_dir: str | os.PathLike | None = None, paper_protocol: bool = True,
+             progress: bool = True, log=print, meta: dict | None = None) -> dict:
+    """Quantize ``model`` (float, left untouched) at every bits × methods setting and score
+    each against the FP model on the same noise x0 [n, C, S, S] (S = image_size).
+
+    Returns ``{"meta", "fp", "rows": [...]}``; with ``out_dir`` also writes results.json,
+    table.txt, plots and sample grids there.
+    """
+    from tqdm.auto import tqdm
+
+    from . import fm
+    from .metrics import fidelity
+
+    started = time.perf_counter()
+    model = model.eval()
+    device = _device(model)
+    shape = image_shape(model, image_size)
+    x0 = fm.make_noise((n, *shape), seed, device=device)
+    real01, real_desc = real_images(shape, n_real, seed) if paper_protocol else (None, None)
+    real01 = real01.to(device) if real01 is not None else None
+    fid_reason = fidelity.fid_unavailable_reason()
+    if fid_reason is None and real01 is None:
+        fid_reason = "no real images (paper protocol off)"
+    fp_samples, fp_time = _sample(model, x0, steps, solver)
+    fp = {"size": size_stats(model), "sample_seconds": fp_time}
+    ref = {"samples": fp_samples, "velocity": None}
+    if real01 is not None:
+        ref["velocity"], latent = velocity_and_latent(model, real01)
+        if latent is not None:
+            fp["latent_t0"] = latent
+    fp["fid"] = ({"fid": None, "fid_unavailable": fid_reason} if fid_reason
+                 else fidelity.fid(real01 * 2 - 1, fp_samples))
+    settings = [(b, m) for b in bits for m in methods]
+    rows, samples = [], {"fp": fp_samples}
+    bar = tqdm(settings, desc="eval", unit="setting", disable=not progress)
+    for b, m in bar:
+        bar.set_postfix_str(f"{b} bits {m}")
+        t = time.perf_counter()
+        q = quantize_model(copy.deepcopy(model), bits=b, method=m, granularity=granularity,
+                           backend=backend, progress=False)
+        q_time = time.perf_counter() - t
+        q_samples, s_time = _sample(q, x0, steps, solver)
+        row = {"bits": b, "method": m, "granularity": granularity, "size": size_stats(q),
+               "quantize_seconds": q_time, "sample_seconds": s_time}
+        row.update(score(ref, q_samples, q, real01, fid_reason))
+        rows.append(row)
+        samples[f"b{b}_{m}"] = q_samples
+        del q
+    result = {
+        "meta": {**(meta or {}), "n": n, "steps": steps, "solver": solver, "seed": seed,
+                 "image_shape": list(shape), "granularity": granularity, "backend": backend,
+                 "bits": list(bits), "methods": list(methods), "real_images": real_desc,
+                 "fid": "available" if fid_reason is None else f"unavailable: {fid_reason}",
+                 "torch": torch.__version__, "threads": torch.get_num_threads(),
+                 "machine": platform.machine(), "wall_seconds": time.perf_counter() - started},
+        "fp": fp,
+        "rows": rows,
+    }
+    table = format_table(result)
+    log(table)
+    if out_dir is not None:
+        write_outputs(result, samples, table, Path(out_dir), log)
+    return result
+
+
+# ----------------------------------------------------------------------------- output
+def _g(v, spec: str, width: int) -> str:
+    if v is None:
+        return f"{'-':>{width}}"
+    if isinstance(v, str) or (isinstance(v, float) and not math.isfinite(v)):
+        return f"{'inf' if v in ('inf', math.inf) else str(v):>{width}}"
+    return f"{format(v, spec):>{width}}"
+
+
+def format_table(result: dict) -> str:
+    """The fidelity + size table (one line per setting, FP first)."""
+    fp = result["fp"]
+    head = (f"{'bits':>4} {'method':<9} {'bits/w':>7} {'model KB':>9} {'PSNR dB':>8} "
+            f"{'SSIM':>6} {'pix W2':>7} {'vPSNR@0':>8} {'vSSIM@0':>8} {'lat.var':>8} "
+            f"{'FID':>5}")
+    lines = [head, "-" * len(head)]
+    lat = fp.get("latent_t0", {}).get("mean")
+    paper = result["meta"].get("real_images") is not None
+    lines.append(f"{'fp32':>4} {'-':<9} {32.0:>7.2f} {fp['size']['fp32_bytes'] / 1024:>9.1f} "
+                 f"{'inf':>8} {1.0:>6.3f} {0.0:>7.3f} {'inf' if paper else '-':>8} "
+                 f"{_g(1.0 if paper else None, '.3f', 8)} "
+                 f"{_g(lat, '.4f', 8)} {_g(fp['fid'].get('fid'), '.1f', 5)}")
+    for r in result["rows"]:
+        v = r.get("paper_velocity_t0", {})
+        lines.append(
+            f"{r['bits']:>4} {r['method']:<9} {r['size']['layer_bits_per_weight']:>7.2f} "
+            f"{r['size']['model_bytes'] / 1024:>9.1f} {_g(r['samples']['psnr'], '.2f', 8)} "
+            f"{r['samples']['ssim']:>6.3f} {r['pixel_w2']['mean']:>7.3f} "
+            f"{_g(v.get('psnr'), '.2f', 8)} {_g(v.get('ssim'), '.3f', 8)} "
+            f"{_g(r.get('latent_t0', {}).get('mean'), '.4f', 8)} "
+            f"{_g(r['fid'].get('fid'), '.1f', 5)}")
+    m = result["meta"]
+    lines += ["-" * len(head),
+              f"{m['n']} samples, {m['solver']} x {m['steps']} steps, seed {m['seed']}, "
+              f"{m['granularity']} codebooks. bits/w: quantized layers incl. fp32 codebooks; "
+              f"model KB: everything stored.",
+              "PSNR/SSIM/pix W2 (pixels, exact per pair, mean): FP vs quantized samples from "
+              "the same noise. vPSNR/vSSIM@0: paper protocol (velocity at t=0 on real images). "
+              "lat.var: mean PCA(20) variance of the bottleneck at t=0.",
+              f"FID: {m['fid']}"]
+    over = sorted({r["bits"] for r in result["rows"]
+                   if r["size"]["layer_bits_per_weight"] > 32})
+    if over:
+        lines.append(f"Note: at {over} bits the {m['granularity']} codebooks (2^b fp32 entries "
+                     "per row) cost more than the fp32 weights on this model's short rows; "
+                     "use granularity 'tensor' there.")
+    return "\n".join(lines)
+
+
+def grid_image(x: torch.Tensor, nrow: int = 8, pad: int = 1):
+    """Samples [B, C, H, W] in [-1, 1] -> a numpy image grid [rows·(H+pad)+pad, ...(, C)]."""
+    b, c, h, w = x.shape
+    img = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+    rows = -(-b // nrow)
+    grid = torch.ones(rows * (h + pad) + pad, nrow * (w + pad) + pad, c)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y0:y0 + h, x0:x0 + w] = img[i]
+    return (grid[..., 0] if c == 1 else grid).numpy()
+
+
+def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 4) -> None:
+    """Save samples [B, C, H, W] in [-1, 1] as a PNG grid (nearest-upscaled by ``scale``)."""
+    import numpy as np
+
+    plt = _pyplot()
+    g = grid_image(x, nrow)
+    g = np.repeat(np.repeat(g, scale, 0), scale, 1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    plt.imsave(path, g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=1)
+
+
+def _plot_vs_bits(result: dict, panels: list[tuple[str, callable]], path: Path) -> None:
+    plt = _pyplot()
+    rows = result["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, get) in zip(axes.flat, panels, strict=False):
+        for m in methods:
+            pts = [(r["bits"], get(r)) for r in rows if r["method"] == m]
+            pts = [(b, v) for b, v in pts if isinstance(v, (int, float)) and math.isfinite(v)]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=m)
+        ax.set_xlabel("bits")
+        ax.set_title(title)
+        ax.set_xticks(sorted({r["bits"] for r in rows}))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_size(result: dict, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for m in dict.fromkeys(r["method"] for r in result["rows"]):
+        pts = [(r["size"]["model_bytes"] / 1024, r["samples"]["psnr"]) for r in result["rows"]
+               if r["method"] == m and math.isfinite(r["samples"]["psnr"])]
+        if pts:
+            ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=m)
+    ax.axvline(result["fp"]["size"]["fp32_bytes"] / 1024, color="k", ls="--", lw=1,
+               label="fp32 size")
+    ax.axvline(result["fp"]["size"]["fp16_bytes"] / 1024, color="gray", ls=":", lw=1,
+               label="fp16 size")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("model size (KB, log scale)")
+    ax.set_ylabel("paired sample PSNR (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_mosaic(result: dict, samples: dict, path: Path, per_cell: int = 16) -> None:
+    """FP on top, then one row per method and one column per bit width."""
+    plt = _pyplot()
+    bits = list(dict.fromkeys(r["bits"] for r in result["rows"]))
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    nrow = max(1, int(math.sqrt(min(per_cell, len(samples["fp"])))))
+    fig, axes = plt.subplots(len(methods) + 1, len(bits), squeeze=False,
+                             figsize=(2.2 * len(bits), 2.2 * (len(methods) + 1)))
+    for ax in axes.flat:
+        ax.axis("off")
+    cmap = "gray" if samples["fp"].shape[1] == 1 else None
+    axes[0][0].imshow(grid_image(samples["fp"][:per_cell], nrow), cmap=cmap, vmin=0, vmax=1)
+    axes[0][0].set_title("FP (fp32)", fontsize=9)
+    for i, m in enumerate(methods, start=1):
+        for j, b in enumerate(bits):
+            x = samples.get(f"b{b}_{m}")
+            if x is not None:
+                axes[i][j].imshow(grid_image(x[:per_cell], nrow), cmap=cmap, vmin=0, vmax=1)
+                axes[i][j].set_title(f"{m} {b}-bit", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, samples: dict, table: str, out: Path, log=print) -> None:
+    """results.json, table.txt, plots and per-setting sample grids under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
+    (out / "table.txt").write_text(table + "\n")
+    for name, x in samples.items():
+        save_grid(x, out / "samples" / f"{name}.png", nrow=min(8, len(x)))
+    paper = "paper_velocity_t0" in (result["rows"] or [{}])[0]
+    panels = [("paired sample PSNR (dB)", lambda r: r["samples"]["psnr"]),
+              ("paired sample SSIM", lambda r: r["samples"]["ssim"]),
+              ("pixel W2 (px, lower is better)", lambda r: r["pixel_w2"]["mean"])]
+    if paper:
+        panels += [("velocity PSNR @ t=0 (paper)", lambda r: r["paper_velocity_t0"]["psnr"]),
+                   ("velocity SSIM @ t=0 (paper)", lambda r: r["paper_velocity_t0"]["ssim"]),
+                   ("latent variance @ t=0", lambda r: r["latent_t0"]["mean"])]
+    if result["rows"]:
+        _plot_vs_bits(result, panels, out / "fidelity_vs_bits.png")
+        _plot_vs_bits(result, panels[:2], out / "psnr_ssim_vs_bits.png")
+        _plot_size(result, out / "psnr_vs_size.png")
+        _plot_mosaic(result, samples, out / "samples_mosaic.png")
+    log(f"wrote {out}/results.json, table.txt, fidelity_vs_bits.png, psnr_ssim_vs_bits.png, "
+        f"psnr_vs_size.png, samples_mosaic.png and samples/*.png")
+
+
+# ----------------------------------------------------------------------------- demo
+def run(out_dir: str | os.PathLike = DEFAULT_OUT, bits=DEMO_BITS, methods=METHODS,
+        n: int = 16, steps: int = 8, solver: str = "euler", seed: int = 0,
+        model: nn.Module | None = None, progress: bool = True, log=print,
+        device=None) -> dict:
+    """``otq demo``: the bundled digits FM model at 2/3/4/8 bits with every method.
+
+    Prints the fidelity + size table and writes plots and sample grids to ``out_dir``.
+    ``model`` replaces the bundled one (e.g. a random tiny UNet in tests); ``device``
+    (default: the model's, CPU for the bundled one) is where it runs.
+    """
+    started = time.perf_counter()
+    torch.set_flush_denormal(True)
+    if model is None:
+        from .models import load_demo_model
+
+        model, name = load_demo_model(), "bundled demo model (fm_digits.safetensors)"
+    else:
+        name = type(model).__name__
+    if device is not None:
+        model = model.to(device)
+    log(f"otq demo: {name}, bits {list(bits)}, methods {list(methods)}, {n} samples, "
+        f"{solver} x {steps} steps, {torch.get_num_threads()} threads")
+    result = evaluate(model, bits=bits, methods=methods, n=n, steps=steps, solver=solver,
+                      seed=seed, image_size=16, out_dir=out_dir, progress=progress, log=log,
+                      meta={"model": name})
+    log(f"demo finished in {time.perf_counter() - started:.1f} s")
+    return result

@@ -1,0 +1,63 @@
+"""Weight-space metrics vs an independent numpy computation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import otq_kernels as otq
+from otq_kernels.metrics import weights as W
+
+
+def _numpy_reference(w: np.ndarray, q: np.ndarray) -> dict:
+    w, q = w.astype(np.float64).ravel(), q.astype(np.float64).ravel()
+    err = w - q
+    return {
+        "mse": float(np.mean(err**2)),
+        "sqnr_db": float(10 * np.log10(np.sum(w**2) / np.sum(err**2))),
+        "w2": float(np.sqrt(np.mean((np.sort(w) - np.sort(q)) ** 2))),
+    }
+
+
+@pytest.mark.parametrize("bits,method", [(2, "ot"), (3, "uniform"), (4, "lloyd"), (8, "log2")])
+def test_matches_numpy(bits, method):
+    torch.manual_seed(bits)
+    w = torch.randn(24, 5, 3, 3)
+    w_hat = otq.fit_codebook(w, bits=bits, method=method).dequantize()
+    got = W.weight_error(w, w_hat)
+    ref = _numpy_reference(w.numpy(), w_hat.numpy())
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
+
+
+def test_quantized_tensor_input_and_ot_identity():
+    """W2 <= sqrt(MSE) always, with equality for the rank-assigned tensor-wise OT quantizer."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 40)
+    qt = otq.fit_codebook(w, bits=3, method="ot", granularity="tensor")
+    assert W.wasserstein_1d(w, qt) == pytest.approx(math.sqrt(W.mse(w, qt)), rel=1e-9)
+    qt = otq.fit_codebook(w, bits=3, method="uniform")
+    assert W.wasserstein_1d(w, qt) <= math.sqrt(W.mse(w, qt)) + 1e-12
+
+
+def test_edge_cases():
+    w = torch.randn(10)
+    assert W.sqnr_db(w, w) == math.inf
+    assert W.mse(w, w) == 0.0 and W.wasserstein_1d(w, w) == 0.0
+    assert W.sqnr_db(torch.zeros(4), torch.ones(4)) == -math.inf
+    # W2 ignores the order of values; MSE does not
+    assert W.wasserstein_1d(w, w.flip(0)) == 0.0
+    assert W.mse(w, w.flip(0)) > 0
+    with pytest.raises(ValueError, match="differ in size"):
+        W.mse(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="empty"):
+        W.mse(torch.zeros(0), torch.zeros(0))
+
+
+def test_half_precision_inputs_are_exact():
+    w = torch.randn(100).half()
+    q = (w * 0.9).half()
+    ref = _numpy_reference(w.float().numpy(), q.float().numpy())
+    assert W.wasserstein_1d(w, q) == pytest.approx(ref["w2"], rel=1e-12)
+    assert W.sqnr_db(w, q) == pytest.approx(ref["sqnr_db"], rel=1e-12)

@@ -1,0 +1,194 @@
+"""save_quantized / load_quantized: round trip and every corrupt-checkpoint error."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import otq_kernels as otq
+from otq_kernels import checkpoint as ckpt
+from otq_kernels import nn as qnn
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.attn = nn.Conv1d(width, width, 1)
+        self.seq = nn.Sequential(nn.Conv1d(width, width, 3, padding=1, bias=False),
+                                 nn.GroupNorm(2, width))
+        self.up = nn.ConvTranspose2d(width, width, 2)  # stays float
+        self.fc = nn.Linear(width, 5)
+
+    def forward(self, x):
+        h = self.up(self.conv(x)).flatten(2)          # [B, W, L]
+        h = self.seq(self.attn(h))
+        return self.fc(h.mean(-1))
+
+
+def _quantized(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = Net().eval()
+    return qnn.quantize_model(model, bits=3, overrides={"fc": {"bits": 8, "method": "lloyd"},
+                                                        "seq.*": {"granularity": "tensor"}},
+                              progress=False)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = _quantized()
+    path = tmp_path / "q.safetensors"
+    otq.save_quantized(model, path, metadata={"config": "net"}) if hasattr(
+        otq, "save_quantized") else ckpt.save_quantized(model, path, metadata={"config": "net"})
+    return model, path
+
+
+def _rewrite(src, dst, tensors=None, metadata=None):
+    """Copy a safetensors file, replacing some tensors / metadata entries."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    data.update(tensors or {})
+    data = {k: v for k, v in data.items() if v is not None}
+    meta.update(metadata or {})
+    save_file(data, str(dst), metadata=meta)
+    return dst
+
+
+def _load(path, model=None):
+    return ckpt.load_quantized(path, model if model is not None else Net().eval())
+
+
+def test_round_trip_is_exact(saved):
+    model, path = saved
+    loaded = _load(path)
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(loaded(x), model(x))
+    assert isinstance(loaded.fc, qnn.QuantLinear) and loaded.fc.bits == 8
+    assert loaded.fc.method == "lloyd" and loaded.seq[0].granularity == "tensor"
+    assert isinstance(loaded.up, nn.ConvTranspose2d)
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    # summary (with the stats recorded at quantization time) survives the round trip
+    rows = {r.name: r for r in loaded.otq_summary.layers}
+    assert rows["conv"].sqnr_db == pytest.approx(model.conv.stats["sqnr_db"])
+    assert rows["up"].status == "kept float (unsupported type)"
+    assert loaded.otq_summary.bytes_after == model.otq_summary.bytes_after
+    meta = ckpt.read_metadata(path)
+    assert meta["user"] == {"config": "net"} and meta["format_version"] == 1
+    assert meta["layers"]["conv"]["shape"] == [8, 3, 3, 3]
+    # loading into an already-quantized skeleton works too
+    again = _load(path, _quantized(seed=1))
+    assert torch.equal(again(x), model(x))
+
+
+def test_save_requires_quantized_layers(tmp_path):
+    with pytest.raises(ValueError, match="no quantized layers"):
+        ckpt.save_quantized(Net(), tmp_path / "x.safetensors")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        _load(tmp_path / "nope.safetensors")
+
+
+def test_not_safetensors(tmp_path):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"\x13\x00\x00\x00\x00\x00\x00\x00{not json at all}" + bytes(64))
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        _load(path)
+
+
+def test_truncated(saved, tmp_path):
+    _, path = saved
+    raw = path.read_bytes()
+    for cut in (len(raw) - 7, 40, 4):
+        bad = tmp_path / f"cut{cut}.safetensors"
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            _load(bad)
+
+
+def test_format_and_version(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(ValueError, match="unknown format_version '99'"):
+        _load(_rewrite(path, tmp_path / "v.safetensors", metadata={"format_version": "99"}))
+    plain = tmp_path / "float.safetensors"
+    save_file({k: v.contiguous() for k, v in Net().state_dict().items()}, str(plain))
+    with pytest.raises(ValueError, match="not an otq_kernels quantized checkpoint"):
+        _load(plain)
+    with pytest.raises(ValueError, match="'layers' is not valid JSON"):
+        _load(_rewrite(path, tmp_path / "j.safetensors", metadata={"layers": "{oops"}))
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("conv.plane0", torch.zeros(8, 3, dtype=torch.int32), "layer 'conv'.*plane"),
+        ("conv.plane1", torch.zeros(8, 1, dtype=torch.int64), "'conv.plane1' has dtype"),
+        ("conv.plane1", None, "'conv.plane1' is missing"),
+        ("fc.codebook", torch.zeros(5, 16), "layer 'fc'.*codebook"),
+        ("fc.codebook", torch.zeros(5, 256, dtype=torch.float16), "'fc.codebook' has dtype"),
+        ("fc.codebook", torch.full((5, 256), float("nan")), "NaN"),
+        ("fc.bias", torch.zeros(7), "'fc.bias' must be float"),
+        ("seq.1.weight", torch.zeros(9), "'seq.1.weight' has shape"),
+        ("seq.1.bias", torch.zeros(8, dtype=torch.int32), "'seq.1.bias' has dtype"),
+        ("up.extra", torch.zeros(1), "unexpected keys \\['up.extra'\\]"),
+        ("up.weight", None, "missing keys \\['up.weight'\\]"),
+    ],
+)
+def test_tampered_tensors(saved, tmp_path, key, value, match):
+    _, path = saved
+    bad = _rewrite(path, tmp_path / "bad.safetensors", tensors={key: value})
+    model = Net()
+    with pytest.raises(ValueError, match=match):
+        _load(bad, model)
+    assert isinstance(model.conv, nn.Conv2d) and isinstance(model.fc, nn.Linear)  # untouched
+
+
+def _with_layer_meta(path, dst, name, **changes):
+    layers = ckpt.read_metadata(path)["layers"]
+    if changes.pop("drop", False):
+        del layers[name]
+    else:
+        layers[name].update(changes)
+    return _rewrite(path, dst, metadata={"layers": json.dumps(layers)})
+
+
+@pytest.mark.parametrize(
+    "name,changes,match",
+    [
+        ("conv", {"bits": 4}, "'conv.plane1': too many bit planes"),
+        ("conv", {"bits": 9}, "layer 'conv'.*bits"),
+        ("conv", {"shape": [8, 3, 3, 4]}, "layer 'conv': weight shape"),
+        ("conv", {"shape": [8, 3, 3]}, "layer 'conv': shape"),
+        ("fc", {"type": "QuantConv9d"}, "layer 'fc': unknown layer type"),
+        ("fc", {"type": "QuantConv2d", "shape": [5, 8, 1, 1]}, "layer 'fc': checkpoint has "
+                                                               "QuantConv2d"),
+        ("fc", {"granularity": "row"}, "layer 'fc': bad granularity"),
+        ("fc", {"bias": False}, "layer 'fc': bias"),
+        ("attn", {"drop": True}, "unexpected keys"),
+    ],
+)
+def test_tampered_metadata(saved, tmp_path, name, changes, match):
+    _, path = saved
+    bad = _with_layer_meta(path, tmp_path / "bad.safetensors", name, **changes)
+    with pytest.raises(ValueError, match=match):
+        _load(bad)
+
+
+def test_wrong_model(saved):
+    _, path = saved
+
+    class Other(Net):
+        def __init__(self):
+            super().__init__()
+            del self.fc
+
+    with pytest.raises(ValueError, match="layer 'fc' from the checkpoint is missing"):
+        _load(path, Other())
+    with pytest.raises(ValueError, match="layer 'conv': weight shape"):
+        _load(path, Net(width=16))

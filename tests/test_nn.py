@@ -1,0 +1,192 @@
+"""Quant* layers and quantize_model (CPU, tiny shapes)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import otq_kernels as otq
+from otq_kernels import nn as qnn
+from otq_kernels.metrics.weights import sqnr_db
+
+
+def _dequant_twin(float_module: nn.Module, quant: qnn._QuantModule) -> nn.Module:
+    """The float module with its weight replaced by the dequantized one (reference path)."""
+    twin = copy.deepcopy(float_module)
+    with torch.no_grad():
+        twin.weight.copy_(quant.dequantize())
+    return twin
+
+
+@pytest.mark.parametrize(
+    "make,x_shape",
+    [
+        (lambda: nn.Linear(300, 24), (3, 5, 300)),
+        (lambda: nn.Conv1d(64, 48, 1), (2, 64, 9)),  # pointwise -> linear path
+        (lambda: nn.Conv1d(16, 24, 3, stride=2, padding=1, groups=2, bias=False), (2, 16, 11)),
+        (lambda: nn.Conv1d(8, 12, 4, padding="same", dilation=2), (1, 8, 10)),
+        (lambda: nn.Conv2d(32, 16, 3, padding=1), (2, 32, 7, 6)),
+        (lambda: nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2, groups=4), (2, 8, 9, 9)),
+        (lambda: nn.Conv2d(8, 12, 4, padding="same"), (1, 8, 6, 7)),
+        (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), (1, 4, 5, 5)),
+        (lambda: nn.Conv2d(4, 6, 1, stride=2), (2, 4, 5, 5)),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_from_float_matches_float_layer(make, x_shape):
+    torch.manual_seed(0)
+    layer = make()
+    quant = qnn.QUANT_TYPES[type(layer)].from_float(layer, bits=8)
+    x = torch.randn(x_shape)
+    with torch.no_grad():
+        y_q, y_f = quant(x), layer(x)
+        y_ref = _dequant_twin(layer, quant)(x)
+    assert y_q.shape == y_f.shape and y_q.dtype == x.dtype
+    torch.testing.assert_close(y_q, y_ref, rtol=1e-5, atol=1e-5)  # = reference dequant path
+    assert sqnr_db(layer.weight, quant.dequantize()) > 30
+    assert quant.stats["sqnr_db"] > 30
+    assert (y_q - y_f).abs().max() < 0.1 * y_f.abs().max()
+
+
+def test_reference_backend_is_exact():
+    torch.manual_seed(1)
+    lin = nn.Linear(40, 24)
+    q = qnn.QuantLinear.from_float(lin, bits=3, method="lloyd", backend="reference")
+    x = torch.randn(7, 40)
+    assert torch.equal(q(x), F.linear(x, q.dequantize(), lin.bias))
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    q = qnn.QuantConv2d.from_float(conv, bits=4, method="uniform", backend="reference")
+    x = torch.randn(2, 6, 5, 5)
+    assert torch.equal(q(x), F.conv2d(x, q.dequantize(), conv.bias, padding=1))
+
+
+def test_bits_sqnr_monotone_and_repr():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(16, 32, 3)
+    sq = [qnn.QuantConv2d.from_float(conv, bits=b).stats["sqnr_db"] for b in (2, 4, 8)]
+    assert sq[0] < sq[1] < sq[2]
+    q = qnn.QuantConv2d.from_float(conv, bits=4, method="piecewise", granularity="tensor")
+    text = repr(q)
+    for piece in ("16, 32", "kernel_size=(3, 3)", "bits=4", "method='piecewise'",
+                  "granularity='tensor'", "bits_per_weight=", "backend='auto'"):
+        assert piece in text
+    assert q.qweight.shape == (32, 16, 3, 3)
+    assert q.bits_per_weight == pytest.approx(8 * q.nbytes / conv.weight.numel())
+
+
+def test_buffers_state_dict_and_dtypes():
+    torch.manual_seed(3)
+    q = qnn.QuantConv1d.from_float(nn.Conv1d(8, 24, 1), bits=7)
+    assert sorted(k for k, _ in q.named_buffers()) == ["codebook", "plane0", "plane1", "plane2"]
+    assert set(q.state_dict()) == {"plane0", "plane1", "plane2", "codebook", "bias"}
+    x = torch.randn(2, 8, 5)
+    y = q(x)
+    q2 = qnn.QuantConv1d.from_float(nn.Conv1d(8, 24, 1), bits=7)
+    q2.load_state_dict(q.state_dict())
+    assert torch.equal(q2(x), y)  # the cached QuantizedTensor view follows the new buffers
+    q.half()
+    assert q.codebook.dtype == torch.float32 and q.plane0.dtype == torch.int32
+    assert q.bias.dtype == torch.float16
+    yh = q(x.half())
+    assert yh.dtype == torch.float16
+    torch.testing.assert_close(yh.float(), y, rtol=1e-2, atol=1e-2)
+
+
+def test_from_float_rejects_bad_input():
+    with pytest.raises(TypeError):
+        qnn.QuantLinear.from_float(nn.Conv2d(2, 2, 1))
+    with pytest.raises(ValueError, match="bits"):
+        qnn.QuantLinear.from_float(nn.Linear(4, 4), bits=9)
+    with pytest.raises(ValueError, match="method"):
+        qnn.QuantLinear.from_float(nn.Linear(4, 4), method="kmeans")
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8),
+                                    nn.Conv2d(8, 8, 1))
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.emb = nn.Embedding(10, 8)
+        self.proj = nn.Conv1d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.up(self.blocks(self.stem(x)))  # [B, 8, 2H, 2W]
+        seq = h.flatten(2).transpose(1, 2)
+        seq = self.attn(seq, seq, seq, need_weights=False)[0]
+        seq = self.proj(seq.transpose(1, 2)).transpose(1, 2) + self.emb.weight[:1]
+        return self.head(seq.mean(1))
+
+
+def _rows(model):
+    return {r.name: r for r in model.otq_summary.layers}
+
+
+def test_quantize_model_selection_and_summary():
+    torch.manual_seed(4)
+    model = Toy().eval()
+    x = torch.randn(2, 3, 4, 4)
+    ref = model(x)
+    out = otq.nn.quantize_model(model, bits=4, exclude=["blocks.2"],
+                                overrides={"stem": {"bits": 8}, "head": {"method": "lloyd"}},
+                                progress=False)
+    assert out is model
+    rows = _rows(model)
+    assert isinstance(model.stem, qnn.QuantConv2d) and model.stem.bits == 8
+    assert isinstance(model.blocks[0], qnn.QuantConv2d) and model.blocks[0].bits == 4
+    assert isinstance(model.blocks[2], nn.Conv2d)
+    assert rows["blocks.2"].status == "kept float (excluded)"
+    assert isinstance(model.proj, qnn.QuantConv1d)
+    assert isinstance(model.head, qnn.QuantLinear) and model.head.method == "lloyd"
+    assert rows["up"].status == "kept float (unsupported type)"
+    assert rows["emb"].status == "kept float (unsupported type)"
+    assert rows["attn"].status == "kept float (unsupported type)"
+    assert "MultiheadAttention" in rows["attn.out_proj"].status
+    assert isinstance(model.attn.out_proj, nn.Linear)
+    assert rows["stem"].bits == 8 and rows["stem"].sqnr_db > 30 and rows["stem"].w2 >= 0
+    assert model(x).shape == ref.shape
+    s = model.otq_summary
+    params = sum(p.numel() for p in Toy().parameters())
+    assert s.params == params and s.bytes_fp32 == 4 * params and s.bytes_fp16 == 2 * params
+    stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert s.bytes_after == stored  # tiny layers: per-channel codebooks cost more than fp32
+    text = otq.nn.format_summary(s)
+    assert "kept float (unsupported type)" in text and "bits/weight overall" in text
+    assert str(s) == text and s.to_dict()["model_bits_per_weight"] == s.model_bits_per_weight
+
+
+def test_quantize_model_include_and_errors():
+    model = Toy()
+    otq.nn.quantize_model(model, bits=2, include=["blocks.*"], progress=False)
+    rows = _rows(model)
+    assert {n for n, r in rows.items() if r.status == "quantized"} == {"blocks.0", "blocks.2"}
+    assert rows["stem"].status == "kept float (not included)"
+    # a second call quantizes what is left and keeps the first layers
+    otq.nn.quantize_model(model, bits=8, include="stem", progress=False)
+    assert model.stem.bits == 8 and model.blocks[0].bits == 2
+    assert otq.nn.quantization_summary(model).layers[0].name == "stem"
+    with pytest.raises(ValueError, match="unknown keys"):
+        otq.nn.quantize_model(Toy(), overrides={"stem": {"bitz": 8}}, progress=False)
+    with pytest.raises(ValueError, match="layer 'stem'"):
+        otq.nn.quantize_model(Toy(), overrides={"stem": {"bits": 1}}, progress=False)
+    with pytest.raises(ValueError, match="method"):
+        otq.nn.quantize_model(Toy(), method="nope", progress=False)
+
+
+def test_quantize_tiny_unet_close_at_8_bits():
+    from otq_kernels.demo import random_model
+
+    model = random_model("tiny", seed=0)
+    q = otq.nn.quantize_model(copy.deepcopy(model), bits=8, progress=False)
+    x, t = torch.randn(2, 1, 16, 16), torch.rand(2)
+    with torch.no_grad():
+        y, yq = model(x, t), q(x, t)
+    kinds = {type(m).__name__ for m in q.modules()}
+    assert {"QuantLinear", "QuantConv1d", "QuantConv2d"} <= kinds
+    assert not any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in q.modules())
+    assert torch.linalg.norm(yq - y) < 0.05 * torch.linalg.norm(y)
