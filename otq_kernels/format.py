@@ -48,15 +48,21 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
-    """Pack codes int [N, K] in [0, 2**bits) into bit planes: int32 [N, K_pad * w / 32] each."""
+def check_codes(codes: torch.Tensor, bits) -> int:
+    """Raise ValueError unless ``codes`` is an integer [N, K] tensor in [0, 2**bits); -> bits."""
     bits = check_bits(bits)
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
-    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
+    return bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """Pack codes int [N, K] in [0, 2**bits) into bit planes: int32 [N, K_pad * w / 32] each."""
+    bits = check_codes(codes, bits)
     n, k = codes.shape
     kp = padded_k(k)
     padded = torch.zeros(n, kp, dtype=torch.int64, device=codes.device)

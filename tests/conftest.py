@@ -24,3 +24,12 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """Where kernels run: the GPU when present, else CPU (Triton via its interpreter)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread: tiny CPU models are faster so on shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._native import native, unavailable_reason
-from ..format import QuantizedTensor, check_bits, padded_k, plane_widths
+from ..format import QuantizedTensor, check_bits, check_codes, padded_k, plane_widths
 
 FIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -60,14 +60,8 @@ def _ptrs(tensors: list[torch.Tensor]) -> list[int]:
 
 def pack(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
     """codes int [N, K] in [0, 2**bits) -> bit planes (list of int32 [N, K_pad*w/32])."""
-    bits = check_bits(bits)
     _require_cpu(codes, "codes")
-    if codes.dim() != 2:
-        raise ValueError(f"codes must be 2-D [N, K], got shape {list(codes.shape)}")
-    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
-        raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
+    bits = check_codes(codes, bits)
     n, k = codes.shape
     codes = codes.to(torch.int64).contiguous()
     planes = [torch.empty(n, padded_k(k) * w // 32, dtype=torch.int32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._native import native, unavailable_reason
-from ..format import QuantizedTensor, check_bits, padded_k, plane_widths
+from ..format import QuantizedTensor, check_bits, check_codes, padded_k, plane_widths
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -151,14 +151,8 @@ def fit_rows(rows: torch.Tensor, bits: int, assign: str = "rank"):
 
 def pack(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
     """codes int [N, K] in [0, 2**bits) on CUDA -> bit planes (int32 [N, K_pad*w/32])."""
-    bits = check_bits(bits)
     _require_cuda(codes, "codes")
-    if codes.dim() != 2:
-        raise ValueError(f"codes must be 2-D [N, K], got shape {list(codes.shape)}")
-    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
-        raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
+    bits = check_codes(codes, bits)
     dev = codes.device
     n, k = codes.shape
     with torch.cuda.device(dev):

@@ -25,6 +25,11 @@ _ADM_SMALL = dict(
     use_new_attention_order=True,
 )
 
+_CPU_SMALL = dict(
+    _ADM_SMALL, in_channels=1, out_channels=1, model_channels=32, attention_resolutions=[2],
+    dropout=0.0, conv_resample=True,
+)
+
 CONFIGS: dict[str, dict] = {
     "mnist": dict(_ADM_SMALL, in_channels=1, out_channels=1),
     "cifar10": dict(_ADM_SMALL, in_channels=3, out_channels=3),
@@ -45,40 +50,8 @@ CONFIGS: dict[str, dict] = {
         resblock_updown=True,
         use_new_attention_order=True,
     ),
-    "tiny": dict(
-        in_channels=1,
-        out_channels=1,
-        model_channels=32,
-        num_res_blocks=1,
-        attention_resolutions=[2],
-        dropout=0.0,
-        channel_mult=[1, 2],
-        conv_resample=True,
-        num_classes=None,
-        num_heads=1,
-        num_head_channels=-1,
-        num_heads_upsample=-1,
-        use_scale_shift_norm=True,
-        resblock_updown=False,
-        use_new_attention_order=True,
-    ),
-    "digits": dict(
-        in_channels=1,
-        out_channels=1,
-        model_channels=32,
-        num_res_blocks=2,
-        attention_resolutions=[2],
-        dropout=0.0,
-        channel_mult=[1, 2, 2],
-        conv_resample=True,
-        num_classes=None,
-        num_heads=1,
-        num_head_channels=-1,
-        num_heads_upsample=-1,
-        use_scale_shift_norm=True,
-        resblock_updown=False,
-        use_new_attention_order=True,
-    ),
+    "tiny": dict(_CPU_SMALL, num_res_blocks=1, channel_mult=[1, 2]),
+    "digits": dict(_CPU_SMALL, num_res_blocks=2, channel_mult=[1, 2, 2]),
 }
 CONFIGS["imagenet"] = CONFIGS["imagenet64"]  # the examples' own name
 

@@ -12,14 +12,7 @@ pytest.importorskip("torchmetrics")
 from otq_kernels.metrics import fidelity, latent  # noqa: E402
 from otq_kernels.models import build_model  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU models run far faster single-threaded on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 1):

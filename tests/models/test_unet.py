@@ -14,14 +14,7 @@ from otq_kernels.models import (
     unet_config,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU models run far faster single-threaded on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # A sample of key names from flow_matching's examples/image UNet (mnist config).

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...format import WORD_BITS, check_bits, padded_k, plane_widths
+from ...format import WORD_BITS, check_bits, check_codes, padded_k, plane_widths
 
 BLOCK_K = 256
 MAX_PLANES = 3
@@ -89,10 +89,7 @@ def _grid(n: int, k: int, block_k: int):
 
 def pack_triton(codes: torch.Tensor, bits: int, block_k: int = BLOCK_K) -> list[torch.Tensor]:
     """Pack codes int [N, K] (values in [0, 2**bits)) into int32 bit planes [N, K_pad * w / 32]."""
-    bits = check_bits(bits)
-    if codes.dim() != 2 or codes.dtype.is_floating_point or codes.dtype == torch.bool:
-        raise ValueError(f"codes must be an integer tensor [N, K], got {codes.dtype} "
-                         f"{tuple(codes.shape)}")
+    bits = check_codes(codes, bits)
     n, k = codes.shape
     kp = padded_k(k)
     planes = [torch.empty(n, kp * w // WORD_BITS, dtype=torch.int32, device=codes.device)
