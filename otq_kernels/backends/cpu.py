@@ -10,6 +10,7 @@ import torch
 
 from .._native import native, unavailable_reason
 from ..format import QuantizedTensor, check_bits, check_codes, padded_k, plane_widths
+from ._native_args import checked_codebook, checked_planes, require_device, unpack_args
 
 FIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -22,36 +23,8 @@ def unavailable(device) -> str | None:
     return unavailable_reason()
 
 
-def _require_cpu(t: torch.Tensor, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"cpu backend: {name} must be a CPU tensor, got {t.device}")
-
-
-def _check_planes(planes, bits: int, n: int, k: int) -> list[torch.Tensor]:
-    """Planes as contiguous int32 CPU tensors of the canonical shapes (ValueError otherwise)."""
-    widths = plane_widths(bits)
-    if len(planes) != len(widths):
-        raise ValueError(f"bits={bits} needs {len(widths)} planes, got {len(planes)}")
-    out = []
-    for plane, width in zip(planes, widths, strict=True):
-        _require_cpu(plane, "plane")
-        expect = (n, padded_k(k) * width // 32)
-        if plane.dtype != torch.int32 or tuple(plane.shape) != expect:
-            raise ValueError(f"plane of width {width} must be int32 {list(expect)}, "
-                             f"got {plane.dtype} {list(plane.shape)}")
-        out.append(plane.contiguous())
-    return out
-
-
-def _check_codebook(qt: QuantizedTensor) -> torch.Tensor:
-    """qt's codebook as a contiguous float32 CPU tensor [G, 2**bits], G in {1, N}."""
-    book = qt.codebook
-    _require_cpu(book, "codebook")
-    if book.dim() != 2 or book.shape[0] not in (1, qt.n) or book.shape[1] != 2**qt.bits:
-        raise ValueError(f"codebook must be [1 or {qt.n}, {2**qt.bits}], got {list(book.shape)}")
-    return book.to(torch.float32).contiguous()
+def _require_cpu(t, name: str) -> None:
+    require_device(t, name, "cpu")
 
 
 def _ptrs(tensors: list[torch.Tensor]) -> list[int]:
@@ -73,13 +46,8 @@ def pack(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
 
 def unpack(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
     """Bit planes -> codes int64 [N, k]."""
-    bits = check_bits(bits)
-    if not planes:
-        raise ValueError("unpack needs at least one plane")
-    if not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    n = planes[0].shape[0]
-    planes = _check_planes(planes, bits, n, k)
+    bits, n = unpack_args(planes, bits, k)
+    planes = checked_planes(planes, bits, n, k, "cpu")
     codes = torch.empty(n, k, dtype=torch.int64)
     if codes.numel():
         native().cpu_unpack(_ptrs(planes), n, k, bits, codes.data_ptr())
@@ -122,8 +90,8 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> t
         raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != qt.k:
         raise ValueError(f"x must be [M, {qt.k}], got {list(x.shape)}")
-    planes = _check_planes(qt.planes, qt.bits, qt.n, qt.k)
-    book = _check_codebook(qt)
+    planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cpu")
+    book = checked_codebook(qt, "cpu")
     m = x.shape[0]
     y = torch.empty(m, qt.n, dtype=torch.float32)
     if m == 0:

@@ -15,6 +15,7 @@ import torch
 
 from .._native import native, unavailable_reason
 from ..format import QuantizedTensor, check_bits, check_codes, padded_k, plane_widths
+from ._native_args import aligned, checked_codebook, checked_planes, require_device, unpack_args
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 FIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -32,36 +33,11 @@ def unavailable(device) -> str | None:
 
 
 def _require_cuda(t, name: str, device: torch.device | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cuda" or (device is not None and t.device != device):
-        raise ValueError(f"cuda backend: {name} must be on {device or 'a CUDA device'}, "
-                         f"got {t.device}")
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous with a 16-byte-aligned start (the kernels use 128-bit loads)."""
-    t = t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
+    require_device(t, name, "cuda", device)
 
 
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
-
-
-def _check_planes(planes, bits: int, n: int, k: int, device) -> list[torch.Tensor]:
-    widths = plane_widths(bits)
-    if len(planes) != len(widths):
-        raise ValueError(f"bits={bits} needs {len(widths)} planes, got {len(planes)}")
-    out = []
-    for plane, width in zip(planes, widths, strict=True):
-        _require_cuda(plane, "plane", device)
-        expect = (n, padded_k(k) * width // 32)
-        if plane.dtype != torch.int32 or tuple(plane.shape) != expect:
-            raise ValueError(f"plane of width {width} must be int32 {list(expect)}, "
-                             f"got {plane.dtype} {list(plane.shape)}")
-        out.append(_aligned(plane))
-    return out
 
 
 def split_k_for(n: int, k: int, sms: int) -> int:
@@ -88,11 +64,8 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != qt.k:
         raise ValueError(f"x must be [M, {qt.k}], got {list(x.shape)}")
-    planes = _check_planes(qt.planes, qt.bits, qt.n, qt.k, dev)
-    book = qt.codebook
-    _require_cuda(book, "codebook", dev)
-    if book.dim() != 2 or book.shape[0] not in (1, qt.n) or book.shape[1] != 2**qt.bits:
-        raise ValueError(f"codebook must be [1 or {qt.n}, {2**qt.bits}], got {list(book.shape)}")
+    planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cuda", dev)
+    book = checked_codebook(qt, "cuda", dev)
     per_channel = book.shape[0] == qt.n and qt.n > 1
     m, n, k = x.shape[0], qt.n, qt.k
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
@@ -111,8 +84,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
             raise ValueError(f"split_k must be a positive int, got {split_k!r}")
         ws = (torch.empty(split_k * min(m, GEMV_MAX_M) * n, dtype=torch.float32, device=dev)
               if split_k > 1 else None)
-        xa = _aligned(x)
-        book = book.to(torch.float32).contiguous()
+        xa = aligned(x)
         native(require_cuda=True).cuda_lut_linear(
             xa.data_ptr(), DTYPE_CODES[x.dtype], m, k, [p.data_ptr() for p in planes], qt.bits,
             book.data_ptr(), per_channel, n, 0 if b is None else b.data_ptr(), y.data_ptr(),
@@ -167,15 +139,10 @@ def pack(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
 
 def unpack(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
     """Bit planes on CUDA -> codes int64 [N, k]."""
-    bits = check_bits(bits)
-    if not planes:
-        raise ValueError("unpack needs at least one plane")
-    if not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    bits, n = unpack_args(planes, bits, k)
     _require_cuda(planes[0], "plane")
     dev = planes[0].device
-    n = planes[0].shape[0]
-    planes = _check_planes(planes, bits, n, k, dev)
+    planes = checked_planes(planes, bits, n, k, "cuda", dev)
     with torch.cuda.device(dev):
         codes = torch.empty(n, k, dtype=torch.int64, device=dev)
         if codes.numel():

@@ -1,0 +1,63 @@
+"""Argument checks shared by the backends that hand raw pointers to ``otq_kernels._C``.
+
+The C++/CUDA code only ever sees well-formed buffers: every device, dtype, shape and
+layout problem is a ValueError here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..format import QuantizedTensor, check_bits, padded_k, plane_widths
+
+
+def require_device(t, name: str, device_type: str, device: torch.device | None = None) -> None:
+    """ValueError unless ``t`` is a tensor on ``device`` (or any ``device_type`` device)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != device_type or (device is not None and t.device != device):
+        raise ValueError(f"{device_type} backend: {name} must be on {device or device_type}, "
+                         f"got {t.device}")
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous with a 16-byte-aligned start (kernels use 128-bit loads)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def checked_planes(planes, bits: int, n: int, k: int, device_type: str,
+                   device: torch.device | None = None) -> list[torch.Tensor]:
+    """Planes as aligned int32 tensors [n, K_pad * w / 32] on the device (ValueError else)."""
+    widths = plane_widths(bits)
+    if len(planes) != len(widths):
+        raise ValueError(f"bits={bits} needs {len(widths)} planes, got {len(planes)}")
+    out = []
+    for plane, width in zip(planes, widths, strict=True):
+        require_device(plane, "plane", device_type, device)
+        expect = (n, padded_k(k) * width // 32)
+        if plane.dtype != torch.int32 or tuple(plane.shape) != expect:
+            raise ValueError(f"plane of width {width} must be int32 {list(expect)}, "
+                             f"got {plane.dtype} {list(plane.shape)}")
+        out.append(aligned(plane))
+    return out
+
+
+def checked_codebook(qt: QuantizedTensor, device_type: str,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """qt's codebook as an aligned float32 tensor [G, 2**bits], G in {1, N}."""
+    book = qt.codebook
+    require_device(book, "codebook", device_type, device)
+    if book.dim() != 2 or book.shape[0] not in (1, qt.n) or book.shape[1] != 2**qt.bits:
+        raise ValueError(f"codebook must be [1 or {qt.n}, {2**qt.bits}], got {list(book.shape)}")
+    return aligned(book.to(torch.float32))
+
+
+def unpack_args(planes, bits, k) -> tuple[int, int]:
+    """Validate unpack's scalar arguments -> (bits, n rows)."""
+    bits = check_bits(bits)
+    if not planes:
+        raise ValueError("unpack needs at least one plane")
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    return bits, planes[0].shape[0]
