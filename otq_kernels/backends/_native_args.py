@@ -16,8 +16,9 @@ def require_device(t, name: str, device_type: str, device: torch.device | None =
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != device_type or (device is not None and t.device != device):
-        raise ValueError(f"{device_type} backend: {name} must be on {device or device_type}, "
-                         f"got {t.device}")
+        where = f" on {device}" if device is not None else ""
+        raise ValueError(f"{device_type} backend: {name} must be a {device_type.upper()} "
+                         f"tensor{where}, got {t.device}")
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
