@@ -143,6 +143,15 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(label.long())
         return emb
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        """ValueError unless x is [B, in_channels, H, W] with H, W divisible by the depth."""
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if (x.dim() != 4 or x.shape[1] != self.in_channels
+                or x.shape[2] % factor or x.shape[3] % factor):
+            raise ValueError(
+                f"UNetModel expects images [B, {self.in_channels}, H, W] with H and W divisible "
+                f"by {factor}, got {list(x.shape)}")
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | float, extra: dict | None = None
     ) -> torch.Tensor:
@@ -151,6 +160,7 @@ class UNetModel(nn.Module):
         ``extra`` may hold ``"label"`` [B] (int64) for class-conditional models.
         H and W must be divisible by ``2 ** (len(channel_mult) - 1)``.
         """
+        self._check_input(x)
         extra = extra or {}
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         if t.ndim == 0:

@@ -160,3 +160,10 @@ def test_demo_model_loads():
     assert meta["config"] == "digits" and float(meta["final_loss"]) > 0
     y = model(torch.randn(2, 1, 16, 16), torch.rand(2))
     assert y.shape == (2, 1, 16, 16) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 16, 16), (1, 1, 15, 16), (1, 1, 16), (2, 1, 16, 7)])
+def test_wrong_image_shape_is_a_clear_error(shape):
+    model = build_model("tiny")
+    with pytest.raises(ValueError, match=r"images \[B, 1, H, W\]"):
+        model(torch.randn(*shape), torch.zeros(shape[0]))
