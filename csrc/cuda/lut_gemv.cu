@@ -20,6 +20,7 @@ constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int kGroup = 32;  // weights a lane decodes per step (one word of 1-bit codes)
 constexpr int kSub = 8;     // weights per activation vector load
 constexpr int kMaxWidth = 8;
+constexpr int64_t kMaxGridY = 65535;
 
 // The words of one 32-weight group of one row, per plane (plane p uses width_p words).
 template <int BITS>
@@ -208,8 +209,11 @@ int launch(const T* x, int64_t m, int64_t k, PlaneArgs planes, const float* code
            cudaStream_t stream) {
   const int64_t groups = padded_k(k) / kGroup;
   int64_t per_split = (groups + split_k - 1) / split_k;
-  const int64_t splits = (groups + per_split - 1) / per_split;  // no empty splits
-  if (splits > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
+  // gridDim.y <= 65535: a forced split_k above that gets fewer, longer splits (the
+  // workspace for split_k splits still suffices, splits only shrinks).
+  const int64_t min_per_split = (groups + kMaxGridY - 1) / kMaxGridY;
+  if (per_split < min_per_split) per_split = min_per_split;
+  const int64_t splits = (groups + per_split - 1) / per_split;  // no empty splits, <= 65535
   const dim3 grid(static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock),
                   static_cast<unsigned>(splits));
   const size_t smem = sizeof(float) * (1 << BITS) * (per_channel ? kRowsPerBlock : kWarpSize);

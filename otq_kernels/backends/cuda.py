@@ -82,6 +82,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
             split_k = split_k_for(n, k, torch.cuda.get_device_properties(dev).multi_processor_count)
         if not isinstance(split_k, int) or split_k < 1:
             raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+        split_k = min(split_k, padded_k(k) // GROUP)  # no empty splits: smaller workspace
         ws = (torch.empty(split_k * min(m, GEMV_MAX_M) * n, dtype=torch.float32, device=dev)
               if split_k > 1 else None)
         xa = aligned(x)
@@ -105,10 +106,10 @@ def fit_rows(rows: torch.Tensor, bits: int, assign: str = "rank"):
         raise ValueError(f"rows must be a non-empty 2-D [R, n] tensor, got {list(rows.shape)}")
     if rows.dtype not in FIT_DTYPES:
         raise ValueError(f"rows must be float16/bfloat16/float32/float64, got {rows.dtype}")
-    if not bool(torch.isfinite(rows).all()):
-        raise ValueError("rows contain NaN/Inf; cannot fit a codebook")
     dev = rows.device
     x = rows.to(torch.float32).contiguous()
+    if not bool(torch.isfinite(x).all()):  # after the cast: float64 beyond float32 range
+        raise ValueError("rows contain NaN/Inf (in float32); cannot fit a codebook")
     r, n = x.shape
     lib = native(require_cuda=True)
     with torch.cuda.device(dev):

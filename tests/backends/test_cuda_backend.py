@@ -146,3 +146,99 @@ def test_bad_inputs_raise_value_errors(cuda_backend):
         cuda_backend.fit_rows(torch.tensor([[0.0, float("inf")]], device="cuda"), 2)
     with pytest.raises(ValueError, match="lie in"):
         cuda_backend.pack(torch.full((2, 3), 9, device="cuda"), 3)
+
+
+# ---------------------------------------------------------------- review (docs/gpu-review-cuda.md)
+def random_qt(n: int, k: int, bits: int, granularity: str, seed: int = 0):
+    """A QuantizedTensor from random codes and sorted random centroids, packed on the GPU."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    groups = 1 if granularity == "tensor" else n
+    book = torch.randn(groups, 2**bits, generator=gen).sort(dim=1).values
+    planes = [p.cuda() for p in pack_codes(codes, bits)]
+    return otq.QuantizedTensor(planes, book.cuda(), bits, (n, k), granularity)
+
+
+def check_linear_qt(cuda, qt, m, dtype, with_bias, split_k=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, qt.k, generator=gen).to("cuda", dtype)
+    bias = torch.randn(qt.n, generator=gen).to("cuda", dtype) if with_bias else None
+    y = cuda.linear(x, qt, bias, split_k=split_k)
+    assert y.dtype == dtype and y.shape == (m, qt.n)
+    truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
+    ref_err = rel_err(reference.linear(x, qt, bias), truth)
+    assert rel_err(y, truth) <= 2 * ref_err + FLOOR[dtype]
+
+
+@pytest.mark.parametrize("split_k", [None, 2])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 7])
+@pytest.mark.parametrize("k", [32, 64, 96, 160])
+def test_linear_plane_rows_of_few_words(cuda_backend, k, bits, granularity, split_k):
+    """K_pad/32 odd: 1-bit rows are 4-byte, 2-bit rows 8-byte aligned (uint2/scalar loads)."""
+    for n, m in ((1, 1), (17, 9), (16, 8)):
+        qt = random_qt(n, k, bits, granularity, seed=k + bits)
+        check_linear_qt(cuda_backend, qt, m, torch.float16, True, split_k, seed=m)
+
+
+def test_linear_on_a_side_stream(cuda_backend):
+    """Kernels and the split-K fix-up run on the current (non-default) stream."""
+    qt = random_qt(300, 4096, 4, "channel")
+    x = torch.randn(5, 4096, device="cuda", dtype=torch.float16)
+    want = cuda_backend.linear(x, qt, None, split_k=4)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = cuda_backend.linear(x, qt, None, split_k=4)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, want)  # split-K is deterministic
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_linear_large_layer(cuda_backend, m):
+    """14336 x 4096 (58.7 M weights): 64-bit offsets, many row blocks, heuristic split-K."""
+    qt = random_qt(14336, 4096, 4, "channel", seed=m)
+    check_linear_qt(cuda_backend, qt, m, torch.bfloat16, True)
+
+
+def test_linear_split_k_beyond_grid_limit(cuda_backend):
+    """A forced split_k above gridDim.y's 65535 is capped, not an error (65,600 groups)."""
+    qt = random_qt(3, 65_600 * 32, 4, "tensor")
+    check_linear_qt(cuda_backend, qt, 2, torch.float32, True, split_k=70_000)
+
+
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+@pytest.mark.parametrize("r,n", [(1, 300_007), (70_000, 9), (3, 40_000)])
+def test_fit_rows_long_rows_both_assigns(cuda_backend, r, n, assign):
+    x = torch.randn(r, n, generator=torch.Generator().manual_seed(r + n))
+    codes, centroids = cuda_backend.fit_rows(x.cuda(), 3, assign)
+    ref_codes, ref_centroids = ot_rows(x.double(), 3, assign)
+    assert torch.equal(codes.cpu(), ref_codes)
+    torch.testing.assert_close(centroids.cpu(), ref_centroids.float())
+
+
+def test_fit_rows_float64_beyond_float32_range_raises(cuda_backend):
+    with pytest.raises(ValueError, match="NaN"):
+        cuda_backend.fit_rows(torch.tensor([[1e300, 0.0, 1.0]], device="cuda",
+                                           dtype=torch.float64), 2)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_fit_codebook_through_ops_on_cuda(cuda_backend, granularity):
+    """otq.fit_codebook(backend="cuda") end to end: same codes as the reference backend."""
+    w = torch.randn(70, 5000, generator=torch.Generator().manual_seed(7))
+    got = otq.fit_codebook(w.cuda(), bits=3, granularity=granularity, backend="cuda")
+    want = otq.fit_codebook(w, bits=3, granularity=granularity, backend="reference")
+    assert torch.equal(otq.unpack_codes(got).cpu(), otq.unpack_codes(want))
+    torch.testing.assert_close(got.codebook.cpu(), want.codebook)
+
+
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+def test_fit_rows_ties_and_signed_zeros_in_one_long_row(cuda_backend, assign):
+    """The single-row path (DeviceRadixSort, onesweep) keeps ties stable and -0.0 == +0.0."""
+    x = torch.randint(-3, 4, (1, 300_001), generator=torch.Generator().manual_seed(5)).float()
+    x[:, ::7] = -0.0
+    codes, centroids = cuda_backend.fit_rows(x.cuda(), 4, assign)
+    ref_codes, ref_centroids = ot_rows(x.double(), 4, assign)
+    assert torch.equal(codes.cpu(), ref_codes)
+    torch.testing.assert_close(centroids.cpu(), ref_centroids.float())
