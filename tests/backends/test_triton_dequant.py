@@ -30,3 +30,24 @@ def test_odd_shapes_bit_exact(shape, device):
 def test_dequant_backend_uses_same_weight(device):
     qt = make_qt((9, 40), 6, "channel", device)
     assert torch.equal(dequant.dense_weight(qt, torch.float32), qt.dequantize(torch.float32))
+
+
+def _gpu_memory_at_least(gib: int) -> bool:
+    return torch.cuda.is_available() and \
+        torch.cuda.get_device_properties(0).total_memory >= gib * 2**30
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _gpu_memory_at_least(16), reason="needs a GPU with 16 GiB")
+def test_more_than_2_31_elements():
+    """Output offsets n * K past 2**31 (int64 row offsets): the last rows are right."""
+    from otq_kernels.format import QuantizedTensor
+
+    n, k, tail = 2**20 + 32, 2048, 64  # n * k = 2**31 + 65536
+    device = torch.device("cuda")
+    plane = torch.randint(-2**31, 2**31 - 1, (n, k * 2 // 32), dtype=torch.int32, device=device)
+    book = torch.tensor([[-1.5, -0.5, 0.25, 1.0]], device=device)
+    dense = dequantize_triton(QuantizedTensor([plane], book, 2, (n, k), "tensor"), torch.float16)
+    last = QuantizedTensor([plane[-tail:].contiguous()], book, 2, (tail, k), "tensor")
+    assert torch.equal(dense[-tail:], last.dequantize(torch.float16))
+    del dense

@@ -81,3 +81,46 @@ def test_unknown_kernel_rejected(device):
     qt = make_qt((4, 8), 2, "tensor", device)
     with pytest.raises(ValueError, match="unknown kernel"):
         linear_triton(randn((1, 8), device, torch.float32), qt, kernel="magic")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_properties(0).total_memory < 16 * 2**30,
+                    reason="needs a GPU with 16 GiB")
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_activation_offsets_past_2_31(kernel):
+    """x rows strided so that row * stride_xm passes 2**31 elements (int64 row offsets)."""
+    device = torch.device("cuda")
+    m, k, stride = 17, 64, 2**27  # row 16 starts at element 2**31
+    base = torch.zeros((m - 1) * stride + k, dtype=torch.float16, device=device)
+    x = base.as_strided((m, k), (stride, 1))
+    x.copy_(randn((m, k), device, torch.float16))
+    qt = make_qt((32, k), 4, "channel", device)
+    y = linear_triton(x, qt, kernel=kernel)
+    torch.testing.assert_close(y, reference.linear(x.contiguous(), qt, None), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 20, 100])  # gemv with split-K workspace, splitk, gemm
+def test_cuda_graph_capture_after_warmup(m):
+    """A warmed-up call (autotuned, compiled) captures in a CUDA graph and replays exactly.
+
+    Autotuning benchmarks synchronize, which capture forbids: the first call for a shape
+    must happen outside capture (benchmarks/gpu_checks.py and torch.compile both do this).
+    """
+    device = torch.device("cuda")
+    qt = make_qt((256, 1024), 4, "channel", device)
+    x = randn((m, 1024), device, torch.float16)
+    bias = randn((256,), device, torch.float16)
+    eager = linear_triton(x, qt, bias)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        linear_triton(x, qt, bias)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear_triton(x, qt, bias)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager)

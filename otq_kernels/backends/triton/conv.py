@@ -72,7 +72,7 @@ def _conv2d_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
     rows = group * N + offs_n
     m_mask = offs_m < M
     n_mask = offs_n < N
-    batch = offs_m // (out_h * out_w)
+    batch = (offs_m // (out_h * out_w)).to(tl.int64)  # B * H * W * C may pass 2**31
     pix = offs_m % (out_h * out_w)
     ih0 = (pix // out_w) * conv_stride_h - pad_h
     iw0 = (pix % out_w) * conv_stride_w - pad_w

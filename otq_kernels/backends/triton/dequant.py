@@ -31,7 +31,7 @@ def _dequantize_kernel(p0_ptr, p1_ptr, p2_ptr, codebook_ptr, out_ptr, N, K, k_pa
                      codebook_ptr, stride_cbn, offs_n, n_mask, k0, k_pad,
                      W0, W1, W2, PER_CHANNEL, BLOCK_N, BLOCK_K)
     mask = n_mask[:, None] & (offs_k[None, :] < K)
-    out_ptrs = out_ptr + offs_n[:, None] * stride_outn + offs_k[None, :]
+    out_ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * stride_outn + offs_k[None, :]  # N*K > 2**31
     tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
 
 

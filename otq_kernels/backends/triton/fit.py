@@ -31,7 +31,10 @@ from ...format import check_bits
 from ...quantizers import ASSIGNS, chunk_of_rank, nearest_codes
 from .packing import pack_triton
 
-MAX_N = int(os.environ.get("OTQ_TRITON_FIT_MAX_N", 16384))
+# Longest row sorted in one program. 4096 (16 int64 keys a thread at 8 warps) is the safe
+# default until a GPU run shows 16384 (32 keys a thread at 16 warps: register spills, a
+# long bitonic compile) is both compiled and faster than the torch.sort path.
+MAX_N = int(os.environ.get("OTQ_TRITON_FIT_MAX_N", 4096))
 KEY16_DTYPES = (torch.float16, torch.bfloat16)
 ROW_TILE = 2048  # values per program when several short rows share one
 _FAILED_LAUNCHES: set[tuple] = set()  # (block, bits, nearest, dtype) that ran out of resources
@@ -183,7 +186,9 @@ def _launch(rows: torch.Tensor, bits: int, nearest: bool, row_tile: int):
     """One launch of the fused kernel for all rows. rows [R, n] contiguous."""
     r, n = rows.shape
     block = _block(n)
-    block_r = max(1, min(row_tile // block, triton.next_power_of_2(r)))
+    # The pad-level store is a [BLOCK_R, 2**bits] tile: bound it too (short rows at 8 bits
+    # would otherwise make [1024, 256] tiles that spill ~14 KB a thread on sm_90).
+    block_r = max(1, min(row_tile // max(block, 2**bits), triton.next_power_of_2(r)))
     codes = torch.empty(r, n, dtype=torch.int64, device=rows.device)
     cents = torch.empty(r, 2**bits, dtype=torch.float32, device=rows.device)
     grid = (triton.cdiv(r, block_r),)

@@ -91,13 +91,14 @@ def _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr
                 HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
     """Write acc float32 [BLOCK_M, BLOCK_N]: a float32 partial of split pid(1), or the output."""
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    rows = offs_m.to(tl.int64)[:, None] * stride_ym  # M * N may pass 2**31
     if WRITE_PARTIAL:
-        y_ptrs = y_ptr + tl.program_id(1) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
+        y_ptrs = y_ptr + tl.program_id(1).to(tl.int64) * stride_ys + rows + offs_n[None, :]
         tl.store(y_ptrs, acc, mask=mask)
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        y_ptrs = y_ptr + rows + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -114,6 +115,7 @@ def _linear_gemv_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # M * K may pass 2**31
     k_lo, k_hi = _k_range(K, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
@@ -121,7 +123,7 @@ def _linear_gemv_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
                          W0, W1, W2, PER_CHANNEL, BLOCK_N, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
                 HAS_BIAS, WRITE_PARTIAL)
@@ -142,11 +144,12 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # M * K may pass 2**31
     k_lo, k_hi = _k_range(K, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
         w = _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
                          codebook_ptr, stride_cbn, offs_n, n_mask, k0, k_pad,
                          W0, W1, W2, PER_CHANNEL, BLOCK_N, BLOCK_K)
@@ -159,11 +162,13 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, numel, N, SPLIT_K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y [M, N] (contiguous) = sum over splits of ws [SPLIT_K, M, N] float32, + bias."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64 like numel
     mask = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
+    ws_ptrs = ws_ptr + offs
+    for _ in range(SPLIT_K):
+        acc += tl.load(ws_ptrs, mask=mask, other=0.0)
+        ws_ptrs += numel  # pointer steps, never an int32 s * numel
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,167 @@
+"""AOT-compile the otq Triton kernels for sm_90 on a CPU-only machine (ptxas ships in the wheel).
+
+Catches what TRITON_INTERPRET=1 cannot: compile errors, shared memory per config, registers
+and spills (cuobjdump --dump-resource-usage: STACK > 0 means local-memory spills).
+
+    python python/triton_aot_check.py [linear|conv|misc|fit ...]
+    # against another triton, e.g. the GPU's 3.6: unzip its wheel into DIR, then
+    PYTHONPATH=DIR python python/triton_aot_check.py
+"""
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from otq_kernels.backends.triton import conv, dequant, fit, matmul, packing  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+ONLY = sys.argv[1:]
+
+
+def base_fn(f):
+    while not isinstance(f, triton.runtime.JITFunction):
+        f = f.fn
+    return f
+
+
+def compile_one(name, kernel, types: dict, consts: dict, num_warps=4, num_stages=3):
+    fn = base_fn(kernel)
+    sig, attrs = {}, {}
+    for i, a in enumerate(fn.arg_names):
+        if a in consts:
+            sig[a] = "constexpr"
+        else:
+            t = types.get(a, "i32")
+            sig[a] = t
+            if t.startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    t0 = time.time()
+    try:
+        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=TARGET,
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+    except Exception as e:  # noqa: BLE001
+        msg = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
+        print(f"FAIL {name}: {' | '.join(msg[-6:])[:1500]}", flush=True)
+        return
+    dt = time.time() - t0
+    usage = ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+        for line in out.splitlines():
+            if "REG" in line:
+                usage = " ".join(line.split())
+    print(f"ok   {name}: {dt:.1f}s shared={k.metadata.shared} {usage}", flush=True)
+
+
+def widths_list():
+    return [(4, 2, 1), (8, 0, 0), (2, 0, 0)]
+
+
+DT = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+
+
+def linear_jobs():
+    jobs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for w0, w1, w2 in widths_list():
+            for pc in (True, False):
+                types = {"x_ptr": DT[dt], "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
+                         "codebook_ptr": "*fp32", "bias_ptr": DT[dt], "y_ptr": DT[dt]}
+                flags = dict(W0=w0, W1=w1, W2=w2, PER_CHANNEL=pc, HAS_BIAS=True,
+                             WRITE_PARTIAL=False)
+                if dt == "fp16" and pc:
+                    for c in matmul._gemv_configs():
+                        for bm in (1, 8):
+                            name = f"gemv {dt} W{w0}{w1}{w2} {c.kwargs} BM{bm} w{c.num_warps}"
+                            jobs.append((name, matmul._linear_gemv_kernel, types,
+                                         {**flags, **c.kwargs, "BLOCK_M": bm},
+                                         c.num_warps, c.num_stages))
+                cfgs = matmul._dot_configs("splitk") + matmul._dot_configs("gemm")
+                if not (dt == "fp16" and pc and (w0, w1, w2) == (4, 2, 1)):
+                    cfgs = cfgs[:1] + cfgs[6:7]
+                for c in cfgs:
+                    prec = "ieee" if dt == "fp32" else "tf32"
+                    name = f"dot {dt} W{w0}{w1}{w2} {pc=} {c.kwargs} w{c.num_warps}/{c.num_stages}"
+                    jobs.append((name, matmul._linear_gemm_kernel, types,
+                                 {**flags, **c.kwargs, "DOT_PRECISION": prec},
+                                 c.num_warps, c.num_stages))
+    jobs.append(("gemm fp32 tf32 partial", matmul._linear_gemm_kernel,
+                 {"x_ptr": "*fp32", "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
+                  "codebook_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": "*fp32"},
+                 dict(W0=4, W1=0, W2=0, PER_CHANNEL=False, HAS_BIAS=False, WRITE_PARTIAL=True,
+                      DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8), 4, 4))
+    jobs.append(("reduce", matmul._splitk_reduce_kernel,
+                 {"ws_ptr": "*fp32", "bias_ptr": "*fp16", "y_ptr": "*fp16"},
+                 dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=1024), 4, 3))
+    return jobs
+
+
+def conv_jobs():
+    jobs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        types = {"x_ptr": DT[dt], "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
+                 "codebook_ptr": "*fp32", "bias_ptr": DT[dt], "y_ptr": DT[dt]}
+        cfgs = conv._conv_configs() if dt == "fp16" else conv._conv_configs()[:1]
+        for c in cfgs:
+            for kh in (3, 1):
+                flags = dict(W0=4, W1=2, W2=1, PER_CHANNEL=True, HAS_BIAS=True,
+                             DOT_PRECISION="ieee" if dt == "fp32" else "tf32", KH=kh, KW=kh)
+                jobs.append((f"conv {dt} k{kh} {c.kwargs} w{c.num_warps}", conv._conv2d_kernel,
+                             types, {**flags, **c.kwargs}, c.num_warps, c.num_stages))
+    return jobs
+
+
+def misc_jobs():
+    jobs = []
+    for w in widths_list():
+        for dt in ("fp16", "fp32"):
+            jobs.append((f"dequant {dt} W{w}", dequant._dequantize_kernel,
+                         {"p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
+                          "codebook_ptr": "*fp32", "out_ptr": DT[dt]},
+                         dict(W0=w[0], W1=w[1], W2=w[2], PER_CHANNEL=True, BLOCK_N=32,
+                              BLOCK_K=128), 4, 3))
+        types = {"codes_ptr": "*i64", "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32"}
+        jobs.append((f"pack W{w}", packing._pack_kernel, types,
+                     dict(W0=w[0], W1=w[1], W2=w[2], BLOCK_K=256), 4, 3))
+        jobs.append((f"unpack W{w}", packing._unpack_kernel, types,
+                     dict(W0=w[0], W1=w[1], W2=w[2], BLOCK_K=256), 4, 3))
+    return jobs
+
+
+def fit_jobs():
+    jobs = []
+    for block in (2, 128, 1024, 4096, 16384):
+        for dt, key16 in (("fp32", False), ("fp16", True), ("bf16", True)):
+            for nearest in (False, True):
+                if block == 16384 and dt == "bf16":
+                    continue
+                for bits in ((8,) if block >= 4096 else (2, 8)):
+                    block_r = max(1, min(2048 // max(block, 2**bits), 4096))
+                    jobs.append((f"fit {dt} B{block}x{block_r} bits{bits} nearest={nearest}",
+                                 fit._fit_rows_kernel,
+                                 {"x_ptr": DT[dt], "codes_ptr": "*i64", "cent_ptr": "*fp32"},
+                                 dict(BITS=bits, BLOCK=block, BLOCK_R=block_r, NEAREST=nearest,
+                                      KEY16=key16), fit._num_warps(block * block_r), 3))
+    return jobs
+
+
+ALL = {"linear": linear_jobs, "conv": conv_jobs, "misc": misc_jobs, "fit": fit_jobs}
+if __name__ == "__main__":
+    print("triton", triton.__version__, flush=True)
+    for group in (ONLY or list(ALL)):
+        jobs = ALL[group]()
+        print(f"== {group}: {len(jobs)} kernels", flush=True)
+        for job in jobs:
+            compile_one(*job)
