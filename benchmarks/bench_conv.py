@@ -13,6 +13,9 @@ input resolution, stride, padding) at batch 1 / 8 / 64. Paths:
 Rows carry M = batch·OH·OW (the GEMM M), N = C_out, K = C_in/groups·KH·KW, the effective
 GB/s (packed weights + codebook + input + output), % of copy bandwidth and ratio.
 ``--write-tuning PATH`` stores the largest M where Triton beats dequant (conv2d section).
+``--preset goal`` (GPU suite, issue 6's goal): batch 1 only; ``full`` (default): 1, 8, 64.
+Order: bits, then granularity, then batch, then layers lowest resolution first, so that a
+budget cut keeps the 4-bit per-channel rows of every layer.
 """
 
 from __future__ import annotations
@@ -85,24 +88,28 @@ def time_dense(run, layer_key, x, dense, stride, padding, fields, conv_bytes, ca
 
 
 def bench_layer(run, layer, batch, bits, gran, paths, dtype, cache) -> None:
-    """All paths for one layer, batch, bit width and granularity."""
+    """All paths for one layer, batch, bit width and granularity; errors become rows."""
     w_shape = tuple(layer["weight_shape"])
     c, h, w = layer["input_shape"]
     n, k = w_shape[0], math.prod(w_shape[1:])
     stride, padding = layer["stride"], layer["padding"]
     oh, ow = out_hw(h, w, w_shape[2:], stride, padding)
-    qt = common.random_qt(n, k, bits, gran, run.device, shape=w_shape)
-    dense = qt.dequantize(dtype).contiguous()
-    gen = torch.Generator(device=run.device).manual_seed(batch)
-    x = torch.randn(batch, c, h, w, device=run.device, dtype=dtype, generator=gen)
-    size = dense.element_size()
-    act_bytes = (x.numel() + batch * n * oh * ow) * size
     shape = f"{n}x{c}x{w_shape[2]}x{w_shape[3]}@{h}x{w}"
     fields = {"op": "conv2d", "M": batch * oh * ow, "N": n, "K": k, "shape": shape,
               "batch": batch, "dtype": str(dtype).replace("torch.", ""),
               "layer_count": layer["count"], "stride": stride, "padding": padding}
-    time_dense(run, (shape, batch), x, dense, stride, padding, fields, act_bytes, cache)
-    y_ref = F.conv2d(x, dense, None, stride, padding)
+    try:
+        qt = common.random_qt(n, k, bits, gran, run.device, shape=w_shape)
+        dense = qt.dequantize(dtype).contiguous()
+        gen = torch.Generator(device=run.device).manual_seed(batch)
+        x = torch.randn(batch, c, h, w, device=run.device, dtype=dtype, generator=gen)
+        size = dense.element_size()
+        act_bytes = (x.numel() + batch * n * oh * ow) * size
+        time_dense(run, (shape, batch), x, dense, stride, padding, fields, act_bytes, cache)
+        y_ref = F.conv2d(x, dense, None, stride, padding)
+    except Exception as exc:  # noqa: BLE001 - record and go on
+        run.error(exc, **fields, backend="fp16", kernel="cudnn", bits=bits, granularity=gran)
+        return
     qfields = {**fields, "bits": bits, "granularity": gran,
                "bound_ratio": common.bound_ratio(qt), "bits_per_weight": qt.bits_per_weight}
     for backend, kernel, fn in paths:
@@ -110,11 +117,13 @@ def bench_layer(run, layer, batch, bits, gran, paths, dtype, cache) -> None:
         if isinstance(fn, str):
             run.add(common.skipped_row(fn, **row))
             continue
+        if run.meta["fatal_error"]:
+            break
         try:
             err = common.rel_error(fn(x, qt, stride, padding), y_ref)
             timing = run.time(lambda fn=fn: fn(x, qt, stride, padding))
         except Exception as exc:  # noqa: BLE001
-            run.add(common.skipped_row(common.describe_error(exc), **row))
+            run.error(exc, **row)
             continue
         run.add({**row, **timing, "rel_err": err,
                  "bytes": act_bytes + common.quantized_bytes(qt)})
@@ -157,6 +166,8 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     p = common.parser("conv", __doc__.splitlines()[0])
+    p.add_argument("--preset", choices=["goal", "full"], default="full",
+                   help="goal: batch 1 only (issue 6); full: batches 1,8,64")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (1,8,64)")
     p.add_argument("--bits", default=None, help="comma-separated bit widths (default 4,2,3,8)")
     p.add_argument("--granularity", default="channel,tensor")
@@ -169,7 +180,7 @@ def main(argv=None) -> int:
     gpu = run.device.type == "cuda"
     dtype = torch.float16 if gpu else torch.float32
     batches = common.csv_ints(args.batches) if args.batches else \
-        ([1] if args.smoke else DEFAULT_BATCHES)
+        ([1] if args.smoke or args.preset == "goal" else DEFAULT_BATCHES)
     bits_list = common.csv_ints(args.bits) if args.bits else ([3] if args.smoke else [4, 2, 3, 8])
     grans = common.csv_strs(args.granularity)
     backends = common.csv_strs(args.backends or ("triton,dequant" if gpu else
@@ -181,6 +192,14 @@ def main(argv=None) -> int:
                              "count": v["count"]} for v in layers])
     paths = candidates(run, backends)
     cache: dict = {}
+
+    def finalize(rows: list[dict]) -> None:
+        common.fill_ratios(rows, ("op", "shape", "batch", "dtype"))
+        best_dense_ratios(rows)
+        values, evidence = derive_crossover(rows)
+        run.meta["crossovers"] = {"values": values, "geomean_speedup_vs_dequant": evidence}
+
+    run.finalizers.append(finalize)
     for bits in bits_list:
         for gran in grans:
             for batch in batches:
@@ -189,16 +208,14 @@ def main(argv=None) -> int:
                                         bits, gran)):
                         continue
                     bench_layer(run, layer, batch, bits, gran, paths, dtype, cache)
-    common.fill_ratios(run.rows, ("op", "shape", "batch", "dtype"))
-    best_dense_ratios(run.rows)
-    values, evidence = derive_crossover(run.rows)
-    run.meta["crossovers"] = {"values": values, "geomean_speedup_vs_dequant": evidence}
-    run.write()
+    run.write(complete=True)  # the finalizer fills ratios and the crossover
+    values = run.meta.get("crossovers", {}).get("values", {})
+    evidence = run.meta.get("crossovers", {}).get("geomean_speedup_vs_dequant", {})
     if args.write_tuning and values and gpu and not args.smoke:
         name = torch.cuda.get_device_name(run.device)
         run.log(f"tuning {values} -> "
                 f"{common.write_tuning(args.write_tuning, name, 'conv2d', values, evidence)}")
-    return 0
+    return 1 if run.meta["fatal_error"] else 0
 
 
 if __name__ == "__main__":

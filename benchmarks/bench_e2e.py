@@ -14,6 +14,10 @@ the peak GPU memory of a step and the model's bytes. Variants:
 
 Bits 4 (channel and tensor) and 2 / 3 / 8 (channel). ratio = t_fp16 / t and
 peak_ratio = peak / peak_fp16 at the same batch and timing mode.
+
+``--preset goal`` (GPU suite, issue 6's goal: batch 1, 4-bit per channel): batch 1 only,
+variants fp16, 4-bit channel auto / dequant / triton (every layer on Triton), then 4-bit
+tensor and 2 / 3 / 8-bit channel auto. ``full`` (default): ``VARIANTS`` at batches 1/16/64.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ VARIANTS = [(None, None, "fp16"), (4, "channel", "auto"), (4, "channel", "dequan
             (4, "tensor", "auto"), (2, "channel", "auto"), (3, "channel", "auto"),
             (8, "channel", "auto"), (2, "channel", "dequant"), (3, "channel", "dequant"),
             (8, "channel", "dequant")]
+GOAL_VARIANTS = [(None, None, "fp16"), (4, "channel", "auto"), (4, "channel", "dequant"),
+                 (4, "channel", "triton"), (4, "tensor", "auto"), (2, "channel", "auto"),
+                 (3, "channel", "auto"), (8, "channel", "auto")]
 
 
 def module_bytes(model: torch.nn.Module) -> int:
@@ -86,7 +93,7 @@ def bench_variant(run, master, variant, batches, image, dtype, modes) -> None:
     try:
         model = build_variant(master, bits, gran, backend, run.device, dtype)
     except Exception as exc:  # noqa: BLE001
-        run.add(common.skipped_row(common.describe_error(exc), **fields))
+        run.error(exc, **fields, kernel="build")
         return
     nbytes = module_bytes(model)
     summary = getattr(model, "otq_summary", None)
@@ -102,13 +109,16 @@ def bench_variant(run, master, variant, batches, image, dtype, modes) -> None:
                 continue
             try:
                 peak = peak_step_bytes(run, step)
+                graph_errors: list = []
                 timing = run.time(step, graph=mode == "graph", flush=False,
-                                  gpu_opts={"warmup_ms": 50, "rep_ms": 200, "max_reps": 100})
+                                  gpu_opts={"warmup_ms": 50, "rep_ms": 200, "max_reps": 100,
+                                            "graph_errors": graph_errors})
             except Exception as exc:  # noqa: BLE001
-                run.add(common.skipped_row(common.describe_error(exc), **row))
+                run.error(exc, **row)
                 continue
             if mode == "graph" and timing.get("timing") != "graph":
-                row["note"] = "CUDA-graph capture failed; eager time reported"
+                row["note"] = "CUDA-graph capture failed; eager time reported: " + \
+                    "; ".join(graph_errors)
             run.add({**row, **timing, "model_bytes": nbytes, "peak_bytes": peak,
                      "model_bits_per_weight": bpw})
     del model
@@ -132,6 +142,8 @@ def fill_memory_ratios(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     p = common.parser("e2e", __doc__.splitlines()[0])
+    p.add_argument("--preset", choices=["goal", "full"], default="full",
+                   help="goal: batch 1, GOAL_VARIANTS (issue 6); full: VARIANTS, 1,16,64")
     p.add_argument("--config", default=None, help="UNet config (default mnist; tiny in smoke)")
     p.add_argument("--batches", default=None, help="comma-separated (default 1,16,64)")
     p.add_argument("--variants", default=None,
@@ -145,9 +157,10 @@ def main(argv=None) -> int:
     config = args.config or ("tiny" if args.smoke else "mnist")
     gpu = run.device.type == "cuda"
     dtype = torch.float16 if gpu else torch.float32
-    batches = common.csv_ints(args.batches) if args.batches else ([1] if args.smoke
+    goal = args.preset == "goal"
+    batches = common.csv_ints(args.batches) if args.batches else ([1] if args.smoke or goal
                                                                    else [1, 16, 64])
-    variants = VARIANTS[:3] if args.smoke else VARIANTS
+    variants = VARIANTS[:3] if args.smoke else (GOAL_VARIANTS if goal else VARIANTS)
     if args.variants:
         variants = [(None, None, "fp16") if v == "fp16" else
                     (int(v.split(":")[0]), v.split(":")[1], v.split(":")[2])
@@ -160,14 +173,19 @@ def main(argv=None) -> int:
     run.meta.update(config=config, parameters=sum(p.numel() for p in master.parameters()),
                     batches=batches, modes=modes, dtype=str(dtype), l2_flush_bytes=0,
                     variants=[list(v) for v in variants])
+    run.finalizers += [lambda rows: common.fill_ratios(rows, ("op", "M", "kernel", "dtype")),
+                       fill_memory_ratios]
     for variant in variants:
         if run.over_budget(variant):
             continue
-        bench_variant(run, master, variant, batches, image, dtype, modes)
-    common.fill_ratios(run.rows, ("op", "M", "kernel", "dtype"))
-    fill_memory_ratios(run.rows)
-    run.write()
-    return 0
+        try:
+            bench_variant(run, master, variant, batches, image, dtype, modes)
+        except Exception as exc:  # noqa: BLE001 - one variant must not end the run
+            bits, gran, backend = variant
+            run.error(exc, op="e2e", backend=backend, bits=bits, granularity=gran,
+                      shape=config)
+    run.write(complete=True)  # the finalizer fills the ratios
+    return 1 if run.meta["fatal_error"] else 0
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def bench_path(run, backend, method, bits, gran, weights, max_weights, total_wei
     try:
         timing = time_pass(run, fn, inputs, backend)
     except Exception as exc:  # noqa: BLE001
-        run.add(common.skipped_row(common.describe_error(exc), **fields))
+        run.error(exc, **fields)
         return
     rate = n_weights / (timing["p50_us"] * 1e-6)
     run.add({**fields, **timing, "weights": n_weights, "layers": len(used),
@@ -207,6 +207,7 @@ def main(argv=None) -> int:
     thread_counts = [None] if gpu or args.smoke else common.csv_ints(
         args.threads or ",".join(str(t) for t in sorted({1, default_threads})))
     run.meta["thread_counts"] = thread_counts
+    run.finalizers.append(fill_rate_ratios)
     for threads in thread_counts:
         if threads is not None:
             torch.set_num_threads(threads)
@@ -221,13 +222,17 @@ def main(argv=None) -> int:
                         fast = gpu and backend in ("triton", "cuda", "torch_sort", "api")
                         limit = numpy_max if backend == "numpy" else \
                             (None if fast else slow_max)
-                        bench_path(run, backend, method, bits, gran, weights, limit, total)
+                        try:
+                            bench_path(run, backend, method, bits, gran, weights, limit,
+                                       total)
+                        except Exception as exc:  # noqa: BLE001 - record, go on
+                            run.error(exc, op="fit", backend=backend, method=method,
+                                      bits=bits, granularity=gran, shape="mnist-unet")
                         if run.rows:
                             run.rows[-1]["threads"] = threads
     torch.set_num_threads(default_threads)
-    fill_rate_ratios(run.rows)
-    run.write()
-    return 0
+    run.write(complete=True)  # the finalizer fills the ratios
+    return 1 if run.meta["fatal_error"] else 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ measured copy bandwidth, ratio = t_fp16 / t, the memory-bound cap 16 / (bits per
 and the fraction of it reached, and the relative error vs the fp16 dense result.
 
 ``--write-tuning PATH`` turns the measured crossovers into the dispatch table's format.
+
+``--preset goal`` (the GPU suite's first benchmark) runs only issue 6's goal grid: the two
+goal shapes, M ∈ {1, 16, 256, 1024}, bits 4/2/3/8, both granularities, Triton ``auto``,
+CUDA and dequant (no forced kernels); ``--preset unet`` the UNet shapes and 4096² on the
+whole grid (what the dispatch crossovers of the UNet depend on); ``--preset full``
+(default) everything above. Explicit options override the preset's values.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ import torch.nn.functional as F
 
 GOAL_SHAPES = [("goal", 8192, 8192), ("goal", 14336, 4096), ("large", 4096, 4096)]
 DEFAULT_MS = [1, 4, 16, 64, 256, 1024, 4096]
+GOAL_MS = [1, 16, 256, 1024]
 # Forced Triton kernels and the largest M each is timed at (None = every M).
 TRITON_KERNELS = {"gemv": 16, "splitk": 256, "gemm": None}
+# The CUDA LUT GEMV runs M in chunks of 8 rows (one weight pass each): pointless beyond this.
+CUDA_MAX_M = 64
 FUSED = ("triton", "cuda")
 
 
@@ -53,7 +62,11 @@ def shape_list(args) -> tuple[list[tuple[str, int, int]], str]:
         return out, "--shapes"
     if args.smoke:
         return [("smoke", 40, 72)], "smoke"
+    if args.preset == "goal":
+        return GOAL_SHAPES[:2], "issue-6 goal shapes"
     unet, source = unet_shapes()
+    if args.preset == "unet":
+        return unet + GOAL_SHAPES[2:], source
     return GOAL_SHAPES + unet, source
 
 
@@ -74,14 +87,22 @@ def backend_fn(name: str):
     return lambda x, qt: ops.codebook_linear(x, qt, None, backend=name)
 
 
-def candidates(run: common.Run, backends: list[str]) -> list[tuple[str, str, object, int | None]]:
-    """(backend, kernel, fn | skip reason, max M) for every path to time."""
+def candidates(run: common.Run, backends: list[str],
+               kernels: list[str] | None = None) -> list[tuple[str, str, object, int | None]]:
+    """(backend, kernel, fn | skip reason, max M) for every path to time.
+
+    kernels: the Triton kernels to time ("auto" = dispatch's pick; default all).
+    """
+    kernels = kernels or ["auto", *TRITON_KERNELS]
     out = []
     for name in backends:
         reason = common.backend_unavailable(name, run.device)
         if name == "triton":
-            out.append(("triton", "auto", reason or backend_fn("triton"), None))
+            if "auto" in kernels:
+                out.append(("triton", "auto", reason or backend_fn("triton"), None))
             for kernel, max_m in TRITON_KERNELS.items():
+                if kernel not in kernels:
+                    continue
                 try:
                     fn = reason or triton_forced(kernel)
                 except Exception as err:  # noqa: BLE001
@@ -89,7 +110,8 @@ def candidates(run: common.Run, backends: list[str]) -> list[tuple[str, str, obj
                 out.append(("triton", kernel, fn, max_m))
         else:
             kernel = {"dequant": "cublas", "cuda": "lut_gemv", "cpu": "lut"}.get(name, "torch")
-            out.append((name, kernel, reason or backend_fn(name), None))
+            max_m = CUDA_MAX_M if name == "cuda" and run.device.type == "cuda" else None
+            out.append((name, kernel, reason or backend_fn(name), max_m))
     return out
 
 
@@ -116,16 +138,26 @@ def time_fp16(run, m, n, k, dense, dtype, cache) -> tuple[dict, torch.Tensor, to
 
 
 def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> None:
-    """All M and paths for one (shape, bits, granularity)."""
-    qt = common.random_qt(n, k, bits, gran, run.device)
-    dense = qt.dequantize(dtype).reshape(n, k).contiguous()
+    """All M and paths for one (shape, bits, granularity); errors become rows."""
+    base = {"op": "linear", "bits": bits, "granularity": gran, "N": n, "K": k,
+            "shape": f"{n}x{k}", "source": tag, "dtype": str(dtype).replace("torch.", "")}
+    try:
+        qt = common.random_qt(n, k, bits, gran, run.device)
+        dense = qt.dequantize(dtype).reshape(n, k).contiguous()
+    except Exception as exc:  # noqa: BLE001 - record and go on
+        run.error(exc, **base, backend="setup", kernel="random_qt")
+        return
     size = dense.element_size()
     wbytes = common.quantized_bytes(qt)
-    base = {"op": "linear", "bits": bits, "granularity": gran, "N": n, "K": k,
-            "shape": f"{n}x{k}", "source": tag, "dtype": str(dtype).replace("torch.", ""),
-            "bound_ratio": common.bound_ratio(qt), "bits_per_weight": qt.bits_per_weight}
+    base.update(bound_ratio=common.bound_ratio(qt), bits_per_weight=qt.bits_per_weight)
     for m in ms:
-        _, x, y_ref = time_fp16(run, m, n, k, dense, dtype, fp16_cache)
+        if run.over_budget((tag, n, k, bits, gran, m)):
+            continue
+        try:
+            _, x, y_ref = time_fp16(run, m, n, k, dense, dtype, fp16_cache)
+        except Exception as exc:  # noqa: BLE001
+            run.error(exc, **base, backend="fp16", kernel="cublas", M=m)
+            continue
         for backend, kernel, fn, max_m in paths:
             fields = {**base, "backend": backend, "kernel": kernel, "M": m}
             if max_m is not None and m > max_m:
@@ -133,14 +165,19 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
             if isinstance(fn, str):
                 run.add(common.skipped_row(fn, **fields))
                 continue
+            if run.meta["fatal_error"]:
+                break
             try:
                 err = common.rel_error(fn(x, qt), y_ref)
-                timing = run.time(lambda fn=fn, x=x: fn(x, qt), graph=run.args.graph)
+                timing = run.time(lambda fn=fn, x=x, qt=qt: fn(x, qt), graph=run.args.graph)
             except Exception as exc:  # noqa: BLE001 - record and go on
-                run.add(common.skipped_row(common.describe_error(exc), **fields))
+                run.error(exc, **fields)
                 continue
             run.add({**fields, **timing, "rel_err": err,
                      "bytes": linear_bytes(m, n, k, wbytes, size)})
+    del qt, dense
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
@@ -178,9 +215,15 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     p = common.parser("linear", __doc__.splitlines()[0])
+    p.add_argument("--preset", choices=["goal", "unet", "full"], default="full",
+                   help="goal: issue 6's goal grid only (see the module doc); unet: the UNet "
+                        "shapes and 4096x4096 on the full grid (crossovers); full: all")
     p.add_argument("--ms", default=None, help="comma-separated M values")
     p.add_argument("--bits", default=None, help="comma-separated bit widths (default 4,2,3,8)")
-    p.add_argument("--granularity", default="tensor,channel")
+    p.add_argument("--granularity", default=None,
+                   help="comma-separated (default channel,tensor)")
+    p.add_argument("--kernels", default=None,
+                   help="Triton kernels to time: auto,gemv,splitk,gemm (default all; goal: auto)")
     p.add_argument("--shapes", default=None, help="comma-separated NxK (default: goal + UNet)")
     p.add_argument("--backends", default=None,
                    help="comma-separated (default GPU: triton,cuda,dequant; CPU: "
@@ -193,35 +236,50 @@ def main(argv=None) -> int:
     run = common.Run("linear", args)
     gpu = run.device.type == "cuda"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if gpu else torch.float32)
-    ms = common.csv_ints(args.ms) if args.ms else ([3] if args.smoke else DEFAULT_MS)
+    goal = args.preset == "goal"
+    ms = common.csv_ints(args.ms) if args.ms else \
+        ([3] if args.smoke else (GOAL_MS if goal else DEFAULT_MS))
     bits_list = common.csv_ints(args.bits) if args.bits else ([3] if args.smoke else [4, 2, 3, 8])
-    grans = common.csv_strs(args.granularity)
+    grans = common.csv_strs(args.granularity or "channel,tensor")
+    kernels = common.csv_strs(args.kernels) if args.kernels else (["auto"] if goal else None)
     default_backends = "triton,cuda,dequant" if gpu else "reference,cpu,triton,dequant"
     backends = common.csv_strs(args.backends or default_backends)
     shapes, source = shape_list(args)
     run.meta.update(shapes_source=source, ms=ms, bits=bits_list, granularities=grans,
-                    backends=backends, dtype=str(dtype), graph=args.graph)
-    paths = candidates(run, backends)
+                    backends=backends, kernels=kernels, dtype=str(dtype), graph=args.graph)
+    paths = candidates(run, backends, kernels)
     fp16_cache: dict = {}
-    for tag, n, k in shapes:
-        for bits in bits_list:
-            for gran in grans:
+
+    def finalize(rows: list[dict]) -> None:
+        common.fill_ratios(rows, ("op", "M", "N", "K", "dtype"))
+        common.fill_ratios(rows, ("op", "M", "N", "K", "dtype", "bits", "granularity"),
+                           baseline="dequant", field="ratio_vs_dequant")
+        values, evidence = derive_crossovers(rows)
+        run.meta["crossovers"] = {"values": values, "geomean_speedup_vs_rival": evidence}
+
+    run.finalizers.append(finalize)
+    # bits, then granularity, then shape: a budget cut keeps every shape at the first bit
+    # widths, and shapes of one (bits, granularity) share Triton's compiled kernels
+    for bits in bits_list:
+        for gran in grans:
+            for tag, n, k in shapes:
                 if run.over_budget((tag, n, k, bits, gran)):
                     continue
-                bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache)
-    common.fill_ratios(run.rows, ("op", "M", "N", "K", "dtype"))
-    common.fill_ratios(run.rows, ("op", "M", "N", "K", "dtype", "bits", "granularity"),
-                       baseline="dequant", field="ratio_vs_dequant")
-    values, evidence = derive_crossovers(run.rows)
-    run.meta["crossovers"] = {"values": values, "geomean_speedup_vs_rival": evidence}
-    run.write()
+                try:
+                    bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache)
+                except Exception as exc:  # noqa: BLE001 - one group must not end the run
+                    run.error(exc, op="linear", backend="group", bits=bits, granularity=gran,
+                              N=n, K=k, shape=f"{n}x{k}")
+    run.write(complete=True)  # the finalizer fills ratios and crossovers
+    values = run.meta.get("crossovers", {}).get("values", {})
+    evidence = run.meta.get("crossovers", {}).get("geomean_speedup_vs_rival", {})
     if args.write_tuning and values and gpu and not args.smoke:
         name = torch.cuda.get_device_name(run.device)
         path = common.write_tuning(args.write_tuning, name, "linear", values, evidence)
         run.log(f"tuning {values} -> {path}")
     elif args.write_tuning:
         run.log("--write-tuning ignored: needs a non-smoke GPU run with fused and dequant rows")
-    return 0
+    return 1 if run.meta["fatal_error"] else 0
 
 
 if __name__ == "__main__":

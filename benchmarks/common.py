@@ -24,12 +24,14 @@ import math
 import os
 import platform
 import re
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,11 +41,23 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
+if str(Path(__file__).resolve().parent) not in sys.path:  # gpu_limits when imported by tests
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_limits  # noqa: E402
+
+# GPU-suite runs cap Triton autotuning through env vars (see gpu_limits); unset: no change.
+AUTOTUNE_LIMIT = gpu_limits.apply_from_env()
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 QUANTILES = (0.2, 0.5, 0.8)
 ROW_KEYS = ("op", "backend", "kernel", "bits", "granularity", "M", "N", "K", "shape", "dtype",
-            "p20_us", "p50_us", "p80_us", "gbps", "pct_copy_bw", "ratio", "smoke", "skipped")
+            "p20_us", "p50_us", "p80_us", "gbps", "pct_copy_bw", "ratio", "smoke", "skipped",
+            "error")
+# Messages of CUDA errors that poison the context: every later CUDA call fails too.
+FATAL_CUDA = ("illegal memory access", "unspecified launch failure", "device-side assert",
+              "misaligned address", "illegal instruction", "an illegal", "ECC error",
+              "CUDA error: unknown error", "uncorrectable")
 META_KEYS = ("subject", "smoke", "device", "gpu", "torch", "triton", "cuda", "git_sha", "date",
              "hostname", "copy_gbps", "gemm")
 
@@ -96,6 +110,23 @@ def git_sha() -> str:
         return os.environ.get("OTQ_GIT_SHA", "unknown")
 
 
+def tree_hash() -> str:
+    """16 hex digits of sha256 over the sources that decide the numbers (otq_kernels/ and
+    csrc/ code, benchmarks/*.py, setup.py): the same tree gives the same hash here and on a
+    machine without .git (compare with `python benchmarks/common.py --tree-hash`)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    suffixes = {".py", ".json", ".cpp", ".h", ".cu", ".cuh"}
+    files = [p for base in ("otq_kernels", "csrc") for p in (REPO / base).rglob("*")
+             if p.is_file() and p.suffix in suffixes and "__pycache__" not in p.parts]
+    files += sorted((REPO / "benchmarks").glob("*.py")) + [REPO / "setup.py"]
+    for path in sorted(set(files)):
+        if path.exists():
+            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def triton_version() -> str | None:
     """Installed triton's version or None."""
     try:
@@ -126,6 +157,7 @@ def base_meta(subject: str, device: torch.device, smoke: bool) -> dict:
             **device_info(device),
             "torch": torch.__version__, "triton": triton_version(), "cuda": torch.version.cuda,
             "cudnn": cudnn, "python": platform.python_version(), "git_sha": git_sha(),
+            "tree_hash": tree_hash(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "hostname": socket.gethostname(), "argv": sys.argv[1:]}
 
@@ -181,8 +213,11 @@ def time_cpu(fn: Callable[[], object], reps: int = 5, warmup: int = 1,
     return {**_quantiles_us(samples), "timing": "wall"}
 
 
-def capture_graph(fn: Callable[[], object]):
-    """A CUDA graph of ``fn`` (already warmed up) or None when capture fails."""
+def capture_graph(fn: Callable[[], object], errors: list | None = None):
+    """A CUDA graph of ``fn`` (already warmed up) or None when capture fails.
+
+    ``errors``, if given, receives the capture's exception text.
+    """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     try:
@@ -194,8 +229,13 @@ def capture_graph(fn: Callable[[], object]):
             fn()
         torch.cuda.synchronize()
         return graph
-    except Exception:  # noqa: BLE001 - any failure means "time it eagerly"
-        torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - any failure means "time it eagerly"
+        if errors is not None:
+            errors.append(describe_error(err))
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - a poisoned context: the caller sees it next
+            pass
         return None
 
 
@@ -211,7 +251,8 @@ class L2Flusher:
 
 def time_cuda(fn: Callable[[], object], flusher: L2Flusher | None = None, graph: bool = False,
               warmup_ms: float = 25.0, rep_ms: float = 60.0, min_reps: int = 10,
-              max_reps: int = 300, est_runs: int = 5) -> dict:
+              max_reps: int = 300, est_runs: int = 5,
+              graph_errors: list | None = None) -> dict:
     """do_bench-style quantiles of ``fn`` on the GPU with per-rep CUDA events.
 
     The flush (if any) runs before each rep outside the events, so it is not timed but it
@@ -223,7 +264,7 @@ def time_cuda(fn: Callable[[], object], flusher: L2Flusher | None = None, graph:
     torch.cuda.synchronize()
     call, mode = fn, "events"
     if graph:
-        g = capture_graph(fn)
+        g = capture_graph(fn, graph_errors)
         if g is not None:
             call, mode = g.replay, "graph"
     flush = flusher or (lambda: None)
@@ -304,6 +345,27 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"[:300]
 
 
+def error_text(err: BaseException, lines: int = 12) -> str:
+    """The exception's type and message plus the last frames of its traceback (≤ 3000 chars);
+    Triton compile errors put the failing source line in the message, so keep it whole."""
+    tb = traceback.format_exception(type(err), err, err.__traceback__)
+    tail = "".join(tb).strip().splitlines()[-lines:]
+    return "\n".join(tail)[-3000:]
+
+
+def is_fatal_cuda(err: BaseException) -> bool:
+    """True for CUDA errors after which the process's CUDA context is unusable."""
+    text = str(err)
+    return any(marker in text for marker in FATAL_CUDA)
+
+
+def error_row(err: BaseException, **fields) -> dict:
+    """A row for a configuration that raised: skipped = the one-line error, error = details."""
+    row = skipped_row("error: " + describe_error(err), **fields)
+    row["error"] = error_text(err)
+    return row
+
+
 def fill_ratios(rows: list[dict], key_fields: tuple[str, ...], baseline: str = "fp16",
                 field: str = "ratio") -> None:
     """row[field] = p50(baseline row) / p50(row) for rows sharing ``key_fields`` (same run).
@@ -341,11 +403,37 @@ class Run:
         self.meta = base_meta(subject, self.device, self.smoke)
         self.meta.update(l2_flush_bytes=0 if args.no_flush or self.device.type != "cuda"
                          else L2_FLUSH_BYTES, budget_s=args.budget_s, skipped_configs=[],
-                         copy_gbps=None, gemm=None)
+                         copy_gbps=None, gemm=None, autotune_limit=AUTOTUNE_LIMIT,
+                         preset=getattr(args, "preset", None), errors=0, fatal_error=None,
+                         complete=False)
         self._flusher = None
         self.copy_gbps = None
+        self._written_rows = -1
+        self._last_write = time.perf_counter()
+        # called before every write (checkpoints and the SIGTERM write too): derived
+        # fields such as ratios, so that a cut-short file is as usable as a complete one
+        self.finalizers: list[Callable[[list[dict]], object]] = []
+        self._install_sigterm()
         if measure_ceilings:
-            self.measure_ceilings()
+            try:
+                self.measure_ceilings()
+            except Exception as err:  # noqa: BLE001 - ratios need no ceilings
+                self.meta["ceilings_error"] = describe_error(err)
+                self.log(f"ceilings failed: {describe_error(err)}")
+
+    def _install_sigterm(self) -> None:
+        """On SIGTERM (the suite's per-step timeout), write what was measured, then exit."""
+        def handler(signum, _frame):
+            self.meta["interrupted"] = f"signal {signum} after {self.elapsed():.0f}s"
+            try:
+                self.write()
+            finally:
+                raise SystemExit(128 + signum)
+
+        try:
+            self._old_sigterm = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. under a test runner's worker)
+            self._old_sigterm = None
 
     # -- ceilings and timing
     def measure_ceilings(self) -> None:
@@ -388,13 +476,39 @@ class Run:
         return time.perf_counter() - self.started
 
     def over_budget(self, config: object = None) -> bool:
-        """True (and the configuration noted in meta) once --budget-s is spent."""
+        """True (and the configuration noted in meta) once --budget-s is spent or a fatal
+        CUDA error poisoned the context. Also checkpoints the JSON every ~20 s, so that a
+        run killed from outside still leaves its rows."""
+        self.checkpoint()
         budget = self.args.budget_s
-        if budget is None or self.elapsed() < budget:
+        stop = self.meta["fatal_error"] is not None or \
+            (budget is not None and self.elapsed() >= budget)
+        if not stop:
             return False
         if config is not None:
             self.meta["skipped_configs"].append(str(config))
         return True
+
+    def error(self, err: BaseException, **fields) -> dict:
+        """Record a configuration that raised as an error row (and note fatal CUDA errors).
+
+        NotImplementedError (a backend without that op) is a plain skip, not an error.
+        """
+        if isinstance(err, NotImplementedError):
+            return self.add(skipped_row(describe_error(err), **fields))
+        self.meta["errors"] += 1
+        if self.device.type == "cuda" and is_fatal_cuda(err) and not self.meta["fatal_error"]:
+            self.meta["fatal_error"] = describe_error(err)
+            self.log(f"fatal CUDA error, remaining configurations skipped: "
+                     f"{describe_error(err)}")
+        return self.add(error_row(err, **fields))
+
+    def checkpoint(self, every_s: float = 20.0) -> None:
+        """Rewrite the JSON if rows were added and ``every_s`` passed since the last write."""
+        if self.smoke or len(self.rows) == self._written_rows:
+            return
+        if time.perf_counter() - self._last_write >= every_s:
+            self.write(quiet=True)
 
     # -- rows
     def add(self, row: dict) -> dict:
@@ -408,20 +522,38 @@ class Run:
             if self.copy_gbps:
                 full["pct_copy_bw"] = 100.0 * full["gbps"] / self.copy_gbps
         self.rows.append(full)
-        if not self.args.quiet:
+        if not self.args.quiet or full.get("error"):
             self.log(format_row(full))
+        if full.get("error"):
+            print("    " + full["error"].replace("\n", "\n    "), flush=True)
         return full
 
     def log(self, text: str) -> None:
         print(f"[{self.subject} {self.elapsed():6.1f}s] {text}", flush=True)
 
-    def write(self) -> Path:
-        """Write {"meta", "rows"} JSON; returns its path."""
+    def write(self, quiet: bool = False, complete: bool = False) -> Path:
+        """Write {"meta", "rows"} JSON (atomically); returns its path.
+
+        ``complete=True`` marks the final write (meta.complete); checkpoints leave it False.
+        """
+        for finalize in self.finalizers:
+            try:
+                finalize(self.rows)
+            except Exception as err:  # noqa: BLE001 - never lose the rows over a ratio
+                self.meta["finalize_error"] = describe_error(err)
         self.meta["wall_s"] = round(self.elapsed(), 2)
+        self.meta["complete"] = complete
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"meta": self.meta, "rows": [clean(r) for r in self.rows]}
-        self.out_path.write_text(json.dumps(payload, indent=1) + "\n")
-        self.log(f"wrote {len(self.rows)} rows to {self.out_path}")
+        tmp = self.out_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        os.replace(tmp, self.out_path)
+        self._written_rows, self._last_write = len(self.rows), time.perf_counter()
+        if complete and self._old_sigterm is not None:  # in-process callers (tests) get
+            signal.signal(signal.SIGTERM, self._old_sigterm)  # their own handler back
+            self._old_sigterm = None
+        if not quiet:
+            self.log(f"wrote {len(self.rows)} rows to {self.out_path}")
         return self.out_path
 
 
@@ -601,3 +733,10 @@ def geomean(values: list[float]) -> float | None:
     if not values:
         return None
     return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+if __name__ == "__main__":  # `python benchmarks/common.py --tree-hash`
+    if sys.argv[1:] == ["--tree-hash"]:
+        print(tree_hash())
+    else:
+        print(__doc__)

@@ -6,7 +6,11 @@
 - ``--sanitizer-target``: a short run of the CUDA and Triton kernels on small odd shapes
   (every bit width, both granularities, linear + conv + fit) for ``compute-sanitizer``.
 
-Exit status 0 when every check passed (or was skipped with a reason), 1 otherwise.
+Exit status 0 when every check passed (or was skipped with a reason), 1 otherwise;
+``checks.json`` is rewritten after each check, with the traceback tail of a failure. The
+sanitizer target exits 2 when Python-level errors occurred (printed as they happen, so that
+every kernel still runs; compute-sanitizer's own ``--error-exitcode 1`` marks memory errors).
+GPU-suite runs cap Triton autotuning through ``gpu_limits`` (env, via ``common``).
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ def check_graph(model, x, t) -> dict:
     with torch.inference_mode():
         ref = model(x, t).clone()
         out: dict = {}
-        graph = common.capture_graph(lambda: out.__setitem__("y", model(x, t)))
+        errors: list = []
+        graph = common.capture_graph(lambda: out.__setitem__("y", model(x, t)), errors)
         if graph is None:
-            return {"ok": False, "detail": "CUDA-graph capture of the quantized model failed"}
+            return {"ok": False, "detail": "CUDA-graph capture of the quantized model failed: "
+                    + "; ".join(errors)}
         graph.replay()
         torch.cuda.synchronize()
         err = common.rel_error(out["y"], ref)
@@ -62,11 +68,12 @@ def check_compile(model, x, t) -> dict:
     return {"ok": err < TOLERANCE, "rel_err": err}
 
 
-def sanitizer_target(device: torch.device) -> None:
-    """Exercise every GPU kernel family once on small odd shapes."""
+def sanitizer_target(device: torch.device, bits_list: list[int]) -> int:
+    """Exercise every GPU kernel family once on small odd shapes; returns the number of
+    Python-level errors (printed, not raised, so that every kernel still runs)."""
     from otq_kernels import ops
 
-    for bits in range(2, 9):
+    for bits in bits_list:
         for gran in ("tensor", "channel"):
             qt = common.random_qt(37, 97, bits, gran, device, seed=bits)
             for m in (1, 3, 17):
@@ -81,8 +88,14 @@ def sanitizer_target(device: torch.device) -> None:
         for backend in ("cuda", "triton"):
             if common.backend_unavailable(backend, device) is None:
                 _try(ops.fit_rows, rows, bits, "ot", "rank", backend)
+        print(f"sanitizer target: bits {bits} done, {_ERRORS[0]} Python errors so far",
+              flush=True)
     torch.cuda.synchronize()
-    print("sanitizer target done")
+    print(f"sanitizer target done: {_ERRORS[0]} Python-level errors")
+    return _ERRORS[0]
+
+
+_ERRORS = [0]
 
 
 def _try(fn, *args, **kwargs) -> None:
@@ -90,7 +103,9 @@ def _try(fn, *args, **kwargs) -> None:
     try:
         fn(*args, **kwargs)
     except Exception as err:  # noqa: BLE001
-        print("error:", common.describe_error(err))
+        _ERRORS[0] += 1
+        name = getattr(fn, "__name__", str(fn))
+        print(f"error in {name} {kwargs}:", common.error_text(err, lines=6), flush=True)
 
 
 def main(argv=None) -> int:
@@ -99,29 +114,45 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="mnist", help="UNet config for graph/compile")
     p.add_argument("--checks", default="graph,compile")
     p.add_argument("--sanitizer-target", action="store_true")
+    p.add_argument("--bits", default="2,3,4,5,6,7,8",
+                   help="bit widths the sanitizer target runs (default 2-8)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_checks: no CUDA device; nothing to check")
         return 0
     device = torch.device("cuda")
     if args.sanitizer_target:
-        sanitizer_target(device)
-        return 0
-    results = {}
-    model, x, t = quantized_unet(args.config, device)
-    for name in common.csv_strs(args.checks):
+        return 2 if sanitizer_target(device, common.csv_ints(args.bits)) else 0
+    names = common.csv_strs(args.checks)
+    results: dict = {}
+    meta = {**common.base_meta("checks", device, False), "autotune_limit": common.AUTOTUNE_LIMIT}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every check: a later hang or kill keeps the earlier ones
+        payload = {"meta": meta, "config": args.config, "checks": results}
+        (out / "checks.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+    begin = time.perf_counter()
+    try:
+        model, x, t = quantized_unet(args.config, device)
+    except Exception as err:  # noqa: BLE001
+        for name in names:
+            results[name] = {"ok": False, "detail": "building the quantized model failed: "
+                             + common.error_text(err)}
+        write()
+        print(common.error_text(err), flush=True)
+        return 1
+    meta["setup_s"] = round(time.perf_counter() - begin, 2)
+    for name in names:
         begin = time.perf_counter()
         try:
             results[name] = {"graph": check_graph, "compile": check_compile}[name](model, x, t)
         except Exception as err:  # noqa: BLE001
-            results[name] = {"ok": False, "detail": common.describe_error(err)}
+            results[name] = {"ok": False, "detail": common.error_text(err)}
         results[name]["seconds"] = round(time.perf_counter() - begin, 2)
         print(f"{name}: {results[name]}", flush=True)
-    payload = {"meta": common.base_meta("checks", device, False), "config": args.config,
-               "checks": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checks.json").write_text(json.dumps(payload, indent=1) + "\n")
+        write()
     return 0 if all(r["ok"] for r in results.values()) else 1
 
 

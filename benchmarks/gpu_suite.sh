@@ -1,30 +1,76 @@
 #!/usr/bin/env bash
-# THE script for a GPU machine: build the extension, run the cuda tests, the GPU checks,
-# compute-sanitizer and every benchmark; write logs + JSON + plots to one folder.
+# THE script for a GPU machine: build the extension, run the cuda tests, the CUDA-graph /
+# torch.compile checks, compute-sanitizer and the benchmarks; logs + JSON + plots to one
+# folder, a digest of the results at the end of stdout and of summary.txt.
+#
+# ---- First GPU session with the device tool (30 min of device time, <= 10 min a call) ----
+# Here, once:   bash tools/fetch_wheels.sh      # wheelhouse/: flow_matching + POT (cp312), ~32 MB
+# Then up to three calls, each a fresh machine (~1-2 min start), each ~9 min of suite time:
+#   1 correctness  run(command="OTQ_SUITE_PLAN=1 OTQ_GIT_SHA=<sha> bash benchmarks/gpu_suite.sh",
+#                      carry=["wheelhouse"], timeout_s=600)
+#                  env, wheels, build, pytest -m cuda, graph+compile checks, compute-sanitizer,
+#                  then the Triton kernel tests on the GPU until the deadline
+#   2 goal benches run(command="OTQ_SUITE_PLAN=2 OTQ_GIT_SHA=<sha> bash benchmarks/gpu_suite.sh",
+#                      carry=["wheelhouse"], timeout_s=600)
+#                  env, wheels, build, issue 6's goal grids: linear 8192x8192 + 14336x4096,
+#                  M 1/16/256/1024, bits 4/2/3/8 (goal/linear.json); e2e mnist UNet batch 1
+#                  (goal/e2e.json); the UNet's 3x3 convs at batch 1 (goal/conv.json); plots
+#   3 optional     OTQ_SUITE_PLAN=3 (same form): fit throughput, linear crossovers on UNet
+#                  shapes (+ tuning.json), conv at batch 8/64, e2e at batch 16/64, the whole
+#                  pytest suite until the deadline. A call costs its suite time + ~1-2 min of
+#                  machine start; with L minutes of device time left (status), add
+#                  OTQ_SUITE_DEADLINE_S=$(( (L - 3) * 60 )) (max 530) and skip it below ~7 min.
+# A machine stays warm 30 s after a call: a call made within that time reuses the build
+# and Triton's compile cache (/tmp/otq_triton_cache) and starts at once.
+# <sha> = `git rev-parse HEAD` written out literally (the machine gets no .git); every JSON
+# also records tree_hash (`python benchmarks/common.py --tree-hash` here gives the same).
+# What comes back (files_at): summary.txt (step status, error tails, results digest),
+# suite.tar.gz (everything: `tar -xzf suite.tar.gz -C benchmarks/results/`) and up to 6
+# JSON files (goal_linear.json, goal_e2e.json, goal_conv.json, checks.json, fit.json, ...).
 #
 # usage: bash benchmarks/gpu_suite.sh [OUTDIR]
 #   OUTDIR default: benchmarks/results/<gpu-slug>/; when $OUT is set (the device tool) the
-#   work happens in /tmp/otq_suite/<gpu-slug>/ and $OUT receives suite.tar.gz (everything:
-#   extract with `tar -xzf suite.tar.gz -C benchmarks/results/`), summary.txt and the JSON
-#   files (the tool returns at most 8 files).
+#   work happens in /tmp/otq_suite/<gpu-slug>/ and $OUT receives the files above after
+#   every step (a call killed at its limit still returns what was done).
 # env:
-#   OTQ_SUITE_STEPS       steps to run, in this order (default: all, see STEPS below)
-#   OTQ_SUITE_DEADLINE_S  wall-clock budget for the whole suite (default 530 s); each step
-#                         gets min(its cap, what is left); benches get --budget-s inside it
-#   OTQ_WHEELS            folder of carried wheels (default wheelhouse/, see tools/fetch_wheels.sh)
+#   OTQ_SUITE_PLAN        1, 2 or 3 (above); unset: every step in priority order
+#   OTQ_SUITE_STEPS       explicit step list, overrides the plan (names: see ALL_STEPS)
+#   OTQ_SUITE_DEADLINE_S  wall-clock budget for the whole suite (default 530 s with $OUT,
+#                         else 7200); each step gets min(its cap, what is left) and stops
+#                         itself inside that (benches: --budget-s; pytest: a deadline plugin)
+#   OTQ_SUITE_CAP_SCALE   multiply every step's cap (default 1; e.g. 4 on a machine of your own)
+#   OTQ_TEST_AUTOTUNE_MAX_CONFIGS   Triton configs tried per autotune key in tests, checks and
+#                         the sanitizer run (default 1: no autotune benchmarking)
+#   OTQ_BENCH_AUTOTUNE_MAX_CONFIGS  the same for the benchmarks (default 4; 0 = no limit)
+#   OTQ_AUTOTUNE_REP_MS   ms of timing per autotune config (default 20; Triton's own is 125)
+#   OTQ_WHEELS            folder of carried wheels (default wheelhouse/)
 #   OTQ_GIT_SHA           recorded in the JSON meta when the tree has no .git
-#   PYTHON                interpreter (default python3)
-# A failing step is logged in summary.txt and the suite goes on to the next one.
+#   PYTHON                interpreter (default python3: the image's, which holds torch)
+# A failing step is logged in summary.txt with the tail of its log and the suite goes on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 T0=$(date +%s)
-DEADLINE=${OTQ_SUITE_DEADLINE_S:-530}
+if [ -n "${OUT:-}" ]; then DEADLINE=${OTQ_SUITE_DEADLINE_S:-530}; else DEADLINE=${OTQ_SUITE_DEADLINE_S:-7200}; fi
+CAP_SCALE=${OTQ_SUITE_CAP_SCALE:-1}
 PY=${PYTHON:-python3}
 WHEELS=${OTQ_WHEELS:-wheelhouse}
-ALL_STEPS="env wheels build tests_cuda bench_linear bench_conv bench_e2e bench_fit checks plot sanitizer tests_all"
-STEPS=" ${OTQ_SUITE_STEPS:-$ALL_STEPS} "
+TEST_AT=${OTQ_TEST_AUTOTUNE_MAX_CONFIGS:-1}
+BENCH_AT=${OTQ_BENCH_AUTOTUNE_MAX_CONFIGS:-4}
+AT_REP=${OTQ_AUTOTUNE_REP_MS:-20}
+SITE=/tmp/otq_site
+PLAN1="env wheels build tests_cuda checks sanitizer tests_gpu"
+PLAN2="env wheels build goal_linear goal_e2e goal_conv plot"
+PLAN3="env wheels build bench_fit bench_linear bench_conv bench_e2e tests_all"
+ALL_STEPS="env wheels build tests_cuda checks sanitizer goal_linear goal_e2e goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
+case "${OTQ_SUITE_PLAN:-}" in
+  1) PLAN_STEPS=$PLAN1 ;; 2) PLAN_STEPS=$PLAN2 ;; 3) PLAN_STEPS=$PLAN3 ;;
+  "") PLAN_STEPS=$ALL_STEPS ;;
+  *) echo "gpu_suite: OTQ_SUITE_PLAN must be 1, 2 or 3" >&2; exit 2 ;;
+esac
+STEPS=" ${OTQ_SUITE_STEPS:-$PLAN_STEPS} "
 export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/otq_triton_cache}
 ARGC=$#
 
 slug=$($PY - <<'EOF' 2>/dev/null || echo unknown
@@ -40,104 +86,196 @@ elif [ -n "${OUT:-}" ]; then
 else
   DIR=benchmarks/results/$slug
 fi
-mkdir -p "$DIR/logs"
+[ -n "${OUT:-}" ] && [ $# -lt 1 ] && rm -rf "$DIR"   # our scratch folder: start clean
+mkdir -p "$DIR/logs" "$DIR/goal"
 DIR=$(cd "$DIR" && pwd)
 SUMMARY=$DIR/summary.txt
-echo "gpu_suite: $(date -u +%FT%TZ) slug=$slug dir=$DIR deadline=${DEADLINE}s steps=[$STEPS]" | tee "$SUMMARY"
+echo "gpu_suite: $(date -u +%FT%TZ) slug=$slug plan=${OTQ_SUITE_PLAN:-all} dir=$DIR" \
+  "deadline=${DEADLINE}s git_sha=${OTQ_GIT_SHA:-?} steps=[$STEPS]" | tee "$SUMMARY"
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
+# pytest's last line ("3 failed, 120 passed, 2 skipped in 41.2s", "no tests ran in ..")
+PYTEST_END='^(=+ )?(([0-9]+ [a-z]+(, )?)+|no tests ran) in [0-9.]+s|^!+ Interrupted'
+
+
 wanted() { case "$STEPS" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
+# Copy the results to $OUT (the device tool brings back at most 8 files of <= 16 MB).
+export_out() {
+  [ -n "${OUT:-}" ] && [ "$ARGC" -lt 1 ] || return 0
+  cp "$SUMMARY" "$OUT/summary.txt" 2>/dev/null
+  local n=0 src dst
+  for pair in goal/linear.json:goal_linear.json goal/e2e.json:goal_e2e.json \
+              goal/conv.json:goal_conv.json checks.json:checks.json fit.json:fit.json \
+              linear.json:linear.json e2e.json:e2e.json conv.json:conv.json \
+              tuning.json:tuning.json; do
+    src=${pair%%:*} dst=${pair##*:}
+    if [ -f "$DIR/$src" ] && [ $n -lt 6 ]; then cp "$DIR/$src" "$OUT/$dst" && n=$((n + 1)); fi
+  done
+  tar -czf "$OUT/suite.tar.gz.tmp" -C "$(dirname "$DIR")" "$(basename "$DIR")" 2>/dev/null
+  if [ "$(stat -c %s "$OUT/suite.tar.gz.tmp" 2>/dev/null || echo 0)" -gt 15000000 ]; then
+    # logs grew too large (e.g. compiler dumps): keep the last 1 MB of each
+    local tmp=/tmp/otq_suite_small
+    rm -rf "$tmp" && mkdir -p "$tmp" && cp -r "$DIR" "$tmp/"
+    for f in "$tmp/$(basename "$DIR")"/logs/*; do
+      [ -f "$f" ] && tail -c 1000000 "$f" > "$f.t" && mv "$f.t" "$f"
+    done
+    tar -czf "$OUT/suite.tar.gz.tmp" -C "$tmp" "$(basename "$DIR")" 2>/dev/null
+  fi
+  mv -f "$OUT/suite.tar.gz.tmp" "$OUT/suite.tar.gz"
+}
+
 # run_step NAME CAP_S COMMAND: run COMMAND (a bash string; $STEP_BUDGET = seconds it may
-# use) under timeout, log to logs/NAME.log, record the outcome, never abort the suite.
+# use, $DIR, $PY) under timeout, log to logs/NAME.log, record the outcome with the log's
+# tail in summary.txt, never abort the suite.
 run_step() {
-  local name=$1 cap=$2 cmd=$3
+  local name=$1 cap=$(( $2 * CAP_SCALE )) cmd=$3
   wanted "$name" || return 0
-  local left=$(( DEADLINE - $(elapsed) - 20 ))
-  if [ "$left" -lt 20 ]; then
-    echo "$name: SKIPPED (suite deadline reached at $(elapsed)s)" | tee -a "$SUMMARY"
+  local left=$(( DEADLINE - $(elapsed) - 15 ))
+  if [ "$left" -lt 25 ]; then
+    echo "$name: SKIPPED (suite deadline: $(elapsed)s of ${DEADLINE}s used)" | tee -a "$SUMMARY"
     return 0
   fi
   local t=$(( cap < left ? cap : left )) start=$(date +%s)
+  echo "[$(elapsed)s] $name: start (limit ${t}s)"
   STEP_BUDGET=$(( t * 8 / 10 )) DIR="$DIR" PY="$PY" \
     timeout -k 10 "$t" bash -c "$cmd" >"$DIR/logs/$name.log" 2>&1
   local rc=$? status=ok
   [ $rc -ne 0 ] && status="FAILED rc=$rc"
-  [ $rc -eq 124 ] || [ $rc -eq 137 ] && status="TIMEOUT after ${t}s"
-  echo "$name: $status ($(( $(date +%s) - start ))s, log logs/$name.log)" | tee -a "$SUMMARY"
-  tail -n 4 "$DIR/logs/$name.log" | sed 's/^/    /'
+  { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && status="TIMEOUT after ${t}s (killed)"
+  local log=$DIR/logs/$name.log
+  if [ $rc -eq 2 ] && grep -q "OTQ_PYTEST_DEADLINE reached" "$log" \
+      && ! grep -q -E "^(FAILED|ERROR) " "$log"; then
+    status="PARTIAL: no failure, stopped at the step's deadline"
+  fi
+  {
+    echo "$name: $status ($(( $(date +%s) - start ))s, log logs/$name.log)"
+    if grep -q -E "$PYTEST_END" "$log"; then  # pytest: failures, then its last line
+      grep -E "^(FAILED|ERROR) " "$log" | head -n 25 | cut -c1-300 | sed 's/^/    /'
+      grep -E "$PYTEST_END" "$log" | tail -n 2 | sed 's/^/    /'
+    elif [ $rc -ne 0 ]; then
+      grep -v '^\s*$' "$log" | tail -n 20 | cut -c1-400 | sed 's/^/    | /'
+    else
+      grep -v '^\s*$' "$log" | tail -n 2 | cut -c1-300 | sed 's/^/    /'
+    fi
+  } | tee -a "$SUMMARY"
+  export_out
 }
 
 finish() {
+  [ -n "${DMON_PID:-}" ] && kill "$DMON_PID" 2>/dev/null
   echo "gpu_suite: done in $(elapsed)s" | tee -a "$SUMMARY"
-  if [ -n "${OUT:-}" ] && [ "$ARGC" -lt 1 ]; then
-    tar -czf "$OUT/suite.tar.gz" -C "$(dirname "$DIR")" "$(basename "$DIR")"
-    cp "$SUMMARY" "$OUT/"
-    for f in linear conv fit e2e checks tuning; do
-      [ -f "$DIR/$f.json" ] && cp "$DIR/$f.json" "$OUT/"
-    done
-  fi
+  $PY benchmarks/digest.py "$DIR" 2>&1 | tee -a "$SUMMARY"
+  export_out
 }
 trap finish EXIT
 
-# -- steps ------------------------------------------------------------------------------
-run_step env 30 '
-  nvidia-smi
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
-  $PY -c "import torch, sys; print(\"python\", sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version()); print(torch.cuda.get_device_properties(0))"
-  $PY -c "import triton; print(\"triton\", triton.__version__)"
-  nvcc --version; compute-sanitizer --version | head -n 2
-  $PY -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|flow.matching|torchdiffeq|pot|safetensors|hypothesis|tqdm|pytest) "
-  uname -a; nproc; free -g' 
-cp "$DIR/logs/env.log" "$DIR/env.txt" 2>/dev/null
-
-if wanted wheels; then  # in this shell: PYTHONPATH must reach the later steps
-  if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    if timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target /tmp/otq_site "$WHEELS"/*.whl >"$DIR/logs/wheels.log" 2>&1; then
-      export PYTHONPATH="$PYTHONPATH:/tmp/otq_site"
-      echo "wheels: ok ($(ls "$WHEELS"/*.whl | wc -l) wheels -> /tmp/otq_site)" | tee -a "$SUMMARY"
-    else
-      echo "wheels: FAILED (logs/wheels.log)" | tee -a "$SUMMARY"
-    fi
-  else
-    echo "wheels: none carried in $WHEELS/ (tests needing flow_matching/pot will skip or fail)" | tee -a "$SUMMARY"
-  fi
+# clocks, power and temperature every 5 s while the suite runs (throttling shows up here)
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi dmon -s pucm -d 5 -c $(( DEADLINE / 5 + 12 )) >"$DIR/logs/dmon.log" 2>&1 &
+  DMON_PID=$!
 fi
 
+TEST_ENV="export OTQ_AUTOTUNE_MAX_CONFIGS=$TEST_AT OTQ_AUTOTUNE_REP_MS=$AT_REP"
+BENCH_ENV="export OTQ_AUTOTUNE_MAX_CONFIGS=$BENCH_AT OTQ_AUTOTUNE_REP_MS=$AT_REP"
+# pytest on the GPU: Triton autotune capped, stops itself at the step's budget (gpu_limits)
+PYTEST="$TEST_ENV"'; export OTQ_PYTEST_DEADLINE=$(( $(date +%s) + STEP_BUDGET ));
+  PYTHONPATH="$PYTHONPATH:'"$REPO"'/benchmarks" $PY -m pytest -p gpu_limits -p no:cacheprovider \
+    -q -ra --durations=15'
+
+# -- steps ------------------------------------------------------------------------------
+run_step env 40 '
+  nvidia-smi
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+  $PY -c "import torch; print(torch.cuda.get_device_properties(0))"
+  $PY -c "import sysconfig, os; h = os.path.join(sysconfig.get_paths()[\"include\"], \"Python.h\"); print(\"Python.h\", h, os.path.exists(h))"
+  echo "git_sha ${OTQ_GIT_SHA:-unset}"
+  command -v nvcc ninja compute-sanitizer; nvcc --version | tail -n 2; ninja --version
+  compute-sanitizer --version | head -n 2
+  $PY -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|scipy|flow.matching|torchdiffeq|pot|safetensors|hypothesis|tqdm|pytest|pytest-timeout|setuptools|pybind11|ninja|matplotlib|scikit-learn|scikit-image|torchmetrics) "
+  uname -a; free -g; df -h /tmp | tail -n 1
+  echo "$(nproc) CPUs, tree_hash $($PY benchmarks/common.py --tree-hash)"
+  $PY -c "import sys, torch, triton; print(\"python\", sys.version.split()[0], sys.executable, \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)"'
+cp "$DIR/logs/env.log" "$DIR/env.txt" 2>/dev/null
+
+# wheels: install the carried wheels this interpreter lacks, by name, offline, into $SITE
+# (never torch/triton: --no-deps, and only the packages pip show does not find)
+run_step wheels 90 '
+  shopt -s nullglob
+  whls=('"$WHEELS"'/*.whl)
+  if [ ${#whls[@]} -eq 0 ]; then echo "no wheels carried in '"$WHEELS"'/ (tests needing flow_matching/POT will skip or fail)"; exit 0; fi
+  names=$(for w in "${whls[@]}"; do basename "$w" | cut -d- -f1; done | sort -u)
+  bad=0
+  for name in $names; do
+    if $PY -m pip show -q "$name" >/dev/null 2>&1; then echo "$name: already installed, not touched"; continue; fi
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --find-links '"$WHEELS"' --target '"$SITE"' "$name"; then echo "$name: installed"
+    else echo "$name: FAILED (no wheel for this Python/platform in '"$WHEELS"'/?)"; bad=1; fi
+  done
+  rm -rf '"$SITE"'/tests   # flow_matching ships its own top-level tests package
+  PYTHONPATH="$PYTHONPATH:'"$SITE"'" $PY -c "import importlib.metadata as m, flow_matching, ot; print(\"importable: flow_matching\", m.version(\"flow_matching\"), \"POT\", m.version(\"POT\"))" || bad=1
+  exit $bad'
+[ -d "$SITE" ] && export PYTHONPATH="$PYTHONPATH:$SITE"   # for every later step
+
+# build in place (PYTHONPATH=$REPO finds it; nothing installed into the image), sm_90 only,
+# CUDA sources forced so that a missing nvcc is an error, not a silent CPU-only build
 run_step build 240 '
-  export OTQ_CUDA_ARCHS=${OTQ_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
-  $PY setup.py build_ext --inplace || $PY -m pip install --no-build-isolation --no-deps -e .
-  $PY -c "import otq_kernels._C as c; print(\"extension:\", c.__file__, \"WITH_CUDA =\", getattr(c, \"WITH_CUDA\", None))"'
+  export OTQ_CUDA_ARCHS=${OTQ_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} OTQ_FORCE_CUDA=1
+  [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda
+  export PATH="$(dirname "$(command -v $PY)"):$PATH"   # ninja of the same environment
+  $PY setup.py build_ext --inplace || exit 1
+  $PY -c "import otq_kernels._C as c; print(\"extension:\", c.__file__, \"WITH_CUDA =\", c.WITH_CUDA); assert c.WITH_CUDA, \"built without CUDA\""'
 
-run_step tests_cuda 120 '
-  $PY -m pytest -m cuda -q -p no:cacheprovider --junitxml="$DIR/logs/pytest_cuda.xml" tests'
+run_step tests_cuda 150 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_cuda.xml" tests'
 
-run_step bench_linear 170 '
-  $PY benchmarks/bench_linear.py --out "$DIR" --budget-s "$STEP_BUDGET" --quiet \
-    --write-tuning "$DIR/tuning.json"'
-
-run_step bench_conv 80 '
-  $PY benchmarks/bench_conv.py --out "$DIR" --budget-s "$STEP_BUDGET" --quiet \
-    --write-tuning "$DIR/tuning.json"'
-
-run_step bench_e2e 100 '
-  $PY benchmarks/bench_e2e.py --out "$DIR" --budget-s "$STEP_BUDGET" --quiet'
-
-run_step bench_fit 70 '
-  $PY benchmarks/bench_fit.py --out "$DIR" --budget-s "$STEP_BUDGET" --quiet'
-
-run_step checks 120 '
+run_step checks 150 "$TEST_ENV"'
   $PY benchmarks/gpu_checks.py --out "$DIR"'
 
-run_step plot 40 '
-  $PY benchmarks/plot.py "$DIR"'
-
-run_step sanitizer 150 '
+run_step sanitizer 200 "$TEST_ENV"'
   if ! command -v compute-sanitizer >/dev/null; then echo "compute-sanitizer not found"; exit 0; fi
-  compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+  # one cudaMalloc per tensor, so that memcheck sees writes past a tensor (the caching
+  # allocator would hide them inside its pooled blocks)
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  # API errors that torch/cuBLAS provoke and handle themselves are not kernel bugs
+  api=(); compute-sanitizer --help 2>&1 | grep -q -- --report-api-errors && api=(--report-api-errors no)
+  compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 "${api[@]}" \
     $PY benchmarks/gpu_checks.py --sanitizer-target'
 
-run_step tests_all 240 '
-  $PY -m pytest -q -p no:cacheprovider --junitxml="$DIR/logs/pytest_all.xml" tests'
+run_step goal_linear 190 "$BENCH_ENV"'
+  $PY benchmarks/bench_linear.py --preset goal --out "$DIR/goal" --budget-s "$STEP_BUDGET" --quiet'
+
+run_step goal_e2e 110 "$BENCH_ENV"'
+  $PY benchmarks/bench_e2e.py --preset goal --out "$DIR/goal" --budget-s "$STEP_BUDGET" --quiet'
+
+run_step goal_conv 100 "$BENCH_ENV"'
+  $PY benchmarks/bench_conv.py --preset goal --out "$DIR/goal" --budget-s "$STEP_BUDGET" --quiet'
+
+run_step plot 40 '
+  $PY benchmarks/plot.py "$DIR/goal"; $PY benchmarks/plot.py "$DIR"'
+
+run_step tests_gpu 400 "$PYTEST"' -m "not cuda" --junitxml="$DIR/logs/pytest_gpu.xml" \
+    tests/backends/test_triton_linear.py tests/backends/test_triton_conv.py \
+    tests/backends/test_triton_dequant.py tests/backends/test_triton_pack.py \
+    tests/backends/test_triton_fit.py tests/test_ops.py tests/test_nn.py tests/backends/test_cpu_backend.py'
+
+run_step bench_fit 70 "$BENCH_ENV"'
+  $PY benchmarks/bench_fit.py --out "$DIR" --budget-s "$STEP_BUDGET" --quiet'
+
+run_step bench_linear 200 "$BENCH_ENV"'
+  $PY benchmarks/bench_linear.py --preset unet --out "$DIR" --budget-s "$STEP_BUDGET" --quiet \
+    --write-tuning "$DIR/tuning.json"'
+
+run_step bench_conv 110 "$BENCH_ENV"'
+  $PY benchmarks/bench_conv.py --batches 8,64 --out "$DIR" --budget-s "$STEP_BUDGET" --quiet \
+    --write-tuning "$DIR/tuning.json"'
+
+run_step bench_e2e 110 "$BENCH_ENV"'
+  $PY benchmarks/bench_e2e.py --batches 16,64 --out "$DIR" --budget-s "$STEP_BUDGET" --quiet'
+
+if wanted bench_fit || wanted bench_linear || wanted bench_conv || wanted bench_e2e; then
+  STEPS="$STEPS plot_more "  # the plots of these benches (the plot step ran before them)
+  run_step plot_more 30 '$PY benchmarks/plot.py "$DIR"'
+fi
+
+run_step tests_all 400 "$PYTEST"' --junitxml="$DIR/logs/pytest_all.xml" tests'

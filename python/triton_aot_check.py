@@ -3,7 +3,8 @@
 Catches what TRITON_INTERPRET=1 cannot: compile errors, shared memory per config, registers
 and spills (cuobjdump --dump-resource-usage: STACK > 0 means local-memory spills).
 
-    python python/triton_aot_check.py [linear|conv|misc|fit ...]
+    python python/triton_aot_check.py [linear|conv|misc|fit ...]   # exit 1 if any fails
+    OTQ_AOT_LONG=1 ...   # also the 16384-value fit blocks (slow)
     # against another triton, e.g. the GPU's 3.6: unzip its wheel into DIR, then
     PYTHONPATH=DIR python python/triton_aot_check.py
 """
@@ -25,6 +26,9 @@ from otq_kernels.backends.triton import conv, dequant, fit, matmul, packing  # n
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
 ONLY = sys.argv[1:]
+FAILED: list[str] = []
+# 16384-value fit blocks take ~1 min each to compile; only used above OTQ_TRITON_FIT_MAX_N.
+LONG_FIT = os.environ.get("OTQ_AOT_LONG") == "1"
 
 
 def base_fn(f):
@@ -51,6 +55,7 @@ def compile_one(name, kernel, types: dict, consts: dict, num_warps=4, num_stages
     except Exception as e:  # noqa: BLE001
         msg = "".join(traceback.format_exception_only(type(e), e)).strip().splitlines()
         print(f"FAIL {name}: {' | '.join(msg[-6:])[:1500]}", flush=True)
+        FAILED.append(name)
         return
     dt = time.time() - t0
     usage = ""
@@ -142,7 +147,7 @@ def misc_jobs():
 
 def fit_jobs():
     jobs = []
-    for block in (2, 128, 1024, 4096, 16384):
+    for block in (2, 128, 1024, 4096) + ((16384,) if LONG_FIT else ()):
         for dt, key16 in (("fp32", False), ("fp16", True), ("bf16", True)):
             for nearest in (False, True):
                 if block == 16384 and dt == "bf16":
@@ -165,3 +170,5 @@ if __name__ == "__main__":
         print(f"== {group}: {len(jobs)} kernels", flush=True)
         for job in jobs:
             compile_one(*job)
+    print(f"triton_aot_check: {len(FAILED)} kernel(s) failed to compile", flush=True)
+    sys.exit(1 if FAILED else 0)

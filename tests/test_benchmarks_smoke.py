@@ -6,6 +6,8 @@ timing, unavailable backends recorded as skipped rows) into one temp dir, then t
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,3 +88,49 @@ def test_crossovers_from_rows():
                  {**base, "backend": "cuda", "kernel": "lut_gemv", "p50_us": t_cuda}]
     values, _ = linear.derive_crossovers(rows)
     assert values == {"triton_max_m": 16, "cuda_max_m": 1}
+
+
+def test_error_rows_keep_the_schema():
+    common = _load("common")
+    try:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+    except RuntimeError as err:
+        row = common.error_row(err, op="linear", backend="triton", M=1)
+        assert common.is_fatal_cuda(err)
+    assert row["skipped"].startswith("error: RuntimeError: CUDA error")
+    assert "Traceback" in row["error"] and row["p50_us"] is None
+    payload = {"meta": {k: None for k in common.META_KEYS}, "rows": [row]}
+    assert common.validate(payload) == []
+
+
+AUTOTUNE_PROBE = """
+import sys, triton, triton.language as tl
+sys.path.insert(0, sys.argv[1])
+import gpu_limits
+
+@triton.jit
+def kernel(x_ptr, n, BLOCK: tl.constexpr):
+    pass
+
+configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (16, 32, 64, 128)]
+tuner = triton.autotune(configs, key=["n"])(kernel)
+applied = gpu_limits.apply(int(sys.argv[2]), 5.0, require_cuda=False)
+tuner.nargs = {"x_ptr": None, "n": 100}
+kept = tuner.prune_configs({})
+bench = tuner.do_bench
+timed = bench(lambda: None, quantiles=(0.5, 0.2)) if bench.__name__ == "skip" else ""
+print(applied["max_configs"], len(kept), bench.__name__, timed)
+"""
+
+
+@pytest.mark.parametrize("limit,expected", [(2, "2 2 bench"), (1, "1 1 skip [0.0, 0.0]")])
+def test_autotune_limit_patches_triton(limit, expected, tmp_path):
+    """gpu_limits caps the configs autotuning tries and skips timing a lone config."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "probe.py"  # @triton.jit needs its source in a file
+    script.write_text(AUTOTUNE_PROBE)
+    probe = subprocess.run([sys.executable, str(script), str(BENCH), str(limit)],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.strip().startswith(expected)

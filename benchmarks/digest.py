@@ -1,0 +1,173 @@
+"""A compact digest of a GPU-suite results folder: ``python benchmarks/digest.py DIR``.
+
+Reads whatever of ``DIR/{goal/,}{linear,conv,e2e,fit}.json`` and ``DIR/checks.json`` exists
+and prints a few lines per subject (the device tool returns only the end of stdout, so the
+suite prints this last and appends it to summary.txt):
+
+- linear: per (shape, bits, granularity) the best fused ratio t_fp16 / t at each M, with
+  the path, % of copy bandwidth and the dequant ratio;
+- conv: per (bits, granularity, batch) the geometric mean over layers of the Triton and
+  dequant ratios (vs the faster dense cuDNN layout), plus every layer at 4 bits/channel;
+- e2e: per variant and batch, step time, ratio and peak-memory ratio, eager and graph;
+- fit: ms per whole-model pass per backend (ot); checks: ok or not.
+
+Pure json, no torch; never raises (a broken file is reported and skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+FUSED = ("triton", "cuda")
+
+
+def load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except Exception as err:  # noqa: BLE001
+        print(f"digest: cannot read {path}: {type(err).__name__}: {err}")
+        return None
+
+
+def gmean(values: list[float]) -> float | None:
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def header(name: str, payload: dict) -> None:
+    meta = payload.get("meta", {})
+    rows = payload.get("rows", [])
+    errors = [r for r in rows if r.get("error")]
+    flags = []
+    if not meta.get("complete", True):
+        flags.append("INCOMPLETE (killed or still running)")
+    if meta.get("interrupted"):
+        flags.append(f"interrupted: {meta['interrupted']}")
+    if meta.get("fatal_error"):
+        flags.append(f"FATAL: {meta['fatal_error']}")
+    if meta.get("skipped_configs"):
+        flags.append(f"{len(meta['skipped_configs'])} configs not started (budget)")
+    gemm = (meta.get("gemm") or {}).get("tflops")
+    print(f"== {name}: {len(rows)} rows, {len(errors)} errors, {meta.get('wall_s')} s, "
+          f"gpu {meta.get('gpu')}, copy {fmt(meta.get('copy_gbps'), '.0f')} GB/s, "
+          f"gemm {fmt(gemm, '.0f')} TFLOP/s, autotune {meta.get('autotune_limit')}"
+          + ("".join(f"; {f}" for f in flags)))
+    seen = set()
+    for r in errors:
+        text = r.get("skipped", "")
+        if text not in seen and len(seen) < 4:
+            seen.add(text)
+            print(f"   error ({r.get('backend')}/{r.get('kernel')} b{r.get('bits')} "
+                  f"{r.get('shape')} M={r.get('M')}): {text[:220]}")
+
+
+def linear(payload: dict) -> None:
+    rows = [r for r in payload.get("rows", []) if r.get("p50_us")]
+    fp16 = {(r["shape"], r["M"]): r["p50_us"] for r in rows if r["backend"] == "fp16"}
+    groups: dict[tuple, dict[int, list[dict]]] = {}
+    for r in rows:
+        if r["backend"] != "fp16":
+            key = (r["shape"], r["bits"], r["granularity"])
+            groups.setdefault(key, {}).setdefault(r["M"], []).append(r)
+    for (shape, bits, gran), per_m in groups.items():
+        parts = []
+        for m in sorted(per_m):
+            base = fp16.get((shape, m))
+            fused = [r for r in per_m[m] if r["backend"] in FUSED]
+            deq = [r for r in per_m[m] if r["backend"] == "dequant"]
+            best = min(fused, key=lambda r: r["p50_us"]) if fused else None
+            text = f"M{m}"
+            if best and base:
+                pct = f"{best['pct_copy_bw']:.0f}%" if best.get("pct_copy_bw") else "?"
+                text += (f" x{base / best['p50_us']:.2f} {best['backend'][0]}/"
+                         f"{best['kernel']} {best['p50_us']:.1f}us {pct}")
+                if best.get("rel_err") is not None and best["rel_err"] > 2e-2:
+                    text += f" ERR{best['rel_err']:.1e}"
+            if deq and base:
+                text += f" dq x{base / deq[0]['p50_us']:.2f}"
+            parts.append(text)
+        print(f"   {shape} b{bits} {gran[:2]}: " + " | ".join(parts))
+
+
+def conv(payload: dict) -> None:
+    rows = [r for r in payload.get("rows", []) if r.get("p50_us")]
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for r in rows:
+        if r["backend"] in ("triton", "dequant") and r.get("ratio_best"):
+            key = (r["bits"], r["granularity"], r["batch"])
+            groups.setdefault(key, {}).setdefault(r["backend"], []).append(r["ratio_best"])
+    for (bits, gran, batch), ratios in groups.items():
+        print(f"   b{bits} {gran[:2]} batch {batch}: geomean over {len(ratios.get('triton', []))}"
+              f" layers: triton x{fmt(gmean(ratios.get('triton', [])))}, dequant "
+              f"x{fmt(gmean(ratios.get('dequant', [])))} (vs best dense layout)")
+    for r in rows:
+        if r["backend"] == "triton" and r["bits"] == 4 and r["granularity"] == "channel":
+            print(f"     4b ch batch {r['batch']} {r['shape']} (x{r.get('layer_count')}): "
+                  f"{r['p50_us']:.1f}us x{fmt(r.get('ratio_best'))} "
+                  f"err {fmt(r.get('rel_err'), '.1e')}")
+
+
+def e2e(payload: dict) -> None:
+    for r in payload.get("rows", []):
+        if not r.get("p50_us"):
+            continue
+        variant = "fp16" if r["backend"] == "fp16" else \
+            f"{r['bits']}b {r['granularity'][:2]} {r['backend']}"
+        print(f"   {variant:<16} batch {r['M']:<3} {r['kernel']:<5} {r['p50_us'] / 1e3:8.3f} ms "
+              f"x{fmt(r.get('ratio'))} peak x{fmt(r.get('peak_ratio'))} "
+              f"bytes x{fmt(r.get('model_bytes_ratio'))}"
+              + (f" ({r['note'][:80]})" if r.get("note") else ""))
+
+
+def fit(payload: dict) -> None:
+    for r in payload.get("rows", []):
+        if r.get("p50_us") and r.get("method") == "ot":
+            print(f"   ot b{r['bits']} {r['granularity'][:2]} {r['backend']:<10} "
+                  f"{fmt(r.get('total_model_ms'), '.1f')} ms/model "
+                  f"{fmt((r.get('weights_per_s') or 0) / 1e6, '.0f')} M weights/s "
+                  f"x{fmt(r.get('ratio'))} vs torch.sort")
+
+
+def checks(payload: dict) -> None:
+    for name, result in payload.get("checks", {}).items():
+        detail = result.get("detail", "")
+        print(f"   {name}: {'ok' if result.get('ok') else 'FAILED'} "
+              f"rel_err {fmt(result.get('rel_err'), '.1e')} {result.get('seconds')} s "
+              f"{detail.splitlines()[-1][:200] if detail else ''}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    root = Path(args[0] if args else ".")
+    print(f"==== digest of {root}")
+    for sub in ("goal", "."):
+        for subject, fn in (("linear", linear), ("conv", conv), ("e2e", e2e), ("fit", fit)):
+            payload = load(root / sub / f"{subject}.json")
+            if payload is None:
+                continue
+            try:
+                header(f"{sub}/{subject}".lstrip("./"), payload)
+                fn(payload)
+            except Exception as err:  # noqa: BLE001 - a digest must never fail the suite
+                print(f"digest: {subject}: {type(err).__name__}: {err}")
+    payload = load(root / "checks.json")
+    if payload:
+        print("== checks")
+        try:
+            checks(payload)
+        except Exception as err:  # noqa: BLE001
+            print(f"digest: checks: {type(err).__name__}: {err}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
