@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-.PHONY: setup test lint cuda-check demo bench-smoke clean
+.PHONY: setup test lint cuda-check triton-aot-check demo bench-smoke clean
 
 setup: $(VENV)/.installed $(VENV)/.built
 
@@ -27,7 +27,13 @@ lint: $(VENV)/.installed
 cuda-check:
 	bash tools/check_cuda_sources.sh
 
-test: setup lint cuda-check
+# Compile every Triton kernel variant for sm_90 on the CPU (ptxas ships with triton).
+triton-aot-check: setup
+	$(PY) python/triton_aot_check.py > $(VENV)/triton_aot_check.log 2>&1 || \
+		(grep -E "^FAIL|failed to compile" $(VENV)/triton_aot_check.log; exit 1)
+	tail -n 1 $(VENV)/triton_aot_check.log
+
+test: setup lint cuda-check triton-aot-check
 	$(PY) -m pytest -q tests
 
 bench-smoke: setup
