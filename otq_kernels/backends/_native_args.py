@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 
 from ..format import QuantizedTensor, check_bits, padded_k, plane_widths
+from ..quantizers import ASSIGNS
+
+FIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def require_device(t, name: str, device_type: str, device: torch.device | None = None) -> None:
@@ -62,3 +65,15 @@ def unpack_args(planes, bits, k) -> tuple[int, int]:
     if not isinstance(k, int) or k <= 0:
         raise ValueError(f"k must be a positive int, got {k!r}")
     return bits, planes[0].shape[0]
+
+
+def fit_args(rows, bits, assign: str) -> int:
+    """Validate fit_rows' arguments (rows [R, n] non-empty float) -> bits."""
+    bits = check_bits(bits)
+    if assign not in ASSIGNS:
+        raise ValueError(f"unknown assign {assign!r}; choose one of {ASSIGNS}")
+    if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise ValueError(f"rows must be a non-empty 2-D [R, n] tensor, got {list(rows.shape)}")
+    if rows.dtype not in FIT_DTYPES:
+        raise ValueError(f"rows must be float16/bfloat16/float32/float64, got {rows.dtype}")
+    return bits

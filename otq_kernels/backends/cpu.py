@@ -9,12 +9,10 @@ from __future__ import annotations
 import torch
 
 from .._native import native, unavailable_reason
-from ..format import QuantizedTensor, check_bits, check_codes, padded_k, plane_widths
-from ._native_args import checked_codebook, checked_planes, require_device, unpack_args
+from ..format import QuantizedTensor, check_codes, padded_k, plane_widths
+from ._native_args import checked_codebook, checked_planes, fit_args, require_device, unpack_args
 
-FIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ASSIGNS = ("rank", "nearest")
 
 
 def unavailable(device) -> str | None:
@@ -60,14 +58,8 @@ def fit_rows(rows: torch.Tensor, bits: int, assign: str = "rank"):
     rows [R, n] float (finite) -> (codes int64 [R, n], centroids float32 [R, 2**bits]).
     float64 rows are sorted in float64; other float dtypes in float32 (exact conversion).
     """
-    bits = check_bits(bits)
     _require_cpu(rows, "rows")
-    if assign not in ASSIGNS:
-        raise ValueError(f"unknown assign {assign!r}; choose one of {ASSIGNS}")
-    if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
-        raise ValueError(f"rows must be a non-empty 2-D [R, n] tensor, got {list(rows.shape)}")
-    if rows.dtype not in FIT_DTYPES:
-        raise ValueError(f"rows must be float16/bfloat16/float32/float64, got {rows.dtype}")
+    bits = fit_args(rows, bits, assign)
     if not bool(torch.isfinite(rows).all()):
         raise ValueError("rows contain NaN/Inf; cannot fit a codebook")
     is_double = rows.dtype == torch.float64

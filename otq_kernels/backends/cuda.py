@@ -14,12 +14,17 @@ from __future__ import annotations
 import torch
 
 from .._native import native, unavailable_reason
-from ..format import QuantizedTensor, check_bits, check_codes, padded_k, plane_widths
-from ._native_args import aligned, checked_codebook, checked_planes, require_device, unpack_args
+from ..format import QuantizedTensor, check_codes, padded_k, plane_widths
+from ._native_args import (
+    aligned,
+    checked_codebook,
+    checked_planes,
+    fit_args,
+    require_device,
+    unpack_args,
+)
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-FIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-ASSIGNS = ("rank", "nearest")
 GEMV_MAX_M = 8          # rows of x per kernel launch (csrc/cuda/launchers.h kGemvMaxM)
 ROWS_PER_BLOCK = 16     # weight rows per thread block (csrc/cuda/lut_gemv.cu)
 GROUP = 32              # weights per lane step
@@ -98,14 +103,8 @@ def fit_rows(rows: torch.Tensor, bits: int, assign: str = "rank"):
 
     rows [R, n] float on CUDA -> (codes int64 [R, n], centroids float32 [R, 2**bits]).
     """
-    bits = check_bits(bits)
     _require_cuda(rows, "rows")
-    if assign not in ASSIGNS:
-        raise ValueError(f"unknown assign {assign!r}; choose one of {ASSIGNS}")
-    if rows.dim() != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
-        raise ValueError(f"rows must be a non-empty 2-D [R, n] tensor, got {list(rows.shape)}")
-    if rows.dtype not in FIT_DTYPES:
-        raise ValueError(f"rows must be float16/bfloat16/float32/float64, got {rows.dtype}")
+    bits = fit_args(rows, bits, assign)
     dev = rows.device
     x = rows.to(torch.float32).contiguous()
     if not bool(torch.isfinite(x).all()):  # after the cast: float64 beyond float32 range
