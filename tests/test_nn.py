@@ -190,3 +190,21 @@ def test_quantize_tiny_unet_close_at_8_bits():
     assert {"QuantLinear", "QuantConv1d", "QuantConv2d"} <= kinds
     assert not any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in q.modules())
     assert torch.linalg.norm(yq - y) < 0.05 * torch.linalg.norm(y)
+
+
+def test_quantized_unet_compiles_fullgraph():
+    """torch.compile(fullgraph=True) traces a whole quantized UNet (Quant* modules + ops)."""
+    from otq_kernels.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    with torch.no_grad():
+        for p in model.parameters():  # the out conv is zero-initialized: make outputs non-trivial
+            p.normal_(0, 0.1)
+    model = otq.quantize_model(model, bits=4, progress=False)
+    x, t = torch.randn(2, 1, 16, 16), torch.full((2,), 0.5)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager = model(x, t)
+        assert eager.abs().mean() > 1e-3
+        torch.testing.assert_close(compiled(x, t), eager)
