@@ -169,7 +169,8 @@ def cmd_quantize(args) -> int:
 # ----------------------------------------------------------------------------- sample
 def cmd_sample(args) -> int:
     from . import fm
-    from .demo import image_shape, save_grid
+    from .demo import image_shape
+    from .report import save_grid
 
     model, info = load_model(args)
     x0 = fm.make_noise((args.n, *image_shape(model, info["image_size"])), args.seed,

@@ -12,15 +12,15 @@ the *same* noise with the FP model and each quantized one, and scores each setti
   with the reason, never a number);
 * size: bits per weight of the quantized layers (codebooks included) and model bytes.
 
-It writes ``results.json``, ``table.txt``, plots (fidelity vs bits per method, PSNR vs
-model size) and sample grids into ``out_dir``. :func:`run` is ``otq demo``: the bundled
-digits model at 2, 3, 4, 8 bits with all five methods.
+Through :mod:`otq_kernels.report` it writes ``results.json``, ``table.txt``, plots
+(fidelity vs bits per method, PSNR vs model size) and sample grids into ``out_dir``.
+:func:`run` is ``otq demo``: the bundled digits model at 2, 3, 4, 8 bits with all five
+methods.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import platform
@@ -32,6 +32,7 @@ from torch import nn
 
 from .nn import quantization_summary, quantize_model
 from .quantizers import METHODS
+from .report import format_table, write_outputs
 
 DEMO_BITS = (2, 3, 4, 8)
 DEFAULT_OUT = "demo_out"
@@ -78,34 +79,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
 
 
-def _pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # ----------------------------------------------------------------------------- scoring
-def _finite(v):
-    """JSON-safe float: inf/nan become strings."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
-    return v
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    return _finite(obj)
-
-
 def size_stats(model: nn.Module) -> dict:
     """Model size: bytes as stored, fp32/fp16 sizes, bits/weight (quantized layers only,
     codebooks included) and overall."""
@@ -260,178 +234,6 @@ def evaluate(model: nn.Module, bits=DEMO_BITS, methods=METHODS, granularity: str
     if out_dir is not None:
         write_outputs(result, samples, table, Path(out_dir), log)
     return result
-
-
-# ----------------------------------------------------------------------------- output
-def _g(v, spec: str, width: int) -> str:
-    if v is None:
-        return f"{'-':>{width}}"
-    if isinstance(v, str) or (isinstance(v, float) and not math.isfinite(v)):
-        return f"{'inf' if v in ('inf', math.inf) else str(v):>{width}}"
-    return f"{format(v, spec):>{width}}"
-
-
-def format_table(result: dict) -> str:
-    """The fidelity + size table (one line per setting, FP first)."""
-    fp = result["fp"]
-    head = (f"{'bits':>4} {'method':<9} {'bits/w':>7} {'model KB':>9} {'PSNR dB':>8} "
-            f"{'SSIM':>6} {'pix W2':>7} {'vPSNR@0':>8} {'vSSIM@0':>8} {'lat.var':>8} "
-            f"{'FID':>5}")
-    lines = [head, "-" * len(head)]
-    lat = fp.get("latent_t0", {}).get("mean")
-    paper = result["meta"].get("real_images") is not None
-    lines.append(f"{'fp32':>4} {'-':<9} {32.0:>7.2f} {fp['size']['fp32_bytes'] / 1024:>9.1f} "
-                 f"{'inf':>8} {1.0:>6.3f} {0.0:>7.3f} {'inf' if paper else '-':>8} "
-                 f"{_g(1.0 if paper else None, '.3f', 8)} "
-                 f"{_g(lat, '.4f', 8)} {_g(fp['fid'].get('fid'), '.1f', 5)}")
-    for r in result["rows"]:
-        v = r.get("paper_velocity_t0", {})
-        lines.append(
-            f"{r['bits']:>4} {r['method']:<9} {r['size']['layer_bits_per_weight']:>7.2f} "
-            f"{r['size']['model_bytes'] / 1024:>9.1f} {_g(r['samples']['psnr'], '.2f', 8)} "
-            f"{r['samples']['ssim']:>6.3f} {r['pixel_w2']['mean']:>7.3f} "
-            f"{_g(v.get('psnr'), '.2f', 8)} {_g(v.get('ssim'), '.3f', 8)} "
-            f"{_g(r.get('latent_t0', {}).get('mean'), '.4f', 8)} "
-            f"{_g(r['fid'].get('fid'), '.1f', 5)}")
-    m = result["meta"]
-    lines += ["-" * len(head),
-              f"{m['n']} samples, {m['solver']} x {m['steps']} steps, seed {m['seed']}, "
-              f"{m['granularity']} codebooks. bits/w: quantized layers incl. fp32 codebooks; "
-              f"model KB: everything stored.",
-              "PSNR/SSIM/pix W2 (pixels, exact per pair, mean): FP vs quantized samples from "
-              "the same noise. vPSNR/vSSIM@0: paper protocol (velocity at t=0 on real images). "
-              "lat.var: mean PCA(20) variance of the bottleneck at t=0.",
-              f"FID: {m['fid']}"]
-    over = sorted({r["bits"] for r in result["rows"]
-                   if r["size"]["layer_bits_per_weight"] > 32})
-    if over:
-        lines.append(f"Note: at {over} bits the {m['granularity']} codebooks (2^b fp32 entries "
-                     "per row) cost more than the fp32 weights on this model's short rows; "
-                     "use granularity 'tensor' there.")
-    return "\n".join(lines)
-
-
-def grid_image(x: torch.Tensor, nrow: int = 8, pad: int = 1):
-    """Samples [B, C, H, W] in [-1, 1] -> a numpy image grid [rows·(H+pad)+pad, ...(, C)]."""
-    b, c, h, w = x.shape
-    img = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
-    rows = -(-b // nrow)
-    grid = torch.ones(rows * (h + pad) + pad, nrow * (w + pad) + pad, c)
-    for i in range(b):
-        r, col = divmod(i, nrow)
-        y0, x0 = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y0:y0 + h, x0:x0 + w] = img[i]
-    return (grid[..., 0] if c == 1 else grid).numpy()
-
-
-def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 4) -> None:
-    """Save samples [B, C, H, W] in [-1, 1] as a PNG grid (nearest-upscaled by ``scale``)."""
-    import numpy as np
-
-    plt = _pyplot()
-    g = grid_image(x, nrow)
-    g = np.repeat(np.repeat(g, scale, 0), scale, 1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(path, g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=1)
-
-
-def _plot_vs_bits(result: dict, panels: list[tuple[str, callable]], path: Path) -> None:
-    plt = _pyplot()
-    rows = result["rows"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    ncols = min(3, len(panels))
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.4 * nrows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    for ax, (title, get) in zip(axes.flat, panels, strict=False):
-        for m in methods:
-            pts = [(r["bits"], get(r)) for r in rows if r["method"] == m]
-            pts = [(b, v) for b, v in pts if isinstance(v, (int, float)) and math.isfinite(v)]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=m)
-        ax.set_xlabel("bits")
-        ax.set_title(title)
-        ax.set_xticks(sorted({r["bits"] for r in rows}))
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_size(result: dict, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for m in dict.fromkeys(r["method"] for r in result["rows"]):
-        pts = [(r["size"]["model_bytes"] / 1024, r["samples"]["psnr"]) for r in result["rows"]
-               if r["method"] == m and math.isfinite(r["samples"]["psnr"])]
-        if pts:
-            ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=m)
-    ax.axvline(result["fp"]["size"]["fp32_bytes"] / 1024, color="k", ls="--", lw=1,
-               label="fp32 size")
-    ax.axvline(result["fp"]["size"]["fp16_bytes"] / 1024, color="gray", ls=":", lw=1,
-               label="fp16 size")
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("model size (KB, log scale)")
-    ax.set_ylabel("paired sample PSNR (dB)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_mosaic(result: dict, samples: dict, path: Path, per_cell: int = 16) -> None:
-    """FP on top, then one row per method and one column per bit width."""
-    plt = _pyplot()
-    bits = list(dict.fromkeys(r["bits"] for r in result["rows"]))
-    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
-    nrow = max(1, int(math.sqrt(min(per_cell, len(samples["fp"])))))
-    fig, axes = plt.subplots(len(methods) + 1, len(bits), squeeze=False,
-                             figsize=(2.2 * len(bits), 2.2 * (len(methods) + 1)))
-    for ax in axes.flat:
-        ax.axis("off")
-    cmap = "gray" if samples["fp"].shape[1] == 1 else None
-    axes[0][0].imshow(grid_image(samples["fp"][:per_cell], nrow), cmap=cmap, vmin=0, vmax=1)
-    axes[0][0].set_title("FP (fp32)", fontsize=9)
-    for i, m in enumerate(methods, start=1):
-        for j, b in enumerate(bits):
-            x = samples.get(f"b{b}_{m}")
-            if x is not None:
-                axes[i][j].imshow(grid_image(x[:per_cell], nrow), cmap=cmap, vmin=0, vmax=1)
-                axes[i][j].set_title(f"{m} {b}-bit", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_outputs(result: dict, samples: dict, table: str, out: Path, log=print) -> None:
-    """results.json, table.txt, plots and per-setting sample grids under ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
-    (out / "table.txt").write_text(table + "\n")
-    for name, x in samples.items():
-        save_grid(x, out / "samples" / f"{name}.png", nrow=min(8, len(x)))
-    paper = "paper_velocity_t0" in (result["rows"] or [{}])[0]
-    panels = [("paired sample PSNR (dB)", lambda r: r["samples"]["psnr"]),
-              ("paired sample SSIM", lambda r: r["samples"]["ssim"]),
-              ("pixel W2 (px, lower is better)", lambda r: r["pixel_w2"]["mean"])]
-    if paper:
-        panels += [("velocity PSNR @ t=0 (paper)", lambda r: r["paper_velocity_t0"]["psnr"]),
-                   ("velocity SSIM @ t=0 (paper)", lambda r: r["paper_velocity_t0"]["ssim"]),
-                   ("latent variance @ t=0", lambda r: r["latent_t0"]["mean"])]
-    if result["rows"]:
-        _plot_vs_bits(result, panels, out / "fidelity_vs_bits.png")
-        _plot_vs_bits(result, panels[:2], out / "psnr_ssim_vs_bits.png")
-        _plot_size(result, out / "psnr_vs_size.png")
-        _plot_mosaic(result, samples, out / "samples_mosaic.png")
-    log(f"wrote {out}/results.json, table.txt, fidelity_vs_bits.png, psnr_ssim_vs_bits.png, "
-        f"psnr_vs_size.png, samples_mosaic.png and samples/*.png")
 
 
 # ----------------------------------------------------------------------------- demo

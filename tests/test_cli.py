@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from otq_kernels import cli, demo
+from otq_kernels import cli, demo, report
 from otq_kernels import nn as qnn
 from otq_kernels.checkpoint import read_metadata
 
@@ -127,7 +127,7 @@ def test_bench_lists_or_explains(capsys, monkeypatch):
 
 
 def test_grid_image_shapes():
-    g = demo.grid_image(torch.zeros(5, 1, 4, 4), nrow=3)
+    g = report.grid_image(torch.zeros(5, 1, 4, 4), nrow=3)
     assert g.shape == (2 * 5 + 1, 3 * 5 + 1)
-    g = demo.grid_image(torch.zeros(2, 3, 4, 4), nrow=2)
+    g = report.grid_image(torch.zeros(2, 3, 4, 4), nrow=2)
     assert g.shape == (6, 11, 3)
