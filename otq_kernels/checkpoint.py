@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .format import GRANULARITIES, QuantizedTensor, check_bits, plane_widths
-from .nn import QuantConv1d, QuantConv2d, QuantLinear, _QuantModule, quantization_summary
+from .modules import QuantConv1d, QuantConv2d, QuantLinear, _QuantModule
+from .summary import quantization_summary
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_quantized", "read_metadata", "save_quantized"]
 

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .nn import quantization_summary, quantize_model
+from .nn import quantize_model
 from .quantizers import METHODS
 from .report import format_table, write_outputs
+from .summary import quantization_summary
 
 DEMO_BITS = (2, 3, 4, 8)
 DEFAULT_OUT = "demo_out"

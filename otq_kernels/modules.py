@@ -1,0 +1,314 @@
+"""Quantized layers: ``QuantLinear``, ``QuantConv1d``, ``QuantConv2d``.
+
+They hold a weight in the canonical packed format (DESIGN §2): bit planes as int32 buffers
+``plane0, plane1, ...`` and the float32 ``codebook`` buffer, so ``.to(device)``,
+``state_dict()`` and ``load_state_dict()`` work as for any module. The bias stays a float
+parameter. Forward passes go through :func:`otq_kernels.ops.codebook_linear` /
+:func:`~otq_kernels.ops.codebook_conv2d` with the module's ``backend`` ("auto" = the
+fastest available). Activations keep their dtype (fp32 on CPU, fp16/bf16 on GPU); the
+codebook buffer stays float32 even after ``model.half()``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .format import QuantizedTensor
+from .metrics.weights import weight_error
+from .quantizers import check_options, fit_codebook
+
+
+# ----------------------------------------------------------------------------- base
+class _QuantModule(nn.Module):
+    """Shared storage: planes/codebook buffers, float bias, cached QuantizedTensor views."""
+
+    FLOAT_TYPE: type[nn.Module] = nn.Module
+
+    def _init_storage(self, qt: QuantizedTensor, bias: torch.Tensor | None, backend: str):
+        self.bits, self.granularity, self.method = qt.bits, qt.granularity, qt.method
+        self.weight_shape = tuple(qt.shape)
+        self.backend = backend
+        self.stats: dict = {}
+        self.num_planes = len(qt.planes)
+        for i, plane in enumerate(qt.planes):
+            self.register_buffer(f"plane{i}", plane.detach().to(torch.int32).contiguous())
+        self.register_buffer("codebook", qt.codebook.detach().to(torch.float32).contiguous())
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            device = qt.codebook.device
+            self.bias = nn.Parameter(bias.detach().clone().to(device), requires_grad=False)
+        self._cache: dict = {}
+
+    # -- storage views ---------------------------------------------------------------
+    def _planes(self) -> list[torch.Tensor]:
+        return [getattr(self, f"plane{i}") for i in range(self.num_planes)]
+
+    def _cached(self, key: str, shape: tuple[int, ...]) -> QuantizedTensor:
+        """QuantizedTensor over the current buffers with ``shape`` (rebuilt when they change)."""
+        tensors = (*self._planes(), self.codebook)
+        hit = self._cache.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], tensors, strict=True)):
+            return hit[1]
+        qt = QuantizedTensor(list(tensors[:-1]), tensors[-1], self.bits, shape,
+                             self.granularity, self.method)
+        self._cache[key] = (tensors, qt)
+        return qt
+
+    @property
+    def qweight(self) -> QuantizedTensor:
+        """The weight as a QuantizedTensor of the float layer's weight shape."""
+        return self._cached("canonical", self.weight_shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense float weight of the original shape (e.g. [N, C/g, KH, KW])."""
+        return self.qweight.dequantize(dtype)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight, codebooks and row padding included (bias excluded)."""
+        return self.qweight.bits_per_weight
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight (planes + fp32 codebook)."""
+        return self.qweight.nbytes
+
+    # -- torch plumbing --------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        """Keep the codebook float32 under .half()/.bfloat16()/.to(dtype)."""
+        out = super()._apply(fn, recurse)
+        if self.codebook.dtype != torch.float32:
+            self._buffers["codebook"] = self.codebook.float()
+        self._cache.clear()
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._cache.clear()
+
+    def _storage_repr(self) -> str:
+        return (f"bits={self.bits}, method={self.method!r}, granularity={self.granularity!r}, "
+                f"bits_per_weight={self.bits_per_weight:.3f}, backend={self.backend!r}")
+
+    @staticmethod
+    def _fit(weight: torch.Tensor, bits, method, granularity, module) -> QuantizedTensor:
+        try:
+            check_options(bits, method, granularity, "rank")
+        except ValueError as err:
+            raise ValueError(f"{type(module).__name__}: {err}") from None
+        return fit_codebook(weight.detach().float(), bits, method, granularity)
+
+    def _set_stats(self, weight: torch.Tensor) -> None:
+        self.stats = weight_error(weight.detach().float(), self.dequantize())
+
+
+def _check_type(module: nn.Module, cls: type[nn.Module]) -> None:
+    if not isinstance(module, cls):
+        raise TypeError(f"expected {cls.__name__}, got {type(module).__name__}")
+
+
+# ----------------------------------------------------------------------------- linear
+class QuantLinear(_QuantModule):
+    """Linear layer with a codebook weight [out_features, in_features].
+
+    forward: x [..., in_features] -> [..., out_features] (x.dtype).
+    """
+
+    FLOAT_TYPE = nn.Linear
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        if len(qt.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight, got shape {list(qt.shape)}")
+        self.out_features, self.in_features = qt.shape
+        self._init_storage(qt, bias, backend)
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, bits: int = 4, method: str = "ot",
+                   granularity: str = "channel", backend: str = "auto") -> QuantLinear:
+        """Quantize an nn.Linear (its weight is fitted once; the module is left untouched)."""
+        _check_type(module, nn.Linear)
+        qt = cls._fit(module.weight, bits, method, granularity, module)
+        layer = cls(qt, module.bias, backend)
+        layer._set_stats(module.weight)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] -> [..., N]."""
+        return ops.codebook_linear(x, self.qweight, self.bias, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self._storage_repr()}")
+
+
+# ----------------------------------------------------------------------------- conv
+def _tuple(v, n: int) -> tuple[int, ...]:
+    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * n
+
+
+def _resolve_padding(padding, padding_mode: str, kernel, dilation):
+    """(pre_pad for F.pad or None, F.pad mode, conv padding per dim).
+
+    Handles int/tuple padding, "valid", "same" (asymmetric when the kernel extent is even)
+    and non-zero padding modes, like nn.Conv*d does.
+    """
+    dims = len(kernel)
+    if padding == "valid":
+        pairs = [(0, 0)] * dims
+    elif padding == "same":
+        pairs = []
+        for k, d in zip(kernel, dilation, strict=True):
+            total = d * (k - 1)
+            pairs.append((total // 2, total - total // 2))
+    else:
+        pairs = [(p, p) for p in _tuple(padding, dims)]
+    symmetric = all(a == b for a, b in pairs)
+    if padding_mode == "zeros" and symmetric:
+        return None, "constant", tuple(a for a, _ in pairs)
+    pre = tuple(v for pair in reversed(pairs) for v in pair)  # F.pad: last dim first
+    mode = "constant" if padding_mode == "zeros" else padding_mode
+    return pre, mode, (0,) * dims
+
+
+class _QuantConv(_QuantModule):
+    """Common conv state: geometry copied from the float conv."""
+
+    def _init_conv(self, module_cfg: dict) -> None:
+        self.in_channels = module_cfg["in_channels"]
+        self.out_channels = module_cfg["out_channels"]
+        self.kernel_size = module_cfg["kernel_size"]
+        self.stride = module_cfg["stride"]
+        self.padding = module_cfg["padding"]
+        self.dilation = module_cfg["dilation"]
+        self.groups = module_cfg["groups"]
+        self.padding_mode = module_cfg["padding_mode"]
+        self._pre_pad, self._pad_mode, self._conv_padding = _resolve_padding(
+            self.padding, self.padding_mode, self.kernel_size, self.dilation)
+
+    @staticmethod
+    def _conv_cfg(module) -> dict:
+        return {k: getattr(module, k) for k in ("in_channels", "out_channels", "kernel_size",
+                                                "stride", "padding", "dilation", "groups",
+                                                "padding_mode")}
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._pre_pad is None else F.pad(x, self._pre_pad, mode=self._pad_mode)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}")
+        if self.padding not in (0, (0,), (0, 0)):
+            s += f", padding={self.padding}"
+        if any(d != 1 for d in self.dilation):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + f", bias={self.bias is not None}, {self._storage_repr()}"
+
+    @classmethod
+    def from_float(cls, module, bits: int = 4, method: str = "ot",
+                   granularity: str = "channel", backend: str = "auto"):
+        """Quantize a float conv (its weight is fitted once; the module is left untouched)."""
+        _check_type(module, cls.FLOAT_TYPE)
+        qt = cls._fit(module.weight, bits, method, granularity, module)
+        layer = cls(qt, module.bias, backend, **cls._conv_cfg(module))
+        layer._set_stats(module.weight)
+        return layer
+
+
+class QuantConv2d(_QuantConv):
+    """Conv2d with a codebook weight [out, in/groups, KH, KW].
+
+    forward: x [B, C_in, H, W] -> [B, C_out, OH, OW] (x.dtype).
+    """
+
+    FLOAT_TYPE = nn.Conv2d
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+                 backend: str = "auto", stride=1, padding=0, dilation=1, groups: int = 1,
+                 padding_mode: str = "zeros", in_channels: int | None = None,
+                 out_channels: int | None = None, kernel_size=None):
+        super().__init__()
+        if len(qt.shape) != 4:
+            raise ValueError(f"QuantConv2d needs a 4-D weight, got shape {list(qt.shape)}")
+        n, c, kh, kw = qt.shape
+        self._init_conv(dict(
+            in_channels=in_channels or c * groups, out_channels=out_channels or n,
+            kernel_size=(kh, kw), stride=_tuple(stride, 2),
+            padding=padding if isinstance(padding, str) else _tuple(padding, 2),
+            dilation=_tuple(dilation, 2), groups=int(groups), padding_mode=padding_mode))
+        self._init_storage(qt, bias, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, H, W] -> [B, N, OH, OW]."""
+        return ops.codebook_conv2d(self._pad(x), self.qweight, self.bias, self.stride,
+                                   self._conv_padding, self.dilation, self.groups, self.backend)
+
+
+class QuantConv1d(_QuantConv):
+    """Conv1d with a codebook weight [out, in/groups, k].
+
+    forward: x [B, C_in, L] -> [B, C_out, L_out] (x.dtype). Pointwise convs (k = 1,
+    stride 1, no padding, groups 1) run as a linear layer on x^T [B, L, C]; the rest as
+    a 1×k conv2d on x.unsqueeze(2) [B, C, 1, L].
+    """
+
+    FLOAT_TYPE = nn.Conv1d
+
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None = None,
+                 backend: str = "auto", stride=1, padding=0, dilation=1, groups: int = 1,
+                 padding_mode: str = "zeros", in_channels: int | None = None,
+                 out_channels: int | None = None, kernel_size=None):
+        super().__init__()
+        if len(qt.shape) != 3:
+            raise ValueError(f"QuantConv1d needs a 3-D weight, got shape {list(qt.shape)}")
+        n, c, k = qt.shape
+        self._init_conv(dict(
+            in_channels=in_channels or c * groups, out_channels=out_channels or n,
+            kernel_size=(k,), stride=_tuple(stride, 1),
+            padding=padding if isinstance(padding, str) else _tuple(padding, 1),
+            dilation=_tuple(dilation, 1), groups=int(groups), padding_mode=padding_mode))
+        self._init_storage(qt, bias, backend)
+
+    @property
+    def pointwise(self) -> bool:
+        """True when the conv is a plain linear map over channels."""
+        return (self.kernel_size == (1,) and self.stride == (1,) and self.groups == 1
+                and self._pre_pad is None and self._conv_padding == (0,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, C, L] -> [B, N, L_out]."""
+        if x.dim() != 3:
+            raise ValueError(f"QuantConv1d expects x [B, C, L], got shape {list(x.shape)}")
+        n, c, k = self.weight_shape
+        if self.pointwise:
+            y = ops.codebook_linear(x.transpose(1, 2), self._cached("linear", (n, c)),
+                                    self.bias, self.backend)
+            return y.transpose(1, 2)
+        y = ops.codebook_conv2d(self._pad(x).unsqueeze(2), self._cached("conv2d", (n, c, 1, k)),
+                                self.bias, (1, self.stride[0]), (0, self._conv_padding[0]),
+                                (1, self.dilation[0]), self.groups, self.backend)
+        return y.squeeze(2)
+
+
+QUANT_TYPES: dict[type[nn.Module], type[_QuantModule]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+}
+
+
+def quant_class_for(module: nn.Module) -> type[_QuantModule] | None:
+    """The Quant* class that replaces ``module`` (None if its type is unsupported)."""
+    for float_type, quant_type in QUANT_TYPES.items():
+        if isinstance(module, float_type):
+            return quant_type
+    return None

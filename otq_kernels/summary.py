@@ -1,0 +1,161 @@
+"""What quantization did to a model: a row per weighted layer (bits, bits/weight, SQNR,
+W2, or why it stayed float) and the model's bytes before and after.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .modules import _QuantModule, quant_class_for
+
+
+# ----------------------------------------------------------------------------- summary
+@dataclass
+class LayerSummary:
+    """One weighted layer. ``status`` is "quantized" or "kept float (<reason>)"."""
+
+    name: str
+    type: str
+    shape: list[int]
+    status: str
+    bits: int | None = None
+    method: str | None = None
+    granularity: str | None = None
+    bits_per_weight: float | None = None
+    sqnr_db: float | None = None
+    w2: float | None = None
+    mse: float | None = None
+    nbytes: int = 0
+
+
+@dataclass
+class QuantizationSummary:
+    """Per-layer rows plus model totals (bytes; ``bytes_after`` = as stored: packed
+    quantized weights + every other tensor at its own dtype)."""
+
+    layers: list[LayerSummary] = field(default_factory=list)
+    params: int = 0
+    bytes_fp32: int = 0
+    bytes_fp16: int = 0
+    bytes_after: int = 0
+
+    @property
+    def quantized(self) -> list[LayerSummary]:
+        return [r for r in self.layers if r.status == "quantized"]
+
+    @property
+    def kept_float(self) -> list[LayerSummary]:
+        return [r for r in self.layers if r.status != "quantized"]
+
+    @property
+    def model_bits_per_weight(self) -> float:
+        """Stored bits per model parameter (everything included)."""
+        return 8.0 * self.bytes_after / max(self.params, 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model_bits_per_weight"] = self.model_bits_per_weight
+        return d
+
+    def __str__(self) -> str:
+        return format_summary(self)
+
+
+def _float_weighted(module: nn.Module) -> bool:
+    """A module that owns a ≥2-D floating-point parameter (a 'weighted layer')."""
+    return any(p.dim() >= 2 and p.is_floating_point()
+               for p in module.parameters(recurse=False))
+
+
+def _layer_row(name: str, module: nn.Module, reason: str | None) -> LayerSummary:
+    if isinstance(module, _QuantModule):
+        s = module.stats
+        return LayerSummary(name, type(module).__name__, list(module.weight_shape), "quantized",
+                            module.bits, module.method, module.granularity,
+                            module.bits_per_weight, s.get("sqnr_db"), s.get("w2"), s.get("mse"),
+                            module.nbytes)
+    weight = next(p for p in module.parameters(recurse=False) if p.dim() >= 2)
+    return LayerSummary(name, type(module).__name__, list(weight.shape),
+                        f"kept float ({reason or 'not selected'})",
+                        nbytes=sum(p.numel() * p.element_size()
+                                   for p in module.parameters(recurse=False)))
+
+
+def _totals(model: nn.Module) -> tuple[int, int, int, int]:
+    """(params, fp32 bytes, fp16 bytes, stored bytes) of the model before/after quantization."""
+    params = fp32 = fp16 = after = 0
+    for module in model.modules():
+        quant = isinstance(module, _QuantModule)
+        if quant:
+            numel = math.prod(module.weight_shape)
+            params, fp32, fp16, after = (params + numel, fp32 + 4 * numel, fp16 + 2 * numel,
+                                         after + module.nbytes)
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        skip = {id(t) for t in (module._planes() + [module.codebook])} if quant else set()
+        for t in tensors:
+            if id(t) in skip:
+                continue
+            size = t.numel() * t.element_size()
+            after += size
+            if t.is_floating_point():
+                params += t.numel() if isinstance(t, nn.Parameter) else 0
+                fp32, fp16 = fp32 + 4 * t.numel(), fp16 + 2 * t.numel()
+            else:
+                fp32, fp16 = fp32 + size, fp16 + size
+    return params, fp32, fp16, after
+
+
+def quantization_summary(model: nn.Module) -> QuantizationSummary:
+    """Summary of the model's current state: a row per weighted layer, and totals.
+
+    Reasons recorded by :func:`quantize_model` (excluded, unsupported type, ...) are kept.
+    """
+    reasons = getattr(model, "_otq_reasons", {})
+    rows = [
+        _layer_row(name, m, reasons.get(name, "unsupported type"
+                                        if quant_class_for(m) is None else None))
+        for name, m in model.named_modules()
+        if isinstance(m, _QuantModule) or _float_weighted(m)
+    ]
+    params, fp32, fp16, after = _totals(model)
+    return QuantizationSummary(rows, params, fp32, fp16, after)
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return format(v, spec)
+
+
+def _human(nbytes: int) -> str:
+    return f"{nbytes / 1024:.1f} KB" if nbytes < 1024**2 else f"{nbytes / 1024**2:.2f} MB"
+
+
+def format_summary(summary: QuantizationSummary, max_rows: int | None = None) -> str:
+    """A printable table: one line per layer, then totals (sizes before and after)."""
+    head = (f"{'layer':<36} {'type':<12} {'shape':<18} {'bits':>4} {'method':<9} "
+            f"{'bits/w':>7} {'SQNR dB':>8} {'W2':>9}  note")
+    lines = [head, "-" * len(head)]
+    rows = summary.layers if max_rows is None else summary.layers[:max_rows]
+    for r in rows:
+        note = "" if r.status == "quantized" else r.status
+        lines.append(
+            f"{r.name[-36:]:<36} {r.type:<12} {'x'.join(map(str, r.shape)):<18} "
+            f"{_fmt(r.bits, 'd'):>4} {r.method or '-':<9} {_fmt(r.bits_per_weight, '.3f'):>7} "
+            f"{_fmt(r.sqnr_db, '.2f'):>8} {_fmt(r.w2, '.2e'):>9}  {note}")
+    if max_rows is not None and len(summary.layers) > max_rows:
+        lines.append(f"... {len(summary.layers) - max_rows} more layers")
+    q, kept = summary.quantized, summary.kept_float
+    lines.append("-" * len(head))
+    lines.append(f"quantized layers: {len(q)}; kept float: {len(kept)}; "
+                 f"parameters: {summary.params:,}")
+    lines.append(f"model size: {_human(summary.bytes_fp32)} fp32, {_human(summary.bytes_fp16)} "
+                 f"fp16 -> {_human(summary.bytes_after)} quantized "
+                 f"({summary.model_bits_per_weight:.3f} bits/weight overall, codebooks, "
+                 f"biases and float layers included)")
+    return "\n".join(lines)
