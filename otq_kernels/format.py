@@ -10,7 +10,7 @@ that every other pack/unpack implementation is tested against.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -118,7 +118,6 @@ class QuantizedTensor:
     shape: tuple[int, ...]
     granularity: str = "channel"
     method: str = "ot"
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -194,10 +193,6 @@ class QuantizedTensor:
             granularity=self.granularity,
             method=self.method,
         )
-
-    def runtime_cache(self) -> dict:
-        """Scratch space for backends' load-time layouts (never saved)."""
-        return self._cache
 
     def __repr__(self) -> str:
         return (f"QuantizedTensor(shape={list(self.shape)}, bits={self.bits}, "
