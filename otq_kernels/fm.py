@@ -8,7 +8,6 @@ t = 0, data x1 in [-1, 1] at t = 1.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable
 
@@ -200,8 +199,3 @@ def train(
         ema.copy_to(model)
     model.eval()
     return losses
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    """Deep copy (handy for FP-vs-quantized pairs: quantize the copy in place)."""
-    return copy.deepcopy(model)
