@@ -5,7 +5,9 @@ Accepted inputs:
 * a state dict already loaded by the caller (``{name: tensor}``);
 * the examples' checkpoint dict ``{"model": state_dict, ...}`` (optimizer etc. ignored);
 * a path to a ``.safetensors`` file, or to a ``.pt``/``.pth`` file read with
-  ``torch.load(weights_only=True)`` (never full unpickling).
+  ``torch.load(weights_only=True)`` (never full unpickling). The only class allowed
+  beyond torch's weights-only set is ``argparse.Namespace``: the examples' training
+  script stores its command-line ``args`` in every ``checkpoint.pth``.
 
 The examples wrap the network in an EMA module whose state dict holds the raw weights
 under ``model.<name>``, the EMA copies as ``shadow_params.<i>`` (``i`` indexing the
@@ -14,6 +16,7 @@ trainable parameters in ``model.parameters()`` order) and an integer ``num_updat
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from collections.abc import Mapping
@@ -33,8 +36,18 @@ def _read_file(path: str | os.PathLike) -> dict:
 
         return load_file(path)
     if path.endswith((".pt", ".pth", ".ckpt", ".bin")):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(path)
     raise ValueError(f"unsupported checkpoint format {path!r} (use .safetensors, .pt or .pth)")
+
+
+def _torch_load(path: str) -> dict:
+    """Weights-only ``torch.load`` that also accepts the examples' ``args`` Namespace."""
+    ser = torch.serialization
+    if hasattr(ser, "safe_globals"):  # torch >= 2.5: scoped allow-list
+        with ser.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    ser.add_safe_globals([argparse.Namespace])  # torch 2.4
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _unwrap(obj: Mapping) -> dict[str, torch.Tensor]:

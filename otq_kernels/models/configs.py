@@ -1,7 +1,9 @@
 """Named UNet configurations (constructor kwargs for :class:`UNetModel`).
 
-``mnist``, ``cifar10`` and ``imagenet64`` follow the flow_matching image examples
-(55.67 M, 55.68 M and ~296 M parameters); ``tiny`` is for CPU tests and ``digits`` is
+``cifar10`` and ``imagenet64`` (alias ``imagenet``) are the ``cifar10`` and ``imagenet``
+configs of flow_matching's image examples (55,676,419 and 295,900,035 parameters).
+``mnist`` is not an examples config: it is the ``cifar10`` architecture with one input
+and output channel (55,667,201 parameters). ``tiny`` is for CPU tests and ``digits`` is
 the bundled demo model (16×16, 1 channel, unconditional).
 """
 

@@ -37,7 +37,8 @@ class UNetModel(nn.Module):
         channel_mult: width multipliers per level.
         conv_resample: learnable convs in Down/Upsample (else avg-pool / nearest).
         num_classes: class count for ``label_emb`` (an extra row, index ``num_classes``,
-            is the null label for classifier-free guidance); None = unconditional.
+            is the null label for classifier-free guidance: a zero-initialised
+            ``padding_idx`` row, also used when no label is passed); None = unconditional.
         num_heads / num_head_channels / num_heads_upsample: attention heads (a fixed
             head width wins when ``num_head_channels`` != -1).
         use_scale_shift_norm: FiLM conditioning in ResBlocks.
@@ -78,7 +79,7 @@ class UNetModel(nn.Module):
             nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes + 1, emb_dim)
+            self.label_emb = nn.Embedding(num_classes + 1, emb_dim, padding_idx=num_classes)
 
         ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList(
@@ -134,12 +135,22 @@ class UNetModel(nn.Module):
             zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
 
-    def embed(self, t: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        """Time (and class) embedding: t [B] in [0, 1], label [B] int -> [B, 4·mc]."""
-        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+    def embed(
+        self,
+        t: torch.Tensor,
+        label: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Time (and class) embedding: t [B] in [0, 1], label [B] int -> [B, 4·mc].
+
+        The sinusoid is cast to ``dtype`` (the input's) before ``time_embed``. A
+        class-conditional model given no label uses the null label ``num_classes``
+        (the unconditional branch of classifier-free guidance).
+        """
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))
         if self.num_classes is not None:
             if label is None:
-                raise ValueError("this UNet is class-conditional: pass extra={'label': ...}")
+                label = torch.full((t.shape[0],), self.num_classes, device=t.device)
             emb = emb + self.label_emb(label.long())
         return emb
 
@@ -157,7 +168,8 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         """Velocity: x [B, C, H, W], t [B] or scalar in [0, 1] -> [B, C_out, H, W].
 
-        ``extra`` may hold ``"label"`` [B] (int64) for class-conditional models.
+        ``extra`` may hold ``"label"`` [B] (int64) for class-conditional models; without
+        it they use the null label.
         H and W must be divisible by ``2 ** (len(channel_mult) - 1)``.
         """
         self._check_input(x)
@@ -165,7 +177,7 @@ class UNetModel(nn.Module):
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.embed(t, extra.get("label"))
+        emb = self.embed(t, extra.get("label"), x.dtype)
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb)
