@@ -44,6 +44,9 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: FiLM conditioning in ResBlocks.
         resblock_updown: resample with ResBlocks instead of Down/Upsample.
         use_new_attention_order: qkv split order, see :class:`AttentionBlock`.
+        image_size / dims / use_checkpoint / with_fourier_features: accepted so that the
+            flow_matching examples' config dicts can be passed as they are; only 2-D,
+            no Fourier features is built (``image_size`` and ``use_checkpoint`` are unused).
     """
 
     def __init__(
@@ -63,8 +66,15 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = True,
         resblock_updown: bool = False,
         use_new_attention_order: bool = True,
+        image_size: int | None = None,
+        dims: int = 2,
+        use_checkpoint: bool = False,
+        with_fourier_features: bool = False,
     ):
         super().__init__()
+        if dims != 2 or with_fourier_features:
+            raise ValueError("UNetModel builds 2-D models without Fourier features only "
+                             f"(got dims={dims}, with_fourier_features={with_fourier_features})")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.model_channels = model_channels
         self.num_classes = num_classes

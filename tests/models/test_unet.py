@@ -230,3 +230,13 @@ def test_wrong_image_shape_is_a_clear_error(shape):
     model = build_model("tiny")
     with pytest.raises(ValueError, match=r"images \[B, 1, H, W\]"):
         model(torch.randn(*shape), torch.zeros(shape[0]))
+
+
+def test_accepts_the_examples_config_keys():
+    kwargs = dict(unet_config("tiny"), image_size=16, dims=2, use_checkpoint=False,
+                  with_fourier_features=False)
+    assert UNetModel(**kwargs).state_dict().keys() == build_model("tiny").state_dict().keys()
+    with pytest.raises(ValueError, match="2-D models without Fourier"):
+        UNetModel(**dict(kwargs, with_fourier_features=True))
+    with pytest.raises(ValueError, match="dims=3"):
+        UNetModel(**dict(kwargs, dims=3))
