@@ -107,7 +107,7 @@ def velocity_and_latent(model: nn.Module, images: torch.Tensor, t: float = 0.0):
     """One forward at time t on ``images`` [B, C, H, W] in [0, 1]: (velocity [B, C, H, W],
     latent-variance probe dict) — the probe is PCA(20) of the bottleneck (``middle_block``)
     activations captured by a hook during the same forward."""
-    from .metrics.latent import COLLAPSE_THRESHOLD, pca_variances
+    from .metrics.latent import variance_stats
 
     captured = []
     block = getattr(model, "middle_block", None)
@@ -120,21 +120,9 @@ def velocity_and_latent(model: nn.Module, images: torch.Tensor, t: float = 0.0):
             handle.remove()
     if not captured:
         return v, None
-    var = pca_variances(captured[0])
-    return v, {"mean": var.mean().item(), "std": var.std(unbiased=False).item(),
-               "collapsed": int((var < COLLAPSE_THRESHOLD).sum()), "dim": captured[0].shape[1],
-               "n": captured[0].shape[0]}
-
-
-def paper_protocol(v_fp: torch.Tensor, v_q: torch.Tensor) -> dict:
-    """The LowBit-HighFid PSNR/SSIM of velocities (same as
-    ``metrics.fidelity.paper_velocity_psnr_ssim``, with the FP velocity computed once):
-    PSNR = 20·log10(1/RMSE) over the batch, SSIM with the 11×11 box window."""
-    from .metrics.fidelity import box_ssim
-
-    rmse = torch.sqrt(torch.mean((v_fp.double() - v_q.double()) ** 2)).item()
-    return {"psnr": math.inf if rmse == 0 else 20 * math.log10(1.0 / rmse),
-            "ssim": box_ssim(v_fp, v_q), "rmse": rmse}
+    stats = variance_stats(captured[0])
+    stats.pop("variances")
+    return v, stats
 
 
 def score(fp: dict, q_samples, model_q, real01, fid_reason) -> dict:
@@ -151,7 +139,7 @@ def score(fp: dict, q_samples, model_q, real01, fid_reason) -> dict:
                        "lower_w2sq": w2["lower"].tolist()}
     if real01 is not None:
         v_q, latent = velocity_and_latent(model_q, real01)
-        out["paper_velocity_t0"] = paper_protocol(fp["velocity"], v_q)
+        out["paper_velocity_t0"] = fidelity.velocity_psnr_ssim(fp["velocity"], v_q)
         if latent is not None:
             out["latent_t0"] = latent
     out["fid"] = ({"fid": None, "fid_unavailable": fid_reason} if fid_reason

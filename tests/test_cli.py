@@ -93,7 +93,7 @@ def test_eval_writes_results(tmp_path, capsys):
 
 def test_fused_paper_protocol_matches_metrics():
     """The demo's one-forward velocity + latent probe equals the metrics package's."""
-    from otq_kernels.metrics.fidelity import paper_velocity_psnr_ssim
+    from otq_kernels.metrics.fidelity import paper_velocity_psnr_ssim, velocity_psnr_ssim
     from otq_kernels.metrics.latent import latent_variance_probe
 
     model = demo.random_model("tiny", seed=0)
@@ -101,7 +101,7 @@ def test_fused_paper_protocol_matches_metrics():
     real, _ = demo.real_images((1, 16, 16), 8)
     v_fp, _ = demo.velocity_and_latent(model, real)
     v_q, latent = demo.velocity_and_latent(q, real)
-    got = demo.paper_protocol(v_fp, v_q)
+    got = velocity_psnr_ssim(v_fp, v_q)
     ref = paper_velocity_psnr_ssim(model, q, real)
     assert got["psnr"] == pytest.approx(ref["psnr"], rel=1e-4)
     assert got["ssim"] == pytest.approx(ref["ssim"], rel=1e-5)

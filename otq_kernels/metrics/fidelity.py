@@ -78,8 +78,13 @@ def paper_velocity_psnr_ssim(
     tt = torch.full((images.shape[0],), float(t), device=images.device)
     model_fp.eval()
     model_q.eval()
-    v_fp = model_fp(images, tt, extra).float()
-    v_q = model_q(images, tt, extra).float()
+    return velocity_psnr_ssim(model_fp(images, tt, extra), model_q(images, tt, extra))
+
+
+def velocity_psnr_ssim(v_fp: torch.Tensor, v_q: torch.Tensor) -> dict[str, float]:
+    """The paper's scores of two velocity batches [B, C, H, W]: PSNR = 20·log10(1/RMSE)
+    over the batch, SSIM with the 11×11 box window."""
+    v_fp, v_q = v_fp.float(), v_q.float()
     rmse = torch.sqrt(torch.mean((v_fp - v_q) ** 2)).item()
     psnr = math.inf if rmse == 0 else 20 * math.log10(1.0 / rmse)
     return {"psnr": psnr, "ssim": box_ssim(v_fp, v_q), "rmse": rmse}

@@ -77,13 +77,19 @@ def latent_variance_probe(
     out = {}
     for t in ts:
         feats = bottleneck_features(model, images, t, module, label, batch_size)
-        var = pca_variances(feats, n_components)
-        out[float(t)] = {
-            "variances": var,
-            "mean": var.mean().item(),
-            "std": var.std(unbiased=False).item() if len(var) > 1 else 0.0,
-            "collapsed": int((var < COLLAPSE_THRESHOLD).sum()),
-            "dim": feats.shape[1],
-            "n": feats.shape[0],
-        }
+        out[float(t)] = variance_stats(feats, n_components)
     return out
+
+
+def variance_stats(features: torch.Tensor, n_components: int = 20) -> dict:
+    """PCA variance summary of bottleneck features [N, D]: ``{"variances": Tensor [k],
+    "mean", "std", "collapsed" (variance < 1e-4), "dim": D, "n": N}``."""
+    var = pca_variances(features, n_components)
+    return {
+        "variances": var,
+        "mean": var.mean().item(),
+        "std": var.std(unbiased=False).item() if len(var) > 1 else 0.0,
+        "collapsed": int((var < COLLAPSE_THRESHOLD).sum()),
+        "dim": features.shape[1],
+        "n": features.shape[0],
+    }
