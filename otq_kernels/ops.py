@@ -42,6 +42,16 @@ _OP_FUNCTION = {"linear": "linear", "conv2d": "conv2d", "fit": "fit_rows", "pack
 UNLIMITED = 2**62
 
 
+def _trace_constant(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo at import.
+
+    That decorator only sets this attribute (tests/test_dispatch.py checks it still does);
+    calling it would import dynamo, about 1 s of ``import otq_kernels``.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _candidates(op: str, device: torch.device) -> list[tuple[str, int]]:
     """(backend, largest M it takes) for ``op``, best first; M = row length for "fit"."""
     if device.type != "cuda":
@@ -56,7 +66,7 @@ def _candidates(op: str, device: torch.device) -> list[tuple[str, int]]:
     return [("triton", UNLIMITED), ("cuda", UNLIMITED), ("reference", UNLIMITED)]
 
 
-@torch.compiler.assume_constant_result
+@_trace_constant
 def _auto_plan(op: str, device: str) -> tuple:
     """The runnable candidates of ``op`` on ``device`` as ((name, max_m), ...)."""
     dev = torch.device(device)
@@ -68,7 +78,7 @@ def _auto_plan(op: str, device: str) -> tuple:
     return tuple(plan) + (("reference", UNLIMITED),)
 
 
-@torch.compiler.assume_constant_result
+@_trace_constant
 def _explicit_backend(backend: str, device: str) -> str:
     """``backend`` (or env OTQ_BACKEND when None/"auto"), checked to run on ``device``."""
     name = backend if backend not in (None, "auto") else os.environ.get("OTQ_BACKEND", "auto")

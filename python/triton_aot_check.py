@@ -1,7 +1,8 @@
 """AOT-compile the otq Triton kernels for sm_90 on a CPU-only machine (ptxas ships in the wheel).
 
 Catches what TRITON_INTERPRET=1 cannot: compile errors, shared memory per config, registers
-and spills (cuobjdump --dump-resource-usage: STACK > 0 means local-memory spills).
+and spills (cuobjdump --dump-resource-usage: STACK > 0 means local-memory spills). The GEMV
+configs that survive matmul's pruning must not spill: a spill there fails the check.
 
     python python/triton_aot_check.py [linear|conv|misc|fit ...]   # exit 1 if any fails
     OTQ_AOT_LONG=1 ...   # also the 16384-value fit blocks (slow)
@@ -37,7 +38,8 @@ def base_fn(f):
     return f
 
 
-def compile_one(name, kernel, types: dict, consts: dict, num_warps=4, num_stages=3):
+def compile_one(name, kernel, types: dict, consts: dict, num_warps=4, num_stages=3,
+                no_spill=False):
     fn = base_fn(kernel)
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
@@ -67,14 +69,32 @@ def compile_one(name, kernel, types: dict, consts: dict, num_warps=4, num_stages
         for line in out.splitlines():
             if "REG" in line:
                 usage = " ".join(line.split())
-    print(f"ok   {name}: {dt:.1f}s shared={k.metadata.shared} {usage}", flush=True)
+    spilled = "STACK:0 " not in usage + " "
+    status = "FAIL" if no_spill and spilled else "ok  "
+    if status == "FAIL":
+        FAILED.append(name)
+    print(f"{status} {name}: {dt:.1f}s shared={k.metadata.shared} {usage}"
+          + (" (spills in a shipped GEMV config)" if status == "FAIL" else ""), flush=True)
 
 
 def widths_list():
-    return [(4, 2, 1), (8, 0, 0), (2, 0, 0)]
+    return [(4, 2, 1), (8, 0, 0), (2, 0, 0), (4, 0, 0), (2, 1, 0)]
 
 
 DT = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+
+
+def gemv_jobs(types: dict, flags: dict) -> list:
+    """The GEMV configs that pruning keeps on a large layer, for M tiles of 1, 2 and 8."""
+    jobs = []
+    widths = (flags["W0"], flags["W1"], flags["W2"])
+    for bm in (1, 2, 8):
+        args = {"N": 8192, "K": 8192, "BLOCK_M": bm, **flags}
+        for c in matmul._prune_gemv(matmul._gemv_configs(), args):
+            name = f"gemv W{''.join(map(str, widths))} {c.kwargs} BM{bm} w{c.num_warps}"
+            jobs.append((name, matmul._linear_gemv_kernel, types,
+                         {**flags, **c.kwargs, "BLOCK_M": bm}, c.num_warps, c.num_stages, True))
+    return jobs
 
 
 def linear_jobs():
@@ -87,12 +107,7 @@ def linear_jobs():
                 flags = dict(W0=w0, W1=w1, W2=w2, PER_CHANNEL=pc, HAS_BIAS=True,
                              WRITE_PARTIAL=False)
                 if dt == "fp16" and pc:
-                    for c in matmul._gemv_configs():
-                        for bm in (1, 8):
-                            name = f"gemv {dt} W{w0}{w1}{w2} {c.kwargs} BM{bm} w{c.num_warps}"
-                            jobs.append((name, matmul._linear_gemv_kernel, types,
-                                         {**flags, **c.kwargs, "BLOCK_M": bm},
-                                         c.num_warps, c.num_stages))
+                    jobs += gemv_jobs(types, flags)
                 cfgs = matmul._dot_configs("splitk") + matmul._dot_configs("gemm")
                 if not (dt == "fp16" and pc and (w0, w1, w2) == (4, 2, 1)):
                     cfgs = cfgs[:1] + cfgs[6:7]

@@ -104,6 +104,28 @@ def test_torch_compile_fullgraph():
             torch.testing.assert_close(compiled(x, img), f(x, img))
 
 
+def test_trace_constant_marks_like_torch():
+    def f():
+        return 0
+
+    def g():
+        return 0
+
+    marked = torch.compiler.assume_constant_result(f)
+    assert vars(marked) == vars(ops._trace_constant(g)) == {"_dynamo_marked_constant": True}
+
+
+def test_import_leaves_dynamo_and_triton_unloaded():
+    import subprocess
+    import sys
+
+    code = ("import sys, otq_kernels, otq_kernels.nn; "
+            "bad = [m for m in ('torch._dynamo', 'triton') if m in sys.modules]; "
+            "assert not bad, bad")
+    root = __file__.rsplit("/tests/", 1)[0]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
 def test_fit_pack_unpack_wrappers_agree_with_format():
     rows = torch.randn(4, 50)
     codes, cents = ops.fit_rows(rows, 3, backend="reference")

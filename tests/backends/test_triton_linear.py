@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from _triton_tolerance import DTYPES, assert_matches_reference, make_qt, randn  # noqa: E402
 
 import otq_kernels as otq  # noqa: E402
 from otq_kernels.backends import reference  # noqa: E402
+from otq_kernels.backends.triton import matmul  # noqa: E402
 from otq_kernels.backends.triton.matmul import KERNELS, choose_kernel, linear_triton  # noqa: E402
 
 
@@ -55,6 +56,33 @@ def test_identity_reproduces_weight(k, dtype, kernel, device):
     eye = torch.eye(k, device=device, dtype=dtype)
     y = linear_triton(eye, qt, None, kernel=kernel)
     assert torch.equal(y, qt.dequantize(dtype).T)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("block_n,block_k", [(8, 128), (16, 256)])
+def test_gemv_gpu_tiles(block_n, block_k, bits, monkeypatch, device):
+    """The GEMV with GPU-size K tiles (several words per plane, W0 // W repeats) and a K
+    tail, vs the reference: the interpreter's own config only has BLOCK_K = 32."""
+    config = triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=1)
+    tuned = triton.autotune([config], key=["M"])(matmul._linear_gemv_kernel)
+    monkeypatch.setattr(matmul, "_gemv_tuned", tuned)
+    check_linear(3, 19, 2 * block_k + 45, bits, "channel", torch.float32, device,
+                 kernel="gemv", split_k=1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 7, 8])
+def test_shipped_gemv_tiles_fit_registers(bits):
+    """Pruning keeps at least one GPU tile for every M tile and width, all within the
+    register model that python/triton_aot_check.py holds to (no spills on sm_90)."""
+    widths = (otq.plane_widths(bits) + [0, 0])[:3]
+    for block_m in (1, 2, 4, 8):
+        args = {"N": 8192, "K": 8192, "BLOCK_M": block_m, "W0": widths[0], "W1": widths[1],
+                "W2": widths[2]}
+        kept = matmul._prune_gemv(matmul._gemv_configs(), args)
+        assert kept
+        for c in kept:
+            assert matmul.gemv_fits_registers(block_m, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                              widths, c.num_warps)
 
 
 def test_non_contiguous_input(device):

@@ -7,6 +7,11 @@ columns k, never touching a dense weight in memory:
   is read as whole words ([BLOCK_N, BLOCK_K * w / 32] int32, contiguous along K, so the
   loads vectorize), fields are split off with shifts in registers and the tile is
   reshaped to [BLOCK_N, BLOCK_K]. Used by the linear and dequantize kernels.
+- ``_tile_words`` + ``_decode_field``: the same K range, decoded one field position at a
+  time. Every plane's words are aligned to plane 0's word grid ([BLOCK_N, BLOCK_K * W0 /
+  32]); field j of word w is column k0 + w * (32 / W0) + j. Only one [BLOCK_N, WORDS0]
+  slice of codes is live at a time and nothing is reshaped, which keeps the GEMV at a
+  third of the registers of ``_decode_rows`` (no spills; see docs/kernels.md).
 - ``_decode_gather``: arbitrary (rows, cols) index tensors of any broadcast shape; every
   element loads its own word. Used by the conv kernel, whose K order (kh, kw, c) walks
   the canonical (c, kh, kw) order with a stride.
@@ -67,6 +72,64 @@ def _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
     if W2 > 0:
         codes |= _plane_fields_rows(p2_ptr, stride_p2n, offs_n, n_mask, k0, k_pad * W2 // 32,
                                     W2, BLOCK_N, BLOCK_K) << (W0 + W1)
+    return _lookup(codebook_ptr, stride_cbn, offs_n[:, None], codes, n_mask[:, None], PER_CHANNEL)
+
+
+@triton.jit
+def _plane_words(plane_ptr, stride_pn, offs_n, n_mask, k0, k_pad, W: tl.constexpr,
+                 W0: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Words of a width-W plane on plane 0's word grid -> int32 [BLOCK_N, BLOCK_K * W0 // 32].
+
+    Entry (n, w) is the word holding the columns of plane-0 word w: W0 // W neighbouring
+    entries repeat one word (same address, one memory transaction).
+    """
+    WORDS0: tl.constexpr = BLOCK_K * W0 // 32
+    if W == W0:
+        local = tl.max_contiguous(tl.multiple_of(tl.arange(0, WORDS0), WORDS0), WORDS0)
+    else:
+        local = tl.arange(0, WORDS0) // (W0 // W)
+    offs_w = k0 * W // 32 + local
+    mask = n_mask[:, None] & (offs_w[None, :] < k_pad * W // 32)
+    return tl.load(plane_ptr + offs_n[:, None] * stride_pn + offs_w[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _tile_words(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n, offs_n, n_mask,
+                k0, k_pad, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """The three planes' words for columns k0..k0+BLOCK_K, each [BLOCK_N, BLOCK_K * W0 // 32].
+
+    Missing planes (width 0) return plane 0's words, never decoded.
+    """
+    words0 = _plane_words(p0_ptr, stride_p0n, offs_n, n_mask, k0, k_pad, W0, W0, BLOCK_K)
+    words1 = words0
+    words2 = words0
+    if W1 > 0:
+        words1 = _plane_words(p1_ptr, stride_p1n, offs_n, n_mask, k0, k_pad, W1, W0, BLOCK_K)
+    if W2 > 0:
+        words2 = _plane_words(p2_ptr, stride_p2n, offs_n, n_mask, k0, k_pad, W2, W0, BLOCK_K)
+    return words0, words1, words2
+
+
+@triton.jit
+def _plane_field(words, j: tl.constexpr, W: tl.constexpr, W0: tl.constexpr,
+                 WORDS0: tl.constexpr):
+    """Field of column w * (32 // W0) + j for every entry w of aligned ``words`` -> int32."""
+    shift = ((tl.arange(0, WORDS0) % (W0 // W)) * (32 // W0) + j) * W
+    return (words >> shift[None, :]) & ((1 << W) - 1)
+
+
+@triton.jit
+def _decode_field(words0, words1, words2, j: tl.constexpr, codebook_ptr, stride_cbn, offs_n,
+                  n_mask, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+                  PER_CHANNEL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weights float32 [BLOCK_N, WORDS0] of columns k0 + w * (32 // W0) + j (w < WORDS0)."""
+    WORDS0: tl.constexpr = BLOCK_K * W0 // 32
+    codes = _plane_field(words0, j, W0, W0, WORDS0)
+    if W1 > 0:
+        codes |= _plane_field(words1, j, W1, W0, WORDS0) << W0
+    if W2 > 0:
+        codes |= _plane_field(words2, j, W2, W0, WORDS0) << (W0 + W1)
     return _lookup(codebook_ptr, stride_cbn, offs_n[:, None], codes, n_mask[:, None], PER_CHANNEL)
 
 

@@ -22,7 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import _decode_rows, _grouped_tile, codebook_args, plane_args
+from .decode import (
+    _decode_field,
+    _decode_rows,
+    _grouped_tile,
+    _tile_words,
+    codebook_args,
+    plane_args,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KERNELS = ("gemv", "splitk", "gemm")
@@ -34,8 +41,8 @@ SPLITK_MAX_M = 64
 def _gemv_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
-    shapes = [(16, 128, 2), (32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 8),
-              (64, 64, 4), (128, 64, 8), (16, 64, 4), (32, 64, 8), (8, 128, 4)]
+    shapes = [(64, 128, 4), (128, 128, 4), (32, 256, 8), (128, 256, 8), (32, 128, 4),
+              (16, 128, 4), (64, 256, 8), (16, 256, 4), (32, 64, 4), (8, 128, 4)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=2)
             for n, k, w in shapes]
 
@@ -59,12 +66,28 @@ def _fits(limit: int, size: int) -> bool:
     return limit <= max(16, triton.next_power_of_2(size))
 
 
+def gemv_fits_registers(block_m: int, block_n: int, block_k: int, widths, num_warps: int) -> bool:
+    """Whether a GEMV tile stays in registers on sm_90 (no spills; the limits come from
+    python/triton_aot_check.py, which fails if a kept config spills).
+
+    Live int32 words per thread: every plane's words on plane 0's grid plus one field's
+    products; and codes per thread, since narrow planes unroll 32 // W0 fields.
+    """
+    threads = 32 * num_warps
+    words0 = block_n * block_k * widths[0] // 32
+    planes = sum(1 for w in widths if w > 0)
+    live_words = (planes + block_m) * words0 / threads
+    return live_words <= 36 and block_n * block_k / threads <= 32 * widths[0]
+
+
 def _prune_gemv(configs, named_args, **kwargs):
-    """Drop tiles wider than the problem or with > 128 float32 products per thread."""
+    """Drop tiles wider than the problem or too large to stay in registers."""
     args = {**named_args, **kwargs}
+    widths = (args["W0"], args["W1"], args["W2"])
     kept = [c for c in configs
             if _fits(c.kwargs["BLOCK_N"], args["N"]) and _fits(c.kwargs["BLOCK_K"] // 2, args["K"])
-            and args["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 128 * 32 * c.num_warps]
+            and gemv_fits_registers(args["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                    widths, c.num_warps)]
     return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])[:1]
 
 
@@ -110,7 +133,13 @@ def _linear_gemv_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
                         PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                         WRITE_PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Grid (N tiles, split_k, M tiles): y[m, n] = sum_k x[m, k] * W[n, k] in float32."""
+    """Grid (N tiles, split_k, M tiles): y[m, n] = sum_k x[m, k] * W[n, k] in float32.
+
+    Each K tile is decoded one field position j at a time (``_decode_field``): the weights
+    of columns k0 + w * 32 // W0 + j meet the activations of those (strided) columns.
+    """
+    FIELDS: tl.constexpr = 32 // W0
+    WORDS0: tl.constexpr = BLOCK_K * W0 // 32
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
@@ -118,13 +147,16 @@ def _linear_gemv_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # M * K may pass 2**31
     k_lo, k_hi = _k_range(K, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        w = _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
-                         codebook_ptr, stride_cbn, offs_n, n_mask, k0, k_pad,
-                         W0, W1, W2, PER_CHANNEL, BLOCK_N, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+        words0, words1, words2 = _tile_words(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n,
+                                             stride_p2n, offs_n, n_mask, k0, k_pad,
+                                             W0, W1, W2, BLOCK_K)
+        for j in tl.static_range(FIELDS):
+            w = _decode_field(words0, words1, words2, j, codebook_ptr, stride_cbn, offs_n,
+                              n_mask, W0, W1, W2, PER_CHANNEL, BLOCK_K)
+            offs_k = k0 + tl.arange(0, WORDS0) * FIELDS + j
+            x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+            x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
                 HAS_BIAS, WRITE_PARTIAL)
 
