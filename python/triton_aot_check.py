@@ -2,7 +2,8 @@
 
 Catches what TRITON_INTERPRET=1 cannot: compile errors, shared memory per config, registers
 and spills (cuobjdump --dump-resource-usage: STACK > 0 means local-memory spills). The GEMV
-configs that survive matmul's pruning must not spill: a spill there fails the check.
+configs that survive matmul's pruning and every fp16/bf16 tl.dot linear config must not
+spill: a spill there fails the check.
 
     python python/triton_aot_check.py [linear|conv|misc|fit ...]   # exit 1 if any fails
     OTQ_AOT_LONG=1 ...   # also the 16384-value fit blocks (slow)
@@ -109,19 +110,19 @@ def linear_jobs():
                 if dt == "fp16" and pc:
                     jobs += gemv_jobs(types, flags)
                 cfgs = matmul._dot_configs("splitk") + matmul._dot_configs("gemm")
-                if not (dt == "fp16" and pc and (w0, w1, w2) == (4, 2, 1)):
-                    cfgs = cfgs[:1] + cfgs[6:7]
+                if not (dt == "fp16" and pc):
+                    cfgs = cfgs[:1] + cfgs[-1:]
                 for c in cfgs:
                     prec = "ieee" if dt == "fp32" else "tf32"
                     name = f"dot {dt} W{w0}{w1}{w2} {pc=} {c.kwargs} w{c.num_warps}/{c.num_stages}"
                     jobs.append((name, matmul._linear_gemm_kernel, types,
                                  {**flags, **c.kwargs, "DOT_PRECISION": prec},
-                                 c.num_warps, c.num_stages))
+                                 c.num_warps, c.num_stages, dt != "fp32"))
     jobs.append(("gemm fp32 tf32 partial", matmul._linear_gemm_kernel,
                  {"x_ptr": "*fp32", "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
                   "codebook_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": "*fp32"},
                  dict(W0=4, W1=0, W2=0, PER_CHANNEL=False, HAS_BIAS=False, WRITE_PARTIAL=True,
-                      DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8), 4, 4))
+                      DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, FIELD_K=16, GROUP_M=8), 4, 3))
     jobs.append(("reduce", matmul._splitk_reduce_kernel,
                  {"ws_ptr": "*fp32", "bias_ptr": "*fp16", "y_ptr": "*fp16"},
                  dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=1024), 4, 3))

@@ -70,6 +70,14 @@ def test_gemv_gpu_tiles(block_n, block_k, bits, monkeypatch, device):
                  kernel="gemv", split_k=1)
 
 
+@pytest.mark.parametrize("kernel", ["splitk", "gemm"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_dot_several_k_tiles(bits, kernel, device):
+    """Per-field tl.dot kernels over 3+ K tiles (2-bit tiles are 256 wide) and a K tail."""
+    check_linear(20, 19, 600, bits, "tensor" if bits % 2 else "channel", torch.float32, device,
+                 kernel=kernel, split_k=1)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 7, 8])
 def test_shipped_gemv_tiles_fit_registers(bits):
     """Pruning keeps at least one GPU tile for every M tile and width, all within the

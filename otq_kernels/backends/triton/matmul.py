@@ -10,7 +10,9 @@ Three kernels (``KERNELS``), chosen by M (:func:`choose_kernel`) unless forced:
 ``gemv`` and ``splitk`` split K over ``split_k`` programs when N alone cannot fill the
 GPU; float32 partials go to a workspace [split_k, M, N] that ``_splitk_reduce_kernel``
 sums (deterministic, no atomics), adding the bias and casting to x.dtype. The dense
-weight is never materialized: codes are unpacked and looked up tile by tile.
+weight is never materialized: codes are unpacked and looked up tile by tile, one field
+position of the packed words at a time (``decode._decode_field``), so no kept config
+spills registers on sm_90.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import triton.language as tl
 
 from .decode import (
     _decode_field,
-    _decode_rows,
     _grouped_tile,
     _tile_words,
     codebook_args,
@@ -48,17 +49,22 @@ def _gemv_configs() -> list[triton.Config]:
 
 
 def _dot_configs(kind: str) -> list[triton.Config]:
+    """tl.dot tiles; FIELD_K is the K of one field's dot, the K tile is FIELD_K * 32 // W0.
+
+    Every config here compiles without spills for widths 8, 4, 2, 2+1 and 4+2+1 on sm_90
+    (python/triton_aot_check.py fails otherwise).
+    """
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 8},
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "FIELD_K": 16, "GROUP_M": 8},
                               num_warps=1)]
     if kind == "splitk":
-        shapes = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3),
-                  (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 128, 4, 3)]
+        shapes = [(16, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 128, 8, 3),
+                  (32, 64, 8, 3)]
     else:
-        shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                  (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
+        shapes = [(128, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 4),
+                  (128, 64, 8, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "FIELD_K": 16, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 def _fits(limit: int, size: int) -> bool:
@@ -96,7 +102,7 @@ def _prune_dot(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     kept = [c for c in configs
             if _fits(c.kwargs["BLOCK_M"], args["M"]) and _fits(c.kwargs["BLOCK_N"], args["N"])
-            and _fits(c.kwargs["BLOCK_K"] // 2, args["K"])]
+            and _fits(c.kwargs["FIELD_K"] * 16 // args["W0"], args["K"])]
     return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
 
 
@@ -168,9 +174,13 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
                         W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                         WRITE_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIELD_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
-    """Grid (M tiles * N tiles, split_k): tl.dot of x tiles with decoded weight tiles."""
+    """Grid (M tiles * N tiles, split_k): per K tile of FIELD_K words of plane 0, one
+    tl.dot per field position j of the activation columns k0 + w * 32 // W0 + j with the
+    weights decoded for them (``_decode_field``)."""
+    FIELDS: tl.constexpr = 32 // W0
+    BLOCK_K: tl.constexpr = FIELD_K * FIELDS
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -179,13 +189,16 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # M * K may pass 2**31
     k_lo, k_hi = _k_range(K, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
-        w = _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
-                         codebook_ptr, stride_cbn, offs_n, n_mask, k0, k_pad,
-                         W0, W1, W2, PER_CHANNEL, BLOCK_N, BLOCK_K)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+        words0, words1, words2 = _tile_words(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n,
+                                             stride_p2n, offs_n, n_mask, k0, k_pad,
+                                             W0, W1, W2, BLOCK_K)
+        for j in tl.static_range(FIELDS):
+            w = _decode_field(words0, words1, words2, j, codebook_ptr, stride_cbn, offs_n,
+                              n_mask, W0, W1, W2, PER_CHANNEL, BLOCK_K)
+            offs_k = k0 + tl.arange(0, FIELD_K) * FIELDS + j
+            x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+            x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
                 HAS_BIAS, WRITE_PARTIAL)
 
