@@ -2,8 +2,8 @@
 
 Catches what TRITON_INTERPRET=1 cannot: compile errors, shared memory per config, registers
 and spills (cuobjdump --dump-resource-usage: STACK > 0 means local-memory spills). The GEMV
-configs that survive matmul's pruning and every fp16/bf16 tl.dot linear config must not
-spill: a spill there fails the check.
+configs that survive matmul's pruning and every fp16/bf16 tl.dot linear and conv config
+must not spill: a spill there fails the check.
 
     python python/triton_aot_check.py [linear|conv|misc|fit ...]   # exit 1 if any fails
     OTQ_AOT_LONG=1 ...   # also the 16384-value fit blocks (slow)
@@ -135,12 +135,15 @@ def conv_jobs():
         types = {"x_ptr": DT[dt], "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
                  "codebook_ptr": "*fp32", "bias_ptr": DT[dt], "y_ptr": DT[dt]}
         cfgs = conv._conv_configs() if dt == "fp16" else conv._conv_configs()[:1]
-        for c in cfgs:
-            for kh in (3, 1):
-                flags = dict(W0=4, W1=2, W2=1, PER_CHANNEL=True, HAS_BIAS=True,
-                             DOT_PRECISION="ieee" if dt == "fp32" else "tf32", KH=kh, KW=kh)
-                jobs.append((f"conv {dt} k{kh} {c.kwargs} w{c.num_warps}", conv._conv2d_kernel,
-                             types, {**flags, **c.kwargs}, c.num_warps, c.num_stages))
+        for widths in ((4, 2, 1), (8, 0, 0)) if dt == "fp16" else ((4, 2, 1),):
+            for c in cfgs:
+                for kh in (3, 1):
+                    flags = dict(W0=widths[0], W1=widths[1], W2=widths[2], PER_CHANNEL=True,
+                                 HAS_BIAS=True, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+                                 KH=kh, KW=kh)
+                    name = f"conv {dt} W{''.join(map(str, widths))} k{kh} {c.kwargs} w{c.num_warps}"
+                    jobs.append((name, conv._conv2d_kernel, types, {**flags, **c.kwargs},
+                                 c.num_warps, c.num_stages, dt != "fp32"))
     return jobs
 
 
