@@ -139,6 +139,18 @@ def _lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
+def _null_label(model: nn.Module, labels: torch.Tensor | None, label_dropout: float) -> int:
+    """The index dropped labels become (``model.num_classes``); checks ``label_dropout``."""
+    if not 0.0 <= label_dropout < 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+    if label_dropout == 0:
+        return -1
+    if labels is None or getattr(model, "num_classes", None) is None:
+        raise ValueError("label_dropout needs labels and a class-conditional model "
+                         "(model.num_classes)")
+    return int(model.num_classes)
+
+
 def train(
     model: nn.Module,
     data: torch.Tensor,
@@ -154,6 +166,7 @@ def train(
     grad_clip: float | None = 1.0,
     log_every: int = 0,
     callback: Callable[[int, float], None] | None = None,
+    label_dropout: float = 0.0,
 ) -> list[float]:
     """Conditional-OT flow matching: minimise ||v(x_t, t) − (x1 − x0)||² with AdamW.
 
@@ -162,12 +175,15 @@ def train(
     generator seeded with ``seed`` (model init is the caller's). ``schedule``:
     'constant' or 'cosine' (after ``warmup`` linear steps). With ``ema_decay`` an EMA
     of the weights is kept and copied into ``model`` at the end. Leaves the model in
-    eval mode. Returns the per-step losses.
+    eval mode. With ``label_dropout`` p > 0 each label is replaced by the null label
+    ``model.num_classes`` with probability p, so that classifier-free guidance has a
+    trained unconditional branch. Returns the per-step losses.
     """
     from flow_matching.path import CondOTProbPath
 
     if schedule not in ("constant", "cosine"):
         raise ValueError("schedule must be 'constant' or 'cosine'")
+    null_label = _null_label(model, labels, label_dropout)
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(int(seed))
     path = CondOTProbPath()
@@ -183,7 +199,13 @@ def train(
         x0 = torch.randn(x1.shape, generator=g).to(device)
         t = torch.rand(batch_size, generator=g).to(device)
         ps = path.sample(x_0=x0, x_1=x1, t=t)
-        extra = {} if labels is None else {"label": labels[idx].to(device)}
+        extra = {}
+        if labels is not None:
+            label = labels[idx]
+            if label_dropout > 0:
+                label = label.masked_fill(torch.rand(batch_size, generator=g) < label_dropout,
+                                          null_label)
+            extra = {"label": label.to(device)}
         loss = torch.mean((model(ps.x_t, ps.t, extra) - ps.dx_t) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -107,6 +107,28 @@ def test_train_ema_and_labels_deterministic():
     assert runs[0] == runs[1]
 
 
+def _labels_seen(label_dropout: float) -> torch.Tensor:
+    """Labels the model receives during a short conditional training run."""
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=3)
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args: seen.append(args[2]["label"].clone()))
+    fm.train(model, torch.rand(16, 1, 16, 16) * 2 - 1, steps=4, batch_size=16, seed=2,
+             labels=torch.arange(16) % 3, label_dropout=label_dropout)
+    return torch.cat(seen)
+
+
+def test_train_label_dropout_feeds_the_null_label():
+    assert (_labels_seen(0.0) < 3).all()
+    dropped = (_labels_seen(0.5) == 3).float().mean().item()
+    assert 0.3 < dropped < 0.7
+    with pytest.raises(ValueError, match="label_dropout"):
+        fm.train(build_model("tiny"), torch.zeros(4, 1, 16, 16), steps=1, label_dropout=0.1)
+    with pytest.raises(ValueError, match="label_dropout"):
+        fm.train(build_model("tiny", num_classes=3), torch.zeros(4, 1, 16, 16), steps=1,
+                 labels=torch.zeros(4, dtype=torch.long), label_dropout=1.0)
+
+
 def test_lazy_imports():
     import subprocess
     import sys
