@@ -114,16 +114,24 @@ def _to_unit_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fid(real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256) -> dict:
+def fid(real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256,
+        feature: torch.nn.Module | None = None) -> dict:
     """FID between image sets real, fake [N, C, H, W] in [-1, 1] (2048-d Inception pool
     features, ``normalize=True``). Returns ``{"fid": float}`` or ``{"fid": None,
-    "fid_unavailable": reason}``; never downloads, never invents a number."""
-    reason = fid_unavailable_reason()
-    if reason is not None:
-        return {"fid": None, "fid_unavailable": reason}
+    "fid_unavailable": reason}``; never downloads, never invents a number.
+
+    feature: a local feature network instead of Inception (float [B, 3, H, W] in [0, 1]
+    -> [B, d]); the score is then "FID in that network's features", not comparable with
+    published FIDs.
+    """
+    if feature is None:
+        reason = fid_unavailable_reason()
+        if reason is not None:
+            return {"fid": None, "fid_unavailable": reason}
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=2048, normalize=True)
+    metric = FrechetInceptionDistance(feature=2048 if feature is None else feature,
+                                      normalize=True)
     for batch, is_real in ((real, True), (fake, False)):
         for chunk in batch.split(batch_size):
             metric.update(_to_unit_rgb(chunk), real=is_real)

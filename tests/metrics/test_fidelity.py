@@ -68,6 +68,28 @@ def test_fid_unavailable_is_reported(monkeypatch, tmp_path):
     assert res["fid"] is None and res["fid_unavailable"]
 
 
+def test_fid_with_a_local_feature_network():
+    """The FID path end to end (torchmetrics' Fréchet distance) on a small fixed network:
+    0 for identical sets, growing with the distribution shift."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+                              torch.nn.Linear(12, 6)).double()
+    feature = torch.nn.Sequential(_ToDouble(), net)
+    g = torch.Generator().manual_seed(3)
+    real = torch.rand(64, 1, 16, 16, generator=g) * 2 - 1
+    other = torch.rand(64, 1, 16, 16, generator=g) * 2 - 1
+    same = fidelity.fid(real, real, batch_size=20, feature=feature)
+    near = fidelity.fid(real, other, feature=feature)["fid"]
+    far = fidelity.fid(real, (other * 0.5 + 0.4), feature=feature)["fid"]
+    assert same["n_real"] == same["n_fake"] == 64
+    assert abs(same["fid"]) < 1e-6 and 0 < near < far
+
+
+class _ToDouble(torch.nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
 def test_latent_probe_shapes():
     model, images = _model(), torch.rand(24, 1, 16, 16)
     res = latent.latent_variance_probe(model, images, ts=(0.0, 0.5), n_components=5)
