@@ -6,12 +6,13 @@ columns k, never touching a dense weight in memory:
 - ``_decode_rows``: a contiguous K range [k0, k0 + BLOCK_K) of BLOCK_N rows. Each plane
   is read as whole words ([BLOCK_N, BLOCK_K * w / 32] int32, contiguous along K, so the
   loads vectorize), fields are split off with shifts in registers and the tile is
-  reshaped to [BLOCK_N, BLOCK_K]. Used by the linear and dequantize kernels.
+  reshaped to [BLOCK_N, BLOCK_K]. Used by the dequantize kernel.
 - ``_tile_words`` + ``_decode_field``: the same K range, decoded one field position at a
   time. Every plane's words are aligned to plane 0's word grid ([BLOCK_N, BLOCK_K * W0 /
   32]); field j of word w is column k0 + w * (32 / W0) + j. Only one [BLOCK_N, WORDS0]
   slice of codes is live at a time and nothing is reshaped, which keeps the GEMV at a
-  third of the registers of ``_decode_rows`` (no spills; see docs/kernels.md).
+  third of the registers of ``_decode_rows`` (no spills; see docs/kernels.md). Used by
+  the linear kernels (GEMV and tl.dot).
 - ``_decode_gather``: arbitrary (rows, cols) index tensors of any broadcast shape; every
   element loads its own word. Used by the conv kernel, whose K order (kh, kw, c) walks
   the canonical (c, kh, kw) order with a stride.
@@ -84,11 +85,11 @@ def _plane_words(plane_ptr, stride_pn, offs_n, n_mask, k0, k_pad, W: tl.constexp
     entries repeat one word (same address, one memory transaction).
     """
     WORDS0: tl.constexpr = BLOCK_K * W0 // 32
-    if W == W0:
-        local = tl.max_contiguous(tl.multiple_of(tl.arange(0, WORDS0), WORDS0), WORDS0)
+    if W == W0:  # k0 is a multiple of BLOCK_K, so the run starts on a multiple of WORDS0
+        offs_w = tl.max_contiguous(tl.multiple_of(k0 * W // 32 + tl.arange(0, WORDS0), WORDS0),
+                                   WORDS0)
     else:
-        local = tl.arange(0, WORDS0) // (W0 // W)
-    offs_w = k0 * W // 32 + local
+        offs_w = k0 * W // 32 + tl.arange(0, WORDS0) // (W0 // W)
     mask = n_mask[:, None] & (offs_w[None, :] < k_pad * W // 32)
     return tl.load(plane_ptr + offs_n[:, None] * stride_pn + offs_w[None, :], mask=mask, other=0)
 
