@@ -79,9 +79,10 @@ def test_dot_several_k_tiles(bits, kernel, device):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 7, 8])
-def test_shipped_gemv_tiles_fit_registers(bits):
+def test_shipped_gemv_tiles_fit_registers(bits, monkeypatch):
     """Pruning keeps at least one GPU tile for every M tile and width, all within the
     register model that python/triton_aot_check.py holds to (no spills on sm_90)."""
+    monkeypatch.setattr(matmul, "INTERPRET", False)  # the GPU config list
     widths = (otq.plane_widths(bits) + [0, 0])[:3]
     for block_m in (1, 2, 4, 8):
         args = {"N": 8192, "K": 8192, "BLOCK_M": block_m, "W0": widths[0], "W1": widths[1],

@@ -10,9 +10,8 @@ columns k, never touching a dense weight in memory:
 - ``_tile_words`` + ``_decode_field``: the same K range, decoded one field position at a
   time. Every plane's words are aligned to plane 0's word grid ([BLOCK_N, BLOCK_K * W0 /
   32]); field j of word w is column k0 + w * (32 / W0) + j. Only one [BLOCK_N, WORDS0]
-  slice of codes is live at a time and nothing is reshaped, which keeps the GEMV at a
-  third of the registers of ``_decode_rows`` (no spills; see docs/kernels.md). Used by
-  the linear kernels (GEMV and tl.dot).
+  slice of codes is live at a time and nothing is reshaped, so no kept linear config
+  spills registers (see docs/kernels.md). Used by the linear kernels (GEMV and tl.dot).
 - ``_decode_gather``: arbitrary (rows, cols) index tensors of any broadcast shape; every
   element loads its own word. Used by the conv kernel, whose K order (kh, kw, c) walks
   the canonical (c, kh, kw) order with a stride.

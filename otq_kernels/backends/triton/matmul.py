@@ -76,14 +76,14 @@ def gemv_fits_registers(block_m: int, block_n: int, block_k: int, widths, num_wa
     """Whether a GEMV tile stays in registers on sm_90 (the limits come from
     python/triton_aot_check.py, which fails if a kept config spills more than 16 B).
 
-    Live int32 words per thread: every plane's words on plane 0's grid plus one field's
-    products; and codes x planes per thread, since narrow planes unroll 32 // W0 fields.
+    Per thread: every plane's words on plane 0's grid plus the float32 accumulator
+    [BLOCK_M, BLOCK_N, WORDS0] (live words), the accumulator alone, and the codes.
     """
     threads = 32 * num_warps
-    words0 = block_n * block_k * widths[0] // 32
+    words0 = block_n * block_k * widths[0] // 32 / threads
     planes = sum(1 for w in widths if w > 0)
-    live_words = (planes + block_m) * words0 / threads
-    return live_words <= 36 and block_n * block_k * planes / threads <= 64 * widths[0]
+    return ((planes + block_m) * words0 <= 24 and block_m * words0 <= 16
+            and block_n * block_k / threads <= 64)
 
 
 def _prune_gemv(configs, named_args, **kwargs):
@@ -149,7 +149,8 @@ def _linear_gemv_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # products accumulate elementwise; the one cross-lane reduction over WORDS0 is at the end
+    acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS0), dtype=tl.float32)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # M * K may pass 2**31
     k_lo, k_hi = _k_range(K, BLOCK_K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -162,8 +163,8 @@ def _linear_gemv_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
             offs_k = k0 + tl.arange(0, WORDS0) * FIELDS + j
             x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
             x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
-    _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
+            acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
+    _store_tile(y_ptr, tl.sum(acc, axis=2), offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
                 HAS_BIAS, WRITE_PARTIAL)
 
 
