@@ -116,6 +116,18 @@ def _k_range(K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _field_activations(x_rows, offs_m, M, K, k0, j: tl.constexpr, FIELDS: tl.constexpr,
+                       COUNT: tl.constexpr):
+    """x[offs_m, k0 + w * FIELDS + j] for w < COUNT -> [BLOCK_M, COUNT], 0 past M or K.
+
+    The activations that meet field j of COUNT words (``decode._decode_field``).
+    """
+    offs_k = k0 + tl.arange(0, COUNT) * FIELDS + j
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    return tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
                 HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
     """Write acc float32 [BLOCK_M, BLOCK_N]: a float32 partial of split pid(1), or the output."""
@@ -160,9 +172,7 @@ def _linear_gemv_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
         for j in tl.static_range(FIELDS):
             w = _decode_field(words0, words1, words2, j, codebook_ptr, stride_cbn, offs_n,
                               n_mask, W0, W1, W2, PER_CHANNEL, BLOCK_K)
-            offs_k = k0 + tl.arange(0, WORDS0) * FIELDS + j
-            x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-            x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+            x = _field_activations(x_rows, offs_m, M, K, k0, j, FIELDS, WORDS0)
             acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
     _store_tile(y_ptr, tl.sum(acc, axis=2), offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
                 HAS_BIAS, WRITE_PARTIAL)
@@ -196,9 +206,7 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
         for j in tl.static_range(FIELDS):
             w = _decode_field(words0, words1, words2, j, codebook_ptr, stride_cbn, offs_n,
                               n_mask, W0, W1, W2, PER_CHANNEL, BLOCK_K)
-            offs_k = k0 + tl.arange(0, FIELD_K) * FIELDS + j
-            x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-            x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+            x = _field_activations(x_rows, offs_m, M, K, k0, j, FIELDS, FIELD_K)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
                 HAS_BIAS, WRITE_PARTIAL)
