@@ -9,6 +9,19 @@
 
 #include "../planes.h"
 
+// Launches are spelled OTQ_LAUNCH(grid, block, smem, stream, kernel)(args...) and dynamic
+// shared memory dynamic_shared<T>(), so that tests/cuda_emulation can build these sources
+// with a host compiler (its stand-in headers define both) and run the kernels on the CPU.
+#ifndef OTQ_CUDA_EMULATION
+#define OTQ_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared() {
+  extern __shared__ __align__(16) unsigned char otq_dynamic_smem[];
+  return reinterpret_cast<T*>(otq_dynamic_smem);
+}
+#endif
+
 namespace otq::cuda {
 
 constexpr int kWarpSize = 32;

@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kThreads)
                     const float* __restrict__ bias, T* __restrict__ y,
                     float* __restrict__ partial, int64_t groups_per_split) {
   constexpr int kLevels = 1 << BITS;
-  extern __shared__ float lut[];
+  float* lut = dynamic_shared<float>();
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t block_row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
   load_luts<BITS>(lut, codebook, per_channel, block_row, n);
@@ -221,11 +221,11 @@ int launch(const T* x, int64_t m, int64_t k, PlaneArgs planes, const float* code
   for (int64_t m0 = 0; m0 < m; m0 += kGemvMaxM) {
     const int mc = static_cast<int>(m - m0 < kGemvMaxM ? m - m0 : kGemvMaxM);
     float* partial = splits > 1 ? workspace : nullptr;
-    lut_gemv_kernel<T, BITS><<<grid, kThreads, smem, stream>>>(
+    OTQ_LAUNCH(grid, kThreads, smem, stream, lut_gemv_kernel<T, BITS>)(
         x + m0 * k, mc, k, vec_x, planes, codebook, per_channel, n, bias, y + m0 * n, partial,
         per_split);
     if (splits > 1)
-      splitk_fixup_kernel<T><<<blocks_for(mc * n, 256), 256, 0, stream>>>(
+      OTQ_LAUNCH(blocks_for(mc * n, 256), 256, 0, stream, splitk_fixup_kernel<T>)(
           workspace, static_cast<int>(splits), mc * n, n, bias, y + m0 * n);
   }
   return static_cast<int>(cudaGetLastError());

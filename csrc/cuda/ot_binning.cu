@@ -159,16 +159,17 @@ cudaError_t fit_batch(const float* x, int64_t rows, int64_t n, int bits, bool ne
                       int64_t* codes, float* centroids, const Workspace& ws, cudaStream_t stream) {
   const int levels = 1 << bits;
   const int64_t c = n < levels ? n : levels;
-  iota_kernel<<<blocks_for(rows * n, 256), 256, 0, stream>>>(ws.index_in, ws.offsets, rows, n);
+  const int items_blocks = blocks_for(rows * n, 256);
+  OTQ_LAUNCH(items_blocks, 256, 0, stream, iota_kernel)(ws.index_in, ws.offsets, rows, n);
   cudaError_t err = sort_pairs(ws, x, rows, n, stream);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(c), static_cast<unsigned>(rows));
-  chunk_means_kernel<<<grid, kReduceThreads, 0, stream>>>(ws.keys_out, n, c, levels, ws.means,
-                                                          centroids);
+  OTQ_LAUNCH(grid, kReduceThreads, 0, stream, chunk_means_kernel)(ws.keys_out, n, c, levels,
+                                                                   ws.means, centroids);
   if (nearest)
-    nearest_codes_kernel<<<blocks_for(rows * n, 256), 256, 0, stream>>>(x, rows, n, c, ws.means, codes);
+    OTQ_LAUNCH(items_blocks, 256, 0, stream, nearest_codes_kernel)(x, rows, n, c, ws.means, codes);
   else
-    rank_codes_kernel<<<blocks_for(rows * n, 256), 256, 0, stream>>>(ws.index_out, rows, n, c, codes);
+    OTQ_LAUNCH(items_blocks, 256, 0, stream, rank_codes_kernel)(ws.index_out, rows, n, c, codes);
   return cudaGetLastError();
 }
 

@@ -48,7 +48,7 @@ int pack(const int64_t* codes, int64_t n, int64_t k, int bits, uint32_t* const* 
   const PlaneSpec spec = plane_spec(bits);
   for (int p = 0; p < spec.count; ++p) {
     const int64_t words = row_words(k, spec.width[p]);
-    pack_plane_kernel<<<blocks_for(n * words, 256), 256, 0, as_stream(stream)>>>(
+    OTQ_LAUNCH(blocks_for(n * words, 256), 256, 0, as_stream(stream), pack_plane_kernel)(
         codes, n, k, spec.width[p], spec.offset[p], words, planes[p]);
   }
   return static_cast<int>(cudaGetLastError());
@@ -57,7 +57,7 @@ int pack(const int64_t* codes, int64_t n, int64_t k, int bits, uint32_t* const* 
 int unpack(const uint32_t* const* planes, int64_t n, int64_t k, int bits, int64_t* codes,
            void* stream) {
   if (!valid_bits(bits) || n <= 0 || k <= 0) return static_cast<int>(cudaErrorInvalidValue);
-  unpack_kernel<<<blocks_for(n * k, 256), 256, 0, as_stream(stream)>>>(
+  OTQ_LAUNCH(blocks_for(n * k, 256), 256, 0, as_stream(stream), unpack_kernel)(
       plane_args(planes, bits, k), bits, n, k, codes);
   return static_cast<int>(cudaGetLastError());
 }

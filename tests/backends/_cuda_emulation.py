@@ -1,0 +1,186 @@
+"""Build csrc/cuda/*.cu with the host compiler against the stand-in CUDA headers in
+tests/cuda_emulation/include, and call the launchers (csrc/cuda/launchers.h) through
+ctypes on CPU tensors.
+
+This runs the real kernel code (indexing, decoding, shared-memory tables, shuffles, split-K)
+on the CPU, one std::thread per CUDA thread; it cannot show GPU-only faults such as memory
+ordering or timing. ``build`` returns the shared library's path; ``Emulated`` wraps it with
+the same arguments the cuda backend's wrappers pass.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from otq_kernels.format import QuantizedTensor, padded_k, plane_widths
+
+ROOT = Path(__file__).resolve().parents[2]
+EMULATION = ROOT / "tests" / "cuda_emulation"
+SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + [EMULATION / "entry.cpp"]
+FLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-pthread", "-fno-strict-aliasing", "-Wall",
+         "-Wno-unknown-pragmas", "-Werror", f"-I{EMULATION / 'include'}", f"-I{ROOT / 'csrc'}"]
+SANITIZERS = {"address": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"],
+              "thread": ["-fsanitize=thread"]}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+GEMV_MAX_M = 8  # csrc/cuda/launchers.h kGemvMaxM
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _fingerprint(sanitize: str | None) -> str:
+    digest = hashlib.sha256(" ".join(FLAGS + SANITIZERS.get(sanitize, [])).encode())
+    inputs = (SOURCES + list((EMULATION / "include").rglob("*.h*")) +
+              list((ROOT / "csrc").glob("*.h")) + list((ROOT / "csrc" / "cuda").glob("*")))
+    for path in sorted(set(inputs)):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build(out_dir: Path, sanitize: str | None = None) -> Path:
+    """Compile every source (in parallel) and link ``libotq_emu.so`` in out_dir/<hash>/."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no host C++ compiler (g++ or $CXX) to build the CUDA emulation")
+    target = Path(out_dir) / _fingerprint(sanitize) / "libotq_emu.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = FLAGS + SANITIZERS.get(sanitize, [])
+    objects, jobs = [], []
+    for src in SOURCES:
+        obj = target.parent / (src.name + ".o")
+        objects.append(str(obj))
+        jobs.append(subprocess.Popen([cxx, *flags, "-x", "c++", "-c", str(src), "-o", str(obj)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for src, job in zip(SOURCES, jobs, strict=True):
+        log, _ = job.communicate()
+        if job.returncode:
+            raise RuntimeError(f"compiling {src.name} for the CUDA emulation failed:\n{log}")
+    subprocess.run([cxx, *flags, "-shared", "-o", str(target), *objects], check=True)
+    return target
+
+
+def _ptrs(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+class Emulated:
+    """The CUDA launchers on CPU tensors. Every call raises RuntimeError on a non-zero code."""
+
+    def __init__(self, path: Path):
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.otq_emu_error_string.restype = ctypes.c_char_p
+        self.lib.otq_emu_fit_rows_workspace_bytes.restype = ctypes.c_size_t
+        self.lib.otq_emu_fit_rows_workspace_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64,
+                                                              ctypes.c_int]
+
+    def _check(self, code: int) -> None:
+        if code:
+            raise RuntimeError(self.lib.otq_emu_error_string(code).decode())
+
+    def linear(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+               split_k: int = 1) -> torch.Tensor:
+        """x [M, K] -> [M, N] in x.dtype, buffers sized exactly as the cuda backend's."""
+        m, n, k = x.shape[0], qt.n, qt.k
+        split_k = min(split_k, padded_k(k) // 32)
+        x = x.contiguous()
+        planes = [p.contiguous() for p in qt.planes]
+        book = qt.codebook.to(torch.float32).contiguous()
+        per_channel = book.shape[0] == n and n > 1
+        b = None if bias is None else bias.to(torch.float32).contiguous()
+        y = torch.full((m, n), float("nan"), dtype=x.dtype)
+        ws = torch.full((split_k * min(m, GEMV_MAX_M) * n,), float("nan")) if split_k > 1 else None
+        f = self.lib.otq_emu_lut_linear
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                      ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_bool,
+                      ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                      ctypes.c_void_p]
+        self._check(f(x.data_ptr(), DTYPE_CODES[x.dtype], m, k, _ptrs(planes), qt.bits,
+                      book.data_ptr(), per_channel, n, None if b is None else b.data_ptr(),
+                      y.data_ptr(), split_k, None if ws is None else ws.data_ptr()))
+        return y
+
+    def pack(self, codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+        """codes int64 [N, K] -> planes int32 [N, K_pad * w / 32] (filled with -1 first)."""
+        n, k = codes.shape
+        planes = [torch.full((n, padded_k(k) * w // 32), -1, dtype=torch.int32)
+                  for w in plane_widths(bits)]
+        f = self.lib.otq_emu_pack
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                      ctypes.c_void_p]
+        self._check(f(codes.contiguous().data_ptr(), n, k, bits, _ptrs(planes)))
+        return planes
+
+    def unpack(self, planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
+        n = planes[0].shape[0]
+        codes = torch.full((n, k), -1, dtype=torch.int64)
+        f = self.lib.otq_emu_unpack
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                      ctypes.c_void_p]
+        self._check(f(_ptrs([p.contiguous() for p in planes]), n, k, bits, codes.data_ptr()))
+        return codes
+
+    def fit_rows(self, rows: torch.Tensor, bits: int, nearest: bool = False,
+                 workspace_bytes: int | None = None):
+        """rows float32 [R, n] -> (codes int64 [R, n], centroids float32 [R, 2**bits]).
+
+        workspace_bytes: None = what the launcher asks for (a test may pass less).
+        """
+        x = rows.to(torch.float32).contiguous()
+        r, n = x.shape
+        nbytes = workspace_bytes
+        if nbytes is None:
+            nbytes = self.lib.otq_emu_fit_rows_workspace_bytes(r, n, bits)
+        ws = torch.full((nbytes,), 0x5A, dtype=torch.uint8)
+        codes = torch.full((r, n), -1, dtype=torch.int64)
+        centroids = torch.full((r, 2**bits), float("nan"))
+        f = self.lib.otq_emu_fit_rows
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                      ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                      ctypes.c_size_t]
+        self._check(f(x.data_ptr(), r, n, bits, nearest, codes.data_ptr(), centroids.data_ptr(),
+                      ws.data_ptr(), nbytes))
+        return codes, centroids
+
+
+def run_sample(emu: Emulated) -> None:
+    """Every launcher once or twice against the reference (for the sanitizer runs)."""
+    import otq_kernels as otq
+    from otq_kernels.backends import reference
+    from otq_kernels.format import pack_codes
+    from otq_kernels.quantizers import ot_rows
+
+    gen = torch.Generator().manual_seed(0)
+    for bits, granularity, split_k in ((3, "channel", 3), (4, "tensor", 1), (8, "channel", 2)):
+        w = torch.randn(20, 300, generator=gen)
+        qt = otq.fit_codebook(w, bits=bits, granularity=granularity, backend="reference")
+        x = torch.randn(9, 300, generator=gen).half()
+        bias = torch.randn(20, generator=gen).half()
+        want = reference.linear(x.float(), qt, bias.float())
+        torch.testing.assert_close(emu.linear(x, qt, bias, split_k).float(), want,
+                                   rtol=1e-2, atol=1e-2)
+    codes = torch.randint(0, 32, (3, 33), generator=gen)
+    planes = emu.pack(codes, 5)
+    assert all(torch.equal(a, b) for a, b in zip(planes, pack_codes(codes, 5), strict=True))
+    assert torch.equal(emu.unpack(planes, 5, 33), codes)
+    for rows, assign in ((3, "rank"), (1, "nearest")):
+        x = torch.randn(rows, 50, generator=gen)
+        got, _ = emu.fit_rows(x, 3, nearest=assign == "nearest")
+        assert torch.equal(got, ot_rows(x.double(), 3, assign)[0])
+
+
+if __name__ == "__main__":
+    import sys
+
+    sanitizer, out_dir = sys.argv[1], Path(sys.argv[2])
+    run_sample(Emulated(build(out_dir, sanitize=sanitizer)))
+    print("sample ok")

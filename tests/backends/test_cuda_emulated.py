@@ -1,0 +1,152 @@
+"""The CUDA sources (csrc/cuda) run on the CPU through the host emulation in
+tests/cuda_emulation, against format.py, ot_rows and the reference backend.
+
+No GPU is needed: the kernels are built with the host compiler and every CUDA thread is
+a std::thread (see _cuda_emulation.py). The same checks with real kernels are in
+test_cuda_backend.py (GPU only). Buffers are sized exactly and pre-filled with NaN / -1,
+so a kernel that skips or overruns an element shows up; the sanitizer tests rerun a
+sample under AddressSanitizer+UBSan and ThreadSanitizer.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _cuda_emulation import ROOT, Emulated, build, compiler
+from _triton_tolerance import assert_matches_reference, make_qt, randn
+
+from otq_kernels.backends import reference
+from otq_kernels.format import pack_codes
+from otq_kernels.quantizers import ot_rows
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BUILD_DIR = ROOT / "build" / "cuda_emulation"
+
+
+@pytest.fixture(scope="module")
+def emulated() -> Emulated:
+    if compiler() is None:
+        pytest.skip("no host C++ compiler for the CUDA emulation")
+    return Emulated(build(BUILD_DIR))
+
+
+def check_linear(emu, m, n, k, bits, granularity, dtype, with_bias, split_k=1, x=None):
+    qt = make_qt((n, k), bits, granularity, "cpu", seed=bits * 100 + n + k)
+    x = randn((m, k), "cpu", dtype, seed=m) if x is None else x
+    bias = randn((n,), "cpu", dtype, seed=n) if with_bias else None
+    y = emu.linear(x, qt, bias, split_k=split_k)
+    truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
+    assert_matches_reference(y, reference.linear(x, qt, bias), truth, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_linear_every_bit_width(emulated, bits, granularity, dtype):
+    check_linear(emulated, 3, 21, 100, bits, granularity, dtype, with_bias=True)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_linear_split_k(emulated, bits):
+    """split_k 3 over 10 groups: uneven splits, fp32 partials, fix-up kernel with bias."""
+    check_linear(emulated, 2, 19, 300, bits, "channel", torch.float16, True, split_k=3)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (17, 64), (33, 7)])
+def test_linear_odd_shapes(emulated, n, k):
+    check_linear(emulated, 2, n, k, 5, "channel", torch.float32, True)
+
+
+def test_linear_larger_m_runs_in_chunks(emulated):
+    check_linear(emulated, 11, 9, 40, 3, "tensor", torch.bfloat16, True, split_k=2)
+
+
+def test_linear_split_k_above_group_count(emulated):
+    """A forced split_k above the K groups is clamped to one group per split."""
+    check_linear(emulated, 1, 5, 96, 4, "tensor", torch.float32, False, split_k=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_linear_unaligned_activations(emulated, dtype):
+    """x not 16-byte aligned: the kernel must take its scalar path (a vector load would fault)."""
+    x = randn((2, 129), "cpu", dtype)[:, 1:]
+    assert x.data_ptr() % 16
+    check_linear(emulated, 2, 9, 128, 4, "tensor", dtype, False, x=x)
+
+
+def test_misaligned_vector_load_is_reported(emulated):
+    """The emulation's own check: a misaligned plane makes the launch fail, no wrong answer."""
+    qt = make_qt((4, 128), 4, "tensor", "cpu")
+    plane = torch.empty(qt.planes[0].numel() + 1, dtype=torch.int32)[1:].view_as(qt.planes[0])
+    plane.copy_(qt.planes[0])
+    qt.planes[0] = plane
+    with pytest.raises(RuntimeError, match="misaligned"):
+        emulated.linear(torch.randn(1, 128), qt, None)
+
+
+def test_bad_bits_is_an_error(emulated):
+    qt = make_qt((4, 40), 3, "tensor", "cpu")
+    qt.bits = 9
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        emulated.linear(torch.randn(1, 40), qt, None)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("k", [1, 31, 33, 100])
+def test_pack_unpack_bit_exact(emulated, bits, k):
+    codes = torch.randint(0, 2**bits, (3, k), generator=torch.Generator().manual_seed(k))
+    planes = emulated.pack(codes, bits)
+    for got, want in zip(planes, pack_codes(codes, bits), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(emulated.unpack(planes, bits, k), codes)
+
+
+def check_fit_rows(emu, x, bits, assign):
+    codes, centroids = emu.fit_rows(x, bits, nearest=assign == "nearest")
+    ref_codes, ref_centroids = ot_rows(x.double(), bits, assign)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(centroids, ref_centroids.float(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_fit_rows_matches_ot_rows(emulated, bits, assign):
+    """Segmented sort (3 rows) with fewer values than levels at high bits (c = n)."""
+    x = torch.randn(3, 37, generator=torch.Generator().manual_seed(bits))
+    check_fit_rows(emulated, x, bits, assign)
+
+
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+def test_fit_rows_one_row_ties_and_signed_zeros(emulated, assign):
+    """The single-row path (device-wide sort): stable ties, -0.0 sorted as +0.0."""
+    x = torch.randint(-3, 4, (1, 301), generator=torch.Generator().manual_seed(5)).float()
+    x[:, ::7] = -0.0
+    check_fit_rows(emulated, x, 3, assign)
+
+
+def test_fit_rows_short_workspace_is_an_error(emulated):
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        emulated.fit_rows(torch.randn(2, 10), 2, workspace_bytes=16)
+
+
+SANITIZER_RUNTIMES = {"address": "libasan.so", "thread": "libtsan.so"}
+
+
+@pytest.mark.parametrize("sanitizer", SANITIZER_RUNTIMES)
+def test_kernels_clean_under_sanitizer(emulated, tmp_path, sanitizer):
+    """A sample of every launcher under ASan+UBSan (bounds) or TSan (shared-memory races)."""
+    runtime = subprocess.run([compiler(), f"-print-file-name={SANITIZER_RUNTIMES[sanitizer]}"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(runtime).is_file():
+        pytest.skip(f"{SANITIZER_RUNTIMES[sanitizer]} not installed")
+    env = dict(os.environ, LD_PRELOAD=runtime, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+               TSAN_OPTIONS="halt_on_error=1:report_signal_unsafe=0")
+    script = Path(__file__).with_name("_cuda_emulation.py")
+    done = subprocess.run([sys.executable, str(script), sanitizer, str(BUILD_DIR)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    assert "sample ok" in done.stdout

@@ -1,0 +1,39 @@
+// C entry points over the CUDA launchers (csrc/cuda/launchers.h) for ctypes, with host
+// buffers and the emulated runtime (include/cuda_runtime.h) in place of a GPU.
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/launchers.h"
+
+extern "C" {
+
+int otq_emu_lut_linear(const void* x, int dtype, int64_t m, int64_t k,
+                       const uint32_t* const* planes, int bits, const float* codebook,
+                       bool per_channel, int64_t n, const float* bias, void* y, int split_k,
+                       float* workspace) {
+  return otq::cuda::lut_linear(x, dtype, m, k, planes, bits, codebook, per_channel, n, bias, y,
+                               split_k, workspace, nullptr);
+}
+
+size_t otq_emu_fit_rows_workspace_bytes(int64_t r, int64_t n, int bits) {
+  return otq::cuda::fit_rows_workspace_bytes(r, n, bits);
+}
+
+int otq_emu_fit_rows(const float* x, int64_t r, int64_t n, int bits, bool nearest,
+                     int64_t* codes, float* centroids, void* workspace, size_t workspace_bytes) {
+  return otq::cuda::fit_rows(x, r, n, bits, nearest, codes, centroids, workspace,
+                             workspace_bytes, nullptr);
+}
+
+int otq_emu_pack(const int64_t* codes, int64_t n, int64_t k, int bits, uint32_t* const* planes) {
+  return otq::cuda::pack(codes, n, k, bits, planes, nullptr);
+}
+
+int otq_emu_unpack(const uint32_t* const* planes, int64_t n, int64_t k, int bits,
+                   int64_t* codes) {
+  return otq::cuda::unpack(planes, n, k, bits, codes, nullptr);
+}
+
+const char* otq_emu_error_string(int code) { return otq::cuda::error_string(code); }
+
+}  // extern "C"

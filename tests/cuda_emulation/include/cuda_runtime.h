@@ -1,0 +1,68 @@
+// Stand-in for <cuda_runtime.h> that lets a host C++ compiler build csrc/cuda/*.cu and run
+// the kernels on the CPU (tests/cuda_emulation). Only what those sources use is here.
+#pragma once
+
+#include <math.h>  // fmaf and friends, as CUDA device code has them
+
+#include <cstdint>
+#include <cstring>
+
+#include "otq_emu_runtime.h"
+#include "otq_emu_types.h"
+
+#define OTQ_CUDA_EMULATION 1
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static  // one block runs at a time, so a static is that block's copy
+
+#define threadIdx (::otq_emu::tls.thread_idx)
+#define blockIdx (::otq_emu::tls.block_idx)
+#define blockDim (::otq_emu::tls.block_dim)
+#define gridDim (::otq_emu::tls.grid_dim)
+
+#define OTQ_LAUNCH(grid, block, smem, stream, ...) \
+  ::otq_emu::launch(grid, block, smem, stream, __VA_ARGS__)
+
+template <typename T>
+T* dynamic_shared() {
+  return otq_emu::dynamic_shared<T>();
+}
+
+// __ldg of a misaligned vector faults on the GPU: the emulation aborts instead.
+template <typename T>
+T __ldg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) otq_emu::fail("misaligned __ldg");
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+inline void __syncthreads() { otq_emu::syncthreads(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int offset) {
+  return otq_emu::shfl_xor(mask, v, offset);
+}
+
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
+
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = otq_emu::last_error();
+  otq_emu::last_error() = cudaSuccess;
+  return e;
+}
+
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchFailure: return otq_emu::last_fault();
+  }
+  return "unknown error";
+}
