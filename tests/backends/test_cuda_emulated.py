@@ -60,6 +60,13 @@ def test_linear_odd_shapes(emulated, n, k):
     check_linear(emulated, 2, n, k, 5, "channel", torch.float32, True)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 7])
+@pytest.mark.parametrize("k", [32, 96, 160])
+def test_linear_plane_rows_of_few_words(emulated, k, bits):
+    """K_pad/32 odd: 1-bit rows are 4-byte, 2-bit rows 8-byte aligned (uint2/scalar loads)."""
+    check_linear(emulated, 9, 17, k, bits, "tensor", torch.float16, True, split_k=2)
+
+
 def test_linear_larger_m_runs_in_chunks(emulated):
     check_linear(emulated, 11, 9, 40, 3, "tensor", torch.bfloat16, True, split_k=2)
 
