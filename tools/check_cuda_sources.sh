@@ -34,3 +34,10 @@ for src in "${sources[@]}"; do
   regs=$(grep -Eo "Used [0-9]+ registers" "$tmp/ptxas.log" | awk '{print $2}' | sort -n | tail -1)
   echo "cuda-check: $src ok (none of our kernels spills on sm_90; at most ${regs:-0} registers)"
 done
+# The CUDA half of the bindings (OTQ_WITH_CUDA) is only built on GPU machines: syntax-check it.
+py=${PYTHON:-.venv/bin/python}
+if [ -x "$py" ] && inc=$("$py" -c "import pybind11, sysconfig; print(pybind11.get_include(), sysconfig.get_paths()['include'])" 2>/dev/null); then
+  set -- $inc
+  g++ -std=c++17 -fsyntax-only -DOTQ_WITH_CUDA -I"$1" -I"$2" -Icsrc csrc/bindings.cpp
+  echo "cuda-check: csrc/bindings.cpp (OTQ_WITH_CUDA) ok"
+fi

@@ -21,6 +21,12 @@ int lut_linear(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* c
                int bits, const float* codebook, bool per_channel, int64_t n, const float* bias,
                void* y, int split_k, float* workspace, void* stream);
 
+// The same product on tensor cores (csrc/cuda/lut_mma.cu): dtype float16 or bfloat16 and
+// bits 2..4 only (cudaErrorInvalidValue otherwise); same workspace rule.
+int lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* const* planes,
+                   int bits, const float* codebook, bool per_channel, int64_t n,
+                   const float* bias, void* y, int split_k, float* workspace, void* stream);
+
 // Bytes of workspace fit_rows needs for r rows of n values.
 size_t fit_rows_workspace_bytes(int64_t r, int64_t n, int bits);
 

@@ -8,6 +8,7 @@
 // per weight row ([16 rows][2^b], conflict-free for b <= 5). Split-K over blockIdx.y
 // writes fp32 partials that a fix-up kernel sums (deterministic, bias fused there).
 #include "common.cuh"
+#include "gemv_common.cuh"
 #include "launchers.h"
 
 namespace otq::cuda {
@@ -17,57 +18,7 @@ constexpr int kWarps = 4;
 constexpr int kRowsPerWarp = 4;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
-constexpr int kGroup = 32;  // weights a lane decodes per step (one word of 1-bit codes)
 constexpr int kSub = 8;     // weights per activation vector load
-constexpr int kMaxWidth = 8;
-constexpr int64_t kMaxGridY = 65535;
-
-// The words of one 32-weight group of one row, per plane (plane p uses width_p words).
-template <int BITS>
-struct GroupWords {
-  uint32_t w[kMaxPlanes][kMaxWidth];
-
-  __device__ __forceinline__ void load(const PlaneArgs& planes, int64_t row, int64_t group) {
-    constexpr PlaneSpec spec = plane_spec(BITS);
-#pragma unroll
-    for (int p = 0; p < spec.count; ++p) {
-      const int width = spec.width[p];
-      const uint32_t* src = planes.ptr[p] + row * planes.row_words[p] + group * width;
-      if (width >= 4) {
-#pragma unroll
-        for (int v = 0; v < width / 4; ++v) {
-          const uint4 q = __ldg(reinterpret_cast<const uint4*>(src) + v);
-          w[p][4 * v] = q.x, w[p][4 * v + 1] = q.y, w[p][4 * v + 2] = q.z, w[p][4 * v + 3] = q.w;
-        }
-      } else if (width == 2) {
-        const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
-        w[p][0] = q.x, w[p][1] = q.y;
-      } else {
-        w[p][0] = __ldg(src);
-      }
-    }
-  }
-
-  __device__ __forceinline__ void clear() {
-    constexpr PlaneSpec spec = plane_spec(BITS);
-#pragma unroll
-    for (int p = 0; p < spec.count; ++p)
-#pragma unroll
-      for (int i = 0; i < spec.width[p]; ++i) w[p][i] = 0u;
-  }
-
-  // Code of weight j (0..31) of the group; j must be a compile-time constant after unrolling.
-  __device__ __forceinline__ int code(int j) const {
-    constexpr PlaneSpec spec = plane_spec(BITS);
-    uint32_t c = 0;
-#pragma unroll
-    for (int p = 0; p < spec.count; ++p) {
-      const int width = spec.width[p], bit = j * width;
-      c |= ((w[p][bit / 32] >> (bit % 32)) & ((1u << width) - 1u)) << spec.offset[p];
-    }
-    return static_cast<int>(c);
-  }
-};
 
 __device__ __forceinline__ void load8_vec(const float* p, float (&o)[kSub]) {
   const float4 a = __ldg(reinterpret_cast<const float4*>(p));
@@ -191,42 +142,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// y[i] = sum over splits of partial[s, i] + bias[i % n]; partial is [splits, m, n].
-template <typename T>
-__global__ void splitk_fixup_kernel(const float* __restrict__ partial, int splits, int64_t mn,
-                                    int64_t n, const float* __restrict__ bias, T* __restrict__ y) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < mn;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int sp = 0; sp < splits; ++sp) s += partial[sp * mn + i];
-    y[i] = from_float<T>(s + (bias != nullptr ? bias[i % n] : 0.f));
-  }
-}
-
 template <typename T, int BITS>
 int launch(const T* x, int64_t m, int64_t k, PlaneArgs planes, const float* codebook,
            bool per_channel, int64_t n, const float* bias, T* y, int split_k, float* workspace,
            cudaStream_t stream) {
-  const int64_t groups = padded_k(k) / kGroup;
-  int64_t per_split = (groups + split_k - 1) / split_k;
-  // gridDim.y <= 65535: a forced split_k above that gets fewer, longer splits (the
-  // workspace for split_k splits still suffices, splits only shrinks).
-  const int64_t min_per_split = (groups + kMaxGridY - 1) / kMaxGridY;
-  if (per_split < min_per_split) per_split = min_per_split;
-  const int64_t splits = (groups + per_split - 1) / per_split;  // no empty splits, <= 65535
+  const SplitK split(k, split_k);
   const dim3 grid(static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock),
-                  static_cast<unsigned>(splits));
+                  static_cast<unsigned>(split.splits));
   const size_t smem = sizeof(float) * (1 << BITS) * (per_channel ? kRowsPerBlock : kWarpSize);
   const bool vec_x = k % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   for (int64_t m0 = 0; m0 < m; m0 += kGemvMaxM) {
     const int mc = static_cast<int>(m - m0 < kGemvMaxM ? m - m0 : kGemvMaxM);
-    float* partial = splits > 1 ? workspace : nullptr;
+    float* partial = split.splits > 1 ? workspace : nullptr;
     OTQ_LAUNCH(grid, kThreads, smem, stream, lut_gemv_kernel<T, BITS>)(
         x + m0 * k, mc, k, vec_x, planes, codebook, per_channel, n, bias, y + m0 * n, partial,
-        per_split);
-    if (splits > 1)
-      OTQ_LAUNCH(blocks_for(mc * n, 256), 256, 0, stream, splitk_fixup_kernel<T>)(
-          workspace, static_cast<int>(splits), mc * n, n, bias, y + m0 * n);
+        split.groups_per_split);
+    split.fix_up(workspace, mc, n, bias, y + m0 * n, stream);
   }
   return static_cast<int>(cudaGetLastError());
 }

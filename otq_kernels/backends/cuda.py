@@ -29,6 +29,7 @@ GEMV_MAX_M = 8          # rows of x per kernel launch (csrc/cuda/launchers.h kGe
 ROWS_PER_BLOCK = 16     # weight rows per thread block (csrc/cuda/lut_gemv.cu)
 GROUP = 32              # weights per lane step
 MAX_SPLIT_K = 64
+MMA_MAX_BITS = 4        # pair tables of 2**(2 * bits) entries (csrc/cuda/lut_mma.cu)
 
 
 def unavailable(device) -> str | None:
@@ -45,6 +46,11 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def tensor_cores_support(dtype: torch.dtype, bits: int) -> bool:
+    """Whether the mma kernel takes x of ``dtype`` and ``bits``-bit codes."""
+    return dtype in (torch.float16, torch.bfloat16) and bits <= MMA_MAX_BITS
+
+
 def split_k_for(n: int, k: int, sms: int) -> int:
     """Split-K factor for N rows of K: about 4 blocks per SM, >= 32 groups per warp slice.
 
@@ -58,10 +64,13 @@ def split_k_for(n: int, k: int, sms: int) -> int:
 
 
 def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
-           split_k: int | None = None) -> torch.Tensor:
+           split_k: int | None = None, tensor_cores: bool = False) -> torch.Tensor:
     """y = x @ W^T + bias. x [M, K] fp16/bf16/fp32 on CUDA -> [M, N] in x.dtype.
 
     split_k: force a split-K factor (None = heuristic from the SM count).
+    tensor_cores: the mma kernel (csrc/cuda/lut_mma.cu: pair look-ups, mma.m16n8k16) instead
+    of the LUT GEMV; fp16/bf16 x and 2-4-bit codes only. Not the default until a GPU
+    benchmark shows it faster (benchmarks/NOTES.md).
     """
     _require_cuda(x, "x")
     dev = x.device
@@ -69,6 +78,9 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != qt.k:
         raise ValueError(f"x must be [M, {qt.k}], got {list(x.shape)}")
+    if tensor_cores and not tensor_cores_support(x.dtype, qt.bits):
+        raise ValueError(f"tensor_cores needs float16/bfloat16 x and bits <= "
+                         f"{MMA_MAX_BITS}, got {x.dtype} and bits={qt.bits}")
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cuda", dev)
     book = checked_codebook(qt, "cuda", dev)
     per_channel = book.shape[0] == qt.n and qt.n > 1
@@ -94,7 +106,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         native(require_cuda=True).cuda_lut_linear(
             xa.data_ptr(), DTYPE_CODES[x.dtype], m, k, [p.data_ptr() for p in planes], qt.bits,
             book.data_ptr(), per_channel, n, 0 if b is None else b.data_ptr(), y.data_ptr(),
-            split_k, 0 if ws is None else ws.data_ptr(), _stream(dev))
+            split_k, 0 if ws is None else ws.data_ptr(), _stream(dev), tensor_cores)
     return y
 
 

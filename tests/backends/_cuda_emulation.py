@@ -88,8 +88,11 @@ class Emulated:
             raise RuntimeError(self.lib.otq_emu_error_string(code).decode())
 
     def linear(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
-               split_k: int = 1) -> torch.Tensor:
-        """x [M, K] -> [M, N] in x.dtype, buffers sized exactly as the cuda backend's."""
+               split_k: int = 1, tensor_cores: bool = False) -> torch.Tensor:
+        """x [M, K] -> [M, N] in x.dtype, buffers sized exactly as the cuda backend's.
+
+        tensor_cores: the mma kernel (lut_mma.cu) instead of the LUT GEMV (lut_gemv.cu).
+        """
         m, n, k = x.shape[0], qt.n, qt.k
         split_k = min(split_k, padded_k(k) // 32)
         x = x.contiguous()
@@ -99,7 +102,7 @@ class Emulated:
         b = None if bias is None else bias.to(torch.float32).contiguous()
         y = torch.full((m, n), float("nan"), dtype=x.dtype)
         ws = torch.full((split_k * min(m, GEMV_MAX_M) * n,), float("nan")) if split_k > 1 else None
-        f = self.lib.otq_emu_lut_linear
+        f = self.lib.otq_emu_lut_linear_mma if tensor_cores else self.lib.otq_emu_lut_linear
         f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_bool,
                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
@@ -166,8 +169,9 @@ def run_sample(emu: Emulated) -> None:
         x = torch.randn(9, 300, generator=gen).half()
         bias = torch.randn(20, generator=gen).half()
         want = reference.linear(x.float(), qt, bias.float())
-        torch.testing.assert_close(emu.linear(x, qt, bias, split_k).float(), want,
-                                   rtol=1e-2, atol=1e-2)
+        for tensor_cores in (False, bits <= 4):
+            y = emu.linear(x, qt, bias, split_k, tensor_cores=tensor_cores)
+            torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
     codes = torch.randint(0, 32, (3, 33), generator=gen)
     planes = emu.pack(codes, 5)
     assert all(torch.equal(a, b) for a, b in zip(planes, pack_codes(codes, 5), strict=True))

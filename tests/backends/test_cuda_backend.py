@@ -39,13 +39,14 @@ def rel_err(y: torch.Tensor, truth: torch.Tensor) -> float:
     return float((y.double() - truth).norm() / truth.norm().clamp_min(1e-30))
 
 
-def check_linear(cuda, m, n, k, bits, granularity, dtype, with_bias, split_k=None):
+def check_linear(cuda, m, n, k, bits, granularity, dtype, with_bias, split_k=None,
+                 tensor_cores=False):
     """Within 2x the reference's own error in ``dtype`` (vs float64), plus one roundoff."""
     qt = make_qt(n, k, bits, granularity, seed=bits * 1000 + n + k)
     gen = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=gen).to("cuda", dtype)
     bias = torch.randn(n, generator=gen).to("cuda", dtype) if with_bias else None
-    y = cuda.linear(x, qt, bias, split_k=split_k)
+    y = cuda.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores)
     assert y.dtype == dtype and y.shape == (m, n)
     truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
     ref_err = rel_err(reference.linear(x, qt, bias), truth)
@@ -59,6 +60,30 @@ def test_linear_every_bit_width(cuda_backend, bits, granularity, dtype):
     for m in (1, 2, 3, 7):
         for with_bias in (False, True):
             check_linear(cuda_backend, m, 33, 127, bits, granularity, dtype, with_bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mma_kernel_every_bit_width(cuda_backend, bits, granularity, dtype):
+    """The tensor-core kernel (lut_mma.cu) on the GPU: M 1..9, K tails, split-K."""
+    for m, n, k, split_k in ((1, 33, 127, None), (3, 16, 4096, None), (9, 257, 300, 3)):
+        check_linear(cuda_backend, m, n, k, bits, granularity, dtype, True, split_k,
+                     tensor_cores=True)
+
+
+def test_mma_kernel_large_layer(cuda_backend):
+    qt = random_qt(14336, 4096, 4, "channel", seed=3)
+    check_linear_qt(cuda_backend, qt, 1, torch.float16, True, tensor_cores=True)
+
+
+def test_mma_kernel_rejects_float32_and_wide_codes(cuda_backend):
+    with pytest.raises(ValueError, match="tensor_cores"):
+        check_linear(cuda_backend, 1, 8, 64, 4, "tensor", torch.float32, False,
+                     tensor_cores=True)
+    with pytest.raises(ValueError, match="tensor_cores"):
+        check_linear(cuda_backend, 1, 8, 64, 5, "tensor", torch.float16, False,
+                     tensor_cores=True)
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (17, 1000), (130, 7), (257, 4099)])
@@ -159,11 +184,11 @@ def random_qt(n: int, k: int, bits: int, granularity: str, seed: int = 0):
     return otq.QuantizedTensor(planes, book.cuda(), bits, (n, k), granularity)
 
 
-def check_linear_qt(cuda, qt, m, dtype, with_bias, split_k=None, seed=0):
+def check_linear_qt(cuda, qt, m, dtype, with_bias, split_k=None, seed=0, tensor_cores=False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, qt.k, generator=gen).to("cuda", dtype)
     bias = torch.randn(qt.n, generator=gen).to("cuda", dtype) if with_bias else None
-    y = cuda.linear(x, qt, bias, split_k=split_k)
+    y = cuda.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores)
     assert y.dtype == dtype and y.shape == (m, qt.n)
     truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
     ref_err = rel_err(reference.linear(x, qt, bias), truth)

@@ -33,11 +33,12 @@ def emulated() -> Emulated:
     return Emulated(build(BUILD_DIR))
 
 
-def check_linear(emu, m, n, k, bits, granularity, dtype, with_bias, split_k=1, x=None):
+def check_linear(emu, m, n, k, bits, granularity, dtype, with_bias, split_k=1, x=None,
+                 tensor_cores=False):
     qt = make_qt((n, k), bits, granularity, "cpu", seed=bits * 100 + n + k)
     x = randn((m, k), "cpu", dtype, seed=m) if x is None else x
     bias = randn((n,), "cpu", dtype, seed=n) if with_bias else None
-    y = emu.linear(x, qt, bias, split_k=split_k)
+    y = emu.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores)
     truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
     assert_matches_reference(y, reference.linear(x, qt, bias), truth, dtype)
 
@@ -82,6 +83,32 @@ def test_linear_unaligned_activations(emulated, dtype):
     x = randn((2, 129), "cpu", dtype)[:, 1:]
     assert x.data_ptr() % 16
     check_linear(emulated, 2, 9, 128, 4, "tensor", dtype, False, x=x)
+
+
+MMA_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", MMA_DTYPES, ids=str)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mma_every_bit_width(emulated, bits, granularity, dtype):
+    """The tensor-core kernel (lut_mma.cu): 21 rows = a full and a partial 16-row tile."""
+    check_linear(emulated, 3, 21, 100, bits, granularity, dtype, True, tensor_cores=True)
+
+
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 16, 32, 1), (8, 5, 7, 1), (2, 33, 300, 3),
+                                           (11, 17, 96, 2), (1, 7, 1000, 64)])
+def test_mma_shapes_splits_and_m_chunks(emulated, m, n, k, split_k):
+    """Odd K tails (x masked past K), fewer rows than a tile, split-K, M > 8 in chunks."""
+    check_linear(emulated, m, n, k, 4, "channel", torch.float16, True, split_k=split_k,
+                 tensor_cores=True)
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, 4), (torch.float16, 5)], ids=str)
+def test_mma_rejects_what_it_cannot_run(emulated, dtype, bits):
+    qt = make_qt((4, 40), bits, "tensor", "cpu")
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        emulated.linear(torch.randn(1, 40).to(dtype), qt, None, tensor_cores=True)
 
 
 def test_misaligned_vector_load_is_reported(emulated):

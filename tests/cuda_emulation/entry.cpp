@@ -15,6 +15,14 @@ int otq_emu_lut_linear(const void* x, int dtype, int64_t m, int64_t k,
                                split_k, workspace, nullptr);
 }
 
+int otq_emu_lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k,
+                           const uint32_t* const* planes, int bits, const float* codebook,
+                           bool per_channel, int64_t n, const float* bias, void* y, int split_k,
+                           float* workspace) {
+  return otq::cuda::lut_linear_mma(x, dtype, m, k, planes, bits, codebook, per_channel, n, bias,
+                                   y, split_k, workspace, nullptr);
+}
+
 size_t otq_emu_fit_rows_workspace_bytes(int64_t r, int64_t n, int bits) {
   return otq::cuda::fit_rows_workspace_bytes(r, n, bits);
 }

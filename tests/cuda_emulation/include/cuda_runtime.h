@@ -66,3 +66,5 @@ inline const char* cudaGetErrorString(cudaError_t e) {
   }
   return "unknown error";
 }
+
+#include "otq_emu_mma.h"  // after the runtime: the tensor-core product uses it

@@ -53,7 +53,22 @@ class Rendezvous {
     return r;
   }
 
-  void resize_slots(int n) { slots_.assign(n, 0); }
+  // Every live thread passes `bytes` (<= kGatherBytes) bytes: out gets every slot's, in
+  // slot order.
+  static constexpr size_t kGatherBytes = 64;
+  void all_gather(int slot, const void* data, size_t bytes, void* out) {
+    if (bytes > kGatherBytes) fail("all_gather of more than 64 bytes per thread");
+    std::memcpy(gather_.data() + slot * kGatherBytes, data, bytes);
+    sync();
+    for (size_t i = 0; i < slots_.size(); ++i)
+      std::memcpy(static_cast<char*>(out) + i * bytes, gather_.data() + i * kGatherBytes, bytes);
+    sync();
+  }
+
+  void resize_slots(int n) {
+    slots_.assign(n, 0);
+    gather_.assign(n * kGatherBytes, 0);
+  }
 
   void leave() {
     std::unique_lock<std::mutex> lock(mu_);
@@ -96,6 +111,7 @@ class Rendezvous {
   int finished_ = 0;
   uint64_t gen_ = 0, block_ = 0;
   std::vector<uint64_t> slots_;
+  std::vector<unsigned char> gather_;
 };
 
 struct BlockState {
@@ -213,15 +229,24 @@ Launch<Params...> launch(dim3 grid, dim3 block, size_t smem, cudaStream_t,
 
 inline void syncthreads() { tls.state->block.sync(); }
 
+// The calling thread's warp, which must be whole (32 live lanes), and its lane.
+inline Rendezvous& full_warp(const char* what) {
+  Rendezvous& warp = *tls.state->warps[tls.flat / 32];
+  if (warp.live() != 32) fail(what);
+  return warp;
+}
+
+inline int lane() { return tls.flat % 32; }
+
+
 template <typename T>
 T shfl_xor(unsigned mask, T v, int offset) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of a type wider than 64 bits");
-  Rendezvous& warp = *tls.state->warps[tls.flat / 32];
-  if (mask != 0xffffffffu || warp.live() != 32) fail("__shfl_xor_sync needs all 32 lanes");
-  const int lane = tls.flat % 32;
+  if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask");
+  Rendezvous& warp = full_warp("__shfl_xor_sync needs all 32 lanes");
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  bits = warp.exchange(lane, bits, lane ^ offset);
+  bits = warp.exchange(lane(), bits, lane() ^ offset);
   T r;
   std::memcpy(&r, &bits, sizeof(T));
   return r;

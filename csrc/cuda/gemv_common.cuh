@@ -1,0 +1,95 @@
+// Pieces shared by the LUT GEMV kernels (lut_gemv.cu, lut_mma.cu): the packed words of a
+// 32-column group of one weight row, and split-K over gridDim.y with a fix-up kernel.
+#pragma once
+
+#include "common.cuh"
+
+namespace otq::cuda {
+
+constexpr int kGroup = 32;  // columns per group: one word of 1-bit codes
+constexpr int kMaxWidth = 8;
+constexpr int64_t kMaxGridY = 65535;
+
+// The words of one 32-weight group of one row, per plane (plane p uses width_p words).
+template <int BITS>
+struct GroupWords {
+  uint32_t w[kMaxPlanes][kMaxWidth];
+
+  __device__ __forceinline__ void load(const PlaneArgs& planes, int64_t row, int64_t group) {
+    constexpr PlaneSpec spec = plane_spec(BITS);
+#pragma unroll
+    for (int p = 0; p < spec.count; ++p) {
+      const int width = spec.width[p];
+      const uint32_t* src = planes.ptr[p] + row * planes.row_words[p] + group * width;
+      if (width >= 4) {
+#pragma unroll
+        for (int v = 0; v < width / 4; ++v) {
+          const uint4 q = __ldg(reinterpret_cast<const uint4*>(src) + v);
+          w[p][4 * v] = q.x, w[p][4 * v + 1] = q.y, w[p][4 * v + 2] = q.z, w[p][4 * v + 3] = q.w;
+        }
+      } else if (width == 2) {
+        const uint2 q = __ldg(reinterpret_cast<const uint2*>(src));
+        w[p][0] = q.x, w[p][1] = q.y;
+      } else {
+        w[p][0] = __ldg(src);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void clear() {
+    constexpr PlaneSpec spec = plane_spec(BITS);
+#pragma unroll
+    for (int p = 0; p < spec.count; ++p)
+#pragma unroll
+      for (int i = 0; i < spec.width[p]; ++i) w[p][i] = 0u;
+  }
+
+  // Code of weight j (0..31) of the group; j must be a compile-time constant after unrolling.
+  __device__ __forceinline__ int code(int j) const {
+    constexpr PlaneSpec spec = plane_spec(BITS);
+    uint32_t c = 0;
+#pragma unroll
+    for (int p = 0; p < spec.count; ++p) {
+      const int width = spec.width[p], bit = j * width;
+      c |= ((w[p][bit / 32] >> (bit % 32)) & ((1u << width) - 1u)) << spec.offset[p];
+    }
+    return static_cast<int>(c);
+  }
+};
+
+// y[i] = sum over splits of partial[s, i] + bias[i % n]; partial is [splits, m, n].
+template <typename T>
+__global__ void splitk_fixup_kernel(const float* __restrict__ partial, int splits, int64_t mn,
+                                    int64_t n, const float* __restrict__ bias, T* __restrict__ y) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < mn;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    for (int sp = 0; sp < splits; ++sp) s += partial[sp * mn + i];
+    y[i] = from_float<T>(s + (bias != nullptr ? bias[i % n] : 0.f));
+  }
+}
+
+// Split of a row's K groups over gridDim.y. A forced split_k above 65535 (gridDim.y's limit)
+// gets fewer, longer splits: a workspace sized for split_k splits still suffices.
+struct SplitK {
+  int64_t groups_per_split, splits;
+
+  SplitK(int64_t k, int split_k) {
+    const int64_t groups = padded_k(k) / kGroup;
+    const int64_t min_per_split = (groups + kMaxGridY - 1) / kMaxGridY;
+    groups_per_split = (groups + split_k - 1) / split_k;
+    if (groups_per_split < min_per_split) groups_per_split = min_per_split;
+    splits = (groups + groups_per_split - 1) / groups_per_split;  // no empty splits
+  }
+
+  // y [m, n] = the sum of the splits' fp32 partials [splits, m, n] + bias (when splits > 1).
+  template <typename T>
+  void fix_up(const float* partial, int m, int64_t n, const float* bias, T* y,
+              cudaStream_t stream) const {
+    if (splits < 2) return;
+    OTQ_LAUNCH(blocks_for(m * n, 256), 256, 0, stream, splitk_fixup_kernel<T>)(
+        partial, static_cast<int>(splits), m * n, n, bias, y);
+  }
+};
+
+}  // namespace otq::cuda
