@@ -15,12 +15,29 @@ template <int BITS>
 struct GroupWords {
   uint32_t w[kMaxPlanes][kMaxWidth];
 
+  // Where each plane's words of weight row `row` start.
+  struct Rows {
+    const uint32_t* ptr[kMaxPlanes];
+  };
+
+  __device__ __forceinline__ static Rows rows_of(const PlaneArgs& planes, int64_t row) {
+    Rows rows{};
+#pragma unroll
+    for (int p = 0; p < plane_spec(BITS).count; ++p)
+      rows.ptr[p] = planes.ptr[p] + row * planes.row_words[p];
+    return rows;
+  }
+
   __device__ __forceinline__ void load(const PlaneArgs& planes, int64_t row, int64_t group) {
+    load(rows_of(planes, row), group);
+  }
+
+  __device__ __forceinline__ void load(const Rows& rows, int64_t group) {
     constexpr PlaneSpec spec = plane_spec(BITS);
 #pragma unroll
     for (int p = 0; p < spec.count; ++p) {
       const int width = spec.width[p];
-      const uint32_t* src = planes.ptr[p] + row * planes.row_words[p] + group * width;
+      const uint32_t* src = rows.ptr[p] + group * width;
       if (width >= 4) {
 #pragma unroll
         for (int v = 0; v < width / 4; ++v) {

@@ -21,8 +21,12 @@ int lut_linear(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* c
                int bits, const float* codebook, bool per_channel, int64_t n, const float* bias,
                void* y, int split_k, float* workspace, void* stream);
 
+// Rows of activations one tensor-core launch handles (two mma n-tiles).
+constexpr int kMmaMaxM = 16;
+
 // The same product on tensor cores (csrc/cuda/lut_mma.cu): dtype float16 or bfloat16 and
-// bits 2..4 only (cudaErrorInvalidValue otherwise); same workspace rule.
+// bits 2..4 only (cudaErrorInvalidValue otherwise). With split_k > 1, workspace must hold
+// split_k * min(m, kMmaMaxM) * n floats.
 int lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* const* planes,
                    int bits, const float* codebook, bool per_channel, int64_t n,
                    const float* bias, void* y, int split_k, float* workspace, void* stream);

@@ -2,7 +2,8 @@
 // y[m, n] = x[m, k] @ W^T + bias with W[j, i] = codebook[g(j), code(j, i)].
 //
 // A block owns 16 weight rows (the M of mma.m16n8k16) and its 4 warps take turns over the
-// 32-column groups of the block's K range; x's (at most 8) rows are the mma's N. A lane's
+// 32-column groups of the block's K range; x's rows are the mma's N, 8 per n-tile, one or
+// two n-tiles per launch (M <= 16) sharing every A fragment. A lane's
 // A fragment holds pairs of adjacent columns of rows g and g + 8 (g = lane / 4), so it
 // cuts 2-column "pair indices" straight out of the packed words (plane p contributes its
 // 2 * w_p bits, at bit 2 * offset_p) and looks each up in a shared table of packed
@@ -20,9 +21,9 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kTileRows = 16;
-constexpr int kTileBatch = 8;  // the mma's N: rows of x per launch
+constexpr int kTileBatch = 8;  // the mma's N: rows of x per n-tile
+constexpr int kMaxTiles = kMmaMaxM / kTileBatch;  // n-tiles per launch, sharing each A
 constexpr int kMaxMmaBits = 4;
-static_assert(kTileBatch == kGemvMaxM, "one launch covers kGemvMaxM rows of x");
 
 template <int BITS>
 constexpr int kPairCount = 1 << (2 * BITS);
@@ -55,22 +56,21 @@ __device__ __forceinline__ uint32_t pair_entry(const float* __restrict__ book, i
 
 // Per layer: table[pair * 32 + lane], written 4 lanes (16 bytes) at a time.
 // Per channel: table[r * pairs + pair] for rows block_row + r (zeros past n).
-template <typename T, int BITS>
+template <typename T, int BITS, bool PER_CHANNEL>
 __device__ __forceinline__ void build_pair_tables(uint32_t* table,
                                                   const float* __restrict__ codebook,
-                                                  bool per_channel, int64_t block_row,
-                                                  int64_t n) {
+                                                  int64_t block_row, int64_t n) {
   constexpr int kPairs = kPairCount<BITS>;
-  if (!per_channel) {
+  if constexpr (PER_CHANNEL) {
+    for (int i = threadIdx.x; i < kTileRows * kPairs; i += kThreads) {
+      const int64_t row = block_row + i / kPairs;
+      table[i] = row < n ? pair_entry<T, BITS>(codebook + row * (1 << BITS), i % kPairs) : 0u;
+    }
+  } else {
     for (int i = threadIdx.x; i < kPairs * kWarpSize / 4; i += kThreads) {
       const uint32_t e = pair_entry<T, BITS>(codebook, i / (kWarpSize / 4));
       reinterpret_cast<uint4*>(table)[i] = make_uint4(e, e, e, e);
     }
-    return;
-  }
-  for (int i = threadIdx.x; i < kTileRows * kPairs; i += kThreads) {
-    const int64_t row = block_row + i / kPairs;
-    table[i] = row < n ? pair_entry<T, BITS>(codebook + row * (1 << BITS), i % kPairs) : 0u;
   }
 }
 
@@ -89,74 +89,103 @@ __device__ __forceinline__ int pair_index(const GroupWords<BITS>& words, int h, 
   return index;
 }
 
-// x[row][c], x[row][c + 1] packed; zero past k or for rows >= m.
-template <typename T>
-__device__ __forceinline__ uint32_t x_pair(const T* __restrict__ x, int m, int64_t k, int row,
-                                           int64_t c) {
-  if (row >= m) return 0u;
-  const T* src = x + row * k;
+// x_row[c], x_row[c + 1] packed (c even). WHOLE: c + 1 < k and x_row 4-byte aligned, one
+// 32-bit load; else two masked loads, zero past k.
+template <typename T, bool WHOLE>
+__device__ __forceinline__ uint32_t x_pair(const T* __restrict__ x_row, int64_t k, int64_t c) {
+  if (WHOLE) return __ldg(reinterpret_cast<const uint32_t*>(x_row + c));
   const T zero = from_float<T>(0.f);
-  return pack2(c < k ? src[c] : zero, c + 1 < k ? src[c + 1] : zero);
+  return pack2(c < k ? x_row[c] : zero, c + 1 < k ? x_row[c + 1] : zero);
 }
 
-template <typename T, int BITS>
-__global__ void __launch_bounds__(kThreads)
-    lut_mma_kernel(const T* __restrict__ x, int m, int64_t k, PlaneArgs planes,
-                   const float* __restrict__ codebook, bool per_channel, int64_t n,
-                   const float* __restrict__ bias, T* __restrict__ y,
-                   float* __restrict__ partial, int64_t groups_per_split) {
-  uint32_t* table = dynamic_shared<uint32_t>();
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int g = lane / 4, t = lane % 4;
-  const int64_t block_row = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  build_pair_tables<T, BITS>(table, codebook, per_channel, block_row, n);
-  __syncthreads();
+// One lane's view of its block: A rows g and g + 8 (r = 0, 1); in n-tile j, B column g is
+// row 8 * j + g of x. Rows past n and x rows past m are clamped to the last one: they only
+// feed D rows/columns that are never written, so no lane needs a branch.
+template <typename T, int BITS, bool PER_CHANNEL, int NT>
+struct LaneTile {
+  static constexpr int kStride = PER_CHANNEL ? 1 : kWarpSize;  // word: pair * kStride + base[r]
+  const uint32_t* table;
+  int base[2];
+  typename GroupWords<BITS>::Rows rows[2];
+  const T* x_row[NT];
+  int t;
 
-  // Table word of pair p for A rows g (r = 0) and g + 8 (r = 1): p * stride + base[r].
-  const int stride = per_channel ? 1 : kWarpSize;
-  const int base[2] = {per_channel ? g * kPairCount<BITS> : lane,
-                       per_channel ? (g + 8) * kPairCount<BITS> : lane};
-  const int64_t rows[2] = {block_row + g, block_row + g + 8};
-  const int64_t groups = padded_k(k) / kGroup;
-  const int64_t g_begin = static_cast<int64_t>(blockIdx.y) * groups_per_split;
-  const int64_t g_end = min(groups, g_begin + groups_per_split);
-  float d[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t group = g_begin + warp; group < g_end; group += kWarps) {
-    GroupWords<BITS> words[2];
+  __device__ __forceinline__ LaneTile(const uint32_t* table_, const T* x, int m, int64_t k,
+                                      const PlaneArgs& planes, int64_t block_row, int64_t n) {
+    const int lane = threadIdx.x % kWarpSize, g = lane / 4;
+    table = table_;
+    t = lane % 4;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (rows[r] < n)
-        words[r].load(planes, rows[r], group);
-      else
-        words[r].clear();
+      base[r] = PER_CHANNEL ? (g + 8 * r) * kPairCount<BITS> : lane;
+      rows[r] = GroupWords<BITS>::rows_of(planes, min(block_row + g + 8 * r, n - 1));
     }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      x_row[j] = x + static_cast<int64_t>(8 * j + g < m ? 8 * j + g : m - 1) * k;
+  }
+
+  // d[j] += the 16 rows x 32 columns of `group` times the matching columns of n-tile j's x
+  // (2 * NT mmas, each A fragment looked up once).
+  template <bool WHOLE>
+  __device__ __forceinline__ void accumulate(float (&d)[NT][4], int64_t group, int64_t k) const {
+    GroupWords<BITS> words[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) words[r].load(rows[r], group);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t c = group * kGroup + 16 * h + 2 * t;
-      const uint32_t b[2] = {x_pair(x, m, k, g, c), x_pair(x, m, k, g, c + 8)};
       uint32_t a[4];
 #pragma unroll
       for (int q = 0; q < 2; ++q)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          a[2 * q + r] = table[pair_index<BITS>(words[r], h, q, t) * stride + base[r]];
-      mma_16816<T>(d, a, b);
+          a[2 * q + r] = table[pair_index<BITS>(words[r], h, q, t) * kStride + base[r]];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint32_t b[2] = {x_pair<T, WHOLE>(x_row[j], k, c),
+                               x_pair<T, WHOLE>(x_row[j], k, c + 8)};
+        mma_16816<T>(d[j], a, b);
+      }
     }
   }
+};
+
+template <typename T, int BITS, bool PER_CHANNEL, int NT>
+__global__ void __launch_bounds__(kThreads)
+    lut_mma_kernel(const T* __restrict__ x, int m, int64_t k, bool vec_x, PlaneArgs planes,
+                   const float* __restrict__ codebook, int64_t n,
+                   const float* __restrict__ bias, T* __restrict__ y,
+                   float* __restrict__ partial, int64_t groups_per_split) {
+  uint32_t* table = dynamic_shared<uint32_t>();
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t block_row = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  build_pair_tables<T, BITS, PER_CHANNEL>(table, codebook, block_row, n);
+  __syncthreads();
+
+  const LaneTile<T, BITS, PER_CHANNEL, NT> tile(table, x, m, k, planes, block_row, n);
+  const int64_t g_begin = static_cast<int64_t>(blockIdx.y) * groups_per_split;
+  const int64_t g_end = min(padded_k(k) / kGroup, g_begin + groups_per_split);
+  const int64_t whole_end = vec_x ? min(g_end, k / kGroup) : g_begin;  // groups inside k
+  float d[NT][4] = {};
+  int64_t group = g_begin + warp;
+#pragma unroll 1
+  for (; group < whole_end; group += kWarps) tile.template accumulate<true>(d, group, k);
+  for (; group < g_end; group += kWarps) tile.template accumulate<false>(d, group, k);
 
   __syncthreads();  // every warp is done with the tables: reuse them for the warps' sums
-  float* sums = reinterpret_cast<float*>(table);
+  float* sums = reinterpret_cast<float*>(table);  // [warp][lane][4 * NT]
 #pragma unroll
-  for (int i = 0; i < 4; ++i) sums[(warp * kWarpSize + lane) * 4 + i] = d[i];
+  for (int i = 0; i < 4 * NT; ++i) sums[(warp * kWarpSize + lane) * 4 * NT + i] = d[i / 4][i % 4];
   __syncthreads();
   if (warp != 0) return;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 4 * NT; ++i) {
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += sums[(w * kWarpSize + lane) * 4 + i];
-    const int64_t row = rows[i / 2];
-    const int batch = 2 * t + i % 2;
+    for (int w = 0; w < kWarps; ++w) s += sums[(w * kWarpSize + lane) * 4 * NT + i];
+    const int64_t row = block_row + lane / 4 + 8 * (i % 4 / 2);
+    const int batch = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
     if (row >= n || batch >= m) continue;
     if (partial != nullptr)
       partial[(static_cast<int64_t>(blockIdx.y) * m + batch) * n + row] = s;
@@ -166,20 +195,29 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int BITS>
+auto kernel_for(bool per_channel, bool two_tiles) {
+  if (per_channel)
+    return two_tiles ? lut_mma_kernel<T, BITS, true, 2> : lut_mma_kernel<T, BITS, true, 1>;
+  return two_tiles ? lut_mma_kernel<T, BITS, false, 2> : lut_mma_kernel<T, BITS, false, 1>;
+}
+
+template <typename T, int BITS>
 int launch(const T* x, int64_t m, int64_t k, PlaneArgs planes, const float* codebook,
            bool per_channel, int64_t n, const float* bias, T* y, int split_k, float* workspace,
            cudaStream_t stream) {
   const SplitK split(k, split_k);
   const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
                   static_cast<unsigned>(split.splits));
-  const int sum_words = kThreads * 4;
+  const int sum_words = kThreads * 4 * kMaxTiles;
   const int words = table_words<BITS>(per_channel);
   const size_t smem = sizeof(uint32_t) * (words > sum_words ? words : sum_words);
-  for (int64_t m0 = 0; m0 < m; m0 += kTileBatch) {
-    const int mc = static_cast<int>(m - m0 < kTileBatch ? m - m0 : kTileBatch);
+  const bool vec_x = k % 2 == 0 && reinterpret_cast<uintptr_t>(x) % 4 == 0;
+  for (int64_t m0 = 0; m0 < m; m0 += kMmaMaxM) {
+    const int mc = static_cast<int>(m - m0 < kMmaMaxM ? m - m0 : kMmaMaxM);
     float* partial = split.splits > 1 ? workspace : nullptr;
-    OTQ_LAUNCH(grid, kThreads, smem, stream, lut_mma_kernel<T, BITS>)(
-        x + m0 * k, mc, k, planes, codebook, per_channel, n, bias, y + m0 * n, partial,
+    const auto kernel = kernel_for<T, BITS>(per_channel, mc > kTileBatch);
+    OTQ_LAUNCH(grid, kThreads, smem, stream, kernel)(
+        x + m0 * k, mc, k, vec_x, planes, codebook, n, bias, y + m0 * n, partial,
         split.groups_per_split);
     split.fix_up(workspace, mc, n, bias, y + m0 * n, stream);
   }

@@ -26,6 +26,7 @@ from ._native_args import (
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GEMV_MAX_M = 8          # rows of x per kernel launch (csrc/cuda/launchers.h kGemvMaxM)
+MMA_MAX_M = 16          # the same for the tensor-core kernel (kMmaMaxM)
 ROWS_PER_BLOCK = 16     # weight rows per thread block (csrc/cuda/lut_gemv.cu)
 GROUP = 32              # weights per lane step
 MAX_SPLIT_K = 64
@@ -100,7 +101,8 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         if not isinstance(split_k, int) or split_k < 1:
             raise ValueError(f"split_k must be a positive int, got {split_k!r}")
         split_k = min(split_k, padded_k(k) // GROUP)  # no empty splits: smaller workspace
-        ws = (torch.empty(split_k * min(m, GEMV_MAX_M) * n, dtype=torch.float32, device=dev)
+        rows = min(m, MMA_MAX_M if tensor_cores else GEMV_MAX_M)
+        ws = (torch.empty(split_k * rows * n, dtype=torch.float32, device=dev)
               if split_k > 1 else None)
         xa = aligned(x)
         native(require_cuda=True).cuda_lut_linear(

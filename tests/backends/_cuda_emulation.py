@@ -29,7 +29,7 @@ FLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-pthread", "-fno-strict-aliasing",
 SANITIZERS = {"address": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"],
               "thread": ["-fsanitize=thread"]}
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-GEMV_MAX_M = 8  # csrc/cuda/launchers.h kGemvMaxM
+GEMV_MAX_M, MMA_MAX_M = 8, 16  # csrc/cuda/launchers.h kGemvMaxM, kMmaMaxM
 
 
 def compiler() -> str | None:
@@ -101,7 +101,8 @@ class Emulated:
         per_channel = book.shape[0] == n and n > 1
         b = None if bias is None else bias.to(torch.float32).contiguous()
         y = torch.full((m, n), float("nan"), dtype=x.dtype)
-        ws = torch.full((split_k * min(m, GEMV_MAX_M) * n,), float("nan")) if split_k > 1 else None
+        rows = min(m, MMA_MAX_M if tensor_cores else GEMV_MAX_M)
+        ws = torch.full((split_k * rows * n,), float("nan")) if split_k > 1 else None
         f = self.lib.otq_emu_lut_linear_mma if tensor_cores else self.lib.otq_emu_lut_linear
         f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_bool,

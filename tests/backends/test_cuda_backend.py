@@ -67,7 +67,8 @@ def test_linear_every_bit_width(cuda_backend, bits, granularity, dtype):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_mma_kernel_every_bit_width(cuda_backend, bits, granularity, dtype):
     """The tensor-core kernel (lut_mma.cu) on the GPU: M 1..9, K tails, split-K."""
-    for m, n, k, split_k in ((1, 33, 127, None), (3, 16, 4096, None), (9, 257, 300, 3)):
+    for m, n, k, split_k in ((1, 33, 127, None), (3, 16, 4096, None), (9, 257, 300, 3),
+                             (20, 40, 512, None)):
         check_linear(cuda_backend, m, n, k, bits, granularity, dtype, True, split_k,
                      tensor_cores=True)
 
