@@ -8,7 +8,8 @@ both granularities and M ∈ {1, 4, 16, 64, 256, 1024, 4096}, it times:
 - ``dequant``: expand to a transient dense weight, then cuBLAS (the dequantized baseline);
 - ``triton`` (kernel ``auto`` = what dispatch runs, plus each forced kernel gemv /
   splitk / gemm where its M range makes sense);
-- ``cuda``: the hand-written LUT GEMV (small M);
+- ``cuda``: the hand-written LUT GEMV (small M), and its tensor-core kernel (``lut_mma``,
+  fp16/bf16 and 2-4 bits; timed, never picked by dispatch);
 - on CPU also ``reference`` and the C++ ``cpu`` backend.
 
 Rows: p20/p50/p80 µs, effective GB/s (packed planes + codebook + x + y bytes), % of the
@@ -38,6 +39,9 @@ TRITON_KERNELS = {"gemv": 16, "splitk": 256, "gemm": None}
 # The CUDA LUT GEMV runs M in chunks of 8 rows (one weight pass each): pointless beyond this.
 CUDA_MAX_M = 64
 FUSED = ("triton", "cuda")
+# Kernels that run only some (dtype, bits): other combinations become skipped rows.
+LIMITED = {"lut_mma": ("fp16/bf16 activations and bits <= 4 only",
+                       lambda dtype, bits: dtype in (torch.float16, torch.bfloat16) and bits <= 4)}
 
 
 def unet_shapes(config: str = "mnist") -> tuple[list[tuple[str, int, int]], str]:
@@ -80,6 +84,13 @@ def triton_forced(kernel: str):
     return lambda x, qt: linear_triton(x, qt, None, kernel=kernel)
 
 
+def cuda_mma_fn(x, qt):
+    """The CUDA tensor-core kernel (lut_mma.cu), which dispatch does not pick by itself."""
+    from otq_kernels.backends import cuda
+
+    return cuda.linear(x, qt, None, tensor_cores=True)
+
+
 def backend_fn(name: str):
     """Callable (x, qt) -> y through the public op with backend ``name``."""
     from otq_kernels import ops
@@ -112,6 +123,8 @@ def candidates(run: common.Run, backends: list[str],
             kernel = {"dequant": "cublas", "cuda": "lut_gemv", "cpu": "lut"}.get(name, "torch")
             max_m = CUDA_MAX_M if name == "cuda" and run.device.type == "cuda" else None
             out.append((name, kernel, reason or backend_fn(name), max_m))
+            if name == "cuda":
+                out.append((name, "lut_mma", reason or cuda_mma_fn, max_m))
     return out
 
 
@@ -162,6 +175,9 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
             fields = {**base, "backend": backend, "kernel": kernel, "M": m}
             if max_m is not None and m > max_m:
                 continue
+            limited = LIMITED.get(kernel)
+            if limited and not limited[1](dtype, bits):
+                fn = limited[0]
             if isinstance(fn, str):
                 run.add(common.skipped_row(fn, **fields))
                 continue

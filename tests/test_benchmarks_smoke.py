@@ -90,6 +90,18 @@ def test_crossovers_from_rows():
     assert values == {"triton_max_m": 16, "cuda_max_m": 1}
 
 
+def test_tensor_core_kernel_is_timed_only_where_it_runs():
+    linear = _load("bench_linear")
+    names, applies = linear.LIMITED["lut_mma"]
+    assert applies(torch.float16, 4) and applies(torch.bfloat16, 2)
+    assert not applies(torch.float32, 4) and not applies(torch.float16, 5)
+    common = _load("common")
+    run = common.Run.__new__(common.Run)
+    run.device = torch.device("cpu")
+    kernels = [(b, k) for b, k, *_ in linear.candidates(run, ["cuda"])]
+    assert kernels == [("cuda", "lut_gemv"), ("cuda", "lut_mma")]
+
+
 def test_error_rows_keep_the_schema():
     common = _load("common")
     try:
