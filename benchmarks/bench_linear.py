@@ -203,6 +203,8 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     by the geometric mean of t_dequant / t_triton over shapes, bits and granularities.
     cuda_max_m: likewise for the CUDA GEMV against the faster of dequant and Triton
     (dispatch tries cuda first, so it must beat both).
+    cuda_tensor_cores: whether the tensor-core kernel beat the CUDA-core one (geometric mean
+    over M of the per-M geometric means), for the cuda backend to use it where it can.
     """
     times: dict[tuple, dict[str, float]] = {}
     for r in rows:
@@ -226,7 +228,25 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
         means = {m: common.geomean(v) for m, v in sorted(per_m.items())}
         values[f"{path}_max_m"] = common.crossover({m: (g or 0) > 1.0 for m, g in means.items()})
         evidence[path] = {str(m): round(g, 3) for m, g in means.items() if g}
+    tensor_cores = tensor_core_speedups(rows)
+    if tensor_cores:
+        values["cuda_tensor_cores"] = common.geomean(list(tensor_cores.values())) > 1.0
+        evidence["cuda_tensor_cores"] = {str(m): round(g, 3) for m, g in tensor_cores.items()}
     return values, evidence
+
+
+def tensor_core_speedups(rows: list[dict]) -> dict[int, float]:
+    """{M: geomean of t_lut_gemv / t_lut_mma} over the rows where both CUDA kernels ran."""
+    times: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("p50_us") and r.get("backend") == "cuda":
+            key = (r["M"], r["shape"], r["bits"], r["granularity"])
+            times.setdefault(key, {})[r["kernel"]] = r["p50_us"]
+    per_m: dict[int, list[float]] = {}
+    for (m, *_), t in times.items():
+        if "lut_gemv" in t and "lut_mma" in t:
+            per_m.setdefault(m, []).append(t["lut_gemv"] / t["lut_mma"])
+    return {m: common.geomean(v) for m, v in sorted(per_m.items())}
 
 
 def main(argv=None) -> int:

@@ -90,6 +90,20 @@ def test_crossovers_from_rows():
     assert values == {"triton_max_m": 16, "cuda_max_m": 1}
 
 
+def test_tensor_core_choice_from_rows():
+    linear = _load("bench_linear")
+    rows = []
+    for m, t_gemv, t_mma in ((1, 10.0, 5.0), (16, 40.0, 10.0)):
+        base = {"M": m, "shape": "8x8", "bits": 4, "granularity": "channel", "backend": "cuda"}
+        rows += [{**base, "kernel": "lut_gemv", "p50_us": t_gemv},
+                 {**base, "kernel": "lut_mma", "p50_us": t_mma}]
+    values, evidence = linear.derive_crossovers(rows)
+    assert values["cuda_tensor_cores"] is True
+    assert evidence["cuda_tensor_cores"] == {"1": 2.0, "16": 4.0}
+    slower = [{**r, "p50_us": 100.0} if r["kernel"] == "lut_mma" else r for r in rows]
+    assert linear.derive_crossovers(slower)[0]["cuda_tensor_cores"] is False
+
+
 def test_tensor_core_kernel_is_timed_only_where_it_runs():
     linear = _load("bench_linear")
     names, applies = linear.LIMITED["lut_mma"]

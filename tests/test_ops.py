@@ -169,3 +169,18 @@ def test_gpu_candidates_follow_tuning_table(monkeypatch):
 def test_default_tuning_table_has_every_op():
     table = ops.tuning_table("some unknown GPU")
     assert {"linear", "conv2d"} <= set(table)
+
+
+def test_cuda_tensor_cores_follow_tuning_table(monkeypatch):
+    """cuda.linear(tensor_cores=None) asks the GPU's tuning entry; the shipped default is off."""
+    from otq_kernels.backends import cuda
+
+    assert ops.tuning_table("some unknown GPU")["linear"]["cuda_tensor_cores"] is False
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    monkeypatch.setattr(ops, "tuning_table", lambda name: {
+        "linear": {"cuda_tensor_cores": name == "GPU X"}})
+    assert cuda.tuned_for_tensor_cores(torch.device("cuda", 0)) is True
+    monkeypatch.setattr(ops, "tuning_table", lambda name: {"linear": {}})
+    assert cuda.tuned_for_tensor_cores(torch.device("cuda", 0)) is False
+    assert cuda.tensor_cores_support(torch.bfloat16, 3)
+    assert not cuda.tensor_cores_support(torch.float32, 3)

@@ -52,6 +52,14 @@ def tensor_cores_support(dtype: torch.dtype, bits: int) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and bits <= MMA_MAX_BITS
 
 
+def tuned_for_tensor_cores(device: torch.device) -> bool:
+    """Whether the tuning table of this GPU says the mma kernel beat the LUT GEMV."""
+    from ..ops import tuning_table  # ops imports the backends
+
+    table = tuning_table(torch.cuda.get_device_name(device))
+    return bool(table.get("linear", {}).get("cuda_tensor_cores", False))
+
+
 def split_k_for(n: int, k: int, sms: int) -> int:
     """Split-K factor for N rows of K: about 4 blocks per SM, >= 32 groups per warp slice.
 
@@ -65,13 +73,14 @@ def split_k_for(n: int, k: int, sms: int) -> int:
 
 
 def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
-           split_k: int | None = None, tensor_cores: bool = False) -> torch.Tensor:
+           split_k: int | None = None, tensor_cores: bool | None = None) -> torch.Tensor:
     """y = x @ W^T + bias. x [M, K] fp16/bf16/fp32 on CUDA -> [M, N] in x.dtype.
 
     split_k: force a split-K factor (None = heuristic from the SM count).
-    tensor_cores: the mma kernel (csrc/cuda/lut_mma.cu: pair look-ups, mma.m16n8k16) instead
-    of the LUT GEMV; fp16/bf16 x and 2-4-bit codes only. Not the default until a GPU
-    benchmark shows it faster (benchmarks/NOTES.md).
+    tensor_cores: True = the mma kernel (csrc/cuda/lut_mma.cu: pair look-ups,
+    mma.m16n8k16; fp16/bf16 x and 2-4-bit codes only), False = the LUT GEMV, None = the
+    mma kernel where it runs and the GPU's tuning entry has ``cuda_tensor_cores: true``
+    (measured by bench_linear; the shipped default is false: never timed yet).
     """
     _require_cuda(x, "x")
     dev = x.device
@@ -79,6 +88,8 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != qt.k:
         raise ValueError(f"x must be [M, {qt.k}], got {list(x.shape)}")
+    if tensor_cores is None:
+        tensor_cores = tensor_cores_support(x.dtype, qt.bits) and tuned_for_tensor_cores(dev)
     if tensor_cores and not tensor_cores_support(x.dtype, qt.bits):
         raise ValueError(f"tensor_cores needs float16/bfloat16 x and bits <= "
                          f"{MMA_MAX_BITS}, got {x.dtype} and bits={qt.bits}")
