@@ -8,9 +8,10 @@
 // cuts 2-column "pair indices" straight out of the packed words (plane p contributes its
 // 2 * w_p bits, at bit 2 * offset_p) and looks each up in a shared table of packed
 // half2/bf162 pairs: one shared load per two weights, no per-weight decode. Pair tables
-// have 2^(2 * bits) entries: per layer one copy per lane ([pair][32], conflict-free); per
-// channel one table per row ([16 rows][pair]). Accumulation in fp32 (mma), the warps'
-// results summed in shared memory; split-K and bias as in lut_gemv.cu.
+// have 2^(2 * bits) entries, one copy per lane so that look-ups never conflict: [pair][32]
+// per layer, [2][pair][32] per channel (the lane's rows g and g + 8; 64 KB at 4 bits).
+// Accumulation in fp32 (mma), the warps' results summed in shared memory; split-K and bias
+// as in lut_gemv.cu.
 #include "common.cuh"
 #include "gemv_common.cuh"
 #include "launchers.h"
@@ -28,10 +29,11 @@ constexpr int kMaxMmaBits = 4;
 template <int BITS>
 constexpr int kPairCount = 1 << (2 * BITS);
 
-// Table words: per layer, one copy of every pair per lane; per channel, one table per row.
+// Table words: one copy of every pair per lane, per layer or (per channel) for each of the
+// lane's two A rows: [r][pair][lane], lane-major so that any 32 pairs hit 32 banks.
 template <int BITS>
-constexpr int table_words(bool per_channel) {
-  return kPairCount<BITS> * (per_channel ? kTileRows : kWarpSize);
+OTQ_HD constexpr int table_words(bool per_channel) {
+  return kPairCount<BITS> * kWarpSize * (per_channel ? 2 : 1);
 }
 
 // Code of column `which` (0 or 1) of a pair index.
@@ -54,23 +56,24 @@ __device__ __forceinline__ uint32_t pair_entry(const float* __restrict__ book, i
                from_float<T>(__ldg(book + pair_code<BITS>(index, 1))));
 }
 
-// Per layer: table[pair * 32 + lane], written 4 lanes (16 bytes) at a time.
-// Per channel: table[r * pairs + pair] for rows block_row + r (zeros past n).
+// table[(r * pairs + pair) * 32 + lane] (r = 0 only per layer), written 16 bytes at a
+// time: the 4 lanes 4g..4g+3 share A rows g + 8r, i.e. uint4 i holds lanes 4(i % 8)..+3.
+// Per channel the entry comes from row block_row + i % 8 + 8r (zeros past n).
 template <typename T, int BITS, bool PER_CHANNEL>
 __device__ __forceinline__ void build_pair_tables(uint32_t* table,
                                                   const float* __restrict__ codebook,
                                                   int64_t block_row, int64_t n) {
-  constexpr int kPairs = kPairCount<BITS>;
-  if constexpr (PER_CHANNEL) {
-    for (int i = threadIdx.x; i < kTileRows * kPairs; i += kThreads) {
-      const int64_t row = block_row + i / kPairs;
-      table[i] = row < n ? pair_entry<T, BITS>(codebook + row * (1 << BITS), i % kPairs) : 0u;
+  constexpr int kPairs = kPairCount<BITS>, kQuads = kWarpSize / 4;
+  for (int i = threadIdx.x; i < table_words<BITS>(PER_CHANNEL) / 4; i += kThreads) {
+    const int pair = i / kQuads % kPairs;
+    uint32_t e = 0u;
+    if constexpr (PER_CHANNEL) {
+      const int64_t row = block_row + i % kQuads + 8 * (i / (kQuads * kPairs));
+      if (row < n) e = pair_entry<T, BITS>(codebook + row * (1 << BITS), pair);
+    } else {
+      e = pair_entry<T, BITS>(codebook, pair);
     }
-  } else {
-    for (int i = threadIdx.x; i < kPairs * kWarpSize / 4; i += kThreads) {
-      const uint32_t e = pair_entry<T, BITS>(codebook, i / (kWarpSize / 4));
-      reinterpret_cast<uint4*>(table)[i] = make_uint4(e, e, e, e);
-    }
+    reinterpret_cast<uint4*>(table)[i] = make_uint4(e, e, e, e);
   }
 }
 
@@ -103,9 +106,8 @@ __device__ __forceinline__ uint32_t x_pair(const T* __restrict__ x_row, int64_t 
 // feed D rows/columns that are never written, so no lane needs a branch.
 template <typename T, int BITS, bool PER_CHANNEL, int NT>
 struct LaneTile {
-  static constexpr int kStride = PER_CHANNEL ? 1 : kWarpSize;  // word: pair * kStride + base[r]
   const uint32_t* table;
-  int base[2];
+  int base[2];  // table word of pair p for A row r: p * 32 + base[r]
   typename GroupWords<BITS>::Rows rows[2];
   const T* x_row[NT];
   int t;
@@ -117,7 +119,7 @@ struct LaneTile {
     t = lane % 4;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      base[r] = PER_CHANNEL ? (g + 8 * r) * kPairCount<BITS> : lane;
+      base[r] = (PER_CHANNEL ? r * kPairCount<BITS> * kWarpSize : 0) + lane;
       rows[r] = GroupWords<BITS>::rows_of(planes, min(block_row + g + 8 * r, n - 1));
     }
 #pragma unroll
@@ -140,7 +142,7 @@ struct LaneTile {
       for (int q = 0; q < 2; ++q)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          a[2 * q + r] = table[pair_index<BITS>(words[r], h, q, t) * kStride + base[r]];
+          a[2 * q + r] = table[pair_index<BITS>(words[r], h, q, t) * kWarpSize + base[r]];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const uint32_t b[2] = {x_pair<T, WHOLE>(x_row[j], k, c),
@@ -216,6 +218,8 @@ int launch(const T* x, int64_t m, int64_t k, PlaneArgs planes, const float* code
     const int mc = static_cast<int>(m - m0 < kMmaMaxM ? m - m0 : kMmaMaxM);
     float* partial = split.splits > 1 ? workspace : nullptr;
     const auto kernel = kernel_for<T, BITS>(per_channel, mc > kTileBatch);
+    const cudaError_t err = allow_dynamic_smem(kernel, smem);
+    if (err != cudaSuccess) return static_cast<int>(err);
     OTQ_LAUNCH(grid, kThreads, smem, stream, kernel)(
         x + m0 * k, mc, k, vec_x, planes, codebook, n, bias, y + m0 * n, partial,
         split.groups_per_split);

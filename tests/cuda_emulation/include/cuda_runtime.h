@@ -51,6 +51,14 @@ T __shfl_xor_sync(unsigned mask, T v, int offset) {
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
 
+template <typename... Params>
+cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > 227 * 1024)
+    return cudaErrorInvalidValue;
+  otq_emu::dynamic_smem_limit(reinterpret_cast<const void*>(kernel)) = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = otq_emu::last_error();
   otq_emu::last_error() = cudaSuccess;

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -205,6 +206,14 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<voi
   for (auto& thread : pool) thread.join();
 }
 
+// Dynamic shared memory a kernel may ask for: 48 KB unless cudaFuncSetAttribute raised it.
+inline size_t& dynamic_smem_limit(const void* kernel) {
+  static std::mutex mu;
+  static std::map<const void*, size_t> limits;
+  std::lock_guard<std::mutex> lock(mu);
+  return limits.try_emplace(kernel, size_t{48 * 1024}).first->second;
+}
+
 // OTQ_LAUNCH(grid, block, smem, stream, kernel)(args...) in emulation.
 template <typename... Params>
 struct Launch {
@@ -214,6 +223,10 @@ struct Launch {
 
   template <typename... Args>
   void operator()(Args&&... args) const {
+    if (smem > dynamic_smem_limit(reinterpret_cast<const void*>(kernel))) {
+      last_error() = cudaErrorInvalidValue;  // as the GPU: opt in above 48 KB first
+      return;
+    }
     auto call = [k = kernel, tuple = std::make_tuple(static_cast<Params>(args)...)] {
       std::apply(k, tuple);
     };

@@ -24,3 +24,5 @@ enum cudaError_t : int {
 };
 
 using cudaStream_t = struct CUstream_st*;
+
+enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
