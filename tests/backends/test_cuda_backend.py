@@ -268,3 +268,17 @@ def test_fit_rows_ties_and_signed_zeros_in_one_long_row(cuda_backend, assign):
     ref_codes, ref_centroids = ot_rows(x.double(), 4, assign)
     assert torch.equal(codes.cpu(), ref_codes)
     torch.testing.assert_close(centroids.cpu(), ref_centroids.float())
+
+
+def test_mma_kernel_in_a_cuda_graph(cuda_backend):
+    """Capture (incl. the >48 KB shared-memory opt-in of 4-bit per-channel tables) and replay."""
+    qt = random_qt(300, 1024, 4, "channel", seed=5)
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.float16)
+    want = cuda_backend.linear(x, qt, None, tensor_cores=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = cuda_backend.linear(x, qt, None, tensor_cores=True)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(got, cuda_backend.linear(x, qt, None, tensor_cores=True))
+    assert not torch.equal(got, want)
