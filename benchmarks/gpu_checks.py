@@ -81,6 +81,10 @@ def sanitizer_target(device: torch.device, bits_list: list[int]) -> int:
                 for backend in ("cuda", "triton", "dequant"):
                     if common.backend_unavailable(backend, device) is None:
                         _try(ops.codebook_linear, x, qt, None, backend=backend)
+                if bits <= 4 and common.backend_unavailable("cuda", device) is None:
+                    from otq_kernels.backends import cuda
+
+                    _try(cuda.linear, x, qt, None, tensor_cores=True)
             cq = common.random_qt(12, 8 * 9, bits, gran, device, shape=(12, 8, 3, 3))
             xc = torch.randn(2, 8, 7, 9, device=device, dtype=torch.float16)
             _try(ops.codebook_conv2d, xc, cq, None, 1, 1, backend="triton")
