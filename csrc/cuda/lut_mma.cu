@@ -3,9 +3,9 @@
 //
 // A block owns 16 weight rows (the M of mma.m16n8k16) and its 4 warps take turns over the
 // 32-column groups of the block's K range; x's rows are the mma's N, 8 per n-tile, one or
-// two n-tiles per launch (M <= 16) sharing every A fragment. A lane's
-// A fragment holds pairs of adjacent columns of rows g and g + 8 (g = lane / 4), so it
-// cuts 2-column "pair indices" straight out of the packed words (plane p contributes its
+// two n-tiles per launch (M <= 16) sharing every A fragment. A lane's A fragment holds
+// pairs of adjacent columns of rows g and g + 8 (g = lane / 4), so it cuts 2-column
+// "pair indices" straight out of the packed words (plane p contributes its
 // 2 * w_p bits, at bit 2 * offset_p) and looks each up in a shared table of packed
 // half2/bf162 pairs: one shared load per two weights, no per-weight decode. Pair tables
 // have 2^(2 * bits) entries, one copy per lane so that look-ups never conflict: [pair][32]
