@@ -3,6 +3,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "launchers.h"
 
 namespace otq::cuda {
 
@@ -108,5 +109,60 @@ struct SplitK {
         partial, static_cast<int>(splits), m * n, n, bias, y);
   }
 };
+
+// The arguments of a LUT GEMV launch (launchers.h, lut_linear), x and y untyped.
+struct GemvArgs {
+  const void* x;
+  int64_t m, k;
+  PlaneArgs planes;
+  const float* codebook;
+  bool per_channel;
+  int64_t n;
+  const float* bias;
+  void* y;
+  int split_k;
+  float* workspace;
+  cudaStream_t stream;
+
+  template <typename T>
+  const T* x_as() const { return static_cast<const T*>(x); }
+  template <typename T>
+  T* y_as() const { return static_cast<T*>(y); }
+};
+
+// Kernels::run<T, BITS>(args) for the runtime bits in [BITS, MAX_BITS].
+template <typename Kernels, typename T, int BITS, int MAX_BITS>
+int run_bits(int bits, const GemvArgs& args) {
+  if constexpr (BITS > MAX_BITS) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  } else {
+    return bits == BITS ? Kernels::template run<T, BITS>(args)
+                        : run_bits<Kernels, T, BITS + 1, MAX_BITS>(bits, args);
+  }
+}
+
+// A GEMV launcher's entry point: checks sizes and bits (2..MAX_BITS), then calls
+// Kernels::run<T, BITS> for dtype (float32 only when FLOAT32) and bits; otherwise
+// cudaErrorInvalidValue.
+template <typename Kernels, int MAX_BITS, bool FLOAT32>
+int dispatch_gemv(const void* x, int dtype, int64_t m, int64_t k,
+                  const uint32_t* const* planes, int bits, const float* codebook,
+                  bool per_channel, int64_t n, const float* bias, void* y, int split_k,
+                  float* workspace, void* stream) {
+  if (bits < kMinBits || bits > MAX_BITS || m <= 0 || k <= 0 || n <= 0 || split_k < 1)
+    return static_cast<int>(cudaErrorInvalidValue);
+  const GemvArgs args{x, m, k, plane_args(planes, bits, k), codebook, per_channel, n, bias, y,
+                      split_k, workspace, as_stream(stream)};
+  switch (dtype) {
+    case kFloat32:
+      if constexpr (FLOAT32) return run_bits<Kernels, float, kMinBits, MAX_BITS>(bits, args);
+      break;
+    case kFloat16:
+      return run_bits<Kernels, __half, kMinBits, MAX_BITS>(bits, args);
+    case kBFloat16:
+      return run_bits<Kernels, __nv_bfloat16, kMinBits, MAX_BITS>(bits, args);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
 
 }  // namespace otq::cuda

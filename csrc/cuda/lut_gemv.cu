@@ -142,68 +142,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int BITS>
-int launch(const T* x, int64_t m, int64_t k, PlaneArgs planes, const float* codebook,
-           bool per_channel, int64_t n, const float* bias, T* y, int split_k, float* workspace,
-           cudaStream_t stream) {
-  const SplitK split(k, split_k);
-  const dim3 grid(static_cast<unsigned>((n + kRowsPerBlock - 1) / kRowsPerBlock),
-                  static_cast<unsigned>(split.splits));
-  const size_t smem = sizeof(float) * (1 << BITS) * (per_channel ? kRowsPerBlock : kWarpSize);
-  const bool vec_x = k % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  for (int64_t m0 = 0; m0 < m; m0 += kGemvMaxM) {
-    const int mc = static_cast<int>(m - m0 < kGemvMaxM ? m - m0 : kGemvMaxM);
-    float* partial = split.splits > 1 ? workspace : nullptr;
-    OTQ_LAUNCH(grid, kThreads, smem, stream, lut_gemv_kernel<T, BITS>)(
-        x + m0 * k, mc, k, vec_x, planes, codebook, per_channel, n, bias, y + m0 * n, partial,
-        split.groups_per_split);
-    split.fix_up(workspace, mc, n, bias, y + m0 * n, stream);
+// GEMV launches for dispatch_gemv: M in chunks of kGemvMaxM rows, split-K fixed up.
+struct GemvKernels {
+  template <typename T, int BITS>
+  static int run(const GemvArgs& a) {
+    const SplitK split(a.k, a.split_k);
+    const dim3 grid(static_cast<unsigned>((a.n + kRowsPerBlock - 1) / kRowsPerBlock),
+                    static_cast<unsigned>(split.splits));
+    const size_t smem =
+        sizeof(float) * (1 << BITS) * (a.per_channel ? kRowsPerBlock : kWarpSize);
+    const T* x = a.x_as<T>();
+    T* y = a.y_as<T>();
+    const bool vec_x = a.k % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+    for (int64_t m0 = 0; m0 < a.m; m0 += kGemvMaxM) {
+      const int mc = static_cast<int>(a.m - m0 < kGemvMaxM ? a.m - m0 : kGemvMaxM);
+      float* partial = split.splits > 1 ? a.workspace : nullptr;
+      OTQ_LAUNCH(grid, kThreads, smem, a.stream, lut_gemv_kernel<T, BITS>)(
+          x + m0 * a.k, mc, a.k, vec_x, a.planes, a.codebook, a.per_channel, a.n, a.bias,
+          y + m0 * a.n, partial, split.groups_per_split);
+      split.fix_up(a.workspace, mc, a.n, a.bias, y + m0 * a.n, a.stream);
+    }
+    return static_cast<int>(cudaGetLastError());
   }
-  return static_cast<int>(cudaGetLastError());
-}
-
-template <typename T>
-int launch_bits(const void* x, int64_t m, int64_t k, PlaneArgs planes, int bits,
-                const float* codebook, bool per_channel, int64_t n, const float* bias, void* y,
-                int split_k, float* workspace, cudaStream_t stream) {
-  const T* xt = static_cast<const T*>(x);
-  T* yt = static_cast<T*>(y);
-#define OTQ_GEMV_CASE(B) \
-  case B:                \
-    return launch<T, B>(xt, m, k, planes, codebook, per_channel, n, bias, yt, split_k, workspace, stream);
-  switch (bits) {
-    OTQ_GEMV_CASE(2)
-    OTQ_GEMV_CASE(3)
-    OTQ_GEMV_CASE(4)
-    OTQ_GEMV_CASE(5)
-    OTQ_GEMV_CASE(6)
-    OTQ_GEMV_CASE(7)
-    OTQ_GEMV_CASE(8)
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-#undef OTQ_GEMV_CASE
-}
+};
 
 }  // namespace
 
 int lut_linear(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* const* planes,
                int bits, const float* codebook, bool per_channel, int64_t n, const float* bias,
                void* y, int split_k, float* workspace, void* stream) {
-  if (!valid_bits(bits) || m <= 0 || k <= 0 || n <= 0 || split_k < 1)
-    return static_cast<int>(cudaErrorInvalidValue);
-  const PlaneArgs args = plane_args(planes, bits, k);
-  const cudaStream_t s = as_stream(stream);
-  switch (dtype) {
-    case kFloat32:
-      return launch_bits<float>(x, m, k, args, bits, codebook, per_channel, n, bias, y, split_k, workspace, s);
-    case kFloat16:
-      return launch_bits<__half>(x, m, k, args, bits, codebook, per_channel, n, bias, y, split_k, workspace, s);
-    case kBFloat16:
-      return launch_bits<__nv_bfloat16>(x, m, k, args, bits, codebook, per_channel, n, bias, y, split_k, workspace, s);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return dispatch_gemv<GemvKernels, kMaxBits, true>(x, dtype, m, k, planes, bits, codebook,
+                                                     per_channel, n, bias, y, split_k,
+                                                     workspace, stream);
 }
 
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }

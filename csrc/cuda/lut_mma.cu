@@ -203,71 +203,43 @@ auto kernel_for(bool per_channel, bool two_tiles) {
   return two_tiles ? lut_mma_kernel<T, BITS, false, 2> : lut_mma_kernel<T, BITS, false, 1>;
 }
 
-template <typename T, int BITS>
-int launch(const T* x, int64_t m, int64_t k, PlaneArgs planes, const float* codebook,
-           bool per_channel, int64_t n, const float* bias, T* y, int split_k, float* workspace,
-           cudaStream_t stream) {
-  const SplitK split(k, split_k);
-  const dim3 grid(static_cast<unsigned>((n + kTileRows - 1) / kTileRows),
-                  static_cast<unsigned>(split.splits));
-  const int sum_words = kThreads * 4 * kMaxTiles;
-  const int words = table_words<BITS>(per_channel);
-  const size_t smem = sizeof(uint32_t) * (words > sum_words ? words : sum_words);
-  const bool vec_x = k % 2 == 0 && reinterpret_cast<uintptr_t>(x) % 4 == 0;
-  for (int64_t m0 = 0; m0 < m; m0 += kMmaMaxM) {
-    const int mc = static_cast<int>(m - m0 < kMmaMaxM ? m - m0 : kMmaMaxM);
-    float* partial = split.splits > 1 ? workspace : nullptr;
-    const auto kernel = kernel_for<T, BITS>(per_channel, mc > kTileBatch);
-    const cudaError_t err = allow_dynamic_smem(kernel, smem);
-    if (err != cudaSuccess) return static_cast<int>(err);
-    OTQ_LAUNCH(grid, kThreads, smem, stream, kernel)(
-        x + m0 * k, mc, k, vec_x, planes, codebook, n, bias, y + m0 * n, partial,
-        split.groups_per_split);
-    split.fix_up(workspace, mc, n, bias, y + m0 * n, stream);
+// Tensor-core launches for dispatch_gemv: M in chunks of kMmaMaxM rows (one or two
+// n-tiles), split-K fixed up.
+struct MmaKernels {
+  template <typename T, int BITS>
+  static int run(const GemvArgs& a) {
+    const SplitK split(a.k, a.split_k);
+    const dim3 grid(static_cast<unsigned>((a.n + kTileRows - 1) / kTileRows),
+                    static_cast<unsigned>(split.splits));
+    const int sum_words = kThreads * 4 * kMaxTiles;
+    const int words = table_words<BITS>(a.per_channel);
+    const size_t smem = sizeof(uint32_t) * (words > sum_words ? words : sum_words);
+    const T* x = a.x_as<T>();
+    T* y = a.y_as<T>();
+    const bool vec_x = a.k % 2 == 0 && reinterpret_cast<uintptr_t>(x) % 4 == 0;
+    for (int64_t m0 = 0; m0 < a.m; m0 += kMmaMaxM) {
+      const int mc = static_cast<int>(a.m - m0 < kMmaMaxM ? a.m - m0 : kMmaMaxM);
+      float* partial = split.splits > 1 ? a.workspace : nullptr;
+      const auto kernel = kernel_for<T, BITS>(a.per_channel, mc > kTileBatch);
+      const cudaError_t err = allow_dynamic_smem(kernel, smem);
+      if (err != cudaSuccess) return static_cast<int>(err);
+      OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(
+          x + m0 * a.k, mc, a.k, vec_x, a.planes, a.codebook, a.n, a.bias, y + m0 * a.n,
+          partial, split.groups_per_split);
+      split.fix_up(a.workspace, mc, a.n, a.bias, y + m0 * a.n, a.stream);
+    }
+    return static_cast<int>(cudaGetLastError());
   }
-  return static_cast<int>(cudaGetLastError());
-}
-
-template <typename T>
-int launch_bits(const void* x, int64_t m, int64_t k, PlaneArgs planes, int bits,
-                const float* codebook, bool per_channel, int64_t n, const float* bias, void* y,
-                int split_k, float* workspace, cudaStream_t stream) {
-  const T* xt = static_cast<const T*>(x);
-  T* yt = static_cast<T*>(y);
-  switch (bits) {
-    case 2:
-      return launch<T, 2>(xt, m, k, planes, codebook, per_channel, n, bias, yt, split_k,
-                          workspace, stream);
-    case 3:
-      return launch<T, 3>(xt, m, k, planes, codebook, per_channel, n, bias, yt, split_k,
-                          workspace, stream);
-    case 4:
-      return launch<T, 4>(xt, m, k, planes, codebook, per_channel, n, bias, yt, split_k,
-                          workspace, stream);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-}
+};
 
 }  // namespace
 
 int lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* const* planes,
                    int bits, const float* codebook, bool per_channel, int64_t n,
                    const float* bias, void* y, int split_k, float* workspace, void* stream) {
-  if (bits < kMinBits || bits > kMaxMmaBits || m <= 0 || k <= 0 || n <= 0 || split_k < 1)
-    return static_cast<int>(cudaErrorInvalidValue);
-  const PlaneArgs args = plane_args(planes, bits, k);
-  const cudaStream_t s = as_stream(stream);
-  switch (dtype) {
-    case kFloat16:
-      return launch_bits<__half>(x, m, k, args, bits, codebook, per_channel, n, bias, y,
-                                 split_k, workspace, s);
-    case kBFloat16:
-      return launch_bits<__nv_bfloat16>(x, m, k, args, bits, codebook, per_channel, n, bias, y,
-                                        split_k, workspace, s);
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return dispatch_gemv<MmaKernels, kMaxMmaBits, false>(x, dtype, m, k, planes, bits, codebook,
+                                                        per_channel, n, bias, y, split_k,
+                                                        workspace, stream);
 }
 
 }  // namespace otq::cuda
