@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from otq_kernels.backends.cuda import DTYPE_CODES, GEMV_MAX_M, MMA_MAX_M
 from otq_kernels.format import QuantizedTensor, padded_k, plane_widths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,8 +29,6 @@ FLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-pthread", "-fno-strict-aliasing",
          "-Wno-unknown-pragmas", "-Werror", f"-I{EMULATION / 'include'}", f"-I{ROOT / 'csrc'}"]
 SANITIZERS = {"address": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"],
               "thread": ["-fsanitize=thread"]}
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-GEMV_MAX_M, MMA_MAX_M = 8, 16  # csrc/cuda/launchers.h kGemvMaxM, kMmaMaxM
 
 
 def compiler() -> str | None:
