@@ -116,6 +116,26 @@ def test_tensor_core_kernel_is_timed_only_where_it_runs():
     assert kernels == [("cuda", "lut_gemv"), ("cuda", "lut_mma")]
 
 
+def test_peak_memory_is_measured_on_a_warmed_up_step(monkeypatch):
+    """The first step autotunes (Triton's do_bench holds a 256 MB buffer): not measured;
+    cuBLAS workspaces of earlier variants are released first."""
+    e2e = _load("bench_e2e")
+    events = []
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda d=None: events.append("reset"))
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda d=None: events.append("read") or 7)
+    monkeypatch.setattr(e2e, "release_cublas_workspaces", lambda: events.append("release"))
+
+    class FakeRun:
+        device = torch.device("cuda")
+
+        def sync(self):
+            events.append("sync")
+
+    assert e2e.peak_step_bytes(FakeRun(), lambda: events.append("step")) == 7
+    assert events == ["sync", "release", "step", "sync", "reset", "step", "sync", "read"]
+
+
 def test_error_rows_keep_the_schema():
     common = _load("common")
     try:
