@@ -13,6 +13,8 @@ from importlib import resources
 from typing import Optional
 
 import torch
+from torch._C._functorch import peek_interpreter_stack as _functorch_transform
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import backends
 from .format import QuantizedTensor, check_bits, padded_k, plane_widths
@@ -66,10 +68,25 @@ def _candidates(op: str, device: torch.device) -> list[tuple[str, int]]:
     return [("triton", UNLIMITED), ("cuda", UNLIMITED), ("reference", UNLIMITED)]
 
 
+_PLANS: dict[tuple, tuple] = {}
+_PLAN_ENV = ("TRITON_INTERPRET", "OTQ_TUNING_FILE")  # what availability and tuning read
+
+
 @_trace_constant
 def _auto_plan(op: str, device: str) -> tuple:
-    """The runnable candidates of ``op`` on ``device`` as ((name, max_m), ...)."""
-    dev = torch.device(device)
+    """The runnable candidates of ``op`` on ``device`` as ((name, max_m), ...).
+
+    Cached per process (availability and the GPU's tuning entry do not change), keyed by
+    the environment variables they read.
+    """
+    key = (op, device, *(os.environ.get(v) for v in _PLAN_ENV))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _runnable_candidates(op, torch.device(device))
+    return plan
+
+
+def _runnable_candidates(op: str, dev: torch.device) -> tuple:
     plan = []
     for name, max_m in _candidates(op, dev):
         module = backends.get(name)
@@ -110,13 +127,36 @@ def _qt(planes, codebook, bits, shape) -> QuantizedTensor:
     return QuantizedTensor(list(planes), codebook, bits, tuple(shape), gran)
 
 
+def _run_linear(x, qt: QuantizedTensor, bias, backend: str) -> torch.Tensor:
+    return backends.function(backend, "linear")(x, qt, bias)
+
+
+def _run_conv2d(x, qt: QuantizedTensor, bias, stride, padding, dilation, groups,
+                backend: str) -> torch.Tensor:
+    impl = backends.function(backend, "conv2d")
+    return impl(x, qt, bias, stride, padding, dilation, groups).contiguous()
+
+
+def _plain_eager_call(x: torch.Tensor) -> bool:
+    """Whether a call may run the backend directly instead of through its torch.library op.
+
+    The op costs ~5-10 µs of host dispatch per call (custom-op autograd and dynamo guards);
+    it is needed only when something other than plain eager execution sees the call:
+    torch.compile/export tracing, a dispatch mode (FakeTensorMode, FlopCounterMode), a
+    tensor subclass, a functorch transform, or an autograd graph (the op has no backward
+    and says so). Results are the same either way (tests/test_ops.py).
+    """
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and _current_dispatch_mode() is None and _functorch_transform() is None
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
 # ----------------------------------------------------------------------------- ops
 @torch.library.custom_op("otq::codebook_linear", mutates_args=())
 def _codebook_linear_op(x: torch.Tensor, planes: list[torch.Tensor], codebook: torch.Tensor,
                         bits: int, n: int, k: int, bias: Optional[torch.Tensor],
                         backend: str) -> torch.Tensor:
-    qt = _qt(planes, codebook, bits, (n, k))
-    return backends.function(backend, "linear")(x, qt, bias)
+    return _run_linear(x, _qt(planes, codebook, bits, (n, k)), bias, backend)
 
 
 @_codebook_linear_op.register_fake
@@ -130,8 +170,7 @@ def _codebook_conv2d_op(x: torch.Tensor, planes: list[torch.Tensor], codebook: t
                         stride: list[int], padding: list[int], dilation: list[int],
                         groups: int, backend: str) -> torch.Tensor:
     qt = _qt(planes, codebook, bits, weight_shape)
-    impl = backends.function(backend, "conv2d")
-    return impl(x, qt, bias, stride, padding, dilation, groups).contiguous()
+    return _run_conv2d(x, qt, bias, stride, padding, dilation, groups, backend)
 
 
 @_codebook_conv2d_op.register_fake
@@ -222,8 +261,11 @@ def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     if x2.shape[0] == 0:
         return x.new_empty(*lead, qt.n)
     name = resolve_backend(backend, "linear", x.device, x2.shape[0])
-    y = torch.ops.otq.codebook_linear(x2, qt.planes, qt.codebook, qt.bits, qt.n, qt.k,
-                                      bias, name)
+    if _plain_eager_call(x2):
+        y = _run_linear(x2, qt, bias, name)
+    else:
+        y = torch.ops.otq.codebook_linear(x2, qt.planes, qt.codebook, qt.bits, qt.n, qt.k,
+                                          bias, name)
     return y.reshape(*lead, qt.n)
 
 
@@ -250,6 +292,8 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     name = resolve_backend(backend, "conv2d", x.device, m)
     if not x.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous()  # NCHW or channels_last are both taken as they are
+    if _plain_eager_call(x):
+        return _run_conv2d(x, qt, bias, stride, padding, dilation, groups, name)
     return torch.ops.otq.codebook_conv2d(x, qt.planes, qt.codebook, qt.bits,
                                          list(qt.shape), bias, stride, padding, dilation,
                                          groups, name)

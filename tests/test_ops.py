@@ -104,6 +104,51 @@ def test_torch_compile_fullgraph():
             torch.testing.assert_close(compiled(x, img), f(x, img))
 
 
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that reach the dispatcher (a mode forces the torch.library op path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("shape, granularity", [((9, 13), "channel"), ((1, 13), "channel"),
+                                                ((9, 13), "tensor")])
+def test_plain_eager_call_skips_the_op_with_the_same_result(backend, shape, granularity):
+    """Plain eager calls run the backend directly; a dispatch mode sees the op, same numbers."""
+    if backend == "cpu" and otq.backends.get("cpu").unavailable(torch.device("cpu")):
+        pytest.skip("native CPU extension not built")
+    qt, bias, x = _qt(shape, 3, granularity), torch.randn(shape[0]), torch.randn(4, 13)
+    cq, img = _qt((4, 2, 3, 3), 3, granularity), torch.randn(1, 2, 6, 5)
+    direct = (ops.codebook_linear(x, qt, bias, backend),
+              ops.codebook_conv2d(img, cq, None, 1, 1))
+    with _OpRecorder() as seen:
+        via_op = (ops.codebook_linear(x, qt, bias, backend),
+                  ops.codebook_conv2d(img, cq, None, 1, 1))
+    assert {"otq.codebook_linear.default", "otq.codebook_conv2d.default"} <= set(seen.ops)
+    for a, b in zip(direct, via_op, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_plain_eager_call_conditions():
+    x = torch.randn(2, 13)
+    assert ops._plain_eager_call(x)
+    grad = x.clone().requires_grad_()
+    assert not ops._plain_eager_call(grad)  # the op says it has no backward
+    with torch.no_grad():
+        assert ops._plain_eager_call(grad)
+    with _OpRecorder():
+        assert not ops._plain_eager_call(x)
+    assert torch.vmap(lambda t: torch.tensor(ops._plain_eager_call(t)))(x).sum() == 0
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        ops.codebook_linear(grad, _qt(), backend="reference").sum().backward()
+
+
 def test_trace_constant_marks_like_torch():
     def f():
         return 0
