@@ -128,7 +128,7 @@ void cuda_lut_linear(uintptr_t x, int dtype, int64_t m, int64_t k, const Ptrs& p
   auto dev = device_planes(planes);
   const auto launcher = tensor_cores ? otq::cuda::lut_linear_mma : otq::cuda::lut_linear;
   check_cuda(launcher(as<const void>(x), dtype, m, k, dev.data(), bits, as<const float>(codebook),
-                      per_channel, n, as<const float>(bias), as<void>(y), split_k,
+                      per_channel, n, as<const void>(bias), as<void>(y), split_k,
                       as<float>(workspace), as<void>(stream)));
 }
 

@@ -78,12 +78,12 @@ struct GroupWords {
 // y[i] = sum over splits of partial[s, i] + bias[i % n]; partial is [splits, m, n].
 template <typename T>
 __global__ void splitk_fixup_kernel(const float* __restrict__ partial, int splits, int64_t mn,
-                                    int64_t n, const float* __restrict__ bias, T* __restrict__ y) {
+                                    int64_t n, const T* __restrict__ bias, T* __restrict__ y) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < mn;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float s = 0.f;
     for (int sp = 0; sp < splits; ++sp) s += partial[sp * mn + i];
-    y[i] = from_float<T>(s + (bias != nullptr ? bias[i % n] : 0.f));
+    y[i] = from_float<T>(s + (bias != nullptr ? to_float(bias[i % n]) : 0.f));
   }
 }
 
@@ -102,7 +102,7 @@ struct SplitK {
 
   // y [m, n] = the sum of the splits' fp32 partials [splits, m, n] + bias (when splits > 1).
   template <typename T>
-  void fix_up(const float* partial, int m, int64_t n, const float* bias, T* y,
+  void fix_up(const float* partial, int m, int64_t n, const T* bias, T* y,
               cudaStream_t stream) const {
     if (splits < 2) return;
     OTQ_LAUNCH(blocks_for(m * n, 256), 256, 0, stream, splitk_fixup_kernel<T>)(
@@ -118,7 +118,7 @@ struct GemvArgs {
   const float* codebook;
   bool per_channel;
   int64_t n;
-  const float* bias;
+  const void* bias;  // x's dtype, like y
   void* y;
   int split_k;
   float* workspace;
@@ -126,6 +126,8 @@ struct GemvArgs {
 
   template <typename T>
   const T* x_as() const { return static_cast<const T*>(x); }
+  template <typename T>
+  const T* bias_as() const { return static_cast<const T*>(bias); }
   template <typename T>
   T* y_as() const { return static_cast<T*>(y); }
 };
@@ -147,7 +149,7 @@ int run_bits(int bits, const GemvArgs& args) {
 template <typename Kernels, int MAX_BITS, bool FLOAT32>
 int dispatch_gemv(const void* x, int dtype, int64_t m, int64_t k,
                   const uint32_t* const* planes, int bits, const float* codebook,
-                  bool per_channel, int64_t n, const float* bias, void* y, int split_k,
+                  bool per_channel, int64_t n, const void* bias, void* y, int split_k,
                   float* workspace, void* stream) {
   if (bits < kMinBits || bits > MAX_BITS || m <= 0 || k <= 0 || n <= 0 || split_k < 1)
     return static_cast<int>(cudaErrorInvalidValue);

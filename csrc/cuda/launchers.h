@@ -14,11 +14,11 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Rows of activations one kernel launch handles; larger M runs in chunks.
 constexpr int kGemvMaxM = 8;
 
-// y[m, n] (dtype) = x[m, k] (dtype) @ W^T + bias (float32 [n] or null), W from the
+// y[m, n] (dtype) = x[m, k] (dtype) @ W^T + bias (dtype [n] or null), W from the
 // planes and the float32 codebook [per_channel ? n : 1, 2**bits]. With split_k > 1,
 // workspace must hold split_k * min(m, kGemvMaxM) * n floats.
 int lut_linear(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* const* planes,
-               int bits, const float* codebook, bool per_channel, int64_t n, const float* bias,
+               int bits, const float* codebook, bool per_channel, int64_t n, const void* bias,
                void* y, int split_k, float* workspace, void* stream);
 
 // Rows of activations one tensor-core launch handles (two mma n-tiles).
@@ -29,7 +29,7 @@ constexpr int kMmaMaxM = 16;
 // split_k * min(m, kMmaMaxM) * n floats.
 int lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* const* planes,
                    int bits, const float* codebook, bool per_channel, int64_t n,
-                   const float* bias, void* y, int split_k, float* workspace, void* stream);
+                   const void* bias, void* y, int split_k, float* workspace, void* stream);
 
 // Bytes of workspace fit_rows needs for r rows of n values.
 size_t fit_rows_workspace_bytes(int64_t r, int64_t n, int bits);

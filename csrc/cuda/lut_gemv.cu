@@ -78,7 +78,7 @@ template <typename T, int BITS>
 __global__ void __launch_bounds__(kThreads)
     lut_gemv_kernel(const T* __restrict__ x, int m, int64_t k, bool vec_x, PlaneArgs planes,
                     const float* __restrict__ codebook, bool per_channel, int64_t n,
-                    const float* __restrict__ bias, T* __restrict__ y,
+                    const T* __restrict__ bias, T* __restrict__ y,
                     float* __restrict__ partial, int64_t groups_per_split) {
   constexpr int kLevels = 1 << BITS;
   float* lut = dynamic_shared<float>();
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
       if (partial != nullptr)
         partial[(static_cast<int64_t>(blockIdx.y) * m + mm) * n + row] = s;
       else
-        y[mm * n + row] = from_float<T>(s + (bias != nullptr ? bias[row] : 0.f));
+        y[mm * n + row] = from_float<T>(s + (bias != nullptr ? to_float(bias[row]) : 0.f));
     }
   }
 }
@@ -158,9 +158,9 @@ struct GemvKernels {
       const int mc = static_cast<int>(a.m - m0 < kGemvMaxM ? a.m - m0 : kGemvMaxM);
       float* partial = split.splits > 1 ? a.workspace : nullptr;
       OTQ_LAUNCH(grid, kThreads, smem, a.stream, lut_gemv_kernel<T, BITS>)(
-          x + m0 * a.k, mc, a.k, vec_x, a.planes, a.codebook, a.per_channel, a.n, a.bias,
-          y + m0 * a.n, partial, split.groups_per_split);
-      split.fix_up(a.workspace, mc, a.n, a.bias, y + m0 * a.n, a.stream);
+          x + m0 * a.k, mc, a.k, vec_x, a.planes, a.codebook, a.per_channel, a.n,
+          a.bias_as<T>(), y + m0 * a.n, partial, split.groups_per_split);
+      split.fix_up(a.workspace, mc, a.n, a.bias_as<T>(), y + m0 * a.n, a.stream);
     }
     return static_cast<int>(cudaGetLastError());
   }
@@ -169,7 +169,7 @@ struct GemvKernels {
 }  // namespace
 
 int lut_linear(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* const* planes,
-               int bits, const float* codebook, bool per_channel, int64_t n, const float* bias,
+               int bits, const float* codebook, bool per_channel, int64_t n, const void* bias,
                void* y, int split_k, float* workspace, void* stream) {
   return dispatch_gemv<GemvKernels, kMaxBits, true>(x, dtype, m, k, planes, bits, codebook,
                                                      per_channel, n, bias, y, split_k,

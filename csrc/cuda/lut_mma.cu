@@ -157,7 +157,7 @@ template <typename T, int BITS, bool PER_CHANNEL, int NT>
 __global__ void __launch_bounds__(kThreads)
     lut_mma_kernel(const T* __restrict__ x, int m, int64_t k, bool vec_x, PlaneArgs planes,
                    const float* __restrict__ codebook, int64_t n,
-                   const float* __restrict__ bias, T* __restrict__ y,
+                   const T* __restrict__ bias, T* __restrict__ y,
                    float* __restrict__ partial, int64_t groups_per_split) {
   uint32_t* table = dynamic_shared<uint32_t>();
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kThreads)
     if (partial != nullptr)
       partial[(static_cast<int64_t>(blockIdx.y) * m + batch) * n + row] = s;
     else
-      y[batch * n + row] = from_float<T>(s + (bias != nullptr ? bias[row] : 0.f));
+      y[batch * n + row] = from_float<T>(s + (bias != nullptr ? to_float(bias[row]) : 0.f));
   }
 }
 
@@ -224,9 +224,9 @@ struct MmaKernels {
       const cudaError_t err = allow_dynamic_smem(kernel, smem);
       if (err != cudaSuccess) return static_cast<int>(err);
       OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(
-          x + m0 * a.k, mc, a.k, vec_x, a.planes, a.codebook, a.n, a.bias, y + m0 * a.n,
-          partial, split.groups_per_split);
-      split.fix_up(a.workspace, mc, a.n, a.bias, y + m0 * a.n, a.stream);
+          x + m0 * a.k, mc, a.k, vec_x, a.planes, a.codebook, a.n, a.bias_as<T>(),
+          y + m0 * a.n, partial, split.groups_per_split);
+      split.fix_up(a.workspace, mc, a.n, a.bias_as<T>(), y + m0 * a.n, a.stream);
     }
     return static_cast<int>(cudaGetLastError());
   }
@@ -236,7 +236,7 @@ struct MmaKernels {
 
 int lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k, const uint32_t* const* planes,
                    int bits, const float* codebook, bool per_channel, int64_t n,
-                   const float* bias, void* y, int split_k, float* workspace, void* stream) {
+                   const void* bias, void* y, int split_k, float* workspace, void* stream) {
   return dispatch_gemv<MmaKernels, kMaxMmaBits, false>(x, dtype, m, k, planes, bits, codebook,
                                                         per_channel, n, bias, y, split_k,
                                                         workspace, stream);

@@ -105,7 +105,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         _require_cuda(bias, "bias", dev)
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
-        b = bias.to(torch.float32).contiguous()
+        b = bias.to(x.dtype).contiguous()  # the kernels read it as x's type, like reference
     with torch.cuda.device(dev):
         if split_k is None:
             split_k = split_k_for(n, k, torch.cuda.get_device_properties(dev).multi_processor_count)

@@ -98,7 +98,7 @@ class Emulated:
         planes = [p.contiguous() for p in qt.planes]
         book = qt.codebook.to(torch.float32).contiguous()
         per_channel = book.shape[0] == n and n > 1
-        b = None if bias is None else bias.to(torch.float32).contiguous()
+        b = None if bias is None else bias.to(x.dtype).contiguous()  # as cuda.linear
         y = torch.full((m, n), float("nan"), dtype=x.dtype)
         rows = min(m, MMA_MAX_M if tensor_cores else GEMV_MAX_M)
         ws = torch.full((split_k * rows * n,), float("nan")) if split_k > 1 else None

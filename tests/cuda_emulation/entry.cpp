@@ -9,7 +9,7 @@ extern "C" {
 
 int otq_emu_lut_linear(const void* x, int dtype, int64_t m, int64_t k,
                        const uint32_t* const* planes, int bits, const float* codebook,
-                       bool per_channel, int64_t n, const float* bias, void* y, int split_k,
+                       bool per_channel, int64_t n, const void* bias, void* y, int split_k,
                        float* workspace) {
   return otq::cuda::lut_linear(x, dtype, m, k, planes, bits, codebook, per_channel, n, bias, y,
                                split_k, workspace, nullptr);
@@ -17,7 +17,7 @@ int otq_emu_lut_linear(const void* x, int dtype, int64_t m, int64_t k,
 
 int otq_emu_lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k,
                            const uint32_t* const* planes, int bits, const float* codebook,
-                           bool per_channel, int64_t n, const float* bias, void* y, int split_k,
+                           bool per_channel, int64_t n, const void* bias, void* y, int split_k,
                            float* workspace) {
   return otq::cuda::lut_linear_mma(x, dtype, m, k, planes, bits, codebook, per_channel, n, bias,
                                    y, split_k, workspace, nullptr);
