@@ -7,7 +7,9 @@ input resolution, stride, padding) at batch 1 / 8 / 64. Paths:
   layout): the ratio's numerator; ``fp16`` / ``cudnn_nhwc``: the same with channels-last
   tensors (``ratio_best`` uses the faster of the two);
 - ``dequant``: transient dense weight, then cuDNN (the dequantized baseline);
-- ``triton``: the implicit-GEMM conv (weights never expanded in memory);
+- ``triton``: the implicit-GEMM conv (weights never expanded in memory); at 4-bit per
+  channel also kernel ``implicit_gemm_nosplit`` (channel blocks not split: the effect of
+  the split-K heuristic, measured in the same run);
 - on CPU also ``reference`` and ``cpu`` where implemented.
 
 Rows carry M = batch·OH·OW (the GEMM M), N = C_out, K = C_in/groups·KH·KW, the effective
@@ -27,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_BATCHES = [1, 8, 64]
+NOSPLIT = "implicit_gemm_nosplit"
+NOSPLIT_VARIANT = (4, "channel")  # the only bits/granularity timed without the split
 
 
 def conv_layers(args) -> tuple[list[dict], str]:
@@ -66,7 +70,15 @@ def candidates(run: common.Run, backends: list[str]) -> list[tuple[str, str, obj
         fn = (lambda x, qt, s, p, name=name:
               ops.codebook_conv2d(x, qt, None, s, p, 1, 1, backend=name))
         out.append((name, kernel, reason or fn))
+        if name == "triton" and not reason:
+            out.append((name, NOSPLIT, _triton_without_split))
     return out
+
+
+def _triton_without_split(x, qt, stride, padding):
+    from otq_kernels.backends.triton.conv import conv2d_triton
+
+    return conv2d_triton(x, qt, None, stride, padding, split_k=1)
 
 
 def time_dense(run, layer_key, x, dense, stride, padding, fields, conv_bytes, cache):
@@ -113,6 +125,8 @@ def bench_layer(run, layer, batch, bits, gran, paths, dtype, cache) -> None:
     qfields = {**fields, "bits": bits, "granularity": gran,
                "bound_ratio": common.bound_ratio(qt), "bits_per_weight": qt.bits_per_weight}
     for backend, kernel, fn in paths:
+        if kernel == NOSPLIT and (bits, gran) != NOSPLIT_VARIANT:
+            continue
         row = {**qfields, "backend": backend, "kernel": kernel}
         if isinstance(fn, str):
             run.add(common.skipped_row(fn, **row))
@@ -150,7 +164,8 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
     """
     times: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        if r.get("p50_us") and r.get("backend") in ("dequant", "triton"):
+        if r.get("p50_us") and r.get("backend") in ("dequant", "triton") \
+                and r.get("kernel") != NOSPLIT:
             key = (r["M"], r["shape"], r["bits"], r["granularity"])
             times.setdefault(key, {})[r["backend"]] = r["p50_us"]
     per_m: dict[int, list[float]] = {}

@@ -106,8 +106,7 @@ def linear_jobs():
     for dt in ("fp16", "bf16", "fp32"):
         for w0, w1, w2 in widths_list():
             for pc in (True, False):
-                types = {"x_ptr": DT[dt], "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
-                         "codebook_ptr": "*fp32", "bias_ptr": DT[dt], "y_ptr": DT[dt]}
+                types = types_for(dt)
                 flags = dict(W0=w0, W1=w1, W2=w2, PER_CHANNEL=pc, HAS_BIAS=True,
                              WRITE_PARTIAL=False)
                 if dt == "fp16" and pc:
@@ -132,11 +131,16 @@ def linear_jobs():
     return jobs
 
 
+def types_for(dt: str) -> dict:
+    """Pointer types of the linear and conv kernels with activations of dtype ``dt``."""
+    return {"x_ptr": DT[dt], "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
+            "codebook_ptr": "*fp32", "bias_ptr": DT[dt], "y_ptr": DT[dt]}
+
+
 def conv_jobs():
     jobs = []
     for dt in ("fp16", "bf16", "fp32"):
-        types = {"x_ptr": DT[dt], "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
-                 "codebook_ptr": "*fp32", "bias_ptr": DT[dt], "y_ptr": DT[dt]}
+        types = types_for(dt)
         cfgs = conv._conv_configs() if dt == "fp16" else conv._conv_configs()[:1]
         for widths in ((4, 2, 1), (8, 0, 0)) if dt == "fp16" else ((4, 2, 1),):
             for c in cfgs:
@@ -147,6 +151,11 @@ def conv_jobs():
                     name = f"conv {dt} W{''.join(map(str, widths))} k{kh} {c.kwargs} w{c.num_warps}"
                     jobs.append((name, conv._conv2d_kernel, types, {**flags, **c.kwargs},
                                  c.num_warps, c.num_stages, dt != "fp32"))
+    c = conv._conv_configs()[0]  # split channel blocks: float32 partials, no bias
+    jobs.append(("conv fp16 W421 k3 partials", conv._conv2d_kernel,
+                 {**types_for("fp16"), "y_ptr": "*fp32"},
+                 dict(W0=4, W1=2, W2=1, PER_CHANNEL=True, HAS_BIAS=False, DOT_PRECISION="tf32",
+                      KH=3, KW=3, **c.kwargs), c.num_warps, c.num_stages, True))
     return jobs
 
 

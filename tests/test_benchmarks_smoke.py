@@ -104,6 +104,21 @@ def test_tensor_core_choice_from_rows():
     assert linear.derive_crossovers(slower)[0]["cuda_tensor_cores"] is False
 
 
+def test_conv_split_comparison_row_and_crossover():
+    """The no-split conv row is timed next to the auto one and never sets the crossover."""
+    conv = _load("bench_conv")
+    common = _load("common")
+    run = common.Run.__new__(common.Run)
+    run.device = torch.device("cpu")  # the interpreter (conftest) makes triton runnable
+    kernels = [(b, k) for b, k, _ in conv.candidates(run, ["triton"])]
+    assert kernels == [("triton", "implicit_gemm"), ("triton", conv.NOSPLIT)]
+    base = {"M": 49, "shape": "s", "bits": 4, "granularity": "channel"}
+    rows = [{**base, "backend": "dequant", "kernel": "cudnn", "p50_us": 10.0},
+            {**base, "backend": "triton", "kernel": "implicit_gemm", "p50_us": 20.0},
+            {**base, "backend": "triton", "kernel": conv.NOSPLIT, "p50_us": 5.0}]
+    assert conv.derive_crossover(rows)[0] == {"triton_max_m": 0}
+
+
 def test_tensor_core_kernel_is_timed_only_where_it_runs():
     linear = _load("bench_linear")
     names, applies = linear.LIMITED["lut_mma"]

@@ -66,6 +66,32 @@ def test_more_channels_than_one_block(device):
     check_conv((1, 40, 5, 7), 38, 3, 4, "channel", torch.float32, device, padding=1, groups=2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split_k,groups,bits", [(2, 1, 4), (3, 1, 3), (5, 1, 2), (2, 2, 8)])
+def test_split_channel_blocks(split_k, groups, bits, dtype, device):
+    """Forced splits: uneven, past the last channel block (empty splits write zeros),
+    grouped; float32 partials summed with the bias by the reduce kernel."""
+    check_conv((2, 40 * groups, 5, 6), 6 * groups, 3, bits, "channel", dtype, device,
+               padding=1, groups=groups, kernel="implicit", split_k=split_k)
+
+
+def test_split_heuristic_fills_the_gpu(monkeypatch):
+    from otq_kernels.backends.triton import conv
+
+    monkeypatch.setattr(conv, "_sm_count", lambda device: 132)
+    gpu = torch.device("cuda", 0)
+    assert conv.choose_conv_split(49, 256, 256, 1, gpu) == 16  # 8 tiles; C / 16 caps it
+    assert conv.choose_conv_split(196, 256, 256, 1, gpu) == 10  # 28 tiles -> 280 programs
+    assert conv.choose_conv_split(64 * 49, 256, 256, 1, gpu) == 1  # batch 64 fills the GPU
+    assert conv.choose_conv_split(49, 256, 8, 1, gpu) == 1  # less than one channel block
+
+
+def test_split_k_must_be_positive(device):
+    qt = make_qt((6, 4, 3, 3), 2, "tensor", device)
+    with pytest.raises(ValueError, match="split_k"):
+        conv2d_triton(randn((1, 4, 5, 5), device, torch.float32), qt, split_k=-1)
+
+
 def test_channels_last_input(device):
     check_conv((2, 4, 5, 7), 6, 3, 3, "tensor", torch.float32, device, padding=1,
                channels_last=True)

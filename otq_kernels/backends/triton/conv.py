@@ -9,6 +9,11 @@ strided walk of the canonical order, so the decoder gathers words; the words of 
 channel block stay in L1 across its taps) and accumulates with ``tl.dot`` in float32.
 The output tile is written straight into an NCHW tensor (coalesced along output pixels).
 
+Small M (batch 1 at low resolution) leaves most SMs idle with long K loops (7x7 with
+256 -> 256 channels: 8 tiles of 32x64, 144 steps each), so program axis 2 splits the
+channel blocks (:func:`choose_conv_split`, about two waves of programs); float32 partials
+[split, B, N, OH, OW] are summed, with the bias, by ``matmul._splitk_reduce_kernel``.
+
 1x1 / stride 1 / no padding / groups 1 convs go to :func:`linear_triton` (GEMV and
 split-K kernels for small M) on the NHWC view of x, unless ``kernel="implicit"``.
 """
@@ -22,10 +27,12 @@ import triton
 import triton.language as tl
 
 from .decode import _decode_gather, _grouped_tile, codebook_args, plane_args
-from .matmul import _dot_precision, linear_triton
+from .matmul import _dot_precision, _k_range, _reduce_splits, _sm_count, linear_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KERNELS = ("implicit", "linear")
+MIN_BLOCK_C = 16  # the smallest BLOCK_C of _conv_configs: splits <= C / 16 channel blocks
+MAX_SPLIT = 32
 
 
 def _conv_configs() -> list[triton.Config]:
@@ -59,14 +66,16 @@ def _conv2d_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
                    M, N, C, in_h, in_w, out_h, out_w, k_pad,
                    stride_xb, stride_xh, stride_xw,
                    stride_p0n, stride_p1n, stride_p2n, stride_cbn,
-                   stride_yb, stride_yc, stride_yh, stride_yw,
+                   stride_ys, stride_yb, stride_yc, stride_yh, stride_yw,
                    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
                    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                    PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                    GROUP_M: tl.constexpr):
-    """Grid (M tiles * N tiles, groups). x NHWC (channel stride 1); N, C are per group."""
+    """Grid (M tiles * N tiles, groups, splits). x NHWC (channel stride 1); N, C are per
+    group. Axis 2 splits the channel blocks; with more than one split y is the float32
+    workspace [splits, B, N, OH, OW] (split stride ``stride_ys``) and HAS_BIAS is False."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     group = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -80,7 +89,8 @@ def _conv2d_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
     iw0 = (pix % out_w) * conv_stride_w - pad_w
     x_base = x_ptr + batch * stride_xb + group * C
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    c_lo, c_hi = _k_range(C, BLOCK_C, 2)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_mask = offs_c < C
         w_mask = c_mask[:, None] & n_mask[None, :]
@@ -100,7 +110,8 @@ def _conv2d_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y_row = batch * stride_yb + (pix // out_w) * stride_yh + (pix % out_w) * stride_yw
-    y_ptrs = y_ptr + y_row[:, None] + rows[None, :] * stride_yc
+    y_ptrs = y_ptr + tl.program_id(2).to(tl.int64) * stride_ys + y_row[:, None] \
+        + rows[None, :] * stride_yc
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -113,12 +124,23 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def choose_conv_split(m: int, n_g: int, c_g: int, groups: int, device: torch.device) -> int:
+    """Channel-block splits so that about two waves of programs run (1 when the tiles fill
+    the GPU): a batch-1 UNet conv at 7x7 (M = 49, N = 256) has only 8 tiles of 32x64."""
+    tiles = triton.cdiv(m, 32) * triton.cdiv(n_g, 64) * groups
+    wanted = triton.cdiv(2 * _sm_count(device), tiles)
+    return int(max(1, min(wanted, c_g // MIN_BLOCK_C, MAX_SPLIT)))
+
+
 def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=1, padding=0,
-                  dilation=1, groups: int = 1, kernel: str | None = None) -> torch.Tensor:
+                  dilation=1, groups: int = 1, kernel: str | None = None,
+                  split_k: int | None = None) -> torch.Tensor:
     """x [B, C, H, W] (any memory format) -> y [B, N, OH, OW] (contiguous NCHW, x.dtype).
 
     qt: codebook weight [N, C / groups, KH, KW]. kernel: "implicit" or "linear" to force
     a path ("linear" only for 1x1 / stride 1 / no padding / groups 1); None picks.
+    split_k: splits of the implicit GEMM's channel blocks (float32 partials summed by a
+    second kernel); None = :func:`choose_conv_split`.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n_out, c_g, kh, kw = qt.shape
@@ -140,7 +162,16 @@ def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=
     y = torch.empty(b, n_out, oh, ow, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    _launch(x_nhwc, qt, bias, y, stride, padding, dilation, groups)
+    split = split_k or choose_conv_split(b * oh * ow, n_out // groups, c_g, groups, x.device)
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+    bias = bias.contiguous() if bias is not None else None
+    if split == 1:
+        _launch(x_nhwc, qt, bias, y, 1, stride, padding, dilation, groups)
+        return y
+    partials = torch.empty(split, *y.shape, dtype=torch.float32, device=x.device)
+    _launch(x_nhwc, qt, None, partials, split, stride, padding, dilation, groups)
+    _reduce_splits(partials, bias, y)
     return y
 
 
@@ -152,20 +183,22 @@ def _as_matrix(qt):
                            qt.method)
 
 
-def _launch(x_nhwc, qt, bias, y, stride, padding, dilation, groups) -> None:
-    """Run the implicit-GEMM kernel: x NHWC [B, H, W, C] -> y [B, N, OH, OW] (any strides)."""
+def _launch(x_nhwc, qt, bias, out, split, stride, padding, dilation, groups) -> None:
+    """Run the implicit-GEMM kernel: x NHWC [B, H, W, C] -> out = y [B, N, OH, OW] (any
+    strides) when split == 1, else float32 partials [split, B, N, OH, OW] (bias None)."""
     n_out, c_g, kh, kw = qt.shape
     b, h, w, _ = x_nhwc.shape
-    oh, ow = y.shape[2:]
+    oh, ow = out.shape[-2:]
     m, n_g = b * oh * ow, n_out // groups
     planes, strides, widths = plane_args(qt)
     book, stride_cbn, per_channel = codebook_args(qt)
-    bias = bias.contiguous() if bias is not None else None
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_g, meta["BLOCK_N"]), groups)
+    y_strides = out.stride() if split > 1 else (0, *out.stride())
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_g, meta["BLOCK_N"]),
+                         groups, split)
     _conv2d_kernel[grid](
-        x_nhwc, *planes, book, bias if bias is not None else y, y,
+        x_nhwc, *planes, book, bias if bias is not None else out, out,
         m, n_g, c_g, h, w, oh, ow, -(-qt.k // 32) * 32,
         x_nhwc.stride(0), x_nhwc.stride(1), x_nhwc.stride(2),
-        *strides, stride_cbn, *y.stride(), *stride, *padding, *dilation,
+        *strides, stride_cbn, *y_strides, *stride, *padding, *dilation,
         **widths, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
         DOT_PRECISION=_dot_precision(x_nhwc.dtype), KH=kh, KW=kw)

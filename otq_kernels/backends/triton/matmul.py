@@ -108,10 +108,11 @@ def _prune_dot(configs, named_args, **kwargs):
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _k_range(K, BLOCK_K: tl.constexpr):
-    """[k_lo, k_hi) of this program's K slice (program axis 1 splits K)."""
-    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
-    k_lo = tl.program_id(1) * per_split
+def _k_range(K, BLOCK_K: tl.constexpr, AXIS: tl.constexpr):
+    """[k_lo, k_hi) of this program's slice of K in whole BLOCK_K steps (program axis
+    AXIS splits K; a split past the last block gets an empty range)."""
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(AXIS)) * BLOCK_K
+    k_lo = tl.program_id(AXIS) * per_split
     return k_lo, tl.minimum(k_lo + per_split, K)
 
 
@@ -164,7 +165,7 @@ def _linear_gemv_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
     # products accumulate elementwise; the one cross-lane reduction over WORDS0 is at the end
     acc = tl.zeros((BLOCK_M, BLOCK_N, WORDS0), dtype=tl.float32)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # M * K may pass 2**31
-    k_lo, k_hi = _k_range(K, BLOCK_K)
+    k_lo, k_hi = _k_range(K, BLOCK_K, 1)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         words0, words1, words2 = _tile_words(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n,
                                              stride_p2n, offs_n, n_mask, k0, k_pad,
@@ -198,7 +199,7 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
     n_mask = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # M * K may pass 2**31
-    k_lo, k_hi = _k_range(K, BLOCK_K)
+    k_lo, k_hi = _k_range(K, BLOCK_K, 1)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         words0, words1, words2 = _tile_words(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n,
                                              stride_p2n, offs_n, n_mask, k0, k_pad,
@@ -213,9 +214,13 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
 
 
 @triton.jit
-def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, numel, N, SPLIT_K: tl.constexpr,
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, numel, N, inner, SPLIT_K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """y [M, N] (contiguous) = sum over splits of ws [SPLIT_K, M, N] float32, + bias."""
+    """y (contiguous, numel) = sum over splits of ws [SPLIT_K, *y.shape] float32, + bias.
+
+    bias [N] runs along y's dimension of stride ``inner``: y [M, N] has inner = 1, an NCHW
+    conv output [B, N, OH, OW] inner = OH * OW.
+    """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64 like numel
     mask = offs < numel
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -224,7 +229,7 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, numel, N, SPLIT_K: tl.constex
         acc += tl.load(ws_ptrs, mask=mask, other=0.0)
         ws_ptrs += numel  # pointer steps, never an int32 s * numel
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(bias_ptr + offs // inner % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -320,9 +325,10 @@ def _launch(kernel: str, x, qt, bias, out, split: int) -> None:
 
 
 def _reduce_splits(partials: torch.Tensor, bias, y: torch.Tensor) -> None:
-    """y [M, N] = partials [S, M, N].sum(0) + bias, in y.dtype."""
+    """y = partials [S, *y.shape].sum(0) + bias along y's dimension 1, in y.dtype (y
+    contiguous: [M, N] for linear, [B, N, OH, OW] for conv)."""
     block = 64 if INTERPRET else 1024
     numel = y.numel()
     _splitk_reduce_kernel[(triton.cdiv(numel, block),)](
-        partials, bias if bias is not None else y, y, numel, y.shape[1],
+        partials, bias if bias is not None else y, y, numel, y.shape[1], y.stride(1),
         SPLIT_K=partials.shape[0], HAS_BIAS=bias is not None, BLOCK=block)
