@@ -156,6 +156,10 @@ def conv_jobs():
                  {**types_for("fp16"), "y_ptr": "*fp32"},
                  dict(W0=4, W1=2, W2=1, PER_CHANNEL=True, HAS_BIAS=False, DOT_PRECISION="tf32",
                       KH=3, KW=3, **c.kwargs), c.num_warps, c.num_stages, True))
+    for c in conv._conv_configs():  # channels-last x: unit channel stride, vector loads
+        jobs.append((f"conv fp16 W421 k3 nhwc {c.kwargs}", conv._conv2d_kernel, types_for("fp16"),
+                     dict(W0=4, W1=2, W2=1, PER_CHANNEL=True, HAS_BIAS=True, DOT_PRECISION="tf32",
+                          KH=3, KW=3, stride_xc=1, **c.kwargs), c.num_warps, c.num_stages, True))
     return jobs
 
 

@@ -75,6 +75,34 @@ def test_split_channel_blocks(split_k, groups, bits, dtype, device):
                padding=1, groups=groups, kernel="implicit", split_k=split_k)
 
 
+@pytest.mark.parametrize("ksize,groups", [(3, 1), (3, 2), (1, 1)])
+def test_nchw_copied_to_channels_last_above_the_in_place_limit(ksize, groups, device,
+                                                                monkeypatch):
+    """Large M takes the channels-last copy (vector loads) instead of strided NCHW reads."""
+    from otq_kernels.backends.triton import conv
+
+    monkeypatch.setattr(conv, "NCHW_IN_PLACE_MAX_M", 0)
+    check_conv((2, 6, 5, 7), 4, ksize, 3, "channel", torch.float32, device, padding=ksize // 2,
+               groups=groups, kernel="implicit", split_k=2)
+
+
+def test_pointwise_routing():
+    from otq_kernels.backends.triton import conv
+
+    qt = make_qt((8, 16, 1, 1), 4, "channel", torch.device("cpu"))
+
+    def route(x):
+        return conv._choose_kernel(x, qt, x.shape[0] * x.shape[2] * x.shape[3], (1, 1), (0, 0), 1)
+
+    nchw = torch.empty(1, 16, 7, 7)
+    assert route(nchw) == "implicit"  # read in place: no transposing copies
+    assert route(nchw.to(memory_format=torch.channels_last)) == "linear"  # NHWC view is free
+    assert route(torch.empty(1, 16, 2, 2)) == "linear"  # M = 4: the GEMV
+    assert route(torch.empty(64, 16, 7, 7)) == "linear"  # M = 3136: GEMM tiles on a copy
+    assert conv._choose_kernel(nchw, make_qt((8, 16, 3, 3), 4, "channel", torch.device("cpu")),
+                               49, (1, 1), (1, 1), 1) == "implicit"
+
+
 def test_split_heuristic_fills_the_gpu(monkeypatch):
     from otq_kernels.backends.triton import conv
 

@@ -3,8 +3,9 @@
 GEMM view per group g: M = B * OH * OW output pixels, N = C_out / groups output channels,
 K = (C_in / groups) * KH * KW in torch's (c, kh, kw) order. The K loop walks channel
 blocks of BLOCK_C and, inside, the KH * KW filter taps: each step loads an activation tile
-[BLOCK_M, BLOCK_C] contiguous along channels from the NHWC input (zero outside the padded
-image), decodes the matching weight tile [BLOCK_C, BLOCK_N] (k = c * KH * KW + tap, a
+[BLOCK_M, BLOCK_C] (zero outside the padded image; contiguous along channels from a
+channels-last x, strided from an NCHW x, which is read in place up to
+NCHW_IN_PLACE_MAX_M rather than copied to NHWC), decodes the matching weight tile [BLOCK_C, BLOCK_N] (k = c * KH * KW + tap, a
 strided walk of the canonical order, so the decoder gathers words; the words of one
 channel block stay in L1 across its taps) and accumulates with ``tl.dot`` in float32.
 The output tile is written straight into an NCHW tensor (coalesced along output pixels).
@@ -14,8 +15,8 @@ Small M (batch 1 at low resolution) leaves most SMs idle with long K loops (7x7 
 channel blocks (:func:`choose_conv_split`, about two waves of programs); float32 partials
 [split, B, N, OH, OW] are summed, with the bias, by ``matmul._splitk_reduce_kernel``.
 
-1x1 / stride 1 / no padding / groups 1 convs go to :func:`linear_triton` (GEMV and
-split-K kernels for small M) on the NHWC view of x, unless ``kernel="implicit"``.
+1x1 / stride 1 / no padding / groups 1 convs go to :func:`linear_triton` on the NHWC
+view of x where that view is free or M is tiny or large (:func:`_choose_kernel`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import triton
 import triton.language as tl
 
 from .decode import _decode_gather, _grouped_tile, codebook_args, plane_args
-from .matmul import _dot_precision, _k_range, _reduce_splits, _sm_count, linear_triton
+from .matmul import GEMV_MAX_M, _dot_precision, _k_range, _reduce_splits, _sm_count, linear_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KERNELS = ("implicit", "linear")
+NCHW_IN_PLACE_MAX_M = 1024  # up to this M an NCHW x is read in place (strided loads, no copy)
 MIN_BLOCK_C = 16  # the smallest BLOCK_C of _conv_configs: splits <= C / 16 channel blocks
 MAX_SPLIT = 32
 
@@ -64,7 +66,7 @@ def _prune_conv(configs, named_args, **kwargs):
 @triton.jit
 def _conv2d_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
                    M, N, C, in_h, in_w, out_h, out_w, k_pad,
-                   stride_xb, stride_xh, stride_xw,
+                   stride_xb, stride_xh, stride_xw, stride_xc,
                    stride_p0n, stride_p1n, stride_p2n, stride_cbn,
                    stride_ys, stride_yb, stride_yc, stride_yh, stride_yw,
                    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -73,8 +75,8 @@ def _conv2d_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
                    DOT_PRECISION: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                    GROUP_M: tl.constexpr):
-    """Grid (M tiles * N tiles, groups, splits). x NHWC (channel stride 1); N, C are per
-    group. Axis 2 splits the channel blocks; with more than one split y is the float32
+    """Grid (M tiles * N tiles, groups, splits). x [B, H, W, C] by strides (channel stride
+    1 for NHWC: vector loads; H * W for NCHW read in place); N, C are per group. Axis 2 splits the channel blocks; with more than one split y is the float32
     workspace [splits, B, N, OH, OW] (split stride ``stride_ys``) and HAS_BIAS is False."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     group = tl.program_id(1)
@@ -87,7 +89,7 @@ def _conv2d_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
     pix = offs_m % (out_h * out_w)
     ih0 = (pix // out_w) * conv_stride_h - pad_h
     iw0 = (pix % out_w) * conv_stride_w - pad_w
-    x_base = x_ptr + batch * stride_xb + group * C
+    x_base = x_ptr + batch * stride_xb + group * C * stride_xc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     c_lo, c_hi = _k_range(C, BLOCK_C, 2)
     for c0 in range(c_lo, c_hi, BLOCK_C):
@@ -100,7 +102,8 @@ def _conv2d_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
             for kw in range(KW):
                 iw = iw0 + kw * dil_w
                 ok = h_ok & (iw >= 0) & (iw < in_w)
-                a_ptrs = x_base[:, None] + (ih * stride_xh + iw * stride_xw)[:, None] + offs_c[None, :]
+                a_ptrs = x_base[:, None] + (ih * stride_xh + iw * stride_xw)[:, None] \
+                    + offs_c[None, :] * stride_xc
                 a = tl.load(a_ptrs, mask=ok[:, None] & c_mask[None, :], other=0.0)
                 cols = offs_c * (KH * KW) + (kh * KW + kw)
                 w = _decode_gather(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
@@ -120,6 +123,28 @@ def _is_pointwise(qt, stride, padding, groups) -> bool:
         and tuple(padding) == (0, 0) and groups == 1
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _choose_kernel(x, qt, m, stride, padding, groups) -> str:
+    """1x1 convs go to the linear kernels where x's NHWC view is free (channels-last x),
+    where M is tiny (GEMV) or large (GEMM tiles); else the implicit kernel, which reads an
+    NCHW x in place instead of paying two transposing copies."""
+    if not _is_pointwise(qt, stride, padding, groups):
+        return "implicit"
+    small = GEMV_MAX_M < m <= NCHW_IN_PLACE_MAX_M
+    return "implicit" if small and not _channels_last(x) else "linear"
+
+
+def _activation_view(x: torch.Tensor, m: int) -> torch.Tensor:
+    """x [B, C, H, W] as [B, H, W, C] for the implicit kernel: a view when x is channels-last
+    or M is small (the kernel then reads NCHW in place), else a channels-last copy."""
+    if _channels_last(x) or m <= NCHW_IN_PLACE_MAX_M:
+        return x.permute(0, 2, 3, 1)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -135,7 +160,7 @@ def choose_conv_split(m: int, n_g: int, c_g: int, groups: int, device: torch.dev
 def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=1, padding=0,
                   dilation=1, groups: int = 1, kernel: str | None = None,
                   split_k: int | None = None) -> torch.Tensor:
-    """x [B, C, H, W] (any memory format) -> y [B, N, OH, OW] (contiguous NCHW, x.dtype).
+    """x [B, C, H, W] (any strides) -> y [B, N, OH, OW] (contiguous NCHW, x.dtype).
 
     qt: codebook weight [N, C / groups, KH, KW]. kernel: "implicit" or "linear" to force
     a path ("linear" only for 1x1 / stride 1 / no padding / groups 1); None picks.
@@ -150,19 +175,21 @@ def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=
                          f"{list(qt.shape)} with groups={groups}")
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    kernel = kernel or ("linear" if _is_pointwise(qt, stride, padding, groups) else "implicit")
+    m = b * oh * ow
+    kernel = kernel or _choose_kernel(x, qt, m, stride, padding, groups)
     if kernel not in KERNELS:
         raise ValueError(f"unknown conv kernel {kernel!r}; choose one of {KERNELS}")
-    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
     if kernel == "linear":
         if not _is_pointwise(qt, stride, padding, groups):
             raise ValueError("kernel='linear' needs a 1x1 conv with stride 1, padding 0, groups 1")
+        x_nhwc = x.permute(0, 2, 3, 1).contiguous()
         y = linear_triton(x_nhwc.view(b * h * w, c_in), _as_matrix(qt), bias)
         return y.view(b, h, w, n_out).permute(0, 3, 1, 2).contiguous()
     y = torch.empty(b, n_out, oh, ow, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    split = split_k or choose_conv_split(b * oh * ow, n_out // groups, c_g, groups, x.device)
+    x_nhwc = _activation_view(x, m)
+    split = split_k or choose_conv_split(m, n_out // groups, c_g, groups, x.device)
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     bias = bias.contiguous() if bias is not None else None
@@ -184,8 +211,8 @@ def _as_matrix(qt):
 
 
 def _launch(x_nhwc, qt, bias, out, split, stride, padding, dilation, groups) -> None:
-    """Run the implicit-GEMM kernel: x NHWC [B, H, W, C] -> out = y [B, N, OH, OW] (any
-    strides) when split == 1, else float32 partials [split, B, N, OH, OW] (bias None)."""
+    """Run the implicit-GEMM kernel: x [B, H, W, C] (any strides) -> out = y [B, N, OH, OW]
+    (any strides) when split == 1, else float32 partials [split, B, N, OH, OW] (bias None)."""
     n_out, c_g, kh, kw = qt.shape
     b, h, w, _ = x_nhwc.shape
     oh, ow = out.shape[-2:]
@@ -198,7 +225,7 @@ def _launch(x_nhwc, qt, bias, out, split, stride, padding, dilation, groups) -> 
     _conv2d_kernel[grid](
         x_nhwc, *planes, book, bias if bias is not None else out, out,
         m, n_g, c_g, h, w, oh, ow, -(-qt.k // 32) * 32,
-        x_nhwc.stride(0), x_nhwc.stride(1), x_nhwc.stride(2),
+        *x_nhwc.stride(),
         *strides, stride_cbn, *y_strides, *stride, *padding, *dilation,
         **widths, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
         DOT_PRECISION=_dot_precision(x_nhwc.dtype), KH=kh, KW=kw)
