@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import cdiv, next_power_of_2
 from .decode import _decode_gather, _grouped_tile, codebook_args, plane_args
 from .matmul import GEMV_MAX_M, _dot_precision, _k_range, _reduce_splits, _sm_count, linear_triton
 
@@ -54,7 +55,7 @@ def _prune_conv(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
 
     def fits(block, size):
-        return block <= max(16, triton.next_power_of_2(size))
+        return block <= max(16, next_power_of_2(size))
 
     kept = [c for c in configs if fits(c.kwargs["BLOCK_M"], args["M"])
             and fits(c.kwargs["BLOCK_N"], args["N"]) and fits(c.kwargs["BLOCK_C"], args["C"])]
@@ -152,8 +153,8 @@ def _pair(v) -> tuple[int, int]:
 def choose_conv_split(m: int, n_g: int, c_g: int, groups: int, device: torch.device) -> int:
     """Channel-block splits so that about two waves of programs run (1 when the tiles fill
     the GPU): a batch-1 UNet conv at 7x7 (M = 49, N = 256) has only 8 tiles of 32x64."""
-    tiles = triton.cdiv(m, 32) * triton.cdiv(n_g, 64) * groups
-    wanted = triton.cdiv(2 * _sm_count(device), tiles)
+    tiles = cdiv(m, 32) * cdiv(n_g, 64) * groups
+    wanted = cdiv(2 * _sm_count(device), tiles)
     return int(max(1, min(wanted, c_g // MIN_BLOCK_C, MAX_SPLIT)))
 
 
@@ -220,7 +221,7 @@ def _launch(x_nhwc, qt, bias, out, split, stride, padding, dilation, groups) -> 
     planes, strides, widths = plane_args(qt)
     book, stride_cbn, per_channel = codebook_args(qt)
     y_strides = out.stride() if split > 1 else (0, *out.stride())
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_g, meta["BLOCK_N"]),
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n_g, meta["BLOCK_N"]),
                          groups, split)
     _conv2d_kernel[grid](
         x_nhwc, *planes, book, bias if bias is not None else out, out,

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import cdiv
 from .decode import _decode_rows, codebook_args, plane_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -44,7 +45,7 @@ def dequantize_triton(qt, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     planes, strides, widths = plane_args(qt)
     book, stride_cbn, per_channel = codebook_args(qt)
     block_n, block_k = (16, 32) if INTERPRET else (32, 128)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    grid = (cdiv(n, block_n), cdiv(k, block_k))
     _dequantize_kernel[grid](*planes, book, out, n, k, -(-k // 32) * 32, *strides, stride_cbn,
                              out.stride(0), **widths, PER_CHANNEL=per_channel,
                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ...format import check_bits
 from ...quantizers import ASSIGNS, chunk_of_rank, nearest_codes
+from ._grid import cdiv, next_power_of_2
 from .packing import pack_triton
 
 # Longest row sorted in one program. 4096 (16 int64 keys a thread at 8 warps) is the safe
@@ -153,7 +154,7 @@ def _fit_rows_kernel(x_ptr, codes_ptr, cent_ptr, n_rows, n,
 
 # ----------------------------------------------------------------------------- launchers
 def _block(n: int) -> int:
-    return max(2, triton.next_power_of_2(n))
+    return max(2, next_power_of_2(n))
 
 
 def _key16(dtype: torch.dtype, block: int) -> bool:
@@ -188,10 +189,10 @@ def _launch(rows: torch.Tensor, bits: int, nearest: bool, row_tile: int):
     block = _block(n)
     # The pad-level store is a [BLOCK_R, 2**bits] tile: bound it too (short rows at 8 bits
     # would otherwise make [1024, 256] tiles that spill ~14 KB a thread on sm_90).
-    block_r = max(1, min(row_tile // max(block, 2**bits), triton.next_power_of_2(r)))
+    block_r = max(1, min(row_tile // max(block, 2**bits), next_power_of_2(r)))
     codes = torch.empty(r, n, dtype=torch.int64, device=rows.device)
     cents = torch.empty(r, 2**bits, dtype=torch.float32, device=rows.device)
-    grid = (triton.cdiv(r, block_r),)
+    grid = (cdiv(r, block_r),)
     _fit_rows_kernel[grid](rows, codes, cents, r, n, rows.stride(0), codes.stride(0),
                            cents.stride(0), BITS=bits, BLOCK=block, BLOCK_R=block_r,
                            NEAREST=nearest, KEY16=_key16(rows.dtype, block),

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._grid import cdiv, next_power_of_2
 from .decode import (
     _decode_field,
     _grouped_tile,
@@ -69,7 +70,7 @@ def _dot_configs(kind: str) -> list[triton.Config]:
 
 def _fits(limit: int, size: int) -> bool:
     """A block no larger than the (power-of-two rounded) problem size, minimum 16/32."""
-    return limit <= max(16, triton.next_power_of_2(size))
+    return limit <= max(16, next_power_of_2(size))
 
 
 def gemv_fits_registers(block_m: int, block_n: int, block_k: int, widths, num_warps: int) -> bool:
@@ -263,8 +264,8 @@ def choose_split_k(kernel: str, m: int, n: int, k: int, device: torch.device) ->
     """K splits so that about two waves of programs run; 1 for gemm or when N fills the GPU."""
     if kernel == "gemm":
         return 1
-    tiles = triton.cdiv(n, 64) * (triton.cdiv(m, GEMV_MAX_M) if kernel == "gemv" else triton.cdiv(m, 16))
-    wanted = triton.cdiv(2 * _sm_count(device), tiles)
+    tiles = cdiv(n, 64) * (cdiv(m, GEMV_MAX_M) if kernel == "gemv" else cdiv(m, 16))
+    wanted = cdiv(2 * _sm_count(device), tiles)
     return int(max(1, min(wanted, k // 512, 32)))
 
 
@@ -315,12 +316,12 @@ def _launch(kernel: str, x, qt, bias, out, split: int) -> None:
     flags = dict(**widths, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
                  WRITE_PARTIAL=split > 1)
     if kernel == "gemv":
-        block_m = min(triton.next_power_of_2(m), GEMV_MAX_M)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, triton.cdiv(m, block_m))
+        block_m = min(next_power_of_2(m), GEMV_MAX_M)
+        grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), split, cdiv(m, block_m))
         _gemv_tuned[grid](*args, **flags, BLOCK_M=block_m)
         return
     tuned = _splitk_tuned if kernel == "splitk" else _gemm_tuned
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)
     tuned[grid](*args, **flags, DOT_PRECISION=_dot_precision(x.dtype))
 
 
@@ -329,6 +330,6 @@ def _reduce_splits(partials: torch.Tensor, bias, y: torch.Tensor) -> None:
     contiguous: [M, N] for linear, [B, N, OH, OW] for conv)."""
     block = 64 if INTERPRET else 1024
     numel = y.numel()
-    _splitk_reduce_kernel[(triton.cdiv(numel, block),)](
+    _splitk_reduce_kernel[(cdiv(numel, block),)](
         partials, bias if bias is not None else y, y, numel, y.shape[1], y.stride(1),
         SPLIT_K=partials.shape[0], HAS_BIAS=bias is not None, BLOCK=block)

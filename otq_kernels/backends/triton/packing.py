@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ...format import WORD_BITS, check_bits, check_codes, padded_k, plane_widths
+from ._grid import cdiv
 
 BLOCK_K = 256
 MAX_PLANES = 3
@@ -84,7 +85,7 @@ def _plane_args(planes: list[torch.Tensor], bits: int):
 
 
 def _grid(n: int, k: int, block_k: int):
-    return (n, triton.cdiv(padded_k(k), block_k))
+    return (n, cdiv(padded_k(k), block_k))
 
 
 def pack_triton(codes: torch.Tensor, bits: int, block_k: int = BLOCK_K) -> list[torch.Tensor]:
