@@ -19,6 +19,7 @@ import traceback
 
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -43,7 +44,10 @@ def base_fn(f):
 
 
 def compile_one(name, kernel, types: dict, consts: dict, num_warps=4, num_stages=3,
-                no_spill=False):
+                no_spill=False, max_shared=None):
+    """Compile for sm_90. Pointers are 16-byte aligned; with ``max_shared`` (the big-shape
+    check) int arguments are taken as multiples of 16 as well, as Triton specializes them
+    at run time for the goal shapes (that is what lets it pipeline more loads)."""
     fn = base_fn(kernel)
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
@@ -52,7 +56,7 @@ def compile_one(name, kernel, types: dict, consts: dict, num_warps=4, num_stages
         else:
             t = types.get(a, "i32")
             sig[a] = t
-            if t.startswith("*"):
+            if t.startswith("*") or (max_shared is not None and a != "M"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     t0 = time.time()
     try:
@@ -74,11 +78,15 @@ def compile_one(name, kernel, types: dict, consts: dict, num_warps=4, num_stages
             if "REG" in line:
                 usage = " ".join(line.split())
     stack = int(usage.split("STACK:")[1].split()[0]) if "STACK:" in usage else 0
-    status = "FAIL" if no_spill and stack > MAX_STACK_BYTES else "ok  "
+    spills = no_spill and stack > MAX_STACK_BYTES
+    too_big = max_shared is not None and k.metadata.shared > max_shared
+    status = "FAIL" if spills or too_big else "ok  "
     if status == "FAIL":
         FAILED.append(name)
     print(f"{status} {name}: {dt:.1f}s shared={k.metadata.shared} {usage}"
-          + (" (spills in a shipped config)" if status == "FAIL" else ""), flush=True)
+          + (" (spills in a shipped config)" if spills else "")
+          + (f" (needs more than {max_shared} B of shared memory)" if too_big else ""),
+          flush=True)
 
 
 def widths_list():
@@ -86,6 +94,8 @@ def widths_list():
 
 
 DT = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+TORCH_DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SM90_MAX_SHARED = 232448  # bytes of shared memory one block may opt in to on sm_90
 
 
 def gemv_jobs(types: dict, flags: dict) -> list:
@@ -111,20 +121,26 @@ def linear_jobs():
                              WRITE_PARTIAL=False)
                 if dt == "fp16" and pc:
                     jobs += gemv_jobs(types, flags)
-                cfgs = matmul._dot_configs("splitk") + matmul._dot_configs("gemm")
+                splitk = matmul._dot_configs("splitk")
+                gemm = matmul._prune_dot(matmul._dot_configs("gemm"), {
+                    "M": 8192, "N": 8192, "K": 8192, "W0": w0, "X_FIELD_MAJOR": True,
+                    "x_ptr": torch.empty(0, dtype=TORCH_DT[dt])})
+                cfgs = [(c, False) for c in splitk] + [(c, True) for c in gemm]
                 if not (dt == "fp16" and pc):
                     cfgs = cfgs[:1] + cfgs[-1:]
-                for c in cfgs:
+                for c, field_major in cfgs:
                     prec = "ieee" if dt == "fp32" else "tf32"
                     name = f"dot {dt} W{w0}{w1}{w2} {pc=} {c.kwargs} w{c.num_warps}/{c.num_stages}"
                     jobs.append((name, matmul._linear_gemm_kernel, types,
-                                 {**flags, **c.kwargs, "DOT_PRECISION": prec},
-                                 c.num_warps, c.num_stages, dt != "fp32"))
+                                 {**flags, **c.kwargs, "DOT_PRECISION": prec,
+                                  "X_FIELD_MAJOR": field_major},
+                                 c.num_warps, c.num_stages, dt != "fp32", SM90_MAX_SHARED))
     jobs.append(("gemm fp32 tf32 partial", matmul._linear_gemm_kernel,
                  {"x_ptr": "*fp32", "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
                   "codebook_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": "*fp32"},
                  dict(W0=4, W1=0, W2=0, PER_CHANNEL=False, HAS_BIAS=False, WRITE_PARTIAL=True,
-                      DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, FIELD_K=16, GROUP_M=8), 4, 3))
+                      DOT_PRECISION="tf32", X_FIELD_MAJOR=False, BLOCK_M=16, BLOCK_N=64,
+                      FIELD_K=16, GROUP_M=8), 4, 3))
     jobs.append(("reduce", matmul._splitk_reduce_kernel,
                  {"ws_ptr": "*fp32", "bias_ptr": "*fp16", "y_ptr": "*fp16"},
                  dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=1024), 4, 3))

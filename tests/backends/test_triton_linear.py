@@ -70,7 +70,21 @@ def test_gemv_gpu_tiles(block_n, block_k, bits, monkeypatch, device):
                  kernel="gemv", split_k=1)
 
 
-@pytest.mark.parametrize("kernel", ["splitk", "gemm"])
+@pytest.mark.parametrize("w0", [8, 4, 2, 1])
+def test_field_major_puts_each_fields_columns_together(w0):
+    fields, k = 32 // w0, 300
+    x = torch.randn(3, k)
+    x_fm = matmul.field_major(x, w0)
+    tile = matmul.FIELD_K * fields
+    assert x_fm.shape == (3, -(-k // tile) * tile)
+    for col in range(x_fm.shape[1]):
+        t, j, w = col // tile, col % tile // matmul.FIELD_K, col % matmul.FIELD_K
+        src = t * tile + w * fields + j
+        want = x[:, src] if src < k else torch.zeros(3)
+        assert torch.equal(x_fm[:, col], want), (col, src)
+
+
+@pytest.mark.parametrize("kernel", ["splitk", "gemm", "gemm_strided"])
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_dot_several_k_tiles(bits, kernel, device):
     """Per-field tl.dot kernels over 3+ K tiles (2-bit tiles are 256 wide) and a K tail."""

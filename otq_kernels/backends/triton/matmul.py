@@ -5,7 +5,11 @@ Three kernels (``KERNELS``), chosen by M (:func:`choose_kernel`) unless forced:
 - ``gemv``   M <= 8: broadcast-multiply + ``tl.sum`` in float32; each program decodes a
   [BLOCK_N, BLOCK_K] weight tile once and applies it to up to 8 activation rows.
 - ``splitk`` 8 < M <= 64: ``tl.dot`` tiles with a small BLOCK_M.
-- ``gemm``   M > 64: ``tl.dot`` tiles, grouped program order, no split.
+- ``gemm``   M > 64: ``tl.dot`` tiles, grouped program order, no split; x is first
+  reordered field-major per K tile (:func:`field_major`, one copy of x) so that every
+  activation load in the K loop is contiguous (vectorized and pipelined by Triton).
+  ``gemm_strided`` is the same kernel on x as it is (strided loads; kept to measure
+  the copy's worth).
 
 ``gemv`` and ``splitk`` split K over ``split_k`` programs when N alone cannot fill the
 GPU; float32 partials go to a workspace [split_k, M, N] that ``_splitk_reduce_kernel``
@@ -24,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...format import plane_widths
 from ._grid import cdiv, next_power_of_2
 from .decode import (
     _decode_field,
@@ -34,9 +39,11 @@ from .decode import (
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KERNELS = ("gemv", "splitk", "gemm")
+KERNELS = ("gemv", "splitk", "gemm", "gemm_strided")
 GEMV_MAX_M = 8
 SPLITK_MAX_M = 64
+FIELD_K = 16  # K of one field's tl.dot (plane-0 words per K tile), the same in every config
+X_STAGE_LIMIT = 100 * 1024  # bytes of pipelined activation tiles a field-major config may use
 
 
 # ----------------------------------------------------------------------------- configs
@@ -56,7 +63,7 @@ def _dot_configs(kind: str) -> list[triton.Config]:
     (python/triton_aot_check.py fails otherwise).
     """
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "FIELD_K": 16, "GROUP_M": 8},
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "FIELD_K": FIELD_K, "GROUP_M": 8},
                               num_warps=1)]
     if kind == "splitk":
         shapes = [(16, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 128, 8, 3),
@@ -64,7 +71,7 @@ def _dot_configs(kind: str) -> list[triton.Config]:
     else:
         shapes = [(128, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 4),
                   (128, 64, 8, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "FIELD_K": 16, "GROUP_M": 8},
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "FIELD_K": FIELD_K, "GROUP_M": 8},
                           num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -98,12 +105,26 @@ def _prune_gemv(configs, named_args, **kwargs):
     return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])[:1]
 
 
+def x_stage_bytes(config, w0: int, x_bytes: int) -> int:
+    """Shared memory of the pipelined activation tiles of a field-major ``gemm`` config:
+    num_stages copies of [BLOCK_M, BLOCK_K] (the strided loads are not pipelined)."""
+    block_k = config.kwargs["FIELD_K"] * 32 // w0
+    return config.num_stages * config.kwargs["BLOCK_M"] * block_k * x_bytes
+
+
 def _prune_dot(configs, named_args, **kwargs):
-    """Drop tiles much larger than the problem."""
+    """Drop tiles much larger than the problem, and field-major configs whose pipelined
+    activations alone pass X_STAGE_LIMIT (with the decoder's buffers they would not fit
+    sm_90's 227 KB: python/triton_aot_check.py checks every kept config)."""
     args = {**named_args, **kwargs}
+
+    def fits_smem(c):
+        return not args.get("X_FIELD_MAJOR") or \
+            x_stage_bytes(c, args["W0"], args["x_ptr"].element_size()) <= X_STAGE_LIMIT
+
     kept = [c for c in configs
             if _fits(c.kwargs["BLOCK_M"], args["M"]) and _fits(c.kwargs["BLOCK_N"], args["N"])
-            and _fits(c.kwargs["FIELD_K"] * 16 // args["W0"], args["K"])]
+            and _fits(c.kwargs["FIELD_K"] * 16 // args["W0"], args["K"]) and fits_smem(c)]
     return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
 
 
@@ -127,6 +148,17 @@ def _field_activations(x_rows, offs_m, M, K, k0, j: tl.constexpr, FIELDS: tl.con
     offs_k = k0 + tl.arange(0, COUNT) * FIELDS + j
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     return tl.load(x_rows + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _field_major_activations(x_rows, offs_m, M, k0, j: tl.constexpr, COUNT: tl.constexpr):
+    """x_fm[offs_m, k0 + j * COUNT + w] for w < COUNT -> [BLOCK_M, COUNT], 0 past M.
+
+    The same activations as ``_field_activations`` from x reordered by :func:`field_major`,
+    where they are contiguous (x_fm is zero-padded to whole K tiles: no K mask).
+    """
+    offs_k = k0 + j * COUNT + tl.arange(0, COUNT)
+    return tl.load(x_rows + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
 
 
 @triton.jit
@@ -187,11 +219,11 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
                         W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                         WRITE_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FIELD_K: tl.constexpr,
-                        GROUP_M: tl.constexpr):
+                        X_FIELD_MAJOR: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, FIELD_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Grid (M tiles * N tiles, split_k): per K tile of FIELD_K words of plane 0, one
     tl.dot per field position j of the activation columns k0 + w * 32 // W0 + j with the
-    weights decoded for them (``_decode_field``)."""
+    weights decoded for them (``_decode_field``). X_FIELD_MAJOR: x is ``field_major(x)``."""
     FIELDS: tl.constexpr = 32 // W0
     BLOCK_K: tl.constexpr = FIELD_K * FIELDS
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -208,7 +240,10 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
         for j in tl.static_range(FIELDS):
             w = _decode_field(words0, words1, words2, j, codebook_ptr, stride_cbn, offs_n,
                               n_mask, W0, W1, W2, PER_CHANNEL, BLOCK_K)
-            x = _field_activations(x_rows, offs_m, M, K, k0, j, FIELDS, FIELD_K)
+            if X_FIELD_MAJOR:
+                x = _field_major_activations(x_rows, offs_m, M, k0, j, FIELD_K)
+            else:
+                x = _field_activations(x_rows, offs_m, M, K, k0, j, FIELDS, FIELD_K)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
     _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
                 HAS_BIAS, WRITE_PARTIAL)
@@ -296,9 +331,12 @@ def linear_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None,
         return y
     if k == 0:
         return y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
-    split = 1 if kernel == "gemm" else (split_k or choose_split_k(kernel, m, n, k, x.device))
+    gemm = kernel.startswith("gemm")
+    split = 1 if gemm else (split_k or choose_split_k(kernel, m, n, k, x.device))
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    if kernel == "gemm":
+        x = field_major(x, plane_widths(qt.bits)[0])
     _launch(kernel, x, qt, bias, out, split)
     if split > 1:
         _reduce_splits(out, bias, y)
@@ -306,7 +344,8 @@ def linear_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None,
 
 
 def _launch(kernel: str, x, qt, bias, out, split: int) -> None:
-    """Run ``kernel`` writing y [M, N] (split == 1) or partials [split, M, N] into ``out``."""
+    """Run ``kernel`` writing y [M, N] (split == 1) or partials [split, M, N] into ``out``
+    (for "gemm" x is ``field_major(x)``, wider than K)."""
     m, k, n = x.shape[0], qt.k, qt.n
     planes, strides, widths = plane_args(qt)
     book, stride_cbn, per_channel = codebook_args(qt)
@@ -322,7 +361,25 @@ def _launch(kernel: str, x, qt, bias, out, split: int) -> None:
         return
     tuned = _splitk_tuned if kernel == "splitk" else _gemm_tuned
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)
-    tuned[grid](*args, **flags, DOT_PRECISION=_dot_precision(x.dtype))
+    tuned[grid](*args, **flags, DOT_PRECISION=_dot_precision(x.dtype),
+                X_FIELD_MAJOR=kernel == "gemm")
+
+
+def field_major(x: torch.Tensor, w0: int) -> torch.Tensor:
+    """x [M, K] -> x_fm [M, K_pad]: K zero-padded to whole K tiles of FIELD_K * 32 // w0
+    columns, each tile reordered so that field position j's columns (k0 + w * 32 // w0 + j,
+    w < FIELD_K) come together: x_fm[:, k0 + j * FIELD_K + w].
+
+    >>> field_major(torch.arange(128.).view(1, 128), 4)[0, :4].tolist()
+    [0.0, 8.0, 16.0, 24.0]
+    """
+    fields = 32 // w0
+    tile = FIELD_K * fields
+    m, k = x.shape
+    k_pad = cdiv(k, tile) * tile
+    if k_pad != k:
+        x = torch.nn.functional.pad(x, (0, k_pad - k))
+    return x.view(m, k_pad // tile, FIELD_K, fields).transpose(2, 3).reshape(m, k_pad)
 
 
 def _reduce_splits(partials: torch.Tensor, bias, y: torch.Tensor) -> None:
