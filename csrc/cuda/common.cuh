@@ -11,8 +11,8 @@
 
 #include "../planes.h"
 
-// Launches are spelled OTQ_LAUNCH(grid, block, smem, stream, kernel)(args...) and dynamic
-// shared memory dynamic_shared<T>(), so that tests/cuda_emulation can build these sources
+// Launches are spelled OTQ_LAUNCH(grid, block, smem, stream, kernel)(args...), dynamic
+// shared memory dynamic_shared<T>() and raw shared loads load_shared_u32, so that tests/cuda_emulation can build these sources
 // with a host compiler (its stand-in headers define both) and run the kernels on the CPU.
 #ifndef OTQ_CUDA_EMULATION
 #define OTQ_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
@@ -21,6 +21,20 @@ template <typename T>
 __device__ __forceinline__ T* dynamic_shared() {
   extern __shared__ __align__(16) unsigned char otq_dynamic_smem[];
   return reinterpret_cast<T*>(otq_dynamic_smem);
+}
+
+// A 32-bit shared-memory address: look-ups at base + offset cost one add (a generic
+// pointer keeps the window base apart and adds it per access).
+using SharedAddr = uint32_t;
+
+__device__ __forceinline__ SharedAddr shared_addr(const void* p) {
+  return static_cast<SharedAddr>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ uint32_t load_shared_u32(SharedAddr base, uint32_t offset) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(base + offset) : "memory");
+  return v;
 }
 #endif
 

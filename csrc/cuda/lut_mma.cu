@@ -78,9 +78,13 @@ __device__ __forceinline__ void build_pair_tables(uint32_t* table,
 }
 
 // Pair index of columns (c, c + 1), c = 16 * h + 8 * q + 2 * t, of a group's words.
+// byte_select = 0x4440 | t: at 4 bits the pair is byte t of word 2h + q, one PRMT.
 template <int BITS>
-__device__ __forceinline__ int pair_index(const GroupWords<BITS>& words, int h, int q, int t) {
+__device__ __forceinline__ int pair_index(const GroupWords<BITS>& words, int h, int q, int t,
+                                          uint32_t byte_select) {
   constexpr PlaneSpec spec = plane_spec(BITS);
+  if constexpr (spec.count == 1 && spec.width[0] == 4)
+    return static_cast<int>(__byte_perm(words.w[0][2 * h + q], 0u, byte_select));
   int index = 0;
 #pragma unroll
   for (int p = 0; p < spec.count; ++p) {
@@ -106,25 +110,31 @@ __device__ __forceinline__ uint32_t x_pair(const T* __restrict__ x_row, int64_t 
 // feed D rows/columns that are never written, so no lane needs a branch.
 template <typename T, int BITS, bool PER_CHANNEL, int NT>
 struct LaneTile {
-  const uint32_t* table;
-  int base[2];  // table word of pair p for A row r: p * 32 + base[r]
+  SharedAddr lane_table[2];  // pair p of A row r: the word at lane_table[r] + p * 128
   typename GroupWords<BITS>::Rows rows[2];
   const T* x_row[NT];
   int t;
+  uint32_t byte_select;  // pair_index's PRMT selector
 
   __device__ __forceinline__ LaneTile(const uint32_t* table_, const T* x, int m, int64_t k,
                                       const PlaneArgs& planes, int64_t block_row, int64_t n) {
     const int lane = threadIdx.x % kWarpSize, g = lane / 4;
-    table = table_;
     t = lane % 4;
+    byte_select = 0x4440u | static_cast<uint32_t>(t);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      base[r] = (PER_CHANNEL ? r * kPairCount<BITS> * kWarpSize : 0) + lane;
+      lane_table[r] =
+          shared_addr(table_ + (PER_CHANNEL ? r * kPairCount<BITS> * kWarpSize : 0) + lane);
       rows[r] = GroupWords<BITS>::rows_of(planes, min(block_row + g + 8 * r, n - 1));
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j)
       x_row[j] = x + static_cast<int64_t>(8 * j + g < m ? 8 * j + g : m - 1) * k;
+  }
+
+  // The table word of `pair` for A row r (one shift-add for the address).
+  __device__ __forceinline__ uint32_t entry(int r, int pair) const {
+    return load_shared_u32(lane_table[r], static_cast<uint32_t>(pair) * (4 * kWarpSize));
   }
 
   // d[j] += the 16 rows x 32 columns of `group` times the matching columns of n-tile j's x
@@ -142,7 +152,7 @@ struct LaneTile {
       for (int q = 0; q < 2; ++q)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          a[2 * q + r] = table[pair_index<BITS>(words[r], h, q, t) * kWarpSize + base[r]];
+          a[2 * q + r] = entry(r, pair_index<BITS>(words[r], h, q, t, byte_select));
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const uint32_t b[2] = {x_pair<T, WHOLE>(x_row[j], k, c),

@@ -32,6 +32,28 @@ T* dynamic_shared() {
   return otq_emu::dynamic_shared<T>();
 }
 
+// Shared addresses are plain pointers here; the load checks alignment as the GPU does.
+using SharedAddr = const unsigned char*;
+
+inline SharedAddr shared_addr(const void* p) { return static_cast<SharedAddr>(p); }
+
+inline uint32_t load_shared_u32(SharedAddr base, uint32_t offset) {
+  const unsigned char* p = base + offset;
+  if (reinterpret_cast<uintptr_t>(p) % 4 != 0) otq_emu::fail("misaligned shared load");
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// PRMT: result byte i is byte (selector >> 4i) & 7 of the 8 bytes y:x.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned selector) {
+  const uint64_t bytes = (static_cast<uint64_t>(y) << 32) | x;
+  unsigned out = 0;
+  for (int i = 0; i < 4; ++i)
+    out |= static_cast<unsigned>((bytes >> (8 * ((selector >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
+  return out;
+}
+
 // __ldg of a misaligned vector faults on the GPU: the emulation aborts instead.
 template <typename T>
 T __ldg(const T* p) {
