@@ -208,3 +208,37 @@ def test_quantized_unet_compiles_fullgraph():
         eager = model(x, t)
         assert eager.abs().mean() > 1e-3
         torch.testing.assert_close(compiled(x, t), eager)
+
+
+def test_tiny_unet_on_triton_matches_reference(monkeypatch):
+    """Every layer of a quantized UNet on the Triton kernels (the interpreter on CPU) with a
+    132-SM split heuristic, so small convs split their channel blocks, NCHW activations are
+    read in place and 1x1 convs take the implicit kernel: same output as the reference."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter test")
+    from otq_kernels.backends.triton import conv, matmul
+    from otq_kernels.demo import random_model
+
+    monkeypatch.setattr(conv, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(matmul, "_sm_count", lambda device: 132)
+    kernels = []
+    for name in ("_reduce_splits", "linear_triton"):  # count the paths taken
+        real = getattr(conv, name)
+        monkeypatch.setattr(conv, name, lambda *a, real=real, name=name, **k:
+                            kernels.append(name) or real(*a, **k))
+    model = otq.nn.quantize_model(random_model("tiny", seed=1), bits=4, progress=False)
+    x, t = torch.randn(1, 1, 16, 16), torch.full((1,), 0.3)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "qweight"):
+                m.backend = "reference"
+        want = model(x, t)
+        for m in model.modules():
+            if hasattr(m, "qweight"):
+                m.backend = "triton"
+        got = model(x, t)
+    assert want.abs().mean() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert "_reduce_splits" in kernels  # some conv split its channel blocks
+    assert "linear_triton" not in kernels  # NCHW 1x1 convs stayed on the implicit kernel
