@@ -7,9 +7,10 @@
 // pairs of adjacent columns of rows g and g + 8 (g = lane / 4), so it cuts 2-column
 // "pair indices" straight out of the packed words (plane p contributes its
 // 2 * w_p bits, at bit 2 * offset_p) and looks each up in a shared table of packed
-// half2/bf162 pairs: one shared load per two weights, no per-weight decode. Pair tables
-// have 2^(2 * bits) entries, one copy per lane so that look-ups never conflict: [pair][32]
-// per layer, [2][pair][32] per channel (the lane's rows g and g + 8; 64 KB at 4 bits).
+// half2/bf162 pairs: one shared load per two weights, no per-weight decode. Tables have
+// 2^(2 * bits) entries (2 bits: 256, indexed by the byte holding the pair), one copy per
+// lane so that look-ups never conflict: [entry][32] per layer, [2][entry][32] per channel
+// (the lane's rows g and g + 8; 64 KB at 2 and 4 bits).
 // Accumulation in fp32 (mma), the warps' results summed in shared memory; split-K and bias
 // as in lut_gemv.cu.
 #include "common.cuh"
@@ -29,11 +30,20 @@ constexpr int kMaxMmaBits = 4;
 template <int BITS>
 constexpr int kPairCount = 1 << (2 * BITS);
 
-// Table words: one copy of every pair per lane, per layer or (per channel) for each of the
-// lane's two A rows: [r][pair][lane], lane-major so that any 32 pairs hit 32 banks.
+// 2-bit tables are indexed by a whole byte of codes (two pairs; lanes with odd t take the
+// high one), so that the index is one PRMT as at 4 bits.
+template <int BITS>
+constexpr bool kByteTable = BITS == 2;
+
+// Table entries per lane copy: pairs, or bytes for kByteTable.
+template <int BITS>
+constexpr int kEntries = kByteTable<BITS> ? 256 : kPairCount<BITS>;
+
+// Table words: one copy of every entry per lane, per layer or (per channel) for each of
+// the lane's two A rows: [r][entry][lane], lane-major so that any 32 look-ups hit 32 banks.
 template <int BITS>
 OTQ_HD constexpr int table_words(bool per_channel) {
-  return kPairCount<BITS> * kWarpSize * (per_channel ? 2 : 1);
+  return kEntries<BITS> * kWarpSize * (per_channel ? 2 : 1);
 }
 
 // Code of column `which` (0 or 1) of a pair index.
@@ -63,28 +73,42 @@ template <typename T, int BITS, bool PER_CHANNEL>
 __device__ __forceinline__ void build_pair_tables(uint32_t* table,
                                                   const float* __restrict__ codebook,
                                                   int64_t block_row, int64_t n) {
-  constexpr int kPairs = kPairCount<BITS>, kQuads = kWarpSize / 4;
+  constexpr int kQuads = kWarpSize / 4;
   for (int i = threadIdx.x; i < table_words<BITS>(PER_CHANNEL) / 4; i += kThreads) {
-    const int pair = i / kQuads % kPairs;
-    uint32_t e = 0u;
+    const int index = i / kQuads % kEntries<BITS>;
+    const float* book = codebook;
+    bool valid = true;
     if constexpr (PER_CHANNEL) {
-      const int64_t row = block_row + i % kQuads + 8 * (i / (kQuads * kPairs));
-      if (row < n) e = pair_entry<T, BITS>(codebook + row * (1 << BITS), pair);
-    } else {
-      e = pair_entry<T, BITS>(codebook, pair);
+      const int64_t row = block_row + i % kQuads + 8 * (i / (kQuads * kEntries<BITS>));
+      valid = row < n;
+      book = codebook + row * (1 << BITS);
     }
-    reinterpret_cast<uint4*>(table)[i] = make_uint4(e, e, e, e);
+    uint32_t lo = 0u, hi = 0u;  // the entries of lanes with even and odd t
+    if (valid) {
+      lo = pair_entry<T, BITS>(book, kByteTable<BITS> ? index & 15 : index);
+      hi = kByteTable<BITS> ? pair_entry<T, BITS>(book, index >> 4) : lo;
+    }
+    reinterpret_cast<uint4*>(table)[i] = make_uint4(lo, hi, lo, hi);
   }
 }
 
-// Pair index of columns (c, c + 1), c = 16 * h + 8 * q + 2 * t, of a group's words.
-// byte_select = 0x4440 | t: at 4 bits the pair is byte t of word 2h + q, one PRMT.
+// PRMT selector of byte_index's byte: at 4 bits the pair is byte t of word 2h + q; at
+// 2 bits byte 2q + t / 2 of word h holds it (selector + 2q).
 template <int BITS>
-__device__ __forceinline__ int pair_index(const GroupWords<BITS>& words, int h, int q, int t,
-                                          uint32_t byte_select) {
+__device__ __forceinline__ uint32_t byte_selector(int t) {
+  return 0x4440u | static_cast<uint32_t>(BITS == 4 ? t : t / 2);
+}
+
+// Table index of columns (c, c + 1), c = 16 * h + 8 * q + 2 * t, of a group's words: their
+// pair index, or (kByteTable) the byte of codes that holds it.
+template <int BITS>
+__device__ __forceinline__ int table_index(const GroupWords<BITS>& words, int h, int q, int t,
+                                           uint32_t selector) {
   constexpr PlaneSpec spec = plane_spec(BITS);
-  if constexpr (spec.count == 1 && spec.width[0] == 4)
-    return static_cast<int>(__byte_perm(words.w[0][2 * h + q], 0u, byte_select));
+  if constexpr (BITS == 4 && spec.count == 1)
+    return static_cast<int>(__byte_perm(words.w[0][2 * h + q], 0u, selector));
+  if constexpr (kByteTable<BITS>)
+    return static_cast<int>(__byte_perm(words.w[0][h], 0u, selector + 2 * q));
   int index = 0;
 #pragma unroll
   for (int p = 0; p < spec.count; ++p) {
@@ -114,17 +138,17 @@ struct LaneTile {
   typename GroupWords<BITS>::Rows rows[2];
   const T* x_row[NT];
   int t;
-  uint32_t byte_select;  // pair_index's PRMT selector
+  uint32_t selector;  // table_index's PRMT selector
 
   __device__ __forceinline__ LaneTile(const uint32_t* table_, const T* x, int m, int64_t k,
                                       const PlaneArgs& planes, int64_t block_row, int64_t n) {
     const int lane = threadIdx.x % kWarpSize, g = lane / 4;
     t = lane % 4;
-    byte_select = 0x4440u | static_cast<uint32_t>(t);
+    selector = byte_selector<BITS>(t);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       lane_table[r] =
-          shared_addr(table_ + (PER_CHANNEL ? r * kPairCount<BITS> * kWarpSize : 0) + lane);
+          shared_addr(table_ + (PER_CHANNEL ? r * kEntries<BITS> * kWarpSize : 0) + lane);
       rows[r] = GroupWords<BITS>::rows_of(planes, min(block_row + g + 8 * r, n - 1));
     }
 #pragma unroll
@@ -152,7 +176,7 @@ struct LaneTile {
       for (int q = 0; q < 2; ++q)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          a[2 * q + r] = entry(r, pair_index<BITS>(words[r], h, q, t, byte_select));
+          a[2 * q + r] = entry(r, table_index<BITS>(words[r], h, q, t, selector));
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const uint32_t b[2] = {x_pair<T, WHOLE>(x_row[j], k, c),
