@@ -4,10 +4,11 @@ GEMM view per group g: M = B * OH * OW output pixels, N = C_out / groups output 
 K = (C_in / groups) * KH * KW in torch's (c, kh, kw) order. The K loop walks channel
 blocks of BLOCK_C and, inside, the KH * KW filter taps: each step loads an activation tile
 [BLOCK_M, BLOCK_C] (zero outside the padded image; contiguous along channels from a
-channels-last x, strided from an NCHW x, which is read in place up to
-NCHW_IN_PLACE_MAX_M rather than copied to NHWC), decodes the matching weight tile [BLOCK_C, BLOCK_N] (k = c * KH * KW + tap, a
-strided walk of the canonical order, so the decoder gathers words; the words of one
-channel block stay in L1 across its taps) and accumulates with ``tl.dot`` in float32.
+channels-last x, strided from an NCHW x, which is read in place up to NCHW_IN_PLACE_MAX_M
+rather than copied to NHWC), decodes the matching weight tile [BLOCK_C, BLOCK_N]
+(k = c * KH * KW + tap, a strided walk of the canonical order, so the decoder gathers
+words; the words of one channel block stay in L1 across its taps) and accumulates with
+``tl.dot`` in float32.
 The output tile is written straight into an NCHW tensor (coalesced along output pixels).
 
 Small M (batch 1 at low resolution) leaves most SMs idle with long K loops (7x7 with
@@ -77,8 +78,9 @@ def _conv2d_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                    GROUP_M: tl.constexpr):
     """Grid (M tiles * N tiles, groups, splits). x [B, H, W, C] by strides (channel stride
-    1 for NHWC: vector loads; H * W for NCHW read in place); N, C are per group. Axis 2 splits the channel blocks; with more than one split y is the float32
-    workspace [splits, B, N, OH, OW] (split stride ``stride_ys``) and HAS_BIAS is False."""
+    1 for NHWC: vector loads; H * W for NCHW read in place); N, C are per group. Axis 2
+    splits the channel blocks; with more than one split y is the float32 workspace
+    [splits, B, N, OH, OW] (split stride ``stride_ys``) and HAS_BIAS is False."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     group = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
