@@ -78,10 +78,7 @@ def shape_list(args) -> tuple[list[tuple[str, int, int]], str]:
 
 def triton_forced(kernel: str):
     """Callable (x, qt) -> y running one Triton kernel, or raises ImportError."""
-    try:
-        from otq_kernels.backends.triton.matmul import linear_triton
-    except ImportError:  # the module's earlier name
-        from otq_kernels.backends.triton.matmul import linear_triton
+    from otq_kernels.backends.triton.matmul import linear_triton
 
     return lambda x, qt: linear_triton(x, qt, None, kernel=kernel)
 
