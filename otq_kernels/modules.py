@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import backends, ops
 from .format import QuantizedTensor
 from .metrics.weights import weight_error
 from .quantizers import check_options, fit_codebook
@@ -256,9 +256,11 @@ class QuantConv2d(_QuantConv):
 class QuantConv1d(_QuantConv):
     """Conv1d with a codebook weight [out, in/groups, k].
 
-    forward: x [B, C_in, L] -> [B, C_out, L_out] (x.dtype). Pointwise convs (k = 1,
-    stride 1, no padding, groups 1) run as a linear layer on x^T [B, L, C]; the rest as
-    a 1×k conv2d on x.unsqueeze(2) [B, C, 1, L].
+    forward: x [B, C_in, L] -> [B, C_out, L_out] (x.dtype). Convs run as a 1×k conv2d on
+    x.unsqueeze(2) [B, C, 1, L]. Pointwise ones (k = 1, stride 1, no padding, groups 1) run
+    as a linear layer on x^T [B, L, C] instead where no conv kernel would run (on CPU, or
+    with a linear-only backend): on a GPU the conv kernels read x in place, without the
+    transposing copies.
     """
 
     FLOAT_TYPE = nn.Conv1d
@@ -284,12 +286,17 @@ class QuantConv1d(_QuantConv):
         return (self.kernel_size == (1,) and self.stride == (1,) and self.groups == 1
                 and self._pre_pad is None and self._conv_padding == (0,))
 
+    def _conv_kernel_runs(self, x: torch.Tensor) -> bool:
+        """Whether codebook_conv2d would run a conv kernel on x (not the reference)."""
+        name = ops.resolve_backend(self.backend, "conv2d", x.device, x.shape[0] * x.shape[2])
+        return name != "reference" and hasattr(backends.get(name), "conv2d")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, L] -> [B, N, L_out]."""
         if x.dim() != 3:
             raise ValueError(f"QuantConv1d expects x [B, C, L], got shape {list(x.shape)}")
         n, c, k = self.weight_shape
-        if self.pointwise:
+        if self.pointwise and not self._conv_kernel_runs(x):
             y = ops.codebook_linear(x.transpose(1, 2), self._cached("linear", (n, c)),
                                     self.bias, self.backend)
             return y.transpose(1, 2)

@@ -212,8 +212,8 @@ def test_quantized_unet_compiles_fullgraph():
 
 def test_tiny_unet_on_triton_matches_reference(monkeypatch):
     """Every layer of a quantized UNet on the Triton kernels (the interpreter on CPU) with a
-    132-SM split heuristic, so small convs split their channel blocks, NCHW activations are
-    read in place and 1x1 convs take the implicit kernel: same output as the reference."""
+    132-SM split heuristic, so small convs split their channel blocks and NCHW activations
+    are read in place: same output as the reference."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("CPU interpreter test")
@@ -241,4 +241,29 @@ def test_tiny_unet_on_triton_matches_reference(monkeypatch):
     assert want.abs().mean() > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert "_reduce_splits" in kernels  # some conv split its channel blocks
-    assert "linear_triton" not in kernels  # NCHW 1x1 convs stayed on the implicit kernel
+    # attention's pointwise Conv1d gets channels-last views: the linear kernels, no copy
+    assert "linear_triton" in kernels
+
+
+@pytest.mark.parametrize("backend, path", [("auto", "linear"), ("reference", "linear"),
+                                           ("cpu", "linear"), ("triton", "conv2d")])
+def test_pointwise_conv1d_takes_a_conv_kernel_where_one_runs(backend, path, monkeypatch):
+    """On CPU auto/reference/cpu run pointwise Conv1d as a linear layer; a backend with a
+    conv kernel (triton, through the interpreter here; on a GPU auto too) reads x in place."""
+    pytest.importorskip("triton")
+    if backend == "cpu" and otq.backends.get("cpu").unavailable(torch.device("cpu")):
+        pytest.skip("native CPU extension not built")
+    torch.manual_seed(0)
+    conv = nn.Conv1d(24, 20, 1)
+    q = otq.nn.QuantConv1d.from_float(conv, bits=4, backend=backend)
+    seen = []
+    for name in ("codebook_linear", "codebook_conv2d"):
+        real = getattr(otq.ops, name)
+        monkeypatch.setattr(otq.ops, name, lambda *a, real=real, name=name, **k:
+                            seen.append(name) or real(*a, **k))
+    x = torch.randn(2, 24, 7)
+    with torch.no_grad():
+        y = q(x)
+    assert seen == [f"codebook_{path}"]
+    assert y.shape == (2, 20, 7) and y.is_contiguous() == (path == "conv2d")
+    torch.testing.assert_close(y, F.conv1d(x, q.dequantize(), q.bias), rtol=1e-4, atol=1e-4)
