@@ -84,6 +84,18 @@ def test_field_major_puts_each_fields_columns_together(w0):
         assert torch.equal(x_fm[:, col], want), (col, src)
 
 
+def test_gemm_layouts_are_tuned_apart():
+    """A config tuned for gemm_strided may not fit field-major x's shared memory."""
+    assert "X_FIELD_MAJOR" in matmul._gemm_tuned.keys
+    config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "FIELD_K": 16, "GROUP_M": 8},
+                           num_warps=8, num_stages=3)
+    args = {"M": 4096, "N": 4096, "K": 4096, "W0": 2, "x_ptr": torch.empty(0).half()}
+    assert matmul._prune_dot([config], {**args, "X_FIELD_MAJOR": False}) == [config]
+    assert matmul.x_stage_bytes(config, 2, 2) > matmul.X_STAGE_LIMIT
+    smaller = triton.Config({**config.kwargs, "BLOCK_M": 64}, num_warps=8, num_stages=3)
+    assert matmul._prune_dot([config, smaller], {**args, "X_FIELD_MAJOR": True}) == [smaller]
+
+
 @pytest.mark.parametrize("kernel", ["splitk", "gemm", "gemm_strided"])
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_dot_several_k_tiles(bits, kernel, device):

@@ -275,7 +275,9 @@ _gemv_tuned = triton.autotune(_gemv_configs(), key=["M", "N", "K", "W0", "W1", "
 _splitk_tuned = triton.autotune(_dot_configs("splitk"), key=["M", "N", "K", "W0", "W1", "W2"],
                                 prune_configs_by={"early_config_prune": _prune_dot})(
     _linear_gemm_kernel)
-_gemm_tuned = triton.autotune(_dot_configs("gemm"), key=["M", "N", "K", "W0", "W1", "W2"],
+# X_FIELD_MAJOR is in the key: its configs are pruned for shared memory, gemm_strided's not
+_gemm_tuned = triton.autotune(_dot_configs("gemm"),
+                              key=["M", "N", "K", "W0", "W1", "W2", "X_FIELD_MAJOR"],
                               prune_configs_by={"early_config_prune": _prune_dot})(
     _linear_gemm_kernel)
 
