@@ -162,19 +162,11 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
     Rows are grouped by M; a group wins when the geometric mean of t_dequant / t_triton
     over its layers, bits and granularities exceeds 1.
     """
-    times: dict[tuple, dict[str, float]] = {}
-    for r in rows:
-        if r.get("p50_us") and r.get("backend") in ("dequant", "triton") \
-                and r.get("kernel") != NOSPLIT:
-            key = (r["M"], r["shape"], r["bits"], r["granularity"])
-            times.setdefault(key, {})[r["backend"]] = r["p50_us"]
-    per_m: dict[int, list[float]] = {}
-    for (m, *_), t in times.items():
-        if "dequant" in t and "triton" in t:
-            per_m.setdefault(m, []).append(t["dequant"] / t["triton"])
-    if not per_m:
+    times = common.times_by_config(rows, lambda r: r["backend"] if r.get("backend") in (
+        "dequant", "triton") and r.get("kernel") != NOSPLIT else None)
+    means = common.speedup_by_m(times, "dequant", "triton")
+    if not means:
         return {}, {}
-    means = {m: common.geomean(v) for m, v in sorted(per_m.items())}
     value = common.crossover({m: (g or 0) > 1.0 for m, g in means.items()})
     return {"triton_max_m": value}, {"triton": {str(m): round(g, 3) for m, g in means.items()}}
 

@@ -205,26 +205,17 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     cuda_tensor_cores: whether the tensor-core kernel beat the CUDA-core one (geometric mean
     over M of the per-M geometric means), for the cuda backend to use it where it can.
     """
-    times: dict[tuple, dict[str, float]] = {}
-    for r in rows:
-        if r.get("p50_us") and r.get("backend") in ("dequant", "cuda", "triton") and \
-                r.get("kernel") in ("auto", "cublas", "lut_gemv"):
-            key = (r["M"], r["shape"], r["bits"], r["granularity"])
-            times.setdefault(key, {})[r["backend"]] = r["p50_us"]
-    speedups: dict[str, dict[int, list[float]]] = {"triton": {}, "cuda": {}}
-    for (m, *_), t in times.items():
-        if "dequant" not in t:
-            continue
-        if "triton" in t:
-            speedups["triton"].setdefault(m, []).append(t["dequant"] / t["triton"])
-        if "cuda" in t:
-            rival = min(t["dequant"], t.get("triton", t["dequant"]))
-            speedups["cuda"].setdefault(m, []).append(rival / t["cuda"])
+    times = common.times_by_config(rows, lambda r: r["backend"] if r.get("backend") in (
+        "dequant", "cuda", "triton") and r.get("kernel") in ("auto", "cublas", "lut_gemv")
+        else None)
+    for t in times.values():  # cuda must beat the faster of dequant and triton
+        if "dequant" in t:
+            t["rival"] = min(t["dequant"], t.get("triton", t["dequant"]))
     values, evidence = {}, {}
-    for path, per_m in speedups.items():
-        if not per_m:
+    for path, baseline in (("triton", "dequant"), ("cuda", "rival")):
+        means = common.speedup_by_m(times, baseline, path)
+        if not means:
             continue
-        means = {m: common.geomean(v) for m, v in sorted(per_m.items())}
         values[f"{path}_max_m"] = common.crossover({m: (g or 0) > 1.0 for m, g in means.items()})
         evidence[path] = {str(m): round(g, 3) for m, g in means.items() if g}
     tensor_cores = tensor_core_speedups(rows)
@@ -236,16 +227,9 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
 
 def tensor_core_speedups(rows: list[dict]) -> dict[int, float]:
     """{M: geomean of t_lut_gemv / t_lut_mma} over the rows where both CUDA kernels ran."""
-    times: dict[tuple, dict[str, float]] = {}
-    for r in rows:
-        if r.get("p50_us") and r.get("backend") == "cuda":
-            key = (r["M"], r["shape"], r["bits"], r["granularity"])
-            times.setdefault(key, {})[r["kernel"]] = r["p50_us"]
-    per_m: dict[int, list[float]] = {}
-    for (m, *_), t in times.items():
-        if "lut_gemv" in t and "lut_mma" in t:
-            per_m.setdefault(m, []).append(t["lut_gemv"] / t["lut_mma"])
-    return {m: common.geomean(v) for m, v in sorted(per_m.items())}
+    times = common.times_by_config(
+        rows, lambda r: r["kernel"] if r.get("backend") == "cuda" else None)
+    return common.speedup_by_m(times, "lut_gemv", "lut_mma")
 
 
 def main(argv=None) -> int:

@@ -735,6 +735,28 @@ def geomean(values: list[float]) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def times_by_config(rows: list[dict], path_of) -> dict[tuple, dict[str, float]]:
+    """{(M, shape, bits, granularity): {path: p50 µs}} over the timed rows; path_of(row)
+    names the row's path, or None to leave it out."""
+    times: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        path = path_of(r) if r.get("p50_us") else None
+        if path is not None:
+            key = (r["M"], r["shape"], r["bits"], r["granularity"])
+            times.setdefault(key, {})[path] = r["p50_us"]
+    return times
+
+
+def speedup_by_m(times: dict[tuple, dict[str, float]], baseline: str,
+                 path: str) -> dict[int, float]:
+    """{M: geometric mean of t_baseline / t_path} over the configurations where both ran."""
+    per_m: dict[int, list[float]] = {}
+    for (m, *_), t in times.items():
+        if baseline in t and path in t:
+            per_m.setdefault(m, []).append(t[baseline] / t[path])
+    return {m: geomean(v) for m, v in sorted(per_m.items())}
+
+
 if __name__ == "__main__":  # `python benchmarks/common.py --tree-hash`
     if sys.argv[1:] == ["--tree-hash"]:
         print(tree_hash())
