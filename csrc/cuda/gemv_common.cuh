@@ -132,6 +132,25 @@ struct GemvArgs {
   T* y_as() const { return static_cast<T*>(y); }
 };
 
+// The launches of a GEMV for dispatch_gemv: grid (row blocks of rows_per_block, splits);
+// x's rows in chunks of at most max_m, each launch(grid, groups_per_split, m0, rows,
+// partial) followed by the split-K fix-up into y (partial: the workspace, or null
+// without a split). launch returns a CUDA error code, 0 for none.
+template <typename T, typename Launch>
+int launch_in_m_chunks(const GemvArgs& a, int rows_per_block, int max_m, Launch launch) {
+  const SplitK split(a.k, a.split_k);
+  const dim3 grid(static_cast<unsigned>((a.n + rows_per_block - 1) / rows_per_block),
+                  static_cast<unsigned>(split.splits));
+  float* partial = split.splits > 1 ? a.workspace : nullptr;
+  for (int64_t m0 = 0; m0 < a.m; m0 += max_m) {
+    const int rows = static_cast<int>(a.m - m0 < max_m ? a.m - m0 : max_m);
+    const int err = launch(grid, split.groups_per_split, m0, rows, partial);
+    if (err != 0) return err;
+    split.fix_up(a.workspace, rows, a.n, a.bias_as<T>(), a.y_as<T>() + m0 * a.n, a.stream);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
 // Kernels::run<T, BITS>(args) for the runtime bits in [BITS, MAX_BITS].
 template <typename Kernels, typename T, int BITS, int MAX_BITS>
 int run_bits(int bits, const GemvArgs& args) {

@@ -146,23 +146,18 @@ __global__ void __launch_bounds__(kThreads)
 struct GemvKernels {
   template <typename T, int BITS>
   static int run(const GemvArgs& a) {
-    const SplitK split(a.k, a.split_k);
-    const dim3 grid(static_cast<unsigned>((a.n + kRowsPerBlock - 1) / kRowsPerBlock),
-                    static_cast<unsigned>(split.splits));
     const size_t smem =
         sizeof(float) * (1 << BITS) * (a.per_channel ? kRowsPerBlock : kWarpSize);
     const T* x = a.x_as<T>();
-    T* y = a.y_as<T>();
     const bool vec_x = a.k % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-    for (int64_t m0 = 0; m0 < a.m; m0 += kGemvMaxM) {
-      const int mc = static_cast<int>(a.m - m0 < kGemvMaxM ? a.m - m0 : kGemvMaxM);
-      float* partial = split.splits > 1 ? a.workspace : nullptr;
-      OTQ_LAUNCH(grid, kThreads, smem, a.stream, lut_gemv_kernel<T, BITS>)(
-          x + m0 * a.k, mc, a.k, vec_x, a.planes, a.codebook, a.per_channel, a.n,
-          a.bias_as<T>(), y + m0 * a.n, partial, split.groups_per_split);
-      split.fix_up(a.workspace, mc, a.n, a.bias_as<T>(), y + m0 * a.n, a.stream);
-    }
-    return static_cast<int>(cudaGetLastError());
+    return launch_in_m_chunks<T>(
+        a, kRowsPerBlock, kGemvMaxM,
+        [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {
+          OTQ_LAUNCH(grid, kThreads, smem, a.stream, lut_gemv_kernel<T, BITS>)(
+              x + m0 * a.k, rows, a.k, vec_x, a.planes, a.codebook, a.per_channel, a.n,
+              a.bias_as<T>(), a.y_as<T>() + m0 * a.n, partial, groups_per_split);
+          return 0;
+        });
   }
 };
 

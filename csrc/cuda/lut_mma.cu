@@ -242,27 +242,22 @@ auto kernel_for(bool per_channel, bool two_tiles) {
 struct MmaKernels {
   template <typename T, int BITS>
   static int run(const GemvArgs& a) {
-    const SplitK split(a.k, a.split_k);
-    const dim3 grid(static_cast<unsigned>((a.n + kTileRows - 1) / kTileRows),
-                    static_cast<unsigned>(split.splits));
     const int sum_words = kThreads * 4 * kMaxTiles;
     const int words = table_words<BITS>(a.per_channel);
     const size_t smem = sizeof(uint32_t) * (words > sum_words ? words : sum_words);
     const T* x = a.x_as<T>();
-    T* y = a.y_as<T>();
     const bool vec_x = a.k % 2 == 0 && reinterpret_cast<uintptr_t>(x) % 4 == 0;
-    for (int64_t m0 = 0; m0 < a.m; m0 += kMmaMaxM) {
-      const int mc = static_cast<int>(a.m - m0 < kMmaMaxM ? a.m - m0 : kMmaMaxM);
-      float* partial = split.splits > 1 ? a.workspace : nullptr;
-      const auto kernel = kernel_for<T, BITS>(a.per_channel, mc > kTileBatch);
-      const cudaError_t err = allow_dynamic_smem(kernel, smem);
-      if (err != cudaSuccess) return static_cast<int>(err);
-      OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(
-          x + m0 * a.k, mc, a.k, vec_x, a.planes, a.codebook, a.n, a.bias_as<T>(),
-          y + m0 * a.n, partial, split.groups_per_split);
-      split.fix_up(a.workspace, mc, a.n, a.bias_as<T>(), y + m0 * a.n, a.stream);
-    }
-    return static_cast<int>(cudaGetLastError());
+    return launch_in_m_chunks<T>(
+        a, kTileRows, kMmaMaxM,
+        [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {
+          const auto kernel = kernel_for<T, BITS>(a.per_channel, rows > kTileBatch);
+          const cudaError_t err = allow_dynamic_smem(kernel, smem);
+          if (err != cudaSuccess) return static_cast<int>(err);
+          OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(
+              x + m0 * a.k, rows, a.k, vec_x, a.planes, a.codebook, a.n, a.bias_as<T>(),
+              a.y_as<T>() + m0 * a.n, partial, groups_per_split);
+          return 0;
+        });
   }
 };
 
