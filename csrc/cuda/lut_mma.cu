@@ -8,9 +8,9 @@
 // "pair indices" straight out of the packed words (plane p contributes its
 // 2 * w_p bits, at bit 2 * offset_p) and looks each up in a shared table of packed
 // half2/bf162 pairs: one shared load per two weights, no per-weight decode. Tables have
-// 2^(2 * bits) entries (2 bits: 256, indexed by the byte holding the pair), one copy per
-// lane so that look-ups never conflict: [entry][32] per layer, [2][entry][32] per channel
-// (the lane's rows g and g + 8; 64 KB at 2 and 4 bits).
+// 2^(2 * bits) entries (2 and 3 bits: 256, indexed by a byte that holds the pair, see
+// kByteTable), one copy per lane so that look-ups never conflict: [entry][32] per layer,
+// [2][entry][32] per channel (the lane's rows g and g + 8; 64 KB at 2-4 bits).
 // Accumulation in fp32 (mma), the warps' results summed in shared memory; split-K and bias
 // as in lut_gemv.cu.
 #include "common.cuh"
@@ -30,10 +30,12 @@ constexpr int kMaxMmaBits = 4;
 template <int BITS>
 constexpr int kPairCount = 1 << (2 * BITS);
 
-// 2-bit tables are indexed by a whole byte of codes (two pairs; lanes with odd t take the
-// high one), so that the index is one PRMT as at 4 bits.
+// 2- and 3-bit tables are indexed by a byte that holds the pair among other bits, so that
+// the index is one PRMT as at 4 bits. 2 bits: a byte of codes (two pairs; lanes with odd t
+// take the high one). 3 bits: a byte of the lane's merged word (merged_pairs), whose
+// plane-0 nibble and plane-1 bit pair sit where byte_pair_index says.
 template <int BITS>
-constexpr bool kByteTable = BITS == 2;
+constexpr bool kByteTable = BITS == 2 || BITS == 3;
 
 // Table entries per lane copy: pairs, or bytes for kByteTable.
 template <int BITS>
@@ -58,6 +60,16 @@ __device__ __forceinline__ int pair_code(int index, int which) {
     code |= ((field >> (which * w)) & ((1 << w) - 1)) << spec.offset[p];
   }
   return code;
+}
+
+// Pair index of the table byte `byte` for lanes with even (odd = false) or odd t.
+template <int BITS>
+OTQ_HD constexpr int byte_pair_index(int byte, bool odd) {
+  if (BITS == 2) return odd ? byte >> 4 : byte & 15;
+  // 3 bits: plane-0 nibble in the low (even t) or high (odd t) half, plane-1 pair at bit 4
+  // (even t) or 2 (odd t).
+  const int nibble = odd ? byte >> 4 : byte & 15, high = byte >> (odd ? 2 : 4) & 3;
+  return nibble | high << 4;
 }
 
 template <typename T, int BITS>
@@ -85,40 +97,38 @@ __device__ __forceinline__ void build_pair_tables(uint32_t* table,
     }
     uint32_t lo = 0u, hi = 0u;  // the entries of lanes with even and odd t
     if (valid) {
-      lo = pair_entry<T, BITS>(book, kByteTable<BITS> ? index & 15 : index);
-      hi = kByteTable<BITS> ? pair_entry<T, BITS>(book, index >> 4) : lo;
+      lo = pair_entry<T, BITS>(book, kByteTable<BITS> ? byte_pair_index<BITS>(index, false)
+                                                     : index);
+      hi = kByteTable<BITS> ? pair_entry<T, BITS>(book, byte_pair_index<BITS>(index, true))
+                            : lo;
     }
     reinterpret_cast<uint4*>(table)[i] = make_uint4(lo, hi, lo, hi);
   }
 }
 
-// PRMT selector of byte_index's byte: at 4 bits the pair is byte t of word 2h + q; at
-// 2 bits byte 2q + t / 2 of word h holds it (selector + 2q).
+// PRMT selector of a lane's table byte: at 4 bits the pair is byte t of word 2h + q; at
+// 2 bits byte 2q + t / 2 of word h holds it (selector + 2q); at 3 bits the selector
+// gathers the plane-0 bytes 2q + t / 2 of words h = 0, 1 into bytes 2h + q (merged_pairs).
 template <int BITS>
 __device__ __forceinline__ uint32_t byte_selector(int t) {
+  if (BITS == 3) return 0x6420u + 0x1111u * static_cast<uint32_t>(t / 2);
   return 0x4440u | static_cast<uint32_t>(BITS == 4 ? t : t / 2);
 }
 
-// Table index of columns (c, c + 1), c = 16 * h + 8 * q + 2 * t, of a group's words: their
-// pair index, or (kByteTable) the byte of codes that holds it.
-template <int BITS>
-__device__ __forceinline__ int table_index(const GroupWords<BITS>& words, int h, int q, int t,
-                                           uint32_t selector) {
-  constexpr PlaneSpec spec = plane_spec(BITS);
-  if constexpr (BITS == 4 && spec.count == 1)
-    return static_cast<int>(__byte_perm(words.w[0][2 * h + q], 0u, selector));
-  if constexpr (kByteTable<BITS>)
-    return static_cast<int>(__byte_perm(words.w[0][h], 0u, selector + 2 * q));
-  int index = 0;
-#pragma unroll
-  for (int p = 0; p < spec.count; ++p) {
-    const int w = spec.width[p], first_bit = w * (16 * h + 8 * q);
-    const uint32_t word = words.w[p][first_bit / 32];  // constant index once unrolled
-    const int field = (word >> (first_bit % 32 + 2 * t * w)) & ((1u << (2 * w)) - 1u);
-    index |= field << (2 * spec.offset[p]);
-  }
-  return index;
+// 3 bits: a lane's plane-0 nibble of each pair sits at bit 4 * (t % 2) of its byte and the
+// plane-1 bit pair at bit 2t of byte 2h + q; rotating the plane-1 word left by this moves
+// the pair beside the nibble, to bit 4 (even t) or 2 (odd t), as byte_pair_index reads it.
+__device__ __forceinline__ uint32_t plane1_rotation(int t) {
+  return t == 0 ? 4u : t == 3 ? 28u : 0u;
 }
+
+// The bits of the nibble: low halves of each byte for even t, high for odd.
+__device__ __forceinline__ uint32_t nibble_mask(int t) {
+  return t % 2 ? 0xf0f0f0f0u : 0x0f0f0f0fu;
+}
+
+static_assert(plane_spec(3).width[0] == 2 && plane_spec(3).width[1] == 1,
+              "merged_pairs assumes 3-bit codes as a 2-bit plane (low bits) and a 1-bit plane");
 
 // x_row[c], x_row[c + 1] packed (c even). WHOLE: c + 1 < k and x_row 4-byte aligned, one
 // 32-bit load; else two masked loads, zero past k.
@@ -138,13 +148,16 @@ struct LaneTile {
   typename GroupWords<BITS>::Rows rows[2];
   const T* x_row[NT];
   int t;
-  uint32_t selector;  // table_index's PRMT selector
+  uint32_t selector;  // byte_selector
+  uint32_t rotation, nibbles;  // 3 bits: plane1_rotation, nibble_mask
 
   __device__ __forceinline__ LaneTile(const uint32_t* table_, const T* x, int m, int64_t k,
                                       const PlaneArgs& planes, int64_t block_row, int64_t n) {
     const int lane = threadIdx.x % kWarpSize, g = lane / 4;
     t = lane % 4;
     selector = byte_selector<BITS>(t);
+    rotation = plane1_rotation(t);
+    nibbles = nibble_mask(t);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       lane_table[r] =
@@ -154,6 +167,33 @@ struct LaneTile {
 #pragma unroll
     for (int j = 0; j < NT; ++j)
       x_row[j] = x + static_cast<int64_t>(8 * j + g < m ? 8 * j + g : m - 1) * k;
+  }
+
+  // 3 bits: one word whose byte 2h + q is the table byte of pair (h, q): the plane-0 nibbles
+  // gathered by one PRMT, the plane-1 pairs rotated beside them, merged by one LOP3.
+  __device__ __forceinline__ uint32_t merged_pairs(const GroupWords<BITS>& words) const {
+    if constexpr (BITS == 3) {
+      const uint32_t low = __byte_perm(words.w[0][0], words.w[0][1], selector);
+      const uint32_t high = __funnelshift_l(words.w[1][0], words.w[1][0], rotation);
+      return (low & nibbles) | (high & ~nibbles);
+    }
+    return 0u;
+  }
+
+  // Table index of columns (c, c + 1), c = 16 * h + 8 * q + 2 * t, of a group's words:
+  // their pair index (4 bits) or the byte that holds it (kByteTable); `merged` =
+  // merged_pairs(words).
+  __device__ __forceinline__ int table_index(const GroupWords<BITS>& words, uint32_t merged,
+                                             int h, int q) const {
+    static_assert(BITS >= 2 && BITS <= kMaxMmaBits, "lut_mma runs 2-4-bit codes");
+    uint32_t byte;
+    if constexpr (BITS == 4)
+      byte = __byte_perm(words.w[0][2 * h + q], 0u, selector);
+    else if constexpr (BITS == 2)
+      byte = __byte_perm(words.w[0][h], 0u, selector + 2 * q);
+    else
+      byte = __byte_perm(merged, 0u, 0x4440u | (2 * h + q));
+    return static_cast<int>(byte);
   }
 
   // The table word of `pair` for A row r (one shift-add for the address).
@@ -166,8 +206,12 @@ struct LaneTile {
   template <bool WHOLE>
   __device__ __forceinline__ void accumulate(float (&d)[NT][4], int64_t group, int64_t k) const {
     GroupWords<BITS> words[2];
+    uint32_t merged[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) words[r].load(rows[r], group);
+    for (int r = 0; r < 2; ++r) {
+      words[r].load(rows[r], group);
+      merged[r] = merged_pairs(words[r]);
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t c = group * kGroup + 16 * h + 2 * t;
@@ -176,7 +220,7 @@ struct LaneTile {
       for (int q = 0; q < 2; ++q)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-          a[2 * q + r] = entry(r, table_index<BITS>(words[r], h, q, t, selector));
+          a[2 * q + r] = entry(r, table_index(words[r], merged[r], h, q));
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const uint32_t b[2] = {x_pair<T, WHOLE>(x_row[j], k, c),

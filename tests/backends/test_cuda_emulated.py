@@ -96,13 +96,14 @@ def test_mma_every_bit_width(emulated, bits, granularity, dtype):
     check_linear(emulated, 3, 21, 100, bits, granularity, dtype, True, tensor_cores=True)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m,n,k,split_k", [(1, 16, 32, 1), (8, 5, 7, 1), (2, 33, 300, 3),
                                            (11, 17, 96, 2), (16, 9, 64, 1), (20, 3, 40, 2),
                                            (1, 7, 1000, 64)])
-def test_mma_shapes_splits_and_m_chunks(emulated, m, n, k, split_k):
+def test_mma_shapes_splits_and_m_chunks(emulated, m, n, k, split_k, bits):
     """Odd K tails (x masked past K), fewer rows than a tile, split-K, two n-tiles (M 9..16)
-    and M > 16 in launches of 16."""
-    check_linear(emulated, m, n, k, 4, "channel", torch.float16, True, split_k=split_k,
+    and M > 16 in launches of 16; each bit width has its own table-byte extraction."""
+    check_linear(emulated, m, n, k, bits, "channel", torch.float16, True, split_k=split_k,
                  tensor_cores=True)
 
 

@@ -54,6 +54,12 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned selector) {
   return out;
 }
 
+// SHF.L: the high word of (hi:lo) << (shift % 32).
+inline unsigned __funnelshift_l(unsigned lo, unsigned hi, unsigned shift) {
+  const uint64_t both = (static_cast<uint64_t>(hi) << 32) | lo;
+  return static_cast<unsigned>((both << (shift & 31u)) >> 32);
+}
+
 // __ldg of a misaligned vector faults on the GPU: the emulation aborts instead.
 template <typename T>
 T __ldg(const T* p) {
