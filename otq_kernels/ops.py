@@ -17,6 +17,7 @@ from torch._C._functorch import peek_interpreter_stack as _functorch_transform
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import backends
+from .backends import _device
 from .format import QuantizedTensor, check_bits, padded_k, plane_widths
 from .quantizers import fit_rows_reference
 
@@ -36,7 +37,7 @@ def tuning_table(gpu_name: str) -> dict:
 
 
 def _gpu_table(device: torch.device) -> dict:
-    return tuning_table(torch.cuda.get_device_name(device))
+    return tuning_table(_device.gpu_name(device))
 
 
 _OP_FUNCTION = {"linear": "linear", "conv2d": "conv2d", "fit": "fit_rows", "pack": "pack",

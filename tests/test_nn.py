@@ -217,11 +217,11 @@ def test_tiny_unet_on_triton_matches_reference(monkeypatch):
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("CPU interpreter test")
-    from otq_kernels.backends.triton import conv, matmul
+    from otq_kernels.backends import _device
+    from otq_kernels.backends.triton import conv
     from otq_kernels.demo import random_model
 
-    monkeypatch.setattr(conv, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(matmul, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(_device, "sm_count", lambda device: 132)
     kernels = []
     for name in ("_reduce_splits", "linear_triton"):  # count the paths taken
         real = getattr(conv, name)

@@ -218,10 +218,10 @@ def test_default_tuning_table_has_every_op():
 
 def test_cuda_tensor_cores_follow_tuning_table(monkeypatch):
     """cuda.linear(tensor_cores=None) asks the GPU's tuning entry; the shipped default is off."""
-    from otq_kernels.backends import cuda
+    from otq_kernels.backends import _device, cuda
 
     assert ops.tuning_table("some unknown GPU")["linear"]["cuda_tensor_cores"] is False
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
     monkeypatch.setattr(ops, "tuning_table", lambda name: {
         "linear": {"cuda_tensor_cores": name == "GPU X"}})
     assert cuda.tuned_for_tensor_cores(torch.device("cuda", 0)) is True

@@ -15,6 +15,7 @@ import torch
 
 from .._native import native, unavailable_reason
 from ..format import QuantizedTensor, check_codes, padded_k, plane_widths
+from . import _device
 from ._native_args import (
     aligned,
     checked_codebook,
@@ -54,10 +55,9 @@ def tensor_cores_support(dtype: torch.dtype, bits: int) -> bool:
 
 def tuned_for_tensor_cores(device: torch.device) -> bool:
     """Whether the tuning table of this GPU says the mma kernel beat the LUT GEMV."""
-    from ..ops import tuning_table  # ops imports the backends
+    from ..ops import _gpu_table  # ops imports the backends
 
-    table = tuning_table(torch.cuda.get_device_name(device))
-    return bool(table.get("linear", {}).get("cuda_tensor_cores", False))
+    return bool(_gpu_table(device).get("linear", {}).get("cuda_tensor_cores", False))
 
 
 def split_k_for(n: int, k: int, sms: int) -> int:
@@ -108,7 +108,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         b = bias.to(x.dtype).contiguous()  # the kernels read it as x's type, like reference
     with torch.cuda.device(dev):
         if split_k is None:
-            split_k = split_k_for(n, k, torch.cuda.get_device_properties(dev).multi_processor_count)
+            split_k = split_k_for(n, k, _device.sm_count(dev))
         if not isinstance(split_k, int) or split_k < 1:
             raise ValueError(f"split_k must be a positive int, got {split_k!r}")
         split_k = min(split_k, padded_k(k) // GROUP)  # no empty splits: smaller workspace

@@ -104,9 +104,10 @@ def test_pointwise_routing():
 
 
 def test_split_heuristic_fills_the_gpu(monkeypatch):
+    from otq_kernels.backends import _device
     from otq_kernels.backends.triton import conv
 
-    monkeypatch.setattr(conv, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(_device, "sm_count", lambda device: 132)
     gpu = torch.device("cuda", 0)
     assert conv.choose_conv_split(49, 256, 256, 1, gpu) == 16  # 8 tiles; C / 16 caps it
     assert conv.choose_conv_split(196, 256, 256, 1, gpu) == 10  # 28 tiles -> 280 programs

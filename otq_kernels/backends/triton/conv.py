@@ -28,9 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _device
 from ._grid import cdiv, next_power_of_2
 from .decode import _decode_gather, _grouped_tile, codebook_args, plane_args
-from .matmul import GEMV_MAX_M, _dot_precision, _k_range, _reduce_splits, _sm_count, linear_triton
+from .matmul import GEMV_MAX_M, _dot_precision, _k_range, _reduce_splits, linear_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KERNELS = ("implicit", "linear")
@@ -156,7 +157,7 @@ def choose_conv_split(m: int, n_g: int, c_g: int, groups: int, device: torch.dev
     """Channel-block splits so that about two waves of programs run (1 when the tiles fill
     the GPU): a batch-1 UNet conv at 7x7 (M = 49, N = 256) has only 8 tiles of 32x64."""
     tiles = cdiv(m, 32) * cdiv(n_g, 64) * groups
-    wanted = cdiv(2 * _sm_count(device), tiles)
+    wanted = cdiv(2 * _device.sm_count(device), tiles)
     return int(max(1, min(wanted, c_g // MIN_BLOCK_C, MAX_SPLIT)))
 
 

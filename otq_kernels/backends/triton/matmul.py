@@ -21,7 +21,6 @@ spills registers on sm_90.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -29,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ...format import plane_widths
+from .. import _device
 from ._grid import cdiv, next_power_of_2
 from .decode import (
     _decode_field,
@@ -290,19 +290,12 @@ def choose_kernel(m: int) -> str:
     return "splitk" if m <= SPLITK_MAX_M else "gemm"
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def choose_split_k(kernel: str, m: int, n: int, k: int, device: torch.device) -> int:
     """K splits so that about two waves of programs run; 1 for gemm or when N fills the GPU."""
     if kernel == "gemm":
         return 1
     tiles = cdiv(n, 64) * (cdiv(m, GEMV_MAX_M) if kernel == "gemv" else cdiv(m, 16))
-    wanted = cdiv(2 * _sm_count(device), tiles)
+    wanted = cdiv(2 * _device.sm_count(device), tiles)
     return int(max(1, min(wanted, k // 512, 32)))
 
 
