@@ -8,9 +8,9 @@
 // "pair indices" straight out of the packed words (plane p contributes its
 // 2 * w_p bits, at bit 2 * offset_p) and looks each up in a shared table of packed
 // half2/bf162 pairs: one shared load per two weights, no per-weight decode. Tables have
-// 2^(2 * bits) entries (2 and 3 bits: 256, indexed by a byte that holds the pair, see
-// kByteTable), one copy per lane so that look-ups never conflict: [entry][32] per layer,
-// [2][entry][32] per channel (the lane's rows g and g + 8; 64 KB at 2-4 bits).
+// 256 entries (4 bits: the pair index; 2 and 3 bits: a byte that holds the pair, see
+// kEntries), one copy per lane so that look-ups never conflict: [entry][32] per layer
+// (32 KB), [2][entry][32] per channel (the lane's rows g and g + 8; 64 KB).
 // Accumulation in fp32 (mma), the warps' results summed in shared memory; split-K and bias
 // as in lut_gemv.cu.
 #include "common.cuh"
@@ -27,82 +27,75 @@ constexpr int kTileBatch = 8;  // the mma's N: rows of x per n-tile
 constexpr int kMaxTiles = kMmaMaxM / kTileBatch;  // n-tiles per launch, sharing each A
 constexpr int kMaxMmaBits = 4;
 
-template <int BITS>
-constexpr int kPairCount = 1 << (2 * BITS);
+// Every table has 256 entries (one byte of index): 4 bits: the pair index (both codes);
+// 2 and 3 bits: a byte that holds the pair among other bits, so that the index is one
+// PRMT as at 4 bits. 2 bits: a byte of codes (two pairs; lanes with odd t take the high
+// one). 3 bits: a byte of the lane's merged word (merged_pairs). entry_codes says which
+// pair each entry stands for.
+constexpr int kEntries = 256;
 
-// 2- and 3-bit tables are indexed by a byte that holds the pair among other bits, so that
-// the index is one PRMT as at 4 bits. 2 bits: a byte of codes (two pairs; lanes with odd t
-// take the high one). 3 bits: a byte of the lane's merged word (merged_pairs), whose
-// plane-0 nibble and plane-1 bit pair sit where byte_pair_index says.
 template <int BITS>
 constexpr bool kByteTable = BITS == 2 || BITS == 3;
 
-// Table entries per lane copy: pairs, or bytes for kByteTable.
-template <int BITS>
-constexpr int kEntries = kByteTable<BITS> ? 256 : kPairCount<BITS>;
-
 // Table words: one copy of every entry per lane, per layer or (per channel) for each of
 // the lane's two A rows: [r][entry][lane], lane-major so that any 32 look-ups hit 32 banks.
-template <int BITS>
 OTQ_HD constexpr int table_words(bool per_channel) {
-  return kEntries<BITS> * kWarpSize * (per_channel ? 2 : 1);
+  return kEntries * kWarpSize * (per_channel ? 2 : 1);
 }
 
-// Code of column `which` (0 or 1) of a pair index.
+// The two codes (columns c, c + 1) that table entry low + 16 * high (its nibbles) stands
+// for in lanes with even (odd = false) or odd t.
+struct CodePair {
+  int first, second;
+};
+
 template <int BITS>
-__device__ __forceinline__ int pair_code(int index, int which) {
-  constexpr PlaneSpec spec = plane_spec(BITS);
-  int code = 0;
-#pragma unroll
-  for (int p = 0; p < spec.count; ++p) {
-    const int w = spec.width[p];
-    const int field = (index >> (2 * spec.offset[p])) & ((1 << (2 * w)) - 1);
-    code |= ((field >> (which * w)) & ((1 << w) - 1)) << spec.offset[p];
-  }
-  return code;
+OTQ_HD constexpr CodePair entry_codes(int low, int high, bool odd) {
+  if (BITS == 4) return {low, high};  // the pair index, both codes' 4 bits
+  const int nibble = odd ? high : low;  // 2 bits: a byte of 4 codes, the lane's half of it
+  if (BITS == 2) return {nibble & 3, nibble >> 2};
+  // 3 bits (merged_pairs): the plane-0 nibble as at 2 bits, the plane-1 pair at bit 4 of
+  // the byte (even t) or bit 2 (odd t).
+  const int plane1 = odd ? low >> 2 : high & 3;
+  return {(nibble & 3) | (plane1 & 1) << 2, (nibble >> 2) | (plane1 >> 1) << 2};
 }
 
-// Pair index of the table byte `byte` for lanes with even (odd = false) or odd t.
-template <int BITS>
-OTQ_HD constexpr int byte_pair_index(int byte, bool odd) {
-  if (BITS == 2) return odd ? byte >> 4 : byte & 15;
-  // 3 bits: plane-0 nibble in the low (even t) or high (odd t) half, plane-1 pair at bit 4
-  // (even t) or 2 (odd t).
-  const int nibble = odd ? byte >> 4 : byte & 15, high = byte >> (odd ? 2 : 4) & 3;
-  return nibble | high << 4;
+template <typename T>
+__device__ __forceinline__ uint32_t pair_entry(const float* __restrict__ book, CodePair codes) {
+  return pack2(from_float<T>(book[codes.first]), from_float<T>(book[codes.second]));
 }
 
-template <typename T, int BITS>
-__device__ __forceinline__ uint32_t pair_entry(const float* __restrict__ book, int index) {
-  return pack2(from_float<T>(__ldg(book + pair_code<BITS>(index, 0))),
-               from_float<T>(__ldg(book + pair_code<BITS>(index, 1))));
-}
-
-// table[(r * pairs + pair) * 32 + lane] (r = 0 only per layer), written 16 bytes at a
-// time: the 4 lanes 4g..4g+3 share A rows g + 8r, i.e. uint4 i holds lanes 4(i % 8)..+3.
-// Per channel the entry comes from row block_row + i % 8 + 8r (zeros past n).
+// table[(r * entries + entry) * 32 + lane] (r = 0 only per layer), written 16 bytes at a
+// time: the 4 lanes 4g..4g+3 share A rows g + 8r, i.e. uint4 (r * entries + entry) * 8 + g
+// holds lanes 4g..4g+3. Thread x writes quad g = x % 8 of the entries with low nibble
+// x / 8, so its codebook row (block_row + g + 8r per channel, clamped to n - 1) is fixed
+// and, with the high nibble unrolled, codebook reads and stores sit at immediate offsets
+// from per-thread bases: no per-entry index arithmetic. All reads precede the stores.
 template <typename T, int BITS, bool PER_CHANNEL>
 __device__ __forceinline__ void build_pair_tables(uint32_t* table,
                                                   const float* __restrict__ codebook,
                                                   int64_t block_row, int64_t n) {
   constexpr int kQuads = kWarpSize / 4;
-  for (int i = threadIdx.x; i < table_words<BITS>(PER_CHANNEL) / 4; i += kThreads) {
-    const int index = i / kQuads % kEntries<BITS>;
-    const float* book = codebook;
-    bool valid = true;
-    if constexpr (PER_CHANNEL) {
-      const int64_t row = block_row + i % kQuads + 8 * (i / (kQuads * kEntries<BITS>));
-      valid = row < n;
-      book = codebook + row * (1 << BITS);
+  constexpr int kHighs = kEntries / (kThreads / kQuads);  // entries per thread and row
+  static_assert(kHighs == 16, "a thread's entries share their low nibble");
+  const int g = threadIdx.x % kQuads, low = threadIdx.x / kQuads;
+  uint4* out = reinterpret_cast<uint4*>(table) + low * kQuads + g;
+#pragma unroll
+  for (int r = 0; r < (PER_CHANNEL ? 2 : 1); ++r) {
+    const int64_t row = min(block_row + g + 8 * r, n - 1);  // as LaneTile clamps A rows
+    const float* book = PER_CHANNEL ? codebook + row * (1 << BITS) : codebook;
+    uint32_t lo[kHighs], hi[kHighs];  // the entries of lanes with even and odd t
+#pragma unroll
+    for (int high = 0; high < kHighs; ++high) {
+      lo[high] = pair_entry<T>(book, entry_codes<BITS>(low, high, false));
+      hi[high] = kByteTable<BITS> ? pair_entry<T>(book, entry_codes<BITS>(low, high, true))
+                                  : lo[high];
     }
-    uint32_t lo = 0u, hi = 0u;  // the entries of lanes with even and odd t
-    if (valid) {
-      lo = pair_entry<T, BITS>(book, kByteTable<BITS> ? byte_pair_index<BITS>(index, false)
-                                                     : index);
-      hi = kByteTable<BITS> ? pair_entry<T, BITS>(book, byte_pair_index<BITS>(index, true))
-                            : lo;
+#pragma unroll
+    for (int high = 0; high < kHighs; ++high) {
+      const uint4 quad = make_uint4(lo[high], hi[high], lo[high], hi[high]);
+      out[(r * kEntries + 16 * high) * kQuads] = quad;
     }
-    reinterpret_cast<uint4*>(table)[i] = make_uint4(lo, hi, lo, hi);
   }
 }
 
@@ -117,7 +110,7 @@ __device__ __forceinline__ uint32_t byte_selector(int t) {
 
 // 3 bits: a lane's plane-0 nibble of each pair sits at bit 4 * (t % 2) of its byte and the
 // plane-1 bit pair at bit 2t of byte 2h + q; rotating the plane-1 word left by this moves
-// the pair beside the nibble, to bit 4 (even t) or 2 (odd t), as byte_pair_index reads it.
+// the pair beside the nibble, to bit 4 (even t) or 2 (odd t), as entry_codes reads it.
 __device__ __forceinline__ uint32_t plane1_rotation(int t) {
   return t == 0 ? 4u : t == 3 ? 28u : 0u;
 }
@@ -161,7 +154,7 @@ struct LaneTile {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       lane_table[r] =
-          shared_addr(table_ + (PER_CHANNEL ? r * kEntries<BITS> * kWarpSize : 0) + lane);
+          shared_addr(table_ + (PER_CHANNEL ? r * kEntries * kWarpSize : 0) + lane);
       rows[r] = GroupWords<BITS>::rows_of(planes, min(block_row + g + 8 * r, n - 1));
     }
 #pragma unroll
@@ -287,7 +280,7 @@ struct MmaKernels {
   template <typename T, int BITS>
   static int run(const GemvArgs& a) {
     const int sum_words = kThreads * 4 * kMaxTiles;
-    const int words = table_words<BITS>(a.per_channel);
+    const int words = table_words(a.per_channel);
     const size_t smem = sizeof(uint32_t) * (words > sum_words ? words : sum_words);
     const T* x = a.x_as<T>();
     const bool vec_x = a.k % 2 == 0 && reinterpret_cast<uintptr_t>(x) % 4 == 0;
