@@ -135,7 +135,8 @@ def _run_linear(x, qt: QuantizedTensor, bias, backend: str) -> torch.Tensor:
 def _run_conv2d(x, qt: QuantizedTensor, bias, stride, padding, dilation, groups,
                 backend: str) -> torch.Tensor:
     impl = backends.function(backend, "conv2d")
-    return impl(x, qt, bias, stride, padding, dilation, groups).contiguous()
+    y = impl(x, qt, bias, stride, padding, dilation, groups)
+    return y.contiguous(memory_format=backends.conv_output_format(x))
 
 
 def _plain_eager_call(x: torch.Tensor) -> bool:
@@ -176,7 +177,9 @@ def _codebook_conv2d_op(x: torch.Tensor, planes: list[torch.Tensor], codebook: t
 
 @_codebook_conv2d_op.register_fake
 def _(x, planes, codebook, bits, weight_shape, bias, stride, padding, dilation, groups, backend):
-    return x.new_empty(conv2d_output_shape(x.shape, weight_shape, stride, padding, dilation))
+    shape = conv2d_output_shape(x.shape, weight_shape, stride, padding, dilation)
+    return torch.empty(shape, dtype=x.dtype, device=x.device,
+                       memory_format=backends.conv_output_format(x))
 
 
 @torch.library.custom_op("otq::fit_codebook", mutates_args=())

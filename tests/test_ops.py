@@ -80,6 +80,25 @@ def test_opcheck_linear_and_conv():
     torch.library.opcheck(torch.ops.otq.codebook_conv2d.default, cargs)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_conv_output_layout_follows_x_and_fake_agrees(layout):
+    """y is channels-last exactly when x is (as torch's conv), and the fake kernel says the
+    same strides, so compiled graphs see the real layout."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cq = _qt(shape=(4, 3, 3, 3))
+    x = torch.randn(2, 3, 6, 5).to(memory_format=layout)
+    args = (cq.planes, cq.codebook, cq.bits, list(cq.shape), None, [1, 1], [1, 1], [1, 1], 1,
+            "reference")
+    y = torch.ops.otq.codebook_conv2d(x, *args)
+    assert y.is_contiguous(memory_format=layout)
+    assert ops.codebook_conv2d(x, cq, padding=1).is_contiguous(memory_format=layout)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = torch.ops.otq.codebook_conv2d(mode.from_tensor(x), *args)
+    assert fake.stride() == y.stride()
+    torch.library.opcheck(torch.ops.otq.codebook_conv2d.default, (x, *args))
+
+
 def test_opcheck_fit_pack_unpack():
     rows = torch.randn(3, 40)
     torch.library.opcheck(torch.ops.otq.fit_codebook.default, (rows, 3, "ot", "rank", "reference"))

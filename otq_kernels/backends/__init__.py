@@ -3,7 +3,8 @@
 Interface (a backend defines the ones it supports):
 - ``unavailable(device) -> str | None``: why it cannot run on ``device`` (None = it can).
 - ``linear(x [M, K], qt, bias [N] | None) -> [M, N]`` in x.dtype.
-- ``conv2d(x [B, C, H, W], qt, bias, stride, padding, dilation, groups) -> [B, N, OH, OW]``.
+- ``conv2d(x [B, C, H, W], qt, bias, stride, padding, dilation, groups) -> [B, N, OH, OW]``
+  (ops makes it dense in ``conv_output_format(x)``).
 - ``fit_rows(rows [R, n] float, bits, assign) -> (codes int [R, n], centroids f32 [R, 2**b])``
   for the "ot" method.
 - ``pack(codes [N, K], bits) -> planes``; ``unpack(planes, bits, k) -> codes int64 [N, k]``.
@@ -12,6 +13,8 @@ Interface (a backend defines the ones it supports):
 from __future__ import annotations
 
 import importlib
+
+import torch
 
 NAMES = ("reference", "dequant", "triton", "cuda", "cpu")
 
@@ -29,3 +32,12 @@ def function(name: str, op: str):
     if impl is None:
         raise NotImplementedError(f"backend {name!r} does not implement {op!r}")
     return impl
+
+
+def conv_output_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a conv2d output: channels-last when x [B, C, H, W] is (and is
+    not also NCHW-contiguous, as when C = 1 or H = W = 1), like torch's convolutions, so a
+    channels-last network stays channels-last; contiguous NCHW otherwise."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _device
+from .. import _device, conv_output_format
 from ._grid import cdiv, next_power_of_2
 from .decode import _decode_gather, _grouped_tile, codebook_args, plane_args
 from .matmul import GEMV_MAX_M, _dot_precision, _k_range, _reduce_splits, linear_triton
@@ -164,7 +164,8 @@ def choose_conv_split(m: int, n_g: int, c_g: int, groups: int, device: torch.dev
 def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=1, padding=0,
                   dilation=1, groups: int = 1, kernel: str | None = None,
                   split_k: int | None = None) -> torch.Tensor:
-    """x [B, C, H, W] (any strides) -> y [B, N, OH, OW] (contiguous NCHW, x.dtype).
+    """x [B, C, H, W] (any strides) -> y [B, N, OH, OW] in x.dtype, dense in
+    ``conv_output_format(x)`` (channels-last for a channels-last x, else NCHW).
 
     qt: codebook weight [N, C / groups, KH, KW]. kernel: "implicit" or "linear" to force
     a path ("linear" only for 1x1 / stride 1 / no padding / groups 1); None picks.
@@ -180,6 +181,7 @@ def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     m = b * oh * ow
+    out_format = conv_output_format(x)
     kernel = kernel or _choose_kernel(x, qt, m, stride, padding, groups)
     if kernel not in KERNELS:
         raise ValueError(f"unknown conv kernel {kernel!r}; choose one of {KERNELS}")
@@ -188,8 +190,8 @@ def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=
             raise ValueError("kernel='linear' needs a 1x1 conv with stride 1, padding 0, groups 1")
         x_nhwc = x.permute(0, 2, 3, 1).contiguous()
         y = linear_triton(x_nhwc.view(b * h * w, c_in), _as_matrix(qt), bias)
-        return y.view(b, h, w, n_out).permute(0, 3, 1, 2).contiguous()
-    y = torch.empty(b, n_out, oh, ow, dtype=x.dtype, device=x.device)
+        return y.view(b, h, w, n_out).permute(0, 3, 1, 2).contiguous(memory_format=out_format)
+    y = torch.empty(b, n_out, oh, ow, dtype=x.dtype, device=x.device, memory_format=out_format)
     if y.numel() == 0:
         return y
     x_nhwc = _activation_view(x, m)
@@ -200,10 +202,20 @@ def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=
     if split == 1:
         _launch(x_nhwc, qt, bias, y, 1, stride, padding, dilation, groups)
         return y
-    partials = torch.empty(split, *y.shape, dtype=torch.float32, device=x.device)
+    partials = _partials_like(y, split)
     _launch(x_nhwc, qt, None, partials, split, stride, padding, dilation, groups)
     _reduce_splits(partials, bias, y)
     return y
+
+
+def _partials_like(y: torch.Tensor, split: int) -> torch.Tensor:
+    """float32 [split, *y.shape] whose every split is laid out like y (NCHW or
+    channels-last), so that the reduce kernel sums flat offsets."""
+    b, n, oh, ow = y.shape
+    if y.is_contiguous():
+        return torch.empty(split, b, n, oh, ow, dtype=torch.float32, device=y.device)
+    nhwc = torch.empty(split, b, oh, ow, n, dtype=torch.float32, device=y.device)
+    return nhwc.permute(0, 1, 4, 2, 3)
 
 
 def _as_matrix(qt):

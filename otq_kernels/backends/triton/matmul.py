@@ -252,10 +252,11 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, numel, N, inner, SPLIT_K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """y (contiguous, numel) = sum over splits of ws [SPLIT_K, *y.shape] float32, + bias.
+    """y (dense, numel) = sum over splits of ws [SPLIT_K, numel] float32 (same element
+    order), + bias.
 
-    bias [N] runs along y's dimension of stride ``inner``: y [M, N] has inner = 1, an NCHW
-    conv output [B, N, OH, OW] inner = OH * OW.
+    bias [N] runs along y's dimension of stride ``inner``: y [M, N] and a channels-last
+    conv output have inner = 1, an NCHW conv output [B, N, OH, OW] inner = OH * OW.
     """
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64 like numel
     mask = offs < numel
@@ -378,8 +379,9 @@ def field_major(x: torch.Tensor, w0: int) -> torch.Tensor:
 
 
 def _reduce_splits(partials: torch.Tensor, bias, y: torch.Tensor) -> None:
-    """y = partials [S, *y.shape].sum(0) + bias along y's dimension 1, in y.dtype (y
-    contiguous: [M, N] for linear, [B, N, OH, OW] for conv)."""
+    """y = partials [S, *y.shape].sum(0) + bias along y's dimension 1, in y.dtype. y is
+    dense ([M, N] for linear; NCHW or channels-last [B, N, OH, OW] for conv) and every
+    split of partials is laid out like it: the kernel sums flat offsets."""
     block = 64 if INTERPRET else 1024
     numel = y.numel()
     _splitk_reduce_kernel[(cdiv(numel, block),)](
