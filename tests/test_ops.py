@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import otq_kernels as otq
-from otq_kernels import ops
+from otq_kernels import backends, ops
 
 
 def _qt(shape=(9, 13), bits=4, granularity="channel"):
@@ -78,6 +78,16 @@ def test_opcheck_linear_and_conv():
     cargs = (torch.randn(1, 2, 6, 5), cq.planes, cq.codebook, cq.bits, list(cq.shape), None,
              [1, 1], [1, 1], [1, 1], 1, "reference")
     torch.library.opcheck(torch.ops.otq.codebook_conv2d.default, cargs)
+
+
+def test_output_format_follows_torch():
+    nchw = torch.empty(2, 3, 4, 5)
+    assert backends.conv_output_format(nchw) == torch.contiguous_format
+    nhwc = nchw.to(memory_format=torch.channels_last)
+    assert backends.conv_output_format(nhwc) == torch.channels_last
+    one_channel = torch.empty(2, 1, 4, 5).to(memory_format=torch.channels_last)  # both
+    assert backends.conv_output_format(one_channel) == torch.contiguous_format
+    assert backends.conv_output_format(nchw[:, :, ::2]) == torch.contiguous_format
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=str)

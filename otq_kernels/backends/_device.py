@@ -1,7 +1,7 @@
 """Facts about a CUDA device that dispatch asks on every call, read once per device.
 
-``torch.cuda.get_device_properties`` costs microseconds of Python per call; a quantized
-UNet step asks it for every layer.
+``torch.cuda.get_device_properties`` goes through Python wrappers on each call; a
+quantized UNet step would ask it for every layer.
 """
 
 from __future__ import annotations

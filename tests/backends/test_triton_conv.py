@@ -134,16 +134,6 @@ def test_channels_last_input_gives_channels_last_output(ksize, kernel, split_k, 
     assert y.stride(1) == 1 and not y.is_contiguous()
 
 
-def test_output_format_follows_torch():
-    nchw = torch.empty(2, 3, 4, 5)
-    assert otq.backends.conv_output_format(nchw) == torch.contiguous_format
-    nhwc = nchw.to(memory_format=torch.channels_last)
-    assert otq.backends.conv_output_format(nhwc) == torch.channels_last
-    one_channel = torch.empty(2, 1, 4, 5).to(memory_format=torch.channels_last)  # both
-    assert otq.backends.conv_output_format(one_channel) == torch.contiguous_format
-    assert otq.backends.conv_output_format(nchw[:, :, ::2]) == torch.contiguous_format
-
-
 def test_through_ops(device):
     qt = make_qt((6, 2, 3, 3), 4, "channel", device)
     x = randn((2, 4, 5, 7), device, torch.float32)
