@@ -7,7 +7,7 @@ both granularities and M ∈ {1, 4, 16, 64, 256, 1024, 4096}, it times:
 - ``fp16``: F.linear with the dense fp16 weight (cuBLAS), the ratio's numerator;
 - ``dequant``: expand to a transient dense weight, then cuBLAS (the dequantized baseline);
 - ``triton`` (kernel ``auto`` = what dispatch runs, plus each forced kernel gemv /
-  splitk / gemm / gemm_strided where its M range makes sense);
+  splitk / splitk_fm / gemm / gemm_strided where its M range makes sense);
 - ``cuda``: the hand-written LUT GEMV (small M), and its tensor-core kernel (``lut_mma``,
   fp16/bf16 and 2-4 bits; timed, never picked by dispatch);
 - on CPU also ``reference`` and the C++ ``cpu`` backend.
@@ -20,8 +20,9 @@ and the fraction of it reached, and the relative error vs the fp16 dense result.
 
 ``--preset goal`` (the GPU suite's first benchmark) runs only issue 6's goal grid: the two
 goal shapes, M ∈ {1, 16, 256, 1024}, bits 4/2/3/8, both granularities, Triton ``auto``
-(and ``gemm_strided`` at M > 64: the GEMM on unpermuted x, to measure the field-major
-copy's worth), CUDA and dequant; ``--preset unet`` the UNet shapes and 4096² on the
+(and ``gemm_strided`` at M > 64: the GEMM on unpermuted x, and ``splitk_fm`` at M <= 64:
+splitk on field-major x, to measure the field-major copy's worth both ways), CUDA and
+dequant; ``--preset unet`` the UNet shapes and 4096² on the
 whole grid (what the dispatch crossovers of the UNet depend on); ``--preset full``
 (default) everything above. Explicit options override the preset's values.
 """
@@ -36,7 +37,10 @@ GOAL_SHAPES = [("goal", 8192, 8192), ("goal", 14336, 4096), ("large", 4096, 4096
 DEFAULT_MS = [1, 4, 16, 64, 256, 1024, 4096]
 GOAL_MS = [1, 16, 256, 1024]
 # Forced Triton kernels and the largest M each is timed at (None = every M).
-TRITON_KERNELS = {"gemv": 16, "splitk": 256, "gemm": None, "gemm_strided": None}
+TRITON_KERNELS = {"gemv": 16, "splitk": 256, "splitk_fm": 64, "gemm": None,
+                  "gemm_strided": None}
+# the goal preset: dispatch's pick, and each M range's kernel on the other x layout
+GOAL_KERNELS = ["auto", "splitk_fm", "gemm_strided"]
 GEMM_MIN_M = 65  # the GEMM kernels are timed from here (smaller M is splitk's)
 # The CUDA LUT GEMV runs M in chunks of 8 rows (one weight pass each): pointless beyond this.
 CUDA_MAX_M = 64
@@ -242,8 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--granularity", default=None,
                    help="comma-separated (default channel,tensor)")
     p.add_argument("--kernels", default=None,
-                   help="Triton kernels to time: auto,gemv,splitk,gemm,gemm_strided "
-                        "(default all; goal: auto,gemm_strided)")
+                   help=f"Triton kernels to time: auto,{','.join(TRITON_KERNELS)} "
+                        f"(default all; goal: {','.join(GOAL_KERNELS)})")
     p.add_argument("--shapes", default=None, help="comma-separated NxK (default: goal + UNet)")
     p.add_argument("--backends", default=None,
                    help="comma-separated (default GPU: triton,cuda,dequant; CPU: "
@@ -262,7 +266,7 @@ def main(argv=None) -> int:
     bits_list = common.csv_ints(args.bits) if args.bits else ([3] if args.smoke else [4, 2, 3, 8])
     grans = common.csv_strs(args.granularity or "channel,tensor")
     kernels = common.csv_strs(args.kernels) if args.kernels else \
-        (["auto", "gemm_strided"] if goal else None)
+        (GOAL_KERNELS if goal else None)
     default_backends = "triton,cuda,dequant" if gpu else "reference,cpu,triton,dequant"
     backends = common.csv_strs(args.backends or default_backends)
     shapes, source = shape_list(args)

@@ -122,15 +122,18 @@ def linear_jobs():
                 if dt == "fp16" and pc:
                     jobs += gemv_jobs(types, flags)
                 splitk = matmul._dot_configs("splitk")
-                gemm = matmul._prune_dot(matmul._dot_configs("gemm"), {
-                    "M": 8192, "N": 8192, "K": 8192, "W0": w0, "X_FIELD_MAJOR": True,
-                    "x_ptr": torch.empty(0, dtype=TORCH_DT[dt])})
-                cfgs = [(c, False) for c in splitk] + [(c, True) for c in gemm]
+                fm_args = {"N": 8192, "K": 8192, "W0": w0, "X_FIELD_MAJOR": True,
+                           "x_ptr": torch.empty(0, dtype=TORCH_DT[dt])}
+                splitk_fm = matmul._prune_dot(splitk, {**fm_args, "M": 64})
+                gemm = matmul._prune_dot(matmul._dot_configs("gemm"), {**fm_args, "M": 8192})
+                cfgs = ([(c, False) for c in splitk] + [(c, True) for c in splitk_fm]
+                        + [(c, True) for c in gemm])
                 if not (dt == "fp16" and pc):
                     cfgs = cfgs[:1] + cfgs[-1:]
                 for c, field_major in cfgs:
                     prec = "ieee" if dt == "fp32" else "tf32"
-                    name = f"dot {dt} W{w0}{w1}{w2} {pc=} {c.kwargs} w{c.num_warps}/{c.num_stages}"
+                    name = (f"dot {dt} W{w0}{w1}{w2} {pc=} {field_major=} {c.kwargs} "
+                            f"w{c.num_warps}/{c.num_stages}")
                     jobs.append((name, matmul._linear_gemm_kernel, types,
                                  {**flags, **c.kwargs, "DOT_PRECISION": prec,
                                   "X_FIELD_MAJOR": field_major},

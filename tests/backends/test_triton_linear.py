@@ -42,7 +42,7 @@ def test_odd_shapes_auto_dispatch(m, n, k, dtype, device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("split_k", [1, 2, 3, 5])
-@pytest.mark.parametrize("kernel", ["gemv", "splitk"])
+@pytest.mark.parametrize("kernel", ["gemv", "splitk", "splitk_fm"])
 def test_split_k(kernel, split_k, dtype, device):
     m = 3 if kernel == "gemv" else 17
     check_linear(m, 7, 161, 7, "tensor", dtype, device, kernel=kernel, split_k=split_k)
@@ -84,9 +84,10 @@ def test_field_major_puts_each_fields_columns_together(w0):
         assert torch.equal(x_fm[:, col], want), (col, src)
 
 
-def test_gemm_layouts_are_tuned_apart():
-    """A config tuned for gemm_strided may not fit field-major x's shared memory."""
+def test_x_layouts_are_tuned_apart():
+    """A config tuned for strided x may not fit field-major x's shared memory."""
     assert "X_FIELD_MAJOR" in matmul._gemm_tuned.keys
+    assert "X_FIELD_MAJOR" in matmul._splitk_tuned.keys
     config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "FIELD_K": 16, "GROUP_M": 8},
                            num_warps=8, num_stages=3)
     args = {"M": 4096, "N": 4096, "K": 4096, "W0": 2, "x_ptr": torch.empty(0).half()}
@@ -96,7 +97,7 @@ def test_gemm_layouts_are_tuned_apart():
     assert matmul._prune_dot([config, smaller], {**args, "X_FIELD_MAJOR": True}) == [smaller]
 
 
-@pytest.mark.parametrize("kernel", ["splitk", "gemm", "gemm_strided"])
+@pytest.mark.parametrize("kernel", ["splitk", "splitk_fm", "gemm", "gemm_strided"])
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_dot_several_k_tiles(bits, kernel, device):
     """Per-field tl.dot kernels over 3+ K tiles (2-bit tiles are 256 wide) and a K tail."""
@@ -187,3 +188,14 @@ def test_cuda_graph_capture_after_warmup(m):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager)
+
+
+@pytest.mark.parametrize("kernel,reorders", [("splitk", False), ("splitk_fm", True),
+                                             ("gemm", True), ("gemm_strided", False)])
+def test_which_kernels_read_field_major_x(kernel, reorders, monkeypatch, device):
+    """The *_fm / gemm kernels run on field_major(x), the strided ones on x itself."""
+    calls = []
+    real = matmul.field_major
+    monkeypatch.setattr(matmul, "field_major", lambda x, w0: calls.append(w0) or real(x, w0))
+    check_linear(20, 9, 70, 4, "channel", torch.float32, device, kernel=kernel)
+    assert calls == ([4] if reorders else [])

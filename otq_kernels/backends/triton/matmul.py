@@ -4,15 +4,17 @@ Three kernels (``KERNELS``), chosen by M (:func:`choose_kernel`) unless forced:
 
 - ``gemv``   M <= 8: broadcast-multiply + ``tl.sum`` in float32; each program decodes a
   [BLOCK_N, BLOCK_K] weight tile once and applies it to up to 8 activation rows.
-- ``splitk`` 8 < M <= 64: ``tl.dot`` tiles with a small BLOCK_M.
+- ``splitk`` 8 < M <= 64: ``tl.dot`` tiles with a small BLOCK_M, x read in place
+  (strided activation loads). ``splitk_fm`` is the same on field-major x (below; forced
+  only, kept to measure whether the copy pays at small M).
 - ``gemm``   M > 64: ``tl.dot`` tiles, grouped program order, no split; x is first
   reordered field-major per K tile (:func:`field_major`, one copy of x) so that every
   activation load in the K loop is contiguous (vectorized and pipelined by Triton).
   ``gemm_strided`` is the same kernel on x as it is (strided loads; kept to measure
   the copy's worth).
 
-``gemv`` and ``splitk`` split K over ``split_k`` programs when N alone cannot fill the
-GPU; float32 partials go to a workspace [split_k, M, N] that ``_splitk_reduce_kernel``
+``gemv`` and the splitk kernels split K over ``split_k`` programs when N alone cannot
+fill the GPU; float32 partials go to a workspace [split_k, M, N] that ``_splitk_reduce_kernel``
 sums (deterministic, no atomics), adding the bias and casting to x.dtype. The dense
 weight is never materialized: codes are unpacked and looked up tile by tile, one field
 position of the packed words at a time (``decode._decode_field``), so no kept config
@@ -39,7 +41,8 @@ from .decode import (
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KERNELS = ("gemv", "splitk", "gemm", "gemm_strided")
+KERNELS = ("gemv", "splitk", "splitk_fm", "gemm", "gemm_strided")
+FIELD_MAJOR_KERNELS = ("splitk_fm", "gemm")  # the kernels that read field_major(x)
 GEMV_MAX_M = 8
 SPLITK_MAX_M = 64
 FIELD_K = 16  # K of one field's tl.dot (plane-0 words per K tile), the same in every config
@@ -273,10 +276,11 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, numel, N, inner, SPLIT_K: tl.
 _gemv_tuned = triton.autotune(_gemv_configs(), key=["M", "N", "K", "W0", "W1", "W2"],
                               prune_configs_by={"early_config_prune": _prune_gemv})(
     _linear_gemv_kernel)
-_splitk_tuned = triton.autotune(_dot_configs("splitk"), key=["M", "N", "K", "W0", "W1", "W2"],
+# X_FIELD_MAJOR is in the keys: its configs are pruned for shared memory, strided x's not
+_splitk_tuned = triton.autotune(_dot_configs("splitk"),
+                                key=["M", "N", "K", "W0", "W1", "W2", "X_FIELD_MAJOR"],
                                 prune_configs_by={"early_config_prune": _prune_dot})(
     _linear_gemm_kernel)
-# X_FIELD_MAJOR is in the key: its configs are pruned for shared memory, gemm_strided's not
 _gemm_tuned = triton.autotune(_dot_configs("gemm"),
                               key=["M", "N", "K", "W0", "W1", "W2", "X_FIELD_MAJOR"],
                               prune_configs_by={"early_config_prune": _prune_dot})(
@@ -312,7 +316,7 @@ def linear_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None,
     """x [M, K] -> y [M, N] in x.dtype with the codebook weight qt [N, K].
 
     kernel: one of KERNELS to force it (benchmarks, tests); None picks by M.
-    split_k: K splits for gemv/splitk (None: enough programs to fill the GPU).
+    split_k: K splits for gemv/splitk/splitk_fm (None: enough programs to fill the GPU).
     """
     if x.dim() != 2 or x.shape[1] != qt.k:
         raise ValueError(f"linear_triton: x must be [M, {qt.k}], got {list(x.shape)}")
@@ -331,7 +335,7 @@ def linear_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None,
     split = 1 if gemm else (split_k or choose_split_k(kernel, m, n, k, x.device))
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    if kernel == "gemm":
+    if kernel in FIELD_MAJOR_KERNELS:
         x = field_major(x, plane_widths(qt.bits)[0])
     _launch(kernel, x, qt, bias, out, split)
     if split > 1:
@@ -341,7 +345,7 @@ def linear_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None,
 
 def _launch(kernel: str, x, qt, bias, out, split: int) -> None:
     """Run ``kernel`` writing y [M, N] (split == 1) or partials [split, M, N] into ``out``
-    (for "gemm" x is ``field_major(x)``, wider than K)."""
+    (for FIELD_MAJOR_KERNELS x is ``field_major(x)``, wider than K)."""
     m, k, n = x.shape[0], qt.k, qt.n
     planes, strides, widths = plane_args(qt)
     book, stride_cbn, per_channel = codebook_args(qt)
@@ -355,10 +359,10 @@ def _launch(kernel: str, x, qt, bias, out, split: int) -> None:
         grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), split, cdiv(m, block_m))
         _gemv_tuned[grid](*args, **flags, BLOCK_M=block_m)
         return
-    tuned = _splitk_tuned if kernel == "splitk" else _gemm_tuned
+    tuned = _splitk_tuned if kernel.startswith("splitk") else _gemm_tuned
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)
     tuned[grid](*args, **flags, DOT_PRECISION=_dot_precision(x.dtype),
-                X_FIELD_MAJOR=kernel == "gemm")
+                X_FIELD_MAJOR=kernel in FIELD_MAJOR_KERNELS)
 
 
 def field_major(x: torch.Tensor, w0: int) -> torch.Tensor:
