@@ -1,6 +1,7 @@
 """Fused codebook linear: y = x @ W^T + bias with W decoded from bit planes in-kernel.
 
-Three kernels (``KERNELS``), chosen by M (:func:`choose_kernel`) unless forced:
+Three kernels, chosen by M (:func:`choose_kernel`) unless forced (``KERNELS`` also names
+two forced-only variants that read x in the other layout):
 
 - ``gemv``   M <= 8: broadcast-multiply + ``tl.sum`` in float32; each program decodes a
   [BLOCK_N, BLOCK_K] weight tile once and applies it to up to 8 activation rows.
