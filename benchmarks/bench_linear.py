@@ -23,7 +23,8 @@ goal shapes, M ∈ {1, 16, 256, 1024}, bits 4/2/3/8, both granularities, Triton 
 (and ``gemm_strided`` at M > 64: the GEMM on unpermuted x, and ``splitk_fm`` at M <= 64:
 splitk on field-major x, to measure the field-major copy's worth both ways), CUDA and
 dequant; ``--preset unet`` the UNet shapes and 4096² on the whole grid (what the
-dispatch crossovers of the UNet depend on); ``--preset full`` (default) everything above. Explicit options override the preset's values.
+dispatch crossovers of the UNet depend on); ``--preset full`` (default) everything above.
+Explicit options override the preset's values.
 """
 
 from __future__ import annotations
