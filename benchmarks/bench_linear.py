@@ -42,6 +42,7 @@ TRITON_KERNELS = {"gemv": 16, "splitk": 256, "splitk_fm": 64, "gemm": None,
 # the goal preset: dispatch's pick, and each M range's kernel on the other x layout
 GOAL_KERNELS = ["auto", "splitk_fm", "gemm_strided"]
 GEMM_MIN_M = 65  # the GEMM kernels are timed from here (smaller M is splitk's)
+SPLITK_MIN_M = 9  # dispatch runs splitk (or splitk_fm) from here up to GEMM_MIN_M - 1
 # The CUDA LUT GEMV runs M in chunks of 8 rows (one weight pass each): pointless beyond this.
 CUDA_MAX_M = 64
 FUSED = ("triton", "cuda")
@@ -208,6 +209,8 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     (dispatch tries cuda first, so it must beat both).
     cuda_tensor_cores: whether the tensor-core kernel beat the CUDA-core one (geometric mean
     over M of the per-M geometric means), for the cuda backend to use it where it can.
+    triton_splitk_field_major: likewise whether splitk_fm beat splitk, over the M where
+    dispatch runs splitk.
     """
     times = common.times_by_config(rows, lambda r: r["backend"] if r.get("backend") in (
         "dequant", "cuda", "triton") and r.get("kernel") in ("auto", "cublas", "lut_gemv")
@@ -222,18 +225,28 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
             continue
         values[f"{path}_max_m"] = common.crossover({m: (g or 0) > 1.0 for m, g in means.items()})
         evidence[path] = {str(m): round(g, 3) for m, g in means.items() if g}
-    tensor_cores = tensor_core_speedups(rows)
-    if tensor_cores:
-        values["cuda_tensor_cores"] = common.geomean(list(tensor_cores.values())) > 1.0
-        evidence["cuda_tensor_cores"] = {str(m): round(g, 3) for m, g in tensor_cores.items()}
+    for key, speedups in (("cuda_tensor_cores", kernel_speedups(rows, "cuda", "lut_gemv",
+                                                                "lut_mma")),
+                          ("triton_splitk_field_major", splitk_field_major_speedups(rows))):
+        if speedups:
+            values[key] = common.geomean(list(speedups.values())) > 1.0
+            evidence[key] = {str(m): round(g, 3) for m, g in speedups.items()}
     return values, evidence
 
 
-def tensor_core_speedups(rows: list[dict]) -> dict[int, float]:
-    """{M: geomean of t_lut_gemv / t_lut_mma} over the rows where both CUDA kernels ran."""
+def kernel_speedups(rows: list[dict], backend: str, baseline: str,
+                    kernel: str) -> dict[int, float]:
+    """{M: geomean of t_baseline / t_kernel} over the rows where both kernels of
+    ``backend`` ran."""
     times = common.times_by_config(
-        rows, lambda r: r["kernel"] if r.get("backend") == "cuda" else None)
-    return common.speedup_by_m(times, "lut_gemv", "lut_mma")
+        rows, lambda r: r["kernel"] if r.get("backend") == backend else None)
+    return common.speedup_by_m(times, baseline, kernel)
+
+
+def splitk_field_major_speedups(rows: list[dict]) -> dict[int, float]:
+    """{M: geomean of t_splitk / t_splitk_fm} at the M where dispatch runs splitk."""
+    speedups = kernel_speedups(rows, "triton", "splitk", "splitk_fm")
+    return {m: g for m, g in speedups.items() if SPLITK_MIN_M <= m < GEMM_MIN_M}
 
 
 def main(argv=None) -> int:

@@ -104,6 +104,34 @@ def test_tensor_core_choice_from_rows():
     assert linear.derive_crossovers(slower)[0]["cuda_tensor_cores"] is False
 
 
+def test_splitk_layout_choice_from_rows():
+    """splitk_fm is chosen from forced splitk/splitk_fm rows, only at dispatch's splitk M."""
+    linear = _load("bench_linear")
+    rows = []
+    for m, t_strided, t_fm in ((1, 10.0, 1.0), (16, 20.0, 10.0), (64, 30.0, 60.0),
+                               (256, 50.0, 5.0)):
+        base = {"M": m, "shape": "8x8", "bits": 4, "granularity": "channel",
+                "backend": "triton"}
+        rows += [{**base, "kernel": "splitk", "p50_us": t_strided},
+                 {**base, "kernel": "splitk_fm", "p50_us": t_fm}]
+    values, evidence = linear.derive_crossovers(rows)
+    assert evidence["triton_splitk_field_major"] == {"16": 2.0, "64": 0.5}
+    assert values["triton_splitk_field_major"] is False  # geomean of 2.0 and 0.5 is 1.0
+    faster = [{**r, "p50_us": 1.0} if r["kernel"] == "splitk_fm" else r for r in rows]
+    assert linear.derive_crossovers(faster)[0]["triton_splitk_field_major"] is True
+    assert "triton_splitk_field_major" not in linear.derive_crossovers(
+        [r for r in rows if r["M"] in (1, 256)])[0]
+
+
+
+def test_bench_splitk_range_matches_dispatch():
+    """bench_linear judges splitk_fm over the M where dispatch runs splitk."""
+    matmul = pytest.importorskip("otq_kernels.backends.triton.matmul")
+    linear = _load("bench_linear")
+    assert linear.SPLITK_MIN_M == matmul.GEMV_MAX_M + 1
+    assert linear.GEMM_MIN_M == matmul.SPLITK_MAX_M + 1
+
+
 def test_conv_split_comparison_row_and_crossover():
     """The no-split conv row is timed next to the auto one and never sets the crossover."""
     conv = _load("bench_conv")

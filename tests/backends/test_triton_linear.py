@@ -141,6 +141,34 @@ def test_dispatch_by_m():
         ["gemv", "gemv", "splitk", "splitk", "gemm", "gemm"]
 
 
+def test_splitk_layout_follows_tuning_table(monkeypatch):
+    """The GPU's triton_splitk_field_major entry swaps splitk for splitk_fm, nothing else."""
+    from otq_kernels import ops
+    from otq_kernels.backends import _device
+
+    assert ops.tuning_table("some unknown GPU")["linear"]["triton_splitk_field_major"] is False
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
+    monkeypatch.setattr(ops, "tuning_table", lambda name: {
+        "linear": {"triton_splitk_field_major": name == "GPU X"}})
+    assert [choose_kernel(m, gpu) for m in (8, 9, 64, 65)] == \
+        ["gemv", "splitk_fm", "splitk_fm", "gemm"]
+    assert choose_kernel(16, torch.device("cpu")) == "splitk"  # no GPU, no tuning entry
+    monkeypatch.setattr(ops, "tuning_table", lambda name: {"linear": {}})
+    assert choose_kernel(16, gpu) == "splitk"
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_auto_dispatch_runs_tuned_splitk_layout(tuned, monkeypatch, device):
+    """With no kernel forced, M = 20 reads field_major(x) exactly when tuning says so."""
+    calls = []
+    real = matmul.field_major
+    monkeypatch.setattr(matmul, "tuned_splitk_field_major", lambda dev: tuned)
+    monkeypatch.setattr(matmul, "field_major", lambda x, w0: calls.append(w0) or real(x, w0))
+    check_linear(20, 9, 70, 2, "channel", torch.float32, device)
+    assert calls == ([2] if tuned else [])
+
+
 def test_unknown_kernel_rejected(device):
     qt = make_qt((4, 8), 2, "tensor", device)
     with pytest.raises(ValueError, match="unknown kernel"):

@@ -1,13 +1,14 @@
 """Fused codebook linear: y = x @ W^T + bias with W decoded from bit planes in-kernel.
 
 Three kernels, chosen by M (:func:`choose_kernel`) unless forced (``KERNELS`` also names
-two forced-only variants that read x in the other layout):
+two variants that read x in the other layout):
 
 - ``gemv``   M <= 8: broadcast-multiply + ``tl.sum`` in float32; each program decodes a
   [BLOCK_N, BLOCK_K] weight tile once and applies it to up to 8 activation rows.
 - ``splitk`` 8 < M <= 64: ``tl.dot`` tiles with a small BLOCK_M, x read in place
-  (strided activation loads). ``splitk_fm`` is the same on field-major x (below; forced
-  only, kept to measure whether the copy pays at small M).
+  (strided activation loads). ``splitk_fm`` is the same on field-major x (below); dispatch
+  takes it instead where the GPU's tuning entry has ``triton_splitk_field_major: true``
+  (``bench_linear --write-tuning`` sets it from measured times; shipped off).
 - ``gemm``   M > 64: ``tl.dot`` tiles, grouped program order, no split; x is first
   reordered field-major per K tile (:func:`field_major`, one copy of x) so that every
   activation load in the K loop is contiguous (vectorized and pipelined by Triton).
@@ -289,11 +290,23 @@ _gemm_tuned = triton.autotune(_dot_configs("gemm"),
 
 
 # ----------------------------------------------------------------------------- host
-def choose_kernel(m: int) -> str:
-    """The kernel for M activation rows: gemv (M <= 8), splitk (M <= 64), else gemm."""
+def choose_kernel(m: int, device: torch.device | None = None) -> str:
+    """The kernel for M activation rows: gemv (M <= 8), splitk (M <= 64; splitk_fm where
+    ``device``'s tuning entry says so), else gemm."""
     if m <= GEMV_MAX_M:
         return "gemv"
-    return "splitk" if m <= SPLITK_MAX_M else "gemm"
+    if m <= SPLITK_MAX_M:
+        return "splitk_fm" if device is not None and tuned_splitk_field_major(device) else "splitk"
+    return "gemm"
+
+
+def tuned_splitk_field_major(device: torch.device) -> bool:
+    """Whether this GPU's tuning entry says splitk on field-major x beat strided x."""
+    if device.type != "cuda":
+        return False
+    from ...ops import _gpu_table  # ops imports the backends
+
+    return bool(_gpu_table(device).get("linear", {}).get("triton_splitk_field_major", False))
 
 
 def choose_split_k(kernel: str, m: int, n: int, k: int, device: torch.device) -> int:
@@ -321,7 +334,7 @@ def linear_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None,
     """
     if x.dim() != 2 or x.shape[1] != qt.k:
         raise ValueError(f"linear_triton: x must be [M, {qt.k}], got {list(x.shape)}")
-    kernel = kernel or choose_kernel(x.shape[0])
+    kernel = kernel or choose_kernel(x.shape[0], x.device)
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
     m, k, n = x.shape[0], qt.k, qt.n
