@@ -40,6 +40,11 @@ def _gpu_table(device: torch.device) -> dict:
     return tuning_table(_device.gpu_name(device))
 
 
+def tuning_flag(device: torch.device, op: str, name: str) -> bool:
+    """A true/false entry of ``device``'s tuning table (False off CUDA or when absent)."""
+    return device.type == "cuda" and bool(_gpu_table(device).get(op, {}).get(name, False))
+
+
 _OP_FUNCTION = {"linear": "linear", "conv2d": "conv2d", "fit": "fit_rows", "pack": "pack",
                 "unpack": "unpack"}
 UNLIMITED = 2**62

@@ -55,9 +55,9 @@ def tensor_cores_support(dtype: torch.dtype, bits: int) -> bool:
 
 def tuned_for_tensor_cores(device: torch.device) -> bool:
     """Whether the tuning table of this GPU says the mma kernel beat the LUT GEMV."""
-    from ..ops import _gpu_table  # ops imports the backends
+    from ..ops import tuning_flag  # ops imports the backends
 
-    return bool(_gpu_table(device).get("linear", {}).get("cuda_tensor_cores", False))
+    return tuning_flag(device, "linear", "cuda_tensor_cores")
 
 
 def split_k_for(n: int, k: int, sms: int) -> int:

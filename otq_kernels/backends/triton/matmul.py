@@ -302,11 +302,9 @@ def choose_kernel(m: int, device: torch.device | None = None) -> str:
 
 def tuned_splitk_field_major(device: torch.device) -> bool:
     """Whether this GPU's tuning entry says splitk on field-major x beat strided x."""
-    if device.type != "cuda":
-        return False
-    from ...ops import _gpu_table  # ops imports the backends
+    from ...ops import tuning_flag  # ops imports the backends
 
-    return bool(_gpu_table(device).get("linear", {}).get("triton_splitk_field_major", False))
+    return tuning_flag(device, "linear", "triton_splitk_field_major")
 
 
 def choose_split_k(kernel: str, m: int, n: int, k: int, device: torch.device) -> int:
