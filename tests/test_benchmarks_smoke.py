@@ -108,15 +108,15 @@ def test_splitk_layout_choice_from_rows():
     """splitk_fm is chosen from forced splitk/splitk_fm rows, only at dispatch's splitk M."""
     linear = _load("bench_linear")
     rows = []
-    for m, t_strided, t_fm in ((1, 10.0, 1.0), (16, 20.0, 10.0), (64, 30.0, 60.0),
+    for m, t_strided, t_fm in ((1, 10.0, 1.0), (16, 20.0, 10.0), (64, 30.0, 120.0),
                                (256, 50.0, 5.0)):
         base = {"M": m, "shape": "8x8", "bits": 4, "granularity": "channel",
                 "backend": "triton"}
         rows += [{**base, "kernel": "splitk", "p50_us": t_strided},
                  {**base, "kernel": "splitk_fm", "p50_us": t_fm}]
     values, evidence = linear.derive_crossovers(rows)
-    assert evidence["triton_splitk_field_major"] == {"16": 2.0, "64": 0.5}
-    assert values["triton_splitk_field_major"] is False  # geomean of 2.0 and 0.5 is 1.0
+    assert evidence["triton_splitk_field_major"] == {"16": 2.0, "64": 0.25}
+    assert values["triton_splitk_field_major"] is False  # geomean of 2.0 and 0.25: ~0.71
     faster = [{**r, "p50_us": 1.0} if r["kernel"] == "splitk_fm" else r for r in rows]
     assert linear.derive_crossovers(faster)[0]["triton_splitk_field_major"] is True
     assert "triton_splitk_field_major" not in linear.derive_crossovers(
