@@ -20,8 +20,9 @@ and the fraction of it reached, and the relative error vs the fp16 dense result.
 
 ``--preset goal`` (the GPU suite's first benchmark) runs only issue 6's goal grid: the two
 goal shapes, M ∈ {1, 16, 256, 1024}, bits 4/2/3/8, both granularities, Triton ``auto``
-(and ``gemm_strided`` at M > 64: the GEMM on unpermuted x, and ``splitk_fm`` at M <= 64:
-splitk on field-major x, to measure the field-major copy's worth both ways), CUDA and
+(and ``gemm_strided`` at M > 64: the GEMM on unpermuted x, and both ``splitk`` and
+``splitk_fm`` at M <= 64: splitk on strided and on field-major x, to measure the
+field-major copy's worth both ways whichever layout the GPU's tuning picks), CUDA and
 dequant; ``--preset unet`` the UNet shapes and 4096² on the whole grid (what the
 dispatch crossovers of the UNet depend on); ``--preset full`` (default) everything above.
 Explicit options override the preset's values.
@@ -39,10 +40,12 @@ GOAL_MS = [1, 16, 256, 1024]
 # Forced Triton kernels and the largest M each is timed at (None = every M).
 TRITON_KERNELS = {"gemv": 16, "splitk": 256, "splitk_fm": 64, "gemm": None,
                   "gemm_strided": None}
-# the goal preset: dispatch's pick, and each M range's kernel on the other x layout
-GOAL_KERNELS = ["auto", "splitk_fm", "gemm_strided"]
 GEMM_MIN_M = 65  # the GEMM kernels are timed from here (smaller M is splitk's)
 SPLITK_MIN_M = 9  # dispatch runs splitk (or splitk_fm) from here up to GEMM_MIN_M - 1
+# The goal preset: dispatch's pick, and each M range's kernel on both x layouts (splitk
+# only where dispatch may run it: its M = 256 row would be one more autotune per group).
+GOAL_KERNELS = ["auto", "splitk", "splitk_fm", "gemm_strided"]
+GOAL_MAX_M = {"splitk": GEMM_MIN_M - 1}
 # The CUDA LUT GEMV runs M in chunks of 8 rows (one weight pass each): pointless beyond this.
 CUDA_MAX_M = 64
 FUSED = ("triton", "cuda")
@@ -102,20 +105,23 @@ def backend_fn(name: str):
     return lambda x, qt: ops.codebook_linear(x, qt, None, backend=name)
 
 
-def candidates(run: common.Run, backends: list[str],
-               kernels: list[str] | None = None) -> list[tuple[str, str, object, int | None]]:
+def candidates(run: common.Run, backends: list[str], kernels: list[str] | None = None,
+               max_ms: dict[str, int] | None = None
+               ) -> list[tuple[str, str, object, int | None]]:
     """(backend, kernel, fn | skip reason, max M) for every path to time.
 
     kernels: the Triton kernels to time ("auto" = dispatch's pick; default all).
+    max_ms: per-kernel M caps replacing TRITON_KERNELS' (the goal preset's GOAL_MAX_M).
     """
     kernels = kernels or ["auto", *TRITON_KERNELS]
+    caps = {**TRITON_KERNELS, **(max_ms or {})}
     out = []
     for name in backends:
         reason = common.backend_unavailable(name, run.device)
         if name == "triton":
             if "auto" in kernels:
                 out.append(("triton", "auto", reason or backend_fn("triton"), None))
-            for kernel, max_m in TRITON_KERNELS.items():
+            for kernel, max_m in caps.items():
                 if kernel not in kernels:
                     continue
                 try:
@@ -285,7 +291,7 @@ def main(argv=None) -> int:
     shapes, source = shape_list(args)
     run.meta.update(shapes_source=source, ms=ms, bits=bits_list, granularities=grans,
                     backends=backends, kernels=kernels, dtype=str(dtype), graph=args.graph)
-    paths = candidates(run, backends, kernels)
+    paths = candidates(run, backends, kernels, GOAL_MAX_M if goal else None)
     fp16_cache: dict = {}
 
     def finalize(rows: list[dict]) -> None:

@@ -223,3 +223,22 @@ def test_autotune_limit_patches_triton(limit, expected, tmp_path):
                            capture_output=True, text=True, timeout=120, env=env)
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip().startswith(expected)
+
+
+def test_goal_preset_times_both_splitk_layouts_only_where_dispatch_runs_them(tmp_path):
+    """Whichever layout the GPU's tuning picks for `auto`, the goal grid times the other
+    at M = 16; the strided splitk is not timed at M = 256 (GEMM's range)."""
+    pytest.importorskip("otq_kernels.backends.triton.matmul")
+    linear = _load("bench_linear")
+    threads = torch.get_num_threads()
+    try:
+        code = linear.main(["--preset", "goal", "--smoke", "--quiet", "--out", str(tmp_path),
+                            "--ms", "16,80", "--backends", "triton", "--bits", "2",
+                            "--granularity", "tensor"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    rows = json.loads((tmp_path / "linear.json").read_text())["rows"]
+    timed = {(r["kernel"], r["M"]) for r in rows if r["backend"] == "triton" and not r["skipped"]}
+    assert timed == {("auto", 16), ("splitk", 16), ("splitk_fm", 16),
+                     ("auto", 80), ("gemm_strided", 80)}
