@@ -1,9 +1,16 @@
 """torch.library ops and backend dispatch (DESIGN §4).
 
 Ops: ``otq::codebook_linear``, ``otq::codebook_conv2d``, ``otq::fit_codebook``,
-``otq::pack``, ``otq::unpack``; each has a fake implementation so torch.compile and
-CUDA graphs can trace them. The Python wrappers below validate inputs, pick a backend
-(argument, else env ``OTQ_BACKEND``, else auto) and call the op.
+``otq::pack``, ``otq::unpack``, ``otq::dequantize`` (the backward's dense weight); each
+has a fake implementation so torch.compile and CUDA graphs can trace them. The Python
+wrappers below validate inputs, pick a backend (argument, else env ``OTQ_BACKEND``, else
+auto) and call the op.
+
+``codebook_linear`` and ``codebook_conv2d`` are differentiable in x and bias (the
+quantized weight is frozen): the backward expands the weight to a transient dense tensor
+in the gradient's dtype and runs torch's matmul / conv-input gradient on it, as
+bitsandbytes does for its 4-bit layers. That is what Flow Matching likelihoods
+(divergence by autograd) and input-gradient guidance need.
 """
 
 import functools
@@ -18,6 +25,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 
 from . import backends
 from .backends import _device
+from .backends.dequant import dense_weight
 from .format import QuantizedTensor, check_bits, padded_k, plane_widths
 from .quantizers import fit_rows_reference
 
@@ -144,18 +152,19 @@ def _run_conv2d(x, qt: QuantizedTensor, bias, stride, padding, dilation, groups,
     return y.contiguous(memory_format=backends.conv_output_format(x))
 
 
-def _plain_eager_call(x: torch.Tensor) -> bool:
+def _plain_eager_call(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     """Whether a call may run the backend directly instead of through its torch.library op.
 
     The op costs ~5-10 µs of host dispatch per call (custom-op autograd and dynamo guards);
     it is needed only when something other than plain eager execution sees the call:
     torch.compile/export tracing, a dispatch mode (FakeTensorMode, FlopCounterMode), a
-    tensor subclass, a functorch transform, or an autograd graph (the op has no backward
-    and says so). Results are the same either way (tests/test_ops.py).
+    tensor subclass, a functorch transform, or an autograd graph (x or bias requires grad:
+    the op's backward). Results are the same either way (tests/test_ops.py).
     """
+    needs_grad = x.requires_grad or (bias is not None and bias.requires_grad)
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
             and _current_dispatch_mode() is None and _functorch_transform() is None
-            and not (x.requires_grad and torch.is_grad_enabled()))
+            and not (needs_grad and torch.is_grad_enabled()))
 
 
 # ----------------------------------------------------------------------------- ops
@@ -225,6 +234,69 @@ def _(planes, bits, k, backend):
     return planes[0].new_empty(planes[0].shape[0], k, dtype=torch.int64)
 
 
+@torch.library.custom_op("otq::dequantize", mutates_args=())
+def _dequantize_op(planes: list[torch.Tensor], codebook: torch.Tensor, bits: int,
+                   weight_shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return dense_weight(_qt(planes, codebook, bits, weight_shape), dtype)
+
+
+@_dequantize_op.register_fake
+def _(planes, codebook, bits, weight_shape, dtype):
+    return codebook.new_empty(weight_shape, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _save_weight(ctx, planes, codebook, bits: int, shape) -> None:
+    ctx.save_for_backward(*planes, codebook)
+    ctx.bits, ctx.weight_shape = bits, tuple(shape)
+    ctx.no_plane_grads = [None] * len(planes)  # backward mirrors the list argument
+
+
+def _saved_weight(ctx, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's dense weight (original shape) in ``dtype``; transient. Through the op,
+    so that a compiled backward traces its fake instead of launching a kernel on fakes."""
+    *planes, codebook = ctx.saved_tensors
+    return torch.ops.otq.dequantize(planes, codebook, ctx.bits, list(ctx.weight_shape), dtype)
+
+
+def _bias_grad(ctx, grad_y: torch.Tensor, dims) -> Optional[torch.Tensor]:
+    return grad_y.sum(dims).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    x, planes, codebook, bits, n, k, bias, backend = inputs
+    _save_weight(ctx, planes, codebook, bits, (n, k))
+    ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
+
+
+def _linear_backward(ctx, grad_y):
+    """grad_y [M, N] -> grad_x = grad_y @ W [M, K], grad_bias = sum over M [N]."""
+    grad_x = grad_y @ _saved_weight(ctx, grad_y.dtype) if ctx.needs_input_grad[0] else None
+    return (grad_x, ctx.no_plane_grads, None, None, None, None, _bias_grad(ctx, grad_y, 0),
+            None)
+
+
+def _conv2d_setup_context(ctx, inputs, output) -> None:
+    x, planes, codebook, bits, weight_shape, bias, stride, padding, dilation, groups, _ = inputs
+    _save_weight(ctx, planes, codebook, bits, weight_shape)
+    ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
+    ctx.x_shape, ctx.conv = x.shape, (stride, padding, dilation, groups)
+
+
+def _conv2d_backward(ctx, grad_y):
+    """grad_y [B, N, OH, OW] -> grad_x [B, C, H, W] (transposed conv with W), grad_bias [N]."""
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        weight = _saved_weight(ctx, grad_y.dtype)
+        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad_y, *ctx.conv)
+    return (grad_x, ctx.no_plane_grads, None, None, None, _bias_grad(ctx, grad_y, (0, 2, 3)),
+            None, None, None, None, None)
+
+
+_codebook_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+_codebook_conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
+
+
 # ----------------------------------------------------------------------------- checks
 def conv2d_output_shape(x_shape, weight_shape, stride, padding, dilation) -> list[int]:
     """[B, N, OH, OW] of a conv of x [B, C, H, W] with weight [N, C/g, KH, KW]."""
@@ -242,6 +314,9 @@ def _check_activation(x, qt: QuantizedTensor, what: str) -> None:
         raise ValueError(f"{what}: activations must be float16/bfloat16/float32, got {got}")
     if x.device != qt.device:
         raise ValueError(f"{what}: activations on {x.device} but quantized weight on {qt.device}")
+    if qt.codebook.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{what}: the codebook requires grad, but quantized weights are "
+                         "frozen (gradients reach x and bias only): detach the codebook")
 
 
 def _check_bias(bias, qt: QuantizedTensor, what: str) -> None:
@@ -270,7 +345,7 @@ def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     if x2.shape[0] == 0:
         return x.new_empty(*lead, qt.n)
     name = resolve_backend(backend, "linear", x.device, x2.shape[0])
-    if _plain_eager_call(x2):
+    if _plain_eager_call(x2, bias):
         y = _run_linear(x2, qt, bias, name)
     else:
         y = torch.ops.otq.codebook_linear(x2, qt.planes, qt.codebook, qt.bits, qt.n, qt.k,
@@ -301,7 +376,7 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     name = resolve_backend(backend, "conv2d", x.device, m)
     if not x.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous()  # NCHW or channels_last are both taken as they are
-    if _plain_eager_call(x):
+    if _plain_eager_call(x, bias):
         return _run_conv2d(x, qt, bias, stride, padding, dilation, groups, name)
     return torch.ops.otq.codebook_conv2d(x, qt.planes, qt.codebook, qt.bits,
                                          list(qt.shape), bias, stride, padding, dilation,

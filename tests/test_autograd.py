@@ -1,0 +1,253 @@
+"""Gradients through the codebook ops and layers: x and bias, never the frozen weight.
+
+The oracle is torch's own autograd through F.linear / F.conv2d on the dequantized weight.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import otq_kernels as otq
+from otq_kernels import ops
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _qt(shape, bits=4, granularity="channel"):
+    torch.manual_seed(0)
+    return otq.fit_codebook(torch.randn(shape), bits, "ot", granularity)
+
+
+def _skip_unavailable(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    reason = otq.backends.get(backend).unavailable(torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_()
+
+
+def _grads(fn, *inputs):
+    """Gradients of sum(fn(*inputs) * r) w.r.t. each input (fresh leaves), r fixed random."""
+    leaves = [_leaf(t) for t in inputs]
+    y = fn(*leaves)
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y)
+    return torch.autograd.grad((y * r).sum(), leaves)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("bits, granularity, m, n, k", [
+    (2, "tensor", 1, 9, 13), (3, "channel", 5, 17, 37), (4, "channel", 9, 8, 64),
+    (8, "tensor", 3, 6, 33)], ids=lambda v: str(v))
+def test_linear_grads_match_the_dense_weight(backend, bits, granularity, m, n, k):
+    _skip_unavailable(backend)
+    qt = _qt((n, k), bits, granularity)
+    x, bias = torch.randn(2, m, k), torch.randn(n)
+    got = _grads(lambda a, b: ops.codebook_linear(a, qt, b, backend), x, bias)
+    want = _grads(lambda a, b: F.linear(a, qt.dequantize(), b), x, bias)
+    for g, w in zip(got, want, strict=True):
+        assert g.abs().max() > 0
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("stride, padding, dilation, groups, channels_last", [
+    (1, 1, 1, 1, False), (2, 0, 1, 2, True), ((2, 1), (1, 2), 2, 1, False)],
+    ids=lambda v: str(v))
+def test_conv2d_grads_match_the_dense_weight(backend, stride, padding, dilation, groups,
+                                             channels_last):
+    _skip_unavailable(backend)
+    qt = _qt((6, 4 // groups, 3, 3), bits=3)
+    x, bias = torch.randn(2, 4, 9, 8), torch.randn(6)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    args = (stride, padding, dilation, groups)
+    got = _grads(lambda a, b: ops.codebook_conv2d(a, qt, b, *args, backend=backend), x, bias)
+    want = _grads(lambda a, b: F.conv2d(a, qt.dequantize(), b, *args), x, bias)
+    assert got[0].shape == x.shape
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_alone_gets_its_gradient():
+    """x without grad but a trainable bias: the call must still build the autograd graph."""
+    qt = _qt((9, 13))
+    x, bias = torch.randn(4, 13), torch.randn(9, requires_grad=True)
+    ops.codebook_linear(x, qt, bias).sum().backward()
+    torch.testing.assert_close(bias.grad, torch.full((9,), 4.0))
+
+
+def test_half_precision_grads_keep_their_dtypes():
+    qt = _qt((9, 13))
+    x, bias = _leaf(torch.randn(3, 13).bfloat16()), _leaf(torch.randn(9))
+    ops.codebook_linear(x, qt, bias, "reference").sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and bias.grad.dtype == torch.float32
+    want = qt.dequantize(torch.bfloat16).sum(0).expand(3, 13)
+    torch.testing.assert_close(x.grad, want)
+
+
+def test_create_graph_gives_differentiable_input_grads():
+    """Hutchinson-style divergence: grad(v . y, x) is itself differentiable in v."""
+    qt = _qt((9, 13), bits=2)
+    x, v, u = _leaf(torch.randn(3, 13)), _leaf(torch.randn(3, 9)), torch.randn(3, 13)
+    (gx,) = torch.autograd.grad(ops.codebook_linear(x, qt), x, v, create_graph=True)
+    (gv,) = torch.autograd.grad((gx * u).sum(), v)
+    torch.testing.assert_close(gv, u @ qt.dequantize().T)
+
+
+def test_frozen_codebook_is_a_clear_error():
+    qt = _qt((9, 13))
+    qt.codebook.requires_grad_()
+    with pytest.raises(ValueError, match="codebook requires grad.*frozen"):
+        ops.codebook_linear(torch.randn(2, 13), qt)
+    with torch.no_grad():
+        assert ops.codebook_linear(torch.randn(2, 13), qt).shape == (2, 9)
+
+
+def test_opcheck_with_gradients():
+    qt, cq = _qt((9, 13)), _qt((4, 2, 3, 3))
+    args = (_leaf(torch.randn(3, 13)), qt.planes, qt.codebook, qt.bits, qt.n, qt.k,
+            _leaf(torch.randn(9)), "reference")
+    torch.library.opcheck(torch.ops.otq.codebook_linear.default, args)
+    cargs = (_leaf(torch.randn(1, 2, 6, 5)), cq.planes, cq.codebook, cq.bits, list(cq.shape),
+             _leaf(torch.randn(4)), [1, 1], [1, 1], [1, 1], 1, "reference")
+    torch.library.opcheck(torch.ops.otq.codebook_conv2d.default, cargs)
+
+
+def test_opcheck_dequantize():
+    qt = _qt((4, 2, 3, 3), bits=3, granularity="tensor")
+    args = (qt.planes, qt.codebook, qt.bits, list(qt.shape), torch.bfloat16)
+    torch.library.opcheck(torch.ops.otq.dequantize.default, args)
+    assert torch.equal(torch.ops.otq.dequantize(*args), qt.dequantize(torch.bfloat16))
+
+
+def test_compiled_backward_expands_the_weight_only_at_run_time(monkeypatch):
+    """A compiled backward traces otq::dequantize's fake: the expansion (a Triton kernel
+    on a GPU, which cannot take fake tensors) runs on real tensors only, once per call."""
+    real, calls = ops.dense_weight, []
+
+    def checked(qt, dtype):
+        assert type(qt.codebook) is torch.Tensor, f"expanded a {type(qt.codebook).__name__}"
+        calls.append(dtype)
+        return real(qt, dtype)
+
+    monkeypatch.setattr(ops, "dense_weight", checked)
+    torch._dynamo.reset()
+    qt = _qt((9, 13), bits=3)
+    step = torch.compile(lambda a: ops.codebook_linear(a, qt, backend="reference").pow(2).sum(),
+                         fullgraph=True, backend="aot_eager")
+    x = _leaf(torch.randn(4, 13))
+    step(x).backward()
+    y = F.linear(x.detach(), qt.dequantize())
+    torch.testing.assert_close(x.grad, 2 * y @ qt.dequantize())
+    assert calls == [torch.float32]
+
+
+class _Mixed(nn.Module):
+    """Every Quant* path: Linear, pointwise and 3-tap Conv1d, reflect-padded Conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        self.point = nn.Conv1d(8, 8, 1)
+        self.taps = nn.Conv1d(8, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 25, 5)
+
+    def forward(self, x):  # x [B, 3, 5, 5] -> [B, 5]
+        h = F.silu(self.conv(x)).flatten(2)
+        h = self.taps(F.silu(self.point(h)))
+        return self.head(h.flatten(1))
+
+
+def _dequantized_twin(float_model: nn.Module, quant_model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(float_model)
+    with torch.no_grad():
+        for name, module in quant_model.named_modules():
+            if isinstance(module, otq.nn.QUANT_TYPES.get(type(twin.get_submodule(name)), ())):
+                twin.get_submodule(name).weight.copy_(module.dequantize())
+    return twin
+
+
+def test_quantized_model_input_grads_match_its_dequantized_twin():
+    torch.manual_seed(0)
+    model = _Mixed()
+    quant = otq.quantize_model(copy.deepcopy(model), bits=3, progress=False)
+    twin = _dequantized_twin(model, quant)
+    x = torch.randn(2, 3, 5, 5)
+    (got,) = _grads(quant, x)
+    (want,) = _grads(twin, x)
+    assert got.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_flow_matching_likelihood_of_a_quantized_unet():
+    """flow_matching's compute_likelihood (divergence by autograd) runs on a quantized model
+    and gives its dequantized twin's log-likelihood."""
+    pytest.importorskip("flow_matching")
+    from flow_matching.solver import ODESolver
+
+    from otq_kernels.fm import VelocityWrapper
+    from otq_kernels.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    quant = otq.quantize_model(copy.deepcopy(model), bits=4, progress=False)
+    twin = _dequantized_twin(model, quant)
+    x1 = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+
+    def log_p0(x):
+        return -0.5 * x.flatten(1).pow(2).sum(1)
+
+    def likelihood(net):
+        torch.manual_seed(5)  # the Hutchinson probe
+        solver = ODESolver(velocity_model=VelocityWrapper(net))
+        return solver.compute_likelihood(x1, log_p0, step_size=0.5, method="euler")[1]
+
+    got, want = likelihood(quant), likelihood(twin)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda", "dequant"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_grads_match_the_dense_weight(backend, dtype):
+    """On the GPU the backward expands the weight with the Triton dequantize kernel."""
+    if backend != "auto":
+        reason = otq.backends.get(backend).unavailable(torch.device("cuda"))
+        if reason:
+            pytest.skip(reason)
+    qt = _qt((40, 72), bits=3).to("cuda")
+    cq = _qt((16, 8, 3, 3), bits=4).to("cuda")
+    x, img = torch.randn(5, 72, device="cuda", dtype=dtype), torch.randn(2, 8, 7, 7, device="cuda")
+    bias = torch.randn(40, device="cuda")
+    got = _grads(lambda a, b: ops.codebook_linear(a, qt, b, backend), x, bias)
+    want = _grads(lambda a, b: F.linear(a, qt.dequantize(dtype), b.to(dtype)), x, bias)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w.to(g.dtype), rtol=2e-2, atol=2e-2)
+    if backend == "auto" or hasattr(otq.backends.get(backend), "conv2d"):
+        img = img.to(dtype)
+        (g_img,) = _grads(lambda a: ops.codebook_conv2d(a, cq, None, 1, 1, backend=backend), img)
+        (w_img,) = _grads(lambda a: F.conv2d(a, cq.dequantize(dtype), None, 1, 1), img)
+        torch.testing.assert_close(g_img, w_img, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_gpu_compiled_backward():
+    """torch.compile of forward + backward on the GPU: the Triton expansion runs on real
+    tensors (otq::dequantize), the fused kernel in the forward."""
+    torch._dynamo.reset()
+    qt = _qt((40, 72), bits=4).to("cuda")
+    step = torch.compile(lambda a: ops.codebook_linear(a, qt).float().pow(2).sum(),
+                         fullgraph=True)
+    x = _leaf(torch.randn(3, 72, device="cuda", dtype=torch.float16))
+    step(x).backward()
+    w = qt.dequantize(torch.float32)
+    want = 2 * (x.detach().float() @ w.T) @ w
+    torch.testing.assert_close(x.grad.float(), want, rtol=2e-2, atol=5e-2)
