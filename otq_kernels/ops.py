@@ -246,10 +246,12 @@ def _(planes, codebook, bits, weight_shape, dtype):
 
 
 # ----------------------------------------------------------------------------- autograd
-def _save_weight(ctx, planes, codebook, bits: int, shape) -> None:
+def _save_for_backward(ctx, planes, codebook, bits: int, shape, bias) -> None:
+    """The weight (to expand in backward) and the dtype of a bias that wants a gradient."""
     ctx.save_for_backward(*planes, codebook)
     ctx.bits, ctx.weight_shape = bits, tuple(shape)
     ctx.no_plane_grads = [None] * len(planes)  # backward mirrors the list argument
+    ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
 
 
 def _saved_weight(ctx, dtype: torch.dtype) -> torch.Tensor:
@@ -265,8 +267,7 @@ def _bias_grad(ctx, grad_y: torch.Tensor, dims) -> Optional[torch.Tensor]:
 
 def _linear_setup_context(ctx, inputs, output) -> None:
     x, planes, codebook, bits, n, k, bias, backend = inputs
-    _save_weight(ctx, planes, codebook, bits, (n, k))
-    ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
+    _save_for_backward(ctx, planes, codebook, bits, (n, k), bias)
 
 
 def _linear_backward(ctx, grad_y):
@@ -278,8 +279,7 @@ def _linear_backward(ctx, grad_y):
 
 def _conv2d_setup_context(ctx, inputs, output) -> None:
     x, planes, codebook, bits, weight_shape, bias, stride, padding, dilation, groups, _ = inputs
-    _save_weight(ctx, planes, codebook, bits, weight_shape)
-    ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
+    _save_for_backward(ctx, planes, codebook, bits, weight_shape, bias)
     ctx.x_shape, ctx.conv = x.shape, (stride, padding, dilation, groups)
 
 
