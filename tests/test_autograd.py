@@ -166,10 +166,11 @@ class _Mixed(nn.Module):
 
 
 def _dequantized_twin(float_model: nn.Module, quant_model: nn.Module) -> nn.Module:
+    """float_model with each quantized layer's weight replaced by the dequantized one."""
     twin = copy.deepcopy(float_model)
     with torch.no_grad():
         for name, module in quant_model.named_modules():
-            if isinstance(module, otq.nn.QUANT_TYPES.get(type(twin.get_submodule(name)), ())):
+            if isinstance(module, otq.nn._QuantModule):
                 twin.get_submodule(name).weight.copy_(module.dequantize())
     return twin
 
