@@ -327,6 +327,18 @@ def _check_bias(bias, qt: QuantizedTensor, what: str) -> None:
                          f"{tuple(bias.shape)} on {bias.device}")
 
 
+def _empty_batch_output(x: torch.Tensor, bias, shape, bias_shape) -> torch.Tensor:
+    """The output of an empty batch x: shape ``shape`` with no values, x.dtype.
+
+    Built from x (and bias) rather than allocated, so that backward still reaches them: the
+    gradient of x is empty and the bias gradient is zero, as with F.linear / F.conv2d.
+    """
+    y = x.sum().expand(shape)
+    if bias is not None:
+        y = y + bias.to(x.dtype).reshape(bias_shape)
+    return y.contiguous()
+
+
 def _pair(v) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
 
@@ -343,7 +355,7 @@ def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     lead = x.shape[:-1]
     x2 = x.reshape(-1, qt.k).contiguous()
     if x2.shape[0] == 0:
-        return x.new_empty(*lead, qt.n)
+        return _empty_batch_output(x2, bias, (0, qt.n), (qt.n,)).reshape(*lead, qt.n)
     name = resolve_backend(backend, "linear", x.device, x2.shape[0])
     if _plain_eager_call(x2, bias):
         y = _run_linear(x2, qt, bias, name)
@@ -371,7 +383,7 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     if min(out_shape[2:]) <= 0:
         raise ValueError(f"codebook_conv2d: input {list(x.shape)} too small for the kernel")
     if x.shape[0] == 0:
-        return x.new_empty(out_shape)
+        return _empty_batch_output(x, bias, out_shape, (-1, 1, 1))
     m = out_shape[0] * out_shape[2] * out_shape[3]
     name = resolve_backend(backend, "conv2d", x.device, m)
     if not x.is_contiguous(memory_format=torch.channels_last):

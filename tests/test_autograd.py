@@ -83,6 +83,26 @@ def test_bias_alone_gets_its_gradient():
     torch.testing.assert_close(bias.grad, torch.full((9,), 4.0))
 
 
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_empty_batch_keeps_its_gradient_links(op):
+    """M = 0, as F.linear / F.conv2d: empty x grad, zero bias grad, no 'does not require grad'."""
+    if op == "linear":
+        qt, x = _qt((9, 13)), _leaf(torch.randn(2, 0, 13))
+        want_shape = (2, 0, 9)
+        call = ops.codebook_linear
+    else:
+        qt = _qt((9, 4, 3, 3))
+        x = _leaf(torch.randn(0, 4, 6, 6).to(memory_format=torch.channels_last))
+        want_shape = (0, 9, 4, 4)
+        call = ops.codebook_conv2d
+    bias = _leaf(torch.randn(9).double())
+    y = call(x, qt, bias)
+    assert y.shape == want_shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(bias.grad, torch.zeros_like(bias))
+
+
 def test_half_precision_grads_keep_their_dtypes():
     qt = _qt((9, 13))
     x, bias = _leaf(torch.randn(3, 13).bfloat16()), _leaf(torch.randn(9))
