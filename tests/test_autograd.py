@@ -91,8 +91,7 @@ def test_empty_batch_keeps_its_gradient_links(op):
         want_shape = (2, 0, 9)
         call = ops.codebook_linear
     else:
-        qt = _qt((9, 4, 3, 3))
-        x = _leaf(torch.randn(0, 4, 6, 6).to(memory_format=torch.channels_last))
+        qt, x = _qt((9, 4, 3, 3)), _leaf(torch.randn(0, 4, 6, 6))
         want_shape = (0, 9, 4, 4)
         call = ops.codebook_conv2d
     bias = _leaf(torch.randn(9).double())
