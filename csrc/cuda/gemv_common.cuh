@@ -29,10 +29,6 @@ struct GroupWords {
     return rows;
   }
 
-  __device__ __forceinline__ void load(const PlaneArgs& planes, int64_t row, int64_t group) {
-    load(rows_of(planes, row), group);
-  }
-
   __device__ __forceinline__ void load(const Rows& rows, int64_t group) {
     constexpr PlaneSpec spec = plane_spec(BITS);
 #pragma unroll
@@ -54,24 +50,24 @@ struct GroupWords {
     }
   }
 
-  __device__ __forceinline__ void clear() {
-    constexpr PlaneSpec spec = plane_spec(BITS);
-#pragma unroll
-    for (int p = 0; p < spec.count; ++p)
-#pragma unroll
-      for (int i = 0; i < spec.width[p]; ++i) w[p][i] = 0u;
-  }
-
-  // Code of weight j (0..31) of the group; j must be a compile-time constant after unrolling.
-  __device__ __forceinline__ int code(int j) const {
+  // Code of weight j (0..31) of the group shifted left by SHIFT; j must be a compile-time
+  // constant after unrolling. Each plane's field is masked in place and moved by a
+  // multiply (IMAD / IMAD.HI), which also adds the running sum: two instructions per plane.
+  template <int SHIFT = 0>
+  __device__ __forceinline__ uint32_t code(int j) const {
     constexpr PlaneSpec spec = plane_spec(BITS);
     uint32_t c = 0;
 #pragma unroll
     for (int p = 0; p < spec.count; ++p) {
-      const int width = spec.width[p], bit = j * width;
-      c |= ((w[p][bit / 32] >> (bit % 32)) & ((1u << width) - 1u)) << spec.offset[p];
+      const int width = spec.width[p], bit = j * width, pos = bit % 32;
+      const int to = spec.offset[p] + SHIFT;  // where the field's lowest bit goes
+      const uint32_t field = w[p][bit / 32] & (((1u << width) - 1u) << pos);
+      if (pos > to)
+        c += __umulhi(field, 1u << (32 - (pos - to)));
+      else
+        c += field << (to - pos);
     }
-    return static_cast<int>(c);
+    return c;
   }
 };
 

@@ -46,11 +46,12 @@ __device__ __forceinline__ void load8_vec(const __nv_bfloat16* p, float (&o)[kSu
   }
 }
 
-// x_row[k0, k0 + 8) as floats; zeros past k (the padded tail of the codes).
+// x_row[k0, k0 + 8) as floats; zeros past k (the padded tail of the codes). vec: the
+// 8 values lie inside k and are 16-byte aligned (one vector load).
 template <typename T>
 __device__ __forceinline__ void load_x8(const T* __restrict__ x_row, int64_t k0, int64_t k,
                                         bool vec, float (&o)[kSub]) {
-  if (vec && k0 + kSub <= k) {
+  if (vec) {
     load8_vec(x_row + k0, o);
   } else {
 #pragma unroll
@@ -58,40 +59,50 @@ __device__ __forceinline__ void load_x8(const T* __restrict__ x_row, int64_t k0,
   }
 }
 
-// Per-layer table: lut[c * 32 + lane]. Per-row tables: lut[r * 2^b + c], r = row in block.
-template <int BITS>
+// Shared tables: per layer lut[c * 32 + lane], per row lut[r * 2^b + c] (r = row in block).
+// Entry c of a lane's table lies (c << kEntryShift) bytes past the lane's entry 0, so a
+// look-up address is one mask and one shift-and-add (LEA.HI / IMAD.HI) per plane.
+template <bool PER_CHANNEL>
+constexpr int kEntryShift = PER_CHANNEL ? 2 : 7;
+
+template <int BITS, bool PER_CHANNEL>
 __device__ __forceinline__ void load_luts(float* lut, const float* __restrict__ codebook,
-                                          bool per_channel, int64_t block_row, int64_t n) {
+                                          int64_t block_row, int64_t n) {
   constexpr int kLevels = 1 << BITS;
-  if (!per_channel) {
+  if constexpr (!PER_CHANNEL) {
     for (int i = threadIdx.x; i < kLevels * kWarpSize; i += kThreads)
       lut[i] = __ldg(codebook + i / kWarpSize);
-    return;
-  }
-  for (int i = threadIdx.x; i < kRowsPerBlock * kLevels; i += kThreads) {
-    const int64_t row = block_row + i / kLevels;
-    lut[i] = row < n ? __ldg(codebook + row * kLevels + i % kLevels) : 0.f;
+  } else {
+    for (int i = threadIdx.x; i < kRowsPerBlock * kLevels; i += kThreads) {
+      const int64_t row = block_row + i / kLevels;
+      lut[i] = row < n ? __ldg(codebook + row * kLevels + i % kLevels) : 0.f;
+    }
   }
 }
 
-template <typename T, int BITS>
+template <typename T, int BITS, bool PER_CHANNEL>
 __global__ void __launch_bounds__(kThreads)
     lut_gemv_kernel(const T* __restrict__ x, int m, int64_t k, bool vec_x, PlaneArgs planes,
-                    const float* __restrict__ codebook, bool per_channel, int64_t n,
+                    const float* __restrict__ codebook, int64_t n,
                     const T* __restrict__ bias, T* __restrict__ y,
                     float* __restrict__ partial, int64_t groups_per_split) {
-  constexpr int kLevels = 1 << BITS;
+  constexpr int kLevels = 1 << BITS, kShift = kEntryShift<PER_CHANNEL>;
   float* lut = dynamic_shared<float>();
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t block_row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
-  load_luts<BITS>(lut, codebook, per_channel, block_row, n);
+  load_luts<BITS, PER_CHANNEL>(lut, codebook, block_row, n);
   __syncthreads();
 
   const int64_t first_row = block_row + warp * kRowsPerWarp;
-  const int stride = per_channel ? 1 : kWarpSize;
-  int base[kRowsPerWarp];
+  const char* table[kRowsPerWarp];
+  // Rows past n read row n - 1 (never stored), so every lane loads unconditionally.
+  typename GroupWords<BITS>::Rows rows[kRowsPerWarp];
 #pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) base[r] = per_channel ? (warp * kRowsPerWarp + r) * kLevels : lane;
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    table[r] = reinterpret_cast<const char*>(
+        lut + (PER_CHANNEL ? (warp * kRowsPerWarp + r) * kLevels : lane));
+    rows[r] = GroupWords<BITS>::rows_of(planes, min(first_row + r, n - 1));
+  }
 
   const int64_t groups = padded_k(k) / kGroup;
   const int64_t g_begin = static_cast<int64_t>(blockIdx.y) * groups_per_split;
@@ -100,24 +111,22 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t g = g_begin + lane; g < g_end; g += kWarpSize) {
     GroupWords<BITS> words[kRowsPerWarp];
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      if (first_row + r < n)
-        words[r].load(planes, first_row + r, g);
-      else
-        words[r].clear();
-    }
+    for (int r = 0; r < kRowsPerWarp; ++r) words[r].load(rows[r], g);
+    const bool vec_group = vec_x && (g + 1) * kGroup <= k;
 #pragma unroll
     for (int j0 = 0; j0 < kGroup; j0 += kSub) {
       float w[kRowsPerWarp][kSub];
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
-        for (int j = 0; j < kSub; ++j) w[r][j] = lut[words[r].code(j0 + j) * stride + base[r]];
+        for (int j = 0; j < kSub; ++j)
+          w[r][j] = *reinterpret_cast<const float*>(
+              table[r] + words[r].template code<kShift>(j0 + j));
 #pragma unroll
       for (int mm = 0; mm < kGemvMaxM; ++mm) {
         if (mm >= m) break;
         float xv[kSub];
-        load_x8(x + mm * k, g * kGroup + j0, k, vec_x, xv);
+        load_x8(x + mm * k, g * kGroup + j0, k, vec_group, xv);
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
@@ -150,12 +159,14 @@ struct GemvKernels {
         sizeof(float) * (1 << BITS) * (a.per_channel ? kRowsPerBlock : kWarpSize);
     const T* x = a.x_as<T>();
     const bool vec_x = a.k % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+    const auto kernel = a.per_channel ? lut_gemv_kernel<T, BITS, true>
+                                      : lut_gemv_kernel<T, BITS, false>;
     return launch_in_m_chunks<T>(
         a, kRowsPerBlock, kGemvMaxM,
         [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {
-          OTQ_LAUNCH(grid, kThreads, smem, a.stream, lut_gemv_kernel<T, BITS>)(
-              x + m0 * a.k, rows, a.k, vec_x, a.planes, a.codebook, a.per_channel, a.n,
-              a.bias_as<T>(), a.y_as<T>() + m0 * a.n, partial, groups_per_split);
+          OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(
+              x + m0 * a.k, rows, a.k, vec_x, a.planes, a.codebook, a.n, a.bias_as<T>(),
+              a.y_as<T>() + m0 * a.n, partial, groups_per_split);
           return 0;
         });
   }

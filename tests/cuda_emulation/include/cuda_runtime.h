@@ -60,6 +60,11 @@ inline unsigned __funnelshift_l(unsigned lo, unsigned hi, unsigned shift) {
   return static_cast<unsigned>((both << (shift & 31u)) >> 32);
 }
 
+// IMAD.HI: the high word of the 64-bit product.
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
 // __ldg of a misaligned vector faults on the GPU: the emulation aborts instead.
 template <typename T>
 T __ldg(const T* p) {
