@@ -51,8 +51,9 @@ struct GroupWords {
   }
 
   // Code of weight j (0..31) of the group shifted left by SHIFT; j must be a compile-time
-  // constant after unrolling. Each plane's field is masked in place and moved by a
-  // multiply (IMAD / IMAD.HI), which also adds the running sum: two instructions per plane.
+  // constant after unrolling. Each plane's field is masked in place; one moving right goes
+  // by a multiply-high, which ptxas fuses with the running sum's add (LEA.HI / IMAD.HI):
+  // two instructions per plane (three for a field that moves left).
   template <int SHIFT = 0>
   __device__ __forceinline__ uint32_t code(int j) const {
     constexpr PlaneSpec spec = plane_spec(BITS);
