@@ -2,8 +2,9 @@
 //
 // A block is 4 warps; a warp owns 4 weight rows and walks its K range one 32-weight group
 // per lane per step: it loads the group's words of every plane (128-bit loads for 8- and
-// 4-bit planes), ORs the fields into codes, looks the codes up in shared memory and
-// accumulates in fp32 against up to kGemvMaxM activation rows (8-wide vector loads).
+// 4-bit planes), turns the fields into table offsets, looks the weights up in shared
+// memory and accumulates in fp32 against up to kGemvMaxM activation rows (8-wide vector
+// loads).
 // Shared tables: one per layer, duplicated per lane ([2^b][32], conflict-free); or one
 // per weight row ([16 rows][2^b], conflict-free for b <= 5). Split-K over blockIdx.y
 // writes fp32 partials that a fix-up kernel sums (deterministic, bias fused there).
