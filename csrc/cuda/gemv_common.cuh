@@ -54,7 +54,7 @@ struct GroupWords {
   // constant after unrolling. Each plane's field is masked in place; one moving right goes
   // by a multiply-high, which ptxas fuses with the running sum's add (LEA.HI / IMAD.HI):
   // two instructions per plane (three for a field that moves left).
-  template <int SHIFT = 0>
+  template <int SHIFT>
   __device__ __forceinline__ uint32_t code(int j) const {
     constexpr PlaneSpec spec = plane_spec(BITS);
     uint32_t c = 0;
