@@ -182,10 +182,11 @@ def main(argv=None) -> int:
                    help="default GPU: triton,dequant; CPU: reference,cpu,triton,dequant")
     p.add_argument("--include-1x1", action="store_true", help="also the 1×1 convs")
     p.add_argument("--write-tuning", default=None, metavar="PATH")
+    common.add_dtype_option(p)
     args = p.parse_args(argv)
     run = common.Run("conv", args)
     gpu = run.device.type == "cuda"
-    dtype = torch.float16 if gpu else torch.float32
+    dtype = common.bench_dtype(args, run.device)
     batches = common.csv_ints(args.batches) if args.batches else \
         ([1] if args.smoke or args.preset == "goal" else DEFAULT_BATCHES)
     bits_list = common.csv_ints(args.bits) if args.bits else ([3] if args.smoke else [4, 2, 3, 8])

@@ -169,13 +169,14 @@ def main(argv=None) -> int:
                    help="comma-separated bits:granularity:backend or fp16 "
                         "(default: fp16, 4:channel:auto, 4:channel:dequant, ...)")
     p.add_argument("--no-graph", action="store_true", help="eager timing only")
+    common.add_dtype_option(p)
     args = p.parse_args(argv)
     run = common.Run("e2e", args, measure_ceilings=not args.smoke)
     from otq_kernels.models import IMAGE_SIZES, build_model
 
     config = args.config or ("tiny" if args.smoke else "mnist")
     gpu = run.device.type == "cuda"
-    dtype = torch.float16 if gpu else torch.float32
+    dtype = common.bench_dtype(args, run.device)
     goal = args.preset == "goal"
     batches = common.csv_ints(args.batches) if args.batches else ([1] if args.smoke or goal
                                                                    else [1, 16, 64])

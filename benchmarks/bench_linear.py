@@ -271,14 +271,14 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default=None,
                    help="comma-separated (default GPU: triton,cuda,dequant; CPU: "
                         "reference,cpu,triton,dequant)")
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+    common.add_dtype_option(p)
     p.add_argument("--graph", action="store_true", help="time CUDA-graph replays")
     p.add_argument("--write-tuning", default=None, metavar="PATH",
                    help="merge the measured crossovers into this tuning JSON")
     args = p.parse_args(argv)
     run = common.Run("linear", args)
     gpu = run.device.type == "cuda"
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if gpu else torch.float32)
+    dtype = common.bench_dtype(args, run.device)
     goal = args.preset == "goal"
     ms = common.csv_ints(args.ms) if args.ms else \
         ([3] if args.smoke else (GOAL_MS if goal else DEFAULT_MS))

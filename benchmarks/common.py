@@ -82,6 +82,19 @@ def parser(subject: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_dtype_option(p: argparse.ArgumentParser) -> None:
+    """``--dtype`` for benches whose activations (and dense baseline) take one dtype."""
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="activation dtype (default float16 on a GPU, float32 on CPU)")
+
+
+def bench_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    """``--dtype``, else float16 on a GPU and float32 on CPU."""
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def csv_ints(text: str) -> list[int]:
     """'1,4,16' -> [1, 4, 16]."""
     return [int(v) for v in text.split(",") if v.strip()]

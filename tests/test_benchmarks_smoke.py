@@ -238,3 +238,21 @@ def test_goal_preset_times_both_splitk_layouts_only_where_dispatch_runs_them(tmp
     timed = {(r["kernel"], r["M"]) for r in rows if r["backend"] == "triton" and not r["skipped"]}
     assert timed == {("auto", 16), ("splitk", 16), ("splitk_fm", 16),
                      ("auto", 80), ("gemm_strided", 80)}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_e2e_runs_the_model_in_half_precision(dtype, tmp_path):
+    """The GPU runs time the UNet in fp16: every variant must run in a half dtype (a
+    model-level dtype bug shows up as error rows, not as a failed run)."""
+    assert _run_smoke("e2e", tmp_path, "--dtype", dtype) == 0
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    assert rows and all(not row["error"] and not row["skipped"] for row in rows), rows
+    assert {row["dtype"] for row in rows} == {dtype}
+
+
+def test_gpu_checks_model_runs_in_fp16():
+    """gpu_checks' quantized fp16 UNet (graph and compile checks) runs a forward."""
+    model, x, t = _load("gpu_checks").quantized_unet("tiny", torch.device("cpu"))
+    with torch.inference_mode():
+        y = model(x, t)
+    assert y.dtype == torch.float16 and y.shape == x.shape and bool(y.isfinite().all())

@@ -18,10 +18,17 @@ from torch import nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back to the input dtype."""
+    """GroupNorm computed in float32 and cast back to the input dtype.
+
+    The affine parameters are upcast too, so a model converted with ``.half()`` or
+    ``.to(torch.bfloat16)`` still normalises in float32 (torch refuses a float32 input
+    with half parameters, on CPU and CUDA alike).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def normalization(channels: int) -> GroupNorm32:

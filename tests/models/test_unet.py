@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import copy
 
 import pytest
 import torch
 from torch import nn
 
+from otq_kernels import quantize_model
 from otq_kernels.models import (
     UNetModel,
     build_model,
@@ -71,6 +73,24 @@ def test_zero_init_output():
     model = _tiny().eval()
     y = model(torch.randn(2, 1, 16, 16), torch.rand(2))
     assert torch.count_nonzero(y) == 0
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)],
+                         ids=["fp16", "bf16"])
+def test_half_precision_model_tracks_float32(dtype, tol, quantized):
+    """``.to(dtype)`` also converts the GroupNorms' parameters: the model must still run
+    (torch refuses a float32 input with half parameters) with float32 times, as the GPU
+    benchmarks call it, and stay close to its float32 output."""
+    model = _randomize(_tiny()).eval()
+    if quantized:
+        quantize_model(model, bits=4, method="ot", granularity="channel", progress=False)
+    x, t = torch.randn(2, 1, 16, 16), torch.rand(2)
+    with torch.no_grad():
+        ref = model(x, t)
+        y = copy.deepcopy(model).to(dtype)(x.to(dtype), t)
+    assert y.dtype == dtype
+    assert ((y.float() - ref).norm() / ref.norm()).item() < tol
 
 
 def test_mnist_config_layout_and_size():
