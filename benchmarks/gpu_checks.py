@@ -1,8 +1,9 @@
 """GPU-only checks the suite runs besides pytest: CUDA graphs, torch.compile, sanitizer target.
 
-- ``--checks graph,compile``: quantize a UNet (4-bit ot, per channel, backend auto), then
-  (a) capture one forward in a CUDA graph and compare its replay with eager, (b) run
-  ``torch.compile(model)`` and compare with eager. Results go to ``<out>/checks.json``.
+- ``--checks graph,compile``: quantize a UNet (random weights in its zero-init layers,
+  4-bit ot, per channel, backend auto, fp16), then (a) capture one forward in a CUDA graph
+  and compare its replay with eager, (b) run ``torch.compile(model)`` and compare with
+  eager; an all-zero eager output fails. Results go to ``<out>/checks.json``.
 - ``--sanitizer-target``: a short run of the CUDA and Triton kernels on small odd shapes
   (every bit width, both granularities, linear + conv + fit) for ``compute-sanitizer``.
 
@@ -27,12 +28,14 @@ TOLERANCE = 2e-2  # fp16 graph/compile vs eager: same kernels, so this is loose
 
 
 def quantized_unet(config: str, device: torch.device):
-    """A randomly initialised UNet, quantized at 4 bits per channel, fp16, eval."""
-    from otq_kernels.models import IMAGE_SIZES, build_model
+    """A randomly initialised UNet, quantized at 4 bits per channel, fp16, eval; with
+    x [2, C, S, S] fp16 and t [2] fp32. Its zero-initialised layers get random weights
+    (``random_model``): otherwise the output is exactly 0 and a check compares nothing."""
+    from otq_kernels.demo import random_model
+    from otq_kernels.models import IMAGE_SIZES
     from otq_kernels.nn import quantize_model
 
-    torch.manual_seed(0)
-    model = build_model(config).to(device)
+    model = random_model(config, seed=0).to(device)
     quantize_model(model, bits=4, method="ot", granularity="channel", progress=False)
     model = model.half().eval()
     size = IMAGE_SIZES[config]
@@ -53,8 +56,7 @@ def check_graph(model, x, t) -> dict:
                     + "; ".join(errors)}
         graph.replay()
         torch.cuda.synchronize()
-        err = common.rel_error(out["y"], ref)
-    return {"ok": err < TOLERANCE, "rel_err": err}
+        return compare(out["y"], ref)
 
 
 def check_compile(model, x, t) -> dict:
@@ -64,8 +66,17 @@ def check_compile(model, x, t) -> dict:
         compiled = torch.compile(model)
         out = compiled(x, t)
         torch.cuda.synchronize()
-    err = common.rel_error(out, ref)
-    return {"ok": err < TOLERANCE, "rel_err": err}
+    return compare(out, ref)
+
+
+def compare(y: torch.Tensor, ref: torch.Tensor) -> dict:
+    """ok when y is within TOLERANCE of ref and ref is not all zeros (nothing to compare)."""
+    err = common.rel_error(y, ref)
+    nonzero = bool(ref.any())
+    result = {"ok": nonzero and err < TOLERANCE, "rel_err": err}
+    if not nonzero:
+        result["detail"] = "the eager output is all zeros: the comparison shows nothing"
+    return result
 
 
 def sanitizer_target(device: torch.device, bits_list: list[int]) -> int:

@@ -250,9 +250,16 @@ def test_e2e_runs_the_model_in_half_precision(dtype, tmp_path):
     assert {row["dtype"] for row in rows} == {dtype}
 
 
-def test_gpu_checks_model_runs_in_fp16():
-    """gpu_checks' quantized fp16 UNet (graph and compile checks) runs a forward."""
-    model, x, t = _load("gpu_checks").quantized_unet("tiny", torch.device("cpu"))
+def test_gpu_checks_model_runs_in_fp16_with_an_informative_output():
+    """gpu_checks' quantized fp16 UNet (graph and compile checks) runs a forward whose
+    output is not all zeros (ADM's zero-init layers are filled), and its comparison
+    refuses an all-zero reference."""
+    checks = _load("gpu_checks")
+    model, x, t = checks.quantized_unet("tiny", torch.device("cpu"))
     with torch.inference_mode():
         y = model(x, t)
     assert y.dtype == torch.float16 and y.shape == x.shape and bool(y.isfinite().all())
+    assert y.float().abs().mean() > 1e-3
+    assert checks.compare(y + 1e-4, y)["ok"] and not checks.compare(y + 1, y)["ok"]
+    zero = torch.zeros_like(y)
+    assert not checks.compare(zero, zero)["ok"]
