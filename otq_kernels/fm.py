@@ -201,11 +201,11 @@ def train(
         ps = path.sample(x_0=x0, x_1=x1, t=t)
         extra = {}
         if labels is not None:
-            label = labels[idx]
+            label = labels[idx].to(device)
             if label_dropout > 0:
-                label = label.masked_fill(torch.rand(batch_size, generator=g) < label_dropout,
-                                          null_label)
-            extra = {"label": label.to(device)}
+                drop = torch.rand(batch_size, generator=g) < label_dropout
+                label = label.masked_fill(drop.to(device), null_label)
+            extra = {"label": label}
         loss = torch.mean((model(ps.x_t, ps.t, extra) - ps.dx_t) ** 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
