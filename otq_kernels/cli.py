@@ -168,18 +168,22 @@ def cmd_quantize(args) -> int:
 
 # ----------------------------------------------------------------------------- sample
 def cmd_sample(args) -> int:
+    import torch
+
     from . import fm
     from .demo import image_shape
     from .report import save_grid
 
     model, info = load_model(args)
+    dtype = getattr(torch, args.dtype)
+    model = model.to(dtype)  # codebooks stay float32; GroupNorm runs in float32
     x0 = fm.make_noise((args.n, *image_shape(model, info["image_size"])), args.seed,
-                       device=_device(args))
+                       device=_device(args), dtype=dtype)
     x = fm.sample(model, x0, steps=args.steps, method=args.method)
     save_grid(x, args.output, nrow=min(args.nrow, args.n))
     kind = "quantized" if info["quantized"] else "float"
     print(f"wrote {args.output}: {args.n} samples of the {kind} model ({info['source']}), "
-          f"{args.method} x {args.steps} steps, seed {args.seed}")
+          f"{args.method} x {args.steps} steps, seed {args.seed}, {args.dtype}")
     return 0
 
 
@@ -297,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ODE solver (default midpoint)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--nrow", type=int, default=8, help="images per grid row (default 8)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype the model runs in (default float32; codebooks stay float32)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="fidelity over bits x methods -> JSON, table, plots",

@@ -57,6 +57,25 @@ def test_quantize_sample_round_trip(tmp_path, capsys):
         cli.main(["sample", "--checkpoint", str(fp), "-o", str(tmp_path / "x.png")])
 
 
+@pytest.mark.parametrize("dtype, tol", [("float16", 1e-3), ("bfloat16", 5e-3)])
+def test_sample_in_half_precision(tmp_path, capsys, dtype, tol):
+    """`otq sample --dtype` runs the quantized model in fp16/bf16: same grid as float32."""
+    import matplotlib.pyplot as plt
+
+    ckpt = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", "--random-init", "tiny", "-o", str(ckpt), "--bits", "4",
+                     "--quiet"]) == 0
+    grids = {}
+    for name in ("float32", dtype):
+        png = tmp_path / f"{name}.png"
+        assert cli.main(["sample", "--checkpoint", str(ckpt), "--n", "4", "--steps", "2",
+                         "--method", "euler", "--dtype", name, "-o", str(png)]) == 0
+        assert capsys.readouterr().out.rstrip().endswith(name)
+        grids[name] = plt.imread(png)
+    diff = abs(grids[dtype] - grids["float32"])
+    assert 0 < diff.max() and diff.mean() < tol
+
+
 def test_override_parsing():
     assert cli._parse_override("out.2=8") == ("out.2", {"bits": 8})
     assert cli._parse_override("a=b=4:lloyd:tensor") == (
