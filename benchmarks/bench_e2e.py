@@ -1,7 +1,9 @@
 """End-to-end Flow Matching sampling step: the mnist UNet, FP16 dense vs quantized.
 
-Random weights of the ``mnist`` config (55.7M parameters; speed does not depend on the
-values). For batch 1 / 16 / 64 it times one Euler step ``x + dt·v(x, t)`` (one forward)
+Random weights of the ``mnist`` config (55.7M parameters; ``demo.random_model``: ADM's
+zero-initialised layers get small random weights, so the output depends on every layer;
+speed does not depend on the values). For batch 1 / 16 / 64 it times one Euler step
+``x + dt·v(x, t)`` (one forward)
 back to back, as a sampler runs them (no L2 flush: weights that fit in L2 stay there
 between steps, exactly as in sampling), eagerly and as a CUDA-graph replay, and records
 the peak GPU memory of a step and the model's bytes. Variants:
@@ -13,7 +15,10 @@ the peak GPU memory of a step and the model's bytes. Variants:
   each layer to a transient dense weight, then cuBLAS/cuDNN).
 
 Bits 4 (channel and tensor) and 2 / 3 / 8 (channel). ratio = t_fp16 / t and
-peak_ratio = peak / peak_fp16 at the same batch and timing mode.
+peak_ratio = peak / peak_fp16 at the same batch and timing mode. Each variant's velocity
+v(x, t) is also checked: ``rel_err_vs_dense`` against the dense model (quantization error
+plus kernels) and, for fused variants, ``rel_err_vs_dequant`` against the same codes run
+through ``dequant`` (kernel error only: ~1e-3 in fp16).
 
 ``--preset goal`` (GPU suite, issue 6's goal: batch 1, 4-bit per channel): batch 1 only,
 variants fp16, 4-bit channel auto / dequant / triton (every layer on Triton), then 4-bit
@@ -104,8 +109,15 @@ def peak_step_bytes(run, step) -> int | None:
     return torch.cuda.max_memory_allocated(run.device)
 
 
-def bench_variant(run, master, variant, batches, image, dtype, modes) -> None:
-    """Rows for one variant at every batch size and timing mode."""
+def velocity(model, x, t) -> torch.Tensor:
+    """The model's output v(x, t) [B, C, H, W], as fp32 on the CPU."""
+    with torch.inference_mode():
+        return model(x, t).float().cpu()
+
+
+def bench_variant(run, master, variant, batches, image, dtype, modes, outputs) -> None:
+    """Rows for one variant at every batch size and timing mode; its velocity at each
+    batch goes to ``outputs[(variant, batch)]``."""
     bits, gran, backend = variant
     fields = {"op": "e2e", "backend": backend, "bits": bits, "granularity": gran,
               "shape": run.meta["config"], "dtype": str(dtype).replace("torch.", "")}
@@ -122,6 +134,11 @@ def bench_variant(run, master, variant, batches, image, dtype, modes) -> None:
         x = torch.randn(batch, *image, device=run.device, dtype=dtype, generator=gen)
         t = torch.full((batch,), 0.5, device=run.device)
         step = step_fn(model, x, t, 0.01)
+        try:
+            outputs[(variant, batch)] = velocity(model, x, t)
+        except Exception as exc:  # noqa: BLE001
+            run.error(exc, **fields, kernel="velocity", M=batch, batch=batch)
+            continue
         for mode in modes:
             row = {**fields, "kernel": mode, "M": batch, "batch": batch}
             if run.over_budget((variant, batch, mode)):
@@ -159,6 +176,23 @@ def fill_memory_ratios(rows: list[dict]) -> None:
         r["model_bytes_ratio"] = r["model_bytes"] / ref["model_bytes"]
 
 
+def fill_output_errors(rows: list[dict], outputs: dict) -> None:
+    """rel_err_vs_dense and (fused variants) rel_err_vs_dequant of each timed row."""
+    for r in rows:
+        if not r.get("p50_us") or r.get("bits") is None:
+            continue
+        variant, batch = (r["bits"], r["granularity"], r["backend"]), r["M"]
+        out = outputs.get((variant, batch))
+        dense = outputs.get(((None, None, "fp16"), batch))
+        dequant = outputs.get(((r["bits"], r["granularity"], "dequant"), batch))
+        if out is None:
+            continue
+        if dense is not None:
+            r["rel_err_vs_dense"] = common.rel_error(out, dense)
+        if dequant is not None and r["backend"] != "dequant":
+            r["rel_err_vs_dequant"] = common.rel_error(out, dequant)
+
+
 def main(argv=None) -> int:
     p = common.parser("e2e", __doc__.splitlines()[0])
     p.add_argument("--preset", choices=["goal", "full"], default="full",
@@ -172,7 +206,8 @@ def main(argv=None) -> int:
     common.add_dtype_option(p)
     args = p.parse_args(argv)
     run = common.Run("e2e", args, measure_ceilings=not args.smoke)
-    from otq_kernels.models import IMAGE_SIZES, build_model
+    from otq_kernels.demo import random_model
+    from otq_kernels.models import IMAGE_SIZES
 
     config = args.config or ("tiny" if args.smoke else "mnist")
     gpu = run.device.type == "cuda"
@@ -186,20 +221,20 @@ def main(argv=None) -> int:
                     (int(v.split(":")[0]), v.split(":")[1], v.split(":")[2])
                     for v in common.csv_strs(args.variants)]
     modes = ["eager"] if (args.no_graph or not gpu or args.smoke) else ["eager", "graph"]
-    torch.manual_seed(0)
-    master = build_model(config).eval()
+    master = random_model(config, seed=0)
+    outputs: dict = {}
     size = IMAGE_SIZES[config]
     image = (master.in_channels, size, size)
     run.meta.update(config=config, parameters=sum(p.numel() for p in master.parameters()),
                     batches=batches, modes=modes, dtype=str(dtype), l2_flush_bytes=0,
                     variants=[list(v) for v in variants])
     run.finalizers += [lambda rows: common.fill_ratios(rows, ("op", "M", "kernel", "dtype")),
-                       fill_memory_ratios]
+                       fill_memory_ratios, lambda rows: fill_output_errors(rows, outputs)]
     for variant in variants:
         if run.over_budget(variant):
             continue
         try:
-            bench_variant(run, master, variant, batches, image, dtype, modes)
+            bench_variant(run, master, variant, batches, image, dtype, modes, outputs)
         except Exception as exc:  # noqa: BLE001 - one variant must not end the run
             bits, gran, backend = variant
             run.error(exc, op="e2e", backend=backend, bits=bits, granularity=gran,

@@ -8,7 +8,8 @@ suite prints this last and appends it to summary.txt):
   the path, % of copy bandwidth and the dequant ratio;
 - conv: per (bits, granularity, batch) the geometric mean over layers of the Triton and
   dequant ratios (vs the faster dense cuDNN layout), plus every layer at 4 bits/channel;
-- e2e: per variant and batch, step time, ratio and peak-memory ratio, eager and graph;
+- e2e: per variant and batch, step time, ratio and peak-memory ratio, eager and graph,
+  and the velocity's error vs the dense model / vs dequant;
 - fit: ms per whole-model pass per backend (ot); checks: ok or not.
 
 Pure json, no torch; never raises (a broken file is reported and skipped).
@@ -124,7 +125,9 @@ def e2e(payload: dict) -> None:
             f"{r['bits']}b {r['granularity'][:2]} {r['backend']}"
         print(f"   {variant:<16} batch {r['M']:<3} {r['kernel']:<5} {r['p50_us'] / 1e3:8.3f} ms "
               f"x{fmt(r.get('ratio'))} peak x{fmt(r.get('peak_ratio'))} "
-              f"bytes x{fmt(r.get('model_bytes_ratio'))}"
+              f"bytes x{fmt(r.get('model_bytes_ratio'))} "
+              f"err {fmt(r.get('rel_err_vs_dense'), '.1e')}/"
+              f"{fmt(r.get('rel_err_vs_dequant'), '.1e')}"
               + (f" ({r['note'][:80]})" if r.get("note") else ""))
 
 

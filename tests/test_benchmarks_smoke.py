@@ -250,6 +250,36 @@ def test_e2e_runs_the_model_in_half_precision(dtype, tmp_path):
     assert {row["dtype"] for row in rows} == {dtype}
 
 
+def test_e2e_checks_each_variants_output(smoke_dir):
+    """Every quantized e2e row carries its velocity error vs the dense model (non-zero:
+    quantization changes it) and, for fused variants, vs dequant (the same codes: small)."""
+    out, _ = smoke_dir
+    rows = json.loads((out / "e2e.json").read_text())["rows"]
+    quantized = [r for r in rows if r["bits"] is not None and r.get("p50_us")]
+    assert {r["backend"] for r in quantized} == {"auto", "dequant"}
+    for r in quantized:
+        assert 0 < r["rel_err_vs_dense"] < 0.5, r
+    fused = [r for r in quantized if r["backend"] != "dequant"]
+    assert fused and all(r["rel_err_vs_dequant"] < 1e-4 for r in fused), fused
+    assert all("rel_err_vs_dequant" not in r for r in quantized if r["backend"] == "dequant")
+
+
+def test_e2e_output_errors_compare_like_with_like():
+    """fill_output_errors pairs a row with the dense and dequant outputs of its batch."""
+    e2e = _load("bench_e2e")
+    ref = torch.ones(2, 1, 4, 4)
+    outputs = {((None, None, "fp16"), 2): ref, ((4, "channel", "dequant"), 2): ref * 1.1,
+               ((4, "channel", "auto"), 2): ref * 1.1 + 1e-3}
+    rows = [{"bits": 4, "granularity": "channel", "backend": "auto", "M": 2, "p50_us": 1.0},
+            {"bits": 4, "granularity": "channel", "backend": "dequant", "M": 2, "p50_us": 1.0},
+            {"bits": 4, "granularity": "channel", "backend": "auto", "M": 16, "p50_us": 1.0}]
+    e2e.fill_output_errors(rows, outputs)
+    assert abs(rows[0]["rel_err_vs_dense"] - 0.101) < 1e-4
+    assert abs(rows[0]["rel_err_vs_dequant"] - 1e-3 / 1.1) < 1e-6
+    assert abs(rows[1]["rel_err_vs_dense"] - 0.1) < 1e-6 and "rel_err_vs_dequant" not in rows[1]
+    assert "rel_err_vs_dense" not in rows[2]  # no output at that batch
+
+
 def test_gpu_checks_model_runs_in_fp16_with_an_informative_output():
     """gpu_checks' quantized fp16 UNet (graph and compile checks) runs a forward whose
     output is not all zeros (ADM's zero-init layers are filled), and its comparison
