@@ -18,7 +18,7 @@ Bits 4 (channel and tensor) and 2 / 3 / 8 (channel). ratio = t_fp16 / t and
 peak_ratio = peak / peak_fp16 at the same batch and timing mode. Each variant's velocity
 v(x, t) is also checked: ``rel_err_vs_dense`` against the dense model (quantization error
 plus kernels) and, for fused variants, ``rel_err_vs_dequant`` against the same codes run
-through ``dequant`` (kernel error only: ~1e-3 in fp16).
+through ``dequant`` (kernel error only: rounding-sized).
 
 ``--preset goal`` (GPU suite, issue 6's goal: batch 1, 4-bit per channel): batch 1 only,
 variants fp16, 4-bit channel auto / dequant / triton (every layer on Triton), then 4-bit
