@@ -45,8 +45,11 @@
 #   OTQ_AUTOTUNE_REP_MS   ms of timing per autotune config (default 20; Triton's own is 125)
 #   OTQ_WHEELS            folder of carried wheels (default wheelhouse/)
 #   OTQ_GIT_SHA           recorded in the JSON meta when the tree has no .git
+#   OTQ_SUITE_SCRATCH     where the work happens when $OUT is set (default /tmp/otq_suite)
 #   PYTHON                interpreter (default python3: the image's, which holds torch)
 # A failing step is logged in summary.txt with the tail of its log and the suite goes on.
+# Where torch sees no CUDA device, the steps that need one (GPU_STEPS) are marked FAILED
+# without running, so that a broken driver never reads as "tests_cuda: ok, all skipped".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -63,6 +66,7 @@ PLAN1="env wheels build tests_cuda checks sanitizer tests_gpu"
 PLAN2="env wheels build goal_linear goal_e2e goal_conv plot"
 PLAN3="env wheels build bench_fit bench_linear bench_conv bench_e2e tests_all"
 ALL_STEPS="env wheels build tests_cuda checks sanitizer goal_linear goal_e2e goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
+GPU_STEPS=" tests_cuda checks sanitizer goal_linear goal_e2e goal_conv tests_gpu bench_fit bench_linear bench_conv bench_e2e "
 case "${OTQ_SUITE_PLAN:-}" in
   1) PLAN_STEPS=$PLAN1 ;; 2) PLAN_STEPS=$PLAN2 ;; 3) PLAN_STEPS=$PLAN3 ;;
   "") PLAN_STEPS=$ALL_STEPS ;;
@@ -82,7 +86,7 @@ EOF
 if [ $# -ge 1 ]; then
   DIR=$1
 elif [ -n "${OUT:-}" ]; then
-  DIR=/tmp/otq_suite/$slug
+  DIR=${OTQ_SUITE_SCRATCH:-/tmp/otq_suite}/$slug
 else
   DIR=benchmarks/results/$slug
 fi
@@ -92,6 +96,12 @@ DIR=$(cd "$DIR" && pwd)
 SUMMARY=$DIR/summary.txt
 echo "gpu_suite: $(date -u +%FT%TZ) slug=$slug plan=${OTQ_SUITE_PLAN:-all} dir=$DIR" \
   "deadline=${DEADLINE}s git_sha=${OTQ_GIT_SHA:-?} steps=[$STEPS]" | tee "$SUMMARY"
+HAS_GPU=1
+case "$slug" in cpu | unknown)
+  HAS_GPU=0
+  echo "gpu_suite: WARNING torch sees no CUDA device (slug=$slug): the GPU steps will not run" \
+    | tee -a "$SUMMARY" ;;
+esac
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
@@ -132,6 +142,10 @@ export_out() {
 run_step() {
   local name=$1 cap=$(( $2 * CAP_SCALE )) cmd=$3
   wanted "$name" || return 0
+  if [ "$HAS_GPU" = 0 ] && [[ "$GPU_STEPS" == *" $name "* ]]; then
+    echo "$name: FAILED (not run: torch sees no CUDA device)" | tee -a "$SUMMARY"
+    return 0
+  fi
   local left=$(( DEADLINE - $(elapsed) - 15 ))
   if [ "$left" -lt 25 ]; then
     echo "$name: SKIPPED (suite deadline: $(elapsed)s of ${DEADLINE}s used)" | tee -a "$SUMMARY"

@@ -1,0 +1,60 @@
+"""benchmarks/gpu_suite.sh dry-run on a CPU machine: plan and step selection, the
+no-GPU guard, the deadline, and what the device tool would bring back from $OUT.
+
+The GPU sessions are rare and short; these catch a broken suite before one is spent on it.
+On a GPU machine the suite itself is what runs, so this module is for CPU machines only.
+"""
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="a dry run for CPU machines; on a GPU run the suite")
+
+SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
+
+
+def _suite(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run the suite as the device tool would ($OUT set); returns (process, $OUT)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    full_env = {**os.environ, "OUT": str(out), "OTQ_SUITE_SCRATCH": str(tmp_path / "work"),
+                "PYTHON": sys.executable, **env}
+    proc = subprocess.run(["bash", str(SUITE)], env=full_env, capture_output=True, text=True,
+                          timeout=300)
+    return proc, out
+
+
+def test_no_gpu_marks_gpu_steps_failed_and_exports_results(tmp_path):
+    proc, out = _suite(tmp_path, OTQ_SUITE_STEPS="env tests_cuda goal_linear",
+                       OTQ_SUITE_DEADLINE_S="200")
+    summary = (out / "summary.txt").read_text()
+    assert "WARNING torch sees no CUDA device" in summary, proc.stdout + proc.stderr
+    assert "env: ok" in summary
+    for step in ("tests_cuda", "goal_linear"):
+        assert f"{step}: FAILED (not run: torch sees no CUDA device)" in summary
+    assert "gpu_suite: done" in summary
+    with tarfile.open(out / "suite.tar.gz") as tar:
+        names = tar.getnames()
+    assert "cpu/summary.txt" in names and "cpu/logs/env.log" in names
+    assert "cpu/logs/tests_cuda.log" not in names  # guarded steps do not run at all
+
+
+def test_steps_past_the_deadline_are_skipped(tmp_path):
+    proc, out = _suite(tmp_path, OTQ_SUITE_STEPS="env", OTQ_SUITE_DEADLINE_S="30")
+    summary = (out / "summary.txt").read_text()
+    assert "env: SKIPPED (suite deadline" in summary, proc.stdout + proc.stderr
+    assert "env: ok" not in summary
+
+
+def test_unknown_plan_is_refused(tmp_path):
+    proc, out = _suite(tmp_path, OTQ_SUITE_PLAN="4")
+    assert proc.returncode == 2
+    assert "OTQ_SUITE_PLAN must be 1, 2 or 3" in proc.stderr
+    assert not any(out.iterdir())
