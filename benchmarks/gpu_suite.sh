@@ -109,7 +109,8 @@ elapsed() { echo $(( $(date +%s) - T0 )); }
 PYTEST_END='^(=+ )?(([0-9]+ [a-z]+(, )?)+|no tests ran) in [0-9.]+s|^!+ Interrupted'
 
 
-wanted() { case "$STEPS" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+in_list() { case "$2" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }  # WORD " LIST "
+wanted() { in_list "$1" "$STEPS"; }
 
 # Copy the results to $OUT (the device tool brings back at most 8 files of <= 16 MB).
 export_out() {
@@ -142,7 +143,7 @@ export_out() {
 run_step() {
   local name=$1 cap=$(( $2 * CAP_SCALE )) cmd=$3
   wanted "$name" || return 0
-  if [ "$HAS_GPU" = 0 ] && [[ "$GPU_STEPS" == *" $name "* ]]; then
+  if [ "$HAS_GPU" = 0 ] && in_list "$name" "$GPU_STEPS"; then
     echo "$name: FAILED (not run: torch sees no CUDA device)" | tee -a "$SUMMARY"
     return 0
   fi
