@@ -48,8 +48,9 @@
 #   OTQ_SUITE_SCRATCH     where the work happens when $OUT is set (default /tmp/otq_suite)
 #   PYTHON                interpreter (default python3: the image's, which holds torch)
 # A failing step is logged in summary.txt with the tail of its log and the suite goes on.
-# Where torch sees no CUDA device, the steps that need one (GPU_STEPS) are marked FAILED
-# without running, so that a broken driver never reads as "tests_cuda: ok, all skipped".
+# Where torch sees no CUDA device (or fails to import), the steps that need one (GPU_STEPS)
+# are marked FAILED with the reason, without running, so that a broken driver never reads
+# as "tests_cuda: ok, all skipped".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -77,12 +78,19 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/otq_triton_cache}
 ARGC=$#
 
-slug=$($PY - <<'EOF' 2>/dev/null || echo unknown
+SLUG_ERR=$(mktemp)
+slug=$($PY - <<'EOF' 2>"$SLUG_ERR" || echo unknown
 import re, torch
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
 EOF
 )
+case "$slug" in  # NO_GPU: why the GPU steps cannot run, empty when they can
+  cpu) NO_GPU="torch sees no CUDA device" ;;
+  unknown) NO_GPU="torch failed: $(grep -v '^[[:space:]]' "$SLUG_ERR" | tail -n 1)" ;;
+  *) NO_GPU="" ;;
+esac
+rm -f "$SLUG_ERR"
 if [ $# -ge 1 ]; then
   DIR=$1
 elif [ -n "${OUT:-}" ]; then
@@ -96,12 +104,8 @@ DIR=$(cd "$DIR" && pwd)
 SUMMARY=$DIR/summary.txt
 echo "gpu_suite: $(date -u +%FT%TZ) slug=$slug plan=${OTQ_SUITE_PLAN:-all} dir=$DIR" \
   "deadline=${DEADLINE}s git_sha=${OTQ_GIT_SHA:-?} steps=[$STEPS]" | tee "$SUMMARY"
-HAS_GPU=1
-case "$slug" in cpu | unknown)
-  HAS_GPU=0
-  echo "gpu_suite: WARNING torch sees no CUDA device (slug=$slug): the GPU steps will not run" \
-    | tee -a "$SUMMARY" ;;
-esac
+[ -n "$NO_GPU" ] && echo "gpu_suite: WARNING $NO_GPU (slug=$slug): the GPU steps will not run" \
+  | tee -a "$SUMMARY"
 
 elapsed() { echo $(( $(date +%s) - T0 )); }
 
@@ -143,8 +147,8 @@ export_out() {
 run_step() {
   local name=$1 cap=$(( $2 * CAP_SCALE )) cmd=$3
   wanted "$name" || return 0
-  if [ "$HAS_GPU" = 0 ] && in_list "$name" "$GPU_STEPS"; then
-    echo "$name: FAILED (not run: torch sees no CUDA device)" | tee -a "$SUMMARY"
+  if [ -n "$NO_GPU" ] && in_list "$name" "$GPU_STEPS"; then
+    echo "$name: FAILED (not run: $NO_GPU)" | tee -a "$SUMMARY"
     return 0
   fi
   local left=$(( DEADLINE - $(elapsed) - 15 ))

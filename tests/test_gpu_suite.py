@@ -46,6 +46,18 @@ def test_no_gpu_marks_gpu_steps_failed_and_exports_results(tmp_path):
     assert "cpu/logs/tests_cuda.log" not in names  # guarded steps do not run at all
 
 
+def test_torch_import_failure_is_named_in_the_summary(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "torch.py").write_text("raise ImportError('libcudart.so.13: cannot open')\n")
+    proc, out = _suite(tmp_path, OTQ_SUITE_STEPS="tests_cuda", OTQ_SUITE_DEADLINE_S="200",
+                       PYTHONPATH=str(broken))
+    summary = (out / "summary.txt").read_text()
+    reason = "torch failed: ImportError: libcudart.so.13: cannot open"
+    assert f"WARNING {reason} (slug=unknown)" in summary, proc.stdout + proc.stderr
+    assert f"tests_cuda: FAILED (not run: {reason})" in summary
+
+
 def test_steps_past_the_deadline_are_skipped(tmp_path):
     proc, out = _suite(tmp_path, OTQ_SUITE_STEPS="env", OTQ_SUITE_DEADLINE_S="30")
     summary = (out / "summary.txt").read_text()
