@@ -183,10 +183,10 @@ def fill_output_errors(rows: list[dict], outputs: dict) -> None:
             continue
         variant, batch = (r["bits"], r["granularity"], r["backend"]), r["M"]
         out = outputs.get((variant, batch))
-        dense = outputs.get(((None, None, "fp16"), batch))
-        dequant = outputs.get(((r["bits"], r["granularity"], "dequant"), batch))
         if out is None:
             continue
+        dense = outputs.get(((None, None, "fp16"), batch))
+        dequant = outputs.get(((r["bits"], r["granularity"], "dequant"), batch))
         if dense is not None:
             r["rel_err_vs_dense"] = common.rel_error(out, dense)
         if dequant is not None and r["backend"] != "dequant":
