@@ -70,3 +70,10 @@ def test_unknown_plan_is_refused(tmp_path):
     assert proc.returncode == 2
     assert "OTQ_SUITE_PLAN must be 1, 2 or 3" in proc.stderr
     assert not any(out.iterdir())
+
+
+def test_no_gpu_still_runs_the_plots_of_the_benches(tmp_path):
+    proc, out = _suite(tmp_path, OTQ_SUITE_STEPS="bench_e2e", OTQ_SUITE_DEADLINE_S="200")
+    summary = (out / "summary.txt").read_text()
+    assert "bench_e2e: FAILED (not run: torch sees no CUDA device)" in summary, proc.stderr
+    assert "plot_more: ok" in summary
