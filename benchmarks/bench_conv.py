@@ -14,7 +14,8 @@ input resolution, stride, padding) at batch 1 / 8 / 64. Paths:
 
 Rows carry M = batch·OH·OW (the GEMM M), N = C_out, K = C_in/groups·KH·KW, the effective
 GB/s (packed weights + codebook + input + output), % of copy bandwidth and ratio.
-``--write-tuning PATH`` stores the largest M where Triton beats dequant (conv2d section).
+``--write-tuning PATH`` stores the largest M where Triton beats dequant (conv2d section);
+with ``--tuning-from RESULTS.json`` it derives it from that file's rows (no GPU needed).
 ``--preset goal`` (GPU suite, issue 6's goal): batch 1 only; ``full`` (default): 1, 8, 64.
 Order: bits, then granularity, then batch, then layers lowest resolution first, so that a
 budget cut keeps the 4-bit per-channel rows of every layer.
@@ -181,9 +182,11 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default=None,
                    help="default GPU: triton,dequant; CPU: reference,cpu,triton,dequant")
     p.add_argument("--include-1x1", action="store_true", help="also the 1×1 convs")
-    p.add_argument("--write-tuning", default=None, metavar="PATH")
+    common.add_tuning_options(p)
     common.add_dtype_option(p)
     args = p.parse_args(argv)
+    if args.tuning_from:
+        return common.tuning_from(args, "conv2d", derive_crossover)
     run = common.Run("conv", args)
     gpu = run.device.type == "cuda"
     dtype = common.bench_dtype(args, run.device)

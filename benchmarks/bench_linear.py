@@ -8,15 +8,18 @@ both granularities and M ∈ {1, 4, 16, 64, 256, 1024, 4096}, it times:
 - ``dequant``: expand to a transient dense weight, then cuBLAS (the dequantized baseline);
 - ``triton`` (kernel ``auto`` = what dispatch runs, plus each forced kernel gemv /
   splitk / splitk_fm / gemm / gemm_strided where its M range makes sense);
-- ``cuda``: the hand-written LUT GEMV (small M), and its tensor-core kernel (``lut_mma``,
-  fp16/bf16 and 2-4 bits; timed, never picked by dispatch);
+- ``cuda``: the hand-written LUT GEMV (``lut_gemv``, small M) and its tensor-core kernel
+  (``lut_mma``, fp16/bf16 and 2-4 bits), each forced (the backend picks between them by
+  the GPU's tuning entry: ``cuda_tensor_cores``, ``cuda_gemv_max_m``);
 - on CPU also ``reference`` and the C++ ``cpu`` backend.
 
 Rows: p20/p50/p80 µs, effective GB/s (packed planes + codebook + x + y bytes), % of the
 measured copy bandwidth, ratio = t_fp16 / t, the memory-bound cap 16 / (bits per weight)
 and the fraction of it reached, and the relative error vs the fp16 dense result.
 
-``--write-tuning PATH`` turns the measured crossovers into the dispatch table's format.
+``--write-tuning PATH`` turns the measured crossovers into the dispatch table's format;
+with ``--tuning-from RESULTS.json`` it derives them from that file's rows instead of
+timing anything (no GPU needed), e.g. after changing :func:`derive_crossovers`.
 
 ``--preset goal`` (the GPU suite's first benchmark) runs only issue 6's goal grid: the two
 goal shapes, M ∈ {1, 16, 256, 1024}, bits 4/2/3/8, both granularities, Triton ``auto``
@@ -91,11 +94,11 @@ def triton_forced(kernel: str):
     return lambda x, qt: linear_triton(x, qt, None, kernel=kernel)
 
 
-def cuda_mma_fn(x, qt):
-    """The CUDA tensor-core kernel (lut_mma.cu), which dispatch does not pick by itself."""
+def cuda_kernel(tensor_cores: bool):
+    """Callable (x, qt) -> y running one CUDA kernel: lut_mma.cu (True) or lut_gemv.cu."""
     from otq_kernels.backends import cuda
 
-    return cuda.linear(x, qt, None, tensor_cores=True)
+    return lambda x, qt: cuda.linear(x, qt, None, tensor_cores=tensor_cores)
 
 
 def backend_fn(name: str):
@@ -129,12 +132,13 @@ def candidates(run: common.Run, backends: list[str], kernels: list[str] | None =
                 except Exception as err:  # noqa: BLE001
                     fn = common.describe_error(err)
                 out.append(("triton", kernel, fn, max_m))
+        elif name == "cuda":
+            max_m = CUDA_MAX_M if run.device.type == "cuda" else None
+            out += [("cuda", "lut_gemv", reason or cuda_kernel(False), max_m),
+                    ("cuda", "lut_mma", reason or cuda_kernel(True), max_m)]
         else:
-            kernel = {"dequant": "cublas", "cuda": "lut_gemv", "cpu": "lut"}.get(name, "torch")
-            max_m = CUDA_MAX_M if name == "cuda" and run.device.type == "cuda" else None
-            out.append((name, kernel, reason or backend_fn(name), max_m))
-            if name == "cuda":
-                out.append((name, "lut_mma", reason or cuda_mma_fn, max_m))
+            kernel = {"dequant": "cublas", "cpu": "lut"}.get(name, "torch")
+            out.append((name, kernel, reason or backend_fn(name), None))
     return out
 
 
@@ -206,38 +210,74 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
         torch.cuda.empty_cache()
 
 
-def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
-    """Dispatch thresholds from measured rows.
+# (backend, kernel) of the rows derive_crossovers reads -> its name for the path
+CROSSOVER_PATHS = {("dequant", "cublas"): "dequant", ("triton", "auto"): "triton",
+                   ("cuda", "lut_gemv"): "lut_gemv", ("cuda", "lut_mma"): "lut_mma"}
 
-    triton_max_m: largest grid M up to which Triton (kernel auto) beats dequant, judged
-    by the geometric mean of t_dequant / t_triton over shapes, bits and granularities.
-    cuda_max_m: likewise for the CUDA GEMV against the faster of dequant and Triton
-    (dispatch tries cuda first, so it must beat both).
-    cuda_tensor_cores: whether the tensor-core kernel beat the CUDA-core one (geometric mean
-    over M of the per-M geometric means), for the cuda backend to use it where it can.
-    triton_splitk_field_major: likewise whether splitk_fm beat splitk, over the M where
-    dispatch runs splitk.
+
+def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
+    """Dispatch thresholds (the tuning table's "linear" section) from measured rows.
+
+    Every "wins at M" below is a geometric mean > 1 of per-configuration speedups over the
+    shapes, bits and granularities timed at that grid M; a crossover is the largest grid M
+    up to which every grid M wins (0 = none).
+
+    triton_max_m: Triton (kernel auto) against dequant.
+    cuda_gemv_max_m: the LUT GEMV against the tensor-core kernel (lut_mma), over the
+    configurations where both ran (lut_mma runs fp16/bf16 x and 2-4 bits only).
+    cuda_tensor_cores: whether lut_mma wins against the LUT GEMV at some grid M above
+    cuda_gemv_max_m. The cuda backend takes lut_mma where M > cuda_gemv_max_m, it runs
+    and this is true.
+    cuda_max_m: the cuda backend as it dispatches under those two values (per
+    configuration the lut_mma time where it would run, else the LUT GEMV time) against
+    the faster of dequant and Triton (dispatch tries cuda first, so it must beat both).
+    triton_splitk_field_major: whether splitk_fm beat splitk (geometric mean over M of
+    the per-M geometric means), over the M where dispatch runs splitk.
+
+    Evidence: {path: {M: geometric-mean speedup}} for triton (vs dequant), cuda (vs the
+    rival), cuda_tensor_cores (lut_mma vs the LUT GEMV) and triton_splitk_field_major.
     """
-    times = common.times_by_config(rows, lambda r: r["backend"] if r.get("backend") in (
-        "dequant", "cuda", "triton") and r.get("kernel") in ("auto", "cublas", "lut_gemv")
-        else None)
-    for t in times.values():  # cuda must beat the faster of dequant and triton
-        if "dequant" in t:
+    times = common.times_by_config(rows, lambda r: CROSSOVER_PATHS.get(
+        (r.get("backend"), r.get("kernel"))))
+    choice, evidence = cuda_kernel_choice(times)
+    for (m, *_), t in times.items():
+        if "dequant" in t:  # cuda must beat the faster of dequant and triton
             t["rival"] = min(t["dequant"], t.get("triton", t["dequant"]))
-    values, evidence = {}, {}
+        kernel = "lut_mma" if use_mma(choice, m) and "lut_mma" in t else "lut_gemv"
+        if kernel in t:
+            t["cuda"] = t[kernel]
+    values = {}
     for path, baseline in (("triton", "dequant"), ("cuda", "rival")):
         means = common.speedup_by_m(times, baseline, path)
-        if not means:
-            continue
-        values[f"{path}_max_m"] = common.crossover({m: (g or 0) > 1.0 for m, g in means.items()})
-        evidence[path] = {str(m): round(g, 3) for m, g in means.items() if g}
-    for key, speedups in (("cuda_tensor_cores", kernel_speedups(rows, "cuda", "lut_gemv",
-                                                                "lut_mma")),
-                          ("triton_splitk_field_major", splitk_field_major_speedups(rows))):
-        if speedups:
-            values[key] = common.geomean(list(speedups.values())) > 1.0
-            evidence[key] = {str(m): round(g, 3) for m, g in speedups.items()}
+        if means:
+            values[f"{path}_max_m"] = common.crossover(
+                {m: (g or 0) > 1.0 for m, g in means.items()})
+            evidence[path] = {str(m): round(g, 3) for m, g in means.items() if g}
+    values.update(choice)
+    speedups = splitk_field_major_speedups(rows)
+    if speedups:
+        values["triton_splitk_field_major"] = common.geomean(list(speedups.values())) > 1.0
+        evidence["triton_splitk_field_major"] = {str(m): round(g, 3)
+                                                 for m, g in speedups.items()}
     return values, evidence
+
+
+def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
+    """cuda_gemv_max_m and cuda_tensor_cores (see derive_crossovers) from
+    {config: {"lut_gemv": µs, "lut_mma": µs, ...}}; ({}, {}) when no config has both."""
+    speedups = common.speedup_by_m(times, "lut_gemv", "lut_mma")  # lut_mma's, per M
+    if not speedups:
+        return {}, {}
+    gemv_max_m = common.crossover({m: (g or 1.0) < 1.0 for m, g in speedups.items()})
+    mma_wins = any((g or 0) > 1.0 for m, g in speedups.items() if m > gemv_max_m)
+    return ({"cuda_gemv_max_m": gemv_max_m, "cuda_tensor_cores": mma_wins},
+            {"cuda_tensor_cores": {str(m): round(g, 3) for m, g in speedups.items() if g}})
+
+
+def use_mma(values: dict, m: int) -> bool:
+    """Whether the cuda backend would take lut_mma at M (where it runs) under ``values``
+    (otq_kernels.backends.cuda.use_tensor_cores' rule)."""
+    return bool(values.get("cuda_tensor_cores")) and m > values.get("cuda_gemv_max_m", 0)
 
 
 def kernel_speedups(rows: list[dict], backend: str, baseline: str,
@@ -273,9 +313,10 @@ def main(argv=None) -> int:
                         "reference,cpu,triton,dequant)")
     common.add_dtype_option(p)
     p.add_argument("--graph", action="store_true", help="time CUDA-graph replays")
-    p.add_argument("--write-tuning", default=None, metavar="PATH",
-                   help="merge the measured crossovers into this tuning JSON")
+    common.add_tuning_options(p)
     args = p.parse_args(argv)
+    if args.tuning_from:
+        return common.tuning_from(args, "linear", derive_crossovers)
     run = common.Run("linear", args)
     gpu = run.device.type == "cuda"
     dtype = common.bench_dtype(args, run.device)

@@ -730,6 +730,38 @@ def write_tuning(path: str | Path, gpu_name: str, section: str, values: dict,
     return path
 
 
+def add_tuning_options(p: argparse.ArgumentParser) -> None:
+    """--write-tuning PATH and --tuning-from RESULTS (the benches that derive crossovers)."""
+    p.add_argument("--write-tuning", default=None, metavar="PATH",
+                   help="merge the measured crossovers into this tuning JSON")
+    p.add_argument("--tuning-from", default=None, metavar="RESULTS",
+                   help="time nothing: derive the crossovers from this results JSON's rows "
+                        "(its meta.gpu names the entry) and merge them into --write-tuning")
+
+
+def tuning_from(args: argparse.Namespace, section: str, derive) -> int:
+    """``--tuning-from``: re-derive ``section`` of the tuning JSON --write-tuning from the
+    rows of a results JSON, without a GPU. derive(rows) -> (values, evidence); the
+    evidence recorded also names the results file and its meta's git sha and date."""
+    if not args.write_tuning:
+        raise SystemExit("--tuning-from needs --write-tuning PATH")
+    payload = json.loads(Path(args.tuning_from).read_text())
+    meta = payload["meta"]
+    if meta.get("smoke") or not meta.get("gpu"):
+        raise SystemExit(f"{args.tuning_from}: not a GPU run (smoke={meta.get('smoke')}, "
+                         f"gpu={meta.get('gpu')!r})")
+    values, evidence = derive(payload["rows"])
+    if not values:
+        raise SystemExit(f"{args.tuning_from}: no fused and dequant rows to derive from")
+    source = Path(args.tuning_from).resolve()
+    source = source.relative_to(REPO) if REPO in source.parents else source
+    evidence = {**evidence, "source": str(source), "git_sha": meta.get("git_sha"),
+                "date": meta.get("date")}
+    path = write_tuning(args.write_tuning, meta["gpu"], section, values, evidence)
+    print(f"{meta['gpu']} {section}: {values} -> {path}")
+    return 0
+
+
 def crossover(ms_wins: dict[int, bool]) -> int:
     """Largest M of the grid such that the path wins at every grid M up to it (0 = never)."""
     best = 0

@@ -53,6 +53,11 @@ def tuning_flag(device: torch.device, op: str, name: str) -> bool:
     return device.type == "cuda" and bool(_gpu_table(device).get(op, {}).get(name, False))
 
 
+def tuning_int(device: torch.device, op: str, name: str) -> int:
+    """An integer entry of ``device``'s tuning table (0 off CUDA or when absent)."""
+    return int(_gpu_table(device).get(op, {}).get(name, 0)) if device.type == "cuda" else 0
+
+
 _OP_FUNCTION = {"linear": "linear", "conv2d": "conv2d", "fit": "fit_rows", "pack": "pack",
                 "unpack": "unpack"}
 UNLIMITED = 2**62

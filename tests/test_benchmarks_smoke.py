@@ -106,6 +106,118 @@ def test_tensor_core_choice_from_rows():
     assert linear.derive_crossovers(slower)[0]["cuda_tensor_cores"] is False
 
 
+def _cuda_rows(times: dict, bits: int = 4) -> list[dict]:
+    """Rows of one (shape, bits, granularity): {M: {path: p50 µs}}, paths dequant,
+    triton (auto), lut_gemv and lut_mma."""
+    kernels = {"dequant": ("dequant", "cublas"), "triton": ("triton", "auto"),
+               "lut_gemv": ("cuda", "lut_gemv"), "lut_mma": ("cuda", "lut_mma")}
+    return [{"M": m, "shape": "8x8", "bits": bits, "granularity": "channel",
+             "backend": kernels[path][0], "kernel": kernels[path][1], "p50_us": t}
+            for m, paths in times.items() for path, t in paths.items()]
+
+
+def test_cuda_kernel_choice_is_consistent():
+    """The H200 case: the LUT GEMV wins at M=1 and lut_mma at M=16, where only lut_mma
+    beats the rival. Judging cuda_max_m with LUT GEMV times (the old derivation) gave 1
+    and tensor cores at every M; the cuda backend as dispatched wins up to 16."""
+    linear = _load("bench_linear")
+    rows = _cuda_rows({1: {"dequant": 100.0, "triton": 120.0, "lut_gemv": 30.0,
+                           "lut_mma": 50.0},
+                       16: {"dequant": 100.0, "triton": 150.0, "lut_gemv": 160.0,
+                            "lut_mma": 80.0},
+                       64: {"dequant": 100.0, "triton": 300.0, "lut_gemv": 500.0,
+                            "lut_mma": 200.0}})
+    values, evidence = linear.derive_crossovers(rows)
+    assert values == {"triton_max_m": 0, "cuda_max_m": 16, "cuda_gemv_max_m": 1,
+                      "cuda_tensor_cores": True}
+    assert evidence["cuda_tensor_cores"] == {"1": 0.6, "16": 2.0, "64": 2.5}
+    assert evidence["cuda"] == {"1": 3.333, "16": 1.25, "64": 0.5}
+    assert [linear.use_mma(values, m) for m in (1, 2, 16)] == [False, True, True]
+
+
+def test_cuda_kernel_choice_when_mma_never_wins():
+    """lut_mma slower at every M: no tensor cores, cuda_max_m judged on LUT GEMV times."""
+    linear = _load("bench_linear")
+    rows = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0, "lut_mma": 50.0},
+                       16: {"dequant": 100.0, "lut_gemv": 90.0, "lut_mma": 95.0},
+                       64: {"dequant": 100.0, "lut_gemv": 300.0, "lut_mma": 400.0}})
+    values, _ = linear.derive_crossovers(rows)
+    assert values == {"cuda_max_m": 16, "cuda_gemv_max_m": 64,
+                      "cuda_tensor_cores": False}
+    assert not any(linear.use_mma(values, m) for m in (1, 16, 64, 1024))
+
+
+def test_cuda_max_m_counts_configs_without_mma():
+    """8-bit configurations have no lut_mma rows: they count with LUT GEMV times in
+    cuda_max_m (and not at all in the kernel choice)."""
+    linear = _load("bench_linear")
+    rows = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0, "lut_mma": 50.0},
+                       16: {"dequant": 100.0, "lut_gemv": 160.0, "lut_mma": 25.0}})
+    eight = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0},
+                        16: {"dequant": 100.0, "lut_gemv": 500.0}}, bits=8)
+    values, evidence = linear.derive_crossovers(rows + eight)
+    assert evidence["cuda_tensor_cores"] == {"1": 0.6, "16": 6.4}
+    assert evidence["cuda"] == {"1": 3.333, "16": 0.894}  # geomean of 4 and 0.2 at M=16
+    assert values == {"cuda_max_m": 1, "cuda_gemv_max_m": 1,
+                      "cuda_tensor_cores": True}
+    assert linear.derive_crossovers(rows)[0]["cuda_max_m"] == 16
+
+
+def _write_results(path: Path, rows: list[dict], **meta) -> Path:
+    meta = {"gpu": "GPU X", "smoke": False, "git_sha": "abc123", "date": "2026-01-02", **meta}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    return path
+
+
+def test_tuning_from_results_json(tmp_path):
+    """--tuning-from re-derives an entry from a results file: no timing, no GPU."""
+    rows = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0, "lut_mma": 50.0},
+                       16: {"dequant": 100.0, "lut_gemv": 160.0, "lut_mma": 80.0}})
+    results = _write_results(tmp_path / "linear.json", rows)
+    table = tmp_path / "tuning.json"
+    argv = ["--tuning-from", str(results), "--write-tuning", str(table)]
+    assert _load("bench_linear").main(argv) == 0
+    conv_rows = [{"M": 49, "shape": "s", "bits": 4, "granularity": "channel",
+                  "backend": b, "kernel": k, "p50_us": t}
+                 for b, k, t in (("dequant", "cudnn", 10.0), ("triton", "implicit_gemm", 5.0))]
+    conv = _write_results(tmp_path / "conv.json", conv_rows)
+    assert _load("bench_conv").main(["--tuning-from", str(conv), "--write-tuning",
+                                     str(table)]) == 0
+    written = json.loads(table.read_text())
+    entry = written["gpus"]["GPU X"]
+    assert entry["linear"] == {"cuda_max_m": 16, "cuda_gemv_max_m": 1,
+                               "cuda_tensor_cores": True}
+    assert entry["conv2d"] == {"triton_max_m": 49}
+    assert entry["_measured"]["linear"]["source"] == str(results)
+    assert entry["_measured"]["linear"]["git_sha"] == "abc123"
+    assert entry["_measured"]["conv2d"]["triton"] == {"49": 2.0}
+    assert written["default"] == json.loads(
+        (BENCH.parent / "otq_kernels" / "tuning" / "default.json").read_text())["default"]
+    for bad in (["--tuning-from", str(results)],  # no --write-tuning
+                ["--tuning-from", str(_write_results(tmp_path / "s.json", rows, smoke=True)),
+                 "--write-tuning", str(table)],
+                ["--tuning-from", str(_write_results(tmp_path / "c.json", rows, gpu=None)),
+                 "--write-tuning", str(table)]):
+        with pytest.raises(SystemExit):
+            _load("bench_linear").main(bad)
+
+
+def test_shipped_h200_entry_matches_its_results():
+    """The shipped NVIDIA H200 entry (and the default, its copy) is what --tuning-from
+    derives from the committed goal results."""
+    linear, conv = _load("bench_linear"), _load("bench_conv")
+    table = json.loads((BENCH.parent / "otq_kernels" / "tuning" / "default.json").read_text())
+    entry = table["gpus"]["NVIDIA H200"]
+    for derive, section, name in ((linear.derive_crossovers, "linear", "linear"),
+                                  (conv.derive_crossover, "conv2d", "conv")):
+        path = BENCH / "results" / "nvidia-h200" / "goal" / f"{name}.json"
+        if not path.exists():
+            pytest.skip(f"{path} not in this checkout")
+        values, evidence = derive(json.loads(path.read_text())["rows"])
+        assert entry[section] == values == table["default"][section]
+        assert entry["_measured"][section]["source"] == str(path.relative_to(BENCH.parent))
+
+
 def test_splitk_layout_choice_from_rows():
     """splitk_fm is chosen from forced splitk/splitk_fm rows, only at dispatch's splitk M."""
     linear = _load("bench_linear")

@@ -1,5 +1,7 @@
 """torch.library ops, input checks and backend dispatch (reference backend on CPU)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -246,10 +248,12 @@ def test_default_tuning_table_has_every_op():
 
 
 def test_cuda_tensor_cores_follow_tuning_table(monkeypatch):
-    """cuda.linear(tensor_cores=None) asks the GPU's tuning entry; the shipped default is off."""
+    """cuda.linear(tensor_cores=None) asks the GPU's tuning entry (the shipped default,
+    measured on an H200: tensor cores above M = 1)."""
     from otq_kernels.backends import _device, cuda
 
-    assert ops.tuning_table("some unknown GPU")["linear"]["cuda_tensor_cores"] is False
+    default = ops.tuning_table("some unknown GPU")["linear"]
+    assert default["cuda_tensor_cores"] is True and default["cuda_gemv_max_m"] == 1
     monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
     monkeypatch.setattr(ops, "tuning_table", lambda name: {
         "linear": {"cuda_tensor_cores": name == "GPU X"}})
@@ -258,3 +262,45 @@ def test_cuda_tensor_cores_follow_tuning_table(monkeypatch):
     assert cuda.tuned_for_tensor_cores(torch.device("cuda", 0)) is False
     assert cuda.tensor_cores_support(torch.bfloat16, 3)
     assert not cuda.tensor_cores_support(torch.float32, 3)
+
+
+@pytest.mark.parametrize("entry, want", [
+    ({"cuda_tensor_cores": True, "cuda_gemv_max_m": 1}, [False, True, True]),
+    ({"cuda_tensor_cores": True}, [True, True, True]),  # no cuda_gemv_max_m: 0
+    ({"cuda_tensor_cores": True, "cuda_gemv_max_m": 16}, [False, False, True]),
+    ({"cuda_tensor_cores": False, "cuda_gemv_max_m": 1}, [False, False, False]),
+    ({}, [False, False, False]),
+])
+def test_cuda_kernel_choice_by_m(entry, want, monkeypatch):
+    """tensor_cores=None: the mma kernel where it runs, the GPU is tuned for it and
+    M > cuda_gemv_max_m; fp32 x, 8-bit codes and non-CUDA devices never take it."""
+    from otq_kernels.backends import _device, cuda
+
+    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
+    monkeypatch.setattr(ops, "tuning_table", lambda name: {"linear": entry})
+    gpu = torch.device("cuda", 0)
+    assert [cuda.use_tensor_cores(torch.float16, 4, m, gpu) for m in (1, 2, 17)] == want
+    assert not cuda.use_tensor_cores(torch.float32, 4, 17, gpu)
+    assert not cuda.use_tensor_cores(torch.bfloat16, 8, 17, gpu)
+    assert not cuda.use_tensor_cores(torch.float16, 4, 17, torch.device("cpu"))
+
+
+def test_cuda_kernel_choice_from_a_tuning_file(tmp_path, monkeypatch):
+    """The same through OTQ_TUNING_FILE (tuning_table is cached per GPU name: cleared)."""
+    from otq_kernels.backends import _device, cuda
+
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"default": {"linear": {}}, "gpus": {
+        "GPU X": {"linear": {"cuda_tensor_cores": True, "cuda_gemv_max_m": 4}}}}))
+    monkeypatch.setenv("OTQ_TUNING_FILE", str(path))
+    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
+    ops.tuning_table.cache_clear()
+    try:
+        gpu = torch.device("cuda", 0)
+        assert ops.tuning_int(gpu, "linear", "cuda_gemv_max_m") == 4
+        assert ops.tuning_int(torch.device("cpu"), "linear", "cuda_gemv_max_m") == 0
+        assert [cuda.use_tensor_cores(torch.float16, 2, m, gpu) for m in (4, 5)] == \
+            [False, True]
+    finally:
+        monkeypatch.delenv("OTQ_TUNING_FILE")
+        ops.tuning_table.cache_clear()  # later tests read the shipped table again

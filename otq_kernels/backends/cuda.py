@@ -1,7 +1,8 @@
 """The hand-written CUDA backend: wraps ``otq_kernels._C`` (csrc/cuda).
 
 - ``linear``: LUT GEMV (fp32 accumulation, bias fused, split-K with an fp32 workspace);
-  M rows are processed in chunks of ``GEMV_MAX_M`` (it is meant for small M).
+  M rows are processed in chunks of ``GEMV_MAX_M`` (it is meant for small M); or the
+  tensor-core kernel (chunks of ``MMA_MAX_M``) where the GPU's tuning entry says so.
 - ``fit_rows``: equal-mass binning on CUB's stable (segmented) radix sort.
 - ``pack`` / ``unpack``: the canonical bit planes.
 
@@ -60,6 +61,19 @@ def tuned_for_tensor_cores(device: torch.device) -> bool:
     return tuning_flag(device, "linear", "cuda_tensor_cores")
 
 
+def use_tensor_cores(dtype: torch.dtype, bits: int, m: int, device: torch.device) -> bool:
+    """The automatic kernel choice (``linear(tensor_cores=None)``) for x [M, K] of ``dtype``.
+
+    The mma kernel where it runs (:func:`tensor_cores_support`), the GPU's tuning entry
+    has ``cuda_tensor_cores: true`` and M > its ``cuda_gemv_max_m`` (absent: 0); else the
+    LUT GEMV (bench_linear measured it faster at small M).
+    """
+    from ..ops import tuning_int
+
+    return (tensor_cores_support(dtype, bits) and tuned_for_tensor_cores(device)
+            and m > tuning_int(device, "linear", "cuda_gemv_max_m"))
+
+
 def split_k_for(n: int, k: int, sms: int) -> int:
     """Split-K factor for N rows of K: about 4 blocks per SM, >= 32 groups per warp slice.
 
@@ -78,9 +92,8 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
 
     split_k: force a split-K factor (None = heuristic from the SM count).
     tensor_cores: True = the mma kernel (csrc/cuda/lut_mma.cu: pair look-ups,
-    mma.m16n8k16; fp16/bf16 x and 2-4-bit codes only), False = the LUT GEMV, None = the
-    mma kernel where it runs and the GPU's tuning entry has ``cuda_tensor_cores: true``
-    (measured by bench_linear; the shipped default is false: never timed yet).
+    mma.m16n8k16; fp16/bf16 x and 2-4-bit codes only), False = the LUT GEMV, None =
+    :func:`use_tensor_cores` (the GPU's tuning entry, measured by bench_linear).
     """
     _require_cuda(x, "x")
     dev = x.device
@@ -89,7 +102,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     if x.dim() != 2 or x.shape[1] != qt.k:
         raise ValueError(f"x must be [M, {qt.k}], got {list(x.shape)}")
     if tensor_cores is None:
-        tensor_cores = tensor_cores_support(x.dtype, qt.bits) and tuned_for_tensor_cores(dev)
+        tensor_cores = use_tensor_cores(x.dtype, qt.bits, x.shape[0], dev)
     if tensor_cores and not tensor_cores_support(x.dtype, qt.bits):
         raise ValueError(f"tensor_cores needs float16/bfloat16 x and bits <= "
                          f"{MMA_MAX_BITS}, got {x.dtype} and bits={qt.bits}")
@@ -112,7 +125,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         if not isinstance(split_k, int) or split_k < 1:
             raise ValueError(f"split_k must be a positive int, got {split_k!r}")
         split_k = min(split_k, padded_k(k) // GROUP)  # no empty splits: smaller workspace
-        rows = min(m, MMA_MAX_M if tensor_cores else GEMV_MAX_M)
+        rows = min(m, MMA_MAX_M if tensor_cores else GEMV_MAX_M)  # the launch's chunk
         ws = (torch.empty(split_k * rows * n, dtype=torch.float32, device=dev)
               if split_k > 1 else None)
         xa = aligned(x)
