@@ -48,14 +48,19 @@ def _gpu_table(device: torch.device) -> dict:
     return tuning_table(_device.gpu_name(device))
 
 
+def _tuning_entry(device: torch.device, op: str, name: str, absent):
+    """``device``'s tuning table entry op.name (``absent`` off CUDA or when missing)."""
+    return _gpu_table(device).get(op, {}).get(name, absent) if device.type == "cuda" else absent
+
+
 def tuning_flag(device: torch.device, op: str, name: str) -> bool:
     """A true/false entry of ``device``'s tuning table (False off CUDA or when absent)."""
-    return device.type == "cuda" and bool(_gpu_table(device).get(op, {}).get(name, False))
+    return bool(_tuning_entry(device, op, name, False))
 
 
 def tuning_int(device: torch.device, op: str, name: str) -> int:
     """An integer entry of ``device``'s tuning table (0 off CUDA or when absent)."""
-    return int(_gpu_table(device).get(op, {}).get(name, 0)) if device.type == "cuda" else 0
+    return int(_tuning_entry(device, op, name, 0))
 
 
 _OP_FUNCTION = {"linear": "linear", "conv2d": "conv2d", "fit": "fit_rows", "pack": "pack",
