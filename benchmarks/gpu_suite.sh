@@ -66,7 +66,7 @@ SITE=/tmp/otq_site
 PLAN1="env wheels build tests_cuda checks sanitizer tests_gpu"
 PLAN2="env wheels build goal_linear goal_e2e goal_conv plot"
 PLAN3="env wheels build bench_fit bench_linear bench_conv bench_e2e tests_all"
-ALL_STEPS="env wheels build tests_cuda checks sanitizer goal_linear goal_e2e goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
+ALL_STEPS="env wheels build tests_cuda checks sanitizer goal_linear goal_linear_graph goal_e2e goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
 CPU_STEPS=" env wheels build plot plot_more tests_all "  # every other step needs the GPU
 case "${OTQ_SUITE_PLAN:-}" in
   1) PLAN_STEPS=$PLAN1 ;; 2) PLAN_STEPS=$PLAN2 ;; 3) PLAN_STEPS=$PLAN3 ;;
@@ -210,7 +210,7 @@ run_step env 40 '
   $PY -c "import torch; print(torch.cuda.get_device_properties(0))"
   $PY -c "import sysconfig, os; h = os.path.join(sysconfig.get_paths()[\"include\"], \"Python.h\"); print(\"Python.h\", h, os.path.exists(h))"
   echo "git_sha ${OTQ_GIT_SHA:-unset}"
-  command -v nvcc ninja compute-sanitizer; nvcc --version | tail -n 2; ninja --version
+  command -v nvcc ninja compute-sanitizer ncu nsys; nvcc --version | tail -n 2; ninja --version
   compute-sanitizer --version | head -n 2
   $PY -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|scipy|flow.matching|torchdiffeq|pot|safetensors|hypothesis|tqdm|pytest|pytest-timeout|setuptools|pybind11|ninja|matplotlib|scikit-learn|scikit-image|torchmetrics) "
   uname -a; free -g; df -h /tmp | tail -n 1
@@ -263,6 +263,12 @@ run_step sanitizer 200 "$TEST_ENV"'
 
 run_step goal_linear 190 "$BENCH_ENV"'
   $PY benchmarks/bench_linear.py --preset goal --out "$DIR/goal" --budget-s "$STEP_BUDGET" --quiet'
+
+# the fused CUDA kernels at small M as CUDA-graph replays: GPU time without the host's
+# per-call launch path (which the eager timing above includes once it outlasts the flush)
+run_step goal_linear_graph 150 "$BENCH_ENV"'
+  $PY benchmarks/bench_linear.py --preset goal --graph --ms 1,16 --backends cuda,dequant \
+    --out "$DIR/goal_graph" --budget-s "$STEP_BUDGET" --quiet'
 
 run_step goal_e2e 110 "$BENCH_ENV"'
   $PY benchmarks/bench_e2e.py --preset goal --out "$DIR/goal" --budget-s "$STEP_BUDGET" --quiet'
