@@ -66,7 +66,7 @@ SITE=/tmp/otq_site
 PLAN1="env wheels build tests_cuda checks sanitizer tests_gpu"
 PLAN2="env wheels build goal_linear goal_e2e goal_conv plot"
 PLAN3="env wheels build bench_fit bench_linear bench_conv bench_e2e tests_all"
-ALL_STEPS="env wheels build tests_cuda checks sanitizer goal_linear goal_linear_graph goal_e2e goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
+ALL_STEPS="env wheels build tests_cuda tests_kernels checks sanitizer goal_linear goal_linear_graph sweep_splitk ncu_gemv goal_e2e goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
 CPU_STEPS=" env wheels build plot plot_more tests_all "  # every other step needs the GPU
 case "${OTQ_SUITE_PLAN:-}" in
   1) PLAN_STEPS=$PLAN1 ;; 2) PLAN_STEPS=$PLAN2 ;; 3) PLAN_STEPS=$PLAN3 ;;
@@ -124,7 +124,7 @@ export_out() {
   for pair in goal/linear.json:goal_linear.json goal/e2e.json:goal_e2e.json \
               goal/conv.json:goal_conv.json checks.json:checks.json fit.json:fit.json \
               linear.json:linear.json e2e.json:e2e.json conv.json:conv.json \
-              tuning.json:tuning.json; do
+              tuning.json:tuning.json splitk.json:splitk.json; do
     src=${pair%%:*} dst=${pair##*:}
     if [ -f "$DIR/$src" ] && [ $n -lt 6 ]; then cp "$DIR/$src" "$OUT/$dst" && n=$((n + 1)); fi
   done
@@ -248,6 +248,10 @@ run_step build 240 '
 
 run_step tests_cuda 150 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_cuda.xml" tests'
 
+# the CUDA kernel tests and the fit tests only (a quick re-check after a kernel change)
+run_step tests_kernels 120 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_kernels.xml" \
+    tests/backends/test_cuda_backend.py tests/backends/test_triton_fit.py'
+
 run_step checks 150 "$TEST_ENV"'
   $PY benchmarks/gpu_checks.py --out "$DIR"'
 
@@ -269,6 +273,18 @@ run_step goal_linear 190 "$BENCH_ENV"'
 run_step goal_linear_graph 150 "$BENCH_ENV"'
   $PY benchmarks/bench_linear.py --preset goal --graph --ms 1,16 --backends cuda,dequant \
     --out "$DIR/goal_graph" --budget-s "$STEP_BUDGET" --quiet'
+
+# the LUT GEMV at M = 1 over forced split-K factors (graph replays), then Nsight Compute's
+# view of four of its launches (duration, occupancy, stall reasons, memory throughput)
+run_step sweep_splitk 90 "$BENCH_ENV"'
+  $PY benchmarks/sweep_splitk.py --out "$DIR" --budget-s "$STEP_BUDGET" --quiet'
+
+run_step ncu_gemv 120 '
+  if ! command -v ncu >/dev/null; then echo "ncu not found"; exit 0; fi
+  ncu --kernel-name regex:lut_gemv_kernel --launch-count 8 --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    $PY benchmarks/sweep_splitk.py --ncu-target'
 
 run_step goal_e2e 110 "$BENCH_ENV"'
   $PY benchmarks/bench_e2e.py --preset goal --out "$DIR/goal" --budget-s "$STEP_BUDGET" --quiet'

@@ -405,3 +405,13 @@ def test_gpu_checks_model_runs_in_fp16_with_an_informative_output():
     assert checks.compare(y + 1e-4, y)["ok"] and not checks.compare(y + 1, y)["ok"]
     zero = torch.zeros_like(y)
     assert not checks.compare(zero, zero)["ok"]
+
+
+def test_splitk_sweep_without_a_gpu_writes_a_skipped_row(tmp_path):
+    """sweep_splitk.py times only the CUDA GEMV: on CPU its one row says why it did not."""
+    code = _load("sweep_splitk").main(["--smoke", "--quiet", "--device", "cpu",
+                                       "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "splitk.json").read_text())
+    assert code == 0 and payload["meta"]["complete"] is True
+    assert [bool(row["skipped"]) for row in payload["rows"]] == [True]
+    assert _load("common").validate(payload) == []

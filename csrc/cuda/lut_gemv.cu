@@ -2,9 +2,10 @@
 //
 // A block is 4 warps; a warp owns 4 weight rows and walks its K range one 32-weight group
 // per lane per step: it loads the group's words of every plane (128-bit loads for 8- and
-// 4-bit planes), turns the fields into table offsets, looks the weights up in shared
-// memory and accumulates in fp32 against up to kGemvMaxM activation rows (8-wide vector
-// loads).
+// 4-bit planes) one step ahead, turns the fields into table offsets, looks the weights up
+// in shared memory and accumulates in fp32 against up to MAX_M activation rows (8-wide
+// vector loads). MAX_M is 1 for a single activation row (few registers: more warps per
+// SM to hide the loads) and kGemvMaxM otherwise.
 // Shared tables: one per layer, duplicated per lane ([2^b][32], conflict-free); or one
 // per weight row ([16 rows][2^b], conflict-free for b <= 5). Split-K over blockIdx.y
 // writes fp32 partials that a fix-up kernel sums (deterministic, bias fused there).
@@ -81,7 +82,7 @@ __device__ __forceinline__ void load_luts(float* lut, const float* __restrict__ 
   }
 }
 
-template <typename T, int BITS, bool PER_CHANNEL>
+template <typename T, int BITS, bool PER_CHANNEL, int MAX_M>
 __global__ void __launch_bounds__(kThreads)
     lut_gemv_kernel(const T* __restrict__ x, int m, int64_t k, bool vec_x, PlaneArgs planes,
                     const float* __restrict__ codebook, int64_t n,
@@ -108,11 +109,22 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t groups = padded_k(k) / kGroup;
   const int64_t g_begin = static_cast<int64_t>(blockIdx.y) * groups_per_split;
   const int64_t g_end = min(groups, g_begin + groups_per_split);
-  float acc[kRowsPerWarp][kGemvMaxM] = {};
-  for (int64_t g = g_begin + lane; g < g_end; g += kWarpSize) {
-    GroupWords<BITS> words[kRowsPerWarp];
+  // With one activation row, the next step's words load while this step computes (with
+  // more, the extra registers would cost occupancy).
+  constexpr bool kLoadAhead = MAX_M == 1;
+  float acc[kRowsPerWarp][MAX_M] = {};
+  GroupWords<BITS> words[kRowsPerWarp], ahead[kRowsPerWarp];
+  int64_t g = g_begin + lane;
+  if (kLoadAhead && g < g_end) {
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) words[r].load(rows[r], g);
+  }
+  for (; g < g_end; g += kWarpSize) {
+    const int64_t g_load = kLoadAhead ? g + kWarpSize : g;
+    if (g_load < g_end) {
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) (kLoadAhead ? ahead : words)[r].load(rows[r], g_load);
+    }
     const bool vec_group = vec_x && (g + 1) * kGroup <= k;
 #pragma unroll
     for (int j0 = 0; j0 < kGroup; j0 += kSub) {
@@ -124,7 +136,7 @@ __global__ void __launch_bounds__(kThreads)
           w[r][j] = *reinterpret_cast<const float*>(
               table[r] + words[r].template code<kShift>(j0 + j));
 #pragma unroll
-      for (int mm = 0; mm < kGemvMaxM; ++mm) {
+      for (int mm = 0; mm < MAX_M; ++mm) {
         if (mm >= m) break;
         float xv[kSub];
         load_x8(x + mm * k, g * kGroup + j0, k, vec_group, xv);
@@ -134,13 +146,17 @@ __global__ void __launch_bounds__(kThreads)
           for (int j = 0; j < kSub; ++j) acc[r][mm] = fmaf(w[r][j], xv[j], acc[r][mm]);
       }
     }
+    if constexpr (kLoadAhead) {
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) words[r] = ahead[r];
+    }
   }
 
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int64_t row = first_row + r;
 #pragma unroll
-    for (int mm = 0; mm < kGemvMaxM; ++mm) {
+    for (int mm = 0; mm < MAX_M; ++mm) {
       if (mm >= m) break;  // m is uniform: every lane takes part in warp_sum
       const float s = warp_sum(acc[r][mm]);
       if (lane != 0 || row >= n) continue;
@@ -152,7 +168,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// GEMV launches for dispatch_gemv: M in chunks of kGemvMaxM rows, split-K fixed up.
+template <typename T, int BITS, int MAX_M>
+constexpr auto kernel_for(bool per_channel) {
+  return per_channel ? lut_gemv_kernel<T, BITS, true, MAX_M>
+                     : lut_gemv_kernel<T, BITS, false, MAX_M>;
+}
+
+// GEMV launches for dispatch_gemv: M in chunks of kGemvMaxM rows (a lone row by the
+// MAX_M = 1 kernels), split-K fixed up.
 struct GemvKernels {
   template <typename T, int BITS>
   static int run(const GemvArgs& a) {
@@ -160,11 +183,11 @@ struct GemvKernels {
         sizeof(float) * (1 << BITS) * (a.per_channel ? kRowsPerBlock : kWarpSize);
     const T* x = a.x_as<T>();
     const bool vec_x = a.k % (16 / sizeof(T)) == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-    const auto kernel = a.per_channel ? lut_gemv_kernel<T, BITS, true>
-                                      : lut_gemv_kernel<T, BITS, false>;
     return launch_in_m_chunks<T>(
         a, kRowsPerBlock, kGemvMaxM,
         [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {
+          const auto kernel = rows == 1 ? kernel_for<T, BITS, 1>(a.per_channel)
+                                        : kernel_for<T, BITS, kGemvMaxM>(a.per_channel);
           OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(
               x + m0 * a.k, rows, a.k, vec_x, a.planes, a.codebook, a.n, a.bias_as<T>(),
               a.y_as<T>() + m0 * a.n, partial, groups_per_split);

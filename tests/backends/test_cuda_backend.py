@@ -62,6 +62,16 @@ def test_linear_every_bit_width(cuda_backend, bits, granularity, dtype):
             check_linear(cuda_backend, m, 33, 127, bits, granularity, dtype, with_bias)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_linear_one_row_long_k(cuda_backend, bits, granularity, dtype):
+    """M = 1 (the one-row kernels, which load a step ahead) over 4099 columns: 129 groups,
+    several steps per lane, a partial last group; heuristic, none and an uneven split."""
+    for split_k in (None, 1, 3):
+        check_linear(cuda_backend, 1, 70, 4099, bits, granularity, dtype, True, split_k)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("bits", [2, 3, 4])

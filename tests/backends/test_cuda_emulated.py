@@ -56,6 +56,16 @@ def test_linear_split_k(emulated, bits):
     check_linear(emulated, 2, 19, 300, bits, "channel", torch.float16, True, split_k=3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_linear_one_row(emulated, bits, granularity, dtype):
+    """M = 1 runs the one-row kernels, which load a step ahead: 2100 columns are 66 groups
+    (2-3 steps per lane, a partial last group); split_k 2 ends one split mid-step."""
+    check_linear(emulated, 1, 5, 2100, bits, granularity, dtype, with_bias=True)
+    check_linear(emulated, 1, 5, 2100, bits, granularity, dtype, with_bias=True, split_k=2)
+
+
 @pytest.mark.parametrize("n,k", [(1, 1), (7, 33), (17, 64), (33, 7)])
 def test_linear_odd_shapes(emulated, n, k):
     check_linear(emulated, 2, n, k, 5, "channel", torch.float32, True)

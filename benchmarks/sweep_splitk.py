@@ -1,0 +1,103 @@
+"""The CUDA LUT GEMV (lut_gemv.cu) at small M over forced split-K factors.
+
+For issue 6's goal shapes (8192², 14336×4096), bits 2/3/4/8 and both granularities, it
+times ``cuda.linear(x, qt, split_k=s, tensor_cores=False)`` for s in ``--splits`` and
+F.linear on the dense weight (CUDA-graph replays by default, L2 flushed), one row each,
+with ``heuristic_split_k`` = what ``cuda.split_k_for`` picks. The question it answers:
+is the heuristic's split (and its split-K fix-up kernel) worth it at M = 1.
+
+``--ncu-target`` runs each configuration's default launch twice without timing, for
+Nsight Compute to profile (``ncu --kernel-name regex:lut_gemv ...``).
+"""
+
+from __future__ import annotations
+
+import common
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(8192, 8192), (14336, 4096)]
+ROW_KEY = ("op", "M", "N", "K", "dtype")
+
+
+def gemv(split_k: int | None):
+    """Callable (x, qt) -> y: the LUT GEMV with ``split_k`` (None = the heuristic)."""
+    from otq_kernels.backends import cuda
+
+    return lambda x, qt: cuda.linear(x, qt, None, split_k=split_k, tensor_cores=False)
+
+
+def sweep_config(run: common.Run, n: int, k: int, bits: int, gran: str, m: int,
+                 splits: list[int], dtype: torch.dtype) -> None:
+    """fp16 and every split of one (shape, bits, granularity, M): one row each."""
+    from otq_kernels.backends import _device, cuda
+
+    base = {"op": "linear", "M": m, "N": n, "K": k, "shape": f"{n}x{k}",
+            "dtype": str(dtype).replace("torch.", "")}
+    qt = common.random_qt(n, k, bits, gran, run.device)
+    dense = qt.dequantize(dtype).reshape(n, k).contiguous()
+    x = torch.randn(m, k, device=run.device, dtype=dtype)
+    y_ref = F.linear(x, dense)
+    graph = not run.args.eager
+    run.add({**base, "backend": "fp16", "kernel": "cublas", "bits": bits, "granularity": gran,
+             **run.time(lambda: F.linear(x, dense), graph=graph)})
+    picked = cuda.split_k_for(n, k, _device.sm_count(run.device))
+    for split_k in splits:
+        fn = gemv(split_k)
+        run.add({**base, "backend": "cuda", "kernel": "lut_gemv", "bits": bits,
+                 "granularity": gran, "split_k": split_k, "heuristic_split_k": picked,
+                 "rel_err": common.rel_error(fn(x, qt), y_ref),
+                 **run.time(lambda fn=fn: fn(x, qt), graph=graph)})
+
+
+def ncu_target(device: torch.device, configs: list[tuple]) -> None:
+    """Each configuration's default GEMV launch, twice, untimed (for ncu)."""
+    for n, k, bits, gran, m in configs:
+        qt = common.random_qt(n, k, bits, gran, device)
+        x = torch.randn(m, k, device=device, dtype=torch.float16)
+        for _ in range(2):
+            gemv(None)(x, qt)
+        torch.cuda.synchronize(device)
+        print(f"ran {n}x{k} b{bits} {gran} M{m}", flush=True)
+
+
+def main(argv=None) -> int:
+    p = common.parser("splitk", __doc__.splitlines()[0])
+    p.add_argument("--splits", default="1,2,4,8,16", help="comma-separated split-K factors")
+    p.add_argument("--bits", default="4,2,3,8", help="comma-separated bit widths")
+    p.add_argument("--ms", default="1", help="comma-separated M values")
+    p.add_argument("--eager", action="store_true", help="time eager calls, not graph replays")
+    p.add_argument("--ncu-target", action="store_true",
+                   help="run the 8192² GEMV at 4 bits (both granularities), 2 and 8 bits "
+                        "untimed, for Nsight Compute")
+    args = p.parse_args(argv)
+    if args.ncu_target:
+        device = common.resolve_device(args.device)
+        ncu_target(device, [(8192, 8192, 4, "channel", 1), (8192, 8192, 4, "tensor", 1),
+                            (8192, 8192, 2, "channel", 1), (8192, 8192, 8, "tensor", 1)])
+        return 0
+    run = common.Run("splitk", args)
+    if run.device.type != "cuda":
+        run.add(common.skipped_row("the CUDA LUT GEMV needs a GPU", op="linear",
+                                   backend="cuda", kernel="lut_gemv"))
+        run.write(complete=True)
+        return 0
+    splits, ms = common.csv_ints(args.splits), common.csv_ints(args.ms)
+    run.finalizers.append(lambda rows: common.fill_ratios(rows, ROW_KEY + ("bits",
+                                                                          "granularity")))
+    for bits in common.csv_ints(args.bits):
+        for gran in ("channel", "tensor"):
+            for n, k in SHAPES:
+                for m in ms:
+                    if run.over_budget((n, k, bits, gran, m)):
+                        continue
+                    try:
+                        sweep_config(run, n, k, bits, gran, m, splits, torch.float16)
+                    except Exception as exc:  # noqa: BLE001 - one config must not end the run
+                        run.error(exc, op="linear", bits=bits, granularity=gran, N=n, K=k, M=m)
+    run.write(complete=True)
+    return 1 if run.meta["fatal_error"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
