@@ -41,7 +41,7 @@ def sweep_config(run: common.Run, n: int, k: int, bits: int, gran: str, m: int,
     graph = not run.args.eager
     run.add({**base, "backend": "fp16", "kernel": "cublas", "bits": bits, "granularity": gran,
              **run.time(lambda: F.linear(x, dense), graph=graph)})
-    picked = cuda.split_k_for(n, k, _device.sm_count(run.device))
+    picked = cuda.split_k_for(n, k, _device.sm_count(run.device), tensor_cores=False)
     for split_k in splits:
         fn = gemv(split_k)
         run.add({**base, "backend": "cuda", "kernel": "lut_gemv", "bits": bits,

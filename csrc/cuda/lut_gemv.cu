@@ -109,9 +109,11 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t groups = padded_k(k) / kGroup;
   const int64_t g_begin = static_cast<int64_t>(blockIdx.y) * groups_per_split;
   const int64_t g_end = min(groups, g_begin + groups_per_split);
-  // With one activation row, the next step's words load while this step computes (with
-  // more, the extra registers would cost occupancy).
-  constexpr bool kLoadAhead = MAX_M == 1;
+  // With one activation row, the next step's words load while this step computes. With
+  // more rows, or 7-8-bit words (4-8 more registers per weight row), the extra registers
+  // cost occupancy: ptxas went from 128 to 168 (3 blocks per SM instead of 4), and the
+  // 8-bit per-channel kernel was 8-13% slower on the H200.
+  constexpr bool kLoadAhead = MAX_M == 1 && BITS <= 6;
   float acc[kRowsPerWarp][MAX_M] = {};
   GroupWords<BITS> words[kRowsPerWarp], ahead[kRowsPerWarp];
   int64_t g = g_begin + lane;
