@@ -112,7 +112,10 @@ def gpu_slug(name: str) -> str:
 
 
 def git_sha() -> str:
-    """HEAD's sha (+ '-dirty'), else env OTQ_GIT_SHA (no .git on the GPU machine)."""
+    """Env OTQ_GIT_SHA when set (the GPU machine's copy of the tree may hold no .git, or a
+    stale one), else HEAD's sha (+ '-dirty')."""
+    if os.environ.get("OTQ_GIT_SHA"):
+        return os.environ["OTQ_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
@@ -120,7 +123,7 @@ def git_sha() -> str:
                                cwd=REPO, capture_output=True, text=True, timeout=10).stdout
         return sha + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("OTQ_GIT_SHA", "unknown")
+        return "unknown"
 
 
 def tree_hash() -> str:

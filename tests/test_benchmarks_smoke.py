@@ -415,3 +415,12 @@ def test_splitk_sweep_without_a_gpu_writes_a_skipped_row(tmp_path):
     assert code == 0 and payload["meta"]["complete"] is True
     assert [bool(row["skipped"]) for row in payload["rows"]] == [True]
     assert _load("common").validate(payload) == []
+
+
+def test_git_sha_prefers_the_suites_explicit_sha(monkeypatch):
+    """The GPU machine's copy may carry a stale .git: OTQ_GIT_SHA wins over it."""
+    common = _load("common")
+    monkeypatch.setenv("OTQ_GIT_SHA", "feedbeef")
+    assert common.git_sha() == "feedbeef"
+    monkeypatch.delenv("OTQ_GIT_SHA")
+    assert common.git_sha() != "feedbeef"

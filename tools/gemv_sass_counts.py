@@ -1,8 +1,8 @@
 """Instructions per weight in the K loop of the CUDA LUT GEMV at M = 1 (sm_90 SASS).
 
 A compile-time fact, no GPU needed: csrc/cuda/lut_gemv.cu is built with nvcc for sm_90
-with one activation row per launch (kGemvMaxM = 1) and the vector x path taken, so the K
-loop holds only what M = 1 executes on full groups. The loop is the function's longest
+with the vector x path taken, and the one-row kernels (MAX_M = 1, what M = 1 runs) are
+read, so the K loop holds only what M = 1 executes on full groups. The loop is the function's longest
 backward branch; a lane decodes kRowsPerWarp × 32 = 128 weights per trip.
 
     .venv/bin/python tools/gemv_sass_counts.py [CSRC_DIR]   # default: this checkout's csrc
@@ -21,11 +21,10 @@ import triton
 ROOT = Path(__file__).resolve().parent.parent
 CUOBJDUMP = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
 WEIGHTS_PER_TRIP = 4 * 32
-EDITS = {  # file -> (texts, the first found is replaced by new): M = 1, vector x path
-    "cuda/launchers.h": (["constexpr int kGemvMaxM = 8;"], "constexpr int kGemvMaxM = 1;"),
+EDITS = {  # file -> (texts, the first found is replaced by new): the vector x path
     "cuda/lut_gemv.cu": (["  if (vec) {", "  if (vec && k0 + kSub <= k) {"], "  if (true) {"),
 }
-FP16_KERNEL = re.compile(r"lut_gemv_kernelI6__halfLi(\d)E(Lb([01])E)?")
+FP16_KERNEL = re.compile(r"lut_gemv_kernelI6__halfLi(\d)E(Lb([01])E)?Li1E")  # MAX_M = 1
 
 
 def build_sass(csrc: Path, work: Path) -> str:
