@@ -2,8 +2,8 @@
 
 A compile-time fact, no GPU needed: csrc/cuda/lut_gemv.cu is built with nvcc for sm_90
 with the vector x path taken, and the one-row kernels (MAX_M = 1, what M = 1 runs) are
-read, so the K loop holds only what M = 1 executes on full groups. The loop is the function's longest
-backward branch; a lane decodes kRowsPerWarp × 32 = 128 weights per trip.
+read, so the K loop holds only what M = 1 executes on full groups. The loop is the
+function's longest backward branch; a lane decodes kRowsPerWarp × 32 = 128 weights per trip.
 
     .venv/bin/python tools/gemv_sass_counts.py [CSRC_DIR]   # default: this checkout's csrc
 """
