@@ -20,6 +20,9 @@
 #                  pytest suite until the deadline. A call costs its suite time + ~1-2 min of
 #                  machine start; with L minutes of device time left (status), add
 #                  OTQ_SUITE_DEADLINE_S=$(( (L - 3) * 60 )) (max 530) and skip it below ~7 min.
+# Outside the plans (name them in OTQ_SUITE_STEPS): tests_kernels (CUDA kernel + fit tests),
+# goal_linear_graph (CUDA kernels + dequant at M 1/16, graph replays: goal_graph/),
+# sweep_splitk (the LUT GEMV over forced split-K: splitk.json), ncu_gemv (Nsight Compute).
 # A machine stays warm 30 s after a call: a call made within that time reuses the build
 # and Triton's compile cache (/tmp/otq_triton_cache) and starts at once.
 # <sha> = `git rev-parse HEAD` written out literally (the machine gets no .git); every JSON
