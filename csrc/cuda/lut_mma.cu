@@ -194,17 +194,28 @@ struct LaneTile {
     return load_shared_u32(lane_table[r], static_cast<uint32_t>(pair) * (4 * kWarpSize));
   }
 
+  // The words of `group` for the lane's A rows g and g + 8.
+  __device__ __forceinline__ void load(GroupWords<BITS> (&words)[2], int64_t group) const {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) words[r].load(rows[r], group);
+  }
+
   // d[j] += the 16 rows x 32 columns of `group` times the matching columns of n-tile j's x
   // (2 * NT mmas, each A fragment looked up once).
   template <bool WHOLE>
   __device__ __forceinline__ void accumulate(float (&d)[NT][4], int64_t group, int64_t k) const {
     GroupWords<BITS> words[2];
+    load(words, group);
+    accumulate<WHOLE>(d, words, group, k);
+  }
+
+  // The same with the group's words already loaded.
+  template <bool WHOLE>
+  __device__ __forceinline__ void accumulate(float (&d)[NT][4], const GroupWords<BITS> (&words)[2],
+                                             int64_t group, int64_t k) const {
     uint32_t merged[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      words[r].load(rows[r], group);
-      merged[r] = merged_pairs(words[r]);
-    }
+    for (int r = 0; r < 2; ++r) merged[r] = merged_pairs(words[r]);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t c = group * kGroup + 16 * h + 2 * t;
@@ -224,6 +235,11 @@ struct LaneTile {
   }
 };
 
+// Groups whose words a warp loads ahead. Per channel the 64 KB of tables allow 3 blocks
+// (12 warps) per SM, so each warp needs more loads in flight than per layer (32 KB).
+template <bool PER_CHANNEL>
+constexpr int kAheadGroups = PER_CHANNEL ? 8 : 4;
+
 template <typename T, int BITS, bool PER_CHANNEL, int NT>
 __global__ void __launch_bounds__(kThreads)
     lut_mma_kernel(const T* __restrict__ x, int m, int64_t k, bool vec_x, PlaneArgs planes,
@@ -242,6 +258,26 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t whole_end = vec_x ? min(g_end, k / kGroup) : g_begin;  // groups inside k
   float d[NT][4] = {};
   int64_t group = g_begin + warp;
+  // Whole groups in chunks of kAhead, each group's words loaded kAhead steps before use:
+  // a step is a few dozen instructions, far shorter than a global load, so a warp keeps
+  // kAhead loads in flight. The last (< kAhead) whole groups and the partial one load in
+  // step.
+  constexpr int kAhead = kAheadGroups<PER_CHANNEL>;
+  if (group + (kAhead - 1) * kWarps < whole_end) {
+    GroupWords<BITS> ahead[kAhead][2];
+#pragma unroll
+    for (int i = 0; i < kAhead; ++i) tile.load(ahead[i], group + i * kWarps);
+#pragma unroll 1
+    for (; group + (kAhead - 1) * kWarps < whole_end; group += kAhead * kWarps) {
+#pragma unroll
+      for (int i = 0; i < kAhead; ++i) {
+        const GroupWords<BITS> words[2] = {ahead[i][0], ahead[i][1]};
+        const int64_t next = group + (i + kAhead) * kWarps;
+        if (next < whole_end) tile.load(ahead[i], next);
+        tile.template accumulate<true>(d, words, group + i * kWarps, k);
+      }
+    }
+  }
 #pragma unroll 1
   for (; group < whole_end; group += kWarps) tile.template accumulate<true>(d, group, k);
   for (; group < g_end; group += kWarps) tile.template accumulate<false>(d, group, k);

@@ -76,9 +76,10 @@ def test_linear_one_row_long_k(cuda_backend, bits, granularity, dtype):
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_mma_kernel_every_bit_width(cuda_backend, bits, granularity, dtype):
-    """The tensor-core kernel (lut_mma.cu) on the GPU: M 1..9, K tails, split-K."""
+    """The tensor-core kernel (lut_mma.cu) on the GPU: M 1..20, K tails, split-K, and long
+    K (whole groups in load-ahead chunks plus a remainder: 5000 columns, 39 groups a warp)."""
     for m, n, k, split_k in ((1, 33, 127, None), (3, 16, 4096, None), (9, 257, 300, 3),
-                             (20, 40, 512, None)):
+                             (20, 40, 512, None), (16, 70, 5000, 1), (5, 40, 5000, 2)):
         check_linear(cuda_backend, m, n, k, bits, granularity, dtype, True, split_k,
                      tensor_cores=True)
 

@@ -117,6 +117,18 @@ def test_mma_shapes_splits_and_m_chunks(emulated, m, n, k, split_k, bits):
                  tensor_cores=True)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m,k,split_k", [(3, 5000, 1), (16, 5000, 2), (1, 1040, 1)])
+def test_mma_loads_ahead_over_long_k(emulated, m, k, split_k, bits, granularity):
+    """Long K: each warp's whole groups run in chunks whose words load 4 (per layer) or 8
+    (per channel) steps ahead, then the rest in step. 5000 columns are 156 whole groups and
+    a partial one (39 per warp: whole chunks plus a remainder; split_k 2: 78 per split);
+    1040 are 32 whole groups and a partial one, 8 per warp: one chunk exactly per channel."""
+    check_linear(emulated, m, 17, k, bits, granularity, torch.float16, True, split_k=split_k,
+                 tensor_cores=True)
+
+
 @pytest.mark.parametrize("dtype,bits", [(torch.float32, 4), (torch.float16, 5)], ids=str)
 def test_mma_rejects_what_it_cannot_run(emulated, dtype, bits):
     qt = make_qt((4, 40), bits, "tensor", "cpu")
