@@ -20,9 +20,11 @@
 #                  pytest suite until the deadline. A call costs its suite time + ~1-2 min of
 #                  machine start; with L minutes of device time left (status), add
 #                  OTQ_SUITE_DEADLINE_S=$(( (L - 3) * 60 )) (max 530) and skip it below ~7 min.
-# Outside the plans (name them in OTQ_SUITE_STEPS): tests_kernels (CUDA kernel + fit tests),
-# goal_linear_graph (CUDA kernels + dequant at M 1/16, graph replays: goal_graph/),
-# sweep_splitk (the LUT GEMV over forced split-K: splitk.json), ncu_gemv (Nsight Compute).
+#   4 after a kernel change (one ~8 min call, no wheels needed): OTQ_SUITE_PLAN=4 runs
+#                  env, build, tests_kernels (CUDA kernel + fit tests), goal_linear_graph
+#                  (CUDA kernels + dequant at M 1/16, graph replays: goal_graph/),
+#                  sweep_splitk (the LUT GEMV over forced split-K: splitk.json), ncu_gemv
+#                  (Nsight Compute on 4 GEMV launches and 1 lut_mma launch), goal_e2e.
 # A machine stays warm 30 s after a call: a call made within that time reuses the build
 # and Triton's compile cache (/tmp/otq_triton_cache) and starts at once.
 # <sha> = `git rev-parse HEAD` written out literally (the machine gets no .git); every JSON
@@ -69,12 +71,13 @@ SITE=/tmp/otq_site
 PLAN1="env wheels build tests_cuda checks sanitizer tests_gpu"
 PLAN2="env wheels build goal_linear goal_e2e goal_conv plot"
 PLAN3="env wheels build bench_fit bench_linear bench_conv bench_e2e tests_all"
+PLAN4="env build tests_kernels goal_linear_graph sweep_splitk ncu_gemv goal_e2e"
 ALL_STEPS="env wheels build tests_cuda tests_kernels checks sanitizer goal_linear goal_linear_graph sweep_splitk ncu_gemv goal_e2e goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
 CPU_STEPS=" env wheels build plot plot_more tests_all "  # every other step needs the GPU
 case "${OTQ_SUITE_PLAN:-}" in
-  1) PLAN_STEPS=$PLAN1 ;; 2) PLAN_STEPS=$PLAN2 ;; 3) PLAN_STEPS=$PLAN3 ;;
+  1) PLAN_STEPS=$PLAN1 ;; 2) PLAN_STEPS=$PLAN2 ;; 3) PLAN_STEPS=$PLAN3 ;; 4) PLAN_STEPS=$PLAN4 ;;
   "") PLAN_STEPS=$ALL_STEPS ;;
-  *) echo "gpu_suite: OTQ_SUITE_PLAN must be 1, 2 or 3" >&2; exit 2 ;;
+  *) echo "gpu_suite: OTQ_SUITE_PLAN must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
 STEPS=" ${OTQ_SUITE_STEPS:-$PLAN_STEPS} "
 export PYTHONUNBUFFERED=1 PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -252,7 +255,7 @@ run_step build 240 '
 run_step tests_cuda 150 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_cuda.xml" tests'
 
 # the CUDA kernel tests and the fit tests only (a quick re-check after a kernel change)
-run_step tests_kernels 120 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_kernels.xml" \
+run_step tests_kernels 160 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_kernels.xml" \
     tests/backends/test_cuda_backend.py tests/backends/test_triton_fit.py'
 
 run_step checks 150 "$TEST_ENV"'
@@ -278,13 +281,14 @@ run_step goal_linear_graph 150 "$BENCH_ENV"'
     --out "$DIR/goal_graph" --budget-s "$STEP_BUDGET" --quiet'
 
 # the LUT GEMV at M = 1 over forced split-K factors (graph replays), then Nsight Compute's
-# view of four of its launches (duration, occupancy, stall reasons, memory throughput)
+# view of four of its launches and one lut_mma launch at M = 16 (duration, occupancy,
+# stall reasons, memory throughput)
 run_step sweep_splitk 90 "$BENCH_ENV"'
   $PY benchmarks/sweep_splitk.py --out "$DIR" --budget-s "$STEP_BUDGET" --quiet'
 
 run_step ncu_gemv 120 '
   if ! command -v ncu >/dev/null; then echo "ncu not found"; exit 0; fi
-  ncu --kernel-name regex:lut_gemv_kernel --launch-count 8 --section SpeedOfLight \
+  ncu --kernel-name "regex:lut_gemv_kernel|lut_mma_kernel" --launch-count 10 --section SpeedOfLight \
     --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
     --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     $PY benchmarks/sweep_splitk.py --ncu-target'

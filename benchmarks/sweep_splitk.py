@@ -6,8 +6,9 @@ F.linear on the dense weight (CUDA-graph replays by default, L2 flushed), one ro
 with ``heuristic_split_k`` = what ``cuda.split_k_for`` picks. The question it answers:
 is the heuristic's split (and its split-K fix-up kernel) worth it at M = 1.
 
-``--ncu-target`` runs each configuration's default launch twice without timing, for
-Nsight Compute to profile (``ncu --kernel-name regex:lut_gemv ...``).
+``--ncu-target`` runs four GEMV configurations at M = 1 and the tensor-core kernel at
+M = 16, each launch twice without timing, for Nsight Compute to profile
+(``ncu --kernel-name regex:"lut_gemv|lut_mma" ...``).
 """
 
 from __future__ import annotations
@@ -51,14 +52,17 @@ def sweep_config(run: common.Run, n: int, k: int, bits: int, gran: str, m: int,
 
 
 def ncu_target(device: torch.device, configs: list[tuple]) -> None:
-    """Each configuration's default GEMV launch, twice, untimed (for ncu)."""
-    for n, k, bits, gran, m in configs:
+    """Each configuration's default launch (the GEMV, or the tensor-core kernel where
+    ``tensor_cores``), twice, untimed (for ncu)."""
+    from otq_kernels.backends import cuda
+
+    for n, k, bits, gran, m, tensor_cores in configs:
         qt = common.random_qt(n, k, bits, gran, device)
         x = torch.randn(m, k, device=device, dtype=torch.float16)
         for _ in range(2):
-            gemv(None)(x, qt)
+            cuda.linear(x, qt, None, tensor_cores=tensor_cores)
         torch.cuda.synchronize(device)
-        print(f"ran {n}x{k} b{bits} {gran} M{m}", flush=True)
+        print(f"ran {n}x{k} b{bits} {gran} M{m} tensor_cores={tensor_cores}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -68,13 +72,17 @@ def main(argv=None) -> int:
     p.add_argument("--ms", default="1", help="comma-separated M values")
     p.add_argument("--eager", action="store_true", help="time eager calls, not graph replays")
     p.add_argument("--ncu-target", action="store_true",
-                   help="run the 8192² GEMV at 4 bits (both granularities), 2 and 8 bits "
+                   help="run the 8192² GEMV at M = 1 (4 bits both granularities, 2 and 8 "
+                        "bits) and the tensor-core kernel at M = 16 (4 bits per channel) "
                         "untimed, for Nsight Compute")
     args = p.parse_args(argv)
     if args.ncu_target:
         device = common.resolve_device(args.device)
-        ncu_target(device, [(8192, 8192, 4, "channel", 1), (8192, 8192, 4, "tensor", 1),
-                            (8192, 8192, 2, "channel", 1), (8192, 8192, 8, "tensor", 1)])
+        ncu_target(device, [(8192, 8192, 4, "channel", 1, False),
+                            (8192, 8192, 4, "tensor", 1, False),
+                            (8192, 8192, 2, "channel", 1, False),
+                            (8192, 8192, 8, "tensor", 1, False),
+                            (8192, 8192, 4, "channel", 16, True)])
         return 0
     run = common.Run("splitk", args)
     if run.device.type != "cuda":

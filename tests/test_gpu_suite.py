@@ -66,9 +66,9 @@ def test_steps_past_the_deadline_are_skipped(tmp_path):
 
 
 def test_unknown_plan_is_refused(tmp_path):
-    proc, out = _suite(tmp_path, OTQ_SUITE_PLAN="4")
+    proc, out = _suite(tmp_path, OTQ_SUITE_PLAN="5")
     assert proc.returncode == 2
-    assert "OTQ_SUITE_PLAN must be 1, 2 or 3" in proc.stderr
+    assert "OTQ_SUITE_PLAN must be 1, 2, 3 or 4" in proc.stderr
     assert not any(out.iterdir())
 
 
