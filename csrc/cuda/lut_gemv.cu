@@ -2,10 +2,10 @@
 //
 // A block is 4 warps; a warp owns 4 weight rows and walks its K range one 32-weight group
 // per lane per step: it loads the group's words of every plane (128-bit loads for 8- and
-// 4-bit planes) one step ahead, turns the fields into table offsets, looks the weights up
-// in shared memory and accumulates in fp32 against up to MAX_M activation rows (8-wide
-// vector loads). MAX_M is 1 for a single activation row (few registers: more warps per
-// SM to hide the loads) and kGemvMaxM otherwise.
+// 4-bit planes; one step ahead in the one-row kernels at 2-6 bits), turns the fields into
+// table offsets, looks the weights up in shared memory and accumulates in fp32 against up
+// to MAX_M activation rows (8-wide vector loads). MAX_M is 1 for a single activation row
+// (fewer registers: more warps per SM) and kGemvMaxM otherwise.
 // Shared tables: one per layer, duplicated per lane ([2^b][32], conflict-free); or one
 // per weight row ([16 rows][2^b], conflict-free for b <= 5). Split-K over blockIdx.y
 // writes fp32 partials that a fix-up kernel sums (deterministic, bias fused there).
@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t g_begin = static_cast<int64_t>(blockIdx.y) * groups_per_split;
   const int64_t g_end = min(groups, g_begin + groups_per_split);
   // With one activation row, the next step's words load while this step computes. With
-  // more rows, or 7-8-bit words (4-8 more registers per weight row), the extra registers
-  // cost occupancy: ptxas went from 128 to 168 (3 blocks per SM instead of 4), and the
+  // more rows, or 7-8-bit words (7-8 more registers per weight row), the extra registers
+  // cost occupancy: ptxas went from 128 to 137-168 (3 blocks per SM instead of 4), and the
   // 8-bit per-channel kernel was 8-13% slower on the H200.
   constexpr bool kLoadAhead = MAX_M == 1 && BITS <= 6;
   float acc[kRowsPerWarp][MAX_M] = {};
