@@ -288,9 +288,8 @@ run_step sweep_splitk 90 "$BENCH_ENV"'
 
 run_step ncu_gemv 120 '
   if ! command -v ncu >/dev/null; then echo "ncu not found"; exit 0; fi
-  ncu --kernel-name "regex:lut_gemv_kernel|lut_mma_kernel" --launch-count 10 --section SpeedOfLight \
-    --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
-    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+  # the full set: stall reasons (sampled per instruction) and the source hot spots too
+  ncu --kernel-name "regex:lut_gemv_kernel|lut_mma_kernel" --launch-count 10 --set full \
     $PY benchmarks/sweep_splitk.py --ncu-target'
 
 run_step goal_e2e 110 "$BENCH_ENV"'
