@@ -17,6 +17,8 @@ GB/s (packed weights + codebook + input + output), % of copy bandwidth and ratio
 ``--write-tuning PATH`` stores the largest M where Triton beats dequant (conv2d section);
 with ``--tuning-from RESULTS.json`` it derives it from that file's rows (no GPU needed).
 ``--preset goal`` (GPU suite, issue 6's goal): batch 1 only; ``full`` (default): 1, 8, 64.
+``--graph`` times CUDA-graph replays of every path (dense too): at batch 1 these layers
+take microseconds, and eager timing would measure the host's launch path instead.
 Order: bits, then granularity, then batch, then layers lowest resolution first, so that a
 budget cut keeps the 4-bit per-channel rows of every layer.
 """
@@ -90,13 +92,15 @@ def time_dense(run, layer_key, x, dense, stride, padding, fields, conv_bytes, ca
     dense_bytes = conv_bytes + dense.numel() * size
     run.add({**fields, "backend": "fp16", "kernel": "cudnn", "bits": None,
              "granularity": None, "bytes": dense_bytes,
-             **run.time(lambda: F.conv2d(x, dense, None, stride, padding))})
+             **run.time(lambda: F.conv2d(x, dense, None, stride, padding),
+                        graph=run.args.graph)})
     if run.device.type == "cuda":
         x_cl = x.to(memory_format=torch.channels_last)
         w_cl = dense.to(memory_format=torch.channels_last)
         run.add({**fields, "backend": "fp16", "kernel": "cudnn_nhwc", "bits": None,
                  "granularity": None, "bytes": dense_bytes,
-                 **run.time(lambda: F.conv2d(x_cl, w_cl, None, stride, padding))})
+                 **run.time(lambda: F.conv2d(x_cl, w_cl, None, stride, padding),
+                            graph=run.args.graph)})
     cache[layer_key] = True
 
 
@@ -136,7 +140,7 @@ def bench_layer(run, layer, batch, bits, gran, paths, dtype, cache) -> None:
             break
         try:
             err = common.rel_error(fn(x, qt, stride, padding), y_ref)
-            timing = run.time(lambda fn=fn: fn(x, qt, stride, padding))
+            timing = run.time(lambda fn=fn: fn(x, qt, stride, padding), graph=run.args.graph)
         except Exception as exc:  # noqa: BLE001
             run.error(exc, **row)
             continue
@@ -184,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument("--include-1x1", action="store_true", help="also the 1×1 convs")
     common.add_tuning_options(p)
     common.add_dtype_option(p)
+    common.add_graph_option(p)
     args = p.parse_args(argv)
     if args.tuning_from:
         return common.tuning_from(args, "conv2d", derive_crossover)
@@ -198,7 +203,7 @@ def main(argv=None) -> int:
                                                  "reference,cpu,triton,dequant"))
     layers, source = conv_layers(args)
     run.meta.update(layers_source=source, batches=batches, bits=bits_list, granularities=grans,
-                    backends=backends, dtype=str(dtype),
+                    backends=backends, dtype=str(dtype), graph=args.graph,
                     layers=[{"weight_shape": v["weight_shape"], "input_shape": v["input_shape"],
                              "count": v["count"]} for v in layers])
     paths = candidates(run, backends)

@@ -312,7 +312,7 @@ def main(argv=None) -> int:
                    help="comma-separated (default GPU: triton,cuda,dequant; CPU: "
                         "reference,cpu,triton,dequant)")
     common.add_dtype_option(p)
-    p.add_argument("--graph", action="store_true", help="time CUDA-graph replays")
+    common.add_graph_option(p)
     common.add_tuning_options(p)
     args = p.parse_args(argv)
     if args.tuning_from:

@@ -82,6 +82,12 @@ def parser(subject: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_graph_option(p: argparse.ArgumentParser) -> None:
+    """``--graph``: time CUDA-graph replays (GPU time without the host's launch path)."""
+    p.add_argument("--graph", action="store_true",
+                   help="time CUDA-graph replays (GPU time without the host's launch path)")
+
+
 def add_dtype_option(p: argparse.ArgumentParser) -> None:
     """``--dtype`` for benches whose activations (and dense baseline) take one dtype."""
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],

@@ -23,6 +23,7 @@
 #   4 after a kernel change (one ~8 min call, no wheels needed): OTQ_SUITE_PLAN=4 runs
 #                  env, build, tests_kernels (CUDA kernel + fit tests), goal_linear_graph
 #                  (CUDA kernels + dequant at M 1/16, graph replays: goal_graph/),
+#                  goal_conv_graph (the 3x3 convs at batch 1, 4-bit, graph replays),
 #                  sweep_splitk (the LUT GEMV over forced split-K: splitk.json), ncu_gemv
 #                  (Nsight Compute on 4 GEMV launches and 1 lut_mma launch), goal_e2e.
 # A machine stays warm 30 s after a call: a call made within that time reuses the build
@@ -71,8 +72,8 @@ SITE=/tmp/otq_site
 PLAN1="env wheels build tests_cuda checks sanitizer tests_gpu"
 PLAN2="env wheels build goal_linear goal_e2e goal_conv plot"
 PLAN3="env wheels build bench_fit bench_linear bench_conv bench_e2e tests_all"
-PLAN4="env build tests_kernels goal_linear_graph sweep_splitk ncu_gemv goal_e2e"
-ALL_STEPS="env wheels build tests_cuda tests_kernels checks sanitizer goal_linear goal_linear_graph sweep_splitk ncu_gemv goal_e2e goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
+PLAN4="env build tests_kernels goal_linear_graph goal_conv_graph sweep_splitk ncu_gemv goal_e2e"
+ALL_STEPS="env wheels build tests_cuda tests_kernels checks sanitizer goal_linear goal_linear_graph goal_conv_graph sweep_splitk ncu_gemv goal_e2e goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
 CPU_STEPS=" env wheels build plot plot_more tests_all "  # every other step needs the GPU
 case "${OTQ_SUITE_PLAN:-}" in
   1) PLAN_STEPS=$PLAN1 ;; 2) PLAN_STEPS=$PLAN2 ;; 3) PLAN_STEPS=$PLAN3 ;; 4) PLAN_STEPS=$PLAN4 ;;
@@ -279,6 +280,12 @@ run_step goal_linear 190 "$BENCH_ENV"'
 run_step goal_linear_graph 150 "$BENCH_ENV"'
   $PY benchmarks/bench_linear.py --preset goal --graph --ms 1,16 --backends cuda,dequant \
     --out "$DIR/goal_graph" --budget-s "$STEP_BUDGET" --quiet'
+
+# the UNet's 3x3 convs at batch 1 as CUDA-graph replays (4-bit, both codebook kinds):
+# kernel time without the per-call host time that dominated the eager goal_conv rows
+run_step goal_conv_graph 100 "$BENCH_ENV"'
+  $PY benchmarks/bench_conv.py --preset goal --graph --bits 4 --out "$DIR/goal_graph" \
+    --budget-s "$STEP_BUDGET" --quiet'
 
 # the LUT GEMV at M = 1 over forced split-K factors (graph replays), then Nsight Compute's
 # view of four of its launches and one lut_mma launch at M = 16 (duration, occupancy,

@@ -424,3 +424,12 @@ def test_git_sha_prefers_the_suites_explicit_sha(monkeypatch):
     assert common.git_sha() == "feedbeef"
     monkeypatch.delenv("OTQ_GIT_SHA")
     assert common.git_sha() != "feedbeef"
+
+
+@pytest.mark.parametrize("subject", ["linear", "conv"])
+def test_graph_option_is_recorded(subject, tmp_path):
+    """--graph (CUDA-graph replays on a GPU; ignored by CPU wall-clock timing) runs and
+    lands in meta, so that graph and eager results are never mixed up."""
+    assert _run_smoke(subject, tmp_path, "--graph") == 0
+    payload = json.loads((tmp_path / f"{subject}.json").read_text())
+    assert payload["meta"]["graph"] is True
