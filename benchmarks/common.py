@@ -211,7 +211,7 @@ def check_smoke_out(out_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- timing
-def _quantiles_us(samples_s: list[float]) -> dict:
+def quantiles_us(samples_s: list[float]) -> dict:
     """p20/p50/p80 in microseconds of samples in seconds."""
     xs = sorted(samples_s)
     if len(xs) == 1:
@@ -232,7 +232,7 @@ def time_cpu(fn: Callable[[], object], reps: int = 5, warmup: int = 1,
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
-    return {**_quantiles_us(samples), "timing": "wall"}
+    return {**quantiles_us(samples), "timing": "wall"}
 
 
 def capture_graph(fn: Callable[[], object], errors: list | None = None):
@@ -310,7 +310,7 @@ def time_cuda(fn: Callable[[], object], flusher: L2Flusher | None = None, graph:
         ends[i].record()
     torch.cuda.synchronize()
     samples = [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends, strict=True)]
-    return {**_quantiles_us(samples), "timing": mode}
+    return {**quantiles_us(samples), "timing": mode}
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:

@@ -25,7 +25,9 @@
 #                  (CUDA kernels + dequant at M 1/16, graph replays: goal_graph/),
 #                  goal_conv_graph (the 3x3 convs at batch 1, 4-bit, graph replays),
 #                  sweep_splitk (the LUT GEMV over forced split-K: splitk.json), ncu_gemv
-#                  (Nsight Compute on 4 GEMV launches and 1 lut_mma launch), goal_e2e.
+#                  (Nsight Compute on 4 GEMV launches and 1 lut_mma launch), profile_e2e
+#                  (kernel time of a batch-1 UNet step by category: e2e_profile.json),
+#                  goal_e2e.
 # A machine stays warm 30 s after a call: a call made within that time reuses the build
 # and Triton's compile cache (/tmp/otq_triton_cache) and starts at once.
 # <sha> = `git rev-parse HEAD` written out literally (the machine gets no .git); every JSON
@@ -72,8 +74,8 @@ SITE=/tmp/otq_site
 PLAN1="env wheels build tests_cuda checks sanitizer tests_gpu"
 PLAN2="env wheels build goal_linear goal_e2e goal_conv plot"
 PLAN3="env wheels build bench_fit bench_linear bench_conv bench_e2e tests_all"
-PLAN4="env build tests_kernels goal_linear_graph goal_conv_graph sweep_splitk ncu_gemv goal_e2e"
-ALL_STEPS="env wheels build tests_cuda tests_kernels checks sanitizer goal_linear goal_linear_graph goal_conv_graph sweep_splitk ncu_gemv goal_e2e goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
+PLAN4="env build tests_kernels goal_linear_graph goal_conv_graph sweep_splitk ncu_gemv profile_e2e goal_e2e"
+ALL_STEPS="env wheels build tests_cuda tests_kernels checks sanitizer goal_linear goal_linear_graph goal_conv_graph sweep_splitk ncu_gemv profile_e2e goal_e2e goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
 CPU_STEPS=" env wheels build plot plot_more tests_all "  # every other step needs the GPU
 case "${OTQ_SUITE_PLAN:-}" in
   1) PLAN_STEPS=$PLAN1 ;; 2) PLAN_STEPS=$PLAN2 ;; 3) PLAN_STEPS=$PLAN3 ;; 4) PLAN_STEPS=$PLAN4 ;;
@@ -131,7 +133,8 @@ export_out() {
   for pair in goal/linear.json:goal_linear.json goal/e2e.json:goal_e2e.json \
               goal/conv.json:goal_conv.json checks.json:checks.json fit.json:fit.json \
               linear.json:linear.json e2e.json:e2e.json conv.json:conv.json \
-              tuning.json:tuning.json splitk.json:splitk.json; do
+              tuning.json:tuning.json splitk.json:splitk.json \
+              e2e_profile.json:e2e_profile.json; do
     src=${pair%%:*} dst=${pair##*:}
     if [ -f "$DIR/$src" ] && [ $n -lt 6 ]; then cp "$DIR/$src" "$OUT/$dst" && n=$((n + 1)); fi
   done
@@ -298,6 +301,11 @@ run_step ncu_gemv 120 '
   # the full set: stall reasons (sampled per instruction) and the source hot spots too
   ncu --kernel-name "regex:lut_gemv_kernel|lut_mma_kernel" --launch-count 10 --set full \
     $PY benchmarks/sweep_splitk.py --ncu-target'
+
+# kernel time of one batch-1 UNet step by category (GEMM, conv, ours, PyTorch's, ...):
+# how much of the step the quantized layers can change at all
+run_step profile_e2e 90 "$BENCH_ENV"'
+  $PY benchmarks/profile_e2e.py --out "$DIR" --quiet'
 
 run_step goal_e2e 110 "$BENCH_ENV"'
   $PY benchmarks/bench_e2e.py --preset goal --out "$DIR/goal" --budget-s "$STEP_BUDGET" --quiet'

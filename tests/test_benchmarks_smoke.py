@@ -433,3 +433,27 @@ def test_graph_option_is_recorded(subject, tmp_path):
     assert _run_smoke(subject, tmp_path, "--graph") == 0
     payload = json.loads((tmp_path / f"{subject}.json").read_text())
     assert payload["meta"]["graph"] is True
+
+
+def test_e2e_profile_categories():
+    """Kernel names fall into the categories whose times the e2e profile sums; our Triton
+    kernels are found by their function names (before the cuDNN/cuBLAS patterns)."""
+    profile = _load("profile_e2e")
+    names = profile.triton_kernel_names()
+    assert "_conv2d_kernel" in names and "_decode_rows" in names
+    kernels = [("_conv2d_kernel", 5.0), ("void otq::cuda::lut_gemv_kernel<...>", 3.0),
+               ("void otq::cuda::splitk_fixup_kernel<float>", 1.0),
+               ("sm90_xmma_fprop_implicit_gemm_f16f16", 7.0), ("nvjet_hsh_64x8_64x16", 2.0),
+               ("void at::native::vectorized_elementwise_kernel<4, ...>", 0.5),
+               ("Memset (Device)", 0.25), ("some_unknown_kernel", 0.1)]
+    assert profile.categorize(kernels, names) == {
+        "otq_triton": (1, 5.0), "otq_cuda": (2, 4.0), "conv": (1, 7.0), "gemm": (1, 2.0),
+        "torch": (1, 0.5), "copy": (1, 0.25), "other": (1, 0.1)}
+
+
+def test_e2e_profile_without_a_gpu_writes_a_skipped_row(tmp_path):
+    code = _load("profile_e2e").main(["--smoke", "--quiet", "--device", "cpu",
+                                      "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "e2e_profile.json").read_text())
+    assert code == 0 and [bool(row["skipped"]) for row in payload["rows"]] == [True]
+    assert _load("common").validate(payload) == []

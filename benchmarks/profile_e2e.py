@@ -1,0 +1,139 @@
+"""Where the GPU time of one mnist-UNet sampling step goes: kernel time by category.
+
+For the FP16 dense model and the 4-bit per-channel quantized one (dispatch ``auto``) at
+batch 1, it profiles ``--steps`` eager Euler steps one at a time with torch.profiler (CUDA
+activity) and sums each step's kernel time per category of kernel name (``CATEGORIES``:
+cuBLAS/CUTLASS GEMMs, cuDNN convs, our CUDA kernels, our Triton kernels, PyTorch's own
+kernels, memset/memcpy, the rest). One row per (variant, category): p20/p50/p80 over the
+steps of that category's summed kernel time per step, and its kernel count per step. The
+question it answers: how much of a batch-1 step the quantized layers can change at all
+(issue 6's e2e goal asks for 0.8× the FP16 step time). Needs a GPU; on CPU it writes one
+skipped row.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+
+import common
+import torch
+
+VARIANTS = [(None, None, "fp16"), (4, "channel", "auto")]
+# (category, pattern on the kernel name), first match wins; our Triton kernels are matched
+# by their function names before these.
+CATEGORIES = [("otq_cuda", r"lut_gemv|lut_mma|splitk_fixup|otq::cuda"),
+              ("copy", r"^Memcpy|^Memset|memcpy|memset"),
+              ("conv", r"conv|fprop|cudnn|implicit_convolve|xmma_.*f(wd|prop)"),
+              ("gemm", r"gemm|gemv|nvjet|cutlass|cublas"),
+              ("torch", r"at::|c10::|native::")]
+
+
+def triton_kernel_names() -> set[str]:
+    """The function names of otq_kernels' Triton kernels (their CUDA kernel names)."""
+    from otq_kernels.backends import triton as package
+
+    names = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for obj in vars(module).values():
+            fn = obj
+            while hasattr(fn, "fn") and fn.fn is not fn:  # Autotuner -> JITFunction -> def
+                fn = fn.fn
+            if fn is not obj and callable(fn) and hasattr(fn, "__name__"):
+                names.add(fn.__name__)
+    return names
+
+
+def categorize(kernels: list[tuple[str, float]], triton_names: set[str]) -> dict:
+    """{category: (count, total µs)} of (kernel name, µs) pairs."""
+    out: dict[str, list] = {}
+    for name, us in kernels:
+        if any(re.search(rf"\b{re.escape(t)}\b", name) for t in triton_names):
+            category = "otq_triton"
+        else:
+            category = next((c for c, pattern in CATEGORIES if re.search(pattern, name)),
+                            "other")
+        entry = out.setdefault(category, [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+    return {c: (n, t) for c, (n, t) in out.items()}
+
+
+def device_kernels(prof) -> list[tuple[str, float]]:
+    """(name, µs) of every GPU activity in a finished torch.profiler session."""
+    out = []
+    for ev in prof.profiler.kineto_results.events():
+        if ev.device_type() != torch.autograd.DeviceType.CUDA:
+            continue
+        ns = ev.duration_ns() if hasattr(ev, "duration_ns") else 1000 * ev.duration_us()
+        out.append((ev.name(), ns / 1000))
+    return out
+
+
+def profile_variant(run, master, variant, image, steps: int, names: set[str]) -> None:
+    """Rows of one variant: per category, quantiles of its per-step kernel time."""
+    import bench_e2e
+
+    bits, gran, backend = variant
+    model = bench_e2e.build_variant(master, bits, gran, backend, run.device, torch.float16)
+    x = torch.randn(1, *image, device=run.device, dtype=torch.float16)
+    t = torch.full((1,), 0.5, device=run.device)
+    step = bench_e2e.step_fn(model, x, t, 0.05)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize(run.device)
+    per_step = []
+    for _ in range(steps):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize(run.device)
+        per_step.append(categorize(device_kernels(prof), names))
+    label = "fp16" if bits is None else f"{bits}b-{gran}-{backend}"
+    totals = [sum(t for _, t in s.values()) for s in per_step]
+    categories = sorted({c for s in per_step for c in s}) + ["all"]
+    for category in categories:
+        if category == "all":
+            samples, counts = totals, [sum(n for n, _ in s.values()) for s in per_step]
+        else:
+            samples = [s.get(category, (0, 0.0))[1] for s in per_step]
+            counts = [s.get(category, (0, 0.0))[0] for s in per_step]
+        run.add({"op": "e2e_kernels", "backend": label, "kernel": category, "bits": bits,
+                 "granularity": gran, "M": 1, "shape": run.meta["config"], "dtype": "float16",
+                 "kernels_per_step": max(counts), **common.quantiles_us(
+                     [s * 1e-6 for s in samples])})
+    del model
+    torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    p = common.parser("e2e_profile", __doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=5, help="profiled steps per variant")
+    args = p.parse_args(argv)
+    run = common.Run("e2e_profile", args, measure_ceilings=False)
+    run.meta.update(config="mnist", batch=1, steps=args.steps)
+    if run.device.type != "cuda":
+        run.add(common.skipped_row("kernel profiles need a GPU", op="e2e_kernels"))
+        run.write(complete=True)
+        return 0
+    from otq_kernels.demo import random_model
+    from otq_kernels.models import IMAGE_SIZES
+
+    master = random_model("mnist", seed=0)
+    image = (master.in_channels, IMAGE_SIZES["mnist"], IMAGE_SIZES["mnist"])
+    names = triton_kernel_names()
+    run.meta["triton_kernels"] = sorted(names)
+    for variant in VARIANTS:
+        try:
+            profile_variant(run, master, variant, image, args.steps, names)
+        except Exception as exc:  # noqa: BLE001 - one variant must not end the run
+            run.error(exc, op="e2e_kernels", backend=variant[2], bits=variant[0],
+                      granularity=variant[1])
+    run.write(complete=True)
+    return 1 if run.meta["fatal_error"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
