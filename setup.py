@@ -7,6 +7,9 @@ with CUDA and nvcc is found (or ``OTQ_FORCE_CUDA=1``). Environment flags:
 - ``OTQ_FORCE_CUDA=1``       build them even when no GPU is visible (cross-compiling).
 - ``OTQ_CUDA_ARCHS``         semicolon-separated SM list, default ``80;90``.
 - ``MAX_JOBS``               parallel compile jobs (ninja), read by torch's build_ext.
+- ``OTQ_NVCC_THREADS``       nvcc ``--split-compile`` threads per CUDA source (default 0:
+  one per CPU): the optimizer runs per kernel in parallel, so the file with the most
+  template instantiations (``lut_gemv.cu``) no longer sets the build time alone.
 - ``OTQ_SKIP_NATIVE_BUILD=1`` build no extension at all (pure-Python install).
 """
 
@@ -55,7 +58,9 @@ def _extensions():
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     if _cuda_wanted():
         sources += _sources("csrc/cuda/*.cu")
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + _arch_flags()
+        threads = os.environ.get("OTQ_NVCC_THREADS", "0")
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                f"--split-compile={threads}"] + _arch_flags()
         ext = CUDAExtension(
             "otq_kernels._C",
             sources,
