@@ -7,8 +7,9 @@ cuBLAS/CUTLASS GEMMs, cuDNN convs, our CUDA kernels, our Triton kernels, PyTorch
 kernels, memset/memcpy, the rest). One row per (variant, category): p20/p50/p80 over the
 steps of that category's summed kernel time per step, and its kernel count per step. The
 question it answers: how much of a batch-1 step the quantized layers can change at all
-(issue 6's e2e goal asks for 0.8× the FP16 step time). Needs a GPU; on CPU it writes one
-skipped row.
+(issue 6's e2e goal asks for 0.8× the FP16 step time). ``meta.memory`` breaks each
+variant's peak memory down (model, allocated before a step, kept after it, transient):
+the goal asks for 0.4× the FP16 peak. Needs a GPU; on CPU it writes one skipped row.
 """
 
 from __future__ import annotations
@@ -104,8 +105,33 @@ def profile_variant(run, master, variant, image, steps: int, names: set[str]) ->
                  "granularity": gran, "M": 1, "shape": run.meta["config"], "dtype": "float16",
                  "kernels_per_step": max(counts), **common.quantiles_us(
                      [s * 1e-6 for s in samples])})
+    try:
+        run.meta.setdefault("memory", {})[label] = memory_breakdown(run, model, step)
+    except Exception as exc:  # noqa: BLE001 - the kernel rows stand without it
+        run.meta.setdefault("memory", {})[label] = {"error": common.describe_error(exc)}
     del model
     torch.cuda.empty_cache()
+
+
+def memory_breakdown(run, model, step) -> dict:
+    """Bytes of a warmed-up step: the model's parameters and buffers, all that is allocated
+    before a step (with the cuBLAS workspaces freed first), what a step leaves allocated
+    beyond that (library workspaces it creates), and its transient peak above that."""
+    import bench_e2e
+
+    torch.cuda.synchronize(run.device)
+    bench_e2e.release_cublas_workspaces()
+    before = torch.cuda.memory_allocated(run.device)
+    step()
+    torch.cuda.synchronize(run.device)
+    kept = torch.cuda.memory_allocated(run.device)
+    torch.cuda.reset_peak_memory_stats(run.device)
+    step()
+    torch.cuda.synchronize(run.device)
+    peak = torch.cuda.max_memory_allocated(run.device)
+    return {"model_bytes": bench_e2e.module_bytes(model), "allocated_before_step": before,
+            "kept_after_step": kept - before, "step_peak_above_kept": peak - kept,
+            "peak": peak}
 
 
 def main(argv=None) -> int:

@@ -451,6 +451,13 @@ def test_e2e_profile_categories():
         "torch": (1, 0.5), "copy": (1, 0.25), "other": (1, 0.1)}
 
 
+def test_e2e_profile_reads_the_profilers_raw_events():
+    """device_kernels uses torch's kineto events API: on a CPU-only profile, no GPU rows."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.randn(8).sum()
+    assert _load("profile_e2e").device_kernels(prof) == []
+
+
 def test_e2e_profile_without_a_gpu_writes_a_skipped_row(tmp_path):
     code = _load("profile_e2e").main(["--smoke", "--quiet", "--device", "cpu",
                                       "--out", str(tmp_path)])
