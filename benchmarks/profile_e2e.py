@@ -9,7 +9,9 @@ steps of that category's summed kernel time per step, and its kernel count per s
 question it answers: how much of a batch-1 step the quantized layers can change at all
 (issue 6's e2e goal asks for 0.8× the FP16 step time). ``meta.memory`` breaks each
 variant's peak memory down (model, allocated before a step, kept after it, transient):
-the goal asks for 0.4× the FP16 peak. Needs a GPU; on CPU it writes one skipped row.
+the goal asks for 0.4× the FP16 peak. ``meta.host`` sets the host's time to enqueue an
+eager step against the step's wall time (host-bound when they are close) and lists the
+CPU ops with the most self time. Needs a GPU; on CPU it writes one skipped row.
 """
 
 from __future__ import annotations
@@ -105,12 +107,40 @@ def profile_variant(run, master, variant, image, steps: int, names: set[str]) ->
                  "granularity": gran, "M": 1, "shape": run.meta["config"], "dtype": "float16",
                  "kernels_per_step": max(counts), **common.quantiles_us(
                      [s * 1e-6 for s in samples])})
-    try:
-        run.meta.setdefault("memory", {})[label] = memory_breakdown(run, model, step)
-    except Exception as exc:  # noqa: BLE001 - the kernel rows stand without it
-        run.meta.setdefault("memory", {})[label] = {"error": common.describe_error(exc)}
+    meta_entry(run, "memory", label, memory_breakdown, run, model, step)
+    meta_entry(run, "host", label, host_times, run, step, prof)
     del model
     torch.cuda.empty_cache()
+
+
+def meta_entry(run, key: str, label: str, fn, *args) -> None:
+    """run.meta[key][label] = fn(*args), or the error it raised (the rows stand without)."""
+    try:
+        value = fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        value = {"error": common.describe_error(exc)}
+    run.meta.setdefault(key, {})[label] = value
+
+
+def host_times(run, step, prof, reps: int = 10, top: int = 12) -> dict:
+    """Eager step: the host's time to enqueue it (no sync inside) against its wall time
+    (sync), medians in ms, and the CPU ops with the most self time in the last profile."""
+    import statistics
+    import time
+
+    enqueue, wall = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize(run.device)
+        start = time.perf_counter()
+        step()
+        enqueued = time.perf_counter()
+        torch.cuda.synchronize(run.device)
+        enqueue.append(1e3 * (enqueued - start))
+        wall.append(1e3 * (time.perf_counter() - start))
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {"enqueue_ms": statistics.median(enqueue), "wall_ms": statistics.median(wall),
+            "top_cpu_ops": [(e.key, e.count, round(e.self_cpu_time_total, 1))
+                            for e in ops[:top]]}
 
 
 def memory_breakdown(run, model, step) -> dict:
