@@ -75,7 +75,7 @@ def test_helpers():
     assert common.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert common.crossover({1: True, 4: True, 16: False, 64: True}) == 4
     assert common.crossover({1: False, 4: True}) == 0
-    q = common._quantiles_us([1e-6, 2e-6, 3e-6, 4e-6, 5e-6])
+    q = common.quantiles_us([1e-6, 2e-6, 3e-6, 4e-6, 5e-6])
     assert q["p50_us"] == pytest.approx(3.0)
     assert q["p20_us"] <= q["p50_us"] <= q["p80_us"]
 
