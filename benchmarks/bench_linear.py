@@ -94,11 +94,12 @@ def triton_forced(kernel: str):
     return lambda x, qt: linear_triton(x, qt, None, kernel=kernel)
 
 
-def cuda_kernel(tensor_cores: bool):
-    """Callable (x, qt) -> y running one CUDA kernel: lut_mma.cu (True) or lut_gemv.cu."""
+def cuda_kernel(tensor_cores: bool, split_k: int | None = None):
+    """Callable (x, qt) -> y running one CUDA kernel: lut_mma.cu (True) or lut_gemv.cu,
+    with ``split_k`` (None = the backend's heuristic)."""
     from otq_kernels.backends import cuda
 
-    return lambda x, qt: cuda.linear(x, qt, None, tensor_cores=tensor_cores)
+    return lambda x, qt: cuda.linear(x, qt, None, split_k=split_k, tensor_cores=tensor_cores)
 
 
 def backend_fn(name: str):

@@ -19,7 +19,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
+import statistics
+import time
 
+import bench_e2e
 import common
 import torch
 
@@ -77,8 +80,6 @@ def device_kernels(prof) -> list[tuple[str, float]]:
 
 def profile_variant(run, master, variant, image, steps: int, names: set[str]) -> None:
     """Rows of one variant: per category, quantiles of its per-step kernel time."""
-    import bench_e2e
-
     bits, gran, backend = variant
     model = bench_e2e.build_variant(master, bits, gran, backend, run.device, torch.float16)
     x = torch.randn(1, *image, device=run.device, dtype=torch.float16)
@@ -125,9 +126,6 @@ def meta_entry(run, key: str, label: str, fn, *args) -> None:
 def host_times(run, step, prof, reps: int = 10, top: int = 12) -> dict:
     """Eager step: the host's time to enqueue it (no sync inside) against its wall time
     (sync), medians in ms, and the CPU ops with the most self time in the last profile."""
-    import statistics
-    import time
-
     enqueue, wall = [], []
     for _ in range(reps):
         torch.cuda.synchronize(run.device)
@@ -147,8 +145,6 @@ def memory_breakdown(run, model, step) -> dict:
     """Bytes of a warmed-up step: the model's parameters and buffers, all that is allocated
     before a step (with the cuBLAS workspaces freed first), what a step leaves allocated
     beyond that (library workspaces it creates), and its transient peak above that."""
-    import bench_e2e
-
     torch.cuda.synchronize(run.device)
     bench_e2e.release_cublas_workspaces()
     before = torch.cuda.memory_allocated(run.device)

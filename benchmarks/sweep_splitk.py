@@ -16,16 +16,10 @@ from __future__ import annotations
 import common
 import torch
 import torch.nn.functional as F
+from bench_linear import cuda_kernel
 
 SHAPES = [(8192, 8192), (14336, 4096)]
 ROW_KEY = ("op", "M", "N", "K", "dtype")
-
-
-def gemv(split_k: int | None):
-    """Callable (x, qt) -> y: the LUT GEMV with ``split_k`` (None = the heuristic)."""
-    from otq_kernels.backends import cuda
-
-    return lambda x, qt: cuda.linear(x, qt, None, split_k=split_k, tensor_cores=False)
 
 
 def sweep_config(run: common.Run, n: int, k: int, bits: int, gran: str, m: int,
@@ -44,7 +38,7 @@ def sweep_config(run: common.Run, n: int, k: int, bits: int, gran: str, m: int,
              **run.time(lambda: F.linear(x, dense), graph=graph)})
     picked = cuda.split_k_for(n, k, _device.sm_count(run.device), tensor_cores=False)
     for split_k in splits:
-        fn = gemv(split_k)
+        fn = cuda_kernel(False, split_k)
         run.add({**base, "backend": "cuda", "kernel": "lut_gemv", "bits": bits,
                  "granularity": gran, "split_k": split_k, "heuristic_split_k": picked,
                  "rel_err": common.rel_error(fn(x, qt), y_ref),
@@ -54,13 +48,11 @@ def sweep_config(run: common.Run, n: int, k: int, bits: int, gran: str, m: int,
 def ncu_target(device: torch.device, configs: list[tuple]) -> None:
     """Each configuration's default launch (the GEMV, or the tensor-core kernel where
     ``tensor_cores``), twice, untimed (for ncu)."""
-    from otq_kernels.backends import cuda
-
     for n, k, bits, gran, m, tensor_cores in configs:
         qt = common.random_qt(n, k, bits, gran, device)
         x = torch.randn(m, k, device=device, dtype=torch.float16)
         for _ in range(2):
-            cuda.linear(x, qt, None, tensor_cores=tensor_cores)
+            cuda_kernel(tensor_cores)(x, qt)
         torch.cuda.synchronize(device)
         print(f"ran {n}x{k} b{bits} {gran} M{m} tensor_cores={tensor_cores}", flush=True)
 
