@@ -41,7 +41,7 @@
 #   work happens in /tmp/otq_suite/<gpu-slug>/ and $OUT receives the files above after
 #   every step (a call killed at its limit still returns what was done).
 # env:
-#   OTQ_SUITE_PLAN        1, 2 or 3 (above); unset: every step in priority order
+#   OTQ_SUITE_PLAN        1, 2, 3 or 4 (above); unset: every step in priority order
 #   OTQ_SUITE_STEPS       explicit step list, overrides the plan (names: see ALL_STEPS)
 #   OTQ_SUITE_DEADLINE_S  wall-clock budget for the whole suite (default 530 s with $OUT,
 #                         else 7200); each step gets min(its cap, what is left) and stops
@@ -53,6 +53,8 @@
 #   OTQ_AUTOTUNE_REP_MS   ms of timing per autotune config (default 20; Triton's own is 125)
 #   OTQ_WHEELS            folder of carried wheels (default wheelhouse/)
 #   OTQ_GIT_SHA           recorded in the JSON meta when the tree has no .git
+#   OTQ_SUITE_TEST_FILTER pytest -k expression for tests_kernels (e.g. mma: one kernel's tests)
+#   OTQ_SUITE_NCU_KERNELS kernel-name regex for ncu_gemv (default lut_gemv_kernel|lut_mma_kernel)
 #   OTQ_SUITE_SCRATCH     where the work happens when $OUT is set (default /tmp/otq_suite)
 #   PYTHON                interpreter (default python3: the image's, which holds torch)
 # A failing step is logged in summary.txt with the tail of its log and the suite goes on.
@@ -260,6 +262,7 @@ run_step tests_cuda 150 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_cuda.xml
 
 # the CUDA kernel tests and the fit tests only (a quick re-check after a kernel change)
 run_step tests_kernels 160 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_kernels.xml" \
+    ${OTQ_SUITE_TEST_FILTER:+-k "$OTQ_SUITE_TEST_FILTER"} \
     tests/backends/test_cuda_backend.py tests/backends/test_triton_fit.py'
 
 run_step checks 150 "$TEST_ENV"'
@@ -299,7 +302,8 @@ run_step sweep_splitk 90 "$BENCH_ENV"'
 run_step ncu_gemv 120 '
   if ! command -v ncu >/dev/null; then echo "ncu not found"; exit 0; fi
   # the full set: stall reasons (sampled per instruction) and the source hot spots too
-  ncu --kernel-name "regex:lut_gemv_kernel|lut_mma_kernel" --launch-count 10 --set full \
+  ncu --kernel-name "regex:${OTQ_SUITE_NCU_KERNELS:-lut_gemv_kernel|lut_mma_kernel}" \
+    --launch-count 10 --set full \
     $PY benchmarks/sweep_splitk.py --ncu-target'
 
 # kernel time of one batch-1 UNet step by category (GEMM, conv, ours, PyTorch's, ...):

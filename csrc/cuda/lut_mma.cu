@@ -3,14 +3,17 @@
 //
 // A block owns 16 weight rows (the M of mma.m16n8k16) and its 4 warps take turns over the
 // 32-column groups of the block's K range; x's rows are the mma's N, 8 per n-tile, one or
-// two n-tiles per launch (M <= 16) sharing every A fragment. A lane's A fragment holds
-// pairs of adjacent columns of rows g and g + 8 (g = lane / 4), so it cuts 2-column
-// "pair indices" straight out of the packed words (plane p contributes its
-// 2 * w_p bits, at bit 2 * offset_p) and looks each up in a shared table of packed
-// half2/bf162 pairs: one shared load per two weights, no per-weight decode. Tables have
-// 256 entries (4 bits: the pair index; 2 and 3 bits: a byte that holds the pair, see
-// kEntries), one copy per lane so that look-ups never conflict: [entry][32] per layer
-// (32 KB), [2][entry][32] per channel (the lane's rows g and g + 8; 64 KB).
+// two n-tiles per launch (M <= 16) sharing every A fragment.
+//
+// K is permuted inside each group (a dot product does not care about the order of its
+// terms, as long as A and B agree): lane t (= lane % 4) owns the group's columns
+// 8t..8t+7, in pairs k = 0..3 (columns 8t + 2k, 8t + 2k + 1), and pair 2h + q fills the
+// k slots 2t + 8q, +1 of the group's mma h (0, 1). So a lane loads its x columns as one
+// 16-byte vector per x row, and its codes as one word per plane and A row; each pair's
+// codes are one "pair index" (2 * bits bits) looked up in a shared table of packed
+// half2/bf162 pairs: one shared load per two weights, no per-weight decode. Every lane has
+// its own copy of the table, so look-ups never conflict: [entry][32] words per layer,
+// [2][entry][32] per channel (the lane's A rows g and g + 8; g = lane / 4).
 // Accumulation in fp32 (mma), the warps' results summed in shared memory; split-K and bias
 // as in lut_gemv.cu.
 #include "common.cuh"
@@ -26,38 +29,40 @@ constexpr int kTileRows = 16;
 constexpr int kTileBatch = 8;  // the mma's N: rows of x per n-tile
 constexpr int kMaxTiles = kMmaMaxM / kTileBatch;  // n-tiles per launch, sharing each A
 constexpr int kMaxMmaBits = 4;
+constexpr int kLaneColumns = kGroup / 4;  // a lane's columns of a group: 4 pairs
 
-// Every table has 256 entries (one byte of index): 4 bits: the pair index (both codes);
-// 2 and 3 bits: a byte that holds the pair among other bits, so that the index is one
-// PRMT as at 4 bits. 2 bits: a byte of codes (two pairs; lanes with odd t take the high
-// one). 3 bits: a byte of the lane's merged word (merged_pairs). entry_codes says which
-// pair each entry stands for.
-constexpr int kEntries = 256;
+// A pair index packs, for each plane p (width w_p, code bits from offset o_p), the plane's
+// 2 * w_p bits of the pair (first column low) at bit 2 * o_p: 4 bits: a byte of the lane's
+// word; 2 bits: a nibble; 3 bits: the 2-bit plane's nibble, the 1-bit plane's two bits
+// above it. So a table has 4^bits entries.
+template <int BITS>
+constexpr int kEntries = 1 << (2 * BITS);
 
 template <int BITS>
-constexpr bool kByteTable = BITS == 2 || BITS == 3;
+constexpr int kPlanes = plane_spec(BITS).count;
 
 // Table words: one copy of every entry per lane, per layer or (per channel) for each of
 // the lane's two A rows: [r][entry][lane], lane-major so that any 32 look-ups hit 32 banks.
-OTQ_HD constexpr int table_words(bool per_channel) {
-  return kEntries * kWarpSize * (per_channel ? 2 : 1);
+template <int BITS>
+constexpr int table_words(bool per_channel) {
+  return kEntries<BITS> * kWarpSize * (per_channel ? 2 : 1);
 }
 
-// The two codes (columns c, c + 1) that table entry low + 16 * high (its nibbles) stands
-// for in lanes with even (odd = false) or odd t.
 struct CodePair {
-  int first, second;
+  int first, second;  // the codes of the pair's columns
 };
 
 template <int BITS>
-OTQ_HD constexpr CodePair entry_codes(int low, int high, bool odd) {
-  if (BITS == 4) return {low, high};  // the pair index, both codes' 4 bits
-  const int nibble = odd ? high : low;  // 2 bits: a byte of 4 codes, the lane's half of it
-  if (BITS == 2) return {nibble & 3, nibble >> 2};
-  // 3 bits (merged_pairs): the plane-0 nibble as at 2 bits, the plane-1 pair at bit 4 of
-  // the byte (even t) or bit 2 (odd t).
-  const int plane1 = odd ? low >> 2 : high & 3;
-  return {(nibble & 3) | (plane1 & 1) << 2, (nibble >> 2) | (plane1 >> 1) << 2};
+OTQ_HD constexpr CodePair entry_codes(int entry) {
+  constexpr PlaneSpec spec = plane_spec(BITS);
+  CodePair codes{0, 0};
+  for (int p = 0; p < spec.count; ++p) {
+    const int width = spec.width[p], mask = (1 << width) - 1;
+    const int field = entry >> (2 * spec.offset[p]);
+    codes.first |= (field & mask) << spec.offset[p];
+    codes.second |= (field >> width & mask) << spec.offset[p];
+  }
+  return codes;
 }
 
 template <typename T>
@@ -67,178 +72,165 @@ __device__ __forceinline__ uint32_t pair_entry(const float* __restrict__ book, C
 
 // table[(r * entries + entry) * 32 + lane] (r = 0 only per layer), written 16 bytes at a
 // time: the 4 lanes 4g..4g+3 share A rows g + 8r, i.e. uint4 (r * entries + entry) * 8 + g
-// holds lanes 4g..4g+3. Thread x writes quad g = x % 8 of the entries with low nibble
-// x / 8, so its codebook row (block_row + g + 8r per channel, clamped to n - 1) is fixed
-// and, with the high nibble unrolled, codebook reads and stores sit at immediate offsets
-// from per-thread bases: no per-entry index arithmetic. All reads precede the stores.
+// holds lanes 4g..4g+3. Thread x writes quad g = x % 8 of the entries x / 8 + 16i, so its
+// codebook row (block_row + g + 8r per channel, clamped to n - 1) is fixed and codebook
+// reads and stores sit at immediate offsets from per-thread bases. All reads of a row
+// precede its stores.
 template <typename T, int BITS, bool PER_CHANNEL>
 __device__ __forceinline__ void build_pair_tables(uint32_t* table,
                                                   const float* __restrict__ codebook,
                                                   int64_t block_row, int64_t n) {
   constexpr int kQuads = kWarpSize / 4;
-  constexpr int kHighs = kEntries / (kThreads / kQuads);  // entries per thread and row
-  static_assert(kHighs == 16, "a thread's entries share their low nibble");
-  const int g = threadIdx.x % kQuads, low = threadIdx.x / kQuads;
-  uint4* out = reinterpret_cast<uint4*>(table) + low * kQuads + g;
+  constexpr int kStride = kThreads / kQuads;  // entries that one pass of the block writes
+  constexpr int kPerThread = kEntries<BITS> / kStride;
+  static_assert(kPerThread * kStride == kEntries<BITS>, "whole passes over the entries");
+  const int g = threadIdx.x % kQuads, first = threadIdx.x / kQuads;
+  uint4* out = reinterpret_cast<uint4*>(table) + first * kQuads + g;
 #pragma unroll
   for (int r = 0; r < (PER_CHANNEL ? 2 : 1); ++r) {
     const int64_t row = min(block_row + g + 8 * r, n - 1);  // as LaneTile clamps A rows
     const float* book = PER_CHANNEL ? codebook + row * (1 << BITS) : codebook;
-    uint32_t lo[kHighs], hi[kHighs];  // the entries of lanes with even and odd t
+    uint32_t entry[kPerThread];
 #pragma unroll
-    for (int high = 0; high < kHighs; ++high) {
-      lo[high] = pair_entry<T>(book, entry_codes<BITS>(low, high, false));
-      hi[high] = kByteTable<BITS> ? pair_entry<T>(book, entry_codes<BITS>(low, high, true))
-                                  : lo[high];
-    }
+    for (int i = 0; i < kPerThread; ++i)
+      entry[i] = pair_entry<T>(book, entry_codes<BITS>(first + kStride * i));
 #pragma unroll
-    for (int high = 0; high < kHighs; ++high) {
-      const uint4 quad = make_uint4(lo[high], hi[high], lo[high], hi[high]);
-      out[(r * kEntries + 16 * high) * kQuads] = quad;
-    }
+    for (int i = 0; i < kPerThread; ++i)
+      out[(r * kEntries<BITS> + kStride * i) * kQuads] =
+          make_uint4(entry[i], entry[i], entry[i], entry[i]);
   }
 }
 
-// PRMT selector of a lane's table byte: at 4 bits the pair is byte t of word 2h + q; at
-// 2 bits byte 2q + t / 2 of word h holds it (selector + 2q); at 3 bits the selector
-// gathers the plane-0 bytes 2q + t / 2 of words h = 0, 1 into bytes 2h + q (merged_pairs).
-template <int BITS>
-__device__ __forceinline__ uint32_t byte_selector(int t) {
-  if (BITS == 3) return 0x6420u + 0x1111u * static_cast<uint32_t>(t / 2);
-  return 0x4440u | static_cast<uint32_t>(BITS == 4 ? t : t / 2);
-}
-
-// 3 bits: a lane's plane-0 nibble of each pair sits at bit 4 * (t % 2) of its byte and the
-// plane-1 bit pair at bit 2t of byte 2h + q; rotating the plane-1 word left by this moves
-// the pair beside the nibble, to bit 4 (even t) or 2 (odd t), as entry_codes reads it.
-__device__ __forceinline__ uint32_t plane1_rotation(int t) {
-  return t == 0 ? 4u : t == 3 ? 28u : 0u;
-}
-
-// The bits of the nibble: low halves of each byte for even t, high for odd.
-__device__ __forceinline__ uint32_t nibble_mask(int t) {
-  return t % 2 ? 0xf0f0f0f0u : 0x0f0f0f0fu;
-}
-
-static_assert(plane_spec(3).width[0] == 2 && plane_spec(3).width[1] == 1,
-              "merged_pairs assumes 3-bit codes as a 2-bit plane (low bits) and a 1-bit plane");
-
-// x_row[c], x_row[c + 1] packed (c even). WHOLE: c + 1 < k and x_row 4-byte aligned, one
-// 32-bit load; else two masked loads, zero past k.
+// A lane's 8 x columns c..c+7 of one x row as 4 packed pairs. WHOLE: c + 8 <= k and x_row + c
+// 16-byte aligned, one vector load; else masked pairs, zero past k.
 template <typename T, bool WHOLE>
-__device__ __forceinline__ uint32_t x_pair(const T* __restrict__ x_row, int64_t k, int64_t c) {
-  if (WHOLE) return __ldg(reinterpret_cast<const uint32_t*>(x_row + c));
+__device__ __forceinline__ void x_lane(uint32_t (&pairs)[4], const T* __restrict__ x_row,
+                                       int64_t k, int64_t c) {
+  if (WHOLE) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x_row + c));
+    pairs[0] = v.x, pairs[1] = v.y, pairs[2] = v.z, pairs[3] = v.w;
+    return;
+  }
   const T zero = from_float<T>(0.f);
-  return pack2(c < k ? x_row[c] : zero, c + 1 < k ? x_row[c + 1] : zero);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t col = c + 2 * i;
+    pairs[i] = pack2(col < k ? x_row[col] : zero, col + 1 < k ? x_row[col + 1] : zero);
+  }
 }
+
+// The words of a group that hold one A row's lane columns: one per plane, unshifted.
+template <int BITS>
+struct LaneWords {
+  uint32_t w[kPlanes<BITS>];
+};
 
 // One lane's view of its block: A rows g and g + 8 (r = 0, 1); in n-tile j, B column g is
 // row 8 * j + g of x. Rows past n and x rows past m are clamped to the last one: they only
 // feed D rows/columns that are never written, so no lane needs a branch.
 template <typename T, int BITS, bool PER_CHANNEL, int NT>
 struct LaneTile {
-  SharedAddr lane_table[2];  // pair p of A row r: the word at lane_table[r] + p * 128
-  typename GroupWords<BITS>::Rows rows[2];
+  SharedAddr lane_table[2];  // entry e of A row r: the word at lane_table[r] + e * 128
+  const uint32_t* plane_word[2][kPlanes<BITS>];  // the lane's word of group 0
+  uint32_t shift[kPlanes<BITS>];  // the bit where the lane's columns start in that word
   const T* x_row[NT];
   int t;
-  uint32_t selector;  // byte_selector
-  uint32_t rotation, nibbles;  // 3 bits: plane1_rotation, nibble_mask
 
   __device__ __forceinline__ LaneTile(const uint32_t* table_, const T* x, int m, int64_t k,
                                       const PlaneArgs& planes, int64_t block_row, int64_t n) {
+    constexpr PlaneSpec kSpec = plane_spec(BITS);
     const int lane = threadIdx.x % kWarpSize, g = lane / 4;
     t = lane % 4;
-    selector = byte_selector<BITS>(t);
-    rotation = plane1_rotation(t);
-    nibbles = nibble_mask(t);
+#pragma unroll
+    for (int p = 0; p < kPlanes<BITS>; ++p) shift[p] = kLaneColumns * t * kSpec.width[p] % 32;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       lane_table[r] =
-          shared_addr(table_ + (PER_CHANNEL ? r * kEntries * kWarpSize : 0) + lane);
-      rows[r] = GroupWords<BITS>::rows_of(planes, min(block_row + g + 8 * r, n - 1));
+          shared_addr(table_ + (PER_CHANNEL ? r * kEntries<BITS> * kWarpSize : 0) + lane);
+      const int64_t row = min(block_row + g + 8 * r, n - 1);
+#pragma unroll
+      for (int p = 0; p < kPlanes<BITS>; ++p)
+        plane_word[r][p] = planes.ptr[p] + row * planes.row_words[p] +
+                           kLaneColumns * t * kSpec.width[p] / 32;
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j)
       x_row[j] = x + static_cast<int64_t>(8 * j + g < m ? 8 * j + g : m - 1) * k;
   }
 
-  // 3 bits: one word whose byte 2h + q is the table byte of pair (h, q): the plane-0 nibbles
-  // gathered by one PRMT, the plane-1 pairs rotated beside them, merged by one LOP3.
-  __device__ __forceinline__ uint32_t merged_pairs(const GroupWords<BITS>& words) const {
-    if constexpr (BITS == 3) {
-      const uint32_t low = __byte_perm(words.w[0][0], words.w[0][1], selector);
-      const uint32_t high = __funnelshift_l(words.w[1][0], words.w[1][0], rotation);
-      return (low & nibbles) | (high & ~nibbles);
-    }
-    return 0u;
-  }
-
-  // Table index of columns (c, c + 1), c = 16 * h + 8 * q + 2 * t, of a group's words:
-  // their pair index (4 bits) or the byte that holds it (kByteTable); `merged` =
-  // merged_pairs(words).
-  __device__ __forceinline__ int table_index(const GroupWords<BITS>& words, uint32_t merged,
-                                             int h, int q) const {
-    static_assert(BITS >= 2 && BITS <= kMaxMmaBits, "lut_mma runs 2-4-bit codes");
-    uint32_t byte;
-    if constexpr (BITS == 4)
-      byte = __byte_perm(words.w[0][2 * h + q], 0u, selector);
-    else if constexpr (BITS == 2)
-      byte = __byte_perm(words.w[0][h], 0u, selector + 2 * q);
-    else
-      byte = __byte_perm(merged, 0u, 0x4440u | (2 * h + q));
-    return static_cast<int>(byte);
-  }
-
-  // The table word of `pair` for A row r (one shift-add for the address).
-  __device__ __forceinline__ uint32_t entry(int r, int pair) const {
-    return load_shared_u32(lane_table[r], static_cast<uint32_t>(pair) * (4 * kWarpSize));
-  }
-
   // The words of `group` for the lane's A rows g and g + 8.
-  __device__ __forceinline__ void load(GroupWords<BITS> (&words)[2], int64_t group) const {
+  __device__ __forceinline__ void load(LaneWords<BITS> (&words)[2], int64_t group) const {
+    constexpr PlaneSpec kSpec = plane_spec(BITS);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) words[r].load(rows[r], group);
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int p = 0; p < kPlanes<BITS>; ++p)
+        words[r].w[p] = __ldg(plane_word[r][p] + group * kSpec.width[p]);
+  }
+
+  // Pair index of the lane's pair `pair` (columns 8t + 2 * pair, +1), words shifted so that
+  // the lane's columns start at bit 0.
+  __device__ __forceinline__ uint32_t pair_index(const uint32_t (&lane_bits)[kPlanes<BITS>],
+                                                 int pair) const {
+    constexpr PlaneSpec kSpec = plane_spec(BITS);
+    static_assert(BITS >= 2 && BITS <= kMaxMmaBits, "lut_mma runs 2-4-bit codes");
+    uint32_t index = 0;
+#pragma unroll
+    for (int p = 0; p < kPlanes<BITS>; ++p) {
+      const int bits = 2 * kSpec.width[p];
+      index |= (lane_bits[p] >> (bits * pair) & ((1u << bits) - 1u)) << (2 * kSpec.offset[p]);
+    }
+    return index;
+  }
+
+  // The table word of `entry` for A row r (one shift-add for the address).
+  __device__ __forceinline__ uint32_t lookup(int r, uint32_t entry) const {
+    return load_shared_u32(lane_table[r], entry * (4 * kWarpSize));
   }
 
   // d[j] += the 16 rows x 32 columns of `group` times the matching columns of n-tile j's x
   // (2 * NT mmas, each A fragment looked up once).
   template <bool WHOLE>
   __device__ __forceinline__ void accumulate(float (&d)[NT][4], int64_t group, int64_t k) const {
-    GroupWords<BITS> words[2];
+    LaneWords<BITS> words[2];
     load(words, group);
     accumulate<WHOLE>(d, words, group, k);
   }
 
   // The same with the group's words already loaded.
   template <bool WHOLE>
-  __device__ __forceinline__ void accumulate(float (&d)[NT][4], const GroupWords<BITS> (&words)[2],
-                                             int64_t group, int64_t k) const {
-    uint32_t merged[2];
+  __device__ __forceinline__ void accumulate(float (&d)[NT][4],
+                                             const LaneWords<BITS> (&words)[2], int64_t group,
+                                             int64_t k) const {
+    constexpr PlaneSpec kSpec = plane_spec(BITS);
+    uint32_t b[NT][4];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) merged[r] = merged_pairs(words[r]);
+    for (int j = 0; j < NT; ++j) x_lane<T, WHOLE>(b[j], x_row[j], k, group * kGroup + 8 * t);
+    uint32_t lane_bits[2][kPlanes<BITS>];
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int p = 0; p < kPlanes<BITS>; ++p)
+        lane_bits[r][p] = kSpec.width[p] == 4 ? words[r].w[p] : words[r].w[p] >> shift[p];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t c = group * kGroup + 16 * h + 2 * t;
       uint32_t a[4];
 #pragma unroll
       for (int q = 0; q < 2; ++q)
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
-          a[2 * q + r] = entry(r, table_index(words[r], merged[r], h, q));
+        for (int r = 0; r < 2; ++r) a[2 * q + r] = lookup(r, pair_index(lane_bits[r], 2 * h + q));
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const uint32_t b[2] = {x_pair<T, WHOLE>(x_row[j], k, c),
-                               x_pair<T, WHOLE>(x_row[j], k, c + 8)};
-        mma_16816<T>(d[j], a, b);
+        const uint32_t pairs[2] = {b[j][2 * h], b[j][2 * h + 1]};
+        mma_16816<T>(d[j], a, pairs);
       }
     }
   }
 };
 
-// Groups whose words a warp loads ahead. Per channel the 64 KB of tables allow 3 blocks
-// (12 warps) per SM, so each warp needs more loads in flight than per layer (32 KB).
-template <bool PER_CHANNEL>
-constexpr int kAheadGroups = PER_CHANNEL ? 8 : 4;
+// Groups whose words a warp loads ahead: 8 loads per A row (one word per plane and group).
+template <int BITS>
+constexpr int kAheadGroups = 8 / kPlanes<BITS>;
 
 template <typename T, int BITS, bool PER_CHANNEL, int NT>
 __global__ void __launch_bounds__(kThreads)
@@ -262,16 +254,16 @@ __global__ void __launch_bounds__(kThreads)
   // a step is a few dozen instructions, far shorter than a global load, so a warp keeps
   // kAhead loads in flight. The last (< kAhead) whole groups and the partial one load in
   // step.
-  constexpr int kAhead = kAheadGroups<PER_CHANNEL>;
+  constexpr int kAhead = kAheadGroups<BITS>;
   if (group + (kAhead - 1) * kWarps < whole_end) {
-    GroupWords<BITS> ahead[kAhead][2];
+    LaneWords<BITS> ahead[kAhead][2];
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) tile.load(ahead[i], group + i * kWarps);
 #pragma unroll 1
     for (; group + (kAhead - 1) * kWarps < whole_end; group += kAhead * kWarps) {
 #pragma unroll
       for (int i = 0; i < kAhead; ++i) {
-        const GroupWords<BITS> words[2] = {ahead[i][0], ahead[i][1]};
+        const LaneWords<BITS> words[2] = {ahead[i][0], ahead[i][1]};
         const int64_t next = group + (i + kAhead) * kWarps;
         if (next < whole_end) tile.load(ahead[i], next);
         tile.template accumulate<true>(d, words, group + i * kWarps, k);
@@ -316,10 +308,10 @@ struct MmaKernels {
   template <typename T, int BITS>
   static int run(const GemvArgs& a) {
     const int sum_words = kThreads * 4 * kMaxTiles;
-    const int words = table_words(a.per_channel);
+    const int words = table_words<BITS>(a.per_channel);
     const size_t smem = sizeof(uint32_t) * (words > sum_words ? words : sum_words);
     const T* x = a.x_as<T>();
-    const bool vec_x = a.k % 2 == 0 && reinterpret_cast<uintptr_t>(x) % 4 == 0;
+    const bool vec_x = a.k % kLaneColumns == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
     return launch_in_m_chunks<T>(
         a, kTileRows, kMmaMaxM,
         [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {

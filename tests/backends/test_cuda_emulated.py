@@ -129,6 +129,18 @@ def test_mma_loads_ahead_over_long_k(emulated, m, k, split_k, bits, granularity)
                  tensor_cores=True)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mma_unaligned_activations(emulated, bits):
+    """x 4- but not 16-byte aligned, or rows of K % 8 != 0 columns: each lane's 8 columns
+    of a group are no 16-byte vector, so the kernel must take its masked pair loads."""
+    x = randn((3, 129), "cpu", torch.float16)[:, 1:]
+    assert x.data_ptr() % 16
+    check_linear(emulated, 3, 17, 128, bits, "channel", torch.float16, True, x=x,
+                 tensor_cores=True)
+    check_linear(emulated, 3, 17, 4100, bits, "tensor", torch.float16, True,
+                 tensor_cores=True)
+
+
 @pytest.mark.parametrize("dtype,bits", [(torch.float32, 4), (torch.float16, 5)], ids=str)
 def test_mma_rejects_what_it_cannot_run(emulated, dtype, bits):
     qt = make_qt((4, 40), bits, "tensor", "cpu")
