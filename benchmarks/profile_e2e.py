@@ -11,16 +11,20 @@ question it answers: how much of a batch-1 step the quantized layers can change 
 variant's peak memory down (model, allocated before a step, kept after it, transient):
 the goal asks for 0.4× the FP16 peak. ``meta.host`` sets the host's time to enqueue an
 eager step against the step's wall time (host-bound when they are close) and lists the
-CPU ops with the most self time. Needs a GPU; on CPU it writes one skipped row.
+CPU ops with the most self time and the Python functions with the most own time. Needs a
+GPU; on CPU it writes one skipped row.
 """
 
 from __future__ import annotations
 
+import cProfile
 import importlib
 import pkgutil
+import pstats
 import re
 import statistics
 import time
+from pathlib import Path
 
 import bench_e2e
 import common
@@ -138,7 +142,21 @@ def host_times(run, step, prof, reps: int = 10, top: int = 12) -> dict:
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     return {"enqueue_ms": statistics.median(enqueue), "wall_ms": statistics.median(wall),
             "top_cpu_ops": [(e.key, e.count, round(e.self_cpu_time_total, 1))
-                            for e in ops[:top]]}
+                            for e in ops[:top]],
+            "top_python": python_hot_spots(step, top)}
+
+
+def python_hot_spots(fn, top: int = 12) -> list[tuple[str, int, float, float]]:
+    """One call of fn under cProfile: the functions with the most own time, as
+    ("file:line(name)", calls, own µs, cumulative µs). The profiler's CPU ops show aten
+    ops and CUDA API calls only; this shows the Python around them."""
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (cc, calls, tt, ct, callers)}
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [(f"{Path(file).name}:{line}({name})", calls, round(1e6 * own, 1),
+             round(1e6 * cumulative, 1))
+            for (file, line, name), (_, calls, own, cumulative, _) in rows]
 
 
 def memory_breakdown(run, model, step) -> dict:

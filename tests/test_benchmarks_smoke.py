@@ -458,6 +458,21 @@ def test_e2e_profile_reads_the_profilers_raw_events():
     assert _load("profile_e2e").device_kernels(prof) == []
 
 
+def test_e2e_profile_python_hot_spots():
+    """The Python functions with the most own time in one call, most first."""
+    def busy():
+        return sum(i * i for i in range(200_000))
+
+    def step():
+        busy()
+        return len("idle")
+
+    spots = _load("profile_e2e").python_hot_spots(step, top=3)
+    assert len(spots) == 3 and any("(<genexpr>)" in name for name, *_ in spots)
+    own = [t for _, _, t, _ in spots]
+    assert own == sorted(own, reverse=True) and all(cum >= t for _, _, t, cum in spots)
+
+
 def test_e2e_profile_without_a_gpu_writes_a_skipped_row(tmp_path):
     code = _load("profile_e2e").main(["--smoke", "--quiet", "--device", "cpu",
                                       "--out", str(tmp_path)])
