@@ -10,7 +10,9 @@ the end of stdout, so the suite prints this last and appends it to summary.txt):
   dequant ratios (vs the faster dense cuDNN layout), plus every layer at 4 bits/channel;
 - e2e: per variant and batch, step time, ratio and peak-memory ratio, eager and graph,
   and the velocity's error vs the dense model / vs dequant;
-- fit: ms per whole-model pass per backend (ot); checks: ok or not.
+- fit: ms per whole-model pass per backend (ot); checks: ok or not;
+- splitk, splitk_mma: per kernel and M, how often each forced split-K was fastest and how
+  much slower the heuristic's split was at worst.
 
 Pure json, no torch; never raises (a broken file is reported and skipped).
 """
@@ -140,6 +142,28 @@ def fit(payload: dict) -> None:
                   f"x{fmt(r.get('ratio'))} vs torch.sort")
 
 
+def splitk(payload: dict) -> None:
+    times: dict[tuple, dict[int, float]] = {}  # (kernel, M, shape, bits, gran) -> {split: µs}
+    picked: dict[tuple, int] = {}  # the heuristic's split
+    for r in payload.get("rows", []):
+        if r.get("backend") == "cuda" and r.get("p50_us"):
+            key = (r["kernel"], r["M"], r["shape"], r["bits"], r["granularity"])
+            times.setdefault(key, {})[r["split_k"]] = r["p50_us"]
+            picked[key] = r.get("heuristic_split_k")
+
+    def excess(key: tuple) -> float:  # the heuristic's time over the fastest split's, - 1
+        return times[key].get(picked[key], math.inf) / min(times[key].values()) - 1
+
+    for kernel, m in sorted({key[:2] for key in times}):
+        keys = [key for key in times if key[:2] == (kernel, m)]
+        fastest = [min(times[key], key=times[key].get) for key in keys]
+        wins = {split: fastest.count(split) for split in sorted(set(fastest))}
+        worst = max(keys, key=excess)
+        print(f"   {kernel} M{m}: fastest split (cells) {wins}; heuristic at worst "
+              f"{100 * excess(worst):+.0f}% ({worst[2]} b{worst[3]} {worst[4][:2]}, "
+              f"split {picked[worst]})")
+
+
 def checks(payload: dict) -> None:
     for name, result in payload.get("checks", {}).items():
         detail = result.get("detail", "")
@@ -162,6 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                 fn(payload)
             except Exception as err:  # noqa: BLE001 - a digest must never fail the suite
                 print(f"digest: {subject}: {type(err).__name__}: {err}")
+    for subject in ("splitk", "splitk_mma"):
+        payload = load(root / f"{subject}.json")
+        if payload is None:
+            continue
+        try:
+            header(subject, payload)
+            splitk(payload)
+        except Exception as err:  # noqa: BLE001
+            print(f"digest: {subject}: {type(err).__name__}: {err}")
     payload = load(root / "checks.json")
     if payload:
         print("== checks")

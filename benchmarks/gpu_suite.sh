@@ -24,8 +24,9 @@
 #                  env, build, tests_kernels (CUDA kernel + fit tests), goal_linear_graph
 #                  (CUDA kernels + dequant at M 1/16, graph replays: goal_graph/),
 #                  goal_conv_graph (the 3x3 convs at batch 1, 4-bit, graph replays),
-#                  sweep_splitk (the LUT GEMV over forced split-K: splitk.json), ncu_gemv
-#                  (Nsight Compute on 4 GEMV launches and 1 lut_mma launch), profile_e2e
+#                  sweep_splitk (the LUT GEMV and lut_mma over forced split-K: splitk.json,
+#                  splitk_mma.json), ncu_gemv (Nsight Compute on 4 GEMV launches and
+#                  lut_mma at M = 16 and 1), profile_e2e
 #                  (kernel time of a batch-1 UNet step by category: e2e_profile.json),
 #                  goal_e2e.
 # A machine stays warm 30 s after a call: a call made within that time reuses the build
@@ -297,13 +298,15 @@ run_step goal_conv_graph 100 "$BENCH_ENV"'
 # view of four of its launches and one lut_mma launch at M = 16 (duration, occupancy,
 # stall reasons, memory throughput)
 run_step sweep_splitk 90 "$BENCH_ENV"'
-  $PY benchmarks/sweep_splitk.py --out "$DIR" --budget-s "$STEP_BUDGET" --quiet'
+  $PY benchmarks/sweep_splitk.py --out "$DIR" --budget-s $(( STEP_BUDGET / 2 )) --quiet
+  $PY benchmarks/sweep_splitk.py --tensor-cores --ms 1,16 --bits 4,2,3 --splits 1,2,4 \
+    --out "$DIR" --budget-s $(( STEP_BUDGET / 2 )) --quiet'
 
 run_step ncu_gemv 120 '
   if ! command -v ncu >/dev/null; then echo "ncu not found"; exit 0; fi
   # the full set: stall reasons (sampled per instruction) and the source hot spots too
   ncu --kernel-name "regex:${OTQ_SUITE_NCU_KERNELS:-lut_gemv_kernel|lut_mma_kernel}" \
-    --launch-count 10 --set full \
+    --launch-count 12 --set full \
     $PY benchmarks/sweep_splitk.py --ncu-target'
 
 # kernel time of one batch-1 UNet step by category (GEMM, conv, ours, PyTorch's, ...):

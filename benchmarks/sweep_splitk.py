@@ -1,13 +1,14 @@
-"""The CUDA LUT GEMV (lut_gemv.cu) at small M over forced split-K factors.
+"""The CUDA LUT GEMV (lut_gemv.cu) or tensor-core kernel at small M over forced split-K.
 
 For issue 6's goal shapes (8192², 14336×4096), bits 2/3/4/8 and both granularities, it
 times ``cuda.linear(x, qt, split_k=s, tensor_cores=False)`` for s in ``--splits`` and
 F.linear on the dense weight (CUDA-graph replays by default, L2 flushed), one row each,
 with ``heuristic_split_k`` = what ``cuda.split_k_for`` picks. The question it answers:
 is the heuristic's split (and its split-K fix-up kernel) worth it at M = 1.
+``--tensor-cores`` sweeps lut_mma.cu instead (2-4 bits; ``splitk_mma.json``).
 
 ``--ncu-target`` runs four GEMV configurations at M = 1 and the tensor-core kernel at
-M = 16, each launch twice without timing, for Nsight Compute to profile
+M = 16 and M = 1, each launch twice without timing, for Nsight Compute to profile
 (``ncu --kernel-name regex:"lut_gemv|lut_mma" ...``).
 """
 
@@ -19,11 +20,12 @@ import torch.nn.functional as F
 from bench_linear import cuda_kernel
 
 SHAPES = [(8192, 8192), (14336, 4096)]
+KERNELS = {False: "lut_gemv", True: "lut_mma"}
 ROW_KEY = ("op", "M", "N", "K", "dtype")
 
 
 def sweep_config(run: common.Run, n: int, k: int, bits: int, gran: str, m: int,
-                 splits: list[int], dtype: torch.dtype) -> None:
+                 splits: list[int], dtype: torch.dtype, tensor_cores: bool = False) -> None:
     """fp16 and every split of one (shape, bits, granularity, M): one row each."""
     from otq_kernels.backends import _device, cuda
 
@@ -36,10 +38,10 @@ def sweep_config(run: common.Run, n: int, k: int, bits: int, gran: str, m: int,
     graph = not run.args.eager
     run.add({**base, "backend": "fp16", "kernel": "cublas", "bits": bits, "granularity": gran,
              **run.time(lambda: F.linear(x, dense), graph=graph)})
-    picked = cuda.split_k_for(n, k, _device.sm_count(run.device), tensor_cores=False)
+    picked = cuda.split_k_for(n, k, _device.sm_count(run.device), tensor_cores=tensor_cores)
     for split_k in splits:
-        fn = cuda_kernel(False, split_k)
-        run.add({**base, "backend": "cuda", "kernel": "lut_gemv", "bits": bits,
+        fn = cuda_kernel(tensor_cores, split_k)
+        run.add({**base, "backend": "cuda", "kernel": KERNELS[tensor_cores], "bits": bits,
                  "granularity": gran, "split_k": split_k, "heuristic_split_k": picked,
                  "rel_err": common.rel_error(fn(x, qt), y_ref),
                  **run.time(lambda fn=fn: fn(x, qt), graph=graph)})
@@ -63,10 +65,12 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default="4,2,3,8", help="comma-separated bit widths")
     p.add_argument("--ms", default="1", help="comma-separated M values")
     p.add_argument("--eager", action="store_true", help="time eager calls, not graph replays")
+    p.add_argument("--tensor-cores", action="store_true",
+                   help="sweep the tensor-core kernel (lut_mma, 2-4 bits) into splitk_mma.json")
     p.add_argument("--ncu-target", action="store_true",
                    help="run the 8192² GEMV at M = 1 (4 bits both granularities, 2 and 8 "
-                        "bits) and the tensor-core kernel at M = 16 (4 bits per channel) "
-                        "untimed, for Nsight Compute")
+                        "bits) and the tensor-core kernel at M = 16 (4 bits per channel) and "
+                        "M = 1 (4 bits per tensor) untimed, for Nsight Compute")
     args = p.parse_args(argv)
     if args.ncu_target:
         device = common.resolve_device(args.device)
@@ -74,12 +78,13 @@ def main(argv=None) -> int:
                             (8192, 8192, 4, "tensor", 1, False),
                             (8192, 8192, 2, "channel", 1, False),
                             (8192, 8192, 8, "tensor", 1, False),
-                            (8192, 8192, 4, "channel", 16, True)])
+                            (8192, 8192, 4, "channel", 16, True),
+                            (8192, 8192, 4, "tensor", 1, True)])
         return 0
-    run = common.Run("splitk", args)
+    run = common.Run("splitk_mma" if args.tensor_cores else "splitk", args)
     if run.device.type != "cuda":
-        run.add(common.skipped_row("the CUDA LUT GEMV needs a GPU", op="linear",
-                                   backend="cuda", kernel="lut_gemv"))
+        run.add(common.skipped_row("the CUDA kernels need a GPU", op="linear",
+                                   backend="cuda", kernel=KERNELS[args.tensor_cores]))
         run.write(complete=True)
         return 0
     splits, ms = common.csv_ints(args.splits), common.csv_ints(args.ms)
@@ -92,7 +97,8 @@ def main(argv=None) -> int:
                     if run.over_budget((n, k, bits, gran, m)):
                         continue
                     try:
-                        sweep_config(run, n, k, bits, gran, m, splits, torch.float16)
+                        sweep_config(run, n, k, bits, gran, m, splits, torch.float16,
+                                     args.tensor_cores)
                     except Exception as exc:  # noqa: BLE001 - one config must not end the run
                         run.error(exc, op="linear", bits=bits, granularity=gran, N=n, K=k, M=m)
     run.write(complete=True)

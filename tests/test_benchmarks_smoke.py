@@ -407,14 +407,32 @@ def test_gpu_checks_model_runs_in_fp16_with_an_informative_output():
     assert not checks.compare(zero, zero)["ok"]
 
 
-def test_splitk_sweep_without_a_gpu_writes_a_skipped_row(tmp_path):
-    """sweep_splitk.py times only the CUDA GEMV: on CPU its one row says why it did not."""
+@pytest.mark.parametrize("flags,subject,kernel", [((), "splitk", "lut_gemv"),
+                                                  (("--tensor-cores",), "splitk_mma", "lut_mma")])
+def test_splitk_sweep_without_a_gpu_writes_a_skipped_row(tmp_path, flags, subject, kernel):
+    """sweep_splitk.py times only the CUDA kernels: on CPU its one row says why it did not."""
     code = _load("sweep_splitk").main(["--smoke", "--quiet", "--device", "cpu",
-                                       "--out", str(tmp_path)])
-    payload = json.loads((tmp_path / "splitk.json").read_text())
+                                       "--out", str(tmp_path), *flags])
+    payload = json.loads((tmp_path / f"{subject}.json").read_text())
     assert code == 0 and payload["meta"]["complete"] is True
-    assert [bool(row["skipped"]) for row in payload["rows"]] == [True]
+    assert [(bool(row["skipped"]), row["kernel"]) for row in payload["rows"]] == [(True, kernel)]
     assert _load("common").validate(payload) == []
+
+
+def test_digest_summarizes_split_k_sweeps(tmp_path, capsys):
+    """One line per kernel and M: how often each split won, the heuristic's worst excess."""
+    def row(shape, split, us, picked=2):
+        return {"backend": "cuda", "kernel": "lut_mma", "M": 16, "shape": shape, "bits": 4,
+                "granularity": "channel", "split_k": split, "heuristic_split_k": picked,
+                "p50_us": us}
+
+    rows = [row("a", 1, 10.0), row("a", 2, 12.0), row("b", 1, 20.0), row("b", 2, 19.0),
+            {"backend": "fp16", "kernel": "cublas", "M": 16, "p50_us": 5.0}]
+    (tmp_path / "splitk_mma.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert _load("digest").main([str(tmp_path)]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "lut_mma M16" in ln]
+    assert line == ["   lut_mma M16: fastest split (cells) {1: 1, 2: 1}; heuristic at worst "
+                    "+20% (a b4 ch, split 2)"]
 
 
 def test_git_sha_prefers_the_suites_explicit_sha(monkeypatch):
