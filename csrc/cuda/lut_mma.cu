@@ -188,24 +188,29 @@ struct LaneTile {
     return load_shared_u32(lane_table[r], entry * (4 * kWarpSize));
   }
 
+  // The lane's x columns of `group` in each n-tile j: b[j] = 4 packed pairs.
+  template <bool WHOLE>
+  __device__ __forceinline__ void load_x(uint32_t (&b)[NT][4], int64_t group, int64_t k) const {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) x_lane<T, WHOLE>(b[j], x_row[j], k, group * kGroup + 8 * t);
+  }
+
   // d[j] += the 16 rows x 32 columns of `group` times the matching columns of n-tile j's x
   // (2 * NT mmas, each A fragment looked up once).
   template <bool WHOLE>
   __device__ __forceinline__ void accumulate(float (&d)[NT][4], int64_t group, int64_t k) const {
     LaneWords<BITS> words[2];
     load(words, group);
-    accumulate<WHOLE>(d, words, group, k);
+    uint32_t b[NT][4];
+    load_x<WHOLE>(b, group, k);
+    accumulate(d, words, b);
   }
 
-  // The same with the group's words already loaded.
-  template <bool WHOLE>
+  // The same with the group's words and x columns already loaded.
   __device__ __forceinline__ void accumulate(float (&d)[NT][4],
-                                             const LaneWords<BITS> (&words)[2], int64_t group,
-                                             int64_t k) const {
+                                             const LaneWords<BITS> (&words)[2],
+                                             const uint32_t (&b)[NT][4]) const {
     constexpr PlaneSpec kSpec = plane_spec(BITS);
-    uint32_t b[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) x_lane<T, WHOLE>(b[j], x_row[j], k, group * kGroup + 8 * t);
     uint32_t lane_bits[2][kPlanes<BITS>];
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -231,6 +236,13 @@ struct LaneTile {
 // Groups whose words a warp loads ahead: 8 loads per A row (one word per plane and group).
 template <int BITS>
 constexpr int kAheadGroups = 8 / kPlanes<BITS>;
+// Groups whose x columns a warp loads ahead (a divisor of kAheadGroups). x is read by
+// every block and mostly comes from L2 (61% L1 hits at M = 16); Nsight Compute put half
+// of the 4-bit per-channel kernel's stall cycles on L1TEX loads. Its 64 KB of tables
+// already hold it to 3 blocks per SM, so 4 groups ahead (110 registers at M = 16) cost no
+// blocks there; elsewhere 2 ahead keep ptxas at 59-101 registers (5-6 blocks per SM).
+template <int BITS, bool PER_CHANNEL>
+constexpr int kAheadXGroups = PER_CHANNEL && BITS == 4 ? 4 : 2;
 
 template <typename T, int BITS, bool PER_CHANNEL, int NT>
 __global__ void __launch_bounds__(kThreads)
@@ -250,23 +262,34 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t whole_end = vec_x ? min(g_end, k / kGroup) : g_begin;  // groups inside k
   float d[NT][4] = {};
   int64_t group = g_begin + warp;
-  // Whole groups in chunks of kAhead, each group's words loaded kAhead steps before use:
-  // a step is a few dozen instructions, far shorter than a global load, so a warp keeps
-  // kAhead loads in flight. The last (< kAhead) whole groups and the partial one load in
-  // step.
-  constexpr int kAhead = kAheadGroups<BITS>;
+  // Whole groups in chunks of kAhead, each group's words loaded kAhead steps and its x
+  // columns kAheadX steps before use: a step is a few dozen instructions, far shorter than
+  // a global load, so a warp keeps that many loads in flight. The last (< kAhead) whole
+  // groups and the partial one load in step.
+  constexpr int kAhead = kAheadGroups<BITS>, kAheadX = kAheadXGroups<BITS, PER_CHANNEL>;
+  static_assert(kAhead % kAheadX == 0, "x slots line up with the chunk's steps");
   if (group + (kAhead - 1) * kWarps < whole_end) {
     LaneWords<BITS> ahead[kAhead][2];
+    uint32_t x_ahead[kAheadX][NT][4];
 #pragma unroll
     for (int i = 0; i < kAhead; ++i) tile.load(ahead[i], group + i * kWarps);
+#pragma unroll
+    for (int i = 0; i < kAheadX; ++i) tile.template load_x<true>(x_ahead[i], group + i * kWarps, k);
 #pragma unroll 1
     for (; group + (kAhead - 1) * kWarps < whole_end; group += kAhead * kWarps) {
 #pragma unroll
       for (int i = 0; i < kAhead; ++i) {
         const LaneWords<BITS> words[2] = {ahead[i][0], ahead[i][1]};
+        uint32_t b[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) b[j][c] = x_ahead[i % kAheadX][j][c];
         const int64_t next = group + (i + kAhead) * kWarps;
         if (next < whole_end) tile.load(ahead[i], next);
-        tile.template accumulate<true>(d, words, group + i * kWarps, k);
+        const int64_t next_x = group + (i + kAheadX) * kWarps;
+        if (next_x < whole_end) tile.template load_x<true>(x_ahead[i % kAheadX], next_x, k);
+        tile.accumulate(d, words, b);
       }
     }
   }
