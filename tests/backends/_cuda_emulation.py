@@ -172,6 +172,14 @@ def run_sample(emu: Emulated) -> None:
         for tensor_cores in (False, bits <= 4):
             y = emu.linear(x, qt, bias, split_k, tensor_cores=tensor_cores)
             torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
+    # the tensor-core kernel's chunk loop: 34 whole groups (K % 8 == 0: 16-byte x loads,
+    # words and x loaded ahead) and a partial one, per channel (x 4 groups ahead)
+    qt = otq.fit_codebook(torch.randn(20, 1104, generator=gen), bits=4,
+                          granularity="channel", backend="reference")
+    x = torch.randn(9, 1104, generator=gen).half()
+    y = emu.linear(x, qt, None, 1, tensor_cores=True)
+    torch.testing.assert_close(y.float(), reference.linear(x.float(), qt, None),
+                               rtol=1e-2, atol=1e-2)
     # one activation row over 35 groups: the GEMV's load-ahead crosses steps
     qt = otq.fit_codebook(torch.randn(20, 1100, generator=gen), bits=4, backend="reference")
     x = torch.randn(1, 1100, generator=gen).half()
