@@ -38,7 +38,7 @@ def sweep_config(run: common.Run, n: int, k: int, bits: int, gran: str, m: int,
     graph = not run.args.eager
     run.add({**base, "backend": "fp16", "kernel": "cublas", "bits": bits, "granularity": gran,
              **run.time(lambda: F.linear(x, dense), graph=graph)})
-    picked = cuda.split_k_for(n, k, _device.sm_count(run.device), tensor_cores=tensor_cores)
+    picked = cuda.split_k_for(n, k, _device.sm_count(run.device))
     for split_k in splits:
         fn = cuda_kernel(tensor_cores, split_k)
         run.add({**base, "backend": "cuda", "kernel": KERNELS[tensor_cores], "bits": bits,

@@ -285,18 +285,17 @@ def test_cuda_kernel_choice_by_m(entry, want, monkeypatch):
     assert not cuda.use_tensor_cores(torch.float16, 4, 17, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("n, k, tensor_cores, want", [
-    (8192, 8192, False, 1),    # 512 blocks on 132 SMs: no split (measured on the H200)
-    (14336, 4096, False, 1),
-    (8192, 8192, True, 2),     # the mma kernel keeps 4 blocks per SM
-    (1024, 8192, False, 5),    # 64 blocks: split up to 2 blocks per SM
-    (1024, 512, False, 1),     # 16 groups: no warp slice of 32 groups to split off
-    (16, 1 << 20, False, 64),  # capped at MAX_SPLIT_K
+@pytest.mark.parametrize("n, k, want", [
+    (8192, 8192, 1),    # 512 blocks on 132 SMs: no split (measured on the H200)
+    (14336, 4096, 1),
+    (1024, 8192, 5),    # 64 blocks: split up to 2 blocks per SM
+    (1024, 512, 1),     # 16 groups: no warp slice of 32 groups to split off
+    (16, 1 << 20, 64),  # capped at MAX_SPLIT_K
 ])
-def test_split_k_heuristic(n, k, tensor_cores, want):
+def test_split_k_heuristic(n, k, want):
     from otq_kernels.backends import cuda
 
-    assert cuda.split_k_for(n, k, 132, tensor_cores) == want
+    assert cuda.split_k_for(n, k, 132) == want
 
 
 def test_cuda_kernel_choice_from_a_tuning_file(tmp_path, monkeypatch):

@@ -32,11 +32,11 @@ MMA_MAX_M = 16          # the same for the tensor-core kernel (kMmaMaxM)
 ROWS_PER_BLOCK = 16     # weight rows per thread block (csrc/cuda/lut_gemv.cu)
 GROUP = 32              # weights per lane step
 MAX_SPLIT_K = 64
-# Blocks per SM below which the heuristic splits K. LUT GEMV at M = 1 on an H200 (132
-# SMs, benchmarks/sweep_splitk.py): one split beat 2, 4, 8 and 16 at 512 and 896 blocks
-# (3.9 and 6.8 per SM). The tensor-core kernel's value is not measured.
-GEMV_BLOCKS_PER_SM = 2
-MMA_BLOCKS_PER_SM = 4
+# Blocks per SM below which the heuristic splits K. On an H200 (132 SMs,
+# benchmarks/sweep_splitk.py) one split beat 2, 4, 8 and 16 at 512 and 896 blocks (3.9
+# and 6.8 per SM) for the LUT GEMV at M = 1, and won 19 of 24 cells for the tensor-core
+# kernel at M = 1 and 16 (the rest within 8%).
+BLOCKS_PER_SM = 2
 MMA_MAX_BITS = 4        # pair tables of 2**(2 * bits) entries (csrc/cuda/lut_mma.cu)
 
 
@@ -79,19 +79,18 @@ def use_tensor_cores(dtype: torch.dtype, bits: int, m: int, device: torch.device
             and m > tuning_int(device, "linear", "cuda_gemv_max_m"))
 
 
-def split_k_for(n: int, k: int, sms: int, tensor_cores: bool = False) -> int:
-    """Split-K factor for N rows of K: at least ``GEMV_BLOCKS_PER_SM`` blocks per SM
-    (``MMA_BLOCKS_PER_SM`` for the tensor-core kernel), >= 32 groups per warp slice.
+def split_k_for(n: int, k: int, sms: int) -> int:
+    """Split-K factor for N rows of K (both CUDA kernels): at least ``BLOCKS_PER_SM``
+    blocks per SM, >= 32 groups per warp slice.
 
     >>> split_k_for(16, 32 * 32 * 8, 132)
     8
-    >>> split_k_for(8192, 8192, 132), split_k_for(8192, 8192, 132, tensor_cores=True)
-    (1, 2)
+    >>> split_k_for(8192, 8192, 132)
+    1
     """
     blocks = -(-n // ROWS_PER_BLOCK)
     groups = padded_k(k) // GROUP
-    per_sm = MMA_BLOCKS_PER_SM if tensor_cores else GEMV_BLOCKS_PER_SM
-    want = -(-per_sm * sms // blocks)
+    want = -(-BLOCKS_PER_SM * sms // blocks)
     return max(1, min(want, groups // 32, MAX_SPLIT_K))
 
 
@@ -130,7 +129,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         b = bias.to(x.dtype).contiguous()  # the kernels read it as x's type, like reference
     with torch.cuda.device(dev):
         if split_k is None:
-            split_k = split_k_for(n, k, _device.sm_count(dev), tensor_cores)
+            split_k = split_k_for(n, k, _device.sm_count(dev))
         if not isinstance(split_k, int) or split_k < 1:
             raise ValueError(f"split_k must be a positive int, got {split_k!r}")
         split_k = min(split_k, padded_k(k) // GROUP)  # no empty splits: smaller workspace
