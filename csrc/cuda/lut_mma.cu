@@ -2,18 +2,20 @@
 // y[m, n] = x[m, k] @ W^T + bias with W[j, i] = codebook[g(j), code(j, i)].
 //
 // A block owns 16 weight rows (the M of mma.m16n8k16) and its 4 warps take turns over the
-// 32-column groups of the block's K range; x's rows are the mma's N, 8 per n-tile, one or
-// two n-tiles per launch (M <= 16) sharing every A fragment.
+// spans (two 32-column groups) of the block's K range; x's rows are the mma's N, 8 per
+// n-tile, one or two n-tiles per launch (M <= 16) sharing every A fragment.
 //
-// K is permuted inside each group (a dot product does not care about the order of its
-// terms, as long as A and B agree): lane t (= lane % 4) owns the group's columns
-// 8t..8t+7, in pairs k = 0..3 (columns 8t + 2k, 8t + 2k + 1), and pair 2h + q fills the
-// k slots 2t + 8q, +1 of the group's mma h (0, 1). So a lane loads its x columns as one
-// 16-byte vector per x row, and its codes as one word per plane and A row; each pair's
-// codes are one "pair index" (2 * bits bits) looked up in a shared table of packed
-// half2/bf162 pairs: one shared load per two weights, no per-weight decode. Every lane has
-// its own copy of the table, so look-ups never conflict: [entry][32] words per layer,
-// [2][entry][32] per channel (the lane's A rows g and g + 8; g = lane / 4).
+// K is permuted inside each span (a dot product does not care about the order of its
+// terms, as long as A and B agree): lane t (= lane % 4) owns the span's columns
+// 16t..16t+15, 8 of each group: in group s its pairs k = 0..3 (columns 16t + 8s + 2k, +1
+// of the span), and pair 2h + q fills the k slots 2t + 8q, +1 of the group's mma h (0,
+// 1). So a lane loads its x columns as one 16-byte vector per group and x row, and its
+// codes as one aligned vector per plane and A row per span; each pair's codes are one
+// "pair index" (2 * bits bits) looked up in a shared table of packed half2/bf162 pairs:
+// one shared load per two weights, no per-weight decode. Every lane has its own copy of
+// the table, so look-ups never conflict: [entry][32] words per layer, [2][entry][32] per
+// channel (the lane's A rows g and g + 8; g = lane / 4). Groups outside whole spans (an
+// odd first one, the last whole one, the partial one) run alone, lane t owning 8t..8t+7.
 // Accumulation in fp32 (mma), the warps' results summed in shared memory; split-K and bias
 // as in lut_gemv.cu.
 #include "common.cuh"
@@ -119,20 +121,50 @@ __device__ __forceinline__ void x_lane(uint32_t (&pairs)[4], const T* __restrict
   }
 }
 
-// The words of a group that hold one A row's lane columns: one per plane, unshifted.
-template <int BITS>
+// Bits of a plane of width w that a lane owns in a span of SPAN groups (8 columns per
+// group), and the words they take (at least one: below 32 bits they share a word).
+template <int SPAN>
+OTQ_HD constexpr int lane_bits(int width) { return kLaneColumns * SPAN * width; }
+template <int SPAN>
+OTQ_HD constexpr int lane_words(int width) {
+  return lane_bits<SPAN>(width) < 32 ? 1 : lane_bits<SPAN>(width) / 32;
+}
+
+// The words of a span that hold one A row's lane columns: per plane lane_words (<= SPAN)
+// words, unshifted.
+template <int BITS, int SPAN>
 struct LaneWords {
-  uint32_t w[kPlanes<BITS>];
+  uint32_t w[kPlanes<BITS>][SPAN];
 };
+
+// `count` (1, 2 or 4) consecutive words from p, aligned to count words.
+__device__ __forceinline__ void load_words(uint32_t* out, const uint32_t* p, int count) {
+  if (count == 4) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else if (count == 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    out[0] = v.x, out[1] = v.y;
+  } else {
+    out[0] = __ldg(p);
+  }
+}
 
 // One lane's view of its block: A rows g and g + 8 (r = 0, 1); in n-tile j, B column g is
 // row 8 * j + g of x. Rows past n and x rows past m are clamped to the last one: they only
 // feed D rows/columns that are never written, so no lane needs a branch.
-template <typename T, int BITS, bool PER_CHANNEL, int NT>
+//
+// K runs in spans of SPAN groups (32 * SPAN columns, from group g0): lane t owns the span's
+// columns 8 * (SPAN * t + s) .. +7 for s < SPAN, i.e. 8 columns of each of the span's
+// groups ("sub-group" s), all contiguous in every plane and in x. So its code bits of a
+// span are one aligned vector per plane and A row, and its x columns one 16-byte vector
+// per sub-group and x row; with SPAN = 2 the 4 lanes of an x row read 64 columns, one
+// 128-byte line when g0 is even.
+template <typename T, int BITS, bool PER_CHANNEL, int NT, int SPAN>
 struct LaneTile {
   SharedAddr lane_table[2];  // entry e of A row r: the word at lane_table[r] + e * 128
-  const uint32_t* plane_word[2][kPlanes<BITS>];  // the lane's word of group 0
-  uint32_t shift[kPlanes<BITS>];  // the bit where the lane's columns start in that word
+  const uint32_t* plane_word[2][kPlanes<BITS>];  // the lane's first word of span g0 = 0
+  uint32_t shift[kPlanes<BITS>];  // where the lane's bits start in it (0 from 32 bits on)
   const T* x_row[NT];
   int t;
 
@@ -142,7 +174,7 @@ struct LaneTile {
     const int lane = threadIdx.x % kWarpSize, g = lane / 4;
     t = lane % 4;
 #pragma unroll
-    for (int p = 0; p < kPlanes<BITS>; ++p) shift[p] = kLaneColumns * t * kSpec.width[p] % 32;
+    for (int p = 0; p < kPlanes<BITS>; ++p) shift[p] = t * lane_bits<SPAN>(kSpec.width[p]) % 32;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       lane_table[r] =
@@ -151,26 +183,27 @@ struct LaneTile {
 #pragma unroll
       for (int p = 0; p < kPlanes<BITS>; ++p)
         plane_word[r][p] = planes.ptr[p] + row * planes.row_words[p] +
-                           kLaneColumns * t * kSpec.width[p] / 32;
+                           t * lane_bits<SPAN>(kSpec.width[p]) / 32;
     }
 #pragma unroll
     for (int j = 0; j < NT; ++j)
       x_row[j] = x + static_cast<int64_t>(8 * j + g < m ? 8 * j + g : m - 1) * k;
   }
 
-  // The words of `group` for the lane's A rows g and g + 8.
-  __device__ __forceinline__ void load(LaneWords<BITS> (&words)[2], int64_t group) const {
+  // The words of the span from group g0 for the lane's A rows g and g + 8.
+  __device__ __forceinline__ void load(LaneWords<BITS, SPAN> (&words)[2], int64_t g0) const {
     constexpr PlaneSpec kSpec = plane_spec(BITS);
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
       for (int p = 0; p < kPlanes<BITS>; ++p)
-        words[r].w[p] = __ldg(plane_word[r][p] + group * kSpec.width[p]);
+        load_words(words[r].w[p], plane_word[r][p] + g0 * kSpec.width[p],
+                   lane_words<SPAN>(kSpec.width[p]));
   }
 
-  // Pair index of the lane's pair `pair` (columns 8t + 2 * pair, +1), words shifted so that
-  // the lane's columns start at bit 0.
-  __device__ __forceinline__ uint32_t pair_index(const uint32_t (&lane_bits)[kPlanes<BITS>],
+  // Pair index of the lane's pair `pair` (columns 8t + 2 * pair, +1 of a sub-group), words
+  // shifted so that the sub-group's columns start at bit 0.
+  __device__ __forceinline__ uint32_t pair_index(const uint32_t (&sub_bits)[kPlanes<BITS>],
                                                  int pair) const {
     constexpr PlaneSpec kSpec = plane_spec(BITS);
     static_assert(BITS >= 2 && BITS <= kMaxMmaBits, "lut_mma runs 2-4-bit codes");
@@ -178,7 +211,7 @@ struct LaneTile {
 #pragma unroll
     for (int p = 0; p < kPlanes<BITS>; ++p) {
       const int bits = 2 * kSpec.width[p];
-      index |= (lane_bits[p] >> (bits * pair) & ((1u << bits) - 1u)) << (2 * kSpec.offset[p]);
+      index |= (sub_bits[p] >> (bits * pair) & ((1u << bits) - 1u)) << (2 * kSpec.offset[p]);
     }
     return index;
   }
@@ -188,61 +221,76 @@ struct LaneTile {
     return load_shared_u32(lane_table[r], entry * (4 * kWarpSize));
   }
 
-  // The lane's x columns of `group` in each n-tile j: b[j] = 4 packed pairs.
+  // The lane's x columns of the span from g0 in each n-tile j: b[s][j] = 4 packed pairs of
+  // sub-group s.
   template <bool WHOLE>
-  __device__ __forceinline__ void load_x(uint32_t (&b)[NT][4], int64_t group, int64_t k) const {
+  __device__ __forceinline__ void load_x(uint32_t (&b)[SPAN][NT][4], int64_t g0,
+                                         int64_t k) const {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) x_lane<T, WHOLE>(b[j], x_row[j], k, group * kGroup + 8 * t);
+    for (int s = 0; s < SPAN; ++s)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        x_lane<T, WHOLE>(b[s][j], x_row[j], k, g0 * kGroup + kLaneColumns * (SPAN * t + s));
   }
 
-  // d[j] += the 16 rows x 32 columns of `group` times the matching columns of n-tile j's x
-  // (2 * NT mmas, each A fragment looked up once).
+  // d[j] += the 16 rows x 32 * SPAN columns of the span from g0 times the matching columns
+  // of n-tile j's x (2 * SPAN * NT mmas, each A fragment looked up once).
   template <bool WHOLE>
-  __device__ __forceinline__ void accumulate(float (&d)[NT][4], int64_t group, int64_t k) const {
-    LaneWords<BITS> words[2];
-    load(words, group);
-    uint32_t b[NT][4];
-    load_x<WHOLE>(b, group, k);
+  __device__ __forceinline__ void accumulate(float (&d)[NT][4], int64_t g0, int64_t k) const {
+    LaneWords<BITS, SPAN> words[2];
+    load(words, g0);
+    uint32_t b[SPAN][NT][4];
+    load_x<WHOLE>(b, g0, k);
     accumulate(d, words, b);
   }
 
-  // The same with the group's words and x columns already loaded.
+  // The same with the span's words and x columns already loaded.
   __device__ __forceinline__ void accumulate(float (&d)[NT][4],
-                                             const LaneWords<BITS> (&words)[2],
-                                             const uint32_t (&b)[NT][4]) const {
+                                             const LaneWords<BITS, SPAN> (&words)[2],
+                                             const uint32_t (&b)[SPAN][NT][4]) const {
     constexpr PlaneSpec kSpec = plane_spec(BITS);
-    uint32_t lane_bits[2][kPlanes<BITS>];
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
+    for (int s = 0; s < SPAN; ++s) {
+      uint32_t sub_bits[2][kPlanes<BITS>];
 #pragma unroll
-      for (int p = 0; p < kPlanes<BITS>; ++p)
-        lane_bits[r][p] = kSpec.width[p] == 4 ? words[r].w[p] : words[r].w[p] >> shift[p];
+      for (int r = 0; r < 2; ++r)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      uint32_t a[4];
+        for (int p = 0; p < kPlanes<BITS>; ++p) {
+          const int bit = kLaneColumns * s * kSpec.width[p];  // the sub-group's, in the lane's
+          sub_bits[r][p] = lane_bits<SPAN>(kSpec.width[p]) >= 32
+                               ? words[r].w[p][bit / 32] >> bit % 32
+                               : words[r].w[p][0] >> shift[p] >> bit;
+        }
 #pragma unroll
-      for (int q = 0; q < 2; ++q)
+      for (int h = 0; h < 2; ++h) {
+        uint32_t a[4];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) a[2 * q + r] = lookup(r, pair_index(lane_bits[r], 2 * h + q));
+        for (int q = 0; q < 2; ++q)
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const uint32_t pairs[2] = {b[j][2 * h], b[j][2 * h + 1]};
-        mma_16816<T>(d[j], a, pairs);
+          for (int r = 0; r < 2; ++r) a[2 * q + r] = lookup(r, pair_index(sub_bits[r], 2 * h + q));
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t pairs[2] = {b[s][j][2 * h], b[s][j][2 * h + 1]};
+          mma_16816<T>(d[j], a, pairs);
+        }
       }
     }
   }
 };
 
-// Groups whose words a warp loads ahead: 8 loads per A row (one word per plane and group).
+// Groups per span in the main loop: 2 halves the code-word loads per weight against one
+// group (each touches 8 rows' lines) while x's loads stay one line per x row.
+constexpr int kSpan = 2;
+// Spans whose words a warp loads ahead: 4 at 4 bits (8 words per A row), 2 elsewhere (at
+// 4, ptxas spills the 2-bit kernel with two n-tiles).
 template <int BITS>
-constexpr int kAheadGroups = 8 / kPlanes<BITS>;
-// Groups whose x columns a warp loads ahead (a divisor of kAheadGroups). x is read by
-// every block and mostly comes from L2 (61% L1 hits at M = 16); Nsight Compute put half
-// of the 4-bit per-channel kernel's stall cycles on L1TEX loads. Its 64 KB of tables
-// already hold it to 3 blocks per SM, so 4 groups ahead (110 registers at M = 16) cost no
-// blocks there; elsewhere 2 ahead keep ptxas at 59-101 registers (5-6 blocks per SM).
+constexpr int kAheadSpans = BITS == 4 ? 4 : 2;
+// Spans whose x columns a warp loads ahead (a divisor of kAheadSpans). x is read by every
+// block and mostly comes from L2 (61% L1 hits at M = 16); Nsight Compute put half of the
+// 4-bit per-channel kernel's stall cycles on L1TEX loads. Its 64 KB of tables already
+// hold it to 3 blocks per SM, so 2 spans ahead cost no blocks there; elsewhere 1.
 template <int BITS, bool PER_CHANNEL>
-constexpr int kAheadXGroups = PER_CHANNEL && BITS == 4 ? 4 : 2;
+constexpr int kAheadXSpans = PER_CHANNEL && BITS == 4 ? 2 : 1;
 
 template <typename T, int BITS, bool PER_CHANNEL, int NT>
 __global__ void __launch_bounds__(kThreads)
@@ -256,46 +304,68 @@ __global__ void __launch_bounds__(kThreads)
   build_pair_tables<T, BITS, PER_CHANNEL>(table, codebook, block_row, n);
   __syncthreads();
 
-  const LaneTile<T, BITS, PER_CHANNEL, NT> tile(table, x, m, k, planes, block_row, n);
   const int64_t g_begin = static_cast<int64_t>(blockIdx.y) * groups_per_split;
   const int64_t g_end = min(padded_k(k) / kGroup, g_begin + groups_per_split);
-  const int64_t whole_end = vec_x ? min(g_end, k / kGroup) : g_begin;  // groups inside k
+  const int64_t whole_end = vec_x ? max(g_begin, min(g_end, k / kGroup)) : g_begin;  // in k
+  // Whole spans from an even group; the groups before and after them run one at a time.
+  const int64_t span_begin = min((g_begin + kSpan - 1) / kSpan * kSpan, whole_end);
+  const int64_t spans = (whole_end - span_begin) / kSpan, span_end = span_begin + spans * kSpan;
   float d[NT][4] = {};
-  int64_t group = g_begin + warp;
-  // Whole groups in chunks of kAhead, each group's words loaded kAhead steps and its x
-  // columns kAheadX steps before use: a step is a few dozen instructions, far shorter than
-  // a global load, so a warp keeps that many loads in flight. The last (< kAhead) whole
-  // groups and the partial one load in step.
-  constexpr int kAhead = kAheadGroups<BITS>, kAheadX = kAheadXGroups<BITS, PER_CHANNEL>;
-  static_assert(kAhead % kAheadX == 0, "x slots line up with the chunk's steps");
-  if (group + (kAhead - 1) * kWarps < whole_end) {
-    LaneWords<BITS> ahead[kAhead][2];
-    uint32_t x_ahead[kAheadX][NT][4];
+  {
+    const LaneTile<T, BITS, PER_CHANNEL, NT, kSpan> tile(table, x, m, k, planes, block_row, n);
+    // The warp's spans warp, warp + kWarps, ... in chunks of kAhead, each span's words
+    // loaded kAhead steps and its x columns kAheadX steps before use: a step is a few dozen
+    // instructions, far shorter than a global load, so a warp keeps that many loads in
+    // flight. The last (< kAhead) spans load in step.
+    constexpr int kAhead = kAheadSpans<BITS>, kAheadX = kAheadXSpans<BITS, PER_CHANNEL>;
+    static_assert(kAhead % kAheadX == 0, "x slots line up with the chunk's steps");
+    const auto first_group = [&](int64_t span) { return span_begin + span * kSpan; };
+    int64_t span = warp;
+    if (span + (kAhead - 1) * kWarps < spans) {
+      LaneWords<BITS, kSpan> ahead[kAhead][2];
+      uint32_t x_ahead[kAheadX][kSpan][NT][4];
 #pragma unroll
-    for (int i = 0; i < kAhead; ++i) tile.load(ahead[i], group + i * kWarps);
+      for (int i = 0; i < kAhead; ++i) tile.load(ahead[i], first_group(span + i * kWarps));
 #pragma unroll
-    for (int i = 0; i < kAheadX; ++i) tile.template load_x<true>(x_ahead[i], group + i * kWarps, k);
+      for (int i = 0; i < kAheadX; ++i)
+        tile.template load_x<true>(x_ahead[i], first_group(span + i * kWarps), k);
 #pragma unroll 1
-    for (; group + (kAhead - 1) * kWarps < whole_end; group += kAhead * kWarps) {
+      for (; span + (kAhead - 1) * kWarps < spans; span += kAhead * kWarps) {
 #pragma unroll
-      for (int i = 0; i < kAhead; ++i) {
-        const LaneWords<BITS> words[2] = {ahead[i][0], ahead[i][1]};
-        uint32_t b[NT][4];
+        for (int i = 0; i < kAhead; ++i) {
+          const LaneWords<BITS, kSpan> words[2] = {ahead[i][0], ahead[i][1]};
+          uint32_t b[kSpan][NT][4];
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+          for (int s = 0; s < kSpan; ++s)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) b[j][c] = x_ahead[i % kAheadX][j][c];
-        const int64_t next = group + (i + kAhead) * kWarps;
-        if (next < whole_end) tile.load(ahead[i], next);
-        const int64_t next_x = group + (i + kAheadX) * kWarps;
-        if (next_x < whole_end) tile.template load_x<true>(x_ahead[i % kAheadX], next_x, k);
-        tile.accumulate(d, words, b);
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+              for (int c = 0; c < 4; ++c) b[s][j][c] = x_ahead[i % kAheadX][s][j][c];
+          const int64_t next = span + (i + kAhead) * kWarps;
+          if (next < spans) tile.load(ahead[i], first_group(next));
+          const int64_t next_x = span + (i + kAheadX) * kWarps;
+          if (next_x < spans)
+            tile.template load_x<true>(x_ahead[i % kAheadX], first_group(next_x), k);
+          tile.accumulate(d, words, b);
+        }
       }
     }
-  }
 #pragma unroll 1
-  for (; group < whole_end; group += kWarps) tile.template accumulate<true>(d, group, k);
-  for (; group < g_end; group += kWarps) tile.template accumulate<false>(d, group, k);
+    for (; span < spans; span += kWarps) tile.template accumulate<true>(d, first_group(span), k);
+  }
+  // The rest, one group per step: before span_begin (at most one), from span_end to
+  // whole_end (at most one), and the groups past k (x masked).
+  const LaneTile<T, BITS, PER_CHANNEL, NT, 1> step(table, x, m, k, planes, block_row, n);
+  const int64_t lead = span_begin - g_begin;
+#pragma unroll 1
+  for (int64_t i = warp;; i += kWarps) {
+    const int64_t group = i < lead ? g_begin + i : span_end + i - lead;
+    if (group >= g_end) break;
+    if (group < whole_end)
+      step.template accumulate<true>(d, group, k);
+    else
+      step.template accumulate<false>(d, group, k);
+  }
 
   __syncthreads();  // every warp is done with the tables: reuse them for the warps' sums
   float* sums = reinterpret_cast<float*>(table);  // [warp][lane][4 * NT]
