@@ -279,20 +279,21 @@ struct LaneTile {
 };
 
 // Groups per span in the main loop: 2 halves the code-word loads per weight against one
-// group (each touches 8 rows' lines) while x's loads stay one line per x row.
-constexpr int kSpan = 2;
-// Spans whose words a warp loads ahead: 4 at 4 bits (8 words per A row), 2 elsewhere (at
-// 4, ptxas spills the 2-bit kernel with two n-tiles).
-template <int BITS>
-constexpr int kAheadSpans = BITS == 4 ? 4 : 2;
+// group (each load touches 8 rows' lines) while each x load stays one line per x row. With
+// one x row (all lanes read the same x), 4 halve them again for x loads of two lines.
+constexpr int span_for(int m) { return m == 1 ? 4 : 2; }
+// Spans whose words a warp loads ahead: 8 words per A row at 4 bits and spans of 2, else 2
+// spans (at 4, ptxas spills the 2-bit kernel with two n-tiles).
+template <int BITS, int SPAN>
+constexpr int kAheadSpans = BITS == 4 && SPAN == 2 ? 4 : 2;
 // Spans whose x columns a warp loads ahead (a divisor of kAheadSpans). x is read by every
 // block and mostly comes from L2 (61% L1 hits at M = 16); Nsight Compute put half of the
 // 4-bit per-channel kernel's stall cycles on L1TEX loads. Its 64 KB of tables already
 // hold it to 3 blocks per SM, so 2 spans ahead cost no blocks there; elsewhere 1.
-template <int BITS, bool PER_CHANNEL>
-constexpr int kAheadXSpans = PER_CHANNEL && BITS == 4 ? 2 : 1;
+template <int BITS, bool PER_CHANNEL, int SPAN>
+constexpr int kAheadXSpans = PER_CHANNEL && BITS == 4 && SPAN == 2 ? 2 : 1;
 
-template <typename T, int BITS, bool PER_CHANNEL, int NT>
+template <typename T, int BITS, bool PER_CHANNEL, int NT, int SPAN>
 __global__ void __launch_bounds__(kThreads)
     lut_mma_kernel(const T* __restrict__ x, int m, int64_t k, bool vec_x, PlaneArgs planes,
                    const float* __restrict__ codebook, int64_t n,
@@ -308,22 +309,22 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t g_end = min(padded_k(k) / kGroup, g_begin + groups_per_split);
   const int64_t whole_end = vec_x ? max(g_begin, min(g_end, k / kGroup)) : g_begin;  // in k
   // Whole spans from an even group; the groups before and after them run one at a time.
-  const int64_t span_begin = min((g_begin + kSpan - 1) / kSpan * kSpan, whole_end);
-  const int64_t spans = (whole_end - span_begin) / kSpan, span_end = span_begin + spans * kSpan;
+  const int64_t span_begin = min((g_begin + SPAN - 1) / SPAN * SPAN, whole_end);
+  const int64_t spans = (whole_end - span_begin) / SPAN, span_end = span_begin + spans * SPAN;
   float d[NT][4] = {};
   {
-    const LaneTile<T, BITS, PER_CHANNEL, NT, kSpan> tile(table, x, m, k, planes, block_row, n);
+    const LaneTile<T, BITS, PER_CHANNEL, NT, SPAN> tile(table, x, m, k, planes, block_row, n);
     // The warp's spans warp, warp + kWarps, ... in chunks of kAhead, each span's words
     // loaded kAhead steps and its x columns kAheadX steps before use: a step is a few dozen
     // instructions, far shorter than a global load, so a warp keeps that many loads in
     // flight. The last (< kAhead) spans load in step.
-    constexpr int kAhead = kAheadSpans<BITS>, kAheadX = kAheadXSpans<BITS, PER_CHANNEL>;
+    constexpr int kAhead = kAheadSpans<BITS, SPAN>, kAheadX = kAheadXSpans<BITS, PER_CHANNEL, SPAN>;
     static_assert(kAhead % kAheadX == 0, "x slots line up with the chunk's steps");
-    const auto first_group = [&](int64_t span) { return span_begin + span * kSpan; };
+    const auto first_group = [&](int64_t span) { return span_begin + span * SPAN; };
     int64_t span = warp;
     if (span + (kAhead - 1) * kWarps < spans) {
-      LaneWords<BITS, kSpan> ahead[kAhead][2];
-      uint32_t x_ahead[kAheadX][kSpan][NT][4];
+      LaneWords<BITS, SPAN> ahead[kAhead][2];
+      uint32_t x_ahead[kAheadX][SPAN][NT][4];
 #pragma unroll
       for (int i = 0; i < kAhead; ++i) tile.load(ahead[i], first_group(span + i * kWarps));
 #pragma unroll
@@ -333,10 +334,10 @@ __global__ void __launch_bounds__(kThreads)
       for (; span + (kAhead - 1) * kWarps < spans; span += kAhead * kWarps) {
 #pragma unroll
         for (int i = 0; i < kAhead; ++i) {
-          const LaneWords<BITS, kSpan> words[2] = {ahead[i][0], ahead[i][1]};
-          uint32_t b[kSpan][NT][4];
+          const LaneWords<BITS, SPAN> words[2] = {ahead[i][0], ahead[i][1]};
+          uint32_t b[SPAN][NT][4];
 #pragma unroll
-          for (int s = 0; s < kSpan; ++s)
+          for (int s = 0; s < SPAN; ++s)
 #pragma unroll
             for (int j = 0; j < NT; ++j)
 #pragma unroll
@@ -388,11 +389,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The kernel for a launch of `rows` x rows (1..16): one or two n-tiles, spans of 4 groups
+// for one row.
+template <typename T, int BITS, bool PER_CHANNEL>
+auto kernel_for(int rows) {
+  if (rows == 1) return lut_mma_kernel<T, BITS, PER_CHANNEL, 1, span_for(1)>;
+  if (rows <= kTileBatch) return lut_mma_kernel<T, BITS, PER_CHANNEL, 1, span_for(2)>;
+  return lut_mma_kernel<T, BITS, PER_CHANNEL, 2, span_for(2)>;
+}
+
 template <typename T, int BITS>
-auto kernel_for(bool per_channel, bool two_tiles) {
-  if (per_channel)
-    return two_tiles ? lut_mma_kernel<T, BITS, true, 2> : lut_mma_kernel<T, BITS, true, 1>;
-  return two_tiles ? lut_mma_kernel<T, BITS, false, 2> : lut_mma_kernel<T, BITS, false, 1>;
+auto kernel_for(bool per_channel, int rows) {
+  return per_channel ? kernel_for<T, BITS, true>(rows) : kernel_for<T, BITS, false>(rows);
 }
 
 // Tensor-core launches for dispatch_gemv: M in chunks of kMmaMaxM rows (one or two
@@ -408,7 +416,7 @@ struct MmaKernels {
     return launch_in_m_chunks<T>(
         a, kTileRows, kMmaMaxM,
         [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {
-          const auto kernel = kernel_for<T, BITS>(a.per_channel, rows > kTileBatch);
+          const auto kernel = kernel_for<T, BITS>(a.per_channel, rows);
           const cudaError_t err = allow_dynamic_smem(kernel, smem);
           if (err != cudaSuccess) return static_cast<int>(err);
           OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(

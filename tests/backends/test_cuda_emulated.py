@@ -119,12 +119,14 @@ def test_mma_shapes_splits_and_m_chunks(emulated, m, n, k, split_k, bits):
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("m,k,split_k", [(3, 5000, 1), (16, 5000, 2), (1, 1040, 1)])
+@pytest.mark.parametrize("m,k,split_k", [(3, 5000, 1), (16, 5000, 2), (1, 1040, 1),
+                                         (1, 5000, 2)])
 def test_mma_loads_ahead_over_long_k(emulated, m, k, split_k, bits, granularity):
-    """Long K: each warp's whole groups run in chunks whose words load 4 (per layer) or 8
-    (per channel) steps ahead, then the rest in step. 5000 columns are 156 whole groups and
-    a partial one (39 per warp: whole chunks plus a remainder; split_k 2: 78 per split);
-    1040 are 32 whole groups and a partial one, 8 per warp: one chunk exactly per channel."""
+    """Long K: each warp's whole spans (2 groups; 4 at M = 1) run in chunks loaded ahead,
+    then the rest in step, and the groups outside whole spans one at a time. 5000 columns
+    are 156 whole groups and a partial one; split_k 2 gives 79 per split, so the second
+    split starts at an odd group (one lone group before its spans, 3 after the first
+    split's at M = 1). 1040 columns are 32 whole groups and a partial one."""
     check_linear(emulated, m, 17, k, bits, granularity, torch.float16, True, split_k=split_k,
                  tensor_cores=True)
 
