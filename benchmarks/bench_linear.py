@@ -226,9 +226,12 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     triton_max_m: Triton (kernel auto) against dequant.
     cuda_gemv_max_m: the LUT GEMV against the tensor-core kernel (lut_mma), over the
     configurations where both ran (lut_mma runs fp16/bf16 x and 2-4 bits only).
+    cuda_gemv_max_m_by_bits: {bits: the same crossover over that bit width's
+    configurations}, for the bit widths where it differs from cuda_gemv_max_m (absent
+    when none does).
     cuda_tensor_cores: whether lut_mma wins against the LUT GEMV at some grid M above
-    cuda_gemv_max_m. The cuda backend takes lut_mma where M > cuda_gemv_max_m, it runs
-    and this is true.
+    the crossover of some bit width. The cuda backend takes lut_mma where M > the
+    crossover of x's bit width, it runs and this is true.
     cuda_max_m: the cuda backend as it dispatches under those two values (per
     configuration the lut_mma time where it would run, else the LUT GEMV time) against
     the faster of dequant and Triton (dispatch tries cuda first, so it must beat both).
@@ -241,10 +244,10 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     times = common.times_by_config(rows, lambda r: CROSSOVER_PATHS.get(
         (r.get("backend"), r.get("kernel"))))
     choice, evidence = cuda_kernel_choice(times)
-    for (m, *_), t in times.items():
+    for (m, _, bits, _), t in times.items():
         if "dequant" in t:  # cuda must beat the faster of dequant and triton
             t["rival"] = min(t["dequant"], t.get("triton", t["dequant"]))
-        kernel = "lut_mma" if use_mma(choice, m) and "lut_mma" in t else "lut_gemv"
+        kernel = "lut_mma" if use_mma(choice, m, bits) and "lut_mma" in t else "lut_gemv"
         if kernel in t:
             t["cuda"] = t[kernel]
     values = {}
@@ -264,21 +267,41 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
 
 
 def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
-    """cuda_gemv_max_m and cuda_tensor_cores (see derive_crossovers) from
-    {config: {"lut_gemv": µs, "lut_mma": µs, ...}}; ({}, {}) when no config has both."""
+    """cuda_gemv_max_m, cuda_gemv_max_m_by_bits and cuda_tensor_cores (see
+    derive_crossovers) from {(M, shape, bits, granularity): {"lut_gemv": µs, "lut_mma": µs,
+    ...}}; ({}, {}) when no config has both."""
     speedups = common.speedup_by_m(times, "lut_gemv", "lut_mma")  # lut_mma's, per M
     if not speedups:
         return {}, {}
-    gemv_max_m = common.crossover({m: (g or 1.0) < 1.0 for m, g in speedups.items()})
-    mma_wins = any((g or 0) > 1.0 for m, g in speedups.items() if m > gemv_max_m)
-    return ({"cuda_gemv_max_m": gemv_max_m, "cuda_tensor_cores": mma_wins},
-            {"cuda_tensor_cores": {str(m): round(g, 3) for m, g in speedups.items() if g}})
+    gemv_max_m = _gemv_crossover(speedups)
+    values = {"cuda_gemv_max_m": gemv_max_m}
+    evidence = {"cuda_tensor_cores": {str(m): round(g, 3) for m, g in speedups.items() if g}}
+    mma_wins = False
+    both = {key[2] for key, t in times.items() if "lut_gemv" in t and "lut_mma" in t}
+    for bits in sorted(both):
+        of_bits = common.speedup_by_m({key: t for key, t in times.items() if key[2] == bits},
+                                      "lut_gemv", "lut_mma")
+        crossover = _gemv_crossover(of_bits)
+        mma_wins |= any((g or 0) > 1.0 for m, g in of_bits.items() if m > crossover)
+        if crossover != gemv_max_m:
+            values.setdefault("cuda_gemv_max_m_by_bits", {})[str(bits)] = crossover
+            evidence.setdefault("cuda_tensor_cores_by_bits", {})[str(bits)] = {
+                str(m): round(g, 3) for m, g in of_bits.items() if g}
+    values["cuda_tensor_cores"] = mma_wins
+    return values, evidence
 
 
-def use_mma(values: dict, m: int) -> bool:
-    """Whether the cuda backend would take lut_mma at M (where it runs) under ``values``
-    (otq_kernels.backends.cuda.use_tensor_cores' rule)."""
-    return bool(values.get("cuda_tensor_cores")) and m > values.get("cuda_gemv_max_m", 0)
+def _gemv_crossover(mma_speedups: dict[int, float]) -> int:
+    """Largest grid M up to which the LUT GEMV wins at every grid M (lut_mma's speedup < 1)."""
+    return common.crossover({m: (g or 1.0) < 1.0 for m, g in mma_speedups.items()})
+
+
+def use_mma(values: dict, m: int, bits: int | None = None) -> bool:
+    """Whether the cuda backend would take lut_mma at M for ``bits`` (where it runs) under
+    ``values`` (otq_kernels.backends.cuda.use_tensor_cores' rule)."""
+    gemv_max_m = values.get("cuda_gemv_max_m_by_bits", {}).get(
+        str(bits), values.get("cuda_gemv_max_m", 0))
+    return bool(values.get("cuda_tensor_cores")) and m > gemv_max_m
 
 
 def kernel_speedups(rows: list[dict], backend: str, baseline: str,

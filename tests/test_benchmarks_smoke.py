@@ -147,6 +147,25 @@ def test_cuda_kernel_choice_when_mma_never_wins():
     assert not any(linear.use_mma(values, m) for m in (1, 16, 64, 1024))
 
 
+def test_cuda_kernel_choice_per_bit_width():
+    """lut_mma wins at M = 1 over all configurations but not at 4 bits: the crossover is 0
+    with 4 bits listed at 1, and cuda_max_m is judged on the kernel each width runs."""
+    linear = _load("bench_linear")
+    rows = (_cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0, "lut_mma": 10.0},
+                        16: {"dequant": 100.0, "lut_gemv": 160.0, "lut_mma": 40.0}}, bits=2)
+            + _cuda_rows({1: {"dequant": 20.0, "lut_gemv": 30.0, "lut_mma": 40.0},
+                          16: {"dequant": 100.0, "lut_gemv": 160.0, "lut_mma": 50.0}}))
+    values, evidence = linear.derive_crossovers(rows)
+    assert values == {"cuda_max_m": 16, "cuda_gemv_max_m": 0,
+                      "cuda_gemv_max_m_by_bits": {"4": 1}, "cuda_tensor_cores": True}
+    assert evidence["cuda_tensor_cores"] == {"1": 1.5, "16": 3.578}
+    assert evidence["cuda_tensor_cores_by_bits"] == {"4": {"1": 0.75, "16": 3.2}}
+    # 4 bits at M = 1 on the GEMV (20 / 30 µs; lut_mma's 40 µs would give sqrt(5))
+    assert evidence["cuda"] == {"1": 2.582, "16": 2.236}
+    assert [linear.use_mma(values, 1, b) for b in (2, 3, 4)] == [True, True, False]
+    assert linear.use_mma(values, 2, 4)
+
+
 def test_cuda_max_m_counts_configs_without_mma():
     """8-bit configurations have no lut_mma rows: they count with LUT GEMV times in
     cuda_max_m (and not at all in the kernel choice)."""
@@ -204,18 +223,22 @@ def test_tuning_from_results_json(tmp_path):
 
 def test_shipped_h200_entry_matches_its_results():
     """The shipped NVIDIA H200 entry (and the default, its copy) is what --tuning-from
-    derives from the committed goal results."""
+    derives from the committed results it names, with their evidence."""
     linear, conv = _load("bench_linear"), _load("bench_conv")
     table = json.loads((BENCH.parent / "otq_kernels" / "tuning" / "default.json").read_text())
     entry = table["gpus"]["NVIDIA H200"]
-    for derive, section, name in ((linear.derive_crossovers, "linear", "linear"),
-                                  (conv.derive_crossover, "conv2d", "conv")):
-        path = BENCH / "results" / "nvidia-h200" / "goal" / f"{name}.json"
+    for derive, section in ((linear.derive_crossovers, "linear"),
+                            (conv.derive_crossover, "conv2d")):
+        measured = entry["_measured"][section]
+        path = BENCH.parent / measured["source"]
+        assert path.parent.parent == BENCH / "results" / "nvidia-h200"
         if not path.exists():
             pytest.skip(f"{path} not in this checkout")
-        values, evidence = derive(json.loads(path.read_text())["rows"])
+        results = json.loads(path.read_text())
+        values, evidence = derive(results["rows"])
         assert entry[section] == values == table["default"][section]
-        assert entry["_measured"][section]["source"] == str(path.relative_to(BENCH.parent))
+        assert {k: v for k, v in measured.items() if k in evidence} == evidence
+        assert measured["git_sha"] == results["meta"]["git_sha"]
 
 
 def test_splitk_layout_choice_from_rows():

@@ -249,11 +249,12 @@ def test_default_tuning_table_has_every_op():
 
 def test_cuda_tensor_cores_follow_tuning_table(monkeypatch):
     """cuda.linear(tensor_cores=None) asks the GPU's tuning entry (the shipped default,
-    measured on an H200: tensor cores above M = 1)."""
+    measured on an H200: tensor cores at every M, but above M = 1 at 4 bits)."""
     from otq_kernels.backends import _device, cuda
 
     default = ops.tuning_table("some unknown GPU")["linear"]
-    assert default["cuda_tensor_cores"] is True and default["cuda_gemv_max_m"] == 1
+    assert default["cuda_tensor_cores"] is True and default["cuda_gemv_max_m"] == 0
+    assert default["cuda_gemv_max_m_by_bits"] == {"4": 1}
     monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
     monkeypatch.setattr(ops, "tuning_table", lambda name: {
         "linear": {"cuda_tensor_cores": name == "GPU X"}})
@@ -270,6 +271,10 @@ def test_cuda_tensor_cores_follow_tuning_table(monkeypatch):
     ({"cuda_tensor_cores": True, "cuda_gemv_max_m": 16}, [False, False, True]),
     ({"cuda_tensor_cores": False, "cuda_gemv_max_m": 1}, [False, False, False]),
     ({}, [False, False, False]),
+    ({"cuda_tensor_cores": True, "cuda_gemv_max_m": 0,  # x's 4 bits listed
+      "cuda_gemv_max_m_by_bits": {"4": 1}}, [False, True, True]),
+    ({"cuda_tensor_cores": True, "cuda_gemv_max_m": 1,  # only other bit widths listed
+      "cuda_gemv_max_m_by_bits": {"2": 0, "3": 16}}, [False, True, True]),
 ])
 def test_cuda_kernel_choice_by_m(entry, want, monkeypatch):
     """tensor_cores=None: the mma kernel where it runs, the GPU is tuned for it and

@@ -70,13 +70,14 @@ def use_tensor_cores(dtype: torch.dtype, bits: int, m: int, device: torch.device
     """The automatic kernel choice (``linear(tensor_cores=None)``) for x [M, K] of ``dtype``.
 
     The mma kernel where it runs (:func:`tensor_cores_support`), the GPU's tuning entry
-    has ``cuda_tensor_cores: true`` and M > its ``cuda_gemv_max_m`` (absent: 0); else the
-    LUT GEMV (bench_linear measured it faster at small M).
+    has ``cuda_tensor_cores: true`` and M > its ``cuda_gemv_max_m`` (absent: 0), or its
+    ``cuda_gemv_max_m_by_bits[bits]`` where that lists ``bits``; else the LUT GEMV
+    (bench_linear measured it faster there).
     """
-    from ..ops import tuning_int
+    from ..ops import tuning_int_by
 
     return (tensor_cores_support(dtype, bits) and tuned_for_tensor_cores(device)
-            and m > tuning_int(device, "linear", "cuda_gemv_max_m"))
+            and m > tuning_int_by(device, "linear", "cuda_gemv_max_m", "bits", bits))
 
 
 def split_k_for(n: int, k: int, sms: int) -> int:
