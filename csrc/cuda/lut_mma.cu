@@ -7,9 +7,10 @@
 //
 // K is permuted inside each span (a dot product does not care about the order of its
 // terms, as long as A and B agree): lane t (= lane % 4) owns the span's columns
-// 16t..16t+15, 8 of each group: in group s its pairs k = 0..3 (columns 16t + 8s + 2k, +1
-// of the span), and pair 2h + q fills the k slots 2t + 8q, +1 of the group's mma h (0,
-// 1). So a lane loads its x columns as one 16-byte vector per group and x row, and its
+// 16t..16t+15 as two chunks of 8, and step s (0, 1) of the span takes every lane's chunk
+// s: its pairs k = 0..3 (columns 16t + 8s + 2k, +1 of the span), pair 2h + q filling the
+// k slots 2t + 8q, +1 of the step's mma h (0, 1). So a lane loads its x columns as one
+// 16-byte vector per step and x row, and its
 // codes as one aligned vector per plane and A row per span; each pair's codes are one
 // "pair index" (2 * bits bits) looked up in a shared table of packed half2/bf162 pairs:
 // one shared load per two weights, no per-weight decode. Every lane has its own copy of
@@ -155,11 +156,11 @@ __device__ __forceinline__ void load_words(uint32_t* out, const uint32_t* p, int
 // feed D rows/columns that are never written, so no lane needs a branch.
 //
 // K runs in spans of SPAN groups (32 * SPAN columns, from group g0): lane t owns the span's
-// columns 8 * (SPAN * t + s) .. +7 for s < SPAN, i.e. 8 columns of each of the span's
-// groups ("sub-group" s), all contiguous in every plane and in x. So its code bits of a
-// span are one aligned vector per plane and A row, and its x columns one 16-byte vector
-// per sub-group and x row; with SPAN = 2 the 4 lanes of an x row read 64 columns, one
-// 128-byte line when g0 is even.
+// columns 8 * (SPAN * t + s) .. +7 for s < SPAN, chunk s of its 8 * SPAN contiguous
+// columns, and step s of the span (two mmas, as one group before) takes every lane's
+// chunk s. So a lane's code bits of a span are one aligned vector per plane and A row,
+// and its x columns one 16-byte vector per step and x row; with SPAN = 2 the 4 lanes of
+// an x row read 64 adjacent columns in a step, one 128-byte line when g0 is even.
 template <typename T, int BITS, bool PER_CHANNEL, int NT, int SPAN>
 struct LaneTile {
   SharedAddr lane_table[2];  // entry e of A row r: the word at lane_table[r] + e * 128
@@ -201,9 +202,9 @@ struct LaneTile {
                    lane_words<SPAN>(kSpec.width[p]));
   }
 
-  // Pair index of the lane's pair `pair` (columns 8t + 2 * pair, +1 of a sub-group), words
-  // shifted so that the sub-group's columns start at bit 0.
-  __device__ __forceinline__ uint32_t pair_index(const uint32_t (&sub_bits)[kPlanes<BITS>],
+  // Pair index of the lane's pair `pair` (columns 2 * pair, +1 of a chunk), words shifted
+  // so that the chunk's columns start at bit 0.
+  __device__ __forceinline__ uint32_t pair_index(const uint32_t (&chunk_bits)[kPlanes<BITS>],
                                                  int pair) const {
     constexpr PlaneSpec kSpec = plane_spec(BITS);
     static_assert(BITS >= 2 && BITS <= kMaxMmaBits, "lut_mma runs 2-4-bit codes");
@@ -211,7 +212,7 @@ struct LaneTile {
 #pragma unroll
     for (int p = 0; p < kPlanes<BITS>; ++p) {
       const int bits = 2 * kSpec.width[p];
-      index |= (sub_bits[p] >> (bits * pair) & ((1u << bits) - 1u)) << (2 * kSpec.offset[p]);
+      index |= (chunk_bits[p] >> (bits * pair) & ((1u << bits) - 1u)) << (2 * kSpec.offset[p]);
     }
     return index;
   }
@@ -222,7 +223,7 @@ struct LaneTile {
   }
 
   // The lane's x columns of the span from g0 in each n-tile j: b[s][j] = 4 packed pairs of
-  // sub-group s.
+  // step s.
   template <bool WHOLE>
   __device__ __forceinline__ void load_x(uint32_t (&b)[SPAN][NT][4], int64_t g0,
                                          int64_t k) const {
@@ -251,13 +252,13 @@ struct LaneTile {
     constexpr PlaneSpec kSpec = plane_spec(BITS);
 #pragma unroll
     for (int s = 0; s < SPAN; ++s) {
-      uint32_t sub_bits[2][kPlanes<BITS>];
+      uint32_t chunk_bits[2][kPlanes<BITS>];
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int p = 0; p < kPlanes<BITS>; ++p) {
-          const int bit = kLaneColumns * s * kSpec.width[p];  // the sub-group's, in the lane's
-          sub_bits[r][p] = lane_bits<SPAN>(kSpec.width[p]) >= 32
+          const int bit = kLaneColumns * s * kSpec.width[p];  // chunk s's, in the lane's bits
+          chunk_bits[r][p] = lane_bits<SPAN>(kSpec.width[p]) >= 32
                                ? words[r].w[p][bit / 32] >> bit % 32
                                : words[r].w[p][0] >> shift[p] >> bit;
         }
@@ -267,7 +268,8 @@ struct LaneTile {
 #pragma unroll
         for (int q = 0; q < 2; ++q)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) a[2 * q + r] = lookup(r, pair_index(sub_bits[r], 2 * h + q));
+          for (int r = 0; r < 2; ++r)
+            a[2 * q + r] = lookup(r, pair_index(chunk_bits[r], 2 * h + q));
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           const uint32_t pairs[2] = {b[s][j][2 * h], b[s][j][2 * h + 1]};
