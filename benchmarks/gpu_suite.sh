@@ -26,7 +26,8 @@
 #                  goal_conv_graph (the 3x3 convs at batch 1, 4-bit, graph replays),
 #                  sweep_splitk (the LUT GEMV and lut_mma over forced split-K: splitk.json,
 #                  splitk_mma.json), ncu_gemv (Nsight Compute on 4 GEMV launches and
-#                  lut_mma at M = 16 and 1), profile_e2e
+#                  lut_mma at M = 16 and 1; lut_mma's memory tables raw in
+#                  logs/ncu_mma_raw.csv), profile_e2e
 #                  (kernel time of a batch-1 UNet step by category: e2e_profile.json),
 #                  goal_e2e.
 # A machine stays warm 30 s after a call: a call made within that time reuses the build
@@ -310,7 +311,13 @@ run_step ncu_gemv 120 '
   # the full set: stall reasons (sampled per instruction) and the source hot spots too
   ncu --kernel-name "regex:${OTQ_SUITE_NCU_KERNELS:-lut_gemv_kernel|lut_mma_kernel}" \
     --launch-count 12 --set full \
-    $PY benchmarks/sweep_splitk.py --ncu-target'
+    $PY benchmarks/sweep_splitk.py --ncu-target
+  # the memory tables of the lut_mma launches as raw metrics (L1 wavefronts, requests and
+  # sectors per access type), which the details page above summarizes away: CSV lines
+  # (after the ==PROF== lines of the tool) in logs/ncu_mma_raw.csv
+  ncu --kernel-name regex:lut_mma_kernel --launch-count 4 \
+    --section MemoryWorkloadAnalysis_Tables --page raw --csv \
+    --log-file "$DIR/logs/ncu_mma_raw.csv" $PY benchmarks/sweep_splitk.py --ncu-target'
 
 # kernel time of one batch-1 UNet step by category (GEMM, conv, ours, PyTorch's, ...):
 # how much of the step the quantized layers can change at all
