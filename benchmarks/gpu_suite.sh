@@ -312,10 +312,11 @@ run_step ncu_gemv 120 '
   ncu --kernel-name "regex:${OTQ_SUITE_NCU_KERNELS:-lut_gemv_kernel|lut_mma_kernel}" \
     --launch-count 12 --set full \
     $PY benchmarks/sweep_splitk.py --ncu-target
-  # the memory tables of the lut_mma launches as raw metrics (L1 wavefronts, requests and
-  # sectors per access type), which the details page above summarizes away: CSV lines
-  # (after the ==PROF== lines of the tool) in logs/ncu_mma_raw.csv
-  ncu --kernel-name regex:lut_mma_kernel --launch-count 4 \
+  # the lut_mma launches as raw metrics: the units behind the L1 throughput figure (the
+  # speed-of-light breakdown) and the memory tables (L1 wavefronts, requests and sectors
+  # per access type), which the details page above summarizes away: CSV lines (after the
+  # ==PROF== lines of the tool) in logs/ncu_mma_raw.csv
+  ncu --kernel-name regex:lut_mma_kernel --launch-count 4 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis_Tables --page raw --csv \
     --log-file "$DIR/logs/ncu_mma_raw.csv" $PY benchmarks/sweep_splitk.py --ncu-target'
 
