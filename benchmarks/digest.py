@@ -172,29 +172,28 @@ def checks(payload: dict) -> None:
               f"{detail.splitlines()[-1][:200] if detail else ''}")
 
 
+def digest_file(path: Path, title: str, summarize) -> None:
+    """The header and ``summarize(payload)`` of one results file, where it exists; an
+    error is printed, never raised (a digest must never fail the suite)."""
+    payload = load(path)
+    if payload is None:
+        return
+    try:
+        header(title, payload)
+        summarize(payload)
+    except Exception as err:  # noqa: BLE001
+        print(f"digest: {title}: {type(err).__name__}: {err}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     root = Path(args[0] if args else ".")
     print(f"==== digest of {root}")
     for sub in ("goal", "goal_graph", "."):
         for subject, fn in (("linear", linear), ("conv", conv), ("e2e", e2e), ("fit", fit)):
-            payload = load(root / sub / f"{subject}.json")
-            if payload is None:
-                continue
-            try:
-                header(f"{sub}/{subject}".lstrip("./"), payload)
-                fn(payload)
-            except Exception as err:  # noqa: BLE001 - a digest must never fail the suite
-                print(f"digest: {subject}: {type(err).__name__}: {err}")
+            digest_file(root / sub / f"{subject}.json", f"{sub}/{subject}".lstrip("./"), fn)
     for subject in ("splitk", "splitk_mma"):
-        payload = load(root / f"{subject}.json")
-        if payload is None:
-            continue
-        try:
-            header(subject, payload)
-            splitk(payload)
-        except Exception as err:  # noqa: BLE001
-            print(f"digest: {subject}: {type(err).__name__}: {err}")
+        digest_file(root / f"{subject}.json", subject, splitk)
     payload = load(root / "checks.json")
     if payload:
         print("== checks")
@@ -203,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001
             print(f"digest: checks: {type(err).__name__}: {err}")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -15,8 +15,9 @@
 // "pair index" (2 * bits bits) looked up in a shared table of packed half2/bf162 pairs:
 // one shared load per two weights, no per-weight decode. Every lane has its own copy of
 // the table, so look-ups never conflict: [entry][32] words per layer, [2][entry][32] per
-// channel (the lane's A rows g and g + 8; g = lane / 4). Groups outside whole spans (an
-// odd first one, the last whole one, the partial one) run alone, lane t owning 8t..8t+7.
+// channel (the lane's A rows g and g + 8; g = lane / 4). Groups outside whole spans (a
+// split's first ones up to a span boundary, the whole ones after its last span, the
+// partial one) run alone, lane t owning 8t..8t+7. One-row launches use spans of 4.
 // Accumulation in fp32 (mma), the warps' results summed in shared memory; split-K and bias
 // as in lut_gemv.cu.
 #include "common.cuh"
@@ -310,7 +311,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t g_begin = static_cast<int64_t>(blockIdx.y) * groups_per_split;
   const int64_t g_end = min(padded_k(k) / kGroup, g_begin + groups_per_split);
   const int64_t whole_end = vec_x ? max(g_begin, min(g_end, k / kGroup)) : g_begin;  // in k
-  // Whole spans from an even group; the groups before and after them run one at a time.
+  // Whole spans from a multiple of SPAN groups (x's 128-byte lines at SPAN = 2); the
+  // groups before and after them run one at a time.
   const int64_t span_begin = min((g_begin + SPAN - 1) / SPAN * SPAN, whole_end);
   const int64_t spans = (whole_end - span_begin) / SPAN, span_end = span_begin + spans * SPAN;
   float d[NT][4] = {};
@@ -356,8 +358,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 1
     for (; span < spans; span += kWarps) tile.template accumulate<true>(d, first_group(span), k);
   }
-  // The rest, one group per step: before span_begin (at most one), from span_end to
-  // whole_end (at most one), and the groups past k (x masked).
+  // The rest, one group per step: before span_begin and from span_end to whole_end (each
+  // fewer than SPAN), and the groups past k (x masked).
   const LaneTile<T, BITS, PER_CHANNEL, NT, 1> step(table, x, m, k, planes, block_row, n);
   const int64_t lead = span_begin - g_begin;
 #pragma unroll 1

@@ -173,13 +173,16 @@ def run_sample(emu: Emulated) -> None:
             y = emu.linear(x, qt, bias, split_k, tensor_cores=tensor_cores)
             torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
     # the tensor-core kernel's chunk loop: 34 whole groups (K % 8 == 0: 16-byte x loads,
-    # words and x loaded ahead) and a partial one, per channel (x 4 groups ahead)
+    # words and x loaded ahead) and a partial one, per channel; 9 x rows run spans of 2
+    # groups (x 2 spans ahead), one row spans of 4 (16-byte code loads), each with whole
+    # groups left over after the spans
     qt = otq.fit_codebook(torch.randn(20, 1104, generator=gen), bits=4,
                           granularity="channel", backend="reference")
     x = torch.randn(9, 1104, generator=gen).half()
-    y = emu.linear(x, qt, None, 1, tensor_cores=True)
-    torch.testing.assert_close(y.float(), reference.linear(x.float(), qt, None),
-                               rtol=1e-2, atol=1e-2)
+    for rows in (x, x[:1]):
+        y = emu.linear(rows, qt, None, 1, tensor_cores=True)
+        torch.testing.assert_close(y.float(), reference.linear(rows.float(), qt, None),
+                                   rtol=1e-2, atol=1e-2)
     # one activation row over 35 groups: the GEMV's load-ahead crosses steps
     qt = otq.fit_codebook(torch.randn(20, 1100, generator=gen), bits=4, backend="reference")
     x = torch.randn(1, 1100, generator=gen).half()
