@@ -21,7 +21,7 @@
 #                  machine start; with L minutes of device time left (status), add
 #                  OTQ_SUITE_DEADLINE_S=$(( (L - 3) * 60 )) (max 530) and skip it below ~7 min.
 #   4 after a kernel change (one ~8 min call, no wheels needed): OTQ_SUITE_PLAN=4 runs
-#                  env, build, tests_kernels (CUDA kernel + fit tests), goal_linear_graph
+#                  env, build, tests_kernels (CUDA kernel, fit, UNet tests), goal_linear_graph
 #                  (CUDA kernels + dequant at M 1/2/4/8/16, graph replays: goal_graph/),
 #                  goal_conv_graph (the 3x3 convs at batch 1, 4-bit, graph replays),
 #                  sweep_splitk (the LUT GEMV and lut_mma over forced split-K: splitk.json,
@@ -263,12 +263,13 @@ run_step build 240 '
 
 run_step tests_cuda 150 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_cuda.xml" tests'
 
-# the CUDA kernel tests and the fit tests only (a quick re-check after a kernel change),
-# without the three long-row fit tests (~60 s together; tests_cuda runs them), so that the
-# step finishes inside its cap
+# the CUDA kernel tests, the fit tests and the UNet's (fused attention) only (a quick
+# re-check after a kernel change), without the three long-row fit tests (~60 s together;
+# tests_cuda runs them), so that the step finishes inside its cap
 run_step tests_kernels 160 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_kernels.xml" \
     -k "${OTQ_SUITE_TEST_FILTER:-not long_rows_on_gpu}" \
-    tests/backends/test_cuda_backend.py tests/backends/test_triton_fit.py'
+    tests/backends/test_cuda_backend.py tests/backends/test_triton_fit.py \
+    tests/models/test_unet.py'
 
 run_step checks 150 "$TEST_ENV"'
   $PY benchmarks/gpu_checks.py --out "$DIR"'

@@ -7,12 +7,14 @@ cuBLAS/CUTLASS GEMMs, cuDNN convs, our CUDA kernels, our Triton kernels, PyTorch
 kernels, memset/memcpy, the rest). One row per (variant, category): p20/p50/p80 over the
 steps of that category's summed kernel time per step, and its kernel count per step. The
 question it answers: how much of a batch-1 step the quantized layers can change at all
-(issue 6's e2e goal asks for 0.8× the FP16 step time). ``meta.memory`` breaks each
-variant's peak memory down (model, allocated before a step, kept after it, transient):
-the goal asks for 0.4× the FP16 peak. ``meta.host`` sets the host's time to enqueue an
-eager step against the step's wall time (host-bound when they are close) and lists the
-CPU ops with the most self time and the Python functions with the most own time. Needs a
-GPU; on CPU it writes one skipped row.
+(issue 6's e2e goal asks for 0.8× the FP16 step time); ``meta.kernels`` lists each
+category's most expensive kernel names. ``meta.memory`` breaks each variant's peak memory
+down (model, allocated before a step, kept after it, transient): the goal asks for 0.4×
+the FP16 peak. ``meta.kept_allocations`` names the Python call sites of the largest
+blocks a step leaves allocated (library workspaces among them). ``meta.host`` sets the
+host's time to enqueue an eager step against the step's wall time (host-bound when they
+are close) and lists the CPU ops with the most self time and the Python functions with
+the most own time. Needs a GPU; on CPU it writes one skipped row.
 """
 
 from __future__ import annotations
@@ -56,19 +58,39 @@ def triton_kernel_names() -> set[str]:
     return names
 
 
+def category_of(name: str, triton_names: set[str]) -> str:
+    """The category of one kernel name: ours (Triton, CUDA) first, then ``CATEGORIES``."""
+    if any(re.search(rf"\b{re.escape(t)}\b", name) for t in triton_names):
+        return "otq_triton"
+    return next((c for c, pattern in CATEGORIES if re.search(pattern, name)), "other")
+
+
 def categorize(kernels: list[tuple[str, float]], triton_names: set[str]) -> dict:
     """{category: (count, total µs)} of (kernel name, µs) pairs."""
     out: dict[str, list] = {}
     for name, us in kernels:
-        if any(re.search(rf"\b{re.escape(t)}\b", name) for t in triton_names):
-            category = "otq_triton"
-        else:
-            category = next((c for c, pattern in CATEGORIES if re.search(pattern, name)),
-                            "other")
-        entry = out.setdefault(category, [0, 0.0])
+        entry = out.setdefault(category_of(name, triton_names), [0, 0.0])
         entry[0] += 1
         entry[1] += us
     return {c: (n, t) for c, (n, t) in out.items()}
+
+
+def top_kernel_names(kernels: list[tuple[str, float]], triton_names: set[str],
+                     top: int = 6, width: int = 160) -> dict:
+    """{category: [(name, count, total µs)]}: each category's `top` kernel names by total
+    time (names cut to `width` characters), so that a category's count can be traced to
+    the library and op that launch it."""
+    by_name: dict[str, list] = {}
+    for name, us in kernels:
+        entry = by_name.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+    out: dict[str, list] = {}
+    for name, (count, us) in sorted(by_name.items(), key=lambda item: -item[1][1]):
+        rows = out.setdefault(category_of(name, triton_names), [])
+        if len(rows) < top:
+            rows.append((name[:width], count, round(us, 2)))
+    return out
 
 
 def device_kernels(prof) -> list[tuple[str, float]]:
@@ -112,7 +134,9 @@ def profile_variant(run, master, variant, image, steps: int, names: set[str]) ->
                  "granularity": gran, "M": 1, "shape": run.meta["config"], "dtype": "float16",
                  "kernels_per_step": max(counts), **common.quantiles_us(
                      [s * 1e-6 for s in samples])})
+    meta_entry(run, "kernels", label, top_kernel_names, device_kernels(prof), names)
     meta_entry(run, "memory", label, memory_breakdown, run, model, step)
+    meta_entry(run, "kept_allocations", label, step_allocation_sites, run, step)
     meta_entry(run, "host", label, host_times, run, step, prof)
     del model
     torch.cuda.empty_cache()
@@ -176,6 +200,40 @@ def memory_breakdown(run, model, step) -> dict:
     return {"model_bytes": bench_e2e.module_bytes(model), "allocated_before_step": before,
             "kept_after_step": kept - before, "step_peak_above_kept": peak - kept,
             "peak": peak}
+
+
+def kept_allocations(snapshot: dict, top: int = 6, depth: int = 4) -> list[dict]:
+    """The largest blocks of a ``torch.cuda.memory._snapshot()`` that are still allocated
+    and carry an allocation stack (those made while history was recorded), as
+    {"bytes", "frames"}: up to `depth` innermost Python frames ("file:line(function)"),
+    torch's module-call wrappers left out."""
+    blocks = [b for seg in snapshot.get("segments", []) for b in seg.get("blocks", [])
+              if b.get("state") == "active_allocated" and b.get("frames")]
+    blocks.sort(key=lambda b: b["size"], reverse=True)
+    out = []
+    for block in blocks[:top]:
+        frames = [f"{Path(f['filename']).name}:{f['line']}({f['name']})"
+                  for f in block["frames"]
+                  if not f["filename"].endswith("torch/nn/modules/module.py")]
+        out.append({"bytes": block["size"], "frames": frames[:depth]})
+    return out
+
+
+def step_allocation_sites(run, step) -> list[dict]:
+    """Where the allocations that a warmed-up step leaves behind were made: one step with
+    the allocator recording Python stacks (cuBLAS workspaces freed first, as in
+    `memory_breakdown`), then `kept_allocations` of the allocator's snapshot."""
+    torch.cuda.synchronize(run.device)
+    bench_e2e.release_cublas_workspaces()
+    torch.cuda.memory._record_memory_history(enabled="state", context="state",
+                                             stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize(run.device)
+        snapshot = torch.cuda.memory._snapshot(run.device)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return kept_allocations(snapshot)
 
 
 def main(argv=None) -> int:

@@ -492,6 +492,37 @@ def test_e2e_profile_categories():
         "torch": (1, 0.5), "copy": (1, 0.25), "other": (1, 0.1)}
 
 
+def test_e2e_profile_top_kernel_names():
+    """Per category, the most expensive kernel names with their counts and total µs."""
+    profile = _load("profile_e2e")
+    kernels = [("nvjet_a", 2.0), ("nvjet_b", 1.0), ("nvjet_a", 2.5), ("nvjet_c", 0.5),
+               ("_conv2d_kernel", 4.0), ("x" * 300, 0.1)]
+    top = profile.top_kernel_names(kernels, {"_conv2d_kernel"}, top=2, width=10)
+    assert top == {"gemm": [("nvjet_a", 2, 4.5), ("nvjet_b", 1, 1.0)],
+                   "otq_triton": [("_conv2d_ke", 1, 4.0)], "other": [("x" * 10, 1, 0.1)]}
+
+
+def test_e2e_profile_kept_allocations_from_a_snapshot():
+    """The largest still-allocated blocks with an allocation stack, innermost frames first,
+    torch's module-call wrappers dropped; freed blocks and blocks without a stack left out."""
+    frame = lambda file, line, name: {"filename": file, "line": line, "name": name}  # noqa: E731
+    workspace = [frame("/x/otq_kernels/models/layers.py", 230, "forward"),
+                 frame("/t/torch/nn/modules/module.py", 1783, "_call_impl"),
+                 frame("/x/otq_kernels/models/unet.py", 160, "forward"),
+                 frame("/x/bench_e2e.py", 77, "step"), frame("/x/run.py", 1, "main")]
+    snapshot = {"segments": [
+        {"blocks": [{"size": 1 << 25, "state": "active_allocated", "frames": workspace},
+                    {"size": 1 << 26, "state": "inactive", "frames": workspace},
+                    {"size": 1 << 27, "state": "active_allocated", "frames": []}]},
+        {"blocks": [{"size": 512, "state": "active_allocated",
+                     "frames": [frame("/x/a.py", 3, "f")]}]}]}
+    kept = _load("profile_e2e").kept_allocations(snapshot, top=5, depth=3)
+    assert kept == [{"bytes": 1 << 25, "frames": ["layers.py:230(forward)",
+                                                   "unet.py:160(forward)",
+                                                   "bench_e2e.py:77(step)"]},
+                    {"bytes": 512, "frames": ["a.py:3(f)"]}]
+
+
 def test_e2e_profile_reads_the_profilers_raw_events():
     """device_kernels uses torch's kineto events API: on a CPU-only profile, no GPU rows."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -206,14 +206,20 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """qkv [B, 3C, T] -> q, k, v each [B, heads, T, ch]."""
+        """qkv [B, 3C, T] -> q, k, v each [B, heads, T, ch], channels at stride 1.
+
+        One transposing copy puts the channels last: the fused SDPA kernels (flash,
+        memory-efficient) need stride 1 in the last dim, and without it CUDA falls back to
+        the math path (two cuBLAS batched GEMMs and the T × T weights in memory).
+        """
         b, width, t = qkv.shape
         ch = width // (3 * self.num_heads)
+        tokens = qkv.transpose(1, 2).contiguous()  # [B, T, 3C]
         if self.new_order:
-            qkv = qkv.reshape(b, 3, self.num_heads, ch, t).transpose(0, 1)
+            split = tokens.reshape(b, t, 3, self.num_heads, ch).permute(2, 0, 3, 1, 4)
         else:
-            qkv = qkv.reshape(b, self.num_heads, 3, ch, t).transpose(0, 2).transpose(1, 2)
-        return tuple(z.transpose(-1, -2) for z in qkv.unbind(0))
+            split = tokens.reshape(b, t, self.num_heads, 3, ch).permute(3, 0, 2, 1, 4)
+        return tuple(split.unbind(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, C, H, W]."""

@@ -17,6 +17,7 @@ from otq_kernels.models import (
     load_fm_checkpoint,
     unet_config,
 )
+from otq_kernels.models.layers import AttentionBlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,6 +195,57 @@ def test_attention_orders_agree_for_one_head():
     b.load_state_dict(a.state_dict())
     x, t = torch.randn(2, 1, 16, 16), torch.rand(2)
     torch.testing.assert_close(a(x, t), b(x, t))
+
+
+def _adm_attention(qkv: torch.Tensor, heads: int, new_order: bool) -> torch.Tensor:
+    """ADM's QKVAttention (new order) / QKVAttentionLegacy written with einsums:
+    qkv [B, 3C, T] -> [B, C, T]."""
+    b, width, t = qkv.shape
+    ch = width // (3 * heads)
+    if new_order:
+        q, k, v = (z.reshape(b * heads, ch, t) for z in qkv.chunk(3, dim=1))
+    else:
+        q, k, v = qkv.reshape(b * heads, 3 * ch, t).split(ch, dim=1)
+    weights = torch.einsum("bct,bcs->bts", q, k).mul(ch ** -0.5).softmax(dim=-1)
+    return torch.einsum("bts,bcs->bct", weights, v).reshape(b, heads * ch, t)
+
+
+@pytest.mark.parametrize("new_order", [True, False], ids=["new_order", "legacy_order"])
+def test_attention_matches_adm_and_feeds_sdpa_channels_last(monkeypatch, new_order):
+    block = _randomize(AttentionBlock(32, num_head_channels=8, new_order=new_order)).eval()
+    x = torch.randn(2, 32, 5, 3)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append([z.stride(-1) for z in (q, k, v)])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        y = block(x)
+        flat = x.reshape(2, 32, 15)
+        attended = _adm_attention(block.qkv(block.norm(flat)), 4, new_order)
+        expected = (flat + block.proj_out(attended)).reshape(x.shape)
+    assert calls == [[1, 1, 1]]  # the fused CUDA kernels need it; the math path does not
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_attention_runs_a_fused_sdpa_kernel_on_cuda():
+    """The mnist attention shape (256 channels, one head, 14 × 14 tokens) in fp16 runs on
+    flash or memory-efficient attention: with only those allowed, SDPA raises if neither
+    accepts the inputs (the math fallback would call cuBLAS and keep its workspace)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    block = _randomize(AttentionBlock(256)).eval()
+    x = torch.randn(1, 256, 14, 14)
+    with torch.no_grad():
+        expected = block(x)
+        block = block.to("cuda", torch.float16)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            y = block(x.to("cuda", torch.float16))
+    torch.testing.assert_close(y.float().cpu(), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_checkpoint_plain_and_ema_layout(tmp_path):
