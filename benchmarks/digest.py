@@ -12,7 +12,9 @@ the end of stdout, so the suite prints this last and appends it to summary.txt):
   and the velocity's error vs the dense model / vs dequant;
 - fit: ms per whole-model pass per backend (ot); checks: ok or not;
 - splitk, splitk_mma: per kernel and M, how often each forced split-K was fastest and how
-  much slower the heuristic's split was at worst.
+  much slower the heuristic's split was at worst;
+- e2e_profile: per variant the kernels and time per step by category, and memory kept
+  after a step and at peak, with the largest kept block's call site.
 
 Pure json, no torch; never raises (a broken file is reported and skipped).
 """
@@ -133,6 +135,23 @@ def e2e(payload: dict) -> None:
               + (f" ({r['note'][:80]})" if r.get("note") else ""))
 
 
+def e2e_profile(payload: dict) -> None:
+    """Per variant: kernels and µs per step by category, then memory: kept after a step
+    and peak (MB), with the largest kept block's size and innermost call site."""
+    for r in payload.get("rows", []):
+        if r.get("p50_us") is not None:
+            print(f"   {r['backend']:<16} {r['kernel']:<10} {r.get('kernels_per_step')} "
+                  f"kernels {r['p50_us']:9.1f} µs")
+    kept_sites = payload.get("meta", {}).get("kept_allocations", {})
+    for label, mem in payload.get("meta", {}).get("memory", {}).items():
+        sites = kept_sites.get(label)
+        top = (f"; largest kept {sites[0]['bytes'] / 1e6:.1f} MB at "
+               f"{(sites[0]['frames'] or ['?'])[0]}" if isinstance(sites, list) and sites
+               else "")
+        print(f"   {label:<16} memory: kept {fmt(mem.get('kept_after_step', 0) / 1e6, '.1f')} "
+              f"MB, peak {fmt(mem.get('peak', 0) / 1e6, '.1f')} MB{top}")
+
+
 def fit(payload: dict) -> None:
     for r in payload.get("rows", []):
         if r.get("p50_us") and r.get("method") == "ot":
@@ -194,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             digest_file(root / sub / f"{subject}.json", f"{sub}/{subject}".lstrip("./"), fn)
     for subject in ("splitk", "splitk_mma"):
         digest_file(root / f"{subject}.json", subject, splitk)
+    digest_file(root / "e2e_profile.json", "e2e_profile", e2e_profile)
     payload = load(root / "checks.json")
     if payload:
         print("== checks")

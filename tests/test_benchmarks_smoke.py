@@ -458,6 +458,23 @@ def test_digest_summarizes_split_k_sweeps(tmp_path, capsys):
                     "+20% (a b4 ch, split 2)"]
 
 
+def test_digest_summarizes_the_e2e_profile(tmp_path, capsys):
+    """Per variant and category kernels and µs per step, then memory with the largest
+    kept block's innermost call site."""
+    meta = {"memory": {"fp16": {"kept_after_step": 34.6e6, "peak": 161.8e6},
+                       "4b": {"kept_after_step": 0, "peak": 41.0e6}},
+            "kept_allocations": {"fp16": [{"bytes": 33554432, "frames": ["layers.py:9(f)"]}],
+                                 "4b": []}}
+    rows = [{"backend": "fp16", "kernel": "gemm", "kernels_per_step": 100, "p50_us": 396.7}]
+    (tmp_path / "e2e_profile.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    assert _load("digest").main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "   fp16             gemm       100 kernels     396.7 µs" in out
+    assert ("   fp16             memory: kept 34.6 MB, peak 161.8 MB; largest kept 33.6 MB "
+            "at layers.py:9(f)") in out
+    assert "   4b               memory: kept 0.0 MB, peak 41.0 MB" in out
+
+
 def test_git_sha_prefers_the_suites_explicit_sha(monkeypatch):
     """The GPU machine's copy may carry a stale .git: OTQ_GIT_SHA wins over it."""
     common = _load("common")
