@@ -7,6 +7,8 @@ input resolution, stride, padding) at batch 1 / 8 / 64. Paths:
   layout): the ratio's numerator; ``fp16`` / ``cudnn_nhwc``: the same with channels-last
   tensors (``ratio_best`` uses the faster of the two);
 - ``dequant``: transient dense weight, then cuDNN (the dequantized baseline);
+- ``cuda`` / ``lut_conv``: the CUDA implicit-GEMM conv on tensor cores (csrc/cuda/
+  lut_conv.cu: pair look-ups of tap-major codes, channels-last x; fp16/bf16, 2-4 bits);
 - ``triton``: the implicit-GEMM conv (weights never expanded in memory); at 4-bit per
   channel also kernel ``implicit_gemm_nosplit`` (channel blocks not split: the effect of
   the split-K heuristic, measured in the same run);
@@ -14,8 +16,9 @@ input resolution, stride, padding) at batch 1 / 8 / 64. Paths:
 
 Rows carry M = batch·OH·OW (the GEMM M), N = C_out, K = C_in/groups·KH·KW, the effective
 GB/s (packed weights + codebook + input + output), % of copy bandwidth and ratio.
-``--write-tuning PATH`` stores the largest M where Triton beats dequant (conv2d section);
-with ``--tuning-from RESULTS.json`` it derives it from that file's rows (no GPU needed).
+``--write-tuning PATH`` stores the largest M where Triton beats dequant and where the CUDA
+kernel beats both (conv2d section); with ``--tuning-from RESULTS.json`` it derives them
+from that file's rows (no GPU needed).
 ``--preset goal`` (GPU suite, issue 6's goal): batch 1 only; ``full`` (default): 1, 8, 64.
 ``--graph`` times CUDA-graph replays of every path (dense too): at batch 1 these layers
 take microseconds, and eager timing would measure the host's launch path instead.
@@ -69,7 +72,8 @@ def candidates(run: common.Run, backends: list[str]) -> list[tuple[str, str, obj
     out = []
     for name in backends:
         reason = common.backend_unavailable(name, run.device)
-        kernel = {"triton": "implicit_gemm", "dequant": "cudnn"}.get(name, name)
+        kernel = {"triton": "implicit_gemm", "dequant": "cudnn", "cuda": "lut_conv"}.get(
+            name, name)
         fn = (lambda x, qt, s, p, name=name:
               ops.codebook_conv2d(x, qt, None, s, p, 1, 1, backend=name))
         out.append((name, kernel, reason or fn))
@@ -162,18 +166,26 @@ def best_dense_ratios(rows: list[dict]) -> None:
 
 
 def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
-    """conv2d.triton_max_m: largest measured M (batch·OH·OW) below which Triton wins.
+    """conv2d.triton_max_m and conv2d.cuda_max_m: the largest measured M (batch·OH·OW) up
+    to which Triton beats dequant, and the CUDA kernel the faster of dequant and Triton
+    (dispatch tries cuda first), at every measured M.
 
-    Rows are grouped by M; a group wins when the geometric mean of t_dequant / t_triton
-    over its layers, bits and granularities exceeds 1.
+    Rows are grouped by M; a group wins when the geometric mean of the speedups over its
+    layers, bits and granularities exceeds 1. A path without rows gets no entry.
     """
     times = common.times_by_config(rows, lambda r: r["backend"] if r.get("backend") in (
-        "dequant", "triton") and r.get("kernel") != NOSPLIT else None)
-    means = common.speedup_by_m(times, "dequant", "triton")
-    if not means:
-        return {}, {}
-    value = common.crossover({m: (g or 0) > 1.0 for m, g in means.items()})
-    return {"triton_max_m": value}, {"triton": {str(m): round(g, 3) for m, g in means.items()}}
+        "dequant", "triton", "cuda") and r.get("kernel") != NOSPLIT else None)
+    for t in times.values():
+        if "dequant" in t:
+            t["rival"] = min(t["dequant"], t.get("triton", t["dequant"]))
+    values, evidence = {}, {}
+    for path, baseline in (("triton", "dequant"), ("cuda", "rival")):
+        means = common.speedup_by_m(times, baseline, path)
+        if means:
+            values[f"{path}_max_m"] = common.crossover(
+                {m: (g or 0) > 1.0 for m, g in means.items()})
+            evidence[path] = {str(m): round(g, 3) for m, g in means.items()}
+    return values, evidence
 
 
 def main(argv=None) -> int:
@@ -184,7 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default=None, help="comma-separated bit widths (default 4,2,3,8)")
     p.add_argument("--granularity", default="channel,tensor")
     p.add_argument("--backends", default=None,
-                   help="default GPU: triton,dequant; CPU: reference,cpu,triton,dequant")
+                   help="default GPU: cuda,triton,dequant; CPU: reference,cpu,triton,dequant")
     p.add_argument("--include-1x1", action="store_true", help="also the 1×1 convs")
     common.add_tuning_options(p)
     common.add_dtype_option(p)
@@ -199,7 +211,7 @@ def main(argv=None) -> int:
         ([1] if args.smoke or args.preset == "goal" else DEFAULT_BATCHES)
     bits_list = common.csv_ints(args.bits) if args.bits else ([3] if args.smoke else [4, 2, 3, 8])
     grans = common.csv_strs(args.granularity)
-    backends = common.csv_strs(args.backends or ("triton,dequant" if gpu else
+    backends = common.csv_strs(args.backends or ("cuda,triton,dequant" if gpu else
                                                  "reference,cpu,triton,dequant"))
     layers, source = conv_layers(args)
     run.meta.update(layers_source=source, batches=batches, bits=bits_list, granularities=grans,

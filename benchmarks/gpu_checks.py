@@ -99,6 +99,8 @@ def sanitizer_target(device: torch.device, bits_list: list[int]) -> int:
             cq = common.random_qt(12, 8 * 9, bits, gran, device, shape=(12, 8, 3, 3))
             xc = torch.randn(2, 8, 7, 9, device=device, dtype=torch.float16)
             _try(ops.codebook_conv2d, xc, cq, None, 1, 1, backend="triton")
+            if bits <= 4 and common.backend_unavailable("cuda", device) is None:
+                _try(ops.codebook_conv2d, xc, cq, None, 1, 1, backend="cuda")
         rows = torch.randn(33, 129, device=device)
         for backend in ("cuda", "triton"):
             if common.backend_unavailable(backend, device) is None:

@@ -132,6 +132,32 @@ void cuda_lut_linear(uintptr_t x, int dtype, int64_t m, int64_t k, const Ptrs& p
                       as<float>(workspace), as<void>(stream)));
 }
 
+// sizes: batch, c, h, w, n; params: kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w.
+void cuda_lut_conv2d(uintptr_t x, int dtype, const std::vector<int64_t>& sizes,
+                     const std::vector<int>& params, const Ptrs& planes, int bits,
+                     uintptr_t codebook, bool per_channel, uintptr_t bias, uintptr_t y,
+                     bool y_nchw, int split_k, uintptr_t workspace, uintptr_t stream) {
+  require(sizes.size() == 5 && params.size() == 8, "sizes needs 5 values and params 8");
+  for (const int64_t s : sizes) check_size(s, "size");
+  require(params[0] > 0 && params[1] > 0 && params[2] > 0 && params[3] > 0 && params[4] >= 0 &&
+              params[5] >= 0 && params[6] > 0 && params[7] > 0,
+          "kernel, stride and dilation must be positive, padding >= 0");
+  require(dtype == 1 || dtype == 2, "dtype must be 1 (f16) or 2 (bf16)");
+  require(bits >= 2 && bits <= 4, "bits must be 2..4");
+  require(split_k >= 1, "split_k must be >= 1");
+  require(split_k == 1 || workspace != 0, "split_k > 1 needs a workspace");
+  check_ptr(x, "x"), check_ptr(codebook, "codebook"), check_ptr(y, "y");
+  check_planes(planes, bits);
+  auto dev = device_planes(planes);
+  const otq::cuda::ConvShape shape{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4],
+                                   params[0], params[1], params[2], params[3],
+                                   params[4], params[5], params[6], params[7]};
+  check_cuda(otq::cuda::lut_conv2d(as<const void>(x), dtype, shape, dev.data(), bits,
+                                   as<const float>(codebook), per_channel, as<const void>(bias),
+                                   as<void>(y), y_nchw, split_k, as<float>(workspace),
+                                   as<void>(stream)));
+}
+
 void cuda_fit_rows(uintptr_t x, int64_t r, int64_t n, int bits, bool nearest, uintptr_t codes,
                    uintptr_t centroids, uintptr_t workspace, size_t workspace_bytes,
                    uintptr_t stream) {
@@ -195,6 +221,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "workspace"_a, "stream"_a, "tensor_cores"_a = false,
         "LUT GEMV (dtype 0 f32, 1 f16, 2 bf16), fp32 accumulation; tensor_cores: the mma "
         "kernel (f16/bf16, bits <= 4).");
+  m.def("cuda_lut_conv2d", &cuda_lut_conv2d, "x"_a, "dtype"_a, "sizes"_a, "params"_a,
+        "planes"_a, "bits"_a, "codebook"_a, "per_channel"_a, "bias"_a, "y"_a, "y_nchw"_a,
+        "split_k"_a, "workspace"_a, "stream"_a,
+        "Implicit-GEMM conv2d on tensor cores: x channels-last f16/bf16, tap-major planes "
+        "(bits 2-4), y NCHW or NHWC.");
   m.def("cuda_fit_rows_workspace_bytes", &cuda_fit_rows_workspace_bytes, "r"_a, "n"_a,
         "bits"_a, "Workspace bytes cuda_fit_rows needs.");
   m.def("cuda_fit_rows", &cuda_fit_rows, "x"_a, "r"_a, "n"_a, "bits"_a, "nearest"_a, "codes"_a,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, ops
+from . import ops
 from .format import QuantizedTensor
 from .metrics.weights import weight_error
 from .quantizers import check_options, fit_codebook
@@ -258,9 +258,9 @@ class QuantConv1d(_QuantConv):
 
     forward: x [B, C_in, L] -> [B, C_out, L_out] (x.dtype). Convs run as a 1×k conv2d on
     x.unsqueeze(2) [B, C, 1, L]. Pointwise ones (k = 1, stride 1, no padding, groups 1) run
-    as a linear layer on x^T [B, L, C] instead where no conv kernel would run (on CPU, or
-    with a linear-only backend): on a GPU the conv kernels read x in place, without the
-    transposing copies.
+    as a linear layer on x^T [B, L, C] instead where no conv kernel would run (on CPU, with
+    a linear-only backend, or one whose conv kernel does not take x's dtype and the bits):
+    on a GPU the conv kernels read x in place, without the transposing copies.
     """
 
     FLOAT_TYPE = nn.Conv1d
@@ -287,9 +287,10 @@ class QuantConv1d(_QuantConv):
                 and self._pre_pad is None and self._conv_padding == (0,))
 
     def _conv_kernel_runs(self, x: torch.Tensor) -> bool:
-        """Whether codebook_conv2d would run a conv kernel on x (not the reference)."""
+        """Whether codebook_conv2d would run a conv kernel on x (not the reference): one
+        the backend has and that takes x's dtype and these bits (``conv2d_supports``)."""
         name = ops.resolve_backend(self.backend, "conv2d", x.device, x.shape[0] * x.shape[2])
-        return name != "reference" and hasattr(backends.get(name), "conv2d")
+        return ops.conv_kernel_takes(name, x.dtype, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, L] -> [B, N, L_out]."""

@@ -99,6 +99,17 @@ def _candidates(op: str, device: torch.device) -> list[tuple[str, int]]:
     return [("triton", UNLIMITED), ("cuda", UNLIMITED), ("reference", UNLIMITED)]
 
 
+@_trace_constant
+def conv_kernel_takes(backend: str, dtype: torch.dtype, bits: int) -> bool:
+    """Whether ``backend`` has a conv2d kernel (the reference's is not one) that takes x of
+    ``dtype`` and ``bits``-bit codes (its ``conv2d_supports``, where it has one)."""
+    if backend == "reference":
+        return False
+    module = backends.get(backend)
+    supports = getattr(module, "conv2d_supports", None)
+    return hasattr(module, "conv2d") and (supports is None or supports(dtype, bits))
+
+
 _PLANS: dict[tuple, tuple] = {}
 _PLAN_ENV = ("TRITON_INTERPRET", "OTQ_TUNING_FILE")  # what availability and tuning read
 

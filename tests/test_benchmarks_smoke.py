@@ -284,6 +284,22 @@ def test_conv_split_comparison_row_and_crossover():
     assert conv.derive_crossover(rows)[0] == {"triton_max_m": 0}
 
 
+def test_conv_cuda_crossover_against_the_faster_rival():
+    """cuda_max_m: the CUDA conv must beat the faster of dequant and Triton at every M up to
+    it; the evidence is its geometric-mean speedup per M."""
+    conv = _load("bench_conv")
+    rows = []
+    for m, dequant, triton, cuda in ((49, 10.0, 8.0, 4.0), (196, 10.0, 20.0, 8.0),
+                                     (784, 10.0, 30.0, 12.0), (3136, 10.0, 40.0, 5.0)):
+        base = {"M": m, "shape": "s", "bits": 4, "granularity": "channel"}
+        rows += [{**base, "backend": "dequant", "kernel": "cudnn", "p50_us": dequant},
+                 {**base, "backend": "triton", "kernel": "implicit_gemm", "p50_us": triton},
+                 {**base, "backend": "cuda", "kernel": "lut_conv", "p50_us": cuda}]
+    values, evidence = conv.derive_crossover(rows)
+    assert values == {"triton_max_m": 49, "cuda_max_m": 196}
+    assert evidence["cuda"] == {"49": 2.0, "196": 1.25, "784": 0.833, "3136": 2.0}
+
+
 def test_tensor_core_kernel_is_timed_only_where_it_runs():
     linear = _load("bench_linear")
     names, applies = linear.LIMITED["lut_mma"]

@@ -31,6 +31,27 @@ int lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k, const uint32_
                    int bits, const float* codebook, bool per_channel, int64_t n,
                    const void* bias, void* y, int split_k, float* workspace, void* stream);
 
+// A 2-D convolution's sizes (groups = 1): x [batch, c, h, w], weight [n, c, kh, kw].
+struct ConvShape {
+  int64_t batch, c, h, w, n;
+  int kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+};
+
+// Output size along one axis (0 when the kernel does not fit).
+inline int64_t conv_out_size(int64_t in, int kernel, int stride, int pad, int dil) {
+  const int64_t span = in + 2 * pad - static_cast<int64_t>(dil) * (kernel - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
+// y = conv2d(x, W) + bias on tensor cores (csrc/cuda/lut_conv.cu): x channels-last
+// [batch, h, w, c] in dtype float16 or bfloat16, bits 2..4, planes holding W's codes in
+// tap-major (kh, kw, c) order (rows of K' = kh * kw * c), bias dtype [n] or null; y
+// [batch, n, oh, ow] (y_nchw) or [batch, oh, ow, n]. With split_k > 1, workspace must
+// hold split_k * batch * oh * ow * n floats.
+int lut_conv2d(const void* x, int dtype, const ConvShape& shape, const uint32_t* const* planes,
+               int bits, const float* codebook, bool per_channel, const void* bias, void* y,
+               bool y_nchw, int split_k, float* workspace, void* stream);
+
 // Bytes of workspace fit_rows needs for r rows of n values.
 size_t fit_rows_workspace_bytes(int64_t r, int64_t n, int bits);
 

@@ -4,7 +4,8 @@ Interface (a backend defines the ones it supports):
 - ``unavailable(device) -> str | None``: why it cannot run on ``device`` (None = it can).
 - ``linear(x [M, K], qt, bias [N] | None) -> [M, N]`` in x.dtype.
 - ``conv2d(x [B, C, H, W], qt, bias, stride, padding, dilation, groups) -> [B, N, OH, OW]``
-  (ops makes it dense in ``conv_output_format(x)``).
+  (ops makes it dense in ``conv_output_format(x)``); optionally
+  ``conv2d_supports(dtype, bits) -> bool`` where it takes only some.
 - ``fit_rows(rows [R, n] float, bits, assign) -> (codes int [R, n], centroids f32 [R, 2**b])``
   for the "ot" method.
 - ``pack(codes [N, K], bits) -> planes``; ``unpack(planes, bits, k) -> codes int64 [N, k]``.

@@ -3,6 +3,10 @@
 - ``linear``: LUT GEMV (fp32 accumulation, bias fused, split-K with an fp32 workspace);
   M rows are processed in chunks of ``GEMV_MAX_M`` (it is meant for small M); or the
   tensor-core kernel (chunks of ``MMA_MAX_M``) where the GPU's tuning entry says so.
+- ``conv2d`` (groups = 1, fp16/bf16 x, 2-4 bits): implicit GEMM on tensor cores over the
+  weight's codes re-packed tap-major (:func:`tap_major_planes`, built once per layer and
+  cached) and channels-last x. Only ``backend="cuda"`` or a tuning entry's
+  ``conv2d.cuda_max_m`` selects it: it has not been timed on a GPU yet.
 - ``fit_rows``: equal-mass binning on CUB's stable (segmented) radix sort.
 - ``pack`` / ``unpack``: the canonical bit planes.
 
@@ -12,11 +16,13 @@ workspaces with torch and launch on ``torch.cuda.current_stream()``.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .._native import native, unavailable_reason
 from ..format import QuantizedTensor, check_codes, padded_k, plane_widths
-from . import _device
+from . import _device, conv_output_format
 from ._native_args import (
     aligned,
     checked_codebook,
@@ -38,6 +44,8 @@ MAX_SPLIT_K = 64
 # kernel at M = 1 and 16 (the rest within 8%).
 BLOCKS_PER_SM = 2
 MMA_MAX_BITS = 4        # pair tables of 2**(2 * bits) entries (csrc/cuda/lut_mma.cu)
+CONV_PIXELS_PER_BLOCK = (16, 64)  # output pixels per conv block: <= 16 of them, else 64
+CONV_MIN_GROUPS_PER_SPLIT = 8     # two per warp
 
 
 def unavailable(device) -> str | None:
@@ -142,6 +150,124 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
             xa.data_ptr(), DTYPE_CODES[x.dtype], m, k, [p.data_ptr() for p in planes], qt.bits,
             book.data_ptr(), per_channel, n, 0 if b is None else b.data_ptr(), y.data_ptr(),
             split_k, 0 if ws is None else ws.data_ptr(), _stream(dev), tensor_cores)
+    return y
+
+
+# id(planes[0]) of a conv weight -> (a weak reference to it, what the layout depends on,
+# the tap-major planes); an entry leaves with its tensor (weakref.finalize). Tensors cannot
+# key a WeakKeyDictionary: it compares keys with ==, which is elementwise for tensors.
+_TAP_MAJOR: dict[int, tuple] = {}
+
+
+def _planes_stamp(qt: QuantizedTensor) -> tuple:
+    """What a cached runtime layout of qt depends on: the planes' in-place versions (None
+    for inference tensors, which have no version counter) and the weight shape."""
+    try:
+        versions = tuple(p._version for p in qt.planes)
+    except RuntimeError:
+        versions = None
+    return versions, tuple(p.data_ptr() for p in qt.planes), qt.shape
+
+
+def tap_major_planes(qt: QuantizedTensor) -> list[torch.Tensor]:
+    """The codes of a conv weight [N, C, KH, KW] re-packed as rows of K' = KH * KW * C in
+    (kh, kw, c) order: bit planes int32 [N, K'_pad * w / 32] (the canonical plane format
+    of the permuted weight), the runtime layout of csrc/cuda/lut_conv.cu (DESIGN.md section
+    2: built at first use, never saved). Cached per layer until its planes change."""
+    from .. import ops  # ops imports the backends
+
+    key, stamp = id(qt.planes[0]), _planes_stamp(qt)
+    hit = _TAP_MAJOR.get(key)
+    same_tensor = hit is not None and hit[0]() is qt.planes[0]
+    if same_tensor and hit[1] == stamp:
+        return hit[2]
+    n, c, kh, kw = qt.shape
+    codes = ops.unpack(qt).reshape(n, c, kh, kw).permute(0, 2, 3, 1).reshape(n, -1)
+    planes = ops.pack(codes, qt.bits)
+    if not same_tensor:
+        weakref.finalize(qt.planes[0], _TAP_MAJOR.pop, key, None)
+    _TAP_MAJOR[key] = (weakref.ref(qt.planes[0]), stamp, planes)
+    return planes
+
+
+def conv_split_k_for(n: int, pixels: int, k: int, sms: int) -> int:
+    """Split-K factor of the conv kernel: at least ``BLOCKS_PER_SM`` blocks per SM over
+    (16-row blocks) x (pixel tiles), at least ``CONV_MIN_GROUPS_PER_SPLIT`` K' groups each.
+
+    >>> conv_split_k_for(256, 49, 2304, 132)  # the mnist UNet's 7x7 convs: 16 blocks
+    9
+    >>> conv_split_k_for(256, 784, 2304, 132)  # 28x28: 208 blocks
+    2
+    """
+    tile = CONV_PIXELS_PER_BLOCK[0] if pixels <= CONV_PIXELS_PER_BLOCK[0] \
+        else CONV_PIXELS_PER_BLOCK[1]
+    blocks = -(-n // ROWS_PER_BLOCK) * -(-pixels // tile)
+    want = -(-BLOCKS_PER_SM * sms // blocks)
+    return max(1, min(want, padded_k(k) // GROUP // CONV_MIN_GROUPS_PER_SPLIT, MAX_SPLIT_K))
+
+
+def conv2d_supports(dtype: torch.dtype, bits: int) -> bool:
+    """Whether :func:`conv2d` takes x of ``dtype`` and ``bits``-bit codes (pointwise Conv1d
+    layers run as a linear layer otherwise)."""
+    return tensor_cores_support(dtype, bits)
+
+
+def conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, stride, padding,
+           dilation, groups: int, split_k: int | None = None) -> torch.Tensor:
+    """y = conv2d(x, W) + bias on tensor cores (csrc/cuda/lut_conv.cu).
+
+    x [B, C, H, W] float16/bfloat16 on CUDA (NCHW or channels-last; copied to
+    channels-last when it is not) -> y [B, N, OH, OW] in x.dtype and x's memory format
+    (:func:`conv_output_format`). groups = 1 and 2-4-bit codes only. split_k: force a
+    split-K factor (None = :func:`conv_split_k_for`).
+    """
+    _require_cuda(x, "x")
+    dev = x.device
+    if groups != 1:
+        raise ValueError(f"the cuda conv2d runs groups=1 only, got groups={groups}")
+    if not tensor_cores_support(x.dtype, qt.bits):
+        raise ValueError(f"the cuda conv2d needs float16/bfloat16 x and bits <= {MMA_MAX_BITS}, "
+                         f"got {x.dtype} and bits={qt.bits}")
+    if len(qt.shape) != 4 or x.dim() != 4 or x.shape[1] != qt.shape[1]:
+        raise ValueError(f"x must be [B, {qt.shape[1]}, H, W] for a weight of shape "
+                         f"{list(qt.shape)}, got {list(x.shape)}")
+    n, c, kh, kw = qt.shape
+    batch, _, h, w = x.shape
+    (sh, sw), (ph, pw), (dh, dw) = (tuple(int(v) for v in a) for a in (stride, padding, dilation))
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"input {list(x.shape)} too small for the kernel")
+    book = checked_codebook(qt, "cuda", dev)
+    per_channel = book.shape[0] == n and n > 1
+    fmt = conv_output_format(x)
+    y = torch.empty(batch, n, oh, ow, dtype=x.dtype, device=dev, memory_format=fmt)
+    if y.numel() == 0:
+        return y
+    b = None
+    if bias is not None:
+        _require_cuda(bias, "bias", dev)
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+        b = bias.to(x.dtype).contiguous()
+    with torch.cuda.device(dev):
+        planes = [aligned(p) for p in tap_major_planes(qt)]
+        xc = x.contiguous(memory_format=torch.channels_last)
+        xc = xc if xc.data_ptr() % 16 == 0 else xc.clone(memory_format=torch.channels_last)
+        k = kh * kw * c
+        if split_k is None:
+            split_k = conv_split_k_for(n, batch * oh * ow, k, _device.sm_count(dev))
+        if not isinstance(split_k, int) or split_k < 1:
+            raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+        split_k = min(split_k, padded_k(k) // GROUP)
+        ws = (torch.empty(split_k * batch * oh * ow * n, dtype=torch.float32, device=dev)
+              if split_k > 1 else None)
+        native(require_cuda=True).cuda_lut_conv2d(
+            xc.data_ptr(), DTYPE_CODES[x.dtype], [batch, c, h, w, n],
+            [kh, kw, sh, sw, ph, pw, dh, dw], [p.data_ptr() for p in planes], qt.bits,
+            book.data_ptr(), per_channel, 0 if b is None else b.data_ptr(), y.data_ptr(),
+            fmt == torch.contiguous_format, split_k, 0 if ws is None else ws.data_ptr(),
+            _stream(dev))
     return y
 
 

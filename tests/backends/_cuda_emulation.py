@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from otq_kernels.backends.cuda import DTYPE_CODES, GEMV_MAX_M, MMA_MAX_M
+from otq_kernels.backends.cuda import DTYPE_CODES, GEMV_MAX_M, MMA_MAX_M, tap_major_planes
 from otq_kernels.format import QuantizedTensor, padded_k, plane_widths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,6 +112,38 @@ class Emulated:
                       y.data_ptr(), split_k, None if ws is None else ws.data_ptr()))
         return y
 
+    def conv2d(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
+               stride=(1, 1), padding=(0, 0), dilation=(1, 1), split_k: int = 1,
+               nchw: bool = True) -> torch.Tensor:
+        """x [B, C, H, W] (fp16/bf16) -> y [B, N, OH, OW] through lut_conv.cu, with the
+        tap-major planes the cuda backend builds; y NCHW-contiguous (nchw) or channels-last."""
+        n, c, kh, kw = qt.shape
+        batch, _, h, w = x.shape
+        oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        split_k = min(split_k, padded_k(kh * kw * c) // 32)
+        planes = [p.contiguous() for p in tap_major_planes(qt)]
+        xc = x.contiguous(memory_format=torch.channels_last)
+        book = qt.codebook.to(torch.float32).contiguous()
+        per_channel = book.shape[0] == n and n > 1
+        b = None if bias is None else bias.to(x.dtype).contiguous()
+        y = torch.full((batch, n, oh, ow), float("nan"), dtype=x.dtype)
+        y = y if nchw else y.contiguous(memory_format=torch.channels_last)
+        ws = (torch.full((split_k * batch * oh * ow * n,), float("nan"))
+              if split_k > 1 else None)
+        sizes = (ctypes.c_int64 * 5)(batch, c, h, w, n)
+        params = (ctypes.c_int * 8)(kh, kw, *stride, *padding, *dilation)
+        f = self.lib.otq_emu_lut_conv2d
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                      ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_bool,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_bool, ctypes.c_int,
+                      ctypes.c_void_p]
+        self._check(f(xc.data_ptr(), DTYPE_CODES[x.dtype], sizes, params, _ptrs(planes),
+                      qt.bits, book.data_ptr(), per_channel,
+                      None if b is None else b.data_ptr(), y.data_ptr(), nchw, split_k,
+                      None if ws is None else ws.data_ptr()))
+        return y
+
     def pack(self, codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
         """codes int64 [N, K] -> planes int32 [N, K_pad * w / 32] (filled with -1 first)."""
         n, k = codes.shape
@@ -189,6 +221,15 @@ def run_sample(emu: Emulated) -> None:
     y = emu.linear(x, qt, None, 1)
     torch.testing.assert_close(y.float(), reference.linear(x.float(), qt, None),
                                rtol=1e-2, atol=1e-2)
+    # the conv kernel: 3x3 with padding (pixels outside the image), split-K, 60 pixels of
+    # a 64-pixel tile, NCHW and channels-last output
+    qt = otq.fit_codebook(torch.randn(20, 16, 3, 3, generator=gen), bits=4,
+                          granularity="channel", backend="reference")
+    x = torch.randn(2, 16, 5, 6, generator=gen).half()
+    want = reference.conv2d(x.float(), qt, None, (1, 1), (1, 1), (1, 1), 1)
+    for split_k, nchw in ((1, True), (2, False)):
+        y = emu.conv2d(x, qt, None, (1, 1), (1, 1), (1, 1), split_k, nchw)
+        torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
     codes = torch.randint(0, 32, (3, 33), generator=gen)
     planes = emu.pack(codes, 5)
     assert all(torch.equal(a, b) for a, b in zip(planes, pack_codes(codes, 5), strict=True))

@@ -293,3 +293,79 @@ def test_mma_kernel_in_a_cuda_graph(cuda_backend):
     graph.replay()
     torch.testing.assert_close(got, cuda_backend.linear(x, qt, None, tensor_cores=True))
     assert not torch.equal(got, want)
+
+
+def check_conv(cuda, x_shape, w_shape, bits, granularity, dtype, stride=(1, 1),
+               padding=(0, 0), dilation=(1, 1), split_k=None, channels_last=False):
+    """lut_conv.cu against the reference conv in ``dtype`` (vs float64), as check_linear."""
+    w = torch.randn(w_shape, generator=torch.Generator().manual_seed(sum(w_shape)))
+    qt = otq.fit_codebook(w, bits=bits, granularity=granularity, backend="reference").to("cuda")
+    gen = torch.Generator().manual_seed(sum(x_shape))
+    x = torch.randn(x_shape, generator=gen).to("cuda", dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(w_shape[0], generator=gen).to("cuda", dtype)
+    args = (stride, padding, dilation, 1)
+    y = cuda.conv2d(x, qt, bias, *args, split_k=split_k)
+    truth = reference.conv2d(x.double(), qt, bias.double(), *args)
+    assert y.dtype == dtype and y.shape == truth.shape
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last and x_shape[1] > 1
+                           else torch.contiguous_format)
+    ref_err = rel_err(reference.conv2d(x, qt, bias, *args), truth)
+    assert rel_err(y, truth) <= 2 * ref_err + FLOOR[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("hw", [7, 14, 28], ids=lambda s: f"{s}x{s}")
+def test_conv_kernel_on_the_mnist_unet_3x3_shapes(cuda_backend, hw, bits, granularity, dtype):
+    """256 -> 256 3x3 convs at batch 1 (the UNet's resolutions; 7x7 splits K)."""
+    check_conv(cuda_backend, (1, 256, hw, hw), (256, 256, 3, 3), bits, granularity, dtype,
+               padding=(1, 1))
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding,dilation,split_k,channels_last", [
+    ((1, 1, 28, 28), (256, 1, 3, 3), (1, 1), (1, 1), (1, 1), None, False),  # C = 1
+    ((2, 512, 14, 14), (256, 512, 1, 1), (1, 1), (0, 0), (1, 1), None, True),  # skip conv
+    ((3, 24, 9, 11), (40, 24, 3, 3), (2, 2), (1, 1), (1, 1), 3, False),
+    ((1, 40, 10, 10), (17, 40, 1, 3), (1, 2), (0, 2), (1, 2), 64, True),
+], ids=["c1", "pointwise-512-nhwc", "stride2-split3", "1x3-dilated-split64-nhwc"])
+def test_conv_kernel_odd_shapes(cuda_backend, x_shape, w_shape, stride, padding, dilation,
+                                split_k, channels_last):
+    check_conv(cuda_backend, x_shape, w_shape, 4, "channel", torch.float16, stride, padding,
+               dilation, split_k, channels_last)
+
+
+def test_conv_kernel_rejects_what_it_does_not_run(cuda_backend):
+    qt = otq.fit_codebook(torch.randn(8, 4, 3, 3), bits=4, backend="reference").to("cuda")
+    x = torch.randn(1, 4, 5, 5, device="cuda")
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        cuda_backend.conv2d(x, qt, None, (1, 1), (1, 1), (1, 1), 1)
+    with pytest.raises(ValueError, match="groups=1"):
+        cuda_backend.conv2d(x.half(), qt, None, (1, 1), (1, 1), (1, 1), 2)
+    wide = otq.fit_codebook(torch.randn(8, 4, 3, 3), bits=8, backend="reference").to("cuda")
+    with pytest.raises(ValueError, match="bits <= 4"):
+        cuda_backend.conv2d(x.half(), wide, None, (1, 1), (1, 1), (1, 1), 1)
+
+
+def test_conv_kernel_in_a_cuda_graph_and_after_a_weight_change(cuda_backend):
+    """Graph capture and replay (the tap-major layout is built before capture), then an
+    in-place change of the planes rebuilds the layout (the cache keys on their versions)."""
+    qt = otq.fit_codebook(torch.randn(32, 64, 3, 3), bits=4, backend="reference").to("cuda")
+    x = torch.randn(1, 64, 14, 14, device="cuda", dtype=torch.float16)
+    args = ((1, 1), (1, 1), (1, 1), 1)
+    want = cuda_backend.conv2d(x, qt, None, *args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = cuda_backend.conv2d(x, qt, None, *args)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(got, cuda_backend.conv2d(x, qt, None, *args))
+    assert not torch.equal(got, want)
+    other = otq.fit_codebook(torch.randn(32, 64, 3, 3), bits=4, backend="reference").to("cuda")
+    for mine, theirs in zip(qt.planes, other.planes, strict=True):
+        mine.copy_(theirs)
+    qt.codebook.copy_(other.codebook)
+    torch.testing.assert_close(cuda_backend.conv2d(x, qt, None, *args),
+                               reference.conv2d(x, other, None, *args), rtol=2e-2, atol=2e-2)

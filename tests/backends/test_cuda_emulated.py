@@ -8,6 +8,7 @@ so a kernel that skips or overruns an element shows up; the sanitizer tests reru
 sample under AddressSanitizer+UBSan and ThreadSanitizer.
 """
 
+import gc
 import os
 import subprocess
 import sys
@@ -223,3 +224,68 @@ def test_kernels_clean_under_sanitizer(emulated, tmp_path, sanitizer):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
     assert "sample ok" in done.stdout
+
+
+def check_conv(emu, x_shape, w_shape, bits, granularity, dtype, stride=(1, 1), padding=(0, 0),
+               dilation=(1, 1), split_k=1, nchw=True, with_bias=True):
+    qt = make_qt(w_shape, bits, granularity, "cpu", seed=bits * 100 + sum(w_shape))
+    x = randn(x_shape, "cpu", dtype, seed=sum(x_shape))
+    bias = randn((w_shape[0],), "cpu", dtype, seed=w_shape[0]) if with_bias else None
+    y = emu.conv2d(x, qt, bias, stride, padding, dilation, split_k=split_k, nchw=nchw)
+    assert y.is_contiguous(memory_format=torch.contiguous_format if nchw
+                           else torch.channels_last)
+    args = (stride, padding, dilation, 1)
+    truth = reference.conv2d(x.double(), qt, None if bias is None else bias.double(), *args)
+    assert_matches_reference(y, reference.conv2d(x, qt, bias, *args), truth, dtype)
+
+
+@pytest.mark.parametrize("dtype", MMA_DTYPES, ids=str)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_conv_every_bit_width(emulated, bits, granularity, dtype):
+    """lut_conv.cu, 3x3 with padding 1 over 2 images of 5x6: 60 output pixels (one tile of
+    64, 4 past the last pixel), 20 output channels (a full and a partial 16-row block),
+    K' = 144 (a partial last group), 16 channels (16-byte x loads)."""
+    check_conv(emulated, (2, 16, 5, 6), (20, 16, 3, 3), bits, granularity, dtype,
+               padding=(1, 1))
+
+
+@pytest.mark.parametrize("x_shape,w_shape,stride,padding,dilation,split_k,nchw", [
+    ((1, 3, 6, 5), (9, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, True),   # C % 8: element loads
+    ((1, 8, 3, 4), (17, 8, 1, 1), (1, 1), (0, 0), (1, 1), 1, False),  # 12 pixels: 2 n-tiles
+    ((2, 24, 7, 7), (16, 24, 3, 3), (2, 2), (1, 1), (1, 1), 3, True),  # stride 2, split-K
+    ((1, 16, 9, 8), (5, 16, 1, 3), (1, 2), (0, 2), (1, 2), 2, False),  # 1x3, dilation 2
+    ((1, 32, 4, 4), (16, 32, 3, 3), (1, 1), (2, 2), (2, 2), 64, True),  # split per group
+], ids=["c3-elements", "pointwise-12px-nhwc", "stride2-split3", "1x3-dilated-nhwc",
+        "pad2-dil2-split64"])
+def test_conv_shapes_strides_and_splits(emulated, x_shape, w_shape, stride, padding,
+                                        dilation, split_k, nchw):
+    check_conv(emulated, x_shape, w_shape, 4, "channel", torch.float16, stride, padding,
+               dilation, split_k=split_k, nchw=nchw)
+
+
+def test_conv_without_bias_per_tensor_bf16(emulated):
+    check_conv(emulated, (1, 8, 4, 4), (3, 8, 3, 3), 3, "tensor", torch.bfloat16,
+               padding=(1, 1), with_bias=False)
+
+
+def test_tap_major_planes_layout_and_cache():
+    """The conv kernel's runtime layout: the codes of [N, C, KH, KW] as rows in (kh, kw, c)
+    order, packed canonically; cached until the planes change in place."""
+    from otq_kernels.backends.cuda import _TAP_MAJOR, tap_major_planes
+    from otq_kernels.format import unpack_planes
+
+    qt = make_qt((5, 3, 2, 3), 3, "channel", "cpu")
+    planes = tap_major_planes(qt)
+    codes = unpack_planes(qt.planes, 3, 18).reshape(5, 3, 2, 3).permute(0, 2, 3, 1)
+    assert torch.equal(unpack_planes(planes, 3, 18), codes.reshape(5, 18))
+    assert tap_major_planes(qt) is planes
+    qt.planes[0].mul_(1)  # an in-place write, same values
+    rebuilt = tap_major_planes(qt)
+    assert rebuilt is not planes
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt, planes, strict=True))
+    key = id(qt.planes[0])
+    assert key in _TAP_MAJOR
+    del qt
+    gc.collect()
+    assert key not in _TAP_MAJOR  # the entry leaves with the layer's planes

@@ -23,6 +23,18 @@ int otq_emu_lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k,
                                    y, split_k, workspace, nullptr);
 }
 
+int otq_emu_lut_conv2d(const void* x, int dtype, const int64_t* sizes, const int* params,
+                       const uint32_t* const* planes, int bits, const float* codebook,
+                       bool per_channel, const void* bias, void* y, bool y_nchw, int split_k,
+                       float* workspace) {
+  // sizes: batch, c, h, w, n; params: kh, kw, stride, padding, dilation (h, w each)
+  const otq::cuda::ConvShape shape{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4],
+                                   params[0], params[1], params[2], params[3],
+                                   params[4], params[5], params[6], params[7]};
+  return otq::cuda::lut_conv2d(x, dtype, shape, planes, bits, codebook, per_channel, bias, y,
+                               y_nchw, split_k, workspace, nullptr);
+}
+
 size_t otq_emu_fit_rows_workspace_bytes(int64_t r, int64_t n, int bits) {
   return otq::cuda::fit_rows_workspace_bytes(r, n, bits);
 }

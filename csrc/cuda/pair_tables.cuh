@@ -1,0 +1,268 @@
+// Pair look-up tables for the tensor-core LUT kernels (lut_mma.cu, lut_conv.cu): a block
+// of 4 warps owns 16 weight rows (the M of mma.m16n8k16); the codes of two adjacent
+// columns of a row form one "pair index" looked up in a shared table of packed
+// half2/bf162 pairs, one copy per lane so that look-ups never conflict.
+#pragma once
+
+#include "common.cuh"
+#include "gemv_common.cuh"
+#include "launchers.h"
+
+namespace otq::cuda {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kTileRows = 16;
+constexpr int kTileBatch = 8;  // the mma's N: rows of x per n-tile
+constexpr int kMaxTiles = kMmaMaxM / kTileBatch;  // n-tiles per launch, sharing each A
+constexpr int kMaxMmaBits = 4;
+constexpr int kLaneColumns = kGroup / 4;  // a lane's columns of a group: 4 pairs
+
+// A pair index packs, for each plane p (width w_p, code bits from offset o_p), the plane's
+// 2 * w_p bits of the pair (first column low) at bit 2 * o_p: 4 bits: a byte of the lane's
+// word; 2 bits: a nibble; 3 bits: the 2-bit plane's nibble, the 1-bit plane's two bits
+// above it. So a table has 4^bits entries.
+template <int BITS>
+constexpr int kEntries = 1 << (2 * BITS);
+
+template <int BITS>
+constexpr int kPlanes = plane_spec(BITS).count;
+
+// Table words: one copy of every entry per lane, per layer or (per channel) for each of
+// the lane's two A rows: [r][entry][lane], lane-major so that any 32 look-ups hit 32 banks.
+template <int BITS>
+constexpr int table_words(bool per_channel) {
+  return kEntries<BITS> * kWarpSize * (per_channel ? 2 : 1);
+}
+
+struct CodePair {
+  int first, second;  // the codes of the pair's columns
+};
+
+template <int BITS>
+OTQ_HD constexpr CodePair entry_codes(int entry) {
+  constexpr PlaneSpec spec = plane_spec(BITS);
+  CodePair codes{0, 0};
+  for (int p = 0; p < spec.count; ++p) {
+    const int width = spec.width[p], mask = (1 << width) - 1;
+    const int field = entry >> (2 * spec.offset[p]);
+    codes.first |= (field & mask) << spec.offset[p];
+    codes.second |= (field >> width & mask) << spec.offset[p];
+  }
+  return codes;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pair_entry(const float* __restrict__ book, CodePair codes) {
+  return pack2(from_float<T>(book[codes.first]), from_float<T>(book[codes.second]));
+}
+
+// table[(r * entries + entry) * 32 + lane] (r = 0 only per layer), written 16 bytes at a
+// time: the 4 lanes 4g..4g+3 share A rows g + 8r, i.e. uint4 (r * entries + entry) * 8 + g
+// holds lanes 4g..4g+3. Thread x writes quad g = x % 8 of the entries x / 8 + 16i, so its
+// codebook row (block_row + g + 8r per channel, clamped to n - 1) is fixed and codebook
+// reads and stores sit at immediate offsets from per-thread bases. All reads of a row
+// precede its stores.
+template <typename T, int BITS, bool PER_CHANNEL>
+__device__ __forceinline__ void build_pair_tables(uint32_t* table,
+                                                  const float* __restrict__ codebook,
+                                                  int64_t block_row, int64_t n) {
+  constexpr int kQuads = kWarpSize / 4;
+  constexpr int kStride = kThreads / kQuads;  // entries that one pass of the block writes
+  constexpr int kPerThread = kEntries<BITS> / kStride;
+  static_assert(kPerThread * kStride == kEntries<BITS>, "whole passes over the entries");
+  const int g = threadIdx.x % kQuads, first = threadIdx.x / kQuads;
+  uint4* out = reinterpret_cast<uint4*>(table) + first * kQuads + g;
+#pragma unroll
+  for (int r = 0; r < (PER_CHANNEL ? 2 : 1); ++r) {
+    const int64_t row = min(block_row + g + 8 * r, n - 1);  // as LaneTile clamps A rows
+    const float* book = PER_CHANNEL ? codebook + row * (1 << BITS) : codebook;
+    uint32_t entry[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i)
+      entry[i] = pair_entry<T>(book, entry_codes<BITS>(first + kStride * i));
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i)
+      out[(r * kEntries<BITS> + kStride * i) * kQuads] =
+          make_uint4(entry[i], entry[i], entry[i], entry[i]);
+  }
+}
+
+// A lane's 8 x columns c..c+7 of one x row as 4 packed pairs. WHOLE: c + 8 <= k and x_row + c
+// 16-byte aligned, one vector load; else masked pairs, zero past k.
+template <typename T, bool WHOLE>
+__device__ __forceinline__ void x_lane(uint32_t (&pairs)[4], const T* __restrict__ x_row,
+                                       int64_t k, int64_t c) {
+  if (WHOLE) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x_row + c));
+    pairs[0] = v.x, pairs[1] = v.y, pairs[2] = v.z, pairs[3] = v.w;
+    return;
+  }
+  const T zero = from_float<T>(0.f);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t col = c + 2 * i;
+    pairs[i] = pack2(col < k ? x_row[col] : zero, col + 1 < k ? x_row[col + 1] : zero);
+  }
+}
+
+// Pair index of a lane's pair `pair` (columns 2 * pair, +1 of a chunk of 8), from the
+// chunk's bits of each plane shifted so that the chunk's columns start at bit 0.
+template <int BITS>
+__device__ __forceinline__ uint32_t pair_index(const uint32_t (&chunk_bits)[kPlanes<BITS>],
+                                               int pair) {
+  constexpr PlaneSpec kSpec = plane_spec(BITS);
+  static_assert(BITS >= 2 && BITS <= kMaxMmaBits, "pair tables hold 2-4-bit codes");
+  uint32_t index = 0;
+#pragma unroll
+  for (int p = 0; p < kPlanes<BITS>; ++p) {
+    const int bits = 2 * kSpec.width[p];
+    index |= (chunk_bits[p] >> (bits * pair) & ((1u << bits) - 1u)) << (2 * kSpec.offset[p]);
+  }
+  return index;
+}
+
+// Bits of a plane of width w that a lane owns in a span of SPAN groups (8 columns per
+// group), and the words they take (at least one: below 32 bits they share a word).
+template <int SPAN>
+OTQ_HD constexpr int lane_bits(int width) { return kLaneColumns * SPAN * width; }
+template <int SPAN>
+OTQ_HD constexpr int lane_words(int width) {
+  return lane_bits<SPAN>(width) < 32 ? 1 : lane_bits<SPAN>(width) / 32;
+}
+
+// The words of a span that hold one A row's lane columns: per plane lane_words (<= SPAN)
+// words, unshifted.
+template <int BITS, int SPAN>
+struct LaneWords {
+  uint32_t w[kPlanes<BITS>][SPAN];
+};
+
+// `count` (1, 2 or 4) consecutive words from p, aligned to count words.
+__device__ __forceinline__ void load_words(uint32_t* out, const uint32_t* p, int count) {
+  if (count == 4) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else if (count == 2) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    out[0] = v.x, out[1] = v.y;
+  } else {
+    out[0] = __ldg(p);
+  }
+}
+
+// One lane's view of its block: A rows g and g + 8 (r = 0, 1); in n-tile j, B column g is
+// row 8 * j + g of x. Rows past n and x rows past m are clamped to the last one: they only
+// feed D rows/columns that are never written, so no lane needs a branch.
+//
+// K runs in spans of SPAN groups (32 * SPAN columns, from group g0): lane t owns the span's
+// columns 8 * (SPAN * t + s) .. +7 for s < SPAN, chunk s of its 8 * SPAN contiguous
+// columns, and step s of the span (two mmas, as one group before) takes every lane's
+// chunk s. So a lane's code bits of a span are one aligned vector per plane and A row,
+// and its x columns one 16-byte vector per step and x row; with SPAN = 2 the 4 lanes of
+// an x row read 64 adjacent columns in a step, one 128-byte line when g0 is even.
+template <typename T, int BITS, bool PER_CHANNEL, int NT, int SPAN>
+struct LaneTile {
+  SharedAddr lane_table[2];  // entry e of A row r: the word at lane_table[r] + e * 128
+  const uint32_t* plane_word[2][kPlanes<BITS>];  // the lane's first word of span g0 = 0
+  uint32_t shift[kPlanes<BITS>];  // where the lane's bits start in it (0 from 32 bits on)
+  const T* x_row[NT];
+  int t;
+
+  __device__ __forceinline__ LaneTile(const uint32_t* table_, const T* x, int m, int64_t k,
+                                      const PlaneArgs& planes, int64_t block_row, int64_t n) {
+    constexpr PlaneSpec kSpec = plane_spec(BITS);
+    const int lane = threadIdx.x % kWarpSize, g = lane / 4;
+    t = lane % 4;
+#pragma unroll
+    for (int p = 0; p < kPlanes<BITS>; ++p) shift[p] = t * lane_bits<SPAN>(kSpec.width[p]) % 32;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      lane_table[r] =
+          shared_addr(table_ + (PER_CHANNEL ? r * kEntries<BITS> * kWarpSize : 0) + lane);
+      const int64_t row = min(block_row + g + 8 * r, n - 1);
+#pragma unroll
+      for (int p = 0; p < kPlanes<BITS>; ++p)
+        plane_word[r][p] = planes.ptr[p] + row * planes.row_words[p] +
+                           t * lane_bits<SPAN>(kSpec.width[p]) / 32;
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      x_row[j] = x + static_cast<int64_t>(8 * j + g < m ? 8 * j + g : m - 1) * k;
+  }
+
+  // The words of the span from group g0 for the lane's A rows g and g + 8.
+  __device__ __forceinline__ void load(LaneWords<BITS, SPAN> (&words)[2], int64_t g0) const {
+    constexpr PlaneSpec kSpec = plane_spec(BITS);
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int p = 0; p < kPlanes<BITS>; ++p)
+        load_words(words[r].w[p], plane_word[r][p] + g0 * kSpec.width[p],
+                   lane_words<SPAN>(kSpec.width[p]));
+  }
+
+  // The table word of `entry` for A row r (one shift-add for the address).
+  __device__ __forceinline__ uint32_t lookup(int r, uint32_t entry) const {
+    return load_shared_u32(lane_table[r], entry * (4 * kWarpSize));
+  }
+
+  // The lane's x columns of the span from g0 in each n-tile j: b[s][j] = 4 packed pairs of
+  // step s.
+  template <bool WHOLE>
+  __device__ __forceinline__ void load_x(uint32_t (&b)[SPAN][NT][4], int64_t g0,
+                                         int64_t k) const {
+#pragma unroll
+    for (int s = 0; s < SPAN; ++s)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        x_lane<T, WHOLE>(b[s][j], x_row[j], k, g0 * kGroup + kLaneColumns * (SPAN * t + s));
+  }
+
+  // d[j] += the 16 rows x 32 * SPAN columns of the span from g0 times the matching columns
+  // of n-tile j's x (2 * SPAN * NT mmas, each A fragment looked up once).
+  template <bool WHOLE>
+  __device__ __forceinline__ void accumulate(float (&d)[NT][4], int64_t g0, int64_t k) const {
+    LaneWords<BITS, SPAN> words[2];
+    load(words, g0);
+    uint32_t b[SPAN][NT][4];
+    load_x<WHOLE>(b, g0, k);
+    accumulate(d, words, b);
+  }
+
+  // The same with the span's words and x columns already loaded.
+  __device__ __forceinline__ void accumulate(float (&d)[NT][4],
+                                             const LaneWords<BITS, SPAN> (&words)[2],
+                                             const uint32_t (&b)[SPAN][NT][4]) const {
+    constexpr PlaneSpec kSpec = plane_spec(BITS);
+#pragma unroll
+    for (int s = 0; s < SPAN; ++s) {
+      uint32_t chunk_bits[2][kPlanes<BITS>];
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int p = 0; p < kPlanes<BITS>; ++p) {
+          const int bit = kLaneColumns * s * kSpec.width[p];  // chunk s's, in the lane's bits
+          chunk_bits[r][p] = lane_bits<SPAN>(kSpec.width[p]) >= 32
+                               ? words[r].w[p][bit / 32] >> bit % 32
+                               : words[r].w[p][0] >> shift[p] >> bit;
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t a[4];
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            a[2 * q + r] = lookup(r, pair_index<BITS>(chunk_bits[r], 2 * h + q));
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t pairs[2] = {b[s][j][2 * h], b[s][j][2 * h + 1]};
+          mma_16816<T>(d[j], a, pairs);
+        }
+      }
+    }
+  }
+};
+
+}  // namespace otq::cuda
