@@ -32,11 +32,14 @@ struct OutIndex {
   }
 };
 
-// The geometry of one launch: x [B, H, W, C] channels-last, y [B, N, OH, OW].
+// The geometry of one launch: x [B, H, W, C] channels-last, y [B, N, OH, OW]. The sizes
+// of one image and K' are below 2**31 (lut_conv2d checks), so per-group index arithmetic
+// is 32-bit.
 struct ConvGeometry {
-  int64_t c, h, w, oh, ow, pixels;  // pixels = B * OH * OW
+  int c, h, w, oh, ow;
+  int64_t pixels;  // B * OH * OW
   int kw, sh, sw, ph, pw, dh, dw;
-  int64_t k;                       // K' = KH * KW * C
+  int k;  // K' = KH * KW * C
 };
 
 // One lane's B columns: in n-tile j, B column g (= lane / 4) is output pixel p0 + 8j + g
@@ -51,51 +54,63 @@ struct ConvLaneX {
   __device__ __forceinline__ ConvLaneX(const T* x, const ConvGeometry& geo, int64_t p0) {
     const int lane = threadIdx.x % kWarpSize, g = lane / 4;
     t = lane % 4;
+    const int64_t per_image = static_cast<int64_t>(geo.oh) * geo.ow;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       int64_t p = p0 + 8 * j + g;
       p = p < geo.pixels ? p : geo.pixels - 1;
-      const int64_t per_image = geo.oh * geo.ow, pix = p % per_image;
+      const int pix = static_cast<int>(p % per_image);
       image[j] = x + p / per_image * geo.h * geo.w * geo.c;
-      ih0[j] = static_cast<int>(pix / geo.ow) * geo.sh - geo.ph;
-      iw0[j] = static_cast<int>(pix % geo.ow) * geo.sw - geo.pw;
+      ih0[j] = pix / geo.ow * geo.sh - geo.ph;
+      iw0[j] = pix % geo.ow * geo.sw - geo.pw;
     }
   }
 
-  // x at K' column `col` of n-tile j's pixel (0 outside the image or past K'), as a
-  // pointer, or null for a zero.
-  __device__ __forceinline__ const T* at(const ConvGeometry& geo, int j, int64_t col) const {
-    if (col >= geo.k) return nullptr;
-    const int64_t tap = col / geo.c, c = col % geo.c;
-    const int ih = ih0[j] + static_cast<int>(tap / geo.kw) * geo.dh;
-    const int iw = iw0[j] + static_cast<int>(tap % geo.kw) * geo.dw;
+  // Tap `tap`'s pixel of n-tile j (null outside the image), at channel 0.
+  __device__ __forceinline__ const T* pixel(const ConvGeometry& geo, int j, int dy,
+                                            int dx) const {
+    const int ih = ih0[j] + dy, iw = iw0[j] + dx;
     if (ih < 0 || ih >= geo.h || iw < 0 || iw >= geo.w) return nullptr;
-    return image[j] + (static_cast<int64_t>(ih) * geo.w + iw) * geo.c + c;
+    return image[j] + (static_cast<int64_t>(ih) * geo.w + iw) * geo.c;
+  }
+
+  // x at K' column `col` of n-tile j's pixel, or null for a zero (outside the image or
+  // past K').
+  __device__ __forceinline__ const T* at(const ConvGeometry& geo, int j, int col) const {
+    if (col >= geo.k) return nullptr;
+    const int tap = col / geo.c, c = col - tap * geo.c;
+    const T* px = pixel(geo, j, tap / geo.kw * geo.dh, tap % geo.kw * geo.dw);
+    return px != nullptr ? px + c : nullptr;
   }
 
   // b[j] = the lane's 8 columns of `group` for n-tile j as 4 packed pairs. VEC: C % 8 == 0
-  // and x 16-byte aligned, so the 8 columns are one tap's channels, one vector load.
+  // and x 16-byte aligned, so the 8 columns are one tap's channels, one vector load, and
+  // the tap is found once for all n-tiles.
   template <bool VEC>
   __device__ __forceinline__ void load(uint32_t (&b)[NT][4], const ConvGeometry& geo,
                                        int64_t group) const {
-    const int64_t col = group * kGroup + kLaneColumns * t;
+    const int col = static_cast<int>(group) * kGroup + kLaneColumns * t;
+    if (VEC) {
+      const int tap = col / geo.c, c = col - tap * geo.c;
+      const int dy = tap / geo.kw * geo.dh, dx = tap % geo.kw * geo.dw;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const T* px = col < geo.k ? pixel(geo, j, dy, dx) : nullptr;
+        const uint4 v = px != nullptr ? __ldg(reinterpret_cast<const uint4*>(px + c))
+                                      : make_uint4(0u, 0u, 0u, 0u);
+        b[j][0] = v.x, b[j][1] = v.y, b[j][2] = v.z, b[j][3] = v.w;
+      }
+      return;
+    }
     const T zero = from_float<T>(0.f);
 #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      if (VEC) {
-        const T* src = at(geo, j, col);
-        const uint4 v = src != nullptr ? __ldg(reinterpret_cast<const uint4*>(src))
-                                       : make_uint4(0u, 0u, 0u, 0u);
-        b[j][0] = v.x, b[j][1] = v.y, b[j][2] = v.z, b[j][3] = v.w;
-      } else {
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const T* lo = at(geo, j, col + 2 * i);
-          const T* hi = at(geo, j, col + 2 * i + 1);
-          b[j][i] = pack2(lo != nullptr ? *lo : zero, hi != nullptr ? *hi : zero);
-        }
+      for (int i = 0; i < 4; ++i) {
+        const T* lo = at(geo, j, col + 2 * i);
+        const T* hi = at(geo, j, col + 2 * i + 1);
+        b[j][i] = pack2(lo != nullptr ? *lo : zero, hi != nullptr ? *hi : zero);
       }
-    }
   }
 };
 
@@ -243,12 +258,16 @@ int lut_conv2d(const void* x, int dtype, const ConvShape& s, const uint32_t* con
                bool y_nchw, int split_k, float* workspace, void* stream) {
   const int64_t oh = conv_out_size(s.h, s.kh, s.stride_h, s.pad_h, s.dil_h);
   const int64_t ow = conv_out_size(s.w, s.kw, s.stride_w, s.pad_w, s.dil_w);
+  const int64_t k = static_cast<int64_t>(s.kh) * s.kw * s.c;
+  constexpr int64_t kMaxInt = (int64_t{1} << 31) - 1;
   if (bits < kMinBits || bits > kMaxMmaBits || s.batch <= 0 || s.c <= 0 || s.n <= 0 ||
-      oh <= 0 || ow <= 0 || split_k < 1)
+      oh <= 0 || ow <= 0 || split_k < 1 || padded_k(k) > kMaxInt ||
+      s.h * s.w * s.c > kMaxInt || oh * ow > kMaxInt)
     return static_cast<int>(cudaErrorInvalidValue);
-  const int64_t k = s.kh * s.kw * s.c;
-  const ConvGeometry geo{s.c, s.h, s.w, oh, ow, s.batch * oh * ow, s.kw, s.stride_h,
-                         s.stride_w, s.pad_h, s.pad_w, s.dil_h, s.dil_w, k};
+  const ConvGeometry geo{static_cast<int>(s.c), static_cast<int>(s.h), static_cast<int>(s.w),
+                         static_cast<int>(oh), static_cast<int>(ow), s.batch * oh * ow, s.kw,
+                         s.stride_h, s.stride_w, s.pad_h, s.pad_w, s.dil_h, s.dil_w,
+                         static_cast<int>(k)};
   const ConvLaunch a{x, geo, plane_args(planes, bits, k), codebook, per_channel, s.n, bias, y,
                      OutIndex{oh * ow, s.n, y_nchw}, split_k, workspace, as_stream(stream)};
   switch (dtype) {
