@@ -21,8 +21,9 @@ plus kernels) and, for fused variants, ``rel_err_vs_dequant`` against the same c
 through ``dequant`` (kernel error only: rounding-sized).
 
 ``--preset goal`` (GPU suite, issue 6's goal: batch 1, 4-bit per channel): batch 1 only,
-variants fp16, 4-bit channel auto / dequant / triton (every layer on Triton), then 4-bit
-tensor and 2 / 3 / 8-bit channel auto. ``full`` (default): ``VARIANTS`` at batches 1/16/64.
+variants fp16, 4-bit channel auto / cuda (every layer on the CUDA kernels, convs on the
+tensor-core conv) / dequant / triton (every layer on Triton), then 4-bit tensor and 2 / 3
+/ 8-bit channel auto. ``full`` (default): ``VARIANTS`` at batches 1/16/64.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ VARIANTS = [(None, None, "fp16"), (4, "channel", "auto"), (4, "channel", "dequan
             (4, "tensor", "auto"), (2, "channel", "auto"), (3, "channel", "auto"),
             (8, "channel", "auto"), (2, "channel", "dequant"), (3, "channel", "dequant"),
             (8, "channel", "dequant")]
-GOAL_VARIANTS = [(None, None, "fp16"), (4, "channel", "auto"), (4, "channel", "dequant"),
-                 (4, "channel", "triton"), (4, "tensor", "auto"), (2, "channel", "auto"),
-                 (3, "channel", "auto"), (8, "channel", "auto")]
+GOAL_VARIANTS = [(None, None, "fp16"), (4, "channel", "auto"), (4, "channel", "cuda"),
+                 (4, "channel", "dequant"), (4, "channel", "triton"), (4, "tensor", "auto"),
+                 (2, "channel", "auto"), (3, "channel", "auto"), (8, "channel", "auto")]
 
 
 def module_bytes(model: torch.nn.Module) -> int:
