@@ -62,6 +62,18 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _checked_bias(bias: torch.Tensor | None, n: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor | None:
+    """bias [n] on ``device`` as a contiguous ``dtype`` tensor (the kernels read it as x's
+    type, like the reference), or None."""
+    if bias is None:
+        return None
+    _require_cuda(bias, "bias", device)
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+    return bias.to(dtype).contiguous()
+
+
 def tensor_cores_support(dtype: torch.dtype, bits: int) -> bool:
     """Whether the mma kernel takes x of ``dtype`` and ``bits``-bit codes."""
     return dtype in (torch.float16, torch.bfloat16) and bits <= MMA_MAX_BITS
@@ -130,12 +142,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     if m == 0:
         return y
-    b = None
-    if bias is not None:
-        _require_cuda(bias, "bias", dev)
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
-        b = bias.to(x.dtype).contiguous()  # the kernels read it as x's type, like reference
+    b = _checked_bias(bias, n, x.dtype, dev)
     with torch.cuda.device(dev):
         if split_k is None:
             split_k = split_k_for(n, k, _device.sm_count(dev))
@@ -244,12 +251,7 @@ def conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, stri
     y = torch.empty(batch, n, oh, ow, dtype=x.dtype, device=dev, memory_format=fmt)
     if y.numel() == 0:
         return y
-    b = None
-    if bias is not None:
-        _require_cuda(bias, "bias", dev)
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
-        b = bias.to(x.dtype).contiguous()
+    b = _checked_bias(bias, n, x.dtype, dev)
     with torch.cuda.device(dev):
         planes = [aligned(p) for p in tap_major_planes(qt)]
         xc = x.contiguous(memory_format=torch.channels_last)
