@@ -42,16 +42,38 @@ struct ConvGeometry {
   int k;  // K' = KH * KW * C
 };
 
+// Where a lane's 8 K' columns of a group lie: column col = channel c of tap (kh, kw). A
+// warp's groups are kWarps apart, so the cursor moves on without a division.
+struct TapCursor {
+  int col, c, kh, kw;
+
+  __device__ __forceinline__ TapCursor(const ConvGeometry& geo, int col_) : col(col_) {
+    const int tap = col / geo.c;
+    c = col - tap * geo.c;
+    kh = tap / geo.kw;
+    kw = tap - kh * geo.kw;
+  }
+
+  __device__ __forceinline__ void advance(const ConvGeometry& geo, int columns) {
+    col += columns;
+    c += columns;
+    while (c >= geo.c) {
+      c -= geo.c;
+      if (++kw == geo.kw) kw = 0, ++kh;
+    }
+  }
+};
+
 // One lane's B columns: in n-tile j, B column g (= lane / 4) is output pixel p0 + 8j + g
 // (clamped to the last pixel: its D columns are never written). The lane's 8 K' columns of
 // a group start at 32 * group + 8 * t (t = lane % 4).
 template <typename T, int NT>
 struct ConvLaneX {
-  const T* image[NT];  // x of the pixel's image
-  int ih0[NT], iw0[NT];
+  int64_t corner[NT];  // x's offset of channel 0 at (ih0, iw0) of the pixel's image
+  int ih0[NT], iw0[NT];  // the pixel's tap (0, 0), maybe outside the image
   int t;
 
-  __device__ __forceinline__ ConvLaneX(const T* x, const ConvGeometry& geo, int64_t p0) {
+  __device__ __forceinline__ ConvLaneX(const ConvGeometry& geo, int64_t p0) {
     const int lane = threadIdx.x % kWarpSize, g = lane / 4;
     t = lane % 4;
     const int64_t per_image = static_cast<int64_t>(geo.oh) * geo.ow;
@@ -60,57 +82,57 @@ struct ConvLaneX {
       int64_t p = p0 + 8 * j + g;
       p = p < geo.pixels ? p : geo.pixels - 1;
       const int pix = static_cast<int>(p % per_image);
-      image[j] = x + p / per_image * geo.h * geo.w * geo.c;
       ih0[j] = pix / geo.ow * geo.sh - geo.ph;
       iw0[j] = pix % geo.ow * geo.sw - geo.pw;
+      corner[j] = (p / per_image * geo.h * geo.w + static_cast<int64_t>(ih0[j]) * geo.w +
+                   iw0[j]) * geo.c;
     }
   }
 
-  // Tap `tap`'s pixel of n-tile j (null outside the image), at channel 0.
-  __device__ __forceinline__ const T* pixel(const ConvGeometry& geo, int j, int dy,
-                                            int dx) const {
-    const int ih = ih0[j] + dy, iw = iw0[j] + dx;
-    if (ih < 0 || ih >= geo.h || iw < 0 || iw >= geo.w) return nullptr;
-    return image[j] + (static_cast<int64_t>(ih) * geo.w + iw) * geo.c;
+  __device__ __forceinline__ int first_column(int64_t group) const {
+    return static_cast<int>(group) * kGroup + kLaneColumns * t;
   }
 
-  // x at K' column `col` of n-tile j's pixel, or null for a zero (outside the image or
-  // past K').
-  __device__ __forceinline__ const T* at(const ConvGeometry& geo, int j, int col) const {
-    if (col >= geo.k) return nullptr;
-    const int tap = col / geo.c, c = col - tap * geo.c;
-    const T* px = pixel(geo, j, tap / geo.kw * geo.dh, tap % geo.kw * geo.dw);
-    return px != nullptr ? px + c : nullptr;
+  // Whether n-tile j's pixel moved by (dy, dx) lies in the image.
+  __device__ __forceinline__ bool inside(const ConvGeometry& geo, int j, int dy, int dx) const {
+    return static_cast<unsigned>(ih0[j] + dy) < static_cast<unsigned>(geo.h) &&
+           static_cast<unsigned>(iw0[j] + dx) < static_cast<unsigned>(geo.w);
   }
 
-  // b[j] = the lane's 8 columns of `group` for n-tile j as 4 packed pairs. VEC: C % 8 == 0
-  // and x 16-byte aligned, so the 8 columns are one tap's channels, one vector load, and
-  // the tap is found once for all n-tiles.
-  template <bool VEC>
-  __device__ __forceinline__ void load(uint32_t (&b)[NT][4], const ConvGeometry& geo,
-                                       int64_t group) const {
-    const int col = static_cast<int>(group) * kGroup + kLaneColumns * t;
-    if (VEC) {
-      const int tap = col / geo.c, c = col - tap * geo.c;
-      const int dy = tap / geo.kw * geo.dh, dx = tap % geo.kw * geo.dw;
+  // b[j] = the lane's 8 columns at `at` for n-tile j as 4 packed pairs: one tap's 8
+  // channels, one 16-byte load (C % 8 == 0 and x 16-byte aligned), zero outside the image
+  // or past K'.
+  __device__ __forceinline__ void load(uint32_t (&b)[NT][4], const T* x, const ConvGeometry& geo,
+                                       const TapCursor& at) const {
+    const int dy = at.kh * geo.dh, dx = at.kw * geo.dw;
+    const int64_t shift = (static_cast<int64_t>(dy) * geo.w + dx) * geo.c + at.c;
+    const bool in_k = at.col < geo.k;
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const T* px = col < geo.k ? pixel(geo, j, dy, dx) : nullptr;
-        const uint4 v = px != nullptr ? __ldg(reinterpret_cast<const uint4*>(px + c))
-                                      : make_uint4(0u, 0u, 0u, 0u);
-        b[j][0] = v.x, b[j][1] = v.y, b[j][2] = v.z, b[j][3] = v.w;
-      }
-      return;
+    for (int j = 0; j < NT; ++j) {
+      const uint4 v = in_k && inside(geo, j, dy, dx)
+                          ? __ldg(reinterpret_cast<const uint4*>(x + (corner[j] + shift)))
+                          : make_uint4(0u, 0u, 0u, 0u);
+      b[j][0] = v.x, b[j][1] = v.y, b[j][2] = v.z, b[j][3] = v.w;
     }
+  }
+
+  // The same column by column (any C, any alignment): element loads, zero outside the
+  // image or past K'.
+  __device__ __forceinline__ void load_elements(uint32_t (&b)[NT][4], const T* x,
+                                                const ConvGeometry& geo, int64_t group) const {
     const T zero = from_float<T>(0.f);
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+    for (int i = 0; i < 8; ++i) {
+      const TapCursor at(geo, first_column(group) + i);
+      const int dy = at.kh * geo.dh, dx = at.kw * geo.dw;
+      const int64_t shift = (static_cast<int64_t>(dy) * geo.w + dx) * geo.c + at.c;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const T* lo = at(geo, j, col + 2 * i);
-        const T* hi = at(geo, j, col + 2 * i + 1);
-        b[j][i] = pack2(lo != nullptr ? *lo : zero, hi != nullptr ? *hi : zero);
+      for (int j = 0; j < NT; ++j) {
+        const T v = at.col < geo.k && inside(geo, j, dy, dx) ? x[corner[j] + shift] : zero;
+        const uint32_t half = i % 2 ? pack2(zero, v) : pack2(v, zero);
+        b[j][i / 2] = i % 2 ? b[j][i / 2] | half : half;
       }
+    }
   }
 };
 
@@ -132,13 +154,19 @@ __global__ void __launch_bounds__(kThreads)
   float d[NT][4] = {};
   {
     const LaneTile<T, BITS, PER_CHANNEL, NT, 1> tile(table, x, 1, 0, planes, block_row, n);
-    const ConvLaneX<T, NT> columns(x, geo, p0);
+    const ConvLaneX<T, NT> columns(geo, p0);
+    TapCursor at(geo, columns.first_column(g_begin + warp));
 #pragma unroll 1
     for (int64_t group = g_begin + warp; group < g_end; group += kWarps) {
       LaneWords<BITS, 1> words[2];
       tile.load(words, group);
       uint32_t b[1][NT][4];
-      columns.template load<VEC>(b[0], geo, group);
+      if (VEC) {
+        columns.load(b[0], x, geo, at);
+        at.advance(geo, kWarps * kGroup);
+      } else {
+        columns.load_elements(b[0], x, geo, group);
+      }
       tile.accumulate(d, words, b);
     }
   }
@@ -263,7 +291,7 @@ int lut_conv2d(const void* x, int dtype, const ConvShape& s, const uint32_t* con
   const int64_t k = static_cast<int64_t>(s.kh) * s.kw * s.c;
   constexpr int64_t kMaxInt = (int64_t{1} << 31) - 1;
   if (bits < kMinBits || bits > kMaxMmaBits || s.batch <= 0 || s.c <= 0 || s.n <= 0 ||
-      oh <= 0 || ow <= 0 || split_k < 1 || padded_k(k) > kMaxInt ||
+      oh <= 0 || ow <= 0 || split_k < 1 || padded_k(k) + kWarps * kGroup > kMaxInt ||
       s.h * s.w * s.c > kMaxInt || oh * ow > kMaxInt)
     return static_cast<int>(cudaErrorInvalidValue);
   const ConvGeometry geo{static_cast<int>(s.c), static_cast<int>(s.h), static_cast<int>(s.w),
