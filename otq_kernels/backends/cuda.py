@@ -180,15 +180,18 @@ def tap_major_planes(qt: QuantizedTensor) -> list[torch.Tensor]:
     """The codes of a conv weight [N, C, KH, KW] re-packed as rows of K' = KH * KW * C in
     (kh, kw, c) order: bit planes int32 [N, K'_pad * w / 32] (the canonical plane format
     of the permuted weight), the runtime layout of csrc/cuda/lut_conv.cu (DESIGN.md section
-    2: built at first use, never saved). Cached per layer until its planes change."""
+    2: built at first use, never saved). Cached per layer until its planes change; a 1x1
+    weight's own planes (one tap: no copy)."""
     from .. import ops  # ops imports the backends
 
+    n, c, kh, kw = qt.shape
+    if kh == kw == 1:
+        return qt.planes  # one tap: the canonical order already is (kh, kw, c)
     key, stamp = id(qt.planes[0]), _planes_stamp(qt)
     hit = _TAP_MAJOR.get(key)
     same_tensor = hit is not None and hit[0]() is qt.planes[0]
     if same_tensor and hit[1] == stamp:
         return hit[2]
-    n, c, kh, kw = qt.shape
     codes = ops.unpack(qt).reshape(n, c, kh, kw).permute(0, 2, 3, 1).reshape(n, -1)
     planes = ops.pack(codes, qt.bits)
     if not same_tensor:

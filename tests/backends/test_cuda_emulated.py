@@ -289,3 +289,5 @@ def test_tap_major_planes_layout_and_cache():
     del qt
     gc.collect()
     assert key not in _TAP_MAJOR  # the entry leaves with the layer's planes
+    pointwise = make_qt((5, 7, 1, 1), 4, "tensor", "cpu")
+    assert tap_major_planes(pointwise) is pointwise.planes  # one tap: no re-pack
