@@ -141,11 +141,11 @@ __global__ void __launch_bounds__(kThreads)
     lut_conv_kernel(const T* __restrict__ x, ConvGeometry geo, PlaneArgs planes,
                     const float* __restrict__ codebook, int64_t n, const T* __restrict__ bias,
                     T* __restrict__ y, OutIndex out, float* __restrict__ partial,
-                    int64_t groups_per_split) {
+                    int64_t groups_per_split, int64_t first_tile) {
   uint32_t* table = dynamic_shared<uint32_t>();
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t block_row = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  const int64_t p0 = static_cast<int64_t>(blockIdx.z) * kTileBatch * NT;
+  const int64_t p0 = (first_tile + blockIdx.z) * kTileBatch * NT;
   build_pair_tables<T, BITS, PER_CHANNEL>(table, codebook, block_row, n);
   __syncthreads();
 
@@ -244,15 +244,17 @@ int launch_conv(const ConvLaunch& a) {
   if (err != cudaSuccess) return static_cast<int>(err);
   const SplitK split(a.geo.k, a.split_k);
   const int64_t pixel_tiles = (a.geo.pixels + kTileBatch * NT - 1) / (kTileBatch * NT);
-  if (pixel_tiles > kMaxGridY) return static_cast<int>(cudaErrorInvalidValue);
-  const dim3 grid(static_cast<unsigned>((a.n + kTileRows - 1) / kTileRows),
-                  static_cast<unsigned>(split.splits), static_cast<unsigned>(pixel_tiles));
   float* partial = split.splits > 1 ? a.workspace : nullptr;
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
-  OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(x, a.geo, a.planes, a.codebook, a.n, bias,
-                                                      y, a.out, partial,
-                                                      split.groups_per_split);
+  for (int64_t first = 0; first < pixel_tiles; first += kMaxGridY) {  // gridDim.z <= 65535
+    const int64_t tiles = pixel_tiles - first < kMaxGridY ? pixel_tiles - first : kMaxGridY;
+    const dim3 grid(static_cast<unsigned>((a.n + kTileRows - 1) / kTileRows),
+                    static_cast<unsigned>(split.splits), static_cast<unsigned>(tiles));
+    OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(x, a.geo, a.planes, a.codebook, a.n,
+                                                        bias, y, a.out, partial,
+                                                        split.groups_per_split, first);
+  }
   if (partial != nullptr) {
     const int64_t pn = a.geo.pixels * a.n;
     OTQ_LAUNCH(blocks_for(pn, 256), 256, 0, a.stream, conv_fixup_kernel<T>)(

@@ -168,7 +168,8 @@ _TAP_MAJOR: dict[int, tuple] = {}
 
 def _planes_stamp(qt: QuantizedTensor) -> tuple:
     """What a cached runtime layout of qt depends on: the planes' in-place versions (None
-    for inference tensors, which have no version counter) and the weight shape."""
+    for inference tensors, which have no version counter), their data and the weight
+    shape."""
     try:
         versions = tuple(p._version for p in qt.planes)
     except RuntimeError:
@@ -248,6 +249,12 @@ def conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, stri
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     if oh <= 0 or ow <= 0:
         raise ValueError(f"input {list(x.shape)} too small for the kernel")
+    k = kh * kw * c
+    if max(h * w * c, oh * ow, padded_k(k) + 4 * GROUP) >= 2**31:
+        raise ValueError(f"the cuda conv2d needs one image (H*W*C), one output image and "
+                         f"the weight's rows (KH*KW*C) below 2**31 values; got x "
+                         f"{list(x.shape)} and a weight of shape {list(qt.shape)}")
+    checked_planes(qt.planes, qt.bits, n, k, "cuda", dev)
     book = checked_codebook(qt, "cuda", dev)
     per_channel = book.shape[0] == n and n > 1
     fmt = conv_output_format(x)
@@ -259,7 +266,6 @@ def conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, stri
         planes = [aligned(p) for p in tap_major_planes(qt)]
         xc = x.contiguous(memory_format=torch.channels_last)
         xc = xc if xc.data_ptr() % 16 == 0 else xc.clone(memory_format=torch.channels_last)
-        k = kh * kw * c
         if split_k is None:
             split_k = conv_split_k_for(n, batch * oh * ow, k, _device.sm_count(dev))
         if not isinstance(split_k, int) or split_k < 1:

@@ -347,6 +347,18 @@ def test_conv_kernel_rejects_what_it_does_not_run(cuda_backend):
     wide = otq.fit_codebook(torch.randn(8, 4, 3, 3), bits=8, backend="reference").to("cuda")
     with pytest.raises(ValueError, match="bits <= 4"):
         cuda_backend.conv2d(x.half(), wide, None, (1, 1), (1, 1), (1, 1), 1)
+    huge = torch.empty(1, 4, 1, 1, device="cuda", dtype=torch.float16).expand(1, 4, 2**15, 2**14)
+    with pytest.raises(ValueError, match="below 2\\*\\*31"):
+        cuda_backend.conv2d(huge, qt, None, (1, 1), (1, 1), (1, 1), 1)
+
+
+def test_conv_kernel_more_pixel_tiles_than_grid_z(cuda_backend):
+    """4.4 M output pixels: 68,906 tiles of 64, launched in two parts (gridDim.z <= 65535)."""
+    qt = otq.fit_codebook(torch.randn(16, 8, 1, 1), bits=4, backend="reference").to("cuda")
+    x = torch.randn(1, 8, 2100, 2100, device="cuda", dtype=torch.float16)
+    y = cuda_backend.conv2d(x, qt, None, (1, 1), (0, 0), (1, 1), 1)
+    want = reference.conv2d(x, qt, None, (1, 1), (0, 0), (1, 1), 1)
+    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
 
 
 def test_conv_kernel_in_a_cuda_graph_and_after_a_weight_change(cuda_backend):
