@@ -25,9 +25,9 @@
 #                  (CUDA kernels + dequant at M 1/2/4/8/16, graph replays: goal_graph/),
 #                  goal_conv_graph (the 3x3 convs at batch 1, 4-bit, graph replays),
 #                  sweep_splitk (the LUT GEMV and lut_mma over forced split-K: splitk.json,
-#                  splitk_mma.json), ncu_gemv (Nsight Compute on 4 GEMV launches and
-#                  lut_mma at M = 16 and 1; lut_mma's memory tables raw in
-#                  logs/ncu_mma_raw.csv), profile_e2e
+#                  splitk_mma.json), ncu_gemv (Nsight Compute on 4 GEMV launches,
+#                  lut_mma at M = 16 and 1 and lut_conv at 28x28 and 7x7; lut_mma's
+#                  memory tables raw in logs/ncu_mma_raw.csv), profile_e2e
 #                  (kernel time of a batch-1 UNet step by category: e2e_profile.json),
 #                  goal_e2e.
 # A machine stays warm 30 s after a call: a call made within that time reuses the build
@@ -57,7 +57,8 @@
 #   OTQ_GIT_SHA           recorded in the JSON meta when the tree has no .git
 #   OTQ_SUITE_TEST_FILTER pytest -k expression for tests_kernels (default: not long_rows_on_gpu;
 #                         e.g. mma: one kernel's tests)
-#   OTQ_SUITE_NCU_KERNELS kernel-name regex for ncu_gemv (default lut_gemv_kernel|lut_mma_kernel)
+#   OTQ_SUITE_NCU_KERNELS kernel-name regex for ncu_gemv (default
+#                         lut_gemv_kernel|lut_mma_kernel|lut_conv_kernel)
 #   OTQ_SUITE_SCRATCH     where the work happens when $OUT is set (default /tmp/otq_suite)
 #   PYTHON                interpreter (default python3: the image's, which holds torch)
 # A failing step is logged in summary.txt with the tail of its log and the suite goes on.
@@ -312,8 +313,8 @@ run_step sweep_splitk 90 "$BENCH_ENV"'
 run_step ncu_gemv 120 '
   if ! command -v ncu >/dev/null; then echo "ncu not found"; exit 0; fi
   # the full set: stall reasons (sampled per instruction) and the source hot spots too
-  ncu --kernel-name "regex:${OTQ_SUITE_NCU_KERNELS:-lut_gemv_kernel|lut_mma_kernel}" \
-    --launch-count 12 --set full \
+  ncu --kernel-name "regex:${OTQ_SUITE_NCU_KERNELS:-lut_gemv_kernel|lut_mma_kernel|lut_conv_kernel}" \
+    --launch-count 16 --set full \
     $PY benchmarks/sweep_splitk.py --ncu-target
   # the lut_mma launches as raw metrics: the units behind the L1 throughput figure (the
   # speed-of-light breakdown) and the memory tables (L1 wavefronts, requests and sectors

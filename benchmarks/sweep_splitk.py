@@ -7,9 +7,10 @@ with ``heuristic_split_k`` = what ``cuda.split_k_for`` picks. The question it an
 is the heuristic's split (and its split-K fix-up kernel) worth it at M = 1.
 ``--tensor-cores`` sweeps lut_mma.cu instead (2-4 bits; ``splitk_mma.json``).
 
-``--ncu-target`` runs four GEMV configurations at M = 1 and the tensor-core kernel at
-M = 16 and M = 1, each launch twice without timing, for Nsight Compute to profile
-(``ncu --kernel-name regex:"lut_gemv|lut_mma" ...``).
+``--ncu-target`` runs four GEMV configurations at M = 1, the tensor-core kernel at M = 16
+and M = 1 and the CUDA conv (lut_conv) at 28x28 and 7x7, each launch twice without
+timing, for Nsight Compute to profile (``ncu --kernel-name regex:"lut_gemv|lut_mma|lut_conv"
+...``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,21 @@ def ncu_target(device: torch.device, configs: list[tuple]) -> None:
         print(f"ran {n}x{k} b{bits} {gran} M{m} tensor_cores={tensor_cores}", flush=True)
 
 
+def ncu_conv_target(device: torch.device, sizes: list[int]) -> None:
+    """The CUDA conv (lut_conv) on the mnist UNet's 256 -> 256 3x3 conv at batch 1, 4 bits
+    per channel, at each image size, twice, untimed (for ncu; the first call builds the
+    layer's tap-major codes)."""
+    from otq_kernels.backends import cuda
+
+    qt = common.random_qt(256, 256 * 9, 4, "channel", device, shape=(256, 256, 3, 3))
+    for size in sizes:
+        x = torch.randn(1, 256, size, size, device=device, dtype=torch.float16)
+        for _ in range(2):
+            cuda.conv2d(x, qt, None, (1, 1), (1, 1), (1, 1), 1)
+        torch.cuda.synchronize(device)
+        print(f"ran conv 256x256x3x3 @ {size}x{size} b4 channel", flush=True)
+
+
 def main(argv=None) -> int:
     p = common.parser("splitk", __doc__.splitlines()[0])
     p.add_argument("--splits", default="1,2,4,8,16", help="comma-separated split-K factors")
@@ -70,7 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--ncu-target", action="store_true",
                    help="run the 8192² GEMV at M = 1 (4 bits both granularities, 2 and 8 "
                         "bits) and the tensor-core kernel at M = 16 (4 bits per channel) and "
-                        "M = 1 (4 bits per tensor) untimed, for Nsight Compute")
+                        "M = 1 (4 bits per tensor), then the CUDA conv on the mnist UNet's "
+                        "3x3 conv at 28x28 and 7x7, untimed, for Nsight Compute")
     args = p.parse_args(argv)
     if args.ncu_target:
         device = common.resolve_device(args.device)
@@ -80,6 +97,7 @@ def main(argv=None) -> int:
                             (8192, 8192, 8, "tensor", 1, False),
                             (8192, 8192, 4, "channel", 16, True),
                             (8192, 8192, 4, "tensor", 1, True)])
+        ncu_conv_target(device, [28, 7])
         return 0
     run = common.Run("splitk_mma" if args.tensor_cores else "splitk", args)
     if run.device.type != "cuda":
