@@ -106,18 +106,21 @@ def linear(payload: dict) -> None:
 def conv(payload: dict) -> None:
     rows = [r for r in payload.get("rows", []) if r.get("p50_us")]
     groups: dict[tuple, dict[str, list[float]]] = {}
+    paths = ("cuda", "triton", "dequant")
     for r in rows:
-        if r["backend"] in ("triton", "dequant") and r.get("ratio_best"):
+        if (r["backend"] in paths and r.get("ratio_best")
+                and r.get("kernel") != "implicit_gemm_nosplit"):
             key = (r["bits"], r["granularity"], r["batch"])
             groups.setdefault(key, {}).setdefault(r["backend"], []).append(r["ratio_best"])
     for (bits, gran, batch), ratios in groups.items():
-        print(f"   b{bits} {gran[:2]} batch {batch}: geomean over {len(ratios.get('triton', []))}"
-              f" layers: triton x{fmt(gmean(ratios.get('triton', [])))}, dequant "
-              f"x{fmt(gmean(ratios.get('dequant', [])))} (vs best dense layout)")
+        means = ", ".join(f"{p} x{fmt(gmean(ratios[p]))}" for p in paths if p in ratios)
+        print(f"   b{bits} {gran[:2]} batch {batch}: geomean over "
+              f"{max(len(v) for v in ratios.values())} layers: {means} (vs best dense layout)")
     for r in rows:
-        if r["backend"] == "triton" and r["bits"] == 4 and r["granularity"] == "channel":
-            print(f"     4b ch batch {r['batch']} {r['shape']} (x{r.get('layer_count')}): "
-                  f"{r['p50_us']:.1f}us x{fmt(r.get('ratio_best'))} "
+        if (r["backend"] in ("cuda", "triton") and r["bits"] == 4
+                and r["granularity"] == "channel" and r.get("kernel") != "implicit_gemm_nosplit"):
+            print(f"     {r['backend']} 4b ch batch {r['batch']} {r['shape']} "
+                  f"(x{r.get('layer_count')}): {r['p50_us']:.1f}us x{fmt(r.get('ratio_best'))} "
                   f"err {fmt(r.get('rel_err'), '.1e')}")
 
 

@@ -5,7 +5,8 @@ writes PNGs next to them (or into --out):
 
 - ``linear_ratio_<granularity>.png``: t_fp16 / t vs M, one panel per (N, K), one line per
   bit width for the best fused path (min over Triton kernels and CUDA), dashed for dequant;
-- ``conv_ratio.png``: Triton implicit-GEMM and dequant ratios per UNet conv layer and batch;
+- ``conv_ratio.png``: CUDA conv, Triton implicit-GEMM and dequant ratios per UNet conv
+  layer and batch;
 - ``fit_rate.png``: weights/s per backend and method (log scale);
 - ``e2e.png``: step-latency ratio and peak-memory ratio vs FP16 per variant and batch.
 """
@@ -88,20 +89,24 @@ def plot_linear(payload: dict, out: Path) -> list[Path]:
 
 
 def plot_conv(payload: dict, out: Path) -> list[Path]:
-    rows = [r for r in timed(payload["rows"]) if r["backend"] in ("triton", "dequant")
-            and r.get("ratio")]
+    paths = ("cuda", "triton", "dequant")
+    rows = [r for r in timed(payload["rows"]) if r["backend"] in paths and r.get("ratio")
+            and r.get("kernel") != "implicit_gemm_nosplit"]
     if not rows:
         return []
     bits = 4 if any(r["bits"] == 4 for r in rows) else rows[0]["bits"]
     rows = [r for r in rows if r["bits"] == bits and r["granularity"] == rows[0]["granularity"]]
     labels = list(dict.fromkeys(f"{r['shape']} b{r['batch']}" for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 4))
-    for i, backend in enumerate(("triton", "dequant")):
+    present = [b for b in paths if any(r["backend"] == b for r in rows)]
+    width = 0.8 / len(present)
+    for i, backend in enumerate(present):
         vals = {f"{r['shape']} b{r['batch']}": r["ratio"] for r in rows if r["backend"] == backend}
-        ax.bar([j + 0.4 * i for j in range(len(labels))], [vals.get(lab, 0) for lab in labels],
-               width=0.4, label=backend)
+        ax.bar([j + width * i for j in range(len(labels))], [vals.get(lab, 0) for lab in labels],
+               width=width, label=backend)
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xticks([j + 0.2 for j in range(len(labels))], labels, rotation=70, fontsize=7)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=70,
+                  fontsize=7)
     ax.set_ylabel("t_fp16 cuDNN / t")
     ax.legend()
     ax.set_title(title(payload, f"conv2d, {bits}-bit {rows[0]['granularity']}"), fontsize=9)

@@ -474,6 +474,26 @@ def test_digest_summarizes_split_k_sweeps(tmp_path, capsys):
                     "+20% (a b4 ch, split 2)"]
 
 
+def test_digest_conv_geomeans_leave_out_the_no_split_rows(tmp_path, capsys):
+    """Per bits/granularity/batch, the geometric mean of each path's ratio_best over the
+    layers, the no-split Triton comparison rows left out (they once halved Triton's)."""
+    def row(backend, kernel, shape, ratio):
+        return {"backend": backend, "kernel": kernel, "bits": 4, "granularity": "channel",
+                "batch": 1, "shape": shape, "p50_us": 10.0, "ratio_best": ratio}
+
+    rows = [row("cuda", "lut_conv", "a", 2.0), row("cuda", "lut_conv", "b", 0.5),
+            row("triton", "implicit_gemm", "a", 0.25), row("triton", "implicit_gemm", "b", 0.25),
+            row("triton", "implicit_gemm_nosplit", "a", 0.01),
+            row("dequant", "cudnn", "a", 0.5), row("dequant", "cudnn", "b", 0.5)]
+    (tmp_path / "goal_graph").mkdir()
+    (tmp_path / "goal_graph" / "conv.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert _load("digest").main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert ("   b4 ch batch 1: geomean over 2 layers: cuda x1.00, triton x0.25, dequant x0.50 "
+            "(vs best dense layout)") in out
+    assert sum("implicit_gemm_nosplit" in line or "x0.01" in line for line in out) == 0
+
+
 def test_digest_summarizes_the_e2e_profile(tmp_path, capsys):
     """Per variant and category kernels and µs per step, then memory with the largest
     kept block's innermost call site."""
