@@ -264,6 +264,14 @@ def test_conv_shapes_strides_and_splits(emulated, x_shape, w_shape, stride, padd
                dilation, split_k=split_k, nchw=nchw)
 
 
+@pytest.mark.parametrize("c,split_k", [(256, 1), (160, 2)], ids=["c256", "c160-split2"])
+def test_conv_wide_channels(emulated, c, split_k):
+    """C >= 128 as in the UNet: a warp's 128-column step stays inside a tap on some steps
+    and wraps on others (C = 160: at a different step for each lane)."""
+    check_conv(emulated, (1, c, 7, 7), (20, c, 3, 3), 4, "channel", torch.float16,
+               padding=(1, 1), split_k=split_k)
+
+
 def test_conv_without_bias_per_tensor_bf16(emulated):
     check_conv(emulated, (1, 8, 4, 4), (3, 8, 3, 3), 3, "tensor", torch.bfloat16,
                padding=(1, 1), with_bias=False)
