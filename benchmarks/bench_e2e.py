@@ -24,6 +24,8 @@ through ``dequant`` (kernel error only: rounding-sized).
 variants fp16, 4-bit channel auto / cuda (every layer on the CUDA kernels, convs on the
 tensor-core conv) / dequant / triton (every layer on Triton), then 4-bit tensor and 2 / 3
 / 8-bit channel auto. ``full`` (default): ``VARIANTS`` at batches 1/16/64.
+``--channels-last`` runs every variant (FP16 too) with channels-last weights and input
+(``meta.channels_last``): cuDNN's faster layout here, and the CUDA conv's without a copy.
 """
 
 from __future__ import annotations
@@ -116,14 +118,17 @@ def velocity(model, x, t) -> torch.Tensor:
         return model(x, t).float().cpu()
 
 
-def bench_variant(run, master, variant, batches, image, dtype, modes, outputs) -> None:
+def bench_variant(run, master, variant, batches, image, dtype, modes, outputs,
+                  memory_format=torch.contiguous_format) -> None:
     """Rows for one variant at every batch size and timing mode; its velocity at each
-    batch goes to ``outputs[(variant, batch)]``."""
+    batch goes to ``outputs[(variant, batch)]``. ``memory_format``: the model's and the
+    input's (channels-last: dense 4-D weights and x)."""
     bits, gran, backend = variant
     fields = {"op": "e2e", "backend": backend, "bits": bits, "granularity": gran,
               "shape": run.meta["config"], "dtype": str(dtype).replace("torch.", "")}
     try:
         model = build_variant(master, bits, gran, backend, run.device, dtype)
+        model = model.to(memory_format=memory_format)
     except Exception as exc:  # noqa: BLE001
         run.error(exc, **fields, kernel="build")
         return
@@ -133,6 +138,7 @@ def bench_variant(run, master, variant, batches, image, dtype, modes, outputs) -
     for batch in batches:
         gen = torch.Generator(device=run.device).manual_seed(batch)
         x = torch.randn(batch, *image, device=run.device, dtype=dtype, generator=gen)
+        x = x.contiguous(memory_format=memory_format)
         t = torch.full((batch,), 0.5, device=run.device)
         step = step_fn(model, x, t, 0.01)
         try:
@@ -204,6 +210,8 @@ def main(argv=None) -> int:
                    help="comma-separated bits:granularity:backend or fp16 "
                         "(default: fp16, 4:channel:auto, 4:channel:dequant, ...)")
     p.add_argument("--no-graph", action="store_true", help="eager timing only")
+    p.add_argument("--channels-last", action="store_true",
+                   help="every variant (FP16 too) with channels-last weights and input")
     common.add_dtype_option(p)
     args = p.parse_args(argv)
     run = common.Run("e2e", args, measure_ceilings=not args.smoke)
@@ -228,14 +236,16 @@ def main(argv=None) -> int:
     image = (master.in_channels, size, size)
     run.meta.update(config=config, parameters=sum(p.numel() for p in master.parameters()),
                     batches=batches, modes=modes, dtype=str(dtype), l2_flush_bytes=0,
-                    variants=[list(v) for v in variants])
+                    variants=[list(v) for v in variants], channels_last=args.channels_last)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     run.finalizers += [lambda rows: common.fill_ratios(rows, ("op", "M", "kernel", "dtype")),
                        fill_memory_ratios, lambda rows: fill_output_errors(rows, outputs)]
     for variant in variants:
         if run.over_budget(variant):
             continue
         try:
-            bench_variant(run, master, variant, batches, image, dtype, modes, outputs)
+            bench_variant(run, master, variant, batches, image, dtype, modes, outputs,
+                          memory_format)
         except Exception as exc:  # noqa: BLE001 - one variant must not end the run
             bits, gran, backend = variant
             run.error(exc, op="e2e", backend=backend, bits=bits, granularity=gran,

@@ -1,6 +1,6 @@
 """A compact digest of a GPU-suite results folder: ``python benchmarks/digest.py DIR``.
 
-Reads whatever of ``DIR/{goal/,goal_graph/,}{linear,conv,e2e,fit}.json`` and
+Reads whatever of ``DIR/{goal/,goal_graph/,goal_channels_last/,}{linear,conv,e2e,fit}.json`` and
 ``DIR/checks.json`` exists and prints a few lines per subject (the device tool returns only
 the end of stdout, so the suite prints this last and appends it to summary.txt):
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     root = Path(args[0] if args else ".")
     print(f"==== digest of {root}")
-    for sub in ("goal", "goal_graph", "."):
+    for sub in ("goal", "goal_graph", "goal_channels_last", "."):
         for subject, fn in (("linear", linear), ("conv", conv), ("e2e", e2e), ("fit", fit)):
             digest_file(root / sub / f"{subject}.json", f"{sub}/{subject}".lstrip("./"), fn)
     for subject in ("splitk", "splitk_mma"):

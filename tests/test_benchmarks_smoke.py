@@ -401,6 +401,31 @@ def test_e2e_runs_the_model_in_half_precision(dtype, tmp_path):
     assert {row["dtype"] for row in rows} == {dtype}
 
 
+def test_e2e_channels_last_runs_every_variant_channels_last(tmp_path, monkeypatch):
+    """--channels-last: the model's dense 4-D weights and the input are channels-last,
+    every variant still runs, and the results say so."""
+    bench = _load("bench_e2e")
+    seen = []
+    step_fn = bench.step_fn
+
+    def spy(model, x, t, dt):
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        seen.extend(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                    for p in model.parameters() if p.dim() == 4 and min(p.shape[1:]) > 1)
+        return step_fn(model, x, t, dt)
+
+    monkeypatch.setattr(bench, "step_fn", spy)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--smoke", "--quiet", "--out", str(tmp_path), "--channels-last"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # smoke mode pins 1 thread on CPU
+    payload = json.loads((tmp_path / "e2e.json").read_text())
+    assert payload["meta"]["channels_last"] is True
+    assert payload["rows"] and all(not r["error"] for r in payload["rows"]), payload["rows"]
+    assert seen and all(seen)
+
+
 def test_e2e_checks_each_variants_output(smoke_dir):
     """Every quantized e2e row carries its velocity error vs the dense model (non-zero:
     quantization changes it) and, for fused variants, vs dequant (the same codes: small)."""
