@@ -147,6 +147,9 @@ def e2e_profile(payload: dict) -> None:
                   f"kernels {r['p50_us']:9.1f} µs")
     kept_sites = payload.get("meta", {}).get("kept_allocations", {})
     for label, mem in payload.get("meta", {}).get("memory", {}).items():
+        if "error" in mem:
+            print(f"   {label:<16} memory: error {str(mem['error'])[:120]}")
+            continue
         sites = kept_sites.get(label)
         top = (f"; largest kept {sites[0]['bytes'] / 1e6:.1f} MB at "
                f"{(sites[0]['frames'] or ['?'])[0]}" if isinstance(sites, list) and sites

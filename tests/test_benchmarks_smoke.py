@@ -523,7 +523,8 @@ def test_digest_summarizes_the_e2e_profile(tmp_path, capsys):
     """Per variant and category kernels and µs per step, then memory with the largest
     kept block's innermost call site."""
     meta = {"memory": {"fp16": {"kept_after_step": 34.6e6, "peak": 161.8e6},
-                       "4b": {"kept_after_step": 0, "peak": 41.0e6}},
+                       "4b": {"kept_after_step": 0, "peak": 41.0e6},
+                       "2b": {"error": "RuntimeError: out of memory"}},
             "kept_allocations": {"fp16": [{"bytes": 33554432, "frames": ["layers.py:9(f)"]}],
                                  "4b": []}}
     rows = [{"backend": "fp16", "kernel": "gemm", "kernels_per_step": 100, "p50_us": 396.7}]
@@ -534,6 +535,7 @@ def test_digest_summarizes_the_e2e_profile(tmp_path, capsys):
     assert ("   fp16             memory: kept 34.6 MB, peak 161.8 MB; largest kept 33.6 MB "
             "at layers.py:9(f)") in out
     assert "   4b               memory: kept 0.0 MB, peak 41.0 MB" in out
+    assert "   2b               memory: error RuntimeError: out of memory" in out
 
 
 def test_git_sha_prefers_the_suites_explicit_sha(monkeypatch):

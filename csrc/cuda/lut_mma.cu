@@ -19,7 +19,8 @@
 // split's first ones up to a span boundary, the whole ones after its last span, the
 // partial one) run alone, lane t owning 8t..8t+7. One-row launches use spans of 4.
 // Accumulation in fp32 (mma), the warps' results summed in shared memory; split-K and bias
-// as in lut_gemv.cu.
+// as in lut_gemv.cu. The tables, their build and LaneTile are in pair_tables.cuh (shared
+// with lut_conv.cu).
 #include "common.cuh"
 #include "gemv_common.cuh"
 #include "launchers.h"

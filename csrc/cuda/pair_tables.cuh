@@ -1,7 +1,8 @@
 // Pair look-up tables for the tensor-core LUT kernels (lut_mma.cu, lut_conv.cu): a block
 // of 4 warps owns 16 weight rows (the M of mma.m16n8k16); the codes of two adjacent
 // columns of a row form one "pair index" looked up in a shared table of packed
-// half2/bf162 pairs, one copy per lane so that look-ups never conflict.
+// half2/bf162 pairs, one copy per lane so that look-ups never conflict. Also LaneTile, a
+// lane's view of its block (its A rows' code words, look-ups and mmas), and x_lane.
 #pragma once
 
 #include "common.cuh"

@@ -242,11 +242,12 @@ def conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, stri
     if len(qt.shape) != 4 or x.dim() != 4 or x.shape[1] != qt.shape[1]:
         raise ValueError(f"x must be [B, {qt.shape[1]}, H, W] for a weight of shape "
                          f"{list(qt.shape)}, got {list(x.shape)}")
+    from ..ops import conv2d_output_shape  # ops imports the backends
+
     n, c, kh, kw = qt.shape
     batch, _, h, w = x.shape
     (sh, sw), (ph, pw), (dh, dw) = (tuple(int(v) for v in a) for a in (stride, padding, dilation))
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    _, _, oh, ow = conv2d_output_shape(x.shape, qt.shape, (sh, sw), (ph, pw), (dh, dw))
     if oh <= 0 or ow <= 0:
         raise ValueError(f"input {list(x.shape)} too small for the kernel")
     k = kh * kw * c

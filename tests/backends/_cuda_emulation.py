@@ -21,6 +21,7 @@ import torch
 
 from otq_kernels.backends.cuda import DTYPE_CODES, GEMV_MAX_M, MMA_MAX_M, tap_major_planes
 from otq_kernels.format import QuantizedTensor, padded_k, plane_widths
+from otq_kernels.ops import conv2d_output_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 EMULATION = ROOT / "tests" / "cuda_emulation"
@@ -119,8 +120,7 @@ class Emulated:
         tap-major planes the cuda backend builds; y NCHW-contiguous (nchw) or channels-last."""
         n, c, kh, kw = qt.shape
         batch, _, h, w = x.shape
-        oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        _, _, oh, ow = conv2d_output_shape(x.shape, qt.shape, stride, padding, dilation)
         split_k = min(split_k, padded_k(kh * kw * c) // 32)
         planes = [p.contiguous() for p in tap_major_planes(qt)]
         xc = x.contiguous(memory_format=torch.channels_last)
