@@ -9,8 +9,9 @@ both granularities and M ∈ {1, 4, 16, 64, 256, 1024, 4096}, it times:
 - ``triton`` (kernel ``auto`` = what dispatch runs, plus each forced kernel gemv /
   splitk / splitk_fm / gemm / gemm_strided where its M range makes sense);
 - ``cuda``: the hand-written LUT GEMV (``lut_gemv``, small M) and its tensor-core kernel
-  (``lut_mma``, fp16/bf16 and 2-4 bits), each forced (the backend picks between them by
-  the GPU's tuning entry: ``cuda_tensor_cores``, ``cuda_gemv_max_m``);
+  (``lut_mma``, fp16/bf16 and 2-4 bits) on the canonical planes and on fragment-order
+  codes (``lut_frag``), each forced (the backend picks between them by the GPU's tuning
+  entry: ``cuda_tensor_cores``, ``cuda_gemv_max_m``, ``cuda_mma_fragment``);
 - on CPU also ``reference`` and the C++ ``cpu`` backend.
 
 Rows: p20/p50/p80 µs, effective GB/s (packed planes + codebook + x + y bytes), % of the
@@ -53,8 +54,11 @@ GOAL_MAX_M = {"splitk": GEMM_MIN_M - 1}
 CUDA_MAX_M = 64
 FUSED = ("triton", "cuda")
 # Kernels that run only some (dtype, bits): other combinations become skipped rows.
-LIMITED = {"lut_mma": ("fp16/bf16 activations and bits <= 4 only",
-                       lambda dtype, bits: dtype in (torch.float16, torch.bfloat16) and bits <= 4)}
+_TENSOR_CORES = ("fp16/bf16 activations and bits <= 4 only",
+                 lambda dtype, bits: dtype in (torch.float16, torch.bfloat16) and bits <= 4)
+LIMITED = {"lut_mma": _TENSOR_CORES, "lut_frag": _TENSOR_CORES}
+# The CUDA kernels by name: cuda.linear's (tensor_cores, fragment).
+CUDA_KERNELS = {"lut_gemv": (False, False), "lut_mma": (True, False), "lut_frag": (True, True)}
 
 
 def unet_shapes(config: str = "mnist") -> tuple[list[tuple[str, int, int]], str]:
@@ -94,12 +98,14 @@ def triton_forced(kernel: str):
     return lambda x, qt: linear_triton(x, qt, None, kernel=kernel)
 
 
-def cuda_kernel(tensor_cores: bool, split_k: int | None = None):
-    """Callable (x, qt) -> y running one CUDA kernel: lut_mma.cu (True) or lut_gemv.cu,
-    with ``split_k`` (None = the backend's heuristic)."""
+def cuda_kernel(kernel: str, split_k: int | None = None):
+    """Callable (x, qt) -> y running one CUDA kernel of :data:`CUDA_KERNELS` (lut_gemv.cu,
+    lut_mma.cu, lut_frag.cu), with ``split_k`` (None = the backend's heuristic)."""
     from otq_kernels.backends import cuda
 
-    return lambda x, qt: cuda.linear(x, qt, None, split_k=split_k, tensor_cores=tensor_cores)
+    tensor_cores, fragment = CUDA_KERNELS[kernel]
+    return lambda x, qt: cuda.linear(x, qt, None, split_k=split_k, tensor_cores=tensor_cores,
+                                     fragment=fragment)
 
 
 def backend_fn(name: str):
@@ -135,8 +141,8 @@ def candidates(run: common.Run, backends: list[str], kernels: list[str] | None =
                 out.append(("triton", kernel, fn, max_m))
         elif name == "cuda":
             max_m = CUDA_MAX_M if run.device.type == "cuda" else None
-            out += [("cuda", "lut_gemv", reason or cuda_kernel(False), max_m),
-                    ("cuda", "lut_mma", reason or cuda_kernel(True), max_m)]
+            out += [("cuda", kernel, reason or cuda_kernel(kernel), max_m)
+                    for kernel in CUDA_KERNELS]
         else:
             kernel = {"dequant": "cublas", "cpu": "lut"}.get(name, "torch")
             out.append((name, kernel, reason or backend_fn(name), None))
@@ -213,7 +219,8 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
 
 # (backend, kernel) of the rows derive_crossovers reads -> its name for the path
 CROSSOVER_PATHS = {("dequant", "cublas"): "dequant", ("triton", "auto"): "triton",
-                   ("cuda", "lut_gemv"): "lut_gemv", ("cuda", "lut_mma"): "lut_mma"}
+                   ("cuda", "lut_gemv"): "lut_gemv", ("cuda", "lut_mma"): "lut_mma",
+                   ("cuda", "lut_frag"): "lut_frag"}
 
 
 def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
@@ -232,18 +239,30 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     cuda_tensor_cores: whether lut_mma wins against the LUT GEMV at some grid M above
     the crossover of some bit width. The cuda backend takes lut_mma where M > the
     crossover of x's bit width, it runs and this is true.
-    cuda_max_m: the cuda backend as it dispatches under those two values (per
-    configuration the lut_mma time where it would run, else the LUT GEMV time) against
+    cuda_mma_fragment: whether lut_frag (fragment-order codes) beat lut_mma over the
+    configurations where both ran (geometric mean over M of the per-M geometric means);
+    where it did, "lut_mma" above and below means lut_frag's times (the tensor-core kernel
+    the backend then runs).
+    cuda_max_m: the cuda backend as it dispatches under those values (per
+    configuration the tensor-core time where it would run, else the LUT GEMV time) against
     the faster of dequant and Triton (dispatch tries cuda first, so it must beat both).
+    cuda_max_m_by_bits: {bits: the same crossover over that bit width's configurations},
+    for the widths where it differs from cuda_max_m (e.g. 8 bits, whose LUT GEMV loses to
+    dequant at M = 16 where the 2-4-bit tensor-core kernel wins).
     triton_splitk_field_major: whether splitk_fm beat splitk (geometric mean over M of
     the per-M geometric means), over the M where dispatch runs splitk.
 
     Evidence: {path: {M: geometric-mean speedup}} for triton (vs dequant), cuda (vs the
-    rival), cuda_tensor_cores (lut_mma vs the LUT GEMV) and triton_splitk_field_major.
+    rival; cuda_by_bits: {bits: ...} for the widths listed), cuda_tensor_cores (lut_mma
+    vs the LUT GEMV), cuda_mma_fragment (lut_frag vs lut_mma) and
+    triton_splitk_field_major.
     """
     times = common.times_by_config(rows, lambda r: CROSSOVER_PATHS.get(
         (r.get("backend"), r.get("kernel"))))
+    fragment, fragment_evidence = fragment_choice(times)
     choice, evidence = cuda_kernel_choice(times)
+    choice.update(fragment)
+    evidence.update(fragment_evidence)
     for (m, _, bits, _), t in times.items():
         if "dequant" in t:  # cuda must beat the faster of dequant and triton
             t["rival"] = min(t["dequant"], t.get("triton", t["dequant"]))
@@ -252,11 +271,17 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
             t["cuda"] = t[kernel]
     values = {}
     for path, baseline in (("triton", "dequant"), ("cuda", "rival")):
-        means = common.speedup_by_m(times, baseline, path)
+        crossover, means = _wins_up_to(times, baseline, path)
         if means:
-            values[f"{path}_max_m"] = common.crossover(
-                {m: (g or 0) > 1.0 for m, g in means.items()})
+            values[f"{path}_max_m"] = crossover
             evidence[path] = {str(m): round(g, 3) for m, g in means.items() if g}
+    for bits in sorted({key[2] for key in times}) if "cuda_max_m" in values else []:
+        crossover, means = _wins_up_to({key: t for key, t in times.items() if key[2] == bits},
+                                       "rival", "cuda")
+        if means and crossover != values["cuda_max_m"]:
+            values.setdefault("cuda_max_m_by_bits", {})[str(bits)] = crossover
+            evidence.setdefault("cuda_by_bits", {})[str(bits)] = {
+                str(m): round(g, 3) for m, g in means.items() if g}
     values.update(choice)
     speedups = splitk_field_major_speedups(rows)
     if speedups:
@@ -264,6 +289,31 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
         evidence["triton_splitk_field_major"] = {str(m): round(g, 3)
                                                  for m, g in speedups.items()}
     return values, evidence
+
+
+def _wins_up_to(times: dict[tuple, dict[str, float]], baseline: str,
+                path: str) -> tuple[int, dict[int, float]]:
+    """(the largest grid M up to which ``path`` wins at every grid M, {M: its geometric-mean
+    speedup over ``baseline``}) over the configurations where both ran."""
+    means = common.speedup_by_m(times, baseline, path)
+    return common.crossover({m: (g or 0) > 1.0 for m, g in means.items()}), means
+
+
+def fragment_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
+    """cuda_mma_fragment and its evidence (see derive_crossovers) from {(M, shape, bits,
+    granularity): {"lut_mma": µs, "lut_frag": µs, ...}}, ({}, {}) when no config has both.
+    Where lut_frag wins, its times replace lut_mma's in ``times``."""
+    speedups = common.speedup_by_m(times, "lut_mma", "lut_frag")  # lut_frag's, per M
+    means = [g for g in speedups.values() if g]
+    if not means:
+        return {}, {}
+    wins = common.geomean(means) > 1.0
+    if wins:
+        for t in times.values():
+            if "lut_frag" in t:
+                t["lut_mma"] = t["lut_frag"]
+    return ({"cuda_mma_fragment": wins},
+            {"cuda_mma_fragment": {str(m): round(g, 3) for m, g in speedups.items() if g}})
 
 
 def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:

@@ -95,7 +95,8 @@ def sanitizer_target(device: torch.device, bits_list: list[int]) -> int:
                 if bits <= 4 and common.backend_unavailable("cuda", device) is None:
                     from otq_kernels.backends import cuda
 
-                    _try(cuda.linear, x, qt, None, tensor_cores=True)
+                    for fragment in (False, True):
+                        _try(cuda.linear, x, qt, None, tensor_cores=True, fragment=fragment)
             cq = common.random_qt(12, 8 * 9, bits, gran, device, shape=(12, 8, 3, 3))
             xc = torch.randn(2, 8, 7, 9, device=device, dtype=torch.float16)
             _try(ops.codebook_conv2d, xc, cq, None, 1, 1, backend="triton")

@@ -26,8 +26,9 @@
 #                  goal_conv_graph (the 3x3 convs at batch 1, 4-bit, graph replays),
 #                  sweep_splitk (the LUT GEMV and lut_mma over forced split-K: splitk.json,
 #                  splitk_mma.json), ncu_gemv (Nsight Compute on 4 GEMV launches,
-#                  lut_mma at M = 16 and 1 and lut_conv at 28x28 and 7x7; lut_mma's
-#                  memory tables raw in logs/ncu_mma_raw.csv), profile_e2e
+#                  lut_mma and lut_frag at M = 16 and 1, lut_frag at 2 and 3 bits too,
+#                  and lut_conv at 28x28 and 7x7; lut_mma's and lut_frag's memory tables
+#                  raw in logs/ncu_mma_raw.csv), profile_e2e
 #                  (kernel time of a batch-1 UNet step by category: e2e_profile.json),
 #                  goal_e2e, goal_e2e_cl (fp16, 4-bit cuda and auto with the model and
 #                  input channels-last: goal_channels_last/e2e.json).
@@ -59,7 +60,7 @@
 #   OTQ_SUITE_TEST_FILTER pytest -k expression for tests_kernels (default: not long_rows_on_gpu;
 #                         e.g. mma: one kernel's tests)
 #   OTQ_SUITE_NCU_KERNELS kernel-name regex for ncu_gemv (default
-#                         lut_gemv_kernel|lut_mma_kernel|lut_conv_kernel)
+#                         lut_gemv_kernel|lut_mma_kernel|lut_frag_kernel|lut_conv_kernel)
 #   OTQ_SUITE_SCRATCH     where the work happens when $OUT is set (default /tmp/otq_suite)
 #   PYTHON                interpreter (default python3: the image's, which holds torch)
 # A failing step is logged in summary.txt with the tail of its log and the suite goes on.
@@ -314,14 +315,14 @@ run_step sweep_splitk 90 "$BENCH_ENV"'
 run_step ncu_gemv 120 '
   if ! command -v ncu >/dev/null; then echo "ncu not found"; exit 0; fi
   # the full set: stall reasons (sampled per instruction) and the source hot spots too
-  ncu --kernel-name "regex:${OTQ_SUITE_NCU_KERNELS:-lut_gemv_kernel|lut_mma_kernel|lut_conv_kernel}" \
-    --launch-count 16 --set full \
+  ncu --kernel-name "regex:${OTQ_SUITE_NCU_KERNELS:-lut_gemv_kernel|lut_mma_kernel|lut_frag_kernel|lut_conv_kernel}" \
+    --launch-count 24 --set full \
     $PY benchmarks/sweep_splitk.py --ncu-target
-  # the lut_mma launches as raw metrics: the units behind the L1 throughput figure (the
+  # the lut_mma and lut_frag launches as raw metrics: the units behind the L1 throughput figure (the
   # speed-of-light breakdown) and the memory tables (L1 wavefronts, requests and sectors
   # per access type), which the details page above summarizes away: CSV lines (after the
   # ==PROF== lines of the tool) in logs/ncu_mma_raw.csv
-  ncu --kernel-name regex:lut_mma_kernel --launch-count 4 --section SpeedOfLight \
+  ncu --kernel-name "regex:lut_mma_kernel|lut_frag_kernel" --launch-count 12 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis_Tables --page raw --csv \
     --log-file "$DIR/logs/ncu_mma_raw.csv" $PY benchmarks/sweep_splitk.py --ncu-target'
 

@@ -8,9 +8,9 @@ is the heuristic's split (and its split-K fix-up kernel) worth it at M = 1.
 ``--tensor-cores`` sweeps lut_mma.cu instead (2-4 bits; ``splitk_mma.json``).
 
 ``--ncu-target`` runs four GEMV configurations at M = 1, the tensor-core kernel at M = 16
-and M = 1 and the CUDA conv (lut_conv) at 28x28 and 7x7, each launch twice without
-timing, for Nsight Compute to profile (``ncu --kernel-name regex:"lut_gemv|lut_mma|lut_conv"
-...``).
+and M = 1 on the canonical planes (lut_mma) and on fragment-order codes (lut_frag), and
+the CUDA conv (lut_conv) at 28x28 and 7x7, each launch twice without timing, for Nsight
+Compute to profile (``ncu --kernel-name regex:"lut_gemv|lut_mma|lut_frag|lut_conv" ...``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from bench_linear import cuda_kernel
 
 SHAPES = [(8192, 8192), (14336, 4096)]
-KERNELS = {False: "lut_gemv", True: "lut_mma"}
+KERNELS = {False: "lut_gemv", True: "lut_mma"}  # by --tensor-cores
 ROW_KEY = ("op", "M", "N", "K", "dtype")
 
 
@@ -41,7 +41,7 @@ def sweep_config(run: common.Run, n: int, k: int, bits: int, gran: str, m: int,
              **run.time(lambda: F.linear(x, dense), graph=graph)})
     picked = cuda.split_k_for(n, k, _device.sm_count(run.device))
     for split_k in splits:
-        fn = cuda_kernel(tensor_cores, split_k)
+        fn = cuda_kernel(KERNELS[tensor_cores], split_k)
         run.add({**base, "backend": "cuda", "kernel": KERNELS[tensor_cores], "bits": bits,
                  "granularity": gran, "split_k": split_k, "heuristic_split_k": picked,
                  "rel_err": common.rel_error(fn(x, qt), y_ref),
@@ -49,15 +49,15 @@ def sweep_config(run: common.Run, n: int, k: int, bits: int, gran: str, m: int,
 
 
 def ncu_target(device: torch.device, configs: list[tuple]) -> None:
-    """Each configuration's default launch (the GEMV, or the tensor-core kernel where
-    ``tensor_cores``), twice, untimed (for ncu)."""
-    for n, k, bits, gran, m, tensor_cores in configs:
+    """Each configuration's launch of its kernel (bench_linear.CUDA_KERNELS), twice,
+    untimed (for ncu; lut_frag's first call builds the fragment-order codes)."""
+    for n, k, bits, gran, m, kernel in configs:
         qt = common.random_qt(n, k, bits, gran, device)
         x = torch.randn(m, k, device=device, dtype=torch.float16)
         for _ in range(2):
-            cuda_kernel(tensor_cores)(x, qt)
+            cuda_kernel(kernel)(x, qt)
         torch.cuda.synchronize(device)
-        print(f"ran {n}x{k} b{bits} {gran} M{m} tensor_cores={tensor_cores}", flush=True)
+        print(f"ran {n}x{k} b{bits} {gran} M{m} {kernel}", flush=True)
 
 
 def ncu_conv_target(device: torch.device, sizes: list[int]) -> None:
@@ -85,18 +85,24 @@ def main(argv=None) -> int:
                    help="sweep the tensor-core kernel (lut_mma, 2-4 bits) into splitk_mma.json")
     p.add_argument("--ncu-target", action="store_true",
                    help="run the 8192² GEMV at M = 1 (4 bits both granularities, 2 and 8 "
-                        "bits) and the tensor-core kernel at M = 16 (4 bits per channel) and "
-                        "M = 1 (4 bits per tensor), then the CUDA conv on the mnist UNet's "
-                        "3x3 conv at 28x28 and 7x7, untimed, for Nsight Compute")
+                        "bits), the tensor-core kernel at M = 16 (4 bits per channel) and "
+                        "M = 1 (4 bits per tensor) on canonical and fragment-order codes "
+                        "(and the latter at M = 1 at 2 and 3 bits), then the CUDA conv on "
+                        "the mnist UNet's 3x3 conv at 28x28 and 7x7, untimed, for Nsight "
+                        "Compute")
     args = p.parse_args(argv)
     if args.ncu_target:
         device = common.resolve_device(args.device)
-        ncu_target(device, [(8192, 8192, 4, "channel", 1, False),
-                            (8192, 8192, 4, "tensor", 1, False),
-                            (8192, 8192, 2, "channel", 1, False),
-                            (8192, 8192, 8, "tensor", 1, False),
-                            (8192, 8192, 4, "channel", 16, True),
-                            (8192, 8192, 4, "tensor", 1, True)])
+        ncu_target(device, [(8192, 8192, 4, "channel", 1, "lut_gemv"),
+                            (8192, 8192, 4, "tensor", 1, "lut_gemv"),
+                            (8192, 8192, 2, "channel", 1, "lut_gemv"),
+                            (8192, 8192, 8, "tensor", 1, "lut_gemv"),
+                            (8192, 8192, 4, "channel", 16, "lut_mma"),
+                            (8192, 8192, 4, "tensor", 1, "lut_mma"),
+                            (8192, 8192, 4, "channel", 16, "lut_frag"),
+                            (8192, 8192, 4, "tensor", 1, "lut_frag"),
+                            (8192, 8192, 2, "tensor", 1, "lut_frag"),
+                            (8192, 8192, 3, "tensor", 1, "lut_frag")])
         ncu_conv_target(device, [28, 7])
         return 0
     run = common.Run("splitk_mma" if args.tensor_cores else "splitk", args)

@@ -115,10 +115,11 @@ std::vector<uint32_t*> device_planes(const Ptrs& planes) {
 
 void cuda_lut_linear(uintptr_t x, int dtype, int64_t m, int64_t k, const Ptrs& planes, int bits,
                      uintptr_t codebook, bool per_channel, int64_t n, uintptr_t bias, uintptr_t y,
-                     int split_k, uintptr_t workspace, uintptr_t stream, bool tensor_cores) {
+                     int split_k, uintptr_t workspace, uintptr_t stream, int kernel) {
   check_bits(bits), check_size(m, "m"), check_size(k, "k"), check_size(n, "n");
-  require(!tensor_cores || (dtype != 0 && bits <= 4),
-          "tensor_cores needs float16/bfloat16 x and bits <= 4");
+  require(kernel >= 0 && kernel <= 2, "kernel must be 0 (gemv), 1 (mma) or 2 (frag)");
+  require(kernel == 0 || (dtype != 0 && bits <= 4),
+          "the tensor-core kernels need float16/bfloat16 x and bits <= 4");
   require(dtype >= 0 && dtype <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16)");
   require(split_k >= 1, "split_k must be >= 1");
   require(split_k == 1 || workspace != 0, "split_k > 1 needs a workspace");
@@ -126,7 +127,9 @@ void cuda_lut_linear(uintptr_t x, int dtype, int64_t m, int64_t k, const Ptrs& p
   check_ptr(x, "x"), check_ptr(codebook, "codebook"), check_ptr(y, "y");
   check_planes(planes, bits);
   auto dev = device_planes(planes);
-  const auto launcher = tensor_cores ? otq::cuda::lut_linear_mma : otq::cuda::lut_linear;
+  const auto launcher = kernel == 2   ? otq::cuda::lut_linear_frag
+                        : kernel == 1 ? otq::cuda::lut_linear_mma
+                                      : otq::cuda::lut_linear;
   check_cuda(launcher(as<const void>(x), dtype, m, k, dev.data(), bits, as<const float>(codebook),
                       per_channel, n, as<const void>(bias), as<void>(y), split_k,
                       as<float>(workspace), as<void>(stream)));
@@ -218,9 +221,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("GEMV_MAX_M") = otq::cuda::kGemvMaxM;
   m.def("cuda_lut_linear", &cuda_lut_linear, "x"_a, "dtype"_a, "m"_a, "k"_a, "planes"_a,
         "bits"_a, "codebook"_a, "per_channel"_a, "n"_a, "bias"_a, "y"_a, "split_k"_a,
-        "workspace"_a, "stream"_a, "tensor_cores"_a = false,
-        "LUT GEMV (dtype 0 f32, 1 f16, 2 bf16), fp32 accumulation; tensor_cores: the mma "
-        "kernel (f16/bf16, bits <= 4).");
+        "workspace"_a, "stream"_a, "kernel"_a = 0,
+        "LUT GEMV (dtype 0 f32, 1 f16, 2 bf16), fp32 accumulation; kernel 1: the mma "
+        "kernel, 2: the same on fragment-order planes (f16/bf16, bits <= 4).");
   m.def("cuda_lut_conv2d", &cuda_lut_conv2d, "x"_a, "dtype"_a, "sizes"_a, "params"_a,
         "planes"_a, "bits"_a, "codebook"_a, "per_channel"_a, "bias"_a, "y"_a, "y_nchw"_a,
         "split_k"_a, "workspace"_a, "stream"_a,

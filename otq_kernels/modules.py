@@ -289,7 +289,8 @@ class QuantConv1d(_QuantConv):
     def _conv_kernel_runs(self, x: torch.Tensor) -> bool:
         """Whether codebook_conv2d would run a conv kernel on x (not the reference): one
         the backend has and that takes x's dtype and these bits (``conv2d_supports``)."""
-        name = ops.resolve_backend(self.backend, "conv2d", x.device, x.shape[0] * x.shape[2])
+        name = ops.resolve_backend(self.backend, "conv2d", x.device, x.shape[0] * x.shape[2],
+                                   self.bits)
         return ops.conv_kernel_takes(name, x.dtype, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

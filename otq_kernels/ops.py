@@ -85,13 +85,17 @@ def _trace_constant(fn):
     return fn
 
 
-def _candidates(op: str, device: torch.device) -> list[tuple[str, int]]:
-    """(backend, largest M it takes) for ``op``, best first; M = row length for "fit"."""
+def _candidates(op: str, device: torch.device, bits: int | None = None
+                ) -> list[tuple[str, int]]:
+    """(backend, largest M it takes) for ``op``, best first; M = row length for "fit".
+    ``bits``: the codes' bit width, for a table's ``cuda_max_m_by_bits`` entry."""
     if device.type != "cuda":
         return [("cpu", UNLIMITED), ("reference", UNLIMITED)]
     table = _gpu_table(device).get(op, {})
     if op in ("linear", "conv2d"):
-        return [("cuda", table.get("cuda_max_m", -1)), ("triton", table.get("triton_max_m", -1)),
+        cuda_max_m = table.get("cuda_max_m_by_bits", {}).get(str(bits),
+                                                             table.get("cuda_max_m", -1))
+        return [("cuda", cuda_max_m), ("triton", table.get("triton_max_m", -1)),
                 ("dequant", UNLIMITED)]
     if op == "fit":
         return [("triton", table.get("triton_max_n", 4096)), ("cuda", UNLIMITED),
@@ -115,22 +119,23 @@ _PLAN_ENV = ("TRITON_INTERPRET", "OTQ_TUNING_FILE")  # what availability and tun
 
 
 @_trace_constant
-def _auto_plan(op: str, device: str) -> tuple:
-    """The runnable candidates of ``op`` on ``device`` as ((name, max_m), ...).
+def _auto_plan(op: str, device: str, bits: int | None = None) -> tuple:
+    """The runnable candidates of ``op`` on ``device`` for ``bits``-bit codes as
+    ((name, max_m), ...).
 
     Cached per process (availability and the GPU's tuning entry do not change), keyed by
     the environment variables they read.
     """
-    key = (op, device, *(os.environ.get(v) for v in _PLAN_ENV))
+    key = (op, device, bits, *(os.environ.get(v) for v in _PLAN_ENV))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _runnable_candidates(op, torch.device(device))
+        plan = _PLANS[key] = _runnable_candidates(op, torch.device(device), bits)
     return plan
 
 
-def _runnable_candidates(op: str, dev: torch.device) -> tuple:
+def _runnable_candidates(op: str, dev: torch.device, bits: int | None) -> tuple:
     plan = []
-    for name, max_m in _candidates(op, dev):
+    for name, max_m in _candidates(op, dev, bits):
         module = backends.get(name)
         if hasattr(module, _OP_FUNCTION[op]) and module.unavailable(dev) is None:
             plan.append((name, max_m))
@@ -148,8 +153,10 @@ def _explicit_backend(backend: str, device: str) -> str:
     return name
 
 
-def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: int = 1) -> str:
-    """A concrete backend name for ``op`` on ``device`` with M rows of activations.
+def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: int = 1,
+                    bits: int | None = None) -> str:
+    """A concrete backend name for ``op`` on ``device`` with M rows of activations and
+    ``bits``-bit codes (None: the tuning's thresholds for every width).
 
     Under torch.compile the availability checks are trace-time constants and the M
     comparison becomes a shape guard.
@@ -157,7 +164,7 @@ def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: in
     name = _explicit_backend(backend or "auto", str(device))
     if name != "auto":
         return name
-    for name, max_m in _auto_plan(op, str(device)):
+    for name, max_m in _auto_plan(op, str(device), bits):
         if m <= max_m:
             return name
     return "reference"
@@ -384,7 +391,7 @@ def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     x2 = x.reshape(-1, qt.k).contiguous()
     if x2.shape[0] == 0:
         return _empty_batch_output(x2, bias, (0, qt.n), (qt.n,)).reshape(*lead, qt.n)
-    name = resolve_backend(backend, "linear", x.device, x2.shape[0])
+    name = resolve_backend(backend, "linear", x.device, x2.shape[0], qt.bits)
     if _plain_eager_call(x2, bias):
         y = _run_linear(x2, qt, bias, name)
     else:
@@ -413,7 +420,7 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     if x.shape[0] == 0:
         return _empty_batch_output(x, bias, out_shape, (-1, 1, 1))
     m = out_shape[0] * out_shape[2] * out_shape[3]
-    name = resolve_backend(backend, "conv2d", x.device, m)
+    name = resolve_backend(backend, "conv2d", x.device, m, qt.bits)
     if not x.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous()  # NCHW or channels_last are both taken as they are
     if _plain_eager_call(x, bias):

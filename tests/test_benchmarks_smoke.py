@@ -110,7 +110,8 @@ def _cuda_rows(times: dict, bits: int = 4) -> list[dict]:
     """Rows of one (shape, bits, granularity): {M: {path: p50 µs}}, paths dequant,
     triton (auto), lut_gemv and lut_mma."""
     kernels = {"dequant": ("dequant", "cublas"), "triton": ("triton", "auto"),
-               "lut_gemv": ("cuda", "lut_gemv"), "lut_mma": ("cuda", "lut_mma")}
+               "lut_gemv": ("cuda", "lut_gemv"), "lut_mma": ("cuda", "lut_mma"),
+               "lut_frag": ("cuda", "lut_frag")}
     return [{"M": m, "shape": "8x8", "bits": bits, "granularity": "channel",
              "backend": kernels[path][0], "kernel": kernels[path][1], "p50_us": t}
             for m, paths in times.items() for path, t in paths.items()]
@@ -157,7 +158,9 @@ def test_cuda_kernel_choice_per_bit_width():
                           16: {"dequant": 100.0, "lut_gemv": 160.0, "lut_mma": 50.0}}))
     values, evidence = linear.derive_crossovers(rows)
     assert values == {"cuda_max_m": 16, "cuda_gemv_max_m": 0,
-                      "cuda_gemv_max_m_by_bits": {"4": 1}, "cuda_tensor_cores": True}
+                      "cuda_gemv_max_m_by_bits": {"4": 1}, "cuda_tensor_cores": True,
+                      "cuda_max_m_by_bits": {"4": 0}}  # 4 bits at M = 1: 30 µs vs 20
+    assert evidence["cuda_by_bits"] == {"4": {"1": 0.667, "16": 2.0}}
     assert evidence["cuda_tensor_cores"] == {"1": 1.5, "16": 3.578}
     assert evidence["cuda_tensor_cores_by_bits"] == {"4": {"1": 0.75, "16": 3.2}}
     # 4 bits at M = 1 on the GEMV (20 / 30 µs; lut_mma's 40 µs would give sqrt(5))
@@ -168,7 +171,8 @@ def test_cuda_kernel_choice_per_bit_width():
 
 def test_cuda_max_m_counts_configs_without_mma():
     """8-bit configurations have no lut_mma rows: they count with LUT GEMV times in
-    cuda_max_m (and not at all in the kernel choice)."""
+    cuda_max_m (and not at all in the kernel choice). 4 bits win up to 16 on their own:
+    cuda_max_m_by_bits lists them (8 bits share the overall crossover, 1)."""
     linear = _load("bench_linear")
     rows = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0, "lut_mma": 50.0},
                        16: {"dequant": 100.0, "lut_gemv": 160.0, "lut_mma": 25.0}})
@@ -178,8 +182,29 @@ def test_cuda_max_m_counts_configs_without_mma():
     assert evidence["cuda_tensor_cores"] == {"1": 0.6, "16": 6.4}
     assert evidence["cuda"] == {"1": 3.333, "16": 0.894}  # geomean of 4 and 0.2 at M=16
     assert values == {"cuda_max_m": 1, "cuda_gemv_max_m": 1,
-                      "cuda_tensor_cores": True}
+                      "cuda_tensor_cores": True, "cuda_max_m_by_bits": {"4": 16}}
+    assert evidence["cuda_by_bits"] == {"4": {"1": 3.333, "16": 4.0}}
     assert linear.derive_crossovers(rows)[0]["cuda_max_m"] == 16
+
+
+def test_fragment_layout_choice():
+    """lut_frag faster than lut_mma overall (geomean of 2.0 and 0.8 > 1): the tuning picks
+    the fragment layout and judges the GEMV crossover and cuda_max_m on lut_frag's times
+    (at M = 16 its 50 µs beat the GEMV's 160 and the rival's 100); slower, it is off and
+    nothing else changes."""
+    linear = _load("bench_linear")
+    times = {1: {"dequant": 100.0, "lut_gemv": 30.0, "lut_mma": 50.0, "lut_frag": 25.0},
+             16: {"dequant": 100.0, "lut_gemv": 160.0, "lut_mma": 40.0, "lut_frag": 50.0}}
+    values, evidence = linear.derive_crossovers(_cuda_rows(times))
+    assert values == {"cuda_max_m": 16, "cuda_gemv_max_m": 0, "cuda_tensor_cores": True,
+                      "cuda_mma_fragment": True}
+    assert evidence["cuda_mma_fragment"] == {"1": 2.0, "16": 0.8}
+    assert evidence["cuda_tensor_cores"] == {"1": 1.2, "16": 3.2}
+    times[1]["lut_frag"] = 100.0
+    values, evidence = linear.derive_crossovers(_cuda_rows(times))
+    assert values == {"cuda_max_m": 16, "cuda_gemv_max_m": 1, "cuda_tensor_cores": True,
+                      "cuda_mma_fragment": False}
+    assert evidence["cuda_tensor_cores"] == {"1": 0.6, "16": 4.0}
 
 
 def _write_results(path: Path, rows: list[dict], **meta) -> Path:
@@ -302,14 +327,15 @@ def test_conv_cuda_crossover_against_the_faster_rival():
 
 def test_tensor_core_kernel_is_timed_only_where_it_runs():
     linear = _load("bench_linear")
-    names, applies = linear.LIMITED["lut_mma"]
-    assert applies(torch.float16, 4) and applies(torch.bfloat16, 2)
-    assert not applies(torch.float32, 4) and not applies(torch.float16, 5)
+    for kernel in ("lut_mma", "lut_frag"):
+        names, applies = linear.LIMITED[kernel]
+        assert applies(torch.float16, 4) and applies(torch.bfloat16, 2)
+        assert not applies(torch.float32, 4) and not applies(torch.float16, 5)
     common = _load("common")
     run = common.Run.__new__(common.Run)
     run.device = torch.device("cpu")
     kernels = [(b, k) for b, k, *_ in linear.candidates(run, ["cuda"])]
-    assert kernels == [("cuda", "lut_gemv"), ("cuda", "lut_mma")]
+    assert kernels == [("cuda", "lut_gemv"), ("cuda", "lut_mma"), ("cuda", "lut_frag")]
 
 
 def test_peak_memory_is_measured_on_a_warmed_up_step(monkeypatch):

@@ -229,17 +229,22 @@ def test_auto_never_picks_triton_on_cpu(monkeypatch):
 
 
 def test_gpu_candidates_follow_tuning_table(monkeypatch):
+    """By M, and for the bit widths that cuda_max_m_by_bits lists by theirs."""
     monkeypatch.setattr(ops, "_gpu_table", lambda device: {
-        "linear": {"cuda_max_m": 4, "triton_max_m": 32}, "conv2d": {"triton_max_m": 64}})
+        "linear": {"cuda_max_m": 4, "triton_max_m": 32, "cuda_max_m_by_bits": {"8": 1}},
+        "conv2d": {"triton_max_m": 64}})
     plan = dict.fromkeys(["cuda", "triton", "dequant"], ops.UNLIMITED)
-    monkeypatch.setattr(ops, "_auto_plan", lambda op, device: tuple(
-        (name, m) for name, m in ops._candidates(op, torch.device(device)) if name in plan))
+    monkeypatch.setattr(ops, "_auto_plan", lambda op, device, bits=None: tuple(
+        (name, m) for name, m in ops._candidates(op, torch.device(device), bits)
+        if name in plan))
     gpu = torch.device("cuda", 0)
     assert ops.resolve_backend(None, "linear", gpu, 1) == "cuda"
     assert ops.resolve_backend(None, "linear", gpu, 16) == "triton"
     assert ops.resolve_backend(None, "linear", gpu, 1024) == "dequant"
     assert ops.resolve_backend(None, "conv2d", gpu, 65) == "dequant"
     assert ops.resolve_backend(None, "conv2d", gpu, 64) == "triton"
+    assert [ops.resolve_backend(None, "linear", gpu, m, 8) for m in (1, 2)] == ["cuda", "triton"]
+    assert ops.resolve_backend(None, "linear", gpu, 4, 4) == "cuda"  # 4 bits: not listed
 
 
 def test_default_tuning_table_has_every_op():
@@ -255,6 +260,7 @@ def test_cuda_tensor_cores_follow_tuning_table(monkeypatch):
     default = ops.tuning_table("some unknown GPU")["linear"]
     assert default["cuda_tensor_cores"] is True and default["cuda_gemv_max_m"] == 0
     assert default["cuda_gemv_max_m_by_bits"] == {"4": 1}
+    assert default["cuda_max_m_by_bits"] == {"8": 1}  # the 8-bit GEMV lost at M = 16
     monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
     monkeypatch.setattr(ops, "tuning_table", lambda name: {
         "linear": {"cuda_tensor_cores": name == "GPU X"}})
@@ -263,6 +269,21 @@ def test_cuda_tensor_cores_follow_tuning_table(monkeypatch):
     assert cuda.tuned_for_tensor_cores(torch.device("cuda", 0)) is False
     assert cuda.tensor_cores_support(torch.bfloat16, 3)
     assert not cuda.tensor_cores_support(torch.float32, 3)
+
+
+def test_fragment_layout_follows_tuning_table(monkeypatch):
+    """The tensor-core kernel reads fragment-order codes only where the GPU's entry says
+    cuda_mma_fragment: true; the shipped table does not (lut_frag is untimed)."""
+    from otq_kernels.backends import _device, cuda
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
+    assert "cuda_mma_fragment" not in ops.tuning_table("some unknown GPU")["linear"]
+    assert cuda.use_fragment_layout(gpu) is False
+    monkeypatch.setattr(ops, "tuning_table", lambda name: {
+        "linear": {"cuda_mma_fragment": name == "GPU X"}})
+    assert cuda.use_fragment_layout(gpu) is True
+    assert cuda.use_fragment_layout(torch.device("cpu")) is False
 
 
 @pytest.mark.parametrize("entry, want", [

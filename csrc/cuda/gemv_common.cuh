@@ -84,16 +84,18 @@ __global__ void splitk_fixup_kernel(const float* __restrict__ partial, int split
   }
 }
 
-// Split of a row's K groups over gridDim.y. A forced split_k above 65535 (gridDim.y's limit)
-// gets fewer, longer splits: a workspace sized for split_k splits still suffices.
+// Split of a row's K groups over gridDim.y, in whole units of `unit` groups. A forced
+// split_k above 65535 (gridDim.y's limit) gets fewer, longer splits: a workspace sized for
+// split_k splits still suffices.
 struct SplitK {
   int64_t groups_per_split, splits;
 
-  SplitK(int64_t k, int split_k) {
+  SplitK(int64_t k, int split_k, int unit = 1) {
     const int64_t groups = padded_k(k) / kGroup;
     const int64_t min_per_split = (groups + kMaxGridY - 1) / kMaxGridY;
     groups_per_split = (groups + split_k - 1) / split_k;
     if (groups_per_split < min_per_split) groups_per_split = min_per_split;
+    groups_per_split = (groups_per_split + unit - 1) / unit * unit;
     splits = (groups + groups_per_split - 1) / groups_per_split;  // no empty splits
   }
 
@@ -132,10 +134,12 @@ struct GemvArgs {
 // The launches of a GEMV for dispatch_gemv: grid (row blocks of rows_per_block, splits);
 // x's rows in chunks of at most max_m, each launch(grid, groups_per_split, m0, rows,
 // partial) followed by the split-K fix-up into y (partial: the workspace, or null
-// without a split). launch returns a CUDA error code, 0 for none.
+// without a split; splits of whole units of split_unit groups). launch returns a CUDA
+// error code, 0 for none.
 template <typename T, typename Launch>
-int launch_in_m_chunks(const GemvArgs& a, int rows_per_block, int max_m, Launch launch) {
-  const SplitK split(a.k, a.split_k);
+int launch_in_m_chunks(const GemvArgs& a, int rows_per_block, int max_m, Launch launch,
+                       int split_unit = 1) {
+  const SplitK split(a.k, a.split_k, split_unit);
   const dim3 grid(static_cast<unsigned>((a.n + rows_per_block - 1) / rows_per_block),
                   static_cast<unsigned>(split.splits));
   float* partial = split.splits > 1 ? a.workspace : nullptr;

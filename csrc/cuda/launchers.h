@@ -31,6 +31,22 @@ int lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k, const uint32_
                    int bits, const float* codebook, bool per_channel, int64_t n,
                    const void* bias, void* y, int split_k, float* workspace, void* stream);
 
+// Columns of one span of the fragment-order code layout.
+constexpr int kFragSpanColumns = 128;
+
+// lut_linear_mma's product (csrc/cuda/lut_frag.cu) on the codes in fragment order, a
+// runtime layout (DESIGN.md section 2; built by otq_kernels.backends.cuda.fragment_planes,
+// never saved). With S = ceil(k / 128) spans and B = ceil(n / 16) row blocks, plane p of
+// width w is int32 [B, S, 2w / q, 32, q] (q = 4 words, 2 for w = 1): lane l = 4g + t of
+// row block b and span s holds, in its 2w words (q per part, parts in order), the 64 codes
+// of rows 16b + g + 8r (r = 0, 1) and columns 128s + 32i + 8t + c (i < 4, c < 8), in the
+// order (r, i, c), w bits each from bit 0 (code 0 past n and k). Same dtypes, bits,
+// workspace and return codes as lut_linear_mma.
+int lut_linear_frag(const void* x, int dtype, int64_t m, int64_t k,
+                    const uint32_t* const* planes, int bits, const float* codebook,
+                    bool per_channel, int64_t n, const void* bias, void* y, int split_k,
+                    float* workspace, void* stream);
+
 // A 2-D convolution's sizes (groups = 1): x [batch, c, h, w], weight [n, c, kh, kw].
 struct ConvShape {
   int64_t batch, c, h, w, n;

@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads)
                    const T* __restrict__ bias, T* __restrict__ y,
                    float* __restrict__ partial, int64_t groups_per_split) {
   uint32_t* table = dynamic_shared<uint32_t>();
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
   const int64_t block_row = static_cast<int64_t>(blockIdx.x) * kTileRows;
   build_pair_tables<T, BITS, PER_CHANNEL>(table, codebook, block_row, n);
   __syncthreads();
@@ -120,25 +120,8 @@ __global__ void __launch_bounds__(kThreads)
       step.template accumulate<false>(d, group, k);
   }
 
-  __syncthreads();  // every warp is done with the tables: reuse them for the warps' sums
-  float* sums = reinterpret_cast<float*>(table);  // [warp][lane][4 * NT]
-#pragma unroll
-  for (int i = 0; i < 4 * NT; ++i) sums[(warp * kWarpSize + lane) * 4 * NT + i] = d[i / 4][i % 4];
-  __syncthreads();
-  if (warp != 0) return;
-#pragma unroll
-  for (int i = 0; i < 4 * NT; ++i) {
-    float s = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += sums[(w * kWarpSize + lane) * 4 * NT + i];
-    const int64_t row = block_row + lane / 4 + 8 * (i % 4 / 2);
-    const int batch = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
-    if (row >= n || batch >= m) continue;
-    if (partial != nullptr)
-      partial[(static_cast<int64_t>(blockIdx.y) * m + batch) * n + row] = s;
-    else
-      y[batch * n + row] = from_float<T>(s + (bias != nullptr ? to_float(bias[row]) : 0.f));
-  }
+  store_block_sums<T, NT>(reinterpret_cast<float*>(table), d, m, n, block_row, bias, y,
+                          partial);
 }
 
 // The kernel for a launch of `rows` x rows (1..16): one or two n-tiles, spans of 4 groups

@@ -152,9 +152,53 @@ __device__ __forceinline__ void load_words(uint32_t* out, const uint32_t* p, int
   }
 }
 
-// One lane's view of its block: A rows g and g + 8 (r = 0, 1); in n-tile j, B column g is
-// row 8 * j + g of x. Rows past n and x rows past m are clamped to the last one: they only
-// feed D rows/columns that are never written, so no lane needs a branch.
+// A lane's pair tables and mma steps: A rows g and g + 8 (r = 0, 1) of its block, g =
+// lane / 4; in n-tile j, B column g is row 8 * j + g of x.
+template <typename T, int BITS, bool PER_CHANNEL, int NT>
+struct LaneMma {
+  SharedAddr lane_table[2];  // entry e of A row r: the word at lane_table[r] + e * 128
+
+  __device__ __forceinline__ explicit LaneMma(const uint32_t* table_) {
+    const int lane = threadIdx.x % kWarpSize;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      lane_table[r] =
+          shared_addr(table_ + (PER_CHANNEL ? r * kEntries<BITS> * kWarpSize : 0) + lane);
+  }
+
+  // The table word of `entry` for A row r (one shift-add for the address).
+  __device__ __forceinline__ uint32_t lookup(int r, uint32_t entry) const {
+    return load_shared_u32(lane_table[r], entry * (4 * kWarpSize));
+  }
+
+  // d[j] += one step: 16 rows x 32 columns (two mmas per n-tile, each A fragment looked up
+  // once). chunk_bits[r][p]: plane p's bits of the lane's 8 columns of A row r, from bit 0
+  // (bits above them are ignored); b[j]: the same columns of n-tile j's x, 4 packed pairs.
+  // Lane pair 2h + q fills the k slots 2t + 8q, +1 of mma h (t = lane % 4).
+  __device__ __forceinline__ void step(float (&d)[NT][4],
+                                       const uint32_t (&chunk_bits)[2][kPlanes<BITS>],
+                                       const uint32_t (&b)[NT][4]) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t a[4];
+#pragma unroll
+      for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          a[2 * q + r] = lookup(r, pair_index<BITS>(chunk_bits[r], 2 * h + q));
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint32_t pairs[2] = {b[j][2 * h], b[j][2 * h + 1]};
+        mma_16816<T>(d[j], a, pairs);
+      }
+    }
+  }
+};
+
+// One lane's view of its block in the canonical code layout: LaneMma's A rows and x rows
+// (rows past n and x rows past m are clamped to the last one: they only feed D
+// rows/columns that are never written, so no lane needs a branch), and where its code
+// bits lie.
 //
 // K runs in spans of SPAN groups (32 * SPAN columns, from group g0): lane t owns the span's
 // columns 8 * (SPAN * t + s) .. +7 for s < SPAN, chunk s of its 8 * SPAN contiguous
@@ -163,15 +207,15 @@ __device__ __forceinline__ void load_words(uint32_t* out, const uint32_t* p, int
 // and its x columns one 16-byte vector per step and x row; with SPAN = 2 the 4 lanes of
 // an x row read 64 adjacent columns in a step, one 128-byte line when g0 is even.
 template <typename T, int BITS, bool PER_CHANNEL, int NT, int SPAN>
-struct LaneTile {
-  SharedAddr lane_table[2];  // entry e of A row r: the word at lane_table[r] + e * 128
+struct LaneTile : LaneMma<T, BITS, PER_CHANNEL, NT> {
   const uint32_t* plane_word[2][kPlanes<BITS>];  // the lane's first word of span g0 = 0
   uint32_t shift[kPlanes<BITS>];  // where the lane's bits start in it (0 from 32 bits on)
   const T* x_row[NT];
   int t;
 
   __device__ __forceinline__ LaneTile(const uint32_t* table_, const T* x, int m, int64_t k,
-                                      const PlaneArgs& planes, int64_t block_row, int64_t n) {
+                                      const PlaneArgs& planes, int64_t block_row, int64_t n)
+      : LaneMma<T, BITS, PER_CHANNEL, NT>(table_) {
     constexpr PlaneSpec kSpec = plane_spec(BITS);
     const int lane = threadIdx.x % kWarpSize, g = lane / 4;
     t = lane % 4;
@@ -179,8 +223,6 @@ struct LaneTile {
     for (int p = 0; p < kPlanes<BITS>; ++p) shift[p] = t * lane_bits<SPAN>(kSpec.width[p]) % 32;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      lane_table[r] =
-          shared_addr(table_ + (PER_CHANNEL ? r * kEntries<BITS> * kWarpSize : 0) + lane);
       const int64_t row = min(block_row + g + 8 * r, n - 1);
 #pragma unroll
       for (int p = 0; p < kPlanes<BITS>; ++p)
@@ -201,11 +243,6 @@ struct LaneTile {
       for (int p = 0; p < kPlanes<BITS>; ++p)
         load_words(words[r].w[p], plane_word[r][p] + g0 * kSpec.width[p],
                    lane_words<SPAN>(kSpec.width[p]));
-  }
-
-  // The table word of `entry` for A row r (one shift-add for the address).
-  __device__ __forceinline__ uint32_t lookup(int r, uint32_t entry) const {
-    return load_shared_u32(lane_table[r], entry * (4 * kWarpSize));
   }
 
   // The lane's x columns of the span from g0 in each n-tile j: b[s][j] = 4 packed pairs of
@@ -248,22 +285,45 @@ struct LaneTile {
                                ? words[r].w[p][bit / 32] >> bit % 32
                                : words[r].w[p][0] >> shift[p] >> bit;
         }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t a[4];
-#pragma unroll
-        for (int q = 0; q < 2; ++q)
-#pragma unroll
-          for (int r = 0; r < 2; ++r)
-            a[2 * q + r] = lookup(r, pair_index<BITS>(chunk_bits[r], 2 * h + q));
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const uint32_t pairs[2] = {b[s][j][2 * h], b[s][j][2 * h + 1]};
-          mma_16816<T>(d[j], a, pairs);
-        }
-      }
+      this->step(d, chunk_bits, b[s]);
     }
   }
 };
+
+// The end of a linear tile kernel (lut_mma.cu, lut_frag.cu): sums the 4 warps' D tiles
+// d (each warp's share of K) through shared memory (`sums`: the tables, every warp done
+// with them; 4 * kThreads * NT floats) and writes A row block_row + r, x row b of the
+// result to y [m, n] (+ bias) or, with a split, to partial [splits, m, n] at split
+// blockIdx.y.
+template <typename T, int NT>
+__device__ __forceinline__ void store_block_sums(float* sums, const float (&d)[NT][4], int m,
+                                                 int64_t n, int64_t block_row,
+                                                 const T* __restrict__ bias, T* __restrict__ y,
+                                                 float* __restrict__ partial) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < 4 * NT; ++i) sums[(warp * kWarpSize + lane) * 4 * NT + i] = d[i / 4][i % 4];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int i = 0; i < 4 * NT; ++i) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += sums[(w * kWarpSize + lane) * 4 * NT + i];
+    const int64_t row = block_row + lane / 4 + 8 * (i % 4 / 2);
+    const int batch = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+    if (row >= n || batch >= m) continue;
+    if (partial != nullptr)
+      partial[(static_cast<int64_t>(blockIdx.y) * m + batch) * n + row] = s;
+    else
+      y[batch * n + row] = from_float<T>(s + (bias != nullptr ? to_float(bias[row]) : 0.f));
+  }
+}
+
+// Spans of the fragment-order code layout (launchers.h, lut_linear_frag) over K columns.
+OTQ_HD constexpr int64_t frag_spans(int64_t k) {
+  return (k + kFragSpanColumns - 1) / kFragSpanColumns;
+}
 
 }  // namespace otq::cuda

@@ -2,7 +2,10 @@
 
 - ``linear``: LUT GEMV (fp32 accumulation, bias fused, split-K with an fp32 workspace);
   M rows are processed in chunks of ``GEMV_MAX_M`` (it is meant for small M); or the
-  tensor-core kernel (chunks of ``MMA_MAX_M``) where the GPU's tuning entry says so.
+  tensor-core kernel (chunks of ``MMA_MAX_M``) where the GPU's tuning entry says so, on
+  the canonical planes or on the codes in fragment order (:func:`fragment_planes`, built
+  once per layer and cached; only ``fragment=True`` or a tuning entry's
+  ``cuda_mma_fragment`` selects it: it has not been timed on a GPU yet).
 - ``conv2d`` (groups = 1, fp16/bf16 x, 2-4 bits): implicit GEMM on tensor cores over the
   weight's codes re-packed tap-major (:func:`tap_major_planes`, built once per layer and
   cached) and channels-last x. Only ``backend="cuda"`` or a tuning entry's
@@ -46,6 +49,8 @@ BLOCKS_PER_SM = 2
 MMA_MAX_BITS = 4        # pair tables of 2**(2 * bits) entries (csrc/cuda/lut_mma.cu)
 CONV_PIXELS_PER_BLOCK = (16, 64)  # output pixels per conv block: <= 16 of them, else 64
 CONV_MIN_GROUPS_PER_SPLIT = 8     # two per warp
+FRAG_SPAN = 128         # columns per span of the fragment-order codes (kFragSpanColumns)
+LINEAR_KERNELS = {"gemv": 0, "mma": 1, "frag": 2}  # the binding's `kernel` codes
 
 
 def unavailable(device) -> str | None:
@@ -100,6 +105,14 @@ def use_tensor_cores(dtype: torch.dtype, bits: int, m: int, device: torch.device
             and m > tuning_int_by(device, "linear", "cuda_gemv_max_m", "bits", bits))
 
 
+def use_fragment_layout(device: torch.device) -> bool:
+    """Whether the GPU's tuning entry has ``cuda_mma_fragment: true``: the tensor-core
+    kernel then reads the codes in fragment order (bench_linear measured it faster)."""
+    from ..ops import tuning_flag  # ops imports the backends
+
+    return tuning_flag(device, "linear", "cuda_mma_fragment")
+
+
 def split_k_for(n: int, k: int, sms: int) -> int:
     """Split-K factor for N rows of K (both CUDA kernels): at least ``BLOCKS_PER_SM``
     blocks per SM, >= 32 groups per warp slice.
@@ -116,13 +129,16 @@ def split_k_for(n: int, k: int, sms: int) -> int:
 
 
 def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
-           split_k: int | None = None, tensor_cores: bool | None = None) -> torch.Tensor:
+           split_k: int | None = None, tensor_cores: bool | None = None,
+           fragment: bool | None = None) -> torch.Tensor:
     """y = x @ W^T + bias. x [M, K] fp16/bf16/fp32 on CUDA -> [M, N] in x.dtype.
 
     split_k: force a split-K factor (None = heuristic from the SM count).
     tensor_cores: True = the mma kernel (csrc/cuda/lut_mma.cu: pair look-ups,
     mma.m16n8k16; fp16/bf16 x and 2-4-bit codes only), False = the LUT GEMV, None =
     :func:`use_tensor_cores` (the GPU's tuning entry, measured by bench_linear).
+    fragment: with the mma kernel, read the codes in fragment order
+    (csrc/cuda/lut_frag.cu, :func:`fragment_planes`); None = :func:`use_fragment_layout`.
     """
     _require_cuda(x, "x")
     dev = x.device
@@ -135,6 +151,9 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     if tensor_cores and not tensor_cores_support(x.dtype, qt.bits):
         raise ValueError(f"tensor_cores needs float16/bfloat16 x and bits <= "
                          f"{MMA_MAX_BITS}, got {x.dtype} and bits={qt.bits}")
+    if fragment and not tensor_cores:
+        raise ValueError("fragment=True needs the tensor-core kernel (tensor_cores)")
+    fragment = tensor_cores and (use_fragment_layout(dev) if fragment is None else fragment)
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cuda", dev)
     book = checked_codebook(qt, "cuda", dev)
     per_channel = book.shape[0] == qt.n and qt.n > 1
@@ -153,17 +172,20 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         ws = (torch.empty(split_k * rows * n, dtype=torch.float32, device=dev)
               if split_k > 1 else None)
         xa = aligned(x)
+        if fragment:
+            planes = fragment_planes(qt)
+        kernel = LINEAR_KERNELS["frag" if fragment else "mma" if tensor_cores else "gemv"]
         native(require_cuda=True).cuda_lut_linear(
             xa.data_ptr(), DTYPE_CODES[x.dtype], m, k, [p.data_ptr() for p in planes], qt.bits,
             book.data_ptr(), per_channel, n, 0 if b is None else b.data_ptr(), y.data_ptr(),
-            split_k, 0 if ws is None else ws.data_ptr(), _stream(dev), tensor_cores)
+            split_k, 0 if ws is None else ws.data_ptr(), _stream(dev), kernel)
     return y
 
 
-# id(planes[0]) of a conv weight -> (a weak reference to it, what the layout depends on,
-# the tap-major planes); an entry leaves with its tensor (weakref.finalize). Tensors cannot
-# key a WeakKeyDictionary: it compares keys with ==, which is elementwise for tensors.
-_TAP_MAJOR: dict[int, tuple] = {}
+# (layout name, id(planes[0])) -> (a weak reference to planes[0], what the layout depends
+# on, the layout's planes); an entry leaves with its tensor (weakref.finalize). Tensors
+# cannot key a WeakKeyDictionary: it compares keys with ==, which is elementwise for tensors.
+_RUNTIME_LAYOUTS: dict[tuple[str, int], tuple] = {}
 
 
 def _planes_stamp(qt: QuantizedTensor) -> tuple:
@@ -177,28 +199,82 @@ def _planes_stamp(qt: QuantizedTensor) -> tuple:
     return versions, tuple(p.data_ptr() for p in qt.planes), qt.shape
 
 
+def _runtime_layout(qt: QuantizedTensor, name: str, build) -> list[torch.Tensor]:
+    """``build(qt)`` (a runtime layout of qt's codes, DESIGN.md section 2), built at first
+    use and cached until qt's planes change or are freed."""
+    key, stamp = (name, id(qt.planes[0])), _planes_stamp(qt)
+    hit = _RUNTIME_LAYOUTS.get(key)
+    same_tensor = hit is not None and hit[0]() is qt.planes[0]
+    if same_tensor and hit[1] == stamp:
+        return hit[2]
+    planes = build(qt)
+    if not same_tensor:
+        weakref.finalize(qt.planes[0], _RUNTIME_LAYOUTS.pop, key, None)
+    _RUNTIME_LAYOUTS[key] = (weakref.ref(qt.planes[0]), stamp, planes)
+    return planes
+
+
+def _codes_u8(qt: QuantizedTensor) -> torch.Tensor:
+    """qt's codes as uint8 [N, K]: an eighth of int64's bytes while a layout is re-ordered."""
+    from .. import ops  # ops imports the backends
+
+    return ops.unpack(qt).to(torch.uint8)
+
+
+def _build_tap_major(qt: QuantizedTensor) -> list[torch.Tensor]:
+    from .. import ops  # ops imports the backends
+
+    n, c, kh, kw = qt.shape
+    codes = _codes_u8(qt).reshape(n, c, kh, kw).permute(0, 2, 3, 1).reshape(n, -1)
+    return ops.pack(codes, qt.bits)
+
+
 def tap_major_planes(qt: QuantizedTensor) -> list[torch.Tensor]:
     """The codes of a conv weight [N, C, KH, KW] re-packed as rows of K' = KH * KW * C in
     (kh, kw, c) order: bit planes int32 [N, K'_pad * w / 32] (the canonical plane format
     of the permuted weight), the runtime layout of csrc/cuda/lut_conv.cu (DESIGN.md section
     2: built at first use, never saved). Cached per layer until its planes change; a 1x1
     weight's own planes (one tap: no copy)."""
+    if qt.shape[2] == qt.shape[3] == 1:
+        return qt.planes  # one tap: the canonical order already is (kh, kw, c)
+    return _runtime_layout(qt, "tap_major", _build_tap_major)
+
+
+def fragment_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] -> the 64 codes of each lane, [B, S, 32, 64] (B = ceil(N / 16) row
+    blocks, S = ceil(K / 128) spans): lane 4g + t of block b and span s takes rows 16b + g
+    + 8r (r < 2) and columns 128s + 32i + 8t + c (i < 4, c < 8) in the order (r, i, c);
+    code 0 past N and K (csrc/cuda/launchers.h, lut_linear_frag)."""
+    n, k = codes.shape
+    blocks, spans = -(-n // ROWS_PER_BLOCK), -(-k // FRAG_SPAN)
+    full = codes.new_zeros(blocks * ROWS_PER_BLOCK, spans * FRAG_SPAN)
+    full[:n, :k] = codes
+    lanes = full.view(blocks, 2, 8, spans, 4, 4, 8).permute(0, 3, 2, 5, 1, 4, 6)
+    return lanes.reshape(blocks, spans, 32, 64)
+
+
+def _build_fragment(qt: QuantizedTensor) -> list[torch.Tensor]:
     from .. import ops  # ops imports the backends
 
-    n, c, kh, kw = qt.shape
-    if kh == kw == 1:
-        return qt.planes  # one tap: the canonical order already is (kh, kw, c)
-    key, stamp = id(qt.planes[0]), _planes_stamp(qt)
-    hit = _TAP_MAJOR.get(key)
-    same_tensor = hit is not None and hit[0]() is qt.planes[0]
-    if same_tensor and hit[1] == stamp:
-        return hit[2]
-    codes = ops.unpack(qt).reshape(n, c, kh, kw).permute(0, 2, 3, 1).reshape(n, -1)
-    planes = ops.pack(codes, qt.bits)
-    if not same_tensor:
-        weakref.finalize(qt.planes[0], _TAP_MAJOR.pop, key, None)
-    _TAP_MAJOR[key] = (weakref.ref(qt.planes[0]), stamp, planes)
-    return planes
+    lanes = fragment_codes(_codes_u8(qt))
+    blocks, spans = lanes.shape[:2]
+    out = []
+    for plane, w in zip(ops.pack(lanes.reshape(-1, 64), qt.bits), plane_widths(qt.bits),
+                        strict=True):
+        q = 2 if w == 1 else 4  # words per lane and load (launchers.h)
+        parts = plane.view(blocks * spans, 32, 2 * w // q, q).transpose(1, 2)
+        out.append(parts.contiguous().view(blocks, spans, 2 * w // q, 32, q))
+    return out
+
+
+def fragment_planes(qt: QuantizedTensor) -> list[torch.Tensor]:
+    """The codes of a linear weight [N, K] in fragment order, the runtime layout of
+    csrc/cuda/lut_frag.cu (DESIGN.md section 2: built at first use, never saved): per
+    plane of width w, int32 [B, S, 2w / q, 32, q] (q = 4 words, 2 at w = 1; B, S and the
+    order of a lane's codes as in :func:`fragment_codes`), so that each warp load of the
+    kernel reads 32 lanes x q words in a row. As many bytes as the canonical planes (plus
+    padding to 16 rows and 128 columns), cached per layer until its planes change."""
+    return _runtime_layout(qt, "fragment", _build_fragment)
 
 
 def conv_split_k_for(n: int, pixels: int, k: int, sms: int) -> int:

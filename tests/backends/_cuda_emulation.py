@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from otq_kernels.backends.cuda import DTYPE_CODES, GEMV_MAX_M, MMA_MAX_M, tap_major_planes
+from otq_kernels.backends.cuda import (
+    DTYPE_CODES,
+    GEMV_MAX_M,
+    MMA_MAX_M,
+    fragment_planes,
+    tap_major_planes,
+)
 from otq_kernels.format import QuantizedTensor, padded_k, plane_widths
 from otq_kernels.ops import conv2d_output_shape
 
@@ -88,22 +94,26 @@ class Emulated:
             raise RuntimeError(self.lib.otq_emu_error_string(code).decode())
 
     def linear(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
-               split_k: int = 1, tensor_cores: bool = False) -> torch.Tensor:
+               split_k: int = 1, tensor_cores: bool = False,
+               fragment: bool = False) -> torch.Tensor:
         """x [M, K] -> [M, N] in x.dtype, buffers sized exactly as the cuda backend's.
 
-        tensor_cores: the mma kernel (lut_mma.cu) instead of the LUT GEMV (lut_gemv.cu).
+        tensor_cores: the mma kernel (lut_mma.cu) instead of the LUT GEMV (lut_gemv.cu);
+        fragment: the same on the codes in fragment order (lut_frag.cu), built by the cuda
+        backend's fragment_planes.
         """
         m, n, k = x.shape[0], qt.n, qt.k
         split_k = min(split_k, padded_k(k) // 32)
         x = x.contiguous()
-        planes = [p.contiguous() for p in qt.planes]
+        planes = fragment_planes(qt) if fragment else [p.contiguous() for p in qt.planes]
         book = qt.codebook.to(torch.float32).contiguous()
         per_channel = book.shape[0] == n and n > 1
         b = None if bias is None else bias.to(x.dtype).contiguous()  # as cuda.linear
         y = torch.full((m, n), float("nan"), dtype=x.dtype)
-        rows = min(m, MMA_MAX_M if tensor_cores else GEMV_MAX_M)
+        rows = min(m, MMA_MAX_M if tensor_cores or fragment else GEMV_MAX_M)
         ws = torch.full((split_k * rows * n,), float("nan")) if split_k > 1 else None
-        f = self.lib.otq_emu_lut_linear_mma if tensor_cores else self.lib.otq_emu_lut_linear
+        f = (self.lib.otq_emu_lut_linear_frag if fragment else
+             self.lib.otq_emu_lut_linear_mma if tensor_cores else self.lib.otq_emu_lut_linear)
         f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_bool,
                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
@@ -213,6 +223,12 @@ def run_sample(emu: Emulated) -> None:
     x = torch.randn(9, 1104, generator=gen).half()
     for rows in (x, x[:1]):
         y = emu.linear(rows, qt, None, 1, tensor_cores=True)
+        torch.testing.assert_close(y.float(), reference.linear(rows.float(), qt, None),
+                                   rtol=1e-2, atol=1e-2)
+    # the same on fragment-order codes (lut_frag.cu): 8 whole spans and a partial one, x
+    # masked past K, words 2 spans ahead; split 2 on span boundaries
+    for rows, split_k in ((x, 2), (x[:1], 1)):
+        y = emu.linear(rows, qt, None, split_k, fragment=True)
         torch.testing.assert_close(y.float(), reference.linear(rows.float(), qt, None),
                                    rtol=1e-2, atol=1e-2)
     # one activation row over 35 groups: the GEMV's load-ahead crosses steps

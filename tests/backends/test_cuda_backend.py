@@ -40,17 +40,11 @@ def rel_err(y: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def check_linear(cuda, m, n, k, bits, granularity, dtype, with_bias, split_k=None,
-                 tensor_cores=False):
+                 tensor_cores=False, fragment=False):
     """Within 2x the reference's own error in ``dtype`` (vs float64), plus one roundoff."""
     qt = make_qt(n, k, bits, granularity, seed=bits * 1000 + n + k)
-    gen = torch.Generator().manual_seed(m)
-    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
-    bias = torch.randn(n, generator=gen).to("cuda", dtype) if with_bias else None
-    y = cuda.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores)
-    assert y.dtype == dtype and y.shape == (m, n)
-    truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
-    ref_err = rel_err(reference.linear(x, qt, bias), truth)
-    assert rel_err(y, truth) <= 2 * ref_err + FLOOR[dtype]
+    check_linear_qt(cuda, qt, m, dtype, with_bias, split_k, seed=m, tensor_cores=tensor_cores,
+                    fragment=fragment)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,21 +66,39 @@ def test_linear_one_row_long_k(cuda_backend, bits, granularity, dtype):
         check_linear(cuda_backend, 1, 70, 4099, bits, granularity, dtype, True, split_k)
 
 
+@pytest.mark.parametrize("fragment", [False, True], ids=["canonical", "fragment"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_mma_kernel_every_bit_width(cuda_backend, bits, granularity, dtype):
-    """The tensor-core kernel (lut_mma.cu) on the GPU: M 1..20, K tails, split-K, and long
-    K (whole groups in load-ahead chunks plus a remainder: 5000 columns, 39 groups a warp)."""
+def test_mma_kernel_every_bit_width(cuda_backend, bits, granularity, dtype, fragment):
+    """The tensor-core kernels (lut_mma.cu; lut_frag.cu on fragment-order codes) on the
+    GPU: M 1..20, K tails, split-K, and long K (whole groups in load-ahead chunks plus a
+    remainder: 5000 columns, 39 groups a warp)."""
     for m, n, k, split_k in ((1, 33, 127, None), (3, 16, 4096, None), (9, 257, 300, 3),
                              (20, 40, 512, None), (16, 70, 5000, 1), (5, 40, 5000, 2)):
         check_linear(cuda_backend, m, n, k, bits, granularity, dtype, True, split_k,
-                     tensor_cores=True)
+                     tensor_cores=True, fragment=fragment)
 
 
-def test_mma_kernel_large_layer(cuda_backend):
+@pytest.mark.parametrize("fragment", [False, True], ids=["canonical", "fragment"])
+def test_mma_kernel_large_layer(cuda_backend, fragment):
     qt = random_qt(14336, 4096, 4, "channel", seed=3)
-    check_linear_qt(cuda_backend, qt, 1, torch.float16, True, tensor_cores=True)
+    check_linear_qt(cuda_backend, qt, 1, torch.float16, True, tensor_cores=True,
+                    fragment=fragment)
+
+
+def test_fragment_layout_follows_weight_changes(cuda_backend):
+    """The fragment-order codes are rebuilt after an in-place write to the planes, and
+    fragment=True needs the tensor-core kernel."""
+    qt = make_qt(40, 512, 3, "channel")
+    x = torch.randn(2, 512, device="cuda", dtype=torch.float16)
+    first = cuda_backend.linear(x, qt, None, tensor_cores=True, fragment=True)
+    qt.planes[0].copy_(qt.planes[0].flip(0))
+    got = cuda_backend.linear(x, qt, None, tensor_cores=True, fragment=True)
+    torch.testing.assert_close(got, cuda_backend.linear(x, qt, None, tensor_cores=True))
+    assert not torch.equal(got, first)
+    with pytest.raises(ValueError, match="fragment"):
+        cuda_backend.linear(x, qt, None, tensor_cores=False, fragment=True)
 
 
 def test_mma_kernel_rejects_float32_and_wide_codes(cuda_backend):
@@ -196,11 +208,12 @@ def random_qt(n: int, k: int, bits: int, granularity: str, seed: int = 0):
     return otq.QuantizedTensor(planes, book.cuda(), bits, (n, k), granularity)
 
 
-def check_linear_qt(cuda, qt, m, dtype, with_bias, split_k=None, seed=0, tensor_cores=False):
+def check_linear_qt(cuda, qt, m, dtype, with_bias, split_k=None, seed=0, tensor_cores=False,
+                    fragment=False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, qt.k, generator=gen).to("cuda", dtype)
     bias = torch.randn(qt.n, generator=gen).to("cuda", dtype) if with_bias else None
-    y = cuda.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores)
+    y = cuda.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores, fragment=fragment)
     assert y.dtype == dtype and y.shape == (m, qt.n)
     truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
     ref_err = rel_err(reference.linear(x, qt, bias), truth)
@@ -281,14 +294,16 @@ def test_fit_rows_ties_and_signed_zeros_in_one_long_row(cuda_backend, assign):
     torch.testing.assert_close(centroids.cpu(), ref_centroids.float())
 
 
-def test_mma_kernel_in_a_cuda_graph(cuda_backend):
-    """Capture (incl. the >48 KB shared-memory opt-in of 4-bit per-channel tables) and replay."""
+@pytest.mark.parametrize("fragment", [False, True], ids=["canonical", "fragment"])
+def test_mma_kernel_in_a_cuda_graph(cuda_backend, fragment):
+    """Capture (incl. the >48 KB shared-memory opt-in of 4-bit per-channel tables) and
+    replay; the fragment-order codes are built by the warm-up call, before capture."""
     qt = random_qt(300, 1024, 4, "channel", seed=5)
     x = torch.randn(3, 1024, device="cuda", dtype=torch.float16)
-    want = cuda_backend.linear(x, qt, None, tensor_cores=True)
+    want = cuda_backend.linear(x, qt, None, tensor_cores=True, fragment=fragment)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        got = cuda_backend.linear(x, qt, None, tensor_cores=True)
+        got = cuda_backend.linear(x, qt, None, tensor_cores=True, fragment=fragment)
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(got, cuda_backend.linear(x, qt, None, tensor_cores=True))

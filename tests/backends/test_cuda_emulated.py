@@ -9,6 +9,7 @@ sample under AddressSanitizer+UBSan and ThreadSanitizer.
 """
 
 import gc
+import itertools
 import os
 import subprocess
 import sys
@@ -35,11 +36,11 @@ def emulated() -> Emulated:
 
 
 def check_linear(emu, m, n, k, bits, granularity, dtype, with_bias, split_k=1, x=None,
-                 tensor_cores=False):
+                 tensor_cores=False, fragment=False):
     qt = make_qt((n, k), bits, granularity, "cpu", seed=bits * 100 + n + k)
     x = randn((m, k), "cpu", dtype, seed=m) if x is None else x
     bias = randn((n,), "cpu", dtype, seed=n) if with_bias else None
-    y = emu.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores)
+    y = emu.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores, fragment=fragment)
     truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
     assert_matches_reference(y, reference.linear(x, qt, bias), truth, dtype)
 
@@ -144,11 +145,94 @@ def test_mma_unaligned_activations(emulated, bits):
                  tensor_cores=True)
 
 
+@pytest.mark.parametrize("fragment", [False, True], ids=["canonical", "fragment"])
 @pytest.mark.parametrize("dtype,bits", [(torch.float32, 4), (torch.float16, 5)], ids=str)
-def test_mma_rejects_what_it_cannot_run(emulated, dtype, bits):
+def test_mma_rejects_what_it_cannot_run(emulated, dtype, bits, fragment):
     qt = make_qt((4, 40), bits, "tensor", "cpu")
     with pytest.raises(RuntimeError, match="invalid argument"):
-        emulated.linear(torch.randn(1, 40).to(dtype), qt, None, tensor_cores=True)
+        emulated.linear(torch.randn(1, 40).to(dtype), qt, None, tensor_cores=True,
+                        fragment=fragment)
+
+
+@pytest.mark.parametrize("dtype", MMA_DTYPES, ids=str)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_frag_every_bit_width(emulated, bits, granularity, dtype):
+    """lut_frag.cu (fragment-order codes): 21 rows = a full and a partial 16-row block, 100
+    columns = one partial span."""
+    check_linear(emulated, 3, 21, 100, bits, granularity, dtype, True, fragment=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 16, 32, 1), (8, 5, 7, 1), (2, 33, 300, 3),
+                                           (11, 17, 96, 2), (16, 9, 64, 1), (20, 3, 40, 2),
+                                           (1, 7, 1000, 64), (9, 40, 1536, 3)])
+def test_frag_shapes_splits_and_m_chunks(emulated, m, n, k, split_k, bits):
+    """Odd K tails (x masked in the last span), fewer rows than a block, splits on span
+    boundaries (300 columns: 3 spans over 3 splits; split_k 64 over 8 spans: one each;
+    1536 = 12 spans over 3 splits of 4: one per warp), two n-tiles (M 9..16), M > 16 in
+    launches of 16."""
+    check_linear(emulated, m, n, k, bits, "channel", torch.float16, True, split_k=split_k,
+                 fragment=True)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m,k,split_k", [(1, 5000, 1), (16, 5000, 2), (3, 4096, 1)])
+def test_frag_loads_ahead_over_long_k(emulated, m, k, split_k, bits, granularity):
+    """Long K: each warp's spans run with their words loaded 2 (4 bits) or 4 spans ahead
+    and x one span ahead. 5000 columns are 39 whole spans and a partial one (10 per warp,
+    the last warp's last span masked); split_k 2 gives 20 spans per split; 4096 columns
+    are 32 whole spans, 8 per warp: whole chunks of loads ahead at every width."""
+    check_linear(emulated, m, 17, k, bits, granularity, torch.float16, True, split_k=split_k,
+                 fragment=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_frag_unaligned_activations(emulated, bits):
+    """x not 16-byte aligned, or K % 8 != 0: every span takes the masked pair loads."""
+    x = randn((3, 257), "cpu", torch.float16)[:, 1:]
+    assert x.data_ptr() % 16
+    check_linear(emulated, 3, 17, 256, bits, "channel", torch.float16, True, x=x,
+                 fragment=True)
+    check_linear(emulated, 3, 17, 4100, bits, "tensor", torch.float16, True, fragment=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_fragment_planes_layout_and_cache(bits):
+    """The fragment-order layout (launchers.h, lut_linear_frag): every code read back from
+    its lane, row and column; padding codes 0; cached until the planes change in place."""
+    from otq_kernels.backends.cuda import _RUNTIME_LAYOUTS, fragment_planes
+    from otq_kernels.format import plane_widths, unpack_planes
+
+    n, k = 21, 300  # 2 row blocks (the second partial), 3 spans (the last partial)
+    qt = make_qt((n, k), bits, "channel", "cpu")
+    planes = fragment_planes(qt)
+    codes = unpack_planes(qt.planes, bits, k).tolist()
+    got = [[[[0] * 64 for _ in range(32)] for _ in range(3)] for _ in range(2)]
+    offset = 0
+    for plane, w in zip(planes, plane_widths(bits), strict=True):
+        q = 2 if w == 1 else 4
+        assert plane.shape == (2, 3, 2 * w // q, 32, q) and plane.dtype == torch.int32
+        words = plane.transpose(2, 3).reshape(2, 3, 32, 2 * w).tolist()  # a lane's words
+        for b, s, lane, j in itertools.product(range(2), range(3), range(32), range(64)):
+            field = (words[b][s][lane][j * w // 32] >> (j * w % 32)) & ((1 << w) - 1)
+            got[b][s][lane][j] |= field << offset
+        offset += w
+    for b, s, lane, r, i, c in itertools.product(range(2), range(3), range(32), range(2),
+                                                 range(4), range(8)):
+        g, t = divmod(lane, 4)
+        row, col = 16 * b + g + 8 * r, 128 * s + 32 * i + 8 * t + c
+        want = codes[row][col] if row < n and col < k else 0
+        assert got[b][s][lane][32 * r + 8 * i + c] == want, (b, s, lane, r, i, c)
+    assert fragment_planes(qt) is planes
+    qt.planes[0].add_(0)
+    assert fragment_planes(qt) is not planes
+    key = ("fragment", id(qt.planes[0]))
+    assert key in _RUNTIME_LAYOUTS
+    del qt
+    gc.collect()
+    assert key not in _RUNTIME_LAYOUTS
 
 
 def test_misaligned_vector_load_is_reported(emulated):
@@ -280,7 +364,7 @@ def test_conv_without_bias_per_tensor_bf16(emulated):
 def test_tap_major_planes_layout_and_cache():
     """The conv kernel's runtime layout: the codes of [N, C, KH, KW] as rows in (kh, kw, c)
     order, packed canonically; cached until the planes change in place."""
-    from otq_kernels.backends.cuda import _TAP_MAJOR, tap_major_planes
+    from otq_kernels.backends.cuda import _RUNTIME_LAYOUTS, tap_major_planes
     from otq_kernels.format import unpack_planes
 
     qt = make_qt((5, 3, 2, 3), 3, "channel", "cpu")
@@ -292,10 +376,10 @@ def test_tap_major_planes_layout_and_cache():
     rebuilt = tap_major_planes(qt)
     assert rebuilt is not planes
     assert all(torch.equal(a, b) for a, b in zip(rebuilt, planes, strict=True))
-    key = id(qt.planes[0])
-    assert key in _TAP_MAJOR
+    key = ("tap_major", id(qt.planes[0]))
+    assert key in _RUNTIME_LAYOUTS
     del qt
     gc.collect()
-    assert key not in _TAP_MAJOR  # the entry leaves with the layer's planes
+    assert key not in _RUNTIME_LAYOUTS  # the entry leaves with the layer's planes
     pointwise = make_qt((5, 7, 1, 1), 4, "tensor", "cpu")
     assert tap_major_planes(pointwise) is pointwise.planes  # one tap: no re-pack

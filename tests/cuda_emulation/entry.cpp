@@ -23,6 +23,14 @@ int otq_emu_lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k,
                                    y, split_k, workspace, nullptr);
 }
 
+int otq_emu_lut_linear_frag(const void* x, int dtype, int64_t m, int64_t k,
+                            const uint32_t* const* planes, int bits, const float* codebook,
+                            bool per_channel, int64_t n, const void* bias, void* y,
+                            int split_k, float* workspace) {
+  return otq::cuda::lut_linear_frag(x, dtype, m, k, planes, bits, codebook, per_channel, n,
+                                    bias, y, split_k, workspace, nullptr);
+}
+
 int otq_emu_lut_conv2d(const void* x, int dtype, const int64_t* sizes, const int* params,
                        const uint32_t* const* planes, int bits, const float* codebook,
                        bool per_channel, const void* bias, void* y, bool y_nchw, int split_k,

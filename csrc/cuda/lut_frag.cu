@@ -1,0 +1,214 @@
+// lut_mma.cu's product (tensor cores, pair look-ups, 2-4-bit codes, M <= 16 per launch) on
+// codes in fragment order (launchers.h, lut_linear_frag): a runtime layout in which the
+// codes a warp needs for one span (16 weight rows x 128 columns) are one contiguous run, so
+// every code load of a warp is 512 (or 256) contiguous bytes: 4 full lines, where the
+// canonical layout gives 8 lines, one per A row pair, at 64 bytes each (16 bytes each at
+// the 3-bit kernel's 1-bit plane).
+//
+// A block owns 16 weight rows and its 4 warps take turns over the spans of its K range, as
+// in lut_mma.cu. Step s (0..3) of a span takes the span's columns 32s..32s+31, lane t
+// (= lane % 4) their 8 columns from 8t, so the 4 lanes of an x row read 64 contiguous
+// bytes per step. K is padded to whole spans with code 0, its x masked to zero.
+#include "common.cuh"
+#include "gemv_common.cuh"
+#include "launchers.h"
+#include "pair_tables.cuh"
+
+namespace otq::cuda {
+namespace {
+
+constexpr int kSpanGroups = kFragSpanColumns / kGroup;  // steps per span
+static_assert(kSpanGroups == 4, "a lane's 8 columns per step, 4 lanes per x row");
+
+// Words of a plane of width w that a lane holds per span: 2 A rows x 4 steps x 8 codes.
+OTQ_HD constexpr int frag_words(int width) { return 2 * width; }
+// The lane's words in one 16-byte (or for w = 1, 8-byte) load; a span's loads are
+// part-major, so each is 32 lanes x that many contiguous bytes.
+OTQ_HD constexpr int frag_part_words(int width) { return width == 1 ? 2 : 4; }
+
+// A lane's code words of one span, per plane (frag_words(w) of its 8).
+template <int BITS>
+struct FragWords {
+  uint32_t w[kPlanes<BITS>][8];
+};
+
+// One lane's view of its block in fragment order: where its words lie, its x rows.
+template <typename T, int BITS, bool PER_CHANNEL, int NT>
+struct FragLane : LaneMma<T, BITS, PER_CHANNEL, NT> {
+  const uint32_t* word[kPlanes<BITS>];  // the lane's first word of span 0
+  const T* x_row[NT];
+  int t;
+
+  __device__ __forceinline__ FragLane(const uint32_t* table, const T* x, int m, int64_t k,
+                                      const PlaneArgs& planes, int64_t spans)
+      : LaneMma<T, BITS, PER_CHANNEL, NT>(table) {
+    constexpr PlaneSpec kSpec = plane_spec(BITS);
+    const int lane = threadIdx.x % kWarpSize, g = lane / 4;
+    t = lane % 4;
+#pragma unroll
+    for (int p = 0; p < kPlanes<BITS>; ++p) {
+      const int width = kSpec.width[p];
+      word[p] = planes.ptr[p] + blockIdx.x * spans * kWarpSize * frag_words(width) +
+                lane * frag_part_words(width);
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      x_row[j] = x + static_cast<int64_t>(8 * j + g < m ? 8 * j + g : m - 1) * k;
+  }
+
+  __device__ __forceinline__ void load(FragWords<BITS>& words, int64_t span) const {
+    constexpr PlaneSpec kSpec = plane_spec(BITS);
+#pragma unroll
+    for (int p = 0; p < kPlanes<BITS>; ++p) {
+      const int width = kSpec.width[p], part = frag_part_words(width);
+      const uint32_t* src = word[p] + span * kWarpSize * frag_words(width);
+#pragma unroll
+      for (int i = 0; i < frag_words(width) / part; ++i)
+        load_words(words.w[p] + i * part, src + i * kWarpSize * part, part);
+    }
+  }
+
+  // b[s][j]: the lane's 8 x columns of step s of `span` in n-tile j. WHOLE: the span lies
+  // inside k and x's rows are 16-byte aligned (vector loads); else masked pairs.
+  template <bool WHOLE>
+  __device__ __forceinline__ void load_x(uint32_t (&b)[kSpanGroups][NT][4], int64_t span,
+                                         int64_t k) const {
+#pragma unroll
+    for (int s = 0; s < kSpanGroups; ++s)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+        x_lane<T, WHOLE>(b[s][j], x_row[j], k,
+                         span * kFragSpanColumns + s * kGroup + kLaneColumns * t);
+  }
+
+  // d[j] += the span's 16 rows x 128 columns times n-tile j's x (8 * NT mmas).
+  __device__ __forceinline__ void accumulate(float (&d)[NT][4], const FragWords<BITS>& words,
+                                             const uint32_t (&b)[kSpanGroups][NT][4]) const {
+    constexpr PlaneSpec kSpec = plane_spec(BITS);
+#pragma unroll
+    for (int s = 0; s < kSpanGroups; ++s) {
+      uint32_t chunk_bits[2][kPlanes<BITS>];
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int p = 0; p < kPlanes<BITS>; ++p) {
+          const int bit = (r * kSpanGroups + s) * kLaneColumns * kSpec.width[p];
+          chunk_bits[r][p] = words.w[p][bit / 32] >> bit % 32;
+        }
+      this->step(d, chunk_bits, b[s]);
+    }
+  }
+};
+
+// Spans whose words a warp loads ahead: about 2 KB in flight per warp at every width.
+template <int BITS>
+constexpr int kFragAhead = BITS == 4 ? 2 : 4;
+
+template <typename T, int BITS, bool PER_CHANNEL, int NT>
+__global__ void __launch_bounds__(kThreads)
+    lut_frag_kernel(const T* __restrict__ x, int m, int64_t k, bool vec_x, PlaneArgs planes,
+                    const float* __restrict__ codebook, int64_t n,
+                    const T* __restrict__ bias, T* __restrict__ y,
+                    float* __restrict__ partial, int64_t spans_per_split) {
+  uint32_t* table = dynamic_shared<uint32_t>();
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t block_row = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  build_pair_tables<T, BITS, PER_CHANNEL>(table, codebook, block_row, n);
+  __syncthreads();
+
+  const int64_t s_begin = static_cast<int64_t>(blockIdx.y) * spans_per_split;
+  const int64_t s_end = min(frag_spans(k), s_begin + spans_per_split);
+  // Spans before v_end lie inside k with x 16-byte aligned: vector x loads.
+  const int64_t v_end = max(s_begin, min(s_end, vec_x ? k / kFragSpanColumns : 0));
+  float d[NT][4] = {};
+  {
+    const FragLane<T, BITS, PER_CHANNEL, NT> lane(table, x, m, k, planes, frag_spans(k));
+    // The warp's spans s_begin + warp, + kWarps, ... before v_end in chunks of kAhead, each
+    // span's words loaded kAhead steps and its x columns one step before use; the last
+    // (< kAhead) of them in step.
+    constexpr int kAhead = kFragAhead<BITS>;
+    int64_t span = s_begin + warp;
+    if (span + (kAhead - 1) * kWarps < v_end) {
+      FragWords<BITS> ahead[kAhead];
+      uint32_t x_ahead[kSpanGroups][NT][4];
+#pragma unroll
+      for (int i = 0; i < kAhead; ++i) lane.load(ahead[i], span + i * kWarps);
+      lane.template load_x<true>(x_ahead, span, k);
+#pragma unroll 1
+      for (; span + (kAhead - 1) * kWarps < v_end; span += kAhead * kWarps) {
+#pragma unroll
+        for (int i = 0; i < kAhead; ++i) {
+          const int64_t now = span + i * kWarps;
+          const FragWords<BITS> words = ahead[i];
+          uint32_t b[kSpanGroups][NT][4];
+#pragma unroll
+          for (int s = 0; s < kSpanGroups; ++s)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+              for (int c = 0; c < 4; ++c) b[s][j][c] = x_ahead[s][j][c];
+          if (now + kAhead * kWarps < v_end) lane.load(ahead[i], now + kAhead * kWarps);
+          if (now + kWarps < v_end) lane.template load_x<true>(x_ahead, now + kWarps, k);
+          lane.accumulate(d, words, b);
+        }
+      }
+    }
+#pragma unroll 1
+    for (; span < s_end; span += kWarps) {
+      FragWords<BITS> words;
+      lane.load(words, span);
+      uint32_t b[kSpanGroups][NT][4];
+      if (span < v_end)
+        lane.template load_x<true>(b, span, k);
+      else
+        lane.template load_x<false>(b, span, k);
+      lane.accumulate(d, words, b);
+    }
+  }
+  store_block_sums<T, NT>(reinterpret_cast<float*>(table), d, m, n, block_row, bias, y, partial);
+}
+
+template <typename T, int BITS, bool PER_CHANNEL>
+auto kernel_for(int rows) {
+  return rows <= kTileBatch ? lut_frag_kernel<T, BITS, PER_CHANNEL, 1>
+                            : lut_frag_kernel<T, BITS, PER_CHANNEL, 2>;
+}
+
+// Launches for dispatch_gemv: M in chunks of kMmaMaxM rows (one or two n-tiles), K split
+// on span boundaries, fixed up.
+struct FragKernels {
+  template <typename T, int BITS>
+  static int run(const GemvArgs& a) {
+    const int sum_words = kThreads * 4 * kMaxTiles;
+    const int words = table_words<BITS>(a.per_channel);
+    const size_t smem = sizeof(uint32_t) * (words > sum_words ? words : sum_words);
+    const T* x = a.x_as<T>();
+    const bool vec_x = a.k % kLaneColumns == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+    return launch_in_m_chunks<T>(
+        a, kTileRows, kMmaMaxM,
+        [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {
+          const auto kernel = a.per_channel ? kernel_for<T, BITS, true>(rows)
+                                            : kernel_for<T, BITS, false>(rows);
+          const cudaError_t err = allow_dynamic_smem(kernel, smem);
+          if (err != cudaSuccess) return static_cast<int>(err);
+          OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(
+              x + m0 * a.k, rows, a.k, vec_x, a.planes, a.codebook, a.n, a.bias_as<T>(),
+              a.y_as<T>() + m0 * a.n, partial, groups_per_split / kSpanGroups);
+          return 0;
+        },
+        kSpanGroups);
+  }
+};
+
+}  // namespace
+
+int lut_linear_frag(const void* x, int dtype, int64_t m, int64_t k,
+                    const uint32_t* const* planes, int bits, const float* codebook,
+                    bool per_channel, int64_t n, const void* bias, void* y, int split_k,
+                    float* workspace, void* stream) {
+  return dispatch_gemv<FragKernels, kMaxMmaBits, false>(x, dtype, m, k, planes, bits, codebook,
+                                                         per_channel, n, bias, y, split_k,
+                                                         workspace, stream);
+}
+
+}  // namespace otq::cuda
