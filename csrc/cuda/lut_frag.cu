@@ -8,7 +8,10 @@
 // A block owns 16 weight rows and its 4 warps take turns over the spans of its K range, as
 // in lut_mma.cu. Step s (0..3) of a span takes the span's columns 32s..32s+31, lane t
 // (= lane % 4) their 8 columns from 8t, so the 4 lanes of an x row read 64 contiguous
-// bytes per step. K is padded to whole spans with code 0, its x masked to zero.
+// bytes per step. K is padded to whole spans with code 0, its x masked to zero. 2-bit
+// codes look their pairs up in registers (RegisterLutMma), not in shared tables.
+#include <type_traits>
+
 #include "common.cuh"
 #include "gemv_common.cuh"
 #include "launchers.h"
@@ -32,16 +35,39 @@ struct FragWords {
   uint32_t w[kPlanes<BITS>][8];
 };
 
-// One lane's view of its block in fragment order: where its words lie, its x rows.
+// 2-bit codes look their pairs up in registers (RegisterLutMma), wider ones in the shared
+// pair tables.
+template <int BITS>
+constexpr bool kRegisterLut = BITS == 2;
+
 template <typename T, int BITS, bool PER_CHANNEL, int NT>
-struct FragLane : LaneMma<T, BITS, PER_CHANNEL, NT> {
+using FragMma = std::conditional_t<kRegisterLut<BITS>, RegisterLutMma<T, PER_CHANNEL, NT>,
+                                   LaneMma<T, BITS, PER_CHANNEL, NT>>;
+
+// The block's look-ups: the shared pair tables (built here; the caller synchronizes) or
+// the lane's registers.
+template <typename T, int BITS, bool PER_CHANNEL, int NT>
+__device__ __forceinline__ FragMma<T, BITS, PER_CHANNEL, NT> make_mma(
+    uint32_t* table, const float* __restrict__ codebook, int64_t block_row, int64_t n) {
+  if constexpr (kRegisterLut<BITS>) {
+    return RegisterLutMma<T, PER_CHANNEL, NT>(codebook, block_row, n);
+  } else {
+    build_pair_tables<T, BITS, PER_CHANNEL>(table, codebook, block_row, n);
+    return LaneMma<T, BITS, PER_CHANNEL, NT>(table);
+  }
+}
+
+// One lane's view of its block in fragment order: where its words lie, its x rows.
+template <typename T, int BITS, int NT, typename Mma>
+struct FragLane {
+  Mma mma;
   const uint32_t* word[kPlanes<BITS>];  // the lane's first word of span 0
   const T* x_row[NT];
   int t;
 
-  __device__ __forceinline__ FragLane(const uint32_t* table, const T* x, int m, int64_t k,
+  __device__ __forceinline__ FragLane(const Mma& mma_, const T* x, int m, int64_t k,
                                       const PlaneArgs& planes, int64_t spans)
-      : LaneMma<T, BITS, PER_CHANNEL, NT>(table) {
+      : mma(mma_) {
     constexpr PlaneSpec kSpec = plane_spec(BITS);
     const int lane = threadIdx.x % kWarpSize, g = lane / 4;
     t = lane % 4;
@@ -95,7 +121,7 @@ struct FragLane : LaneMma<T, BITS, PER_CHANNEL, NT> {
           const int bit = (r * kSpanGroups + s) * kLaneColumns * kSpec.width[p];
           chunk_bits[r][p] = words.w[p][bit / 32] >> bit % 32;
         }
-      this->step(d, chunk_bits, b[s]);
+      mma.step(d, chunk_bits, b[s]);
     }
   }
 };
@@ -113,8 +139,8 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t* table = dynamic_shared<uint32_t>();
   const int warp = threadIdx.x / kWarpSize;
   const int64_t block_row = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  build_pair_tables<T, BITS, PER_CHANNEL>(table, codebook, block_row, n);
-  __syncthreads();
+  const auto mma = make_mma<T, BITS, PER_CHANNEL, NT>(table, codebook, block_row, n);
+  if constexpr (!kRegisterLut<BITS>) __syncthreads();
 
   const int64_t s_begin = static_cast<int64_t>(blockIdx.y) * spans_per_split;
   const int64_t s_end = min(frag_spans(k), s_begin + spans_per_split);
@@ -122,7 +148,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t v_end = max(s_begin, min(s_end, vec_x ? k / kFragSpanColumns : 0));
   float d[NT][4] = {};
   {
-    const FragLane<T, BITS, PER_CHANNEL, NT> lane(table, x, m, k, planes, frag_spans(k));
+    const FragLane<T, BITS, NT, FragMma<T, BITS, PER_CHANNEL, NT>> lane(mma, x, m, k, planes,
+                                                                      frag_spans(k));
     // The warp's spans s_begin + warp, + kWarps, ... before v_end in chunks of kAhead, each
     // span's words loaded kAhead steps and its x columns one step before use; the last
     // (< kAhead) of them in step.
@@ -180,7 +207,7 @@ struct FragKernels {
   template <typename T, int BITS>
   static int run(const GemvArgs& a) {
     const int sum_words = kThreads * 4 * kMaxTiles;
-    const int words = table_words<BITS>(a.per_channel);
+    const int words = kRegisterLut<BITS> ? 0 : table_words<BITS>(a.per_channel);
     const size_t smem = sizeof(uint32_t) * (words > sum_words ? words : sum_words);
     const T* x = a.x_as<T>();
     const bool vec_x = a.k % kLaneColumns == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;

@@ -1,8 +1,10 @@
-// Pair look-up tables for the tensor-core LUT kernels (lut_mma.cu, lut_conv.cu): a block
-// of 4 warps owns 16 weight rows (the M of mma.m16n8k16); the codes of two adjacent
-// columns of a row form one "pair index" looked up in a shared table of packed
-// half2/bf162 pairs, one copy per lane so that look-ups never conflict. Also LaneTile, a
-// lane's view of its block (its A rows' code words, look-ups and mmas), and x_lane.
+// Pair look-up tables for the tensor-core LUT kernels (lut_mma.cu, lut_conv.cu,
+// lut_frag.cu): a block of 4 warps owns 16 weight rows (the M of mma.m16n8k16); the codes
+// of two adjacent columns of a row form one "pair index" looked up in a shared table of
+// packed half2/bf162 pairs, one copy per lane so that look-ups never conflict (LaneMma),
+// or for 2-bit codes in the lane's registers (RegisterLutMma). Also mma_step (one 16 x 32
+// step of mmas), LaneTile (a lane's view of its block in the canonical layout), x_lane and
+// the linear kernels' epilogue (store_block_sums).
 #pragma once
 
 #include "common.cuh"
@@ -152,6 +154,31 @@ __device__ __forceinline__ void load_words(uint32_t* out, const uint32_t* p, int
   }
 }
 
+// d[j] += one step: 16 rows x 32 columns (two mmas per n-tile, each A fragment looked up
+// once through lut.lookup(r, pair index)). chunk_bits[r][p]: plane p's bits of the lane's 8
+// columns of A row r, from bit 0 (bits above them are ignored); b[j]: the same columns of
+// n-tile j's x, 4 packed pairs. Lane pair 2h + q fills the k slots 2t + 8q, +1 of mma h
+// (t = lane % 4).
+template <typename T, int BITS, int NT, typename Lut>
+__device__ __forceinline__ void mma_step(const Lut& lut, float (&d)[NT][4],
+                                         const uint32_t (&chunk_bits)[2][kPlanes<BITS>],
+                                         const uint32_t (&b)[NT][4]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint32_t a[4];
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        a[2 * q + r] = lut.lookup(r, pair_index<BITS>(chunk_bits[r], 2 * h + q));
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const uint32_t pairs[2] = {b[j][2 * h], b[j][2 * h + 1]};
+      mma_16816<T>(d[j], a, pairs);
+    }
+  }
+}
+
 // A lane's pair tables and mma steps: A rows g and g + 8 (r = 0, 1) of its block, g =
 // lane / 4; in n-tile j, B column g is row 8 * j + g of x.
 template <typename T, int BITS, bool PER_CHANNEL, int NT>
@@ -171,21 +198,59 @@ struct LaneMma {
     return load_shared_u32(lane_table[r], entry * (4 * kWarpSize));
   }
 
-  // d[j] += one step: 16 rows x 32 columns (two mmas per n-tile, each A fragment looked up
-  // once). chunk_bits[r][p]: plane p's bits of the lane's 8 columns of A row r, from bit 0
-  // (bits above them are ignored); b[j]: the same columns of n-tile j's x, 4 packed pairs.
-  // Lane pair 2h + q fills the k slots 2t + 8q, +1 of mma h (t = lane % 4).
   __device__ __forceinline__ void step(float (&d)[NT][4],
                                        const uint32_t (&chunk_bits)[2][kPlanes<BITS>],
                                        const uint32_t (&b)[NT][4]) const {
+    mma_step<T, BITS, NT>(*this, d, chunk_bits, b);
+  }
+};
+
+// LaneMma for 2-bit codes without shared tables: each lane keeps its A rows' 4 codebook
+// entries in registers (2 words per row, entry c in bytes 2c, 2c + 1) and looks a pair up
+// with one byte permute (PRMT). The shared-memory pipe, which Nsight Compute had as the
+// busiest unit of lut_mma, then carries no look-ups at all.
+template <typename T, bool PER_CHANNEL, int NT>
+struct RegisterLutMma {
+  uint32_t book[2][2];
+
+  __device__ __forceinline__ RegisterLutMma(const float* __restrict__ codebook,
+                                            int64_t block_row, int64_t n) {
+    const int g = threadIdx.x % kWarpSize / 4;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float* e = codebook + (PER_CHANNEL ? min(block_row + g + 8 * r, n - 1) * 4 : 0);
+#pragma unroll
+      for (int w = 0; w < 2; ++w)
+        book[r][w] = pack2(from_float<T>(__ldg(e + 2 * w)), from_float<T>(__ldg(e + 2 * w + 1)));
+    }
+  }
+
+  // The byte selectors of 2 pairs from their 4 codes (bits 0-7 of `codes`, 2 bits each):
+  // code c becomes byte c * 0x22 + 0x10 (nibbles 2c, 2c + 1: entry c's two bytes), so pair
+  // 0's selector is the low 16 bits and pair 1's the high 16.
+  __device__ __forceinline__ static uint32_t selectors(uint32_t codes) {
+    codes = (codes | codes << 12) & 0x000F000Fu;  // codes 0-1 in bits 0-3, 2-3 in 16-19
+    codes = (codes | codes << 6) & 0x03030303u;   // code i in byte i
+    return codes * 0x22u + 0x10101010u;
+  }
+
+  // d[j] += one step as mma_step, the 4 pairs of each A row looked up together.
+  __device__ __forceinline__ void step(float (&d)[NT][4],
+                                       const uint32_t (&chunk_bits)[2][kPlanes<2>],
+                                       const uint32_t (&b)[NT][4]) const {
+    uint32_t pair[2][4];  // [r][lane pair]
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t sel = selectors(chunk_bits[r][0] >> (8 * half) & 0xFFu);
+        pair[r][2 * half] = __byte_perm(book[r][0], book[r][1], sel);
+        pair[r][2 * half + 1] = __byte_perm(book[r][0], book[r][1], sel >> 16);
+      }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      uint32_t a[4];
-#pragma unroll
-      for (int q = 0; q < 2; ++q)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          a[2 * q + r] = lookup(r, pair_index<BITS>(chunk_bits[r], 2 * h + q));
+      const uint32_t a[4] = {pair[0][2 * h], pair[1][2 * h], pair[0][2 * h + 1],
+                             pair[1][2 * h + 1]};
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const uint32_t pairs[2] = {b[j][2 * h], b[j][2 * h + 1]};

@@ -231,6 +231,13 @@ def run_sample(emu: Emulated) -> None:
         y = emu.linear(rows, qt, None, split_k, fragment=True)
         torch.testing.assert_close(y.float(), reference.linear(rows.float(), qt, None),
                                    rtol=1e-2, atol=1e-2)
+    # 2-bit codes there look up in registers: per channel, rows 16..19 of a 32-row block
+    # read their codebooks, 20..31 clamp to the last row
+    qt2 = otq.fit_codebook(torch.randn(20, 1104, generator=gen), bits=2,
+                           granularity="channel", backend="reference")
+    y = emu.linear(x, qt2, None, 1, fragment=True)
+    torch.testing.assert_close(y.float(), reference.linear(x.float(), qt2, None),
+                               rtol=1e-2, atol=1e-2)
     # one activation row over 35 groups: the GEMV's load-ahead crosses steps
     qt = otq.fit_codebook(torch.randn(20, 1100, generator=gen), bits=4, backend="reference")
     x = torch.randn(1, 1100, generator=gen).half()
