@@ -201,17 +201,42 @@ def _planes_stamp(qt: QuantizedTensor) -> tuple:
 
 def _runtime_layout(qt: QuantizedTensor, name: str, build) -> list[torch.Tensor]:
     """``build(qt)`` (a runtime layout of qt's codes, DESIGN.md section 2), built at first
-    use and cached until qt's planes change or are freed."""
+    use and cached until qt's planes change or are freed.
+
+    After an in-place change of the planes the new layout is copied into the cached
+    tensors, so that a CUDA graph captured on them reads the new codes once a call outside
+    the graph has refreshed them (a replay alone cannot notice the change).
+    """
     key, stamp = (name, id(qt.planes[0])), _planes_stamp(qt)
     hit = _RUNTIME_LAYOUTS.get(key)
     same_tensor = hit is not None and hit[0]() is qt.planes[0]
     if same_tensor and hit[1] == stamp:
         return hit[2]
     planes = build(qt)
+    if same_tensor and [p.shape for p in planes] == [p.shape for p in hit[2]]:
+        with torch.inference_mode():  # the cached tensors may be inference tensors
+            for cached, new in zip(hit[2], planes, strict=True):
+                cached.copy_(new)
+        planes = hit[2]
     if not same_tensor:
         weakref.finalize(qt.planes[0], _RUNTIME_LAYOUTS.pop, key, None)
     _RUNTIME_LAYOUTS[key] = (weakref.ref(qt.planes[0]), stamp, planes)
     return planes
+
+
+def runtime_layout_bytes() -> int:
+    """Bytes held by the cached runtime layouts (tap-major conv codes, fragment-order linear
+    codes): each a second copy of the codes of a layer that the CUDA conv or ``fragment``
+    kernel has run."""
+    return sum(p.numel() * p.element_size()
+               for _, _, planes in _RUNTIME_LAYOUTS.values() for p in planes)
+
+
+def clear_runtime_layouts() -> None:
+    """Drop every cached runtime layout; each is rebuilt at its layer's next call. Not
+    while a captured CUDA graph that uses them may still be replayed: it would read freed
+    memory."""
+    _RUNTIME_LAYOUTS.clear()
 
 
 def _codes_u8(qt: QuantizedTensor) -> torch.Tensor:

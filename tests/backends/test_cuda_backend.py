@@ -310,6 +310,24 @@ def test_mma_kernel_in_a_cuda_graph(cuda_backend, fragment):
     assert not torch.equal(got, want)
 
 
+def test_graph_reads_refreshed_fragment_layout(cuda_backend):
+    """A graph captured on the fragment-order codes, the planes then changed in place: one
+    call outside the graph refreshes the cached layout in place, and the replay uses it."""
+    qt = random_qt(64, 512, 2, "channel", seed=11)
+    other = random_qt(64, 512, 2, "channel", seed=12)
+    x = torch.randn(1, 512, device="cuda", dtype=torch.float16)
+    cuda_backend.linear(x, qt, None, tensor_cores=True, fragment=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = cuda_backend.linear(x, qt, None, tensor_cores=True, fragment=True)
+    for mine, theirs in zip(qt.planes, other.planes, strict=True):
+        mine.copy_(theirs)
+    qt.codebook.copy_(other.codebook)
+    cuda_backend.linear(x, qt, None, tensor_cores=True, fragment=True)  # refreshes
+    graph.replay()
+    torch.testing.assert_close(got, cuda_backend.linear(x, other, None, tensor_cores=True))
+
+
 def check_conv(cuda, x_shape, w_shape, bits, granularity, dtype, stride=(1, 1),
                padding=(0, 0), dilation=(1, 1), split_k=None, channels_last=False):
     """lut_conv.cu against the reference conv in ``dtype`` (vs float64), as check_linear."""

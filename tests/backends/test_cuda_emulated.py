@@ -226,13 +226,44 @@ def test_fragment_planes_layout_and_cache(bits):
         want = codes[row][col] if row < n and col < k else 0
         assert got[b][s][lane][32 * r + 8 * i + c] == want, (b, s, lane, r, i, c)
     assert fragment_planes(qt) is planes
-    qt.planes[0].add_(0)
-    assert fragment_planes(qt) is not planes
     key = ("fragment", id(qt.planes[0]))
     assert key in _RUNTIME_LAYOUTS
     del qt
     gc.collect()
     assert key not in _RUNTIME_LAYOUTS
+
+
+def test_runtime_layouts_bytes_clear_and_in_place_refresh():
+    """runtime_layout_bytes counts the cached copies and clear_runtime_layouts drops them.
+    An in-place change of normal planes is copied into the cached tensors (what a captured
+    CUDA graph reads); inference tensors have no version counter, so a change to them
+    needs clear_runtime_layouts (as documented)."""
+    from otq_kernels.backends import cuda
+
+    cuda.clear_runtime_layouts()
+    assert cuda.runtime_layout_bytes() == 0
+    qt = make_qt((40, 300), 3, "tensor", "cpu")
+    other = make_qt((40, 300), 3, "tensor", "cpu", seed=7)
+    planes = cuda.fragment_planes(qt)
+    # 3 row blocks x 3 spans x 32 lanes x (4 + 2 words) x 4 bytes
+    assert cuda.runtime_layout_bytes() == 3 * 3 * 32 * 6 * 4
+    fresh = cuda._build_fragment(other)
+    for mine, theirs in zip(qt.planes, other.planes, strict=True):
+        mine.copy_(theirs)
+    assert cuda.fragment_planes(qt) is planes  # refreshed in place
+    assert all(torch.equal(a, b) for a, b in zip(planes, fresh, strict=True))
+    cuda.clear_runtime_layouts()
+    assert cuda.runtime_layout_bytes() == 0
+
+    with torch.inference_mode():
+        qt = make_qt((40, 300), 3, "tensor", "cpu")
+        stale = cuda.fragment_planes(qt)
+        for mine, theirs in zip(qt.planes, other.planes, strict=True):
+            mine.copy_(theirs)
+    assert cuda.fragment_planes(qt) is stale  # not seen
+    cuda.clear_runtime_layouts()
+    assert all(torch.equal(a, b) for a, b in zip(cuda.fragment_planes(qt), fresh, strict=True))
+    cuda.clear_runtime_layouts()
 
 
 def test_misaligned_vector_load_is_reported(emulated):
@@ -372,10 +403,12 @@ def test_tap_major_planes_layout_and_cache():
     codes = unpack_planes(qt.planes, 3, 18).reshape(5, 3, 2, 3).permute(0, 2, 3, 1)
     assert torch.equal(unpack_planes(planes, 3, 18), codes.reshape(5, 18))
     assert tap_major_planes(qt) is planes
-    qt.planes[0].mul_(1)  # an in-place write, same values
+    before = [p.clone() for p in planes]
+    qt.planes[0].copy_(qt.planes[0].flip(0))  # an in-place write: refreshed in place
     rebuilt = tap_major_planes(qt)
-    assert rebuilt is not planes
-    assert all(torch.equal(a, b) for a, b in zip(rebuilt, planes, strict=True))
+    assert rebuilt is planes and not torch.equal(planes[0], before[0])
+    codes = unpack_planes(qt.planes, 3, 18).reshape(5, 3, 2, 3).permute(0, 2, 3, 1)
+    assert torch.equal(unpack_planes(planes, 3, 18), codes.reshape(5, 18))
     key = ("tap_major", id(qt.planes[0]))
     assert key in _RUNTIME_LAYOUTS
     del qt
