@@ -54,9 +54,13 @@ GOAL_MAX_M = {"splitk": GEMM_MIN_M - 1}
 CUDA_MAX_M = 64
 FUSED = ("triton", "cuda")
 # Kernels that run only some (dtype, bits): other combinations become skipped rows.
-_TENSOR_CORES = ("fp16/bf16 activations and bits <= 4 only",
-                 lambda dtype, bits: dtype in (torch.float16, torch.bfloat16) and bits <= 4)
-LIMITED = {"lut_mma": _TENSOR_CORES, "lut_frag": _TENSOR_CORES}
+_HALF = (torch.float16, torch.bfloat16)
+# kernel -> (why a configuration is skipped, whether it runs (dtype, bits, granularity))
+LIMITED = {"lut_mma": ("fp16/bf16 activations and bits <= 4 only",
+                       lambda dtype, bits, gran: dtype in _HALF and bits <= 4),
+           "lut_frag": ("fp16/bf16 activations and bits <= 4, or 8 bits per tensor, only",
+                        lambda dtype, bits, gran: dtype in _HALF and (
+                            bits <= 4 or (bits == 8 and gran == "tensor")))}
 # The CUDA kernels by name: cuda.linear's (tensor_cores, fragment).
 CUDA_KERNELS = {"lut_gemv": (False, False), "lut_mma": (True, False), "lut_frag": (True, True)}
 
@@ -197,7 +201,7 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
             if (max_m is not None and m > max_m) or (kernel.startswith("gemm") and m < GEMM_MIN_M):
                 continue
             limited = LIMITED.get(kernel)
-            if limited and not limited[1](dtype, bits):
+            if limited and not limited[1](dtype, bits, gran):
                 fn = limited[0]
             if isinstance(fn, str):
                 run.add(common.skipped_row(fn, **fields))
@@ -302,7 +306,9 @@ def _wins_up_to(times: dict[tuple, dict[str, float]], baseline: str,
 def fragment_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
     """cuda_mma_fragment and its evidence (see derive_crossovers) from {(M, shape, bits,
     granularity): {"lut_mma": µs, "lut_frag": µs, ...}}, ({}, {}) when no config has both.
-    Where lut_frag wins, its times replace lut_mma's in ``times``."""
+    Where lut_frag wins, its times replace lut_mma's in ``times`` (in the configurations
+    that have both: its 8-bit per-tensor rows stay out, as dispatch never sends 8-bit codes
+    to tensor cores)."""
     speedups = common.speedup_by_m(times, "lut_mma", "lut_frag")  # lut_frag's, per M
     means = [g for g in speedups.values() if g]
     if not means:
@@ -310,7 +316,7 @@ def fragment_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
     wins = common.geomean(means) > 1.0
     if wins:
         for t in times.values():
-            if "lut_frag" in t:
+            if "lut_frag" in t and "lut_mma" in t:
                 t["lut_mma"] = t["lut_frag"]
     return ({"cuda_mma_fragment": wins},
             {"cuda_mma_fragment": {str(m): round(g, 3) for m, g in speedups.items() if g}})

@@ -92,11 +92,13 @@ def sanitizer_target(device: torch.device, bits_list: list[int]) -> int:
                 for backend in ("cuda", "triton", "dequant"):
                     if common.backend_unavailable(backend, device) is None:
                         _try(ops.codebook_linear, x, qt, None, backend=backend)
-                if bits <= 4 and common.backend_unavailable("cuda", device) is None:
+                if common.backend_unavailable("cuda", device) is None:
                     from otq_kernels.backends import cuda
 
-                    for fragment in (False, True):
-                        _try(cuda.linear, x, qt, None, tensor_cores=True, fragment=fragment)
+                    if bits <= 4:
+                        _try(cuda.linear, x, qt, None, tensor_cores=True)
+                    if cuda.fragment_supports(x.dtype, bits, gran == "channel"):
+                        _try(cuda.linear, x, qt, None, tensor_cores=True, fragment=True)
             cq = common.random_qt(12, 8 * 9, bits, gran, device, shape=(12, 8, 3, 3))
             xc = torch.randn(2, 8, 7, 9, device=device, dtype=torch.float16)
             _try(ops.codebook_conv2d, xc, cq, None, 1, 1, backend="triton")

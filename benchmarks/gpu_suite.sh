@@ -26,7 +26,7 @@
 #                  goal_conv_graph (the 3x3 convs at batch 1, 4-bit, graph replays),
 #                  sweep_splitk (the LUT GEMV and lut_mma over forced split-K: splitk.json,
 #                  splitk_mma.json), ncu_gemv (Nsight Compute on 4 GEMV launches,
-#                  lut_mma and lut_frag at M = 16 and 1, lut_frag at 2 and 3 bits too,
+#                  lut_mma and lut_frag at M = 16 and 1, lut_frag at 2, 3 and 8 bits too,
 #                  and lut_conv at 28x28 and 7x7; lut_mma's and lut_frag's memory tables
 #                  raw in logs/ncu_mma_raw.csv), profile_e2e
 #                  (kernel time of a batch-1 UNet step by category: e2e_profile.json),
@@ -316,13 +316,13 @@ run_step ncu_gemv 120 '
   if ! command -v ncu >/dev/null; then echo "ncu not found"; exit 0; fi
   # the full set: stall reasons (sampled per instruction) and the source hot spots too
   ncu --kernel-name "regex:${OTQ_SUITE_NCU_KERNELS:-lut_gemv_kernel|lut_mma_kernel|lut_frag_kernel|lut_conv_kernel}" \
-    --launch-count 24 --set full \
+    --launch-count 26 --set full \
     $PY benchmarks/sweep_splitk.py --ncu-target
   # the lut_mma and lut_frag launches as raw metrics: the units behind the L1 throughput figure (the
   # speed-of-light breakdown) and the memory tables (L1 wavefronts, requests and sectors
   # per access type), which the details page above summarizes away: CSV lines (after the
   # ==PROF== lines of the tool) in logs/ncu_mma_raw.csv
-  ncu --kernel-name "regex:lut_mma_kernel|lut_frag_kernel" --launch-count 12 --section SpeedOfLight \
+  ncu --kernel-name "regex:lut_mma_kernel|lut_frag_kernel" --launch-count 14 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis_Tables --page raw --csv \
     --log-file "$DIR/logs/ncu_mma_raw.csv" $PY benchmarks/sweep_splitk.py --ncu-target'
 

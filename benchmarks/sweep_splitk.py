@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                    help="run the 8192² GEMV at M = 1 (4 bits both granularities, 2 and 8 "
                         "bits), the tensor-core kernel at M = 16 (4 bits per channel) and "
                         "M = 1 (4 bits per tensor) on canonical and fragment-order codes "
-                        "(and the latter at M = 1 at 2 and 3 bits), then the CUDA conv on "
+                        "(and the latter at M = 1 at 2, 3 and 8 bits), then the CUDA conv on "
                         "the mnist UNet's 3x3 conv at 28x28 and 7x7, untimed, for Nsight "
                         "Compute")
     args = p.parse_args(argv)
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
                             (8192, 8192, 4, "channel", 16, "lut_frag"),
                             (8192, 8192, 4, "tensor", 1, "lut_frag"),
                             (8192, 8192, 2, "tensor", 1, "lut_frag"),
-                            (8192, 8192, 3, "tensor", 1, "lut_frag")])
+                            (8192, 8192, 3, "tensor", 1, "lut_frag"),
+                            (8192, 8192, 8, "tensor", 1, "lut_frag")])
         ncu_conv_target(device, [28, 7])
         return 0
     run = common.Run("splitk_mma" if args.tensor_cores else "splitk", args)

@@ -118,8 +118,9 @@ void cuda_lut_linear(uintptr_t x, int dtype, int64_t m, int64_t k, const Ptrs& p
                      int split_k, uintptr_t workspace, uintptr_t stream, int kernel) {
   check_bits(bits), check_size(m, "m"), check_size(k, "k"), check_size(n, "n");
   require(kernel >= 0 && kernel <= 2, "kernel must be 0 (gemv), 1 (mma) or 2 (frag)");
-  require(kernel == 0 || (dtype != 0 && bits <= 4),
-          "the tensor-core kernels need float16/bfloat16 x and bits <= 4");
+  require(kernel == 0 || (dtype != 0 && (bits <= 4 || (kernel == 2 && bits == 8 && !per_channel))),
+          "the tensor-core kernels need float16/bfloat16 x and bits <= 4 (fragment order: "
+          "or 8 bits with one codebook per layer)");
   require(dtype >= 0 && dtype <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16)");
   require(split_k >= 1, "split_k must be >= 1");
   require(split_k == 1 || workspace != 0, "split_k > 1 needs a workspace");
@@ -223,7 +224,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bits"_a, "codebook"_a, "per_channel"_a, "n"_a, "bias"_a, "y"_a, "split_k"_a,
         "workspace"_a, "stream"_a, "kernel"_a = 0,
         "LUT GEMV (dtype 0 f32, 1 f16, 2 bf16), fp32 accumulation; kernel 1: the mma "
-        "kernel, 2: the same on fragment-order planes (f16/bf16, bits <= 4).");
+        "kernel (f16/bf16, bits <= 4), 2: the same on fragment-order planes (also 8 bits "
+        "per layer).");
   m.def("cuda_lut_conv2d", &cuda_lut_conv2d, "x"_a, "dtype"_a, "sizes"_a, "params"_a,
         "planes"_a, "bits"_a, "codebook"_a, "per_channel"_a, "bias"_a, "y"_a, "y_nchw"_a,
         "split_k"_a, "workspace"_a, "stream"_a,

@@ -200,6 +200,12 @@ def test_fragment_layout_choice():
                       "cuda_mma_fragment": True}
     assert evidence["cuda_mma_fragment"] == {"1": 2.0, "16": 0.8}
     assert evidence["cuda_tensor_cores"] == {"1": 1.2, "16": 3.2}
+    eight = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0, "lut_frag": 10.0},
+                        16: {"dequant": 100.0, "lut_gemv": 500.0, "lut_frag": 20.0}}, bits=8)
+    values, _ = linear.derive_crossovers(_cuda_rows(times) + eight)
+    # 8 bits judged on the GEMV that dispatch runs for them (500 µs at M = 16), not on
+    # lut_frag's 20: the overall crossover drops to 1 and 4 bits keep 16
+    assert values["cuda_max_m"] == 1 and values["cuda_max_m_by_bits"] == {"4": 16}
     times[1]["lut_frag"] = 100.0
     values, evidence = linear.derive_crossovers(_cuda_rows(times))
     assert values == {"cuda_max_m": 16, "cuda_gemv_max_m": 1, "cuda_tensor_cores": True,
@@ -329,8 +335,12 @@ def test_tensor_core_kernel_is_timed_only_where_it_runs():
     linear = _load("bench_linear")
     for kernel in ("lut_mma", "lut_frag"):
         names, applies = linear.LIMITED[kernel]
-        assert applies(torch.float16, 4) and applies(torch.bfloat16, 2)
-        assert not applies(torch.float32, 4) and not applies(torch.float16, 5)
+        assert applies(torch.float16, 4, "channel") and applies(torch.bfloat16, 2, "tensor")
+        assert not applies(torch.float32, 4, "tensor")
+        assert not applies(torch.float16, 5, "tensor")
+        assert not applies(torch.float16, 8, "channel")
+    assert linear.LIMITED["lut_frag"][1](torch.float16, 8, "tensor")
+    assert not linear.LIMITED["lut_mma"][1](torch.float16, 8, "tensor")
     common = _load("common")
     run = common.Run.__new__(common.Run)
     run.device = torch.device("cpu")

@@ -29,10 +29,56 @@ OTQ_HD constexpr int frag_words(int width) { return 2 * width; }
 // part-major, so each is 32 lanes x that many contiguous bytes.
 OTQ_HD constexpr int frag_part_words(int width) { return width == 1 ? 2 : 4; }
 
-// A lane's code words of one span, per plane (frag_words(w) of its 8).
+// A lane's code words of one span, per plane (frag_words(w) of them; the widest first).
 template <int BITS>
 struct FragWords {
-  uint32_t w[kPlanes<BITS>][8];
+  uint32_t w[kPlanes<BITS>][frag_words(plane_spec(BITS).width[0])];
+};
+
+// 8-bit codes (per layer only): a table of single entries, [256][32] words (the entry in
+// the low half), one copy per lane so that look-ups never conflict; two look-ups and one
+// byte permute per A register. Per-channel 8-bit tables (256 entries per row) do not fit.
+template <typename T, int NT>
+struct ByteLutMma {
+  SharedAddr lane_table;  // entry c of the lane's copy: the word at lane_table + c * 128
+
+  // Fills the table (the caller synchronizes) from the layer's codebook.
+  __device__ __forceinline__ ByteLutMma(uint32_t* table, const float* __restrict__ codebook) {
+    uint4* out = reinterpret_cast<uint4*>(table);  // uint4 i: lanes 4(i % 8).. of entry i / 8
+    for (int i = threadIdx.x; i < 256 * kWarpSize / 4; i += kThreads) {
+      const uint32_t e = pack2(from_float<T>(__ldg(codebook + i / 8)), from_float<T>(0.f));
+      out[i] = make_uint4(e, e, e, e);
+    }
+    lane_table = shared_addr(table + threadIdx.x % kWarpSize);
+  }
+
+  // The entry of byte i of `codes`: the byte zero-extended by one PRMT, its address one
+  // multiply-add.
+  __device__ __forceinline__ uint32_t entry(uint32_t codes, int i) const {
+    return load_shared_u32(lane_table, __byte_perm(codes, 0u, 0x4440u | i) * 128u);
+  }
+
+  // Entries of bytes 2q and 2q + 1 of `codes` as a pair, the first in the low half.
+  __device__ __forceinline__ uint32_t pair(uint32_t codes, int q) const {
+    return __byte_perm(entry(codes, 2 * q), entry(codes, 2 * q + 1), 0x5410);
+  }
+
+  // d[j] += one step (16 rows x 32 columns): codes[r][h] holds the lane's columns 4h..4h+3
+  // of A row r, one byte each; lane pair 2h + q (bytes 2q, 2q + 1 of codes[r][h]) fills
+  // the k slots 2t + 8q, +1 of mma h, as in mma_step.
+  __device__ __forceinline__ void step(float (&d)[NT][4], const uint32_t (&codes)[2][2],
+                                       const uint32_t (&b)[NT][4]) const {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t a[4] = {pair(codes[0][h], 0), pair(codes[1][h], 0), pair(codes[0][h], 1),
+                             pair(codes[1][h], 1)};
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint32_t pairs[2] = {b[j][2 * h], b[j][2 * h + 1]};
+        mma_16816<T>(d[j], a, pairs);
+      }
+    }
+  }
 };
 
 // 2-bit codes look their pairs up in registers (RegisterLutMma), wider ones in the shared
@@ -41,8 +87,9 @@ template <int BITS>
 constexpr bool kRegisterLut = BITS == 2;
 
 template <typename T, int BITS, bool PER_CHANNEL, int NT>
-using FragMma = std::conditional_t<kRegisterLut<BITS>, RegisterLutMma<T, PER_CHANNEL, NT>,
-                                   LaneMma<T, BITS, PER_CHANNEL, NT>>;
+using FragMma = std::conditional_t<
+    kRegisterLut<BITS>, RegisterLutMma<T, PER_CHANNEL, NT>,
+    std::conditional_t<BITS == 8, ByteLutMma<T, NT>, LaneMma<T, BITS, PER_CHANNEL, NT>>>;
 
 // The block's look-ups: the shared pair tables (built here; the caller synchronizes) or
 // the lane's registers.
@@ -51,6 +98,8 @@ __device__ __forceinline__ FragMma<T, BITS, PER_CHANNEL, NT> make_mma(
     uint32_t* table, const float* __restrict__ codebook, int64_t block_row, int64_t n) {
   if constexpr (kRegisterLut<BITS>) {
     return RegisterLutMma<T, PER_CHANNEL, NT>(codebook, block_row, n);
+  } else if constexpr (BITS == 8) {
+    return ByteLutMma<T, NT>(table, codebook);
   } else {
     build_pair_tables<T, BITS, PER_CHANNEL>(table, codebook, block_row, n);
     return LaneMma<T, BITS, PER_CHANNEL, NT>(table);
@@ -113,22 +162,28 @@ struct FragLane {
     constexpr PlaneSpec kSpec = plane_spec(BITS);
 #pragma unroll
     for (int s = 0; s < kSpanGroups; ++s) {
-      uint32_t chunk_bits[2][kPlanes<BITS>];
+      if constexpr (BITS == 8) {  // a row's 8 codes of the step: 2 words
+        const uint32_t codes[2][2] = {{words.w[0][2 * s], words.w[0][2 * s + 1]},
+                                      {words.w[0][8 + 2 * s], words.w[0][9 + 2 * s]}};
+        mma.step(d, codes, b[s]);
+      } else {
+        uint32_t chunk_bits[2][kPlanes<BITS>];
 #pragma unroll
-      for (int r = 0; r < 2; ++r)
+        for (int r = 0; r < 2; ++r)
 #pragma unroll
-        for (int p = 0; p < kPlanes<BITS>; ++p) {
-          const int bit = (r * kSpanGroups + s) * kLaneColumns * kSpec.width[p];
-          chunk_bits[r][p] = words.w[p][bit / 32] >> bit % 32;
-        }
-      mma.step(d, chunk_bits, b[s]);
+          for (int p = 0; p < kPlanes<BITS>; ++p) {
+            const int bit = (r * kSpanGroups + s) * kLaneColumns * kSpec.width[p];
+            chunk_bits[r][p] = words.w[p][bit / 32] >> bit % 32;
+          }
+        mma.step(d, chunk_bits, b[s]);
+      }
     }
   }
 };
 
-// Spans whose words a warp loads ahead: about 2 KB in flight per warp at every width.
+// Spans whose words a warp loads ahead: 2-4 KB in flight per warp.
 template <int BITS>
-constexpr int kFragAhead = BITS == 4 ? 2 : 4;
+constexpr int kFragAhead = BITS >= 4 ? 2 : 4;
 
 template <typename T, int BITS, bool PER_CHANNEL, int NT>
 __global__ void __launch_bounds__(kThreads)
@@ -201,21 +256,42 @@ auto kernel_for(int rows) {
                             : lut_frag_kernel<T, BITS, PER_CHANNEL, 2>;
 }
 
-// Launches for dispatch_gemv: M in chunks of kMmaMaxM rows (one or two n-tiles), K split
-// on span boundaries, fixed up.
+// The kernel for the codebook kind (8-bit codes: per layer only, FragKernels::run checks).
+template <typename T, int BITS>
+auto per_channel_kernel(bool per_channel, int rows) {
+  if constexpr (BITS == 8) {
+    return kernel_for<T, BITS, false>(rows);
+  } else {
+    return per_channel ? kernel_for<T, BITS, true>(rows) : kernel_for<T, BITS, false>(rows);
+  }
+}
+
+// Launches for dispatch_gemv (bits 2-4 and, per layer, 8): M in chunks of kMmaMaxM rows
+// (one or two n-tiles), K split on span boundaries, fixed up.
 struct FragKernels {
   template <typename T, int BITS>
   static int run(const GemvArgs& a) {
+    if constexpr (BITS > kMaxMmaBits && BITS < 8) {
+      return static_cast<int>(cudaErrorInvalidValue);
+    } else {
+      if (BITS == 8 && a.per_channel) return static_cast<int>(cudaErrorInvalidValue);
+      return launch<T, BITS>(a);
+    }
+  }
+
+  template <typename T, int BITS>
+  static int launch(const GemvArgs& a) {
     const int sum_words = kThreads * 4 * kMaxTiles;
-    const int words = kRegisterLut<BITS> ? 0 : table_words<BITS>(a.per_channel);
+    const int words = kRegisterLut<BITS> ? 0
+                      : BITS == 8        ? 256 * kWarpSize
+                                         : table_words<BITS>(a.per_channel);
     const size_t smem = sizeof(uint32_t) * (words > sum_words ? words : sum_words);
     const T* x = a.x_as<T>();
     const bool vec_x = a.k % kLaneColumns == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
     return launch_in_m_chunks<T>(
         a, kTileRows, kMmaMaxM,
         [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {
-          const auto kernel = a.per_channel ? kernel_for<T, BITS, true>(rows)
-                                            : kernel_for<T, BITS, false>(rows);
+          const auto kernel = per_channel_kernel<T, BITS>(a.per_channel, rows);
           const cudaError_t err = allow_dynamic_smem(kernel, smem);
           if (err != cudaSuccess) return static_cast<int>(err);
           OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(
@@ -233,9 +309,9 @@ int lut_linear_frag(const void* x, int dtype, int64_t m, int64_t k,
                     const uint32_t* const* planes, int bits, const float* codebook,
                     bool per_channel, int64_t n, const void* bias, void* y, int split_k,
                     float* workspace, void* stream) {
-  return dispatch_gemv<FragKernels, kMaxMmaBits, false>(x, dtype, m, k, planes, bits, codebook,
-                                                         per_channel, n, bias, y, split_k,
-                                                         workspace, stream);
+  return dispatch_gemv<FragKernels, 8, false>(x, dtype, m, k, planes, bits, codebook,
+                                               per_channel, n, bias, y, split_k, workspace,
+                                               stream);
 }
 
 }  // namespace otq::cuda

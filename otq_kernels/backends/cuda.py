@@ -84,6 +84,14 @@ def tensor_cores_support(dtype: torch.dtype, bits: int) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and bits <= MMA_MAX_BITS
 
 
+def fragment_supports(dtype: torch.dtype, bits: int, per_channel: bool) -> bool:
+    """Whether the tensor-core kernel on fragment-order codes (lut_frag.cu) takes x of
+    ``dtype`` and these codes: what the mma kernel takes, and 8 bits with one codebook per
+    layer (a table of single entries; 256 per row do not fit for per-channel codebooks)."""
+    return tensor_cores_support(dtype, bits) or (
+        dtype in (torch.float16, torch.bfloat16) and bits == 8 and not per_channel)
+
+
 def tuned_for_tensor_cores(device: torch.device) -> bool:
     """Whether the tuning table of this GPU says the mma kernel beat the LUT GEMV."""
     from ..ops import tuning_flag  # ops imports the backends
@@ -138,7 +146,8 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     mma.m16n8k16; fp16/bf16 x and 2-4-bit codes only), False = the LUT GEMV, None =
     :func:`use_tensor_cores` (the GPU's tuning entry, measured by bench_linear).
     fragment: with the mma kernel, read the codes in fragment order
-    (csrc/cuda/lut_frag.cu, :func:`fragment_planes`); None = :func:`use_fragment_layout`.
+    (csrc/cuda/lut_frag.cu, :func:`fragment_planes`), which also runs 8-bit codes with a
+    per-tensor codebook (:func:`fragment_supports`); None = :func:`use_fragment_layout`.
     """
     _require_cuda(x, "x")
     dev = x.device
@@ -148,15 +157,19 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         raise ValueError(f"x must be [M, {qt.k}], got {list(x.shape)}")
     if tensor_cores is None:
         tensor_cores = use_tensor_cores(x.dtype, qt.bits, x.shape[0], dev)
-    if tensor_cores and not tensor_cores_support(x.dtype, qt.bits):
-        raise ValueError(f"tensor_cores needs float16/bfloat16 x and bits <= "
-                         f"{MMA_MAX_BITS}, got {x.dtype} and bits={qt.bits}")
     if fragment and not tensor_cores:
         raise ValueError("fragment=True needs the tensor-core kernel (tensor_cores)")
     fragment = tensor_cores and (use_fragment_layout(dev) if fragment is None else fragment)
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cuda", dev)
     book = checked_codebook(qt, "cuda", dev)
     per_channel = book.shape[0] == qt.n and qt.n > 1
+    if fragment and not fragment_supports(x.dtype, qt.bits, per_channel):
+        raise ValueError(f"fragment=True needs float16/bfloat16 x and bits <= {MMA_MAX_BITS}, "
+                         f"or 8 bits with a per-tensor codebook; got {x.dtype}, "
+                         f"bits={qt.bits}, {'per-channel' if per_channel else 'per-tensor'}")
+    if tensor_cores and not fragment and not tensor_cores_support(x.dtype, qt.bits):
+        raise ValueError(f"tensor_cores needs float16/bfloat16 x and bits <= "
+                         f"{MMA_MAX_BITS}, got {x.dtype} and bits={qt.bits}")
     m, n, k = x.shape[0], qt.n, qt.k
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     if m == 0:

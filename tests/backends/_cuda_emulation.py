@@ -238,6 +238,12 @@ def run_sample(emu: Emulated) -> None:
     y = emu.linear(x, qt2, None, 1, fragment=True)
     torch.testing.assert_close(y.float(), reference.linear(x.float(), qt2, None),
                                rtol=1e-2, atol=1e-2)
+    # and 8-bit codes of one codebook per layer through its table of single entries
+    qt8 = otq.fit_codebook(torch.randn(20, 1104, generator=gen), bits=8, granularity="tensor",
+                           backend="reference")
+    y = emu.linear(x, qt8, None, 2, fragment=True)
+    torch.testing.assert_close(y.float(), reference.linear(x.float(), qt8, None),
+                               rtol=1e-2, atol=1e-2)
     # one activation row over 35 groups: the GEMV's load-ahead crosses steps
     qt = otq.fit_codebook(torch.randn(20, 1100, generator=gen), bits=4, backend="reference")
     x = torch.randn(1, 1100, generator=gen).half()

@@ -87,6 +87,19 @@ def test_mma_kernel_large_layer(cuda_backend, fragment):
                     fragment=fragment)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fragment_kernel_eight_bits_per_tensor(cuda_backend, dtype):
+    """8-bit codes with one codebook per layer on the fragment-order kernel (a table of
+    single entries); per-channel 8-bit codes are refused with a clear error."""
+    for m, n, k, split_k in ((1, 33, 127, None), (3, 16, 4096, None), (9, 257, 300, 3),
+                             (16, 70, 5000, 1), (20, 40, 512, None)):
+        check_linear(cuda_backend, m, n, k, 8, "tensor", dtype, True, split_k,
+                     tensor_cores=True, fragment=True)
+    with pytest.raises(ValueError, match="per-tensor codebook"):
+        check_linear(cuda_backend, 1, 8, 64, 8, "channel", dtype, False, tensor_cores=True,
+                     fragment=True)
+
+
 def test_fragment_layout_follows_weight_changes(cuda_backend):
     """The fragment-order codes are rebuilt after an in-place write to the planes, and
     fragment=True needs the tensor-core kernel."""

@@ -146,12 +146,24 @@ def test_mma_unaligned_activations(emulated, bits):
 
 
 @pytest.mark.parametrize("fragment", [False, True], ids=["canonical", "fragment"])
-@pytest.mark.parametrize("dtype,bits", [(torch.float32, 4), (torch.float16, 5)], ids=str)
-def test_mma_rejects_what_it_cannot_run(emulated, dtype, bits, fragment):
-    qt = make_qt((4, 40), bits, "tensor", "cpu")
+@pytest.mark.parametrize("dtype,bits,granularity", [(torch.float32, 4, "tensor"),
+                                                    (torch.float16, 5, "tensor"),
+                                                    (torch.float16, 8, "channel")], ids=str)
+def test_mma_rejects_what_it_cannot_run(emulated, dtype, bits, granularity, fragment):
+    qt = make_qt((4, 40), bits, granularity, "cpu")
     with pytest.raises(RuntimeError, match="invalid argument"):
         emulated.linear(torch.randn(1, 40).to(dtype), qt, None, tensor_cores=True,
                         fragment=fragment)
+
+
+@pytest.mark.parametrize("dtype", MMA_DTYPES, ids=str)
+@pytest.mark.parametrize("m,n,k,split_k", [(1, 21, 100, 1), (3, 33, 300, 3), (1, 17, 5000, 1),
+                                           (16, 17, 5000, 2), (20, 9, 1536, 1)])
+def test_frag_eight_bits_per_tensor(emulated, m, n, k, split_k, dtype):
+    """8-bit codes with one codebook per layer on fragment-order codes: a table of single
+    entries, two look-ups per A register; partial spans, splits, long K loaded ahead (2
+    spans of 16 words per lane), two n-tiles and M > 16."""
+    check_linear(emulated, m, n, k, 8, "tensor", dtype, True, split_k=split_k, fragment=True)
 
 
 @pytest.mark.parametrize("dtype", MMA_DTYPES, ids=str)
@@ -198,7 +210,7 @@ def test_frag_unaligned_activations(emulated, bits):
     check_linear(emulated, 3, 17, 4100, bits, "tensor", torch.float16, True, fragment=True)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_fragment_planes_layout_and_cache(bits):
     """The fragment-order layout (launchers.h, lut_linear_frag): every code read back from
     its lane, row and column; padding codes 0; cached until the planes change in place."""
