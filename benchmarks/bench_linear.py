@@ -52,6 +52,7 @@ GOAL_KERNELS = ["auto", "splitk", "splitk_fm", "gemm_strided"]
 GOAL_MAX_M = {"splitk": GEMM_MIN_M - 1}
 # The CUDA LUT GEMV runs M in chunks of 8 rows (one weight pass each): pointless beyond this.
 CUDA_MAX_M = 64
+MMA_MAX_BITS = 4  # wider codes run on tensor cores only through lut_frag (8 bits)
 FUSED = ("triton", "cuda")
 # Kernels that run only some (dtype, bits): other combinations become skipped rows.
 _HALF = (torch.float16, torch.bfloat16)
@@ -306,17 +307,19 @@ def _wins_up_to(times: dict[tuple, dict[str, float]], baseline: str,
 def fragment_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
     """cuda_mma_fragment and its evidence (see derive_crossovers) from {(M, shape, bits,
     granularity): {"lut_mma": µs, "lut_frag": µs, ...}}, ({}, {}) when no config has both.
-    Where lut_frag wins, its times replace lut_mma's in ``times`` (in the configurations
-    that have both: its 8-bit per-tensor rows stay out, as dispatch never sends 8-bit codes
-    to tensor cores)."""
+    Where lut_frag wins, its times replace lut_mma's in ``times``; where lut_mma did not
+    run (8-bit codes, per tensor) they stand for the tensor-core kernel either way."""
     speedups = common.speedup_by_m(times, "lut_mma", "lut_frag")  # lut_frag's, per M
+    for t in times.values():  # 8-bit codes: lut_frag is their only tensor-core kernel
+        if "lut_frag" in t and "lut_mma" not in t:
+            t["lut_mma"] = t["lut_frag"]
     means = [g for g in speedups.values() if g]
     if not means:
         return {}, {}
     wins = common.geomean(means) > 1.0
     if wins:
         for t in times.values():
-            if "lut_frag" in t and "lut_mma" in t:
+            if "lut_frag" in t:
                 t["lut_mma"] = t["lut_frag"]
     return ({"cuda_mma_fragment": wins},
             {"cuda_mma_fragment": {str(m): round(g, 3) for m, g in speedups.items() if g}})
@@ -339,7 +342,7 @@ def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict
                                       "lut_gemv", "lut_mma")
         crossover = _gemv_crossover(of_bits)
         mma_wins |= any((g or 0) > 1.0 for m, g in of_bits.items() if m > crossover)
-        if crossover != gemv_max_m:
+        if crossover != gemv_max_m or bits > MMA_MAX_BITS:  # 8 bits: always their own
             values.setdefault("cuda_gemv_max_m_by_bits", {})[str(bits)] = crossover
             evidence.setdefault("cuda_tensor_cores_by_bits", {})[str(bits)] = {
                 str(m): round(g, 3) for m, g in of_bits.items() if g}
@@ -353,10 +356,14 @@ def _gemv_crossover(mma_speedups: dict[int, float]) -> int:
 
 
 def use_mma(values: dict, m: int, bits: int | None = None) -> bool:
-    """Whether the cuda backend would take lut_mma at M for ``bits`` (where it runs) under
-    ``values`` (otq_kernels.backends.cuda.use_tensor_cores' rule)."""
-    gemv_max_m = values.get("cuda_gemv_max_m_by_bits", {}).get(
-        str(bits), values.get("cuda_gemv_max_m", 0))
+    """Whether the cuda backend would take its tensor-core kernel at M for ``bits`` (where
+    one runs) under ``values`` (otq_kernels.backends.cuda.use_tensor_cores' rule: 8-bit
+    codes only with their own cuda_gemv_max_m_by_bits entry)."""
+    gemv_max_m = values.get("cuda_gemv_max_m_by_bits", {}).get(str(bits))
+    if gemv_max_m is None:
+        if bits is not None and bits > MMA_MAX_BITS:
+            return False
+        gemv_max_m = values.get("cuda_gemv_max_m", 0)
     return bool(values.get("cuda_tensor_cores")) and m > gemv_max_m
 
 

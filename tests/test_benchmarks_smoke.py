@@ -203,9 +203,12 @@ def test_fragment_layout_choice():
     eight = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0, "lut_frag": 10.0},
                         16: {"dequant": 100.0, "lut_gemv": 500.0, "lut_frag": 20.0}}, bits=8)
     values, _ = linear.derive_crossovers(_cuda_rows(times) + eight)
-    # 8 bits judged on the GEMV that dispatch runs for them (500 µs at M = 16), not on
-    # lut_frag's 20: the overall crossover drops to 1 and 4 bits keep 16
-    assert values["cuda_max_m"] == 1 and values["cuda_max_m_by_bits"] == {"4": 16}
+    # 8 bits (per tensor): lut_frag is their tensor-core kernel, listed on its own (it wins
+    # from M = 1) and judged on its 10 / 20 µs in cuda_max_m
+    assert values["cuda_gemv_max_m_by_bits"] == {"8": 0} and values["cuda_max_m"] == 16
+    assert linear.use_mma(values, 1, 8)
+    unlisted = {**values, "cuda_gemv_max_m_by_bits": {}}
+    assert not linear.use_mma(unlisted, 16, 8)  # 8 bits never without their own entry
     times[1]["lut_frag"] = 100.0
     values, evidence = linear.derive_crossovers(_cuda_rows(times))
     assert values == {"cuda_max_m": 16, "cuda_gemv_max_m": 1, "cuda_tensor_cores": True,

@@ -307,8 +307,22 @@ def test_cuda_kernel_choice_by_m(entry, want, monkeypatch):
     gpu = torch.device("cuda", 0)
     assert [cuda.use_tensor_cores(torch.float16, 4, m, gpu) for m in (1, 2, 17)] == want
     assert not cuda.use_tensor_cores(torch.float32, 4, 17, gpu)
-    assert not cuda.use_tensor_cores(torch.bfloat16, 8, 17, gpu)
+    assert not cuda.use_tensor_cores(torch.bfloat16, 8, 17, gpu)  # 8 bits: no entry of their own
     assert not cuda.use_tensor_cores(torch.float16, 4, 17, torch.device("cpu"))
+
+
+def test_eight_bit_codes_take_tensor_cores_only_with_their_own_entry(monkeypatch):
+    """8-bit codes with a per-tensor codebook run on tensor cores (lut_frag) where
+    cuda_gemv_max_m_by_bits lists 8; per-channel 8-bit codes never (no kernel)."""
+    from otq_kernels.backends import _device, cuda
+
+    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
+    monkeypatch.setattr(ops, "tuning_table", lambda name: {"linear": {
+        "cuda_tensor_cores": True, "cuda_gemv_max_m": 0, "cuda_gemv_max_m_by_bits": {"8": 1}}})
+    gpu = torch.device("cuda", 0)
+    assert [cuda.use_tensor_cores(torch.float16, 8, m, gpu) for m in (1, 2)] == [False, True]
+    assert not cuda.use_tensor_cores(torch.float16, 8, 2, gpu, per_channel=True)
+    assert cuda.use_tensor_cores(torch.float16, 4, 1, gpu)  # 4 bits: cuda_gemv_max_m 0
 
 
 @pytest.mark.parametrize("n, k, want", [

@@ -99,18 +99,26 @@ def tuned_for_tensor_cores(device: torch.device) -> bool:
     return tuning_flag(device, "linear", "cuda_tensor_cores")
 
 
-def use_tensor_cores(dtype: torch.dtype, bits: int, m: int, device: torch.device) -> bool:
+def use_tensor_cores(dtype: torch.dtype, bits: int, m: int, device: torch.device,
+                     per_channel: bool = False) -> bool:
     """The automatic kernel choice (``linear(tensor_cores=None)``) for x [M, K] of ``dtype``.
 
-    The mma kernel where it runs (:func:`tensor_cores_support`), the GPU's tuning entry
-    has ``cuda_tensor_cores: true`` and M > its ``cuda_gemv_max_m`` (absent: 0), or its
-    ``cuda_gemv_max_m_by_bits[bits]`` where that lists ``bits``; else the LUT GEMV
-    (bench_linear measured it faster there).
+    A tensor-core kernel where one runs (:func:`fragment_supports`: the mma kernel, and for
+    8-bit codes with a per-tensor codebook lut_frag), the GPU's tuning entry has
+    ``cuda_tensor_cores: true`` and M > its ``cuda_gemv_max_m_by_bits[bits]``, or for 2-4
+    bits not listed there its ``cuda_gemv_max_m`` (absent: 0); else the LUT GEMV
+    (bench_linear measured it faster there). 8-bit codes need their own entry.
     """
-    from ..ops import tuning_int_by
+    from ..ops import _tuning_entry, tuning_int
 
-    return (tensor_cores_support(dtype, bits) and tuned_for_tensor_cores(device)
-            and m > tuning_int_by(device, "linear", "cuda_gemv_max_m", "bits", bits))
+    if not (fragment_supports(dtype, bits, per_channel) and tuned_for_tensor_cores(device)):
+        return False
+    crossover = _tuning_entry(device, "linear", "cuda_gemv_max_m_by_bits", {}).get(str(bits))
+    if crossover is None:
+        if bits > MMA_MAX_BITS:
+            return False
+        crossover = tuning_int(device, "linear", "cuda_gemv_max_m")
+    return m > int(crossover)
 
 
 def use_fragment_layout(device: torch.device) -> bool:
@@ -147,7 +155,8 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     :func:`use_tensor_cores` (the GPU's tuning entry, measured by bench_linear).
     fragment: with the mma kernel, read the codes in fragment order
     (csrc/cuda/lut_frag.cu, :func:`fragment_planes`), which also runs 8-bit codes with a
-    per-tensor codebook (:func:`fragment_supports`); None = :func:`use_fragment_layout`.
+    per-tensor codebook (:func:`fragment_supports`); None = :func:`use_fragment_layout`
+    at 2-4 bits, True at 8 bits (their only tensor-core kernel).
     """
     _require_cuda(x, "x")
     dev = x.device
@@ -155,14 +164,16 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != qt.k:
         raise ValueError(f"x must be [M, {qt.k}], got {list(x.shape)}")
-    if tensor_cores is None:
-        tensor_cores = use_tensor_cores(x.dtype, qt.bits, x.shape[0], dev)
-    if fragment and not tensor_cores:
-        raise ValueError("fragment=True needs the tensor-core kernel (tensor_cores)")
-    fragment = tensor_cores and (use_fragment_layout(dev) if fragment is None else fragment)
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cuda", dev)
     book = checked_codebook(qt, "cuda", dev)
     per_channel = book.shape[0] == qt.n and qt.n > 1
+    if tensor_cores is None:
+        tensor_cores = use_tensor_cores(x.dtype, qt.bits, x.shape[0], dev, per_channel)
+    if fragment and not tensor_cores:
+        raise ValueError("fragment=True needs the tensor-core kernel (tensor_cores)")
+    if tensor_cores and fragment is None:  # 8-bit codes have one tensor-core kernel
+        fragment = qt.bits > MMA_MAX_BITS or use_fragment_layout(dev)
+    fragment = bool(tensor_cores and fragment)
     if fragment and not fragment_supports(x.dtype, qt.bits, per_channel):
         raise ValueError(f"fragment=True needs float16/bfloat16 x and bits <= {MMA_MAX_BITS}, "
                          f"or 8 bits with a per-tensor codebook; got {x.dtype}, "

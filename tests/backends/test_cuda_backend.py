@@ -98,6 +98,11 @@ def test_fragment_kernel_eight_bits_per_tensor(cuda_backend, dtype):
     with pytest.raises(ValueError, match="per-tensor codebook"):
         check_linear(cuda_backend, 1, 8, 64, 8, "channel", dtype, False, tensor_cores=True,
                      fragment=True)
+    qt = make_qt(24, 256, 8, "tensor")
+    x = torch.randn(2, 256, device="cuda", dtype=dtype)
+    torch.testing.assert_close(  # tensor_cores alone: 8 bits take lut_frag
+        cuda_backend.linear(x, qt, None, tensor_cores=True),
+        cuda_backend.linear(x, qt, None, tensor_cores=True, fragment=True))
 
 
 def test_fragment_layout_follows_weight_changes(cuda_backend):
