@@ -153,10 +153,10 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     tensor_cores: True = the mma kernel (csrc/cuda/lut_mma.cu: pair look-ups,
     mma.m16n8k16; fp16/bf16 x and 2-4-bit codes only), False = the LUT GEMV, None =
     :func:`use_tensor_cores` (the GPU's tuning entry, measured by bench_linear).
-    fragment: with the mma kernel, read the codes in fragment order
-    (csrc/cuda/lut_frag.cu, :func:`fragment_planes`), which also runs 8-bit codes with a
-    per-tensor codebook (:func:`fragment_supports`); None = :func:`use_fragment_layout`
-    at 2-4 bits, True at 8 bits (their only tensor-core kernel).
+    fragment: with the mma kernel (True implies it when tensor_cores is None), read the
+    codes in fragment order (csrc/cuda/lut_frag.cu, :func:`fragment_planes`), which also
+    runs 8-bit codes with a per-tensor codebook (:func:`fragment_supports`); None =
+    :func:`use_fragment_layout` at 2-4 bits, True at 8 bits (their only tensor-core kernel).
     """
     _require_cuda(x, "x")
     dev = x.device
@@ -167,8 +167,9 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cuda", dev)
     book = checked_codebook(qt, "cuda", dev)
     per_channel = book.shape[0] == qt.n and qt.n > 1
-    if tensor_cores is None:
-        tensor_cores = use_tensor_cores(x.dtype, qt.bits, x.shape[0], dev, per_channel)
+    if tensor_cores is None:  # fragment=True implies the tensor-core kernel
+        tensor_cores = bool(fragment) or use_tensor_cores(x.dtype, qt.bits, x.shape[0], dev,
+                                                          per_channel)
     if fragment and not tensor_cores:
         raise ValueError("fragment=True needs the tensor-core kernel (tensor_cores)")
     if tensor_cores and fragment is None:  # 8-bit codes have one tensor-core kernel

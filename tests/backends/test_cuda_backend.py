@@ -106,8 +106,8 @@ def test_fragment_kernel_eight_bits_per_tensor(cuda_backend, dtype):
 
 
 def test_fragment_layout_follows_weight_changes(cuda_backend):
-    """The fragment-order codes are rebuilt after an in-place write to the planes, and
-    fragment=True needs the tensor-core kernel."""
+    """The fragment-order codes follow an in-place write to the planes (refreshed at the
+    next call); fragment=True implies the tensor-core kernel and is refused without it."""
     qt = make_qt(40, 512, 3, "channel")
     x = torch.randn(2, 512, device="cuda", dtype=torch.float16)
     first = cuda_backend.linear(x, qt, None, tensor_cores=True, fragment=True)
@@ -117,6 +117,7 @@ def test_fragment_layout_follows_weight_changes(cuda_backend):
     assert not torch.equal(got, first)
     with pytest.raises(ValueError, match="fragment"):
         cuda_backend.linear(x, qt, None, tensor_cores=False, fragment=True)
+    torch.testing.assert_close(cuda_backend.linear(x, qt, None, fragment=True), got)
 
 
 def test_mma_kernel_rejects_float32_and_wide_codes(cuda_backend):
