@@ -5,7 +5,8 @@ Reads whatever of ``DIR/{goal/,goal_graph/,goal_channels_last/,}{linear,conv,e2e
 the end of stdout, so the suite prints this last and appends it to summary.txt):
 
 - linear: per (shape, bits, granularity) the best fused ratio t_fp16 / t at each M, with
-  the path, % of copy bandwidth and the dequant ratio;
+  the path, % of copy bandwidth and the dequant ratio; per bit width lut_frag's speedup
+  over lut_mma at each M (geometric mean over shapes and granularities);
 - conv: per (bits, granularity, batch) the geometric mean over layers of the Triton and
   dequant ratios (vs the faster dense cuDNN layout), plus every layer at 4 bits/channel;
 - e2e: per variant and batch, step time, ratio and peak-memory ratio, eager and graph,
@@ -101,6 +102,24 @@ def linear(payload: dict) -> None:
                 text += f" dq x{base / deq[0]['p50_us']:.2f}"
             parts.append(text)
         print(f"   {shape} b{bits} {gran[:2]}: " + " | ".join(parts))
+    kernel_pair(rows, "lut_mma", "lut_frag")
+
+
+def kernel_pair(rows: list[dict], old: str, new: str) -> None:
+    """Per bit width: the geometric mean over shapes and granularities of t_old / t_new at
+    each M where both CUDA kernels ran (e.g. lut_frag against lut_mma)."""
+    times: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("backend") == "cuda" and r.get("kernel") in (old, new):
+            key = (r["bits"], r["M"], r["shape"], r["granularity"])
+            times.setdefault(key, {})[r["kernel"]] = r["p50_us"]
+    ratios: dict[int, dict[int, list[float]]] = {}
+    for (bits, m, *_), t in times.items():
+        if old in t and new in t:
+            ratios.setdefault(bits, {}).setdefault(m, []).append(t[old] / t[new])
+    for bits, per_m in sorted(ratios.items()):
+        parts = [f"M{m} x{fmt(gmean(v))}" for m, v in sorted(per_m.items())]
+        print(f"   {new} vs {old} b{bits}: " + " | ".join(parts))
 
 
 def conv(payload: dict) -> None:

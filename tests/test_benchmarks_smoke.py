@@ -538,6 +538,23 @@ def test_digest_summarizes_split_k_sweeps(tmp_path, capsys):
                     "+20% (a b4 ch, split 2)"]
 
 
+def test_digest_compares_lut_frag_with_lut_mma(tmp_path, capsys):
+    """Per bit width and M, the geometric mean of t_lut_mma / t_lut_frag."""
+    def row(kernel, shape, gran, us, m=1):
+        return {"backend": "cuda", "kernel": kernel, "M": m, "shape": shape, "bits": 2,
+                "granularity": gran, "p50_us": us}
+
+    rows = [row("lut_mma", "a", "channel", 20.0), row("lut_frag", "a", "channel", 10.0),
+            row("lut_mma", "b", "tensor", 20.0), row("lut_frag", "b", "tensor", 40.0),
+            row("lut_gemv", "a", "channel", 5.0), row("lut_mma", "a", "channel", 30.0, 16),
+            {"backend": "fp16", "kernel": "cublas", "M": 1, "shape": "a", "p50_us": 50.0}]
+    (tmp_path / "goal_graph").mkdir()
+    (tmp_path / "goal_graph" / "linear.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert _load("digest").main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "   lut_frag vs lut_mma b2: M1 x1.00" in out  # sqrt(2 * 0.5); M16 has no pair
+
+
 def test_digest_conv_geomeans_leave_out_the_no_split_rows(tmp_path, capsys):
     """Per bits/granularity/batch, the geometric mean of each path's ratio_best over the
     layers, the no-split Triton comparison rows left out (they once halved Triton's)."""
