@@ -43,7 +43,7 @@ DEFAULT_MS = [1, 4, 16, 64, 256, 1024, 4096]
 GOAL_MS = [1, 16, 256, 1024]
 # Forced Triton kernels and the largest M each is timed at (None = every M).
 TRITON_KERNELS = {"gemv": 16, "splitk": 256, "splitk_fm": 64, "gemm": None,
-                  "gemm_strided": None}
+                  "gemm_strided": None, "gemm_tile": None}
 GEMM_MIN_M = 65  # the GEMM kernels are timed from here (smaller M is splitk's)
 SPLITK_MIN_M = 9  # dispatch runs splitk (or splitk_fm) from here up to GEMM_MIN_M - 1
 # The goal preset: dispatch's pick, and each M range's kernel on both x layouts (splitk

@@ -1,8 +1,9 @@
 """A compact digest of a GPU-suite results folder: ``python benchmarks/digest.py DIR``.
 
-Reads whatever of ``DIR/{goal/,goal_graph/,goal_channels_last/,}{linear,conv,e2e,fit}.json`` and
-``DIR/checks.json`` exists and prints a few lines per subject (the device tool returns only
-the end of stdout, so the suite prints this last and appends it to summary.txt):
+Reads whatever of ``DIR/{goal/,goal_graph/,goal_channels_last/,goal_large_m/,}`` +
+``{linear,conv,e2e,fit}.json`` and ``DIR/checks.json`` exists and prints a few lines per
+subject (the device tool returns only the end of stdout, so the suite prints this last and
+appends it to summary.txt):
 
 - linear: per (shape, bits, granularity) the best fused ratio t_fp16 / t at each M, with
   the path, % of copy bandwidth and the dequant ratio; per bit width lut_frag's speedup
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     root = Path(args[0] if args else ".")
     print(f"==== digest of {root}")
-    for sub in ("goal", "goal_graph", "goal_channels_last", "."):
+    for sub in ("goal", "goal_graph", "goal_channels_last", "goal_large_m", "."):
         for subject, fn in (("linear", linear), ("conv", conv), ("e2e", e2e), ("fit", fit)):
             digest_file(root / sub / f"{subject}.json", f"{sub}/{subject}".lstrip("./"), fn)
     for subject in ("splitk", "splitk_mma"):

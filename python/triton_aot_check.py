@@ -138,6 +138,15 @@ def linear_jobs():
                                  {**flags, **c.kwargs, "DOT_PRECISION": prec,
                                   "X_FIELD_MAJOR": field_major},
                                  c.num_warps, c.num_stages, dt != "fp32", SM90_MAX_SHARED))
+                tiles = matmul._tile_configs()
+                if not (dt == "fp16" and pc):
+                    tiles = tiles[:1]
+                for c in tiles:  # gemm_tile: every config per channel in fp16, else one
+                    prec = "ieee" if dt == "fp32" else "tf32"
+                    name = f"tile {dt} W{w0}{w1}{w2} {pc=} {c.kwargs} w{c.num_warps}/{c.num_stages}"
+                    jobs.append((name, matmul._linear_tile_gemm_kernel, types,
+                                 {**flags, **c.kwargs, "DOT_PRECISION": prec},
+                                 c.num_warps, c.num_stages, dt != "fp32", SM90_MAX_SHARED))
     jobs.append(("gemm fp32 tf32 partial", matmul._linear_gemm_kernel,
                  {"x_ptr": "*fp32", "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
                   "codebook_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": "*fp32"},

@@ -13,7 +13,11 @@ two variants that read x in the other layout):
   reordered field-major per K tile (:func:`field_major`, one copy of x) so that every
   activation load in the K loop is contiguous (vectorized and pipelined by Triton).
   ``gemm_strided`` is the same kernel on x as it is (strided loads; kept to measure
-  the copy's worth).
+  the copy's worth). ``gemm_tile`` (forced only, not timed yet) decodes each whole K
+  tile in natural column order and runs one ``tl.dot`` per tile: on sm_90 ``gemm``
+  compiles to one K = 16 wgmma per field position, each waited for before the next
+  field is decoded (8 waits per K tile at 4 bits), so decode and tensor cores never
+  overlap.
 
 ``gemv`` and the splitk kernels split K over ``split_k`` programs when N alone cannot
 fill the GPU; float32 partials go to a workspace [split_k, M, N] that ``_splitk_reduce_kernel``
@@ -36,6 +40,7 @@ from .. import _device
 from ._grid import cdiv, next_power_of_2
 from .decode import (
     _decode_field,
+    _decode_rows,
     _grouped_tile,
     _tile_words,
     codebook_args,
@@ -43,7 +48,7 @@ from .decode import (
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KERNELS = ("gemv", "splitk", "splitk_fm", "gemm", "gemm_strided")
+KERNELS = ("gemv", "splitk", "splitk_fm", "gemm", "gemm_strided", "gemm_tile")
 FIELD_MAJOR_KERNELS = ("splitk_fm", "gemm")  # the kernels that read field_major(x)
 GEMV_MAX_M = 8
 SPLITK_MAX_M = 64
@@ -78,6 +83,26 @@ def _dot_configs(kind: str) -> list[triton.Config]:
                   (128, 64, 8, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "FIELD_K": FIELD_K, "GROUP_M": 8},
                           num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _tile_configs() -> list[triton.Config]:
+    """``gemm_tile``'s tiles: BLOCK_K columns decoded per step (>= 32: one word of a 1-bit
+    plane). python/triton_aot_check.py compiles each for sm_90 without spills."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 8},
+                              num_warps=1)]
+    shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 3),
+              (128, 64, 64, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                          num_warps=w, num_stages=st) for m, n, k, w, st in shapes]
+
+
+def _prune_tile(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem (as _prune_dot)."""
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs
+            if _fits(c.kwargs["BLOCK_M"], args["M"]) and _fits(c.kwargs["BLOCK_N"], args["N"])]
+    return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
 
 
 def _fits(limit: int, size: int) -> bool:
@@ -255,6 +280,36 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
 
 
 @triton.jit
+def _linear_tile_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
+                             M, N, K, k_pad, stride_xm, stride_p0n, stride_p1n, stride_p2n,
+                             stride_cbn, stride_ym, stride_ys,
+                             W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+                             PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             WRITE_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grid (M tiles * N tiles, 1): per K tile, the weights [BLOCK_N, BLOCK_K] of columns
+    k0..k0+BLOCK_K decoded at once (``_decode_rows``), x's tile of the same columns read in
+    place, one tl.dot."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # M * K may pass 2**31
+    for k0 in range(0, K, BLOCK_K):
+        w = _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
+                         codebook_ptr, stride_cbn, offs_n, n_mask, k0, k_pad,
+                         W0, W1, W2, PER_CHANNEL, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+                    other=0.0)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
+                HAS_BIAS, WRITE_PARTIAL)
+
+
+@triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, numel, N, inner, SPLIT_K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y (dense, numel) = sum over splits of ws [SPLIT_K, numel] float32 (same element
@@ -287,6 +342,9 @@ _gemm_tuned = triton.autotune(_dot_configs("gemm"),
                               key=["M", "N", "K", "W0", "W1", "W2", "X_FIELD_MAJOR"],
                               prune_configs_by={"early_config_prune": _prune_dot})(
     _linear_gemm_kernel)
+_tile_tuned = triton.autotune(_tile_configs(), key=["M", "N", "K", "W0", "W1", "W2"],
+                              prune_configs_by={"early_config_prune": _prune_tile})(
+    _linear_tile_gemm_kernel)
 
 
 # ----------------------------------------------------------------------------- host
@@ -371,8 +429,11 @@ def _launch(kernel: str, x, qt, bias, out, split: int) -> None:
         grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), split, cdiv(m, block_m))
         _gemv_tuned[grid](*args, **flags, BLOCK_M=block_m)
         return
-    tuned = _splitk_tuned if kernel.startswith("splitk") else _gemm_tuned
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)
+    if kernel == "gemm_tile":
+        _tile_tuned[grid](*args, **flags, DOT_PRECISION=_dot_precision(x.dtype))
+        return
+    tuned = _splitk_tuned if kernel.startswith("splitk") else _gemm_tuned
     tuned[grid](*args, **flags, DOT_PRECISION=_dot_precision(x.dtype),
                 X_FIELD_MAJOR=kernel in FIELD_MAJOR_KERNELS)
 
