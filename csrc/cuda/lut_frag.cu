@@ -281,24 +281,11 @@ struct FragKernels {
 
   template <typename T, int BITS>
   static int launch(const GemvArgs& a) {
-    const int sum_words = kThreads * 4 * kMaxTiles;
     const int words = kRegisterLut<BITS> ? 0
                       : BITS == 8        ? 256 * kWarpSize
                                          : table_words<BITS>(a.per_channel);
-    const size_t smem = sizeof(uint32_t) * (words > sum_words ? words : sum_words);
-    const T* x = a.x_as<T>();
-    const bool vec_x = a.k % kLaneColumns == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-    return launch_in_m_chunks<T>(
-        a, kTileRows, kMmaMaxM,
-        [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {
-          const auto kernel = per_channel_kernel<T, BITS>(a.per_channel, rows);
-          const cudaError_t err = allow_dynamic_smem(kernel, smem);
-          if (err != cudaSuccess) return static_cast<int>(err);
-          OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(
-              x + m0 * a.k, rows, a.k, vec_x, a.planes, a.codebook, a.n, a.bias_as<T>(),
-              a.y_as<T>() + m0 * a.n, partial, groups_per_split / kSpanGroups);
-          return 0;
-        },
+    return launch_tile_kernel<T>(
+        a, words, [&](int rows) { return per_channel_kernel<T, BITS>(a.per_channel, rows); },
         kSpanGroups);
   }
 };

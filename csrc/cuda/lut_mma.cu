@@ -143,22 +143,9 @@ auto kernel_for(bool per_channel, int rows) {
 struct MmaKernels {
   template <typename T, int BITS>
   static int run(const GemvArgs& a) {
-    const int sum_words = kThreads * 4 * kMaxTiles;
-    const int words = table_words<BITS>(a.per_channel);
-    const size_t smem = sizeof(uint32_t) * (words > sum_words ? words : sum_words);
-    const T* x = a.x_as<T>();
-    const bool vec_x = a.k % kLaneColumns == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-    return launch_in_m_chunks<T>(
-        a, kTileRows, kMmaMaxM,
-        [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {
-          const auto kernel = kernel_for<T, BITS>(a.per_channel, rows);
-          const cudaError_t err = allow_dynamic_smem(kernel, smem);
-          if (err != cudaSuccess) return static_cast<int>(err);
-          OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(
-              x + m0 * a.k, rows, a.k, vec_x, a.planes, a.codebook, a.n, a.bias_as<T>(),
-              a.y_as<T>() + m0 * a.n, partial, groups_per_split);
-          return 0;
-        });
+    return launch_tile_kernel<T>(a, table_words<BITS>(a.per_channel), [&](int rows) {
+      return kernel_for<T, BITS>(a.per_channel, rows);
+    });
   }
 };
 

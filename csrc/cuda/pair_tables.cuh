@@ -386,6 +386,31 @@ __device__ __forceinline__ void store_block_sums(float* sums, const float (&d)[N
   }
 }
 
+// The launches of a linear tile kernel (lut_mma.cu, lut_frag.cu) for dispatch_gemv: M in
+// chunks of kMmaMaxM rows, kernel_of(rows) the kernel for a chunk (one or two n-tiles),
+// shared memory for table_words words of tables or the epilogue's sums, K split in units
+// of split_unit groups (the kernel is passed groups_per_split / split_unit), fixed up.
+template <typename T, typename KernelOf>
+int launch_tile_kernel(const GemvArgs& a, int table_words, KernelOf kernel_of,
+                       int split_unit = 1) {
+  const int sum_words = kThreads * 4 * kMaxTiles;
+  const size_t smem = sizeof(uint32_t) * (table_words > sum_words ? table_words : sum_words);
+  const T* x = a.x_as<T>();
+  const bool vec_x = a.k % kLaneColumns == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  return launch_in_m_chunks<T>(
+      a, kTileRows, kMmaMaxM,
+      [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {
+        const auto kernel = kernel_of(rows);
+        const cudaError_t err = allow_dynamic_smem(kernel, smem);
+        if (err != cudaSuccess) return static_cast<int>(err);
+        OTQ_LAUNCH(grid, kThreads, smem, a.stream, kernel)(
+            x + m0 * a.k, rows, a.k, vec_x, a.planes, a.codebook, a.n, a.bias_as<T>(),
+            a.y_as<T>() + m0 * a.n, partial, groups_per_split / split_unit);
+        return 0;
+      },
+      split_unit);
+}
+
 // Spans of the fragment-order code layout (launchers.h, lut_linear_frag) over K columns.
 OTQ_HD constexpr int64_t frag_spans(int64_t k) {
   return (k + kFragSpanColumns - 1) / kFragSpanColumns;
