@@ -171,9 +171,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  // The warps' sums as in store_block_sums (pair_tables.cuh), stored by pixel (not shared:
-  // one helper for both changed ptxas' register allocation of the timed lut_mma kernels,
-  // 56-104 -> 56-120).
+  // The warps' sums as in store_block_sums (pair_tables.cuh), stored by pixel. Not shared:
+  // one helper for both changed ptxas' register allocation of the timed lut_mma kernels
+  // (session 42: 56-104 -> 56-120; session 43, with a store functor: the 3-bit one-row
+  // kernel 95 -> 103).
   __syncthreads();  // every warp is done with the tables: reuse them for the warps' sums
   float* sums = reinterpret_cast<float*>(table);  // [warp][lane][4 * NT]
 #pragma unroll

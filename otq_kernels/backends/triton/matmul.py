@@ -208,6 +208,18 @@ def _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr
 
 
 @triton.jit
+def _output_tile(x_ptr, stride_xm, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """This program's output tile of the tl.dot kernels (grouped order over grid axis 0):
+    offs_m [BLOCK_M], offs_n [BLOCK_N], the mask offs_n < N and x's row pointers."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # M * K may pass 2**31
+    return offs_m, offs_n, offs_n < N, x_rows
+
+
+@triton.jit
 def _linear_gemv_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y_ptr,
                         M, N, K, k_pad, stride_xm, stride_p0n, stride_p1n, stride_p2n,
                         stride_cbn, stride_ym, stride_ys,
@@ -256,12 +268,9 @@ def _linear_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_ptr, y
     weights decoded for them (``_decode_field``). X_FIELD_MAJOR: x is ``field_major(x)``."""
     FIELDS: tl.constexpr = 32 // W0
     BLOCK_K: tl.constexpr = FIELD_K * FIELDS
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    offs_m, offs_n, n_mask, x_rows = _output_tile(x_ptr, stride_xm, M, N, BLOCK_M, BLOCK_N,
+                                                  GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # M * K may pass 2**31
     k_lo, k_hi = _k_range(K, BLOCK_K, 1)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         words0, words1, words2 = _tile_words(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n,
@@ -291,12 +300,9 @@ def _linear_tile_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_p
     """Grid (M tiles * N tiles, 1): per K tile, the weights [BLOCK_N, BLOCK_K] of columns
     k0..k0+BLOCK_K decoded at once (``_decode_rows``), x's tile of the same columns read in
     place, one tl.dot."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    offs_m, offs_n, n_mask, x_rows = _output_tile(x_ptr, stride_xm, M, N, BLOCK_M, BLOCK_N,
+                                                  GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # M * K may pass 2**31
     for k0 in range(0, K, BLOCK_K):
         w = _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
                          codebook_ptr, stride_cbn, offs_n, n_mask, k0, k_pad,
