@@ -224,6 +224,7 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
 
 # (backend, kernel) of the rows derive_crossovers reads -> its name for the path
 CROSSOVER_PATHS = {("dequant", "cublas"): "dequant", ("triton", "auto"): "triton",
+                   ("triton", "gemm"): "gemm", ("triton", "gemm_tile"): "gemm_tile",
                    ("cuda", "lut_gemv"): "lut_gemv", ("cuda", "lut_mma"): "lut_mma",
                    ("cuda", "lut_frag"): "lut_frag"}
 
@@ -235,7 +236,14 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     shapes, bits and granularities timed at that grid M; a crossover is the largest grid M
     up to which every grid M wins (0 = none).
 
-    triton_max_m: Triton (kernel auto) against dequant.
+    triton_min_m, triton_max_m: the first and last grid M of the run of consecutive grid
+    M where Triton beats dequant that dispatch reaches (the first run ending above
+    cuda_max_m, since the cuda backend is tried first); triton_min_m only where the run
+    starts above the smallest grid M (M between runs go to dequant). The grid is every M
+    where dequant ran; Triton's time is the kernel ``auto`` (dispatch's pick), or at M > 64
+    the GEMM that triton_gemm_tile picks where both forced GEMMs ran.
+    triton_gemm_tile: whether ``gemm_tile`` beat ``gemm`` (geometric mean over M of the
+    per-M geometric means) over the configurations where both ran.
     cuda_gemv_max_m: the LUT GEMV against the tensor-core kernel (lut_mma), over the
     configurations where both ran (lut_mma runs fp16/bf16 x and 2-4 bits only).
     cuda_gemv_max_m_by_bits: {bits: the same crossover over that bit width's
@@ -259,40 +267,46 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
 
     Evidence: {path: {M: geometric-mean speedup}} for triton (vs dequant), cuda (vs the
     rival; cuda_by_bits: {bits: ...} for the widths listed), cuda_tensor_cores (lut_mma
-    vs the LUT GEMV), cuda_mma_fragment (lut_frag vs lut_mma) and
-    triton_splitk_field_major.
+    vs the LUT GEMV), cuda_mma_fragment (lut_frag vs lut_mma), triton_gemm_tile
+    (gemm_tile vs gemm) and triton_splitk_field_major.
     """
     times = common.times_by_config(rows, lambda r: CROSSOVER_PATHS.get(
         (r.get("backend"), r.get("kernel"))))
-    fragment, fragment_evidence = fragment_choice(times)
-    choice, evidence = cuda_kernel_choice(times)
-    choice.update(fragment)
-    evidence.update(fragment_evidence)
+    values, evidence = {}, {}
+    steps = (fragment_choice, cuda_kernel_choice, gemm_kernel_choice,
+             lambda t: cuda_crossovers(t, values),  # each step reads the values so far
+             lambda t: triton_band(t, values.get("cuda_max_m", 0)))
+    for step in steps:
+        chosen, chosen_evidence = step(times)
+        values.update(chosen)
+        evidence.update(chosen_evidence)
+    speedups = splitk_field_major_speedups(rows)
+    if speedups:
+        values["triton_splitk_field_major"] = common.geomean(list(speedups.values())) > 1.0
+        evidence["triton_splitk_field_major"] = _rounded(speedups)
+    return values, evidence
+
+
+def cuda_crossovers(times: dict[tuple, dict[str, float]], choice: dict) -> tuple[dict, dict]:
+    """cuda_max_m and cuda_max_m_by_bits with their evidence (see derive_crossovers), the
+    cuda backend's times being those of the kernel it runs under ``choice`` (the tuning
+    values chosen so far)."""
     for (m, _, bits, _), t in times.items():
         if "dequant" in t:  # cuda must beat the faster of dequant and triton
             t["rival"] = min(t["dequant"], t.get("triton", t["dequant"]))
         kernel = "lut_mma" if use_mma(choice, m, bits) and "lut_mma" in t else "lut_gemv"
         if kernel in t:
             t["cuda"] = t[kernel]
-    values = {}
-    for path, baseline in (("triton", "dequant"), ("cuda", "rival")):
-        crossover, means = _wins_up_to(times, baseline, path)
-        if means:
-            values[f"{path}_max_m"] = crossover
-            evidence[path] = {str(m): round(g, 3) for m, g in means.items() if g}
-    for bits in sorted({key[2] for key in times}) if "cuda_max_m" in values else []:
+    crossover, means = _wins_up_to(times, "rival", "cuda")
+    if not means:
+        return {}, {}
+    values, evidence = {"cuda_max_m": crossover}, {"cuda": _rounded(means)}
+    for bits in sorted({key[2] for key in times}):
         crossover, means = _wins_up_to({key: t for key, t in times.items() if key[2] == bits},
                                        "rival", "cuda")
         if means and crossover != values["cuda_max_m"]:
             values.setdefault("cuda_max_m_by_bits", {})[str(bits)] = crossover
-            evidence.setdefault("cuda_by_bits", {})[str(bits)] = {
-                str(m): round(g, 3) for m, g in means.items() if g}
-    values.update(choice)
-    speedups = splitk_field_major_speedups(rows)
-    if speedups:
-        values["triton_splitk_field_major"] = common.geomean(list(speedups.values())) > 1.0
-        evidence["triton_splitk_field_major"] = {str(m): round(g, 3)
-                                                 for m, g in speedups.items()}
+            evidence.setdefault("cuda_by_bits", {})[str(bits)] = _rounded(means)
     return values, evidence
 
 
@@ -304,25 +318,60 @@ def _wins_up_to(times: dict[tuple, dict[str, float]], baseline: str,
     return common.crossover({m: (g or 0) > 1.0 for m, g in means.items()}), means
 
 
+def _rounded(means: dict[int, float | None]) -> dict[str, float]:
+    """{M: geometric-mean speedup} as the evidence records it."""
+    return {str(m): round(g, 3) for m, g in means.items() if g}
+
+
+def triton_band(times: dict[tuple, dict[str, float]], cuda_max_m: int) -> tuple[dict, dict]:
+    """triton_max_m (and triton_min_m) with its evidence (see derive_crossovers) from
+    {(M, shape, bits, granularity): {"triton": µs, "dequant": µs, ...}}; ({}, {}) when no
+    config has both."""
+    means = common.speedup_by_m(times, "dequant", "triton")
+    if not means:
+        return {}, {}
+    grid = sorted({key[0] for key, t in times.items() if "dequant" in t})
+    first, last = common.band({m: (means.get(m) or 0) > 1.0 for m in grid}, cuda_max_m)
+    values = {"triton_max_m": last}
+    if first > grid[0]:
+        values["triton_min_m"] = first
+    return values, {"triton": _rounded(means)}
+
+
+def variant_choice(times: dict[tuple, dict[str, float]], flag: str, default: str,
+                   variant: str, path: str) -> tuple[dict, dict]:
+    """{flag: whether ``variant`` beat ``default``} (geometric mean over M of the per-M
+    geometric means over the configurations where both ran) and its evidence; ({}, {})
+    when none has both. The winner's times then stand for ``path`` in ``times`` (the
+    kernel that dispatch under that flag runs)."""
+    speedups = common.speedup_by_m(times, default, variant)  # the variant's, per M
+    means = [g for g in speedups.values() if g]
+    if not means:
+        return {}, {}
+    wins = common.geomean(means) > 1.0
+    for t in times.values():
+        if (variant if wins else default) in t:
+            t[path] = t[variant if wins else default]
+    return {flag: wins}, {flag: _rounded(speedups)}
+
+
 def fragment_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
     """cuda_mma_fragment and its evidence (see derive_crossovers) from {(M, shape, bits,
     granularity): {"lut_mma": µs, "lut_frag": µs, ...}}, ({}, {}) when no config has both.
     Where lut_frag wins, its times replace lut_mma's in ``times``; where lut_mma did not
     run (8-bit codes, per tensor) they stand for the tensor-core kernel either way."""
-    speedups = common.speedup_by_m(times, "lut_mma", "lut_frag")  # lut_frag's, per M
+    choice = variant_choice(times, "cuda_mma_fragment", "lut_mma", "lut_frag", "lut_mma")
     for t in times.values():  # 8-bit codes: lut_frag is their only tensor-core kernel
         if "lut_frag" in t and "lut_mma" not in t:
             t["lut_mma"] = t["lut_frag"]
-    means = [g for g in speedups.values() if g]
-    if not means:
-        return {}, {}
-    wins = common.geomean(means) > 1.0
-    if wins:
-        for t in times.values():
-            if "lut_frag" in t:
-                t["lut_mma"] = t["lut_frag"]
-    return ({"cuda_mma_fragment": wins},
-            {"cuda_mma_fragment": {str(m): round(g, 3) for m, g in speedups.items() if g}})
+    return choice
+
+
+def gemm_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
+    """triton_gemm_tile and its evidence (see derive_crossovers) from {(M, shape, bits,
+    granularity): {"gemm": µs, "gemm_tile": µs, ...}}, ({}, {}) when no config has both;
+    the winner's times stand for Triton's ("triton") where it ran."""
+    return variant_choice(times, "triton_gemm_tile", "gemm", "gemm_tile", "triton")
 
 
 def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
@@ -334,7 +383,7 @@ def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict
         return {}, {}
     gemv_max_m = _gemv_crossover(speedups)
     values = {"cuda_gemv_max_m": gemv_max_m}
-    evidence = {"cuda_tensor_cores": {str(m): round(g, 3) for m, g in speedups.items() if g}}
+    evidence = {"cuda_tensor_cores": _rounded(speedups)}
     mma_wins = False
     both = {key[2] for key, t in times.items() if "lut_gemv" in t and "lut_mma" in t}
     for bits in sorted(both):
@@ -344,8 +393,7 @@ def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict
         mma_wins |= any((g or 0) > 1.0 for m, g in of_bits.items() if m > crossover)
         if crossover != gemv_max_m or bits > MMA_MAX_BITS:  # 8 bits: always their own
             values.setdefault("cuda_gemv_max_m_by_bits", {})[str(bits)] = crossover
-            evidence.setdefault("cuda_tensor_cores_by_bits", {})[str(bits)] = {
-                str(m): round(g, 3) for m, g in of_bits.items() if g}
+            evidence.setdefault("cuda_tensor_cores_by_bits", {})[str(bits)] = _rounded(of_bits)
     values["cuda_tensor_cores"] = mma_wins
     return values, evidence
 

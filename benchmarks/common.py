@@ -743,32 +743,48 @@ def add_tuning_options(p: argparse.ArgumentParser) -> None:
     """--write-tuning PATH and --tuning-from RESULTS (the benches that derive crossovers)."""
     p.add_argument("--write-tuning", default=None, metavar="PATH",
                    help="merge the measured crossovers into this tuning JSON")
-    p.add_argument("--tuning-from", default=None, metavar="RESULTS",
-                   help="time nothing: derive the crossovers from this results JSON's rows "
-                        "(its meta.gpu names the entry) and merge them into --write-tuning")
+    p.add_argument("--tuning-from", default=None, nargs="+", metavar="RESULTS",
+                   help="time nothing: derive the crossovers from these results JSONs' rows "
+                        "(one GPU, named by their meta.gpu; e.g. a goal grid and a large-M "
+                        "run) and merge them into --write-tuning")
 
 
 def tuning_from(args: argparse.Namespace, section: str, derive) -> int:
     """``--tuning-from``: re-derive ``section`` of the tuning JSON --write-tuning from the
-    rows of a results JSON, without a GPU. derive(rows) -> (values, evidence); the
-    evidence recorded also names the results file and its meta's git sha and date."""
+    rows of one or more results JSONs of one GPU, without a GPU. derive(rows) -> (values,
+    evidence); the evidence recorded also names the results files and their metas' git
+    shas and dates (comma-separated where there are several)."""
     if not args.write_tuning:
         raise SystemExit("--tuning-from needs --write-tuning PATH")
-    payload = json.loads(Path(args.tuning_from).read_text())
-    meta = payload["meta"]
-    if meta.get("smoke") or not meta.get("gpu"):
-        raise SystemExit(f"{args.tuning_from}: not a GPU run (smoke={meta.get('smoke')}, "
-                         f"gpu={meta.get('gpu')!r})")
-    values, evidence = derive(payload["rows"])
+    rows, metas, sources = [], [], []
+    for name in args.tuning_from:
+        payload = json.loads(Path(name).read_text())
+        meta = payload["meta"]
+        if meta.get("smoke") or not meta.get("gpu"):
+            raise SystemExit(f"{name}: not a GPU run (smoke={meta.get('smoke')}, "
+                             f"gpu={meta.get('gpu')!r})")
+        if metas and meta["gpu"] != metas[0]["gpu"]:
+            raise SystemExit(f"{name}: measured on {meta['gpu']!r}, not on "
+                             f"{metas[0]['gpu']!r} like {args.tuning_from[0]}")
+        rows += payload["rows"]
+        metas.append(meta)
+        source = Path(name).resolve()
+        sources.append(str(source.relative_to(REPO) if REPO in source.parents else source))
+    values, evidence = derive(rows)
     if not values:
-        raise SystemExit(f"{args.tuning_from}: no fused and dequant rows to derive from")
-    source = Path(args.tuning_from).resolve()
-    source = source.relative_to(REPO) if REPO in source.parents else source
-    evidence = {**evidence, "source": str(source), "git_sha": meta.get("git_sha"),
-                "date": meta.get("date")}
-    path = write_tuning(args.write_tuning, meta["gpu"], section, values, evidence)
-    print(f"{meta['gpu']} {section}: {values} -> {path}")
+        raise SystemExit(f"{', '.join(args.tuning_from)}: no fused and dequant rows to "
+                         "derive from")
+    evidence = {**evidence, "source": ", ".join(sources),
+                **{key: _joined([m.get(key) for m in metas]) for key in ("git_sha", "date")}}
+    path = write_tuning(args.write_tuning, metas[0]["gpu"], section, values, evidence)
+    print(f"{metas[0]['gpu']} {section}: {values} -> {path}")
     return 0
+
+
+def _joined(values: list):
+    """The one value of a list, or its distinct values comma-separated."""
+    distinct = list(dict.fromkeys(values))
+    return distinct[0] if len(distinct) == 1 else ", ".join(map(str, distinct))
 
 
 def crossover(ms_wins: dict[int, bool]) -> int:
@@ -779,6 +795,29 @@ def crossover(ms_wins: dict[int, bool]) -> int:
             break
         best = m
     return best
+
+
+def band(ms_wins: dict[int, bool], above: int = 0) -> tuple[int, int]:
+    """(first, last) grid M of the run of consecutive wins that dispatch reaches: the first
+    run ending above ``above`` (M up to it go to a path tried before), else the first run;
+    (0, 0) when none wins.
+
+    >>> band({1: True, 16: False, 256: True, 1024: True}, above=16)
+    (256, 1024)
+    >>> band({1: True, 16: True, 256: False}, above=16)
+    (1, 16)
+    """
+    runs: list[list[int]] = [[]]
+    for m in sorted(ms_wins):
+        if ms_wins[m]:
+            runs[-1].append(m)
+        elif runs[-1]:
+            runs.append([])
+    runs = [run for run in runs if run]
+    if not runs:
+        return 0, 0
+    run = next((run for run in runs if run[-1] > above), runs[0])
+    return run[0], run[-1]
 
 
 def geomean(values: list[float]) -> float | None:

@@ -347,7 +347,7 @@ run_step goal_e2e_cl 90 "$BENCH_ENV"'
 # tl.dot each) and dequant -> cuBLAS: issue 6's M >= 256 goal
 run_step goal_linear_large_m 90 "$BENCH_ENV"'
   $PY benchmarks/bench_linear.py --preset goal --graph --ms 256,1024 --bits 4 \
-    --granularity channel --backends triton,dequant --kernels auto,gemm_tile \
+    --granularity channel --backends triton,dequant --kernels gemm,gemm_tile \
     --out "$DIR/goal_large_m" --budget-s "$STEP_BUDGET" --quiet'
 
 run_step goal_conv 100 "$BENCH_ENV"'

@@ -86,21 +86,22 @@ def _trace_constant(fn):
 
 
 def _candidates(op: str, device: torch.device, bits: int | None = None
-                ) -> list[tuple[str, int]]:
-    """(backend, largest M it takes) for ``op``, best first; M = row length for "fit".
-    ``bits``: the codes' bit width, for a table's ``cuda_max_m_by_bits`` entry."""
+                ) -> list[tuple[str, int, int]]:
+    """(backend, smallest M, largest M it takes) for ``op``, best first; M = row length for
+    "fit". ``bits``: the codes' bit width, for a table's ``cuda_max_m_by_bits`` entry."""
     if device.type != "cuda":
-        return [("cpu", UNLIMITED), ("reference", UNLIMITED)]
+        return [("cpu", 0, UNLIMITED), ("reference", 0, UNLIMITED)]
     table = _gpu_table(device).get(op, {})
     if op in ("linear", "conv2d"):
         cuda_max_m = table.get("cuda_max_m_by_bits", {}).get(str(bits),
                                                              table.get("cuda_max_m", -1))
-        return [("cuda", cuda_max_m), ("triton", table.get("triton_max_m", -1)),
-                ("dequant", UNLIMITED)]
+        return [("cuda", 0, cuda_max_m),
+                ("triton", table.get("triton_min_m", 0), table.get("triton_max_m", -1)),
+                ("dequant", 0, UNLIMITED)]
     if op == "fit":
-        return [("triton", table.get("triton_max_n", 4096)), ("cuda", UNLIMITED),
-                ("triton", UNLIMITED), ("reference", UNLIMITED)]
-    return [("triton", UNLIMITED), ("cuda", UNLIMITED), ("reference", UNLIMITED)]
+        return [("triton", 0, table.get("triton_max_n", 4096)), ("cuda", 0, UNLIMITED),
+                ("triton", 0, UNLIMITED), ("reference", 0, UNLIMITED)]
+    return [("triton", 0, UNLIMITED), ("cuda", 0, UNLIMITED), ("reference", 0, UNLIMITED)]
 
 
 @_trace_constant
@@ -121,7 +122,7 @@ _PLAN_ENV = ("TRITON_INTERPRET", "OTQ_TUNING_FILE")  # what availability and tun
 @_trace_constant
 def _auto_plan(op: str, device: str, bits: int | None = None) -> tuple:
     """The runnable candidates of ``op`` on ``device`` for ``bits``-bit codes as
-    ((name, max_m), ...).
+    ((name, min_m, max_m), ...).
 
     Cached per process (availability and the GPU's tuning entry do not change), keyed by
     the environment variables they read.
@@ -135,11 +136,11 @@ def _auto_plan(op: str, device: str, bits: int | None = None) -> tuple:
 
 def _runnable_candidates(op: str, dev: torch.device, bits: int | None) -> tuple:
     plan = []
-    for name, max_m in _candidates(op, dev, bits):
+    for name, min_m, max_m in _candidates(op, dev, bits):
         module = backends.get(name)
         if hasattr(module, _OP_FUNCTION[op]) and module.unavailable(dev) is None:
-            plan.append((name, max_m))
-    return tuple(plan) + (("reference", UNLIMITED),)
+            plan.append((name, min_m, max_m))
+    return tuple(plan) + (("reference", 0, UNLIMITED),)
 
 
 @_trace_constant
@@ -164,8 +165,8 @@ def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: in
     name = _explicit_backend(backend or "auto", str(device))
     if name != "auto":
         return name
-    for name, max_m in _auto_plan(op, str(device), bits):
-        if m <= max_m:
+    for name, min_m, max_m in _auto_plan(op, str(device), bits):
+        if min_m <= m <= max_m:
             return name
     return "reference"
 

@@ -108,8 +108,9 @@ def test_tensor_core_choice_from_rows():
 
 def _cuda_rows(times: dict, bits: int = 4) -> list[dict]:
     """Rows of one (shape, bits, granularity): {M: {path: p50 µs}}, paths dequant,
-    triton (auto), lut_gemv and lut_mma."""
+    triton (auto), gemm, gemm_tile, lut_gemv, lut_mma and lut_frag."""
     kernels = {"dequant": ("dequant", "cublas"), "triton": ("triton", "auto"),
+               "gemm": ("triton", "gemm"), "gemm_tile": ("triton", "gemm_tile"),
                "lut_gemv": ("cuda", "lut_gemv"), "lut_mma": ("cuda", "lut_mma"),
                "lut_frag": ("cuda", "lut_frag")}
     return [{"M": m, "shape": "8x8", "bits": bits, "granularity": "channel",
@@ -216,6 +217,29 @@ def test_fragment_layout_choice():
     assert evidence["cuda_tensor_cores"] == {"1": 0.6, "16": 4.0}
 
 
+def test_large_m_triton_band():
+    """The shipped case with a fused GEMM that wins at M = 256 and 1024 only (forced rows,
+    no auto ones there): gemm_tile beats gemm, so its times are Triton's; the band starts at
+    256 and M = 17-255 stay with dequant."""
+    linear = _load("bench_linear")
+    times = {1: {"dequant": 100.0, "triton": 150.0, "lut_gemv": 30.0, "lut_mma": 50.0},
+             16: {"dequant": 100.0, "triton": 150.0, "lut_gemv": 160.0, "lut_mma": 40.0},
+             256: {"dequant": 100.0, "gemm": 400.0, "gemm_tile": 80.0},
+             1024: {"dequant": 300.0, "gemm": 900.0, "gemm_tile": 250.0}}
+    values, evidence = linear.derive_crossovers(_cuda_rows(times))
+    assert values == {"cuda_max_m": 16, "cuda_gemv_max_m": 1, "cuda_tensor_cores": True,
+                      "triton_gemm_tile": True, "triton_min_m": 256, "triton_max_m": 1024}
+    assert evidence["triton_gemm_tile"] == {"256": 5.0, "1024": 3.6}
+    assert evidence["triton"] == {"1": 0.667, "16": 0.667, "256": 1.25, "1024": 1.2}
+    times[1024]["gemm_tile"] = 400.0  # loses at 1024: the band is M = 256 alone
+    assert linear.derive_crossovers(_cuda_rows(times))[0]["triton_max_m"] == 256
+    for t in (times[256], times[1024]):
+        t["gemm_tile"] = 1000.0  # gemm_tile slower than gemm: gemm's times, which lose
+    values, _ = linear.derive_crossovers(_cuda_rows(times))
+    assert values["triton_gemm_tile"] is False and values["triton_max_m"] == 0
+    assert "triton_min_m" not in values
+
+
 def _write_results(path: Path, rows: list[dict], **meta) -> Path:
     meta = {"gpu": "GPU X", "smoke": False, "git_sha": "abc123", "date": "2026-01-02", **meta}
     path.write_text(json.dumps({"meta": meta, "rows": rows}))
@@ -246,7 +270,20 @@ def test_tuning_from_results_json(tmp_path):
     assert entry["_measured"]["conv2d"]["triton"] == {"49": 2.0}
     assert written["default"] == json.loads(
         (BENCH.parent / "otq_kernels" / "tuning" / "default.json").read_text())["default"]
+    large = _write_results(tmp_path / "large.json", _cuda_rows(
+        {256: {"dequant": 100.0, "gemm": 400.0, "gemm_tile": 80.0}}), git_sha="def456")
+    assert _load("bench_linear").main(["--tuning-from", str(results), str(large),
+                                       "--write-tuning", str(table)]) == 0
+    entry = json.loads(table.read_text())["gpus"]["GPU X"]
+    assert entry["linear"] == {"cuda_max_m": 16, "cuda_gemv_max_m": 1,
+                               "cuda_tensor_cores": True, "triton_gemm_tile": True,
+                               "triton_min_m": 256, "triton_max_m": 256}
+    assert entry["_measured"]["linear"]["source"] == f"{results}, {large}"
+    assert entry["_measured"]["linear"]["git_sha"] == "abc123, def456"
+    assert entry["_measured"]["linear"]["date"] == "2026-01-02"
+    other_gpu = _write_results(tmp_path / "y.json", rows, gpu="GPU Y")
     for bad in (["--tuning-from", str(results)],  # no --write-tuning
+                ["--tuning-from", str(results), str(other_gpu), "--write-tuning", str(table)],
                 ["--tuning-from", str(_write_results(tmp_path / "s.json", rows, smoke=True)),
                  "--write-tuning", str(table)],
                 ["--tuning-from", str(_write_results(tmp_path / "c.json", rows, gpu=None)),

@@ -228,16 +228,20 @@ def test_auto_never_picks_triton_on_cpu(monkeypatch):
         assert ops.resolve_backend(None, op, torch.device("cpu"), 1) != "triton"
 
 
+def _gpu_plan(monkeypatch, table: dict) -> torch.device:
+    """A CUDA device whose tuning entry is ``table``, every candidate taken as runnable."""
+    monkeypatch.setattr(ops, "_gpu_table", lambda device: table)
+    runnable = ("cuda", "triton", "dequant")
+    monkeypatch.setattr(ops, "_auto_plan", lambda op, device, bits=None: tuple(
+        c for c in ops._candidates(op, torch.device(device), bits) if c[0] in runnable))
+    return torch.device("cuda", 0)
+
+
 def test_gpu_candidates_follow_tuning_table(monkeypatch):
     """By M, and for the bit widths that cuda_max_m_by_bits lists by theirs."""
-    monkeypatch.setattr(ops, "_gpu_table", lambda device: {
+    gpu = _gpu_plan(monkeypatch, {
         "linear": {"cuda_max_m": 4, "triton_max_m": 32, "cuda_max_m_by_bits": {"8": 1}},
         "conv2d": {"triton_max_m": 64}})
-    plan = dict.fromkeys(["cuda", "triton", "dequant"], ops.UNLIMITED)
-    monkeypatch.setattr(ops, "_auto_plan", lambda op, device, bits=None: tuple(
-        (name, m) for name, m in ops._candidates(op, torch.device(device), bits)
-        if name in plan))
-    gpu = torch.device("cuda", 0)
     assert ops.resolve_backend(None, "linear", gpu, 1) == "cuda"
     assert ops.resolve_backend(None, "linear", gpu, 16) == "triton"
     assert ops.resolve_backend(None, "linear", gpu, 1024) == "dequant"
@@ -245,6 +249,14 @@ def test_gpu_candidates_follow_tuning_table(monkeypatch):
     assert ops.resolve_backend(None, "conv2d", gpu, 64) == "triton"
     assert [ops.resolve_backend(None, "linear", gpu, m, 8) for m in (1, 2)] == ["cuda", "triton"]
     assert ops.resolve_backend(None, "linear", gpu, 4, 4) == "cuda"  # 4 bits: not listed
+
+
+def test_triton_band_from_tuning_table(monkeypatch):
+    """triton_min_m..triton_max_m: a fused GEMM that wins only at large M; dequant between."""
+    gpu = _gpu_plan(monkeypatch, {"linear": {"cuda_max_m": 16, "triton_min_m": 256,
+                                             "triton_max_m": 1024}})
+    assert [ops.resolve_backend(None, "linear", gpu, m) for m in (16, 17, 255, 256, 1024, 1025)
+            ] == ["cuda", "dequant", "dequant", "triton", "triton", "dequant"]
 
 
 def test_default_tuning_table_has_every_op():

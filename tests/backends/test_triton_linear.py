@@ -141,22 +141,26 @@ def test_dispatch_by_m():
         ["gemv", "gemv", "splitk", "splitk", "gemm", "gemm"]
 
 
-def test_splitk_layout_follows_tuning_table(monkeypatch):
-    """The GPU's triton_splitk_field_major entry swaps splitk for splitk_fm, nothing else."""
+@pytest.mark.parametrize("flag, tuned", [
+    ("triton_splitk_field_major", ["gemv", "splitk_fm", "splitk_fm", "gemm", "gemm"]),
+    ("triton_gemm_tile", ["gemv", "splitk", "splitk", "gemm_tile", "gemm_tile"])],
+    ids=["splitk_fm", "gemm_tile"])
+def test_kernel_choice_follows_tuning_table(flag, tuned, monkeypatch):
+    """The GPU's flag swaps one kernel for its tuned variant at the M it covers (M = 8, 9,
+    64, 65, 4096), nothing else; absent (the shipped table), without a GPU or for another
+    GPU: the default kernels."""
     from otq_kernels import ops
     from otq_kernels.backends import _device
 
-    shipped = ops.tuning_table("some unknown GPU")["linear"]
-    assert not shipped.get("triton_splitk_field_major", False)  # absent reads as false
-    gpu = torch.device("cuda", 0)
+    assert not ops.tuning_table("some unknown GPU")["linear"].get(flag, False)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    grid, default = (8, 9, 64, 65, 4096), ["gemv", "splitk", "splitk", "gemm", "gemm"]
     monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
-    monkeypatch.setattr(ops, "tuning_table", lambda name: {
-        "linear": {"triton_splitk_field_major": name == "GPU X"}})
-    assert [choose_kernel(m, gpu) for m in (8, 9, 64, 65)] == \
-        ["gemv", "splitk_fm", "splitk_fm", "gemm"]
-    assert choose_kernel(16, torch.device("cpu")) == "splitk"  # no GPU, no tuning entry
-    monkeypatch.setattr(ops, "tuning_table", lambda name: {"linear": {}})
-    assert choose_kernel(16, gpu) == "splitk"
+    monkeypatch.setattr(ops, "tuning_table", lambda name: {"linear": {flag: name == "GPU X"}})
+    assert [choose_kernel(m, gpu) for m in grid] == tuned
+    assert [choose_kernel(m, cpu) for m in grid] == default
+    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU Y")
+    assert [choose_kernel(m, gpu) for m in grid] == default
 
 
 @pytest.mark.parametrize("tuned", [False, True])
@@ -164,10 +168,23 @@ def test_auto_dispatch_runs_tuned_splitk_layout(tuned, monkeypatch, device):
     """With no kernel forced, M = 20 reads field_major(x) exactly when tuning says so."""
     calls = []
     real = matmul.field_major
-    monkeypatch.setattr(matmul, "tuned_splitk_field_major", lambda dev: tuned)
+    monkeypatch.setattr(matmul, "_tuned", lambda dev, flag: tuned)
     monkeypatch.setattr(matmul, "field_major", lambda x, w0: calls.append(w0) or real(x, w0))
     check_linear(20, 9, 70, 2, "channel", torch.float32, device)
     assert calls == ([2] if tuned else [])
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_auto_dispatch_runs_tuned_gemm_kernel(tuned, monkeypatch, device):
+    """With no kernel forced, M = 70 runs gemm_tile exactly when tuning says so (and the
+    result matches the reference either way)."""
+    launched = []
+    real = matmul._launch
+    monkeypatch.setattr(matmul, "_tuned", lambda dev, flag: tuned and flag == "triton_gemm_tile")
+    monkeypatch.setattr(matmul, "_launch", lambda kernel, *a: launched.append(kernel) or real(
+        kernel, *a))
+    check_linear(70, 9, 40, 3, "tensor", torch.float32, device)
+    assert launched == ["gemm_tile" if tuned else "gemm"]
 
 
 def test_unknown_kernel_rejected(device):

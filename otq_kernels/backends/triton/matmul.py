@@ -13,11 +13,12 @@ two variants that read x in the other layout):
   reordered field-major per K tile (:func:`field_major`, one copy of x) so that every
   activation load in the K loop is contiguous (vectorized and pipelined by Triton).
   ``gemm_strided`` is the same kernel on x as it is (strided loads; kept to measure
-  the copy's worth). ``gemm_tile`` (forced only, not timed yet) decodes each whole K
+  the copy's worth). ``gemm_tile`` (not timed yet) decodes each whole K
   tile in natural column order and runs one ``tl.dot`` per tile: on sm_90 ``gemm``
   compiles to one K = 16 wgmma per field position, each waited for before the next
   field is decoded (8 waits per K tile at 4 bits), so decode and tensor cores never
-  overlap.
+  overlap. Dispatch takes ``gemm_tile`` instead of ``gemm`` where the GPU's tuning entry
+  has ``triton_gemm_tile: true`` (``bench_linear --write-tuning`` sets it; shipped off).
 
 ``gemv`` and the splitk kernels split K over ``split_k`` programs when N alone cannot
 fill the GPU; float32 partials go to a workspace [split_k, M, N] that ``_splitk_reduce_kernel``
@@ -356,19 +357,20 @@ _tile_tuned = triton.autotune(_tile_configs(), key=["M", "N", "K", "W0", "W1", "
 # ----------------------------------------------------------------------------- host
 def choose_kernel(m: int, device: torch.device | None = None) -> str:
     """The kernel for M activation rows: gemv (M <= 8), splitk (M <= 64; splitk_fm where
-    ``device``'s tuning entry says so), else gemm."""
+    ``device``'s tuning entry says so), else gemm (gemm_tile where it says so)."""
     if m <= GEMV_MAX_M:
         return "gemv"
     if m <= SPLITK_MAX_M:
-        return "splitk_fm" if device is not None and tuned_splitk_field_major(device) else "splitk"
-    return "gemm"
+        return "splitk_fm" if _tuned(device, "triton_splitk_field_major") else "splitk"
+    return "gemm_tile" if _tuned(device, "triton_gemm_tile") else "gemm"
 
 
-def tuned_splitk_field_major(device: torch.device) -> bool:
-    """Whether this GPU's tuning entry says splitk on field-major x beat strided x."""
+def _tuned(device: torch.device | None, flag: str) -> bool:
+    """Whether ``device``'s tuning entry sets the linear section's ``flag`` (a measured
+    choice between two Triton kernels; False without a device)."""
     from ...ops import tuning_flag  # ops imports the backends
 
-    return tuning_flag(device, "linear", "triton_splitk_field_major")
+    return device is not None and tuning_flag(device, "linear", flag)
 
 
 def choose_split_k(kernel: str, m: int, n: int, k: int, device: torch.device) -> int:
