@@ -445,7 +445,10 @@ def pack(codes: torch.Tensor, bits: int, backend: Optional[str] = None) -> list[
     return torch.ops.otq.pack(codes.contiguous(), bits, name)
 
 
-def unpack(qt: QuantizedTensor, backend: Optional[str] = None) -> torch.Tensor:
-    """Codes int64 [N, K] of ``qt`` with the chosen backend."""
+def unpack(qt: QuantizedTensor, backend: Optional[str] = None,
+           rows: Optional[slice] = None) -> torch.Tensor:
+    """Codes int64 [N, K] of ``qt`` with the chosen backend; those of ``rows`` only (a
+    slice of the N rows, step 1) if given."""
     name = resolve_backend(backend, "unpack", qt.device)
-    return torch.ops.otq.unpack(qt.planes, qt.bits, qt.k, name)
+    planes = qt.planes if rows is None else [p[rows] for p in qt.planes]
+    return torch.ops.otq.unpack(planes, qt.bits, qt.k, name)

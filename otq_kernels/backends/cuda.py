@@ -50,6 +50,7 @@ MMA_MAX_BITS = 4        # pair tables of 2**(2 * bits) entries (csrc/cuda/lut_mm
 CONV_PIXELS_PER_BLOCK = (16, 64)  # output pixels per conv block: <= 16 of them, else 64
 CONV_MIN_GROUPS_PER_SPLIT = 8     # two per warp
 FRAG_SPAN = 128         # columns per span of the fragment-order codes (kFragSpanColumns)
+LAYOUT_CHUNK_CODES = 1 << 22  # codes per step of a runtime layout build (_row_chunks)
 LINEAR_KERNELS = {"gemv": 0, "mma": 1, "frag": 2}  # the binding's `kernel` codes
 
 
@@ -264,19 +265,33 @@ def clear_runtime_layouts() -> None:
     _RUNTIME_LAYOUTS.clear()
 
 
-def _codes_u8(qt: QuantizedTensor) -> torch.Tensor:
-    """qt's codes as uint8 [N, K]: an eighth of int64's bytes while a layout is re-ordered."""
+def _row_chunks(n: int, k: int) -> list[slice]:
+    """The row ranges of a layout build, one step each: whole 16-row blocks of about
+    ``LAYOUT_CHUNK_CODES`` codes (at least one block), so that the build's transient
+    memory (int64 codes in unpack and pack) stays bounded whatever the layer's size."""
+    rows = max(1, LAYOUT_CHUNK_CODES // max(k, 1) // ROWS_PER_BLOCK) * ROWS_PER_BLOCK
+    return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
+
+
+def _codes_u8(qt: QuantizedTensor, rows: slice) -> torch.Tensor:
+    """The codes of qt's ``rows`` as uint8 [rows, K]: an eighth of int64's bytes while a
+    layout is re-ordered."""
     from .. import ops  # ops imports the backends
 
-    return ops.unpack(qt).to(torch.uint8)
+    return ops.unpack(qt, rows=rows).to(torch.uint8)
 
 
 def _build_tap_major(qt: QuantizedTensor) -> list[torch.Tensor]:
     from .. import ops  # ops imports the backends
 
     n, c, kh, kw = qt.shape
-    codes = _codes_u8(qt).reshape(n, c, kh, kw).permute(0, 2, 3, 1).reshape(n, -1)
-    return ops.pack(codes, qt.bits)
+    out = [torch.empty(p.shape, dtype=p.dtype, device=p.device)  # K' = K: the same shapes
+           for p in qt.planes]
+    for rows in _row_chunks(n, qt.k):
+        codes = _codes_u8(qt, rows).reshape(-1, c, kh, kw).permute(0, 2, 3, 1)
+        for plane, packed in zip(out, ops.pack(codes.reshape(-1, qt.k), qt.bits), strict=True):
+            plane[rows] = packed
+    return out
 
 
 def tap_major_planes(qt: QuantizedTensor) -> list[torch.Tensor]:
@@ -306,15 +321,23 @@ def fragment_codes(codes: torch.Tensor) -> torch.Tensor:
 def _build_fragment(qt: QuantizedTensor) -> list[torch.Tensor]:
     from .. import ops  # ops imports the backends
 
-    lanes = fragment_codes(_codes_u8(qt))
-    blocks, spans = lanes.shape[:2]
-    out = []
-    for plane, w in zip(ops.pack(lanes.reshape(-1, 64), qt.bits), plane_widths(qt.bits),
-                        strict=True):
-        q = 2 if w == 1 else 4  # words per lane and load (launchers.h)
-        parts = plane.view(blocks * spans, 32, 2 * w // q, q).transpose(1, 2)
-        out.append(parts.contiguous().view(blocks, spans, 2 * w // q, 32, q))
+    blocks, spans = -(-qt.n // ROWS_PER_BLOCK), -(-qt.k // FRAG_SPAN)
+    shapes = [(2 * w // _fragment_words(w), 32, _fragment_words(w)) for w in plane_widths(qt.bits)]
+    out = [torch.empty(blocks, spans, *shape, dtype=torch.int32, device=qt.device)
+           for shape in shapes]
+    for rows in _row_chunks(qt.n, qt.k):
+        lanes = fragment_codes(_codes_u8(qt, rows))
+        first, count = rows.start // ROWS_PER_BLOCK, lanes.shape[0]
+        packed = ops.pack(lanes.reshape(-1, 64), qt.bits)
+        for plane, words, (loads, _, q) in zip(out, packed, shapes, strict=True):
+            parts = words.view(count, spans, 32, loads, q).transpose(2, 3)
+            plane[first:first + count] = parts
     return out
+
+
+def _fragment_words(w: int) -> int:
+    """Words per lane and load of a fragment-order plane of width w (launchers.h)."""
+    return 2 if w == 1 else 4
 
 
 def fragment_planes(qt: QuantizedTensor) -> list[torch.Tensor]:

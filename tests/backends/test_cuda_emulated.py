@@ -245,6 +245,32 @@ def test_fragment_planes_layout_and_cache(bits):
     assert key not in _RUNTIME_LAYOUTS
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_runtime_layouts_build_in_bounded_row_chunks(bits, monkeypatch):
+    """With a chunk of 2 row blocks' codes, both layouts of an odd-shaped layer are built
+    in steps (no unpack sees more rows than a chunk, the last chunk partial) and equal the
+    one-step build."""
+    from otq_kernels import ops
+    from otq_kernels.backends import cuda
+
+    linear = make_qt((70, 300), bits, "channel", "cpu")  # 5 row blocks, the last partial
+    conv = make_qt((37, 5, 3, 3), bits, "tensor", "cpu")
+    whole = [cuda._build_fragment(linear), cuda._build_tap_major(conv)]
+    unpacked_rows = []
+    real_unpack = ops.unpack
+    monkeypatch.setattr(ops, "unpack", lambda qt, backend=None, rows=None: (
+        unpacked_rows.append(rows.stop - rows.start), real_unpack(qt, backend, rows))[1])
+    for qt, build_layout, want in zip((linear, conv),
+                                      (cuda._build_fragment, cuda._build_tap_major), whole,
+                                      strict=True):
+        unpacked_rows.clear()
+        monkeypatch.setattr(cuda, "LAYOUT_CHUNK_CODES", 2 * cuda.ROWS_PER_BLOCK * qt.k)
+        assert all(torch.equal(a, b) for a, b in zip(build_layout(qt), want, strict=True))
+        blocks = -(-qt.n // cuda.ROWS_PER_BLOCK)
+        assert unpacked_rows == [32] * (blocks // 2) + [qt.n % 32] * (blocks % 2)
+    assert cuda._row_chunks(0, 300) == [] and cuda._row_chunks(5, 10**9) == [slice(0, 5)]
+
+
 def test_runtime_layouts_bytes_clear_and_in_place_refresh():
     """runtime_layout_bytes counts the cached copies and clear_runtime_layouts drops them.
     An in-place change of normal planes is copied into the cached tensors (what a captured
