@@ -22,7 +22,7 @@
 #                  OTQ_SUITE_DEADLINE_S=$(( (L - 3) * 60 )) (max 530) and skip it below ~7 min.
 #   4 after a kernel change (one ~8 min call, no wheels needed): OTQ_SUITE_PLAN=4 runs
 #                  env, build, tests_kernels (CUDA kernel, fit, UNet tests), goal_linear_graph
-#                  (CUDA kernels + dequant at M 1/2/4/8/16, graph replays: goal_graph/),
+#                  (CUDA kernels + dequant at M 1/2/4/8/16/32/64, graph replays: goal_graph/),
 #                  goal_conv_graph (the 3x3 convs at batch 1, 4-bit, graph replays),
 #                  sweep_splitk (the LUT GEMV and lut_mma over forced split-K: splitk.json,
 #                  splitk_mma.json), ncu_gemv (Nsight Compute on 4 GEMV launches,
@@ -296,9 +296,11 @@ run_step goal_linear 190 "$BENCH_ENV"'
 # the fused CUDA kernels at small M as CUDA-graph replays: GPU time without the host's
 # per-call launch path (which the eager timing above includes once it outlasts the flush).
 # M 2, 4 and 8 too: the crossovers that --tuning-from derives (LUT GEMV / lut_mma per bit
-# width, cuda / dequant) lie between 1 and 16
+# width, cuda / dequant) lie between 1 and 16; 32 and 64 (the CUDA kernels in 2-8 launches):
+# whether cuda_max_m may pass 16, where dispatch now sends every M to dequant
 run_step goal_linear_graph 150 "$BENCH_ENV"'
-  $PY benchmarks/bench_linear.py --preset goal --graph --ms 1,2,4,8,16 --backends cuda,dequant \
+  $PY benchmarks/bench_linear.py --preset goal --graph --ms 1,2,4,8,16,32,64 \
+    --backends cuda,dequant \
     --out "$DIR/goal_graph" --budget-s "$STEP_BUDGET" --quiet'
 
 # the UNet's 3x3 convs at batch 1 as CUDA-graph replays (4-bit, both codebook kinds):

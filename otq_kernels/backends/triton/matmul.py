@@ -14,10 +14,11 @@ two variants that read x in the other layout):
   activation load in the K loop is contiguous (vectorized and pipelined by Triton).
   ``gemm_strided`` is the same kernel on x as it is (strided loads; kept to measure
   the copy's worth). ``gemm_tile`` (not timed yet) decodes each whole K
-  tile in natural column order and runs one ``tl.dot`` per tile: on sm_90 ``gemm``
-  compiles to one K = 16 wgmma per field position, each waited for before the next
-  field is decoded (8 waits per K tile at 4 bits), so decode and tensor cores never
-  overlap. Dispatch takes ``gemm_tile`` instead of ``gemm`` where the GPU's tuning entry
+  tile in natural column order and runs one ``tl.dot`` per tile, the weights as its
+  first operand (held in registers by the wgmma, whose work stays in flight while the
+  next tile is decoded): on sm_90 ``gemm`` compiles to one K = 16 wgmma per field
+  position, each waited for before the next field is decoded (8 waits per K tile at 4
+  bits), so decode and tensor cores never overlap. Dispatch takes ``gemm_tile`` instead of ``gemm`` where the GPU's tuning entry
   has ``triton_gemm_tile: true`` (``bench_linear --write-tuning`` sets it; shipped off).
 
 ``gemv`` and the splitk kernels split K over ``split_k`` programs when N alone cannot
@@ -93,7 +94,7 @@ def _tile_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 8},
                               num_warps=1)]
     shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 8, 3),
-              (128, 64, 64, 4, 3)]
+              (128, 64, 32, 4, 4)]  # 128x64x64 on 4 warps spilled 32 B at 7 bits
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
                           num_warps=w, num_stages=st) for m, n, k, w, st in shapes]
 
@@ -300,10 +301,16 @@ def _linear_tile_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_p
                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Grid (M tiles * N tiles, 1): per K tile, the weights [BLOCK_N, BLOCK_K] of columns
     k0..k0+BLOCK_K decoded at once (``_decode_rows``), x's tile of the same columns read in
-    place, one tl.dot."""
+    place, one tl.dot computing yᵀ's tile [BLOCK_N, BLOCK_M] = w · xᵀ.
+
+    The decoded weights are the dot's first operand: on sm_90 a wgmma takes that one from
+    registers (the second must be in shared memory), so they are never stored to shared
+    memory, and the tile's wgmmas stay in flight while the next tile is decoded (TTGIR:
+    ``warp_group_dot_wait {pendings = 1}`` with triton 3.9, 3 with 3.6; as x · wᵀ every
+    tile waited for its wgmma, ``pendings = 0``, before decoding the next)."""
     offs_m, offs_n, n_mask, x_rows = _output_tile(x_ptr, stride_xm, M, N, BLOCK_M, BLOCK_N,
                                                   GROUP_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
                          codebook_ptr, stride_cbn, offs_n, n_mask, k0, k_pad,
@@ -311,8 +318,8 @@ def _linear_tile_gemm_kernel(x_ptr, p0_ptr, p1_ptr, p2_ptr, codebook_ptr, bias_p
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
                     other=0.0)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
-    _store_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
+        acc = tl.dot(w.to(x.dtype), tl.trans(x), acc, input_precision=DOT_PRECISION)
+    _store_tile(y_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_ym, stride_ys, bias_ptr,
                 HAS_BIAS, WRITE_PARTIAL)
 
 
