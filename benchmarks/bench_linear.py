@@ -6,6 +6,8 @@ both granularities and M ∈ {1, 4, 16, 64, 256, 1024, 4096}, it times:
 
 - ``fp16``: F.linear with the dense fp16 weight (cuBLAS), the ratio's numerator;
 - ``dequant``: expand to a transient dense weight, then cuBLAS (the dequantized baseline);
+  with ``--expand`` also the expansion kernel alone (op ``dequantize``, M 0), on its grid
+  and on one K tile per program;
 - ``triton`` (kernel ``auto`` = what dispatch runs, plus each forced kernel gemv /
   splitk / splitk_fm / gemm / gemm_strided where its M range makes sense);
 - ``cuda``: the hand-written LUT GEMV (``lut_gemv``, small M) and its tensor-core kernel
@@ -189,6 +191,8 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
     size = dense.element_size()
     wbytes = common.quantized_bytes(qt)
     base.update(bound_ratio=common.bound_ratio(qt), bits_per_weight=qt.bits_per_weight)
+    if run.args.expand:
+        time_expansion(run, base, qt, dtype)
     for m in ms:
         if run.over_budget((tag, n, k, bits, gran, m)):
             continue
@@ -220,6 +224,25 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
     del qt, dense
     if run.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def time_expansion(run, base: dict, qt, dtype: torch.dtype) -> None:
+    """Rows (op "dequantize", M 0) of the dequant path's own kernel: qt expanded to a dense
+    [N, K] weight in ``dtype``, no GEMM, with the grid that the path runs (kernel "expand":
+    programs walking several K tiles) and with one K tile per program (the grid before
+    session 44: "expand_1tile"); bytes = codes read + dense weight written."""
+    from otq_kernels.backends.triton.dequant import dequantize_triton
+
+    nbytes = common.quantized_bytes(qt) + qt.n * qt.k * dtype.itemsize
+    for kernel, tiles in (("expand", None), ("expand_1tile", 1)):
+        fields = {**base, "op": "dequantize", "backend": "triton", "kernel": kernel, "M": 0}
+        try:
+            timing = run.time(lambda tiles=tiles: dequantize_triton(qt, dtype, tiles),
+                              graph=run.args.graph)
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            run.error(exc, **fields)
+            continue
+        run.add({**fields, **timing, "bytes": nbytes})
 
 
 # (backend, kernel) of the rows derive_crossovers reads -> its name for the path
@@ -439,6 +462,9 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default=None, help="comma-separated bit widths (default 4,2,3,8)")
     p.add_argument("--granularity", default=None,
                    help="comma-separated (default channel,tensor)")
+    p.add_argument("--expand", action="store_true",
+                   help="also time the dequant path's expansion kernel alone per (shape, "
+                        "bits, granularity), with its grid and one K tile per program")
     p.add_argument("--kernels", default=None,
                    help=f"Triton kernels to time: auto,{','.join(TRITON_KERNELS)} "
                         f"(default all; goal: {','.join(GOAL_KERNELS)})")

@@ -7,7 +7,8 @@ appends it to summary.txt):
 
 - linear: per (shape, bits, granularity) the best fused ratio t_fp16 / t at each M, with
   the path, % of copy bandwidth and the dequant ratio; per bit width lut_frag's speedup
-  over lut_mma at each M (geometric mean over shapes and granularities);
+  over lut_mma at each M (geometric mean over shapes and granularities); the dequant
+  path's expansion kernel alone where timed (``--expand``), on both grids;
 - conv: per (bits, granularity, batch) the geometric mean over layers of the Triton and
   dequant ratios (vs the faster dense cuDNN layout), plus every layer at 4 bits/channel;
 - e2e: per variant and batch, step time, ratio and peak-memory ratio, eager and graph,
@@ -79,6 +80,8 @@ def header(name: str, payload: dict) -> None:
 
 def linear(payload: dict) -> None:
     rows = [r for r in payload.get("rows", []) if r.get("p50_us")]
+    expansion([r for r in rows if r.get("op") == "dequantize"])
+    rows = [r for r in rows if r.get("op") != "dequantize"]
     fp16 = {(r["shape"], r["M"]): r["p50_us"] for r in rows if r["backend"] == "fp16"}
     groups: dict[tuple, dict[int, list[dict]]] = {}
     for r in rows:
@@ -104,6 +107,19 @@ def linear(payload: dict) -> None:
             parts.append(text)
         print(f"   {shape} b{bits} {gran[:2]}: " + " | ".join(parts))
     kernel_pair(rows, "lut_mma", "lut_frag")
+
+
+def expansion(rows: list[dict]) -> None:
+    """The dequant path's expansion kernel alone: its time, % of the copy bandwidth, and
+    the one-tile-per-program grid's time."""
+    by_config: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_config.setdefault((r["shape"], r["bits"], r["granularity"]), {})[r["kernel"]] = r
+    for (shape, bits, gran), kernels in by_config.items():
+        parts = [f"{kernel} {r['p50_us']:.1f}us"
+                 + (f" {r['pct_copy_bw']:.0f}%" if r.get("pct_copy_bw") else "")
+                 for kernel, r in sorted(kernels.items())]
+        print(f"   dequantize {shape} b{bits} {gran[:2]}: " + " | ".join(parts))
 
 
 def kernel_pair(rows: list[dict], old: str, new: str) -> None:

@@ -297,10 +297,11 @@ run_step goal_linear 190 "$BENCH_ENV"'
 # per-call launch path (which the eager timing above includes once it outlasts the flush).
 # M 2, 4 and 8 too: the crossovers that --tuning-from derives (LUT GEMV / lut_mma per bit
 # width, cuda / dequant) lie between 1 and 16; 32 and 64 (the CUDA kernels in 2-8 launches):
-# whether cuda_max_m may pass 16, where dispatch now sends every M to dequant
+# whether cuda_max_m may pass 16, where dispatch now sends every M to dequant. --expand:
+# the dequant path's expansion kernel alone, on session 44's grid and on the earlier one
 run_step goal_linear_graph 150 "$BENCH_ENV"'
   $PY benchmarks/bench_linear.py --preset goal --graph --ms 1,2,4,8,16,32,64 \
-    --backends cuda,dequant \
+    --backends cuda,dequant --expand \
     --out "$DIR/goal_graph" --budget-s "$STEP_BUDGET" --quiet'
 
 # the UNet's 3x3 convs at batch 1 as CUDA-graph replays (4-bit, both codebook kinds):

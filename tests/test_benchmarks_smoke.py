@@ -592,6 +592,23 @@ def test_digest_compares_lut_frag_with_lut_mma(tmp_path, capsys):
     assert "   lut_frag vs lut_mma b2: M1 x1.00" in out  # sqrt(2 * 0.5); M16 has no pair
 
 
+def test_expand_times_the_dequant_kernel_alone(tmp_path, capsys):
+    """--expand: per (shape, bits, granularity) the expansion kernel on both grids, as op
+    "dequantize" rows at M 0 (left out of the linear rows' digest, listed on their own)."""
+    code = _run_smoke("linear", tmp_path, "--expand", "--backends", "dequant",
+                      "--granularity", "channel")
+    assert code == 0
+    rows = json.loads((tmp_path / "linear.json").read_text())["rows"]
+    expand = [r for r in rows if r["op"] == "dequantize"]
+    assert sorted(r["kernel"] for r in expand) == ["expand", "expand_1tile"]
+    assert all(r["M"] == 0 and r["p50_us"] and r["bytes"] and not r["error"] for r in expand)
+    assert _load("digest").main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out if "dequantize" in line] == [
+        "   dequantize 40x72 b3 ch"]
+    assert any(line.startswith("   40x72 b3 ch: M3") for line in out)
+
+
 def test_digest_conv_geomeans_leave_out_the_no_split_rows(tmp_path, capsys):
     """Per bits/granularity/batch, the geometric mean of each path's ratio_best over the
     layers, the no-split Triton comparison rows left out (they once halved Triton's)."""

@@ -8,7 +8,10 @@ pytest.importorskip("triton")
 from _triton_tolerance import DTYPES, make_qt  # noqa: E402
 
 from otq_kernels.backends import dequant  # noqa: E402
-from otq_kernels.backends.triton.dequant import dequantize_triton  # noqa: E402
+from otq_kernels.backends.triton.dequant import (  # noqa: E402
+    dequantize_triton,
+    k_tiles_per_program,
+)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -25,6 +28,24 @@ def test_every_bit_width_bit_exact(bits, granularity, dtype, device):
 def test_odd_shapes_bit_exact(shape, device):
     qt = make_qt(shape, 3, "channel", device)
     assert torch.equal(dequantize_triton(qt, torch.float16), qt.dequantize(torch.float16))
+
+
+@pytest.mark.parametrize("tiles", [1, 3, 4, 10])
+@pytest.mark.parametrize("bits, granularity", [(3, "channel"), (8, "channel"), (2, "tensor")])
+def test_programs_walking_several_k_tiles_bit_exact(bits, granularity, tiles, device):
+    """Each program expands `tiles` consecutive K tiles (10 tiles of 32 columns under the
+    interpreter: ranges of 1, 3 (the last one tile), 4 (the last partial) and all)."""
+    qt = make_qt((37, 300), bits, granularity, device, seed=tiles)
+    dense = dequantize_triton(qt, torch.float16, tiles_per_program=tiles)
+    assert torch.equal(dense, qt.dequantize(torch.float16))
+
+
+def test_k_tiles_per_program():
+    assert k_tiles_per_program(256, 64, 132) == 32  # 8192 x 8192: 2 K ranges, 512 programs
+    assert k_tiles_per_program(448, 32, 132) == 32  # 14336 x 4096: whole rows, 448 programs
+    assert k_tiles_per_program(100, 64, 132) == 13  # 5 K ranges (13, 13, 13, 13, 12)
+    assert k_tiles_per_program(4, 9, 132) == 1  # a small layer: a program per tile
+    assert k_tiles_per_program(3, 1, 1) == 1
 
 
 def test_dequant_backend_uses_same_weight(device):

@@ -12,32 +12,61 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _device
 from ._grid import cdiv
 from .decode import _decode_rows, codebook_args, plane_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+PROGRAMS_PER_SM = 4  # most programs of the looping grid per SM (each 4 warps)
+
+
 @triton.jit
 def _dequantize_kernel(p0_ptr, p1_ptr, p2_ptr, codebook_ptr, out_ptr, N, K, k_pad,
                        stride_p0n, stride_p1n, stride_p2n, stride_cbn, stride_outn,
+                       tiles_per_program,
                        W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                        PER_CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out [N, K] = codebook[(n,) code[n, k]] for one [BLOCK_N, BLOCK_K] tile."""
+    """out [N, K] = codebook[(n,) code[n, k]] for BLOCK_N rows over ``tiles_per_program``
+    consecutive [BLOCK_N, BLOCK_K] tiles (grid (N blocks, K ranges))."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = tl.program_id(1) * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    w = _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
-                     codebook_ptr, stride_cbn, offs_n, n_mask, k0, k_pad,
-                     W0, W1, W2, PER_CHANNEL, BLOCK_N, BLOCK_K)
-    mask = n_mask[:, None] & (offs_k[None, :] < K)
-    out_ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * stride_outn + offs_k[None, :]  # N*K > 2**31
-    tl.store(out_ptrs, w.to(out_ptr.dtype.element_ty), mask=mask)
+    out_rows = out_ptr + offs_n.to(tl.int64)[:, None] * stride_outn  # N*K > 2**31
+    first = tl.program_id(1) * tiles_per_program * BLOCK_K
+    for k0 in tl.range(first, tl.minimum(first + tiles_per_program * BLOCK_K, K), BLOCK_K,
+                       num_stages=3):
+        w = _decode_rows(p0_ptr, p1_ptr, p2_ptr, stride_p0n, stride_p1n, stride_p2n,
+                         codebook_ptr, stride_cbn, offs_n, n_mask, k0, k_pad,
+                         W0, W1, W2, PER_CHANNEL, BLOCK_N, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        tl.store(out_rows + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=n_mask[:, None] & (offs_k[None, :] < K))
 
 
-def dequantize_triton(qt, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Dense weight of ``qt.shape`` in ``dtype`` (float16/bfloat16/float32)."""
+def k_tiles_per_program(n_blocks: int, k_tiles: int, sms: int) -> int:
+    """K tiles that each program expands: K split into as many ranges as keep the grid
+    within PROGRAMS_PER_SM programs per SM (one wave: a program pipelines its tiles with
+    ~40 KB of shared memory, so 5 fit on an sm_90 SM), each program walking consecutive
+    tiles of its rows, so that a per-channel codebook row is fetched into L1 once per
+    program rather than once per tile (8-bit rows are 1 KB); one tile per program when the
+    layer is too small to fill the GPU that way.
+
+    >>> k_tiles_per_program(256, 64, 132)  # 8192 x 8192 in 32 x 128 tiles: 512 programs
+    32
+    >>> k_tiles_per_program(4, 9, 132)  # the mnist UNet's 128 x 1152: a program per tile
+    1
+    """
+    splits = min(k_tiles, max(1, PROGRAMS_PER_SM * sms // n_blocks))
+    return -(-k_tiles // splits)
+
+
+def dequantize_triton(qt, dtype: torch.dtype = torch.float16,
+                      tiles_per_program: int | None = None) -> torch.Tensor:
+    """Dense weight of ``qt.shape`` in ``dtype`` (float16/bfloat16/float32).
+
+    tiles_per_program: K tiles per program (None: :func:`k_tiles_per_program`).
+    """
     n, k = qt.n, qt.k
     out = torch.empty(n, k, dtype=dtype, device=qt.device)
     if out.numel() == 0:
@@ -45,8 +74,11 @@ def dequantize_triton(qt, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     planes, strides, widths = plane_args(qt)
     book, stride_cbn, per_channel = codebook_args(qt)
     block_n, block_k = (16, 32) if INTERPRET else (32, 128)
-    grid = (cdiv(n, block_n), cdiv(k, block_k))
+    n_blocks, k_tiles = cdiv(n, block_n), cdiv(k, block_k)
+    tiles = tiles_per_program or k_tiles_per_program(n_blocks, k_tiles,
+                                                     _device.sm_count(qt.device))
+    grid = (n_blocks, cdiv(k_tiles, tiles))
     _dequantize_kernel[grid](*planes, book, out, n, k, -(-k // 32) * 32, *strides, stride_cbn,
-                             out.stride(0), **widths, PER_CHANNEL=per_channel,
+                             out.stride(0), tiles, **widths, PER_CHANNEL=per_channel,
                              BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out.reshape(qt.shape)
