@@ -20,21 +20,21 @@
 #                  pytest suite until the deadline. A call costs its suite time + ~1-2 min of
 #                  machine start; with L minutes of device time left (status), add
 #                  OTQ_SUITE_DEADLINE_S=$(( (L - 3) * 60 )) (max 530) and skip it below ~7 min.
-#   4 after a kernel change (one ~8 min call, no wheels needed): OTQ_SUITE_PLAN=4 runs
+#   4 after a kernel change (one ~9 min call, no wheels needed): OTQ_SUITE_PLAN=4 runs
 #                  env, build, tests_kernels (CUDA kernel, fit, UNet tests), goal_linear_graph
-#                  (CUDA kernels + dequant at M 1/2/4/8/16/32/64, graph replays: goal_graph/),
-#                  goal_conv_graph (the 3x3 convs at batch 1, 4-bit, graph replays),
-#                  sweep_splitk (the LUT GEMV and lut_mma over forced split-K: splitk.json,
-#                  splitk_mma.json), ncu_gemv (Nsight Compute on 4 GEMV launches,
-#                  lut_mma and lut_frag at M = 16 and 1, lut_frag at 2, 3 and 8 bits too,
-#                  and lut_conv at 28x28 and 7x7; lut_mma's and lut_frag's memory tables
-#                  raw in logs/ncu_mma_raw.csv), profile_e2e
-#                  (kernel time of a batch-1 UNet step by category: e2e_profile.json),
-#                  goal_e2e, goal_linear_large_m (Triton gemm and gemm_tile at M = 256,
-#                  1024: goal_large_m/linear.json), goal_e2e_cl (fp16, 4-bit cuda and auto
-#                  with the model and input channels-last: goal_channels_last/e2e.json).
-#                  With lut_frag, gemm_tile's autotuning and the two later steps it may
-#                  pass 540 s: the steps last in the list are the ones a deadline cuts.
+#                  (CUDA kernels + dequant at M 1/2/4/8/16/32/64 and the expansion alone,
+#                  graph replays: goal_graph/), goal_conv_graph (the 3x3 convs at batch 1,
+#                  4-bit, graph replays), goal_e2e, goal_linear_large_m (Triton gemm and
+#                  gemm_tile at M = 256, 1024: goal_large_m/linear.json), then the
+#                  diagnostics: profile_e2e (kernel time of a batch-1 UNet step by
+#                  category: e2e_profile.json), sweep_splitk (the LUT GEMV and lut_mma over
+#                  forced split-K: splitk.json, splitk_mma.json), ncu_gemv (Nsight Compute
+#                  on 4 GEMV launches, lut_mma and lut_frag at M = 16 and 1, lut_frag at 2,
+#                  3 and 8 bits too, and lut_conv at 28x28 and 7x7; lut_mma's and
+#                  lut_frag's memory tables raw in logs/ncu_mma_raw.csv), goal_e2e_cl
+#                  (fp16, 4-bit cuda and auto with the model and input channels-last:
+#                  goal_channels_last/e2e.json). The goal measurements come first: a
+#                  deadline (by count ~580 s for all of it) cuts the last steps.
 # A machine stays warm 30 s after a call: a call made within that time reuses the build
 # and Triton's compile cache (/tmp/otq_triton_cache) and starts at once.
 # <sha> = `git rev-parse HEAD` written out literally (the machine gets no .git); every JSON
@@ -85,8 +85,8 @@ SITE=/tmp/otq_site
 PLAN1="env wheels build tests_cuda checks sanitizer tests_gpu"
 PLAN2="env wheels build goal_linear goal_e2e goal_conv plot"
 PLAN3="env wheels build bench_fit bench_linear bench_conv bench_e2e tests_all"
-PLAN4="env build tests_kernels goal_linear_graph goal_conv_graph sweep_splitk ncu_gemv profile_e2e goal_e2e goal_linear_large_m goal_e2e_cl"
-ALL_STEPS="env wheels build tests_cuda tests_kernels checks sanitizer goal_linear goal_linear_graph goal_conv_graph sweep_splitk ncu_gemv profile_e2e goal_e2e goal_linear_large_m goal_e2e_cl goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
+PLAN4="env build tests_kernels goal_linear_graph goal_conv_graph goal_e2e goal_linear_large_m profile_e2e sweep_splitk ncu_gemv goal_e2e_cl"
+ALL_STEPS="env wheels build tests_cuda tests_kernels checks sanitizer goal_linear goal_linear_graph goal_conv_graph goal_e2e goal_linear_large_m profile_e2e sweep_splitk ncu_gemv goal_e2e_cl goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
 CPU_STEPS=" env wheels build plot plot_more tests_all "  # every other step needs the GPU
 case "${OTQ_SUITE_PLAN:-}" in
   1) PLAN_STEPS=$PLAN1 ;; 2) PLAN_STEPS=$PLAN2 ;; 3) PLAN_STEPS=$PLAN3 ;; 4) PLAN_STEPS=$PLAN4 ;;
@@ -310,6 +310,22 @@ run_step goal_conv_graph 100 "$BENCH_ENV"'
   $PY benchmarks/bench_conv.py --preset goal --graph --bits 4 --out "$DIR/goal_graph" \
     --budget-s "$STEP_BUDGET" --quiet'
 
+run_step goal_e2e 110 "$BENCH_ENV"'
+  $PY benchmarks/bench_e2e.py --preset goal --out "$DIR/goal" --budget-s "$STEP_BUDGET" --quiet'
+
+# Triton's GEMMs at M = 256 and 1024 (4-bit per channel, graph replays): gemm (one K = 16
+# wgmma per field position, each waited for) against gemm_tile (whole K tiles, one
+# tl.dot each) and dequant -> cuBLAS: issue 6's M >= 256 goal
+run_step goal_linear_large_m 90 "$BENCH_ENV"'
+  $PY benchmarks/bench_linear.py --preset goal --graph --ms 256,1024 --bits 4 \
+    --granularity channel --backends triton,dequant --kernels gemm,gemm_tile \
+    --out "$DIR/goal_large_m" --budget-s "$STEP_BUDGET" --quiet'
+
+# kernel time of one batch-1 UNet step by category (GEMM, conv, ours, PyTorch's, ...):
+# how much of the step the quantized layers can change at all
+run_step profile_e2e 90 "$BENCH_ENV"'
+  $PY benchmarks/profile_e2e.py --out "$DIR" --quiet'
+
 # the LUT GEMV at M = 1 over forced split-K factors (graph replays), then Nsight Compute's
 # view of four of its launches and one lut_mma launch at M = 16 (duration, occupancy,
 # stall reasons, memory throughput)
@@ -331,22 +347,6 @@ run_step ncu_gemv 120 '
   ncu --kernel-name "regex:lut_mma_kernel|lut_frag_kernel" --launch-count 14 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis_Tables --page raw --csv \
     --log-file "$DIR/logs/ncu_mma_raw.csv" $PY benchmarks/sweep_splitk.py --ncu-target'
-
-# kernel time of one batch-1 UNet step by category (GEMM, conv, ours, PyTorch's, ...):
-# how much of the step the quantized layers can change at all
-run_step profile_e2e 90 "$BENCH_ENV"'
-  $PY benchmarks/profile_e2e.py --out "$DIR" --quiet'
-
-run_step goal_e2e 110 "$BENCH_ENV"'
-  $PY benchmarks/bench_e2e.py --preset goal --out "$DIR/goal" --budget-s "$STEP_BUDGET" --quiet'
-
-# Triton's GEMMs at M = 256 and 1024 (4-bit per channel, graph replays): gemm (one K = 16
-# wgmma per field position, each waited for) against gemm_tile (whole K tiles, one
-# tl.dot each) and dequant -> cuBLAS: issue 6's M >= 256 goal
-run_step goal_linear_large_m 90 "$BENCH_ENV"'
-  $PY benchmarks/bench_linear.py --preset goal --graph --ms 256,1024 --bits 4 \
-    --granularity channel --backends triton,dequant --kernels gemm,gemm_tile \
-    --out "$DIR/goal_large_m" --budget-s "$STEP_BUDGET" --quiet'
 
 # goal_e2e with the model and input channels-last (FP16 too): cuDNN's faster
 # layout for these convs, and lut_conv's without its per-call copy of x
