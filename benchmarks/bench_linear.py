@@ -6,8 +6,8 @@ both granularities and M ∈ {1, 4, 16, 64, 256, 1024, 4096}, it times:
 
 - ``fp16``: F.linear with the dense fp16 weight (cuBLAS), the ratio's numerator;
 - ``dequant``: expand to a transient dense weight, then cuBLAS (the dequantized baseline);
-  with ``--expand`` also the expansion kernel alone (op ``dequantize``, M 0), on its grid
-  and on one K tile per program;
+  with ``--expand`` also the expansion kernel alone (op ``dequantize``, M 0) on both of
+  its grids (programs walking K tiles, one tile per program);
 - ``triton`` (kernel ``auto`` = what dispatch runs, plus each forced kernel gemv /
   splitk / splitk_fm / gemm / gemm_strided where its M range makes sense);
 - ``cuda``: the hand-written LUT GEMV (``lut_gemv``, small M) and its tensor-core kernel
@@ -228,21 +228,23 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
 
 def time_expansion(run, base: dict, qt, dtype: torch.dtype) -> None:
     """Rows (op "dequantize", M 0) of the dequant path's own kernel: qt expanded to a dense
-    [N, K] weight in ``dtype``, no GEMM, with the grid that the path runs (kernel "expand":
-    programs walking several K tiles) and with one K tile per program (the grid before
-    session 44: "expand_1tile"); bytes = codes read + dense weight written."""
+    [N, K] weight in ``dtype``, no GEMM, on both grids: programs walking several K tiles
+    (kernel "expand_walk") and one K tile per program ("expand_1tile"); bytes = codes read
+    + dense weight written, rel_err against ``qt.dequantize`` (0: bit-exact)."""
     from otq_kernels.backends.triton.dequant import dequantize_triton
 
     nbytes = common.quantized_bytes(qt) + qt.n * qt.k * dtype.itemsize
-    for kernel, tiles in (("expand", None), ("expand_1tile", 1)):
+    ref = qt.dequantize(dtype)
+    for kernel, walk in (("expand_walk", True), ("expand_1tile", False)):
         fields = {**base, "op": "dequantize", "backend": "triton", "kernel": kernel, "M": 0}
         try:
-            timing = run.time(lambda tiles=tiles: dequantize_triton(qt, dtype, tiles),
+            err = common.rel_error(dequantize_triton(qt, dtype, walk), ref)
+            timing = run.time(lambda walk=walk: dequantize_triton(qt, dtype, walk),
                               graph=run.args.graph)
         except Exception as exc:  # noqa: BLE001 - record and go on
             run.error(exc, **fields)
             continue
-        run.add({**fields, **timing, "bytes": nbytes})
+        run.add({**fields, **timing, "rel_err": err, "bytes": nbytes})
 
 
 # (backend, kernel) of the rows derive_crossovers reads -> its name for the path
@@ -287,11 +289,18 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     dequant at M = 16 where the 2-4-bit tensor-core kernel wins).
     triton_splitk_field_major: whether splitk_fm beat splitk (geometric mean over M of
     the per-M geometric means), over the M where dispatch runs splitk.
+    dequant_walk_k: whether the dequant path's expansion ran faster with programs walking
+    K tiles than with one tile per program (``--expand`` rows; geometric mean over the
+    configurations). It governs that kernel for every op (linear and conv).
+
+    The Triton band is judged against cuda_max_m, not the per-width cuda_max_m_by_bits,
+    and applies to every bit width and granularity, whichever the rows measured (the GPU
+    suite's large-M step times 4-bit per channel only).
 
     Evidence: {path: {M: geometric-mean speedup}} for triton (vs dequant), cuda (vs the
     rival; cuda_by_bits: {bits: ...} for the widths listed), cuda_tensor_cores (lut_mma
     vs the LUT GEMV), cuda_mma_fragment (lut_frag vs lut_mma), triton_gemm_tile
-    (gemm_tile vs gemm) and triton_splitk_field_major.
+    (gemm_tile vs gemm), triton_splitk_field_major and dequant_walk_k (one number).
     """
     times = common.times_by_config(rows, lambda r: CROSSOVER_PATHS.get(
         (r.get("backend"), r.get("kernel"))))
@@ -303,6 +312,10 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
         chosen, chosen_evidence = step(times)
         values.update(chosen)
         evidence.update(chosen_evidence)
+    walk = expansion_speedup(rows)
+    if walk:
+        values["dequant_walk_k"] = walk > 1.0
+        evidence["dequant_walk_k"] = round(walk, 3)
     speedups = splitk_field_major_speedups(rows)
     if speedups:
         values["triton_splitk_field_major"] = common.geomean(list(speedups.values())) > 1.0
@@ -447,6 +460,14 @@ def kernel_speedups(rows: list[dict], backend: str, baseline: str,
     return common.speedup_by_m(times, baseline, kernel)
 
 
+def expansion_speedup(rows: list[dict]) -> float | None:
+    """Geometric mean over the configurations of t_expand_1tile / t_expand_walk (the
+    ``--expand`` rows; None without them)."""
+    times = common.times_by_config(
+        rows, lambda r: r["kernel"] if r.get("op") == "dequantize" else None)
+    return common.speedup_by_m(times, "expand_1tile", "expand_walk").get(0)
+
+
 def splitk_field_major_speedups(rows: list[dict]) -> dict[int, float]:
     """{M: geomean of t_splitk / t_splitk_fm} at the M where dispatch runs splitk."""
     speedups = kernel_speedups(rows, "triton", "splitk", "splitk_fm")
@@ -464,7 +485,7 @@ def main(argv=None) -> int:
                    help="comma-separated (default channel,tensor)")
     p.add_argument("--expand", action="store_true",
                    help="also time the dequant path's expansion kernel alone per (shape, "
-                        "bits, granularity), with its grid and one K tile per program")
+                        "bits, granularity), on both grids (dequant_walk_k)")
     p.add_argument("--kernels", default=None,
                    help=f"Triton kernels to time: auto,{','.join(TRITON_KERNELS)} "
                         f"(default all; goal: {','.join(GOAL_KERNELS)})")

@@ -746,7 +746,8 @@ def add_tuning_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuning-from", default=None, nargs="+", metavar="RESULTS",
                    help="time nothing: derive the crossovers from these results JSONs' rows "
                         "(one GPU, named by their meta.gpu; e.g. a goal grid and a large-M "
-                        "run) and merge them into --write-tuning")
+                        "run; a later file's row replaces an earlier one's for the same "
+                        "configuration and path) and merge them into --write-tuning")
 
 
 def tuning_from(args: argparse.Namespace, section: str, derive) -> int:

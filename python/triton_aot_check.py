@@ -194,12 +194,12 @@ def conv_jobs():
 def misc_jobs():
     jobs = []
     for w in widths_list():
-        for dt in ("fp16", "fp32"):
-            jobs.append((f"dequant {dt} W{w}", dequant._dequantize_kernel,
+        for dt, walk in (("fp16", False), ("fp16", True), ("fp32", False)):
+            jobs.append((f"dequant {dt} W{w} walk_k={walk}", dequant._dequantize_kernel,
                          {"p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32",
                           "codebook_ptr": "*fp32", "out_ptr": DT[dt]},
-                         dict(W0=w[0], W1=w[1], W2=w[2], PER_CHANNEL=True, BLOCK_N=32,
-                              BLOCK_K=128), 4, 3))
+                         dict(W0=w[0], W1=w[1], W2=w[2], PER_CHANNEL=True, WALK_K=walk,
+                              BLOCK_N=32, BLOCK_K=128), 4, 3))
         types = {"codes_ptr": "*i64", "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32"}
         jobs.append((f"pack W{w}", packing._pack_kernel, types,
                      dict(W0=w[0], W1=w[1], W2=w[2], BLOCK_K=256), 4, 3))

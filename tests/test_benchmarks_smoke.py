@@ -594,19 +594,29 @@ def test_digest_compares_lut_frag_with_lut_mma(tmp_path, capsys):
 
 def test_expand_times_the_dequant_kernel_alone(tmp_path, capsys):
     """--expand: per (shape, bits, granularity) the expansion kernel on both grids, as op
-    "dequantize" rows at M 0 (left out of the linear rows' digest, listed on their own)."""
+    "dequantize" rows at M 0 (left out of the linear rows' digest, listed on their own),
+    bit-exact; their speedup sets dequant_walk_k."""
     code = _run_smoke("linear", tmp_path, "--expand", "--backends", "dequant",
                       "--granularity", "channel")
     assert code == 0
     rows = json.loads((tmp_path / "linear.json").read_text())["rows"]
     expand = [r for r in rows if r["op"] == "dequantize"]
-    assert sorted(r["kernel"] for r in expand) == ["expand", "expand_1tile"]
-    assert all(r["M"] == 0 and r["p50_us"] and r["bytes"] and not r["error"] for r in expand)
+    assert sorted(r["kernel"] for r in expand) == ["expand_1tile", "expand_walk"]
+    assert all(r["M"] == 0 and r["p50_us"] and r["bytes"] and not r["error"]
+               and r["rel_err"] == 0 for r in expand)
     assert _load("digest").main([str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out if "dequantize" in line] == [
         "   dequantize 40x72 b3 ch"]
     assert any(line.startswith("   40x72 b3 ch: M3") for line in out)
+    linear = _load("bench_linear")
+    walk, one = (next(r for r in expand if r["kernel"] == k) for k in ("expand_walk",
+                                                                        "expand_1tile"))
+    walk["p50_us"], one["p50_us"] = 10.0, 15.0
+    values, evidence = linear.derive_crossovers(rows)
+    assert values["dequant_walk_k"] is True and evidence["dequant_walk_k"] == 1.5
+    walk["p50_us"] = 20.0
+    assert linear.derive_crossovers(rows)[0]["dequant_walk_k"] is False
 
 
 def test_digest_conv_geomeans_leave_out_the_no_split_rows(tmp_path, capsys):

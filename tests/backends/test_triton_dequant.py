@@ -8,6 +8,7 @@ pytest.importorskip("triton")
 from _triton_tolerance import DTYPES, make_qt  # noqa: E402
 
 from otq_kernels.backends import dequant  # noqa: E402
+from otq_kernels.backends.triton import dequant as triton_dequant  # noqa: E402
 from otq_kernels.backends.triton.dequant import (  # noqa: E402
     dequantize_triton,
     k_tiles_per_program,
@@ -38,6 +39,28 @@ def test_programs_walking_several_k_tiles_bit_exact(bits, granularity, tiles, de
     qt = make_qt((37, 300), bits, granularity, device, seed=tiles)
     dense = dequantize_triton(qt, torch.float16, tiles_per_program=tiles)
     assert torch.equal(dense, qt.dequantize(torch.float16))
+
+
+def test_walking_grid_follows_tuning_table(monkeypatch, device):
+    """walk_k=None asks the GPU's tuning entry (dequant_walk_k, absent in the shipped
+    table: one tile per program); walk_k forces either grid; both are bit-exact."""
+    from otq_kernels import ops
+
+    assert "dequant_walk_k" not in ops.tuning_table("some unknown GPU")["linear"]
+    qt = make_qt((37, 300), 4, "channel", device)
+    ref = qt.dequantize(torch.float16)
+    splits = []
+    monkeypatch.setattr(triton_dequant, "k_tiles_per_program",
+                        lambda *args: splits.append(args) or 3)
+    for tuned, walk_k, walks in ((False, None, False), (True, None, True),
+                                 (True, False, False), (False, True, True)):
+        monkeypatch.setattr(triton_dequant, "tuned_walk_k", lambda dev, tuned=tuned: tuned)
+        splits.clear()
+        assert torch.equal(dequantize_triton(qt, torch.float16, walk_k), ref)
+        assert bool(splits) == walks, (tuned, walk_k)
+    with pytest.raises(ValueError, match="tiles_per_program"):
+        dequantize_triton(qt, torch.float16, tiles_per_program=0)
+    assert torch.equal(dequantize_triton(qt, torch.float16, tiles_per_program=2**40), ref)
 
 
 def test_k_tiles_per_program():

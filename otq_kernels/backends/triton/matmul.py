@@ -13,13 +13,14 @@ two variants that read x in the other layout):
   reordered field-major per K tile (:func:`field_major`, one copy of x) so that every
   activation load in the K loop is contiguous (vectorized and pipelined by Triton).
   ``gemm_strided`` is the same kernel on x as it is (strided loads; kept to measure
-  the copy's worth). ``gemm_tile`` (not timed yet) decodes each whole K
-  tile in natural column order and runs one ``tl.dot`` per tile, the weights as its
-  first operand (held in registers by the wgmma, whose work stays in flight while the
-  next tile is decoded): on sm_90 ``gemm`` compiles to one K = 16 wgmma per field
-  position, each waited for before the next field is decoded (8 waits per K tile at 4
-  bits), so decode and tensor cores never overlap. Dispatch takes ``gemm_tile`` instead of ``gemm`` where the GPU's tuning entry
-  has ``triton_gemm_tile: true`` (``bench_linear --write-tuning`` sets it; shipped off).
+  the copy's worth). ``gemm_tile`` (not timed yet) decodes each whole K tile in natural
+  column order and runs one ``tl.dot`` per tile, the weights as its first operand (held
+  in registers by the wgmma, whose work stays in flight while the next tile is decoded):
+  on sm_90 ``gemm`` compiles to one K = 16 wgmma per field position, each waited for
+  before the next field is decoded (8 waits per K tile at 4 bits), so decode and tensor
+  cores never overlap. Dispatch takes ``gemm_tile`` instead of ``gemm`` where the GPU's
+  tuning entry has ``triton_gemm_tile: true`` (``bench_linear --write-tuning`` sets it;
+  shipped off).
 
 ``gemv`` and the splitk kernels split K over ``split_k`` programs when N alone cannot
 fill the GPU; float32 partials go to a workspace [split_k, M, N] that ``_splitk_reduce_kernel``
