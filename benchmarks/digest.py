@@ -100,7 +100,7 @@ def linear(payload: dict) -> None:
                 pct = f"{best['pct_copy_bw']:.0f}%" if best.get("pct_copy_bw") else "?"
                 text += (f" x{base / best['p50_us']:.2f} {best['backend'][0]}/"
                          f"{best['kernel']} {best['p50_us']:.1f}us {pct}")
-                if best.get("rel_err") is not None and best["rel_err"] > 2e-2:
+                if best.get("rel_err") is not None and best["rel_err"] > 2e-2:  # MAX_REL_ERR
                     text += f" ERR{best['rel_err']:.1e}"
             if deq and base:
                 text += f" dq x{base / deq[0]['p50_us']:.2f}"

@@ -231,6 +231,13 @@ def test_large_m_triton_band():
                       "triton_gemm_tile": True, "triton_min_m": 256, "triton_max_m": 1024}
     assert evidence["triton_gemm_tile"] == {"256": 5.0, "1024": 3.6}
     assert evidence["triton"] == {"1": 0.667, "16": 0.667, "256": 1.25, "1024": 1.2}
+    rows = _cuda_rows(times)
+    for r in rows:  # gemm_tile wrong at 256: it wins nothing there, whatever its time
+        if r["kernel"] == "gemm_tile" and r["M"] == 256:
+            r["rel_err"] = 0.5
+    values, evidence = linear.derive_crossovers(rows)
+    assert evidence["triton_gemm_tile"] == {"1024": 3.6} and "triton_min_m" in values
+    assert values["triton_min_m"] == values["triton_max_m"] == 1024
     times[1024]["gemm_tile"] = 400.0  # loses at 1024: the band is M = 256 alone
     assert linear.derive_crossovers(_cuda_rows(times))[0]["triton_max_m"] == 256
     for t in (times[256], times[1024]):
