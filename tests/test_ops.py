@@ -211,6 +211,14 @@ def test_fit_pack_unpack_wrappers_agree_with_format():
     assert torch.equal(ops.unpack(qt, backend="reference"), codes)
 
 
+def test_unpack_rows_of_a_layer():
+    """ops.unpack(rows=slice) gives those rows' codes, as the whole unpack's slice."""
+    codes = torch.randint(0, 8, (9, 70))
+    qt = otq.QuantizedTensor(ops.pack(codes, 3), torch.randn(9, 8), 3, (9, 70), "channel")
+    for rows in (slice(0, 9), slice(3, 7), slice(8, 9), slice(5, 5)):
+        assert torch.equal(ops.unpack(qt, rows=rows), codes[rows])
+
+
 def test_dispatch_env_and_auto(monkeypatch):
     cpu = torch.device("cpu")
     assert ops.resolve_backend(None, "linear", cpu, 1) in ("cpu", "reference")
