@@ -17,8 +17,6 @@ from ._grid import cdiv
 from .decode import _decode_rows, codebook_args, plane_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 PROGRAMS_PER_SM = 4  # programs of the walking grid per SM (each 4 warps), where N allows
 
 
