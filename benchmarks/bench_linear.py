@@ -192,7 +192,7 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
     wbytes = common.quantized_bytes(qt)
     base.update(bound_ratio=common.bound_ratio(qt), bits_per_weight=qt.bits_per_weight)
     if run.args.expand:
-        time_expansion(run, base, qt, dtype)
+        time_expansion(run, base, qt, dense)
     for m in ms:
         if run.over_budget((tag, n, k, bits, gran, m)):
             continue
@@ -226,19 +226,19 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
         torch.cuda.empty_cache()
 
 
-def time_expansion(run, base: dict, qt, dtype: torch.dtype) -> None:
+def time_expansion(run, base: dict, qt, dense: torch.Tensor) -> None:
     """Rows (op "dequantize", M 0) of the dequant path's own kernel: qt expanded to a dense
-    [N, K] weight in ``dtype``, no GEMM, on both grids: programs walking several K tiles
+    [N, K] weight in dense.dtype, no GEMM, on both grids: programs walking several K tiles
     (kernel "expand_walk") and one K tile per program ("expand_1tile"); bytes = codes read
-    + dense weight written, rel_err against ``qt.dequantize`` (0: bit-exact)."""
+    + dense weight written, rel_err against ``dense`` (qt.dequantize's: 0 is bit-exact)."""
     from otq_kernels.backends.triton.dequant import dequantize_triton
 
-    nbytes = common.quantized_bytes(qt) + qt.n * qt.k * dtype.itemsize
-    ref = qt.dequantize(dtype)
+    dtype = dense.dtype
+    nbytes = common.quantized_bytes(qt) + dense.numel() * dense.element_size()
     for kernel, walk in (("expand_walk", True), ("expand_1tile", False)):
         fields = {**base, "op": "dequantize", "backend": "triton", "kernel": kernel, "M": 0}
         try:
-            err = common.rel_error(dequantize_triton(qt, dtype, walk), ref)
+            err = common.rel_error(dequantize_triton(qt, dtype, walk), dense)
             timing = run.time(lambda walk=walk: dequantize_triton(qt, dtype, walk),
                               graph=run.args.graph)
         except Exception as exc:  # noqa: BLE001 - record and go on
