@@ -103,11 +103,12 @@ def dequantize_triton(qt, dtype: torch.dtype = torch.float16, walk_k: bool | Non
     book, stride_cbn, per_channel = codebook_args(qt)
     block_n, block_k = (16, 32) if INTERPRET else (32, 128)
     n_blocks, k_tiles = cdiv(n, block_n), cdiv(k, block_k)
+    walk = tuned_walk_k(qt.device) if walk_k is None else walk_k
     if tiles_per_program is not None:
         if tiles_per_program < 1:
             raise ValueError(f"tiles_per_program must be >= 1, got {tiles_per_program}")
         tiles = min(tiles_per_program, k_tiles)
-    elif walk_k if walk_k is not None else tuned_walk_k(qt.device):
+    elif walk:
         tiles = k_tiles_per_program(n_blocks, k_tiles, _device.sm_count(qt.device))
     else:
         tiles = 1
