@@ -12,8 +12,9 @@ both granularities and M ∈ {1, 4, 16, 64, 256, 1024, 4096}, it times:
   splitk / splitk_fm / gemm / gemm_strided where its M range makes sense);
 - ``cuda``: the hand-written LUT GEMV (``lut_gemv``, small M) and its tensor-core kernel
   (``lut_mma``, fp16/bf16 and 2-4 bits) on the canonical planes and on fragment-order
-  codes (``lut_frag``), each forced (the backend picks between them by the GPU's tuning
-  entry: ``cuda_tensor_cores``, ``cuda_gemv_max_m``, ``cuda_mma_fragment``);
+  codes (``lut_frag``; ``lut_frag32``: the same in blocks of 32 weight rows), each forced
+  (the backend picks between them by the GPU's tuning entry: ``cuda_tensor_cores``,
+  ``cuda_gemv_max_m``, ``cuda_mma_fragment``, ``cuda_frag_32_rows_min_m``);
 - on CPU also ``reference`` and the C++ ``cpu`` backend.
 
 Rows: p20/p50/p80 µs, effective GB/s (packed planes + codebook + x + y bytes), % of the
@@ -63,9 +64,16 @@ LIMITED = {"lut_mma": ("fp16/bf16 activations and bits <= 4 only",
                        lambda dtype, bits, gran: dtype in _HALF and bits <= 4),
            "lut_frag": ("fp16/bf16 activations and bits <= 4, or 8 bits per tensor, only",
                         lambda dtype, bits, gran: dtype in _HALF and (
-                            bits <= 4 or (bits == 8 and gran == "tensor")))}
-# The CUDA kernels by name: cuda.linear's (tensor_cores, fragment).
-CUDA_KERNELS = {"lut_gemv": (False, False), "lut_mma": (True, False), "lut_frag": (True, True)}
+                            bits <= 4 or (bits == 8 and gran == "tensor"))),
+           "lut_frag32": ("fp16/bf16 activations and 2, 3, 4 or 8 bits per tensor or 2-3 "
+                          "bits per channel only",
+                          lambda dtype, bits, gran: dtype in _HALF and (
+                              bits <= 3 or (bits in (4, 8) and gran == "tensor")))}
+# The CUDA kernels by name: cuda.linear's keyword arguments that force each.
+CUDA_KERNELS = {"lut_gemv": {"tensor_cores": False, "fragment": False},
+                "lut_mma": {"tensor_cores": True, "fragment": False},
+                "lut_frag": {"tensor_cores": True, "fragment": True, "block_rows": 16},
+                "lut_frag32": {"tensor_cores": True, "fragment": True, "block_rows": 32}}
 
 
 def unet_shapes(config: str = "mnist") -> tuple[list[tuple[str, int, int]], str]:
@@ -110,9 +118,8 @@ def cuda_kernel(kernel: str, split_k: int | None = None):
     lut_mma.cu, lut_frag.cu), with ``split_k`` (None = the backend's heuristic)."""
     from otq_kernels.backends import cuda
 
-    tensor_cores, fragment = CUDA_KERNELS[kernel]
-    return lambda x, qt: cuda.linear(x, qt, None, split_k=split_k, tensor_cores=tensor_cores,
-                                     fragment=fragment)
+    forced = CUDA_KERNELS[kernel]
+    return lambda x, qt: cuda.linear(x, qt, None, split_k=split_k, **forced)
 
 
 def backend_fn(name: str):
@@ -251,7 +258,7 @@ def time_expansion(run, base: dict, qt, dense: torch.Tensor) -> None:
 CROSSOVER_PATHS = {("dequant", "cublas"): "dequant", ("triton", "auto"): "triton",
                    ("triton", "gemm"): "gemm", ("triton", "gemm_tile"): "gemm_tile",
                    ("cuda", "lut_gemv"): "lut_gemv", ("cuda", "lut_mma"): "lut_mma",
-                   ("cuda", "lut_frag"): "lut_frag"}
+                   ("cuda", "lut_frag"): "lut_frag", ("cuda", "lut_frag32"): "lut_frag32"}
 
 
 def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
@@ -277,6 +284,10 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     cuda_tensor_cores: whether lut_mma wins against the LUT GEMV at some grid M above
     the crossover of some bit width. The cuda backend takes lut_mma where M > the
     crossover of x's bit width, it runs and this is true.
+    cuda_frag_32_rows_min_m: the smallest grid M from which lut_frag32 (32-row blocks) beat
+    lut_frag at every larger grid M where both ran (absent when it loses at the largest);
+    from there on "lut_frag" below means lut_frag32's times where it ran (the codes it
+    takes), as dispatch would run it.
     cuda_mma_fragment: whether lut_frag (fragment-order codes) beat lut_mma over the
     configurations where both ran (geometric mean over M of the per-M geometric means);
     where it did, "lut_mma" above and below means lut_frag's times (the tensor-core kernel
@@ -299,13 +310,14 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
 
     Evidence: {path: {M: geometric-mean speedup}} for triton (vs dequant), cuda (vs the
     rival; cuda_by_bits: {bits: ...} for the widths listed), cuda_tensor_cores (lut_mma
-    vs the LUT GEMV), cuda_mma_fragment (lut_frag vs lut_mma), triton_gemm_tile
+    vs the LUT GEMV), cuda_frag_32_rows (lut_frag32 vs lut_frag), cuda_mma_fragment
+    (lut_frag vs lut_mma), triton_gemm_tile
     (gemm_tile vs gemm), triton_splitk_field_major and dequant_walk_k (one number).
     """
     times = common.times_by_config(rows, lambda r: CROSSOVER_PATHS.get(
         (r.get("backend"), r.get("kernel"))))
     values, evidence = {}, {}
-    steps = (fragment_choice, cuda_kernel_choice, gemm_kernel_choice,
+    steps = (block_rows_choice, fragment_choice, cuda_kernel_choice, gemm_kernel_choice,
              lambda t: cuda_crossovers(t, values),  # each step reads the values so far
              lambda t: triton_band(t, values.get("cuda_max_m", 0)))
     for step in steps:
@@ -389,6 +401,27 @@ def variant_choice(times: dict[tuple, dict[str, float]], flag: str, default: str
         if (variant if wins else default) in t:
             t[path] = t[variant if wins else default]
     return {flag: wins}, {flag: _rounded(speedups)}
+
+
+def block_rows_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
+    """cuda_frag_32_rows_min_m and its evidence (see derive_crossovers) from {(M, shape,
+    bits, granularity): {"lut_frag": µs, "lut_frag32": µs, ...}}, ({}, {}) when no config
+    has both; from that M on, lut_frag32's times stand for lut_frag's where it ran."""
+    speedups = common.speedup_by_m(times, "lut_frag", "lut_frag32")  # lut_frag32's, per M
+    if not speedups:
+        return {}, {}
+    evidence = {"cuda_frag_32_rows": _rounded(speedups)}
+    from_m = None
+    for m in sorted(speedups, reverse=True):  # the run of wins that reaches the largest M
+        if (speedups[m] or 0) <= 1.0:
+            break
+        from_m = m
+    if from_m is None:
+        return {}, evidence
+    for (m, *_), t in times.items():
+        if m >= from_m and "lut_frag32" in t:
+            t["lut_frag"] = t["lut_frag32"]
+    return {"cuda_frag_32_rows_min_m": from_m}, evidence
 
 
 def fragment_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:

@@ -7,7 +7,8 @@ appends it to summary.txt):
 
 - linear: per (shape, bits, granularity) the best fused ratio t_fp16 / t at each M, with
   the path, % of copy bandwidth and the dequant ratio; per bit width lut_frag's speedup
-  over lut_mma at each M (geometric mean over shapes and granularities); the dequant
+  over lut_mma, and lut_frag32's over lut_frag, at each M (geometric mean over shapes
+  and granularities); the dequant
   path's expansion kernel alone where timed (``--expand``), on both grids;
 - conv: per (bits, granularity, batch) the geometric mean over layers of the Triton and
   dequant ratios (vs the faster dense cuDNN layout), plus every layer at 4 bits/channel;
@@ -107,6 +108,7 @@ def linear(payload: dict) -> None:
             parts.append(text)
         print(f"   {shape} b{bits} {gran[:2]}: " + " | ".join(parts))
     kernel_pair(rows, "lut_mma", "lut_frag")
+    kernel_pair(rows, "lut_frag", "lut_frag32")
 
 
 def expansion(rows: list[dict]) -> None:

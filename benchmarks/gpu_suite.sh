@@ -30,8 +30,9 @@
 #                  category: e2e_profile.json), sweep_splitk (the LUT GEMV and lut_mma over
 #                  forced split-K: splitk.json, splitk_mma.json), ncu_gemv (Nsight Compute
 #                  on 4 GEMV launches, lut_mma and lut_frag at M = 16 and 1, lut_frag at 2,
-#                  3 and 8 bits too, and lut_conv at 28x28 and 7x7; lut_mma's and
-#                  lut_frag's memory tables raw in logs/ncu_mma_raw.csv), goal_e2e_cl
+#                  3 and 8 bits too and at M = 16 per tensor in 16- and 32-row blocks,
+#                  and lut_conv at 28x28 and 7x7; lut_mma's and lut_frag's memory tables
+#                  raw in logs/ncu_mma_raw.csv), goal_e2e_cl
 #                  (fp16, 4-bit cuda and auto with the model and input channels-last:
 #                  goal_channels_last/e2e.json). The goal measurements come first: a
 #                  deadline (by count ~580 s for all of it) cuts the last steps.
@@ -338,13 +339,13 @@ run_step ncu_gemv 120 '
   if ! command -v ncu >/dev/null; then echo "ncu not found"; exit 0; fi
   # the full set: stall reasons (sampled per instruction) and the source hot spots too
   ncu --kernel-name "regex:${OTQ_SUITE_NCU_KERNELS:-lut_gemv_kernel|lut_mma_kernel|lut_frag_kernel|lut_conv_kernel}" \
-    --launch-count 26 --set full \
+    --launch-count 30 --set full \
     $PY benchmarks/sweep_splitk.py --ncu-target
   # the lut_mma and lut_frag launches as raw metrics: the units behind the L1 throughput figure (the
   # speed-of-light breakdown) and the memory tables (L1 wavefronts, requests and sectors
   # per access type), which the details page above summarizes away: CSV lines (after the
   # ==PROF== lines of the tool) in logs/ncu_mma_raw.csv
-  ncu --kernel-name "regex:lut_mma_kernel|lut_frag_kernel" --launch-count 14 --section SpeedOfLight \
+  ncu --kernel-name "regex:lut_mma_kernel|lut_frag_kernel" --launch-count 18 --section SpeedOfLight \
     --section MemoryWorkloadAnalysis_Tables --page raw --csv \
     --log-file "$DIR/logs/ncu_mma_raw.csv" $PY benchmarks/sweep_splitk.py --ncu-target'
 

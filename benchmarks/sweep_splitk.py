@@ -8,9 +8,10 @@ is the heuristic's split (and its split-K fix-up kernel) worth it at M = 1.
 ``--tensor-cores`` sweeps lut_mma.cu instead (2-4 bits; ``splitk_mma.json``).
 
 ``--ncu-target`` runs four GEMV configurations at M = 1, the tensor-core kernel at M = 16
-and M = 1 on the canonical planes (lut_mma) and on fragment-order codes (lut_frag), and
-the CUDA conv (lut_conv) at 28x28 and 7x7, each launch twice without timing, for Nsight
-Compute to profile (``ncu --kernel-name regex:"lut_gemv|lut_mma|lut_frag|lut_conv" ...``).
+and M = 1 on the canonical planes (lut_mma) and on fragment-order codes (lut_frag; at
+M = 16 per tensor also in 32-row blocks, lut_frag32), and the CUDA conv (lut_conv) at
+28x28 and 7x7, each launch twice without timing, for Nsight Compute to profile
+(``ncu --kernel-name regex:"lut_gemv|lut_mma|lut_frag|lut_conv" ...``).
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
                    help="run the 8192² GEMV at M = 1 (4 bits both granularities, 2 and 8 "
                         "bits), the tensor-core kernel at M = 16 (4 bits per channel) and "
                         "M = 1 (4 bits per tensor) on canonical and fragment-order codes "
-                        "(and the latter at M = 1 at 2, 3 and 8 bits), then the CUDA conv on "
+                        "(and the latter at M = 1 at 2, 3 and 8 bits, at M = 16 4 bits per "
+                        "tensor in 16- and 32-row blocks), then the CUDA conv on "
                         "the mnist UNet's 3x3 conv at 28x28 and 7x7, untimed, for Nsight "
                         "Compute")
     args = p.parse_args(argv)
@@ -100,6 +102,8 @@ def main(argv=None) -> int:
                             (8192, 8192, 4, "channel", 16, "lut_mma"),
                             (8192, 8192, 4, "tensor", 1, "lut_mma"),
                             (8192, 8192, 4, "channel", 16, "lut_frag"),
+                            (8192, 8192, 4, "tensor", 16, "lut_frag"),
+                            (8192, 8192, 4, "tensor", 16, "lut_frag32"),
                             (8192, 8192, 4, "tensor", 1, "lut_frag"),
                             (8192, 8192, 2, "tensor", 1, "lut_frag"),
                             (8192, 8192, 3, "tensor", 1, "lut_frag"),

@@ -117,10 +117,14 @@ void cuda_lut_linear(uintptr_t x, int dtype, int64_t m, int64_t k, const Ptrs& p
                      uintptr_t codebook, bool per_channel, int64_t n, uintptr_t bias, uintptr_t y,
                      int split_k, uintptr_t workspace, uintptr_t stream, int kernel) {
   check_bits(bits), check_size(m, "m"), check_size(k, "k"), check_size(n, "n");
-  require(kernel >= 0 && kernel <= 2, "kernel must be 0 (gemv), 1 (mma) or 2 (frag)");
-  require(kernel == 0 || (dtype != 0 && (bits <= 4 || (kernel == 2 && bits == 8 && !per_channel))),
+  require(kernel >= 0 && kernel <= 3,
+          "kernel must be 0 (gemv), 1 (mma), 2 (frag) or 3 (frag, 32-row blocks)");
+  const bool frag = kernel >= 2;
+  require(kernel == 0 || (dtype != 0 && (bits <= 4 || (frag && bits == 8 && !per_channel))),
           "the tensor-core kernels need float16/bfloat16 x and bits <= 4 (fragment order: "
           "or 8 bits with one codebook per layer)");
+  require(kernel != 3 || !per_channel || bits <= 3,
+          "32-row blocks take per-channel codebooks at 2 and 3 bits only");
   require(dtype >= 0 && dtype <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16)");
   require(split_k >= 1, "split_k must be >= 1");
   require(split_k == 1 || workspace != 0, "split_k > 1 needs a workspace");
@@ -128,9 +132,14 @@ void cuda_lut_linear(uintptr_t x, int dtype, int64_t m, int64_t k, const Ptrs& p
   check_ptr(x, "x"), check_ptr(codebook, "codebook"), check_ptr(y, "y");
   check_planes(planes, bits);
   auto dev = device_planes(planes);
-  const auto launcher = kernel == 2   ? otq::cuda::lut_linear_frag
-                        : kernel == 1 ? otq::cuda::lut_linear_mma
-                                      : otq::cuda::lut_linear;
+  if (frag) {
+    check_cuda(otq::cuda::lut_linear_frag(
+        as<const void>(x), dtype, m, k, dev.data(), bits, as<const float>(codebook), per_channel,
+        n, as<const void>(bias), as<void>(y), split_k, as<float>(workspace),
+        kernel == 3 ? 32 : 16, as<void>(stream)));
+    return;
+  }
+  const auto launcher = kernel == 1 ? otq::cuda::lut_linear_mma : otq::cuda::lut_linear;
   check_cuda(launcher(as<const void>(x), dtype, m, k, dev.data(), bits, as<const float>(codebook),
                       per_channel, n, as<const void>(bias), as<void>(y), split_k,
                       as<float>(workspace), as<void>(stream)));
@@ -225,7 +234,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "workspace"_a, "stream"_a, "kernel"_a = 0,
         "LUT GEMV (dtype 0 f32, 1 f16, 2 bf16), fp32 accumulation; kernel 1: the mma "
         "kernel (f16/bf16, bits <= 4), 2: the same on fragment-order planes (also 8 bits "
-        "per layer).");
+        "per layer), 3: kernel 2 with 32-row blocks (per-channel codebooks: 2-3 bits).");
   m.def("cuda_lut_conv2d", &cuda_lut_conv2d, "x"_a, "dtype"_a, "sizes"_a, "params"_a,
         "planes"_a, "bits"_a, "codebook"_a, "per_channel"_a, "bias"_a, "y"_a, "y_nchw"_a,
         "split_k"_a, "workspace"_a, "stream"_a,

@@ -108,11 +108,11 @@ def test_tensor_core_choice_from_rows():
 
 def _cuda_rows(times: dict, bits: int = 4) -> list[dict]:
     """Rows of one (shape, bits, granularity): {M: {path: p50 µs}}, paths dequant,
-    triton (auto), gemm, gemm_tile, lut_gemv, lut_mma and lut_frag."""
+    triton (auto), gemm, gemm_tile, lut_gemv, lut_mma, lut_frag and lut_frag32."""
     kernels = {"dequant": ("dequant", "cublas"), "triton": ("triton", "auto"),
                "gemm": ("triton", "gemm"), "gemm_tile": ("triton", "gemm_tile"),
                "lut_gemv": ("cuda", "lut_gemv"), "lut_mma": ("cuda", "lut_mma"),
-               "lut_frag": ("cuda", "lut_frag")}
+               "lut_frag": ("cuda", "lut_frag"), "lut_frag32": ("cuda", "lut_frag32")}
     return [{"M": m, "shape": "8x8", "bits": bits, "granularity": "channel",
              "backend": kernels[path][0], "kernel": kernels[path][1], "p50_us": t}
             for m, paths in times.items() for path, t in paths.items()]
@@ -215,6 +215,41 @@ def test_fragment_layout_choice():
     assert values == {"cuda_max_m": 16, "cuda_gemv_max_m": 1, "cuda_tensor_cores": True,
                       "cuda_mma_fragment": False}
     assert evidence["cuda_tensor_cores"] == {"1": 0.6, "16": 4.0}
+
+
+def test_frag_32_row_blocks_choice():
+    """lut_frag32 loses at M = 1 and wins from M = 8 on: 32-row blocks from M = 8, and
+    lut_frag's times there are lut_frag32's (so lut_frag beats lut_mma at M = 16 only
+    through them); a win at M = 1 alone, below a loss, sets nothing; configurations
+    without lut_frag32 rows (per-channel 4 bits) keep lut_frag's own times."""
+    linear = _load("bench_linear")
+    times = {1: {"dequant": 100.0, "lut_gemv": 30.0, "lut_mma": 50.0, "lut_frag": 25.0,
+                 "lut_frag32": 40.0},
+             8: {"dequant": 100.0, "lut_gemv": 80.0, "lut_mma": 45.0, "lut_frag": 45.0,
+                 "lut_frag32": 30.0},
+             16: {"dequant": 100.0, "lut_gemv": 160.0, "lut_mma": 40.0, "lut_frag": 50.0,
+                  "lut_frag32": 20.0}}
+    values, evidence = linear.derive_crossovers(_cuda_rows(times))
+    assert values["cuda_frag_32_rows_min_m"] == 8
+    assert evidence["cuda_frag_32_rows"] == {"1": 0.625, "8": 1.5, "16": 2.5}
+    # lut_frag against lut_mma on lut_frag32's times from M = 8: 2.0, 1.5, 2.0
+    assert evidence["cuda_mma_fragment"] == {"1": 2.0, "8": 1.5, "16": 2.0}
+    assert values["cuda_mma_fragment"] is True
+    times[8]["lut_frag32"] = 50.0
+    values, evidence = linear.derive_crossovers(_cuda_rows(times))
+    assert values["cuda_frag_32_rows_min_m"] == 16
+    times[16]["lut_frag32"] = 60.0
+    times[1]["lut_frag32"] = 20.0
+    values, evidence = linear.derive_crossovers(_cuda_rows(times))
+    assert "cuda_frag_32_rows_min_m" not in values
+    assert evidence["cuda_frag_32_rows"] == {"1": 1.25, "8": 0.9, "16": 0.833}
+    assert evidence["cuda_mma_fragment"] == {"1": 2.0, "8": 1.0, "16": 0.8}
+    without_frag32 = {16: {"lut_mma": 40.0, "lut_frag": 50.0}}  # e.g. 4 bits per channel
+    times[16]["lut_frag32"] = 20.0
+    times[8]["lut_frag32"] = 30.0
+    rows = _cuda_rows(times) + [dict(r, granularity="tensor") for r in _cuda_rows(without_frag32)]
+    _, evidence = linear.derive_crossovers(rows)
+    assert evidence["cuda_mma_fragment"]["16"] == 1.265  # geomean of 2.0 and 0.8
 
 
 def test_large_m_triton_band():
@@ -388,11 +423,18 @@ def test_tensor_core_kernel_is_timed_only_where_it_runs():
         assert not applies(torch.float16, 8, "channel")
     assert linear.LIMITED["lut_frag"][1](torch.float16, 8, "tensor")
     assert not linear.LIMITED["lut_mma"][1](torch.float16, 8, "tensor")
+    wide = linear.LIMITED["lut_frag32"][1]  # cuda.wide_blocks_support's codes, fp16/bf16
+    assert [wide(torch.float16, b, "tensor") for b in (2, 3, 4, 5, 8)] == [
+        True, True, True, False, True]
+    assert [wide(torch.bfloat16, b, "channel") for b in (2, 3, 4, 8)] == [
+        True, True, False, False]
+    assert not wide(torch.float32, 2, "tensor")
     common = _load("common")
     run = common.Run.__new__(common.Run)
     run.device = torch.device("cpu")
     kernels = [(b, k) for b, k, *_ in linear.candidates(run, ["cuda"])]
-    assert kernels == [("cuda", "lut_gemv"), ("cuda", "lut_mma"), ("cuda", "lut_frag")]
+    assert kernels == [("cuda", "lut_gemv"), ("cuda", "lut_mma"), ("cuda", "lut_frag"),
+                       ("cuda", "lut_frag32")]
 
 
 def test_peak_memory_is_measured_on_a_warmed_up_step(monkeypatch):
@@ -583,7 +625,8 @@ def test_digest_summarizes_split_k_sweeps(tmp_path, capsys):
 
 
 def test_digest_compares_lut_frag_with_lut_mma(tmp_path, capsys):
-    """Per bit width and M, the geometric mean of t_lut_mma / t_lut_frag."""
+    """Per bit width and M, the geometric mean of t_lut_mma / t_lut_frag, and of
+    t_lut_frag / t_lut_frag32."""
     def row(kernel, shape, gran, us, m=1):
         return {"backend": "cuda", "kernel": kernel, "M": m, "shape": shape, "bits": 2,
                 "granularity": gran, "p50_us": us}
@@ -591,12 +634,14 @@ def test_digest_compares_lut_frag_with_lut_mma(tmp_path, capsys):
     rows = [row("lut_mma", "a", "channel", 20.0), row("lut_frag", "a", "channel", 10.0),
             row("lut_mma", "b", "tensor", 20.0), row("lut_frag", "b", "tensor", 40.0),
             row("lut_gemv", "a", "channel", 5.0), row("lut_mma", "a", "channel", 30.0, 16),
+            row("lut_frag", "a", "channel", 30.0, 16), row("lut_frag32", "a", "channel", 20.0, 16),
             {"backend": "fp16", "kernel": "cublas", "M": 1, "shape": "a", "p50_us": 50.0}]
     (tmp_path / "goal_graph").mkdir()
     (tmp_path / "goal_graph" / "linear.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     assert _load("digest").main([str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert "   lut_frag vs lut_mma b2: M1 x1.00" in out  # sqrt(2 * 0.5); M16 has no pair
+    assert "   lut_frag vs lut_mma b2: M1 x1.00 | M16 x1.00" in out  # sqrt(2 * 0.5)
+    assert "   lut_frag32 vs lut_frag b2: M16 x1.50" in out
 
 
 def test_expand_times_the_dequant_kernel_alone(tmp_path, capsys):

@@ -306,6 +306,33 @@ def test_fragment_layout_follows_tuning_table(monkeypatch):
     assert cuda.use_fragment_layout(torch.device("cpu")) is False
 
 
+def test_fragment_block_rows_follow_tuning_table(monkeypatch):
+    """lut_frag runs 32-row blocks from the entry's cuda_frag_32_rows_min_m (absent: never;
+    the shipped table has none: untimed), only on the codes they take; explicit values
+    are checked."""
+    from otq_kernels.backends import _device, cuda
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
+    assert "cuda_frag_32_rows_min_m" not in ops.tuning_table("some unknown GPU")["linear"]
+    assert [cuda.tuned_block_rows(gpu, m, 4, False) for m in (1, 16, 1024)] == [16, 16, 16]
+    monkeypatch.setattr(ops, "tuning_table", lambda name: {
+        "linear": {"cuda_frag_32_rows_min_m": 9}})
+    assert [cuda.tuned_block_rows(gpu, m, 4, False) for m in (1, 8, 9, 16, 64)] == [
+        16, 16, 32, 32, 32]
+    assert [cuda.tuned_block_rows(gpu, 16, b, True) for b in (2, 3, 4)] == [32, 32, 16]
+    assert cuda.tuned_block_rows(torch.device("cpu"), 16, 4, False) == 16
+    check = cuda._checked_block_rows
+    assert check(None, True, gpu, 16, 8, False) == 32
+    assert check(None, False, gpu, 16, 4, False) == 16  # not lut_frag: its blocks stay
+    assert check(16, True, gpu, 16, 4, False) == 16
+    for args, match in (((32, True, gpu, 1, 4, True), "2 and 3 bits"),
+                        ((32, False, gpu, 1, 4, False), "fragment"),
+                        ((8, True, gpu, 1, 4, False), "16 or 32")):
+        with pytest.raises(ValueError, match=match):
+            check(*args)
+
+
 @pytest.mark.parametrize("entry, want", [
     ({"cuda_tensor_cores": True, "cuda_gemv_max_m": 1}, [False, True, True]),
     ({"cuda_tensor_cores": True}, [True, True, True]),  # no cuda_gemv_max_m: 0
@@ -356,6 +383,15 @@ def test_split_k_heuristic(n, k, want):
     from otq_kernels.backends import cuda
 
     assert cuda.split_k_for(n, k, 132) == want
+
+
+def test_split_k_heuristic_counts_32_row_blocks():
+    """lut_frag's 32-row blocks halve the block count: 8192 rows are 256 blocks, under
+    2 per SM of 132, so K splits in 2."""
+    from otq_kernels.backends import cuda
+
+    assert cuda.split_k_for(8192, 8192, 132, rows_per_block=32) == 2
+    assert cuda.split_k_for(14336, 4096, 132, rows_per_block=32) == 1
 
 
 def test_cuda_kernel_choice_from_a_tuning_file(tmp_path, monkeypatch):

@@ -41,11 +41,13 @@ constexpr int kFragSpanColumns = 128;
 // row block b and span s holds, in its 2w words (q per part, parts in order), the 64 codes
 // of rows 16b + g + 8r (r = 0, 1) and columns 128s + 32i + 8t + c (i < 4, c < 8), in the
 // order (r, i, c), w bits each from bit 0 (code 0 past n and k). Same dtypes, bits,
-// workspace and return codes as lut_linear_mma.
+// workspace and return codes as lut_linear_mma. block_rows: weight rows per thread block,
+// 16, or 32 (each warp's x fragments serve two row blocks; per-layer codebooks, or
+// per-channel ones at 2 and 3 bits only).
 int lut_linear_frag(const void* x, int dtype, int64_t m, int64_t k,
                     const uint32_t* const* planes, int bits, const float* codebook,
                     bool per_channel, int64_t n, const void* bias, void* y, int split_k,
-                    float* workspace, void* stream);
+                    float* workspace, int block_rows, void* stream);
 
 // A 2-D convolution's sizes (groups = 1): x [batch, c, h, w], weight [n, c, kh, kw].
 struct ConvShape {

@@ -34,7 +34,7 @@ constexpr int kPlanes = plane_spec(BITS).count;
 // Table words: one copy of every entry per lane, per layer or (per channel) for each of
 // the lane's two A rows: [r][entry][lane], lane-major so that any 32 look-ups hit 32 banks.
 template <int BITS>
-constexpr int table_words(bool per_channel) {
+OTQ_HD constexpr int table_words(bool per_channel) {
   return kEntries<BITS> * kWarpSize * (per_channel ? 2 : 1);
 }
 
@@ -185,6 +185,7 @@ template <typename T, int BITS, bool PER_CHANNEL, int NT>
 struct LaneMma {
   SharedAddr lane_table[2];  // entry e of A row r: the word at lane_table[r] + e * 128
 
+  LaneMma() = default;
   __device__ __forceinline__ explicit LaneMma(const uint32_t* table_) {
     const int lane = threadIdx.x % kWarpSize;
 #pragma unroll
@@ -213,6 +214,7 @@ template <typename T, bool PER_CHANNEL, int NT>
 struct RegisterLutMma {
   uint32_t book[2][2];
 
+  RegisterLutMma() = default;
   __device__ __forceinline__ RegisterLutMma(const float* __restrict__ codebook,
                                             int64_t block_row, int64_t n) {
     const int g = threadIdx.x % kWarpSize / 4;
@@ -388,17 +390,18 @@ __device__ __forceinline__ void store_block_sums(float* sums, const float (&d)[N
 
 // The launches of a linear tile kernel (lut_mma.cu, lut_frag.cu) for dispatch_gemv: M in
 // chunks of kMmaMaxM rows, kernel_of(rows) the kernel for a chunk (one or two n-tiles),
-// shared memory for table_words words of tables or the epilogue's sums, K split in units
-// of split_unit groups (the kernel is passed groups_per_split / split_unit), fixed up.
+// blocks of rows_per_block weight rows, shared memory for table_words words of tables or
+// the epilogue's sums, K split in units of split_unit groups (the kernel is passed
+// groups_per_split / split_unit), fixed up.
 template <typename T, typename KernelOf>
 int launch_tile_kernel(const GemvArgs& a, int table_words, KernelOf kernel_of,
-                       int split_unit = 1) {
+                       int split_unit = 1, int rows_per_block = kTileRows) {
   const int sum_words = kThreads * 4 * kMaxTiles;
   const size_t smem = sizeof(uint32_t) * (table_words > sum_words ? table_words : sum_words);
   const T* x = a.x_as<T>();
   const bool vec_x = a.k % kLaneColumns == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   return launch_in_m_chunks<T>(
-      a, kTileRows, kMmaMaxM,
+      a, rows_per_block, kMmaMaxM,
       [&](dim3 grid, int64_t groups_per_split, int64_t m0, int rows, float* partial) {
         const auto kernel = kernel_of(rows);
         const cudaError_t err = allow_dynamic_smem(kernel, smem);

@@ -5,7 +5,9 @@
   tensor-core kernel (chunks of ``MMA_MAX_M``) where the GPU's tuning entry says so, on
   the canonical planes or on the codes in fragment order (:func:`fragment_planes`, built
   once per layer and cached; only ``fragment=True`` or a tuning entry's
-  ``cuda_mma_fragment`` selects it: it has not been timed on a GPU yet).
+  ``cuda_mma_fragment`` selects it: it has not been timed on a GPU yet), in blocks of 16
+  weight rows or of 32 (``block_rows=32`` or the tuning entry's ``cuda_frag_32_rows_min_m``;
+  untimed too).
 - ``conv2d`` (groups = 1, fp16/bf16 x, 2-4 bits): implicit GEMM on tensor cores over the
   weight's codes re-packed tap-major (:func:`tap_major_planes`, built once per layer and
   cached) and channels-last x. Only ``backend="cuda"`` or a tuning entry's
@@ -51,7 +53,8 @@ CONV_PIXELS_PER_BLOCK = (16, 64)  # output pixels per conv block: <= 16 of them,
 CONV_MIN_GROUPS_PER_SPLIT = 8     # two per warp
 FRAG_SPAN = 128         # columns per span of the fragment-order codes (kFragSpanColumns)
 LAYOUT_CHUNK_CODES = 1 << 22  # codes per step of a runtime layout build (_row_chunks)
-LINEAR_KERNELS = {"gemv": 0, "mma": 1, "frag": 2}  # the binding's `kernel` codes
+LINEAR_KERNELS = {"gemv": 0, "mma": 1, "frag": 2, "frag32": 3}  # the binding's `kernel` codes
+FRAG_BLOCK_ROWS = (16, 32)  # weight rows per block of lut_frag.cu
 
 
 def unavailable(device) -> str | None:
@@ -130,24 +133,61 @@ def use_fragment_layout(device: torch.device) -> bool:
     return tuning_flag(device, "linear", "cuda_mma_fragment")
 
 
-def split_k_for(n: int, k: int, sms: int) -> int:
-    """Split-K factor for N rows of K (both CUDA kernels): at least ``BLOCKS_PER_SM``
-    blocks per SM, >= 32 groups per warp slice.
+def wide_blocks_support(bits: int, per_channel: bool) -> bool:
+    """Whether lut_frag.cu runs blocks of 32 weight rows on these codes: with a per-layer
+    codebook, or per channel at 2 and 3 bits (two row blocks' 4-bit tables, 128 KB, would
+    leave one block per SM)."""
+    return not per_channel or bits <= 3
+
+
+def tuned_block_rows(device: torch.device, m: int, bits: int, per_channel: bool) -> int:
+    """lut_frag's weight rows per block for x of M rows: 32 where the GPU's tuning entry
+    lists ``cuda_frag_32_rows_min_m`` <= M and :func:`wide_blocks_support`, else 16."""
+    from ..ops import _tuning_entry  # ops imports the backends
+
+    min_m = _tuning_entry(device, "linear", "cuda_frag_32_rows_min_m", None)
+    wide = min_m is not None and m >= int(min_m) and wide_blocks_support(bits, per_channel)
+    return 32 if wide else 16
+
+
+def split_k_for(n: int, k: int, sms: int, rows_per_block: int = ROWS_PER_BLOCK) -> int:
+    """Split-K factor for N rows of K (every CUDA linear kernel; blocks of
+    ``rows_per_block`` weight rows): at least ``BLOCKS_PER_SM`` blocks per SM, >= 32 groups
+    per warp slice.
 
     >>> split_k_for(16, 32 * 32 * 8, 132)
     8
     >>> split_k_for(8192, 8192, 132)
     1
+    >>> split_k_for(8192, 8192, 132, rows_per_block=32)
+    2
     """
-    blocks = -(-n // ROWS_PER_BLOCK)
+    blocks = -(-n // rows_per_block)
     groups = padded_k(k) // GROUP
     want = -(-BLOCKS_PER_SM * sms // blocks)
     return max(1, min(want, groups // 32, MAX_SPLIT_K))
 
 
+def _checked_block_rows(block_rows: int | None, fragment: bool, device: torch.device, m: int,
+                        bits: int, per_channel: bool) -> int:
+    """The weight rows per block of the launch (16 off lut_frag), checked."""
+    if block_rows is not None and block_rows not in FRAG_BLOCK_ROWS:
+        raise ValueError(f"block_rows must be 16 or 32, got {block_rows!r}")
+    if not fragment:
+        if block_rows == 32:
+            raise ValueError("block_rows=32 needs the fragment-order kernel (fragment=True)")
+        return ROWS_PER_BLOCK
+    if block_rows is None:
+        return tuned_block_rows(device, m, bits, per_channel)
+    if block_rows == 32 and not wide_blocks_support(bits, per_channel):
+        raise ValueError(f"block_rows=32 takes per-channel codebooks at 2 and 3 bits only, "
+                         f"got {bits} bits per channel")
+    return block_rows
+
+
 def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
            split_k: int | None = None, tensor_cores: bool | None = None,
-           fragment: bool | None = None) -> torch.Tensor:
+           fragment: bool | None = None, block_rows: int | None = None) -> torch.Tensor:
     """y = x @ W^T + bias. x [M, K] fp16/bf16/fp32 on CUDA -> [M, N] in x.dtype.
 
     split_k: force a split-K factor (None = heuristic from the SM count).
@@ -158,6 +198,8 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     codes in fragment order (csrc/cuda/lut_frag.cu, :func:`fragment_planes`), which also
     runs 8-bit codes with a per-tensor codebook (:func:`fragment_supports`); None =
     :func:`use_fragment_layout` at 2-4 bits, True at 8 bits (their only tensor-core kernel).
+    block_rows: lut_frag's weight rows per block, 16 or 32 (each warp's x fragments then
+    serve two row blocks; :func:`wide_blocks_support`); None = :func:`tuned_block_rows`.
     """
     _require_cuda(x, "x")
     dev = x.device
@@ -184,13 +226,14 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         raise ValueError(f"tensor_cores needs float16/bfloat16 x and bits <= "
                          f"{MMA_MAX_BITS}, got {x.dtype} and bits={qt.bits}")
     m, n, k = x.shape[0], qt.n, qt.k
+    block_rows = _checked_block_rows(block_rows, fragment, dev, m, qt.bits, per_channel)
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     if m == 0:
         return y
     b = _checked_bias(bias, n, x.dtype, dev)
     with torch.cuda.device(dev):
         if split_k is None:
-            split_k = split_k_for(n, k, _device.sm_count(dev))
+            split_k = split_k_for(n, k, _device.sm_count(dev), block_rows)
         if not isinstance(split_k, int) or split_k < 1:
             raise ValueError(f"split_k must be a positive int, got {split_k!r}")
         split_k = min(split_k, padded_k(k) // GROUP)  # no empty splits: smaller workspace
@@ -200,7 +243,8 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         xa = aligned(x)
         if fragment:
             planes = fragment_planes(qt)
-        kernel = LINEAR_KERNELS["frag" if fragment else "mma" if tensor_cores else "gemv"]
+        kernel = LINEAR_KERNELS["frag32" if block_rows == 32 else "frag" if fragment
+                                else "mma" if tensor_cores else "gemv"]
         native(require_cuda=True).cuda_lut_linear(
             xa.data_ptr(), DTYPE_CODES[x.dtype], m, k, [p.data_ptr() for p in planes], qt.bits,
             book.data_ptr(), per_channel, n, 0 if b is None else b.data_ptr(), y.data_ptr(),

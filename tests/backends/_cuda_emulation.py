@@ -95,12 +95,12 @@ class Emulated:
 
     def linear(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
                split_k: int = 1, tensor_cores: bool = False,
-               fragment: bool = False) -> torch.Tensor:
+               fragment: bool = False, block_rows: int = 16) -> torch.Tensor:
         """x [M, K] -> [M, N] in x.dtype, buffers sized exactly as the cuda backend's.
 
         tensor_cores: the mma kernel (lut_mma.cu) instead of the LUT GEMV (lut_gemv.cu);
         fragment: the same on the codes in fragment order (lut_frag.cu), built by the cuda
-        backend's fragment_planes.
+        backend's fragment_planes, in blocks of ``block_rows`` (16 or 32) weight rows.
         """
         m, n, k = x.shape[0], qt.n, qt.k
         split_k = min(split_k, padded_k(k) // 32)
@@ -117,10 +117,11 @@ class Emulated:
         f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
                       ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_bool,
                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                      ctypes.c_void_p]
+                      ctypes.c_void_p] + ([ctypes.c_int] if fragment else [])
         self._check(f(x.data_ptr(), DTYPE_CODES[x.dtype], m, k, _ptrs(planes), qt.bits,
                       book.data_ptr(), per_channel, n, None if b is None else b.data_ptr(),
-                      y.data_ptr(), split_k, None if ws is None else ws.data_ptr()))
+                      y.data_ptr(), split_k, None if ws is None else ws.data_ptr(),
+                      *([block_rows] if fragment else [])))
         return y
 
     def conv2d(self, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
@@ -244,6 +245,15 @@ def run_sample(emu: Emulated) -> None:
     y = emu.linear(x, qt8, None, 2, fragment=True)
     torch.testing.assert_close(y.float(), reference.linear(x.float(), qt8, None),
                                rtol=1e-2, atol=1e-2)
+    # 32-row blocks: 3-bit per-channel tables of both row blocks in shared memory (the
+    # second block's second row block lies past the layout's 3) and 8-bit codes loaded one
+    # span ahead, split 2
+    for bits, granularity, split_k in ((3, "channel", 1), (8, "tensor", 2)):
+        qt = otq.fit_codebook(torch.randn(40, 1104, generator=gen), bits=bits,
+                              granularity=granularity, backend="reference")
+        y = emu.linear(x, qt, None, split_k, fragment=True, block_rows=32)
+        torch.testing.assert_close(y.float(), reference.linear(x.float(), qt, None),
+                                   rtol=1e-2, atol=1e-2)
     # one activation row over 35 groups: the GEMV's load-ahead crosses steps
     qt = otq.fit_codebook(torch.randn(20, 1100, generator=gen), bits=4, backend="reference")
     x = torch.randn(1, 1100, generator=gen).half()
@@ -273,5 +283,6 @@ if __name__ == "__main__":
     import sys
 
     sanitizer, out_dir = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)  # TSan cannot see torch's OpenMP barriers: it reports races there
     run_sample(Emulated(build(out_dir, sanitize=sanitizer)))
     print("sample ok")

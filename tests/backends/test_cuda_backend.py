@@ -40,11 +40,11 @@ def rel_err(y: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def check_linear(cuda, m, n, k, bits, granularity, dtype, with_bias, split_k=None,
-                 tensor_cores=False, fragment=False):
+                 tensor_cores=False, fragment=False, block_rows=None):
     """Within 2x the reference's own error in ``dtype`` (vs float64), plus one roundoff."""
     qt = make_qt(n, k, bits, granularity, seed=bits * 1000 + n + k)
     check_linear_qt(cuda, qt, m, dtype, with_bias, split_k, seed=m, tensor_cores=tensor_cores,
-                    fragment=fragment)
+                    fragment=fragment, block_rows=block_rows)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -103,6 +103,35 @@ def test_fragment_kernel_eight_bits_per_tensor(cuda_backend, dtype):
     torch.testing.assert_close(  # tensor_cores alone: 8 bits take lut_frag
         cuda_backend.linear(x, qt, None, tensor_cores=True),
         cuda_backend.linear(x, qt, None, tensor_cores=True, fragment=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,granularity", [(2, "tensor"), (2, "channel"), (3, "tensor"),
+                                              (3, "channel"), (4, "tensor"), (8, "tensor")],
+                         ids=str)
+def test_fragment_kernel_32_row_blocks(cuda_backend, bits, granularity, dtype):
+    """lut_frag.cu in blocks of 32 weight rows (two row blocks per warp sharing x): a
+    partial second row block (33, 40 rows), K tails, splits, long K, M 1..20, and a
+    2048 x 8192 layer; the codes it does not take are refused with a clear error."""
+    for m, n, k, split_k in ((1, 33, 127, None), (3, 16, 4096, None), (9, 257, 300, 3),
+                             (20, 40, 512, None), (16, 70, 5000, 1), (5, 40, 5000, 2)):
+        check_linear(cuda_backend, m, n, k, bits, granularity, dtype, True, split_k,
+                     fragment=True, block_rows=32)
+    if dtype == torch.float16:  # 64 blocks of 32 rows, 64 spans: the heuristic's split
+        qt = random_qt(2048, 8192, bits, granularity, seed=bits)
+        check_linear_qt(cuda_backend, qt, 16, dtype, True, fragment=True, block_rows=32)
+
+
+def test_fragment_kernel_32_row_blocks_refusals(cuda_backend):
+    with pytest.raises(ValueError, match="2 and 3 bits"):
+        check_linear(cuda_backend, 1, 40, 64, 4, "channel", torch.float16, False,
+                     fragment=True, block_rows=32)
+    with pytest.raises(ValueError, match="fragment"):
+        check_linear(cuda_backend, 1, 40, 64, 4, "tensor", torch.float16, False,
+                     tensor_cores=True, block_rows=32)
+    with pytest.raises(ValueError, match="16 or 32"):
+        check_linear(cuda_backend, 1, 40, 64, 4, "tensor", torch.float16, False,
+                     fragment=True, block_rows=64)
 
 
 def test_fragment_layout_follows_weight_changes(cuda_backend):
@@ -228,11 +257,12 @@ def random_qt(n: int, k: int, bits: int, granularity: str, seed: int = 0):
 
 
 def check_linear_qt(cuda, qt, m, dtype, with_bias, split_k=None, seed=0, tensor_cores=False,
-                    fragment=False):
+                    fragment=False, block_rows=None):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, qt.k, generator=gen).to("cuda", dtype)
     bias = torch.randn(qt.n, generator=gen).to("cuda", dtype) if with_bias else None
-    y = cuda.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores, fragment=fragment)
+    y = cuda.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores, fragment=fragment,
+                    block_rows=block_rows)
     assert y.dtype == dtype and y.shape == (m, qt.n)
     truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
     ref_err = rel_err(reference.linear(x, qt, bias), truth)

@@ -36,11 +36,12 @@ def emulated() -> Emulated:
 
 
 def check_linear(emu, m, n, k, bits, granularity, dtype, with_bias, split_k=1, x=None,
-                 tensor_cores=False, fragment=False):
+                 tensor_cores=False, fragment=False, block_rows=16):
     qt = make_qt((n, k), bits, granularity, "cpu", seed=bits * 100 + n + k)
     x = randn((m, k), "cpu", dtype, seed=m) if x is None else x
     bias = randn((n,), "cpu", dtype, seed=n) if with_bias else None
-    y = emu.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores, fragment=fragment)
+    y = emu.linear(x, qt, bias, split_k=split_k, tensor_cores=tensor_cores, fragment=fragment,
+                   block_rows=block_rows)
     truth = reference.linear(x.double(), qt, None if bias is None else bias.double())
     assert_matches_reference(y, reference.linear(x, qt, bias), truth, dtype)
 
@@ -208,6 +209,58 @@ def test_frag_unaligned_activations(emulated, bits):
     check_linear(emulated, 3, 17, 256, bits, "channel", torch.float16, True, x=x,
                  fragment=True)
     check_linear(emulated, 3, 17, 4100, bits, "tensor", torch.float16, True, fragment=True)
+
+
+# The codes 32-row blocks take (cuda.wide_blocks_support): (bits, granularity).
+WIDE_CODES = [(2, "tensor"), (2, "channel"), (3, "tensor"), (3, "channel"), (4, "tensor"),
+              (8, "tensor")]
+
+
+@pytest.mark.parametrize("dtype", MMA_DTYPES, ids=str)
+@pytest.mark.parametrize("bits,granularity", WIDE_CODES, ids=str)
+@pytest.mark.parametrize("m,n", [(3, 21), (16, 40), (9, 64)])
+def test_frag_32_row_blocks(emulated, m, n, bits, granularity, dtype):
+    """Blocks of two 16-row blocks, each warp's x fragments serving both: 21 rows = one
+    block whose second row block is partial; 40 rows = 3 row blocks, so the second block's
+    second row block lies past the layout (it reads the last one and stores nothing);
+    64 rows = two whole blocks; one and two n-tiles; per-channel tables of both row blocks
+    (3 bits) or register tables (2 bits)."""
+    check_linear(emulated, m, n, 100, bits, granularity, dtype, True, fragment=True,
+                 block_rows=32)
+
+
+@pytest.mark.parametrize("bits,granularity", WIDE_CODES, ids=str)
+@pytest.mark.parametrize("m,k,split_k", [(1, 5000, 1), (16, 5000, 2), (20, 4100, 3)])
+def test_frag_32_row_blocks_long_k_and_splits(emulated, m, k, split_k, bits, granularity):
+    """Long K with 32-row blocks: words loaded 1 (4 and 8 bits) or 2 spans ahead per
+    warp, x one span ahead, the masked last span; splits on span boundaries; M > 16 in
+    launches of 16 (the last with one n-tile)."""
+    check_linear(emulated, m, 33, k, bits, granularity, torch.float16, True, split_k=split_k,
+                 fragment=True, block_rows=32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_frag_32_row_blocks_unaligned_activations(emulated, bits):
+    """x not 16-byte aligned: every span takes the masked pair loads."""
+    x = randn((3, 257), "cpu", torch.float16)[:, 1:]
+    assert x.data_ptr() % 16
+    check_linear(emulated, 3, 40, 256, bits, "tensor", torch.float16, True, x=x,
+                 fragment=True, block_rows=32)
+
+
+@pytest.mark.parametrize("bits,granularity,block_rows", [(4, "channel", 32), (8, "tensor", 32),
+                                                        (2, "tensor", 24)], ids=str)
+def test_frag_rejects_block_rows_it_cannot_run(emulated, bits, granularity, block_rows):
+    """Per-channel 4-bit codes have no 32-row blocks; 8-bit ones do only per tensor (this
+    is per tensor: it runs); other row counts are refused."""
+    qt = make_qt((4, 40), bits, granularity, "cpu")
+    x = torch.randn(1, 40).half()
+    if bits == 8:
+        y = emulated.linear(x, qt, None, fragment=True, block_rows=block_rows)
+        assert torch.isfinite(y).all()
+        return
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        emulated.linear(x, qt, None, fragment=True, block_rows=block_rows)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -26,9 +26,9 @@ int otq_emu_lut_linear_mma(const void* x, int dtype, int64_t m, int64_t k,
 int otq_emu_lut_linear_frag(const void* x, int dtype, int64_t m, int64_t k,
                             const uint32_t* const* planes, int bits, const float* codebook,
                             bool per_channel, int64_t n, const void* bias, void* y,
-                            int split_k, float* workspace) {
+                            int split_k, float* workspace, int block_rows) {
   return otq::cuda::lut_linear_frag(x, dtype, m, k, planes, bits, codebook, per_channel, n,
-                                    bias, y, split_k, workspace, nullptr);
+                                    bias, y, split_k, workspace, block_rows, nullptr);
 }
 
 int otq_emu_lut_conv2d(const void* x, int dtype, const int64_t* sizes, const int* params,
