@@ -8,7 +8,9 @@ input resolution, stride, padding) at batch 1 / 8 / 64. Paths:
   tensors (``ratio_best`` uses the faster of the two);
 - ``dequant``: transient dense weight, then cuDNN (the dequantized baseline);
 - ``cuda`` / ``lut_conv``: the CUDA implicit-GEMM conv on tensor cores (csrc/cuda/
-  lut_conv.cu: pair look-ups of tap-major codes, channels-last x; fp16/bf16, 2-4 bits);
+  lut_conv.cu: pair look-ups of tap-major codes, channels-last x; fp16/bf16, 2-4 bits)
+  on the NCHW input (its channels-last copy included), and ``lut_conv_cl`` on the
+  channels-last input (no copy; y channels-last), the layout ``cudnn_nhwc`` is timed on;
 - ``triton``: the implicit-GEMM conv (weights never expanded in memory); at 4-bit per
   channel also kernel ``implicit_gemm_nosplit`` (channel blocks not split: the effect of
   the split-K heuristic, measured in the same run);
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 DEFAULT_BATCHES = [1, 8, 64]
 NOSPLIT = "implicit_gemm_nosplit"
 NOSPLIT_VARIANT = (4, "channel")  # the only bits/granularity timed without the split
+CHANNELS_LAST = "lut_conv_cl"  # lut_conv timed on channels-last x (no copy)
 
 
 def conv_layers(args) -> tuple[list[dict], str]:
@@ -79,6 +82,8 @@ def candidates(run: common.Run, backends: list[str]) -> list[tuple[str, str, obj
         out.append((name, kernel, reason or fn))
         if name == "triton" and not reason:
             out.append((name, NOSPLIT, _triton_without_split))
+        if name == "cuda" and not reason:  # fn takes the channels-last x (bench_layer)
+            out.append((name, CHANNELS_LAST, fn))
     return out
 
 
@@ -124,6 +129,7 @@ def bench_layer(run, layer, batch, bits, gran, paths, dtype, cache) -> None:
         dense = qt.dequantize(dtype).contiguous()
         gen = torch.Generator(device=run.device).manual_seed(batch)
         x = torch.randn(batch, c, h, w, device=run.device, dtype=dtype, generator=gen)
+        x_cl = x.to(memory_format=torch.channels_last)
         size = dense.element_size()
         act_bytes = (x.numel() + batch * n * oh * ow) * size
         time_dense(run, (shape, batch), x, dense, stride, padding, fields, act_bytes, cache)
@@ -142,9 +148,11 @@ def bench_layer(run, layer, batch, bits, gran, paths, dtype, cache) -> None:
             continue
         if run.meta["fatal_error"]:
             break
+        xin = x_cl if kernel == CHANNELS_LAST else x
         try:
-            err = common.rel_error(fn(x, qt, stride, padding), y_ref)
-            timing = run.time(lambda fn=fn: fn(x, qt, stride, padding), graph=run.args.graph)
+            err = common.rel_error(fn(xin, qt, stride, padding), y_ref)
+            timing = run.time(lambda fn=fn, xin=xin: fn(xin, qt, stride, padding),
+                              graph=run.args.graph)
         except Exception as exc:  # noqa: BLE001
             run.error(exc, **row)
             continue
@@ -171,10 +179,13 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
     (dispatch tries cuda first), at every measured M.
 
     Rows are grouped by M; a group wins when the geometric mean of the speedups over its
-    layers, bits and granularities exceeds 1. A path without rows gets no entry.
+    layers, bits and granularities exceeds 1. A path without rows gets no entry. Every
+    path is judged on the NCHW input (lut_conv with its copy; not lut_conv_cl): the
+    layout of the UNet as built.
     """
     times = common.times_by_config(rows, lambda r: r["backend"] if r.get("backend") in (
-        "dequant", "triton", "cuda") and r.get("kernel") != NOSPLIT else None)
+        "dequant", "triton", "cuda") and r.get("kernel") not in (NOSPLIT, CHANNELS_LAST)
+        else None)
     for t in times.values():
         if "dequant" in t:
             t["rival"] = min(t["dequant"], t.get("triton", t["dequant"]))

@@ -10,8 +10,9 @@ appends it to summary.txt):
   over lut_mma, and lut_frag32's over lut_frag, at each M (geometric mean over shapes
   and granularities); the dequant
   path's expansion kernel alone where timed (``--expand``), on both grids;
-- conv: per (bits, granularity, batch) the geometric mean over layers of the Triton and
-  dequant ratios (vs the faster dense cuDNN layout), plus every layer at 4 bits/channel;
+- conv: per (bits, granularity, batch) the geometric mean over layers of the CUDA (on
+  NCHW x, and ``cuda_cl`` on channels-last x), Triton and dequant ratios (vs the faster
+  dense cuDNN layout), plus every layer at 4 bits/channel;
 - e2e: per variant and batch, step time, ratio and peak-memory ratio, eager and graph,
   and the velocity's error vs the dense model / vs dequant;
 - fit: ms per whole-model pass per backend (ot); checks: ok or not;
@@ -144,12 +145,13 @@ def kernel_pair(rows: list[dict], old: str, new: str) -> None:
 def conv(payload: dict) -> None:
     rows = [r for r in payload.get("rows", []) if r.get("p50_us")]
     groups: dict[tuple, dict[str, list[float]]] = {}
-    paths = ("cuda", "triton", "dequant")
+    paths = ("cuda", "cuda_cl", "triton", "dequant")
     for r in rows:
-        if (r["backend"] in paths and r.get("ratio_best")
+        path = "cuda_cl" if r.get("kernel") == "lut_conv_cl" else r["backend"]
+        if (path in paths and r.get("ratio_best")
                 and r.get("kernel") != "implicit_gemm_nosplit"):
             key = (r["bits"], r["granularity"], r["batch"])
-            groups.setdefault(key, {}).setdefault(r["backend"], []).append(r["ratio_best"])
+            groups.setdefault(key, {}).setdefault(path, []).append(r["ratio_best"])
     for (bits, gran, batch), ratios in groups.items():
         means = ", ".join(f"{p} x{fmt(gmean(ratios[p]))}" for p in paths if p in ratios)
         print(f"   b{bits} {gran[:2]} batch {batch}: geomean over "
@@ -157,7 +159,7 @@ def conv(payload: dict) -> None:
     for r in rows:
         if (r["backend"] in ("cuda", "triton") and r["bits"] == 4
                 and r["granularity"] == "channel" and r.get("kernel") != "implicit_gemm_nosplit"):
-            print(f"     {r['backend']} 4b ch batch {r['batch']} {r['shape']} "
+            print(f"     {r['backend']}/{r['kernel']} 4b ch batch {r['batch']} {r['shape']} "
                   f"(x{r.get('layer_count')}): {r['p50_us']:.1f}us x{fmt(r.get('ratio_best'))} "
                   f"err {fmt(r.get('rel_err'), '.1e')}")
 

@@ -408,9 +408,31 @@ def test_conv_cuda_crossover_against_the_faster_rival():
         rows += [{**base, "backend": "dequant", "kernel": "cudnn", "p50_us": dequant},
                  {**base, "backend": "triton", "kernel": "implicit_gemm", "p50_us": triton},
                  {**base, "backend": "cuda", "kernel": "lut_conv", "p50_us": cuda}]
-    values, evidence = conv.derive_crossover(rows)
+        rows.append({**base, "backend": "cuda", "kernel": conv.CHANNELS_LAST, "p50_us": 1.0})
+    values, evidence = conv.derive_crossover(rows)  # judged on NCHW x: lut_conv_cl left out
     assert values == {"triton_max_m": 49, "cuda_max_m": 196}
     assert evidence["cuda"] == {"49": 2.0, "196": 1.25, "784": 0.833, "3136": 2.0}
+
+
+def test_conv_cuda_is_timed_on_both_input_layouts(tmp_path, monkeypatch):
+    """lut_conv runs on the NCHW x (its copy timed with it) and, as lut_conv_cl, on a
+    channels-last x made once outside the timing (the layout cudnn_nhwc gets)."""
+    conv = _load("bench_conv")
+    seen = []
+
+    def fake_cuda(x, qt, stride, padding):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return torch.nn.functional.conv2d(x, qt.dequantize(x.dtype), None, stride, padding)
+
+    monkeypatch.setattr(conv, "candidates", lambda run, backends: [
+        ("cuda", "lut_conv", fake_cuda), ("cuda", conv.CHANNELS_LAST, fake_cuda)])
+    assert conv.main(["--smoke", "--quiet", "--out", str(tmp_path), "--bits", "4",
+                      "--granularity", "channel", "--batches", "2"]) == 0
+    rows = json.loads((tmp_path / "conv.json").read_text())["rows"]
+    kernels = {r["kernel"]: r for r in rows if r["backend"] == "cuda"}
+    assert set(kernels) == {"lut_conv", conv.CHANNELS_LAST}
+    assert all(r["rel_err"] < 1e-5 for r in kernels.values())
+    assert set(seen) == {False, True} and seen == sorted(seen)  # NCHW calls, then NHWC
 
 
 def test_tensor_core_kernel_is_timed_only_where_it_runs():
@@ -673,12 +695,14 @@ def test_expand_times_the_dequant_kernel_alone(tmp_path, capsys):
 
 def test_digest_conv_geomeans_leave_out_the_no_split_rows(tmp_path, capsys):
     """Per bits/granularity/batch, the geometric mean of each path's ratio_best over the
-    layers, the no-split Triton comparison rows left out (they once halved Triton's)."""
+    layers (lut_conv on channels-last x apart, as cuda_cl), the no-split Triton comparison
+    rows left out (they once halved Triton's)."""
     def row(backend, kernel, shape, ratio):
         return {"backend": backend, "kernel": kernel, "bits": 4, "granularity": "channel",
                 "batch": 1, "shape": shape, "p50_us": 10.0, "ratio_best": ratio}
 
     rows = [row("cuda", "lut_conv", "a", 2.0), row("cuda", "lut_conv", "b", 0.5),
+            row("cuda", "lut_conv_cl", "a", 4.0), row("cuda", "lut_conv_cl", "b", 1.0),
             row("triton", "implicit_gemm", "a", 0.25), row("triton", "implicit_gemm", "b", 0.25),
             row("triton", "implicit_gemm_nosplit", "a", 0.01),
             row("dequant", "cudnn", "a", 0.5), row("dequant", "cudnn", "b", 0.5)]
@@ -686,8 +710,9 @@ def test_digest_conv_geomeans_leave_out_the_no_split_rows(tmp_path, capsys):
     (tmp_path / "goal_graph" / "conv.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     assert _load("digest").main([str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert ("   b4 ch batch 1: geomean over 2 layers: cuda x1.00, triton x0.25, dequant x0.50 "
-            "(vs best dense layout)") in out
+    assert ("   b4 ch batch 1: geomean over 2 layers: cuda x1.00, cuda_cl x2.00, triton x0.25, "
+            "dequant x0.50 (vs best dense layout)") in out
+    assert "     cuda/lut_conv_cl 4b ch batch 1 a (xNone): 10.0us x4.00 err -" in out
     assert sum("implicit_gemm_nosplit" in line or "x0.01" in line for line in out) == 0
 
 
