@@ -56,6 +56,7 @@ GOAL_MAX_M = {"splitk": GEMM_MIN_M - 1}
 # The CUDA LUT GEMV runs M in chunks of 8 rows (one weight pass each): pointless beyond this.
 CUDA_MAX_M = 64
 MMA_MAX_BITS = 4  # wider codes run on tensor cores only through lut_frag (8 bits)
+MMA_MAX_M = 16  # x rows per tensor-core launch: larger M runs launches of 16 rows
 FUSED = ("triton", "cuda")
 # Kernels that run only some (dtype, bits): other combinations become skipped rows.
 _HALF = (torch.float16, torch.bfloat16)
@@ -285,9 +286,10 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     the crossover of some bit width. The cuda backend takes lut_mma where M > the
     crossover of x's bit width, it runs and this is true.
     cuda_frag_32_rows_min_m: the smallest grid M from which lut_frag32 (32-row blocks) beat
-    lut_frag at every larger grid M where both ran (absent when it loses at the largest);
-    from there on "lut_frag" below means lut_frag32's times where it ran (the codes it
-    takes), as dispatch would run it.
+    lut_frag at every larger grid M up to 16 where both ran (absent when it loses at the
+    largest; M above 16 runs launches of 16 rows, as M = 16 does, and is not judged
+    again); from there on "lut_frag" below means lut_frag32's times where it ran (the
+    codes it takes), as dispatch would run it.
     cuda_mma_fragment: whether lut_frag (fragment-order codes) beat lut_mma over the
     configurations where both ran (geometric mean over M of the per-M geometric means);
     where it did, "lut_mma" above and below means lut_frag's times (the tensor-core kernel
@@ -412,7 +414,8 @@ def block_rows_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]
         return {}, {}
     evidence = {"cuda_frag_32_rows": _rounded(speedups)}
     from_m = None
-    for m in sorted(speedups, reverse=True):  # the run of wins that reaches the largest M
+    judged = [m for m in speedups if m <= MMA_MAX_M]
+    for m in sorted(judged, reverse=True):  # the run of wins that reaches the largest M
         if (speedups[m] or 0) <= 1.0:
             break
         from_m = m

@@ -22,7 +22,7 @@
 #                  OTQ_SUITE_DEADLINE_S=$(( (L - 3) * 60 )) (max 530) and skip it below ~7 min.
 #   4 after a kernel change (one ~9 min call, no wheels needed): OTQ_SUITE_PLAN=4 runs
 #                  env, build, tests_kernels (CUDA kernel, fit, UNet tests), goal_linear_graph
-#                  (CUDA kernels + dequant at M 1/2/4/8/16/32/64 and the expansion alone,
+#                  (CUDA kernels + dequant at M 1/2/4/8/12/16/32/64 and the expansion alone,
 #                  graph replays: goal_graph/), goal_conv_graph (the 3x3 convs at batch 1,
 #                  4-bit, graph replays), goal_e2e, goal_linear_large_m (Triton gemm and
 #                  gemm_tile at M = 256, 1024: goal_large_m/linear.json), then the
@@ -301,7 +301,7 @@ run_step goal_linear 190 "$BENCH_ENV"'
 # whether cuda_max_m may pass 16, where dispatch now sends every M to dequant. --expand:
 # the dequant path's expansion kernel alone, on session 44's grid and on the earlier one
 run_step goal_linear_graph 150 "$BENCH_ENV"'
-  $PY benchmarks/bench_linear.py --preset goal --graph --ms 1,2,4,8,16,32,64 \
+  $PY benchmarks/bench_linear.py --preset goal --graph --ms 1,2,4,8,12,16,32,64 \
     --backends cuda,dequant --expand \
     --out "$DIR/goal_graph" --budget-s "$STEP_BUDGET" --quiet'
 

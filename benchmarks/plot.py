@@ -88,9 +88,14 @@ def plot_linear(payload: dict, out: Path) -> list[Path]:
     return written
 
 
+def conv_path(row: dict) -> str:
+    """A conv row's series: its backend, or cuda_cl for lut_conv on channels-last x."""
+    return "cuda_cl" if row.get("kernel") == "lut_conv_cl" else row["backend"]
+
+
 def plot_conv(payload: dict, out: Path) -> list[Path]:
-    paths = ("cuda", "triton", "dequant")
-    rows = [r for r in timed(payload["rows"]) if r["backend"] in paths and r.get("ratio")
+    paths = ("cuda", "cuda_cl", "triton", "dequant")
+    rows = [r for r in timed(payload["rows"]) if conv_path(r) in paths and r.get("ratio")
             and r.get("kernel") != "implicit_gemm_nosplit"]
     if not rows:
         return []
@@ -98,12 +103,12 @@ def plot_conv(payload: dict, out: Path) -> list[Path]:
     rows = [r for r in rows if r["bits"] == bits and r["granularity"] == rows[0]["granularity"]]
     labels = list(dict.fromkeys(f"{r['shape']} b{r['batch']}" for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(labels)), 4))
-    present = [b for b in paths if any(r["backend"] == b for r in rows)]
+    present = [b for b in paths if any(conv_path(r) == b for r in rows)]
     width = 0.8 / len(present)
-    for i, backend in enumerate(present):
-        vals = {f"{r['shape']} b{r['batch']}": r["ratio"] for r in rows if r["backend"] == backend}
+    for i, path in enumerate(present):
+        vals = {f"{r['shape']} b{r['batch']}": r["ratio"] for r in rows if conv_path(r) == path}
         ax.bar([j + width * i for j in range(len(labels))], [vals.get(lab, 0) for lab in labels],
-               width=width, label=backend)
+               width=width, label=path)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=70,
                   fontsize=7)

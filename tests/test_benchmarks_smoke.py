@@ -64,6 +64,20 @@ def test_plots_from_smoke_json(smoke_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png"))
 
 
+def test_conv_plot_keeps_both_cuda_input_layouts(tmp_path):
+    """lut_conv on NCHW and on channels-last x are two series (the second once overwrote
+    the first's bars under "cuda")."""
+    plot = _load("plot")
+    base = {"bits": 4, "granularity": "channel", "shape": "s", "batch": 1, "p50_us": 5.0,
+            "skipped": False}
+    rows = [{**base, "backend": "cuda", "kernel": "lut_conv", "ratio": 1.0},
+            {**base, "backend": "cuda", "kernel": "lut_conv_cl", "ratio": 2.0},
+            {**base, "backend": "dequant", "kernel": "cudnn", "ratio": 0.5}]
+    assert [plot.conv_path(r) for r in rows] == ["cuda", "cuda_cl", "dequant"]
+    files = plot.plot_conv({"meta": {"gpu": "x"}, "rows": rows}, tmp_path)
+    assert [f.name for f in files] == ["conv_ratio.png"] and files[0].stat().st_size > 0
+
+
 def test_smoke_refuses_results_tree():
     common = _load("common")
     with pytest.raises(SystemExit):
@@ -228,26 +242,27 @@ def test_frag_32_row_blocks_choice():
              8: {"dequant": 100.0, "lut_gemv": 80.0, "lut_mma": 45.0, "lut_frag": 45.0,
                  "lut_frag32": 30.0},
              16: {"dequant": 100.0, "lut_gemv": 160.0, "lut_mma": 40.0, "lut_frag": 50.0,
-                  "lut_frag32": 20.0}}
-    values, evidence = linear.derive_crossovers(_cuda_rows(times))
+                  "lut_frag32": 20.0},
+             32: {"lut_frag": 50.0, "lut_frag32": 60.0}}  # launches of 16: not judged
+    values, evidence = linear.derive_crossovers(_cuda_rows(times, bits=2))
     assert values["cuda_frag_32_rows_min_m"] == 8
-    assert evidence["cuda_frag_32_rows"] == {"1": 0.625, "8": 1.5, "16": 2.5}
+    assert evidence["cuda_frag_32_rows"] == {"1": 0.625, "8": 1.5, "16": 2.5, "32": 0.833}
     # lut_frag against lut_mma on lut_frag32's times from M = 8: 2.0, 1.5, 2.0
     assert evidence["cuda_mma_fragment"] == {"1": 2.0, "8": 1.5, "16": 2.0}
     assert values["cuda_mma_fragment"] is True
     times[8]["lut_frag32"] = 50.0
-    values, evidence = linear.derive_crossovers(_cuda_rows(times))
+    values, evidence = linear.derive_crossovers(_cuda_rows(times, bits=2))
     assert values["cuda_frag_32_rows_min_m"] == 16
     times[16]["lut_frag32"] = 60.0
     times[1]["lut_frag32"] = 20.0
-    values, evidence = linear.derive_crossovers(_cuda_rows(times))
+    values, evidence = linear.derive_crossovers(_cuda_rows(times, bits=2))
     assert "cuda_frag_32_rows_min_m" not in values
-    assert evidence["cuda_frag_32_rows"] == {"1": 1.25, "8": 0.9, "16": 0.833}
+    assert evidence["cuda_frag_32_rows"] == {"1": 1.25, "8": 0.9, "16": 0.833, "32": 0.833}
     assert evidence["cuda_mma_fragment"] == {"1": 2.0, "8": 1.0, "16": 0.8}
-    without_frag32 = {16: {"lut_mma": 40.0, "lut_frag": 50.0}}  # e.g. 4 bits per channel
+    without_frag32 = {16: {"lut_mma": 40.0, "lut_frag": 50.0}}  # 4 bits per channel
     times[16]["lut_frag32"] = 20.0
     times[8]["lut_frag32"] = 30.0
-    rows = _cuda_rows(times) + [dict(r, granularity="tensor") for r in _cuda_rows(without_frag32)]
+    rows = _cuda_rows(times, bits=2) + _cuda_rows(without_frag32)
     _, evidence = linear.derive_crossovers(rows)
     assert evidence["cuda_mma_fragment"]["16"] == 1.265  # geomean of 2.0 and 0.8
 

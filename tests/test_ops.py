@@ -328,7 +328,9 @@ def test_fragment_block_rows_follow_tuning_table(monkeypatch):
     assert check(16, True, gpu, 16, 4, False) == 16
     for args, match in (((32, True, gpu, 1, 4, True), "2 and 3 bits"),
                         ((32, False, gpu, 1, 4, False), "fragment"),
-                        ((8, True, gpu, 1, 4, False), "16 or 32")):
+                        ((8, True, gpu, 1, 4, False), "16 or 32"),
+                        ((32.0, True, gpu, 1, 4, False), "16 or 32"),
+                        ((True, True, gpu, 1, 4, False), "16 or 32")):
         with pytest.raises(ValueError, match=match):
             check(*args)
 

@@ -7,9 +7,9 @@
 //
 // A block owns MT row blocks of 16 weight rows (MT = 1, or 2: 32-row blocks, where each x
 // fragment a warp loads serves both row blocks' mmas) and its 4 warps take turns over the
-// spans of its K range, as in lut_mma.cu. Step s (0..3) of a span takes the span's columns 32s..32s+31, lane t
-// (= lane % 4) their 8 columns from 8t, so the 4 lanes of an x row read 64 contiguous
-// bytes per step. K is padded to whole spans with code 0, its x masked to zero. 2-bit
+// spans of its K range, as in lut_mma.cu. Step s (0..3) of a span takes the span's
+// columns 32s..32s+31, lane t (= lane % 4) their 8 columns from 8t, so the 4 lanes of an
+// x row read 64 contiguous bytes per step. K is padded to whole spans with code 0, its x masked to zero. 2-bit
 // codes look their pairs up in registers (RegisterLutMma), not in shared tables.
 #include <type_traits>
 
@@ -260,6 +260,7 @@ __global__ void __launch_bounds__(kThreads)
     // span's words loaded kAhead steps and its x columns one step before use; the last
     // (< kAhead) of them in step.
     constexpr int kAhead = kFragAhead<BITS, MT>;
+    static_assert(kAhead >= 1, "the chunk loop advances by kAhead spans");
     int64_t span = s_begin + warp;
     if (span + (kAhead - 1) * kWarps < v_end) {
       FragWords<BITS> ahead[kAhead][MT];
@@ -312,25 +313,25 @@ auto kernel_for(int rows) {
                             : lut_frag_kernel<T, BITS, PER_CHANNEL, 2, MT>;
 }
 
-// The kernel for the codebook kind and row blocks per block (8-bit codes: per layer only;
-// wide: 32-row blocks where frag_wide_fits, FragKernels::run checks both).
-template <typename T, int BITS, bool PER_CHANNEL>
-auto wide_kernel(bool wide, int rows) {
-  if constexpr (frag_wide_fits(BITS, PER_CHANNEL)) {
-    return wide ? kernel_for<T, BITS, PER_CHANNEL, 2>(rows)
-                : kernel_for<T, BITS, PER_CHANNEL, 1>(rows);
+// The kernel for the codebook kind and row blocks per block: MT = 2 when WIDE (8-bit
+// codes: per layer only; WIDE only where frag_wide_fits: FragKernels::launch checks both,
+// and without that check a WIDE launch of codes that do not fit gets no kernel at all).
+template <typename T, int BITS, bool PER_CHANNEL, bool WIDE>
+auto wide_kernel(int rows) {
+  if constexpr (!WIDE || frag_wide_fits(BITS, PER_CHANNEL)) {
+    return kernel_for<T, BITS, PER_CHANNEL, WIDE ? 2 : 1>(rows);
   } else {
-    return kernel_for<T, BITS, PER_CHANNEL, 1>(rows);
+    return static_cast<decltype(kernel_for<T, BITS, PER_CHANNEL, 1>(rows))>(nullptr);
   }
 }
 
-template <typename T, int BITS>
-auto per_channel_kernel(bool per_channel, bool wide, int rows) {
+template <typename T, int BITS, bool WIDE>
+auto per_channel_kernel(bool per_channel, int rows) {
   if constexpr (BITS == 8) {
-    return wide_kernel<T, BITS, false>(wide, rows);
+    return wide_kernel<T, BITS, false, WIDE>(rows);
   } else {
-    return per_channel ? wide_kernel<T, BITS, true>(wide, rows)
-                       : wide_kernel<T, BITS, false>(wide, rows);
+    return per_channel ? wide_kernel<T, BITS, true, WIDE>(rows)
+                       : wide_kernel<T, BITS, false, WIDE>(rows);
   }
 }
 
@@ -345,8 +346,6 @@ struct FragKernels {
       return static_cast<int>(cudaErrorInvalidValue);
     } else {
       if (BITS == 8 && a.per_channel) return static_cast<int>(cudaErrorInvalidValue);
-      if (WIDE && !frag_wide_fits(BITS, a.per_channel))
-        return static_cast<int>(cudaErrorInvalidValue);
       return launch<T, BITS>(a);
     }
   }
@@ -354,9 +353,11 @@ struct FragKernels {
   template <typename T, int BITS>
   static int launch(const GemvArgs& a) {
     constexpr int kMt = WIDE ? 2 : 1;
+    if (WIDE && !frag_wide_fits(BITS, a.per_channel))  // the grid below is sized for 2
+      return static_cast<int>(cudaErrorInvalidValue);
     return launch_tile_kernel<T>(
         a, frag_table_words<BITS>(a.per_channel, kMt),
-        [&](int rows) { return per_channel_kernel<T, BITS>(a.per_channel, WIDE, rows); },
+        [&](int rows) { return per_channel_kernel<T, BITS, WIDE>(a.per_channel, rows); },
         kSpanGroups, kTileRows * kMt);
   }
 };

@@ -171,7 +171,8 @@ def split_k_for(n: int, k: int, sms: int, rows_per_block: int = ROWS_PER_BLOCK) 
 def _checked_block_rows(block_rows: int | None, fragment: bool, device: torch.device, m: int,
                         bits: int, per_channel: bool) -> int:
     """The weight rows per block of the launch (16 off lut_frag), checked."""
-    if block_rows is not None and block_rows not in FRAG_BLOCK_ROWS:
+    if block_rows is not None and (type(block_rows) is not int
+                                   or block_rows not in FRAG_BLOCK_ROWS):
         raise ValueError(f"block_rows must be 16 or 32, got {block_rows!r}")
     if not fragment:
         if block_rows == 32:
@@ -199,7 +200,8 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     runs 8-bit codes with a per-tensor codebook (:func:`fragment_supports`); None =
     :func:`use_fragment_layout` at 2-4 bits, True at 8 bits (their only tensor-core kernel).
     block_rows: lut_frag's weight rows per block, 16 or 32 (each warp's x fragments then
-    serve two row blocks; :func:`wide_blocks_support`); None = :func:`tuned_block_rows`.
+    serve two row blocks; :func:`wide_blocks_support`; 32 implies ``fragment`` when that is
+    None); None = :func:`tuned_block_rows`.
     """
     _require_cuda(x, "x")
     dev = x.device
@@ -210,6 +212,8 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cuda", dev)
     book = checked_codebook(qt, "cuda", dev)
     per_channel = book.shape[0] == qt.n and qt.n > 1
+    if fragment is None and block_rows == 32:  # 32-row blocks imply fragment order
+        fragment = True
     if tensor_cores is None:  # fragment=True implies the tensor-core kernel
         tensor_cores = bool(fragment) or use_tensor_cores(x.dtype, qt.bits, x.shape[0], dev,
                                                           per_channel)

@@ -102,6 +102,8 @@ class Emulated:
         fragment: the same on the codes in fragment order (lut_frag.cu), built by the cuda
         backend's fragment_planes, in blocks of ``block_rows`` (16 or 32) weight rows.
         """
+        if block_rows != 16 and not fragment:
+            raise ValueError("block_rows other than 16 needs fragment=True, as cuda.linear")
         m, n, k = x.shape[0], qt.n, qt.k
         split_k = min(split_k, padded_k(k) // 32)
         x = x.contiguous()

@@ -112,7 +112,7 @@ def test_fragment_kernel_eight_bits_per_tensor(cuda_backend, dtype):
 def test_fragment_kernel_32_row_blocks(cuda_backend, bits, granularity, dtype):
     """lut_frag.cu in blocks of 32 weight rows (two row blocks per warp sharing x): a
     partial second row block (33, 40 rows), K tails, splits, long K, M 1..20, and a
-    2048 x 8192 layer; the codes it does not take are refused with a clear error."""
+    2048 x 8192 layer."""
     for m, n, k, split_k in ((1, 33, 127, None), (3, 16, 4096, None), (9, 257, 300, 3),
                              (20, 40, 512, None), (16, 70, 5000, 1), (5, 40, 5000, 2)):
         check_linear(cuda_backend, m, n, k, bits, granularity, dtype, True, split_k,
@@ -123,12 +123,15 @@ def test_fragment_kernel_32_row_blocks(cuda_backend, bits, granularity, dtype):
 
 
 def test_fragment_kernel_32_row_blocks_refusals(cuda_backend):
+    """The codes 32-row blocks do not take, blocks off the fragment-order kernel and other
+    row counts are refused with clear errors; block_rows=32 alone implies that kernel."""
     with pytest.raises(ValueError, match="2 and 3 bits"):
         check_linear(cuda_backend, 1, 40, 64, 4, "channel", torch.float16, False,
                      fragment=True, block_rows=32)
     with pytest.raises(ValueError, match="fragment"):
         check_linear(cuda_backend, 1, 40, 64, 4, "tensor", torch.float16, False,
-                     tensor_cores=True, block_rows=32)
+                     tensor_cores=True, fragment=False, block_rows=32)
+    check_linear(cuda_backend, 3, 40, 64, 4, "tensor", torch.float16, True, block_rows=32)
     with pytest.raises(ValueError, match="16 or 32"):
         check_linear(cuda_backend, 1, 40, 64, 4, "tensor", torch.float16, False,
                      fragment=True, block_rows=64)
