@@ -41,6 +41,8 @@ import common
 import torch
 import torch.nn.functional as F
 
+from otq_kernels.backends import cuda as cuda_backend
+
 GOAL_SHAPES = [("goal", 8192, 8192), ("goal", 14336, 4096), ("large", 4096, 4096)]
 DEFAULT_MS = [1, 4, 16, 64, 256, 1024, 4096]
 GOAL_MS = [1, 16, 256, 1024]
@@ -59,17 +61,18 @@ MMA_MAX_BITS = 4  # wider codes run on tensor cores only through lut_frag (8 bit
 MMA_MAX_M = 16  # x rows per tensor-core launch: larger M runs launches of 16 rows
 FUSED = ("triton", "cuda")
 # Kernels that run only some (dtype, bits): other combinations become skipped rows.
-_HALF = (torch.float16, torch.bfloat16)
-# kernel -> (why a configuration is skipped, whether it runs (dtype, bits, granularity))
+# kernel -> (why a configuration is skipped, whether it runs (dtype, bits, granularity)),
+# by the cuda backend's own rules.
 LIMITED = {"lut_mma": ("fp16/bf16 activations and bits <= 4 only",
-                       lambda dtype, bits, gran: dtype in _HALF and bits <= 4),
+                       lambda dtype, bits, gran: cuda_backend.tensor_cores_support(dtype, bits)),
            "lut_frag": ("fp16/bf16 activations and bits <= 4, or 8 bits per tensor, only",
-                        lambda dtype, bits, gran: dtype in _HALF and (
-                            bits <= 4 or (bits == 8 and gran == "tensor"))),
+                        lambda dtype, bits, gran: cuda_backend.fragment_supports(
+                            dtype, bits, gran == "channel")),
            "lut_frag32": ("fp16/bf16 activations and 2, 3, 4 or 8 bits per tensor or 2-3 "
                           "bits per channel only",
-                          lambda dtype, bits, gran: dtype in _HALF and (
-                              bits <= 3 or (bits in (4, 8) and gran == "tensor")))}
+                          lambda dtype, bits, gran: cuda_backend.fragment_supports(
+                              dtype, bits, gran == "channel")
+                          and cuda_backend.wide_blocks_support(bits, gran == "channel"))}
 # The CUDA kernels by name: cuda.linear's keyword arguments that force each.
 CUDA_KERNELS = {"lut_gemv": {"tensor_cores": False, "fragment": False},
                 "lut_mma": {"tensor_cores": True, "fragment": False},

@@ -9,8 +9,9 @@
 // fragment a warp loads serves both row blocks' mmas) and its 4 warps take turns over the
 // spans of its K range, as in lut_mma.cu. Step s (0..3) of a span takes the span's
 // columns 32s..32s+31, lane t (= lane % 4) their 8 columns from 8t, so the 4 lanes of an
-// x row read 64 contiguous bytes per step. K is padded to whole spans with code 0, its x masked to zero. 2-bit
-// codes look their pairs up in registers (RegisterLutMma), not in shared tables.
+// x row read 64 contiguous bytes per step. K is padded to whole spans with code 0, its x
+// masked to zero. 2-bit codes look their pairs up in registers (RegisterLutMma), not in
+// shared tables.
 #include <type_traits>
 
 #include "common.cuh"
