@@ -6,8 +6,9 @@ both granularities and M ∈ {1, 4, 16, 64, 256, 1024, 4096}, it times:
 
 - ``fp16``: F.linear with the dense fp16 weight (cuBLAS), the ratio's numerator;
 - ``dequant``: expand to a transient dense weight, then cuBLAS (the dequantized baseline);
-  with ``--expand`` also the expansion kernel alone (op ``dequantize``, M 0) on both of
-  its grids (programs walking K tiles, one tile per program);
+  with ``--expand`` also the expansion kernels alone (op ``dequantize``, M 0): Triton's
+  on both of its grids (programs walking K tiles, one tile per program) and the CUDA one
+  (``expand_native``);
 - ``triton`` (kernel ``auto`` = what dispatch runs, plus each forced kernel gemv /
   splitk / splitk_fm / gemm / gemm_strided where its M range makes sense);
 - ``cuda``: the hand-written LUT GEMV (``lut_gemv``, small M) and its tensor-core kernel
@@ -238,20 +239,29 @@ def bench_group(run, tag, n, k, bits, gran, ms, paths, dtype, fp16_cache) -> Non
 
 
 def time_expansion(run, base: dict, qt, dense: torch.Tensor) -> None:
-    """Rows (op "dequantize", M 0) of the dequant path's own kernel: qt expanded to a dense
-    [N, K] weight in dense.dtype, no GEMM, on both grids: programs walking several K tiles
-    (kernel "expand_walk") and one K tile per program ("expand_1tile"); bytes = codes read
-    + dense weight written, rel_err against ``dense`` (qt.dequantize's: 0 is bit-exact)."""
+    """Rows (op "dequantize", M 0) of the dequant path's own kernels: qt expanded to a
+    dense [N, K] weight in dense.dtype, no GEMM: Triton's on both grids, programs walking
+    several K tiles (kernel "expand_walk") and one K tile per program ("expand_1tile"), and
+    the extension's CUDA kernel ("expand_native", which the path takes for layers of up to
+    ``dequant_native_max_numel`` weights; a skipped row without it); bytes = codes read +
+    dense weight written, rel_err against ``dense`` (qt.dequantize's: 0 is bit-exact)."""
+    from otq_kernels.backends import cuda
     from otq_kernels.backends.triton.dequant import dequantize_triton
 
     dtype = dense.dtype
     nbytes = common.quantized_bytes(qt) + dense.numel() * dense.element_size()
-    for kernel, walk in (("expand_walk", True), ("expand_1tile", False)):
-        fields = {**base, "op": "dequantize", "backend": "triton", "kernel": kernel, "M": 0}
+    kernels = [("triton", "expand_walk", lambda: dequantize_triton(qt, dtype, True)),
+               ("triton", "expand_1tile", lambda: dequantize_triton(qt, dtype, False)),
+               ("cuda", "expand_native", lambda: cuda.dequantize(qt, dtype))]
+    for backend, kernel, expand in kernels:
+        fields = {**base, "op": "dequantize", "backend": backend, "kernel": kernel, "M": 0}
+        reason = cuda.unavailable(run.device) if backend == "cuda" else None
+        if reason:
+            run.add(common.skipped_row(reason, **fields))
+            continue
         try:
-            err = common.rel_error(dequantize_triton(qt, dtype, walk), dense)
-            timing = run.time(lambda walk=walk: dequantize_triton(qt, dtype, walk),
-                              graph=run.args.graph)
+            err = common.rel_error(expand(), dense)
+            timing = run.time(expand, graph=run.args.graph)
         except Exception as exc:  # noqa: BLE001 - record and go on
             run.error(exc, **fields)
             continue
@@ -523,8 +533,9 @@ def main(argv=None) -> int:
     p.add_argument("--granularity", default=None,
                    help="comma-separated (default channel,tensor)")
     p.add_argument("--expand", action="store_true",
-                   help="also time the dequant path's expansion kernel alone per (shape, "
-                        "bits, granularity), on both grids (dequant_walk_k)")
+                   help="also time the dequant path's expansion kernels alone per (shape, "
+                        "bits, granularity): Triton's on both grids (dequant_walk_k) and "
+                        "the CUDA one")
     p.add_argument("--kernels", default=None,
                    help=f"Triton kernels to time: auto,{','.join(TRITON_KERNELS)} "
                         f"(default all; goal: {','.join(GOAL_KERNELS)})")

@@ -9,7 +9,8 @@ appends it to summary.txt):
   the path, % of copy bandwidth and the dequant ratio; per bit width lut_frag's speedup
   over lut_mma, and lut_frag32's over lut_frag, at each M (geometric mean over shapes
   and granularities); the dequant
-  path's expansion kernel alone where timed (``--expand``), on both grids;
+  path's expansion kernels alone where timed (``--expand``): Triton's on both grids and
+  the CUDA one;
 - conv: per (bits, granularity, batch) the geometric mean over layers of the CUDA (on
   NCHW x, and ``cuda_cl`` on channels-last x), Triton and dequant ratios (vs the faster
   dense cuDNN layout), plus every layer at 4 bits/channel;
@@ -113,10 +114,12 @@ def linear(payload: dict) -> None:
 
 
 def expansion(rows: list[dict]) -> None:
-    """The dequant path's expansion kernel alone: its time, % of the copy bandwidth, and
-    the one-tile-per-program grid's time."""
+    """The dequant path's expansion kernels alone: Triton's on both grids and the CUDA
+    one, each with its time and % of the copy bandwidth."""
     by_config: dict[tuple, dict[str, dict]] = {}
     for r in rows:
+        if r.get("p50_us") is None:
+            continue
         by_config.setdefault((r["shape"], r["bits"], r["granularity"]), {})[r["kernel"]] = r
     for (shape, bits, gran), kernels in by_config.items():
         parts = [f"{kernel} {r['p50_us']:.1f}us"

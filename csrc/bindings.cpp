@@ -205,6 +205,17 @@ void cuda_unpack(const Ptrs& planes, int64_t n, int64_t k, int bits, uintptr_t c
   auto dev = device_planes(planes);
   check_cuda(otq::cuda::unpack(dev.data(), n, k, bits, as<int64_t>(codes), as<void>(stream)));
 }
+
+void cuda_dequantize(const Ptrs& planes, int bits, uintptr_t codebook, bool per_channel,
+                     int64_t n, int64_t k, int dtype, uintptr_t out, uintptr_t stream) {
+  check_bits(bits), check_size(n, "n"), check_size(k, "k");
+  require(dtype >= 0 && dtype <= 2, "dtype must be 0 (f32), 1 (f16) or 2 (bf16)");
+  check_ptr(codebook, "codebook"), check_ptr(out, "out");
+  check_planes(planes, bits);
+  auto dev = device_planes(planes);
+  check_cuda(otq::cuda::dequantize(dev.data(), bits, as<const float>(codebook), per_channel, n,
+                                   k, dtype, as<void>(out), as<void>(stream)));
+}
 #endif
 
 }  // namespace
@@ -249,5 +260,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Pack int64 codes [n, k] into bit planes on the GPU.");
   m.def("cuda_unpack", &cuda_unpack, "planes"_a, "n"_a, "k"_a, "bits"_a, "codes"_a, "stream"_a,
         "Unpack bit planes into int64 codes [n, k] on the GPU.");
+  m.def("cuda_dequantize", &cuda_dequantize, "planes"_a, "bits"_a, "codebook"_a,
+        "per_channel"_a, "n"_a, "k"_a, "dtype"_a, "out"_a, "stream"_a,
+        "The dense weight out [n, k] (dtype 0 f32, 1 f16, 2 bf16) of bit planes and the "
+        "float32 codebook.");
 #endif
 }

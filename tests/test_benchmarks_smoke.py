@@ -682,15 +682,19 @@ def test_digest_compares_lut_frag_with_lut_mma(tmp_path, capsys):
 
 
 def test_expand_times_the_dequant_kernel_alone(tmp_path, capsys):
-    """--expand: per (shape, bits, granularity) the expansion kernel on both grids, as op
-    "dequantize" rows at M 0 (left out of the linear rows' digest, listed on their own),
-    bit-exact; their speedup sets dequant_walk_k."""
+    """--expand: per (shape, bits, granularity) Triton's expansion kernel on both grids, as
+    op "dequantize" rows at M 0 (left out of the linear rows' digest, listed on their own),
+    bit-exact, and the CUDA one (a skipped row without a GPU); the Triton grids' speedup
+    sets dequant_walk_k."""
     code = _run_smoke("linear", tmp_path, "--expand", "--backends", "dequant",
                       "--granularity", "channel")
     assert code == 0
     rows = json.loads((tmp_path / "linear.json").read_text())["rows"]
-    expand = [r for r in rows if r["op"] == "dequantize"]
+    expand = [r for r in rows if r["op"] == "dequantize" and not r.get("skipped")]
     assert sorted(r["kernel"] for r in expand) == ["expand_1tile", "expand_walk"]
+    native = [r for r in rows if r["op"] == "dequantize" and r.get("skipped")]
+    assert [r["kernel"] for r in native] == ["expand_native"]
+    assert "CUDA" in native[0]["skipped"]
     assert all(r["M"] == 0 and r["p50_us"] and r["bytes"] and not r["error"]
                and r["rel_err"] == 0 for r in expand)
     assert _load("digest").main([str(tmp_path)]) == 0

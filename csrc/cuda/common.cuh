@@ -12,8 +12,9 @@
 #include "../planes.h"
 
 // Launches are spelled OTQ_LAUNCH(grid, block, smem, stream, kernel)(args...), dynamic
-// shared memory dynamic_shared<T>() and raw shared loads load_shared_u32, so that tests/cuda_emulation can build these sources
-// with a host compiler (its stand-in headers define both) and run the kernels on the CPU.
+// shared memory dynamic_shared<T>(), raw shared loads load_shared_u32 and 16-byte global
+// stores store_u4, so that tests/cuda_emulation can build these sources
+// with a host compiler (its stand-in headers define them) and run the kernels on the CPU.
 #ifndef OTQ_CUDA_EMULATION
 #define OTQ_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 
@@ -36,6 +37,9 @@ __device__ __forceinline__ uint32_t load_shared_u32(SharedAddr base, uint32_t of
   asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(base + offset) : "memory");
   return v;
 }
+
+// A 16-byte store to global memory: dst must be 16-byte aligned (the emulation checks).
+__device__ __forceinline__ void store_u4(void* dst, uint4 v) { *static_cast<uint4*>(dst) = v; }
 #endif
 
 namespace otq::cuda {

@@ -83,6 +83,11 @@ int pack(const int64_t* codes, int64_t n, int64_t k, int bits, uint32_t* const* 
 int unpack(const uint32_t* const* planes, int64_t n, int64_t k, int bits, int64_t* codes,
            void* stream);
 
+// The dense weight out [n, k] (dtype) of the planes and the float32 codebook
+// [per_channel ? n : 1, 2**bits] (csrc/cuda/dequant.cu): the dequant path's expansion.
+int dequantize(const uint32_t* const* planes, int bits, const float* codebook, bool per_channel,
+               int64_t n, int64_t k, int dtype, void* out, void* stream);
+
 const char* error_string(int code);
 
 }  // namespace otq::cuda

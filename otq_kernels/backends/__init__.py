@@ -14,6 +14,7 @@ Interface (a backend defines the ones it supports):
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -21,10 +22,12 @@ NAMES = ("reference", "dequant", "triton", "cuda", "cpu")
 
 
 def get(name: str):
-    """The backend module called ``name`` (imported on first use)."""
+    """The backend module called ``name`` (imported on first use; later calls, one per
+    layer call, only look it up: import_module costs microseconds)."""
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of {NAMES} or 'auto'")
-    return importlib.import_module(f"{__name__}.{name}")
+    module = sys.modules.get(f"{__name__}.{name}")
+    return module if module is not None else importlib.import_module(f"{__name__}.{name}")
 
 
 def function(name: str, op: str):

@@ -14,6 +14,8 @@
   ``conv2d.cuda_max_m`` selects it: it has not been timed on a GPU yet.
 - ``fit_rows``: equal-mass binning on CUB's stable (segmented) radix sort.
 - ``pack`` / ``unpack``: the canonical bit planes.
+- ``dequantize``: the dequant path's dense weight (:func:`expands_natively` says where it
+  replaces the Triton expansion: small layers, where a launch's host time is most of it).
 
 The wrappers validate devices, dtypes, shapes and alignment, allocate outputs and
 workspaces with torch and launch on ``torch.cuda.current_stream()``.
@@ -55,6 +57,7 @@ FRAG_SPAN = 128         # columns per span of the fragment-order codes (kFragSpa
 LAYOUT_CHUNK_CODES = 1 << 22  # codes per step of a runtime layout build (_row_chunks)
 LINEAR_KERNELS = {"gemv": 0, "mma": 1, "frag": 2, "frag32": 3}  # the binding's `kernel` codes
 FRAG_BLOCK_ROWS = (16, 32)  # weight rows per block of lut_frag.cu
+NATIVE_DEQUANT_MAX_NUMEL = 1 << 22  # weights up to which dequant expands with dequant.cu
 
 
 def unavailable(device) -> str | None:
@@ -531,3 +534,39 @@ def unpack(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
             native(require_cuda=True).cuda_unpack([p.data_ptr() for p in planes], n, k, bits,
                                                   codes.data_ptr(), _stream(dev))
     return codes
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The dense weight of ``qt.shape`` in ``dtype`` (float16/bfloat16/float32) through
+    csrc/cuda/dequant.cu: bit-exact against ``qt.dequantize(dtype)`` (the float32 codebook
+    looked up, rounded once)."""
+    if dtype not in DTYPE_CODES:
+        raise ValueError(f"dtype must be float16/bfloat16/float32, got {dtype}")
+    _require_cuda(qt.planes[0], "plane")
+    dev = qt.device
+    planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cuda", dev)
+    book = checked_codebook(qt, "cuda", dev)
+    with torch.cuda.device(dev):
+        out = torch.empty(qt.n, qt.k, dtype=dtype, device=dev)
+        if out.numel():
+            native(require_cuda=True).cuda_dequantize(
+                [p.data_ptr() for p in planes], qt.bits, book.data_ptr(),
+                book.shape[0] == qt.n and qt.n > 1, qt.n, qt.k, DTYPE_CODES[dtype],
+                out.data_ptr(), _stream(dev))
+    return out.reshape(qt.shape)
+
+
+def expands_natively(qt: QuantizedTensor) -> bool:
+    """Whether the dequant path expands qt (on CUDA) with :func:`dequantize` rather than
+    Triton's kernel: where the extension has its CUDA part and qt has at most the GPU's
+    tuning entry ``dequant_native_max_numel`` weights (absent: ``NATIVE_DEQUANT_MAX_NUMEL``).
+    Up to there the expansion writes at most 8 MB of fp16, a few microseconds of DRAM time
+    for either kernel, so the launch's host time decides; above it Triton's kernel, whose
+    grids were timed on large layers, stays until this one is timed there too."""
+    from ..ops import _tuning_entry  # ops imports the backends
+
+    if unavailable_reason(require_cuda=True) is not None:
+        return False
+    limit = _tuning_entry(qt.device, "linear", "dequant_native_max_numel",
+                          NATIVE_DEQUANT_MAX_NUMEL)
+    return qt.n * qt.k <= limit

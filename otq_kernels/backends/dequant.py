@@ -1,7 +1,9 @@
 """The dequantized baseline: expand the layer to a transient dense weight, then
 cuBLAS / cuDNN (F.linear / F.conv2d). The right choice at large M.
 
-The expansion uses the Triton dequantize kernel on CUDA tensors and torch elsewhere.
+The expansion uses a CUDA kernel of the extension on small CUDA layers, the Triton
+dequantize kernel on the rest (:func:`otq_kernels.backends.cuda.expands_natively`) and
+torch elsewhere.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ def unavailable(device) -> None:
 def dense_weight(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight of qt's shape in ``dtype`` (transient)."""
     if qt.device.type == "cuda":
+        from . import cuda
+
+        if cuda.expands_natively(qt):
+            return cuda.dequantize(qt, dtype)
         from .triton import dequantize_triton
 
         return dequantize_triton(qt, dtype)

@@ -177,6 +177,21 @@ class Emulated:
         self._check(f(_ptrs([p.contiguous() for p in planes]), n, k, bits, codes.data_ptr()))
         return codes
 
+    def dequantize(self, qt: QuantizedTensor, dtype: torch.dtype,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight [N, K] in ``dtype`` through dequant.cu (out: where to write it,
+        NaN-filled by default; a test may pass a misaligned view)."""
+        if out is None:
+            out = torch.full((qt.n, qt.k), float("nan"), dtype=dtype)
+        book = qt.codebook.to(torch.float32).contiguous()
+        f = self.lib.otq_emu_dequantize
+        f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_bool,
+                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
+        self._check(f(_ptrs([p.contiguous() for p in qt.planes]), qt.bits, book.data_ptr(),
+                      book.shape[0] == qt.n and qt.n > 1, qt.n, qt.k, DTYPE_CODES[dtype],
+                      out.data_ptr()))
+        return out
+
     def fit_rows(self, rows: torch.Tensor, bits: int, nearest: bool = False,
                  workspace_bytes: int | None = None):
         """rows float32 [R, n] -> (codes int64 [R, n], centroids float32 [R, 2**bits]).
@@ -275,6 +290,12 @@ def run_sample(emu: Emulated) -> None:
     planes = emu.pack(codes, 5)
     assert all(torch.equal(a, b) for a, b in zip(planes, pack_codes(codes, 5), strict=True))
     assert torch.equal(emu.unpack(planes, 5, 33), codes)
+    # the dense expansion: 16-byte stores of whole octets (K = 72), element-wise ones of a
+    # partial last octet (K = 33) at two words per plane (8 bits)
+    for bits, shape in ((3, (4, 72)), (8, (3, 33))):
+        qt = otq.fit_codebook(torch.randn(*shape, generator=gen), bits=bits,
+                              granularity="channel", backend="reference")
+        assert torch.equal(emu.dequantize(qt, torch.float16), qt.dequantize(torch.float16))
     for rows, assign in ((3, "rank"), (1, "nearest")):
         x = torch.randn(rows, 50, generator=gen)
         got, _ = emu.fit_rows(x, 3, nearest=assign == "nearest")

@@ -234,6 +234,35 @@ def test_pack_unpack_bit_exact(cuda_backend, bits, k):
     assert torch.equal(cuda_backend.unpack(planes, bits, k).cpu(), codes)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_dequantize_bit_exact(cuda_backend, bits, granularity, dtype):
+    """dequant.cu against format.py over K % 8 == 0 (16-byte stores) and odd K."""
+    for n, k in ((5, 72), (3, 1), (7, 33), (130, 1000)):
+        qt = make_qt(n, k, bits, granularity, seed=bits + k)
+        got = cuda_backend.dequantize(qt, dtype)
+        assert got.shape == qt.shape and got.dtype == dtype
+        assert torch.equal(got.cpu(), qt.to("cpu").dequantize(dtype))
+
+
+def test_dequant_path_expands_small_layers_natively(cuda_backend, monkeypatch):
+    """The dequant backend takes dequant.cu up to the weight count, Triton above it."""
+    from otq_kernels.backends import dequant, triton
+
+    qt = make_qt(16, 64, 4, "channel")
+    calls = []
+    real = triton.dequantize_triton
+    monkeypatch.setattr(triton, "dequantize_triton", lambda *a: calls.append(a) or real(*a))
+    want = qt.to("cpu").dequantize(torch.float16)
+    assert torch.equal(dequant.dense_weight(qt, torch.float16).cpu(), want)
+    assert calls == []
+    monkeypatch.setattr(cuda_backend, "NATIVE_DEQUANT_MAX_NUMEL", qt.n * qt.k - 1)
+    assert cuda_backend.expands_natively(qt) is False
+    assert torch.equal(dequant.dense_weight(qt, torch.float16).cpu(), want)
+    assert len(calls) == 1
+
+
 def test_bad_inputs_raise_value_errors(cuda_backend):
     qt = make_qt(4, 40, 3, "channel")
     with pytest.raises(ValueError, match="CUDA"):

@@ -380,6 +380,52 @@ def test_pack_unpack_bit_exact(emulated, bits, k):
     assert torch.equal(emulated.unpack(planes, bits, k), codes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_dequantize_bit_exact(emulated, bits, granularity, dtype):
+    """Every width and codebook kind: 16-byte stores of whole octets (K % 8 == 0)."""
+    qt = make_qt((5, 72), bits, granularity, "cpu", seed=bits)
+    assert torch.equal(emulated.dequantize(qt, dtype), qt.dequantize(dtype))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("k", [1, 7, 9, 31, 33, 100, 264])
+def test_dequantize_odd_k_takes_scalar_stores(emulated, bits, k):
+    """K % 8 != 0: every octet stored element-wise, the last one partial (a store past a
+    row would overwrite the next row's first values)."""
+    qt = make_qt((3, k), bits, "channel", "cpu", seed=k)
+    assert torch.equal(emulated.dequantize(qt, torch.float16), qt.dequantize(torch.float16))
+
+
+def test_dequantize_misaligned_output_takes_scalar_stores(emulated):
+    """An output 2 bytes off a 16-byte boundary: whole octets stored element-wise too (a
+    16-byte store there is a fault, in the emulation as on the GPU)."""
+    qt = make_qt((4, 64), 4, "channel", "cpu", seed=1)
+    buf = torch.full((4 * 64 + 1,), float("nan"), dtype=torch.float16)
+    out = buf[1:].view(4, 64)
+    assert out.data_ptr() % 16 != 0
+    emulated.dequantize(qt, torch.float16, out=out)
+    assert torch.equal(out, qt.dequantize(torch.float16))
+    assert torch.isnan(buf[0])
+
+
+def test_dequant_path_expands_natively_up_to_the_weight_count(monkeypatch):
+    """Where the extension has its CUDA part, layers of up to NATIVE_DEQUANT_MAX_NUMEL
+    weights (or the GPU's tuning entry) expand through dequant.cu; none without it."""
+    from otq_kernels.backends import cuda
+
+    qt = make_qt((16, 64), 4, "channel", "cpu")
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda require_cuda=False: None)
+    monkeypatch.setattr(cuda, "NATIVE_DEQUANT_MAX_NUMEL", 16 * 64)
+    assert cuda.expands_natively(qt)
+    monkeypatch.setattr(cuda, "NATIVE_DEQUANT_MAX_NUMEL", 16 * 64 - 1)
+    assert not cuda.expands_natively(qt)
+    monkeypatch.setattr(cuda, "NATIVE_DEQUANT_MAX_NUMEL", 1 << 30)
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda require_cuda=False: "no CUDA part")
+    assert not cuda.expands_natively(qt)
+
+
 def check_fit_rows(emu, x, bits, assign):
     codes, centroids = emu.fit_rows(x, bits, nearest=assign == "nearest")
     ref_codes, ref_centroids = ot_rows(x.double(), bits, assign)

@@ -62,6 +62,11 @@ int otq_emu_unpack(const uint32_t* const* planes, int64_t n, int64_t k, int bits
   return otq::cuda::unpack(planes, n, k, bits, codes, nullptr);
 }
 
+int otq_emu_dequantize(const uint32_t* const* planes, int bits, const float* codebook,
+                       bool per_channel, int64_t n, int64_t k, int dtype, void* out) {
+  return otq::cuda::dequantize(planes, bits, codebook, per_channel, n, k, dtype, out, nullptr);
+}
+
 const char* otq_emu_error_string(int code) { return otq::cuda::error_string(code); }
 
 }  // extern "C"

@@ -45,6 +45,12 @@ inline uint32_t load_shared_u32(SharedAddr base, uint32_t offset) {
   return v;
 }
 
+// A misaligned 16-byte store faults on the GPU: the emulation aborts instead.
+inline void store_u4(void* dst, uint4 v) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) otq_emu::fail("misaligned vector store");
+  std::memcpy(dst, &v, sizeof(v));
+}
+
 // PRMT: result byte i is byte (selector >> 4i) & 7 of the 8 bytes y:x.
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned selector) {
   const uint64_t bytes = (static_cast<uint64_t>(y) << 32) | x;
