@@ -206,6 +206,9 @@ void cuda_unpack(const Ptrs& planes, int64_t n, int64_t k, int bits, uintptr_t c
   check_cuda(otq::cuda::unpack(dev.data(), n, k, bits, as<int64_t>(codes), as<void>(stream)));
 }
 
+// Raises unless the current device can run the CUDA kernels (an image for its architecture).
+void cuda_check_kernel_image() { check_cuda(otq::cuda::kernel_image_status()); }
+
 void cuda_dequantize(const Ptrs& planes, int bits, uintptr_t codebook, bool per_channel,
                      int64_t n, int64_t k, int dtype, uintptr_t out, uintptr_t stream) {
   check_bits(bits), check_size(n, "n"), check_size(k, "k");
@@ -260,6 +263,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Pack int64 codes [n, k] into bit planes on the GPU.");
   m.def("cuda_unpack", &cuda_unpack, "planes"_a, "n"_a, "k"_a, "bits"_a, "codes"_a, "stream"_a,
         "Unpack bit planes into int64 codes [n, k] on the GPU.");
+  m.def("cuda_check_kernel_image", &cuda_check_kernel_image,
+        "Raise RuntimeError unless the current device can run the CUDA kernels.");
   m.def("cuda_dequantize", &cuda_dequantize, "planes"_a, "bits"_a, "codebook"_a,
         "per_channel"_a, "n"_a, "k"_a, "dtype"_a, "out"_a, "stream"_a,
         "The dense weight out [n, k] (dtype 0 f32, 1 f16, 2 bf16) of bit planes and the "

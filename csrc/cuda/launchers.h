@@ -88,6 +88,10 @@ int unpack(const uint32_t* const* planes, int64_t n, int64_t k, int bits, int64_
 int dequantize(const uint32_t* const* planes, int bits, const float* codebook, bool per_channel,
                int64_t n, int64_t k, int dtype, void* out, void* stream);
 
+// 0 if the current device can run these kernels, else why not (e.g.
+// cudaErrorNoKernelImageForDevice: built for other GPU architectures).
+int kernel_image_status();
+
 const char* error_string(int code);
 
 }  // namespace otq::cuda

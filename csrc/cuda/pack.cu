@@ -42,6 +42,13 @@ __global__ void unpack_kernel(PlaneArgs planes, int bits, int64_t n, int64_t k,
 
 }  // namespace
 
+int kernel_image_status() {
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, unpack_kernel);
+  if (status != cudaSuccess) cudaGetLastError();  // not an error of the next launch
+  return static_cast<int>(status);
+}
+
 int pack(const int64_t* codes, int64_t n, int64_t k, int bits, uint32_t* const* planes,
          void* stream) {
   if (!valid_bits(bits) || n <= 0 || k <= 0) return static_cast<int>(cudaErrorInvalidValue);

@@ -16,7 +16,8 @@ def _properties(index: int):
     return torch.cuda.get_device_properties(index)
 
 
-def _index(device: torch.device) -> int:
+def index(device: torch.device) -> int:
+    """The CUDA device's index (the current device for an index-less "cuda")."""
     return torch.cuda.current_device() if device.index is None else device.index
 
 
@@ -24,9 +25,9 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (1 for a non-CUDA device)."""
     if device.type != "cuda":
         return 1
-    return _properties(_index(device)).multi_processor_count
+    return _properties(index(device)).multi_processor_count
 
 
 def gpu_name(device: torch.device) -> str:
     """The CUDA device's name, as ``torch.cuda.get_device_name`` gives it."""
-    return _properties(_index(device)).name
+    return _properties(index(device)).name

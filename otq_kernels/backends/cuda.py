@@ -23,6 +23,7 @@ workspaces with torch and launch on ``torch.cuda.current_stream()``.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -63,7 +64,21 @@ NATIVE_DEQUANT_MAX_NUMEL = 1 << 22  # weights up to which dequant expands with d
 def unavailable(device) -> str | None:
     if device.type != "cuda":
         return f"the cuda backend needs CUDA tensors, not {device}"
-    return unavailable_reason(require_cuda=True)
+    return unavailable_reason(require_cuda=True) or _no_kernel_image(_device.index(device))
+
+
+@functools.cache
+def _no_kernel_image(index: int) -> str | None:
+    """Why GPU ``index`` cannot run the extension's kernels (built for other
+    architectures: setup.py's OTQ_CUDA_ARCHS), or None; asked once per GPU."""
+    try:
+        with torch.cuda.device(index):
+            native(require_cuda=True).cuda_check_kernel_image()
+    except (RuntimeError, AttributeError) as err:  # AttributeError: an older build
+        major, minor = torch.cuda.get_device_capability(index)
+        return (f"otq_kernels._C has no kernels for this GPU (sm_{major}{minor}): {err}; "
+                f"rebuild it with OTQ_CUDA_ARCHS={major}{minor}")
+    return None
 
 
 def _require_cuda(t, name: str, device: torch.device | None = None) -> None:
@@ -558,14 +573,14 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float16) -> torch
 
 def expands_natively(qt: QuantizedTensor) -> bool:
     """Whether the dequant path expands qt (on CUDA) with :func:`dequantize` rather than
-    Triton's kernel: where the extension has its CUDA part and qt has at most the GPU's
+    Triton's kernel: where this backend runs on qt's GPU and qt has at most the GPU's
     tuning entry ``dequant_native_max_numel`` weights (absent: ``NATIVE_DEQUANT_MAX_NUMEL``).
     Up to there the expansion writes at most 8 MB of fp16, a few microseconds of DRAM time
     for either kernel, so the launch's host time decides; above it Triton's kernel, whose
     grids were timed on large layers, stays until this one is timed there too."""
     from ..ops import _tuning_entry  # ops imports the backends
 
-    if unavailable_reason(require_cuda=True) is not None:
+    if unavailable(qt.device) is not None:
         return False
     limit = _tuning_entry(qt.device, "linear", "dequant_native_max_numel",
                           NATIVE_DEQUANT_MAX_NUMEL)

@@ -234,6 +234,19 @@ def test_pack_unpack_bit_exact(cuda_backend, bits, k):
     assert torch.equal(cuda_backend.unpack(planes, bits, k).cpu(), codes)
 
 
+def test_kernel_image_found_on_the_built_architectures():
+    """On an sm_80/sm_90 GPU (setup.py's default OTQ_CUDA_ARCHS) the backend's image check
+    passes: a wrong check would skip every other test of this file instead of failing."""
+    from otq_kernels._native import unavailable_reason
+    from otq_kernels.backends import cuda
+
+    if not torch.cuda.is_available() or unavailable_reason(require_cuda=True):
+        pytest.skip("needs a CUDA GPU and the extension's CUDA part")
+    if torch.cuda.get_device_capability() not in ((8, 0), (9, 0)):
+        pytest.skip("the default build has images for sm_80 and sm_90 only")
+    assert cuda.unavailable(torch.device("cuda")) is None
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("bits", range(2, 9))

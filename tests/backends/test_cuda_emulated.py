@@ -398,6 +398,13 @@ def test_dequantize_odd_k_takes_scalar_stores(emulated, bits, k):
     assert torch.equal(emulated.dequantize(qt, torch.float16), qt.dequantize(torch.float16))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_dequantize_odd_k_other_dtypes(emulated, granularity, dtype):
+    qt = make_qt((3, 33), 5, granularity, "cpu", seed=33)
+    assert torch.equal(emulated.dequantize(qt, dtype), qt.dequantize(dtype))
+
+
 def test_dequantize_misaligned_output_takes_scalar_stores(emulated):
     """An output 2 bytes off a 16-byte boundary: whole octets stored element-wise too (a
     16-byte store there is a fault, in the emulation as on the GPU)."""
@@ -411,19 +418,45 @@ def test_dequantize_misaligned_output_takes_scalar_stores(emulated):
 
 
 def test_dequant_path_expands_natively_up_to_the_weight_count(monkeypatch):
-    """Where the extension has its CUDA part, layers of up to NATIVE_DEQUANT_MAX_NUMEL
-    weights (or the GPU's tuning entry) expand through dequant.cu; none without it."""
+    """Where the cuda backend runs on the GPU, layers of up to NATIVE_DEQUANT_MAX_NUMEL
+    weights, or the GPU's tuning entry dequant_native_max_numel, expand through
+    dequant.cu; none where the backend does not run."""
+    from otq_kernels import ops
     from otq_kernels.backends import cuda
 
     qt = make_qt((16, 64), 4, "channel", "cpu")
-    monkeypatch.setattr(cuda, "unavailable_reason", lambda require_cuda=False: None)
+    monkeypatch.setattr(cuda, "unavailable", lambda device: None)
     monkeypatch.setattr(cuda, "NATIVE_DEQUANT_MAX_NUMEL", 16 * 64)
     assert cuda.expands_natively(qt)
     monkeypatch.setattr(cuda, "NATIVE_DEQUANT_MAX_NUMEL", 16 * 64 - 1)
     assert not cuda.expands_natively(qt)
-    monkeypatch.setattr(cuda, "NATIVE_DEQUANT_MAX_NUMEL", 1 << 30)
-    monkeypatch.setattr(cuda, "unavailable_reason", lambda require_cuda=False: "no CUDA part")
+    entries = {}
+    monkeypatch.setattr(ops, "_tuning_entry", lambda device, op, name, absent: (
+        entries.get((op, name), absent)))
+    entries["linear", "dequant_native_max_numel"] = 16 * 64
+    assert cuda.expands_natively(qt)
+    entries["linear", "dequant_native_max_numel"] = 0
     assert not cuda.expands_natively(qt)
+    entries.clear()
+    monkeypatch.setattr(cuda, "NATIVE_DEQUANT_MAX_NUMEL", 1 << 30)
+    monkeypatch.setattr(cuda, "unavailable", lambda device: "built for other GPUs")
+    assert not cuda.expands_natively(qt)
+
+
+def test_dequantize_wrapper_rejects_bad_inputs():
+    """cuda.dequantize checks the dtype and the device before touching the extension."""
+    from otq_kernels.backends import cuda
+
+    qt = make_qt((4, 40), 3, "tensor", "cpu")
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        cuda.dequantize(qt, torch.int32)
+    with pytest.raises(ValueError, match="CUDA"):
+        cuda.dequantize(qt, torch.float16)
+
+
+def test_kernel_image_status_is_success(emulated):
+    """The launcher behind cuda_check_kernel_image (the emulation has every image)."""
+    assert emulated.lib.otq_emu_kernel_image_status() == 0
 
 
 def check_fit_rows(emu, x, bits, assign):

@@ -67,6 +67,8 @@ int otq_emu_dequantize(const uint32_t* const* planes, int bits, const float* cod
   return otq::cuda::dequantize(planes, bits, codebook, per_channel, n, k, dtype, out, nullptr);
 }
 
+int otq_emu_kernel_image_status() { return otq::cuda::kernel_image_status(); }
+
 const char* otq_emu_error_string(int code) { return otq::cuda::error_string(code); }
 
 }  // extern "C"

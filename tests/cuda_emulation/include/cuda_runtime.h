@@ -98,6 +98,13 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute at
   return cudaSuccess;
 }
 
+// The host build runs every kernel: there is always an image.
+template <typename... Params>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, void (*)(Params...)) {
+  attributes->maxThreadsPerBlock = 1024;
+  return cudaSuccess;
+}
+
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = otq_emu::last_error();
   otq_emu::last_error() = cudaSuccess;

@@ -26,3 +26,7 @@ enum cudaError_t : int {
 using cudaStream_t = struct CUstream_st*;
 
 enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+struct cudaFuncAttributes {
+  int maxThreadsPerBlock;
+};
