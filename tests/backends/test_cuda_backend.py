@@ -259,6 +259,22 @@ def test_dequantize_bit_exact(cuda_backend, bits, granularity, dtype):
         assert torch.equal(got.cpu(), qt.to("cpu").dequantize(dtype))
 
 
+def test_dequantize_more_than_2_31_elements(cuda_backend):
+    """Output offsets past 2**31 (int64 indexing) and items past one pass of the capped
+    grid (grid-stride): the last rows are right."""
+    from otq_kernels.format import QuantizedTensor
+
+    if torch.cuda.get_device_properties(0).total_memory < 16 * 2**30:
+        pytest.skip("needs a GPU with 16 GiB")
+    n, k, tail = 2**20 + 32, 2048, 64  # n * k = 2**31 + 65536
+    plane = torch.randint(-2**31, 2**31 - 1, (n, k * 2 // 32), dtype=torch.int32,
+                          device="cuda")
+    book = torch.tensor([[-1.5, -0.5, 0.25, 1.0]], device="cuda")
+    dense = cuda_backend.dequantize(QuantizedTensor([plane], book, 2, (n, k), "tensor"))
+    last = QuantizedTensor([plane[-tail:].contiguous()], book, 2, (tail, k), "tensor")
+    assert torch.equal(dense[-tail:], last.dequantize(torch.float16))
+
+
 def test_dequant_path_expands_small_layers_natively(cuda_backend, monkeypatch):
     """The dequant backend takes dequant.cu up to the weight count, Triton above it."""
     from otq_kernels.backends import dequant, triton
