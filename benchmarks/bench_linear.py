@@ -121,10 +121,8 @@ def triton_forced(kernel: str):
 def cuda_kernel(kernel: str, split_k: int | None = None):
     """Callable (x, qt) -> y running one CUDA kernel of :data:`CUDA_KERNELS` (lut_gemv.cu,
     lut_mma.cu, lut_frag.cu), with ``split_k`` (None = the backend's heuristic)."""
-    from otq_kernels.backends import cuda
-
     forced = CUDA_KERNELS[kernel]
-    return lambda x, qt: cuda.linear(x, qt, None, split_k=split_k, **forced)
+    return lambda x, qt: cuda_backend.linear(x, qt, None, split_k=split_k, **forced)
 
 
 def backend_fn(name: str):
@@ -245,17 +243,16 @@ def time_expansion(run, base: dict, qt, dense: torch.Tensor) -> None:
     the extension's CUDA kernel ("expand_native", which the path takes for layers of up to
     ``dequant_native_max_numel`` weights; a skipped row without it); bytes = codes read +
     dense weight written, rel_err against ``dense`` (qt.dequantize's: 0 is bit-exact)."""
-    from otq_kernels.backends import cuda
     from otq_kernels.backends.triton.dequant import dequantize_triton
 
     dtype = dense.dtype
     nbytes = common.quantized_bytes(qt) + dense.numel() * dense.element_size()
     kernels = [("triton", "expand_walk", lambda: dequantize_triton(qt, dtype, True)),
                ("triton", "expand_1tile", lambda: dequantize_triton(qt, dtype, False)),
-               ("cuda", "expand_native", lambda: cuda.dequantize(qt, dtype))]
+               ("cuda", "expand_native", lambda: cuda_backend.dequantize(qt, dtype))]
     for backend, kernel, expand in kernels:
         fields = {**base, "op": "dequantize", "backend": backend, "kernel": kernel, "M": 0}
-        reason = cuda.unavailable(run.device) if backend == "cuda" else None
+        reason = cuda_backend.unavailable(run.device) if backend == "cuda" else None
         if reason:
             run.add(common.skipped_row(reason, **fields))
             continue

@@ -101,6 +101,18 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Kernels::run<T, BITS>(args) for the runtime bits in [BITS, MAX_BITS]
+// (cudaErrorInvalidValue past MAX_BITS).
+template <typename Kernels, typename T, int BITS, int MAX_BITS, typename Args>
+int run_bits(int bits, const Args& args) {
+  if constexpr (BITS > MAX_BITS) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  } else {
+    return bits == BITS ? Kernels::template run<T, BITS>(args)
+                        : run_bits<Kernels, T, BITS + 1, MAX_BITS>(bits, args);
+  }
+}
+
 inline int blocks_for(int64_t items, int threads, int64_t cap = 65535LL * 16) {
   const int64_t blocks = (items + threads - 1) / threads;
   return static_cast<int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));

@@ -80,25 +80,17 @@ struct DequantArgs {
   cudaStream_t stream;
 };
 
-template <typename T, int BITS>
-int launch(const DequantArgs& a) {
-  const int64_t items = a.n * ((a.k + kCodesPerItem - 1) / kCodesPerItem);
-  const bool vector_store =
-      a.k % kCodesPerItem == 0 && reinterpret_cast<uintptr_t>(a.out) % 16 == 0;
-  OTQ_LAUNCH(blocks_for(items, 256), 256, 0, a.stream, dequantize_kernel<T, BITS>)(
-      a.planes, a.codebook, a.per_channel, a.n, a.k, vector_store, static_cast<T*>(a.out));
-  return static_cast<int>(cudaGetLastError());
-}
-
-// launch<T, bits> for the runtime bits in [BITS, kMaxBits] (bits already checked).
-template <typename T, int BITS = kMinBits>
-int launch_bits(int bits, const DequantArgs& a) {
-  if constexpr (BITS >= kMaxBits) {
-    return launch<T, kMaxBits>(a);
-  } else {
-    return bits == BITS ? launch<T, BITS>(a) : launch_bits<T, BITS + 1>(bits, a);
+struct DequantKernels {
+  template <typename T, int BITS>
+  static int run(const DequantArgs& a) {
+    const int64_t items = a.n * ((a.k + kCodesPerItem - 1) / kCodesPerItem);
+    const bool vector_store =
+        a.k % kCodesPerItem == 0 && reinterpret_cast<uintptr_t>(a.out) % 16 == 0;
+    OTQ_LAUNCH(blocks_for(items, 256), 256, 0, a.stream, dequantize_kernel<T, BITS>)(
+        a.planes, a.codebook, a.per_channel, a.n, a.k, vector_store, static_cast<T*>(a.out));
+    return static_cast<int>(cudaGetLastError());
   }
-}
+};
 
 }  // namespace
 
@@ -108,9 +100,10 @@ int dequantize(const uint32_t* const* planes, int bits, const float* codebook, b
   const DequantArgs a{plane_args(planes, bits, k), codebook, per_channel, n, k, out,
                       as_stream(stream)};
   switch (dtype) {
-    case kFloat32: return launch_bits<float>(bits, a);
-    case kFloat16: return launch_bits<__half>(bits, a);
-    case kBFloat16: return launch_bits<__nv_bfloat16>(bits, a);
+    case kFloat32: return run_bits<DequantKernels, float, kMinBits, kMaxBits>(bits, a);
+    case kFloat16: return run_bits<DequantKernels, __half, kMinBits, kMaxBits>(bits, a);
+    case kBFloat16:
+      return run_bits<DequantKernels, __nv_bfloat16, kMinBits, kMaxBits>(bits, a);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

@@ -152,17 +152,6 @@ int launch_in_m_chunks(const GemvArgs& a, int rows_per_block, int max_m, Launch 
   return static_cast<int>(cudaGetLastError());
 }
 
-// Kernels::run<T, BITS>(args) for the runtime bits in [BITS, MAX_BITS].
-template <typename Kernels, typename T, int BITS, int MAX_BITS>
-int run_bits(int bits, const GemvArgs& args) {
-  if constexpr (BITS > MAX_BITS) {
-    return static_cast<int>(cudaErrorInvalidValue);
-  } else {
-    return bits == BITS ? Kernels::template run<T, BITS>(args)
-                        : run_bits<Kernels, T, BITS + 1, MAX_BITS>(bits, args);
-  }
-}
-
 // A GEMV launcher's entry point: checks sizes and bits (2..MAX_BITS), then calls
 // Kernels::run<T, BITS> for dtype (float32 only when FLOAT32) and bits; otherwise
 // cudaErrorInvalidValue.
