@@ -99,6 +99,17 @@ void cpu_lut_linear(uintptr_t x, int64_t m, int64_t k, const Ptrs& planes, int b
                        as<const float>(codebook), groups, n, as<const float>(bias), as<float>(y));
 }
 
+void cpu_dequantize(const Ptrs& planes, int64_t n, int64_t k, int bits, uintptr_t codebook,
+                    int64_t groups, uintptr_t out) {
+  check_bits(bits), check_size(n, "n"), check_size(k, "k");
+  require(groups == 1 || groups == n, "groups must be 1 or n");
+  check_ptr(codebook, "codebook"), check_ptr(out, "out");
+  check_planes(planes, bits);
+  py::gil_scoped_release release;
+  otq::cpu::dequantize(cpu_planes(planes), n, k, bits, as<const float>(codebook), groups,
+                       as<float>(out));
+}
+
 #ifdef OTQ_WITH_CUDA
 void check_cuda(int err) {
   if (err != 0) throw std::runtime_error(std::string("CUDA error: ") + otq::cuda::error_string(err));
@@ -241,6 +252,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_lut_linear", &cpu_lut_linear, "x"_a, "m"_a, "k"_a, "planes"_a, "bits"_a,
         "codebook"_a, "groups"_a, "n"_a, "bias"_a, "y"_a,
         "y[m, n] = x[m, k] @ W^T + bias in float32 (bias pointer 0 = none).");
+  m.def("cpu_dequantize", &cpu_dequantize, "planes"_a, "n"_a, "k"_a, "bits"_a, "codebook"_a,
+        "groups"_a, "out"_a, "Dense float32 weight out[n, k] = codebook[g(row), code].");
 #ifdef OTQ_WITH_CUDA
   m.attr("GEMV_MAX_M") = otq::cuda::kGemvMaxM;
   m.def("cuda_lut_linear", &cuda_lut_linear, "x"_a, "dtype"_a, "m"_a, "k"_a, "planes"_a,

@@ -258,9 +258,9 @@ class QuantConv1d(_QuantConv):
 
     forward: x [B, C_in, L] -> [B, C_out, L_out] (x.dtype). Convs run as a 1×k conv2d on
     x.unsqueeze(2) [B, C, 1, L]. Pointwise ones (k = 1, stride 1, no padding, groups 1) run
-    as a linear layer on x^T [B, L, C] instead where no conv kernel would run (on CPU, with
-    a linear-only backend, or one whose conv kernel does not take x's dtype and the bits):
-    on a GPU the conv kernels read x in place, without the transposing copies.
+    as a linear layer on x^T [B, L, C] instead where no conv kernel would run (a linear-only
+    backend such as ``cpu``, or one whose conv kernel does not take x's dtype and the
+    bits): the conv kernels read x in place, without the transposing copies.
     """
 
     FLOAT_TYPE = nn.Conv1d

@@ -73,6 +73,11 @@ def tuning_int_by(device: torch.device, op: str, name: str, by: str, key) -> int
 _OP_FUNCTION = {"linear": "linear", "conv2d": "conv2d", "fit": "fit_rows", "pack": "pack",
                 "unpack": "unpack"}
 UNLIMITED = 2**62
+# Largest M for which auto dispatch runs the C++ LUT kernel on CPU; above it the dense
+# weight (C++ expansion) and torch's GEMM. On the 2-core Xeon (AVX-512) of the CI machine
+# the LUT kernel was 2-4x faster at M <= 16 on a 4096 x 4096 layer and level (0.8-1.5x)
+# with the expansion on layers of 256-1024 features, which win above M = 16.
+CPU_LUT_MAX_M = 16
 
 
 def _trace_constant(fn):
@@ -90,6 +95,8 @@ def _candidates(op: str, device: torch.device, bits: int | None = None
     """(backend, smallest M, largest M it takes) for ``op``, best first; M = row length for
     "fit". ``bits``: the codes' bit width, for a table's ``cuda_max_m_by_bits`` entry."""
     if device.type != "cuda":
+        if op in ("linear", "conv2d"):  # cpu has no conv: dequant takes every conv
+            return [("cpu", 0, CPU_LUT_MAX_M), ("dequant", 0, UNLIMITED)]
         return [("cpu", 0, UNLIMITED), ("reference", 0, UNLIMITED)]
     table = _gpu_table(device).get(op, {})
     if op in ("linear", "conv2d"):

@@ -245,11 +245,12 @@ def test_tiny_unet_on_triton_matches_reference(monkeypatch):
     assert "linear_triton" in kernels
 
 
-@pytest.mark.parametrize("backend, path", [("auto", "linear"), ("reference", "linear"),
+@pytest.mark.parametrize("backend, path", [("auto", "conv2d"), ("reference", "linear"),
                                            ("cpu", "linear"), ("triton", "conv2d")])
 def test_pointwise_conv1d_takes_a_conv_kernel_where_one_runs(backend, path, monkeypatch):
-    """On CPU auto/reference/cpu run pointwise Conv1d as a linear layer; a backend with a
-    conv kernel (triton, through the interpreter here; on a GPU auto too) reads x in place."""
+    """reference and cpu (no conv kernel) run pointwise Conv1d as a linear layer; a backend
+    with a conv kernel reads x in place: triton (through the interpreter here) and auto,
+    which on CPU picks dequant (the dense weight and torch's conv) for convs."""
     pytest.importorskip("triton")
     if backend == "cpu" and otq.backends.get("cpu").unavailable(torch.device("cpu")):
         pytest.skip("native CPU extension not built")

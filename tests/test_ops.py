@@ -221,8 +221,12 @@ def test_unpack_rows_of_a_layer():
 
 def test_dispatch_env_and_auto(monkeypatch):
     cpu = torch.device("cpu")
-    assert ops.resolve_backend(None, "linear", cpu, 1) in ("cpu", "reference")
-    assert ops.resolve_backend("auto", "conv2d", cpu, 1) in ("cpu", "reference")
+    native = otq.backends.get("cpu").unavailable(cpu) is None
+    assert ops.resolve_backend(None, "linear", cpu, 1) == ("cpu" if native else "dequant")
+    assert ops.resolve_backend(None, "linear", cpu, ops.CPU_LUT_MAX_M) == (
+        "cpu" if native else "dequant")
+    assert ops.resolve_backend(None, "linear", cpu, ops.CPU_LUT_MAX_M + 1) == "dequant"
+    assert ops.resolve_backend("auto", "conv2d", cpu, 1) == "dequant"
     monkeypatch.setenv("OTQ_BACKEND", "reference")
     assert ops.resolve_backend(None, "linear", cpu, 1) == "reference"
     monkeypatch.setenv("OTQ_BACKEND", "nonsense")

@@ -18,9 +18,6 @@ void pack(const int64_t* codes, int64_t n, int64_t k, int bits, Planes planes);
 // planes -> codes int64 [n, k].
 void unpack(Planes planes, int64_t n, int64_t k, int bits, int64_t* codes);
 
-// Decode one row of codes into out[padded_k(k)] (padding codes are 0).
-void decode_row(Planes planes, int64_t row, int64_t k, int bits, uint8_t* out);
-
 // Equal-mass ("ot") binning of each row of x [r, n]: codes int64 [r, n] and centroids
 // float32 [r, 2**bits] (ascending, unused levels = last centroid).
 void fit_rows(const float* x, int64_t r, int64_t n, int bits, bool nearest, int64_t* codes,
@@ -32,5 +29,10 @@ void fit_rows(const double* x, int64_t r, int64_t n, int bits, bool nearest, int
 // codebook is float32 [groups, 2**bits] with groups 1 (tensor) or n (channel); bias may be null.
 void lut_linear(const float* x, int64_t m, int64_t k, Planes planes, int bits,
                 const float* codebook, int64_t groups, int64_t n, const float* bias, float* y);
+
+// out[n, k] = codebook[g(j), code(j, :)] in float32 (the dequant path's dense weight);
+// codebook float32 [groups, 2**bits], groups 1 (tensor) or n (channel).
+void dequantize(Planes planes, int64_t n, int64_t k, int bits, const float* codebook,
+                int64_t groups, float* out);
 
 }  // namespace otq::cpu

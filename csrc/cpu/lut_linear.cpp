@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "cpu_ops.h"
+#include "decode.h"
 
 namespace otq::cpu {
 namespace {
@@ -11,19 +11,17 @@ namespace {
 constexpr int64_t kRowsPerBlock = 4;
 
 // dense[r, :k] = codebook row of weight row (first + r) looked up at its codes.
-void decode_block(Planes planes, int bits, const float* codebook, int64_t groups, int64_t first,
-                  int64_t rows, int64_t k, uint8_t* codes, float* dense) {
+OTQ_CPU_INLINE void decode_block(Planes planes, int bits, const float* codebook, int64_t groups,
+                         int64_t first, int64_t rows, int64_t k, float* dense) {
   const int64_t levels = int64_t{1} << bits;
   for (int64_t r = 0; r < rows; ++r) {
-    decode_row(planes, first + r, k, bits, codes);
-    const float* lut = codebook + (groups == 1 ? 0 : (first + r) * levels);
-    float* out = dense + r * k;
-    for (int64_t i = 0; i < k; ++i) out[i] = lut[codes[i]];
+    const int64_t row = first + r;
+    lookup_row(planes, row, k, bits, codebook + (groups == 1 ? 0 : row * levels), dense + r * k);
   }
 }
 
 // y[0..rows) = dense[r, :] . xm for a full block of kRowsPerBlock rows.
-void dot_block(const float* dense, const float* xm, int64_t k, float* acc) {
+OTQ_CPU_INLINE void dot_block(const float* dense, const float* xm, int64_t k, float* acc) {
   const float *w0 = dense, *w1 = dense + k, *w2 = dense + 2 * k, *w3 = dense + 3 * k;
   float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
@@ -37,11 +35,30 @@ void dot_block(const float* dense, const float* xm, int64_t k, float* acc) {
   acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 }
 
-float dot(const float* w, const float* xm, int64_t k) {
+OTQ_CPU_INLINE float dot(const float* w, const float* xm, int64_t k) {
   float a = 0.f;
 #pragma omp simd reduction(+ : a)
   for (int64_t i = 0; i < k; ++i) a += xm[i] * w[i];
   return a;
+}
+
+// y[:, first .. first + rows) for the weight rows of one block.
+OTQ_CPU_CLONES
+void linear_block(const float* x, int64_t m, int64_t k, Planes planes, int bits,
+                  const float* codebook, int64_t groups, int64_t n, const float* bias,
+                  int64_t first, int64_t rows, float* dense, float* y) {
+  decode_block(planes, bits, codebook, groups, first, rows, k, dense);
+  float acc[kRowsPerBlock];
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xm = x + i * k;
+    if (rows == kRowsPerBlock) {
+      dot_block(dense, xm, k, acc);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) acc[r] = dot(dense + r * k, xm, k);
+    }
+    float* ym = y + i * n + first;
+    for (int64_t r = 0; r < rows; ++r) ym[r] = acc[r] + (bias ? bias[first + r] : 0.f);
+  }
 }
 
 }  // namespace
@@ -51,24 +68,12 @@ void lut_linear(const float* x, int64_t m, int64_t k, Planes planes, int bits,
   const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
 #pragma omp parallel
   {
-    std::vector<uint8_t> codes(padded_k(k));
     std::vector<float> dense(kRowsPerBlock * k);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t first = b * kRowsPerBlock;
-      const int64_t rows = std::min(kRowsPerBlock, n - first);
-      decode_block(planes, bits, codebook, groups, first, rows, k, codes.data(), dense.data());
-      float acc[kRowsPerBlock];
-      for (int64_t i = 0; i < m; ++i) {
-        const float* xm = x + i * k;
-        if (rows == kRowsPerBlock) {
-          dot_block(dense.data(), xm, k, acc);
-        } else {
-          for (int64_t r = 0; r < rows; ++r) acc[r] = dot(dense.data() + r * k, xm, k);
-        }
-        float* ym = y + i * n + first;
-        for (int64_t r = 0; r < rows; ++r) ym[r] = acc[r] + (bias ? bias[first + r] : 0.f);
-      }
+      linear_block(x, m, k, planes, bits, codebook, groups, n, bias, first,
+                   std::min(kRowsPerBlock, n - first), dense.data(), y);
     }
   }
 }

@@ -1,7 +1,7 @@
 // Bit-plane pack/unpack on the CPU (bit-exact with otq_kernels.format).
 #include <vector>
 
-#include "cpu_ops.h"
+#include "decode.h"
 
 namespace otq::cpu {
 namespace {
@@ -17,20 +17,6 @@ uint32_t pack_word(const int64_t* row, int64_t k, int64_t first, int width, int 
   return word;
 }
 
-template <int W>
-void decode_plane(const uint32_t* words, int64_t nwords, int offset, bool first, uint8_t* out) {
-  constexpr int kPer = kWordBits / W;
-  constexpr uint32_t kMask = (1u << W) - 1u;
-  for (int64_t i = 0; i < nwords; ++i) {
-    const uint32_t word = words[i];
-    uint8_t* dst = out + i * kPer;
-    for (int f = 0; f < kPer; ++f) {
-      const uint8_t field = static_cast<uint8_t>(((word >> (f * W)) & kMask) << offset);
-      dst[f] = first ? field : static_cast<uint8_t>(dst[f] | field);
-    }
-  }
-}
-
 }  // namespace
 
 void pack(const int64_t* codes, int64_t n, int64_t k, int bits, Planes planes) {
@@ -44,21 +30,6 @@ void pack(const int64_t* codes, int64_t n, int64_t k, int bits, Planes planes) {
       uint32_t* dst = planes.ptr[p] + row * nwords;
       for (int64_t i = 0; i < nwords; ++i)
         dst[i] = pack_word(src, k, i * (kWordBits / width), width, spec.offset[p]);
-    }
-  }
-}
-
-void decode_row(Planes planes, int64_t row, int64_t k, int bits, uint8_t* out) {
-  const PlaneSpec spec = plane_spec(bits);
-  for (int p = 0; p < spec.count; ++p) {
-    const int64_t nwords = row_words(k, spec.width[p]);
-    const uint32_t* words = planes.ptr[p] + row * nwords;
-    const int off = spec.offset[p];
-    switch (spec.width[p]) {
-      case 8: decode_plane<8>(words, nwords, off, p == 0, out); break;
-      case 4: decode_plane<4>(words, nwords, off, p == 0, out); break;
-      case 2: decode_plane<2>(words, nwords, off, p == 0, out); break;
-      default: decode_plane<1>(words, nwords, off, p == 0, out); break;
     }
   }
 }

@@ -98,3 +98,19 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> t
     native().cpu_lut_linear(xf.data_ptr(), m, qt.k, _ptrs(planes), qt.bits, book.data_ptr(),
                             book.shape[0], qt.n, 0 if b is None else b.data_ptr(), y.data_ptr())
     return y.to(x.dtype)
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense weight of ``qt.shape`` in ``dtype`` (float16/bfloat16/float32): the float32
+    codebook looked up in C++, rounded once to ``dtype``; bit-exact against
+    ``qt.dequantize(dtype)``."""
+    if dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"dtype must be float16/bfloat16/float32, got {dtype}")
+    planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cpu")
+    book = checked_codebook(qt, "cpu")
+    out = torch.empty(qt.n, qt.k, dtype=torch.float32)
+    if out.numel():
+        native().cpu_dequantize(_ptrs(planes), qt.n, qt.k, qt.bits, book.data_ptr(),
+                                book.shape[0], out.data_ptr())
+    return out.to(dtype).reshape(qt.shape)
+

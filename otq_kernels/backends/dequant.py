@@ -2,8 +2,8 @@
 cuBLAS / cuDNN (F.linear / F.conv2d). The right choice at large M.
 
 The expansion uses a CUDA kernel of the extension on small CUDA layers, the Triton
-dequantize kernel on the rest (:func:`otq_kernels.backends.cuda.expands_natively`) and
-torch elsewhere.
+dequantize kernel on the rest (:func:`otq_kernels.backends.cuda.expands_natively`), the
+extension's C++ kernel on CPU tensors and torch where the extension is not built.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ def dense_weight(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         from .triton import dequantize_triton
 
         return dequantize_triton(qt, dtype)
+    if qt.device.type == "cpu":
+        from . import cpu
+
+        if cpu.unavailable(qt.device) is None:
+            return cpu.dequantize(qt, dtype)
     return qt.dequantize(dtype)
 
 

@@ -138,6 +138,39 @@ def test_codebook_linear_op_with_cpu_backend():
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- dequantize
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_dequantize_bit_exact(bits, granularity, dtype):
+    for n, k in ((1, 1), (6, 33), (3, 1000)):
+        qt = make_qt(n, k, bits, granularity, seed=bits + k)
+        out = cpu.dequantize(qt, dtype)
+        assert out.dtype == dtype and torch.equal(out, qt.dequantize(dtype))
+
+
+def test_dequantize_keeps_the_weight_shape_and_reads_views():
+    w = torch.randn(8, 3, 3, 3)
+    qt = otq.fit_codebook(w, bits=3, granularity="channel", backend="reference")
+    assert torch.equal(cpu.dequantize(qt), qt.dequantize())
+    wide = otq.QuantizedTensor([torch.cat([p, p], 1)[:, : p.shape[1]] for p in qt.planes],
+                               qt.codebook, 3, qt.shape, "channel")  # non-contiguous planes
+    assert torch.equal(cpu.dequantize(wide), qt.dequantize())
+
+
+def test_dense_weight_on_cpu_uses_the_extension(monkeypatch):
+    from otq_kernels.backends import dequant
+
+    qt = make_qt(5, 40, 4, "channel")
+    calls = []
+    monkeypatch.setattr(cpu, "dequantize",
+                        lambda q, dtype: calls.append(dtype) or q.dequantize(dtype))
+    dequant.dense_weight(qt, torch.float16)
+    assert calls == [torch.float16]
+    monkeypatch.setattr(cpu, "unavailable", lambda device: "not built")
+    assert torch.equal(dequant.dense_weight(qt, torch.float32), qt.dequantize()) and len(calls) == 1
+
+
 # ----------------------------------------------------------------------------- errors
 def test_bad_inputs_raise_value_errors():
     qt = make_qt(4, 40, 3, "channel")
@@ -161,6 +194,11 @@ def test_bad_inputs_raise_value_errors():
         cpu.fit_rows(torch.tensor([[0.0, float("nan")]]), 2)
     with pytest.raises(ValueError, match="assign"):
         cpu.fit_rows(torch.randn(2, 5), 2, "closest")
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        cpu.dequantize(qt, torch.float64)
+    with pytest.raises(ValueError, match="int32"):
+        cpu.dequantize(otq.QuantizedTensor([p.to(torch.int64) for p in qt.planes], qt.codebook,
+                                           3, qt.shape, "channel"))
 
 
 def test_native_entry_points_validate_arguments():
@@ -172,6 +210,10 @@ def test_native_entry_points_validate_arguments():
         _C.cpu_pack(1, 1, 32, 3, [1])
     with pytest.raises(ValueError, match="positive"):
         _C.cpu_fit_rows(1, False, 0, 4, 2, False, 1, 1)
+    with pytest.raises(ValueError, match="groups must be 1 or n"):
+        _C.cpu_dequantize([1, 1], 4, 32, 3, 1, 2, 1)
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.cpu_dequantize([1], 4, 32, 2, 1, 1, 0)
     assert _C.WITH_CUDA in (True, False)
 
 

@@ -1,0 +1,109 @@
+"""CPU inference speed (a CPU measurement, for CPU users; says nothing about GPU speed).
+
+Rows: one batch-1 UNet step (float32 model, then 4-bit per channel quantized with
+``backend`` auto, cpu+reference as dispatched before session 47, i.e. LUT linear and
+torch-expanded convs); the LUT linear kernel against the dequant path (C++ expansion +
+torch's GEMM) by M. Best of ``--reps`` wall times. Writes JSON (``--out``).
+
+    python benchmarks/bench_cpu.py --out benchmarks/results/cpu/cpu_inference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+import otq_kernels as otq
+from otq_kernels import ops
+from otq_kernels.models.configs import IMAGE_SIZES, unet_config
+from otq_kernels.models.unet import UNetModel
+
+
+def best_ms(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def unet_rows(config: str, reps: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = UNetModel(**unet_config(config)).eval()
+    size = IMAGE_SIZES[config]
+    x, t = torch.randn(1, model.in_channels, size, size), torch.tensor([0.5])
+    quant = otq.quantize_model(copy.deepcopy(model), bits=4, granularity="channel",
+                               progress=False)
+    rows = []
+    with torch.inference_mode():
+        rows.append({"op": "unet_step", "config": config, "variant": "float32",
+                     "ms": best_ms(lambda: model(x, t), reps)})
+        rows.append({"op": "unet_step", "config": config, "variant": "4b channel auto",
+                     "ms": best_ms(lambda: quant(x, t), reps)})
+        for m in quant.modules():
+            if hasattr(m, "qweight"):
+                m.backend = "cpu" if isinstance(m, otq.nn.QuantLinear) else "reference"
+        rows.append({"op": "unet_step", "config": config,
+                     "variant": "4b channel, linear cpu, convs reference (before)",
+                     "ms": best_ms(lambda: quant(x, t), reps)})
+    return rows
+
+
+def linear_rows(reps: int, shapes) -> list[dict]:
+    rows = []
+    for n, k in shapes:
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+        for bits in (2, 4, 8):
+            qt = otq.fit_codebook(w, bits=bits, granularity="channel")
+            for m in (1, 4, 16, 64):
+                x = torch.randn(m, k)
+                for backend in ("cpu", "dequant"):
+                    rows.append({"op": "linear", "N": n, "K": k, "bits": bits, "M": m,
+                                 "backend": backend, "ms": best_ms(
+                                     lambda: ops.codebook_linear(x, qt, backend=backend),
+                                     reps)})
+                dense = qt.dequantize()
+                rows.append({"op": "linear", "N": n, "K": k, "bits": bits, "M": m,
+                             "backend": "F.linear dense fp32 (weight cached)",
+                             "ms": best_ms(lambda: torch.nn.functional.linear(x, dense), reps)})
+    return rows
+
+
+def meta() -> dict:
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.processor())
+    return {"date": time.strftime("%Y-%m-%d"), "git_sha": sha, "cpu": cpu,
+            "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "loadavg_at_start": os.getloadavg()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--configs", nargs="+", default=["digits", "mnist"])
+    parser.add_argument("--linear-shapes", nargs="*", default=["256,2304", "1024,1024",
+                                                               "4096,4096"], help="N,K ...")
+    args = parser.parse_args(argv)
+    info = meta()
+    rows = [r for c in args.configs for r in unet_rows(c, args.reps)]
+    rows += linear_rows(args.reps, [tuple(map(int, s.split(","))) for s in args.linear_shapes])
+    with open(args.out, "w") as f:
+        json.dump({"meta": info, "rows": rows}, f, indent=1)
+    for r in rows:
+        print(r)
+
+
+if __name__ == "__main__":
+    main()

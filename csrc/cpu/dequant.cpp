@@ -1,0 +1,31 @@
+// The dequant path's dense weight on the CPU (bit-exact with QuantizedTensor.dequantize).
+#include <algorithm>
+
+#include "decode.h"
+
+namespace otq::cpu {
+namespace {
+
+constexpr int64_t kRowsPerChunk = 16;
+
+OTQ_CPU_CLONES
+void dequantize_rows(Planes planes, int64_t first, int64_t last, int64_t k, int bits,
+                     const float* codebook, int64_t groups, float* out) {
+  const int64_t levels = int64_t{1} << bits;
+  for (int64_t row = first; row < last; ++row)
+    lookup_row(planes, row, k, bits, codebook + (groups == 1 ? 0 : row * levels), out + row * k);
+}
+
+}  // namespace
+
+void dequantize(Planes planes, int64_t n, int64_t k, int bits, const float* codebook,
+                int64_t groups, float* out) {
+  const int64_t chunks = (n + kRowsPerChunk - 1) / kRowsPerChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t first = c * kRowsPerChunk, last = std::min(n, first + kRowsPerChunk);
+    dequantize_rows(planes, first, last, k, bits, codebook, groups, out);
+  }
+}
+
+}  // namespace otq::cpu

@@ -1,0 +1,115 @@
+"""The CPU kernels' code built for each x86-64 instruction set level.
+
+The extension builds the hot loops of csrc/cpu for AVX-512, AVX2 and the baseline and picks
+one at load time (``OTQ_CPU_CLONES`` in csrc/cpu/decode.h), so the test suite, on one
+machine, only runs one of them through ``otq_kernels._C``. Here the same sources are built
+once per level without clones (``-march``, ``OTQ_NO_CPU_CLONES``) and checked against the
+reference on the same codes: the expansion bit-exact, the LUT GEMV to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import otq_kernels as otq
+from otq_kernels.backends import reference
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = [ROOT / "tests" / "cpu_isa" / "entry.cpp", ROOT / "csrc" / "cpu" / "dequant.cpp",
+           ROOT / "csrc" / "cpu" / "lut_linear.cpp"]
+HEADERS = sorted((ROOT / "csrc").glob("*.h")) + sorted((ROOT / "csrc" / "cpu").glob("*.h"))
+LEVELS = {"baseline": "x86-64", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
+NEEDS_FLAGS = {"baseline": (), "avx2": ("avx2", "fma", "bmi2"),
+               "avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl")}
+
+pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                                reason="instruction set levels are x86-64 ones")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def _build(level: str, out_dir: Path) -> Path:
+    digest = hashlib.sha256(level.encode())
+    for path in SOURCES + HEADERS:
+        digest.update(path.read_bytes())
+    target = out_dir / digest.hexdigest()[:16] / f"libotq_cpu_{level}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [shutil.which("g++") or "g++", "-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared",
+               f"-march={LEVELS[level]}", "-DOTQ_NO_CPU_CLONES", f"-I{ROOT / 'csrc'}",
+               *map(str, SOURCES), "-o", str(target)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return target
+
+
+@pytest.fixture(scope="module", params=list(LEVELS))
+def lib(request):
+    level = request.param
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to build the CPU kernels")
+    missing = [f for f in NEEDS_FLAGS[level] if f not in _cpu_flags()]
+    if missing:
+        pytest.skip(f"this CPU lacks {missing} for the {level} build")
+    library = ctypes.CDLL(str(_build(level, ROOT / "build" / "cpu_isa")))
+    library.otq_isa_dequantize.restype = None
+    library.otq_isa_lut_linear.restype = None
+    return library
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _plane_array(qt):
+    return (ctypes.c_size_t * len(qt.planes))(*(p.data_ptr() for p in qt.planes))
+
+
+def _qt(n: int, k: int, bits: int, granularity: str):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * 131 + k * 7 + bits))
+    return otq.fit_codebook(w, bits=bits, granularity=granularity, backend="reference")
+
+
+def _groups(qt) -> int:
+    return qt.codebook.shape[0]
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 31), (17, 33), (40, 96), (3, 1000)])
+def test_dequantize_bit_exact(lib, bits, granularity, n, k):
+    qt = _qt(n, k, bits, granularity)
+    out = torch.empty(n, k)
+    lib.otq_isa_dequantize(_plane_array(qt), len(qt.planes), ctypes.c_int64(n),
+                           ctypes.c_int64(k), bits, _ptr(qt.codebook),
+                           ctypes.c_int64(_groups(qt)), _ptr(out))
+    assert torch.equal(out, qt.dequantize(torch.float32))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("m,n,k", [(1, 9, 127), (3, 4, 64), (16, 33, 45)])
+def test_lut_linear_matches_reference(lib, bits, granularity, m, n, k):
+    qt = _qt(n, k, bits, granularity)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + bits))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    y = torch.empty(m, n)
+    lib.otq_isa_lut_linear(_ptr(x), ctypes.c_int64(m), ctypes.c_int64(k), _plane_array(qt),
+                           len(qt.planes), bits, _ptr(qt.codebook),
+                           ctypes.c_int64(_groups(qt)), ctypes.c_int64(n), _ptr(bias), _ptr(y))
+    truth = reference.linear(x.double(), qt, bias.double())
+    torch.testing.assert_close(y.double(), truth, rtol=1e-5, atol=1e-5)
