@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -64,17 +65,17 @@ def linear_rows(reps: int, shapes) -> list[dict]:
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
         for bits in (2, 4, 8):
             qt = otq.fit_codebook(w, bits=bits, granularity="channel")
+            dense = qt.dequantize()
             for m in (1, 4, 16, 64):
                 x = torch.randn(m, k)
-                for backend in ("cpu", "dequant"):
-                    rows.append({"op": "linear", "N": n, "K": k, "bits": bits, "M": m,
-                                 "backend": backend, "ms": best_ms(
-                                     lambda: ops.codebook_linear(x, qt, backend=backend),
-                                     reps)})
-                dense = qt.dequantize()
-                rows.append({"op": "linear", "N": n, "K": k, "bits": bits, "M": m,
-                             "backend": "F.linear dense fp32 (weight cached)",
-                             "ms": best_ms(lambda: torch.nn.functional.linear(x, dense), reps)})
+                calls = {"cpu": functools.partial(ops.codebook_linear, x, qt, backend="cpu"),
+                         "dequant": functools.partial(ops.codebook_linear, x, qt,
+                                                      backend="dequant"),
+                         "F.linear dense fp32 (weight cached)": functools.partial(
+                             torch.nn.functional.linear, x, dense)}
+                rows += [{"op": "linear", "N": n, "K": k, "bits": bits, "M": m,
+                          "backend": name, "ms": best_ms(call, reps)}
+                         for name, call in calls.items()]
     return rows
 
 

@@ -74,9 +74,10 @@ _OP_FUNCTION = {"linear": "linear", "conv2d": "conv2d", "fit": "fit_rows", "pack
                 "unpack": "unpack"}
 UNLIMITED = 2**62
 # Largest M for which auto dispatch runs the C++ LUT kernel on CPU; above it the dense
-# weight (C++ expansion) and torch's GEMM. On the 2-core Xeon (AVX-512) of the CI machine
-# the LUT kernel was 2-4x faster at M <= 16 on a 4096 x 4096 layer and level (0.8-1.5x)
-# with the expansion on layers of 256-1024 features, which win above M = 16.
+# weight (C++ expansion) and torch's GEMM. On the CI machine's 2-core Xeon (AVX-512;
+# benchmarks/results/cpu/cpu_inference.json) the LUT kernel took 0.23-0.45x the
+# expansion's time at M <= 16 on 4096 x 4096, 0.5-1.3x on 256 x 2304 and 1024 x 1024; at
+# M = 64 the expansion won on those two shapes (1.0-1.5x), the UNet's size.
 CPU_LUT_MAX_M = 16
 
 

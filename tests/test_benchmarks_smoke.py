@@ -850,3 +850,16 @@ def test_e2e_profile_without_a_gpu_writes_a_skipped_row(tmp_path):
     payload = json.loads((tmp_path / "e2e_profile.json").read_text())
     assert code == 0 and [bool(row["skipped"]) for row in payload["rows"]] == [True]
     assert _load("common").validate(payload) == []
+
+
+def test_cpu_bench_writes_unet_and_linear_rows(tmp_path):
+    out = tmp_path / "cpu.json"
+    _load("bench_cpu").main(["--out", str(out), "--reps", "1", "--configs", "tiny",
+                             "--linear-shapes", "8,40"])
+    data = json.loads(out.read_text())
+    steps = [r for r in data["rows"] if r["op"] == "unet_step"]
+    assert [r["variant"] for r in steps][:2] == ["float32", "4b channel auto"]
+    linear = [r for r in data["rows"] if r["op"] == "linear"]
+    assert {r["backend"] for r in linear} >= {"cpu", "dequant"} and len(linear) == 3 * 4 * 3
+    assert all(r["ms"] > 0 for r in data["rows"]) and data["meta"]["cores"] >= 1
+
