@@ -103,7 +103,7 @@ OTQ_CPU_INLINE void lookup_row(Planes planes, int64_t row, int64_t k, const floa
 
 // lookup_row for a bit width known at run time.
 OTQ_CPU_INLINE void lookup_row(Planes planes, int64_t row, int64_t k, int bits, const float* lut,
-                       float* out) {
+                               float* out) {
   switch (bits) {
     case 2: lookup_row<2>(planes, row, k, lut, out); break;
     case 3: lookup_row<3>(planes, row, k, lut, out); break;

@@ -12,7 +12,7 @@ constexpr int64_t kRowsPerBlock = 4;
 
 // dense[r, :k] = codebook row of weight row (first + r) looked up at its codes.
 OTQ_CPU_INLINE void decode_block(Planes planes, int bits, const float* codebook, int64_t groups,
-                         int64_t first, int64_t rows, int64_t k, float* dense) {
+                                 int64_t first, int64_t rows, int64_t k, float* dense) {
   const int64_t levels = int64_t{1} << bits;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = first + r;

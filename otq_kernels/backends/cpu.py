@@ -113,4 +113,3 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
         native().cpu_dequantize(_ptrs(planes), qt.n, qt.k, qt.bits, book.data_ptr(),
                                 book.shape[0], out.data_ptr())
     return out.to(dtype).reshape(qt.shape)
-
