@@ -118,6 +118,18 @@ def test_linear_odd_shapes(n, k):
     assert rel_err(y, reference.linear(x.double(), qt, None)) < 1e-5
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("n,k", [(9, 1537), (5, 512), (4, 545)])
+def test_linear_over_several_512_column_blocks(n, k, bits, granularity):
+    # the AVX-512 kernel (csrc/cpu/lut_avx512.cpp) decodes 512 columns at a time
+    qt = make_qt(n, k, bits, granularity, seed=n + k + bits)
+    bias = torch.randn(n)
+    for m in (1, 5):
+        x = torch.randn(m, k)
+        assert rel_err(cpu.linear(x, qt, bias), reference.linear(x.double(), qt, bias)) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_linear_half_activations_keep_dtype(dtype):
     qt = make_qt(17, 65, 4, "tensor")
@@ -143,7 +155,7 @@ def test_codebook_linear_op_with_cpu_backend():
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_dequantize_bit_exact(bits, granularity, dtype):
-    for n, k in ((1, 1), (6, 33), (3, 1000)):
+    for n, k in ((1, 1), (6, 33), (4, 49), (3, 1000)):
         qt = make_qt(n, k, bits, granularity, seed=bits + k)
         out = cpu.dequantize(qt, dtype)
         assert out.dtype == dtype and torch.equal(out, qt.dequantize(dtype))
@@ -169,6 +181,29 @@ def test_dense_weight_on_cpu_uses_the_extension(monkeypatch):
     assert calls == [torch.float16]
     monkeypatch.setattr(cpu, "unavailable", lambda device: "not built")
     assert torch.equal(dequant.dense_weight(qt, torch.float32), qt.dequantize()) and len(calls) == 1
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequant_linear_expands_large_weights_by_row_chunks(monkeypatch, granularity, dtype):
+    from otq_kernels.backends import dequant
+
+    n, k = 10, 70
+    qt = make_qt(n, k, 3, granularity)
+    monkeypatch.setattr(dequant, "CPU_CHUNK_BYTES", 4 * k * 3)  # chunks of 3, 3, 3, 1 rows
+    expanded = []
+    dense_weight = dequant.dense_weight
+    monkeypatch.setattr(dequant, "dense_weight",
+                        lambda q, dt: expanded.append(q.n) or dense_weight(q, dt))
+    x, bias = torch.randn(6, k).to(dtype), torch.randn(n).to(dtype)
+    for b in (None, bias):
+        y = dequant.linear(x, qt, b)
+        assert y.dtype == dtype and y.shape == (6, n) and y.is_contiguous()
+        truth = reference.linear(x.double(), qt, None if b is None else b.double())
+        assert rel_err(y, truth) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert expanded == [3, 3, 3, 1] * 2
+    dequant.linear(x.requires_grad_(), qt, None)  # autograd keeps the whole weight
+    assert expanded[-1] == n
 
 
 # ----------------------------------------------------------------------------- errors
