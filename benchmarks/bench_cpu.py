@@ -2,8 +2,9 @@
 
 Rows: one batch-1 UNet step (float32 model, then 4-bit per channel quantized with
 ``backend`` auto, cpu+reference as dispatched before session 47, i.e. LUT linear and
-torch-expanded convs); the LUT linear kernel against the dequant path (C++ expansion +
-torch's GEMM) by M. Best of ``--reps`` wall times. Writes JSON (``--out``).
+torch-expanded convs; the three run in turn within each rep); the LUT linear kernel against
+the dequant path (C++ expansion + torch's GEMM) by M. Best of ``--reps`` wall times.
+Writes JSON (``--out``).
 
     python benchmarks/bench_cpu.py --out benchmarks/results/cpu/cpu_inference.json
 """
@@ -37,6 +38,20 @@ def best_ms(fn, reps: int) -> float:
     return best * 1e3
 
 
+def best_ms_interleaved(fns: dict, reps: int) -> dict:
+    """Best wall time (ms) of each of ``fns``, run in turn within each rep, so that a
+    shared machine's slow spells fall on all of them alike."""
+    for fn in fns.values():
+        fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: t * 1e3 for name, t in best.items()}
+
+
 def unet_rows(config: str, reps: int) -> list[dict]:
     torch.manual_seed(0)
     model = UNetModel(**unet_config(config)).eval()
@@ -44,19 +59,17 @@ def unet_rows(config: str, reps: int) -> list[dict]:
     x, t = torch.randn(1, model.in_channels, size, size), torch.tensor([0.5])
     quant = otq.quantize_model(copy.deepcopy(model), bits=4, granularity="channel",
                                progress=False)
-    rows = []
+    before = copy.deepcopy(quant)
+    for m in before.modules():
+        if hasattr(m, "qweight"):
+            m.backend = "cpu" if isinstance(m, otq.nn.QuantLinear) else "reference"
+    variants = {"float32": model, "4b channel auto": quant,
+                "4b channel, linear cpu, convs reference (before)": before}
     with torch.inference_mode():
-        rows.append({"op": "unet_step", "config": config, "variant": "float32",
-                     "ms": best_ms(lambda: model(x, t), reps)})
-        rows.append({"op": "unet_step", "config": config, "variant": "4b channel auto",
-                     "ms": best_ms(lambda: quant(x, t), reps)})
-        for m in quant.modules():
-            if hasattr(m, "qweight"):
-                m.backend = "cpu" if isinstance(m, otq.nn.QuantLinear) else "reference"
-        rows.append({"op": "unet_step", "config": config,
-                     "variant": "4b channel, linear cpu, convs reference (before)",
-                     "ms": best_ms(lambda: quant(x, t), reps)})
-    return rows
+        times = best_ms_interleaved({name: functools.partial(net, x, t)
+                                     for name, net in variants.items()}, reps)
+    return [{"op": "unet_step", "config": config, "variant": name, "ms": ms}
+            for name, ms in times.items()]
 
 
 def linear_rows(reps: int, shapes) -> list[dict]:
