@@ -28,6 +28,8 @@ using avx512::kLanes, avx512::lanes, avx512::Lut;
 constexpr int64_t kBlockCols = kLanes * kWordBits;
 constexpr int kRowsPerBlock = 4;
 constexpr int kAccumulators = 4;
+constexpr int kActivationRows = 4;  // x rows per pass over a decoded block at m > 1
+constexpr int kRowSums = kRowsPerBlock * kLanes;  // partial sums per x row at m > 1
 
 using Columns = std::make_integer_sequence<int, kWordBits>;
 
@@ -173,17 +175,25 @@ void linear_row(const Problem& p, int64_t row) {
   p.y[row] = dot + (p.bias ? p.bias[row] : 0.f);
 }
 
-// Lanes of acc[r, :16] += dense[r, :512] . xb, for the kRowsPerBlock rows of a decoded
-// block (acc: 16 partial sums per row).
-inline void dot_block(const float* dense, const float* xb, float* acc) {
-  __m512 sum[kRowsPerBlock];
-  for (int r = 0; r < kRowsPerBlock; ++r) sum[r] = _mm512_loadu_ps(acc + r * kLanes);
-  for (int64_t c = 0; c < kBlockCols; c += kLanes) {
-    const __m512 xv = _mm512_loadu_ps(xb + c);
+// For R activation rows i (R * kRowsPerBlock independent sums, to hide the FMA latency):
+// lanes of acc[i, r, :16] += dense[r, :512] . xb[i * kt ...], acc [R, kRowsPerBlock, 16].
+template <int R>
+inline void dot_block(const float* dense, const float* xb, int64_t kt, float* acc) {
+  __m512 sum[R][kRowsPerBlock];
+  for (int i = 0; i < R; ++i)
     for (int r = 0; r < kRowsPerBlock; ++r)
-      sum[r] = _mm512_fmadd_ps(_mm512_load_ps(dense + r * kBlockCols + c), xv, sum[r]);
+      sum[i][r] = _mm512_loadu_ps(acc + i * kRowSums + r * kLanes);
+  for (int64_t c = 0; c < kBlockCols; c += kLanes) {
+    __m512 xv[R];
+    for (int i = 0; i < R; ++i) xv[i] = _mm512_loadu_ps(xb + i * kt + c);
+    for (int r = 0; r < kRowsPerBlock; ++r) {
+      const __m512 w = _mm512_load_ps(dense + r * kBlockCols + c);
+      for (int i = 0; i < R; ++i) sum[i][r] = _mm512_fmadd_ps(w, xv[i], sum[i][r]);
+    }
   }
-  for (int r = 0; r < kRowsPerBlock; ++r) _mm512_storeu_ps(acc + r * kLanes, sum[r]);
+  for (int i = 0; i < R; ++i)
+    for (int r = 0; r < kRowsPerBlock; ++r)
+      _mm512_storeu_ps(acc + i * kRowSums + r * kLanes, sum[i][r]);
 }
 
 // y[:, first .. first + rows) for m > 1. Block by block, the rows' weights are decoded
@@ -199,7 +209,6 @@ void linear_rows(const Problem& p, int64_t first, int64_t rows, float* acc) {
     luts[r] = lut_of<B>(p, row_at(r));
   }
   alignas(64) float dense[kRowsPerBlock * kBlockCols];
-  constexpr int kRowSums = kRowsPerBlock * kLanes;
   std::fill(acc, acc + p.m * kRowSums, 0.f);
   for (int64_t b = 0; b < block_count(p.k); ++b) {
     for (int r = 0; r < kRowsPerBlock; ++r) {
@@ -208,8 +217,11 @@ void linear_rows(const Problem& p, int64_t first, int64_t rows, float* acc) {
       auto store = [&](int j, __m512 w) { _mm512_store_ps(dr + kLanes * j, w); };
       for_each_column(codes[r], luts[r], p.k - b * kBlockCols, store, Columns{});
     }
-    for (int64_t i = 0; i < p.m; ++i)
-      dot_block(dense, p.xt + i * p.kt + b * kBlockCols, acc + i * kRowSums);
+    const float* xb = p.xt + b * kBlockCols;
+    int64_t i = 0;
+    for (; i + kActivationRows <= p.m; i += kActivationRows)
+      dot_block<kActivationRows>(dense, xb + i * p.kt, p.kt, acc + i * kRowSums);
+    for (; i < p.m; ++i) dot_block<1>(dense, xb + i * p.kt, p.kt, acc + i * kRowSums);
   }
   for (int64_t i = 0; i < p.m; ++i)
     for (int64_t r = 0; r < rows; ++r)
