@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "decode.h"
 #include "avx512.h"
+#include "decode.h"
 
 namespace otq::cpu {
 namespace {

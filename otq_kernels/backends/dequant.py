@@ -63,6 +63,7 @@ def _linear_by_row_chunks(x: torch.Tensor, qt: QuantizedTensor,
 
 def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] -> [M, N]."""
+    # (torch.mm with out= refuses inputs that require grad: such an x takes F.linear)
     if x.device.type == "cpu" and 4 * qt.numel > CPU_CHUNK_BYTES and not x.requires_grad:
         return _linear_by_row_chunks(x, qt, bias)
     weight = dense_weight(qt, x.dtype).reshape(qt.n, qt.k)
