@@ -1,7 +1,7 @@
 // The dequant path's dense weight on the CPU (bit-exact with QuantizedTensor.dequantize).
 #include <algorithm>
 
-#include "avx512.h"
+#include "simd.h"
 #include "decode.h"
 
 namespace otq::cpu {

@@ -2,7 +2,7 @@
 // each plane's words are loaded once and spread to the 16 lanes of each half-span (lane l
 // <- the word holding column 16 h + l, shifted by that column's bit offset), so a mask
 // per plane, an OR and a register permute give 16 consecutive weights.
-#include "avx512.h"
+#include "simd.h"
 
 #ifdef OTQ_AVX512
 
@@ -18,7 +18,9 @@ namespace otq::cpu {
 
 namespace {
 
-using avx512::kLanes, avx512::lanes, avx512::Lut;
+constexpr int kLanes = Avx512::kLanes;
+template <int B>
+using Lut = Avx512::Lut<B>;
 
 constexpr int64_t kRowsPerChunk = 16;
 
@@ -51,7 +53,8 @@ class SpanCodes {
   // Lanes 0 .. W_p - 1 of words_[p]: plane p's words of span s.
   void load(int64_t s) {
     for (int p = 0; p < kSpec.count; ++p)
-      words_[p] = _mm512_maskz_loadu_epi32(lanes(0, kSpec.width[p]), rows_[p] + s * kSpec.width[p]);
+      words_[p] = _mm512_maskz_loadu_epi32(Avx512::lanes(0, kSpec.width[p]),
+                                           rows_[p] + s * kSpec.width[p]);
   }
 
   // Lane l: the code of column 16 H + l of the loaded span.
@@ -92,9 +95,9 @@ void dequantize_rows(Planes planes, int64_t first, int64_t last, int64_t k, cons
     for (int64_t s = 0; s < spans; ++s) {
       codes.load(s);
       const int64_t col = s * kWordBits, left = k - col;
-      _mm512_mask_storeu_ps(dst + col, lanes(0, left), lut(codes.template code<0>()));
+      _mm512_mask_storeu_ps(dst + col, Avx512::lanes(0, left), lut(codes.template code<0>()));
       if (left > kLanes)
-        _mm512_mask_storeu_ps(dst + col + kLanes, lanes(0, left - kLanes),
+        _mm512_mask_storeu_ps(dst + col + kLanes, Avx512::lanes(0, left - kLanes),
                               lut(codes.template code<1>()));
     }
   }

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "avx512.h"
+#include "simd.h"
 #include "decode.h"
 
 namespace otq::cpu {
@@ -62,15 +62,25 @@ void linear_block(const float* x, int64_t m, int64_t k, Planes planes, int bits,
   }
 }
 
+// Whether a SIMD path with blocks of `cols` columns (lut_simd.h) pays at this K: short
+// rows leave its blocks mostly padding, and below these bounds this file's loops measured
+// faster (a quarter of a block at m = 1, where rows are multiplied as they are decoded;
+// half of one at m > 1, where the decoded blocks are multiplied whole).
+[[maybe_unused]] bool fills_blocks(int64_t k, int64_t m, int64_t cols) {
+  return k > cols / (m == 1 ? 4 : 2);
+}
+
 }  // namespace
 
 void lut_linear(const float* x, int64_t m, int64_t k, Planes planes, int bits,
                 const float* codebook, int64_t groups, int64_t n, const float* bias, float* y) {
 #ifdef OTQ_AVX512
-  // Its blocks are 512 columns wide: below 129 columns they are 3/4 padding, and at
-  // m > 1 this loop was measured faster there.
-  if (avx512_supported() && (m == 1 || k > 128))
+  if (avx512_supported() && fills_blocks(k, m, 512))
     return lut_linear_avx512(x, m, k, planes, bits, codebook, groups, n, bias, y);
+#endif
+#ifdef OTQ_AVX2
+  if (avx2_supported() && fills_blocks(k, m, 256))
+    return lut_linear_avx2(x, m, k, planes, bits, codebook, groups, n, bias, y);
 #endif
   const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
 #pragma omp parallel

@@ -3,11 +3,12 @@
 The extension builds the hot loops of csrc/cpu for AVX-512, AVX2 and the baseline and picks
 one at load time (``OTQ_CPU_CLONES`` in csrc/cpu/decode.h), so the test suite, on one
 machine, only runs one of them through ``otq_kernels._C``. Its LUT linear also switches, at
-run time, to the AVX-512 look-ups of csrc/cpu/lut_avx512.cpp when the CPU has AVX-512F. Here
-the same sources are built once per level without clones (``-march``, ``OTQ_NO_CPU_CLONES``;
-``OTQ_NO_AVX512`` for the three portable builds, and a fourth build as the extension ships
-it, baseline plus the run-time AVX-512 path) and checked against the reference on the same
-codes: the expansion bit-exact, the LUT GEMV to float32 rounding.
+run time, to the register look-ups of csrc/cpu/lut_simd.h on AVX-512 or AVX2 when the CPU
+has them (and its expansion to csrc/cpu/dequant_avx512.cpp). Here the same sources are built
+once per level without clones (``-march``, ``OTQ_NO_CPU_CLONES``; ``OTQ_NO_AVX512`` and
+``OTQ_NO_AVX2`` for the three portable builds), and twice as the extension ships them,
+baseline plus the run-time AVX2 path or plus both, and checked against the reference on the
+same codes: the expansion bit-exact, the LUT GEMV to float32 rounding.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from otq_kernels.backends import reference
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [ROOT / "tests" / "cpu_isa" / "entry.cpp", ROOT / "csrc" / "cpu" / "dequant.cpp",
            ROOT / "csrc" / "cpu" / "lut_linear.cpp", ROOT / "csrc" / "cpu" / "lut_avx512.cpp",
-           ROOT / "csrc" / "cpu" / "dequant_avx512.cpp"]
+           ROOT / "csrc" / "cpu" / "lut_avx2.cpp", ROOT / "csrc" / "cpu" / "dequant_avx512.cpp"]
 HEADERS = sorted((ROOT / "csrc").glob("*.h")) + sorted((ROOT / "csrc" / "cpu").glob("*.h"))
-PORTABLE = ("-DOTQ_NO_AVX512",)
+PORTABLE = ("-DOTQ_NO_AVX512", "-DOTQ_NO_AVX2")
 LEVELS = {"baseline": ("x86-64", PORTABLE), "avx2": ("x86-64-v3", PORTABLE),
-          "avx512": ("x86-64-v4", PORTABLE), "avx512_lut": ("x86-64", ())}
-NEEDS_FLAGS = {"baseline": (), "avx2": ("avx2", "fma", "bmi2"), "avx512_lut": ("avx512f",),
+          "avx512": ("x86-64-v4", PORTABLE), "avx2_lut": ("x86-64", ("-DOTQ_NO_AVX512",)),
+          "avx512_lut": ("x86-64", ())}
+NEEDS_FLAGS = {"baseline": (), "avx2": ("avx2", "fma", "bmi2"), "avx2_lut": ("avx2", "fma"),
+               "avx512_lut": ("avx512f",),
                "avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl")}
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),

@@ -1,0 +1,44 @@
+// The CPU kernels' explicit-SIMD paths, which lut_linear and dequantize take when the CPU
+// has the instructions (checked at run time). Built with GCC on x86-64 (a per-function
+// target, no -march needed); OTQ_NO_AVX512 / OTQ_NO_AVX2 leave them out.
+#pragma once
+
+#include "cpu_ops.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if !defined(OTQ_NO_AVX512)
+#define OTQ_AVX512 1
+#endif
+#if !defined(OTQ_NO_AVX2)
+#define OTQ_AVX2 1
+#endif
+#endif
+
+namespace otq::cpu {
+
+#ifdef OTQ_AVX512
+// Whether this CPU (and OS) runs AVX-512F code.
+bool avx512_supported();
+
+// lut_linear's contract (cpu_ops.h), with the codebook looked up in registers
+// (lut_simd.h on AVX-512: lut_avx512.cpp).
+void lut_linear_avx512(const float* x, int64_t m, int64_t k, Planes planes, int bits,
+                       const float* codebook, int64_t groups, int64_t n, const float* bias,
+                       float* y);
+
+// dequantize's contract (cpu_ops.h), likewise (dequant_avx512.cpp).
+void dequantize_avx512(Planes planes, int64_t n, int64_t k, int bits, const float* codebook,
+                       int64_t groups, float* out);
+#endif
+
+#ifdef OTQ_AVX2
+// Whether this CPU (and OS) runs AVX2 and FMA code.
+bool avx2_supported();
+
+// lut_linear's contract on AVX2 (lut_simd.h: lut_avx2.cpp).
+void lut_linear_avx2(const float* x, int64_t m, int64_t k, Planes planes, int bits,
+                     const float* codebook, int64_t groups, int64_t n, const float* bias,
+                     float* y);
+#endif
+
+}  // namespace otq::cpu
