@@ -3,6 +3,9 @@
 // target, no -march needed); OTQ_NO_AVX512 / OTQ_NO_AVX2 leave them out.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 #include "cpu_ops.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -15,6 +18,15 @@
 #endif
 
 namespace otq::cpu {
+
+// Whether env OTQ_CPU_SIMD ("avx512", "avx2" or "none"; unset: "avx512", the widest
+// explicit-SIMD path the kernels may take) allows `path` (the Python side validates it).
+inline bool simd_allowed(const char* path) {
+  const char* cap = std::getenv("OTQ_CPU_SIMD");
+  if (cap == nullptr || std::strcmp(cap, "avx512") == 0) return true;
+  if (std::strcmp(cap, "avx2") == 0) return std::strcmp(path, "avx2") == 0;
+  return false;
+}
 
 #ifdef OTQ_AVX512
 // Whether this CPU (and OS) runs AVX-512F code.

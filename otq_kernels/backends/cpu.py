@@ -6,6 +6,8 @@ shapes, code ranges) so the C++ only ever sees well-formed contiguous buffers.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._native import native, unavailable_reason
@@ -13,6 +15,9 @@ from ..format import QuantizedTensor, check_codes, padded_k, plane_widths
 from ._native_args import checked_codebook, checked_planes, fit_args, require_device, unpack_args
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Values of env OTQ_CPU_SIMD: the widest explicit-SIMD path of the LUT linear and the
+# expansion (csrc/cpu/simd.h; each is taken only where the CPU has it). Unset: "avx512".
+SIMD_PATHS = ("avx512", "avx2", "none")
 
 
 def unavailable(device) -> str | None:
@@ -23,6 +28,12 @@ def unavailable(device) -> str | None:
 
 def _require_cpu(t, name: str) -> None:
     require_device(t, name, "cpu")
+
+
+def _check_simd_env() -> None:
+    cap = os.environ.get("OTQ_CPU_SIMD")
+    if cap is not None and cap not in SIMD_PATHS:
+        raise ValueError(f"OTQ_CPU_SIMD must be one of {SIMD_PATHS} or unset, got {cap!r}")
 
 
 def _ptrs(tensors: list[torch.Tensor]) -> list[int]:
@@ -82,6 +93,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> t
         raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != qt.k:
         raise ValueError(f"x must be [M, {qt.k}], got {list(x.shape)}")
+    _check_simd_env()
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cpu")
     book = checked_codebook(qt, "cpu")
     m = x.shape[0]
@@ -106,6 +118,7 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
     ``qt.dequantize(dtype)``."""
     if dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"dtype must be float16/bfloat16/float32, got {dtype}")
+    _check_simd_env()
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cpu")
     book = checked_codebook(qt, "cpu")
     out = torch.empty(qt.n, qt.k, dtype=torch.float32)

@@ -130,6 +130,30 @@ def test_linear_over_several_512_column_blocks(n, k, bits, granularity):
         assert rel_err(cpu.linear(x, qt, bias), reference.linear(x.double(), qt, bias)) < 1e-5
 
 
+def test_every_simd_path_matches_reference(monkeypatch):
+    # OTQ_CPU_SIMD caps the path: on an AVX-512 CPU all three run here
+    for bits in range(2, 9):
+        for granularity in ("tensor", "channel"):
+            for n, k in ((6, 1537), (5, 300)):
+                qt = make_qt(n, k, bits, granularity, seed=bits * k)
+                x = torch.randn(6, k)
+                truth = reference.linear(x.double(), qt, None)
+                for simd in cpu.SIMD_PATHS:
+                    monkeypatch.setenv("OTQ_CPU_SIMD", simd)
+                    assert torch.equal(cpu.dequantize(qt), qt.dequantize())
+                    for m in (1, 3, 6):
+                        assert rel_err(cpu.linear(x[:m], qt, None), truth[:m]) < 1e-5
+
+
+def test_bad_simd_cap_raises(monkeypatch):
+    monkeypatch.setenv("OTQ_CPU_SIMD", "sse9")
+    qt = make_qt(3, 40, 4, "channel")
+    with pytest.raises(ValueError, match="OTQ_CPU_SIMD"):
+        cpu.linear(torch.randn(1, 40), qt, None)
+    with pytest.raises(ValueError, match="OTQ_CPU_SIMD"):
+        cpu.dequantize(qt)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_linear_half_activations_keep_dtype(dtype):
     qt = make_qt(17, 65, 4, "tensor")
