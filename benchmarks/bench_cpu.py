@@ -2,9 +2,9 @@
 
 Rows: one batch-1 UNet step (float32 model, then 4-bit per channel quantized with
 ``backend`` auto, cpu+reference as dispatched before session 47, i.e. LUT linear and
-torch-expanded convs; the three run in turn within each rep); the LUT linear kernel against
-the dequant path (C++ expansion + torch's GEMM) by M. Best of ``--reps`` wall times.
-Writes JSON (``--out``).
+torch-expanded convs; the three run in turn within each rep); the LUT linear kernel (also
+capped by OTQ_CPU_SIMD to AVX2 and to the portable loops) against the dequant path (C++
+expansion + torch's GEMM) by M. Best of ``--reps`` wall times. Writes JSON (``--out``).
 
     python benchmarks/bench_cpu.py --out benchmarks/results/cpu/cpu_inference.json
 """
@@ -72,7 +72,22 @@ def unet_rows(config: str, reps: int) -> list[dict]:
             for name, ms in times.items()]
 
 
-def linear_rows(reps: int, shapes) -> list[dict]:
+def _capped(cap: str, fn):
+    """fn() with env OTQ_CPU_SIMD = cap (the widest SIMD path the CPU kernels may take)."""
+    before = os.environ.get("OTQ_CPU_SIMD")
+    os.environ["OTQ_CPU_SIMD"] = cap
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["OTQ_CPU_SIMD"]
+        else:
+            os.environ["OTQ_CPU_SIMD"] = before
+
+
+def linear_rows(reps: int, shapes, simd_caps=("avx2", "none")) -> list[dict]:
+    """LUT kernel (as dispatched, and capped to each of ``simd_caps``) against the
+    expansion + GEMM and F.linear on a cached dense weight."""
     rows = []
     for n, k in shapes:
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
@@ -81,7 +96,10 @@ def linear_rows(reps: int, shapes) -> list[dict]:
             dense = qt.dequantize()
             for m in (1, 4, 16, 64):
                 x = torch.randn(m, k)
-                calls = {"cpu": functools.partial(ops.codebook_linear, x, qt, backend="cpu"),
+                lut = functools.partial(ops.codebook_linear, x, qt, backend="cpu")
+                calls = {"cpu": lut,
+                         **{f"cpu (OTQ_CPU_SIMD={cap})": functools.partial(_capped, cap, lut)
+                            for cap in simd_caps},
                          "dequant": functools.partial(ops.codebook_linear, x, qt,
                                                       backend="dequant"),
                          "F.linear dense fp32 (weight cached)": functools.partial(
