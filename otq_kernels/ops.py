@@ -75,9 +75,10 @@ _OP_FUNCTION = {"linear": "linear", "conv2d": "conv2d", "fit": "fit_rows", "pack
 UNLIMITED = 2**62
 # Largest M for which auto dispatch runs the C++ LUT kernel on CPU; above it the dense
 # weight (C++ expansion) and torch's GEMM. On the CI machine's 2-core Xeon (AVX-512;
-# benchmarks/results/cpu/cpu_inference.json) the LUT kernel took 0.23-0.45x the
-# expansion's time at M <= 16 on 4096 x 4096, 0.5-1.3x on 256 x 2304 and 1024 x 1024; at
-# M = 64 the expansion won on those two shapes (1.0-1.5x), the UNet's size.
+# benchmarks/results/cpu/cpu_inference.json, session 48) the LUT kernel took 0.48-0.95x
+# the expansion's time at M = 16 on 256 x 2304, 1024 x 1024 and 4096 x 4096 (1.05x once,
+# 8 bits on 256 x 2304), and 1.0-1.9x at M = 64 (4096 x 4096: 0.64x in another run; this
+# shared machine's timings vary up to 2x).
 CPU_LUT_MAX_M = 16
 
 

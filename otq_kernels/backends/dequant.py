@@ -42,7 +42,7 @@ def dense_weight(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     return qt.dequantize(dtype)
 
 
-def row_chunk(qt: QuantizedTensor, first: int, last: int) -> QuantizedTensor:
+def _row_chunk(qt: QuantizedTensor, first: int, last: int) -> QuantizedTensor:
     """Rows [first, last) of qt as a QuantizedTensor [last - first, K] (views, no copy)."""
     book = qt.codebook if qt.granularity == "tensor" else qt.codebook[first:last]
     return QuantizedTensor([p[first:last] for p in qt.planes], book, qt.bits,
@@ -56,7 +56,7 @@ def _linear_by_row_chunks(x: torch.Tensor, qt: QuantizedTensor,
     yt = torch.empty(qt.n, x.shape[0], dtype=x.dtype)
     for first in range(0, qt.n, rows):
         last = min(qt.n, first + rows)
-        torch.mm(dense_weight(row_chunk(qt, first, last), x.dtype), x.T, out=yt[first:last])
+        torch.mm(dense_weight(_row_chunk(qt, first, last), x.dtype), x.T, out=yt[first:last])
     y = yt.T.contiguous()
     return y if bias is None else y.add_(bias.to(x.dtype))
 
