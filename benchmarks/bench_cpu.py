@@ -1,10 +1,12 @@
 """CPU inference speed (a CPU measurement, for CPU users; says nothing about GPU speed).
 
-Rows: one batch-1 UNet step (float32 model, then 4-bit per channel quantized with
-``backend`` auto, cpu+reference as dispatched before session 47, i.e. LUT linear and
-torch-expanded convs; the three run in turn within each rep); the LUT linear kernel (also
-capped by OTQ_CPU_SIMD to AVX2 and to the portable loops) against the dequant path (C++
-expansion + torch's GEMM) by M. Best of ``--reps`` wall times. Writes JSON (``--out``).
+Rows: the host cost of one call of a small quantized layer against its float layer
+(many calls per timed rep, so that the kernels' own work is a small part); one batch-1
+UNet step (float32 model, then 4-bit per channel quantized with ``backend`` auto,
+cpu+reference as dispatched before session 47, i.e. LUT linear and torch-expanded convs;
+the three run in turn within each rep); the LUT linear kernel (also capped by
+OTQ_CPU_SIMD to AVX2 and to the portable loops) against the dequant path (C++ expansion
++ torch's GEMM) by M. Best of ``--reps`` wall times. Writes JSON (``--out``).
 
     python benchmarks/bench_cpu.py --out benchmarks/results/cpu/cpu_inference.json
 """
@@ -72,6 +74,30 @@ def unet_rows(config: str, reps: int) -> list[dict]:
             for name, ms in times.items()]
 
 
+def per_call_us(fn, calls: int, reps: int) -> float:
+    """Best over ``reps`` of the mean wall time (µs) of ``calls`` consecutive calls."""
+    for _ in range(calls // 10):
+        fn()
+    return min(best_ms(lambda: [fn() for _ in range(calls)], 1) for _ in range(reps)) \
+        * 1e3 / calls
+
+
+def call_rows(reps: int, calls: int = 2000) -> list[dict]:
+    """Per-call time of a 64 -> 32 Linear ([1, 64]) and an 8 -> 8 3x3 conv ([1, 8, 8, 8]),
+    float32 against 4-bit per channel (backend auto), in ``inference_mode``."""
+    torch.manual_seed(0)
+    cases = {"linear 64->32": (torch.nn.Linear(64, 32), torch.randn(1, 64)),
+             "conv3x3 8->8 8x8": (torch.nn.Conv2d(8, 8, 3, padding=1), torch.randn(1, 8, 8, 8))}
+    rows = []
+    with torch.inference_mode():
+        for layer, (module, x) in cases.items():
+            quant = otq.nn.quant_class_for(module).from_float(module, bits=4)
+            for variant, net in (("float32", module), ("4b channel auto", quant)):
+                us = per_call_us(functools.partial(net, x), calls, reps)
+                rows.append({"op": "call", "layer": layer, "variant": variant, "us": us})
+    return rows
+
+
 def _capped(cap: str, fn):
     """fn() with env OTQ_CPU_SIMD = cap (the widest SIMD path the CPU kernels may take)."""
     before = os.environ.get("OTQ_CPU_SIMD")
@@ -129,7 +155,8 @@ def main(argv=None) -> None:
                                                                "4096,4096"], help="N,K ...")
     args = parser.parse_args(argv)
     info = meta()
-    rows = [r for c in args.configs for r in unet_rows(c, args.reps)]
+    rows = call_rows(args.reps)
+    rows += [r for c in args.configs for r in unet_rows(c, args.reps)]
     rows += linear_rows(args.reps, [tuple(map(int, s.split(","))) for s in args.linear_shapes])
     with open(args.out, "w") as f:
         json.dump({"meta": info, "rows": rows}, f, indent=1)

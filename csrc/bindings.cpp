@@ -6,11 +6,13 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "cpu/cpu_ops.h"
+#include "cpu/simd.h"
 #include "planes.h"
 #ifdef OTQ_WITH_CUDA
 #include "cuda/launchers.h"
@@ -25,28 +27,41 @@ using Ptrs = std::vector<uintptr_t>;
 
 namespace {
 
-void require(bool ok, const std::string& what) {
+// Messages are literals or built only on failure: these checks run on every call.
+void require(bool ok, const char* what) {
   if (!ok) throw std::invalid_argument(what);
 }
 
 void check_bits(int bits) {
-  require(otq::valid_bits(bits), "bits must be in 2..8, got " + std::to_string(bits));
+  if (!otq::valid_bits(bits))
+    throw std::invalid_argument("bits must be in 2..8, got " + std::to_string(bits));
 }
 
 void check_size(int64_t value, const char* name) {
-  require(value > 0, std::string(name) + " must be positive, got " + std::to_string(value));
+  if (value <= 0)
+    throw std::invalid_argument(std::string(name) + " must be positive, got " +
+                                std::to_string(value));
 }
 
 void check_ptr(uintptr_t ptr, const char* name) {
-  require(ptr != 0, std::string(name) + " is a null pointer");
+  if (ptr == 0) throw std::invalid_argument(std::string(name) + " is a null pointer");
 }
 
 void check_planes(const Ptrs& planes, int bits) {
   const int count = otq::plane_spec(bits).count;
-  require(static_cast<int>(planes.size()) == count,
-          "bits=" + std::to_string(bits) + " needs " + std::to_string(count) + " planes, got " +
-              std::to_string(planes.size()));
+  if (static_cast<int>(planes.size()) != count)
+    throw std::invalid_argument("bits=" + std::to_string(bits) + " needs " +
+                                std::to_string(count) + " planes, got " +
+                                std::to_string(planes.size()));
   for (uintptr_t p : planes) check_ptr(p, "plane");
+}
+
+// (read in C++: a Python read of an unset variable costs ~1.5 µs per layer call)
+void check_simd_env() {
+  if (!otq::cpu::simd_env_valid())
+    throw std::invalid_argument(
+        std::string("OTQ_CPU_SIMD must be one of ('avx512', 'avx2', 'none') or unset, got '") +
+        std::getenv("OTQ_CPU_SIMD") + "'");
 }
 
 otq::cpu::Planes cpu_planes(const Ptrs& planes) {
@@ -93,7 +108,7 @@ void cpu_lut_linear(uintptr_t x, int64_t m, int64_t k, const Ptrs& planes, int b
   check_bits(bits), check_size(m, "m"), check_size(k, "k"), check_size(n, "n");
   require(groups == 1 || groups == n, "groups must be 1 or n");
   check_ptr(x, "x"), check_ptr(codebook, "codebook"), check_ptr(y, "y");
-  check_planes(planes, bits);
+  check_planes(planes, bits), check_simd_env();
   py::gil_scoped_release release;
   otq::cpu::lut_linear(as<const float>(x), m, k, cpu_planes(planes), bits,
                        as<const float>(codebook), groups, n, as<const float>(bias), as<float>(y));
@@ -104,7 +119,7 @@ void cpu_dequantize(const Ptrs& planes, int64_t n, int64_t k, int bits, uintptr_
   check_bits(bits), check_size(n, "n"), check_size(k, "k");
   require(groups == 1 || groups == n, "groups must be 1 or n");
   check_ptr(codebook, "codebook"), check_ptr(out, "out");
-  check_planes(planes, bits);
+  check_planes(planes, bits), check_simd_env();
   py::gil_scoped_release release;
   otq::cpu::dequantize(cpu_planes(planes), n, k, bits, as<const float>(codebook), groups,
                        as<float>(out));

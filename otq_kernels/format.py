@@ -26,10 +26,13 @@ def check_bits(bits) -> int:
     return bits
 
 
+# Bit-plane widths of each bit width, widest first (the binary decomposition: 7 -> 4, 2, 1).
+PLANE_WIDTHS = {b: tuple(w for w in (8, 4, 2, 1) if b & w) for b in range(MIN_BITS, MAX_BITS + 1)}
+
+
 def plane_widths(bits: int) -> list[int]:
     """Bit-plane widths, widest first: the binary decomposition of ``bits`` (7 -> [4, 2, 1])."""
-    check_bits(bits)
-    return [w for w in (8, 4, 2, 1) if bits & w]
+    return list(PLANE_WIDTHS[check_bits(bits)])
 
 
 def plane_offsets(bits: int) -> list[int]:

@@ -49,7 +49,8 @@ class _QuantModule(nn.Module):
 
     def _cached(self, key: str, shape: tuple[int, ...]) -> QuantizedTensor:
         """QuantizedTensor over the current buffers with ``shape`` (rebuilt when they change)."""
-        tensors = (*self._planes(), self.codebook)
+        buffers = self._buffers  # (read directly: nn.Module.__getattr__ costs ~0.5 µs a name)
+        tensors = (*(buffers[f"plane{i}"] for i in range(self.num_planes)), buffers["codebook"])
         hit = self._cache.get(key)
         if hit is not None and all(a is b for a, b in zip(hit[0], tensors, strict=True)):
             return hit[1]

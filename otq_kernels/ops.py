@@ -85,7 +85,7 @@ CPU_LUT_MAX_M = 16
 def _trace_constant(fn):
     """``torch.compiler.assume_constant_result`` without importing torch._dynamo at import.
 
-    That decorator only sets this attribute (tests/test_dispatch.py checks it still does);
+    That decorator only sets this attribute (tests/test_ops.py checks it still does);
     calling it would import dynamo, about 1 s of ``import otq_kernels``.
     """
     fn._dynamo_marked_constant = True
@@ -125,7 +125,9 @@ def conv_kernel_takes(backend: str, dtype: torch.dtype, bits: int) -> bool:
 
 
 _PLANS: dict[tuple, tuple] = {}
-_PLAN_ENV = ("TRITON_INTERPRET", "OTQ_TUNING_FILE")  # what availability and tuning read
+# What availability and tuning read on a GPU (the CPU's candidates read neither: an unset
+# variable costs ~1.5 µs to read, a good part of a small layer's call there).
+_PLAN_ENV = ("TRITON_INTERPRET", "OTQ_TUNING_FILE")
 
 
 @_trace_constant
@@ -136,7 +138,8 @@ def _auto_plan(op: str, device: str, bits: int | None = None) -> tuple:
     Cached per process (availability and the GPU's tuning entry do not change), keyed by
     the environment variables they read.
     """
-    key = (op, device, bits, *(os.environ.get(v) for v in _PLAN_ENV))
+    env = tuple(os.environ.get(v) for v in _PLAN_ENV) if device.startswith("cuda") else ()
+    key = (op, device, bits, *env)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _runnable_candidates(op, torch.device(device), bits)
@@ -171,10 +174,11 @@ def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: in
     Under torch.compile the availability checks are trace-time constants and the M
     comparison becomes a shape guard.
     """
-    name = _explicit_backend(backend or "auto", str(device))
+    dev = str(device)
+    name = _explicit_backend(backend or "auto", dev)
     if name != "auto":
         return name
-    for name, min_m, max_m in _auto_plan(op, str(device), bits):
+    for name, min_m, max_m in _auto_plan(op, dev, bits):
         if min_m <= m <= max_m:
             return name
     return "reference"
@@ -367,7 +371,7 @@ def _check_activation(x, qt: QuantizedTensor, what: str) -> None:
 def _check_bias(bias, qt: QuantizedTensor, what: str) -> None:
     if bias is None:
         return
-    if tuple(bias.shape) != (qt.n,) or bias.device != qt.device:
+    if bias.shape != (qt.n,) or bias.device != qt.device:
         raise ValueError(f"{what}: bias must be [{qt.n}] on {qt.device}, got "
                          f"{tuple(bias.shape)} on {bias.device}")
 
@@ -394,20 +398,20 @@ def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     """y = x @ W^T + bias with W the codebook weight. x [..., K] -> [..., N] (x.dtype)."""
     _check_activation(x, qt, "codebook_linear")
     _check_bias(bias, qt, "codebook_linear")
-    if x.dim() == 0 or x.shape[-1] != qt.k:
-        raise ValueError(f"codebook_linear: x has {x.shape[-1] if x.dim() else 0} features "
-                         f"but the weight expects K={qt.k}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, qt.k).contiguous()
-    if x2.shape[0] == 0:
-        return _empty_batch_output(x2, bias, (0, qt.n), (qt.n,)).reshape(*lead, qt.n)
-    name = resolve_backend(backend, "linear", x.device, x2.shape[0], qt.bits)
+    n, k, dims = qt.n, qt.k, x.dim()
+    if dims == 0 or x.shape[-1] != k:
+        raise ValueError(f"codebook_linear: x has {x.shape[-1] if dims else 0} features "
+                         f"but the weight expects K={k}")
+    x2 = (x if dims == 2 else x.reshape(-1, k)).contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return _empty_batch_output(x2, bias, (0, n), (n,)).reshape(*x.shape[:-1], n)
+    name = resolve_backend(backend, "linear", x.device, m, qt.bits)
     if _plain_eager_call(x2, bias):
         y = _run_linear(x2, qt, bias, name)
     else:
-        y = torch.ops.otq.codebook_linear(x2, qt.planes, qt.codebook, qt.bits, qt.n, qt.k,
-                                          bias, name)
-    return y.reshape(*lead, qt.n)
+        y = torch.ops.otq.codebook_linear(x2, qt.planes, qt.codebook, qt.bits, n, k, bias, name)
+    return y if dims == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None,

@@ -852,15 +852,20 @@ def test_e2e_profile_without_a_gpu_writes_a_skipped_row(tmp_path):
     assert _load("common").validate(payload) == []
 
 
-def test_cpu_bench_writes_unet_and_linear_rows(tmp_path):
+def test_cpu_bench_writes_call_unet_and_linear_rows(tmp_path):
     out = tmp_path / "cpu.json"
     _load("bench_cpu").main(["--out", str(out), "--reps", "1", "--configs", "tiny",
                              "--linear-shapes", "8,40"])
     data = json.loads(out.read_text())
+    calls = [r for r in data["rows"] if r["op"] == "call"]
+    assert [(r["layer"][:4], r["variant"]) for r in calls] == [
+        ("line", "float32"), ("line", "4b channel auto"),
+        ("conv", "float32"), ("conv", "4b channel auto")]
+    assert all(r["us"] > 0 for r in calls)
     steps = [r for r in data["rows"] if r["op"] == "unet_step"]
     assert [r["variant"] for r in steps][:2] == ["float32", "4b channel auto"]
     linear = [r for r in data["rows"] if r["op"] == "linear"]
     assert {r["backend"] for r in linear} >= {"cpu", "cpu (OTQ_CPU_SIMD=none)", "dequant"}
     assert len(linear) == 3 * 4 * 5 and "OTQ_CPU_SIMD" not in os.environ
-    assert all(r["ms"] > 0 for r in data["rows"]) and data["meta"]["cores"] >= 1
+    assert all(r["ms"] > 0 for r in steps + linear) and data["meta"]["cores"] >= 1
 

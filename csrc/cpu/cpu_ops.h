@@ -8,6 +8,12 @@
 
 namespace otq::cpu {
 
+// Calls with less work than these run on one thread: waking the OpenMP team costs more
+// than it saves there (2-core test machine: a few µs). Weights expanded by dequantize;
+// multiply-adds (m * n * k) of lut_linear, which costs several times more per weight.
+constexpr int64_t kMinParallelWeights = int64_t{1} << 14;
+constexpr int64_t kMinParallelMacs = int64_t{1} << 12;
+
 struct Planes {
   uint32_t* ptr[kMaxPlanes];
 };

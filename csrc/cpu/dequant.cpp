@@ -26,7 +26,7 @@ void dequantize(Planes planes, int64_t n, int64_t k, int bits, const float* code
     return dequantize_avx512(planes, n, k, bits, codebook, groups, out);
 #endif
   const int64_t chunks = (n + kRowsPerChunk - 1) / kRowsPerChunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * k >= kMinParallelWeights)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t first = c * kRowsPerChunk, last = std::min(n, first + kRowsPerChunk);
     dequantize_rows(planes, first, last, k, bits, codebook, groups, out);

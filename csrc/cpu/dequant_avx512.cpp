@@ -107,7 +107,7 @@ template <int B>
 void dequantize_bits(Planes planes, int64_t n, int64_t k, const float* codebook, int64_t groups,
                      float* out) {
   const int64_t chunks = (n + kRowsPerChunk - 1) / kRowsPerChunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * k >= kMinParallelWeights)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t first = c * kRowsPerChunk;
     dequantize_rows<B>(planes, first, std::min(n, first + kRowsPerChunk), k, codebook, groups, out);

@@ -83,7 +83,7 @@ void lut_linear(const float* x, int64_t m, int64_t k, Planes planes, int bits,
     return lut_linear_avx2(x, m, k, planes, bits, codebook, groups, n, bias, y);
 #endif
   const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
-#pragma omp parallel
+#pragma omp parallel if (m * n * k >= kMinParallelMacs)
   {
     std::vector<float> dense(kRowsPerBlock * k);
 #pragma omp for schedule(static)

@@ -211,7 +211,7 @@ void linear_rows(const Problem& p, int64_t first, int64_t rows, float* acc) {
 template <class S, int B>
 void linear_bits(const Problem& p) {
   const int64_t row_blocks = (p.n + kRowsPerBlock - 1) / kRowsPerBlock;
-#pragma omp parallel
+#pragma omp parallel if (p.m * p.n * p.k >= kMinParallelMacs)
   {
     std::vector<float> acc(p.m > 1 ? p.m * kRowSums<S> : 0);
 #pragma omp for schedule(static)

@@ -19,8 +19,16 @@
 
 namespace otq::cpu {
 
+// Whether env OTQ_CPU_SIMD is unset or one of the values simd_allowed reads.
+inline bool simd_env_valid() {
+  const char* cap = std::getenv("OTQ_CPU_SIMD");
+  return cap == nullptr || std::strcmp(cap, "avx512") == 0 || std::strcmp(cap, "avx2") == 0 ||
+         std::strcmp(cap, "none") == 0;
+}
+
 // Whether env OTQ_CPU_SIMD ("avx512", "avx2" or "none"; unset: "avx512", the widest
-// explicit-SIMD path the kernels may take) allows `path` (the Python side validates it).
+// explicit-SIMD path the kernels may take) allows `path` (the bindings check
+// simd_env_valid first).
 inline bool simd_allowed(const char* path) {
   const char* cap = std::getenv("OTQ_CPU_SIMD");
   if (cap == nullptr || std::strcmp(cap, "avx512") == 0) return true;

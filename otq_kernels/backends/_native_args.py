@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import torch
 
-from ..format import QuantizedTensor, check_bits, padded_k, plane_widths
+from ..format import PLANE_WIDTHS, WORD_BITS, QuantizedTensor, check_bits, padded_k, plane_widths
 from ..quantizers import ASSIGNS
+from . import as_dtype
 
 FIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def require_device(t, name: str, device_type: str, device: torch.device | None = None) -> None:
-    """ValueError unless ``t`` is a tensor on ``device`` (or any ``device_type`` device)."""
+    """ValueError unless ``t`` is a tensor on ``device`` (or any ``device_type`` device:
+    "cpu" or "cuda")."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != device_type or (device is not None and t.device != device):
+    # (is_cpu / is_cuda: a tenth of the cost of building t.device.type, on every call)
+    on = t.device == device if device is not None else (
+        t.is_cuda if device_type == "cuda" else t.is_cpu)
+    if not on:
         where = f" on {device}" if device is not None else ""
         raise ValueError(f"{device_type} backend: {name} must be a {device_type.upper()} "
                          f"tensor{where}, got {t.device}")
@@ -33,15 +38,15 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 def checked_planes(planes, bits: int, n: int, k: int, device_type: str,
                    device: torch.device | None = None) -> list[torch.Tensor]:
     """Planes as aligned int32 tensors [n, K_pad * w / 32] on the device (ValueError else)."""
-    widths = plane_widths(bits)
+    widths = PLANE_WIDTHS.get(bits) or plane_widths(bits)  # (the latter raises)
     if len(planes) != len(widths):
         raise ValueError(f"bits={bits} needs {len(widths)} planes, got {len(planes)}")
+    words = padded_k(k) // WORD_BITS  # per row and bit of width
     out = []
     for plane, width in zip(planes, widths, strict=True):
         require_device(plane, "plane", device_type, device)
-        expect = (n, padded_k(k) * width // 32)
-        if plane.dtype != torch.int32 or tuple(plane.shape) != expect:
-            raise ValueError(f"plane of width {width} must be int32 {list(expect)}, "
+        if plane.dtype != torch.int32 or plane.shape != (n, words * width):
+            raise ValueError(f"plane of width {width} must be int32 {[n, words * width]}, "
                              f"got {plane.dtype} {list(plane.shape)}")
         out.append(aligned(plane))
     return out
@@ -54,7 +59,7 @@ def checked_codebook(qt: QuantizedTensor, device_type: str,
     require_device(book, "codebook", device_type, device)
     if book.dim() != 2 or book.shape[0] not in (1, qt.n) or book.shape[1] != 2**qt.bits:
         raise ValueError(f"codebook must be [1 or {qt.n}, {2**qt.bits}], got {list(book.shape)}")
-    return aligned(book.to(torch.float32))
+    return aligned(as_dtype(book, torch.float32))
 
 
 def unpack_args(planes, bits, k) -> tuple[int, int]:

@@ -6,17 +6,23 @@ shapes, code ranges) so the C++ only ever sees well-formed contiguous buffers.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .._native import native, unavailable_reason
 from ..format import QuantizedTensor, check_codes, padded_k, plane_widths
-from ._native_args import checked_codebook, checked_planes, fit_args, require_device, unpack_args
+from . import as_dtype
+from ._native_args import (
+    checked_codebook,
+    checked_planes,
+    fit_args,
+    require_device,
+    unpack_args,
+)
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Values of env OTQ_CPU_SIMD: the widest explicit-SIMD path of the LUT linear and the
 # expansion (csrc/cpu/simd.h; each is taken only where the CPU has it). Unset: "avx512".
+# The extension reads and checks it (ValueError on any other value).
 SIMD_PATHS = ("avx512", "avx2", "none")
 
 
@@ -28,12 +34,6 @@ def unavailable(device) -> str | None:
 
 def _require_cpu(t, name: str) -> None:
     require_device(t, name, "cpu")
-
-
-def _check_simd_env() -> None:
-    cap = os.environ.get("OTQ_CPU_SIMD")
-    if cap is not None and cap not in SIMD_PATHS:
-        raise ValueError(f"OTQ_CPU_SIMD must be one of {SIMD_PATHS} or unset, got {cap!r}")
 
 
 def _ptrs(tensors: list[torch.Tensor]) -> list[int]:
@@ -89,27 +89,27 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> t
     Computes in float32 (fp16/bf16 activations are converted, the output cast back).
     """
     _require_cpu(x, "x")
+    n, k = qt.n, qt.k
     if x.dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"x must be float16/bfloat16/float32, got {x.dtype}")
-    if x.dim() != 2 or x.shape[1] != qt.k:
-        raise ValueError(f"x must be [M, {qt.k}], got {list(x.shape)}")
-    _check_simd_env()
-    planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cpu")
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {list(x.shape)}")
+    planes = checked_planes(qt.planes, qt.bits, n, k, "cpu")
     book = checked_codebook(qt, "cpu")
     m = x.shape[0]
-    y = torch.empty(m, qt.n, dtype=torch.float32)
+    y = torch.empty(m, n, dtype=torch.float32)
     if m == 0:
-        return y.to(x.dtype)
-    xf = x.to(torch.float32).contiguous()
+        return as_dtype(y, x.dtype)
+    xf = as_dtype(x, torch.float32).contiguous()
     b = None
     if bias is not None:
         _require_cpu(bias, "bias")
-        if tuple(bias.shape) != (qt.n,):
-            raise ValueError(f"bias must be [{qt.n}], got {list(bias.shape)}")
-        b = bias.to(torch.float32).contiguous()
-    native().cpu_lut_linear(xf.data_ptr(), m, qt.k, _ptrs(planes), qt.bits, book.data_ptr(),
-                            book.shape[0], qt.n, 0 if b is None else b.data_ptr(), y.data_ptr())
-    return y.to(x.dtype)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+        b = as_dtype(bias, torch.float32).contiguous()
+    native().cpu_lut_linear(xf.data_ptr(), m, k, _ptrs(planes), qt.bits, book.data_ptr(),
+                            book.shape[0], n, 0 if b is None else b.data_ptr(), y.data_ptr())
+    return as_dtype(y, x.dtype)
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -118,11 +118,12 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
     ``qt.dequantize(dtype)``."""
     if dtype not in ACTIVATION_DTYPES:
         raise ValueError(f"dtype must be float16/bfloat16/float32, got {dtype}")
-    _check_simd_env()
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cpu")
     book = checked_codebook(qt, "cpu")
-    out = torch.empty(qt.n, qt.k, dtype=torch.float32)
-    if out.numel():
-        native().cpu_dequantize(_ptrs(planes), qt.n, qt.k, qt.bits, book.data_ptr(),
-                                book.shape[0], out.data_ptr())
-    return out.to(dtype).reshape(qt.shape)
+    n, k = qt.n, qt.k
+    out = torch.empty(n, k, dtype=torch.float32)
+    if n * k:
+        native().cpu_dequantize(_ptrs(planes), n, k, qt.bits, book.data_ptr(), book.shape[0],
+                                out.data_ptr())
+    out = as_dtype(out, dtype)
+    return out if len(qt.shape) == 2 else out.reshape(qt.shape)

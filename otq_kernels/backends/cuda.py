@@ -30,7 +30,7 @@ import torch
 
 from .._native import native, unavailable_reason
 from ..format import QuantizedTensor, check_codes, padded_k, plane_widths
-from . import _device, conv_output_format
+from . import _device, as_dtype, conv_output_format
 from ._native_args import (
     aligned,
     checked_codebook,
@@ -96,9 +96,9 @@ def _checked_bias(bias: torch.Tensor | None, n: int, dtype: torch.dtype,
     if bias is None:
         return None
     _require_cuda(bias, "bias", device)
-    if tuple(bias.shape) != (n,):
+    if bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
-    return bias.to(dtype).contiguous()
+    return as_dtype(bias, dtype).contiguous()
 
 
 def tensor_cores_support(dtype: torch.dtype, bits: int) -> bool:

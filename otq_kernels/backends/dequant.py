@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..format import QuantizedTensor
+from . import as_dtype
 
 # On the CPU, a linear layer whose dense weight would exceed this is expanded and
 # multiplied a chunk of rows at a time: a fresh weight-sized buffer is slow to allocate
@@ -26,7 +27,7 @@ def unavailable(device) -> None:
 
 def dense_weight(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight of qt's shape in ``dtype`` (transient)."""
-    if qt.device.type == "cuda":
+    if qt.codebook.is_cuda:
         from . import cuda
 
         if cuda.expands_natively(qt):
@@ -34,7 +35,7 @@ def dense_weight(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         from .triton import dequantize_triton
 
         return dequantize_triton(qt, dtype)
-    if qt.device.type == "cpu":
+    if qt.codebook.is_cpu:
         from . import cpu
 
         if cpu.unavailable(qt.device) is None:
@@ -64,14 +65,14 @@ def _linear_by_row_chunks(x: torch.Tensor, qt: QuantizedTensor,
 def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] -> [M, N]."""
     # (torch.mm with out= refuses inputs that require grad: such an x takes F.linear)
-    if x.device.type == "cpu" and 4 * qt.numel > CPU_CHUNK_BYTES and not x.requires_grad:
+    if x.is_cpu and 4 * qt.numel > CPU_CHUNK_BYTES and not x.requires_grad:
         return _linear_by_row_chunks(x, qt, bias)
     weight = dense_weight(qt, x.dtype).reshape(qt.n, qt.k)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    return F.linear(x, weight, None if bias is None else as_dtype(bias, x.dtype))
 
 
 def conv2d(x, qt: QuantizedTensor, bias, stride, padding, dilation, groups):
     """x [B, C, H, W] -> [B, N, OH, OW]."""
     weight = dense_weight(qt, x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
+    bias = None if bias is None else as_dtype(bias, x.dtype)
     return F.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)

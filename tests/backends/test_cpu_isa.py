@@ -100,7 +100,9 @@ def _groups(qt) -> int:
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("bits", range(2, 9))
-@pytest.mark.parametrize("n,k", [(1, 1), (5, 31), (17, 33), (4, 49), (40, 96), (3, 1000)])
+# (the last shape is above kMinParallelWeights: rows shared among threads in chunks)
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 31), (17, 33), (4, 49), (40, 96), (3, 1000),
+                                 (37, 450)])
 def test_dequantize_bit_exact(lib, bits, granularity, n, k):
     qt = _qt(n, k, bits, granularity)
     out = torch.empty(n, k)
@@ -112,6 +114,7 @@ def test_dequantize_bit_exact(lib, bits, granularity, n, k):
 
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
 @pytest.mark.parametrize("bits", range(2, 9))
+# (the first two are below kMinParallelMacs, run on one thread; the rest above it)
 @pytest.mark.parametrize("m,n,k", [(1, 9, 127), (3, 4, 64), (16, 33, 45), (1, 7, 1537),
                                    (2, 5, 512), (5, 6, 1000), (17, 3, 545)])
 def test_lut_linear_matches_reference(lib, bits, granularity, m, n, k):
