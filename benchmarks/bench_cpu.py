@@ -6,7 +6,8 @@ UNet step (float32 model, then 4-bit per channel quantized with ``backend`` auto
 cpu+reference as dispatched before session 47, i.e. LUT linear and torch-expanded convs;
 the three run in turn within each rep); the LUT linear kernel (also capped by
 OTQ_CPU_SIMD to AVX2 and to the portable loops) against the dequant path (C++ expansion
-+ torch's GEMM) by M. Best of ``--reps`` wall times. Writes JSON (``--out``).
++ torch's GEMM) by M; the expansion alone under each cap. Best of ``--reps`` wall
+times. Writes JSON (``--out``).
 
     python benchmarks/bench_cpu.py --out benchmarks/results/cpu/cpu_inference.json
 """
@@ -136,6 +137,24 @@ def linear_rows(reps: int, shapes, simd_caps=("avx2", "none")) -> list[dict]:
     return rows
 
 
+def expand_rows(reps: int, shapes, simd_caps=("avx512", "avx2", "none")) -> list[dict]:
+    """The C++ expansion alone (``cpu.dequantize`` to float32, its output allocation
+    included: above 32 MiB that is page faults on every call), capped to each SIMD path."""
+    from otq_kernels.backends import cpu
+
+    rows = []
+    for n, k in shapes:
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+        for bits in (2, 4, 8):
+            qt = otq.fit_codebook(w, bits=bits, granularity="channel")
+            expand = functools.partial(cpu.dequantize, qt)
+            rows += [{"op": "expand", "N": n, "K": k, "bits": bits,
+                      "backend": f"cpu (OTQ_CPU_SIMD={cap})",
+                      "ms": best_ms(functools.partial(_capped, cap, expand), reps)}
+                     for cap in simd_caps]
+    return rows
+
+
 def meta() -> dict:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True).stdout.strip()
@@ -157,7 +176,8 @@ def main(argv=None) -> None:
     info = meta()
     rows = call_rows(args.reps)
     rows += [r for c in args.configs for r in unet_rows(c, args.reps)]
-    rows += linear_rows(args.reps, [tuple(map(int, s.split(","))) for s in args.linear_shapes])
+    shapes = [tuple(map(int, s.split(","))) for s in args.linear_shapes]
+    rows += linear_rows(args.reps, shapes) + expand_rows(args.reps, shapes)
     with open(args.out, "w") as f:
         json.dump({"meta": info, "rows": rows}, f, indent=1)
     for r in rows:

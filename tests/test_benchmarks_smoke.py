@@ -852,7 +852,7 @@ def test_e2e_profile_without_a_gpu_writes_a_skipped_row(tmp_path):
     assert _load("common").validate(payload) == []
 
 
-def test_cpu_bench_writes_call_unet_and_linear_rows(tmp_path):
+def test_cpu_bench_writes_call_unet_linear_and_expand_rows(tmp_path):
     out = tmp_path / "cpu.json"
     _load("bench_cpu").main(["--out", str(out), "--reps", "1", "--configs", "tiny",
                              "--linear-shapes", "8,40"])
@@ -867,5 +867,7 @@ def test_cpu_bench_writes_call_unet_and_linear_rows(tmp_path):
     linear = [r for r in data["rows"] if r["op"] == "linear"]
     assert {r["backend"] for r in linear} >= {"cpu", "cpu (OTQ_CPU_SIMD=none)", "dequant"}
     assert len(linear) == 3 * 4 * 5 and "OTQ_CPU_SIMD" not in os.environ
-    assert all(r["ms"] > 0 for r in steps + linear) and data["meta"]["cores"] >= 1
+    expand = [r for r in data["rows"] if r["op"] == "expand"]
+    assert len(expand) == 3 * 3 and "cpu (OTQ_CPU_SIMD=avx2)" in {r["backend"] for r in expand}
+    assert all(r["ms"] > 0 for r in steps + linear + expand) and data["meta"]["cores"] >= 1
 

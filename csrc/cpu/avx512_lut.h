@@ -1,4 +1,4 @@
-// AVX-512 operations of lut_simd.h and dequant_avx512.cpp (struct Avx512): 16 lanes of
+// AVX-512 operations of lut_simd.h and dequant_simd.h (struct Avx512): 16 lanes of
 // 32 bits, a codebook held in registers and indexed by 16 codes at once. Include only where
 // OTQ_AVX512 is defined, after the standard headers.
 #pragma once
@@ -48,6 +48,18 @@ struct Avx512 {
   static void store(float* p, F v) { _mm512_store_ps(p, v); }
   static float reduce_add(F v) { return _mm512_reduce_add_ps(v); }
   static F maskz(Mask m, F v) { return _mm512_maskz_mov_ps(m, v); }
+
+  // The expansion's operations (dequant_simd.h).
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static I srlv(I v, I shift) { return _mm512_srlv_epi32(v, shift); }
+  static I loadu_i(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static I permute(I v, I index) { return _mm512_permutexvar_epi32(index, v); }  // v[index]
+  static I load_words(const uint32_t* p, int64_t count) {  // the first count, 0 beyond
+    return _mm512_maskz_loadu_epi32(lanes(0, count), p);
+  }
+  static void store_first(float* p, int64_t count, F v) {  // lanes [0, count)
+    _mm512_mask_storeu_ps(p, lanes(0, count), v);
+  }
 
   // out[t] lane i = words[i * W + t] for the spans i < valid (0 beyond): W vectors of 16
   // words, regrouped by two-source permutes (lanes [q * 32/W, (q + 1) * 32/W) take their

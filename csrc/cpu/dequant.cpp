@@ -25,6 +25,10 @@ void dequantize(Planes planes, int64_t n, int64_t k, int bits, const float* code
   if (avx512_supported() && simd_allowed("avx512"))
     return dequantize_avx512(planes, n, k, bits, codebook, groups, out);
 #endif
+#ifdef OTQ_AVX2
+  if (avx2_supported() && simd_allowed("avx2"))
+    return dequantize_avx2(planes, n, k, bits, codebook, groups, out);
+#endif
   const int64_t chunks = (n + kRowsPerChunk - 1) / kRowsPerChunk;
 #pragma omp parallel for schedule(static) if (n * k >= kMinParallelWeights)
   for (int64_t c = 0; c < chunks; ++c) {

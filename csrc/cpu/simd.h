@@ -46,7 +46,7 @@ void lut_linear_avx512(const float* x, int64_t m, int64_t k, Planes planes, int 
                        const float* codebook, int64_t groups, int64_t n, const float* bias,
                        float* y);
 
-// dequantize's contract (cpu_ops.h), likewise (dequant_avx512.cpp).
+// dequantize's contract (cpu_ops.h), likewise (dequant_simd.h: dequant_avx512.cpp).
 void dequantize_avx512(Planes planes, int64_t n, int64_t k, int bits, const float* codebook,
                        int64_t groups, float* out);
 #endif
@@ -59,6 +59,10 @@ bool avx2_supported();
 void lut_linear_avx2(const float* x, int64_t m, int64_t k, Planes planes, int bits,
                      const float* codebook, int64_t groups, int64_t n, const float* bias,
                      float* y);
+
+// dequantize's contract on AVX2 (dequant_simd.h: dequant_avx2.cpp).
+void dequantize_avx2(Planes planes, int64_t n, int64_t k, int bits, const float* codebook,
+                     int64_t groups, float* out);
 #endif
 
 }  // namespace otq::cpu

@@ -4,7 +4,7 @@ The extension builds the hot loops of csrc/cpu for AVX-512, AVX2 and the baselin
 one at load time (``OTQ_CPU_CLONES`` in csrc/cpu/decode.h), so the test suite, on one
 machine, only runs one of them through ``otq_kernels._C``. Its LUT linear also switches, at
 run time, to the register look-ups of csrc/cpu/lut_simd.h on AVX-512 or AVX2 when the CPU
-has them (and its expansion to csrc/cpu/dequant_avx512.cpp). Here the same sources are built
+has them (and its expansion to those of csrc/cpu/dequant_simd.h). Here the same sources are built
 once per level without clones (``-march``, ``OTQ_NO_CPU_CLONES``; ``OTQ_NO_AVX512`` and
 ``OTQ_NO_AVX2`` for the three portable builds), and twice as the extension ships them,
 baseline plus the run-time AVX2 path or plus both, and checked against the reference on the
@@ -29,7 +29,8 @@ from otq_kernels.backends import reference
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [ROOT / "tests" / "cpu_isa" / "entry.cpp", ROOT / "csrc" / "cpu" / "dequant.cpp",
            ROOT / "csrc" / "cpu" / "lut_linear.cpp", ROOT / "csrc" / "cpu" / "lut_avx512.cpp",
-           ROOT / "csrc" / "cpu" / "lut_avx2.cpp", ROOT / "csrc" / "cpu" / "dequant_avx512.cpp"]
+           ROOT / "csrc" / "cpu" / "lut_avx2.cpp", ROOT / "csrc" / "cpu" / "dequant_avx512.cpp",
+           ROOT / "csrc" / "cpu" / "dequant_avx2.cpp"]
 HEADERS = sorted((ROOT / "csrc").glob("*.h")) + sorted((ROOT / "csrc" / "cpu").glob("*.h"))
 PORTABLE = ("-DOTQ_NO_AVX512", "-DOTQ_NO_AVX2")
 LEVELS = {"baseline": ("x86-64", PORTABLE), "avx2": ("x86-64-v3", PORTABLE),
