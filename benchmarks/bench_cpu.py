@@ -79,8 +79,8 @@ def per_call_us(fn, calls: int, reps: int) -> float:
     """Best over ``reps`` of the mean wall time (µs) of ``calls`` consecutive calls."""
     for _ in range(calls // 10):
         fn()
-    return min(best_ms(lambda: [fn() for _ in range(calls)], 1) for _ in range(reps)) \
-        * 1e3 / calls
+    best = min(best_ms(lambda: [fn() for _ in range(calls)], 1) for _ in range(reps))
+    return best * 1e3 / calls
 
 
 def call_rows(reps: int, calls: int = 2000) -> list[dict]:

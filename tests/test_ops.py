@@ -232,6 +232,8 @@ def test_dispatch_env_and_auto(monkeypatch):
     monkeypatch.setenv("OTQ_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="unknown backend"):
         ops.resolve_backend(None, "linear", cpu, 1)
+    with pytest.raises(ValueError, match="unknown backend"):  # not a str: no TypeError
+        backends.get(["cpu"])
 
 
 def test_auto_never_picks_triton_on_cpu(monkeypatch):

@@ -25,7 +25,7 @@ _MODULES = {name: f"{__name__}.{name}" for name in NAMES}
 def get(name: str):
     """The backend module called ``name`` (imported on first use; later calls, one per
     layer call, only look it up: import_module costs microseconds)."""
-    module_name = _MODULES.get(name)
+    module_name = _MODULES.get(name) if isinstance(name, str) else None
     if module_name is None:
         raise ValueError(f"unknown backend {name!r}; choose one of {NAMES} or 'auto'")
     module = sys.modules.get(module_name)
