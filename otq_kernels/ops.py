@@ -125,9 +125,9 @@ def conv_kernel_takes(backend: str, dtype: torch.dtype, bits: int) -> bool:
 
 
 _PLANS: dict[tuple, tuple] = {}
-# What availability and tuning read on a GPU (the CPU's candidates read neither: an unset
-# variable costs ~1.5 µs to read, a good part of a small layer's call there).
-_PLAN_ENV = ("TRITON_INTERPRET", "OTQ_TUNING_FILE")
+# What availability and tuning read, by device type (the CPU's candidates read none: an
+# unset variable costs ~1.8 µs to read, a good part of a small layer's call there).
+_PLAN_ENV = {"cuda": ("TRITON_INTERPRET", "OTQ_TUNING_FILE")}
 
 
 @_trace_constant
@@ -138,8 +138,8 @@ def _auto_plan(op: str, device: str, bits: int | None = None) -> tuple:
     Cached per process (availability and the GPU's tuning entry do not change), keyed by
     the environment variables they read.
     """
-    env = tuple(os.environ.get(v) for v in _PLAN_ENV) if device.startswith("cuda") else ()
-    key = (op, device, bits, *env)
+    env = _PLAN_ENV.get(device.partition(":")[0], ())
+    key = (op, device, bits, *(os.environ.get(v) for v in env))
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _runnable_candidates(op, torch.device(device), bits)

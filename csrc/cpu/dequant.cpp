@@ -22,11 +22,11 @@ void dequantize_rows(Planes planes, int64_t first, int64_t last, int64_t k, int 
 void dequantize(Planes planes, int64_t n, int64_t k, int bits, const float* codebook,
                 int64_t groups, float* out) {
 #ifdef OTQ_AVX512
-  if (avx512_supported() && simd_allowed("avx512"))
+  if (avx512_supported() && simd_allowed(Simd::kAvx512))
     return dequantize_avx512(planes, n, k, bits, codebook, groups, out);
 #endif
 #ifdef OTQ_AVX2
-  if (avx2_supported() && simd_allowed("avx2"))
+  if (avx2_supported() && simd_allowed(Simd::kAvx2))
     return dequantize_avx2(planes, n, k, bits, codebook, groups, out);
 #endif
   const int64_t chunks = (n + kRowsPerChunk - 1) / kRowsPerChunk;

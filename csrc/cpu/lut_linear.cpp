@@ -75,11 +75,11 @@ void linear_block(const float* x, int64_t m, int64_t k, Planes planes, int bits,
 void lut_linear(const float* x, int64_t m, int64_t k, Planes planes, int bits,
                 const float* codebook, int64_t groups, int64_t n, const float* bias, float* y) {
 #ifdef OTQ_AVX512
-  if (avx512_supported() && simd_allowed("avx512") && fills_blocks(k, m, 512))
+  if (avx512_supported() && simd_allowed(Simd::kAvx512) && fills_blocks(k, m, 512))
     return lut_linear_avx512(x, m, k, planes, bits, codebook, groups, n, bias, y);
 #endif
 #ifdef OTQ_AVX2
-  if (avx2_supported() && simd_allowed("avx2") && fills_blocks(k, m, 256))
+  if (avx2_supported() && simd_allowed(Simd::kAvx2) && fills_blocks(k, m, 256))
     return lut_linear_avx2(x, m, k, planes, bits, codebook, groups, n, bias, y);
 #endif
   const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;

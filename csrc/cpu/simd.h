@@ -19,22 +19,20 @@
 
 namespace otq::cpu {
 
-// Whether env OTQ_CPU_SIMD is unset or one of the values simd_allowed reads.
-inline bool simd_env_valid() {
+// The explicit-SIMD paths, widest first; a cap allows itself and every narrower path.
+enum class Simd { kAvx512, kAvx2, kNone, kInvalid };
+
+// Env OTQ_CPU_SIMD: the widest path the kernels may take ("avx512", the default when
+// unset, "avx2" or "none"); kInvalid for any other value (the bindings refuse it).
+inline Simd simd_cap() {
   const char* cap = std::getenv("OTQ_CPU_SIMD");
-  return cap == nullptr || std::strcmp(cap, "avx512") == 0 || std::strcmp(cap, "avx2") == 0 ||
-         std::strcmp(cap, "none") == 0;
+  if (cap == nullptr || std::strcmp(cap, "avx512") == 0) return Simd::kAvx512;
+  if (std::strcmp(cap, "avx2") == 0) return Simd::kAvx2;
+  return std::strcmp(cap, "none") == 0 ? Simd::kNone : Simd::kInvalid;
 }
 
-// Whether env OTQ_CPU_SIMD ("avx512", "avx2" or "none"; unset: "avx512", the widest
-// explicit-SIMD path the kernels may take) allows `path` (the bindings check
-// simd_env_valid first).
-inline bool simd_allowed(const char* path) {
-  const char* cap = std::getenv("OTQ_CPU_SIMD");
-  if (cap == nullptr || std::strcmp(cap, "avx512") == 0) return true;
-  if (std::strcmp(cap, "avx2") == 0) return std::strcmp(path, "avx2") == 0;
-  return false;
-}
+// Whether OTQ_CPU_SIMD allows `path`.
+inline bool simd_allowed(Simd path) { return simd_cap() <= path; }
 
 #ifdef OTQ_AVX512
 // Whether this CPU (and OS) runs AVX-512F code.

@@ -11,13 +11,7 @@ import torch
 from .._native import native, unavailable_reason
 from ..format import QuantizedTensor, check_codes, padded_k, plane_widths
 from . import as_dtype
-from ._native_args import (
-    checked_codebook,
-    checked_planes,
-    fit_args,
-    require_device,
-    unpack_args,
-)
+from ._native_args import checked_codebook, checked_planes, fit_args, require_device, unpack_args
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Values of env OTQ_CPU_SIMD: the widest explicit-SIMD path of the LUT linear and the

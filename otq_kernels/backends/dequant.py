@@ -59,7 +59,7 @@ def _linear_by_row_chunks(x: torch.Tensor, qt: QuantizedTensor,
         last = min(qt.n, first + rows)
         torch.mm(dense_weight(_row_chunk(qt, first, last), x.dtype), x.T, out=yt[first:last])
     y = yt.T.contiguous()
-    return y if bias is None else y.add_(bias.to(x.dtype))
+    return y if bias is None else y.add_(as_dtype(bias, x.dtype))
 
 
 def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
