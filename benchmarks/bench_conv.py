@@ -203,10 +203,12 @@ def main(argv=None) -> int:
     p = common.parser("conv", __doc__.splitlines()[0])
     p.add_argument("--preset", choices=["goal", "full"], default="full",
                    help="goal: batch 1 only (issue 6); full: batches 1,8,64")
-    p.add_argument("--batches", default=None, help="comma-separated batch sizes (1,8,64)")
-    p.add_argument("--bits", default=None, help="comma-separated bit widths (default 4,2,3,8)")
-    p.add_argument("--granularity", default="channel,tensor")
-    p.add_argument("--backends", default=None,
+    p.add_argument("--batches", type=common.COUNTS, default=None,
+                   help="comma-separated batch sizes (1,8,64)")
+    p.add_argument("--bits", type=common.BIT_WIDTHS, default=None,
+                   help="comma-separated bit widths (default 4,2,3,8)")
+    p.add_argument("--granularity", type=common.GRANULARITY_LIST, default="channel,tensor")
+    p.add_argument("--backends", type=common.BACKEND_LIST, default=None,
                    help="default GPU: cuda,triton,dequant; CPU: reference,cpu,triton,dequant")
     p.add_argument("--include-1x1", action="store_true", help="also the 1×1 convs")
     common.add_tuning_options(p)
@@ -218,12 +220,11 @@ def main(argv=None) -> int:
     run = common.Run("conv", args)
     gpu = run.device.type == "cuda"
     dtype = common.bench_dtype(args, run.device)
-    batches = common.csv_ints(args.batches) if args.batches else \
-        ([1] if args.smoke or args.preset == "goal" else DEFAULT_BATCHES)
-    bits_list = common.csv_ints(args.bits) if args.bits else ([3] if args.smoke else [4, 2, 3, 8])
-    grans = common.csv_strs(args.granularity)
-    backends = common.csv_strs(args.backends or ("cuda,triton,dequant" if gpu else
-                                                 "reference,cpu,triton,dequant"))
+    batches = args.batches or ([1] if args.smoke or args.preset == "goal" else DEFAULT_BATCHES)
+    bits_list = args.bits or ([3] if args.smoke else [4, 2, 3, 8])
+    grans = args.granularity
+    backends = args.backends or (["cuda", "triton", "dequant"] if gpu else
+                                 ["reference", "cpu", "triton", "dequant"])
     layers, source = conv_layers(args)
     run.meta.update(layers_source=source, batches=batches, bits=bits_list, granularities=grans,
                     backends=backends, dtype=str(dtype), graph=args.graph,

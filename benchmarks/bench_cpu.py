@@ -27,7 +27,7 @@ import torch
 
 import otq_kernels as otq
 from otq_kernels import ops
-from otq_kernels.models.configs import IMAGE_SIZES, unet_config
+from otq_kernels.models.configs import IMAGE_SIZES, config_names, unet_config
 from otq_kernels.models.unet import UNetModel
 
 
@@ -165,18 +165,25 @@ def meta() -> dict:
             "torch_threads": torch.get_num_threads(), "loadavg_at_start": os.getloadavg()}
 
 
+def shape_pair(text: str) -> tuple[int, int]:
+    """'256,2304' -> (256, 2304)."""
+    n, k = (int(v) for v in text.split(","))
+    return n, k
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--configs", nargs="+", default=["digits", "mnist"])
-    parser.add_argument("--linear-shapes", nargs="*", default=["256,2304", "1024,1024",
-                                                               "4096,4096"], help="N,K ...")
+    parser.add_argument("--configs", nargs="+", default=["digits", "mnist"],
+                        choices=config_names())
+    parser.add_argument("--linear-shapes", nargs="*", type=shape_pair,
+                        default=[(256, 2304), (1024, 1024), (4096, 4096)], help="N,K ...")
     args = parser.parse_args(argv)
     info = meta()
     rows = call_rows(args.reps)
     rows += [r for c in args.configs for r in unet_rows(c, args.reps)]
-    shapes = [tuple(map(int, s.split(","))) for s in args.linear_shapes]
+    shapes = args.linear_shapes
     rows += linear_rows(args.reps, shapes) + expand_rows(args.reps, shapes)
     with open(args.out, "w") as f:
         json.dump({"meta": info, "rows": rows}, f, indent=1)

@@ -36,6 +36,8 @@ import gc
 import common
 import torch
 
+from otq_kernels.models.configs import config_names
+
 # (bits, granularity, backend), in budget order: the issue-6 goal variant first.
 VARIANTS = [(None, None, "fp16"), (4, "channel", "auto"), (4, "channel", "dequant"),
             (4, "tensor", "auto"), (2, "channel", "auto"), (3, "channel", "auto"),
@@ -44,6 +46,23 @@ VARIANTS = [(None, None, "fp16"), (4, "channel", "auto"), (4, "channel", "dequan
 GOAL_VARIANTS = [(None, None, "fp16"), (4, "channel", "auto"), (4, "channel", "cuda"),
                  (4, "channel", "dequant"), (4, "channel", "triton"), (4, "tensor", "auto"),
                  (2, "channel", "auto"), (3, "channel", "auto"), (8, "channel", "auto")]
+
+
+def parse_variant(text: str) -> tuple:
+    """'fp16' -> (None, None, 'fp16'); 'bits:granularity:backend' (backend a backend name or
+    auto) -> (bits, granularity, backend)."""
+    if text == "fp16":
+        return (None, None, "fp16")
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError("fp16 or bits:granularity:backend")
+    bits, gran, backend = int(parts[0]), parts[1], parts[2]
+    if not (common.MIN_BITS <= bits <= common.MAX_BITS and gran in common.GRANULARITIES
+            and backend in (*common.BACKEND_NAMES, "auto")):
+        raise ValueError(f"bits {common.MIN_BITS}-{common.MAX_BITS}, granularity one of "
+                         f"{common.GRANULARITIES}, backend one of {common.BACKEND_NAMES} "
+                         "or auto")
+    return (bits, gran, backend)
 
 
 def module_bytes(model: torch.nn.Module) -> int:
@@ -204,9 +223,12 @@ def main(argv=None) -> int:
     p = common.parser("e2e", __doc__.splitlines()[0])
     p.add_argument("--preset", choices=["goal", "full"], default="full",
                    help="goal: batch 1, GOAL_VARIANTS (issue 6); full: VARIANTS, 1,16,64")
-    p.add_argument("--config", default=None, help="UNet config (default mnist; tiny in smoke)")
-    p.add_argument("--batches", default=None, help="comma-separated (default 1,16,64)")
-    p.add_argument("--variants", default=None,
+    p.add_argument("--config", default=None, choices=config_names(),
+                   help="UNet config (default mnist; tiny in smoke)")
+    p.add_argument("--batches", type=common.COUNTS, default=None,
+                   help="comma-separated (default 1,16,64)")
+    p.add_argument("--variants", type=common.csv_list(parse_variant, None, "variant"),
+                   default=None,
                    help="comma-separated bits:granularity:backend or fp16 "
                         "(default: fp16, 4:channel:auto, 4:channel:dequant, ...)")
     p.add_argument("--no-graph", action="store_true", help="eager timing only")
@@ -222,13 +244,9 @@ def main(argv=None) -> int:
     gpu = run.device.type == "cuda"
     dtype = common.bench_dtype(args, run.device)
     goal = args.preset == "goal"
-    batches = common.csv_ints(args.batches) if args.batches else ([1] if args.smoke or goal
-                                                                   else [1, 16, 64])
-    variants = VARIANTS[:3] if args.smoke else (GOAL_VARIANTS if goal else VARIANTS)
-    if args.variants:
-        variants = [(None, None, "fp16") if v == "fp16" else
-                    (int(v.split(":")[0]), v.split(":")[1], v.split(":")[2])
-                    for v in common.csv_strs(args.variants)]
+    batches = args.batches or ([1] if args.smoke or goal else [1, 16, 64])
+    variants = args.variants or \
+        (VARIANTS[:3] if args.smoke else (GOAL_VARIANTS if goal else VARIANTS))
     modes = ["eager"] if (args.no_graph or not gpu or args.smoke) else ["eager", "graph"]
     master = random_model(config, seed=0)
     outputs: dict = {}

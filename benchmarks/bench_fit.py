@@ -25,7 +25,12 @@ import common
 import numpy as np
 import torch
 
+from otq_kernels.quantizers import METHODS
+
 FUSED_OT = ("triton", "cuda", "cpu")
+# What --backends names: a fit_rows backend, or the API (fit_codebook), the torch.sort
+# path or the numpy seed loop.
+FIT_PATHS = (*FUSED_OT, "reference", "torch_sort", "api", "numpy")
 
 
 def numpy_ot_rows(rows: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,11 +172,12 @@ def fill_rate_ratios(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     p = common.parser("fit", __doc__.splitlines()[0])
-    p.add_argument("--bits", default="4", help="comma-separated bit widths (default 4)")
-    p.add_argument("--methods", default=None,
+    p.add_argument("--bits", type=common.BIT_WIDTHS, default="4",
+                   help="comma-separated bit widths (default 4)")
+    p.add_argument("--methods", type=common.csv_list(str, METHODS, "method"), default=None,
                    help="comma-separated (default GPU: ot,lloyd,uniform,piecewise,log2; CPU: ot)")
-    p.add_argument("--granularity", default="channel,tensor")
-    p.add_argument("--backends", default=None,
+    p.add_argument("--granularity", type=common.GRANULARITY_LIST, default="channel,tensor")
+    p.add_argument("--backends", type=common.csv_list(str, FIT_PATHS, "fit path"), default=None,
                    help="default GPU: triton,cuda,torch_sort,reference,api,numpy; "
                         "CPU: cpu,torch_sort,reference,numpy")
     p.add_argument("--max-weights", type=float, default=None,
@@ -179,20 +185,18 @@ def main(argv=None) -> int:
                         "about this many weights (default GPU 8e6; CPU 2e6)")
     p.add_argument("--numpy-max-weights", type=float, default=None,
                    help="subset size for the numpy loop (default 1e6)")
-    p.add_argument("--threads", default=None,
+    p.add_argument("--threads", type=common.COUNTS, default=None,
                    help="CPU only: comma-separated torch thread counts to time the torch/C++ "
                         "paths at (default: 1 and torch's default); numpy runs once")
     args = p.parse_args(argv)
     run = common.Run("fit", args, measure_ceilings=not args.smoke)
     gpu = run.device.type == "cuda"
-    methods = common.csv_strs(args.methods or ("ot,lloyd,uniform,piecewise,log2" if gpu
-                                               else "ot"))
-    if args.smoke:
-        methods = common.csv_strs(args.methods or "ot,uniform")
-    backends = common.csv_strs(args.backends or (
-        "triton,cuda,torch_sort,reference,api,numpy" if gpu else
-        ("cpu,torch_sort,reference,triton,numpy" if args.smoke else
-         "cpu,torch_sort,reference,numpy")))
+    methods = args.methods or (["ot", "uniform"] if args.smoke else
+                               (list(METHODS) if gpu else ["ot"]))
+    backends = args.backends or (
+        ["triton", "cuda", "torch_sort", "reference", "api", "numpy"] if gpu else
+        (["cpu", "torch_sort", "reference", "triton", "numpy"] if args.smoke else
+         ["cpu", "torch_sort", "reference", "numpy"]))
     shapes, source = model_shapes(args)
     gen = torch.Generator(device=run.device).manual_seed(0)
     weights = [(name, 0.02 * torch.randn(shape, device=run.device, generator=gen))
@@ -204,15 +208,15 @@ def main(argv=None) -> int:
                     methods=methods, backends=backends, subset_weights=slow_max,
                     numpy_subset_weights=numpy_max)
     default_threads = torch.get_num_threads()
-    thread_counts = [None] if gpu or args.smoke else common.csv_ints(
-        args.threads or ",".join(str(t) for t in sorted({1, default_threads})))
+    thread_counts = [None] if gpu or args.smoke else \
+        (args.threads or sorted({1, default_threads}))
     run.meta["thread_counts"] = thread_counts
     run.finalizers.append(fill_rate_ratios)
     for threads in thread_counts:
         if threads is not None:
             torch.set_num_threads(threads)
-        for bits in common.csv_ints(args.bits):
-            for gran in common.csv_strs(args.granularity):
+        for bits in args.bits:
+            for gran in args.granularity:
                 for method in methods:
                     for backend in backends:
                         if backend == "numpy" and threads not in (None, thread_counts[0]):

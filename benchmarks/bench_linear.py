@@ -93,14 +93,16 @@ def unet_shapes(config: str = "mnist") -> tuple[list[tuple[str, int, int]], str]
     return [(f"unet-{kind}", n, k) for (n, k), kind in seen.items()], source
 
 
+def shape_nk(text: str) -> tuple[int, int]:
+    """'8192x4096' -> (8192, 4096)."""
+    n, k = (common.positive_int(v) for v in text.lower().split("x"))
+    return n, k
+
+
 def shape_list(args) -> tuple[list[tuple[str, int, int]], str]:
     """Shapes to run: --shapes NxK,..., or goal + UNet shapes (goal first: budget order)."""
     if args.shapes:
-        out = []
-        for item in common.csv_strs(args.shapes):
-            n, k = (int(v) for v in item.lower().split("x"))
-            out.append(("custom", n, k))
-        return out, "--shapes"
+        return [("custom", n, k) for n, k in args.shapes], "--shapes"
     if args.smoke:
         return [("smoke", 40, 72)], "smoke"
     if args.preset == "goal":
@@ -525,19 +527,22 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=["goal", "unet", "full"], default="full",
                    help="goal: issue 6's goal grid only (see the module doc); unet: the UNet "
                         "shapes and 4096x4096 on the full grid (crossovers); full: all")
-    p.add_argument("--ms", default=None, help="comma-separated M values")
-    p.add_argument("--bits", default=None, help="comma-separated bit widths (default 4,2,3,8)")
-    p.add_argument("--granularity", default=None,
+    p.add_argument("--ms", type=common.COUNTS, default=None, help="comma-separated M values")
+    p.add_argument("--bits", type=common.BIT_WIDTHS, default=None,
+                   help="comma-separated bit widths (default 4,2,3,8)")
+    p.add_argument("--granularity", type=common.GRANULARITY_LIST, default="channel,tensor",
                    help="comma-separated (default channel,tensor)")
     p.add_argument("--expand", action="store_true",
                    help="also time the dequant path's expansion kernels alone per (shape, "
                         "bits, granularity): Triton's on both grids (dequant_walk_k) and "
                         "the CUDA one")
     p.add_argument("--kernels", default=None,
+                   type=common.csv_list(str, ("auto", *TRITON_KERNELS), "Triton kernel"),
                    help=f"Triton kernels to time: auto,{','.join(TRITON_KERNELS)} "
                         f"(default all; goal: {','.join(GOAL_KERNELS)})")
-    p.add_argument("--shapes", default=None, help="comma-separated NxK (default: goal + UNet)")
-    p.add_argument("--backends", default=None,
+    p.add_argument("--shapes", type=common.csv_list(shape_nk, None, "shape NxK"), default=None,
+                   help="comma-separated NxK (default: goal + UNet)")
+    p.add_argument("--backends", type=common.BACKEND_LIST, default=None,
                    help="comma-separated (default GPU: triton,cuda,dequant; CPU: "
                         "reference,cpu,triton,dequant)")
     common.add_dtype_option(p)
@@ -550,14 +555,12 @@ def main(argv=None) -> int:
     gpu = run.device.type == "cuda"
     dtype = common.bench_dtype(args, run.device)
     goal = args.preset == "goal"
-    ms = common.csv_ints(args.ms) if args.ms else \
-        ([3] if args.smoke else (GOAL_MS if goal else DEFAULT_MS))
-    bits_list = common.csv_ints(args.bits) if args.bits else ([3] if args.smoke else [4, 2, 3, 8])
-    grans = common.csv_strs(args.granularity or "channel,tensor")
-    kernels = common.csv_strs(args.kernels) if args.kernels else \
-        (GOAL_KERNELS if goal else None)
-    default_backends = "triton,cuda,dequant" if gpu else "reference,cpu,triton,dequant"
-    backends = common.csv_strs(args.backends or default_backends)
+    ms = args.ms or ([3] if args.smoke else (GOAL_MS if goal else DEFAULT_MS))
+    bits_list = args.bits or ([3] if args.smoke else [4, 2, 3, 8])
+    grans = args.granularity
+    kernels = args.kernels or (GOAL_KERNELS if goal else None)
+    backends = args.backends or (["triton", "cuda", "dequant"] if gpu else
+                                 ["reference", "cpu", "triton", "dequant"])
     shapes, source = shape_list(args)
     run.meta.update(shapes_source=source, ms=ms, bits=bits_list, granularities=grans,
                     backends=backends, kernels=kernels, dtype=str(dtype), graph=args.graph)

@@ -46,6 +46,9 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # gpu_limits when impo
 
 import gpu_limits  # noqa: E402
 
+from otq_kernels.backends import NAMES as BACKEND_NAMES  # noqa: E402
+from otq_kernels.format import GRANULARITIES, MAX_BITS, MIN_BITS  # noqa: E402
+
 # GPU-suite runs cap Triton autotuning through env vars (see gpu_limits); unset: no change.
 AUTOTUNE_LIMIT = gpu_limits.apply_from_env()
 
@@ -101,14 +104,44 @@ def bench_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def csv_ints(text: str) -> list[int]:
-    """'1,4,16' -> [1, 4, 16]."""
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def csv_strs(text: str) -> list[str]:
     """'a,b' -> ['a', 'b']."""
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def csv_list(item: Callable[[str], object], allowed=None, what: str = "value"):
+    """An argparse ``type``: 'a,b' -> [item('a'), item('b')], each one of ``allowed`` where
+    given. A typo then stops the bench at once (exit 2, naming the value and the choices)
+    instead of running it with skipped or error rows, or without the path it names."""
+    def parse(text: str) -> list:
+        values = []
+        for raw in csv_strs(text):
+            try:
+                value = item(raw)
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(f"{raw!r} is not a {what} ({err})") from None
+            if allowed is not None and value not in allowed:
+                raise argparse.ArgumentTypeError(
+                    f"{raw!r} is not a {what}; choose from {', '.join(map(str, allowed))}")
+            values.append(value)
+        if not values:
+            raise argparse.ArgumentTypeError(f"no {what} in {text!r}")
+        return values
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+BIT_WIDTHS = csv_list(int, tuple(range(MIN_BITS, MAX_BITS + 1)), "bit width")
+COUNTS = csv_list(positive_int, None, "positive integer")
+GRANULARITY_LIST = csv_list(str, GRANULARITIES, "granularity")
+BACKEND_LIST = csv_list(str, BACKEND_NAMES, "backend")
 
 
 # ----------------------------------------------------------------------------- environment

@@ -128,13 +128,17 @@ def _try(fn, *args, **kwargs) -> None:
         print(f"error in {name} {kwargs}:", common.error_text(err, lines=6), flush=True)
 
 
+CHECKS = {"graph": check_graph, "compile": check_compile}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=".", help="directory for checks.json")
     p.add_argument("--config", default="mnist", help="UNet config for graph/compile")
-    p.add_argument("--checks", default="graph,compile")
+    p.add_argument("--checks", type=common.csv_list(str, tuple(CHECKS), "check"),
+                   default="graph,compile")
     p.add_argument("--sanitizer-target", action="store_true")
-    p.add_argument("--bits", default="2,3,4,5,6,7,8",
+    p.add_argument("--bits", type=common.BIT_WIDTHS, default="2,3,4,5,6,7,8",
                    help="bit widths the sanitizer target runs (default 2-8)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -142,8 +146,8 @@ def main(argv=None) -> int:
         return 0
     device = torch.device("cuda")
     if args.sanitizer_target:
-        return 2 if sanitizer_target(device, common.csv_ints(args.bits)) else 0
-    names = common.csv_strs(args.checks)
+        return 2 if sanitizer_target(device, args.bits) else 0
+    names = args.checks
     results: dict = {}
     meta = {**common.base_meta("checks", device, False), "autotune_limit": common.AUTOTUNE_LIMIT}
     out = Path(args.out)
@@ -167,7 +171,7 @@ def main(argv=None) -> int:
     for name in names:
         begin = time.perf_counter()
         try:
-            results[name] = {"graph": check_graph, "compile": check_compile}[name](model, x, t)
+            results[name] = CHECKS[name](model, x, t)
         except Exception as err:  # noqa: BLE001
             results[name] = {"ok": False, "detail": common.error_text(err)}
         results[name]["seconds"] = round(time.perf_counter() - begin, 2)

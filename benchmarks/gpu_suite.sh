@@ -3,9 +3,12 @@
 # torch.compile checks, compute-sanitizer and the benchmarks; logs + JSON + plots to one
 # folder, a digest of the results at the end of stdout and of summary.txt.
 #
-# ---- First GPU session with the device tool (30 min of device time, <= 10 min a call) ----
+# ---- With the device tool: 15 min of device time a session, the machine's start (~1-2 min)
+# and idle time included, <= 10 min a call, no start with < 4 min left. So one full call
+# (~9 min of suite time, plan 4 after kernel changes) and, if it ended early, a rerun on
+# the still-warm machine (30 s) or a short second call; give_back after the last.
 # Here, once:   bash tools/fetch_wheels.sh      # wheelhouse/: flow_matching + POT (cp312), ~32 MB
-# Then up to three calls, each a fresh machine (~1-2 min start), each ~9 min of suite time:
+# The plans (each ~9 min of suite time; 1-3 were written for 30-min sessions, one a session):
 #   1 correctness  run(command="OTQ_SUITE_PLAN=1 OTQ_GIT_SHA=<sha> bash benchmarks/gpu_suite.sh",
 #                      carry=["wheelhouse"], timeout_s=600)
 #                  env, wheels, build, pytest -m cuda, graph+compile checks, compute-sanitizer,
@@ -68,6 +71,8 @@
 #   OTQ_SUITE_SCRATCH     where the work happens when $OUT is set (default /tmp/otq_suite)
 #   PYTHON                interpreter (default python3: the image's, which holds torch)
 # A failing step is logged in summary.txt with the tail of its log and the suite goes on.
+# CI parses every bench command line below (tests/test_benchmarks_smoke.py; the benches
+# check their list options' values at parse time): a refused flag fails there, not here.
 # Where torch sees no CUDA device (or fails to import), every step but CPU_STEPS is marked
 # FAILED with the reason, without running, so that a broken driver never reads as
 # "tests_cuda: ok, all skipped".

@@ -78,9 +78,11 @@ def ncu_conv_target(device: torch.device, sizes: list[int]) -> None:
 
 def main(argv=None) -> int:
     p = common.parser("splitk", __doc__.splitlines()[0])
-    p.add_argument("--splits", default="1,2,4,8,16", help="comma-separated split-K factors")
-    p.add_argument("--bits", default="4,2,3,8", help="comma-separated bit widths")
-    p.add_argument("--ms", default="1", help="comma-separated M values")
+    p.add_argument("--splits", type=common.COUNTS, default="1,2,4,8,16",
+                   help="comma-separated split-K factors")
+    p.add_argument("--bits", type=common.BIT_WIDTHS, default="4,2,3,8",
+                   help="comma-separated bit widths")
+    p.add_argument("--ms", type=common.COUNTS, default="1", help="comma-separated M values")
     p.add_argument("--eager", action="store_true", help="time eager calls, not graph replays")
     p.add_argument("--tensor-cores", action="store_true",
                    help="sweep the tensor-core kernel (lut_mma, 2-4 bits) into splitk_mma.json")
@@ -116,10 +118,10 @@ def main(argv=None) -> int:
                                    backend="cuda", kernel=KERNELS[args.tensor_cores]))
         run.write(complete=True)
         return 0
-    splits, ms = common.csv_ints(args.splits), common.csv_ints(args.ms)
+    splits, ms = args.splits, args.ms
     run.finalizers.append(lambda rows: common.fill_ratios(rows, ROW_KEY + ("bits",
                                                                           "granularity")))
-    for bits in common.csv_ints(args.bits):
+    for bits in args.bits:
         for gran in ("channel", "tensor"):
             for n, k in SHAPES:
                 for m in ms:

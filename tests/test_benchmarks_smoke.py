@@ -4,9 +4,12 @@ Runs each ``benchmarks/bench_*.py`` in-process with ``--smoke`` (tiny shapes, wa
 timing, unavailable backends recorded as skipped rows) into one temp dir, then the plots.
 """
 
+import argparse
 import importlib.util
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -871,3 +874,80 @@ def test_cpu_bench_writes_call_unet_linear_and_expand_rows(tmp_path):
     assert len(expand) == 3 * 3 and "cpu (OTQ_CPU_SIMD=avx2)" in {r["backend"] for r in expand}
     assert all(r["ms"] > 0 for r in steps + linear + expand) and data["meta"]["cores"] >= 1
 
+
+
+class _Parsed(Exception):
+    """Raised by a bench's parse_args in place of running it (the parse-only tests)."""
+
+
+def _parse_only(monkeypatch) -> None:
+    parse = argparse.ArgumentParser.parse_args
+
+    def parsed(self, args=None, namespace=None):
+        raise _Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parsed)
+
+
+def _suite_commands() -> list[tuple[str, list[str]]]:
+    """(script, argv) of every ``$PY benchmarks/<script>.py ...`` in gpu_suite.sh, its
+    shell variables replaced by values of the same kind."""
+    text = (BENCH / "gpu_suite.sh").read_text().replace("\\\n", " ")
+    text = re.sub(r"\$\(\([^)]*\)\)", "5", text).replace("$STEP_BUDGET", "5")
+    commands = []
+    for script, args in re.findall(r"\$PY benchmarks/(\w+)\.py([^\n'|;)]*)", text):
+        argv = shlex.split(args.replace("$DIR", "/tmp/otq_suite_dir"))
+        commands.append((script, [a for a in argv if not re.fullmatch(r"\d?>.*", a)]))
+    return commands
+
+
+def test_every_bench_command_of_the_gpu_suite_parses(monkeypatch):
+    """A flag or value that a bench's parser refuses would cost a GPU session a step: each
+    command line of the suite (every plan) must parse, and none may be missed."""
+    commands = _suite_commands()
+    scripts = {script for script, _ in commands}
+    assert scripts >= {"bench_linear", "bench_conv", "bench_e2e", "bench_fit", "profile_e2e",
+                       "sweep_splitk", "gpu_checks", "plot"}
+    assert ("bench_linear", ["--preset", "goal", "--graph", "--ms", "256,1024", "--bits", "4",
+            "--granularity", "channel", "--backends", "triton,dequant", "--kernels",
+            "gemm,gemm_tile", "--out", "/tmp/otq_suite_dir/goal_large_m", "--budget-s", "5",
+            "--quiet"]) in commands
+    _parse_only(monkeypatch)
+    for script, argv in commands:
+        if script in ("common", "digest"):  # no parser: --tree-hash, a folder
+            continue
+        with pytest.raises(_Parsed):
+            _load(script).main(argv)
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench_linear", ["--kernels", "gemm,gemm_tiles"], "'gemm_tiles' is not a Triton kernel"),
+    ("bench_linear", ["--backends", "cuda,dequnt"], "'dequnt' is not a backend"),
+    ("bench_linear", ["--bits", "4,9"], "'9' is not a bit width"),
+    ("bench_linear", ["--ms", "1,0"], "'0' is not a positive integer"),
+    ("bench_linear", ["--shapes", "8192x"], "'8192x' is not a shape NxK"),
+    ("bench_conv", ["--granularity", "chanel"], "'chanel' is not a granularity"),
+    ("bench_e2e", ["--variants", "fp16,4:channel:cdua"], "'4:channel:cdua' is not a variant"),
+    ("bench_e2e", ["--variants", "4:channel"], "'4:channel' is not a variant"),
+    ("bench_fit", ["--methods", "ot,kmeans"], "'kmeans' is not a method"),
+    ("sweep_splitk", ["--splits", "1,two"], "'two' is not a positive integer"),
+    ("gpu_checks", ["--checks", "graph,compiled"], "'compiled' is not a check"),
+], ids=lambda v: v if isinstance(v, str) and not v.startswith("'") else None)
+def test_a_bad_list_value_stops_the_bench_at_parse_time(script, argv, message, capsys):
+    """Before: a typo ran the bench with error or skipped rows (or, for --kernels, without
+    the kernel it named) and exited 0."""
+    with pytest.raises(SystemExit) as stop:
+        _load(script).main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_list_options_parse_to_lists(monkeypatch):
+    _parse_only(monkeypatch)
+    with pytest.raises(_Parsed) as linear:
+        _load("bench_linear").main(["--ms", "1, 16", "--shapes", "8192x4096,64X32"])
+    args = linear.value.args[0]
+    assert args.ms == [1, 16] and args.shapes == [(8192, 4096), (64, 32)]
+    assert args.granularity == ["channel", "tensor"] and args.bits is None
+    with pytest.raises(_Parsed) as e2e:
+        _load("bench_e2e").main(["--variants", "fp16,3:tensor:auto"])
+    assert e2e.value.args[0].variants == [(None, None, "fp16"), (3, "tensor", "auto")]
