@@ -6,6 +6,7 @@ On a GPU machine the suite itself is what runs, so this module is for CPU machin
 """
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -77,3 +78,14 @@ def test_no_gpu_still_runs_the_plots_of_the_benches(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert "bench_e2e: FAILED (not run: torch sees no CUDA device)" in summary, proc.stderr
     assert "plot_more: ok" in summary
+
+
+def test_the_test_files_and_the_test_filter_the_suite_names_exist():
+    """A renamed test file or test would make a pytest step collect nothing, or all."""
+    text = SUITE.read_text()
+    repo = SUITE.parents[1]
+    files = set(re.findall(r"tests/[\w/]+\.py", text))
+    assert len(files) >= 8 and [f for f in files if not (repo / f).is_file()] == []
+    left_out = re.search(r"OTQ_SUITE_TEST_FILTER:-not (\w+)", text).group(1)
+    fit_tests = (repo / "tests" / "backends" / "test_triton_fit.py").read_text()
+    assert f"def test_{left_out}(" in fit_tests
