@@ -3,7 +3,8 @@
 # nvcc exists, and fail if ptxas reports a register spill in any kernel. Then build the
 # extension's CUDA variant as the GPU machine's build would (bindings with OTQ_WITH_CUDA,
 # the CPU sources, these objects, cudart), and import it: a launcher the bindings call but
-# no source defines fails here, not in a GPU session's build step. Objects go to a temp
+# no source defines, or a wrapper that passes it the wrong arguments
+# (tools/check_native_calls.py), fails here, not in a GPU session. Objects go to a temp
 # dir and are discarded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,3 +79,5 @@ assert module.WITH_CUDA, "the OTQ_WITH_CUDA build says WITH_CUDA = False"
 names = sorted(n for n in dir(module) if n.startswith("cuda_"))
 print(f"cuda-check: the CUDA build links and imports ({len(names)} cuda_* functions)")
 EOF
+# and the package's calls of its cuda_* functions against their bound signatures
+"$py" tools/check_native_calls.py "$tmp/_C.so" cuda_
