@@ -24,6 +24,8 @@ from pathlib import Path
 import common
 import torch
 
+from otq_kernels.models.configs import config_names
+
 TOLERANCE = 2e-2  # fp16 graph/compile vs eager: same kernels, so this is loose
 
 
@@ -134,7 +136,8 @@ CHECKS = {"graph": check_graph, "compile": check_compile}
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=".", help="directory for checks.json")
-    p.add_argument("--config", default="mnist", help="UNet config for graph/compile")
+    p.add_argument("--config", default="mnist", choices=config_names(),
+                   help="UNet config for graph/compile")
     p.add_argument("--checks", type=common.csv_list(str, tuple(CHECKS), "check"),
                    default="graph,compile")
     p.add_argument("--sanitizer-target", action="store_true")
