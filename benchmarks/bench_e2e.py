@@ -36,6 +36,7 @@ import gc
 import common
 import torch
 
+from otq_kernels.format import check_bits
 from otq_kernels.models.configs import config_names
 
 # (bits, granularity, backend), in budget order: the issue-6 goal variant first.
@@ -56,12 +57,10 @@ def parse_variant(text: str) -> tuple:
     parts = text.split(":")
     if len(parts) != 3:
         raise ValueError("fp16 or bits:granularity:backend")
-    bits, gran, backend = int(parts[0]), parts[1], parts[2]
-    if not (common.MIN_BITS <= bits <= common.MAX_BITS and gran in common.GRANULARITIES
-            and backend in (*common.BACKEND_NAMES, "auto")):
-        raise ValueError(f"bits {common.MIN_BITS}-{common.MAX_BITS}, granularity one of "
-                         f"{common.GRANULARITIES}, backend one of {common.BACKEND_NAMES} "
-                         "or auto")
+    bits, gran, backend = check_bits(int(parts[0])), parts[1], parts[2]
+    if gran not in common.GRANULARITIES or backend not in (*common.BACKEND_NAMES, "auto"):
+        raise ValueError(f"granularity one of {common.GRANULARITIES}, backend one of "
+                         f"{common.BACKEND_NAMES} or auto")
     return (bits, gran, backend)
 
 

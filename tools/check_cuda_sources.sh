@@ -25,9 +25,11 @@ archs=${OTQ_CUDA_ARCHS:-80;90}
 gencode=()
 for a in ${archs//;/ }; do gencode+=(-gencode "arch=compute_${a},code=sm_${a}"); done
 # setup.py's nvcc flags, and the ones torch's CUDAExtension adds (no operators on
-# __half/__nv_bfloat16, relaxed constexpr); torch's own list where torch imports
-torch_flags=$("$py" -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS as f; print(' '.join(f))" 2>/dev/null) \
-  || torch_flags="-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr"
+# __half/__nv_bfloat16, relaxed constexpr), read from the torch that builds the extension
+if ! torch_flags=$("$py" -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS as f; print(' '.join(f))" 2>/dev/null); then
+  echo "cuda-check: torch not importable from $py; compiling without CUDAExtension's flags"
+  torch_flags=""
+fi
 # shellcheck disable=SC2206
 flags=($torch_flags -O3 -std=c++17 --use_fast_math -lineinfo -Xcompiler -fPIC -DOTQ_WITH_CUDA=1)
 for src in "${sources[@]}"; do
