@@ -292,7 +292,7 @@ class QuantConv1d(_QuantConv):
         the backend has and that takes x's dtype and these bits (``conv2d_supports``)."""
         name = ops.resolve_backend(self.backend, "conv2d", x.device, x.shape[0] * x.shape[2],
                                    self.bits)
-        return ops.conv_kernel_takes(name, x.dtype, self.bits)
+        return ops.conv_kernel_takes(name, x.dtype, self.bits, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, L] -> [B, N, L_out]."""

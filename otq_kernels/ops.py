@@ -16,6 +16,7 @@ bitsandbytes does for its 4-bit layers. That is what Flow Matching likelihoods
 import functools
 import json
 import os
+from collections.abc import Callable
 from importlib import resources
 from typing import Optional
 
@@ -114,14 +115,15 @@ def _candidates(op: str, device: torch.device, bits: int | None = None
 
 
 @_trace_constant
-def conv_kernel_takes(backend: str, dtype: torch.dtype, bits: int) -> bool:
+def conv_kernel_takes(backend: str, dtype: torch.dtype, bits: int, groups: int = 1) -> bool:
     """Whether ``backend`` has a conv2d kernel (the reference's is not one) that takes x of
-    ``dtype`` and ``bits``-bit codes (its ``conv2d_supports``, where it has one)."""
+    ``dtype``, ``bits``-bit codes and ``groups`` (its ``conv2d_supports``, where it has
+    one)."""
     if backend == "reference":
         return False
     module = backends.get(backend)
     supports = getattr(module, "conv2d_supports", None)
-    return hasattr(module, "conv2d") and (supports is None or supports(dtype, bits))
+    return hasattr(module, "conv2d") and (supports is None or supports(dtype, bits, groups))
 
 
 _PLANS: dict[tuple, tuple] = {}
@@ -167,9 +169,10 @@ def _explicit_backend(backend: str, device: str) -> str:
 
 
 def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: int = 1,
-                    bits: int | None = None) -> str:
+                    bits: int | None = None, takes: Callable[[str], bool] | None = None) -> str:
     """A concrete backend name for ``op`` on ``device`` with M rows of activations and
-    ``bits``-bit codes (None: the tuning's thresholds for every width).
+    ``bits``-bit codes (None: the tuning's thresholds for every width). ``takes(name)``:
+    whether the call's other arguments suit backend ``name``; auto skips those it refuses.
 
     Under torch.compile the availability checks are trace-time constants and the M
     comparison becomes a shape guard.
@@ -179,7 +182,7 @@ def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: in
     if name != "auto":
         return name
     for name, min_m, max_m in _auto_plan(op, dev, bits):
-        if min_m <= m <= max_m:
+        if min_m <= m <= max_m and (takes is None or takes(name)):
             return name
     return "reference"
 
@@ -434,7 +437,8 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     if x.shape[0] == 0:
         return _empty_batch_output(x, bias, out_shape, (-1, 1, 1))
     m = out_shape[0] * out_shape[2] * out_shape[3]
-    name = resolve_backend(backend, "conv2d", x.device, m, qt.bits)
+    name = resolve_backend(backend, "conv2d", x.device, m, qt.bits,
+                           lambda b: conv_kernel_takes(b, x.dtype, qt.bits, groups))
     if not x.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous()  # NCHW or channels_last are both taken as they are
     if _plain_eager_call(x, bias):

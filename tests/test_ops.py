@@ -273,6 +273,40 @@ def test_triton_band_from_tuning_table(monkeypatch):
             ] == ["cuda", "dequant", "dequant", "triton", "triton", "dequant"]
 
 
+def _conv_backend(device, dtype, bits, groups=1, m=49) -> str:
+    return ops.resolve_backend(None, "conv2d", device, m, bits,
+                               lambda b: ops.conv_kernel_takes(b, dtype, bits, groups))
+
+
+def test_auto_passes_convs_the_cuda_conv_refuses_on(monkeypatch):
+    """Under a measured conv2d.cuda_max_m, auto gives lut_conv only the convs it takes
+    (fp16/bf16 x, 2-4-bit codes, groups = 1); the rest (e.g. the usual 8-bit first and
+    last convs) go on to the next backend instead of failing in cuda.conv2d."""
+    gpu = _gpu_plan(monkeypatch, {"conv2d": {"cuda_max_m": 1024, "triton_max_m": 64}})
+    assert _conv_backend(gpu, torch.float16, 4) == "cuda"
+    assert _conv_backend(gpu, torch.bfloat16, 2) == "cuda"
+    assert _conv_backend(gpu, torch.float16, 8) == "triton"
+    assert _conv_backend(gpu, torch.float32, 4) == "triton"
+    assert _conv_backend(gpu, torch.float16, 3, groups=2) == "triton"
+    assert _conv_backend(gpu, torch.float16, 8, m=256) == "dequant"
+    assert _conv_backend(gpu, torch.float16, 4, m=2048) == "dequant"
+
+
+@pytest.mark.parametrize("bits, groups", [(4, 1), (8, 1), (3, 2)], ids=str)
+def test_a_conv_the_first_backend_refuses_runs_on_the_next(bits, groups, monkeypatch):
+    """End to end on CPU tensors, with a plan that puts cuda first: float32 x (or 8-bit
+    codes, or groups) is not cuda.conv2d's, so the conv runs on dequant, as reference."""
+    plan = (("cuda", 0, ops.UNLIMITED), ("dequant", 0, ops.UNLIMITED),
+            ("reference", 0, ops.UNLIMITED))
+    torch.manual_seed(0)
+    qt = _qt((6, 4 // groups, 3, 3), bits)
+    x = torch.randn(2, 4, 7, 5)
+    monkeypatch.setattr(ops, "_auto_plan", lambda op, device, bits=None: plan)
+    y = ops.codebook_conv2d(x, qt, None, padding=1, groups=groups)
+    want = ops.codebook_conv2d(x, qt, None, padding=1, groups=groups, backend="reference")
+    torch.testing.assert_close(y, want)
+
+
 def test_default_tuning_table_has_every_op():
     table = ops.tuning_table("some unknown GPU")
     assert {"linear", "conv2d"} <= set(table)

@@ -5,7 +5,8 @@ Interface (a backend defines the ones it supports):
 - ``linear(x [M, K], qt, bias [N] | None) -> [M, N]`` in x.dtype.
 - ``conv2d(x [B, C, H, W], qt, bias, stride, padding, dilation, groups) -> [B, N, OH, OW]``
   (ops makes it dense in ``conv_output_format(x)``); optionally
-  ``conv2d_supports(dtype, bits) -> bool`` where it takes only some.
+  ``conv2d_supports(dtype, bits, groups) -> bool`` where it takes only some (auto
+  dispatch then passes the others on to the next backend).
 - ``fit_rows(rows [R, n] float, bits, assign) -> (codes int [R, n], centroids f32 [R, 2**b])``
   for the "ot" method.
 - ``pack(codes [N, K], bits) -> planes``; ``unpack(planes, bits, k) -> codes int64 [N, k]``.

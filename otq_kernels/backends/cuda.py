@@ -432,10 +432,11 @@ def conv_split_k_for(n: int, pixels: int, k: int, sms: int) -> int:
     return max(1, min(want, padded_k(k) // GROUP // CONV_MIN_GROUPS_PER_SPLIT, MAX_SPLIT_K))
 
 
-def conv2d_supports(dtype: torch.dtype, bits: int) -> bool:
-    """Whether :func:`conv2d` takes x of ``dtype`` and ``bits``-bit codes (pointwise Conv1d
-    layers run as a linear layer otherwise)."""
-    return tensor_cores_support(dtype, bits)
+def conv2d_supports(dtype: torch.dtype, bits: int, groups: int = 1) -> bool:
+    """Whether :func:`conv2d` takes x of ``dtype``, ``bits``-bit codes and ``groups``
+    (auto dispatch passes such convs on to the next backend; pointwise Conv1d layers run
+    as a linear layer)."""
+    return groups == 1 and tensor_cores_support(dtype, bits)
 
 
 def conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, stride, padding,
