@@ -414,6 +414,74 @@ def test_eight_bit_codes_take_tensor_cores_only_with_their_own_entry(monkeypatch
     assert cuda.use_tensor_cores(torch.float16, 4, 1, gpu)  # 4 bits: cuda_gemv_max_m 0
 
 
+_TUNING_ENTRIES = [  # (a linear entry a measurement could write, the kernels it uses)
+    ({}, {"gemv"}),
+    ({"cuda_tensor_cores": True}, {"gemv", "mma"}),
+    ({"cuda_tensor_cores": True, "cuda_gemv_max_m": 1, "cuda_gemv_max_m_by_bits": {"4": 8}},
+     {"gemv", "mma"}),
+    ({"cuda_tensor_cores": True, "cuda_gemv_max_m_by_bits": {"8": 1}},
+     {"gemv", "mma", "frag"}),  # 8-bit per-tensor codes: lut_frag, their only mma kernel
+    ({"cuda_tensor_cores": True, "cuda_gemv_max_m": 0, "cuda_gemv_max_m_by_bits": {"8": 1},
+      "cuda_mma_fragment": True}, {"gemv", "frag"}),
+    ({"cuda_tensor_cores": True, "cuda_gemv_max_m_by_bits": {"8": 4, "3": 2},
+      "cuda_mma_fragment": True, "cuda_frag_32_rows_min_m": 9}, {"gemv", "frag", "frag32"}),
+    ({"cuda_tensor_cores": False, "cuda_mma_fragment": True, "cuda_frag_32_rows_min_m": 1},
+     {"gemv"}),
+]
+
+
+@pytest.mark.parametrize("entry, kernels", _TUNING_ENTRIES,
+                         ids=[",".join(sorted(e)) or "empty" for e, _ in _TUNING_ENTRIES])
+def test_every_tuning_entry_picks_a_kernel_that_takes_the_call(entry, kernels, monkeypatch):
+    """Whatever a measured entry turns on, linear's automatic choice is a kernel that takes
+    the call (dtype, bits, codebook, M), for every combination: no ValueError in a GPU run."""
+    from otq_kernels.backends import _device, cuda
+
+    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
+    monkeypatch.setattr(ops, "tuning_table", lambda name: {"linear": entry})
+    gpu = torch.device("cuda", 0)
+    seen = set()
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for bits in range(2, 9):
+            for per_channel in (False, True):
+                for m in (1, 2, 8, 9, 16):
+                    kernel = cuda.linear_kernel(dtype, bits, m, gpu, per_channel)
+                    seen.add(kernel)
+                    if kernel == "mma":
+                        assert cuda.tensor_cores_support(dtype, bits)
+                    if kernel.startswith("frag"):
+                        assert cuda.fragment_supports(dtype, bits, per_channel)
+                    if kernel == "frag32":
+                        assert cuda.wide_blocks_support(bits, per_channel)
+                    if dtype == torch.float32:
+                        assert kernel == "gemv"
+    assert seen == kernels
+
+
+def test_explicit_kernel_arguments_are_checked(monkeypatch):
+    """linear's explicit tensor_cores/fragment/block_rows: the kernel they name, or a
+    ValueError saying why none takes them."""
+    from otq_kernels.backends import _device, cuda
+
+    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
+    monkeypatch.setattr(ops, "tuning_table", lambda name: {"linear": {}})
+    gpu = torch.device("cuda", 0)
+    choose = cuda.linear_kernel
+    assert choose(torch.float16, 4, 1, gpu, False, tensor_cores=True) == "mma"
+    assert choose(torch.float16, 4, 1, gpu, False, tensor_cores=False) == "gemv"
+    assert choose(torch.float16, 4, 1, gpu, False, fragment=True) == "frag"
+    assert choose(torch.float16, 3, 1, gpu, True, block_rows=32) == "frag32"
+    assert choose(torch.float16, 8, 1, gpu, False, tensor_cores=True) == "frag"
+    for kwargs, dtype, bits, per_channel, match in (
+            ({"tensor_cores": True}, torch.float32, 4, False, "tensor_cores needs"),
+            ({"fragment": True}, torch.float16, 8, True, "fragment=True needs"),
+            ({"fragment": True, "tensor_cores": False}, torch.float16, 4, False, "needs the"),
+            ({"block_rows": 32}, torch.float16, 4, True, "2 and 3 bits"),
+            ({"block_rows": 32, "fragment": False}, torch.float16, 2, False, "fragment")):
+        with pytest.raises(ValueError, match=match):
+            choose(dtype, bits, 1, gpu, per_channel, **kwargs)
+
+
 @pytest.mark.parametrize("n, k, want", [
     (8192, 8192, 1),    # 512 blocks on 132 SMs: no split (measured on the H200)
     (14336, 4096, 1),

@@ -204,6 +204,35 @@ def _checked_block_rows(block_rows: int | None, fragment: bool, device: torch.de
     return block_rows
 
 
+def linear_kernel(dtype: torch.dtype, bits: int, m: int, device: torch.device,
+                  per_channel: bool, tensor_cores: bool | None = None,
+                  fragment: bool | None = None, block_rows: int | None = None) -> str:
+    """The kernel :func:`linear` launches for x [M, K] of ``dtype`` on these codes: "gemv",
+    "mma", "frag" or "frag32" (a key of ``LINEAR_KERNELS``). The arguments are
+    :func:`linear`'s (None: the GPU's tuning entry decides); a combination that no kernel
+    takes is a ValueError.
+    """
+    if fragment is None and block_rows == 32:  # 32-row blocks imply fragment order
+        fragment = True
+    if tensor_cores is None:  # fragment=True implies the tensor-core kernel
+        tensor_cores = bool(fragment) or use_tensor_cores(dtype, bits, m, device, per_channel)
+    if fragment and not tensor_cores:
+        raise ValueError("fragment=True needs the tensor-core kernel (tensor_cores)")
+    if tensor_cores and fragment is None:  # 8-bit codes have one tensor-core kernel
+        fragment = bits > MMA_MAX_BITS or use_fragment_layout(device)
+    fragment = bool(tensor_cores and fragment)
+    if fragment and not fragment_supports(dtype, bits, per_channel):
+        raise ValueError(f"fragment=True needs float16/bfloat16 x and bits <= {MMA_MAX_BITS}, "
+                         f"or 8 bits with a per-tensor codebook; got {dtype}, "
+                         f"bits={bits}, {'per-channel' if per_channel else 'per-tensor'}")
+    if tensor_cores and not fragment and not tensor_cores_support(dtype, bits):
+        raise ValueError(f"tensor_cores needs float16/bfloat16 x and bits <= "
+                         f"{MMA_MAX_BITS}, got {dtype} and bits={bits}")
+    rows = _checked_block_rows(block_rows, fragment, device, m, bits, per_channel)
+    return ("frag32" if rows == 32 else "frag") if fragment else (
+        "mma" if tensor_cores else "gemv")
+
+
 def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
            split_k: int | None = None, tensor_cores: bool | None = None,
            fragment: bool | None = None, block_rows: int | None = None) -> torch.Tensor:
@@ -230,25 +259,11 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cuda", dev)
     book = checked_codebook(qt, "cuda", dev)
     per_channel = book.shape[0] == qt.n and qt.n > 1
-    if fragment is None and block_rows == 32:  # 32-row blocks imply fragment order
-        fragment = True
-    if tensor_cores is None:  # fragment=True implies the tensor-core kernel
-        tensor_cores = bool(fragment) or use_tensor_cores(x.dtype, qt.bits, x.shape[0], dev,
-                                                          per_channel)
-    if fragment and not tensor_cores:
-        raise ValueError("fragment=True needs the tensor-core kernel (tensor_cores)")
-    if tensor_cores and fragment is None:  # 8-bit codes have one tensor-core kernel
-        fragment = qt.bits > MMA_MAX_BITS or use_fragment_layout(dev)
-    fragment = bool(tensor_cores and fragment)
-    if fragment and not fragment_supports(x.dtype, qt.bits, per_channel):
-        raise ValueError(f"fragment=True needs float16/bfloat16 x and bits <= {MMA_MAX_BITS}, "
-                         f"or 8 bits with a per-tensor codebook; got {x.dtype}, "
-                         f"bits={qt.bits}, {'per-channel' if per_channel else 'per-tensor'}")
-    if tensor_cores and not fragment and not tensor_cores_support(x.dtype, qt.bits):
-        raise ValueError(f"tensor_cores needs float16/bfloat16 x and bits <= "
-                         f"{MMA_MAX_BITS}, got {x.dtype} and bits={qt.bits}")
     m, n, k = x.shape[0], qt.n, qt.k
-    block_rows = _checked_block_rows(block_rows, fragment, dev, m, qt.bits, per_channel)
+    kernel = linear_kernel(x.dtype, qt.bits, m, dev, per_channel, tensor_cores, fragment,
+                           block_rows)
+    tensor_cores, fragment = kernel != "gemv", kernel.startswith("frag")
+    block_rows = 32 if kernel == "frag32" else ROWS_PER_BLOCK
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     if m == 0:
         return y
@@ -265,12 +280,10 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         xa = aligned(x)
         if fragment:
             planes = fragment_planes(qt)
-        kernel = LINEAR_KERNELS["frag32" if block_rows == 32 else "frag" if fragment
-                                else "mma" if tensor_cores else "gemv"]
         native(require_cuda=True).cuda_lut_linear(
             xa.data_ptr(), DTYPE_CODES[x.dtype], m, k, [p.data_ptr() for p in planes], qt.bits,
             book.data_ptr(), per_channel, n, 0 if b is None else b.data_ptr(), y.data_ptr(),
-            split_k, 0 if ws is None else ws.data_ptr(), _stream(dev), kernel)
+            split_k, 0 if ws is None else ws.data_ptr(), _stream(dev), LINEAR_KERNELS[kernel])
     return y
 
 
