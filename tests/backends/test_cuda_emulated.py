@@ -537,8 +537,10 @@ def test_conv_every_bit_width(emulated, bits, granularity, dtype):
     ((2, 24, 7, 7), (16, 24, 3, 3), (2, 2), (1, 1), (1, 1), 3, True),  # stride 2, split-K
     ((1, 16, 9, 8), (5, 16, 1, 3), (1, 2), (0, 2), (1, 2), 2, False),  # 1x3, dilation 2
     ((1, 32, 4, 4), (16, 32, 3, 3), (1, 1), (2, 2), (2, 2), 64, True),  # split per group
+    ((2, 1, 9, 7), (16, 1, 3, 3), (1, 1), (1, 1), (1, 1), 1, False),  # C = 1: mnist's input
+    ((2, 24, 6, 5), (1, 24, 3, 3), (1, 1), (1, 1), (1, 1), 3, True),  # N = 1: its output
 ], ids=["c3-elements", "pointwise-12px-nhwc", "stride2-split3", "1x3-dilated-nhwc",
-        "pad2-dil2-split64"])
+        "pad2-dil2-split64", "c1-input-layer-nhwc", "n1-output-layer-split3"])
 def test_conv_shapes_strides_and_splits(emulated, x_shape, w_shape, stride, padding,
                                         dilation, split_k, nchw):
     check_conv(emulated, x_shape, w_shape, 4, "channel", torch.float16, stride, padding,
