@@ -309,3 +309,55 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # TSan cannot see torch's OpenMP barriers: it reports races there
     run_sample(Emulated(build(out_dir, sanitize=sanitizer)))
     print("sample ok")
+
+
+BINDING_SOURCES = [ROOT / "csrc" / "bindings.cpp"] + sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))
+BINDING_MODULE = "_C_emu"
+
+
+def build_bindings(out_dir: Path) -> Path:
+    """The extension's CUDA variant on the emulated launchers: ``csrc/bindings.cpp`` with
+    ``OTQ_WITH_CUDA`` and the CPU sources (host code at -O1), linked against
+    :func:`build`'s library, as a Python module ``_C_emu`` with the real ``cuda_*``
+    bindings. Returns its path (cached by source hash next to the library)."""
+    import sysconfig
+
+    import pybind11
+
+    lib = build(out_dir)
+    digest = hashlib.sha256(lib.parent.name.encode())
+    for path in BINDING_SOURCES + sorted((ROOT / "csrc").rglob("*.h")):
+        digest.update(path.read_bytes())
+    target = lib.parent / f"bindings_{digest.hexdigest()[:12]}" / f"{BINDING_MODULE}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    flags = ["-std=c++17", "-O1", "-fPIC", "-fopenmp", "-DOTQ_WITH_CUDA=1",
+             f"-DTORCH_EXTENSION_NAME={BINDING_MODULE}", f"-I{pybind11.get_include()}",
+             f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}"]
+    objects, jobs = [], []
+    for src in BINDING_SOURCES:
+        obj = target.parent / (src.name + ".o")
+        objects.append(str(obj))
+        jobs.append(subprocess.Popen([compiler(), *flags, "-c", str(src), "-o", str(obj)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for src, job in zip(BINDING_SOURCES, jobs, strict=True):
+        log, _ = job.communicate()
+        if job.returncode:
+            raise RuntimeError(f"compiling {src.name} for the emulated bindings failed:\n{log}")
+    partial = target.with_suffix(".partial")
+    subprocess.run([compiler(), "-shared", "-fopenmp", "-o", str(partial), *objects,
+                    f"-L{lib.parent}", "-l" + lib.stem.removeprefix("lib"),
+                    f"-Wl,-rpath,{lib.parent.resolve()}"], check=True)
+    os.replace(partial, target)  # a module that exists is whole
+    return target
+
+
+def load_bindings(path: Path):
+    """Import the module :func:`build_bindings` wrote."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(BINDING_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,197 @@
+"""The cuda backend's Python wrappers (otq_kernels/backends/cuda.py) end to end on CPU.
+
+The wrappers pick the kernel, size the workspaces, build the runtime layouts and pass
+pointers and size lists to the extension. Only a GPU runs them otherwise. Here they run
+on CPU tensors against the extension's real ``cuda_*`` bindings (csrc/bindings.cpp with
+OTQ_WITH_CUDA), built over the emulated launchers (_cuda_emulation.build_bindings). The
+only stand-ins are the device checks, the stream, the SM count and torch.cuda.device.
+test_cuda_emulated.py checks the launchers themselves, with exactly sized buffers.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from _cuda_emulation import ROOT, build_bindings, compiler, load_bindings
+from _triton_tolerance import assert_matches_reference, make_qt, randn
+
+from otq_kernels import ops
+from otq_kernels.backends import _device, _native_args, cuda, reference
+from otq_kernels.format import pack_codes
+from otq_kernels.quantizers import ot_rows
+
+SMS = 132  # an H100/H200's SM count, for the split-K heuristics
+
+
+@pytest.fixture(scope="module")
+def bindings():
+    if compiler() is None:
+        pytest.skip("no host C++ compiler for the CUDA emulation")
+    pytest.importorskip("pybind11")
+    return load_bindings(build_bindings(ROOT / "build" / "cuda_emulation"))
+
+
+@pytest.fixture
+def gpu(bindings, monkeypatch):
+    """CPU tensors stand for CUDA ones; ``gpu(entry)`` sets the linear tuning entry."""
+    check = _native_args.require_device
+
+    def on_cpu(t, name, device_type, device=None):
+        check(t, name, "cpu" if device_type == "cuda" else device_type, device)
+
+    monkeypatch.setattr(_native_args, "require_device", on_cpu)
+    monkeypatch.setattr(cuda, "require_device", on_cpu)
+    monkeypatch.setattr(cuda, "native", lambda require_cuda=False: bindings)
+    monkeypatch.setattr(cuda, "_stream", lambda device: 0)
+    monkeypatch.setattr(_device, "sm_count", lambda device: SMS)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    tables = {}
+    monkeypatch.setattr(ops, "_tuning_entry", lambda device, op, name, absent: tables.get(
+        op, {}).get(name, absent))
+    return lambda entry=None: tables.update(linear=entry or {})
+
+
+def _launched_kernels(monkeypatch, bindings) -> list[int]:
+    """The ``kernel`` codes that cuda_lut_linear receives."""
+    codes = []
+    real = bindings.cuda_lut_linear
+
+    def spy(*args):
+        codes.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(cuda, "native", lambda require_cuda=False: type(
+        "Spy", (), {"cuda_lut_linear": staticmethod(spy)}))
+    return codes
+
+
+def check_linear(m, n, k, bits, granularity, dtype, **kwargs):
+    qt = make_qt((n, k), bits, granularity, "cpu", seed=bits + n + k)
+    x = randn((m, k), "cpu", dtype, seed=m)
+    bias = randn((n,), "cpu", dtype, seed=n)
+    y = cuda.linear(x, qt, bias, **kwargs)
+    truth = reference.linear(x.double(), qt, bias.double())
+    assert_matches_reference(y, reference.linear(x, qt, bias), truth, dtype)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"tensor_cores": False}, {"tensor_cores": True}, {"fragment": True},
+    {"block_rows": 32}], ids=["gemv", "mma", "frag", "frag32"])
+@pytest.mark.parametrize("m, n, k, bits, granularity, dtype", [
+    (1, 40, 300, 4, "channel", torch.float16),
+    (5, 33, 160, 2, "tensor", torch.bfloat16),
+    (16, 24, 200, 3, "channel", torch.float16),
+    (21, 17, 96, 3, "tensor", torch.float16),  # more rows than one launch: chunks
+], ids=["m1-4b", "m5-2b", "m16-3b", "m21-chunks"])
+def test_linear_each_kernel(gpu, kwargs, m, n, k, bits, granularity, dtype):
+    gpu()
+    if kwargs.get("block_rows") == 32 and granularity == "channel" and bits > 3:
+        with pytest.raises(ValueError, match="2 and 3 bits"):  # two 4-bit tables: too big
+            check_linear(m, n, k, bits, granularity, dtype, **kwargs)
+        return
+    check_linear(m, n, k, bits, granularity, dtype, **kwargs)
+
+
+@pytest.mark.parametrize("split_k", [2, 5])
+def test_linear_split_k_workspace(gpu, split_k):
+    """Forced splits: the wrapper sizes the fp32 workspace for the launch's row chunk."""
+    gpu()
+    check_linear(11, 48, 640, 4, "channel", torch.float16, split_k=split_k, tensor_cores=True)
+    check_linear(11, 48, 640, 4, "channel", torch.float32, split_k=split_k)
+
+
+def test_linear_eight_bits_and_float32(gpu):
+    gpu({"cuda_tensor_cores": True, "cuda_gemv_max_m_by_bits": {"8": 1}})
+    check_linear(4, 20, 260, 8, "tensor", torch.float16)   # lut_frag, 8-bit per tensor
+    check_linear(4, 20, 260, 8, "channel", torch.float16)  # the GEMV
+    check_linear(4, 20, 260, 4, "channel", torch.float32)  # the GEMV
+
+
+@pytest.mark.parametrize("entry, want", [
+    ({}, [0, 0]),
+    ({"cuda_tensor_cores": True, "cuda_gemv_max_m_by_bits": {"4": 1}}, [0, 1]),
+    ({"cuda_tensor_cores": True, "cuda_mma_fragment": True}, [2, 2]),
+    ({"cuda_tensor_cores": True, "cuda_mma_fragment": True, "cuda_frag_32_rows_min_m": 9},
+     [2, 3]),
+], ids=["gemv", "mma-above-1", "frag", "frag32-from-9"])
+def test_linear_automatic_choice_runs_the_tuned_kernel(gpu, bindings, entry, want, monkeypatch):
+    """tensor_cores/fragment/block_rows None: the entry picks the kernel code that reaches
+    the binding, and each gives the reference's result (4-bit per tensor, M = 1 and 12)."""
+    gpu(entry)
+    qt = make_qt((40, 200), 4, "tensor", "cpu")
+    x = randn((12, 200), "cpu", torch.float16)
+    expect = reference.linear(x.double(), qt, None)
+    ys = [cuda.linear(x[:m], qt, None) for m in (1, 12)]
+    for y, m in zip(ys, (1, 12), strict=True):
+        assert_matches_reference(y, reference.linear(x[:m], qt, None), expect[:m], torch.float16)
+    codes = _launched_kernels(monkeypatch, bindings)
+    for m in (1, 12):
+        cuda.linear(x[:m], qt, None)
+    assert codes == want
+
+
+def test_linear_fragment_layout_follows_in_place_changes(gpu):
+    """The cached fragment-order copy is refreshed after the planes change in place."""
+    gpu({"cuda_tensor_cores": True, "cuda_mma_fragment": True})
+    qt = make_qt((24, 130), 3, "channel", "cpu")
+    other = make_qt((24, 130), 3, "channel", "cpu", seed=7)
+    x = randn((3, 130), "cpu", torch.float16)
+    cuda.linear(x, qt, None)
+    for plane, new in zip(qt.planes, other.planes, strict=True):
+        plane.copy_(new)
+    qt.codebook.copy_(other.codebook)
+    truth = reference.linear(x.double(), other, None)
+    assert_matches_reference(cuda.linear(x, qt, None), reference.linear(x, other, None), truth,
+                             torch.float16)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding, dilation, channels_last", [
+    ((2, 12, 7, 6), (20, 12, 3, 3), (1, 1), (1, 1), (1, 1), False),
+    ((1, 8, 9, 10), (16, 8, 1, 3), (2, 1), (0, 2), (1, 2), True),  # every pair asymmetric
+    ((1, 16, 8, 5), (9, 16, 3, 1), (1, 2), (2, 0), (2, 1), False),
+    ((1, 1, 6, 6), (8, 1, 3, 3), (1, 1), (1, 1), (1, 1), True),    # C = 1
+], ids=["3x3", "1x3-asymmetric-nhwc", "3x1-asymmetric", "c1-nhwc"])
+@pytest.mark.parametrize("split_k", [None, 3])
+def test_conv2d(gpu, x_shape, w_shape, stride, padding, dilation, channels_last, split_k):
+    """Sizes and (kh, kw, stride, padding, dilation) reach lut_conv in the bound order; y
+    is laid out as x (channels-last in, channels-last out)."""
+    gpu()
+    w = make_qt(w_shape, 4, "channel", "cpu", seed=sum(w_shape))
+    x = randn(x_shape, "cpu", torch.float16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bias = randn((w_shape[0],), "cpu", torch.float16)
+    args = (stride, padding, dilation, 1)
+    y = cuda.conv2d(x, w, bias, *args, split_k=split_k)
+    truth = reference.conv2d(x.double(), w, bias.double(), *args)
+    assert_matches_reference(y, reference.conv2d(x, w, bias, *args), truth, torch.float16)
+    layout = torch.channels_last if channels_last and x_shape[1] > 1 else torch.contiguous_format
+    assert y.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_is_bit_exact(gpu, bits, dtype):
+    gpu()
+    qt = make_qt((7, 3, 3, 5), bits, "channel", "cpu")
+    assert torch.equal(cuda.dequantize(qt, dtype), qt.dequantize(dtype))
+
+
+@pytest.mark.parametrize("bits", [2, 5, 7])
+def test_pack_and_unpack(gpu, bits):
+    gpu()
+    codes = torch.randint(0, 2**bits, (6, 77), generator=torch.Generator().manual_seed(bits))
+    planes = cuda.pack(codes, bits)
+    for got, want in zip(planes, pack_codes(codes, bits), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(cuda.unpack(planes, bits, 77), codes)
+
+
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+def test_fit_rows(gpu, assign):
+    gpu()
+    rows = torch.randn(5, 300, generator=torch.Generator().manual_seed(3))
+    codes, centroids = cuda.fit_rows(rows, 3, assign)
+    want_codes, want_centroids = ot_rows(rows, 3, assign)
+    assert torch.equal(codes, want_codes)
+    torch.testing.assert_close(centroids, want_centroids, rtol=1e-6, atol=1e-6)
