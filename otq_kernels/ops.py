@@ -114,16 +114,22 @@ def _candidates(op: str, device: torch.device, bits: int | None = None
     return [("triton", 0, UNLIMITED), ("cuda", 0, UNLIMITED), ("reference", 0, UNLIMITED)]
 
 
+_CONV_TAKES: dict[tuple, bool] = {}
+
+
 @_trace_constant
 def conv_kernel_takes(backend: str, dtype: torch.dtype, bits: int, groups: int = 1) -> bool:
     """Whether ``backend`` has a conv2d kernel (the reference's is not one) that takes x of
     ``dtype``, ``bits``-bit codes and ``groups`` (its ``conv2d_supports``, where it has
-    one)."""
-    if backend == "reference":
-        return False
-    module = backends.get(backend)
-    supports = getattr(module, "conv2d_supports", None)
-    return hasattr(module, "conv2d") and (supports is None or supports(dtype, bits, groups))
+    one). Cached: auto dispatch asks on every conv call."""
+    key = (backend, dtype, bits, groups)
+    takes = _CONV_TAKES.get(key)
+    if takes is None:
+        module = None if backend == "reference" else backends.get(backend)
+        supports = getattr(module, "conv2d_supports", None)
+        takes = _CONV_TAKES[key] = module is not None and hasattr(module, "conv2d") and (
+            supports is None or supports(dtype, bits, groups))
+    return takes
 
 
 _PLANS: dict[tuple, tuple] = {}
