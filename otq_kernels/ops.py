@@ -193,6 +193,14 @@ def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: in
     return "reference"
 
 
+def resolve_conv_backend(backend: Optional[str], device: torch.device, m: int,
+                         dtype: torch.dtype, bits: int, groups: int) -> str:
+    """:func:`resolve_backend` for a conv of x ``dtype``, ``bits``-bit codes and ``groups``:
+    auto passes over a backend whose conv kernel does not take them (``conv2d_supports``)."""
+    return resolve_backend(backend, "conv2d", device, m, bits,
+                           lambda name: conv_kernel_takes(name, dtype, bits, groups))
+
+
 def _qt(planes, codebook, bits, shape) -> QuantizedTensor:
     n = shape[0] if len(shape) > 1 else 1
     gran = "channel" if codebook.shape[0] == n and n > 1 else "tensor"
@@ -443,8 +451,7 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     if x.shape[0] == 0:
         return _empty_batch_output(x, bias, out_shape, (-1, 1, 1))
     m = out_shape[0] * out_shape[2] * out_shape[3]
-    name = resolve_backend(backend, "conv2d", x.device, m, qt.bits,
-                           lambda b: conv_kernel_takes(b, x.dtype, qt.bits, groups))
+    name = resolve_conv_backend(backend, x.device, m, x.dtype, qt.bits, groups)
     if not x.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous()  # NCHW or channels_last are both taken as they are
     if _plain_eager_call(x, bias):

@@ -274,8 +274,7 @@ def test_triton_band_from_tuning_table(monkeypatch):
 
 
 def _conv_backend(device, dtype, bits, groups=1, m=49) -> str:
-    return ops.resolve_backend(None, "conv2d", device, m, bits,
-                               lambda b: ops.conv_kernel_takes(b, dtype, bits, groups))
+    return ops.resolve_conv_backend(None, device, m, dtype, bits, groups)
 
 
 def test_auto_passes_convs_the_cuda_conv_refuses_on(monkeypatch):

@@ -61,18 +61,24 @@ def build(out_dir: Path, sanitize: str | None = None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     flags = FLAGS + SANITIZERS.get(sanitize, [])
-    objects, jobs = [], []
-    for src in SOURCES:
-        obj = target.parent / (src.name + ".o")
-        objects.append(str(obj))
-        jobs.append(subprocess.Popen([cxx, *flags, "-x", "c++", "-c", str(src), "-o", str(obj)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for src, job in zip(SOURCES, jobs, strict=True):
-        log, _ = job.communicate()
-        if job.returncode:
-            raise RuntimeError(f"compiling {src.name} for the CUDA emulation failed:\n{log}")
+    objects = _compile(SOURCES, [*flags, "-x", "c++"], target.parent, "the CUDA emulation")
     subprocess.run([cxx, *flags, "-shared", "-o", str(target), *objects], check=True)
     return target
+
+
+def _compile(sources: list[Path], flags: list[str], out_dir: Path, what: str) -> list[str]:
+    """Compile ``sources`` in parallel into ``out_dir``/<name>.o; the object paths."""
+    objects, jobs = [], []
+    for src in sources:
+        obj = out_dir / (src.name + ".o")
+        objects.append(str(obj))
+        jobs.append(subprocess.Popen([compiler(), *flags, "-c", str(src), "-o", str(obj)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for src, job in zip(sources, jobs, strict=True):
+        log, _ = job.communicate()
+        if job.returncode:
+            raise RuntimeError(f"compiling {src.name} for {what} failed:\n{log}")
+    return objects
 
 
 def _ptrs(tensors) -> ctypes.Array:
@@ -335,16 +341,7 @@ def build_bindings(out_dir: Path) -> Path:
     flags = ["-std=c++17", "-O1", "-fPIC", "-fopenmp", "-DOTQ_WITH_CUDA=1",
              f"-DTORCH_EXTENSION_NAME={BINDING_MODULE}", f"-I{pybind11.get_include()}",
              f"-I{sysconfig.get_paths()['include']}", f"-I{ROOT / 'csrc'}"]
-    objects, jobs = [], []
-    for src in BINDING_SOURCES:
-        obj = target.parent / (src.name + ".o")
-        objects.append(str(obj))
-        jobs.append(subprocess.Popen([compiler(), *flags, "-c", str(src), "-o", str(obj)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for src, job in zip(BINDING_SOURCES, jobs, strict=True):
-        log, _ = job.communicate()
-        if job.returncode:
-            raise RuntimeError(f"compiling {src.name} for the emulated bindings failed:\n{log}")
+    objects = _compile(BINDING_SOURCES, flags, target.parent, "the emulated bindings")
     partial = target.with_suffix(".partial")
     subprocess.run([compiler(), "-shared", "-fopenmp", "-o", str(partial), *objects,
                     f"-L{lib.parent}", "-l" + lib.stem.removeprefix("lib"),

@@ -51,18 +51,20 @@ def gpu(bindings, monkeypatch):
     return lambda entry=None: tables.update(linear=entry or {})
 
 
-def _launched_kernels(monkeypatch, bindings) -> list[int]:
-    """The ``kernel`` codes that cuda_lut_linear receives."""
-    codes = []
-    real = bindings.cuda_lut_linear
+class _Recording:
+    """The bindings, recording each call's positional arguments by function name."""
 
-    def spy(*args):
-        codes.append(args[-1])
-        return real(*args)
+    def __init__(self, module):
+        self.module, self.calls = module, {}
 
-    monkeypatch.setattr(cuda, "native", lambda require_cuda=False: type(
-        "Spy", (), {"cuda_lut_linear": staticmethod(spy)}))
-    return codes
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+
+        def recorded(*args, **kwargs):
+            self.calls.setdefault(name, []).append(args)
+            return fn(*args, **kwargs)
+
+        return recorded
 
 
 def check_linear(m, n, k, bits, granularity, dtype, **kwargs):
@@ -124,10 +126,11 @@ def test_linear_automatic_choice_runs_the_tuned_kernel(gpu, bindings, entry, wan
     ys = [cuda.linear(x[:m], qt, None) for m in (1, 12)]
     for y, m in zip(ys, (1, 12), strict=True):
         assert_matches_reference(y, reference.linear(x[:m], qt, None), expect[:m], torch.float16)
-    codes = _launched_kernels(monkeypatch, bindings)
+    recording = _Recording(bindings)
+    monkeypatch.setattr(cuda, "native", lambda require_cuda=False: recording)
     for m in (1, 12):
         cuda.linear(x[:m], qt, None)
-    assert codes == want
+    assert [args[-1] for args in recording.calls["cuda_lut_linear"]] == want
 
 
 def test_linear_fragment_layout_follows_in_place_changes(gpu):
@@ -197,22 +200,6 @@ def test_fit_rows(gpu, assign):
     torch.testing.assert_close(centroids, want_centroids, rtol=1e-6, atol=1e-6)
 
 
-class _Counting:
-    """The bindings, counting the calls of each function."""
-
-    def __init__(self, module):
-        self.module, self.calls = module, {}
-
-    def __getattr__(self, name):
-        fn = getattr(self.module, name)
-
-        def counted(*args, **kwargs):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            return fn(*args, **kwargs)
-
-        return counted
-
-
 def _set_backend(model, backend: str) -> None:
     for module in model.modules():
         if hasattr(module, "codebook") and hasattr(module, "backend"):
@@ -241,8 +228,8 @@ def test_a_quantized_unet_runs_on_the_cuda_backend(gpu, bindings, backend, overr
                       ("reference", 0, ops.UNLIMITED)), ops._auto_plan
     monkeypatch.setattr(ops, "_auto_plan", lambda op, device, bits=None: plan if op in (
         "linear", "conv2d") else cpu_plan(op, device, bits))  # (fitting stays on the CPU)
-    counting = _Counting(bindings)
-    monkeypatch.setattr(cuda, "native", lambda require_cuda=False: counting)
+    recording = _Recording(bindings)
+    monkeypatch.setattr(cuda, "native", lambda require_cuda=False: recording)
     torch.manual_seed(0)
     model = build_model("digits").eval()
     with torch.no_grad():
@@ -258,8 +245,8 @@ def test_a_quantized_unet_runs_on_the_cuda_backend(gpu, bindings, backend, overr
         _set_backend(model, backend)
         y = model(x.bfloat16(), t)
     convs = sum(isinstance(m, (otq.nn.QuantConv1d, otq.nn.QuantConv2d)) for m in model.modules())
-    assert counting.calls["cuda_lut_conv2d"] == convs - off_lut_conv
-    assert counting.calls["cuda_lut_linear"] >= 1
+    assert len(recording.calls["cuda_lut_conv2d"]) == convs - off_lut_conv
+    assert len(recording.calls["cuda_lut_linear"]) >= 1
 
     def err(a):
         return float((a.double() - truth).norm() / truth.norm())
