@@ -181,7 +181,9 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
     Rows are grouped by M; a group wins when the geometric mean of the speedups over its
     layers, bits and granularities exceeds 1. A path without rows gets no entry. Every
     path is judged on the NCHW input (lut_conv with its copy; not lut_conv_cl): the
-    layout of the UNet as built.
+    layout of the UNet as built. ``kernel_sizes`` lists the kernel sizes ("KHxKW") of the
+    layers judged: dispatch runs convs of other sizes (e.g. 1×1 ones, left out unless
+    --include-1x1) on dequant, as nothing measured them.
     """
     times = common.times_by_config(rows, lambda r: r["backend"] if r.get("backend") in (
         "dequant", "triton", "cuda") and r.get("kernel") not in (NOSPLIT, CHANNELS_LAST)
@@ -196,7 +198,14 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
             values[f"{path}_max_m"] = common.crossover(
                 {m: (g or 0) > 1.0 for m, g in means.items()})
             evidence[path] = {str(m): round(g, 3) for m, g in means.items()}
+    if values:
+        values["kernel_sizes"] = sorted({kernel_size(shape) for _, shape, *_ in times})
     return values, evidence
+
+
+def kernel_size(shape: str) -> str:
+    """"KHxKW" of a row's shape "NxCxKHxKW@HxW"."""
+    return "x".join(shape.split("@")[0].split("x")[2:])
 
 
 def main(argv=None) -> int:

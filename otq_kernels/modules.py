@@ -288,10 +288,11 @@ class QuantConv1d(_QuantConv):
                 and self._pre_pad is None and self._conv_padding == (0,))
 
     def _conv_kernel_runs(self, x: torch.Tensor) -> bool:
-        """Whether codebook_conv2d would run a conv kernel on x (not the reference): one
-        the backend has and that takes x's dtype and these bits (``conv2d_supports``)."""
+        """Whether codebook_conv2d would run a conv kernel on x (not the reference) for
+        this pointwise conv: one the backend has and that takes x's dtype and these bits
+        (``conv2d_supports``)."""
         name = ops.resolve_backend(self.backend, "conv2d", x.device, x.shape[0] * x.shape[2],
-                                   self.bits)
+                                   self.bits, kernel=(1, 1))
         return ops.conv_kernel_takes(name, x.dtype, self.bits, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -93,15 +93,20 @@ def _trace_constant(fn):
     return fn
 
 
-def _candidates(op: str, device: torch.device, bits: int | None = None
-                ) -> list[tuple[str, int, int]]:
+def _candidates(op: str, device: torch.device, bits: int | None = None,
+                kernel: tuple[int, int] | None = None) -> list[tuple[str, int, int]]:
     """(backend, smallest M, largest M it takes) for ``op``, best first; M = row length for
-    "fit". ``bits``: the codes' bit width, for a table's ``cuda_max_m_by_bits`` entry."""
+    "fit". ``bits``: the codes' bit width, for a table's ``cuda_max_m_by_bits`` entry.
+    ``kernel``: a conv's (KH, KW); a conv2d table that lists ``kernel_sizes`` ("KHxKW",
+    those its crossovers were measured on) sends convs of other sizes to dequant."""
     if device.type != "cuda":
         if op in ("linear", "conv2d"):  # cpu has no conv: dequant takes every conv
             return [("cpu", 0, CPU_LUT_MAX_M), ("dequant", 0, UNLIMITED)]
         return [("cpu", 0, UNLIMITED), ("reference", 0, UNLIMITED)]
     table = _gpu_table(device).get(op, {})
+    measured = table.get("kernel_sizes")
+    if op == "conv2d" and measured is not None and "x".join(map(str, kernel)) not in measured:
+        return [("dequant", 0, UNLIMITED)]
     if op in ("linear", "conv2d"):
         cuda_max_m = table.get("cuda_max_m_by_bits", {}).get(str(bits),
                                                              table.get("cuda_max_m", -1))
@@ -139,24 +144,26 @@ _PLAN_ENV = {"cuda": ("TRITON_INTERPRET", "OTQ_TUNING_FILE")}
 
 
 @_trace_constant
-def _auto_plan(op: str, device: str, bits: int | None = None) -> tuple:
-    """The runnable candidates of ``op`` on ``device`` for ``bits``-bit codes as
-    ((name, min_m, max_m), ...).
+def _auto_plan(op: str, device: str, bits: int | None = None,
+               kernel: tuple[int, int] | None = None) -> tuple:
+    """The runnable candidates of ``op`` on ``device`` for ``bits``-bit codes (and a conv's
+    ``kernel`` size (KH, KW)) as ((name, min_m, max_m), ...).
 
     Cached per process (availability and the GPU's tuning entry do not change), keyed by
     the environment variables they read.
     """
     env = _PLAN_ENV.get(device.partition(":")[0], ())
-    key = (op, device, bits, *(os.environ.get(v) for v in env))
+    key = (op, device, bits, kernel, *(os.environ.get(v) for v in env))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _runnable_candidates(op, torch.device(device), bits)
+        plan = _PLANS[key] = _runnable_candidates(op, torch.device(device), bits, kernel)
     return plan
 
 
-def _runnable_candidates(op: str, dev: torch.device, bits: int | None) -> tuple:
+def _runnable_candidates(op: str, dev: torch.device, bits: int | None,
+                         kernel: tuple[int, int] | None) -> tuple:
     plan = []
-    for name, min_m, max_m in _candidates(op, dev, bits):
+    for name, min_m, max_m in _candidates(op, dev, bits, kernel):
         module = backends.get(name)
         if hasattr(module, _OP_FUNCTION[op]) and module.unavailable(dev) is None:
             plan.append((name, min_m, max_m))
@@ -175,10 +182,12 @@ def _explicit_backend(backend: str, device: str) -> str:
 
 
 def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: int = 1,
-                    bits: int | None = None, takes: Callable[[str], bool] | None = None) -> str:
+                    bits: int | None = None, takes: Callable[[str], bool] | None = None,
+                    kernel: tuple[int, int] | None = None) -> str:
     """A concrete backend name for ``op`` on ``device`` with M rows of activations and
     ``bits``-bit codes (None: the tuning's thresholds for every width). ``takes(name)``:
     whether the call's other arguments suit backend ``name``; auto skips those it refuses.
+    ``kernel``: a conv's kernel size (KH, KW), for the tuning's ``kernel_sizes``.
 
     Under torch.compile the availability checks are trace-time constants and the M
     comparison becomes a shape guard.
@@ -187,18 +196,21 @@ def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: in
     name = _explicit_backend(backend or "auto", dev)
     if name != "auto":
         return name
-    for name, min_m, max_m in _auto_plan(op, dev, bits):
+    for name, min_m, max_m in _auto_plan(op, dev, bits, kernel):
         if min_m <= m <= max_m and (takes is None or takes(name)):
             return name
     return "reference"
 
 
 def resolve_conv_backend(backend: Optional[str], device: torch.device, m: int,
-                         dtype: torch.dtype, bits: int, groups: int) -> str:
-    """:func:`resolve_backend` for a conv of x ``dtype``, ``bits``-bit codes and ``groups``:
-    auto passes over a backend whose conv kernel does not take them (``conv2d_supports``)."""
+                         dtype: torch.dtype, bits: int, groups: int,
+                         kernel: tuple[int, int]) -> str:
+    """:func:`resolve_backend` for a conv of x ``dtype``, ``bits``-bit codes, ``groups`` and
+    ``kernel`` size (KH, KW): auto passes over a backend whose conv kernel does not take them
+    (``conv2d_supports``), and takes fused kernels only for the kernel sizes the tuning
+    measured (``kernel_sizes``)."""
     return resolve_backend(backend, "conv2d", device, m, bits,
-                           lambda name: conv_kernel_takes(name, dtype, bits, groups))
+                           lambda name: conv_kernel_takes(name, dtype, bits, groups), kernel)
 
 
 def _qt(planes, codebook, bits, shape) -> QuantizedTensor:
@@ -451,7 +463,8 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     if x.shape[0] == 0:
         return _empty_batch_output(x, bias, out_shape, (-1, 1, 1))
     m = out_shape[0] * out_shape[2] * out_shape[3]
-    name = resolve_conv_backend(backend, x.device, m, x.dtype, qt.bits, groups)
+    name = resolve_conv_backend(backend, x.device, m, x.dtype, qt.bits, groups,
+                                tuple(qt.shape[2:]))
     if not x.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous()  # NCHW or channels_last are both taken as they are
     if _plain_eager_call(x, bias):

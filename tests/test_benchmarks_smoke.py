@@ -314,7 +314,7 @@ def test_tuning_from_results_json(tmp_path):
     table = tmp_path / "tuning.json"
     argv = ["--tuning-from", str(results), "--write-tuning", str(table)]
     assert _load("bench_linear").main(argv) == 0
-    conv_rows = [{"M": 49, "shape": "s", "bits": 4, "granularity": "channel",
+    conv_rows = [{"M": 49, "shape": "8x8x3x3@7x7", "bits": 4, "granularity": "channel",
                   "backend": b, "kernel": k, "p50_us": t}
                  for b, k, t in (("dequant", "cudnn", 10.0), ("triton", "implicit_gemm", 5.0))]
     conv = _write_results(tmp_path / "conv.json", conv_rows)
@@ -324,7 +324,7 @@ def test_tuning_from_results_json(tmp_path):
     entry = written["gpus"]["GPU X"]
     assert entry["linear"] == {"cuda_max_m": 16, "cuda_gemv_max_m": 1,
                                "cuda_tensor_cores": True}
-    assert entry["conv2d"] == {"triton_max_m": 49}
+    assert entry["conv2d"] == {"triton_max_m": 49, "kernel_sizes": ["3x3"]}
     assert entry["_measured"]["linear"]["source"] == str(results)
     assert entry["_measured"]["linear"]["git_sha"] == "abc123"
     assert entry["_measured"]["conv2d"]["triton"] == {"49": 2.0}
@@ -408,11 +408,11 @@ def test_conv_split_comparison_row_and_crossover():
     run.device = torch.device("cpu")  # the interpreter (conftest) makes triton runnable
     kernels = [(b, k) for b, k, _ in conv.candidates(run, ["triton"])]
     assert kernels == [("triton", "implicit_gemm"), ("triton", conv.NOSPLIT)]
-    base = {"M": 49, "shape": "s", "bits": 4, "granularity": "channel"}
+    base = {"M": 49, "shape": "8x8x3x3@7x7", "bits": 4, "granularity": "channel"}
     rows = [{**base, "backend": "dequant", "kernel": "cudnn", "p50_us": 10.0},
             {**base, "backend": "triton", "kernel": "implicit_gemm", "p50_us": 20.0},
             {**base, "backend": "triton", "kernel": conv.NOSPLIT, "p50_us": 5.0}]
-    assert conv.derive_crossover(rows)[0] == {"triton_max_m": 0}
+    assert conv.derive_crossover(rows)[0] == {"triton_max_m": 0, "kernel_sizes": ["3x3"]}
 
 
 def test_conv_cuda_crossover_against_the_faster_rival():
@@ -422,14 +422,28 @@ def test_conv_cuda_crossover_against_the_faster_rival():
     rows = []
     for m, dequant, triton, cuda in ((49, 10.0, 8.0, 4.0), (196, 10.0, 20.0, 8.0),
                                      (784, 10.0, 30.0, 12.0), (3136, 10.0, 40.0, 5.0)):
-        base = {"M": m, "shape": "s", "bits": 4, "granularity": "channel"}
+        base = {"M": m, "shape": "8x8x3x3@7x7", "bits": 4, "granularity": "channel"}
         rows += [{**base, "backend": "dequant", "kernel": "cudnn", "p50_us": dequant},
                  {**base, "backend": "triton", "kernel": "implicit_gemm", "p50_us": triton},
                  {**base, "backend": "cuda", "kernel": "lut_conv", "p50_us": cuda}]
         rows.append({**base, "backend": "cuda", "kernel": conv.CHANNELS_LAST, "p50_us": 1.0})
     values, evidence = conv.derive_crossover(rows)  # judged on NCHW x: lut_conv_cl left out
-    assert values == {"triton_max_m": 49, "cuda_max_m": 196}
+    assert values == {"triton_max_m": 49, "cuda_max_m": 196, "kernel_sizes": ["3x3"]}
     assert evidence["cuda"] == {"49": 2.0, "196": 1.25, "784": 0.833, "3136": 2.0}
+
+
+def test_conv_entry_names_the_kernel_sizes_it_measured():
+    """kernel_sizes: those of the layers whose rows were judged (1×1 convs only where the
+    run included them); rows that judge no path write no entry at all."""
+    conv = _load("bench_conv")
+    rows = [{"M": 49, "shape": shape, "bits": 4, "granularity": "channel", "backend": b,
+             "kernel": k, "p50_us": t}
+            for shape in ("8x8x3x3@7x7", "16x8x1x1@7x7", "8x4x1x5@9x9")
+            for b, k, t in (("dequant", "cudnn", 10.0), ("cuda", "lut_conv", 5.0))]
+    assert conv.derive_crossover(rows)[0] == {
+        "cuda_max_m": 49, "kernel_sizes": ["1x1", "1x5", "3x3"]}
+    dense_only = [r for r in rows if r["backend"] == "dequant"]
+    assert conv.derive_crossover(dense_only) == ({}, {})
 
 
 def test_conv_cuda_is_timed_on_both_input_layouts(tmp_path, monkeypatch):

@@ -246,8 +246,8 @@ def _gpu_plan(monkeypatch, table: dict) -> torch.device:
     """A CUDA device whose tuning entry is ``table``, every candidate taken as runnable."""
     monkeypatch.setattr(ops, "_gpu_table", lambda device: table)
     runnable = ("cuda", "triton", "dequant")
-    monkeypatch.setattr(ops, "_auto_plan", lambda op, device, bits=None: tuple(
-        c for c in ops._candidates(op, torch.device(device), bits) if c[0] in runnable))
+    monkeypatch.setattr(ops, "_auto_plan", lambda op, device, bits=None, kernel=None: tuple(
+        c for c in ops._candidates(op, torch.device(device), bits, kernel) if c[0] in runnable))
     return torch.device("cuda", 0)
 
 
@@ -273,8 +273,8 @@ def test_triton_band_from_tuning_table(monkeypatch):
             ] == ["cuda", "dequant", "dequant", "triton", "triton", "dequant"]
 
 
-def _conv_backend(device, dtype, bits, groups=1, m=49) -> str:
-    return ops.resolve_conv_backend(None, device, m, dtype, bits, groups)
+def _conv_backend(device, dtype, bits, groups=1, m=49, kernel=(3, 3)) -> str:
+    return ops.resolve_conv_backend(None, device, m, dtype, bits, groups, kernel)
 
 
 def test_auto_passes_convs_the_cuda_conv_refuses_on(monkeypatch):
@@ -291,6 +291,38 @@ def test_auto_passes_convs_the_cuda_conv_refuses_on(monkeypatch):
     assert _conv_backend(gpu, torch.float16, 4, m=2048) == "dequant"
 
 
+def test_conv_entry_takes_only_the_kernel_sizes_it_measured(monkeypatch):
+    """A conv2d entry that lists kernel_sizes (bench_conv writes those it timed: the 3×3
+    convs unless --include-1x1) leaves convs of other sizes on dequant; an entry without
+    the list covers every size."""
+    entry = {"cuda_max_m": 1024, "triton_max_m": 64, "kernel_sizes": ["3x3"]}
+    gpu = _gpu_plan(monkeypatch, {"conv2d": entry})
+    assert _conv_backend(gpu, torch.float16, 4) == "cuda"
+    assert _conv_backend(gpu, torch.float16, 8) == "triton"
+    for kernel in ((1, 1), (1, 3), (5, 5)):
+        assert _conv_backend(gpu, torch.float16, 4, kernel=kernel) == "dequant"
+        assert _conv_backend(gpu, torch.float16, 8, kernel=kernel) == "dequant"
+    del entry["kernel_sizes"]
+    assert _conv_backend(gpu, torch.float16, 4, kernel=(1, 1)) == "cuda"
+
+
+def test_convs_dispatch_by_their_kernel_size(monkeypatch):
+    """codebook_conv2d asks dispatch for its weight's (KH, KW), and a pointwise QuantConv1d
+    for (1, 1) (as the conv2d it would run)."""
+    asked = []
+
+    def plan(op, device, bits=None, kernel=None):
+        if op == "conv2d":
+            asked.append(kernel)
+        return (("reference", 0, ops.UNLIMITED),)
+
+    monkeypatch.setattr(ops, "_auto_plan", plan)
+    ops.codebook_conv2d(torch.randn(1, 4, 6, 6), _qt((3, 4, 3, 1)))
+    ops.codebook_conv2d(torch.randn(1, 2, 6, 6), _qt((4, 1, 1, 1)), groups=2)
+    otq.nn.QuantConv1d.from_float(torch.nn.Conv1d(4, 3, 1), bits=4)(torch.randn(1, 4, 5))
+    assert asked == [(3, 1), (1, 1), (1, 1)]
+
+
 @pytest.mark.parametrize("bits, groups", [(4, 1), (8, 1), (3, 2)], ids=str)
 def test_a_conv_the_first_backend_refuses_runs_on_the_next(bits, groups, monkeypatch):
     """End to end on CPU tensors, with a plan that puts cuda first: float32 x (or 8-bit
@@ -300,7 +332,7 @@ def test_a_conv_the_first_backend_refuses_runs_on_the_next(bits, groups, monkeyp
     torch.manual_seed(0)
     qt = _qt((6, 4 // groups, 3, 3), bits)
     x = torch.randn(2, 4, 7, 5)
-    monkeypatch.setattr(ops, "_auto_plan", lambda op, device, bits=None: plan)
+    monkeypatch.setattr(ops, "_auto_plan", lambda op, device, bits=None, kernel=None: plan)
     y = ops.codebook_conv2d(x, qt, None, padding=1, groups=groups)
     want = ops.codebook_conv2d(x, qt, None, padding=1, groups=groups, backend="reference")
     torch.testing.assert_close(y, want)

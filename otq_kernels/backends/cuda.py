@@ -11,7 +11,8 @@
 - ``conv2d`` (groups = 1, fp16/bf16 x, 2-4 bits): implicit GEMM on tensor cores over the
   weight's codes re-packed tap-major (:func:`tap_major_planes`, built once per layer and
   cached) and channels-last x. Only ``backend="cuda"`` or a tuning entry's
-  ``conv2d.cuda_max_m`` selects it: it has not been timed on a GPU yet.
+  ``conv2d.cuda_max_m`` selects it (for the ``conv2d.kernel_sizes`` it lists): it has not
+  been timed on a GPU yet.
 - ``fit_rows``: equal-mass binning on CUB's stable (segmented) radix sort.
 - ``pack`` / ``unpack``: the canonical bit planes.
 - ``dequantize``: the dequant path's dense weight (:func:`expands_natively` says where it

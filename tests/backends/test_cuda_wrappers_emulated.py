@@ -226,8 +226,8 @@ def test_a_quantized_unet_runs_on_the_cuda_backend(gpu, bindings, backend, overr
     monkeypatch.setattr(cuda, "unavailable", lambda device: None)
     plan, cpu_plan = (("cuda", 0, 1024), ("dequant", 0, ops.UNLIMITED),
                       ("reference", 0, ops.UNLIMITED)), ops._auto_plan
-    monkeypatch.setattr(ops, "_auto_plan", lambda op, device, bits=None: plan if op in (
-        "linear", "conv2d") else cpu_plan(op, device, bits))  # (fitting stays on the CPU)
+    monkeypatch.setattr(ops, "_auto_plan", lambda op, device, bits=None, kernel=None: (
+        plan if op in ("linear", "conv2d") else cpu_plan(op, device, bits)))  # (fit: CPU)
     recording = _Recording(bindings)
     monkeypatch.setattr(cuda, "native", lambda require_cuda=False: recording)
     torch.manual_seed(0)
