@@ -6,7 +6,9 @@ speed does not depend on the values). For batch 1 / 16 / 64 it times one Euler s
 ``x + dt·v(x, t)`` (one forward)
 back to back, as a sampler runs them (no L2 flush: weights that fit in L2 stay there
 between steps, exactly as in sampling), eagerly and as a CUDA-graph replay, and records
-the peak GPU memory of a step and the model's bytes. Variants:
+the peak GPU memory of a step, the model's bytes and those of the runtime code layouts
+cached by then (``runtime_layout_bytes``: the tap-major and fragment-order copies of the
+CUDA conv and ``lut_frag``, part of the peak). Variants:
 
 - ``fp16``: the dense model in fp16 (the baseline);
 - ``auto``: ``quantize_model(..., backend="auto")``: the fused kernels where dispatch picks
@@ -130,6 +132,14 @@ def peak_step_bytes(run, step) -> int | None:
     return torch.cuda.max_memory_allocated(run.device)
 
 
+def runtime_layout_bytes() -> int:
+    """Bytes of the runtime code layouts cached now (a second copy of each layer's codes
+    that the CUDA conv or ``lut_frag`` has run; they leave with their layers)."""
+    from otq_kernels.backends import cuda
+
+    return cuda.runtime_layout_bytes()
+
+
 def velocity(model, x, t) -> torch.Tensor:
     """The model's output v(x, t) [B, C, H, W], as fp32 on the CPU."""
     with torch.inference_mode():
@@ -181,6 +191,7 @@ def bench_variant(run, master, variant, batches, image, dtype, modes, outputs,
                 row["note"] = "CUDA-graph capture failed; eager time reported: " + \
                     "; ".join(graph_errors)
             run.add({**row, **timing, "model_bytes": nbytes, "peak_bytes": peak,
+                     "runtime_layout_bytes": runtime_layout_bytes(),
                      "model_bits_per_weight": bpw})
     del model
     gc.collect()

@@ -14,7 +14,8 @@ appends it to summary.txt):
 - conv: per (bits, granularity, batch) the geometric mean over layers of the CUDA (on
   NCHW x, and ``cuda_cl`` on channels-last x), Triton and dequant ratios (vs the faster
   dense cuDNN layout), plus every layer at 4 bits/channel;
-- e2e: per variant and batch, step time, ratio and peak-memory ratio, eager and graph,
+- e2e: per variant and batch, step time, ratio and peak-memory ratio (and the MB of
+  runtime code layouts cached, where any), eager and graph,
   and the velocity's error vs the dense model / vs dequant;
 - fit: ms per whole-model pass per backend (ot); checks: ok or not;
 - splitk, splitk_mma: per kernel and M, how often each forced split-K was fastest and how
@@ -173,10 +174,12 @@ def e2e(payload: dict) -> None:
             continue
         variant = "fp16" if r["backend"] == "fp16" else \
             f"{r['bits']}b {r['granularity'][:2]} {r['backend']}"
+        layouts = r.get("runtime_layout_bytes")
         print(f"   {variant:<16} batch {r['M']:<3} {r['kernel']:<5} {r['p50_us'] / 1e3:8.3f} ms "
               f"x{fmt(r.get('ratio'))} peak x{fmt(r.get('peak_ratio'))} "
               f"bytes x{fmt(r.get('model_bytes_ratio'))} "
-              f"err {fmt(r.get('rel_err_vs_dense'), '.1e')}/"
+              + (f"layouts {layouts / 1e6:.1f} MB " if layouts else "")
+              + f"err {fmt(r.get('rel_err_vs_dense'), '.1e')}/"
               f"{fmt(r.get('rel_err_vs_dequant'), '.1e')}"
               + (f" ({r['note'][:80]})" if r.get("note") else ""))
 

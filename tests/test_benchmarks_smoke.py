@@ -617,6 +617,7 @@ def test_e2e_checks_each_variants_output(smoke_dir):
     fused = [r for r in quantized if r["backend"] != "dequant"]
     assert fused and all(r["rel_err_vs_dequant"] < 1e-4 for r in fused), fused
     assert all("rel_err_vs_dequant" not in r for r in quantized if r["backend"] == "dequant")
+    assert all(r["runtime_layout_bytes"] == 0 for r in rows if r.get("p50_us"))  # CPU: none
 
 
 def test_e2e_output_errors_compare_like_with_like():
@@ -753,6 +754,19 @@ def test_digest_conv_geomeans_leave_out_the_no_split_rows(tmp_path, capsys):
             "dequant x0.50 (vs best dense layout)") in out
     assert "     cuda/lut_conv_cl 4b ch batch 1 a (xNone): 10.0us x4.00 err -" in out
     assert sum("implicit_gemm_nosplit" in line or "x0.01" in line for line in out) == 0
+
+
+def test_digest_shows_the_runtime_layouts_of_an_e2e_step(tmp_path, capsys):
+    """A variant that cached runtime code layouts says how many MB (part of its peak)."""
+    base = {"M": 1, "kernel": "graph", "p50_us": 4000.0, "ratio": 0.9, "peak_ratio": 0.4,
+            "model_bytes_ratio": 0.28, "granularity": "channel", "bits": 4}
+    rows = [{**base, "backend": "cuda", "runtime_layout_bytes": 21.5e6},
+            {**base, "backend": "auto", "runtime_layout_bytes": 0}]
+    (tmp_path / "e2e.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert _load("digest").main([str(tmp_path)]) == 0
+    cuda, auto = [line for line in capsys.readouterr().out.splitlines() if "4b ch" in line]
+    assert "bytes x0.28 layouts 21.5 MB err" in cuda
+    assert "layouts" not in auto and "bytes x0.28 err" in auto
 
 
 def test_digest_summarizes_the_e2e_profile(tmp_path, capsys):
