@@ -57,8 +57,10 @@ def conv_layers(args) -> tuple[list[dict], str]:
         entry["count"] += 1
     if not args.include_1x1:
         unique = {k: v for k, v in unique.items() if k[0][2:] != (1, 1)}
-    # lowest resolution first: the layers where fusion should pay (and the budget order)
-    ordered = sorted(unique.values(), key=lambda v: (v["input_shape"][1], -v["count"]))
+    # lowest resolution first: the layers where fusion should pay (and the budget order);
+    # the 1x1 convs after every 3x3 one (issue 6's conv goal is on the 3x3 convs)
+    ordered = sorted(unique.values(), key=lambda v: (
+        tuple(v["weight_shape"][2:]) == (1, 1), v["input_shape"][1], -v["count"]))
     return ordered, source
 
 
@@ -183,7 +185,9 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
     path is judged on the NCHW input (lut_conv with its copy; not lut_conv_cl): the
     layout of the UNet as built. ``kernel_sizes`` lists the kernel sizes ("KHxKW") of the
     layers judged: dispatch runs convs of other sizes (e.g. 1×1 ones, left out unless
-    --include-1x1) on dequant, as nothing measured them.
+    --include-1x1) on dequant, as nothing measured them. Where several sizes were judged,
+    ``<path>_max_m_by_kernel`` holds the crossover over one size's layers where it
+    differs from the one over all of them (a 1×1 conv is a GEMM of another shape).
     """
     times = common.times_by_config(rows, lambda r: r["backend"] if r.get("backend") in (
         "dequant", "triton", "cuda") and r.get("kernel") not in (NOSPLIT, CHANNELS_LAST)
@@ -191,6 +195,27 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
     for t in times.values():
         if "dequant" in t:
             t["rival"] = min(t["dequant"], t.get("triton", t["dequant"]))
+    values, evidence = _crossovers(times)
+    judged = {config for config, t in times.items()
+              if "dequant" in t and {"triton", "cuda"} & t.keys()}
+    sizes = sorted({kernel_size(shape) for _, shape, *_ in judged})
+    for size in sizes if len(sizes) > 1 else ():
+        own, own_evidence = _crossovers({c: t for c, t in times.items()
+                                         if kernel_size(c[1]) == size})
+        for name, crossover in own.items():
+            if crossover != values[name]:
+                values.setdefault(f"{name}_by_kernel", {})[size] = crossover
+        for path, means in own_evidence.items():
+            evidence.setdefault(f"{path}_by_kernel", {})[size] = means
+    if values:
+        values["kernel_sizes"] = sizes
+    return values, evidence
+
+
+def _crossovers(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
+    """({path}_max_m, evidence {path: {M: geometric-mean speedup}}) for triton (against
+    dequant) and cuda (against the faster of the two) over the configurations of
+    ``times``."""
     values, evidence = {}, {}
     for path, baseline in (("triton", "dequant"), ("cuda", "rival")):
         means = common.speedup_by_m(times, baseline, path)
@@ -198,8 +223,6 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
             values[f"{path}_max_m"] = common.crossover(
                 {m: (g or 0) > 1.0 for m, g in means.items()})
             evidence[path] = {str(m): round(g, 3) for m, g in means.items()}
-    if values:
-        values["kernel_sizes"] = sorted({kernel_size(shape) for _, shape, *_ in times})
     return values, evidence
 
 

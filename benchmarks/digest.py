@@ -154,11 +154,12 @@ def conv(payload: dict) -> None:
         path = "cuda_cl" if r.get("kernel") == "lut_conv_cl" else r["backend"]
         if (path in paths and r.get("ratio_best")
                 and r.get("kernel") != "implicit_gemm_nosplit"):
-            key = (r["bits"], r["granularity"], r["batch"])
+            kernel = "x".join(r["shape"].split("@")[0].split("x")[2:])
+            key = (r["bits"], r["granularity"], r["batch"], kernel)
             groups.setdefault(key, {}).setdefault(path, []).append(r["ratio_best"])
-    for (bits, gran, batch), ratios in groups.items():
+    for (bits, gran, batch, kernel), ratios in groups.items():
         means = ", ".join(f"{p} x{fmt(gmean(ratios[p]))}" for p in paths if p in ratios)
-        print(f"   b{bits} {gran[:2]} batch {batch}: geomean over "
+        print(f"   b{bits} {gran[:2]} batch {batch} {kernel}: geomean over "
               f"{max(len(v) for v in ratios.values())} layers: {means} (vs best dense layout)")
     for r in rows:
         if (r["backend"] in ("cuda", "triton") and r["bits"] == 4

@@ -26,8 +26,8 @@
 #   4 after a kernel change (one ~9 min call, no wheels needed): OTQ_SUITE_PLAN=4 runs
 #                  env, build, tests_kernels (CUDA kernel, fit, UNet tests), goal_linear_graph
 #                  (CUDA kernels + dequant at M 1/2/4/8/12/16/32/64 and the expansion alone,
-#                  graph replays: goal_graph/), goal_conv_graph (the 3x3 convs at batch 1,
-#                  4-bit, graph replays), goal_e2e, goal_linear_large_m (Triton gemm and
+#                  graph replays: goal_graph/), goal_conv_graph (the 3x3 and 1x1 convs at
+#                  batch 1, 4-bit, graph replays), goal_e2e, goal_linear_large_m (Triton gemm and
 #                  gemm_tile at M = 256, 1024: goal_large_m/linear.json), then the
 #                  diagnostics: profile_e2e (kernel time of a batch-1 UNet step by
 #                  category: e2e_profile.json), sweep_splitk (the LUT GEMV and lut_mma over
@@ -311,10 +311,12 @@ run_step goal_linear_graph 150 "$BENCH_ENV"'
     --out "$DIR/goal_graph" --budget-s "$STEP_BUDGET" --quiet'
 
 # the UNet's 3x3 convs at batch 1 as CUDA-graph replays (4-bit, both codebook kinds):
-# kernel time without the per-call host time that dominated the eager goal_conv rows
+# kernel time without the per-call host time that dominated the eager goal_conv rows;
+# its 1x1 convs too (3 shapes, after the 3x3 ones), so that --tuning-from can give
+# them a conv2d entry of their own (kernel_sizes, *_max_m_by_kernel)
 run_step goal_conv_graph 100 "$BENCH_ENV"'
-  $PY benchmarks/bench_conv.py --preset goal --graph --bits 4 --out "$DIR/goal_graph" \
-    --budget-s "$STEP_BUDGET" --quiet'
+  $PY benchmarks/bench_conv.py --preset goal --graph --bits 4 --include-1x1 \
+    --out "$DIR/goal_graph" --budget-s "$STEP_BUDGET" --quiet'
 
 run_step goal_e2e 110 "$BENCH_ENV"'
   $PY benchmarks/bench_e2e.py --preset goal --out "$DIR/goal" --budget-s "$STEP_BUDGET" --quiet'

@@ -98,25 +98,37 @@ def _candidates(op: str, device: torch.device, bits: int | None = None,
     """(backend, smallest M, largest M it takes) for ``op``, best first; M = row length for
     "fit". ``bits``: the codes' bit width, for a table's ``cuda_max_m_by_bits`` entry.
     ``kernel``: a conv's (KH, KW); a conv2d table that lists ``kernel_sizes`` ("KHxKW",
-    those its crossovers were measured on) sends convs of other sizes to dequant."""
+    those its crossovers were measured on) sends convs of other sizes to dequant, and its
+    ``*_by_kernel`` maps hold crossovers of their own for the sizes they list."""
     if device.type != "cuda":
         if op in ("linear", "conv2d"):  # cpu has no conv: dequant takes every conv
             return [("cpu", 0, CPU_LUT_MAX_M), ("dequant", 0, UNLIMITED)]
         return [("cpu", 0, UNLIMITED), ("reference", 0, UNLIMITED)]
     table = _gpu_table(device).get(op, {})
-    measured = table.get("kernel_sizes")
-    if op == "conv2d" and measured is not None and "x".join(map(str, kernel)) not in measured:
+    size = None if kernel is None else "x".join(map(str, kernel))
+    if op == "conv2d" and size not in table.get("kernel_sizes", (size,)):
         return [("dequant", 0, UNLIMITED)]
     if op in ("linear", "conv2d"):
-        cuda_max_m = table.get("cuda_max_m_by_bits", {}).get(str(bits),
-                                                             table.get("cuda_max_m", -1))
-        return [("cuda", 0, cuda_max_m),
-                ("triton", table.get("triton_min_m", 0), table.get("triton_max_m", -1)),
+        def entry(name, absent):
+            return _specific_entry(table, name, {"kernel": size, "bits": bits}, absent)
+
+        return [("cuda", 0, entry("cuda_max_m", -1)),
+                ("triton", entry("triton_min_m", 0), entry("triton_max_m", -1)),
                 ("dequant", 0, UNLIMITED)]
     if op == "fit":
         return [("triton", 0, table.get("triton_max_n", 4096)), ("cuda", 0, UNLIMITED),
                 ("triton", 0, UNLIMITED), ("reference", 0, UNLIMITED)]
     return [("triton", 0, UNLIMITED), ("cuda", 0, UNLIMITED), ("reference", 0, UNLIMITED)]
+
+
+def _specific_entry(table: dict, name: str, keys: dict, absent):
+    """``table[name]`` (``absent`` if missing), unless a ``name_by_<by>`` map lists the
+    call's value of ``by`` (the first that does, in the order of ``keys``: by -> value)."""
+    for by, value in keys.items():
+        specific = table.get(f"{name}_by_{by}", {}).get(str(value))
+        if specific is not None:
+            return specific
+    return table.get(name, absent)
 
 
 _CONV_TAKES: dict[tuple, bool] = {}

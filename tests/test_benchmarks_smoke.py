@@ -446,6 +446,24 @@ def test_conv_entry_names_the_kernel_sizes_it_measured():
     assert conv.derive_crossover(dense_only) == ({}, {})
 
 
+def test_conv_crossover_of_its_own_for_a_kernel_size_that_differs():
+    """Where one kernel size's layers alone cross over at another M than all layers
+    together (here the 1×1 convs lose at M = 196, the 3×3 ones win up to 784), the entry
+    maps that size to its own crossover, with its evidence."""
+    conv = _load("bench_conv")
+    rows = []
+    for m, hw in ((49, "7x7"), (196, "14x14"), (784, "28x28")):
+        for shape, cuda in ((f"8x8x3x3@{hw}", 4.0), (f"16x8x1x1@{hw}", 5.0 if m == 49 else 12.0)):
+            base = {"M": m, "shape": shape, "bits": 4, "granularity": "channel"}
+            rows += [{**base, "backend": "dequant", "kernel": "cudnn", "p50_us": 10.0},
+                     {**base, "backend": "cuda", "kernel": "lut_conv", "p50_us": cuda}]
+    values, evidence = conv.derive_crossover(rows)
+    assert values == {"cuda_max_m": 784, "cuda_max_m_by_kernel": {"1x1": 49},
+                      "kernel_sizes": ["1x1", "3x3"]}
+    assert evidence["cuda_by_kernel"] == {"1x1": {"49": 2.0, "196": 0.833, "784": 0.833},
+                                          "3x3": {"49": 2.5, "196": 2.5, "784": 2.5}}
+
+
 def test_conv_cuda_is_timed_on_both_input_layouts(tmp_path, monkeypatch):
     """lut_conv runs on the NCHW x (its copy timed with it) and, as lut_conv_cl, on a
     channels-last x made once outside the timing (the layout cudnn_nhwc gets)."""
@@ -734,25 +752,29 @@ def test_expand_times_the_dequant_kernel_alone(tmp_path, capsys):
 
 
 def test_digest_conv_geomeans_leave_out_the_no_split_rows(tmp_path, capsys):
-    """Per bits/granularity/batch, the geometric mean of each path's ratio_best over the
-    layers (lut_conv on channels-last x apart, as cuda_cl), the no-split Triton comparison
-    rows left out (they once halved Triton's)."""
+    """Per bits/granularity/batch/kernel size, the geometric mean of each path's ratio_best
+    over the layers (lut_conv on channels-last x apart, as cuda_cl), the no-split Triton
+    comparison rows left out (they once halved Triton's)."""
     def row(backend, kernel, shape, ratio):
         return {"backend": backend, "kernel": kernel, "bits": 4, "granularity": "channel",
                 "batch": 1, "shape": shape, "p50_us": 10.0, "ratio_best": ratio}
 
-    rows = [row("cuda", "lut_conv", "a", 2.0), row("cuda", "lut_conv", "b", 0.5),
-            row("cuda", "lut_conv_cl", "a", 4.0), row("cuda", "lut_conv_cl", "b", 1.0),
-            row("triton", "implicit_gemm", "a", 0.25), row("triton", "implicit_gemm", "b", 0.25),
-            row("triton", "implicit_gemm_nosplit", "a", 0.01),
-            row("dequant", "cudnn", "a", 0.5), row("dequant", "cudnn", "b", 0.5)]
+    a, b, c = "8x8x3x3@7x7", "8x8x3x3@14x14", "8x16x1x1@7x7"
+    rows = [row("cuda", "lut_conv", a, 2.0), row("cuda", "lut_conv", b, 0.5),
+            row("cuda", "lut_conv_cl", a, 4.0), row("cuda", "lut_conv_cl", b, 1.0),
+            row("triton", "implicit_gemm", a, 0.25), row("triton", "implicit_gemm", b, 0.25),
+            row("triton", "implicit_gemm_nosplit", a, 0.01),
+            row("dequant", "cudnn", a, 0.5), row("dequant", "cudnn", b, 0.5),
+            row("cuda", "lut_conv", c, 3.0), row("dequant", "cudnn", c, 0.25)]
     (tmp_path / "goal_graph").mkdir()
     (tmp_path / "goal_graph" / "conv.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     assert _load("digest").main([str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert ("   b4 ch batch 1: geomean over 2 layers: cuda x1.00, cuda_cl x2.00, triton x0.25, "
-            "dequant x0.50 (vs best dense layout)") in out
-    assert "     cuda/lut_conv_cl 4b ch batch 1 a (xNone): 10.0us x4.00 err -" in out
+    assert ("   b4 ch batch 1 3x3: geomean over 2 layers: cuda x1.00, cuda_cl x2.00, "
+            "triton x0.25, dequant x0.50 (vs best dense layout)") in out
+    assert ("   b4 ch batch 1 1x1: geomean over 1 layers: cuda x3.00, dequant x0.25 "
+            "(vs best dense layout)") in out
+    assert f"     cuda/lut_conv_cl 4b ch batch 1 {a} (xNone): 10.0us x4.00 err -" in out
     assert sum("implicit_gemm_nosplit" in line or "x0.01" in line for line in out) == 0
 
 
@@ -979,3 +1001,17 @@ def test_list_options_parse_to_lists(monkeypatch):
     with pytest.raises(_Parsed) as e2e:
         _load("bench_e2e").main(["--variants", "fp16,3:tensor:auto"])
     assert e2e.value.args[0].variants == [(None, None, "fp16"), (3, "tensor", "auto")]
+
+
+@pytest.mark.parametrize("include_1x1", [False, True], ids=["3x3", "with-1x1"])
+def test_conv_layers_put_the_goal_convs_first(include_1x1):
+    """The UNet's unique convs, lowest resolution first, the 1x1 ones (--include-1x1) after
+    every 3x3 one: a step's budget that runs out cuts 1x1 convs before goal layers."""
+    conv = _load("bench_conv")
+    args = argparse.Namespace(smoke=False, include_1x1=include_1x1)
+    layers, _ = conv.conv_layers(args)
+    pointwise = [tuple(v["weight_shape"][2:]) == (1, 1) for v in layers]
+    assert any(pointwise) == include_1x1
+    assert pointwise == sorted(pointwise)
+    spatial = [v["input_shape"][1] for v, p in zip(layers, pointwise, strict=True) if not p]
+    assert spatial == sorted(spatial) and len(spatial) > 1

@@ -306,6 +306,17 @@ def test_conv_entry_takes_only_the_kernel_sizes_it_measured(monkeypatch):
     assert _conv_backend(gpu, torch.float16, 4, kernel=(1, 1)) == "cuda"
 
 
+def test_conv_crossovers_of_their_own_by_kernel_size(monkeypatch):
+    """cuda_max_m_by_kernel / triton_max_m_by_kernel: a measured size's own crossovers."""
+    gpu = _gpu_plan(monkeypatch, {"conv2d": {
+        "cuda_max_m": 784, "cuda_max_m_by_kernel": {"1x1": 49}, "triton_max_m": 0,
+        "triton_max_m_by_kernel": {"1x1": 196}, "kernel_sizes": ["1x1", "3x3"]}})
+    assert [_conv_backend(gpu, torch.float16, 4, m=m) for m in (49, 784, 785)
+            ] == ["cuda", "cuda", "dequant"]
+    assert [_conv_backend(gpu, torch.float16, 4, m=m, kernel=(1, 1)) for m in (49, 50, 197)
+            ] == ["cuda", "triton", "dequant"]
+
+
 def test_convs_dispatch_by_their_kernel_size(monkeypatch):
     """codebook_conv2d asks dispatch for its weight's (KH, KW), and a pointwise QuantConv1d
     for (1, 1) (as the conv2d it would run)."""
