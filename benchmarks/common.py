@@ -214,7 +214,19 @@ def base_meta(subject: str, device: torch.device, smoke: bool) -> dict:
             "cudnn": cudnn, "python": platform.python_version(), "git_sha": git_sha(),
             "tree_hash": tree_hash(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "hostname": socket.gethostname(), "argv": sys.argv[1:]}
+            "hostname": socket.gethostname(), "argv": sys.argv[1:],
+            "tuning_file": os.environ.get("OTQ_TUNING_FILE"), "tuning": dispatch_tuning(device)}
+
+
+def dispatch_tuning(device: torch.device) -> dict | None:
+    """The dispatch sections of the tuning table that auto dispatch reads on ``device``
+    (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    from otq_kernels import ops
+
+    table = ops.tuning_table(torch.cuda.get_device_name(device))
+    return {s: table.get(s, {}) for s in DISPATCH_SECTIONS}
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -891,8 +903,33 @@ def speedup_by_m(times: dict[tuple, dict[str, float]], baseline: str,
     return {m: geomean(v) for m, v in sorted(per_m.items())}
 
 
-if __name__ == "__main__":  # `python benchmarks/common.py --tree-hash`
+DISPATCH_SECTIONS = ("linear", "conv2d")
+
+
+def tuning_changes(path: str | Path) -> dict[str, list[str]]:
+    """{GPU name: [sections]} where the tuning JSON ``path`` (e.g. written by --tuning-from
+    from a run's results) dispatches differently from the shipped table: the sections of
+    DISPATCH_SECTIONS whose values (evidence aside) differ from what the shipped table
+    gives that GPU (its own entry, else the default)."""
+    table = json.loads(Path(path).read_text())
+    shipped = json.loads((REPO / "otq_kernels" / "tuning" / "default.json").read_text())
+    changes = {}
+    for gpu, entry in table.get("gpus", {}).items():
+        before = shipped.get("gpus", {}).get(gpu, shipped["default"])
+        differ = [s for s in DISPATCH_SECTIONS if entry.get(s, {}) != before.get(s, {})]
+        if differ:
+            changes[gpu] = differ
+    return changes
+
+
+if __name__ == "__main__":
+    # `python benchmarks/common.py --tree-hash`; `... --tuning-changes PATH`: exit 0 and
+    # name them if PATH dispatches differently from the shipped table, else exit 1
     if sys.argv[1:] == ["--tree-hash"]:
         print(tree_hash())
+    elif sys.argv[1:2] == ["--tuning-changes"] and len(sys.argv) == 3:
+        found = tuning_changes(sys.argv[2])
+        print(f"tuning changes: {found or 'none'}")
+        raise SystemExit(0 if found else 1)
     else:
         print(__doc__)

@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     root = Path(args[0] if args else ".")
     print(f"==== digest of {root}")
-    for sub in ("goal", "goal_graph", "goal_channels_last", "goal_large_m", "."):
+    for sub in ("goal", "goal_tuned", "goal_graph", "goal_channels_last", "goal_large_m", "."):
         for subject, fn in (("linear", linear), ("conv", conv), ("e2e", e2e), ("fit", fit)):
             digest_file(root / sub / f"{subject}.json", f"{sub}/{subject}".lstrip("./"), fn)
     for subject in ("splitk", "splitk_mma"):

@@ -27,7 +27,9 @@
 #                  env, build, tests_kernels (CUDA kernel, fit, UNet tests), goal_linear_graph
 #                  (CUDA kernels + dequant at M 1/2/4/8/12/16/32/64 and the expansion alone,
 #                  graph replays: goal_graph/), goal_conv_graph (the 3x3 and 1x1 convs at
-#                  batch 1, 4-bit, graph replays), goal_e2e, goal_linear_large_m (Triton gemm and
+#                  batch 1, 4-bit, graph replays), goal_e2e, goal_e2e_tuned (the tuning those
+#                  replays earn, goal_tuned/tuning.json, and the e2e goal under it where it
+#                  differs from the shipped one), goal_linear_large_m (Triton gemm and
 #                  gemm_tile at M = 256, 1024: goal_large_m/linear.json), then the
 #                  diagnostics: profile_e2e (kernel time of a batch-1 UNet step by
 #                  category: e2e_profile.json), sweep_splitk (the LUT GEMV and lut_mma over
@@ -91,8 +93,8 @@ SITE=/tmp/otq_site
 PLAN1="env wheels build tests_cuda checks sanitizer tests_gpu"
 PLAN2="env wheels build goal_linear goal_e2e goal_conv plot"
 PLAN3="env wheels build bench_fit bench_linear bench_conv bench_e2e tests_all"
-PLAN4="env build tests_kernels goal_linear_graph goal_conv_graph goal_e2e goal_linear_large_m profile_e2e sweep_splitk ncu_gemv goal_e2e_cl"
-ALL_STEPS="env wheels build tests_cuda tests_kernels checks sanitizer goal_linear goal_linear_graph goal_conv_graph goal_e2e goal_linear_large_m profile_e2e sweep_splitk ncu_gemv goal_e2e_cl goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
+PLAN4="env build tests_kernels goal_linear_graph goal_conv_graph goal_e2e goal_e2e_tuned goal_linear_large_m profile_e2e sweep_splitk ncu_gemv goal_e2e_cl"
+ALL_STEPS="env wheels build tests_cuda tests_kernels checks sanitizer goal_linear goal_linear_graph goal_conv_graph goal_e2e goal_e2e_tuned goal_linear_large_m profile_e2e sweep_splitk ncu_gemv goal_e2e_cl goal_conv plot tests_gpu bench_fit bench_linear bench_conv bench_e2e tests_all"
 CPU_STEPS=" env wheels build plot plot_more tests_all "  # every other step needs the GPU
 case "${OTQ_SUITE_PLAN:-}" in
   1) PLAN_STEPS=$PLAN1 ;; 2) PLAN_STEPS=$PLAN2 ;; 3) PLAN_STEPS=$PLAN3 ;; 4) PLAN_STEPS=$PLAN4 ;;
@@ -320,6 +322,17 @@ run_step goal_conv_graph 100 "$BENCH_ENV"'
 
 run_step goal_e2e 110 "$BENCH_ENV"'
   $PY benchmarks/bench_e2e.py --preset goal --out "$DIR/goal" --budget-s "$STEP_BUDGET" --quiet'
+
+# the dispatch tuning that this run's graph replays earn (--tuning-from, as the session
+# after would derive it) and, where it dispatches differently from the shipped table, the
+# e2e goal under it (fp16 and 4-bit per channel auto; meta.tuning says what it read)
+run_step goal_e2e_tuned 70 "$BENCH_ENV"'
+  T="$DIR/goal_tuned/tuning.json"; mkdir -p "$DIR/goal_tuned"
+  $PY benchmarks/bench_linear.py --tuning-from "$DIR/goal_graph/linear.json" --write-tuning "$T"
+  $PY benchmarks/bench_conv.py --tuning-from "$DIR/goal_graph/conv.json" --write-tuning "$T"
+  [ -f "$T" ] && $PY benchmarks/common.py --tuning-changes "$T" || exit 0
+  OTQ_TUNING_FILE="$T" $PY benchmarks/bench_e2e.py --preset goal \
+    --variants fp16,4:channel:auto --out "$DIR/goal_tuned" --budget-s "$STEP_BUDGET" --quiet'
 
 # Triton's GEMMs at M = 256 and 1024 (4-bit per channel, graph replays): gemm (one K = 16
 # wgmma per field position, each waited for) against gemm_tile (whole K tiles, one

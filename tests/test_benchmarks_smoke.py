@@ -1015,3 +1015,41 @@ def test_conv_layers_put_the_goal_convs_first(include_1x1):
     assert pointwise == sorted(pointwise)
     spatial = [v["input_shape"][1] for v, p in zip(layers, pointwise, strict=True) if not p]
     assert spatial == sorted(spatial) and len(spatial) > 1
+
+
+def test_tuning_changes_name_what_a_derived_table_would_dispatch_differently(tmp_path):
+    """The GPU suite runs the tuned e2e only where the tuning its run earns differs from
+    the shipped one: a GPU's derived sections against its shipped entry (else the
+    default), evidence aside; the CLI exits 0 and names them, or 1 for none."""
+    common = _load("common")
+    shipped = json.loads((BENCH.parent / "otq_kernels" / "tuning" / "default.json").read_text())
+    table = json.loads(json.dumps(shipped))
+    h200 = table["gpus"]["NVIDIA H200"]
+    h200["_measured"] = {"linear": {"note": "evidence only"}}
+    table["gpus"]["GPU X"] = {k: shipped["default"][k] for k in ("linear", "conv2d")}
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps(table))
+    assert common.tuning_changes(path) == {}
+    cli = [sys.executable, str(BENCH / "common.py"), "--tuning-changes", str(path)]
+    assert subprocess.run(cli, capture_output=True).returncode == 1
+    h200["conv2d"] = {**h200["conv2d"], "cuda_max_m": 784}
+    table["gpus"]["GPU X"]["linear"] = {"cuda_max_m": 8}
+    path.write_text(json.dumps(table))
+    assert common.tuning_changes(path) == {"NVIDIA H200": ["conv2d"], "GPU X": ["linear"]}
+    done = subprocess.run(cli, capture_output=True, text=True)
+    assert done.returncode == 0 and "GPU X" in done.stdout
+
+
+def test_results_name_the_dispatch_tuning_they_ran_under(monkeypatch):
+    """meta.tuning_file / meta.tuning: which table auto dispatch read (None on CPU)."""
+    common = _load("common")
+    monkeypatch.setenv("OTQ_TUNING_FILE", "/tmp/some_tuning.json")
+    meta = common.base_meta("e2e", torch.device("cpu"), smoke=True)
+    assert meta["tuning_file"] == "/tmp/some_tuning.json" and meta["tuning"] is None
+    monkeypatch.delenv("OTQ_TUNING_FILE")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    tuning = common.dispatch_tuning(torch.device("cuda", 0))
+    from otq_kernels import ops
+
+    shipped = ops.tuning_table("NVIDIA H200")
+    assert tuning == {"linear": shipped["linear"], "conv2d": shipped["conv2d"]}
