@@ -64,13 +64,6 @@ def tuning_int(device: torch.device, op: str, name: str) -> int:
     return int(_tuning_entry(device, op, name, 0))
 
 
-def tuning_int_by(device: torch.device, op: str, name: str, by: str, key) -> int:
-    """Entry ``name`` of ``device``'s tuning table for ``key``: the ``name_by_<by>`` map's
-    value for str(key) where it lists one, else :func:`tuning_int`."""
-    value = _tuning_entry(device, op, f"{name}_by_{by}", {}).get(str(key))
-    return tuning_int(device, op, name) if value is None else int(value)
-
-
 _OP_FUNCTION = {"linear": "linear", "conv2d": "conv2d", "fit": "fit_rows", "pack": "pack",
                 "unpack": "unpack"}
 UNLIMITED = 2**62
