@@ -53,7 +53,6 @@ from otq_kernels.format import GRANULARITIES, MAX_BITS, MIN_BITS  # noqa: E402
 AUTOTUNE_LIMIT = gpu_limits.apply_from_env()
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
-QUANTILES = (0.2, 0.5, 0.8)
 ROW_KEYS = ("op", "backend", "kernel", "bits", "granularity", "M", "N", "K", "shape", "dtype",
             "p20_us", "p50_us", "p80_us", "gbps", "pct_copy_bw", "ratio", "smoke", "skipped",
             "error")

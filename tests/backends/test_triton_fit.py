@@ -7,11 +7,9 @@ pytest.importorskip("triton")
 
 import otq_kernels as otq  # noqa: E402
 from otq_kernels.backends.triton.fit import (  # noqa: E402
-    fit_pack_triton,
     fit_rows_torch_sort,
     fit_rows_triton,
 )
-from otq_kernels.format import pack_codes  # noqa: E402
 from otq_kernels.quantizers import chunk_of_rank, ot_rows  # noqa: E402
 
 FITTERS = {"triton": fit_rows_triton, "torch_sort": fit_rows_torch_sort}
@@ -136,13 +134,6 @@ def test_long_rows_on_gpu(dtype):
                 assert torch.equal(codes, ref_codes)
             assert (codes != ref_codes).float().mean() < 1e-3
             torch.testing.assert_close(centroids.double(), ref_cents, rtol=1e-4, atol=1e-5)
-
-
-def test_fit_pack_planes(device):
-    x = continuous_rows(2, 45, seed=7, device=device)
-    codes, _, planes = fit_pack_triton(x, 7)
-    for got, expected in zip(planes, pack_codes(codes, 7), strict=True):
-        assert torch.equal(got.cpu(), expected.cpu())
 
 
 @pytest.mark.parametrize("fitter", FITTERS)

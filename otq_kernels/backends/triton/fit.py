@@ -30,7 +30,6 @@ import triton.language as tl
 from ...format import check_bits
 from ...quantizers import ASSIGNS, chunk_of_rank, nearest_codes
 from ._grid import cdiv, next_power_of_2
-from .packing import pack_triton
 
 # Longest row sorted in one program. 4096 (16 int64 keys a thread at 8 warps) is the safe
 # default until a GPU run shows 16384 (32 keys a thread at 16 warps: register spills, a
@@ -223,13 +222,6 @@ def fit_rows_triton(rows: torch.Tensor, bits: int, assign: str = "rank",
     except OutOfResources:
         _FAILED_LAUNCHES.add(config)
         return fit_rows_torch_sort(rows, bits, assign)
-
-
-def fit_pack_triton(rows: torch.Tensor, bits: int, assign: str = "rank",
-                    max_n: int | None = None):
-    """Fit and pack in two launches. rows [R, n] -> (codes [R, n], centroids [R, 2**b], planes)."""
-    codes, cents = fit_rows_triton(rows, bits, assign, max_n)
-    return codes, cents, pack_triton(codes, bits)
 
 
 # ----------------------------------------------------------------------------- torch.sort path
