@@ -179,7 +179,9 @@ def cmd_sample(args) -> int:
     model = model.to(dtype)  # codebooks stay float32; GroupNorm runs in float32
     x0 = fm.make_noise((args.n, *image_shape(model, info["image_size"])), args.seed,
                        device=_device(args), dtype=dtype)
-    x = fm.sample(model, x0, steps=args.steps, method=args.method)
+    if args.cuda_graph and x0.device.type != "cuda":
+        raise SystemExit(f"--cuda-graph needs a CUDA device (the model runs on {x0.device})")
+    x = fm.sample(model, x0, steps=args.steps, method=args.method, cuda_graph=args.cuda_graph)
     save_grid(x, args.output, nrow=min(args.nrow, args.n))
     kind = "quantized" if info["quantized"] else "float"
     print(f"wrote {args.output}: {args.n} samples of the {kind} model ({info['source']}), "
@@ -303,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nrow", type=int, default=8, help="images per grid row (default 8)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype the model runs in (default float32; codebooks stay float32)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each velocity call from a CUDA graph (GPU; at small batch an "
+                        "eager step is host-bound)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="fidelity over bits x methods -> JSON, table, plots",

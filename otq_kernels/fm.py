@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .graphs import CudaGraphed
+
 FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
@@ -69,6 +71,7 @@ def sample(
     label: torch.Tensor | None = None,
     cfg_scale: float = 0.0,
     return_intermediates: bool = False,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from t = 0 (noise ``x0`` [B, C, H, W]) to t = 1.
 
@@ -76,6 +79,8 @@ def sample(
     (NFE = steps × stages); adaptive ones (dopri5, ...) use ``atol``/``rtol``. The model
     is run in eval mode (restored afterwards). Returns x1 [B, C, H, W] (unclamped), or
     [steps + 1, B, C, H, W] with ``return_intermediates`` (fixed-step methods only).
+    ``cuda_graph``: replay the velocity call from a CUDA graph (x0 on a GPU;
+    :class:`otq_kernels.graphs.CudaGraphed`): at small batch the eager step is host-bound.
     """
     from flow_matching.solver import ODESolver
 
@@ -96,7 +101,10 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        solver = ODESolver(velocity_model=VelocityWrapper(model, cfg_scale))
+        velocity = VelocityWrapper(model, cfg_scale)
+        if cuda_graph:
+            velocity = CudaGraphed(velocity)
+        solver = ODESolver(velocity_model=velocity)
         return solver.sample(
             x_init=x0,
             step_size=1.0 / steps if fixed else None,

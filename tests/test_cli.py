@@ -55,6 +55,10 @@ def test_quantize_sample_round_trip(tmp_path, capsys):
                      "--steps", "1", "-o", str(tmp_path / "fp.png")]) == 0
     with pytest.raises(SystemExit, match="--config"):
         cli.main(["sample", "--checkpoint", str(fp), "-o", str(tmp_path / "x.png")])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
+            cli.main(["sample", "--checkpoint", str(out), "--n", "1", "--steps", "1",
+                      "--cuda-graph", "-o", str(tmp_path / "g.png")])
 
 
 @pytest.mark.parametrize("dtype, tol", [("float16", 1e-3), ("bfloat16", 5e-3)])
