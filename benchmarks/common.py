@@ -219,12 +219,15 @@ def base_meta(subject: str, device: torch.device, smoke: bool) -> dict:
 
 def dispatch_tuning(device: torch.device) -> dict | None:
     """The dispatch sections of the tuning table that auto dispatch reads on ``device``
-    (None off CUDA)."""
+    (None off CUDA; {"error": ...} if it cannot be read: the run goes on)."""
     if device.type != "cuda":
         return None
     from otq_kernels import ops
 
-    table = ops.tuning_table(torch.cuda.get_device_name(device))
+    try:
+        table = ops.tuning_table(torch.cuda.get_device_name(device))
+    except Exception as exc:  # noqa: BLE001 - e.g. an OTQ_TUNING_FILE that is not there
+        return {"error": describe_error(exc)}
     return {s: table.get(s, {}) for s in DISPATCH_SECTIONS}
 
 

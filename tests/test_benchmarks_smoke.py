@@ -1053,3 +1053,7 @@ def test_results_name_the_dispatch_tuning_they_ran_under(monkeypatch):
 
     shipped = ops.tuning_table("NVIDIA H200")
     assert tuning == {"linear": shipped["linear"], "conv2d": shipped["conv2d"]}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU Y")
+    monkeypatch.setenv("OTQ_TUNING_FILE", "/tmp/no_such_tuning.json")
+    assert "FileNotFoundError" in common.dispatch_tuning(torch.device("cuda", 0))["error"]
+    ops.tuning_table.cache_clear()  # (nothing cached for GPU Y: it raised)
