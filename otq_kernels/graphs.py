@@ -15,6 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+_INFERENCE_ONLY = ("CudaGraphed is for inference: a replay records no autograd graph "
+                   "(call it under torch.no_grad() or torch.inference_mode())")
+
 
 class CudaGraphed(nn.Module):
     """``fn(*args, **kwargs)`` (tensors, or Python scalars that stay fixed) replayed from
@@ -44,8 +47,7 @@ class CudaGraphed(nn.Module):
         tensors = [*args, *kwargs.values()]
         if torch.is_grad_enabled() and any(
                 isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-            raise RuntimeError("CudaGraphed is for inference: a replay records no autograd "
-                               "graph (call it under torch.no_grad() or inference_mode())")
+            raise RuntimeError(_INFERENCE_ONLY)
         key = (tuple(_signature(a) for a in args),
                tuple((name, _signature(v)) for name, v in sorted(kwargs.items())))
         entry = self._graphs.get(key)
@@ -73,6 +75,8 @@ class CudaGraphed(nn.Module):
                                             self.warmup)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"CudaGraphed needs fn to return one tensor, got {type(output)}")
+        if output.requires_grad:
+            raise RuntimeError(_INFERENCE_ONLY)
         return static_args, static_kwargs, output, replay
 
 

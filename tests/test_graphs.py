@@ -76,6 +76,11 @@ def test_refuses_what_it_cannot_replay(stand_in_graphs):
     x = torch.randn(3, requires_grad=True)
     with pytest.raises(RuntimeError, match="for inference"):
         graphed(x, torch.tensor(0.5))
+    weight = torch.ones(3, requires_grad=True)  # a parameter that wants gradients
+    with pytest.raises(RuntimeError, match="for inference"):
+        CudaGraphed(lambda x: x * weight)(x.detach())
+    with torch.no_grad():
+        CudaGraphed(lambda x: x * weight)(x.detach())
     with pytest.raises(TypeError, match="tensors and Python scalars"):
         graphed(x.detach(), [0.5])
     with pytest.raises(TypeError, match="one tensor"):
