@@ -44,6 +44,8 @@ class CudaGraphed(nn.Module):
         self._graphs: dict[tuple, tuple] = {}
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
+        """``fn``'s arguments -> ``fn``'s output, as a tensor of its own (shape and dtype as
+        ``fn`` returns them)."""
         tensors = [*args, *kwargs.values()]
         if torch.is_grad_enabled() and any(
                 isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
