@@ -35,6 +35,7 @@ import math
 import common
 import torch
 import torch.nn.functional as F
+from digest import conv_kernel_size
 
 DEFAULT_BATCHES = [1, 8, 64]
 NOSPLIT = "implicit_gemm_nosplit"
@@ -198,10 +199,10 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
     values, evidence = _crossovers(times)
     judged = {config for config, t in times.items()
               if "dequant" in t and {"triton", "cuda"} & t.keys()}
-    sizes = sorted({kernel_size(shape) for _, shape, *_ in judged})
+    sizes = sorted({conv_kernel_size(shape) for _, shape, *_ in judged})
     for size in sizes if len(sizes) > 1 else ():
         own, own_evidence = _crossovers({c: t for c, t in times.items()
-                                         if kernel_size(c[1]) == size})
+                                         if conv_kernel_size(c[1]) == size})
         for name, crossover in own.items():
             if crossover != values[name]:
                 values.setdefault(f"{name}_by_kernel", {})[size] = crossover
@@ -224,11 +225,6 @@ def _crossovers(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
                 {m: (g or 0) > 1.0 for m, g in means.items()})
             evidence[path] = {str(m): round(g, 3) for m, g in means.items()}
     return values, evidence
-
-
-def kernel_size(shape: str) -> str:
-    """"KHxKW" of a row's shape "NxCxKHxKW@HxW"."""
-    return "x".join(shape.split("@")[0].split("x")[2:])
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,7 @@ import gc
 import common
 import torch
 
+from otq_kernels.backends import cuda
 from otq_kernels.format import check_bits
 from otq_kernels.models.configs import config_names
 
@@ -132,14 +133,6 @@ def peak_step_bytes(run, step) -> int | None:
     return torch.cuda.max_memory_allocated(run.device)
 
 
-def runtime_layout_bytes() -> int:
-    """Bytes of the runtime code layouts cached now (a second copy of each layer's codes
-    that the CUDA conv or ``lut_frag`` has run; they leave with their layers)."""
-    from otq_kernels.backends import cuda
-
-    return cuda.runtime_layout_bytes()
-
-
 def velocity(model, x, t) -> torch.Tensor:
     """The model's output v(x, t) [B, C, H, W], as fp32 on the CPU."""
     with torch.inference_mode():
@@ -191,7 +184,7 @@ def bench_variant(run, master, variant, batches, image, dtype, modes, outputs,
                 row["note"] = "CUDA-graph capture failed; eager time reported: " + \
                     "; ".join(graph_errors)
             run.add({**row, **timing, "model_bytes": nbytes, "peak_bytes": peak,
-                     "runtime_layout_bytes": runtime_layout_bytes(),
+                     "runtime_layout_bytes": cuda.runtime_layout_bytes(),
                      "model_bits_per_weight": bpw})
     del model
     gc.collect()

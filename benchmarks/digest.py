@@ -1,6 +1,6 @@
 """A compact digest of a GPU-suite results folder: ``python benchmarks/digest.py DIR``.
 
-Reads whatever of ``DIR/{goal/,goal_graph/,goal_channels_last/,goal_large_m/,}`` +
+Reads whatever of ``DIR/{goal/,goal_tuned/,goal_graph/,goal_channels_last/,goal_large_m/,}`` +
 ``{linear,conv,e2e,fit}.json`` and ``DIR/checks.json`` exists and prints a few lines per
 subject (the device tool returns only the end of stdout, so the suite prints this last and
 appends it to summary.txt):
@@ -11,7 +11,7 @@ appends it to summary.txt):
   and granularities); the dequant
   path's expansion kernels alone where timed (``--expand``): Triton's on both grids and
   the CUDA one;
-- conv: per (bits, granularity, batch) the geometric mean over layers of the CUDA (on
+- conv: per (bits, granularity, batch, kernel size) the geometric mean over layers of the CUDA (on
   NCHW x, and ``cuda_cl`` on channels-last x), Triton and dequant ratios (vs the faster
   dense cuDNN layout), plus every layer at 4 bits/channel;
 - e2e: per variant and batch, step time, ratio and peak-memory ratio (and the MB of
@@ -146,6 +146,11 @@ def kernel_pair(rows: list[dict], old: str, new: str) -> None:
         print(f"   {new} vs {old} b{bits}: " + " | ".join(parts))
 
 
+def conv_kernel_size(shape: str) -> str:
+    """"KHxKW" of a conv row's shape "NxCxKHxKW@HxW"."""
+    return "x".join(shape.split("@")[0].split("x")[2:])
+
+
 def conv(payload: dict) -> None:
     rows = [r for r in payload.get("rows", []) if r.get("p50_us")]
     groups: dict[tuple, dict[str, list[float]]] = {}
@@ -154,8 +159,7 @@ def conv(payload: dict) -> None:
         path = "cuda_cl" if r.get("kernel") == "lut_conv_cl" else r["backend"]
         if (path in paths and r.get("ratio_best")
                 and r.get("kernel") != "implicit_gemm_nosplit"):
-            kernel = "x".join(r["shape"].split("@")[0].split("x")[2:])
-            key = (r["bits"], r["granularity"], r["batch"], kernel)
+            key = (r["bits"], r["granularity"], r["batch"], conv_kernel_size(r["shape"]))
             groups.setdefault(key, {}).setdefault(path, []).append(r["ratio_best"])
     for (bits, gran, batch, kernel), ratios in groups.items():
         means = ", ".join(f"{p} x{fmt(gmean(ratios[p]))}" for p in paths if p in ratios)
