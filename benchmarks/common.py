@@ -48,6 +48,7 @@ import gpu_limits  # noqa: E402
 
 from otq_kernels.backends import NAMES as BACKEND_NAMES  # noqa: E402
 from otq_kernels.format import GRANULARITIES, MAX_BITS, MIN_BITS  # noqa: E402
+from otq_kernels.graphs import capture_cuda_graph  # noqa: E402
 
 # GPU-suite runs cap Triton autotuning through env vars (see gpu_limits); unset: no change.
 AUTOTUNE_LIMIT = gpu_limits.apply_from_env()
@@ -287,15 +288,8 @@ def capture_graph(fn: Callable[[], object], errors: list | None = None):
 
     ``errors``, if given, receives the capture's exception text.
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
     try:
-        with torch.cuda.stream(stream):  # warm the side stream as torch recommends
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        _, graph = capture_cuda_graph(fn, torch.device("cuda", torch.cuda.current_device()))
         torch.cuda.synchronize()
         return graph
     except Exception as err:  # noqa: BLE001 - any failure means "time it eagerly"

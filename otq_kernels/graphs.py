@@ -72,22 +72,20 @@ class CudaGraphed(nn.Module):
         """(static args, static kwargs, the graph's output, replay()) for this signature."""
         static_args = [_static_copy(a) for a in args]
         static_kwargs = {name: _static_copy(v) for name, v in kwargs.items()}
-        output, replay = capture_cuda_graph(lambda: self.fn(*static_args, **static_kwargs),
-                                            [*static_args, *static_kwargs.values()],
-                                            self.warmup)
+        device = _cuda_device([*static_args, *static_kwargs.values()])
+        output, graph = capture_cuda_graph(lambda: self.fn(*static_args, **static_kwargs),
+                                           device, self.warmup)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"CudaGraphed needs fn to return one tensor, got {type(output)}")
         if output.requires_grad:
             raise RuntimeError(_INFERENCE_ONLY)
-        return static_args, static_kwargs, output, replay
+        return static_args, static_kwargs, output, graph.replay
 
 
-def capture_cuda_graph(call: Callable[[], torch.Tensor], inputs: list,
-                       warmup: int) -> tuple[torch.Tensor, Callable[[], None]]:
-    """Warm ``call`` up ``warmup`` times on a side stream of the device of its ``inputs``
-    (tensors on one CUDA device, and scalars), capture one call in a CUDA graph -> (its
-    output, the graph's replay)."""
-    device = _cuda_device(inputs)
+def capture_cuda_graph(call: Callable[[], object], device: torch.device,
+                       warmup: int = 1) -> tuple[object, torch.cuda.CUDAGraph]:
+    """Warm ``call`` up ``warmup`` times on a side stream of ``device`` (as torch advises
+    before a capture), then capture one call in a CUDA graph -> (its output, the graph)."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -97,7 +95,7 @@ def capture_cuda_graph(call: Callable[[], torch.Tensor], inputs: list,
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         output = call()
-    return output, graph.replay
+    return output, graph
 
 
 def _signature(value) -> tuple:

@@ -1057,3 +1057,28 @@ def test_results_name_the_dispatch_tuning_they_ran_under(monkeypatch):
     monkeypatch.setenv("OTQ_TUNING_FILE", "/tmp/no_such_tuning.json")
     assert "FileNotFoundError" in common.dispatch_tuning(torch.device("cuda", 0))["error"]
     ops.tuning_table.cache_clear()  # (nothing cached for GPU Y: it raised)
+
+
+def test_graph_timing_captures_through_the_packages_capture(monkeypatch):
+    """capture_graph (the benches' graph replays) captures with otq_kernels.graphs'
+    capture_cuda_graph, one warm-up, and returns None with the error text when that fails
+    (the bench then times eagerly)."""
+    common = _load("common")
+    synced, graph = [], object()
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: synced.append(True))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def capture(fn, device, warmup=1):
+        assert device == torch.device("cuda", 0) and warmup == 1
+        return fn(), graph
+
+    monkeypatch.setattr(common, "capture_cuda_graph", capture)
+    assert common.capture_graph(lambda: None) is graph and synced
+
+    def failing(fn, device, warmup=1):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(common, "capture_cuda_graph", failing)
+    errors = []
+    assert common.capture_graph(lambda: None, errors) is None
+    assert "stream is capturing" in errors[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -68,12 +70,16 @@ def test_sample_with_cuda_graph_replays_the_velocity_calls(method, monkeypatch):
 
     captures = []
 
-    def capture(call, inputs, warmup):
-        captures.append(len(inputs))
+    def capture(call, device, warmup):
         output = call()
-        return output, lambda: output.copy_(call())
+        return output, SimpleNamespace(replay=lambda: output.copy_(call()))
+
+    def device_of(values):
+        captures.append(len(values))
+        return torch.device("cpu")
 
     monkeypatch.setattr(graphs, "capture_cuda_graph", capture)
+    monkeypatch.setattr(graphs, "_cuda_device", device_of)
     cond = _model(num_classes=3)
     x0 = fm.make_noise((2, 1, 16, 16), seed=0)
     kw = dict(steps=3, method=method, atol=1e-3, rtol=1e-3, label=torch.tensor([0, 2]),

@@ -1,6 +1,8 @@
 """CudaGraphed: the replay bookkeeping on CPU (a stand-in graph that re-runs the captured
 call on its static inputs, as a replay does), the real capture on a GPU."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -15,12 +17,12 @@ def stand_in_graphs(monkeypatch):
     the same memory)."""
     log = {"calls": 0, "captures": 0}
 
-    def capture(call, inputs, warmup):
+    def capture(call, device, warmup):
         for _ in range(warmup):
             call()
         log["captures"] += 1
         output = call()
-        return output, lambda: output.copy_(call())
+        return output, SimpleNamespace(replay=lambda: output.copy_(call()))
 
     def counted(fn):
         def wrapper(*args, **kwargs):
@@ -29,6 +31,7 @@ def stand_in_graphs(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(graphs, "capture_cuda_graph", capture)
+    monkeypatch.setattr(graphs, "_cuda_device", lambda values: torch.device("cpu"))
     return log, counted
 
 
@@ -92,6 +95,48 @@ def test_refuses_what_it_cannot_replay(stand_in_graphs):
 def test_cpu_tensors_are_refused_before_any_capture():
     with pytest.raises(ValueError, match="one CUDA device"):
         CudaGraphed(_velocity)(torch.randn(3), torch.tensor(0.5))
+
+
+def test_capture_warms_up_on_a_side_stream_then_captures(monkeypatch):
+    """The real capture_cuda_graph against a stand-in torch.cuda that logs the order of
+    events: warm-ups on the side stream (which first waits for the current one), the
+    current stream waiting for them, then one call inside the graph's capture."""
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits for {other.name}")
+
+    side, current = Stream("side"), Stream("current")
+
+    class Capture:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            events.append(f"enter {self.name}")
+
+        def __exit__(self, *exc):
+            events.append(f"exit {self.name}")
+
+    graph = object()
+    fake = SimpleNamespace(Stream=lambda device: side, current_stream=lambda device: current,
+                           stream=lambda s: Capture(f"stream {s.name}"), CUDAGraph=lambda: graph,
+                           graph=lambda g: Capture("capture"))
+    monkeypatch.setattr(graphs.torch, "cuda", fake)
+
+    def call():
+        events.append("call")
+        return len(events)
+
+    output, captured = graphs.capture_cuda_graph(call, "cuda:0", warmup=2)
+    assert captured is graph and output == 8  # the captured call: the 8th event
+    assert events == ["side waits for current", "enter stream side", "call", "call",
+                      "exit stream side", "current waits for side", "enter capture", "call",
+                      "exit capture"]
 
 
 @pytest.mark.cuda
