@@ -21,7 +21,12 @@ appends it to summary.txt):
 - splitk, splitk_mma: per kernel and M, how often each forced split-K was fastest and how
   much slower the heuristic's split was at worst;
 - e2e_profile: per variant the kernels and time per step by category, and memory kept
-  after a step and at peak, with the largest kept block's call site.
+  after a step and at peak, with the largest kept block's call site;
+- with ``--against OLD_DIR`` (an earlier run's folder, e.g. the committed
+  ``benchmarks/results/<gpu>/``): under each file that OLD_DIR also holds, per (op, backend,
+  kernel) the geometric mean and range of t_new / t_old over the rows both timed, so
+  that a kernel's change reads against how far the unchanged paths (fp16, dequant)
+  moved between the runs.
 
 Pure json, no torch; never raises (a broken file is reported and skipped).
 """
@@ -34,6 +39,9 @@ import sys
 from pathlib import Path
 
 FUSED = ("triton", "cuda")
+# The fields that name what a row timed (the rest are measurements)
+ROW_IDENTITY = ("op", "backend", "kernel", "bits", "granularity", "M", "shape", "dtype",
+                "batch", "timing", "split_k")
 
 
 def load(path: Path) -> dict | None:
@@ -248,29 +256,65 @@ def checks(payload: dict) -> None:
               f"{detail.splitlines()[-1][:200] if detail else ''}")
 
 
-def digest_file(path: Path, title: str, summarize) -> None:
-    """The header and ``summarize(payload)`` of one results file, where it exists; an
-    error is printed, never raised (a digest must never fail the suite)."""
+def row_times(payload: dict) -> dict[tuple, float]:
+    """{the row's ROW_IDENTITY values: its median µs} over the timed rows."""
+    return {tuple(r.get(f) for f in ROW_IDENTITY): r["p50_us"]
+            for r in payload.get("rows", []) if r.get("p50_us")}
+
+
+def against(payload: dict, old: dict) -> None:
+    """One line: per (op, backend, kernel) the geometric mean and range of t_new / t_old
+    over the rows that both results files timed."""
+    before = row_times(old)
+    ratios: dict[tuple, list[float]] = {}
+    for key, us in row_times(payload).items():
+        if key in before:
+            ratios.setdefault(key[:3], []).append(us / before[key])
+    meta = old.get("meta", {})
+    parts = [f"{op}:{backend}/{kernel} n{len(v)} x{fmt(gmean(v), '.3f')} "
+             f"[{min(v):.3f}, {max(v):.3f}]" for (op, backend, kernel), v in sorted(
+                 ratios.items(), key=lambda item: tuple(map(str, item[0])))]
+    gpu = "" if meta.get("gpu") == payload.get("meta", {}).get("gpu") else f", {meta.get('gpu')}"
+    print(f"   t / t at {meta.get('git_sha')} ({meta.get('date', '?')[:10]}{gpu}): "
+          + ("; ".join(parts) if parts else "no rows in common"))
+
+
+def digest_file(path: Path, title: str, summarize, old_path: Path | None = None) -> None:
+    """The header and ``summarize(payload)`` of one results file, where it exists, then
+    its times against the file at ``old_path`` where that exists; an error is printed,
+    never raised (a digest must never fail the suite)."""
     payload = load(path)
     if payload is None:
         return
     try:
         header(title, payload)
         summarize(payload)
+        old = load(old_path) if old_path else None
+        if old is not None:
+            against(payload, old)
     except Exception as err:  # noqa: BLE001
         print(f"digest: {title}: {type(err).__name__}: {err}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    old_root = None
+    if "--against" in args:
+        at = args.index("--against")
+        old_root = Path(args[at + 1]) if at + 1 < len(args) else None
+        del args[at:at + 2]
     root = Path(args[0] if args else ".")
-    print(f"==== digest of {root}")
+    print(f"==== digest of {root}" + (f" (times against {old_root})" if old_root else ""))
+
+    def file(name: str, title: str, fn) -> None:
+        digest_file(root / name, title, fn, old_root / name if old_root else None)
+
     for sub in ("goal", "goal_tuned", "goal_graph", "goal_channels_last", "goal_large_m", "."):
         for subject, fn in (("linear", linear), ("conv", conv), ("e2e", e2e), ("fit", fit)):
-            digest_file(root / sub / f"{subject}.json", f"{sub}/{subject}".lstrip("./"), fn)
+            file(f"{sub}/{subject}.json", f"{sub}/{subject}".lstrip("./"), fn)
     for subject in ("splitk", "splitk_mma"):
-        digest_file(root / f"{subject}.json", subject, splitk)
-    digest_file(root / "e2e_profile.json", "e2e_profile", e2e_profile)
+        file(f"{subject}.json", subject, splitk)
+    file("e2e_profile.json", "e2e_profile", e2e_profile)
     payload = load(root / "checks.json")
     if payload:
         print("== checks")

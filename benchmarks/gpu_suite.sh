@@ -45,7 +45,8 @@
 # and Triton's compile cache (/tmp/otq_triton_cache) and starts at once.
 # <sha> = `git rev-parse HEAD` written out literally (the machine gets no .git); every JSON
 # also records tree_hash (`python benchmarks/common.py --tree-hash` here gives the same).
-# What comes back (files_at): summary.txt (step status, error tails, results digest),
+# What comes back (files_at): summary.txt (step status, error tails, results digest,
+# with times against benchmarks/results/<gpu-slug>/ where this GPU has results),
 # suite.tar.gz (everything: `tar -xzf suite.tar.gz -C benchmarks/results/`) and up to 6
 # JSON files (goal_linear.json, goal_e2e.json, goal_conv.json, checks.json, fit.json, ...).
 #
@@ -214,7 +215,10 @@ run_step() {
 finish() {
   [ -n "${DMON_PID:-}" ] && kill "$DMON_PID" 2>/dev/null
   echo "gpu_suite: done in $(elapsed)s" | tee -a "$SUMMARY"
-  $PY benchmarks/digest.py "$DIR" 2>&1 | tee -a "$SUMMARY"
+  # times against this GPU's committed results (what moved since the last run), if any
+  local committed=$REPO/benchmarks/results/$slug against=""
+  [ -d "$committed" ] && [ "$(cd "$committed" && pwd)" != "$DIR" ] && against=$committed
+  $PY benchmarks/digest.py "$DIR" ${against:+--against "$against"} 2>&1 | tee -a "$SUMMARY"
   export_out
 }
 trap finish EXIT

@@ -717,6 +717,33 @@ def test_digest_compares_lut_frag_with_lut_mma(tmp_path, capsys):
     assert "   lut_frag32 vs lut_frag b2: M16 x1.50" in out
 
 
+def test_digest_times_a_run_against_an_earlier_one(tmp_path, capsys):
+    """--against OLD: per (op, backend, kernel), t_new / t_old over the rows both files
+    timed (geometric mean and range); rows of one file only, and untimed ones, left out."""
+    def row(backend, kernel, m, us, shape="a"):
+        return {"op": "linear", "backend": backend, "kernel": kernel, "M": m, "shape": shape,
+                "bits": None if backend == "fp16" else 4, "granularity": "channel",
+                "p50_us": us}
+
+    new = [row("fp16", "cublas", 1, 20.0), row("fp16", "cublas", 16, 40.0),
+           row("cuda", "lut_mma", 1, 10.0), row("cuda", "lut_mma", 16, 30.0, "b")]
+    old = [row("fp16", "cublas", 1, 10.0), row("fp16", "cublas", 16, 80.0),
+           row("cuda", "lut_mma", 1, 20.0), row("cuda", "lut_mma", 16, None, "b"),
+           row("cuda", "lut_frag", 1, 5.0)]
+    for folder, rows, sha in (("new", new, "bbb"), ("old", old, "aaa")):
+        (tmp_path / folder / "goal_graph").mkdir(parents=True)
+        meta = {"git_sha": sha, "gpu": "G", "date": "2026-12-04T17:40:42"}
+        (tmp_path / folder / "goal_graph" / "linear.json").write_text(
+            json.dumps({"meta": meta, "rows": rows}))
+    digest = _load("digest")
+    assert digest.main([str(tmp_path / "new"), "--against", str(tmp_path / "old")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "t / t at" in ln]
+    assert lines == ["   t / t at aaa (2026-12-04): linear:cuda/lut_mma n1 x0.500 "
+                     "[0.500, 0.500]; linear:fp16/cublas n2 x1.000 [0.500, 2.000]"]
+    assert digest.main([str(tmp_path / "new")]) == 0  # without --against: no such line
+    assert "t / t at" not in capsys.readouterr().out
+
+
 def test_expand_times_the_dequant_kernel_alone(tmp_path, capsys):
     """--expand: per (shape, bits, granularity) Triton's expansion kernel on both grids, as
     op "dequantize" rows at M 0 (left out of the linear rows' digest, listed on their own),

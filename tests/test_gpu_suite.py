@@ -41,6 +41,8 @@ def test_no_gpu_marks_gpu_steps_failed_and_exports_results(tmp_path):
     for step in ("tests_cuda", "goal_linear"):
         assert f"{step}: FAILED (not run: torch sees no CUDA device)" in summary
     assert "gpu_suite: done" in summary
+    committed = SUITE.parents[1] / "benchmarks" / "results" / "cpu"  # this slug's results
+    assert f"==== digest of {tmp_path / 'work' / 'cpu'} (times against {committed})" in summary
     with tarfile.open(out / "suite.tar.gz") as tar:
         names = tar.getnames()
     assert "cpu/summary.txt" in names and "cpu/logs/env.log" in names
