@@ -37,12 +37,24 @@ FUSED_METHODS = ("ot",)
 # ----------------------------------------------------------------------------- dispatch
 @functools.cache
 def tuning_table(gpu_name: str) -> dict:
-    """Crossover table for ``gpu_name`` (the shipped default for GPUs not listed)."""
+    """Crossover table for ``gpu_name`` (the shipped default for GPUs not listed), from
+    env ``OTQ_TUNING_FILE`` or else the shipped ``tuning/default.json``.
+
+    Read once per process and GPU name, as dispatch asks on every call (an environment
+    read costs ~2 µs); :func:`reload_tuning` makes the next call read it again.
+    """
     path = os.environ.get("OTQ_TUNING_FILE")
     text = open(path).read() if path else (
         resources.files("otq_kernels").joinpath("tuning/default.json").read_text())
     table = json.loads(text)
     return table.get("gpus", {}).get(gpu_name, table["default"])
+
+
+def reload_tuning() -> None:
+    """Forget the tuning tables read so far and the dispatch plans built from them, so
+    that the next call reads ``OTQ_TUNING_FILE`` (set, changed or unset since) again."""
+    tuning_table.cache_clear()
+    _PLANS.clear()
 
 
 def _gpu_table(device: torch.device) -> dict:
@@ -143,9 +155,10 @@ def conv_kernel_takes(backend: str, dtype: torch.dtype, bits: int, groups: int =
 
 
 _PLANS: dict[tuple, tuple] = {}
-# What availability and tuning read, by device type (the CPU's candidates read none: an
-# unset variable costs ~1.8 µs to read, a good part of a small layer's call there).
-_PLAN_ENV = {"cuda": ("TRITON_INTERPRET", "OTQ_TUNING_FILE")}
+# What availability reads, by device type (the CPU's candidates read none: an unset
+# variable costs ~1.8 µs to read, a good part of a small layer's call there). The tuning
+# file is read once (reload_tuning clears these plans with it).
+_PLAN_ENV = {"cuda": ("TRITON_INTERPRET",)}
 
 
 @_trace_constant
@@ -154,8 +167,8 @@ def _auto_plan(op: str, device: str, bits: int | None = None,
     """The runnable candidates of ``op`` on ``device`` for ``bits``-bit codes (and a conv's
     ``kernel`` size (KH, KW)) as ((name, min_m, max_m), ...).
 
-    Cached per process (availability and the GPU's tuning entry do not change), keyed by
-    the environment variables they read.
+    Cached per process (availability and the GPU's tuning entry do not change, short of
+    :func:`reload_tuning`), keyed by the environment variables availability reads.
     """
     env = _PLAN_ENV.get(device.partition(":")[0], ())
     key = (op, device, bits, kernel, *(os.environ.get(v) for v in env))

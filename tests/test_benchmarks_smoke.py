@@ -1083,7 +1083,7 @@ def test_results_name_the_dispatch_tuning_they_ran_under(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU Y")
     monkeypatch.setenv("OTQ_TUNING_FILE", "/tmp/no_such_tuning.json")
     assert "FileNotFoundError" in common.dispatch_tuning(torch.device("cuda", 0))["error"]
-    ops.tuning_table.cache_clear()  # (nothing cached for GPU Y: it raised)
+    ops.reload_tuning()  # (nothing cached for GPU Y: it raised)
 
 
 def test_graph_timing_captures_through_the_packages_capture(monkeypatch):

@@ -547,21 +547,30 @@ def test_split_k_heuristic_counts_32_row_blocks():
 
 
 def test_cuda_kernel_choice_from_a_tuning_file(tmp_path, monkeypatch):
-    """The same through OTQ_TUNING_FILE (tuning_table is cached per GPU name: cleared)."""
+    """The same through OTQ_TUNING_FILE, read once per process: a change of the variable
+    takes effect at reload_tuning(), which also drops the dispatch plans built before."""
     from otq_kernels.backends import _device, cuda
 
+    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
+    gpu = torch.device("cuda", 0)
+    ops.reload_tuning()
+    shipped = ops.tuning_int(gpu, "linear", "cuda_max_m")  # the default entry's
     path = tmp_path / "tuning.json"
     path.write_text(json.dumps({"default": {"linear": {}}, "gpus": {
-        "GPU X": {"linear": {"cuda_tensor_cores": True, "cuda_gemv_max_m": 4}}}}))
-    monkeypatch.setenv("OTQ_TUNING_FILE", str(path))
-    monkeypatch.setattr(_device, "gpu_name", lambda device: "GPU X")
-    ops.tuning_table.cache_clear()
+        "GPU X": {"linear": {"cuda_tensor_cores": True, "cuda_gemv_max_m": 4,
+                             "cuda_max_m": shipped + 3}}}}))
     try:
-        gpu = torch.device("cuda", 0)
+        monkeypatch.setenv("OTQ_TUNING_FILE", str(path))
+        assert ops.tuning_int(gpu, "linear", "cuda_max_m") == shipped  # not read again yet
+        ops._PLANS["a plan built before"] = ()
+        ops.reload_tuning()
+        assert "a plan built before" not in ops._PLANS
+        assert ops.tuning_int(gpu, "linear", "cuda_max_m") == shipped + 3
         assert ops.tuning_int(gpu, "linear", "cuda_gemv_max_m") == 4
         assert ops.tuning_int(torch.device("cpu"), "linear", "cuda_gemv_max_m") == 0
         assert [cuda.use_tensor_cores(torch.float16, 2, m, gpu) for m in (4, 5)] == \
             [False, True]
+        assert ops._candidates("linear", gpu)[0] == ("cuda", 0, shipped + 3)
     finally:
-        monkeypatch.delenv("OTQ_TUNING_FILE")
-        ops.tuning_table.cache_clear()  # later tests read the shipped table again
+        monkeypatch.delenv("OTQ_TUNING_FILE", raising=False)
+        ops.reload_tuning()  # later tests read the shipped table again
