@@ -85,16 +85,22 @@ class CudaGraphed(nn.Module):
 def capture_cuda_graph(call: Callable[[], object], device: torch.device,
                        warmup: int = 1) -> tuple[object, torch.cuda.CUDAGraph]:
     """Warm ``call`` up ``warmup`` times on a side stream of ``device`` (as torch advises
-    before a capture), then capture one call in a CUDA graph -> (its output, the graph)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            call()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = call()
+    before a capture), then capture one call in a CUDA graph -> (its output, the graph).
+
+    ``device`` is made the current device throughout: the capture's stream is the current
+    device's, and the kernels must launch on it (on a machine with several GPUs, a model
+    on cuda:1 would otherwise launch outside the capture).
+    """
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                call()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = call()
     return output, graph
 
 

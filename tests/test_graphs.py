@@ -99,8 +99,9 @@ def test_cpu_tensors_are_refused_before_any_capture():
 
 def test_capture_warms_up_on_a_side_stream_then_captures(monkeypatch):
     """The real capture_cuda_graph against a stand-in torch.cuda that logs the order of
-    events: warm-ups on the side stream (which first waits for the current one), the
-    current stream waiting for them, then one call inside the graph's capture."""
+    events: all of it with the tensors' device current, warm-ups on the side stream (which
+    first waits for the current one), the current stream waiting for them, then one call
+    inside the graph's capture."""
     events = []
 
     class Stream:
@@ -125,18 +126,19 @@ def test_capture_warms_up_on_a_side_stream_then_captures(monkeypatch):
     graph = object()
     fake = SimpleNamespace(Stream=lambda device: side, current_stream=lambda device: current,
                            stream=lambda s: Capture(f"stream {s.name}"), CUDAGraph=lambda: graph,
-                           graph=lambda g: Capture("capture"))
+                           graph=lambda g: Capture("capture"),
+                           device=lambda d: Capture(f"device {d}"))
     monkeypatch.setattr(graphs.torch, "cuda", fake)
 
     def call():
         events.append("call")
         return len(events)
 
-    output, captured = graphs.capture_cuda_graph(call, "cuda:0", warmup=2)
-    assert captured is graph and output == 8  # the captured call: the 8th event
-    assert events == ["side waits for current", "enter stream side", "call", "call",
-                      "exit stream side", "current waits for side", "enter capture", "call",
-                      "exit capture"]
+    output, captured = graphs.capture_cuda_graph(call, "cuda:1", warmup=2)
+    assert captured is graph and output == 9  # the captured call: the 9th event
+    assert events == ["enter device cuda:1", "side waits for current", "enter stream side",
+                      "call", "call", "exit stream side", "current waits for side",
+                      "enter capture", "call", "exit capture", "exit device cuda:1"]
 
 
 @pytest.mark.cuda
