@@ -796,6 +796,29 @@ def add_tuning_options(p: argparse.ArgumentParser) -> None:
                         "configuration and path) and merge them into --write-tuning")
 
 
+# How near even (|speedup - 1|) a derived decision's geometric mean may lie before
+# --tuning-from names it as a close call: unchanged paths' geometric means moved by about
+# 1% between calls on the H200, single rows by 3-4% (NOTES, session 53).
+CLOSE_CALL = 0.02
+
+
+def close_calls(evidence: dict, margin: float = CLOSE_CALL) -> list[str]:
+    """"<keys> x<speedup>" for every speedup of ``evidence`` (nested {path: {M: speedup}}
+    maps, or one number) within ``margin`` of 1, in the evidence's order."""
+    found = []
+
+    def walk(keys: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{keys} {key}".strip(), inner)
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and abs(value - 1) <= margin):
+            found.append(f"{keys} x{value:.3f}")
+
+    walk("", evidence)
+    return found
+
+
 def tuning_from(args: argparse.Namespace, section: str, derive) -> int:
     """``--tuning-from``: re-derive ``section`` of the tuning JSON --write-tuning from the
     rows of one or more results JSONs of one GPU, without a GPU. derive(rows) -> (values,
@@ -821,10 +844,14 @@ def tuning_from(args: argparse.Namespace, section: str, derive) -> int:
     if not values:
         raise SystemExit(f"{', '.join(args.tuning_from)}: no fused and dequant rows to "
                          "derive from")
+    close = close_calls(evidence)
     evidence = {**evidence, "source": ", ".join(sources),
                 **{key: _joined([m.get(key) for m in metas]) for key in ("git_sha", "date")}}
     path = write_tuning(args.write_tuning, metas[0]["gpu"], section, values, evidence)
     print(f"{metas[0]['gpu']} {section}: {values} -> {path}")
+    if close:
+        print(f"  close calls (speedup within {CLOSE_CALL:.0%} of even, about the run-to-run "
+              f"spread; check before shipping): {'; '.join(close)}")
     return 0
 
 

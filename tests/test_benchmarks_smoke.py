@@ -352,6 +352,28 @@ def test_tuning_from_results_json(tmp_path):
             _load("bench_linear").main(bad)
 
 
+def test_tuning_from_names_its_close_calls(tmp_path, capsys):
+    """Every speedup of the evidence within 2% of even is named after the derived values
+    (nested maps and single numbers alike); none, no line."""
+    common = _load("common")
+    evidence = {"cuda": {"1": 1.5, "16": 1.019}, "cuda_by_bits": {"8": {"16": 0.985}},
+                "dequant_walk_k": 1.0, "triton_splitk_field_major": {"16": 0.97}}
+    assert common.close_calls(evidence) == ["cuda 16 x1.019", "cuda_by_bits 8 16 x0.985",
+                                            "dequant_walk_k x1.000"]
+    conv_rows = [{"M": 49, "shape": "8x8x3x3@7x7", "bits": 4, "granularity": "channel",
+                  "backend": b, "kernel": k, "p50_us": t}
+                 for b, k, t in (("dequant", "cudnn", 10.0), ("triton", "implicit_gemm", 9.9))]
+    conv = _write_results(tmp_path / "conv.json", conv_rows)
+    argv = ["--tuning-from", str(conv), "--write-tuning", str(tmp_path / "t.json")]
+    assert _load("bench_conv").main(argv) == 0
+    assert "close calls (speedup within 2% of even, about the run-to-run spread; check " \
+        "before shipping): triton 49 x1.010" in capsys.readouterr().out
+    conv_rows[1]["p50_us"] = 5.0
+    _write_results(tmp_path / "conv.json", conv_rows)
+    assert _load("bench_conv").main(argv) == 0
+    assert "close calls" not in capsys.readouterr().out
+
+
 def test_shipped_h200_entry_matches_its_results():
     """The shipped NVIDIA H200 entry (and the default, its copy) is what --tuning-from
     derives from the committed results it names, with their evidence."""
