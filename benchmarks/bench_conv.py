@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 
 import common
+import derive
 import torch
 import torch.nn.functional as F
 from digest import conv_kernel_size
@@ -190,7 +191,7 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
     ``<path>_max_m_by_kernel`` holds the crossover over one size's layers where it
     differs from the one over all of them (a 1×1 conv is a GEMM of another shape).
     """
-    times = common.times_by_config(rows, lambda r: r["backend"] if r.get("backend") in (
+    times = derive.times_by_config(rows, lambda r: r["backend"] if r.get("backend") in (
         "dequant", "triton", "cuda") and r.get("kernel") not in (NOSPLIT, CHANNELS_LAST)
         else None)
     for t in times.values():
@@ -219,9 +220,9 @@ def _crossovers(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
     ``times``."""
     values, evidence = {}, {}
     for path, baseline in (("triton", "dequant"), ("cuda", "rival")):
-        means = common.speedup_by_m(times, baseline, path)
+        means = derive.speedup_by_m(times, baseline, path)
         if means:
-            values[f"{path}_max_m"] = common.crossover(
+            values[f"{path}_max_m"] = derive.crossover(
                 {m: (g or 0) > 1.0 for m, g in means.items()})
             evidence[path] = {str(m): round(g, 3) for m, g in means.items()}
     return values, evidence
@@ -239,12 +240,12 @@ def main(argv=None) -> int:
     p.add_argument("--backends", type=common.BACKEND_LIST, default=None,
                    help="default GPU: cuda,triton,dequant; CPU: reference,cpu,triton,dequant")
     p.add_argument("--include-1x1", action="store_true", help="also the 1×1 convs")
-    common.add_tuning_options(p)
+    derive.add_tuning_options(p)
     common.add_dtype_option(p)
     common.add_graph_option(p)
     args = p.parse_args(argv)
     if args.tuning_from:
-        return common.tuning_from(args, "conv2d", derive_crossover)
+        return derive.tuning_from(args, "conv2d", derive_crossover)
     run = common.Run("conv", args)
     gpu = run.device.type == "cuda"
     dtype = common.bench_dtype(args, run.device)
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
     if args.write_tuning and values and gpu and not args.smoke:
         name = torch.cuda.get_device_name(run.device)
         run.log(f"tuning {values} -> "
-                f"{common.write_tuning(args.write_tuning, name, 'conv2d', values, evidence)}")
+                f"{derive.write_tuning(args.write_tuning, name, 'conv2d', values, evidence)}")
     return 1 if run.meta["fatal_error"] else 0
 
 

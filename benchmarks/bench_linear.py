@@ -39,6 +39,7 @@ Explicit options override the preset's values.
 from __future__ import annotations
 
 import common
+import derive
 import torch
 import torch.nn.functional as F
 
@@ -328,7 +329,7 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     (lut_frag vs lut_mma), triton_gemm_tile
     (gemm_tile vs gemm), triton_splitk_field_major and dequant_walk_k (one number).
     """
-    times = common.times_by_config(rows, lambda r: CROSSOVER_PATHS.get(
+    times = derive.times_by_config(rows, lambda r: CROSSOVER_PATHS.get(
         (r.get("backend"), r.get("kernel"))))
     values, evidence = {}, {}
     steps = (block_rows_choice, fragment_choice, cuda_kernel_choice, gemm_kernel_choice,
@@ -344,7 +345,7 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
         evidence["dequant_walk_k"] = round(walk, 3)
     speedups = splitk_field_major_speedups(rows)
     if speedups:
-        values["triton_splitk_field_major"] = common.geomean(list(speedups.values())) > 1.0
+        values["triton_splitk_field_major"] = derive.geomean(list(speedups.values())) > 1.0
         evidence["triton_splitk_field_major"] = _rounded(speedups)
     return values, evidence
 
@@ -376,8 +377,8 @@ def _wins_up_to(times: dict[tuple, dict[str, float]], baseline: str,
                 path: str) -> tuple[int, dict[int, float]]:
     """(the largest grid M up to which ``path`` wins at every grid M, {M: its geometric-mean
     speedup over ``baseline``}) over the configurations where both ran."""
-    means = common.speedup_by_m(times, baseline, path)
-    return common.crossover({m: (g or 0) > 1.0 for m, g in means.items()}), means
+    means = derive.speedup_by_m(times, baseline, path)
+    return derive.crossover({m: (g or 0) > 1.0 for m, g in means.items()}), means
 
 
 def _rounded(means: dict[int, float | None]) -> dict[str, float]:
@@ -389,11 +390,11 @@ def triton_band(times: dict[tuple, dict[str, float]], cuda_max_m: int) -> tuple[
     """triton_max_m (and triton_min_m) with its evidence (see derive_crossovers) from
     {(M, shape, bits, granularity): {"triton": µs, "dequant": µs, ...}}; ({}, {}) when no
     config has both."""
-    means = common.speedup_by_m(times, "dequant", "triton")
+    means = derive.speedup_by_m(times, "dequant", "triton")
     if not means:
         return {}, {}
     grid = sorted({key[0] for key, t in times.items() if "dequant" in t})
-    first, last = common.band({m: (means.get(m) or 0) > 1.0 for m in grid}, cuda_max_m)
+    first, last = derive.band({m: (means.get(m) or 0) > 1.0 for m in grid}, cuda_max_m)
     values = {"triton_max_m": last}
     if first > grid[0]:
         values["triton_min_m"] = first
@@ -406,11 +407,11 @@ def variant_choice(times: dict[tuple, dict[str, float]], flag: str, default: str
     geometric means over the configurations where both ran) and its evidence; ({}, {})
     when none has both. The winner's times then stand for ``path`` in ``times`` (the
     kernel that dispatch under that flag runs)."""
-    speedups = common.speedup_by_m(times, default, variant)  # the variant's, per M
+    speedups = derive.speedup_by_m(times, default, variant)  # the variant's, per M
     means = [g for g in speedups.values() if g]
     if not means:
         return {}, {}
-    wins = common.geomean(means) > 1.0
+    wins = derive.geomean(means) > 1.0
     for t in times.values():
         if (variant if wins else default) in t:
             t[path] = t[variant if wins else default]
@@ -421,7 +422,7 @@ def block_rows_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]
     """cuda_frag_32_rows_min_m and its evidence (see derive_crossovers) from {(M, shape,
     bits, granularity): {"lut_frag": µs, "lut_frag32": µs, ...}}, ({}, {}) when no config
     has both; from that M on, lut_frag32's times stand for lut_frag's where it ran."""
-    speedups = common.speedup_by_m(times, "lut_frag", "lut_frag32")  # lut_frag32's, per M
+    speedups = derive.speedup_by_m(times, "lut_frag", "lut_frag32")  # lut_frag32's, per M
     if not speedups:
         return {}, {}
     evidence = {"cuda_frag_32_rows": _rounded(speedups)}
@@ -462,7 +463,7 @@ def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict
     """cuda_gemv_max_m, cuda_gemv_max_m_by_bits and cuda_tensor_cores (see
     derive_crossovers) from {(M, shape, bits, granularity): {"lut_gemv": µs, "lut_mma": µs,
     ...}}; ({}, {}) when no config has both."""
-    speedups = common.speedup_by_m(times, "lut_gemv", "lut_mma")  # lut_mma's, per M
+    speedups = derive.speedup_by_m(times, "lut_gemv", "lut_mma")  # lut_mma's, per M
     if not speedups:
         return {}, {}
     gemv_max_m = _gemv_crossover(speedups)
@@ -471,7 +472,7 @@ def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict
     mma_wins = False
     both = {key[2] for key, t in times.items() if "lut_gemv" in t and "lut_mma" in t}
     for bits in sorted(both):
-        of_bits = common.speedup_by_m({key: t for key, t in times.items() if key[2] == bits},
+        of_bits = derive.speedup_by_m({key: t for key, t in times.items() if key[2] == bits},
                                       "lut_gemv", "lut_mma")
         crossover = _gemv_crossover(of_bits)
         mma_wins |= any((g or 0) > 1.0 for m, g in of_bits.items() if m > crossover)
@@ -484,7 +485,7 @@ def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict
 
 def _gemv_crossover(mma_speedups: dict[int, float]) -> int:
     """Largest grid M up to which the LUT GEMV wins at every grid M (lut_mma's speedup < 1)."""
-    return common.crossover({m: (g or 1.0) < 1.0 for m, g in mma_speedups.items()})
+    return derive.crossover({m: (g or 1.0) < 1.0 for m, g in mma_speedups.items()})
 
 
 def use_mma(values: dict, m: int, bits: int | None = None) -> bool:
@@ -503,17 +504,17 @@ def kernel_speedups(rows: list[dict], backend: str, baseline: str,
                     kernel: str) -> dict[int, float]:
     """{M: geomean of t_baseline / t_kernel} over the rows where both kernels of
     ``backend`` ran."""
-    times = common.times_by_config(
+    times = derive.times_by_config(
         rows, lambda r: r["kernel"] if r.get("backend") == backend else None)
-    return common.speedup_by_m(times, baseline, kernel)
+    return derive.speedup_by_m(times, baseline, kernel)
 
 
 def expansion_speedup(rows: list[dict]) -> float | None:
     """Geometric mean over the configurations of t_expand_1tile / t_expand_walk (the
     ``--expand`` rows; None without them)."""
-    times = common.times_by_config(
+    times = derive.times_by_config(
         rows, lambda r: r["kernel"] if r.get("op") == "dequantize" else None)
-    return common.speedup_by_m(times, "expand_1tile", "expand_walk").get(0)
+    return derive.speedup_by_m(times, "expand_1tile", "expand_walk").get(0)
 
 
 def splitk_field_major_speedups(rows: list[dict]) -> dict[int, float]:
@@ -547,10 +548,10 @@ def main(argv=None) -> int:
                         "reference,cpu,triton,dequant)")
     common.add_dtype_option(p)
     common.add_graph_option(p)
-    common.add_tuning_options(p)
+    derive.add_tuning_options(p)
     args = p.parse_args(argv)
     if args.tuning_from:
-        return common.tuning_from(args, "linear", derive_crossovers)
+        return derive.tuning_from(args, "linear", derive_crossovers)
     run = common.Run("linear", args)
     gpu = run.device.type == "cuda"
     dtype = common.bench_dtype(args, run.device)
@@ -592,7 +593,7 @@ def main(argv=None) -> int:
     evidence = run.meta.get("crossovers", {}).get("geomean_speedup_vs_rival", {})
     if args.write_tuning and values and gpu and not args.smoke:
         name = torch.cuda.get_device_name(run.device)
-        path = common.write_tuning(args.write_tuning, name, "linear", values, evidence)
+        path = derive.write_tuning(args.write_tuning, name, "linear", values, evidence)
         run.log(f"tuning {values} -> {path}")
     elif args.write_tuning:
         run.log("--write-tuning ignored: needs a non-smoke GPU run with fused and dequant rows")

@@ -38,6 +38,8 @@ import math
 import sys
 from pathlib import Path
 
+from derive import MAX_REL_ERR, geomean
+
 FUSED = ("triton", "cuda")
 # The fields that name what a row timed (the rest are measurements)
 ROW_IDENTITY = ("op", "backend", "kernel", "bits", "granularity", "M", "shape", "dtype",
@@ -52,11 +54,6 @@ def load(path: Path) -> dict | None:
     except Exception as err:  # noqa: BLE001
         print(f"digest: cannot read {path}: {type(err).__name__}: {err}")
         return None
-
-
-def gmean(values: list[float]) -> float | None:
-    values = [v for v in values if v and v > 0]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
 def fmt(x: float | None, spec: str = ".2f") -> str:
@@ -112,7 +109,7 @@ def linear(payload: dict) -> None:
                 pct = f"{best['pct_copy_bw']:.0f}%" if best.get("pct_copy_bw") else "?"
                 text += (f" x{base / best['p50_us']:.2f} {best['backend'][0]}/"
                          f"{best['kernel']} {best['p50_us']:.1f}us {pct}")
-                if best.get("rel_err") is not None and best["rel_err"] > 2e-2:  # MAX_REL_ERR
+                if best.get("rel_err") is not None and best["rel_err"] > MAX_REL_ERR:
                     text += f" ERR{best['rel_err']:.1e}"
             if deq and base:
                 text += f" dq x{base / deq[0]['p50_us']:.2f}"
@@ -150,7 +147,7 @@ def kernel_pair(rows: list[dict], old: str, new: str) -> None:
         if old in t and new in t:
             ratios.setdefault(bits, {}).setdefault(m, []).append(t[old] / t[new])
     for bits, per_m in sorted(ratios.items()):
-        parts = [f"M{m} x{fmt(gmean(v))}" for m, v in sorted(per_m.items())]
+        parts = [f"M{m} x{fmt(geomean(v))}" for m, v in sorted(per_m.items())]
         print(f"   {new} vs {old} b{bits}: " + " | ".join(parts))
 
 
@@ -170,7 +167,7 @@ def conv(payload: dict) -> None:
             key = (r["bits"], r["granularity"], r["batch"], conv_kernel_size(r["shape"]))
             groups.setdefault(key, {}).setdefault(path, []).append(r["ratio_best"])
     for (bits, gran, batch, kernel), ratios in groups.items():
-        means = ", ".join(f"{p} x{fmt(gmean(ratios[p]))}" for p in paths if p in ratios)
+        means = ", ".join(f"{p} x{fmt(geomean(ratios[p]))}" for p in paths if p in ratios)
         print(f"   b{bits} {gran[:2]} batch {batch} {kernel}: geomean over "
               f"{max(len(v) for v in ratios.values())} layers: {means} (vs best dense layout)")
     for r in rows:
@@ -271,7 +268,7 @@ def against(payload: dict, old: dict) -> None:
         if key in before:
             ratios.setdefault(key[:3], []).append(us / before[key])
     meta = old.get("meta", {})
-    parts = [f"{op}:{backend}/{kernel} n{len(v)} x{fmt(gmean(v), '.3f')} "
+    parts = [f"{op}:{backend}/{kernel} n{len(v)} x{fmt(geomean(v), '.3f')} "
              f"[{min(v):.3f}, {max(v):.3f}]" for (op, backend, kernel), v in sorted(
                  ratios.items(), key=lambda item: tuple(map(str, item[0])))]
     gpu = "" if meta.get("gpu") == payload.get("meta", {}).get("gpu") else f", {meta.get('gpu')}"

@@ -335,7 +335,7 @@ run_step goal_e2e_tuned 70 "$BENCH_ENV"'
   T="$DIR/goal_tuned/tuning.json"; mkdir -p "$DIR/goal_tuned"
   $PY benchmarks/bench_linear.py --tuning-from "$DIR/goal_graph/linear.json" --write-tuning "$T"
   $PY benchmarks/bench_conv.py --tuning-from "$DIR/goal_graph/conv.json" --write-tuning "$T"
-  [ -f "$T" ] && $PY benchmarks/common.py --tuning-changes "$T" || exit 0
+  [ -f "$T" ] && $PY benchmarks/derive.py --tuning-changes "$T" || exit 0
   OTQ_TUNING_FILE="$T" $PY benchmarks/bench_e2e.py --preset goal \
     --variants fp16,4:channel:auto --out "$DIR/goal_tuned" --budget-s "$STEP_BUDGET" --quiet'
 

@@ -90,8 +90,9 @@ def test_smoke_refuses_results_tree():
 def test_helpers():
     common = _load("common")
     assert common.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert common.crossover({1: True, 4: True, 16: False, 64: True}) == 4
-    assert common.crossover({1: False, 4: True}) == 0
+    derive = _load("derive")
+    assert derive.crossover({1: True, 4: True, 16: False, 64: True}) == 4
+    assert derive.crossover({1: False, 4: True}) == 0
     q = common.quantiles_us([1e-6, 2e-6, 3e-6, 4e-6, 5e-6])
     assert q["p50_us"] == pytest.approx(3.0)
     assert q["p20_us"] <= q["p50_us"] <= q["p80_us"]
@@ -352,13 +353,30 @@ def test_tuning_from_results_json(tmp_path):
             _load("bench_linear").main(bad)
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read it"), ("{not json", "cannot read it"),
+    ('{"rows": []}', "not a results JSON"), ("[1, 2]", "not a results JSON")],
+    ids=["missing", "not-json", "no-meta", "a-list"])
+def test_tuning_from_names_a_results_file_it_cannot_use(tmp_path, content, message):
+    """A missing, broken or foreign results file stops --tuning-from with its name, not a
+    traceback."""
+    results = tmp_path / "linear.json"
+    if content is not None:
+        results.write_text(content)
+    argv = ["--tuning-from", str(results), "--write-tuning", str(tmp_path / "t.json")]
+    with pytest.raises(SystemExit) as stop:
+        _load("bench_linear").main(argv)
+    assert str(stop.value).startswith(f"{results}: {message}")
+    assert not (tmp_path / "t.json").exists()
+
+
 def test_tuning_from_names_its_close_calls(tmp_path, capsys):
     """Every speedup of the evidence within 2% of even is named after the derived values
     (nested maps and single numbers alike); none, no line."""
-    common = _load("common")
+    derive = _load("derive")
     evidence = {"cuda": {"1": 1.5, "16": 1.019}, "cuda_by_bits": {"8": {"16": 0.985}},
                 "dequant_walk_k": 1.0, "triton_splitk_field_major": {"16": 0.97}}
-    assert common.close_calls(evidence) == ["cuda 16 x1.019", "cuda_by_bits 8 16 x0.985",
+    assert derive.close_calls(evidence) == ["cuda 16 x1.019", "cuda_by_bits 8 16 x0.985",
                                             "dequant_walk_k x1.000"]
     conv_rows = [{"M": 49, "shape": "8x8x3x3@7x7", "bits": 4, "granularity": "channel",
                   "backend": b, "kernel": k, "p50_us": t}
@@ -1013,8 +1031,8 @@ def test_every_bench_command_of_the_gpu_suite_parses(monkeypatch):
             "--quiet"]) in commands
     _parse_only(monkeypatch)
     for script, argv in commands:
-        if script in ("common", "digest"):  # no parser: --tree-hash, a folder
-            continue
+        if script in ("common", "derive", "digest"):  # no parser: --tree-hash,
+            continue  # --tuning-changes PATH (run by its own test), a folder
         with pytest.raises(_Parsed):
             _load(script).main(argv)
 
@@ -1070,7 +1088,7 @@ def test_tuning_changes_name_what_a_derived_table_would_dispatch_differently(tmp
     """The GPU suite runs the tuned e2e only where the tuning its run earns differs from
     the shipped one: a GPU's derived sections against its shipped entry (else the
     default), evidence aside; the CLI exits 0 and names them, or 1 for none."""
-    common = _load("common")
+    derive = _load("derive")
     shipped = json.loads((BENCH.parent / "otq_kernels" / "tuning" / "default.json").read_text())
     table = json.loads(json.dumps(shipped))
     h200 = table["gpus"]["NVIDIA H200"]
@@ -1078,13 +1096,13 @@ def test_tuning_changes_name_what_a_derived_table_would_dispatch_differently(tmp
     table["gpus"]["GPU X"] = {k: shipped["default"][k] for k in ("linear", "conv2d")}
     path = tmp_path / "tuning.json"
     path.write_text(json.dumps(table))
-    assert common.tuning_changes(path) == {}
-    cli = [sys.executable, str(BENCH / "common.py"), "--tuning-changes", str(path)]
+    assert derive.tuning_changes(path) == {}
+    cli = [sys.executable, str(BENCH / "derive.py"), "--tuning-changes", str(path)]
     assert subprocess.run(cli, capture_output=True).returncode == 1
     h200["conv2d"] = {**h200["conv2d"], "cuda_max_m": 784}
     table["gpus"]["GPU X"]["linear"] = {"cuda_max_m": 8}
     path.write_text(json.dumps(table))
-    assert common.tuning_changes(path) == {"NVIDIA H200": ["conv2d"], "GPU X": ["linear"]}
+    assert derive.tuning_changes(path) == {"NVIDIA H200": ["conv2d"], "GPU X": ["linear"]}
     done = subprocess.run(cli, capture_output=True, text=True)
     assert done.returncode == 0 and "GPU X" in done.stdout
 

@@ -1,0 +1,226 @@
+"""Dispatch tuning derived from benchmark results: crossovers, close calls, tuning JSON.
+
+The benches that time dispatch paths (``bench_linear``, ``bench_conv``) turn their rows into
+the tuning table's format (``otq_kernels/tuning/default.json``) with these helpers, either
+right after timing or later from committed results JSONs (``--tuning-from``, no GPU
+needed). ``digest.py`` shares :func:`geomean` and :data:`MAX_REL_ERR`.
+
+Pure json and math, no torch. ``python benchmarks/derive.py --tuning-changes PATH``: exit 0
+and name the GPU sections where PATH dispatches differently from the shipped table, else
+exit 1 (the GPU suite runs the tuned end-to-end step only then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_TUNING = REPO / "otq_kernels" / "tuning" / "default.json"
+
+# Largest relative error of a timed path against the fp16 dense result that still counts
+# as right (the H200 runs measured at most 3.5e-4); digest.py flags rows above it.
+MAX_REL_ERR = 2e-2
+
+
+def write_tuning(path: str | Path, gpu_name: str, section: str, values: dict,
+                 evidence: dict) -> Path:
+    """Merge measured crossovers into a tuning table (otq_kernels/tuning/default.json format).
+
+    Starts from ``path`` if it exists, else from the shipped default; sets
+    ``gpus[gpu_name][section] = values`` and records the evidence under
+    ``gpus[gpu_name]["_measured"][section]``. Other GPUs and sections are kept.
+    """
+    path = Path(path)
+    source = path if path.exists() else SHIPPED_TUNING
+    table = json.loads(source.read_text())
+    entry = table.setdefault("gpus", {}).setdefault(gpu_name, {})
+    entry[section] = values
+    entry.setdefault("_measured", {})[section] = evidence
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=2) + "\n")
+    return path
+
+
+def add_tuning_options(p: argparse.ArgumentParser) -> None:
+    """--write-tuning PATH and --tuning-from RESULTS (the benches that derive crossovers)."""
+    p.add_argument("--write-tuning", default=None, metavar="PATH",
+                   help="merge the measured crossovers into this tuning JSON")
+    p.add_argument("--tuning-from", default=None, nargs="+", metavar="RESULTS",
+                   help="time nothing: derive the crossovers from these results JSONs' rows "
+                        "(one GPU, named by their meta.gpu; e.g. a goal grid and a large-M "
+                        "run; a later file's row replaces an earlier one's for the same "
+                        "configuration and path) and merge them into --write-tuning")
+
+
+# How near even (|speedup - 1|) a derived decision's geometric mean may lie before
+# --tuning-from names it as a close call: unchanged paths' geometric means moved by about
+# 1% between calls on the H200, single rows by 3-4% (NOTES, session 53).
+CLOSE_CALL = 0.02
+
+
+def close_calls(evidence: dict, margin: float = CLOSE_CALL) -> list[str]:
+    """"<keys> x<speedup>" for every speedup of ``evidence`` (nested {path: {M: speedup}}
+    maps, or one number) within ``margin`` of 1, in the evidence's order."""
+    found = []
+
+    def walk(keys: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{keys} {key}".strip(), inner)
+        elif (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and abs(value - 1) <= margin):
+            found.append(f"{keys} x{value:.3f}")
+
+    walk("", evidence)
+    return found
+
+
+def tuning_from(args: argparse.Namespace, section: str, derive_rows) -> int:
+    """``--tuning-from``: re-derive ``section`` of the tuning JSON --write-tuning from the
+    rows of one or more results JSONs of one GPU, without a GPU. derive_rows(rows) ->
+    (values, evidence); the evidence recorded also names the results files and their metas'
+    git shas and dates (comma-separated where there are several)."""
+    if not args.write_tuning:
+        raise SystemExit("--tuning-from needs --write-tuning PATH")
+    rows, metas, sources = [], [], []
+    for name in args.tuning_from:
+        meta, file_rows = read_gpu_results(name)
+        if metas and meta["gpu"] != metas[0]["gpu"]:
+            raise SystemExit(f"{name}: measured on {meta['gpu']!r}, not on "
+                             f"{metas[0]['gpu']!r} like {args.tuning_from[0]}")
+        rows += file_rows
+        metas.append(meta)
+        source = Path(name).resolve()
+        sources.append(str(source.relative_to(REPO) if REPO in source.parents else source))
+    values, evidence = derive_rows(rows)
+    if not values:
+        raise SystemExit(f"{', '.join(args.tuning_from)}: no fused and dequant rows to "
+                         "derive from")
+    close = close_calls(evidence)
+    evidence = {**evidence, "source": ", ".join(sources),
+                **{key: _joined([m.get(key) for m in metas]) for key in ("git_sha", "date")}}
+    path = write_tuning(args.write_tuning, metas[0]["gpu"], section, values, evidence)
+    print(f"{metas[0]['gpu']} {section}: {values} -> {path}")
+    if close:
+        print(f"  close calls (speedup within {CLOSE_CALL:.0%} of even, about the run-to-run "
+              f"spread; check before shipping): {'; '.join(close)}")
+    return 0
+
+
+def read_gpu_results(name: str | Path) -> tuple[dict, list[dict]]:
+    """(meta, rows) of a GPU run's results JSON; SystemExit naming the file when it cannot
+    be read, is not a results JSON or holds a smoke (CPU) run."""
+    try:
+        payload = json.loads(Path(name).read_text())
+        meta, rows = payload["meta"], payload["rows"]
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{name}: cannot read it: {err}") from None
+    except (KeyError, TypeError):
+        raise SystemExit(f"{name}: not a results JSON (no meta and rows)") from None
+    if meta.get("smoke") or not meta.get("gpu"):
+        raise SystemExit(f"{name}: not a GPU run (smoke={meta.get('smoke')}, "
+                         f"gpu={meta.get('gpu')!r})")
+    return meta, rows
+
+
+def _joined(values: list):
+    """The one value of a list, or its distinct values comma-separated."""
+    distinct = list(dict.fromkeys(values))
+    return distinct[0] if len(distinct) == 1 else ", ".join(map(str, distinct))
+
+
+def crossover(ms_wins: dict[int, bool]) -> int:
+    """Largest M of the grid such that the path wins at every grid M up to it (0 = never)."""
+    best = 0
+    for m in sorted(ms_wins):
+        if not ms_wins[m]:
+            break
+        best = m
+    return best
+
+
+def band(ms_wins: dict[int, bool], above: int = 0) -> tuple[int, int]:
+    """(first, last) grid M of the run of consecutive wins that dispatch reaches: the first
+    run ending above ``above`` (M up to it go to a path tried before), else the first run;
+    (0, 0) when none wins.
+
+    >>> band({1: True, 16: False, 256: True, 1024: True}, above=16)
+    (256, 1024)
+    >>> band({1: True, 16: True, 256: False}, above=16)
+    (1, 16)
+    """
+    runs: list[list[int]] = [[]]
+    for m in sorted(ms_wins):
+        if ms_wins[m]:
+            runs[-1].append(m)
+        elif runs[-1]:
+            runs.append([])
+    runs = [run for run in runs if run]
+    if not runs:
+        return 0, 0
+    run = next((run for run in runs if run[-1] > above), runs[0])
+    return run[0], run[-1]
+
+
+def geomean(values: list[float]) -> float | None:
+    """Geometric mean of positive values (None when empty)."""
+    values = [v for v in values if v and v > 0]
+    if not values:
+        return None
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def times_by_config(rows: list[dict], path_of) -> dict[tuple, dict[str, float]]:
+    """{(M, shape, bits, granularity): {path: p50 µs}} over the timed rows whose result was
+    right (rel_err, where recorded, at most MAX_REL_ERR: a wrong kernel never wins a
+    crossover); path_of(row) names the row's path, or None to leave it out."""
+    times: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        right = (r.get("rel_err") or 0.0) <= MAX_REL_ERR
+        path = path_of(r) if r.get("p50_us") and right else None
+        if path is not None:
+            key = (r["M"], r["shape"], r["bits"], r["granularity"])
+            times.setdefault(key, {})[path] = r["p50_us"]
+    return times
+
+
+def speedup_by_m(times: dict[tuple, dict[str, float]], baseline: str,
+                 path: str) -> dict[int, float]:
+    """{M: geometric mean of t_baseline / t_path} over the configurations where both ran."""
+    per_m: dict[int, list[float]] = {}
+    for (m, *_), t in times.items():
+        if baseline in t and path in t:
+            per_m.setdefault(m, []).append(t[baseline] / t[path])
+    return {m: geomean(v) for m, v in sorted(per_m.items())}
+
+
+DISPATCH_SECTIONS = ("linear", "conv2d")
+
+
+def tuning_changes(path: str | Path) -> dict[str, list[str]]:
+    """{GPU name: [sections]} where the tuning JSON ``path`` (e.g. written by --tuning-from
+    from a run's results) dispatches differently from the shipped table: the sections of
+    DISPATCH_SECTIONS whose values (evidence aside) differ from what the shipped table
+    gives that GPU (its own entry, else the default)."""
+    table = json.loads(Path(path).read_text())
+    shipped = json.loads(SHIPPED_TUNING.read_text())
+    changes = {}
+    for gpu, entry in table.get("gpus", {}).items():
+        before = shipped.get("gpus", {}).get(gpu, shipped["default"])
+        differ = [s for s in DISPATCH_SECTIONS if entry.get(s, {}) != before.get(s, {})]
+        if differ:
+            changes[gpu] = differ
+    return changes
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--tuning-changes"] and len(sys.argv) == 3:
+        found = tuning_changes(sys.argv[2])
+        print(f"tuning changes: {found or 'none'}")
+        raise SystemExit(0 if found else 1)
+    print(__doc__)
+    raise SystemExit(2)
