@@ -7,7 +7,9 @@ File layout (format ``otq_kernels.quantized``, version 1):
   [G, 2**bits]) and ``<layer>.bias``; every other parameter and buffer under its own name;
 * metadata (strings): ``format``, ``format_version``, ``otq_version``, ``layers`` (JSON:
   ``{name: {type, bits, method, granularity, shape, bias, stats}}``), ``kept_float`` (JSON:
-  ``{name: reason}``) and ``user`` (JSON: whatever the caller passed, e.g. the model config).
+  ``{name: reason}``), ``user`` (JSON: whatever the caller passed, e.g. the model config)
+  and ``checksums`` (JSON: ``{tensor key: CRC-32, "__metadata__": CRC-32 of the other
+  metadata}``, 8 hex digits each; files written before it are read without the check).
 
 :func:`load_quantized` loads into a *float* skeleton of the same architecture (or an
 already-quantized one), swapping the listed layers to Quant* modules. Everything is
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 
 import torch
 from torch import nn
@@ -32,6 +35,51 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "load_quantized", "read_metadata", "save_
 FORMAT = "otq_kernels.quantized"
 FORMAT_VERSION = 1
 QUANT_CLASSES = {c.__name__: c for c in (QuantLinear, QuantConv1d, QuantConv2d)}
+CHECKSUMS = "checksums"
+METADATA_CHECKSUM = "__metadata__"
+
+
+# ----------------------------------------------------------------------------- checksums
+def _crc32(data) -> str:
+    return format(zlib.crc32(data), "08x")
+
+
+def _tensor_crc32(t: torch.Tensor) -> str:
+    """CRC-32 of a CPU tensor's bytes (any dtype, any shape)."""
+    return _crc32(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _metadata_crc32(meta: dict) -> str:
+    """CRC-32 of the metadata strings other than the checksums themselves."""
+    others = {k: v for k, v in meta.items() if k != CHECKSUMS}
+    return _crc32(json.dumps(others, sort_keys=True).encode())
+
+
+def _checksums(meta: dict, tensors: dict) -> str:
+    """The ``checksums`` metadata string of a file with these metadata and tensors."""
+    sums = {key: _tensor_crc32(t) for key, t in tensors.items()}
+    sums[METADATA_CHECKSUM] = _metadata_crc32(meta)
+    return json.dumps(sums)
+
+
+def _verify_checksums(meta: dict, tensors: dict, path) -> None:
+    """ValueError naming the first tensor (or the metadata) whose bytes differ from the
+    CRC-32 saved with it; files without ``checksums`` (written before them) pass."""
+    if CHECKSUMS not in meta:
+        return
+    sums = _json(meta, CHECKSUMS, path)
+    listed = set(sums) - {METADATA_CHECKSUM}
+    if listed != set(tensors):
+        raise ValueError(f"{path}: the tensors differ from those the checksums list "
+                         f"(missing {sorted(listed - set(tensors))[:8]}, unlisted "
+                         f"{sorted(set(tensors) - listed)[:8]}): the file is corrupt")
+    if sums.get(METADATA_CHECKSUM) != _metadata_crc32(meta):
+        raise ValueError(f"{path}: the metadata do not match their checksum: the file is "
+                         "corrupt")
+    for key, t in tensors.items():
+        if sums[key] != _tensor_crc32(t):
+            raise ValueError(f"{path}: tensor {key!r} does not match its checksum: the file "
+                             "is corrupt")
 
 
 # ----------------------------------------------------------------------------- save
@@ -68,6 +116,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
         "kept_float": json.dumps(getattr(model, "_otq_reasons", {})),
         "user": json.dumps(metadata or {}),
     }
+    meta[CHECKSUMS] = _checksums(meta, tensors)
     save_file(tensors, os.fspath(path), metadata=meta)
     return path
 
@@ -112,8 +161,9 @@ def _check_format(meta: dict, path) -> None:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """Parsed metadata of a quantized checkpoint: format, version, layers, kept_float, user."""
-    meta, _ = _open(path)
+    meta, tensors = _open(path)
     _check_format(meta, path)
+    _verify_checksums(meta, tensors, path)
     return {"format": meta["format"], "format_version": int(meta["format_version"]),
             "otq_version": meta.get("otq_version"), "layers": _json(meta, "layers", path),
             "kept_float": _json(meta, "kept_float", path), "user": _json(meta, "user", path)}
@@ -249,12 +299,14 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     The layers listed in the file are swapped for Quant* modules (using ``backend``), then
     every tensor is loaded strictly. ``device``: where to put the weights (default: the
     model's; the model is moved there). Returns ``model`` with ``model.otq_summary``.
-    Raises ValueError naming the layer or key for a corrupt/truncated file, an unknown
+    Raises ValueError naming the layer or key for a corrupt/truncated file (a tensor or the
+    metadata whose CRC-32 differs from the one saved with them included), an unknown
     format version, tensors whose shapes/dtypes disagree with the metadata, or a model of
     another architecture; the model is only modified once everything has been validated.
     """
     meta, tensors = _open(path)
     _check_format(meta, path)
+    _verify_checksums(meta, tensors, path)
     layers = _json(meta, "layers", path)
     device = torch.device(device) if device is not None else _device(model)
     swaps = []

@@ -46,14 +46,18 @@ def saved(tmp_path):
     return model, path
 
 
-def _rewrite(src, dst, tensors=None, metadata=None):
-    """Copy a safetensors file, replacing some tensors / metadata entries."""
+def _rewrite(src, dst, tensors=None, metadata=None, restamp=True):
+    """Copy a safetensors file, replacing some tensors / metadata entries; restamp: with
+    checksums of the new contents (a consistent file that the checks behind the checksums
+    must refuse), else with the old ones (a file changed after it was written)."""
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata())
         data = {k: f.get_tensor(k) for k in f.keys()}
     data.update(tensors or {})
     data = {k: v for k, v in data.items() if v is not None}
     meta.update(metadata or {})
+    if restamp:
+        meta[ckpt.CHECKSUMS] = ckpt._checksums(meta, data)
     save_file(data, str(dst), metadata=meta)
     return dst
 
@@ -110,6 +114,62 @@ def test_truncated(saved, tmp_path):
         bad.write_bytes(raw[:cut])
         with pytest.raises(ValueError, match="truncated or corrupt"):
             _load(bad)
+
+
+def _flip_a_bit(path, dst, key):
+    """Copy ``path`` with one bit flipped in the middle of tensor ``key``'s bytes (the
+    corruption a disk or a copy leaves: the file still parses)."""
+    raw = bytearray(path.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + header_len])[key]["data_offsets"]
+    raw[8 + header_len + (begin + end) // 2] ^= 0x10
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+@pytest.mark.parametrize("key", ["conv.plane1", "fc.codebook", "seq.1.weight", "up.bias"])
+def test_a_flipped_bit_is_caught_by_the_tensors_checksum(saved, tmp_path, key):
+    """Planes, codebooks and float tensors alike: a changed byte that still parses (codes
+    stay in range, floats finite) is refused by name, before the model is touched."""
+    _, path = saved
+    bad = _flip_a_bit(path, tmp_path / "flip.safetensors", key)
+    model = Net()
+    with pytest.raises(ValueError, match=f"tensor '{key}' does not match its checksum"):
+        _load(bad, model)
+    with pytest.raises(ValueError, match="checksum"):
+        ckpt.read_metadata(bad)
+    assert isinstance(model.conv, nn.Conv2d)  # untouched
+
+
+def test_changes_after_saving_are_caught_by_the_checksums(saved, tmp_path):
+    """Edited metadata (a layer's stats) and a tensor added or dropped, each written with
+    the checksums of the original file."""
+    _, path = saved
+    layers = ckpt.read_metadata(path)["layers"]
+    layers["conv"]["stats"]["sqnr_db"] = 99.0
+    edited = _rewrite(path, tmp_path / "m.safetensors", restamp=False,
+                      metadata={"layers": json.dumps(layers)})
+    with pytest.raises(ValueError, match="metadata do not match their checksum"):
+        _load(edited)
+    for change, listed in (({"up.extra": torch.zeros(1)}, "unlisted \\['up.extra'\\]"),
+                           ({"up.bias": None}, "missing \\['up.bias'\\]")):
+        bad = _rewrite(path, tmp_path / "t.safetensors", tensors=change, restamp=False)
+        with pytest.raises(ValueError, match=f"differ from those the checksums list .*{listed}"):
+            _load(bad)
+    assert _load(_rewrite(path, tmp_path / "same.safetensors", restamp=False))
+
+
+def test_a_file_without_checksums_still_loads(saved, tmp_path):
+    """Files written before the checksums existed are read without the check."""
+    model, path = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        data = {k: f.get_tensor(k) for k in f.keys()}
+    assert set(json.loads(meta.pop(ckpt.CHECKSUMS))) == set(data) | {"__metadata__"}
+    old = tmp_path / "old.safetensors"
+    save_file(data, str(old), metadata=meta)
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(_load(old)(x), model(x))
 
 
 def test_format_and_version(saved, tmp_path):
