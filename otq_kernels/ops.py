@@ -405,6 +405,9 @@ def conv2d_output_shape(x_shape, weight_shape, stride, padding, dilation) -> lis
 
 
 def _check_activation(x, qt: QuantizedTensor, what: str) -> None:
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"{what}: the weight must be a QuantizedTensor (otq.fit_codebook), "
+                        f"got {type(qt).__name__}")
     if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{what}: activations must be float16/bfloat16/float32, got {got}")
@@ -418,6 +421,9 @@ def _check_activation(x, qt: QuantizedTensor, what: str) -> None:
 def _check_bias(bias, qt: QuantizedTensor, what: str) -> None:
     if bias is None:
         return
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"{what}: bias must be a floating-point tensor, got {got}")
     if bias.shape != (qt.n,) or bias.device != qt.device:
         raise ValueError(f"{what}: bias must be [{qt.n}] on {qt.device}, got "
                          f"{tuple(bias.shape)} on {bias.device}")
@@ -447,8 +453,8 @@ def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     _check_bias(bias, qt, "codebook_linear")
     n, k, dims = qt.n, qt.k, x.dim()
     if dims == 0 or x.shape[-1] != k:
-        raise ValueError(f"codebook_linear: x has {x.shape[-1] if dims else 0} features "
-                         f"but the weight expects K={k}")
+        raise ValueError(f"codebook_linear: x must be [..., K={k}] for this weight, got "
+                         f"{list(x.shape)}")
     x2 = (x if dims == 2 else x.reshape(-1, k)).contiguous()
     m = x2.shape[0]
     if m == 0:

@@ -57,9 +57,18 @@ def test_conv2d_matches_dense(stride, padding, dilation, groups):
     (lambda qt: ops.codebook_linear(torch.randn(2, 13), qt, backend="gpu"), "unknown backend"),
     (lambda qt: ops.codebook_linear(torch.randn(2, 13), qt, backend="cuda"), "cannot run"),
     (lambda qt: ops.codebook_conv2d(torch.randn(1, 13, 4, 4), qt), "4-D"),
+    (lambda qt: ops.codebook_linear(torch.tensor(1.0), qt), r"\[\.\.\., K=13\].*got \[\]"),
+    (lambda qt: ops.codebook_linear(torch.randn(2, 13), qt, torch.ones(9, dtype=torch.long)),
+     "bias must be a floating-point tensor, got torch.int64"),
+    (lambda qt: ops.codebook_linear(torch.randn(2, 13), qt, [0.0] * 9),
+     "bias must be a floating-point tensor, got list"),
+    (lambda qt: ops.codebook_linear(torch.randn(2, 13), qt.dequantize()),
+     "weight must be a QuantizedTensor.*got Tensor"),
+    (lambda qt: ops.codebook_conv2d(torch.randn(1, 13, 4, 4), qt.dequantize()),
+     "weight must be a QuantizedTensor"),
 ])
 def test_bad_input_clear_error(call, match):
-    with pytest.raises((ValueError, RuntimeError), match=match):
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         call(_qt())
 
 
