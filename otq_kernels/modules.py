@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import backends, ops
 from .format import QuantizedTensor
 from .metrics.weights import weight_error
 from .quantizers import check_options, fit_codebook
@@ -30,7 +30,7 @@ class _QuantModule(nn.Module):
     def _init_storage(self, qt: QuantizedTensor, bias: torch.Tensor | None, backend: str):
         self.bits, self.granularity, self.method = qt.bits, qt.granularity, qt.method
         self.weight_shape = tuple(qt.shape)
-        self.backend = backend
+        self.backend = backends.check_name(backend)
         self.stats: dict = {}
         self.num_planes = len(qt.planes)
         for i, plane in enumerate(qt.planes):

@@ -8,9 +8,11 @@ the layers of :mod:`otq_kernels.modules` and attaches a
 from __future__ import annotations
 
 import fnmatch
+import warnings
 
 from torch import nn
 
+from . import backends
 from .modules import (
     QUANT_TYPES,
     QuantConv1d,
@@ -19,7 +21,7 @@ from .modules import (
     _QuantModule,
     quant_class_for,
 )
-from .quantizers import check_options
+from .quantizers import check_options, check_weight
 from .summary import (
     LayerSummary,
     QuantizationSummary,
@@ -89,9 +91,20 @@ def _as_patterns(value, what: str) -> list[str] | None:
         return None
     if isinstance(value, str):
         return [value]
-    if not all(isinstance(p, str) for p in value):
-        raise ValueError(f"{what} must be a list of fnmatch patterns (strings)")
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+            isinstance(p, str) for p in value):
+        raise ValueError(f"{what} must be an fnmatch pattern or a list of them (strings), "
+                         f"got {value!r}")
     return list(value)
+
+
+def _warn_unmatched(patterns, names: list[str], what: str) -> None:
+    """A warning for each pattern that matches none of ``names`` (a typo, most likely)."""
+    for pattern in patterns or ():
+        if not any(_matches(name, [pattern]) for name in names):
+            warnings.warn(f"quantize_model: {what} pattern {pattern!r} matches no "
+                          f"{'layer that is quantized' if what == 'override' else 'module'}",
+                          stacklevel=3)
 
 
 def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
@@ -106,14 +119,30 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     "backend": ...}}`` applied in order to matching layers (e.g. first/last conv at 8 bits).
     Other weighted layers (ConvTranspose, Embedding, ...) stay float. Returns ``model``
     with ``model.otq_summary`` (a :class:`QuantizationSummary`) attached.
+
+    Every chosen layer's options and weight (finite, not on the meta device) are checked
+    before the model is touched: a bad one raises ValueError naming the layer. A pattern
+    (include, exclude, override) that matches nothing warns: it is likely a typo.
     """
     from tqdm.auto import tqdm
 
     check_options(bits, method, granularity, "rank")
+    backends.check_name(backend)
     include, exclude = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     names, reasons = _plan(model, include, exclude)
+    modules = [name for name, _ in model.named_modules()]
+    _warn_unmatched(include, modules, "include")
+    _warn_unmatched(exclude, modules, "exclude")
+    _warn_unmatched(overrides, names, "override")
     base = dict(bits=bits, method=method, granularity=granularity, backend=backend)
     plans = [(name, _layer_options(name, base, overrides)) for name in names]
+    for name, opts in plans:  # every layer's options and weight, before the model is touched
+        try:
+            check_options(opts["bits"], opts["method"], opts["granularity"], "rank")
+            backends.check_name(opts["backend"])
+            check_weight(model.get_submodule(name).weight)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
     for name, opts in tqdm(plans, desc="quantize", unit="layer", disable=not progress):
         module = model.get_submodule(name)
         try:

@@ -160,6 +160,9 @@ def check_weight(w) -> None:
         raise ValueError(f"weight must be a torch.Tensor, got {type(w).__name__}")
     if not w.dtype.is_floating_point:
         raise ValueError(f"weight must be a floating-point tensor, got {w.dtype}")
+    if w.is_meta:
+        raise ValueError("weight is on the meta device (it holds no values): load or "
+                         "initialise the weights before quantizing")
     if w.numel() == 0 or w.dim() == 0:
         raise ValueError(f"weight must be a non-empty tensor with ≥1 dimension, got shape "
                          f"{tuple(w.shape)}")

@@ -1,6 +1,7 @@
 """Quant* layers and quantize_model (CPU, tiny shapes)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -101,6 +102,10 @@ def test_from_float_rejects_bad_input():
         qnn.QuantLinear.from_float(nn.Linear(4, 4), bits=9)
     with pytest.raises(ValueError, match="method"):
         qnn.QuantLinear.from_float(nn.Linear(4, 4), method="kmeans")
+    with pytest.raises(ValueError, match="unknown backend 'cuda2'"):
+        qnn.QuantLinear.from_float(nn.Linear(4, 4), backend="cuda2")
+    with pytest.raises(ValueError, match="meta device"):
+        qnn.QuantLinear.from_float(nn.Linear(4, 4, device="meta"))
 
 
 class Toy(nn.Module):
@@ -176,6 +181,44 @@ def test_quantize_model_include_and_errors():
         otq.nn.quantize_model(Toy(), overrides={"stem": {"bits": 1}}, progress=False)
     with pytest.raises(ValueError, match="method"):
         otq.nn.quantize_model(Toy(), method="nope", progress=False)
+    with pytest.raises(ValueError, match="an fnmatch pattern or a list of them"):
+        otq.nn.quantize_model(Toy(), include=5, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"overrides": {"head": {"backend": "gpu"}}}, "layer 'head': unknown backend 'gpu'"),
+    ({"overrides": {"head": {"granularity": "row"}}}, "layer 'head': unknown granularity"),
+    ({"backend": "gpu"}, "unknown backend 'gpu'"),
+    ({"poison": "head"}, "layer 'head': weight has 1 NaN/Inf"),
+], ids=["override-backend", "override-granularity", "backend", "nan-weight-last-layer"])
+def test_quantize_model_checks_every_layer_before_touching_the_model(kwargs, match):
+    """A bad option or weight of any layer (here the last one, head) raises before any
+    layer is swapped: the model comes back as it was."""
+    model = Toy()
+    poisoned = kwargs.pop("poison", None)
+    if poisoned:
+        with torch.no_grad():
+            model.get_submodule(poisoned).weight[0, 0] = float("nan")
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(ValueError, match=match):
+        otq.nn.quantize_model(model, progress=False, **kwargs)
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    assert not hasattr(model, "otq_summary")
+
+
+def test_quantize_model_warns_of_patterns_that_match_nothing():
+    with pytest.warns(UserWarning, match="include pattern 'blocks.9' matches no module"):
+        otq.nn.quantize_model(Toy(), include=["blocks.*", "blocks.9"], progress=False)
+    with pytest.warns(UserWarning, match="exclude pattern 'stme' matches no module"):
+        otq.nn.quantize_model(Toy(), exclude="stme", progress=False)
+    with pytest.warns(UserWarning, match="override pattern 'stem' matches no layer that is "
+                                         "quantized"):
+        otq.nn.quantize_model(Toy(), exclude="stem", overrides={"stem": {"bits": 8}},
+                              progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        otq.nn.quantize_model(Toy(), include="blocks.*", exclude="blocks.2",
+                              overrides={"blocks.0": {"bits": 8}}, progress=False)
 
 
 def test_quantize_tiny_unet_close_at_8_bits():

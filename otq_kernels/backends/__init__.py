@@ -28,9 +28,20 @@ def get(name: str):
     layer call, only look it up: import_module costs microseconds)."""
     module_name = _MODULES.get(name) if isinstance(name, str) else None
     if module_name is None:
-        raise ValueError(f"unknown backend {name!r}; choose one of {NAMES} or 'auto'")
+        raise _unknown(name)
     module = sys.modules.get(module_name)
     return module if module is not None else importlib.import_module(module_name)
+
+
+def check_name(name) -> str:
+    """``name`` if it is "auto" or a backend's name, else the ValueError :func:`get` gives."""
+    if name != "auto" and not (isinstance(name, str) and name in _MODULES):
+        raise _unknown(name)
+    return name
+
+
+def _unknown(name) -> ValueError:
+    return ValueError(f"unknown backend {name!r}; choose one of {NAMES} or 'auto'")
 
 
 def function(name: str, op: str):
