@@ -18,14 +18,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+from .backends import NAMES as BACKEND_NAMES
 from .quantizers import METHODS
 
 SOLVERS = ("euler", "midpoint", "heun2", "rk4", "dopri5")
+BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def bit_width(text: str) -> int:
+    """argparse type: a code width in 2..8."""
+    value = positive_int(text)
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"bits must be in 2..8, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------- models
@@ -106,7 +128,18 @@ def _device(args):
     name = getattr(args, "device", "auto") or "auto"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"otq: --device {name!r} is not a device (cpu, cuda, cuda:1, ...)") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"otq: --device {name}: no CUDA device is available to this torch "
+                         f"({torch.__version__})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"otq: --device {name}: only {torch.cuda.device_count()} CUDA "
+                         "device(s) are visible")
+    return device
 
 
 def _add_model_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -115,7 +148,7 @@ def _add_model_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--config", default=None,
                    help="UNet config name for a float checkpoint without config metadata "
                         "(mnist, cifar10, imagenet64, digits, tiny)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=positive_int, default=None,
                    help="sample resolution (default: from the config / checkpoint)")
     p.add_argument("--random-init", default=None, help=argparse.SUPPRESS)  # tests, dry runs
     _device_arg(p)
@@ -156,6 +189,9 @@ def cmd_quantize(args) -> int:
                    include=args.include, exclude=args.exclude, backend=args.backend,
                    overrides=overrides, progress=not args.quiet)
     print(format_summary(model.otq_summary))
+    if not model.otq_summary.quantized:
+        raise SystemExit("otq quantize: no layer was quantized (each is excluded, not "
+                         "included or of a type kept float); nothing written")
     meta = {"config": info["config"], "config_kwargs": info["config_kwargs"],
             "image_size": info["image_size"], "source": info["source"],
             "command": "otq " + shlex.join(sys.argv[1:]) if sys.argv else "otq quantize"}
@@ -249,22 +285,23 @@ def cmd_demo(args) -> int:
 def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--granularity", default="channel", choices=["channel", "tensor"],
                    help="one codebook per output channel (default) or per tensor")
-    p.add_argument("--backend", default="auto",
-                   help="forward backend: auto, reference, dequant, triton, cuda, cpu")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="forward backend (default auto)")
 
 
 def _sweep_args(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8],
+    p.add_argument("--bits", type=bit_width, nargs="+", default=[2, 3, 4, 8],
                    help="bit widths to sweep (default 2 3 4 8)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    metavar="METHOD",
                    help=f"quantizers to sweep (default all: {', '.join(METHODS)})")
-    p.add_argument("--n", type=int, default=16, help="samples per setting (default 16)")
-    p.add_argument("--steps", type=int, default=steps, help=f"ODE steps (default {steps})")
+    p.add_argument("--n", type=positive_int, default=16, help="samples per setting (default 16)")
+    p.add_argument("--steps", type=positive_int, default=steps,
+                   help=f"ODE steps (default {steps})")
     p.add_argument("--solver", default="euler", choices=SOLVERS, help="ODE solver (default euler)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (same noise for every model)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 avoids OpenMP "
                         "oversubscription on a busy machine)")
 
@@ -281,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, "float checkpoint to quantize")
     p.add_argument("-o", "--output", default="model_quantized.safetensors",
                    help="output file (default model_quantized.safetensors)")
-    p.add_argument("--bits", type=int, default=4, help="bits per weight code, 2..8 (default 4)")
+    p.add_argument("--bits", type=bit_width, default=4,
+                   help="bits per weight code, 2..8 (default 4)")
     p.add_argument("--method", default="ot", choices=METHODS, help="quantizer (default ot)")
     _quant_args(p)
     p.add_argument("--include", nargs="+", default=None, metavar="PATTERN",
@@ -297,12 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Integrate the FM ODE from seeded noise and save a grid.")
     _add_model_args(p, "float or quantized (otq quantize) checkpoint")
     p.add_argument("-o", "--output", default="samples.png", help="PNG path (default samples.png)")
-    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
-    p.add_argument("--steps", type=int, default=20, help="ODE steps (default 20)")
+    p.add_argument("--n", type=positive_int, default=16, help="number of samples (default 16)")
+    p.add_argument("--steps", type=positive_int, default=20, help="ODE steps (default 20)")
     p.add_argument("--method", default="midpoint", choices=SOLVERS,
                    help="ODE solver (default midpoint)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--nrow", type=int, default=8, help="images per grid row (default 8)")
+    p.add_argument("--nrow", type=positive_int, default=8,
+                   help="images per grid row (default 8)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype the model runs in (default float32; codebooks stay float32)")
     p.add_argument("--cuda-graph", action="store_true",
@@ -319,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, "float checkpoint to evaluate")
     _sweep_args(p, steps=8)
     _quant_args(p)
-    p.add_argument("--n-real", type=int, default=64,
+    p.add_argument("--n-real", type=positive_int, default=64,
                    help="real images for the paper protocol and latent probe (default 64)")
     p.add_argument("--no-paper-protocol", action="store_true",
                    help="skip the t=0 velocity PSNR/SSIM and the latent probe")
@@ -363,7 +402,13 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:  # bad input: what and where, no traceback
+        if os.environ.get("OTQ_DEBUG"):
+            raise
+        print(f"otq {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

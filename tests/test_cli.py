@@ -80,6 +80,51 @@ def test_sample_in_half_precision(tmp_path, capsys, dtype, tol):
     assert 0 < diff.max() and diff.mean() < tol
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "--bits", "9"], "argument --bits: bits must be in 2..8, got 9"),
+    (["quantize", "--backend", "gpu"], "argument --backend: invalid choice: 'gpu'"),
+    (["sample", "--n", "0"], "argument --n: must be at least 1, got 0"),
+    (["sample", "--steps", "-2"], "argument --steps: must be at least 1, got -2"),
+    (["eval", "--bits", "4", "1"], "argument --bits: bits must be in 2..8, got 1"),
+    (["demo", "--n", "two"], "argument --n: 'two' is not an integer"),
+], ids=["quantize-bits", "backend", "sample-n", "sample-steps", "eval-bits", "demo-n"])
+def test_bad_arguments_stop_at_parse_time(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """ValueErrors and missing files of a command print `otq CMD: error: ...` and return 1
+    (OTQ_DEBUG=1 re-raises); a bad --device and a selection that quantizes nothing stop
+    with a message and write nothing."""
+    ckpt = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", "--random-init", "tiny", "-o", str(ckpt), "--quiet"]) == 0
+    raw = bytearray(ckpt.read_bytes())
+    raw[-3] ^= 1  # a bit of the last tensor
+    ckpt.write_bytes(bytes(raw))
+    argv = ["sample", "--checkpoint", str(ckpt), "--n", "1", "--steps", "1",
+            "-o", str(tmp_path / "x.png")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("otq sample: error: ") and "does not match its checksum" in err
+    assert "Traceback" not in err and not (tmp_path / "x.png").exists()
+    monkeypatch.setenv("OTQ_DEBUG", "1")
+    with pytest.raises(ValueError, match="checksum"):
+        cli.main(argv)
+    with pytest.raises(SystemExit, match="--device 'gpu0' is not a device"):
+        cli.main(["sample", "--random-init", "tiny", "--device", "gpu0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
+            cli.main(["sample", "--random-init", "tiny", "--device", "cuda"])
+    out = tmp_path / "none.safetensors"
+    with pytest.raises(SystemExit, match="no layer was quantized"), pytest.warns(
+            UserWarning, match="include pattern 'zz\\*' matches no module"):
+        cli.main(["quantize", "--random-init", "tiny", "--include", "zz*", "-o", str(out),
+                  "--quiet"])
+    assert not out.exists()
+
+
 def test_override_parsing():
     assert cli._parse_override("out.2=8") == ("out.2", {"bits": 8})
     assert cli._parse_override("a=b=4:lloyd:tensor") == (
