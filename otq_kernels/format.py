@@ -129,6 +129,8 @@ class QuantizedTensor:
             raise ValueError(
                 f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         groups = 1 if self.granularity == "tensor" else self.n
+        if not self.codebook.is_floating_point():
+            raise ValueError(f"codebook must be a float tensor, got {self.codebook.dtype}")
         if tuple(self.codebook.shape) != (groups, 2**self.bits):
             raise ValueError(
                 f"codebook must be [{groups}, {2**self.bits}] for {self.granularity} granularity, "
@@ -141,6 +143,10 @@ class QuantizedTensor:
                                  f"got {plane.dtype} {list(plane.shape)}")
         if len(self.planes) != len(plane_widths(self.bits)):
             raise ValueError(f"bits={self.bits} needs {len(plane_widths(self.bits))} planes")
+        devices = {str(plane.device) for plane in self.planes} - {str(self.codebook.device)}
+        if devices:
+            raise ValueError(f"planes on {sorted(devices)} but the codebook on "
+                             f"{self.codebook.device}: move them together (qt.to(device))")
 
     @property
     def n(self) -> int:

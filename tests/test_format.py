@@ -122,3 +122,7 @@ def test_inconsistent_quantized_tensor_rejected():
         QuantizedTensor(qt.planes[:1], qt.codebook, 3, (4, 10))
     with pytest.raises(ValueError, match="granularity"):
         QuantizedTensor(qt.planes, qt.codebook, 3, (4, 10), "row")
+    with pytest.raises(ValueError, match="codebook must be a float tensor, got torch.int32"):
+        QuantizedTensor(qt.planes, qt.codebook.int(), 3, (4, 10))
+    with pytest.raises(ValueError, match=r"planes on \['cpu'\] but the codebook on meta"):
+        QuantizedTensor(qt.planes, qt.codebook.to("meta"), 3, (4, 10))

@@ -34,10 +34,17 @@ def _read_file(path: str | os.PathLike) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
-    if path.endswith((".pt", ".pth", ".ckpt", ".bin")):
-        return _torch_load(path)
-    raise ValueError(f"unsupported checkpoint format {path!r} (use .safetensors, .pt or .pth)")
+        reader, what = load_file, "a readable safetensors file (truncated or corrupt?)"
+    elif path.endswith((".pt", ".pth", ".ckpt", ".bin")):
+        reader, what = _torch_load, "a weights-only torch checkpoint (other objects refused)"
+    else:
+        raise ValueError(f"unsupported checkpoint format {path!r} (use .safetensors, .pt or "
+                         ".pth)")
+    try:
+        return reader(path)
+    except Exception as err:  # noqa: BLE001 - torch and safetensors raise their own types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not {what}: {type(err).__name__}: {first}") from None
 
 
 def _torch_load(path: str) -> dict:

@@ -285,6 +285,34 @@ def test_checkpoint_wrong_architecture():
         load_fm_checkpoint("/nonexistent/x.safetensors", _tiny())
 
 
+class _Payload:
+    """Unpickling this runs code: it would create the file named."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("junk.pth", b"not a zip archive" * 4, "not a weights-only torch checkpoint"),
+    ("payload.pt", None, "not a weights-only torch checkpoint"),
+    ("cut.safetensors", b"\x40\x00\x00\x00\x00\x00\x00\x00{", "not a readable safetensors"),
+], ids=["junk", "code-running-pickle", "truncated-safetensors"])
+def test_unreadable_checkpoint_names_the_file(tmp_path, name, content, match):
+    """A file that cannot be read (or that is more than tensors) is a ValueError naming it,
+    and a pickle's code never runs."""
+    path, ran = tmp_path / name, tmp_path / "payload_ran"
+    if content is None:
+        torch.save({"weights": torch.zeros(2), "x": _Payload(ran)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as err:
+        load_fm_checkpoint(path, _tiny())
+    assert str(err.value).startswith(f"{path}: ") and not ran.exists()
+
+
 def test_demo_model_loads():
     from otq_kernels.models import demo_model_metadata, demo_model_path, load_demo_model
 
