@@ -15,6 +15,7 @@ bitsandbytes does for its 4-bit layers. That is what Flow Matching likelihoods
 
 import functools
 import json
+import operator
 import os
 from collections.abc import Callable
 from importlib import resources
@@ -441,8 +442,17 @@ def _empty_batch_output(x: torch.Tensor, bias, shape, bias_shape) -> torch.Tenso
     return y.contiguous()
 
 
-def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+def _pair(value, name: str, minimum: int) -> list[int]:
+    """[h, w] of an int or a pair of ints, each ≥ ``minimum``; ValueError naming it else."""
+    items = [value, value] if not isinstance(value, (tuple, list)) else list(value)
+    try:
+        pair = [operator.index(item) for item in items]
+    except TypeError:
+        pair = []
+    if len(pair) != 2 or min(pair) < minimum:
+        raise ValueError(f"codebook_conv2d: {name} must be an int ≥ {minimum} or a pair of "
+                         f"them, got {value!r}")
+    return pair
 
 
 # ----------------------------------------------------------------------------- public
@@ -475,12 +485,15 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     _check_bias(bias, qt, "codebook_conv2d")
     if len(qt.shape) != 4:
         raise ValueError(f"codebook_conv2d: weight must be 4-D, got shape {list(qt.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"codebook_conv2d: groups must be an int ≥ 1, got {groups!r}")
     if x.dim() != 4 or x.shape[1] != qt.shape[1] * groups:
         raise ValueError(f"codebook_conv2d: x must be [B, {qt.shape[1] * groups}, H, W] "
                          f"(groups={groups}), got {list(x.shape)}")
     if qt.n % groups:
         raise ValueError(f"codebook_conv2d: {qt.n} output channels not divisible by groups")
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
     out_shape = conv2d_output_shape(x.shape, qt.shape, stride, padding, dilation)
     if min(out_shape[2:]) <= 0:
         raise ValueError(f"codebook_conv2d: input {list(x.shape)} too small for the kernel")

@@ -80,6 +80,25 @@ def test_conv2d_shape_errors():
         ops.codebook_conv2d(torch.randn(1, 3, 2, 2), qt)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"stride": 0}, "stride must be an int ≥ 1 or a pair of them, got 0"),
+    ({"stride": (1, 1, 1)}, r"stride must .* got \(1, 1, 1\)"),
+    ({"stride": 1.5}, "stride must .* got 1.5"),
+    ({"padding": -1}, "padding must be an int ≥ 0 .* got -1"),
+    ({"padding": "same"}, "padding must .* got 'same'"),
+    ({"dilation": (1, 0)}, "dilation must be an int ≥ 1"),
+    ({"groups": 0}, "groups must be an int ≥ 1, got 0"),
+    ({"groups": 1.0}, "groups must be an int ≥ 1, got 1.0"),
+], ids=lambda v: repr(v) if isinstance(v, dict) else None)
+def test_conv2d_parameter_errors(kwargs, match):
+    """Bad stride, padding, dilation or groups: a ValueError naming it, before any kernel."""
+    with pytest.raises(ValueError, match=match):
+        ops.codebook_conv2d(torch.randn(1, 3, 8, 8), _qt(shape=(4, 3, 3, 3)), **kwargs)
+    y = ops.codebook_conv2d(torch.randn(1, 3, 8, 8), _qt(shape=(4, 3, 3, 3)),
+                            stride=torch.tensor(2).item(), padding=(1, 0))
+    assert y.shape == (1, 4, 4, 3)
+
+
 def test_opcheck_linear_and_conv():
     qt = _qt()
     args = (torch.randn(3, 13), qt.planes, qt.codebook, qt.bits, qt.n, qt.k, torch.randn(9),
