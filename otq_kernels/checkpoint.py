@@ -107,6 +107,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
         raise ValueError("model has no quantized layers; call otq.quantize_model first")
     if "" in layers:
         raise ValueError("the root module itself is quantized; wrap it in nn.Sequential")
+    user = _user_json(metadata)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT,
@@ -114,11 +115,25 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
         "otq_version": __version__,
         "layers": json.dumps(layers),
         "kept_float": json.dumps(getattr(model, "_otq_reasons", {})),
-        "user": json.dumps(metadata or {}),
+        "user": user,
     }
     meta[CHECKSUMS] = _checksums(meta, tensors)
-    save_file(tensors, os.fspath(path), metadata=meta)
+    try:
+        save_file(tensors, os.fspath(path), metadata=meta)
+    except Exception as err:  # noqa: BLE001 - safetensors wraps I/O errors in its own type
+        raise OSError(f"cannot write {os.fspath(path)}: {err}") from None
     return path
+
+
+def _user_json(metadata) -> str:
+    """The ``user`` metadata string: a JSON object, or ValueError saying what is wrong."""
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        return json.dumps(metadata or {})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"metadata must hold JSON values only (str, numbers, lists, dicts): "
+                         f"{err}") from None
 
 
 # ----------------------------------------------------------------------------- read
@@ -129,6 +144,8 @@ def _open(path) -> tuple[dict, dict]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a checkpoint file")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})

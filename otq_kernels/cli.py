@@ -404,7 +404,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # bad input: what and where, no traceback
+    except (ValueError, OSError) as err:  # bad input or file: what and where, no traceback
         if os.environ.get("OTQ_DEBUG"):
             raise
         print(f"otq {args.command}: error: {err}", file=sys.stderr)

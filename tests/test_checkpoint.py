@@ -97,6 +97,25 @@ def test_save_requires_quantized_layers(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         _load(tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match="is a directory, not a checkpoint file"):
+        _load(tmp_path)
+
+
+@pytest.mark.parametrize("metadata, match", [
+    ([1, 2], "metadata must be a dict, got list"),
+    ({"t": torch.zeros(1)}, "metadata must hold JSON values only.*Tensor"),
+], ids=["a-list", "a-tensor"])
+def test_save_refuses_metadata_that_is_not_json(tmp_path, metadata, match):
+    path = tmp_path / "q.safetensors"
+    with pytest.raises(ValueError, match=match):
+        ckpt.save_quantized(_quantized(), path, metadata=metadata)
+    assert not path.exists()
+
+
+def test_save_names_a_path_it_cannot_write(tmp_path):
+    for path in (tmp_path / "no" / "dir" / "q.safetensors", tmp_path):
+        with pytest.raises(OSError, match=f"cannot write {path}"):
+            ckpt.save_quantized(_quantized(), path)
 
 
 def test_not_safetensors(tmp_path):

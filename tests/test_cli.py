@@ -95,9 +95,9 @@ def test_bad_arguments_stop_at_parse_time(argv, message, capsys):
 
 
 def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
-    """ValueErrors and missing files of a command print `otq CMD: error: ...` and return 1
-    (OTQ_DEBUG=1 re-raises); a bad --device and a selection that quantizes nothing stop
-    with a message and write nothing."""
+    """ValueErrors and OSErrors (a missing or unwritable file) of a command print
+    `otq CMD: error: ...` and return 1 (OTQ_DEBUG=1 re-raises); a bad --device and a
+    selection that quantizes nothing stop with a message and write nothing."""
     ckpt = tmp_path / "q.safetensors"
     assert cli.main(["quantize", "--random-init", "tiny", "-o", str(ckpt), "--quiet"]) == 0
     raw = bytearray(ckpt.read_bytes())
