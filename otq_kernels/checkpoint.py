@@ -120,6 +120,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
     meta[CHECKSUMS] = _checksums(meta, tensors)
     try:
         save_file(tensors, os.fspath(path), metadata=meta)
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - safetensors wraps I/O errors in its own type
         raise OSError(f"cannot write {os.fspath(path)}: {err}") from None
     return path

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from .backends import NAMES as BACKEND_NAMES
+from .format import MAX_BITS, MIN_BITS
 from .quantizers import METHODS
 
 SOLVERS = ("euler", "midpoint", "heun2", "rk4", "dopri5")
@@ -43,10 +44,10 @@ def positive_int(text: str) -> int:
 
 
 def bit_width(text: str) -> int:
-    """argparse type: a code width in 2..8."""
+    """argparse type: a code width in MIN_BITS..MAX_BITS (2..8)."""
     value = positive_int(text)
-    if not 2 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"bits must be in 2..8, got {value}")
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise argparse.ArgumentTypeError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {value}")
     return value
 
 

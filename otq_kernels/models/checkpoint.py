@@ -42,6 +42,8 @@ def _read_file(path: str | os.PathLike) -> dict:
                          ".pth)")
     try:
         return reader(path)
+    except MemoryError:
+        raise
     except Exception as err:  # noqa: BLE001 - torch and safetensors raise their own types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not {what}: {type(err).__name__}: {first}") from None
