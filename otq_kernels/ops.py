@@ -30,6 +30,7 @@ from .backends import _device
 from .backends.dequant import dense_weight
 from .format import QuantizedTensor, check_bits, padded_k, plane_widths
 from .quantizers import fit_rows_reference
+from .tuning_schema import check_tuning_table
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_METHODS = ("ot",)
@@ -45,9 +46,14 @@ def tuning_table(gpu_name: str) -> dict:
     read costs ~2 µs); :func:`reload_tuning` makes the next call read it again.
     """
     path = os.environ.get("OTQ_TUNING_FILE")
-    text = open(path).read() if path else (
-        resources.files("otq_kernels").joinpath("tuning/default.json").read_text())
-    table = json.loads(text)
+    source = f"OTQ_TUNING_FILE={path}" if path else "the shipped tuning/default.json"
+    try:
+        text = open(path).read() if path else (
+            resources.files("otq_kernels").joinpath("tuning/default.json").read_text())
+        table = json.loads(text)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{source}: cannot read it as JSON: {err}") from None
+    check_tuning_table(table, source)
     return table.get("gpus", {}).get(gpu_name, table["default"])
 
 

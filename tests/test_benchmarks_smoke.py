@@ -12,10 +12,13 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+from otq_kernels.tuning_schema import check_tuning_table
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SUBJECTS = ["linear", "conv", "fit", "e2e"]
@@ -340,6 +343,9 @@ def test_tuning_from_results_json(tmp_path):
                                "cuda_tensor_cores": True, "triton_gemm_tile": True,
                                "triton_min_m": 256, "triton_max_m": 256}
     assert entry["_measured"]["linear"]["source"] == f"{results}, {large}"
+    with warnings.catch_warnings():  # what --tuning-from writes, dispatch reads as it is
+        warnings.simplefilter("error")
+        check_tuning_table(json.loads(table.read_text()), str(table))
     assert entry["_measured"]["linear"]["git_sha"] == "abc123, def456"
     assert entry["_measured"]["linear"]["date"] == "2026-01-02"
     other_gpu = _write_results(tmp_path / "y.json", rows, gpu="GPU Y")
@@ -1122,7 +1128,8 @@ def test_results_name_the_dispatch_tuning_they_ran_under(monkeypatch):
     assert tuning == {"linear": shipped["linear"], "conv2d": shipped["conv2d"]}
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU Y")
     monkeypatch.setenv("OTQ_TUNING_FILE", "/tmp/no_such_tuning.json")
-    assert "FileNotFoundError" in common.dispatch_tuning(torch.device("cuda", 0))["error"]
+    error = common.dispatch_tuning(torch.device("cuda", 0))["error"]
+    assert "OTQ_TUNING_FILE=/tmp/no_such_tuning.json: cannot read it" in error
     ops.reload_tuning()  # (nothing cached for GPU Y: it raised)
 
 

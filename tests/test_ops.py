@@ -1,6 +1,8 @@
 """torch.library ops, input checks and backend dispatch (reference backend on CPU)."""
 
 import json
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -380,6 +382,68 @@ def test_a_conv_the_first_backend_refuses_runs_on_the_next(bits, groups, monkeyp
 def test_default_tuning_table_has_every_op():
     table = ops.tuning_table("some unknown GPU")
     assert {"linear", "conv2d"} <= set(table)
+
+
+def test_shipped_tuning_table_follows_the_schema():
+    """Every key the shipped table (and its H200 entry) sets is one dispatch reads, of its
+    kind: no warning, no error."""
+    from otq_kernels.tuning_schema import check_tuning_table
+
+    shipped = json.loads((Path(ops.__file__).parent / "tuning" / "default.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_tuning_table(shipped, "shipped")
+
+
+_GOOD_ENTRY = {"linear": {"cuda_max_m": 16}, "conv2d": {"kernel_sizes": ["3x3"]}}
+
+
+@pytest.mark.parametrize("table, match", [
+    ([], "a JSON object with a 'default' entry"),
+    ({"gpus": {}}, "a JSON object with a 'default' entry"),
+    ({"default": _GOOD_ENTRY, "gpus": []}, "'gpus' must map GPU names to entries"),
+    ({"default": _GOOD_ENTRY, "gpus": {"GPU X": 5}}, "entry 'GPU X' must be a JSON object"),
+    ({"default": {"linear": [16]}}, "section 'linear' must be a JSON object"),
+    ({"default": {"linear": {"cuda_max_m": "16"}}}, "linear.cuda_max_m must be an integer, "
+                                                     "got '16'"),
+    ({"default": {"linear": {"cuda_max_m": True}}}, "linear.cuda_max_m must be an integer"),
+    ({"default": {"linear": {"cuda_tensor_cores": 1}}}, "must be true or false, got 1"),
+    ({"default": {"linear": {"cuda_max_m_by_bits": {"9": 1}}}}, "map of bit widths"),
+    ({"default": {"conv2d": {"kernel_sizes": ["3"]}}}, "list of kernel sizes"),
+    ({"default": {"conv2d": {"cuda_max_m_by_kernel": {"3x3": 1.5}}}}, "map of kernel sizes"),
+], ids=["a-list", "no-default", "gpus-list", "entry-number", "section-list", "int-as-text",
+        "int-as-bool", "bool-as-int", "bits-9", "size-3", "float-crossover"])
+def test_tuning_table_of_the_wrong_shape_is_refused(table, match, tmp_path, monkeypatch):
+    """Through OTQ_TUNING_FILE: a ValueError naming the file (and entry, section and key)
+    at the first dispatch, not a KeyError or AttributeError deep in it."""
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("OTQ_TUNING_FILE", str(path))
+    ops.reload_tuning()
+    try:
+        with pytest.raises(ValueError, match=match) as err:
+            ops.tuning_table("GPU X")
+        assert str(err.value).startswith(f"OTQ_TUNING_FILE={path}: ")
+        path.write_text("{not json")
+        ops.reload_tuning()
+        with pytest.raises(ValueError, match="cannot read it as JSON"):
+            ops.tuning_table("GPU X")
+    finally:
+        monkeypatch.delenv("OTQ_TUNING_FILE")
+        ops.reload_tuning()
+
+
+def test_tuning_keys_that_dispatch_does_not_read_warn():
+    from otq_kernels.tuning_schema import check_tuning_table
+
+    table = {"default": {"linear": {"cuda_max_M": 16, "_note": "kept"}, "conv3d": {},
+                         "_measured": {"anything": 1}}}
+    with pytest.warns(UserWarning) as caught:
+        check_tuning_table(table, "T")
+    assert [str(w.message) for w in caught] == [
+        "T: entry 'default': linear.cuda_max_M is not read by dispatch (a typo?)",
+        "T: entry 'default': section 'conv3d' is not read by dispatch (known: ['conv2d', "
+        "'fit', 'linear'])"]
 
 
 def test_cuda_tensor_cores_follow_tuning_table(monkeypatch):
