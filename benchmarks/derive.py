@@ -117,6 +117,8 @@ def read_gpu_results(name: str | Path) -> tuple[dict, list[dict]]:
     try:
         payload = json.loads(Path(name).read_text())
         meta, rows = payload["meta"], payload["rows"]
+        if not isinstance(meta, dict) or not isinstance(rows, list):
+            raise TypeError
     except (OSError, ValueError) as err:
         raise SystemExit(f"{name}: cannot read it: {err}") from None
     except (KeyError, TypeError):

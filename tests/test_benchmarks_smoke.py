@@ -361,8 +361,9 @@ def test_tuning_from_results_json(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read it"), ("{not json", "cannot read it"),
-    ('{"rows": []}', "not a results JSON"), ("[1, 2]", "not a results JSON")],
-    ids=["missing", "not-json", "no-meta", "a-list"])
+    ('{"rows": []}', "not a results JSON"), ("[1, 2]", "not a results JSON"),
+    ('{"meta": 5, "rows": []}', "not a results JSON")],
+    ids=["missing", "not-json", "no-meta", "a-list", "meta-a-number"])
 def test_tuning_from_names_a_results_file_it_cannot_use(tmp_path, content, message):
     """A missing, broken or foreign results file stops --tuning-from with its name, not a
     traceback."""
