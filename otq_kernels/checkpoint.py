@@ -139,7 +139,7 @@ def _user_json(metadata) -> str:
 
 
 # ----------------------------------------------------------------------------- read
-def _open(path) -> tuple[dict, dict]:
+def read_safetensors(path) -> tuple[dict, dict]:
     """(metadata strings, tensors) of a safetensors file; ValueError if it is not one."""
     from safetensors import safe_open
 
@@ -180,7 +180,7 @@ def _check_format(meta: dict, path) -> None:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """Parsed metadata of a quantized checkpoint: format, version, layers, kept_float, user."""
-    meta, tensors = _open(path)
+    meta, tensors = read_safetensors(path)
     _check_format(meta, path)
     _verify_checksums(meta, tensors, path)
     return {"format": meta["format"], "format_version": int(meta["format_version"]),
@@ -323,7 +323,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     format version, tensors whose shapes/dtypes disagree with the metadata, or a model of
     another architecture; the model is only modified once everything has been validated.
     """
-    meta, tensors = _open(path)
+    meta, tensors = read_safetensors(path)
     _check_format(meta, path)
     _verify_checksums(meta, tensors, path)
     layers = _json(meta, "layers", path)

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from .backends import NAMES as BACKEND_NAMES
-from .format import MAX_BITS, MIN_BITS
+from .format import check_bits
 from .quantizers import METHODS
 
 SOLVERS = ("euler", "midpoint", "heun2", "rk4", "dopri5")
@@ -44,10 +44,12 @@ def positive_int(text: str) -> int:
 
 
 def bit_width(text: str) -> int:
-    """argparse type: a code width in MIN_BITS..MAX_BITS (2..8)."""
+    """argparse type: a code width that :func:`format.check_bits` accepts (2..8)."""
     value = positive_int(text)
-    if not MIN_BITS <= value <= MAX_BITS:
-        raise argparse.ArgumentTypeError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {value}")
+    try:
+        check_bits(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
 
 

@@ -136,7 +136,10 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     _warn_unmatched(overrides, names, "override")
     base = dict(bits=bits, method=method, granularity=granularity, backend=backend)
     plans = [(name, _layer_options(name, base, overrides)) for name in names]
-    for name, opts in plans:  # every layer's options and weight, before the model is touched
+    # Every layer's options and weight before the model is touched. fit_codebook checks the
+    # weight again: one more read of it, where fitting all layers before swapping any
+    # would hold every fitted layer next to the float model at once.
+    for name, opts in plans:
         try:
             check_options(opts["bits"], opts["method"], opts["granularity"], "rank")
             backends.check_name(opts["backend"])

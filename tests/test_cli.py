@@ -81,11 +81,11 @@ def test_sample_in_half_precision(tmp_path, capsys, dtype, tol):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["quantize", "--bits", "9"], "argument --bits: bits must be in 2..8, got 9"),
+    (["quantize", "--bits", "9"], "argument --bits: bits must be an integer in 2..8, got 9"),
     (["quantize", "--backend", "gpu"], "argument --backend: invalid choice: 'gpu'"),
     (["sample", "--n", "0"], "argument --n: must be at least 1, got 0"),
     (["sample", "--steps", "-2"], "argument --steps: must be at least 1, got -2"),
-    (["eval", "--bits", "4", "1"], "argument --bits: bits must be in 2..8, got 1"),
+    (["eval", "--bits", "4", "1"], "argument --bits: bits must be an integer in 2..8, got 1"),
     (["demo", "--n", "two"], "argument --n: 'two' is not an integer"),
 ], ids=["quantize-bits", "backend", "sample-n", "sample-steps", "eval-bits", "demo-n"])
 def test_bad_arguments_stop_at_parse_time(argv, message, capsys):

@@ -32,21 +32,20 @@ def _read_file(path: str | os.PathLike) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from ..checkpoint import read_safetensors  # the quantized checkpoints' reader
 
-        reader, what = load_file, "a readable safetensors file (truncated or corrupt?)"
-    elif path.endswith((".pt", ".pth", ".ckpt", ".bin")):
-        reader, what = _torch_load, "a weights-only torch checkpoint (other objects refused)"
-    else:
+        return read_safetensors(path)[1]
+    if not path.endswith((".pt", ".pth", ".ckpt", ".bin")):
         raise ValueError(f"unsupported checkpoint format {path!r} (use .safetensors, .pt or "
                          ".pth)")
     try:
-        return reader(path)
+        return _torch_load(path)
     except MemoryError:
         raise
-    except Exception as err:  # noqa: BLE001 - torch and safetensors raise their own types
+    except Exception as err:  # noqa: BLE001 - torch raises its own types (UnpicklingError)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not {what}: {type(err).__name__}: {first}") from None
+        raise ValueError(f"{path}: not a weights-only torch checkpoint (other objects "
+                         f"refused): {type(err).__name__}: {first}") from None
 
 
 def _torch_load(path: str) -> dict:
