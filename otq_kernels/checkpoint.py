@@ -28,6 +28,7 @@ from torch import nn
 
 from .format import GRANULARITIES, QuantizedTensor, check_bits, plane_widths
 from .modules import QuantConv1d, QuantConv2d, QuantLinear, _QuantModule
+from .skeleton import check_loadable, materialize
 from .summary import quantization_summary
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_quantized", "read_metadata", "save_quantized"]
@@ -305,9 +306,15 @@ def _check_rest(own: dict, tensors: dict, path) -> None:
                              f"{value.dtype}")
 
 
-def _device(model: nn.Module) -> torch.device:
+def _load_device(model: nn.Module, device, path) -> torch.device:
+    """``device``, else the model's (CPU for a skeleton on the meta device)."""
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "meta":
+            raise ValueError(f"{path}: cannot load onto the meta device (it holds no values)")
+        return device
     for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
+        return torch.device("cpu") if t.is_meta else t.device
     return torch.device("cpu")
 
 
@@ -317,7 +324,9 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
 
     The layers listed in the file are swapped for Quant* modules (using ``backend``), then
     every tensor is loaded strictly. ``device``: where to put the weights (default: the
-    model's; the model is moved there). Returns ``model`` with ``model.otq_summary``.
+    model's, CPU for a skeleton on the meta device; the model is moved there). A skeleton
+    built under ``torch.device("meta")`` allocates no float weights (:mod:`.skeleton`).
+    Returns ``model`` with ``model.otq_summary``.
     Raises ValueError naming the layer or key for a corrupt/truncated file (a tensor or the
     metadata whose CRC-32 differs from the one saved with them included), an unknown
     format version, tensors whose shapes/dtypes disagree with the metadata, or a model of
@@ -327,7 +336,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     _check_format(meta, path)
     _verify_checksums(meta, tensors, path)
     layers = _json(meta, "layers", path)
-    device = torch.device(device) if device is not None else _device(model)
+    device = _load_device(model, device, path)
     swaps = []
     for name, entry in layers.items():
         cls = _check_entry(name, entry)
@@ -338,11 +347,13 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
         bias = _bias(name, entry, tensors)
         swaps.append((name, _build(module, cls, qt, bias, entry, backend)))
     _check_rest(_expected_state(model, swaps), tensors, path)
+    check_loadable(model, os.fspath(path), skip=tuple(name for name, _ in swaps))
     for name, layer in swaps:  # everything validated: now mutate the model
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
+    materialize(model, device)
     model.to(device)
-    model.load_state_dict({k: v.to(device) for k, v in tensors.items()}, strict=True)
+    model.load_state_dict(tensors, strict=True)  # copies across devices, one tensor at a time
     model._otq_reasons = _json(meta, "kept_float", path)
     model.otq_summary = quantization_summary(model)
     return model

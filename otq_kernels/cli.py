@@ -111,18 +111,27 @@ def load_model(args) -> tuple:
         if meta.get("format") == FORMAT:
             user = json.loads(meta.get("user", "{}"))
             name, kwargs = _config_kwargs(args.config, user.get("config_kwargs"))
-            model = load_quantized(ckpt, UNetModel(**kwargs).eval())
+            model = load_quantized(ckpt, _skeleton(UNetModel, kwargs), device=_device(args))
             info.update(quantized=True, image_size=user.get("image_size"),
                         config=user.get("config", name))
         else:
             name, kwargs = _config_kwargs(args.config, meta.get("config_kwargs"))
-            model = load_fm_checkpoint(ckpt, UNetModel(**kwargs)).eval()
+            model = load_fm_checkpoint(ckpt, _skeleton(UNetModel, kwargs))
             info.update(config=meta.get("config", name))
         info.update(config_kwargs=kwargs, source=str(ckpt))
     size = (getattr(args, "image_size", None) or info.get("image_size")
             or IMAGE_SIZES.get(info.get("config"), 16))
     info["image_size"] = int(size)
     return model.to(_device(args)).eval(), info
+
+
+def _skeleton(model_class, kwargs: dict):
+    """The architecture on the meta device (the checkpoint fills it: no float weights to
+    allocate and initialise first), in eval mode."""
+    import torch
+
+    with torch.device("meta"):
+        return model_class(**kwargs).eval()
 
 
 def _device(args):

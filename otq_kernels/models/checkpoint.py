@@ -24,6 +24,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..skeleton import check_loadable, materialize
+
 _SHADOW = re.compile(r"^shadow_params\.(\d+)$")
 
 
@@ -96,8 +98,10 @@ def load_fm_checkpoint(
 ) -> nn.Module:
     """Load weights into ``model`` (in place, returned); strict on names and shapes.
 
-    Raises ValueError naming missing / unexpected / mis-shaped keys when the
-    checkpoint belongs to another architecture.
+    ``model`` may be built under ``torch.device("meta")`` (no float weights allocated
+    twice, no random init): its tensors get storage where the checkpoint's are (CPU for a
+    file) before the load (:mod:`otq_kernels.skeleton`). Raises ValueError naming missing /
+    unexpected / mis-shaped keys when the checkpoint belongs to another architecture.
     """
     raw = path_or_state if isinstance(path_or_state, Mapping) else _read_file(path_or_state)
     state = extract_state_dict(_unwrap(raw), model, use_ema=use_ema)
@@ -115,6 +119,8 @@ def load_fm_checkpoint(
             f"missing keys {_head(missing)}; unexpected keys {_head(unexpected)}; "
             f"shape mismatches {_head(shapes)}"
         )
+    check_loadable(model, "load_fm_checkpoint")
+    materialize(model, next(iter(state.values())).device if state else torch.device("cpu"))
     model.load_state_dict(state, strict=True)
     return model
 

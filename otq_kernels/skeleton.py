@@ -1,0 +1,58 @@
+"""Skeletons on the meta device: load a checkpoint without allocating float weights first.
+
+A model built under ``with torch.device("meta"):`` has shapes and dtypes but no storage
+and no random initialisation. :func:`otq_kernels.load_quantized` and
+:func:`otq_kernels.models.load_fm_checkpoint` take such a skeleton: the checkpoint fills
+every parameter and buffer it saves, and this module gives them storage on the target
+device just before (uninitialised: the strict load overwrites every byte). A buffer that
+checkpoints do not save (``register_buffer(..., persistent=False)``) has no values to load,
+so a skeleton holding one on the meta device is refused, by name, before anything changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _meta_tensors(model: nn.Module):
+    """(module, attribute dict, name, qualified name, tensor) of every meta parameter/buffer."""
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and t.is_meta:
+                    yield module, store, name, dot + name, t
+
+
+def has_meta_tensors(model: nn.Module) -> bool:
+    """Whether any parameter or buffer of ``model`` is on the meta device."""
+    return next(_meta_tensors(model), None) is not None
+
+
+def check_loadable(model: nn.Module, what: str, skip: tuple[str, ...] = ()) -> None:
+    """ValueError naming the meta buffers no checkpoint can fill (non-persistent ones);
+    those inside the submodules named in ``skip`` (about to be replaced) do not count."""
+    unsaved = [qualified for module, store, name, qualified, _ in _meta_tensors(model)
+               if store is module._buffers and name in module._non_persistent_buffers_set
+               and not any(qualified.startswith(f"{s}.") for s in skip)]
+    if unsaved:
+        raise ValueError(f"{what}: the model's buffers {unsaved[:8]} are on the meta device and "
+                         "not saved in checkpoints (persistent=False), so loading cannot fill "
+                         "them: build the model on a real device, or give them values first")
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Give every meta parameter and buffer uninitialised storage on ``device``, in place.
+
+    Parameters stay ``nn.Parameter`` with their ``requires_grad``; a tensor shared by
+    several modules (tied weights) stays shared.
+    """
+    made: dict[int, torch.Tensor] = {}
+    for _, store, name, _, t in list(_meta_tensors(model)):
+        if id(t) not in made:
+            # (not empty_like: on a meta tensor it imports sympy, 0.4 s)
+            empty = torch.empty(t.shape, dtype=t.dtype, device=device)
+            made[id(t)] = (nn.Parameter(empty, requires_grad=t.requires_grad)
+                           if isinstance(t, nn.Parameter) else empty)
+        store[name] = made[id(t)]
