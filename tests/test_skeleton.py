@@ -132,3 +132,24 @@ def test_cli_loads_quantized_checkpoints_without_a_float_model(tmp_path, monkeyp
     x, t = torch.randn(1, 1, 16, 16), torch.rand(1)
     assert torch.equal(model(x, t), reference(x, t))
     assert info["config_kwargs"] == unet_config("tiny")
+
+
+@pytest.mark.cuda
+def test_loading_onto_the_gpu_allocates_the_weights_once(tmp_path):
+    """A meta skeleton loaded onto the GPU: peak memory = the model's tensors (the file is
+    copied into them from the CPU, with no staged device copy; 512-byte allocator rounding
+    per tensor allowed)."""
+    torch.manual_seed(0)
+    path = tmp_path / "digits.safetensors"
+    otq.save_quantized(qnn.quantize_model(build_model("digits"), bits=4, progress=False), path)
+    with torch.device("meta"):
+        skel = build_model("digits")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    model = otq.load_quantized(path, skel, device="cuda")
+    torch.cuda.synchronize()
+    tensors = [*model.parameters(), *model.buffers()]
+    assert {t.device.type for t in tensors} == {"cuda"}
+    stored = sum(t.numel() * t.element_size() for t in tensors)
+    assert torch.cuda.max_memory_allocated() - before <= stored + 512 * len(tensors)
