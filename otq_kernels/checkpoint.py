@@ -27,7 +27,14 @@ import torch
 from torch import nn
 
 from .format import GRANULARITIES, QuantizedTensor, check_bits, plane_widths
-from .modules import QuantConv1d, QuantConv2d, QuantLinear, _QuantModule
+from .modules import (
+    QuantConv1d,
+    QuantConv2d,
+    QuantLinear,
+    _QuantModule,
+    module_aliases,
+    replace_module,
+)
 from .skeleton import check_loadable, materialize
 from .summary import quantization_summary
 
@@ -282,11 +289,13 @@ def _bias(name: str, entry: dict, tensors: dict) -> torch.Tensor | None:
 
 
 def _expected_state(model: nn.Module, swaps: list) -> dict:
-    """The model's state dict as it will be after the swaps (without touching the model)."""
+    """The model's state dict as it will be after the swaps (without touching the model);
+    swaps: (names of one module, its replacement)."""
     own = model.state_dict()
-    for name, layer in swaps:
-        own = {k: v for k, v in own.items() if not k.startswith(name + ".")}
-        own.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
+    for names, layer in swaps:
+        for name in names:
+            own = {k: v for k, v in own.items() if not k.startswith(name + ".")}
+            own.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     return own
 
 
@@ -337,20 +346,24 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     _verify_checksums(meta, tensors, path)
     layers = _json(meta, "layers", path)
     device = _load_device(model, device, path)
+    aliases = module_aliases(model)
     swaps = []
     for name, entry in layers.items():
         cls = _check_entry(name, entry)
         if not name:
             raise ValueError(f"{path}: layer name '' (the root module) cannot be swapped")
         module = _target(model, name, cls, entry)
+        names = aliases[id(module)]
+        if any(names is listed for listed, _ in swaps):
+            raise ValueError(f"{path}: layers {names} are one module in the model (shared), "
+                             f"but the checkpoint quantized {name!r} on its own")
         qt = _quantized_tensor(name, entry, tensors)
         bias = _bias(name, entry, tensors)
-        swaps.append((name, _build(module, cls, qt, bias, entry, backend)))
+        swaps.append((names, _build(module, cls, qt, bias, entry, backend)))
     _check_rest(_expected_state(model, swaps), tensors, path)
-    check_loadable(model, os.fspath(path), skip=tuple(name for name, _ in swaps))
-    for name, layer in swaps:  # everything validated: now mutate the model
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+    check_loadable(model, os.fspath(path), skip=tuple(n for names, _ in swaps for n in names))
+    for names, layer in swaps:  # everything validated: now mutate the model
+        replace_module(model, names, layer)
     materialize(model, device)
     model.to(device)
     model.load_state_dict(tensors, strict=True)  # copies across devices, one tensor at a time

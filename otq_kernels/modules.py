@@ -317,6 +317,26 @@ QUANT_TYPES: dict[type[nn.Module], type[_QuantModule]] = {
 }
 
 
+def module_aliases(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every name under which ``model`` reaches it (``named_modules`` order).
+
+    A module registered in several places (``self.b = self.a``) is one shared layer: it is
+    replaced under all its names, or the model would run it quantized in one place and
+    float in the others.
+    """
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def replace_module(model: nn.Module, names: list[str], new: nn.Module) -> None:
+    """Put ``new`` in ``model`` under each of ``names`` (a module's aliases), in place."""
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+
+
 def quant_class_for(module: nn.Module) -> type[_QuantModule] | None:
     """The Quant* class that replaces ``module`` (None if its type is unsupported)."""
     for float_type, quant_type in QUANT_TYPES.items():

@@ -19,7 +19,9 @@ from .modules import (
     QuantConv2d,
     QuantLinear,
     _QuantModule,
+    module_aliases,
     quant_class_for,
+    replace_module,
 )
 from .quantizers import check_options, check_weight
 from .summary import (
@@ -122,7 +124,9 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
 
     Every chosen layer's options and weight (finite, not on the meta device) are checked
     before the model is touched: a bad one raises ValueError naming the layer. A pattern
-    (include, exclude, override) that matches nothing warns: it is likely a typo.
+    (include, exclude, override) that matches nothing warns: it is likely a typo. A layer
+    registered under several names is one shared layer, selected by its first name
+    (``named_modules`` order) and replaced under all of them.
     """
     from tqdm.auto import tqdm
 
@@ -146,14 +150,14 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
             check_weight(model.get_submodule(name).weight)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
+    aliases = module_aliases(model)
     for name, opts in tqdm(plans, desc="quantize", unit="layer", disable=not progress):
         module = model.get_submodule(name)
         try:
             quant = quant_class_for(module).from_float(module, **opts)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, quant)
+        replace_module(model, aliases[id(module)], quant)
     model._otq_reasons = {**getattr(model, "_otq_reasons", {}), **reasons}
     model.otq_summary = quantization_summary(model)
     return model

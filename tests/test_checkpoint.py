@@ -271,3 +271,24 @@ def test_wrong_model(saved):
         _load(path, Other())
     with pytest.raises(ValueError, match="layer 'conv': weight shape"):
         _load(path, Net(width=16))
+
+
+def test_a_shared_layer_round_trips_and_must_be_shared_in_the_skeleton(tmp_path):
+    from test_nn import Shared
+
+    torch.manual_seed(0)
+    model = qnn.quantize_model(Shared(), bits=4, progress=False)
+    path = tmp_path / "shared.safetensors"
+    otq.save_quantized(model, path)
+    assert list(ckpt.read_metadata(path)["layers"]) == ["a"]
+    loaded = _load(path, Shared())
+    assert isinstance(loaded.a, qnn.QuantLinear) and loaded.a is loaded.b is loaded.c[0]
+    x = torch.randn(3, 40)
+    assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match="checkpoint does not match the model"):
+        _load(path, Shared(shared=False))  # b and c.0 float in the model, quantized in the file
+    separate = tmp_path / "separate.safetensors"
+    otq.save_quantized(qnn.quantize_model(Shared(shared=False), bits=4, progress=False),
+                       separate)
+    with pytest.raises(ValueError, match=r"layers \['a', 'b', 'c.0'\] are one module"):
+        _load(separate, Shared())

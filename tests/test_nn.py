@@ -221,6 +221,32 @@ def test_quantize_model_warns_of_patterns_that_match_nothing():
                               overrides={"blocks.0": {"bits": 8}}, progress=False)
 
 
+class Shared(nn.Module):
+    """One Linear registered under three names (``b``, ``c.0``: aliases of ``a``)."""
+
+    def __init__(self, shared: bool = True):
+        super().__init__()
+        self.a = nn.Linear(40, 40)
+        self.b = self.a if shared else nn.Linear(40, 40)
+        self.c = nn.Sequential(self.a if shared else nn.Linear(40, 40), nn.ReLU())
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def test_a_shared_layer_is_quantized_under_every_name():
+    torch.manual_seed(0)
+    model = Shared()
+    otq.nn.quantize_model(model, bits=3, progress=False)
+    assert isinstance(model.a, qnn.QuantLinear) and model.a is model.b is model.c[0]
+    summary = model.otq_summary
+    assert [r.name for r in summary.layers] == ["a"] and summary.params == 40 * 41
+    x = torch.randn(2, 40)
+    w, bias = model.a.dequantize(), model.a.bias
+    want = F.relu(F.linear(F.linear(F.linear(x, w, bias), w, bias), w, bias))
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_quantize_tiny_unet_close_at_8_bits():
     from otq_kernels.demo import random_model
 
