@@ -52,26 +52,36 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _layer_options(name: str, base: dict, overrides: dict | None) -> dict:
-    """base options updated by every override whose pattern matches ``name`` (in order)."""
+def _matches_any(names: list[str], patterns) -> bool:
+    return any(_matches(name, patterns) for name in names)
+
+
+def _layer_options(names: list[str], base: dict, overrides: dict | None) -> dict:
+    """base options updated by every override whose pattern matches one of the layer's
+    ``names`` (in order)."""
     opts = dict(base)
     for pattern, values in (overrides or {}).items():
         bad = set(values) - set(OVERRIDE_KEYS)
         if bad:
             raise ValueError(f"override {pattern!r}: unknown keys {sorted(bad)}; "
                              f"allowed: {OVERRIDE_KEYS}")
-        if fnmatch.fnmatchcase(name, pattern):
+        if _matches_any(names, [pattern]):
             opts.update(values)
     return opts
 
 
-def _plan(model: nn.Module, include, exclude) -> tuple[list[str], dict[str, str]]:
-    """Names of the layers to quantize, and the reason every other weighted layer stays float."""
+def _plan(model: nn.Module, include, exclude,
+          aliases: dict[int, list[str]]) -> tuple[list[str], dict[str, str]]:
+    """Names of the layers to quantize, and the reason every other weighted layer stays float.
+
+    A shared layer (several names) is included if one of its names is, excluded if one is.
+    """
     chosen, reasons = [], {}
     parents = dict(model.named_modules())
     for name, module in model.named_modules():
         if isinstance(module, _QuantModule) or not _float_weighted(module):
             continue
+        names = aliases[id(module)]
         parent = parents.get(name.rpartition(".")[0]) if name else None
         if quant_class_for(module) is None:
             reasons[name] = "unsupported type"
@@ -79,9 +89,9 @@ def _plan(model: nn.Module, include, exclude) -> tuple[list[str], dict[str, str]
             reasons[name] = "root module cannot be replaced in place"
         elif isinstance(parent, nn.MultiheadAttention):
             reasons[name] = "used functionally by MultiheadAttention"
-        elif include is not None and not _matches(name, include):
+        elif include is not None and not _matches_any(names, include):
             reasons[name] = "not included"
-        elif exclude and _matches(name, exclude):
+        elif exclude and _matches_any(names, exclude):
             reasons[name] = "excluded"
         else:
             chosen.append(name)
@@ -125,21 +135,23 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     Every chosen layer's options and weight (finite, not on the meta device) are checked
     before the model is touched: a bad one raises ValueError naming the layer. A pattern
     (include, exclude, override) that matches nothing warns: it is likely a typo. A layer
-    registered under several names is one shared layer, selected by its first name
-    (``named_modules`` order) and replaced under all of them.
+    registered under several names is one shared layer: the patterns match any of its
+    names, it is listed under its first (``named_modules`` order) and replaced under all.
     """
     from tqdm.auto import tqdm
 
     check_options(bits, method, granularity, "rank")
     backends.check_name(backend)
     include, exclude = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
-    names, reasons = _plan(model, include, exclude)
-    modules = [name for name, _ in model.named_modules()]
-    _warn_unmatched(include, modules, "include")
-    _warn_unmatched(exclude, modules, "exclude")
-    _warn_unmatched(overrides, names, "override")
+    aliases = module_aliases(model)
+    names, reasons = _plan(model, include, exclude, aliases)
+    layer_names = {name: aliases[id(model.get_submodule(name))] for name in names}
+    every_name = [n for names_of_one in aliases.values() for n in names_of_one]
+    _warn_unmatched(include, every_name, "include")
+    _warn_unmatched(exclude, every_name, "exclude")
+    _warn_unmatched(overrides, [n for name in names for n in layer_names[name]], "override")
     base = dict(bits=bits, method=method, granularity=granularity, backend=backend)
-    plans = [(name, _layer_options(name, base, overrides)) for name in names]
+    plans = [(name, _layer_options(layer_names[name], base, overrides)) for name in names]
     # Every layer's options and weight before the model is touched. fit_codebook checks the
     # weight again: one more read of it, where fitting all layers before swapping any
     # would hold every fitted layer next to the float model at once.
@@ -150,14 +162,13 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
             check_weight(model.get_submodule(name).weight)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
-    aliases = module_aliases(model)
     for name, opts in tqdm(plans, desc="quantize", unit="layer", disable=not progress):
         module = model.get_submodule(name)
         try:
             quant = quant_class_for(module).from_float(module, **opts)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
-        replace_module(model, aliases[id(module)], quant)
+        replace_module(model, layer_names[name], quant)
     model._otq_reasons = {**getattr(model, "_otq_reasons", {}), **reasons}
     model.otq_summary = quantization_summary(model)
     return model

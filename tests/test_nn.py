@@ -245,6 +245,13 @@ def test_a_shared_layer_is_quantized_under_every_name():
     w, bias = model.a.dequantize(), model.a.bias
     want = F.relu(F.linear(F.linear(F.linear(x, w, bias), w, bias), w, bias))
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    # patterns match any of the layer's names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = otq.nn.quantize_model(Shared(), exclude="b", progress=False)
+        assert type(kept.c[0]) is nn.Linear and kept.otq_summary.layers[0].name == "a"
+        eight = otq.nn.quantize_model(Shared(), overrides={"c.0": {"bits": 8}}, progress=False)
+        assert eight.a.bits == 8
 
 
 def test_quantize_tiny_unet_close_at_8_bits():
