@@ -269,7 +269,7 @@ def _quantized_tensor(name: str, entry: dict, tensors: dict) -> QuantizedTensor:
 def _build(module: nn.Module, cls, qt: QuantizedTensor, bias, entry: dict, backend: str):
     kwargs = {} if cls is QuantLinear else cls._conv_cfg(module)
     layer = cls(qt, bias, module.backend if isinstance(module, _QuantModule) else backend,
-                **kwargs)
+                **kwargs).train(module.training)
     layer.stats = {k: (math.inf if v is None else v)
                    for k, v in (entry.get("stats") or {}).items()}
     return layer

@@ -22,25 +22,33 @@ from .quantizers import check_options, fit_codebook
 
 
 # ----------------------------------------------------------------------------- base
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous, as a normal tensor (a copy only of an inference tensor)."""
+    return t.clone(memory_format=torch.contiguous_format) if t.is_inference() else t.contiguous()
+
+
 class _QuantModule(nn.Module):
     """Shared storage: planes/codebook buffers, float bias, cached QuantizedTensor views."""
 
     FLOAT_TYPE: type[nn.Module] = nn.Module
 
     def _init_storage(self, qt: QuantizedTensor, bias: torch.Tensor | None, backend: str):
+        """Buffers and bias of ``qt``: normal tensors even under ``torch.inference_mode``
+        (inference tensors could not be loaded into later, nor feed an input gradient)."""
         self.bits, self.granularity, self.method = qt.bits, qt.granularity, qt.method
         self.weight_shape = tuple(qt.shape)
         self.backend = backends.check_name(backend)
         self.stats: dict = {}
         self.num_planes = len(qt.planes)
-        for i, plane in enumerate(qt.planes):
-            self.register_buffer(f"plane{i}", plane.detach().to(torch.int32).contiguous())
-        self.register_buffer("codebook", qt.codebook.detach().to(torch.float32).contiguous())
-        if bias is None:
-            self.register_parameter("bias", None)
-        else:
-            device = qt.codebook.device
-            self.bias = nn.Parameter(bias.detach().clone().to(device), requires_grad=False)
+        with torch.inference_mode(False):
+            for i, plane in enumerate(qt.planes):
+                self.register_buffer(f"plane{i}", _normal(plane.detach().to(torch.int32)))
+            self.register_buffer("codebook", _normal(qt.codebook.detach().to(torch.float32)))
+            if bias is None:
+                self.register_parameter("bias", None)
+            else:
+                device = qt.codebook.device
+                self.bias = nn.Parameter(bias.detach().clone().to(device), requires_grad=False)
         self._cache: dict = {}
 
     # -- storage views ---------------------------------------------------------------
@@ -135,7 +143,7 @@ class QuantLinear(_QuantModule):
         """Quantize an nn.Linear (its weight is fitted once; the module is left untouched)."""
         _check_type(module, nn.Linear)
         qt = cls._fit(module.weight, bits, method, granularity, module)
-        layer = cls(qt, module.bias, backend)
+        layer = cls(qt, module.bias, backend).train(module.training)
         layer._set_stats(module.weight)
         return layer
 
@@ -220,7 +228,7 @@ class _QuantConv(_QuantModule):
         """Quantize a float conv (its weight is fitted once; the module is left untouched)."""
         _check_type(module, cls.FLOAT_TYPE)
         qt = cls._fit(module.weight, bits, method, granularity, module)
-        layer = cls(qt, module.bias, backend, **cls._conv_cfg(module))
+        layer = cls(qt, module.bias, backend, **cls._conv_cfg(module)).train(module.training)
         layer._set_stats(module.weight)
         return layer
 

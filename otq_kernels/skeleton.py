@@ -51,8 +51,9 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     made: dict[int, torch.Tensor] = {}
     for _, store, name, _, t in list(_meta_tensors(model)):
         if id(t) not in made:
-            # (not empty_like: on a meta tensor it imports sympy, 0.4 s)
-            empty = torch.empty(t.shape, dtype=t.dtype, device=device)
+            with torch.inference_mode(False):  # loadable later, also outside inference mode
+                # (not empty_like: on a meta tensor it imports sympy, 0.4 s)
+                empty = torch.empty(t.shape, dtype=t.dtype, device=device)
             made[id(t)] = (nn.Parameter(empty, requires_grad=t.requires_grad)
                            if isinstance(t, nn.Parameter) else empty)
         store[name] = made[id(t)]

@@ -254,6 +254,25 @@ def test_a_shared_layer_is_quantized_under_every_name():
         assert eight.a.bits == 8
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_quantized_layers_keep_the_float_layers_mode(training):
+    model = otq.nn.quantize_model(Shared(shared=False).train(training), progress=False)
+    assert {m.training for m in model.modules()} == {training}
+
+
+def test_layers_quantized_under_inference_mode_are_normal_tensors():
+    """Loadable afterwards, and they feed an input gradient (FM likelihoods need it)."""
+    torch.manual_seed(0)
+    model = Shared(shared=False).eval()
+    with torch.inference_mode():
+        otq.nn.quantize_model(model, bits=4, progress=False)
+    assert not any(t.is_inference() for t in model.state_dict().values())
+    model.load_state_dict(model.state_dict())
+    x = torch.randn(2, 40, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
 def test_quantize_tiny_unet_close_at_8_bits():
     from otq_kernels.demo import random_model
 

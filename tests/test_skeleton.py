@@ -91,6 +91,18 @@ def test_a_meta_buffer_no_checkpoint_saves_is_refused_before_any_change(tmp_path
     assert not skeleton.has_meta_tensors(otq.load_quantized(path, skel))
 
 
+@pytest.mark.parametrize("skeleton_on", ["meta", "cpu"])
+def test_a_load_under_inference_mode_gives_normal_tensors_in_the_skeletons_mode(
+        tmp_path, skeleton_on):
+    _, path = _saved(tmp_path)
+    skel = _on_meta() if skeleton_on == "meta" else Net().eval()
+    with torch.inference_mode():
+        loaded = otq.load_quantized(path, skel)
+    assert {m.training for m in loaded.modules()} == {False}
+    assert not any(t.is_inference() for t in loaded.state_dict().values())
+    loaded.load_state_dict(loaded.state_dict())  # an inference tensor would refuse this
+
+
 def test_meta_is_not_a_device_to_load_onto(tmp_path):
     _, path = _saved(tmp_path)
     with pytest.raises(ValueError, match="cannot load onto the meta device"):
