@@ -21,6 +21,25 @@ from .metrics.weights import weight_error
 from .quantizers import check_options, fit_codebook
 
 
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a float layer multiplies by (its original shape).
+
+    ``module.weight``, which evaluates a ``torch.nn.utils.parametrize`` parametrization
+    (``parametrizations.weight_norm``, ``spectral_norm``, ...), except under the legacy
+    hook-based ``weight_norm``/``spectral_norm``: there the ``weight`` attribute is only
+    refreshed by a forward call (stale after a ``load_state_dict``), so their hook computes it.
+    """
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            return hook.compute_weight(module)
+        if isinstance(hook, SpectralNorm):
+            return hook.compute_weight(module, do_power_iteration=False)
+    return module.weight
+
+
 # ----------------------------------------------------------------------------- base
 def _normal(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous, as a normal tensor (a copy only of an inference tensor)."""
@@ -142,9 +161,10 @@ class QuantLinear(_QuantModule):
                    granularity: str = "channel", backend: str = "auto") -> QuantLinear:
         """Quantize an nn.Linear (its weight is fitted once; the module is left untouched)."""
         _check_type(module, nn.Linear)
-        qt = cls._fit(module.weight, bits, method, granularity, module)
+        weight = float_weight(module)
+        qt = cls._fit(weight, bits, method, granularity, module)
         layer = cls(qt, module.bias, backend).train(module.training)
-        layer._set_stats(module.weight)
+        layer._set_stats(weight)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -227,9 +247,10 @@ class _QuantConv(_QuantModule):
                    granularity: str = "channel", backend: str = "auto"):
         """Quantize a float conv (its weight is fitted once; the module is left untouched)."""
         _check_type(module, cls.FLOAT_TYPE)
-        qt = cls._fit(module.weight, bits, method, granularity, module)
+        weight = float_weight(module)
+        qt = cls._fit(weight, bits, method, granularity, module)
         layer = cls(qt, module.bias, backend, **cls._conv_cfg(module)).train(module.training)
-        layer._set_stats(module.weight)
+        layer._set_stats(weight)
         return layer
 
 

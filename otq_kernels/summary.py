@@ -7,7 +7,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .modules import _QuantModule, quant_class_for
 
@@ -64,10 +66,20 @@ class QuantizationSummary:
         return format_summary(self)
 
 
+def _own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """A layer's parameters, those its parametrizations (weight_norm, ...) hold included."""
+    params = list(module.parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        params += list(module.parametrizations.parameters())
+    return params
+
+
 def _float_weighted(module: nn.Module) -> bool:
-    """A module that owns a ≥2-D floating-point parameter (a 'weighted layer')."""
-    return any(p.dim() >= 2 and p.is_floating_point()
-               for p in module.parameters(recurse=False))
+    """A module that owns a ≥2-D floating-point parameter, or computes its weight from
+    parametrized ones (a 'weighted layer'; the parametrization itself is not one)."""
+    if isinstance(module, parametrize.ParametrizationList):
+        return False
+    return any(p.dim() >= 2 and p.is_floating_point() for p in _own_parameters(module))
 
 
 def _layer_row(name: str, module: nn.Module, reason: str | None) -> LayerSummary:
@@ -77,11 +89,13 @@ def _layer_row(name: str, module: nn.Module, reason: str | None) -> LayerSummary
                             module.bits, module.method, module.granularity,
                             module.bits_per_weight, s.get("sqnr_db"), s.get("w2"), s.get("mse"),
                             module.nbytes)
-    weight = next(p for p in module.parameters(recurse=False) if p.dim() >= 2)
+    params = _own_parameters(module)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        weight = next(p for p in params if p.dim() >= 2)
     return LayerSummary(name, type(module).__name__, list(weight.shape),
                         f"kept float ({reason or 'not selected'})",
-                        nbytes=sum(p.numel() * p.element_size()
-                                   for p in module.parameters(recurse=False)))
+                        nbytes=sum(p.numel() * p.element_size() for p in params))
 
 
 def _totals(model: nn.Module) -> tuple[int, int, int, int]:

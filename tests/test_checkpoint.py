@@ -292,3 +292,21 @@ def test_a_shared_layer_round_trips_and_must_be_shared_in_the_skeleton(tmp_path)
                        separate)
     with pytest.raises(ValueError, match=r"layers \['a', 'b', 'c.0'\] are one module"):
         _load(separate, Shared())
+
+
+@pytest.mark.parametrize("skeleton_on", ["cpu", "meta"])
+def test_weight_normed_layers_round_trip(tmp_path, skeleton_on):
+    from test_nn import _weight_normed
+
+    torch.manual_seed(0)
+    model = qnn.quantize_model(_weight_normed("parametrize"), bits=4, exclude="3",
+                               progress=False)
+    path = tmp_path / "wn.safetensors"
+    otq.save_quantized(model, path)
+    with torch.device(skeleton_on):
+        skeleton = _weight_normed("parametrize")
+    loaded = _load(path, skeleton)
+    x = torch.randn(2, 6, 5)
+    assert torch.equal(loaded(x), model(x))
+    assert [r.status for r in loaded.otq_summary.layers] == [
+        r.status for r in model.otq_summary.layers]

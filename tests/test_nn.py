@@ -254,6 +254,50 @@ def test_a_shared_layer_is_quantized_under_every_name():
         assert eight.a.bits == 8
 
 
+def _weight_normed(kind: str) -> nn.Module:
+    """Conv1d -> Linear, both under weight norm (``kind``: the parametrize API or the legacy
+    hook), and an excluded spectral-normed Linear, as vocoders of FM speech models use."""
+    from torch.nn.utils import parametrizations
+
+    if kind == "parametrize":
+        norm = parametrizations.weight_norm
+    else:
+        def norm(layer):
+            with warnings.catch_warnings():  # torch deprecates the hook-based weight_norm
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.nn.utils.weight_norm(layer)
+    return nn.Sequential(norm(nn.Conv1d(6, 8, 3, padding=1)), nn.Flatten(),
+                         norm(nn.Linear(8 * 5, 12)),
+                         parametrizations.spectral_norm(nn.Linear(12, 3))).eval()
+
+
+@pytest.mark.parametrize("kind", ["parametrize", "legacy"])
+def test_weight_normed_layers_are_quantized_from_the_weight_they_compute(kind):
+    torch.manual_seed(0)
+    model, reference = _weight_normed(kind), _weight_normed(kind)
+    model.load_state_dict(reference.state_dict())  # new values, and no forward call since
+    x = torch.randn(2, 6, 5)
+    want = reference(x)
+    otq.nn.quantize_model(model, bits=8, exclude="3", progress=False)
+    assert isinstance(model[0], qnn.QuantConv1d) and isinstance(model[2], qnn.QuantLinear)
+    rows = {r.name: r for r in model.otq_summary.layers}
+    assert list(rows) == ["0", "2", "3"] and rows["3"].status == "kept float (excluded)"
+    assert rows["3"].shape == [3, 12] and rows["0"].sqnr_db > 40
+    assert sqnr_db(want, model(x)) > 35
+
+
+def test_a_legacy_spectral_normed_layer_is_quantized_from_its_normalised_weight():
+    def spectral(seed):
+        torch.manual_seed(seed)
+        return torch.nn.utils.spectral_norm(nn.Linear(12, 3)).eval()
+
+    layer, reference = spectral(0), spectral(1)
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 12)
+    quant = qnn.QuantLinear.from_float(layer, bits=8)
+    assert sqnr_db(reference(x), quant(x)) > 35
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_quantized_layers_keep_the_float_layers_mode(training):
     model = otq.nn.quantize_model(Shared(shared=False).train(training), progress=False)
