@@ -24,7 +24,7 @@ from .modules import (
     quant_class_for,
     replace_module,
 )
-from .quantizers import check_options, check_weight
+from .quantizers import check_options, check_weight, is_lazy
 from .summary import (
     LayerSummary,
     QuantizationSummary,
@@ -120,6 +120,14 @@ def _warn_unmatched(patterns, names: list[str], what: str) -> None:
                           stacklevel=3)
 
 
+def _check_shaped(model: nn.Module) -> None:
+    """ValueError naming the first parameter of a lazy module not shaped yet."""
+    for name, p in model.named_parameters():
+        if is_lazy(p):
+            raise ValueError(f"parameter {name!r} is not initialised yet (a lazy module): run "
+                             "one forward call to shape it before quantizing")
+
+
 def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
                    granularity: str = "channel", include=None, exclude=None,
                    backend: str = "auto", overrides: dict | None = None,
@@ -144,6 +152,7 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     check_options(bits, method, granularity, "rank")
     backends.check_name(backend)
     include, exclude = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    _check_shaped(model)
     aliases = module_aliases(model)
     names, reasons = _plan(model, include, exclude, aliases)
     layer_names = {name: aliases[id(model.get_submodule(name))] for name in names}

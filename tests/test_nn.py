@@ -190,15 +190,19 @@ def test_quantize_model_include_and_errors():
     ({"overrides": {"head": {"granularity": "row"}}}, "layer 'head': unknown granularity"),
     ({"backend": "gpu"}, "unknown backend 'gpu'"),
     ({"poison": "head"}, "layer 'head': weight has 1 NaN/Inf"),
-], ids=["override-backend", "override-granularity", "backend", "nan-weight-last-layer"])
+    ({"lazy": True}, r"parameter 'tail.weight' is not initialised yet \(a lazy module\)"),
+], ids=["override-backend", "override-granularity", "backend", "nan-weight-last-layer",
+        "lazy-layer"])
 def test_quantize_model_checks_every_layer_before_touching_the_model(kwargs, match):
-    """A bad option or weight of any layer (here the last one, head) raises before any
-    layer is swapped: the model comes back as it was."""
+    """A bad option or weight of any layer (here the last one, head, or a lazy layer after
+    it) raises before any layer is swapped: the model comes back as it was."""
     model = Toy()
     poisoned = kwargs.pop("poison", None)
     if poisoned:
         with torch.no_grad():
             model.get_submodule(poisoned).weight[0, 0] = float("nan")
+    if kwargs.pop("lazy", False):
+        model.tail = nn.LazyLinear(4)
     before = {name: type(m) for name, m in model.named_modules()}
     with pytest.raises(ValueError, match=match):
         otq.nn.quantize_model(model, progress=False, **kwargs)
