@@ -11,6 +11,7 @@ import fnmatch
 import warnings
 
 from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin
 
 from . import backends
 from .modules import (
@@ -24,7 +25,7 @@ from .modules import (
     quant_class_for,
     replace_module,
 )
-from .quantizers import check_options, check_weight, is_lazy
+from .quantizers import check_options, check_weight
 from .summary import (
     LayerSummary,
     QuantizationSummary,
@@ -123,7 +124,7 @@ def _warn_unmatched(patterns, names: list[str], what: str) -> None:
 def _check_shaped(model: nn.Module) -> None:
     """ValueError naming the first parameter of a lazy module not shaped yet."""
     for name, p in model.named_parameters():
-        if is_lazy(p):
+        if isinstance(p, UninitializedTensorMixin):
             raise ValueError(f"parameter {name!r} is not initialised yet (a lazy module): run "
                              "one forward call to shape it before quantizing")
 

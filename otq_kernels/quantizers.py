@@ -154,11 +154,6 @@ def fit_rows_reference(x: torch.Tensor, bits: int, method: str = "ot", assign: s
 
 
 # ----------------------------------------------------------------------------- checks
-def is_lazy(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a lazy module's parameter, not shaped until its first forward call."""
-    return isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
-
-
 def check_weight(w) -> None:
     """Raise ValueError unless ``w`` is a non-empty, finite, floating-point tensor."""
     if not isinstance(w, torch.Tensor):
