@@ -70,6 +70,14 @@ class _QuantModule(nn.Module):
                 self.bias = nn.Parameter(bias.detach().clone().to(device), requires_grad=False)
         self._cache: dict = {}
 
+    def __getattr__(self, name: str):
+        if name == "weight":  # what bitsandbytes/torchao layers keep; say where ours is
+            raise AttributeError(
+                f"{type(self).__name__} has no dense .weight: its weight is stored packed. "
+                f".qweight is the QuantizedTensor, .dequantize(dtype) the dense weight "
+                f"{list(self.weight_shape)}, .weight_shape its shape")
+        return super().__getattr__(name)
+
     # -- storage views ---------------------------------------------------------------
     def _planes(self) -> list[torch.Tensor]:
         buffers = self._buffers  # (read directly: nn.Module.__getattr__ costs ~0.5 µs a name)

@@ -95,6 +95,16 @@ def test_buffers_state_dict_and_dtypes():
     torch.testing.assert_close(yh.float(), y, rtol=1e-2, atol=1e-2)
 
 
+def test_no_dense_weight_attribute_says_where_the_weight_is():
+    q = qnn.QuantConv1d.from_float(nn.Conv1d(8, 24, 3), bits=4)
+    assert not hasattr(q, "weight") and getattr(q, "weight", None) is None
+    where = r"\.qweight is the QuantizedTensor, \.dequantize\(dtype\) the dense weight \[24, 8, 3\]"
+    with pytest.raises(AttributeError, match=where):
+        q.weight  # noqa: B018
+    with pytest.raises(AttributeError, match="'QuantConv1d' object has no attribute 'wieght'"):
+        q.wieght  # noqa: B018
+
+
 def test_from_float_rejects_bad_input():
     with pytest.raises(TypeError):
         qnn.QuantLinear.from_float(nn.Conv2d(2, 2, 1))
