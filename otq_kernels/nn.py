@@ -77,16 +77,23 @@ def _plan(model: nn.Module, include, exclude,
     """Names of the layers to quantize, and the reason every other weighted layer stays float.
 
     A shared layer (several names) is included if one of its names is, excluded if one is.
+    A subclass of nn.Linear/Conv that overrides ``forward`` (a LoRA layer, say) stays float:
+    the quantized layer would drop what its forward adds.
     """
     chosen, reasons = [], {}
     parents = dict(model.named_modules())
     for name, module in model.named_modules():
         if isinstance(module, _QuantModule) or not _float_weighted(module):
             continue
+        if any(name.startswith(f"{layer}.") for layer in chosen):
+            continue  # inside a layer that is replaced whole
         names = aliases[id(module)]
         parent = parents.get(name.rpartition(".")[0]) if name else None
-        if quant_class_for(module) is None:
+        quant_class = quant_class_for(module)
+        if quant_class is None:
             reasons[name] = "unsupported type"
+        elif type(module).forward is not quant_class.FLOAT_TYPE.forward:
+            reasons[name] = f"{type(module).__name__} overrides forward"
         elif not name:
             reasons[name] = "root module cannot be replaced in place"
         elif isinstance(parent, nn.MultiheadAttention):

@@ -312,6 +312,39 @@ def test_a_legacy_spectral_normed_layer_is_quantized_from_its_normalised_weight(
     assert sqnr_db(reference(x), quant(x)) > 35
 
 
+class LoRALinear(nn.Linear):
+    """A Linear whose forward adds a low-rank branch (its own two Linears)."""
+
+    def __init__(self, n: int, rank: int = 2):
+        super().__init__(n, n)
+        self.lora = nn.Sequential(nn.Linear(n, rank, bias=False), nn.Linear(rank, n, bias=False))
+
+    def forward(self, x):
+        return super().forward(x) + self.lora(x)
+
+
+class Tagged(nn.Linear):
+    """A Linear subclass with the Linear forward and an unused child module."""
+
+    def __init__(self, n: int):
+        super().__init__(n, n)
+        self.note = nn.Linear(1, 1)
+
+
+def test_linear_subclasses_with_their_own_forward_stay_float():
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRALinear(16), nn.ReLU(), Tagged(16)).eval()
+    x = torch.randn(3, 16)
+    want = model(x)
+    otq.nn.quantize_model(model, bits=8, progress=False)
+    assert type(model[0]) is LoRALinear and isinstance(model[0].lora[1], qnn.QuantLinear)
+    assert isinstance(model[2], qnn.QuantLinear)  # replaced whole, its child with it
+    rows = {r.name: r.status for r in model.otq_summary.layers}
+    assert rows == {"0": "kept float (LoRALinear overrides forward)", "0.lora.0": "quantized",
+                    "0.lora.1": "quantized", "2": "quantized"}
+    assert sqnr_db(want, model(x)) > 35
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_quantized_layers_keep_the_float_layers_mode(training):
     model = otq.nn.quantize_model(Shared(shared=False).train(training), progress=False)
