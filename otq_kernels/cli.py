@@ -335,9 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="ot", choices=METHODS, help="quantizer (default ot)")
     _quant_args(p)
     p.add_argument("--include", nargs="+", default=None, metavar="PATTERN",
-                   help="only layers whose name matches one of these fnmatch patterns")
+                   help="only layers whose name, or a containing module's, matches one of "
+                        "these fnmatch patterns")
     p.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN",
-                   help="keep layers matching these fnmatch patterns in float")
+                   help="keep layers matching these fnmatch patterns (or inside a module "
+                        "that does) in float")
     p.add_argument("--override", type=_parse_override, action="append", metavar="PAT=BITS[:M]",
                    help="per-layer bits (and method), e.g. --override 'out.2=8' (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -54,8 +54,18 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _scopes(names: list[str]) -> list[str]:
+    """Each name and the names of the modules containing it ("a.b.c": "a", "a.b", "a.b.c")."""
+    scopes = []
+    for name in names:
+        parts = name.split(".")
+        scopes += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return scopes
+
+
 def _matches_any(names: list[str], patterns) -> bool:
-    return any(_matches(name, patterns) for name in names)
+    """Whether a pattern matches one of a layer's ``names`` or a module containing it."""
+    return any(_matches(scope, patterns) for scope in _scopes(names))
 
 
 def _layer_options(names: list[str], base: dict, overrides: dict | None) -> dict:
@@ -142,10 +152,12 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
                    progress: bool = True) -> nn.Module:
     """Replace nn.Linear / nn.Conv1d / nn.Conv2d layers by Quant* layers, in place.
 
-    include / exclude: fnmatch patterns on module names (``named_modules``); a layer is
-    quantized if it matches some include pattern (all layers when None) and no exclude
-    pattern. overrides: ``{pattern: {"bits": 8, "method": ..., "granularity": ...,
-    "backend": ...}}`` applied in order to matching layers (e.g. first/last conv at 8 bits).
+    include / exclude: fnmatch patterns on module names (``named_modules``); a pattern
+    matches a layer when it matches the layer's name or the name of a module containing it
+    ("time_embed" covers "time_embed.0"); a layer is quantized if some include pattern
+    matches it (all layers when None) and no exclude pattern does. overrides:
+    ``{pattern: {"bits": 8, "method": ..., "granularity": ..., "backend": ...}}`` applied in
+    order to the layers they match (e.g. first/last conv at 8 bits).
     Other weighted layers (ConvTranspose, Embedding, ...) stay float. Returns ``model``
     with ``model.otq_summary`` (a :class:`QuantizationSummary`) attached.
 
@@ -167,7 +179,8 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     every_name = [n for names_of_one in aliases.values() for n in names_of_one]
     _warn_unmatched(include, every_name, "include")
     _warn_unmatched(exclude, every_name, "exclude")
-    _warn_unmatched(overrides, [n for name in names for n in layer_names[name]], "override")
+    _warn_unmatched(overrides, _scopes([n for name in names for n in layer_names[name]]),
+                    "override")
     base = dict(bits=bits, method=method, granularity=granularity, backend=backend)
     plans = [(name, _layer_options(layer_names[name], base, overrides)) for name in names]
     # Every layer's options and weight before the model is touched. fit_codebook checks the

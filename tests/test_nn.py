@@ -220,6 +220,23 @@ def test_quantize_model_checks_every_layer_before_touching_the_model(kwargs, mat
     assert not hasattr(model, "otq_summary")
 
 
+def test_a_pattern_matching_a_container_covers_the_layers_inside():
+    def statuses(**kwargs):
+        model = otq.nn.quantize_model(Toy(), progress=False, **kwargs)
+        return {r.name: (r.status, r.bits) for r in model.otq_summary.layers
+                if r.name.startswith(("blocks", "stem"))}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a container's name is a match: no warning
+        assert statuses(exclude="blocks") == {
+            "stem": ("quantized", 4), "blocks.0": ("kept float (excluded)", None),
+            "blocks.2": ("kept float (excluded)", None)}
+        assert statuses(include="blocks", overrides={"blocks": {"bits": 8},
+                                                     "blocks.2": {"bits": 3}}) == {
+            "stem": ("kept float (not included)", None), "blocks.0": ("quantized", 8),
+            "blocks.2": ("quantized", 3)}
+
+
 def test_quantize_model_warns_of_patterns_that_match_nothing():
     with pytest.warns(UserWarning, match="include pattern 'blocks.9' matches no module"):
         otq.nn.quantize_model(Toy(), include=["blocks.*", "blocks.9"], progress=False)
