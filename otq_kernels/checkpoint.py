@@ -34,6 +34,7 @@ from .modules import (
     _QuantModule,
     module_aliases,
     replace_module,
+    unwrap_compiled,
 )
 from .skeleton import check_loadable, materialize
 from .summary import quantization_summary
@@ -109,6 +110,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
 
     from . import __version__
 
+    model = unwrap_compiled(model)  # the names a bare model of the architecture has
     layers = {name: _layer_meta(m) for name, m in model.named_modules()
               if isinstance(m, _QuantModule)}
     if not layers:
@@ -335,9 +337,11 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     every tensor is loaded strictly. ``device``: where to put the weights (default: the
     model's, CPU for a skeleton on the meta device; the model is moved there). A skeleton
     built under ``torch.device("meta")`` allocates no float weights (:mod:`.skeleton`).
-    Returns ``model`` with ``model.otq_summary``.
-    Raises ValueError naming the layer or key for a corrupt/truncated file (a tensor or the
-    metadata whose CRC-32 differs from the one saved with them included), an unknown
+    Returns ``model`` with ``model.otq_summary``; a ``torch.compile`` wrapper is seen
+    through, on saving too, so files are named like the bare model.
+
+    Raises ValueError naming the layer or key for a corrupt/truncated file (a tensor or
+    the metadata whose CRC-32 differs from the one saved with them included), an unknown
     format version, tensors whose shapes/dtypes disagree with the metadata, or a model of
     another architecture; the model is only modified once everything has been validated.
     """
@@ -345,6 +349,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     _check_format(meta, path)
     _verify_checksums(meta, tensors, path)
     layers = _json(meta, "layers", path)
+    wrapper, model = model, unwrap_compiled(model)
     device = _load_device(model, device, path)
     aliases = module_aliases(model)
     swaps = []
@@ -368,5 +373,5 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     model.to(device)
     model.load_state_dict(tensors, strict=True)  # copies across devices, one tensor at a time
     model._otq_reasons = _json(meta, "kept_float", path)
-    model.otq_summary = quantization_summary(model)
-    return model
+    model.otq_summary = wrapper.otq_summary = quantization_summary(model)
+    return wrapper

@@ -11,6 +11,8 @@ codebook buffer stays float32 even after ``model.half()``.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -352,6 +354,15 @@ QUANT_TYPES: dict[type[nn.Module], type[_QuantModule]] = {
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
 }
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (its names carry no ``_orig_mod.``
+    prefix), else ``model`` itself."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (none compiled before it)
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod
+    return model
 
 
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:

@@ -24,6 +24,7 @@ from .modules import (
     module_aliases,
     quant_class_for,
     replace_module,
+    unwrap_compiled,
 )
 from .quantizers import check_options, check_weight
 from .summary import (
@@ -159,7 +160,8 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     ``{pattern: {"bits": 8, "method": ..., "granularity": ..., "backend": ...}}`` applied in
     order to the layers they match (e.g. first/last conv at 8 bits).
     Other weighted layers (ConvTranspose, Embedding, ...) stay float. Returns ``model``
-    with ``model.otq_summary`` (a :class:`QuantizationSummary`) attached.
+    with ``model.otq_summary`` (a :class:`QuantizationSummary`) attached. A
+    ``torch.compile`` wrapper is seen through: names have no ``_orig_mod.`` prefix.
 
     Every chosen layer's options and weight (finite, not on the meta device) are checked
     before the model is touched: a bad one raises ValueError naming the layer. A pattern
@@ -169,6 +171,7 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     """
     from tqdm.auto import tqdm
 
+    wrapper, model = model, unwrap_compiled(model)
     check_options(bits, method, granularity, "rank")
     backends.check_name(backend)
     include, exclude = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
@@ -201,6 +204,6 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
             raise ValueError(f"layer {name!r}: {err}") from None
         replace_module(model, layer_names[name], quant)
     model._otq_reasons = {**getattr(model, "_otq_reasons", {}), **reasons}
-    model.otq_summary = quantization_summary(model)
-    return model
+    model.otq_summary = wrapper.otq_summary = quantization_summary(model)
+    return wrapper
 

@@ -310,3 +310,21 @@ def test_weight_normed_layers_round_trip(tmp_path, skeleton_on):
     assert torch.equal(loaded(x), model(x))
     assert [r.status for r in loaded.otq_summary.layers] == [
         r.status for r in model.otq_summary.layers]
+
+
+def test_a_compiled_model_is_quantized_saved_and_loaded_under_its_own_names(tmp_path):
+    torch.manual_seed(0)
+    model = Net().eval()
+    wrapper = torch.compile(model, backend="eager")  # never called: nothing is compiled
+    assert qnn.quantize_model(wrapper, bits=3, exclude="up", progress=False) is wrapper
+    assert isinstance(model.fc, qnn.QuantLinear)
+    assert [r.name for r in wrapper.otq_summary.layers] == ["conv", "attn", "seq.0", "up", "fc"]
+    path = tmp_path / "compiled.safetensors"
+    otq.save_quantized(wrapper, path)
+    assert set(ckpt.read_metadata(path)["layers"]) == {"conv", "attn", "seq.0", "fc"}
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(_load(path)(x), model(x))
+    skeleton = Net().eval()
+    compiled_skeleton = torch.compile(skeleton, backend="eager")
+    assert _load(path, compiled_skeleton) is compiled_skeleton
+    assert torch.equal(skeleton(x), model(x)) and compiled_skeleton.otq_summary.quantized
