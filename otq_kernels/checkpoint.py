@@ -269,9 +269,8 @@ def _quantized_tensor(name: str, entry: dict, tensors: dict) -> QuantizedTensor:
 
 
 def _build(module: nn.Module, cls, qt: QuantizedTensor, bias, entry: dict, backend: str):
-    kwargs = {} if cls is QuantLinear else cls._conv_cfg(module)
-    layer = cls(qt, bias, module.backend if isinstance(module, _QuantModule) else backend,
-                **kwargs).train(module.training)
+    layer = cls.replacing(module, qt, bias,
+                          module.backend if isinstance(module, _QuantModule) else backend)
     layer.stats = {k: (math.inf if v is None else v)
                    for k, v in (entry.get("stats") or {}).items()}
     return layer
@@ -352,16 +351,17 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     wrapper, model = model, unwrap_compiled(model)
     device = _load_device(model, device, path)
     aliases = module_aliases(model)
-    swaps = []
+    swaps, swapped = [], {}  # swapped: id(module) -> the file's name for it
     for name, entry in layers.items():
         cls = _check_entry(name, entry)
         if not name:
             raise ValueError(f"{path}: layer name '' (the root module) cannot be swapped")
         module = _target(model, name, cls, entry)
         names = aliases[id(module)]
-        if any(names is listed for listed, _ in swaps):
+        first = swapped.setdefault(id(module), name)
+        if first != name:
             raise ValueError(f"{path}: layers {names} are one module in the model (shared), "
-                             f"but the checkpoint quantized {name!r} on its own")
+                             f"but the checkpoint quantized {first!r} and {name!r} apart")
         qt = _quantized_tensor(name, entry, tensors)
         bias = _bias(name, entry, tensors)
         swaps.append((names, _build(module, cls, qt, bias, entry, backend)))

@@ -16,6 +16,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import backends, ops
 from .format import QuantizedTensor
@@ -31,9 +33,6 @@ def float_weight(module: nn.Module) -> torch.Tensor:
     hook-based ``weight_norm``/``spectral_norm``: there the ``weight`` attribute is only
     refreshed by a forward call (stale after a ``load_state_dict``), so their hook computes it.
     """
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, WeightNorm):
             return hook.compute_weight(module)
@@ -143,6 +142,30 @@ class _QuantModule(nn.Module):
     def _set_stats(self, weight: torch.Tensor) -> None:
         self.stats = weight_error(weight.detach().float(), self.dequantize())
 
+    @staticmethod
+    def _layout(module: nn.Module) -> dict:
+        """Constructor keywords taken from the float layer besides weight and bias (a
+        conv's geometry)."""
+        return {}
+
+    @classmethod
+    def replacing(cls, module: nn.Module, qt: QuantizedTensor, bias: torch.Tensor | None,
+                  backend: str) -> _QuantModule:
+        """A layer of ``qt`` to put in place of ``module``: its geometry, train/eval mode."""
+        return cls(qt, bias, backend, **cls._layout(module)).train(module.training)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, bits: int = 4, method: str = "ot",
+                   granularity: str = "channel", backend: str = "auto") -> _QuantModule:
+        """Quantize a float layer of ``FLOAT_TYPE`` (its weight is fitted once; the module
+        is left untouched)."""
+        _check_type(module, cls.FLOAT_TYPE)
+        weight = float_weight(module)
+        qt = cls._fit(weight, bits, method, granularity, module)
+        layer = cls.replacing(module, qt, module.bias, backend)
+        layer._set_stats(weight)
+        return layer
+
 
 def _check_type(module: nn.Module, cls: type[nn.Module]) -> None:
     if not isinstance(module, cls):
@@ -165,17 +188,6 @@ class QuantLinear(_QuantModule):
             raise ValueError(f"QuantLinear needs a 2-D weight, got shape {list(qt.shape)}")
         self.out_features, self.in_features = qt.shape
         self._init_storage(qt, bias, backend)
-
-    @classmethod
-    def from_float(cls, module: nn.Linear, bits: int = 4, method: str = "ot",
-                   granularity: str = "channel", backend: str = "auto") -> QuantLinear:
-        """Quantize an nn.Linear (its weight is fitted once; the module is left untouched)."""
-        _check_type(module, nn.Linear)
-        weight = float_weight(module)
-        qt = cls._fit(weight, bits, method, granularity, module)
-        layer = cls(qt, module.bias, backend).train(module.training)
-        layer._set_stats(weight)
-        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N]."""
@@ -231,7 +243,7 @@ class _QuantConv(_QuantModule):
             self.padding, self.padding_mode, self.kernel_size, self.dilation)
 
     @staticmethod
-    def _conv_cfg(module) -> dict:
+    def _layout(module) -> dict:
         return {k: getattr(module, k) for k in ("in_channels", "out_channels", "kernel_size",
                                                 "stride", "padding", "dilation", "groups",
                                                 "padding_mode")}
@@ -251,17 +263,6 @@ class _QuantConv(_QuantModule):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
         return s + f", bias={self.bias is not None}, {self._storage_repr()}"
-
-    @classmethod
-    def from_float(cls, module, bits: int = 4, method: str = "ot",
-                   granularity: str = "channel", backend: str = "auto"):
-        """Quantize a float conv (its weight is fitted once; the module is left untouched)."""
-        _check_type(module, cls.FLOAT_TYPE)
-        weight = float_weight(module)
-        qt = cls._fit(weight, bits, method, granularity, module)
-        layer = cls(qt, module.bias, backend, **cls._conv_cfg(module)).train(module.training)
-        layer._set_stats(weight)
-        return layer
 
 
 class QuantConv2d(_QuantConv):

@@ -25,11 +25,6 @@ def _meta_tensors(model: nn.Module):
                     yield module, store, name, dot + name, t
 
 
-def has_meta_tensors(model: nn.Module) -> bool:
-    """Whether any parameter or buffer of ``model`` is on the meta device."""
-    return next(_meta_tensors(model), None) is not None
-
-
 def check_loadable(model: nn.Module, what: str, skip: tuple[str, ...] = ()) -> None:
     """ValueError naming the meta buffers no checkpoint can fill (non-persistent ones);
     those inside the submodules named in ``skip`` (about to be replaced) do not count."""
