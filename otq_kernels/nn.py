@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin
 
 from . import backends
+from .fast_paths import bypass_fast_paths, kept_float_reason
 from .modules import (
     QUANT_TYPES,
     QuantConv1d,
@@ -101,14 +102,15 @@ def _plan(model: nn.Module, include, exclude,
         names = aliases[id(module)]
         parent = parents.get(name.rpartition(".")[0]) if name else None
         quant_class = quant_class_for(module)
+        functional = kept_float_reason(parent)
         if quant_class is None:
             reasons[name] = "unsupported type"
         elif type(module).forward is not quant_class.FLOAT_TYPE.forward:
             reasons[name] = f"{type(module).__name__} overrides forward"
         elif not name:
             reasons[name] = "root module cannot be replaced in place"
-        elif isinstance(parent, nn.MultiheadAttention):
-            reasons[name] = "used functionally by MultiheadAttention"
+        elif functional:
+            reasons[name] = functional
         elif include is not None and not _matches_any(names, include):
             reasons[name] = "not included"
         elif exclude and _matches_any(names, exclude):
@@ -203,6 +205,7 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
         replace_module(model, layer_names[name], quant)
+    bypass_fast_paths(model)
     model._otq_reasons = {**getattr(model, "_otq_reasons", {}), **reasons}
     model.otq_summary = wrapper.otq_summary = quantization_summary(model)
     return wrapper

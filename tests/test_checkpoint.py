@@ -328,3 +328,19 @@ def test_a_compiled_model_is_quantized_saved_and_loaded_under_its_own_names(tmp_
     compiled_skeleton = torch.compile(skeleton, backend="eager")
     assert _load(path, compiled_skeleton) is compiled_skeleton
     assert torch.equal(skeleton(x), model(x)) and compiled_skeleton.otq_summary.quantized
+
+
+@pytest.mark.parametrize("skeleton_on", ["cpu", "meta"])
+def test_a_loaded_transformer_encoder_leaves_its_fast_path(tmp_path, skeleton_on):
+    from test_nn import transformer_encoder
+
+    torch.manual_seed(0)
+    model = qnn.quantize_model(transformer_encoder(), bits=4, progress=False)
+    path = tmp_path / "encoder.safetensors"
+    otq.save_quantized(model, path)
+    with torch.device(skeleton_on):
+        skeleton = transformer_encoder()
+    loaded = _load(path, skeleton)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():  # eval, no grad: where the fast path would read linear1.weight
+        assert torch.equal(loaded(x), model(x))

@@ -329,6 +329,43 @@ def test_a_legacy_spectral_normed_layer_is_quantized_from_its_normalised_weight(
     assert sqnr_db(reference(x), quant(x)) > 35
 
 
+def transformer_encoder() -> nn.Module:
+    """Two encoder layers whose eval-mode fast path (batch_first, relu, even heads) reads
+    linear1.weight and linear2.weight; the encoder takes its nested-tensor path too."""
+    layer = nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+
+
+def _twin_with_dense_weights(model: nn.Module, quantized: nn.Module) -> nn.Module:
+    """``model`` (float) with every layer quantized in ``quantized`` set to its dense
+    weight: what torch's own paths compute with the quantized weights."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, qnn._QuantModule):
+                twin.get_submodule(name).weight.copy_(module.dequantize())
+    return twin
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_transformer_encoder_layers_are_quantized_and_leave_their_fast_path():
+    torch.manual_seed(0)
+    model = transformer_encoder()
+    quant = otq.nn.quantize_model(copy.deepcopy(model), bits=4, progress=False)
+    layer = quant.layers[0]
+    assert isinstance(layer.linear1, qnn.QuantLinear) and isinstance(layer.linear2, qnn.QuantLinear)
+    assert type(layer.self_attn.out_proj) is not qnn.QuantLinear  # MultiheadAttention's
+    twin = _twin_with_dense_weights(model, quant)
+    x = torch.randn(3, 5, 16)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    with torch.no_grad():  # where torch takes its fused paths
+        for kwargs in ({}, {"src_key_padding_mask": pad}):
+            got, want = quant(x, **kwargs), twin(x, **kwargs)
+            keep = ~kwargs.get("src_key_padding_mask", torch.zeros(3, 5, dtype=torch.bool))
+            torch.testing.assert_close(got[keep], want[keep], rtol=1e-4, atol=1e-4)
+    assert model.layers[0].activation_relu_or_gelu and model.use_nested_tensor  # untouched
+
+
 class LoRALinear(nn.Linear):
     """A Linear whose forward adds a low-rank branch (its own two Linears)."""
 
