@@ -282,14 +282,14 @@ run_step build 240 '
 run_step tests_cuda 150 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_cuda.xml" tests'
 
 # the CUDA kernel tests, the fit tests, the UNet's (fused attention), CUDA-graph
-# replays of a quantized UNet (CudaGraphed) and a meta skeleton's load onto the GPU only
-# (a quick
+# replays of a quantized UNet (CudaGraphed), a meta skeleton's load onto the GPU and the
+# layers under torch.autocast only (a quick
 # re-check after a kernel change), without the three long-row fit tests (~60 s together;
 # tests_cuda runs them), so that the step finishes inside its cap
 run_step tests_kernels 160 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_kernels.xml" \
     -k "${OTQ_SUITE_TEST_FILTER:-not long_rows_on_gpu}" \
     tests/backends/test_cuda_backend.py tests/backends/test_triton_fit.py \
-    tests/models/test_unet.py tests/test_graphs.py tests/test_skeleton.py'
+    tests/models/test_unet.py tests/test_graphs.py tests/test_skeleton.py tests/test_nn.py'
 
 run_step checks 150 "$TEST_ENV"'
   $PY benchmarks/gpu_checks.py --out "$DIR"'

@@ -5,8 +5,9 @@ They hold a weight in the canonical packed format (DESIGN §2): bit planes as in
 ``state_dict()`` and ``load_state_dict()`` work as for any module. The bias stays a float
 parameter. Forward passes go through :func:`otq_kernels.ops.codebook_linear` /
 :func:`~otq_kernels.ops.codebook_conv2d` with the module's ``backend`` ("auto" = the
-fastest available). Activations keep their dtype (fp32 on CPU, fp16/bf16 on GPU); the
-codebook buffer stays float32 even after ``model.half()``.
+fastest available). Activations keep their dtype (fp32 on CPU, fp16/bf16 on GPU; under
+``torch.autocast`` autocast's, as for nn.Linear); the codebook buffer stays float32 even
+after ``model.half()``.
 """
 
 from __future__ import annotations
@@ -333,7 +334,7 @@ class QuantConv1d(_QuantConv):
         (``conv2d_supports``)."""
         name = ops.resolve_backend(self.backend, "conv2d", x.device, x.shape[0] * x.shape[2],
                                    self.bits, kernel=(1, 1))
-        return ops.conv_kernel_takes(name, x.dtype, self.bits, self.groups)
+        return ops.conv_kernel_takes(name, ops.compute_dtype(x), self.bits, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, C, L] -> [B, N, L_out]."""

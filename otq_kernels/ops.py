@@ -436,6 +436,24 @@ def _check_bias(bias, qt: QuantizedTensor, what: str) -> None:
                          f"{tuple(bias.shape)} on {bias.device}")
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear or conv of activations ``x`` runs in: autocast's where autocast
+    is on for x's device type (``F.linear``/``F.conv*`` are cast so), else x.dtype."""
+    if torch._C._is_any_autocast_enabled():  # (0.2 µs; x.device.type costs 0.7 µs)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _autocast(x: torch.Tensor, bias: Optional[torch.Tensor]):
+    """(x, bias) in :func:`compute_dtype`: under ``torch.autocast`` the output has
+    autocast's dtype, as a float layer's would (callers check that some autocast is on:
+    the check costs 0.2 µs, this call 0.8 µs)."""
+    dtype = compute_dtype(x)
+    return x.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def _empty_batch_output(x: torch.Tensor, bias, shape, bias_shape) -> torch.Tensor:
     """The output of an empty batch x: shape ``shape`` with no values, x.dtype.
 
@@ -464,9 +482,12 @@ def _pair(value, name: str, minimum: int) -> list[int]:
 # ----------------------------------------------------------------------------- public
 def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.Tensor] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
-    """y = x @ W^T + bias with W the codebook weight. x [..., K] -> [..., N] (x.dtype)."""
+    """y = x @ W^T + bias with W the codebook weight. x [..., K] -> [..., N] (x.dtype, or
+    autocast's under ``torch.autocast``)."""
     _check_activation(x, qt, "codebook_linear")
     _check_bias(bias, qt, "codebook_linear")
+    if torch._C._is_any_autocast_enabled():
+        x, bias = _autocast(x, bias)
     n, k, dims = qt.n, qt.k, x.dim()
     if dims == 0 or x.shape[-1] != k:
         raise ValueError(f"codebook_linear: x must be [..., K={k}] for this weight, got "
@@ -489,6 +510,8 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     """2-D convolution with the codebook weight [N, C/groups, KH, KW]. x [B, C, H, W]."""
     _check_activation(x, qt, "codebook_conv2d")
     _check_bias(bias, qt, "codebook_conv2d")
+    if torch._C._is_any_autocast_enabled():
+        x, bias = _autocast(x, bias)
     if len(qt.shape) != 4:
         raise ValueError(f"codebook_conv2d: weight must be 4-D, got shape {list(qt.shape)}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:

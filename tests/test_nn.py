@@ -51,6 +51,23 @@ def test_from_float_matches_float_layer(make, x_shape):
     assert (y_q - y_f).abs().max() < 0.1 * y_f.abs().max()
 
 
+@pytest.mark.parametrize("make,x_shape", [
+    (lambda: nn.Linear(30, 24), (3, 5, 30)),
+    (lambda: nn.Conv1d(16, 12, 1), (2, 16, 9)),
+    (lambda: nn.Conv1d(16, 12, 3, padding=1), (2, 16, 9)),
+    (lambda: nn.Conv2d(8, 12, 3, padding=1), (2, 8, 5, 6)),
+], ids=["linear", "pointwise-conv1d", "conv1d", "conv2d"])
+def test_layers_follow_autocast_like_float_layers(make, x_shape):
+    torch.manual_seed(0)
+    layer = make()
+    quant = qnn.QUANT_TYPES[type(layer)].from_float(layer, bits=8)
+    x = torch.randn(x_shape)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y_q, y_ref = quant(x), _dequant_twin(layer, quant)(x)
+    assert y_q.dtype == y_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y_q, y_ref, rtol=2e-2, atol=2e-2)
+
+
 def test_reference_backend_is_exact():
     torch.manual_seed(1)
     lin = nn.Linear(40, 24)
@@ -508,3 +525,28 @@ def test_pointwise_conv1d_takes_a_conv_kernel_where_one_runs(backend, path, monk
     assert seen == [f"codebook_{path}"]
     assert y.shape == (2, 20, 7) and y.is_contiguous() == (path == "conv2d")
     torch.testing.assert_close(y, F.conv1d(x, q.dequantize(), q.bias), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_on_the_gpu_feeds_the_kernels_its_dtype(backend, dtype):
+    """A float32 model under torch.autocast("cuda"): the quantized layers run on x and bias
+    cast to autocast's dtype (the fused kernels' own dtypes) and return that dtype."""
+    if backend != "auto" and otq.backends.get(backend).unavailable(torch.device("cuda")):
+        pytest.skip(f"backend {backend} unavailable")
+    torch.manual_seed(0)
+    layer = nn.Linear(1024, 512).cuda()
+    quant = qnn.QuantLinear.from_float(layer, bits=4, backend=backend)
+    conv = qnn.QuantConv2d.from_float(nn.Conv2d(64, 64, 3, padding=1).cuda(), bits=4,
+                                      backend=backend)
+    x, img = torch.randn(3, 1024, device="cuda"), torch.randn(1, 64, 8, 8, device="cuda")
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=dtype):
+            y, z = quant(x), conv(img)
+        assert y.dtype == z.dtype == dtype
+        assert torch.equal(y, otq.ops.codebook_linear(x.to(dtype), quant.qweight,
+                                                      quant.bias.to(dtype), backend))
+        assert torch.equal(z, otq.ops.codebook_conv2d(img.to(dtype), conv.qweight,
+                                                      conv.bias.to(dtype), 1, 1,
+                                                      backend=backend))

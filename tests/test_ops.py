@@ -165,6 +165,41 @@ def test_torch_compile_fullgraph():
             torch.testing.assert_close(compiled(x, img), f(x, img))
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu", "dequant"])
+def test_autocast_runs_in_its_dtype_like_torch(backend):
+    """Under torch.autocast x and bias are cast to autocast's dtype, as F.linear/F.conv2d
+    cast theirs: the output has that dtype and equals the call on cast inputs, and the
+    gradient of float32 x comes back float32. Outside autocast nothing is cast."""
+    if backend == "cpu" and otq.backends.get("cpu").unavailable(torch.device("cpu")):
+        pytest.skip("native CPU extension not built")
+    qt, cq = _qt((9, 13), 3), _qt((4, 2, 3, 3), 3)
+    bias, x, img = torch.randn(9), torch.randn(4, 13, requires_grad=True), torch.randn(1, 2, 6, 5)
+    conv_backend = "reference" if backend == "cpu" else backend  # cpu has no conv
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.codebook_linear(x, qt, bias, backend)
+        z = ops.codebook_conv2d(img, cq, bias[:4], 1, 1, backend=conv_backend)
+        assert F.linear(x, qt.dequantize(), bias).dtype == torch.bfloat16  # torch's rule
+    assert y.dtype == z.dtype == torch.bfloat16
+    assert torch.equal(y, ops.codebook_linear(x.bfloat16(), qt, bias.bfloat16(), backend))
+    assert torch.equal(z, ops.codebook_conv2d(img.bfloat16(), cq, bias[:4].bfloat16(), 1, 1,
+                                              backend=conv_backend))
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
+    assert ops.codebook_linear(x, qt, bias, backend).dtype == torch.float32
+
+
+def test_autocast_compiles_fullgraph():
+    qt, bias = _qt(), torch.randn(9)
+
+    def f(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ops.codebook_linear(x, qt, bias, backend="reference")
+
+    x = torch.randn(3, 13)
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, f(x))
+
+
 class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the ops that reach the dispatcher (a mode forces the torch.library op path)."""
 
