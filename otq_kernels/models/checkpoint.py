@@ -24,9 +24,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..modules import unwrap_compiled
 from ..skeleton import check_loadable, materialize
 
 _SHADOW = re.compile(r"^shadow_params\.(\d+)$")
+# What training wrappers put before every name of the state dict they save:
+# DistributedDataParallel / DataParallel and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _read_file(path: str | os.PathLike) -> dict:
@@ -67,6 +71,21 @@ def _unwrap(obj: Mapping) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor],
+                           own_names) -> dict[str, torch.Tensor]:
+    """``state`` with the prefixes of :data:`WRAPPER_PREFIXES` taken off its names, each
+    only where every name carries it and none of ``own_names`` (the model's) does: the
+    state dict of a DDP or compiled model loads into the bare one (``module._orig_mod.``
+    too)."""
+    own_names = list(own_names)
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state) and not any(
+                k.startswith(prefix) for k in own_names):
+            inner = {k[len(prefix):]: v for k, v in state.items()}
+            return strip_wrapper_prefixes(inner, own_names)
+    return dict(state)
+
+
 def extract_state_dict(
     state: Mapping[str, torch.Tensor], model: nn.Module, use_ema: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -98,14 +117,19 @@ def load_fm_checkpoint(
 ) -> nn.Module:
     """Load weights into ``model`` (in place, returned); strict on names and shapes.
 
+    A state dict saved from a ``DistributedDataParallel``/``DataParallel`` or
+    ``torch.compile`` wrapper loads as it is (its ``module.``/``_orig_mod.`` prefixes are
+    dropped), and a compiled ``model`` is seen through.
+
     ``model`` may be built under ``torch.device("meta")`` (no float weights allocated
     twice, no random init): its tensors get storage where the checkpoint's are (CPU for a
     file) before the load (:mod:`otq_kernels.skeleton`). Raises ValueError naming missing /
     unexpected / mis-shaped keys when the checkpoint belongs to another architecture.
     """
     raw = path_or_state if isinstance(path_or_state, Mapping) else _read_file(path_or_state)
-    state = extract_state_dict(_unwrap(raw), model, use_ema=use_ema)
+    wrapper, model = model, unwrap_compiled(model)
     own = model.state_dict()
+    state = extract_state_dict(strip_wrapper_prefixes(_unwrap(raw), own), model, use_ema)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [
@@ -122,7 +146,7 @@ def load_fm_checkpoint(
     check_loadable(model, "load_fm_checkpoint")
     materialize(model, next(iter(state.values())).device if state else torch.device("cpu"))
     model.load_state_dict(state, strict=True)
-    return model
+    return wrapper
 
 
 def _head(items: list[str], n: int = 8) -> str:

@@ -340,3 +340,20 @@ def test_accepts_the_examples_config_keys():
         UNetModel(**dict(kwargs, with_fourier_features=True))
     with pytest.raises(ValueError, match="dims=3"):
         UNetModel(**dict(kwargs, dims=3))
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_checkpoint_of_a_wrapped_model_loads_into_the_bare_one(prefix):
+    """State dicts saved from DDP/DataParallel (module.) or torch.compile (_orig_mod.)
+    wrappers: the prefix goes; a compiled model to load into is seen through."""
+    src = _randomize(_tiny()).eval()
+    state = {prefix + k: v for k, v in src.state_dict().items()}
+    x, t = torch.randn(1, 1, 16, 16), torch.rand(1)
+    torch.testing.assert_close(load_fm_checkpoint(state, _tiny()).eval()(x, t), src(x, t))
+    target = _tiny()
+    compiled = torch.compile(target, backend="eager")  # never called: nothing compiled
+    assert load_fm_checkpoint({"model": state}, compiled) is compiled
+    torch.testing.assert_close(target.eval()(x, t), src(x, t))
+    partly = dict(state, extra=torch.zeros(1))  # not every name prefixed: left as it is
+    with pytest.raises(ValueError, match="unexpected keys"):
+        load_fm_checkpoint(partly, _tiny())
