@@ -93,7 +93,8 @@ class _QuantModule(nn.Module):
             return hit[1]
         qt = QuantizedTensor(list(tensors[:-1]), tensors[-1], self.bits, shape,
                              self.granularity, self.method)
-        self._cache[key] = (tensors, qt)
+        if not torch.compiler.is_compiling():  # a trace's tensors are not kept past it
+            self._cache[key] = (tensors, qt)
         return qt
 
     @property

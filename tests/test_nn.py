@@ -467,6 +467,28 @@ def test_quantized_unet_compiles_fullgraph():
         torch.testing.assert_close(compiled(x, t), eager)
 
 
+def test_quantized_unet_exports_and_keeps_no_traced_tensors():
+    """torch.export traces a quantized UNet to the otq ops; the layers' cached weight views
+    are not filled with the trace's tensors (torch warned of "tensor attributes ...
+    assigned during export")."""
+    from otq_kernels.models import build_model
+
+    torch.manual_seed(0)
+    model = otq.quantize_model(build_model("tiny").eval(), bits=3, progress=False)
+    x, t = torch.randn(2, 1, 16, 16), torch.full((2,), 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        program = torch.export.export(model, (x, t))
+    ops_seen = {str(node.target) for node in program.graph.nodes}
+    assert "otq.codebook_conv2d.default" in ops_seen and "otq.codebook_linear.default" in ops_seen
+    for layer in (m for m in model.modules() if isinstance(m, qnn._QuantModule)):
+        for tensors, _ in layer._cache.values():  # the layer's own buffers only
+            assert all(a is b for a, b in zip(tensors, [*layer._planes(), layer.codebook],
+                                              strict=True))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x, t), model(x, t))
+
+
 def test_tiny_unet_on_triton_matches_reference(monkeypatch):
     """Every layer of a quantized UNet on the Triton kernels (the interpreter on CPU) with a
     132-SM split heuristic, so small convs split their channel blocks and NCHW activations
