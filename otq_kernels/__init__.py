@@ -6,7 +6,7 @@ Nothing here touches a GPU, compiles or allocates at import time.
 from . import nn, ops
 from .checkpoint import load_quantized, save_quantized
 from .format import QuantizedTensor, pack_codes, plane_widths, unpack_codes
-from .nn import quantize_model
+from .nn import dequantize_model, quantize_model
 from .quantizers import METHODS, fake_quantize, fake_quantize_state_dict, fit_codebook
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "QuantizedTensor",
+    "dequantize_model",
     "fake_quantize",
     "fake_quantize_state_dict",
     "fit_codebook",

@@ -26,7 +26,7 @@ import zlib
 import torch
 from torch import nn
 
-from .fast_paths import bypass_fast_paths
+from .fast_paths import sync_fast_paths
 from .format import GRANULARITIES, QuantizedTensor, check_bits, plane_widths
 from .modules import (
     QuantConv1d,
@@ -370,7 +370,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     check_loadable(model, os.fspath(path), skip=tuple(n for names, _ in swaps for n in names))
     for names, layer in swaps:  # everything validated: now mutate the model
         replace_module(model, names, layer)
-    bypass_fast_paths(model)
+    sync_fast_paths(model)
     materialize(model, device)
     model.to(device)
     model.load_state_dict(tensors, strict=True)  # copies across devices, one tensor at a time

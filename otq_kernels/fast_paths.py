@@ -6,7 +6,7 @@ A quantized layer has no dense weight, so these paths cannot take it:
   on every call: its ``out_proj`` stays float (:func:`kept_float_reason`).
 * ``nn.TransformerEncoderLayer`` in eval mode (and ``nn.TransformerEncoder`` over it, given
   a padding mask) may take a fused fast path that reads ``linear1.weight`` and
-  ``linear2.weight``. Once those are quantized, :func:`bypass_fast_paths` switches that
+  ``linear2.weight``. While those are quantized, :func:`sync_fast_paths` switches that
   path off on the instance, so that the layer runs its ordinary forward: the same math,
   through the quantized layers (the slow path is the one training runs).
 """
@@ -17,7 +17,10 @@ from torch import nn
 
 from .modules import _QuantModule
 
-_ENCODER_LINEARS = ("linear1", "linear2")
+# The attribute torch's fast-path checks read on each module type, and its "off" value.
+_SWITCHES = {nn.TransformerEncoderLayer: ("activation_relu_or_gelu", 0),
+             nn.TransformerEncoder: ("use_nested_tensor", False)}
+_SAVED = "_otq_fast_path"  # where the switched-off value is kept, to restore it
 
 
 def kept_float_reason(parent: nn.Module | None) -> str | None:
@@ -27,23 +30,33 @@ def kept_float_reason(parent: nn.Module | None) -> str | None:
     return None
 
 
-def _has_quantized_linears(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.TransformerEncoderLayer) and any(
-        isinstance(getattr(layer, name, None), _QuantModule) for name in _ENCODER_LINEARS)
+def _reads_quantized_weights(module: nn.Module) -> bool:
+    """Whether ``module``'s fast path would read the weight of a quantized layer."""
+    if isinstance(module, nn.TransformerEncoder):
+        return len(module.layers) > 0 and _reads_quantized_weights(module.layers[0])
+    return any(isinstance(getattr(module, name, None), _QuantModule)
+               for name in ("linear1", "linear2"))
 
 
-def bypass_fast_paths(model: nn.Module) -> None:
+def sync_fast_paths(model: nn.Module) -> None:
     """Switch off, in place, the fused fast path of every ``nn.TransformerEncoderLayer`` in
     ``model`` with a quantized ``linear1``/``linear2`` and of every ``nn.TransformerEncoder``
-    whose first layer is one (idempotent).
+    whose first layer is one; switch it back on where those layers are float again
+    (idempotent).
 
     The attributes set are those torch's fast-path checks read (``activation_relu_or_gelu``,
-    ``use_nested_tensor``); they choose a path only, not the math, and a deep copy or a
-    pickled model keeps them.
+    ``use_nested_tensor``): they choose a path only, not the math. A deep copy or a pickled
+    model keeps them.
     """
     for module in model.modules():
-        if _has_quantized_linears(module):
-            module.activation_relu_or_gelu = 0  # the slow path applies module.activation
-        if isinstance(module, nn.TransformerEncoder) and len(module.layers) and (
-                _has_quantized_linears(module.layers[0])):
-            module.use_nested_tensor = False
+        switch = next((s for t, s in _SWITCHES.items() if isinstance(module, t)), None)
+        if switch is None:
+            continue
+        attr, off = switch
+        saved = module.__dict__.get(_SAVED)
+        if _reads_quantized_weights(module) and saved is None:
+            setattr(module, _SAVED, getattr(module, attr))
+            setattr(module, attr, off)
+        elif not _reads_quantized_weights(module) and saved is not None:
+            setattr(module, attr, saved)
+            delattr(module, _SAVED)

@@ -156,6 +156,26 @@ class _QuantModule(nn.Module):
         """A layer of ``qt`` to put in place of ``module``: its geometry, train/eval mode."""
         return cls(qt, bias, backend, **cls._layout(module)).train(module.training)
 
+    def to_float(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The ``FLOAT_TYPE`` layer of the dequantized weight (``dtype``: default the bias's,
+        float32 without one) and this bias, on this device, in this train/eval mode: the
+        inverse of :meth:`from_float` up to the quantization error."""
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        device = self.codebook.device
+        with torch.device("meta"):  # shapes only: the weights come from this layer
+            layer = self.FLOAT_TYPE(**self._float_layout(), bias=self.bias is not None)
+        layer = layer.to_empty(device=device).to(dtype).train(self.training)
+        with torch.no_grad():
+            layer.weight.copy_(self.dequantize(dtype))
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
+    def _float_layout(self) -> dict:
+        """The ``FLOAT_TYPE`` constructor's keywords besides bias (a conv's geometry, read
+        from this layer as :meth:`_layout` reads it from the float one)."""
+        return self._layout(self)
+
     @classmethod
     def from_float(cls, module: nn.Module, bits: int = 4, method: str = "ot",
                    granularity: str = "channel", backend: str = "auto") -> _QuantModule:
@@ -190,6 +210,9 @@ class QuantLinear(_QuantModule):
             raise ValueError(f"QuantLinear needs a 2-D weight, got shape {list(qt.shape)}")
         self.out_features, self.in_features = qt.shape
         self._init_storage(qt, bias, backend)
+
+    def _float_layout(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N]."""

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin
 
 from . import backends
-from .fast_paths import bypass_fast_paths, kept_float_reason
+from .fast_paths import kept_float_reason, sync_fast_paths
 from .modules import (
     QUANT_TYPES,
     QuantConv1d,
@@ -43,6 +43,7 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "QuantizationSummary",
+    "dequantize_model",
     "format_summary",
     "quantization_summary",
     "quantize_model",
@@ -205,8 +206,33 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
         replace_module(model, layer_names[name], quant)
-    bypass_fast_paths(model)
+    sync_fast_paths(model)
     model._otq_reasons = {**getattr(model, "_otq_reasons", {}), **reasons}
     model.otq_summary = wrapper.otq_summary = quantization_summary(model)
     return wrapper
 
+
+
+def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
+    """Replace every Quant* layer of ``model`` by the float layer of its dequantized weight
+    (:meth:`~otq_kernels.modules._QuantModule.to_float`), in place: the dense model of the
+    same codebook weights, for tools and runtimes that need dense weights.
+
+    dtype: the weights' dtype; default each layer's bias dtype, else that of the model's
+    first floating-point parameter (float32 if none). Shared layers stay shared, torch's
+    transformer fast paths come back on (:mod:`.fast_paths`) and a ``torch.compile``
+    wrapper is seen through. Returns ``model``, its ``otq_summary`` gone.
+    """
+    wrapper, model = model, unwrap_compiled(model)
+    floating = (p.dtype for p in model.parameters() if p.is_floating_point())
+    default = next(floating, None)
+    for names in module_aliases(model).values():
+        layer = model.get_submodule(names[0])
+        if isinstance(layer, _QuantModule) and names[0]:
+            layer_dtype = dtype or (None if layer.bias is not None else default)
+            replace_module(model, names, layer.to_float(layer_dtype))
+    sync_fast_paths(model)
+    for obj in (wrapper, model):
+        for attr in ("otq_summary", "_otq_reasons"):
+            obj.__dict__.pop(attr, None)
+    return wrapper

@@ -383,6 +383,53 @@ def test_transformer_encoder_layers_are_quantized_and_leave_their_fast_path():
     assert model.layers[0].activation_relu_or_gelu and model.use_nested_tensor  # untouched
 
 
+def test_dequantize_model_gives_the_dense_model_of_the_same_weights():
+    torch.manual_seed(0)
+    model = otq.quantize_model(Toy().eval(), bits=3, exclude="blocks.2", progress=False)
+    quantized = {name: m for name, m in model.named_modules()
+                 if isinstance(m, qnn._QuantModule)}
+    x = torch.randn(2, 3, 4, 4)
+    want = model(x)
+    assert otq.dequantize_model(model) is model and not hasattr(model, "otq_summary")
+    for name, quant in quantized.items():
+        layer = model.get_submodule(name)
+        assert type(layer) is quant.FLOAT_TYPE and not layer.training
+        assert torch.equal(layer.weight, quant.dequantize()) and torch.equal(layer.bias, quant.bias)
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, qnn._QuantModule) for m in model.modules())
+    assert model.stem.padding == (1, 1) and model.proj.kernel_size == (1,)
+
+
+def test_dequantize_model_keeps_sharing_and_the_model_dtype():
+    torch.manual_seed(0)
+    shared = otq.dequantize_model(otq.quantize_model(Shared(), bits=4, progress=False))
+    assert type(shared.a) is nn.Linear and shared.a is shared.b is shared.c[0]
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 4))
+    otq.quantize_model(model, bits=4, progress=False).half()
+    otq.dequantize_model(model)
+    assert model[0].weight.dtype == model[1].weight.dtype == torch.float16
+    assert otq.dequantize_model(model.float(), dtype=torch.float32) is model
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_dequantize_model_gives_transformer_layers_their_fast_path_back(monkeypatch):
+    fused = []
+    real = torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd",
+                        lambda *a, **k: fused.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = transformer_encoder()
+    otq.quantize_model(model, bits=4, progress=False)
+    assert model.layers[0].activation_relu_or_gelu == 0 and not model.use_nested_tensor
+    otq.quantize_model(model, bits=4, progress=False)  # again: nothing left to switch
+    otq.dequantize_model(model)
+    assert model.layers[0].activation_relu_or_gelu == 1 and model.use_nested_tensor
+    assert "_otq_fast_path" not in vars(model) and "_otq_fast_path" not in vars(model.layers[1])
+    with torch.no_grad():  # torch's fused path on the dense weights
+        model(torch.randn(2, 5, 16))
+    assert len(fused) == 2
+
+
 class LoRALinear(nn.Linear):
     """A Linear whose forward adds a low-rank branch (its own two Linears)."""
 
