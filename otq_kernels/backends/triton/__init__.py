@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 
 def unavailable(device) -> str | None:
     try:
@@ -15,6 +17,16 @@ def unavailable(device) -> str | None:
     return None
 
 
+def _on_its_gpu(t: torch.Tensor | None, launch, *args):
+    """``launch(*args)`` with ``t``'s GPU current: Triton launches its kernels on the
+    current device, so a model on ``cuda:1`` while ``cuda:0`` is current would run them on
+    the wrong GPU. The device guard is entered only when the GPUs differ."""
+    if isinstance(t, torch.Tensor) and t.is_cuda and t.get_device() != torch.cuda.current_device():
+        with torch.cuda.device(t.device):
+            return launch(*args)
+    return launch(*args)
+
+
 # Each kernel family lives in its own module, imported on first use (never at package
 # import, so no GPU query or compilation happens then). A submodule must not share an
 # entry point's name: importing it would rebind the package attribute to the module.
@@ -22,37 +34,37 @@ def linear(x, qt, bias):
     """x [M, K] -> [M, N]: GEMV / split-K / tiled GEMM on codes decoded in-kernel."""
     from .matmul import linear_triton
 
-    return linear_triton(x, qt, bias)
+    return _on_its_gpu(x, linear_triton, x, qt, bias)
 
 
 def conv2d(x, qt, bias, stride, padding, dilation, groups):
     """Implicit-GEMM conv on channels-last tiles. x [B, C, H, W] -> [B, N, OH, OW]."""
     from .conv import conv2d_triton
 
-    return conv2d_triton(x, qt, bias, stride, padding, dilation, groups)
+    return _on_its_gpu(x, conv2d_triton, x, qt, bias, stride, padding, dilation, groups)
 
 
 def fit_rows(rows, bits, assign="rank"):
     """Fused sort-based equal-mass binning, one program per row."""
     from .fit import fit_rows_triton
 
-    return fit_rows_triton(rows, bits, assign)
+    return _on_its_gpu(rows, fit_rows_triton, rows, bits, assign)
 
 
 def pack(codes, bits):
     from .packing import pack_triton
 
-    return pack_triton(codes, bits)
+    return _on_its_gpu(codes, pack_triton, codes, bits)
 
 
 def unpack(planes, bits, k):
     from .packing import unpack_triton
 
-    return unpack_triton(planes, bits, k)
+    return _on_its_gpu(planes[0] if planes else None, unpack_triton, planes, bits, k)
 
 
 def dequantize_triton(qt, dtype):
     """Dense weight of qt.shape in ``dtype``, expanded by a Triton kernel."""
     from .dequant import dequantize_triton as impl
 
-    return impl(qt, dtype)
+    return _on_its_gpu(qt.codebook, impl, qt, dtype)
