@@ -26,20 +26,24 @@ from .metrics.weights import weight_error
 from .quantizers import check_options, fit_codebook
 
 
-def float_weight(module: nn.Module) -> torch.Tensor:
-    """The weight a float layer multiplies by (its original shape).
+def float_tensor(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+    """The ``weight`` (or ``bias``) a float layer computes with, in its original shape.
 
-    ``module.weight``, which evaluates a ``torch.nn.utils.parametrize`` parametrization
-    (``parametrizations.weight_norm``, ``spectral_norm``, ...), except under the legacy
-    hook-based ``weight_norm``/``spectral_norm``: there the ``weight`` attribute is only
-    refreshed by a forward call (stale after a ``load_state_dict``), so their hook computes it.
+    ``getattr(module, name)``, which evaluates a ``torch.nn.utils.parametrize``
+    parametrization (``parametrizations.weight_norm``, ``spectral_norm``, ...), except
+    under the legacy hook-based ``weight_norm``/``spectral_norm`` and under
+    ``torch.nn.utils.prune``: there the attribute is only refreshed by a forward call
+    (stale after a ``load_state_dict``), so their hook computes it.
     """
+    prune = sys.modules.get("torch.nn.utils.prune")  # (not imported: nothing is pruned)
     for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, WeightNorm):
+        if isinstance(hook, WeightNorm) and hook.name == name:
             return hook.compute_weight(module)
-        if isinstance(hook, SpectralNorm):
+        if isinstance(hook, SpectralNorm) and hook.name == name:
             return hook.compute_weight(module, do_power_iteration=False)
-    return module.weight
+        if prune and isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+            return hook.apply_mask(module)
+    return getattr(module, name)
 
 
 # ----------------------------------------------------------------------------- base
@@ -182,9 +186,9 @@ class _QuantModule(nn.Module):
         """Quantize a float layer of ``FLOAT_TYPE`` (its weight is fitted once; the module
         is left untouched)."""
         _check_type(module, cls.FLOAT_TYPE)
-        weight = float_weight(module)
+        weight = float_tensor(module)
         qt = cls._fit(weight, bits, method, granularity, module)
-        layer = cls.replacing(module, qt, module.bias, backend)
+        layer = cls.replacing(module, qt, float_tensor(module, "bias"), backend)
         layer._set_stats(weight)
         return layer
 

@@ -21,7 +21,7 @@ from .modules import (
     QuantConv2d,
     QuantLinear,
     _QuantModule,
-    float_weight,
+    float_tensor,
     module_aliases,
     quant_class_for,
     replace_module,
@@ -196,7 +196,7 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
         try:
             check_options(opts["bits"], opts["method"], opts["granularity"], "rank")
             backends.check_name(opts["backend"])
-            check_weight(float_weight(model.get_submodule(name)))
+            check_weight(float_tensor(model.get_submodule(name)))
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
     for name, opts in tqdm(plans, desc="quantize", unit="layer", disable=not progress):
