@@ -33,9 +33,9 @@ from .modules import (
     QuantConv2d,
     QuantLinear,
     _QuantModule,
+    bare_module,
     module_aliases,
     replace_module,
-    unwrap_compiled,
 )
 from .skeleton import check_loadable, materialize
 from .summary import quantization_summary
@@ -111,7 +111,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
 
     from . import __version__
 
-    model = unwrap_compiled(model)  # the names a bare model of the architecture has
+    model = bare_module(model, "save_quantized")  # the names a bare model has
     layers = {name: _layer_meta(m) for name, m in model.named_modules()
               if isinstance(m, _QuantModule)}
     if not layers:
@@ -345,11 +345,11 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     format version, tensors whose shapes/dtypes disagree with the metadata, or a model of
     another architecture; the model is only modified once everything has been validated.
     """
+    wrapper, model = model, bare_module(model, "load_quantized")
     meta, tensors = read_safetensors(path)
     _check_format(meta, path)
     _verify_checksums(meta, tensors, path)
     layers = _json(meta, "layers", path)
-    wrapper, model = model, unwrap_compiled(model)
     device = _load_device(model, device, path)
     aliases = module_aliases(model)
     swaps, swapped = [], {}  # swapped: id(module) -> the file's name for it

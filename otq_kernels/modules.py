@@ -165,6 +165,9 @@ class _QuantModule(nn.Module):
         float32 without one) and this bias, on this device, in this train/eval mode: the
         inverse of :meth:`from_float` up to the quantization error."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"{type(self).__name__}.to_float: dtype must be a floating-point "
+                             f"torch.dtype, got {dtype!r}")
         device = self.codebook.device
         with torch.device("meta"):  # shapes only: the weights come from this layer
             layer = self.FLOAT_TYPE(**self._float_layout(), bias=self.bias is not None)
@@ -386,9 +389,13 @@ QUANT_TYPES: dict[type[nn.Module], type[_QuantModule]] = {
 }
 
 
-def unwrap_compiled(model: nn.Module) -> nn.Module:
+def bare_module(model: nn.Module, what: str) -> nn.Module:
     """The module a ``torch.compile`` wrapper holds (its names carry no ``_orig_mod.``
-    prefix), else ``model`` itself."""
+    prefix), else ``model`` itself; TypeError naming ``what`` (the caller) unless
+    ``model`` is an nn.Module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: the model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (none compiled before it)
     if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
         return model._orig_mod

@@ -21,11 +21,11 @@ from .modules import (
     QuantConv2d,
     QuantLinear,
     _QuantModule,
+    bare_module,
     float_tensor,
     module_aliases,
     quant_class_for,
     replace_module,
-    unwrap_compiled,
 )
 from .quantizers import check_options, check_weight
 from .summary import (
@@ -76,13 +76,27 @@ def _layer_options(names: list[str], base: dict, overrides: dict | None) -> dict
     ``names`` (in order)."""
     opts = dict(base)
     for pattern, values in (overrides or {}).items():
+        if _matches_any(names, [pattern]):
+            opts.update(values)
+    return opts
+
+
+def _check_overrides(overrides) -> None:
+    """ValueError unless ``overrides`` is None or {fnmatch pattern: {key: value}} with keys
+    from OVERRIDE_KEYS."""
+    if overrides is None:
+        return
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides must be a dict {{pattern: {{'bits': 8, ...}}}}, got "
+                         f"{type(overrides).__name__}")
+    for pattern, values in overrides.items():
+        if not isinstance(pattern, str) or not isinstance(values, dict):
+            raise ValueError(f"override {pattern!r}: {values!r} must be a dict of options "
+                             f"({', '.join(OVERRIDE_KEYS)}) under an fnmatch pattern")
         bad = set(values) - set(OVERRIDE_KEYS)
         if bad:
             raise ValueError(f"override {pattern!r}: unknown keys {sorted(bad)}; "
                              f"allowed: {OVERRIDE_KEYS}")
-        if _matches_any(names, [pattern]):
-            opts.update(values)
-    return opts
 
 
 def _plan(model: nn.Module, include, exclude,
@@ -174,10 +188,11 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     """
     from tqdm.auto import tqdm
 
-    wrapper, model = model, unwrap_compiled(model)
+    wrapper, model = model, bare_module(model, "quantize_model")
     check_options(bits, method, granularity, "rank")
     backends.check_name(backend)
     include, exclude = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    _check_overrides(overrides)
     _check_shaped(model)
     aliases = module_aliases(model)
     names, reasons = _plan(model, include, exclude, aliases)
@@ -223,7 +238,7 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
     transformer fast paths come back on (:mod:`.fast_paths`) and a ``torch.compile``
     wrapper is seen through. Returns ``model``, its ``otq_summary`` gone.
     """
-    wrapper, model = model, unwrap_compiled(model)
+    wrapper, model = model, bare_module(model, "dequantize_model")
     floating = (p.dtype for p in model.parameters() if p.is_floating_point())
     default = next(floating, None)
     for names in module_aliases(model).values():

@@ -11,6 +11,7 @@ from torch import nn
 import otq_kernels as otq
 from otq_kernels import nn as qnn
 from otq_kernels.metrics.weights import sqnr_db
+from otq_kernels.models import load_fm_checkpoint
 
 
 def _dequant_twin(float_module: nn.Module, quant: qnn._QuantModule) -> nn.Module:
@@ -210,6 +211,32 @@ def test_quantize_model_include_and_errors():
         otq.nn.quantize_model(Toy(), method="nope", progress=False)
     with pytest.raises(ValueError, match="an fnmatch pattern or a list of them"):
         otq.nn.quantize_model(Toy(), include=5, progress=False)
+    with pytest.raises(ValueError, match="overrides must be a dict"):
+        otq.nn.quantize_model(Toy(), overrides=["stem"], progress=False)
+    with pytest.raises(ValueError, match="override 'stem': 8 must be a dict of options"):
+        otq.nn.quantize_model(Toy(), overrides={"stem": 8}, progress=False)
+    with pytest.raises(ValueError, match="unknown keys"):  # matching no layer: still checked
+        otq.nn.quantize_model(Toy(), overrides={"nothing": {"bitz": 8}}, progress=False)
+
+
+@pytest.mark.parametrize("call, args", [
+    (otq.quantize_model, ()), (otq.dequantize_model, ()), (otq.save_quantized, ("q.st",)),
+    (lambda m: otq.load_quantized("missing.safetensors", m), ()),
+    (lambda m: load_fm_checkpoint("missing.safetensors", m), ()),
+], ids=["quantize_model", "dequantize_model", "save_quantized", "load_quantized",
+        "load_fm_checkpoint"])
+def test_model_arguments_that_are_not_modules_are_named(call, args, request):
+    what = request.node.callspec.id
+    with pytest.raises(TypeError, match=f"{what}: the model must be a torch.nn.Module, got str"):
+        call("model", *args)
+
+
+def test_to_float_refuses_a_dtype_that_is_not_floating_point():
+    model = otq.quantize_model(nn.Sequential(nn.Linear(4, 4)), progress=False)
+    for dtype in (torch.int32, "float16", torch.complex64):
+        with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+            otq.dequantize_model(model, dtype=dtype)
+    assert isinstance(model[0], qnn.QuantLinear)  # unchanged
 
 
 @pytest.mark.parametrize("kwargs, match", [

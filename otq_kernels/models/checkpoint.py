@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..modules import unwrap_compiled
+from ..modules import bare_module
 from ..skeleton import check_loadable, materialize
 
 _SHADOW = re.compile(r"^shadow_params\.(\d+)$")
@@ -126,8 +126,8 @@ def load_fm_checkpoint(
     file) before the load (:mod:`otq_kernels.skeleton`). Raises ValueError naming missing /
     unexpected / mis-shaped keys when the checkpoint belongs to another architecture.
     """
+    wrapper, model = model, bare_module(model, "load_fm_checkpoint")
     raw = path_or_state if isinstance(path_or_state, Mapping) else _read_file(path_or_state)
-    wrapper, model = model, unwrap_compiled(model)
     own = model.state_dict()
     state = extract_state_dict(strip_wrapper_prefixes(_unwrap(raw), own), model, use_ema)
     missing = sorted(set(own) - set(state))
