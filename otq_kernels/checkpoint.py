@@ -318,9 +318,14 @@ def _check_rest(own: dict, tensors: dict, path) -> None:
 
 
 def _load_device(model: nn.Module, device, path) -> torch.device:
-    """``device``, else the model's (CPU for a skeleton on the meta device)."""
+    """``device``, else the model's (CPU for a skeleton on the meta device); ValueError
+    for one that cannot hold the weights, before the model is touched."""
     if device is not None:
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+            torch.empty(0, device=device)  # a GPU the build or machine lacks fails here
+        except (RuntimeError, AssertionError) as err:  # (torch's two kinds for these)
+            raise ValueError(f"{path}: cannot load onto device {str(device)!r}: {err}") from None
         if device.type == "meta":
             raise ValueError(f"{path}: cannot load onto the meta device (it holds no values)")
         return device

@@ -321,7 +321,12 @@ class QuantConv2d(_QuantConv):
         self._init_storage(qt, bias, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] -> [B, N, OH, OW]."""
+        """x [B, C, H, W] -> [B, N, OH, OW]; unbatched x [C, H, W] -> [N, OH, OW]."""
+        if x.dim() == 3:  # as nn.Conv2d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4:
+            raise ValueError(f"QuantConv2d expects x [B, C, H, W] or [C, H, W], got shape "
+                             f"{list(x.shape)}")
         return ops.codebook_conv2d(self._pad(x), self.qweight, self.bias, self.stride,
                                    self._conv_padding, self.dilation, self.groups, self.backend)
 
@@ -368,9 +373,12 @@ class QuantConv1d(_QuantConv):
         return ops.conv_kernel_takes(name, ops.compute_dtype(x), self.bits, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C, L] -> [B, N, L_out]."""
+        """x [B, C, L] -> [B, N, L_out]; unbatched x [C, L] -> [N, L_out]."""
+        if x.dim() == 2:  # as nn.Conv1d takes it
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 3:
-            raise ValueError(f"QuantConv1d expects x [B, C, L], got shape {list(x.shape)}")
+            raise ValueError(f"QuantConv1d expects x [B, C, L] or [C, L], got shape "
+                             f"{list(x.shape)}")
         n, c, k = self.weight_shape
         if self.pointwise and not self._conv_kernel_runs(x):
             y = ops.codebook_linear(x.transpose(1, 2), self._cached("linear", (n, c)),

@@ -69,6 +69,24 @@ def test_layers_follow_autocast_like_float_layers(make, x_shape):
     torch.testing.assert_close(y_q, y_ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("make,x_shape", [
+    (lambda: nn.Conv1d(6, 4, 3, padding=1), (6, 9)),
+    (lambda: nn.Conv1d(6, 4, 1), (6, 9)),  # pointwise: the linear path
+    (lambda: nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"), (6, 5, 7)),
+], ids=["conv1d", "pointwise-conv1d", "conv2d"])
+def test_convs_take_unbatched_input_like_torch(make, x_shape):
+    torch.manual_seed(0)
+    layer = make()
+    quant = qnn.QUANT_TYPES[type(layer)].from_float(layer, bits=4)
+    x = torch.randn(x_shape)
+    with torch.no_grad():
+        y = quant(x)
+        assert y.shape == layer(x).shape
+        torch.testing.assert_close(y, quant(x.unsqueeze(0))[0])
+    with pytest.raises(ValueError, match=r"expects x \[B, C, .*\] or \[C, "):
+        quant(x[0])  # one dimension fewer still: refused, as torch refuses it
+
+
 def test_reference_backend_is_exact():
     torch.manual_seed(1)
     lin = nn.Linear(40, 24)

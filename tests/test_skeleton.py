@@ -109,6 +109,21 @@ def test_meta_is_not_a_device_to_load_onto(tmp_path):
         otq.load_quantized(path, Net().eval(), device="meta")
 
 
+@pytest.mark.parametrize("device", [
+    "gpu", pytest.param("cuda", id="absent-gpu",  # (an id with "cuda" would mark it cuda)
+                        marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                 reason="this machine has a GPU"))])
+def test_a_device_that_cannot_hold_the_weights_is_refused_before_the_model_changes(
+        tmp_path, device):
+    _, path = _saved(tmp_path)
+    skel = Net().eval()
+    before = {k: v.clone() for k, v in skel.state_dict().items()}
+    with pytest.raises(ValueError, match=f"cannot load onto device '{device}'"):
+        otq.load_quantized(path, skel, device=device)
+    after = skel.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_float_checkpoint_loads_into_a_meta_skeleton():
     torch.manual_seed(0)
     src = build_model("tiny")
