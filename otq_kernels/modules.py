@@ -13,6 +13,7 @@ after ``model.half()``.
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,17 @@ from .metrics.weights import weight_error
 from .quantizers import check_options, fit_codebook
 
 
+def _computed_tensor(hook) -> str | None:
+    """The name of the tensor a forward pre-hook computes from others (the legacy
+    ``weight_norm``/``spectral_norm`` hooks, ``torch.nn.utils.prune``), else None."""
+    if isinstance(hook, (WeightNorm, SpectralNorm)):
+        return hook.name
+    prune = sys.modules.get("torch.nn.utils.prune")  # (not imported: nothing is pruned)
+    if prune and isinstance(hook, prune.BasePruningMethod):
+        return hook._tensor_name
+    return None
+
+
 def float_tensor(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
     """The ``weight`` (or ``bias``) a float layer computes with, in its original shape.
 
@@ -35,15 +47,32 @@ def float_tensor(module: nn.Module, name: str = "weight") -> torch.Tensor | None
     ``torch.nn.utils.prune``: there the attribute is only refreshed by a forward call
     (stale after a ``load_state_dict``), so their hook computes it.
     """
-    prune = sys.modules.get("torch.nn.utils.prune")  # (not imported: nothing is pruned)
     for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, WeightNorm) and hook.name == name:
+        if _computed_tensor(hook) != name:
+            continue
+        if isinstance(hook, WeightNorm):
             return hook.compute_weight(module)
-        if isinstance(hook, SpectralNorm) and hook.name == name:
+        if isinstance(hook, SpectralNorm):
             return hook.compute_weight(module, do_power_iteration=False)
-        if prune and isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
-            return hook.apply_mask(module)
+        return hook.apply_mask(module)
     return getattr(module, name)
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+          "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+          "_backward_hooks", "_is_full_backward_hook")
+
+
+def _take_hooks(layer: nn.Module, module: nn.Module) -> None:
+    """Give ``layer`` the forward and backward hooks of ``module``, which it replaces: the
+    same dicts, so that their handles still remove them, less the hooks that compute the
+    float weight or bias (the quantized layer holds them computed)."""
+    for attr in _HOOKS:
+        setattr(layer, attr, getattr(module, attr))
+    pre_hooks = module._forward_pre_hooks
+    if any(_computed_tensor(hook) for hook in pre_hooks.values()):
+        layer._forward_pre_hooks = OrderedDict(
+            (key, hook) for key, hook in pre_hooks.items() if not _computed_tensor(hook))
 
 
 # ----------------------------------------------------------------------------- base
@@ -157,13 +186,16 @@ class _QuantModule(nn.Module):
     @classmethod
     def replacing(cls, module: nn.Module, qt: QuantizedTensor, bias: torch.Tensor | None,
                   backend: str) -> _QuantModule:
-        """A layer of ``qt`` to put in place of ``module``: its geometry, train/eval mode."""
-        return cls(qt, bias, backend, **cls._layout(module)).train(module.training)
+        """A layer of ``qt`` to put in place of ``module``: its geometry, train/eval mode
+        and hooks."""
+        layer = cls(qt, bias, backend, **cls._layout(module)).train(module.training)
+        _take_hooks(layer, module)
+        return layer
 
     def to_float(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The ``FLOAT_TYPE`` layer of the dequantized weight (``dtype``: default the bias's,
-        float32 without one) and this bias, on this device, in this train/eval mode: the
-        inverse of :meth:`from_float` up to the quantization error."""
+        float32 without one) and this bias, on this device, in this train/eval mode, with
+        these hooks: the inverse of :meth:`from_float` up to the quantization error."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"{type(self).__name__}.to_float: dtype must be a floating-point "
@@ -172,6 +204,7 @@ class _QuantModule(nn.Module):
         with torch.device("meta"):  # shapes only: the weights come from this layer
             layer = self.FLOAT_TYPE(**self._float_layout(), bias=self.bias is not None)
         layer = layer.to_empty(device=device).to(dtype).train(self.training)
+        _take_hooks(layer, self)
         with torch.no_grad():
             layer.weight.copy_(self.dequantize(dtype))
             if self.bias is not None:

@@ -498,6 +498,29 @@ def test_dequantize_model_gives_transformer_layers_their_fast_path_back(monkeypa
     assert len(fused) == 2
 
 
+def test_a_replaced_layers_hooks_go_with_it():
+    """Forward and backward hooks on a float layer run on the quantized one, and their
+    handles still remove them (a swap dropped them silently)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU())
+    calls = []
+    pre = model[0].register_forward_pre_hook(lambda m, args: calls.append(type(m).__name__))
+    model[0].register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(out.shape)),
+                                   with_kwargs=True)
+    model[0].register_full_backward_hook(lambda m, grad_in, grad_out: calls.append("grad"))
+    otq.quantize_model(model, bits=4, progress=False)
+    x = torch.randn(2, 8, requires_grad=True)
+    model(x).sum().backward()
+    assert calls == ["QuantLinear", (2, 6), "grad"]
+    pre.remove()
+    calls.clear()
+    with torch.no_grad():
+        model(x)
+        otq.dequantize_model(model)
+        model(x)
+    assert calls == [(2, 6), (2, 6)] and type(model[0]) is nn.Linear
+
+
 class LoRALinear(nn.Linear):
     """A Linear whose forward adds a low-rank branch (its own two Linears)."""
 
