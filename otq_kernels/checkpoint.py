@@ -342,8 +342,9 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     every tensor is loaded strictly. ``device``: where to put the weights (default: the
     model's, CPU for a skeleton on the meta device; the model is moved there). A skeleton
     built under ``torch.device("meta")`` allocates no float weights (:mod:`.skeleton`).
-    Returns ``model`` with ``model.otq_summary``; a ``torch.compile`` wrapper is seen
-    through, on saving too, so files are named like the bare model.
+    Returns ``model`` with ``model.otq_summary``; a ``torch.compile`` or
+    (Distributed)DataParallel wrapper is seen through, on saving too, so files are named
+    like the bare model.
 
     Raises ValueError naming the layer or key for a corrupt/truncated file (a tensor or
     the metadata whose CRC-32 differs from the one saved with them included), an unknown

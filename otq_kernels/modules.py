@@ -431,15 +431,17 @@ QUANT_TYPES: dict[type[nn.Module], type[_QuantModule]] = {
 
 
 def bare_module(model: nn.Module, what: str) -> nn.Module:
-    """The module a ``torch.compile`` wrapper holds (its names carry no ``_orig_mod.``
-    prefix), else ``model`` itself; TypeError naming ``what`` (the caller) unless
-    ``model`` is an nn.Module."""
+    """The module that ``torch.compile``, ``DataParallel`` and ``DistributedDataParallel``
+    wrappers hold (its names carry no ``_orig_mod.`` / ``module.`` prefix), else ``model``
+    itself; TypeError naming ``what`` (the caller) unless ``model`` is an nn.Module."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what}: the model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (none compiled before it)
     if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
-        return model._orig_mod
+        return bare_module(model._orig_mod, what)
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return bare_module(model.module, what)
     return model
 
 

@@ -178,7 +178,8 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     order to the layers they match (e.g. first/last conv at 8 bits).
     Other weighted layers (ConvTranspose, Embedding, ...) stay float. Returns ``model``
     with ``model.otq_summary`` (a :class:`QuantizationSummary`) attached. A
-    ``torch.compile`` wrapper is seen through: names have no ``_orig_mod.`` prefix.
+    ``torch.compile`` or (Distributed)DataParallel wrapper is seen through: names have no
+    ``_orig_mod.`` / ``module.`` prefix.
 
     Every chosen layer's options and weight (finite, not on the meta device) are checked
     before the model is touched: a bad one raises ValueError naming the layer. A pattern
@@ -235,8 +236,8 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
 
     dtype: the weights' dtype; default each layer's bias dtype, else that of the model's
     first floating-point parameter (float32 if none). Shared layers stay shared, torch's
-    transformer fast paths come back on (:mod:`.fast_paths`) and a ``torch.compile``
-    wrapper is seen through. Returns ``model``, its ``otq_summary`` gone.
+    transformer fast paths come back on (:mod:`.fast_paths`) and wrappers are seen
+    through (:func:`~otq_kernels.modules.bare_module`). Returns ``model``, its ``otq_summary`` gone.
     """
     wrapper, model = model, bare_module(model, "dequantize_model")
     floating = (p.dtype for p in model.parameters() if p.is_floating_point())

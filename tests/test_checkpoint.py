@@ -344,3 +344,33 @@ def test_a_loaded_transformer_encoder_leaves_its_fast_path(tmp_path, skeleton_on
     x = torch.randn(2, 5, 16)
     with torch.no_grad():  # eval, no grad: where the fast path would read linear1.weight
         assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "DistributedDataParallel"])
+def test_a_data_parallel_model_is_quantized_saved_and_loaded_under_bare_names(tmp_path, wrap):
+    """DataParallel / DDP put module. before every name: the files carry the bare names,
+    so they load into the bare architecture, and a wrapped skeleton loads them too."""
+    import torch.distributed as dist
+
+    if wrap == "DistributedDataParallel":  # a one-process group over a file store
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                                world_size=1)
+    try:
+        wrapper = getattr(nn.parallel, wrap)
+        torch.manual_seed(0)
+        model = Net().eval()
+        wrapped = wrapper(model)
+        assert qnn.quantize_model(wrapped, bits=3, progress=False) is wrapped
+        assert isinstance(model.fc, qnn.QuantLinear) and wrapped.otq_summary.quantized
+        path = tmp_path / "parallel.safetensors"
+        otq.save_quantized(wrapped, path)
+        assert set(ckpt.read_metadata(path)["layers"]) == {"conv", "attn", "seq.0", "fc"}
+        x = torch.randn(2, 3, 5, 5)
+        with torch.no_grad():
+            assert torch.equal(_load(path)(x), model(x))
+            skeleton = Net().eval()
+            assert _load(path, wrapper(skeleton)).module is skeleton
+            assert torch.equal(skeleton(x), model(x))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
