@@ -202,8 +202,9 @@ class _QuantModule(nn.Module):
                              f"torch.dtype, got {dtype!r}")
         device = self.codebook.device
         with torch.device("meta"):  # shapes only: the weights come from this layer
-            layer = self.FLOAT_TYPE(**self._float_layout(), bias=self.bias is not None)
-        layer = layer.to_empty(device=device).to(dtype).train(self.training)
+            layer = self.FLOAT_TYPE(**self._float_layout(), bias=self.bias is not None,
+                                    dtype=dtype)
+        layer = layer.to_empty(device=device).train(self.training)
         _take_hooks(layer, self)
         with torch.no_grad():
             layer.weight.copy_(self.dequantize(dtype))

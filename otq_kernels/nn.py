@@ -228,7 +228,6 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     return wrapper
 
 
-
 def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
     """Replace every Quant* layer of ``model`` by the float layer of its dequantized weight
     (:meth:`~otq_kernels.modules._QuantModule.to_float`), in place: the dense model of the
@@ -237,11 +236,11 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
     dtype: the weights' dtype; default each layer's bias dtype, else that of the model's
     first floating-point parameter (float32 if none). Shared layers stay shared, torch's
     transformer fast paths come back on (:mod:`.fast_paths`) and wrappers are seen
-    through (:func:`~otq_kernels.modules.bare_module`). Returns ``model``, its ``otq_summary`` gone.
+    through (:func:`~otq_kernels.modules.bare_module`). Returns ``model`` without its
+    ``otq_summary``.
     """
     wrapper, model = model, bare_module(model, "dequantize_model")
-    floating = (p.dtype for p in model.parameters() if p.is_floating_point())
-    default = next(floating, None)
+    default = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     for names in module_aliases(model).values():
         layer = model.get_submodule(names[0])
         if isinstance(layer, _QuantModule) and names[0]:
