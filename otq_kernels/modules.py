@@ -65,7 +65,8 @@ _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hook
 
 def _take_hooks(layer: nn.Module, module: nn.Module) -> None:
     """Give ``layer`` the forward and backward hooks of ``module``, which it replaces: the
-    same dicts, so that their handles still remove them, less the hooks that compute the
+    same dicts, so that their handles still remove them (and a hook registered on the
+    discarded ``module`` later reaches ``layer`` too), less the hooks that compute the
     float weight or bias (the quantized layer holds them computed)."""
     for attr in _HOOKS:
         setattr(layer, attr, getattr(module, attr))
