@@ -188,6 +188,24 @@ def test_autocast_runs_in_its_dtype_like_torch(backend):
     assert ops.codebook_linear(x, qt, bias, backend).dtype == torch.float32
 
 
+def test_autocast_on_another_device_type_casts_nothing():
+    """Autocast on for CUDA only (the flag, set directly): a CPU call, bf16 x with a
+    float32 bias, runs as without autocast (the cpu backend adds the float32 bias in
+    float32; cast to bf16 first, it would round it)."""
+    if otq.backends.get("cpu").unavailable(torch.device("cpu")):
+        pytest.skip("native CPU extension not built")
+    torch.manual_seed(0)
+    qt, bias, x = _qt(), torch.randn(9) * 1e3, torch.randn(3, 13).bfloat16()
+    want = ops.codebook_linear(x, qt, bias, "cpu")
+    assert not torch.equal(want, ops.codebook_linear(x, qt, bias.bfloat16(), "cpu"))
+    torch.set_autocast_enabled("cuda", True)
+    try:
+        assert torch._C._is_any_autocast_enabled() and not torch.is_autocast_enabled("cpu")
+        assert torch.equal(ops.codebook_linear(x, qt, bias, "cpu"), want)
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+
+
 def test_autocast_compiles_fullgraph():
     qt, bias = _qt(), torch.randn(9)
 
