@@ -22,6 +22,13 @@ def _dequant_twin(float_module: nn.Module, quant: qnn._QuantModule) -> nn.Module
     return twin
 
 
+def _quantized_pair(make, x_shape, bits: int):
+    """(float layer, its Quant* layer at ``bits``, an input of ``x_shape``), seeded."""
+    torch.manual_seed(0)
+    layer = make()
+    return layer, qnn.QUANT_TYPES[type(layer)].from_float(layer, bits=bits), torch.randn(x_shape)
+
+
 @pytest.mark.parametrize(
     "make,x_shape",
     [
@@ -38,10 +45,7 @@ def _dequant_twin(float_module: nn.Module, quant: qnn._QuantModule) -> nn.Module
 )
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_from_float_matches_float_layer(make, x_shape):
-    torch.manual_seed(0)
-    layer = make()
-    quant = qnn.QUANT_TYPES[type(layer)].from_float(layer, bits=8)
-    x = torch.randn(x_shape)
+    layer, quant, x = _quantized_pair(make, x_shape, bits=8)
     with torch.no_grad():
         y_q, y_f = quant(x), layer(x)
         y_ref = _dequant_twin(layer, quant)(x)
@@ -59,10 +63,7 @@ def test_from_float_matches_float_layer(make, x_shape):
     (lambda: nn.Conv2d(8, 12, 3, padding=1), (2, 8, 5, 6)),
 ], ids=["linear", "pointwise-conv1d", "conv1d", "conv2d"])
 def test_layers_follow_autocast_like_float_layers(make, x_shape):
-    torch.manual_seed(0)
-    layer = make()
-    quant = qnn.QUANT_TYPES[type(layer)].from_float(layer, bits=8)
-    x = torch.randn(x_shape)
+    layer, quant, x = _quantized_pair(make, x_shape, bits=8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y_q, y_ref = quant(x), _dequant_twin(layer, quant)(x)
     assert y_q.dtype == y_ref.dtype == torch.bfloat16
@@ -75,10 +76,7 @@ def test_layers_follow_autocast_like_float_layers(make, x_shape):
     (lambda: nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"), (6, 5, 7)),
 ], ids=["conv1d", "pointwise-conv1d", "conv2d"])
 def test_convs_take_unbatched_input_like_torch(make, x_shape):
-    torch.manual_seed(0)
-    layer = make()
-    quant = qnn.QUANT_TYPES[type(layer)].from_float(layer, bits=4)
-    x = torch.randn(x_shape)
+    layer, quant, x = _quantized_pair(make, x_shape, bits=4)
     with torch.no_grad():
         y = quant(x)
         assert y.shape == layer(x).shape
