@@ -374,3 +374,12 @@ def test_a_data_parallel_model_is_quantized_saved_and_loaded_under_bare_names(tm
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_the_skeletons_hooks_go_with_the_loaded_layers(saved):
+    model, path = saved
+    skeleton, calls = Net().eval(), []
+    skeleton.fc.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    loaded = _load(path, skeleton)
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(loaded(x), model(x)) and calls == ["QuantLinear"]
