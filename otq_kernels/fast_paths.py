@@ -54,9 +54,10 @@ def sync_fast_paths(model: nn.Module) -> None:
             continue
         attr, off = switch
         saved = module.__dict__.get(_SAVED)
-        if _reads_quantized_weights(module) and saved is None:
+        quantized = _reads_quantized_weights(module)
+        if quantized and saved is None:
             setattr(module, _SAVED, getattr(module, attr))
             setattr(module, attr, off)
-        elif not _reads_quantized_weights(module) and saved is not None:
+        elif not quantized and saved is not None:
             setattr(module, attr, saved)
             delattr(module, _SAVED)

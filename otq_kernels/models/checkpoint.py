@@ -24,13 +24,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..modules import bare_module
+from ..modules import WRAPPER_PREFIXES, bare_module
 from ..skeleton import check_loadable, materialize
 
 _SHADOW = re.compile(r"^shadow_params\.(\d+)$")
-# What training wrappers put before every name of the state dict they save:
-# DistributedDataParallel / DataParallel and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _read_file(path: str | os.PathLike) -> dict:
@@ -73,10 +70,10 @@ def _unwrap(obj: Mapping) -> dict[str, torch.Tensor]:
 
 def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor],
                            own_names) -> dict[str, torch.Tensor]:
-    """``state`` with the prefixes of :data:`WRAPPER_PREFIXES` taken off its names, each
-    only where every name carries it and none of ``own_names`` (the model's) does: the
-    state dict of a DDP or compiled model loads into the bare one (``module._orig_mod.``
-    too)."""
+    """``state`` with the wrapper prefixes (:data:`otq_kernels.modules.WRAPPER_PREFIXES`)
+    taken off its names, each only where every name carries it and none of ``own_names``
+    (the model's) does: the state dict of a DDP or compiled model loads into the bare one
+    (``module._orig_mod.`` too)."""
     own_names = list(own_names)
     for prefix in WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state) and not any(
