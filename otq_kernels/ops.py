@@ -32,7 +32,10 @@ from .format import QuantizedTensor, check_bits, padded_k, plane_widths
 from .quantizers import fit_rows_reference
 from .tuning_schema import check_tuning_table
 
-ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# float64 runs where torch's own kernels multiply the expanded weight: no fused kernel
+# takes it (F.linear on a float64 model does, e.g. for an ODE likelihood in float64)
+EXPANDING_BACKENDS = ("dequant", "reference")
 FUSED_METHODS = ("ot",)
 
 
@@ -157,7 +160,8 @@ def conv_kernel_takes(backend: str, dtype: torch.dtype, bits: int, groups: int =
         module = None if backend == "reference" else backends.get(backend)
         supports = getattr(module, "conv2d_supports", None)
         takes = _CONV_TAKES[key] = module is not None and hasattr(module, "conv2d") and (
-            supports is None or supports(dtype, bits, groups))
+            supports is None or supports(dtype, bits, groups)) and (
+            dtype != torch.float64 or backend in EXPANDING_BACKENDS)
     return takes
 
 
@@ -417,7 +421,8 @@ def _check_activation(x, qt: QuantizedTensor, what: str) -> None:
                         f"got {type(qt).__name__}")
     if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{what}: activations must be float16/bfloat16/float32, got {got}")
+        raise ValueError(f"{what}: activations must be float16/bfloat16/float32/float64, "
+                         f"got {got}")
     if x.device != qt.device:
         raise ValueError(f"{what}: activations on {x.device} but quantized weight on {qt.device}")
     if qt.codebook.requires_grad and torch.is_grad_enabled():
@@ -434,6 +439,13 @@ def _check_bias(bias, qt: QuantizedTensor, what: str) -> None:
     if bias.shape != (qt.n,) or bias.device != qt.device:
         raise ValueError(f"{what}: bias must be [{qt.n}] on {qt.device}, got "
                          f"{tuple(bias.shape)} on {bias.device}")
+
+
+def _check_float64_backend(name: str, what: str) -> None:
+    if name not in EXPANDING_BACKENDS:
+        raise ValueError(f"{what}: backend {name!r} has no float64 kernel; float64 "
+                         f"activations run on {' or '.join(map(repr, EXPANDING_BACKENDS))} "
+                         "(auto picks one)")
 
 
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -504,7 +516,12 @@ def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     m = x2.shape[0]
     if m == 0:
         return _empty_batch_output(x2, bias, (0, n), (n,)).reshape(*x.shape[:-1], n)
-    name = resolve_backend(backend, "linear", x.device, m, qt.bits)
+    if x.dtype == torch.float64:
+        name = resolve_backend(backend, "linear", x.device, m, qt.bits,
+                               EXPANDING_BACKENDS.__contains__)
+        _check_float64_backend(name, "codebook_linear")
+    else:
+        name = resolve_backend(backend, "linear", x.device, m, qt.bits)
     if _plain_eager_call(x2, bias):
         y = _run_linear(x2, qt, bias, name)
     else:
@@ -539,6 +556,8 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     m = out_shape[0] * out_shape[2] * out_shape[3]
     name = resolve_conv_backend(backend, x.device, m, x.dtype, qt.bits, groups,
                                 tuple(qt.shape[2:]))
+    if x.dtype == torch.float64:
+        _check_float64_backend(name, "codebook_conv2d")
     if not x.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous()  # NCHW or channels_last are both taken as they are
     if _plain_eager_call(x, bias):

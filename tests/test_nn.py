@@ -56,18 +56,32 @@ def test_from_float_matches_float_layer(make, x_shape):
     assert (y_q - y_f).abs().max() < 0.1 * y_f.abs().max()
 
 
-@pytest.mark.parametrize("make,x_shape", [
+EACH_LAYER_PATH = pytest.mark.parametrize("make,x_shape", [
     (lambda: nn.Linear(30, 24), (3, 5, 30)),
     (lambda: nn.Conv1d(16, 12, 1), (2, 16, 9)),
     (lambda: nn.Conv1d(16, 12, 3, padding=1), (2, 16, 9)),
     (lambda: nn.Conv2d(8, 12, 3, padding=1), (2, 8, 5, 6)),
 ], ids=["linear", "pointwise-conv1d", "conv1d", "conv2d"])
+
+
+@EACH_LAYER_PATH
 def test_layers_follow_autocast_like_float_layers(make, x_shape):
     layer, quant, x = _quantized_pair(make, x_shape, bits=8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y_q, y_ref = quant(x), _dequant_twin(layer, quant)(x)
     assert y_q.dtype == y_ref.dtype == torch.bfloat16
     torch.testing.assert_close(y_q, y_ref, rtol=2e-2, atol=2e-2)
+
+
+@EACH_LAYER_PATH
+def test_float64_layers_take_float64_activations(make, x_shape):
+    """A float64 model stays float64 after quantization, as torch's layers do."""
+    layer, quant, x = _quantized_pair(lambda: make().double(), x_shape, bits=4)
+    x = x.double()
+    with torch.no_grad():
+        y_q, y_ref = quant(x), _dequant_twin(layer, quant)(x)
+    assert y_q.dtype == y_ref.dtype == torch.float64
+    torch.testing.assert_close(y_q, y_ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("make,x_shape", [

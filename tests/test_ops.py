@@ -51,10 +51,41 @@ def test_conv2d_matches_dense(stride, padding, dilation, groups):
     torch.testing.assert_close(y, ref)
 
 
+@pytest.mark.parametrize("backend", [None, "dequant", "reference"])
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_float64_activations_run_in_float64(backend, m):
+    """float64 x (a float64 model, e.g. an ODE likelihood) computes in float64 on the
+    expanding backends, as F.linear/F.conv2d do on the float64 dense weight; the gradient
+    of x is float64 too."""
+    qt = _qt(shape=(9, 13), bits=3)
+    x = torch.randn(m, 13, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64)
+    y = ops.codebook_linear(x, qt, bias, backend=backend)
+    ref = F.linear(x, qt.dequantize(torch.float64), bias)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
+    assert grad.dtype == torch.float64
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    cq = _qt(shape=(4, 3, 3, 3), bits=5)
+    xc = torch.randn(m, 3, 6, 5, dtype=torch.float64)
+    yc = ops.codebook_conv2d(xc, cq, padding=1, backend=backend)
+    assert yc.dtype == torch.float64
+    torch.testing.assert_close(yc, F.conv2d(xc, cq.dequantize(torch.float64), padding=1),
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda qt: ops.codebook_linear(torch.randn(2, 12), qt), "K=13"),
-    (lambda qt: ops.codebook_linear(torch.randn(2, 13).long(), qt), "float16/bfloat16/float32"),
-    (lambda qt: ops.codebook_linear(torch.randn(2, 13).double(), qt), "float16/bfloat16/float32"),
+    (lambda qt: ops.codebook_linear(torch.randn(2, 13).long(), qt),
+     "float16/bfloat16/float32/float64, got torch.int64"),
+    (lambda qt: ops.codebook_linear(torch.randn(2, 13).double(), qt, backend="cpu"),
+     "backend 'cpu' has no float64 kernel; float64 activations run on 'dequant' or "
+     "'reference'"),
+    (lambda qt: ops.codebook_conv2d(torch.randn(1, 3, 4, 4).double(),
+                                    _qt(shape=(2, 3, 3, 3)), backend="triton"),
+     "backend 'triton' has no float64 kernel"),
     (lambda qt: ops.codebook_linear(torch.randn(2, 13), qt, torch.randn(8)), "bias"),
     (lambda qt: ops.codebook_linear(torch.randn(2, 13), qt, backend="gpu"), "unknown backend"),
     (lambda qt: ops.codebook_linear(torch.randn(2, 13), qt, backend="cuda"), "cannot run"),

@@ -26,7 +26,10 @@ def unavailable(device) -> None:
 
 
 def dense_weight(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight of qt's shape in ``dtype`` (transient)."""
+    """The dense weight of qt's shape in ``dtype`` (transient; float64 is expanded by
+    torch, the other dtypes by a native kernel where one runs)."""
+    if dtype == torch.float64:
+        return qt.dequantize(dtype)
     if qt.codebook.is_cuda:
         from . import cuda
 
