@@ -1,10 +1,13 @@
 """Save and load quantized models as safetensors (never pickle).
 
-File layout (format ``otq_kernels.quantized``, version 1):
+File layout (format ``otq_kernels.quantized``, version 1, or 2 where ``aliases`` is set):
 
 * tensors: the quantized model's full ``state_dict()``: for each quantized layer
   ``<layer>.plane<i>`` (int32 bit planes, DESIGN §2), ``<layer>.codebook`` (float32
   [G, 2**bits]) and ``<layer>.bias``; every other parameter and buffer under its own name;
+  a tensor the model holds under several names (a shared layer, tied weights) is stored
+  once, under its first name, and ``aliases`` (JSON: ``{other name: stored name}``, version
+  2) names the others;
 * metadata (strings): ``format``, ``format_version``, ``otq_version``, ``layers`` (JSON:
   ``{name: {type, bits, method, granularity, shape, bias, stats}}``), ``kept_float`` (JSON:
   ``{name: reason}``), ``user`` (JSON: whatever the caller passed, e.g. the model config)
@@ -43,9 +46,11 @@ from .summary import quantization_summary
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_quantized", "read_metadata", "save_quantized"]
 
 FORMAT = "otq_kernels.quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this writes and reads; files without aliases are version 1
+ALIASES_VERSION = 2
 QUANT_CLASSES = {c.__name__: c for c in (QuantLinear, QuantConv1d, QuantConv2d)}
 CHECKSUMS = "checksums"
+ALIASES = "aliases"
 METADATA_CHECKSUM = "__metadata__"
 
 
@@ -119,15 +124,18 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
     if "" in layers:
         raise ValueError("the root module itself is quantized; wrap it in nn.Sequential")
     user = _user_json(metadata)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    stored, aliases = _stored_names(model.state_dict())
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in stored.items()}
     meta = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(ALIASES_VERSION if aliases else 1),
         "otq_version": __version__,
         "layers": json.dumps(layers),
         "kept_float": json.dumps(getattr(model, "_otq_reasons", {})),
         "user": user,
     }
+    if aliases:
+        meta[ALIASES] = json.dumps(aliases)
     meta[CHECKSUMS] = _checksums(meta, tensors)
     try:
         save_file(tensors, os.fspath(path), metadata=meta)
@@ -147,6 +155,23 @@ def _user_json(metadata) -> str:
     except (TypeError, ValueError) as err:
         raise ValueError(f"metadata must hold JSON values only (str, numbers, lists, dicts): "
                          f"{err}") from None
+
+
+def _stored_names(state: dict) -> tuple[dict, dict]:
+    """(the tensors to store: {name: tensor}, aliases: {name: stored name}) of a state
+    dict: a tensor found under several names (the same view of the same memory) is stored
+    under the first only."""
+    stored, first_name, aliases = {}, {}, {}
+    for name, t in state.items():
+        view = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+        if t.numel() == 0 or t.is_meta:  # (no memory: data_ptr says nothing)
+            stored[name] = t
+        elif view in first_name:
+            aliases[name] = first_name[view]
+        else:
+            stored[name] = t
+            first_name[view] = name
+    return stored, aliases
 
 
 # ----------------------------------------------------------------------------- read
@@ -184,16 +209,37 @@ def _check_format(meta: dict, path) -> None:
         raise ValueError(f"{path}: not an otq_kernels quantized checkpoint (metadata 'format' "
                          f"is {meta.get('format')!r}, expected {FORMAT!r})")
     version = meta.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in [str(v) for v in range(1, FORMAT_VERSION + 1)]:
         raise ValueError(f"{path}: unknown format_version {version!r} (this otq_kernels reads "
-                         f"version {FORMAT_VERSION}); upgrade otq_kernels")
+                         f"versions 1 to {FORMAT_VERSION}); upgrade otq_kernels")
+    if ALIASES in meta and version != str(ALIASES_VERSION):
+        raise ValueError(f"{path}: metadata {ALIASES!r} in a version {version} file: the file "
+                         "is corrupt")
+
+
+def _add_aliases(meta: dict, tensors: dict, path) -> dict:
+    """``tensors`` with each name of ``aliases`` bound to the tensor it names (stored once
+    in the file under that name); ValueError for an alias that is not one."""
+    aliases = _json(meta, ALIASES, path)
+    for alias, name in aliases.items():
+        if alias in tensors or name not in tensors:
+            raise ValueError(f"{path}: alias {alias!r} -> {name!r} must name a stored tensor "
+                             "under a name that is not stored: the file is corrupt")
+    return {**tensors, **{alias: tensors[name] for alias, name in aliases.items()}}
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(metadata strings, tensors under every name the model holds them) of a quantized
+    checkpoint, its format and checksums checked; ValueError else."""
+    meta, tensors = read_safetensors(path)
+    _check_format(meta, path)
+    _verify_checksums(meta, tensors, path)
+    return meta, _add_aliases(meta, tensors, path)
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """Parsed metadata of a quantized checkpoint: format, version, layers, kept_float, user."""
-    meta, tensors = read_safetensors(path)
-    _check_format(meta, path)
-    _verify_checksums(meta, tensors, path)
+    meta, _ = read_checkpoint(path)
     return {"format": meta["format"], "format_version": int(meta["format_version"]),
             "otq_version": meta.get("otq_version"), "layers": _json(meta, "layers", path),
             "kept_float": _json(meta, "kept_float", path), "user": _json(meta, "user", path)}
@@ -352,9 +398,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     another architecture; the model is only modified once everything has been validated.
     """
     wrapper, model = model, bare_module(model, "load_quantized")
-    meta, tensors = read_safetensors(path)
-    _check_format(meta, path)
-    _verify_checksums(meta, tensors, path)
+    meta, tensors = read_checkpoint(path)
     layers = _json(meta, "layers", path)
     device = _load_device(model, device, path)
     aliases = module_aliases(model)

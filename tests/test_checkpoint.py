@@ -294,6 +294,66 @@ def test_a_shared_layer_round_trips_and_must_be_shared_in_the_skeleton(tmp_path)
         _load(separate, Shared())
 
 
+class Tied(nn.Module):
+    """A quantized layer shared under two names and a float weight tied between two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(40, 40)
+        self.b = self.a
+        self.up = nn.ConvTranspose1d(4, 4, 2)  # stays float
+        self.down = nn.ConvTranspose1d(4, 4, 2)
+        self.down.weight = self.up.weight
+
+    def forward(self, x):
+        h = self.b(self.a(x)).reshape(-1, 4, 10)
+        return self.down(self.up(h))
+
+
+@pytest.mark.parametrize("skeleton_on", ["cpu", "meta"])
+def test_a_shared_tensor_is_stored_once(tmp_path, skeleton_on):
+    torch.manual_seed(0)
+    model = qnn.quantize_model(Tied(), bits=4, progress=False)
+    path = tmp_path / "tied.safetensors"
+    otq.save_quantized(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        stored, meta = set(f.keys()), f.metadata()
+    assert stored == {"a.plane0", "a.codebook", "a.bias", "up.weight", "up.bias", "down.bias"}
+    assert json.loads(meta["aliases"]) == {"b.plane0": "a.plane0", "b.codebook": "a.codebook",
+                                           "b.bias": "a.bias", "down.weight": "up.weight"}
+    assert ckpt.read_metadata(path)["format_version"] == 2
+    with torch.device(skeleton_on):
+        skeleton = Tied()
+    loaded = _load(path, skeleton)
+    assert loaded.a is loaded.b and loaded.down.weight is loaded.up.weight
+    x = torch.randn(3, 40)
+    assert torch.equal(loaded(x), model(x))
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+
+@pytest.mark.parametrize("aliases, match", [
+    ({"b.plane0": "a.plane9"}, r"alias 'b.plane0' -> 'a.plane9' must name a stored tensor"),
+    ({"a.plane0": "a.codebook"}, r"alias 'a.plane0' -> 'a.codebook'"),
+    ("[1]", "metadata 'aliases' must be a JSON object"),
+], ids=["target-missing", "alias-stored", "not-an-object"])
+def test_bad_aliases_are_refused(tmp_path, aliases, match):
+    torch.manual_seed(0)
+    path = otq.save_quantized(qnn.quantize_model(Tied(), bits=4, progress=False),
+                              tmp_path / "tied.safetensors")
+    text = aliases if isinstance(aliases, str) else json.dumps(aliases)
+    with pytest.raises(ValueError, match=match):
+        _load(_rewrite(path, tmp_path / "bad.safetensors", metadata={"aliases": text}), Tied())
+
+
+def test_aliases_need_version_2(saved, tmp_path):
+    _, path = saved
+    assert ckpt.read_metadata(path)["format_version"] == 1  # nothing shared: version 1
+    bad = _rewrite(path, tmp_path / "v1.safetensors", metadata={"aliases": "{}"})
+    with pytest.raises(ValueError, match="metadata 'aliases' in a version 1 file"):
+        _load(bad)
+
+
 @pytest.mark.parametrize("skeleton_on", ["cpu", "meta"])
 def test_weight_normed_layers_round_trip(tmp_path, skeleton_on):
     from test_nn import _weight_normed
