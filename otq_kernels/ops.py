@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch._C._functorch import peek_interpreter_stack as _functorch_transform
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
@@ -264,14 +265,26 @@ def _plain_eager_call(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> b
 
     The op costs ~5-10 µs of host dispatch per call (custom-op autograd and dynamo guards);
     it is needed only when something other than plain eager execution sees the call:
-    torch.compile/export tracing, a dispatch mode (FakeTensorMode, FlopCounterMode), a
-    tensor subclass, a functorch transform, or an autograd graph (x or bias requires grad:
-    the op's backward). Results are the same either way (tests/test_ops.py).
+    torch.compile/export or torch.jit.trace tracing, a dispatch mode (FakeTensorMode,
+    FlopCounterMode), a tensor subclass, or an autograd graph (x or bias requires grad: the
+    op's backward). Functorch transforms and forward-mode AD see neither: see
+    :func:`_under_torch_transform`. Results are the same either way (tests/test_ops.py).
     """
     needs_grad = x.requires_grad or (bias is not None and bias.requires_grad)
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
             and _current_dispatch_mode() is None and _functorch_transform() is None
+            and _forward_ad._current_level < 0 and not torch._C._is_tracing()
             and not (needs_grad and torch.is_grad_enabled()))
+
+
+def _under_torch_transform() -> bool:
+    """Whether a functorch transform (vmap, grad, jvp, jacrev, ...) or forward-mode AD
+    (dual tensors) sees the call, outside torch.compile. The ops have neither a batching
+    rule nor a forward-AD formula (under jvp a custom op's tangent comes back wrong, with
+    no error), so such calls run the reference backend's torch ops on the dense weight,
+    which every transform sees through."""
+    return not torch.compiler.is_compiling() and (
+        _functorch_transform() is not None or _forward_ad._current_level >= 0)
 
 
 # ----------------------------------------------------------------------------- ops
@@ -524,6 +537,8 @@ def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
         name = resolve_backend(backend, "linear", x.device, m, qt.bits)
     if _plain_eager_call(x2, bias):
         y = _run_linear(x2, qt, bias, name)
+    elif _under_torch_transform():
+        y = _run_linear(x2, qt, bias, "reference")
     else:
         y = torch.ops.otq.codebook_linear(x2, qt.planes, qt.codebook, qt.bits, n, k, bias, name)
     return y if dims == 2 else y.reshape(*x.shape[:-1], n)
@@ -558,9 +573,13 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
                                 tuple(qt.shape[2:]))
     if x.dtype == torch.float64:
         _check_float64_backend(name, "codebook_conv2d")
+    plain = _plain_eager_call(x, bias)
+    if not plain and _under_torch_transform():  # (vmap refuses memory-format queries)
+        return backends.function("reference", "conv2d")(x, qt, bias, stride, padding,
+                                                        dilation, groups)
     if not x.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous()  # NCHW or channels_last are both taken as they are
-    if _plain_eager_call(x, bias):
+    if plain:
         return _run_conv2d(x, qt, bias, stride, padding, dilation, groups, name)
     return torch.ops.otq.codebook_conv2d(x, qt.planes, qt.codebook, qt.bits,
                                          list(qt.shape), bias, stride, padding, dilation,

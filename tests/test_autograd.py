@@ -4,6 +4,7 @@ The oracle is torch's own autograd through F.linear / F.conv2d on the dequantize
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -204,6 +205,53 @@ def test_quantized_model_input_grads_match_its_dequantized_twin():
     (want,) = _grads(twin, x)
     assert got.abs().max() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _vmapped_jacobian(net, x, tangent):
+    return torch.func.vmap(torch.func.jacrev(lambda v: net(v.unsqueeze(0))[0]))(x)
+
+
+def _forward_ad_tangent(net, x, tangent):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(net(fwAD.make_dual(x, tangent))).tangent
+
+
+@pytest.mark.parametrize("transform", [
+    lambda net, x, t: torch.func.vmap(net)(x.unsqueeze(1)),
+    lambda net, x, t: torch.func.grad(lambda v: net(v).square().sum())(x),
+    lambda net, x, t: torch.func.jvp(net, (x,), (t,))[1],
+    lambda net, x, t: torch.func.jacfwd(net)(x),
+    _vmapped_jacobian,
+    lambda net, x, t: torch.func.hessian(lambda v: net(v).square().sum())(x[:1]),
+    _forward_ad_tangent,
+], ids=["vmap", "grad", "jvp", "jacfwd", "vmap-jacrev", "hessian", "forward_ad"])
+def test_torch_transforms_see_the_dequantized_twin(transform):
+    """torch.func transforms and forward-mode AD (dual tensors) over every Quant* path give
+    the dequantized twin's results (jvp once returned a wrong tangent without an error)."""
+    torch.manual_seed(0)
+    model = _Mixed()
+    quant = otq.quantize_model(copy.deepcopy(model), bits=3, progress=False)
+    twin = _dequantized_twin(model, quant)
+    x, tangent = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
+    got, want = transform(quant, x, tangent), transform(twin, x, tangent)
+    assert want.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_jit_trace_records_the_ops():
+    """torch.jit.trace records the otq ops, not the values a native kernel wrote into
+    memory the tracer cannot see (the traced module once returned uninitialised memory)."""
+    torch.manual_seed(0)
+    quant = otq.quantize_model(_Mixed(), bits=3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # (our shape checks)
+        warnings.simplefilter("ignore", DeprecationWarning)  # (torch >= 2.13 deprecates it)
+        traced = torch.jit.trace(quant, torch.randn(2, 3, 5, 5), check_trace=False)
+    assert "otq::codebook_linear" in str(traced.inlined_graph)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(traced(x), quant(x), rtol=1e-5, atol=1e-6)
 
 
 def test_flow_matching_likelihood_of_a_quantized_unet():
