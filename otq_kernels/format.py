@@ -10,6 +10,7 @@ that every other pack/unpack implementation is tested against.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +21,15 @@ WORD_BITS = 32
 
 
 def check_bits(bits) -> int:
-    """Return ``bits`` as an int or raise ValueError if it is not in 2..8."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    """``bits`` as an int (from any integer type: a numpy integer, a 0-d integer tensor),
+    or ValueError if it is not an integer in 2..8."""
+    try:
+        value = None if isinstance(bits, bool) else operator.index(bits)
+    except TypeError:
+        value = None
+    if value is None or not MIN_BITS <= value <= MAX_BITS:
         raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
-    return bits
+    return value
 
 
 # Bit-plane widths of each bit width, widest first (the binary decomposition: 7 -> 4, 2, 1).
@@ -123,7 +129,7 @@ class QuantizedTensor:
     method: str = "ot"
 
     def __post_init__(self):
-        check_bits(self.bits)
+        self.bits = check_bits(self.bits)
         self.shape = tuple(int(s) for s in self.shape)
         if self.granularity not in GRANULARITIES:
             raise ValueError(

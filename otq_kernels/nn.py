@@ -190,7 +190,7 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     from tqdm.auto import tqdm
 
     wrapper, model = model, bare_module(model, "quantize_model")
-    check_options(bits, method, granularity, "rank")
+    bits = check_options(bits, method, granularity, "rank")
     backends.check_name(backend)
     include, exclude = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     _check_overrides(overrides)

@@ -589,7 +589,7 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
 def fit_rows(rows: torch.Tensor, bits: int, method: str = "ot", assign: str = "rank",
              backend: Optional[str] = None):
     """Fit codebooks per row. rows [R, n] -> (codes int64 [R, n], centroids f32 [R, 2**b])."""
-    check_bits(bits)
+    bits = check_bits(bits)
     name = resolve_backend(backend, "fit", rows.device, rows.shape[1])
     return torch.ops.otq.fit_codebook(rows.contiguous(), bits, method, assign, name)
 

@@ -171,15 +171,16 @@ def check_weight(w) -> None:
         raise ValueError(f"weight has {bad} NaN/Inf value(s); cannot fit a codebook")
 
 
-def check_options(bits, method: str, granularity: str, assign: str) -> None:
-    """Validate the fitting options (ValueError naming the bad one)."""
-    check_bits(bits)
+def check_options(bits, method: str, granularity: str, assign: str) -> int:
+    """Validate the fitting options (ValueError naming the bad one) -> bits as an int."""
+    bits = check_bits(bits)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; choose one of {GRANULARITIES}")
     if assign not in ASSIGNS:
         raise ValueError(f"unknown assign {assign!r}; choose one of {ASSIGNS}")
+    return bits
 
 
 def weight_rows(w: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -204,7 +205,7 @@ def fit_codebook(
     "cuda". The fused backends implement "ot"; other methods use the torch reference.
     """
     check_weight(w)
-    check_options(bits, method, granularity, assign)
+    bits = check_options(bits, method, granularity, assign)
     from .ops import fit_rows  # ops imports this module; keep the cycle lazy
 
     rows = weight_rows(w.detach(), granularity)
@@ -233,7 +234,7 @@ def fake_quantize_state_dict(state_dict: dict, bits: int, method: str = "ot") ->
     tensor if 1-D; tensors with fewer than 2**bits elements are copied unchanged (except
     for "uniform", which the seed applies to every tensor). Other entries pass through.
     """
-    check_options(bits, method, "channel", "rank")
+    bits = check_options(bits, method, "channel", "rank")
     out = {}
     for name, value in state_dict.items():
         is_float = isinstance(value, torch.Tensor) and value.dtype.is_floating_point

@@ -66,10 +66,24 @@ def test_padding_codes_are_zero():
     assert (words[:, 2:] == 0).all() and (words[:, 1] == 0xFF).all()
 
 
-@pytest.mark.parametrize("bad", [1, 9, 0, 4.0, "4", True])
+@pytest.mark.parametrize("bad", [1, 9, 0, 4.0, "4", True, np.float32(4), torch.tensor(4.0)],
+                         ids=repr)
 def test_bad_bits_rejected(bad):
     with pytest.raises(ValueError, match="bits"):
         otq.pack_codes(torch.zeros(1, 4, dtype=torch.long), bad)
+
+
+@pytest.mark.parametrize("bits", [np.int64(3), np.uint8(3), torch.tensor(3)], ids=repr)
+def test_bits_of_any_integer_type_become_an_int(bits):
+    """A numpy integer (a sweep over np.arange) or a 0-d integer tensor is taken as the
+    int it holds, and stored as one (the layers' metadata is JSON)."""
+    assert [p.shape for p in otq.pack_codes(torch.zeros(1, 4, dtype=torch.long), bits)] == [
+        p.shape for p in otq.pack_codes(torch.zeros(1, 4, dtype=torch.long), 3)]
+    qt = otq.fit_codebook(torch.randn(4, 40), bits)
+    assert type(qt.bits) is int and qt.bits == 3
+    model = otq.quantize_model(torch.nn.Sequential(torch.nn.Linear(40, 4), torch.nn.Linear(4, 2)),
+                               bits=bits, overrides={"1": {"bits": bits}}, progress=False)
+    assert [type(m.bits) for m in model] == [int, int]
 
 
 def test_codes_out_of_range_or_float_rejected():
