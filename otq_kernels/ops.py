@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_
 from . import backends
 from .backends import _device
 from .backends.dequant import dense_weight
+from .flops import teach_flop_counter
 from .format import QuantizedTensor, check_bits, padded_k, plane_widths
 from .quantizers import fit_rows_reference
 from .tuning_schema import check_tuning_table
@@ -275,6 +276,14 @@ def _plain_eager_call(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> b
             and _current_dispatch_mode() is None and _functorch_transform() is None
             and _forward_ad._current_level < 0 and not torch._C._is_tracing()
             and not (needs_grad and torch.is_grad_enabled()))
+
+
+def _teach_dispatch_mode() -> None:
+    """Before an op call: an active FlopCounterMode learns the ops' FLOPs (:mod:`.flops`)."""
+    if not torch.compiler.is_compiling():
+        mode = _current_dispatch_mode()
+        if mode is not None:
+            teach_flop_counter(mode)
 
 
 def _under_torch_transform() -> bool:
@@ -540,6 +549,7 @@ def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     elif _under_torch_transform():
         y = _run_linear(x2, qt, bias, "reference")
     else:
+        _teach_dispatch_mode()
         y = torch.ops.otq.codebook_linear(x2, qt.planes, qt.codebook, qt.bits, n, k, bias, name)
     return y if dims == 2 else y.reshape(*x.shape[:-1], n)
 
@@ -581,6 +591,7 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
         x = x.contiguous()  # NCHW or channels_last are both taken as they are
     if plain:
         return _run_conv2d(x, qt, bias, stride, padding, dilation, groups, name)
+    _teach_dispatch_mode()
     return torch.ops.otq.codebook_conv2d(x, qt.planes, qt.codebook, qt.bits,
                                          list(qt.shape), bias, stride, padding, dilation,
                                          groups, name)

@@ -240,6 +240,35 @@ def test_torch_transforms_see_the_dequantized_twin(transform):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("registered", [False, True], ids=["counter-before-formulas",
+                                                         "formulas-registered"])
+def test_flop_counter_counts_what_the_dequantized_twin_does(registered, monkeypatch):
+    """torch's FlopCounterMode counts the quantized layers as F.linear/F.conv on the dense
+    weight (it counted them as zero), forward and backward, also when the counter was
+    made before the formulas were registered."""
+    from torch.utils import flop_counter
+
+    from otq_kernels.flops import teach_flop_counter
+
+    torch.manual_seed(0)
+    model = _Mixed()
+    quant = otq.quantize_model(copy.deepcopy(model), bits=3, progress=False)
+    twin = _dequantized_twin(model, quant)
+    for layer in (twin.conv, twin.point, twin.taps, twin.head):
+        layer.weight.requires_grad_(False)  # (the quantized weight gets no gradient)
+    for op in (torch.ops.otq.codebook_linear, torch.ops.otq.codebook_conv2d):
+        monkeypatch.delitem(flop_counter.flop_registry, op, raising=False)
+    if registered:
+        teach_flop_counter(None)
+
+    def flops(net):
+        with flop_counter.FlopCounterMode(display=False) as counter:
+            net(_leaf(torch.randn(2, 3, 5, 5))).sum().backward()
+        return counter.get_total_flops()
+
+    assert flops(quant) == flops(twin) > 0
+
+
 def test_jit_trace_records_the_ops():
     """torch.jit.trace records the otq ops, not the values a native kernel wrote into
     memory the tracer cannot see (the traced module once returned uninitialised memory)."""
