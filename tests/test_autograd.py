@@ -283,6 +283,21 @@ def test_jit_trace_records_the_ops():
     torch.testing.assert_close(traced(x), quant(x), rtol=1e-5, atol=1e-6)
 
 
+def test_fx_traces_the_layers_as_leaf_modules():
+    """The documented way through torch.fx: Quant* layers as leaves."""
+    class LeafTracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):
+            quantized = isinstance(module, tuple(otq.nn.QUANT_TYPES.values()))
+            return quantized or super().is_leaf_module(module, name)
+
+    torch.manual_seed(0)
+    quant = otq.quantize_model(_Mixed(), bits=3, progress=False)
+    traced = torch.fx.GraphModule(quant, LeafTracer().trace(quant))
+    assert sum(node.op == "call_module" for node in traced.graph.nodes) == 4
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(traced(x), quant(x))
+
+
 def test_flow_matching_likelihood_of_a_quantized_unet():
     """flow_matching's compute_likelihood (divergence by autograd) runs on a quantized model
     and gives its dequantized twin's log-likelihood."""
