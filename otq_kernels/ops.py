@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
-from torch._C._functorch import peek_interpreter_stack as _functorch_transform
+from torch._C._functorch import maybe_current_level as _functorch_level
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import backends
@@ -273,7 +273,7 @@ def _plain_eager_call(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> b
     """
     needs_grad = x.requires_grad or (bias is not None and bias.requires_grad)
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and _current_dispatch_mode() is None and _functorch_transform() is None
+            and _current_dispatch_mode() is None and _functorch_level() is None
             and _forward_ad._current_level < 0 and not torch._C._is_tracing()
             and not (needs_grad and torch.is_grad_enabled()))
 
@@ -288,12 +288,12 @@ def _teach_dispatch_mode() -> None:
 
 def _under_torch_transform() -> bool:
     """Whether a functorch transform (vmap, grad, jvp, jacrev, ...) or forward-mode AD
-    (dual tensors) sees the call, outside torch.compile. The ops have neither a batching
-    rule nor a forward-AD formula (under jvp a custom op's tangent comes back wrong, with
-    no error), so such calls run the reference backend's torch ops on the dense weight,
-    which every transform sees through."""
-    return not torch.compiler.is_compiling() and (
-        _functorch_transform() is not None or _forward_ad._current_level >= 0)
+    (dual tensors) sees the call, eager or under torch.compile (dynamo traces the
+    functorch level). The ops have neither a batching rule nor a forward-AD formula (under
+    jvp a custom op's tangent comes back wrong, with no error), so such calls run the
+    reference backend's torch ops on the dense weight, which every transform sees
+    through."""
+    return _functorch_level() is not None or _forward_ad._current_level >= 0
 
 
 # ----------------------------------------------------------------------------- ops

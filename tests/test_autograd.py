@@ -269,6 +269,24 @@ def test_flop_counter_counts_what_the_dequantized_twin_does(registered, monkeypa
     assert flops(quant) == flops(twin) > 0
 
 
+@pytest.mark.parametrize("transform", [
+    lambda net, x, t: torch.func.vmap(net)(x.unsqueeze(1)),
+    lambda net, x, t: torch.func.jvp(net, (x,), (t,))[1],
+], ids=["vmap", "jvp"])
+def test_compiled_torch_transforms_see_the_dequantized_twin(transform):
+    """The same under torch.compile (a compiled jvp gave a wrong tangent without an error,
+    vmap failed in the op's fake kernel). A compiled torch.func.grad still fails inside
+    dynamo, which cannot resume a graph broken inside grad (docs/usage.md)."""
+    torch.manual_seed(0)
+    model = _Mixed()
+    quant = otq.quantize_model(copy.deepcopy(model), bits=3, progress=False)
+    twin = _dequantized_twin(model, quant)
+    x, tangent = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
+    torch._dynamo.reset()
+    got = torch.compile(transform, backend="eager")(quant, x, tangent)
+    torch.testing.assert_close(got, transform(twin, x, tangent), rtol=1e-4, atol=1e-5)
+
+
 def test_jit_trace_records_the_ops():
     """torch.jit.trace records the otq ops, not the values a native kernel wrote into
     memory the tracer cannot see (the traced module once returned uninitialised memory)."""
