@@ -17,13 +17,14 @@ import functools
 import json
 import operator
 import os
+import sys
 from collections.abc import Callable
 from importlib import resources
 from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
-from torch._C._functorch import maybe_current_level as _functorch_level
+from torch._C._functorch import get_dynamic_layer_stack_depth as _functorch_depth
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import backends
@@ -273,7 +274,7 @@ def _plain_eager_call(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> b
     """
     needs_grad = x.requires_grad or (bias is not None and bias.requires_grad)
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and _current_dispatch_mode() is None and _functorch_level() is None
+            and _current_dispatch_mode() is None and _functorch_depth() == 0
             and _forward_ad._current_level < 0 and not torch._C._is_tracing()
             and not (needs_grad and torch.is_grad_enabled()))
 
@@ -288,12 +289,22 @@ def _teach_dispatch_mode() -> None:
 
 def _under_torch_transform() -> bool:
     """Whether a functorch transform (vmap, grad, jvp, jacrev, ...) or forward-mode AD
-    (dual tensors) sees the call, eager or under torch.compile (dynamo traces the
-    functorch level). The ops have neither a batching rule nor a forward-AD formula (under
-    jvp a custom op's tangent comes back wrong, with no error), so such calls run the
-    reference backend's torch ops on the dense weight, which every transform sees
-    through."""
-    return _functorch_level() is not None or _forward_ad._current_level >= 0
+    (dual tensors) sees the call. The ops have neither a batching rule nor a forward-AD
+    formula (under jvp a custom op's tangent comes back wrong, with no error), so such
+    calls run the reference backend's torch ops on the dense weight, which every
+    transform sees through. Under torch.compile the functorch query is asked only where
+    dynamo folds it to a constant (elsewhere it would break the graph)."""
+    if torch.compiler.is_compiling() and not _dynamo_folds_functorch_depth():
+        return False
+    return _functorch_depth() > 0 or _forward_ad._current_level >= 0
+
+
+@_trace_constant
+def _dynamo_folds_functorch_depth() -> bool:
+    """Whether this torch's dynamo folds the functorch layer depth to a constant (newer
+    versions do). Asked only while compiling, so dynamo is loaded."""
+    folding = sys.modules.get("torch._dynamo.variables.torch")
+    return _functorch_depth in getattr(folding, "constant_fold_functions", ())
 
 
 # ----------------------------------------------------------------------------- ops

@@ -271,20 +271,43 @@ def test_flop_counter_counts_what_the_dequantized_twin_does(registered, monkeypa
 
 @pytest.mark.parametrize("transform", [
     lambda net, x, t: torch.func.vmap(net)(x.unsqueeze(1)),
+    lambda net, x, t: torch.func.grad(lambda v: net(v).square().sum())(x),
     lambda net, x, t: torch.func.jvp(net, (x,), (t,))[1],
-], ids=["vmap", "jvp"])
+], ids=["vmap", "grad", "jvp"])
 def test_compiled_torch_transforms_see_the_dequantized_twin(transform):
     """The same under torch.compile (a compiled jvp gave a wrong tangent without an error,
-    vmap failed in the op's fake kernel). A compiled torch.func.grad still fails inside
-    dynamo, which cannot resume a graph broken inside grad (docs/usage.md)."""
+    vmap and grad failed in the op's fake kernel), where dynamo folds the functorch
+    depth (torch 2.13 does)."""
+    torch._dynamo.reset()  # (imports dynamo, which the check reads)
+    if not ops._dynamo_folds_functorch_depth():
+        pytest.skip("this torch's dynamo does not fold the functorch depth")
     torch.manual_seed(0)
     model = _Mixed()
     quant = otq.quantize_model(copy.deepcopy(model), bits=3, progress=False)
     twin = _dequantized_twin(model, quant)
     x, tangent = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
-    torch._dynamo.reset()
     got = torch.compile(transform, backend="eager")(quant, x, tangent)
     torch.testing.assert_close(got, transform(twin, x, tangent), rtol=1e-4, atol=1e-5)
+
+
+def test_compiling_without_the_folded_functorch_query_never_asks_it(monkeypatch):
+    """A dynamo that does not fold the functorch depth (older torch) is never asked it,
+    since the call would break a fullgraph compile: compiled transforms then behave as
+    before (the op's path), and a plain compile stays one graph."""
+    torch.manual_seed(0)
+    quant = otq.quantize_model(_Mixed(), bits=3, progress=False)
+    x = torch.randn(2, 3, 5, 5)
+    want = quant(x)
+
+    def depth():
+        raise AssertionError("asked the functorch depth while compiling")
+
+    monkeypatch.setattr(ops, "_dynamo_folds_functorch_depth",
+                        ops._trace_constant(lambda: False))
+    monkeypatch.setattr(ops, "_functorch_depth", depth)
+    torch._dynamo.reset()
+    got = torch.compile(quant, fullgraph=True, backend="eager")(x.requires_grad_())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_jit_trace_records_the_ops():
