@@ -66,6 +66,13 @@ def _load(path, model=None):
     return ckpt.load_quantized(path, model if model is not None else Net().eval())
 
 
+def _saved_4bit(make, path):
+    """(the model ``make()`` builds, seeded, quantized at 4 bits; the path it was saved to)."""
+    torch.manual_seed(0)
+    model = qnn.quantize_model(make(), bits=4, progress=False)
+    return model, otq.save_quantized(model, path)
+
+
 def test_round_trip_is_exact(saved):
     model, path = saved
     loaded = _load(path)
@@ -276,10 +283,7 @@ def test_wrong_model(saved):
 def test_a_shared_layer_round_trips_and_must_be_shared_in_the_skeleton(tmp_path):
     from test_nn import Shared
 
-    torch.manual_seed(0)
-    model = qnn.quantize_model(Shared(), bits=4, progress=False)
-    path = tmp_path / "shared.safetensors"
-    otq.save_quantized(model, path)
+    model, path = _saved_4bit(Shared, tmp_path / "shared.safetensors")
     assert list(ckpt.read_metadata(path)["layers"]) == ["a"]
     loaded = _load(path, Shared())
     assert isinstance(loaded.a, qnn.QuantLinear) and loaded.a is loaded.b is loaded.c[0]
@@ -287,9 +291,7 @@ def test_a_shared_layer_round_trips_and_must_be_shared_in_the_skeleton(tmp_path)
     assert torch.equal(loaded(x), model(x))
     with pytest.raises(ValueError, match="checkpoint does not match the model"):
         _load(path, Shared(shared=False))  # b and c.0 float in the model, quantized in the file
-    separate = tmp_path / "separate.safetensors"
-    otq.save_quantized(qnn.quantize_model(Shared(shared=False), bits=4, progress=False),
-                       separate)
+    _, separate = _saved_4bit(lambda: Shared(shared=False), tmp_path / "separate.safetensors")
     with pytest.raises(ValueError, match=r"layers \['a', 'b', 'c.0'\] are one module"):
         _load(separate, Shared())
 
@@ -312,10 +314,7 @@ class Tied(nn.Module):
 
 @pytest.mark.parametrize("skeleton_on", ["cpu", "meta"])
 def test_a_shared_tensor_is_stored_once(tmp_path, skeleton_on):
-    torch.manual_seed(0)
-    model = qnn.quantize_model(Tied(), bits=4, progress=False)
-    path = tmp_path / "tied.safetensors"
-    otq.save_quantized(model, path)
+    model, path = _saved_4bit(Tied, tmp_path / "tied.safetensors")
     with safe_open(str(path), framework="pt") as f:
         stored, meta = set(f.keys()), f.metadata()
     assert stored == {"a.plane0", "a.codebook", "a.bias", "up.weight", "up.bias", "down.bias"}
@@ -338,9 +337,7 @@ def test_a_shared_tensor_is_stored_once(tmp_path, skeleton_on):
     ("[1]", "metadata 'aliases' must be a JSON object"),
 ], ids=["target-missing", "alias-stored", "not-an-object"])
 def test_bad_aliases_are_refused(tmp_path, aliases, match):
-    torch.manual_seed(0)
-    path = otq.save_quantized(qnn.quantize_model(Tied(), bits=4, progress=False),
-                              tmp_path / "tied.safetensors")
+    _, path = _saved_4bit(Tied, tmp_path / "tied.safetensors")
     text = aliases if isinstance(aliases, str) else json.dumps(aliases)
     with pytest.raises(ValueError, match=match):
         _load(_rewrite(path, tmp_path / "bad.safetensors", metadata={"aliases": text}), Tied())
@@ -394,10 +391,7 @@ def test_a_compiled_model_is_quantized_saved_and_loaded_under_its_own_names(tmp_
 def test_a_loaded_transformer_encoder_leaves_its_fast_path(tmp_path, skeleton_on):
     from test_nn import transformer_encoder
 
-    torch.manual_seed(0)
-    model = qnn.quantize_model(transformer_encoder(), bits=4, progress=False)
-    path = tmp_path / "encoder.safetensors"
-    otq.save_quantized(model, path)
+    model, path = _saved_4bit(transformer_encoder, tmp_path / "encoder.safetensors")
     with torch.device(skeleton_on):
         skeleton = transformer_encoder()
     loaded = _load(path, skeleton)
