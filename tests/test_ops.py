@@ -292,6 +292,16 @@ def test_plain_eager_call_conditions():
     with _OpRecorder():
         assert not ops._plain_eager_call(x)
     assert torch.vmap(lambda t: torch.tensor(ops._plain_eager_call(t)))(x).sum() == 0
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():  # a dual x: the native path would drop its tangent
+        assert not ops._plain_eager_call(fwAD.make_dual(x, torch.ones_like(x)))
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch >= 2.13 deprecates torch.jit.trace)
+        torch.jit.trace(lambda t: seen.append(ops._plain_eager_call(t)) or t, (x,),
+                        check_trace=False)
+    assert seen == [False]  # tracing: the trace must record the op
 
 
 def test_trace_constant_marks_like_torch():
