@@ -228,7 +228,7 @@ def _add_aliases(meta: dict, tensors: dict, path) -> dict:
     return {**tensors, **{alias: tensors[name] for alias, name in aliases.items()}}
 
 
-def read_checkpoint(path) -> tuple[dict, dict]:
+def _read_checkpoint(path) -> tuple[dict, dict]:
     """(metadata strings, tensors under every name the model holds them) of a quantized
     checkpoint, its format and checksums checked; ValueError else."""
     meta, tensors = read_safetensors(path)
@@ -239,7 +239,7 @@ def read_checkpoint(path) -> tuple[dict, dict]:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """Parsed metadata of a quantized checkpoint: format, version, layers, kept_float, user."""
-    meta, _ = read_checkpoint(path)
+    meta, _ = _read_checkpoint(path)
     return {"format": meta["format"], "format_version": int(meta["format_version"]),
             "otq_version": meta.get("otq_version"), "layers": _json(meta, "layers", path),
             "kept_float": _json(meta, "kept_float", path), "user": _json(meta, "user", path)}
@@ -398,7 +398,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     another architecture; the model is only modified once everything has been validated.
     """
     wrapper, model = model, bare_module(model, "load_quantized")
-    meta, tensors = read_checkpoint(path)
+    meta, tensors = _read_checkpoint(path)
     layers = _json(meta, "layers", path)
     device = _load_device(model, device, path)
     aliases = module_aliases(model)
