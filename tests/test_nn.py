@@ -722,3 +722,36 @@ def test_autocast_on_the_gpu_feeds_the_kernels_its_dtype(backend, dtype):
             x.to(dtype), quant.qweight, quant.bias.to(dtype), backend), **same)
         torch.testing.assert_close(z, otq.ops.codebook_conv2d(
             img.to(dtype), conv.qweight, conv.bias.to(dtype), 1, 1, backend=backend), **same)
+
+
+@pytest.mark.cuda
+def test_float64_transforms_and_flop_counts_on_the_gpu():
+    """On the GPU: a float64 layer runs on the expanding backends; vmap and jvp over the
+    layers see the dense twin; FlopCounterMode counts them as the twin's layers."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(96, 64), nn.Conv2d(8, 16, 3, padding=1)]
+    shapes = [(4, 96), (2, 8, 6, 6)]
+    for layer, shape in zip(layers, shapes, strict=True):
+        layer = layer.cuda()
+        quant = qnn.QUANT_TYPES[type(layer)].from_float(layer, bits=4)
+        twin = _dequant_twin(layer, quant)
+        x, t = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda")
+        wide = copy.deepcopy(quant).double()
+        with torch.no_grad():
+            got = wide(x.double())
+        assert got.dtype == torch.float64
+        want = copy.deepcopy(twin).double()(x.double())
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        close = {"rtol": 1e-4, "atol": 1e-4}  # (TF32 may differ between the two GEMMs)
+        torch.testing.assert_close(torch.func.vmap(quant)(x.unsqueeze(1)),
+                                   torch.func.vmap(twin)(x.unsqueeze(1)), **close)
+        torch.testing.assert_close(torch.func.jvp(quant, (x,), (t,))[1],
+                                   torch.func.jvp(twin, (x,), (t,))[1], **close)
+        counts = []
+        for net in (quant, twin):
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                net(x)
+            counts.append(counter.get_total_flops())
+        assert counts[0] == counts[1] > 0
