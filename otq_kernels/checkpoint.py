@@ -106,6 +106,12 @@ def _layer_meta(module: _QuantModule) -> dict:
             "bias": module.bias is not None, "stats": stats}
 
 
+def _check_argument_order(signature: str, model, path) -> None:
+    """TypeError for a model passed as the path and a path as the model."""
+    if isinstance(path, nn.Module) and isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"{signature}: the model and the path are swapped")
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None):
     """Write ``model`` (after :func:`otq_kernels.quantize_model`) to a safetensors file.
 
@@ -116,6 +122,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
 
     from . import __version__
 
+    _check_argument_order("save_quantized(model, path)", model, path)
     model = bare_module(model, "save_quantized")  # the names a bare model has
     layers = {name: _layer_meta(m) for name, m in model.named_modules()
               if isinstance(m, _QuantModule)}
@@ -397,6 +404,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     format version, tensors whose shapes/dtypes disagree with the metadata, or a model of
     another architecture; the model is only modified once everything has been validated.
     """
+    _check_argument_order("load_quantized(path, model)", model, path)
     wrapper, model = model, bare_module(model, "load_quantized")
     meta, tensors = _read_checkpoint(path)
     layers = _json(meta, "layers", path)

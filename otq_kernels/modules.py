@@ -84,6 +84,14 @@ def _normal(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format) if t.is_inference() else t.contiguous()
 
 
+def _check_finite_codebook(codebook: torch.Tensor) -> None:
+    """A NaN/Inf codebook entry would give NaN outputs without an error: refuse it here,
+    once per layer (a meta skeleton's codebook has no values to check)."""
+    if codebook.device.type != "meta" and not bool(torch.isfinite(codebook).all()):
+        bad = int((~torch.isfinite(codebook)).sum())
+        raise ValueError(f"the codebook {list(codebook.shape)} has {bad} NaN/Inf entries")
+
+
 class _QuantModule(nn.Module):
     """Shared storage: planes/codebook buffers, float bias, cached QuantizedTensor views."""
 
@@ -92,6 +100,7 @@ class _QuantModule(nn.Module):
     def _init_storage(self, qt: QuantizedTensor, bias: torch.Tensor | None, backend: str):
         """Buffers and bias of ``qt``: normal tensors even under ``torch.inference_mode``
         (inference tensors could not be loaded into later, nor feed an input gradient)."""
+        _check_finite_codebook(qt.codebook)
         self.bits, self.granularity, self.method = qt.bits, qt.granularity, qt.method
         self.weight_shape = tuple(qt.shape)
         self.backend = backends.check_name(backend)

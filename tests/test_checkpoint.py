@@ -101,6 +101,15 @@ def test_save_requires_quantized_layers(tmp_path):
         ckpt.save_quantized(Net(), tmp_path / "x.safetensors")
 
 
+def test_swapped_model_and_path_are_named(tmp_path):
+    path = tmp_path / "q.safetensors"
+    with pytest.raises(TypeError, match=r"save_quantized\(model, path\): .* swapped"):
+        ckpt.save_quantized(str(path), _quantized())
+    ckpt.save_quantized(_quantized(), path)
+    with pytest.raises(TypeError, match=r"load_quantized\(path, model\): .* swapped"):
+        ckpt.load_quantized(Net(), path)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         _load(tmp_path / "nope.safetensors")

@@ -1,6 +1,7 @@
 """Quant* layers and quantize_model (CPU, tiny shapes)."""
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -164,6 +165,18 @@ def test_from_float_rejects_bad_input():
         qnn.QuantLinear.from_float(nn.Linear(4, 4), backend="cuda2")
     with pytest.raises(ValueError, match="meta device"):
         qnn.QuantLinear.from_float(nn.Linear(4, 4, device="meta"))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_layers_refuse_a_codebook_that_is_not_finite(bad):
+    qt = qnn.QuantLinear.from_float(nn.Linear(6, 4), bits=2).qweight
+    qt.codebook = qt.codebook.clone()
+    qt.codebook[1, 2] = bad
+    with pytest.raises(ValueError, match=r"codebook \[4, 4\] has 1 NaN/Inf entries"):
+        qnn.QuantLinear(qt)
+    conv = qnn.QuantConv1d.from_float(nn.Conv1d(2, 4, 3), bits=2).qweight
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        qnn.QuantConv1d(dataclasses.replace(conv, codebook=qt.codebook))
 
 
 class Toy(nn.Module):
