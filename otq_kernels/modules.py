@@ -103,7 +103,7 @@ class _QuantModule(nn.Module):
         _check_finite_codebook(qt.codebook)
         self.bits, self.granularity, self.method = qt.bits, qt.granularity, qt.method
         self.weight_shape = tuple(qt.shape)
-        self.backend = backends.check_name(backend)
+        self.backend = self.check_backend(backend, qt.bits, self._layout(self))
         self.stats: dict = {}
         self.num_planes = len(qt.planes)
         with torch.inference_mode(False):
@@ -196,6 +196,13 @@ class _QuantModule(nn.Module):
         return {}
 
     @classmethod
+    def check_backend(cls, backend, bits: int, layout: dict) -> str:
+        """``backend`` if it is "auto" or a backend with a kernel for this layer type with
+        ``bits``-bit codes and ``layout`` (:meth:`_layout`), else a ValueError: caught when
+        the layer is made, not at its first call."""
+        return backends.check_name(backend)
+
+    @classmethod
     def replacing(cls, module: nn.Module, qt: QuantizedTensor, bias: torch.Tensor | None,
                   backend: str) -> _QuantModule:
         """A layer of ``qt`` to put in place of ``module``: its geometry, train/eval mode
@@ -235,6 +242,8 @@ class _QuantModule(nn.Module):
         """Quantize a float layer of ``FLOAT_TYPE`` (its weight is fitted once; the module
         is left untouched)."""
         _check_type(module, cls.FLOAT_TYPE)
+        cls.check_backend(backend, check_options(bits, method, granularity, "rank"),
+                          cls._layout(module))
         weight = float_tensor(module)
         qt = cls._fit(weight, bits, method, granularity, module)
         layer = cls.replacing(module, qt, float_tensor(module, "bias"), backend)
@@ -305,6 +314,16 @@ def _resolve_padding(padding, padding_mode: str, kernel, dilation):
     return pre, mode, (0,) * dims
 
 
+# The backends with a conv kernel (auto picks among them per call).
+CONV_BACKENDS = ("reference", "dequant", "triton", "cuda")
+
+
+def _pointwise(kernel_size, stride, groups, pre_pad, conv_padding) -> bool:
+    """Whether a Conv1d geometry is a plain linear map over channels."""
+    return (kernel_size == (1,) and stride == (1,) and groups == 1 and pre_pad is None
+            and conv_padding == (0,))
+
+
 class _QuantConv(_QuantModule):
     """Common conv state: geometry copied from the float conv."""
 
@@ -325,6 +344,31 @@ class _QuantConv(_QuantModule):
         return {k: getattr(module, k) for k in ("in_channels", "out_channels", "kernel_size",
                                                 "stride", "padding", "dilation", "groups",
                                                 "padding_mode")}
+
+    @classmethod
+    def check_backend(cls, backend, bits: int, layout: dict) -> str:
+        """A named backend must have a conv kernel that takes these bits and groups (for
+        some activation dtype), unless the conv runs as a linear layer."""
+        name = super().check_backend(backend, bits, layout)
+        if name in ("auto", "reference") or cls._runs_as_linear(layout):
+            return name
+        module = backends.get(name)
+        if not hasattr(module, "conv2d"):
+            raise ValueError(f"backend {name!r} has no conv kernel (it runs Linear layers "
+                             f"and pointwise Conv1d only); choose 'auto' or one of "
+                             f"{CONV_BACKENDS} for convs")
+        supports = getattr(module, "conv2d_supports", None)
+        dtypes = (torch.float32, torch.float16, torch.bfloat16)
+        if supports is not None and not any(supports(d, bits, layout["groups"]) for d in dtypes):
+            raise ValueError(f"backend {name!r}'s conv kernel does not take {bits}-bit codes "
+                             f"with groups={layout['groups']}; choose 'auto' or another of "
+                             f"{CONV_BACKENDS}")
+        return name
+
+    @staticmethod
+    def _runs_as_linear(layout: dict) -> bool:
+        """Whether a conv of this ``layout`` may run as a linear layer (pointwise Conv1d)."""
+        return False
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._pre_pad is None else F.pad(x, self._pre_pad, mode=self._pad_mode)
@@ -407,8 +451,16 @@ class QuantConv1d(_QuantConv):
     @property
     def pointwise(self) -> bool:
         """True when the conv is a plain linear map over channels."""
-        return (self.kernel_size == (1,) and self.stride == (1,) and self.groups == 1
-                and self._pre_pad is None and self._conv_padding == (0,))
+        return _pointwise(self.kernel_size, self.stride, self.groups, self._pre_pad,
+                          self._conv_padding)
+
+    @staticmethod
+    def _runs_as_linear(layout: dict) -> bool:
+        pre_pad, _, conv_padding = _resolve_padding(
+            layout["padding"], layout["padding_mode"], _tuple(layout["kernel_size"], 1),
+            _tuple(layout["dilation"], 1))
+        return _pointwise(_tuple(layout["kernel_size"], 1), _tuple(layout["stride"], 1),
+                          layout["groups"], pre_pad, conv_padding)
 
     def _conv_kernel_runs(self, x: torch.Tensor) -> bool:
         """Whether codebook_conv2d would run a conv kernel on x (not the reference) for

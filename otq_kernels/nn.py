@@ -210,9 +210,11 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     # would hold every fitted layer next to the float model at once.
     for name, opts in plans:
         try:
-            check_options(opts["bits"], opts["method"], opts["granularity"], "rank")
-            backends.check_name(opts["backend"])
-            check_weight(float_tensor(model.get_submodule(name)))
+            module = model.get_submodule(name)
+            bits = check_options(opts["bits"], opts["method"], opts["granularity"], "rank")
+            cls = quant_class_for(module)
+            cls.check_backend(opts["backend"], bits, cls._layout(module))
+            check_weight(float_tensor(module))
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
     for name, opts in tqdm(plans, desc="quantize", unit="layer", disable=not progress):

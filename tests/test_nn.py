@@ -712,6 +712,61 @@ def test_pointwise_conv1d_takes_a_conv_kernel_where_one_runs(backend, path, monk
     torch.testing.assert_close(y, F.conv1d(x, q.dequantize(), q.bias), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("make, backend, bits, match", [
+    (lambda: nn.Conv2d(4, 6, 3), "cpu", 4, "backend 'cpu' has no conv kernel"),
+    (lambda: nn.Conv2d(4, 6, 1), "cpu", 4, "backend 'cpu' has no conv kernel"),
+    (lambda: nn.Conv1d(4, 6, 3), "cpu", 4, "backend 'cpu' has no conv kernel"),
+    (lambda: nn.Conv1d(4, 6, 1, padding_mode="reflect"), "cpu", 4, "'cpu' has no conv"),
+    (lambda: nn.Conv2d(4, 6, 3), "cuda", 8, "'cuda'.s conv kernel does not take 8-bit codes"),
+    (lambda: nn.Conv2d(4, 6, 3, groups=2), "cuda", 4, "does not take 4-bit codes with groups=2"),
+], ids=["cpu-3x3", "cpu-1x1", "cpu-conv1d-k3", "cpu-conv1d-reflect", "cuda-8bit",
+        "cuda-groups"])
+def test_a_named_backend_without_a_kernel_for_the_layer_is_refused_when_it_is_made(
+        make, backend, bits, match, tmp_path):
+    """Before, these failed at the first call, inside the op, without naming the layer."""
+    torch.manual_seed(0)
+    conv = make()
+    cls = qnn.QuantConv1d if isinstance(conv, nn.Conv1d) else qnn.QuantConv2d
+    with pytest.raises(ValueError, match=match):
+        cls.from_float(conv, bits=bits, backend=backend)
+    layer = cls.from_float(conv, bits=bits)
+    with pytest.raises(ValueError, match=match):
+        cls.replacing(conv, layer.qweight, None, backend)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (4, 1, 1)), conv)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"layer '2': .*{match}"):
+        otq.quantize_model(model, bits=bits, backend=backend, progress=False)
+    with pytest.raises(ValueError, match=f"layer '2': .*{match}"):
+        otq.quantize_model(model, bits=2, overrides={"2": {"bits": bits, "backend": backend}},
+                           progress=False)
+    assert isinstance(model[0], nn.Linear) and model.state_dict().keys() == before.keys()
+    path = tmp_path / "q.safetensors"
+    otq.save_quantized(otq.quantize_model(copy.deepcopy(model), bits=bits, progress=False),
+                       path)
+    with pytest.raises(ValueError, match=match):
+        otq.load_quantized(path, model, backend=backend)
+    assert isinstance(model[0], nn.Linear)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton", "dequant", "reference"],
+                         ids=lambda name: f"named-{name}")  # (an id "cuda" means a GPU test)
+def test_named_backends_that_run_the_layer_are_taken(backend):
+    """Layers a named backend can run are built (nothing runs: no GPU needed): pointwise
+    Conv1d as a linear layer on any backend, 2-4-bit groups=1 convs on cuda."""
+    conv1 = qnn.QuantConv1d.from_float(nn.Conv1d(4, 6, 1), bits=8, backend=backend)
+    assert conv1.backend == backend and conv1.pointwise
+    if backend != "cpu":
+        for bits in (2, 3, 4):
+            conv = qnn.QuantConv2d.from_float(nn.Conv2d(4, 6, 3), bits=bits, backend=backend)
+            assert conv.backend == backend
+
+
+def test_conv_backends_are_those_with_a_conv_kernel():
+    from otq_kernels.modules import CONV_BACKENDS
+    assert set(CONV_BACKENDS) == {name for name in otq.backends.NAMES
+                                  if hasattr(otq.backends.get(name), "conv2d")}
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
