@@ -423,7 +423,10 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
                              f"but the checkpoint quantized {first!r} and {name!r} apart")
         qt = _quantized_tensor(name, entry, tensors)
         bias = _bias(name, entry, tensors)
-        swaps.append((names, _build(module, cls, qt, bias, entry, backend)))
+        try:
+            swaps.append((names, _build(module, cls, qt, bias, entry, backend)))
+        except ValueError as err:  # (e.g. a backend without a kernel for this layer)
+            raise ValueError(f"{path}: layer {name!r}: {err}") from None
     _check_rest(_expected_state(model, swaps), tensors, path)
     check_loadable(model, os.fspath(path), skip=tuple(n for names, _ in swaps for n in names))
     for names, layer in swaps:  # everything validated: now mutate the model
