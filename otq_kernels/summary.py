@@ -150,16 +150,27 @@ def _human(nbytes: int) -> str:
     return f"{nbytes / 1024:.1f} KB" if nbytes < 1024**2 else f"{nbytes / 1024**2:.2f} MB"
 
 
+# The widest layer-name column of the printed table; longer names keep their end.
+NAME_WIDTH_MAX = 64
+
+
+def _fit_name(name: str, width: int) -> str:
+    """``name`` if it fits ``width``, else "…" and its last ``width - 1`` characters."""
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
 def format_summary(summary: QuantizationSummary, max_rows: int | None = None) -> str:
     """A printable table: one line per layer, then totals (sizes before and after)."""
-    head = (f"{'layer':<36} {'type':<12} {'shape':<18} {'bits':>4} {'method':<9} "
+    rows = summary.layers if max_rows is None else summary.layers[:max_rows]
+    width = min(max((len(r.name) for r in rows), default=0), NAME_WIDTH_MAX)
+    width = max(width, len("layer"))
+    head = (f"{'layer':<{width}} {'type':<12} {'shape':<18} {'bits':>4} {'method':<9} "
             f"{'bits/w':>7} {'SQNR dB':>8} {'W2':>9}  note")
     lines = [head, "-" * len(head)]
-    rows = summary.layers if max_rows is None else summary.layers[:max_rows]
     for r in rows:
         note = "" if r.status == "quantized" else r.status
         lines.append(
-            f"{r.name[-36:]:<36} {r.type:<12} {'x'.join(map(str, r.shape)):<18} "
+            f"{_fit_name(r.name, width):<{width}} {r.type:<12} {'x'.join(map(str, r.shape)):<18} "
             f"{_fmt(r.bits, 'd'):>4} {r.method or '-':<9} {_fmt(r.bits_per_weight, '.3f'):>7} "
             f"{_fmt(r.sqnr_db, '.2f'):>8} {_fmt(r.w2, '.2e'):>9}  {note}")
     if max_rows is not None and len(summary.layers) > max_rows:

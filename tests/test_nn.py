@@ -233,7 +233,21 @@ def test_quantize_model_selection_and_summary():
     assert s.bytes_after == stored  # tiny layers: per-channel codebooks cost more than fp32
     text = otq.nn.format_summary(s)
     assert "kept float (unsupported type)" in text and "bits/weight overall" in text
+    assert text.splitlines()[2].startswith("stem          QuantConv2d ")  # as wide as names
     assert str(s) == text and s.to_dict()["model_bits_per_weight"] == s.model_bits_per_weight
+
+
+def test_summary_table_prints_long_layer_names_whole_up_to_its_limit():
+    from otq_kernels.summary import NAME_WIDTH_MAX
+    model = nn.ModuleDict({"head": nn.Linear(4, 4),
+                           "transformer_blocks_0_ff_context_proj": nn.Linear(4, 4),
+                           "x" * NAME_WIDTH_MAX + "_proj": nn.Linear(4, 4)})
+    otq.quantize_model(model, bits=2, progress=False)
+    long = "x" * NAME_WIDTH_MAX + "_proj"
+    lines = otq.nn.format_summary(model.otq_summary).splitlines()
+    assert lines[2].startswith("head ") and lines[2].index("QuantLinear") == NAME_WIDTH_MAX + 1
+    assert lines[3].startswith("transformer_blocks_0_ff_context_proj ")
+    assert lines[4].startswith("…" + long[-(NAME_WIDTH_MAX - 1):] + " QuantLinear")
 
 
 def test_quantize_model_include_and_errors():
