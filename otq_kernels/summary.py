@@ -155,8 +155,9 @@ NAME_WIDTH_MAX = 64
 
 
 def _fit_name(name: str, width: int) -> str:
-    """``name`` if it fits ``width``, else "…" and its last ``width - 1`` characters."""
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    """``name`` if it fits ``width``, else "..." and its last ``width - 3`` characters
+    (ASCII: the table is printed to consoles of any encoding)."""
+    return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
 def format_summary(summary: QuantizationSummary, max_rows: int | None = None) -> str:

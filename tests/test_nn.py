@@ -247,7 +247,7 @@ def test_summary_table_prints_long_layer_names_whole_up_to_its_limit():
     lines = otq.nn.format_summary(model.otq_summary).splitlines()
     assert lines[2].startswith("head ") and lines[2].index("QuantLinear") == NAME_WIDTH_MAX + 1
     assert lines[3].startswith("transformer_blocks_0_ff_context_proj ")
-    assert lines[4].startswith("…" + long[-(NAME_WIDTH_MAX - 1):] + " QuantLinear")
+    assert lines[4].startswith("..." + long[-(NAME_WIDTH_MAX - 3):] + " QuantLinear")
 
 
 def test_quantize_model_include_and_errors():
