@@ -140,6 +140,27 @@ def test_opcheck_with_gradients():
     torch.library.opcheck(torch.ops.otq.codebook_conv2d.default, cargs)
 
 
+@pytest.mark.parametrize("backend", ["dequant", "reference"])
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Linear(7, 5), (3, 7)),
+    (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (2, 3, 5, 5)),
+    (lambda: nn.Conv1d(3, 4, 1), (2, 3, 6)),
+    (lambda: nn.Conv1d(3, 4, 3, stride=2, groups=1), (2, 3, 9)),
+], ids=["linear", "conv2d-reflect", "conv1d-pointwise", "conv1d-k3"])
+def test_float64_layers_pass_gradcheck_and_gradgradcheck(make, shape, backend):
+    """Numerical against analytic gradients in x and the bias (float64 runs on the expanding
+    backends), and the backward's own gradients (double backward)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(make())
+    otq.quantize_model(model, bits=3, backend=backend, progress=False)
+    model = model.double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    bias = model[0].bias.detach().clone().requires_grad_()
+    with_bias = lambda x, b: torch.func.functional_call(model, {"0.bias": b}, (x,))  # noqa: E731
+    assert torch.autograd.gradcheck(with_bias, (x, bias))
+    assert torch.autograd.gradgradcheck(model, (x,))
+
+
 def test_opcheck_dequantize():
     qt = _qt((4, 2, 3, 3), bits=3, granularity="tensor")
     args = (qt.planes, qt.codebook, qt.bits, list(qt.shape), torch.bfloat16)
