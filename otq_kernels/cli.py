@@ -67,14 +67,19 @@ def _file_metadata(path: str) -> dict:
         raise SystemExit(f"otq: cannot read {path}: {err}") from None
 
 
-def _config_kwargs(name: str | None, meta_kwargs) -> tuple[str, dict]:
-    from .models import unet_config
+def _config_kwargs(name: str | None, meta_kwargs, meta_name=None) -> tuple[str, dict]:
+    """(config name, UNet kwargs): --config, else the file's ``config_kwargs``, else the
+    file's ``config`` where it names a bundled config (``save_quantized(..., metadata=
+    {"config": "digits"})``)."""
+    from .models import config_names, unet_config
 
     if name:
         return name, unet_config(name)
     if meta_kwargs:
         kwargs = json.loads(meta_kwargs) if isinstance(meta_kwargs, str) else meta_kwargs
         return "from checkpoint metadata", kwargs
+    if meta_name in config_names():
+        return meta_name, unet_config(meta_name)
     raise SystemExit("otq: this checkpoint does not record its architecture; pass --config "
                      "(one of the UNet config names, e.g. mnist, cifar10, digits, tiny)")
 
@@ -110,12 +115,14 @@ def load_model(args) -> tuple:
         meta = _file_metadata(ckpt)
         if meta.get("format") == FORMAT:
             user = json.loads(meta.get("user", "{}"))
-            name, kwargs = _config_kwargs(args.config, user.get("config_kwargs"))
+            name, kwargs = _config_kwargs(args.config, user.get("config_kwargs"),
+                                          user.get("config"))
             model = load_quantized(ckpt, _skeleton(UNetModel, kwargs), device=_device(args))
             info.update(quantized=True, image_size=user.get("image_size"),
                         config=user.get("config", name))
         else:
-            name, kwargs = _config_kwargs(args.config, meta.get("config_kwargs"))
+            name, kwargs = _config_kwargs(args.config, meta.get("config_kwargs"),
+                                          meta.get("config"))
             model = load_fm_checkpoint(ckpt, _skeleton(UNetModel, kwargs))
             info.update(config=meta.get("config", name))
         info.update(config_kwargs=kwargs, source=str(ckpt))

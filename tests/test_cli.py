@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import otq_kernels as otq
 from otq_kernels import cli, demo, report
 from otq_kernels import nn as qnn
 from otq_kernels.checkpoint import read_metadata
@@ -55,6 +56,14 @@ def test_quantize_sample_round_trip(tmp_path, capsys):
                      "--steps", "1", "-o", str(tmp_path / "fp.png")]) == 0
     with pytest.raises(SystemExit, match="--config"):
         cli.main(["sample", "--checkpoint", str(fp), "-o", str(tmp_path / "x.png")])
+    # files that name a bundled config in their metadata, as the README's example writes
+    save_file(demo.random_model("tiny").state_dict(), str(fp), metadata={"config": "tiny"})
+    api = tmp_path / "api.safetensors"
+    otq.save_quantized(otq.quantize_model(demo.random_model("tiny"), bits=3, progress=False),
+                       api, metadata={"config": "tiny"})
+    for path in (fp, api):
+        assert cli.main(["sample", "--checkpoint", str(path), "--n", "1", "--steps", "1",
+                         "-o", str(tmp_path / "named.png")]) == 0
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
             cli.main(["sample", "--checkpoint", str(out), "--n", "1", "--steps", "1",
