@@ -666,6 +666,26 @@ def test_quantized_unet_exports_and_keeps_no_traced_tensors():
         torch.testing.assert_close(program.module()(x, t), model(x, t))
 
 
+def test_exported_quantized_unet_saves_loads_and_compiles_ahead_of_time(tmp_path):
+    """What a deployer does with an exported program: torch.export.save / load it, and
+    compile it with AOTInductor into a .pt2 package (the otq ops run through the
+    package's fallback calls while otq_kernels is imported). Same output every way."""
+    from otq_kernels.models import build_model
+
+    torch.manual_seed(0)
+    model = otq.quantize_model(build_model("tiny").eval(), bits=3, progress=False)
+    x, t = torch.randn(2, 1, 16, 16), torch.full((2,), 0.5)
+    with torch.no_grad():
+        program = torch.export.export(model, (x, t))
+        torch.export.save(program, tmp_path / "unet.pt2")
+        loaded = torch.export.load(tmp_path / "unet.pt2")
+        torch.testing.assert_close(loaded.module()(x, t), model(x, t), rtol=0, atol=0)
+        package = torch._inductor.aoti_compile_and_package(
+            program, package_path=str(tmp_path / "unet_aoti.pt2"))
+        runner = torch._inductor.aoti_load_package(package)
+        torch.testing.assert_close(runner(x, t), model(x, t))
+
+
 def test_tiny_unet_on_triton_matches_reference(monkeypatch):
     """Every layer of a quantized UNet on the Triton kernels (the interpreter on CPU) with a
     132-SM split heuristic, so small convs split their channel blocks and NCHW activations
