@@ -222,16 +222,38 @@ def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: in
     ``kernel``: a conv's kernel size (KH, KW), for the tuning's ``kernel_sizes``.
 
     Under torch.compile the availability checks are trace-time constants and the M
-    comparison becomes a shape guard.
+    comparison becomes a shape guard. While torch.export traces a symbolic M, auto returns
+    "auto": the op then picks the kernel by the M it runs with (:func:`runtime_backend`),
+    so the exported program takes every M its dynamic shapes allow.
     """
     dev = str(device)
     name = _explicit_backend(backend or "auto", dev)
-    if name != "auto":
+    if name != "auto" or _exporting_symbolic(m):
         return name
     for name, min_m, max_m in _auto_plan(op, dev, bits, kernel):
         if min_m <= m <= max_m and (takes is None or takes(name)):
             return name
     return "reference"
+
+
+def _exporting_symbolic(m) -> bool:
+    """Whether torch.export is tracing and M is one of its symbolic sizes (a guard on it
+    would restrict the program's dynamic shapes to the kernel's range of M)."""
+    return isinstance(m, torch.SymInt) and torch.compiler.is_exporting()
+
+
+def runtime_backend(backend: str, op: str, x: torch.Tensor, bits: int, m: int,
+                    **conv) -> str:
+    """An op's backend at run time: ``backend``, or where tracing deferred it ("auto", see
+    :func:`resolve_backend`) the one auto dispatch picks for x and M rows. ``conv``: the
+    groups and kernel size of a conv2d."""
+    if backend != "auto":
+        return backend
+    if op == "conv2d":
+        return resolve_conv_backend("auto", x.device, m, x.dtype, bits, conv["groups"],
+                                    conv["kernel"])
+    takes = EXPANDING_BACKENDS.__contains__ if x.dtype == torch.float64 else None
+    return resolve_backend("auto", op, x.device, m, bits, takes)
 
 
 def resolve_conv_backend(backend: Optional[str], device: torch.device, m: int,
@@ -312,6 +334,7 @@ def _dynamo_folds_functorch_depth() -> bool:
 def _codebook_linear_op(x: torch.Tensor, planes: list[torch.Tensor], codebook: torch.Tensor,
                         bits: int, n: int, k: int, bias: Optional[torch.Tensor],
                         backend: str) -> torch.Tensor:
+    backend = runtime_backend(backend, "linear", x, bits, x.shape[0])
     return _run_linear(x, _qt(planes, codebook, bits, (n, k)), bias, backend)
 
 
@@ -326,6 +349,9 @@ def _codebook_conv2d_op(x: torch.Tensor, planes: list[torch.Tensor], codebook: t
                         stride: list[int], padding: list[int], dilation: list[int],
                         groups: int, backend: str) -> torch.Tensor:
     qt = _qt(planes, codebook, bits, weight_shape)
+    out = conv2d_output_shape(x.shape, weight_shape, stride, padding, dilation)
+    backend = runtime_backend(backend, "conv2d", x, bits, out[0] * out[2] * out[3],
+                              groups=groups, kernel=tuple(weight_shape[2:]))
     return _run_conv2d(x, qt, bias, stride, padding, dilation, groups, backend)
 
 
@@ -552,7 +578,8 @@ def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     if x.dtype == torch.float64:
         name = resolve_backend(backend, "linear", x.device, m, qt.bits,
                                EXPANDING_BACKENDS.__contains__)
-        _check_float64_backend(name, "codebook_linear")
+        if name != "auto":
+            _check_float64_backend(name, "codebook_linear")
     else:
         name = resolve_backend(backend, "linear", x.device, m, qt.bits)
     if _plain_eager_call(x2, bias):
@@ -592,7 +619,7 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     m = out_shape[0] * out_shape[2] * out_shape[3]
     name = resolve_conv_backend(backend, x.device, m, x.dtype, qt.bits, groups,
                                 tuple(qt.shape[2:]))
-    if x.dtype == torch.float64:
+    if x.dtype == torch.float64 and name != "auto":
         _check_float64_backend(name, "codebook_conv2d")
     plain = _plain_eager_call(x, bias)
     if not plain and _under_torch_transform():  # (vmap refuses memory-format queries)

@@ -667,23 +667,53 @@ def test_quantized_unet_exports_and_keeps_no_traced_tensors():
 
 
 def test_exported_quantized_unet_saves_loads_and_compiles_ahead_of_time(tmp_path):
-    """What a deployer does with an exported program: torch.export.save / load it, and
-    compile it with AOTInductor into a .pt2 package (the otq ops run through the
-    package's fallback calls while otq_kernels is imported). Same output every way."""
+    """What a deployer does with an exported program of dynamic batch: torch.export.save /
+    load it, and compile it with AOTInductor into a .pt2 package (the otq ops run through
+    the package's fallback calls while otq_kernels is imported). Same output every way,
+    at every batch size."""
     from otq_kernels.models import build_model
 
     torch.manual_seed(0)
     model = otq.quantize_model(build_model("tiny").eval(), bits=3, progress=False)
     x, t = torch.randn(2, 1, 16, 16), torch.full((2,), 0.5)
+    batch = torch.export.Dim("batch", min=1, max=256)
     with torch.no_grad():
-        program = torch.export.export(model, (x, t))
+        program = torch.export.export(model, (x, t), dynamic_shapes=({0: batch}, {0: batch}))
         torch.export.save(program, tmp_path / "unet.pt2")
-        loaded = torch.export.load(tmp_path / "unet.pt2")
-        torch.testing.assert_close(loaded.module()(x, t), model(x, t), rtol=0, atol=0)
+        loaded = torch.export.load(tmp_path / "unet.pt2").module()
         package = torch._inductor.aoti_compile_and_package(
             program, package_path=str(tmp_path / "unet_aoti.pt2"))
         runner = torch._inductor.aoti_load_package(package)
-        torch.testing.assert_close(runner(x, t), model(x, t))
+        for b in (1, 5):
+            xb, tb = torch.randn(b, 1, 16, 16), torch.rand(b)
+            eager = model(xb, tb)
+            torch.testing.assert_close(loaded(xb, tb), eager, rtol=0, atol=0)
+            torch.testing.assert_close(runner(xb, tb), eager)
+
+
+def test_export_with_a_dynamic_batch_dispatches_by_the_rows_it_runs_with(monkeypatch):
+    """Auto dispatch compares M with the kernels' ranges; torch.export turned that into a
+    guard that refused dynamic batch sizes outside one kernel's range ("Constraints
+    violated"). Tracing now leaves the choice to the op, which makes it per call: an
+    exported program runs the kernel eager auto dispatch picks at each M."""
+    torch.manual_seed(0)
+    model = otq.quantize_model(nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 8)),
+                               bits=4, progress=False).eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.randn(4, 32),), dynamic_shapes=({0: batch},))
+    assert [node.args[-1] for node in program.graph.nodes
+            if str(node.target) == "otq.codebook_linear.default"] == ["auto", "auto"]
+    ran = []
+    real = otq.ops._run_linear
+    monkeypatch.setattr(otq.ops, "_run_linear", lambda x, qt, bias, name: ran.append(name)
+                        or real(x, qt, bias, name))
+    exported = program.module()
+    for m in (1, otq.ops.CPU_LUT_MAX_M, otq.ops.CPU_LUT_MAX_M + 1, 100):
+        x = torch.randn(m, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), model(x), rtol=0, atol=0)
+        expected = otq.ops.resolve_backend("auto", "linear", x.device, m, 4)
+        assert ran[-4:] == [expected] * 4  # the program's two layers, then eager's two
 
 
 def test_tiny_unet_on_triton_matches_reference(monkeypatch):
