@@ -468,7 +468,7 @@ class QuantConv1d(_QuantConv):
         (``conv2d_supports``)."""
         name = ops.resolve_backend(self.backend, "conv2d", x.device, x.shape[0] * x.shape[2],
                                    self.bits, kernel=(1, 1))
-        if name == "auto":  # torch.export with a symbolic M: the conv op picks at run time
+        if name == "auto":  # traced by torch.export: the conv op picks at run time
             return True
         return ops.conv_kernel_takes(name, ops.compute_dtype(x), self.bits, self.groups)
 

@@ -222,24 +222,19 @@ def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: in
     ``kernel``: a conv's kernel size (KH, KW), for the tuning's ``kernel_sizes``.
 
     Under torch.compile the availability checks are trace-time constants and the M
-    comparison becomes a shape guard. While torch.export traces a symbolic M, auto returns
-    "auto": the op then picks the kernel by the M it runs with (:func:`runtime_backend`),
-    so the exported program takes every M its dynamic shapes allow.
+    comparison becomes a shape guard. While torch.export traces, auto returns "auto": the
+    op then picks the kernel by the M it runs with (:func:`runtime_backend`), so an
+    exported program takes every M its dynamic shapes allow (a guard on M would restrict
+    them to one kernel's range; strict export does not show M as a SymInt to ask).
     """
     dev = str(device)
     name = _explicit_backend(backend or "auto", dev)
-    if name != "auto" or _exporting_symbolic(m):
+    if name != "auto" or torch.compiler.is_exporting():
         return name
     for name, min_m, max_m in _auto_plan(op, dev, bits, kernel):
         if min_m <= m <= max_m and (takes is None or takes(name)):
             return name
     return "reference"
-
-
-def _exporting_symbolic(m) -> bool:
-    """Whether torch.export is tracing and M is one of its symbolic sizes (a guard on it
-    would restrict the program's dynamic shapes to the kernel's range of M)."""
-    return isinstance(m, torch.SymInt) and torch.compiler.is_exporting()
 
 
 def runtime_backend(backend: str, op: str, x: torch.Tensor, bits: int, m: int,

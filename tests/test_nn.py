@@ -691,16 +691,18 @@ def test_exported_quantized_unet_saves_loads_and_compiles_ahead_of_time(tmp_path
             torch.testing.assert_close(runner(xb, tb), eager)
 
 
-def test_export_with_a_dynamic_batch_dispatches_by_the_rows_it_runs_with(monkeypatch):
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_with_a_dynamic_batch_dispatches_by_the_rows_it_runs_with(strict, monkeypatch):
     """Auto dispatch compares M with the kernels' ranges; torch.export turned that into a
     guard that refused dynamic batch sizes outside one kernel's range ("Constraints
-    violated"). Tracing now leaves the choice to the op, which makes it per call: an
+    violated"). Export now leaves the choice to the op, which makes it per call: an
     exported program runs the kernel eager auto dispatch picks at each M."""
     torch.manual_seed(0)
     model = otq.quantize_model(nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 8)),
                                bits=4, progress=False).eval()
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.export.export(model, (torch.randn(4, 32),), dynamic_shapes=({0: batch},))
+    program = torch.export.export(model, (torch.randn(4, 32),), dynamic_shapes=({0: batch},),
+                                  strict=strict)
     assert [node.args[-1] for node in program.graph.nodes
             if str(node.target) == "otq.codebook_linear.default"] == ["auto", "auto"]
     ran = []
