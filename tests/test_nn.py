@@ -889,3 +889,20 @@ def test_float64_transforms_and_flop_counts_on_the_gpu():
                 net(x)
             counts.append(counter.get_total_flops())
         assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.cuda
+def test_export_with_a_dynamic_batch_on_the_gpu():
+    """On the GPU, where dispatch picks among cuda, triton and dequant by M: an exported
+    fp16 model of dynamic batch runs each call on eager's kernel, with eager's output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Unflatten(1, (32, 4, 4)),
+                          nn.Conv2d(32, 16, 3, padding=1)).cuda().half().eval()
+    otq.quantize_model(model, bits=4, progress=False)
+    batch = torch.export.Dim("batch", min=1, max=512)
+    x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).module()
+        for m in (1, 16, 300):
+            x = torch.randn(m, 256, device="cuda", dtype=torch.float16)
+            torch.testing.assert_close(exported(x), model(x), rtol=1e-3, atol=1e-3)
