@@ -352,14 +352,12 @@ class _QuantConv(_QuantModule):
         name = super().check_backend(backend, bits, layout)
         if name in ("auto", "reference") or cls._runs_as_linear(layout):
             return name
-        module = backends.get(name)
-        if not hasattr(module, "conv2d"):
+        if not hasattr(backends.get(name), "conv2d"):
             raise ValueError(f"backend {name!r} has no conv kernel (it runs Linear layers "
                              f"and pointwise Conv1d only); choose 'auto' or one of "
                              f"{CONV_BACKENDS} for convs")
-        supports = getattr(module, "conv2d_supports", None)
         dtypes = (torch.float32, torch.float16, torch.bfloat16)
-        if supports is not None and not any(supports(d, bits, layout["groups"]) for d in dtypes):
+        if not any(ops.conv_kernel_takes(name, d, bits, layout["groups"]) for d in dtypes):
             raise ValueError(f"backend {name!r}'s conv kernel does not take {bits}-bit codes "
                              f"with groups={layout['groups']}; choose 'auto' or another of "
                              f"{CONV_BACKENDS}")

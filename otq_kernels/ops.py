@@ -223,7 +223,7 @@ def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: in
 
     Under torch.compile the availability checks are trace-time constants and the M
     comparison becomes a shape guard. While torch.export traces, auto returns "auto": the
-    op then picks the kernel by the M it runs with (:func:`runtime_backend`), so an
+    op then picks the kernel by the M it runs with (the op's own resolve call), so an
     exported program takes every M its dynamic shapes allow (a guard on M would restrict
     them to one kernel's range; strict export does not show M as a SymInt to ask).
     """
@@ -237,18 +237,16 @@ def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: in
     return "reference"
 
 
-def runtime_backend(backend: str, op: str, x: torch.Tensor, bits: int, m: int,
-                    **conv) -> str:
-    """An op's backend at run time: ``backend``, or where tracing deferred it ("auto", see
-    :func:`resolve_backend`) the one auto dispatch picks for x and M rows. ``conv``: the
-    groups and kernel size of a conv2d."""
-    if backend != "auto":
-        return backend
-    if op == "conv2d":
-        return resolve_conv_backend("auto", x.device, m, x.dtype, bits, conv["groups"],
-                                    conv["kernel"])
-    takes = EXPANDING_BACKENDS.__contains__ if x.dtype == torch.float64 else None
-    return resolve_backend("auto", op, x.device, m, bits, takes)
+def resolve_linear_backend(backend: Optional[str], device: torch.device, m: int,
+                           dtype: torch.dtype, bits: int) -> str:
+    """:func:`resolve_backend` for a linear layer on x of ``dtype``: float64 only on the
+    expanding backends (auto picks one; a named other one raises ValueError)."""
+    if dtype != torch.float64:
+        return resolve_backend(backend, "linear", device, m, bits)
+    name = resolve_backend(backend, "linear", device, m, bits, EXPANDING_BACKENDS.__contains__)
+    if name != "auto":
+        _check_float64_backend(name, "codebook_linear")
+    return name
 
 
 def resolve_conv_backend(backend: Optional[str], device: torch.device, m: int,
@@ -257,9 +255,13 @@ def resolve_conv_backend(backend: Optional[str], device: torch.device, m: int,
     """:func:`resolve_backend` for a conv of x ``dtype``, ``bits``-bit codes, ``groups`` and
     ``kernel`` size (KH, KW): auto passes over a backend whose conv kernel does not take them
     (``conv2d_supports``), and takes fused kernels only for the kernel sizes the tuning
-    measured (``kernel_sizes``)."""
-    return resolve_backend(backend, "conv2d", device, m, bits,
+    measured (``kernel_sizes``). A named backend without a float64 kernel raises ValueError
+    for float64 x."""
+    name = resolve_backend(backend, "conv2d", device, m, bits,
                            lambda name: conv_kernel_takes(name, dtype, bits, groups), kernel)
+    if dtype == torch.float64 and name != "auto":
+        _check_float64_backend(name, "codebook_conv2d")
+    return name
 
 
 def _qt(planes, codebook, bits, shape) -> QuantizedTensor:
@@ -329,7 +331,8 @@ def _dynamo_folds_functorch_depth() -> bool:
 def _codebook_linear_op(x: torch.Tensor, planes: list[torch.Tensor], codebook: torch.Tensor,
                         bits: int, n: int, k: int, bias: Optional[torch.Tensor],
                         backend: str) -> torch.Tensor:
-    backend = runtime_backend(backend, "linear", x, bits, x.shape[0])
+    if backend == "auto":  # deferred by torch.export: pick by this call's M
+        backend = resolve_linear_backend("auto", x.device, x.shape[0], x.dtype, bits)
     return _run_linear(x, _qt(planes, codebook, bits, (n, k)), bias, backend)
 
 
@@ -344,9 +347,10 @@ def _codebook_conv2d_op(x: torch.Tensor, planes: list[torch.Tensor], codebook: t
                         stride: list[int], padding: list[int], dilation: list[int],
                         groups: int, backend: str) -> torch.Tensor:
     qt = _qt(planes, codebook, bits, weight_shape)
-    out = conv2d_output_shape(x.shape, weight_shape, stride, padding, dilation)
-    backend = runtime_backend(backend, "conv2d", x, bits, out[0] * out[2] * out[3],
-                              groups=groups, kernel=tuple(weight_shape[2:]))
+    if backend == "auto":  # deferred by torch.export: pick by this call's M
+        out = conv2d_output_shape(x.shape, weight_shape, stride, padding, dilation)
+        backend = resolve_conv_backend("auto", x.device, out[0] * out[2] * out[3], x.dtype,
+                                       bits, groups, tuple(weight_shape[2:]))
     return _run_conv2d(x, qt, bias, stride, padding, dilation, groups, backend)
 
 
@@ -570,13 +574,7 @@ def codebook_linear(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     m = x2.shape[0]
     if m == 0:
         return _empty_batch_output(x2, bias, (0, n), (n,)).reshape(*x.shape[:-1], n)
-    if x.dtype == torch.float64:
-        name = resolve_backend(backend, "linear", x.device, m, qt.bits,
-                               EXPANDING_BACKENDS.__contains__)
-        if name != "auto":
-            _check_float64_backend(name, "codebook_linear")
-    else:
-        name = resolve_backend(backend, "linear", x.device, m, qt.bits)
+    name = resolve_linear_backend(backend, x.device, m, x.dtype, qt.bits)
     if _plain_eager_call(x2, bias):
         y = _run_linear(x2, qt, bias, name)
     elif _under_torch_transform():
@@ -614,8 +612,6 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
     m = out_shape[0] * out_shape[2] * out_shape[3]
     name = resolve_conv_backend(backend, x.device, m, x.dtype, qt.bits, groups,
                                 tuple(qt.shape[2:]))
-    if x.dtype == torch.float64 and name != "auto":
-        _check_float64_backend(name, "codebook_conv2d")
     plain = _plain_eager_call(x, bias)
     if not plain and _under_torch_transform():  # (vmap refuses memory-format queries)
         return backends.function("reference", "conv2d")(x, qt, bias, stride, padding,
