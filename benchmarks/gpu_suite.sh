@@ -289,7 +289,8 @@ run_step tests_cuda 150 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_cuda.xml
 run_step tests_kernels 160 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_kernels.xml" \
     -k "${OTQ_SUITE_TEST_FILTER:-not long_rows_on_gpu}" \
     tests/backends/test_cuda_backend.py tests/backends/test_triton_fit.py \
-    tests/models/test_unet.py tests/test_graphs.py tests/test_skeleton.py tests/test_nn.py'
+    tests/models/test_unet.py tests/test_graphs.py tests/test_skeleton.py tests/test_nn.py \
+    tests/test_streaming.py'
 
 run_step checks 150 "$TEST_ENV"'
   $PY benchmarks/gpu_checks.py --out "$DIR"'

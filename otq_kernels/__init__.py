@@ -8,6 +8,7 @@ from .checkpoint import load_quantized, save_quantized
 from .format import QuantizedTensor, pack_codes, plane_widths, unpack_codes
 from .nn import dequantize_model, quantize_model
 from .quantizers import METHODS, fake_quantize, fake_quantize_state_dict, fit_codebook
+from .streaming import load_and_quantize
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_state_dict",
     "fit_codebook",
+    "load_and_quantize",
     "load_quantized",
     "nn",
     "ops",

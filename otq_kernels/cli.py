@@ -84,9 +84,10 @@ def _config_kwargs(name: str | None, meta_kwargs, meta_name=None) -> tuple[str, 
                      "(one of the UNet config names, e.g. mnist, cifar10, digits, tiny)")
 
 
-def load_model(args) -> tuple:
+def load_model(args, load_float=None) -> tuple:
     """(model, info) from --checkpoint / --config / --random-init; info has config,
-    config_kwargs, image_size, source, quantized."""
+    config_kwargs, image_size, source, quantized. load_float(path, meta skeleton) fills
+    the skeleton from a float checkpoint (default: load_fm_checkpoint)."""
     from .checkpoint import FORMAT, load_quantized
     from .models import (
         IMAGE_SIZES,
@@ -123,7 +124,7 @@ def load_model(args) -> tuple:
         else:
             name, kwargs = _config_kwargs(args.config, meta.get("config_kwargs"),
                                           meta.get("config"))
-            model = load_fm_checkpoint(ckpt, _skeleton(UNetModel, kwargs))
+            model = (load_float or load_fm_checkpoint)(ckpt, _skeleton(UNetModel, kwargs))
             info.update(config=meta.get("config", name))
         info.update(config_kwargs=kwargs, source=str(ckpt))
     size = (getattr(args, "image_size", None) or info.get("image_size")
@@ -199,14 +200,20 @@ def _parse_override(text: str) -> tuple[str, dict]:
 def cmd_quantize(args) -> int:
     from .checkpoint import save_quantized
     from .nn import format_summary, quantize_model
+    from .streaming import load_and_quantize
 
-    model, info = load_model(args)
+    options = dict(bits=args.bits, method=args.method, granularity=args.granularity,
+                   include=args.include, exclude=args.exclude, backend=args.backend,
+                   overrides=dict(args.override or []), progress=not args.quiet)
+
+    def quantize_while_loading(path, skeleton):  # one float layer in memory at a time
+        return load_and_quantize(path, skeleton, device=_device(args), **options)
+
+    model, info = load_model(args, load_float=quantize_while_loading)
     if info["quantized"]:
         raise SystemExit("otq quantize: the checkpoint is already quantized")
-    overrides = dict(args.override or [])
-    quantize_model(model, bits=args.bits, method=args.method, granularity=args.granularity,
-                   include=args.include, exclude=args.exclude, backend=args.backend,
-                   overrides=overrides, progress=not args.quiet)
+    if getattr(model, "otq_summary", None) is None:  # the demo model or a random init
+        quantize_model(model, **options)
     print(format_summary(model.otq_summary))
     if not model.otq_summary.quantized:
         raise SystemExit("otq quantize: no layer was quantized (each is excluded, not "

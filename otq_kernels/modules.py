@@ -60,9 +60,9 @@ def float_tensor(module: nn.Module, name: str = "weight") -> torch.Tensor | None
 
 # nn.Module's attributes that hold its forward/backward hooks (and how its backward hooks
 # were registered).
-_HOOK_STATE = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+HOOK_ATTRIBUTES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                   "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                   "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
 
 
 def _take_hooks(layer: nn.Module, module: nn.Module) -> None:
@@ -70,7 +70,7 @@ def _take_hooks(layer: nn.Module, module: nn.Module) -> None:
     same dicts, so that their handles still remove them (and a hook registered on the
     discarded ``module`` later reaches ``layer`` too), less the hooks that compute the
     float weight or bias (the quantized layer holds them computed)."""
-    for attr in _HOOK_STATE:
+    for attr in HOOK_ATTRIBUTES:
         setattr(layer, attr, getattr(module, attr))
     pre_hooks = module._forward_pre_hooks
     if any(_computed_tensor(hook) for hook in pre_hooks.values()):

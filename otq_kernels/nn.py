@@ -7,6 +7,8 @@ the layers of :mod:`otq_kernels.modules` and attaches a
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import fnmatch
 import warnings
 
@@ -164,6 +166,70 @@ def _check_shaped(model: nn.Module) -> None:
                              "one forward call to shape it before quantizing")
 
 
+@dataclasses.dataclass
+class QuantizationPlan:
+    """What :func:`quantize_model` does to a model, decided before anything changes.
+
+    layers: (name, options) of each layer to quantize, in ``named_modules`` order;
+    aliases: each of those names -> every name of that layer (a shared layer has several);
+    reasons: every other weighted layer's name -> why it stays float.
+    """
+
+    layers: list[tuple[str, dict]]
+    aliases: dict[str, list[str]]
+    reasons: dict[str, str]
+
+
+@contextlib.contextmanager
+def naming_layer(name: str):
+    """Re-raise a ValueError from inside the block with the layer's name in front."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err}") from None
+
+
+def plan_quantization(model: nn.Module, bits: int = 4, method: str = "ot",
+                      granularity: str = "channel", include=None, exclude=None,
+                      backend: str = "auto", overrides: dict | None = None
+                      ) -> QuantizationPlan:
+    """The layers of ``model`` (a bare module) that :func:`quantize_model` with these
+    arguments replaces, with their options: every option and each layer's backend checked
+    (a bad one raises ValueError naming the layer), patterns that match nothing warned
+    about. Only module types and shapes are read, so ``model`` may be on the meta device."""
+    bits = check_options(bits, method, granularity, "rank")
+    backends.check_name(backend)
+    include, exclude = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    _check_overrides(overrides)
+    _check_shaped(model)
+    aliases = module_aliases(model)
+    names, reasons = _plan(model, include, exclude, aliases)
+    layer_names = {name: aliases[id(model.get_submodule(name))] for name in names}
+    every_name = [n for names_of_one in aliases.values() for n in names_of_one]
+    _warn_unmatched(include, every_name, "include")
+    _warn_unmatched(exclude, every_name, "exclude")
+    _warn_unmatched(overrides, _scopes([n for name in names for n in layer_names[name]]),
+                    "override")
+    base = dict(bits=bits, method=method, granularity=granularity, backend=backend)
+    layers = [(name, _layer_options(layer_names[name], base, overrides)) for name in names]
+    for name, opts in layers:
+        with naming_layer(name):
+            module = model.get_submodule(name)
+            layer_bits = check_options(opts["bits"], opts["method"], opts["granularity"], "rank")
+            cls = quant_class_for(module)
+            cls.check_backend(opts["backend"], layer_bits, cls._layout(module))
+    return QuantizationPlan(layers, layer_names, reasons)
+
+
+def finish_quantization(wrapper: nn.Module, model: nn.Module, reasons: dict) -> nn.Module:
+    """After the layers are swapped: torch's fast paths where they still apply, and the
+    summary attached to ``model`` and its ``wrapper``; returns ``wrapper``."""
+    sync_fast_paths(model)
+    model._otq_reasons = {**getattr(model, "_otq_reasons", {}), **reasons}
+    model.otq_summary = wrapper.otq_summary = quantization_summary(model)
+    return wrapper
+
+
 def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
                    granularity: str = "channel", include=None, exclude=None,
                    backend: str = "auto", overrides: dict | None = None,
@@ -186,48 +252,26 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     (include, exclude, override) that matches nothing warns: it is likely a typo. A layer
     registered under several names is one shared layer: the patterns match any of its
     names, it is listed under its first (``named_modules`` order) and replaced under all.
+    To fill a meta skeleton from a float checkpoint while quantizing it, one layer in
+    memory at a time, see :func:`otq_kernels.load_and_quantize`.
     """
     from tqdm.auto import tqdm
 
     wrapper, model = model, bare_module(model, "quantize_model")
-    bits = check_options(bits, method, granularity, "rank")
-    backends.check_name(backend)
-    include, exclude = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
-    _check_overrides(overrides)
-    _check_shaped(model)
-    aliases = module_aliases(model)
-    names, reasons = _plan(model, include, exclude, aliases)
-    layer_names = {name: aliases[id(model.get_submodule(name))] for name in names}
-    every_name = [n for names_of_one in aliases.values() for n in names_of_one]
-    _warn_unmatched(include, every_name, "include")
-    _warn_unmatched(exclude, every_name, "exclude")
-    _warn_unmatched(overrides, _scopes([n for name in names for n in layer_names[name]]),
-                    "override")
-    base = dict(bits=bits, method=method, granularity=granularity, backend=backend)
-    plans = [(name, _layer_options(layer_names[name], base, overrides)) for name in names]
-    # Every layer's options and weight before the model is touched. fit_codebook checks the
-    # weight again: one more read of it, where fitting all layers before swapping any
-    # would hold every fitted layer next to the float model at once.
-    for name, opts in plans:
-        try:
-            module = model.get_submodule(name)
-            bits = check_options(opts["bits"], opts["method"], opts["granularity"], "rank")
-            cls = quant_class_for(module)
-            cls.check_backend(opts["backend"], bits, cls._layout(module))
-            check_weight(float_tensor(module))
-        except ValueError as err:
-            raise ValueError(f"layer {name!r}: {err}") from None
-    for name, opts in tqdm(plans, desc="quantize", unit="layer", disable=not progress):
+    plan = plan_quantization(model, bits, method, granularity, include, exclude, backend,
+                             overrides)
+    # Every weight before the model is touched. fit_codebook checks it again: one more
+    # read of it, where fitting all layers before swapping any would hold every fitted
+    # layer next to the float model at once.
+    for name, _ in plan.layers:
+        with naming_layer(name):
+            check_weight(float_tensor(model.get_submodule(name)))
+    for name, opts in tqdm(plan.layers, desc="quantize", unit="layer", disable=not progress):
         module = model.get_submodule(name)
-        try:
+        with naming_layer(name):
             quant = quant_class_for(module).from_float(module, **opts)
-        except ValueError as err:
-            raise ValueError(f"layer {name!r}: {err}") from None
-        replace_module(model, layer_names[name], quant)
-    sync_fast_paths(model)
-    model._otq_reasons = {**getattr(model, "_otq_reasons", {}), **reasons}
-    model.otq_summary = wrapper.otq_summary = quantization_summary(model)
-    return wrapper
+        replace_module(model, plan.aliases[name], quant)
+    return finish_quantization(wrapper, model, plan.reasons)
 
 
 def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:

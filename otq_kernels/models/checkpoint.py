@@ -107,6 +107,35 @@ def extract_state_dict(
     return out
 
 
+def checkpoint_state(raw: Mapping, model: nn.Module, use_ema: bool = True) -> dict:
+    """``raw`` ({name: tensor}, flat; the values need only a ``.shape``) under ``model``'s
+    names: wrapper prefixes dropped, an EMA layout's weights picked
+    (:func:`extract_state_dict`). ValueError naming missing / unexpected / mis-shaped keys
+    when the checkpoint belongs to another architecture."""
+    own = model.state_dict()
+    state = extract_state_dict(strip_wrapper_prefixes(raw, own), model, use_ema)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            "checkpoint does not match the model architecture: "
+            f"missing keys {_head(missing)}; unexpected keys {_head(unexpected)}; "
+            f"shape mismatches {_head(shapes)}"
+        )
+    return state
+
+
+def read_float_checkpoint(path_or_state: str | os.PathLike | Mapping) -> dict:
+    """The flat {name: tensor} of a state dict, an examples' checkpoint dict or a file."""
+    raw = path_or_state if isinstance(path_or_state, Mapping) else _read_file(path_or_state)
+    return _unwrap(raw)
+
+
 def load_fm_checkpoint(
     path_or_state: str | os.PathLike | Mapping,
     model: nn.Module,
@@ -124,22 +153,7 @@ def load_fm_checkpoint(
     unexpected / mis-shaped keys when the checkpoint belongs to another architecture.
     """
     wrapper, model = model, bare_module(model, "load_fm_checkpoint")
-    raw = path_or_state if isinstance(path_or_state, Mapping) else _read_file(path_or_state)
-    own = model.state_dict()
-    state = extract_state_dict(strip_wrapper_prefixes(_unwrap(raw), own), model, use_ema)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            "checkpoint does not match the model architecture: "
-            f"missing keys {_head(missing)}; unexpected keys {_head(unexpected)}; "
-            f"shape mismatches {_head(shapes)}"
-        )
+    state = checkpoint_state(read_float_checkpoint(path_or_state), model, use_ema)
     check_loadable(model, "load_fm_checkpoint")
     materialize(model, next(iter(state.values())).device if state else torch.device("cpu"))
     model.load_state_dict(state, strict=True)

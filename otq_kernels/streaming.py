@@ -1,0 +1,187 @@
+"""Quantize while loading: fill a model from a float checkpoint one layer at a time.
+
+:func:`load_and_quantize` gives what ``quantize_model(load_fm_checkpoint(path, model))``
+gives, bit for bit, without holding the float model: each layer it quantizes is read from
+the file, fitted on ``device`` and replaced before the next is read, so the peak is the
+quantized model plus one float layer (bitsandbytes' and transformers' quantize-on-load).
+A ``.safetensors`` file is read tensor by tensor (with file reads, not a mapping of the
+file, whose pages would stay in the process's resident memory); a ``.pt``/``.pth`` file or
+a state dict is already whole in memory (only the skeleton's float copy is saved there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import struct
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .models.checkpoint import checkpoint_state, read_float_checkpoint
+from .modules import (
+    HOOK_ATTRIBUTES,
+    bare_module,
+    float_tensor,
+    quant_class_for,
+    replace_module,
+)
+from .nn import finish_quantization, naming_layer, plan_quantization
+from .quantizers import check_weight
+from .skeleton import check_loadable, materialize
+
+__all__ = ["load_and_quantize"]
+
+
+# safetensors' dtype names (little-endian) -> torch's, where this torch has them
+_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+    ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
+    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("BOOL", "bool"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")) if hasattr(torch, attr)}
+
+
+class _StoredTensor:
+    """One tensor of a safetensors file, read when asked for with ``read`` into memory of
+    its own (not the file's pages mapped into the process, which would stay resident)."""
+
+    def __init__(self, file, data_start: int, key: str, entry: dict):
+        if entry.get("dtype") not in _DTYPES:
+            raise ValueError(f"tensor {key!r} has dtype {entry.get('dtype')!r}, which this "
+                             "torch cannot hold")
+        self.file, self.key, self.dtype = file, key, _DTYPES[entry["dtype"]]
+        self.shape = torch.Size(entry["shape"])
+        begin, end = entry["data_offsets"]
+        self.offset, self.nbytes = data_start + begin, end - begin
+
+    def to(self, device: torch.device) -> torch.Tensor:
+        data = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.file.seek(self.offset)
+        if self.file.readinto(data.numpy()) != self.nbytes:
+            raise ValueError(f"{self.file.name}: tensor {self.key!r} is cut short (the file "
+                             "changed while it was read?)")
+        return data.view(self.dtype).reshape(self.shape).to(device)
+
+
+def _safetensors_header(path: str) -> tuple[int, dict]:
+    """(offset of the data, {name: dtype/shape/offsets entry}) of a float safetensors file:
+    the library checks the header (offsets inside the file, known dtypes), then it is
+    read for the offsets. ValueError for a file that is not one, or is quantized."""
+    from safetensors import safe_open
+
+    from .checkpoint import FORMAT
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            quantized = (f.metadata() or {}).get("format") == FORMAT
+        with open(path, "rb") as file:
+            size = struct.unpack("<Q", file.read(8))[0]
+            header = json.loads(file.read(size))
+    except Exception as err:  # safetensors raises its own error types (header, truncation)
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                         f"{err}") from None
+    if quantized:
+        raise ValueError(f"{path} is already quantized: load it with otq.load_quantized")
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+@contextlib.contextmanager
+def _float_tensors(source):
+    """{name: tensor or _StoredTensor} of a float checkpoint: a ``.safetensors`` path is
+    opened for reading on demand (for the duration of the block), anything else is read
+    whole (:func:`~otq_kernels.models.checkpoint.read_float_checkpoint`)."""
+    if isinstance(source, Mapping) or not os.fspath(source).endswith(".safetensors"):
+        yield read_float_checkpoint(source)
+        return
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    data_start, header = _safetensors_header(path)
+    with open(path, "rb") as file:
+        yield {key: _StoredTensor(file, data_start, key, entry) for key, entry in header.items()}
+
+
+def _kept_by_copies(model: nn.Module, layer: nn.Module) -> dict:
+    """The ``copy.deepcopy`` memo that makes a copy of ``layer`` share, not copy: the rest
+    of ``model`` (a hook may be a bound method of it), the layer's hook dicts (their
+    handles must still remove the hooks from the quantized layer, which takes them) and
+    its plain tensor attributes (the legacy weight norm's computed ``weight``, which
+    cannot be deep-copied; the copy computes its own)."""
+    inside = list(layer.modules())
+    inside_ids = {id(m) for m in inside}
+    memo = {id(m): m for m in model.modules() if id(m) not in inside_ids}
+    for m in inside:
+        shared = [getattr(m, attr) for attr in HOOK_ATTRIBUTES]
+        shared += [v for v in vars(m).values() if isinstance(v, torch.Tensor)]
+        memo.update({id(obj): obj for obj in shared})
+    return memo
+
+
+def _float_layer(model: nn.Module, name: str, state: dict, device) -> nn.Module:
+    """A float copy of ``model``'s layer ``name`` on ``device`` with its tensors from
+    ``state`` (the model's own module is left as it is: on the meta device, a skeleton's)."""
+    module = model.get_submodule(name)
+    layer = copy.deepcopy(module, _kept_by_copies(model, module)).to_empty(device=device)
+    prefix = f"{name}."
+    layer.load_state_dict({key[len(prefix):]: value.to(device)
+                           for key, value in state.items() if key.startswith(prefix)})
+    return layer
+
+
+def _default_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first real tensor is (CPU for a skeleton all on the meta device)."""
+    tensors = (*model.parameters(), *model.buffers())
+    return next((t.device for t in tensors if not t.is_meta), torch.device("cpu"))
+
+
+def load_and_quantize(source, model: nn.Module, bits: int = 4, method: str = "ot",
+                      granularity: str = "channel", include=None, exclude=None,
+                      backend: str = "auto", overrides: dict | None = None,
+                      device=None, use_ema: bool = True, progress: bool = True) -> nn.Module:
+    """Fill ``model`` from the float checkpoint ``source`` while quantizing it, in place.
+
+    source: a ``.safetensors`` path (read one tensor at a time), a ``.pt``/``.pth`` path or
+    a state dict (plain, EMA layout, or saved from a DDP / compiled model: as
+    :func:`~otq_kernels.models.load_fm_checkpoint` takes them). model: the architecture,
+    best built under ``torch.device("meta")`` (no float weights allocated); a real model
+    works too and is overwritten. The quantization options are :func:`quantize_model`'s.
+    device: where the layers are fitted and the model ends up (default: the model's
+    device, CPU for a meta skeleton). Returns ``model`` with ``otq_summary``.
+
+    The file is checked against the model (names, shapes) and every option and every
+    chosen layer's weight (finite) before the model is touched: a bad one raises
+    ValueError naming the key or the layer. Each weight is read twice (once to check it),
+    never more than one layer's at a time.
+    """
+    from tqdm.auto import tqdm
+
+    wrapper, model = model, bare_module(model, "load_and_quantize")
+    plan = plan_quantization(model, bits, method, granularity, include, exclude, backend,
+                             overrides)
+    device = torch.device(device) if device is not None else _default_device(model)
+    if device.type == "meta":
+        raise ValueError("load_and_quantize: cannot load onto device 'meta': it holds no "
+                         "values to fit codebooks to")
+    replaced = tuple(alias for name, _ in plan.layers for alias in plan.aliases[name])
+    with _float_tensors(source) as raw:
+        state = checkpoint_state(raw, model, use_ema)
+        check_loadable(model, "load_and_quantize", skip=replaced)
+        for name, _ in plan.layers:
+            with naming_layer(name):
+                check_weight(float_tensor(_float_layer(model, name, state, device)))
+        for name, opts in tqdm(plan.layers, desc="quantize", unit="layer",
+                               disable=not progress):
+            layer = _float_layer(model, name, state, device)
+            with naming_layer(name):
+                quant = quant_class_for(layer).from_float(layer, **opts)
+            replace_module(model, plan.aliases[name], quant)
+        rest = {key: value.to(device) for key, value in state.items()
+                if not key.startswith(tuple(f"{alias}." for alias in replaced))}
+        materialize(model, device)
+        model.load_state_dict(rest, strict=False)
+    model.to(device)
+    return finish_quantization(wrapper, model, plan.reasons)
