@@ -370,7 +370,7 @@ def _check_rest(own: dict, tensors: dict, path) -> None:
                              f"{value.dtype}")
 
 
-def _load_device(model: nn.Module, device, path) -> torch.device:
+def load_device(model: nn.Module, device, path) -> torch.device:
     """``device``, else the model's (CPU for a skeleton on the meta device); ValueError
     for one that cannot hold the weights, before the model is touched."""
     if device is not None:
@@ -408,7 +408,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     wrapper, model = model, bare_module(model, "load_quantized")
     meta, tensors = _read_checkpoint(path)
     layers = _json(meta, "layers", path)
-    device = _load_device(model, device, path)
+    device = load_device(model, device, path)
     aliases = module_aliases(model)
     swaps, swapped = [], {}  # swapped: id(module) -> the file's name for it
     for name, entry in layers.items():

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import warnings
+from collections.abc import Callable
 
 from torch import nn
 from torch.nn.parameter import UninitializedTensorMixin
@@ -181,7 +182,7 @@ class QuantizationPlan:
 
 
 @contextlib.contextmanager
-def naming_layer(name: str):
+def _naming_layer(name: str):
     """Re-raise a ValueError from inside the block with the layer's name in front."""
     try:
         yield
@@ -213,7 +214,7 @@ def plan_quantization(model: nn.Module, bits: int = 4, method: str = "ot",
     base = dict(bits=bits, method=method, granularity=granularity, backend=backend)
     layers = [(name, _layer_options(layer_names[name], base, overrides)) for name in names]
     for name, opts in layers:
-        with naming_layer(name):
+        with _naming_layer(name):
             module = model.get_submodule(name)
             layer_bits = check_options(opts["bits"], opts["method"], opts["granularity"], "rank")
             cls = quant_class_for(module)
@@ -255,23 +256,35 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     To fill a meta skeleton from a float checkpoint while quantizing it, one layer in
     memory at a time, see :func:`otq_kernels.load_and_quantize`.
     """
-    from tqdm.auto import tqdm
-
     wrapper, model = model, bare_module(model, "quantize_model")
     plan = plan_quantization(model, bits, method, granularity, include, exclude, backend,
                              overrides)
-    # Every weight before the model is touched. fit_codebook checks it again: one more
-    # read of it, where fitting all layers before swapping any would hold every fitted
-    # layer next to the float model at once.
-    for name, _ in plan.layers:
-        with naming_layer(name):
-            check_weight(float_tensor(model.get_submodule(name)))
-    for name, opts in tqdm(plan.layers, desc="quantize", unit="layer", disable=not progress):
-        module = model.get_submodule(name)
-        with naming_layer(name):
-            quant = quant_class_for(module).from_float(module, **opts)
-        replace_module(model, plan.aliases[name], quant)
+    quantize_layers(model, plan, model.get_submodule, progress)
     return finish_quantization(wrapper, model, plan.reasons)
+
+
+def quantize_layers(model: nn.Module, plan: QuantizationPlan,
+                    float_layer: Callable[[str], nn.Module], progress: bool = True) -> None:
+    """Check every weight of ``plan``, then fit each layer and swap it in, in turn.
+
+    float_layer(name): the float layer to quantize, the model's own or a copy filled from a
+    file (asked twice per layer, once per pass, and never kept past its step, so a copy
+    lives one layer at a time). The weights are all checked before the model is touched;
+    fit_codebook checks each again, where fitting every layer before swapping any would
+    hold them all next to the float model.
+    """
+    from tqdm.auto import tqdm
+
+    for name, _ in plan.layers:
+        with _naming_layer(name):
+            check_weight(float_tensor(float_layer(name)))
+    for name, opts in tqdm(plan.layers, desc="quantize", unit="layer", disable=not progress):
+        replace_module(model, plan.aliases[name], _quantized(name, float_layer(name), opts))
+
+
+def _quantized(name: str, layer: nn.Module, opts: dict) -> nn.Module:
+    with _naming_layer(name):
+        return quant_class_for(layer).from_float(layer, **opts)
 
 
 def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:

@@ -21,16 +21,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .checkpoint import FORMAT, load_device
 from .models.checkpoint import checkpoint_state, read_float_checkpoint
-from .modules import (
-    HOOK_ATTRIBUTES,
-    bare_module,
-    float_tensor,
-    quant_class_for,
-    replace_module,
-)
-from .nn import finish_quantization, naming_layer, plan_quantization
-from .quantizers import check_weight
+from .modules import HOOK_ATTRIBUTES, bare_module
+from .nn import finish_quantization, plan_quantization, quantize_layers
 from .skeleton import check_loadable, materialize
 
 __all__ = ["load_and_quantize"]
@@ -71,8 +65,6 @@ def _safetensors_header(path: str) -> tuple[int, dict]:
     the library checks the header (offsets inside the file, known dtypes), then it is
     read for the offsets. ValueError for a file that is not one, or is quantized."""
     from safetensors import safe_open
-
-    from .checkpoint import FORMAT
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -132,12 +124,6 @@ def _float_layer(model: nn.Module, name: str, state: dict, device) -> nn.Module:
     return layer
 
 
-def _default_device(model: nn.Module) -> torch.device:
-    """Where ``model``'s first real tensor is (CPU for a skeleton all on the meta device)."""
-    tensors = (*model.parameters(), *model.buffers())
-    return next((t.device for t in tensors if not t.is_meta), torch.device("cpu"))
-
-
 def load_and_quantize(source, model: nn.Module, bits: int = 4, method: str = "ot",
                       granularity: str = "channel", include=None, exclude=None,
                       backend: str = "auto", overrides: dict | None = None,
@@ -157,28 +143,17 @@ def load_and_quantize(source, model: nn.Module, bits: int = 4, method: str = "ot
     ValueError naming the key or the layer. Each weight is read twice (once to check it),
     never more than one layer's at a time.
     """
-    from tqdm.auto import tqdm
-
     wrapper, model = model, bare_module(model, "load_and_quantize")
     plan = plan_quantization(model, bits, method, granularity, include, exclude, backend,
                              overrides)
-    device = torch.device(device) if device is not None else _default_device(model)
-    if device.type == "meta":
-        raise ValueError("load_and_quantize: cannot load onto device 'meta': it holds no "
-                         "values to fit codebooks to")
+    what = "load_and_quantize" if isinstance(source, Mapping) else os.fspath(source)
+    device = load_device(model, device, what)
     replaced = tuple(alias for name, _ in plan.layers for alias in plan.aliases[name])
     with _float_tensors(source) as raw:
         state = checkpoint_state(raw, model, use_ema)
         check_loadable(model, "load_and_quantize", skip=replaced)
-        for name, _ in plan.layers:
-            with naming_layer(name):
-                check_weight(float_tensor(_float_layer(model, name, state, device)))
-        for name, opts in tqdm(plan.layers, desc="quantize", unit="layer",
-                               disable=not progress):
-            layer = _float_layer(model, name, state, device)
-            with naming_layer(name):
-                quant = quant_class_for(layer).from_float(layer, **opts)
-            replace_module(model, plan.aliases[name], quant)
+        quantize_layers(model, plan, lambda name: _float_layer(model, name, state, device),
+                        progress)
         rest = {key: value.to(device) for key, value in state.items()
                 if not key.startswith(tuple(f"{alias}." for alias in replaced))}
         materialize(model, device)
