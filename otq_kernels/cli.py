@@ -32,6 +32,11 @@ SOLVERS = ("euler", "midpoint", "heun2", "rk4", "dopri5")
 BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
 
 
+class CommandError(Exception):
+    """Input a command cannot use (a device, a file, a selection): :func:`main` prints it
+    as ``otq COMMAND: error: ...`` and returns 1, as it does for a ValueError or OSError."""
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer ≥ 1."""
     try:
@@ -64,7 +69,7 @@ def _file_metadata(path: str) -> dict:
         with safe_open(path, framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as err:
-        raise SystemExit(f"otq: cannot read {path}: {err}") from None
+        raise CommandError(f"cannot read {path}: {err}") from None
 
 
 def _config_kwargs(name: str | None, meta_kwargs, meta_name=None) -> tuple[str, dict]:
@@ -80,7 +85,7 @@ def _config_kwargs(name: str | None, meta_kwargs, meta_name=None) -> tuple[str, 
         return "from checkpoint metadata", kwargs
     if meta_name in config_names():
         return meta_name, unet_config(meta_name)
-    raise SystemExit("otq: this checkpoint does not record its architecture; pass --config "
+    raise CommandError("this checkpoint does not record its architecture; pass --config "
                      "(one of the UNet config names, e.g. mnist, cifar10, digits, tiny)")
 
 
@@ -151,13 +156,13 @@ def _device(args):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SystemExit(f"otq: --device {name!r} is not a device (cpu, cuda, cuda:1, ...)") \
+        raise CommandError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") \
             from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"otq: --device {name}: no CUDA device is available to this torch "
+        raise CommandError(f"--device {name}: no CUDA device is available to this torch "
                          f"({torch.__version__})")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SystemExit(f"otq: --device {name}: only {torch.cuda.device_count()} CUDA "
+        raise CommandError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
                          "device(s) are visible")
     return device
 
@@ -211,12 +216,12 @@ def cmd_quantize(args) -> int:
 
     model, info = load_model(args, load_float=quantize_while_loading)
     if info["quantized"]:
-        raise SystemExit("otq quantize: the checkpoint is already quantized")
+        raise CommandError("the checkpoint is already quantized")
     if getattr(model, "otq_summary", None) is None:  # the demo model or a random init
         quantize_model(model, **options)
     print(format_summary(model.otq_summary))
     if not model.otq_summary.quantized:
-        raise SystemExit("otq quantize: no layer was quantized (each is excluded, not "
+        raise CommandError("no layer was quantized (each is excluded, not "
                          "included or of a type kept float); nothing written")
     meta = {"config": info["config"], "config_kwargs": info["config_kwargs"],
             "image_size": info["image_size"], "source": info["source"],
@@ -242,7 +247,7 @@ def cmd_sample(args) -> int:
     x0 = fm.make_noise((args.n, *image_shape(model, info["image_size"])), args.seed,
                        device=_device(args), dtype=dtype)
     if args.cuda_graph and x0.device.type != "cuda":
-        raise SystemExit(f"--cuda-graph needs a CUDA device (the model runs on {x0.device})")
+        raise CommandError(f"--cuda-graph needs a CUDA device (the model runs on {x0.device})")
     x = fm.sample(model, x0, steps=args.steps, method=args.method, cuda_graph=args.cuda_graph)
     save_grid(x, args.output, nrow=min(args.nrow, args.n))
     kind = "quantized" if info["quantized"] else "float"
@@ -257,7 +262,7 @@ def cmd_eval(args) -> int:
 
     model, info = load_model(args)
     if info["quantized"]:
-        raise SystemExit("otq eval: give the float model; eval quantizes it at every setting")
+        raise CommandError("give the float model; eval quantizes it at every setting")
     evaluate(model, bits=args.bits, methods=args.methods, granularity=args.granularity,
              n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,
              image_size=info["image_size"], n_real=args.n_real, backend=args.backend,
@@ -275,10 +280,10 @@ def _bench_dir() -> Path | None:
 def cmd_bench(args) -> int:
     d = _bench_dir()
     if d is None:
-        print("otq bench: benchmarks/ is not next to this installation (installed from a "
-              "wheel?). Clone the repository and run e.g. `python benchmarks/bench_linear.py "
-              "--smoke` there, or `bash benchmarks/run_smoke.sh`.")
-        return 1
+        raise CommandError("benchmarks/ is not next to this installation (installed from a "
+                           "wheel?). Clone the repository and run e.g. `python "
+                           "benchmarks/bench_linear.py --smoke` there, or `bash "
+                           "benchmarks/run_smoke.sh`.")
     available = sorted(p.stem.removeprefix("bench_") for p in d.glob("bench_*.py"))
     if args.list or not args.subjects:
         print(f"benchmarks in {d}: {', '.join(available)}\n"
@@ -286,7 +291,7 @@ def cmd_bench(args) -> int:
         return 0
     unknown = [s for s in args.subjects if s not in available]
     if unknown:
-        raise SystemExit(f"otq bench: unknown subject(s) {unknown}; available: {available}")
+        raise CommandError(f"unknown subject(s) {unknown}; available: {available}")
     extra = (["--smoke"] if args.smoke else []) + list(args.extra)
     for subject in args.subjects:
         cmd = [sys.executable, str(d / f"bench_{subject}.py"), *extra]
@@ -432,7 +437,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as err:  # bad input or file: what and where, no traceback
+    except (CommandError, ValueError, OSError) as err:  # bad input: what and where, no traceback
         if os.environ.get("OTQ_DEBUG"):
             raise
         print(f"otq {args.command}: error: {err}", file=sys.stderr)

@@ -54,8 +54,8 @@ def test_quantize_sample_round_trip(tmp_path, capsys):
     save_file(demo.random_model("tiny").state_dict(), str(fp))
     assert cli.main(["sample", "--checkpoint", str(fp), "--config", "tiny", "--n", "2",
                      "--steps", "1", "-o", str(tmp_path / "fp.png")]) == 0
-    with pytest.raises(SystemExit, match="--config"):
-        cli.main(["sample", "--checkpoint", str(fp), "-o", str(tmp_path / "x.png")])
+    assert "pass --config" in _refused(["sample", "--checkpoint", str(fp), "-o",
+                                        str(tmp_path / "x.png")], capsys)
     # files that name a bundled config in their metadata, as the README's example writes
     save_file(demo.random_model("tiny").state_dict(), str(fp), metadata={"config": "tiny"})
     api = tmp_path / "api.safetensors"
@@ -65,9 +65,9 @@ def test_quantize_sample_round_trip(tmp_path, capsys):
         assert cli.main(["sample", "--checkpoint", str(path), "--n", "1", "--steps", "1",
                          "-o", str(tmp_path / "named.png")]) == 0
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
-            cli.main(["sample", "--checkpoint", str(out), "--n", "1", "--steps", "1",
-                      "--cuda-graph", "-o", str(tmp_path / "g.png")])
+        assert "--cuda-graph needs a CUDA device" in _refused(
+            ["sample", "--checkpoint", str(out), "--n", "1", "--steps", "1", "--cuda-graph",
+             "-o", str(tmp_path / "g.png")], capsys)
 
 
 @pytest.mark.parametrize("dtype, tol", [("float16", 1e-3), ("bfloat16", 5e-3)])
@@ -121,17 +121,45 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OTQ_DEBUG", "1")
     with pytest.raises(ValueError, match="checksum"):
         cli.main(argv)
-    with pytest.raises(SystemExit, match="--device 'gpu0' is not a device"):
-        cli.main(["sample", "--random-init", "tiny", "--device", "gpu0"])
+    monkeypatch.delenv("OTQ_DEBUG")
+    assert "--device 'gpu0' is not a device" in _refused(
+        ["sample", "--random-init", "tiny", "--device", "gpu0"], capsys)
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
-            cli.main(["sample", "--random-init", "tiny", "--device", "cuda"])
+        assert "--device cuda: no CUDA device is available" in _refused(
+            ["sample", "--random-init", "tiny", "--device", "cuda"], capsys)
     out = tmp_path / "none.safetensors"
-    with pytest.raises(SystemExit, match="no layer was quantized"), pytest.warns(
-            UserWarning, match="include pattern 'zz\\*' matches no module"):
-        cli.main(["quantize", "--random-init", "tiny", "--include", "zz*", "-o", str(out),
-                  "--quiet"])
+    with pytest.warns(UserWarning, match="include pattern 'zz\\*' matches no module"):
+        assert "no layer was quantized" in _refused(
+            ["quantize", "--random-init", "tiny", "--include", "zz*", "-o", str(out),
+             "--quiet"], capsys)
     assert not out.exists()
+
+
+def _refused(argv, capsys) -> str:
+    """What `otq ARGV` printed on stderr: one line `otq COMMAND: error: ...`, exit code 1."""
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"otq {argv[0]}: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_every_refusal_has_one_format(tmp_path, capsys):
+    """Input the commands refuse after parsing (besides ValueErrors of the library) prints
+    the same one line as they do."""
+    quantized = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", "--random-init", "tiny", "-o", str(quantized), "--quiet"]) == 0
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    refusals = {
+        ("sample", "--checkpoint", str(garbage)): f"cannot read {garbage}",
+        ("quantize", "--checkpoint", str(quantized), "-o", str(tmp_path / "again.safetensors"),
+         "--quiet"): "the checkpoint is already quantized",
+        ("eval", "--checkpoint", str(quantized)): "give the float model",
+        ("bench", "no_such_subject"): "unknown subject(s) ['no_such_subject']",
+    }
+    for argv, message in refusals.items():
+        assert message in _refused(list(argv), capsys)
+    assert not (tmp_path / "again.safetensors").exists()
 
 
 def test_override_parsing():
@@ -188,17 +216,15 @@ def test_fused_paper_protocol_matches_metrics():
 
 
 def test_bench_lists_or_explains(capsys, monkeypatch):
-    rc = cli.main(["bench", "--list"])
-    out = capsys.readouterr().out
-    assert (rc == 0 and "benchmarks in" in out) or (rc == 1 and "Clone the repository" in out)
-    if rc == 0:  # arguments after -- reach the script; nothing is actually run here
-        calls = []
-        monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
-        assert cli.main(["bench", "linear", "--smoke", "--", "--bits", "4"]) == 0
-        assert calls[0][2:] == ["--smoke", "--bits", "4"]
-        assert calls[0][1].endswith("bench_linear.py")
-        with pytest.raises(SystemExit):
-            cli.main(["bench", "nope"])
+    assert cli.main(["bench", "--list"]) == 0
+    assert "benchmarks in" in capsys.readouterr().out
+    calls = []  # arguments after -- reach the script; nothing is actually run here
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    assert cli.main(["bench", "linear", "--smoke", "--", "--bits", "4"]) == 0
+    assert calls[0][2:] == ["--smoke", "--bits", "4"]
+    assert calls[0][1].endswith("bench_linear.py")
+    monkeypatch.setattr(cli, "_bench_dir", lambda: None)  # installed from a wheel
+    assert "Clone the repository" in _refused(["bench", "--list"], capsys)
     with pytest.raises(SystemExit):
         cli.main(["sample", "--", "--x"])
 
