@@ -86,7 +86,7 @@ def _config_kwargs(name: str | None, meta_kwargs, meta_name=None) -> tuple[str, 
     if meta_name in config_names():
         return meta_name, unet_config(meta_name)
     raise CommandError("this checkpoint does not record its architecture; pass --config "
-                     "(one of the UNet config names, e.g. mnist, cifar10, digits, tiny)")
+                       "(one of the UNet config names, e.g. mnist, cifar10, digits, tiny)")
 
 
 def load_model(args, load_float=None) -> tuple:
@@ -160,10 +160,10 @@ def _device(args):
             from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(f"--device {name}: no CUDA device is available to this torch "
-                         f"({torch.__version__})")
+                           f"({torch.__version__})")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise CommandError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
-                         "device(s) are visible")
+                           "device(s) are visible")
     return device
 
 
@@ -222,7 +222,7 @@ def cmd_quantize(args) -> int:
     print(format_summary(model.otq_summary))
     if not model.otq_summary.quantized:
         raise CommandError("no layer was quantized (each is excluded, not "
-                         "included or of a type kept float); nothing written")
+                           "included or of a type kept float); nothing written")
     meta = {"config": info["config"], "config_kwargs": info["config_kwargs"],
             "image_size": info["image_size"], "source": info["source"],
             "command": "otq " + shlex.join(sys.argv[1:]) if sys.argv else "otq quantize"}
