@@ -186,6 +186,36 @@ def test_a_file_of_another_model_or_no_float_file_is_refused(tmp_path):
         otq.load_and_quantize(path, _meta(), device="meta", progress=False)
 
 
+def test_a_damaged_file_is_refused_before_the_skeleton_is_touched(tmp_path):
+    """Bytes changed in the header or its length, or the file cut anywhere: a ValueError
+    with the skeleton still empty, or (a change that changed nothing) the same model."""
+    import random
+
+    path = tmp_path / "f32.safetensors"
+    save_file(_float_unet().state_dict(), str(path))
+    clean = otq.load_and_quantize(path, _meta(), **OPTIONS)
+    raw = path.read_bytes()
+    header_end = 8 + int.from_bytes(raw[:8], "little")
+    rng = random.Random(0)
+    for case in range(36):
+        damaged = bytearray(raw)
+        if case % 3 == 0:
+            for _ in range(rng.randint(1, 4)):
+                damaged[rng.randrange(8, header_end)] = rng.randrange(256)
+        elif case % 3 == 1:
+            damaged[rng.randrange(8)] = rng.randrange(256)
+        else:
+            damaged = damaged[:rng.randrange(len(raw))]
+        (tmp_path / "damaged.safetensors").write_bytes(bytes(damaged))
+        skeleton = _meta()
+        try:
+            loaded = otq.load_and_quantize(tmp_path / "damaged.safetensors", skeleton, **OPTIONS)
+        except ValueError:
+            assert _meta_names(skeleton) == _meta_names(_meta()), case
+        else:
+            _assert_same_model(loaded, clean)
+
+
 def test_the_cli_quantizes_a_float_file_while_loading_it(tmp_path, monkeypatch):
     path = _sources(tmp_path, _float_unet())["f32"]
     calls = []
