@@ -21,6 +21,7 @@ validated before the model is touched; problems raise ValueError naming the laye
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -182,8 +183,10 @@ def _stored_names(state: dict) -> tuple[dict, dict]:
 
 
 # ----------------------------------------------------------------------------- read
-def read_safetensors(path) -> tuple[dict, dict]:
-    """(metadata strings, tensors) of a safetensors file; ValueError if it is not one."""
+@contextlib.contextmanager
+def _safetensors_file(path):
+    """safetensors' reader of ``path`` (its header checked: offsets inside the file, known
+    dtypes); FileNotFoundError, or ValueError for a file that is not one."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -193,12 +196,23 @@ def read_safetensors(path) -> tuple[dict, dict]:
         raise ValueError(f"{path} is a directory, not a checkpoint file")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            yield f
     except Exception as err:  # safetensors raises its own error types (header, truncation)
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
                          f"{err}") from None
-    return meta, tensors
+
+
+def read_safetensors(path) -> tuple[dict, dict]:
+    """(metadata strings, tensors) of a safetensors file; ValueError if it is not one."""
+    with _safetensors_file(path) as f:
+        return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def read_safetensors_metadata(path) -> dict:
+    """The metadata strings of a safetensors file (its header checked, no tensor read);
+    ValueError if it is not one."""
+    with _safetensors_file(path) as f:
+        return dict(f.metadata() or {})
 
 
 def _json(meta: dict, key: str, path) -> dict:

@@ -32,11 +32,6 @@ SOLVERS = ("euler", "midpoint", "heun2", "rk4", "dopri5")
 BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
 
 
-class CommandError(Exception):
-    """Input a command cannot use (a device, a file, a selection): :func:`main` prints it
-    as ``otq COMMAND: error: ...`` and returns 1, as it does for a ValueError or OSError."""
-
-
 def positive_int(text: str) -> int:
     """argparse type: an integer ≥ 1."""
     try:
@@ -63,13 +58,9 @@ def _file_metadata(path: str) -> dict:
     """safetensors metadata ({} for other files)."""
     if not str(path).endswith(".safetensors"):
         return {}
-    from safetensors import safe_open
+    from .checkpoint import read_safetensors_metadata
 
-    try:
-        with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as err:
-        raise CommandError(f"cannot read {path}: {err}") from None
+    return read_safetensors_metadata(path)
 
 
 def _config_kwargs(name: str | None, meta_kwargs, meta_name=None) -> tuple[str, dict]:
@@ -85,8 +76,8 @@ def _config_kwargs(name: str | None, meta_kwargs, meta_name=None) -> tuple[str, 
         return "from checkpoint metadata", kwargs
     if meta_name in config_names():
         return meta_name, unet_config(meta_name)
-    raise CommandError("this checkpoint does not record its architecture; pass --config "
-                       "(one of the UNet config names, e.g. mnist, cifar10, digits, tiny)")
+    raise ValueError("this checkpoint does not record its architecture; pass --config "
+                     "(one of the UNet config names, e.g. mnist, cifar10, digits, tiny)")
 
 
 def load_model(args, load_float=None) -> tuple:
@@ -156,14 +147,14 @@ def _device(args):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CommandError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") \
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") \
             from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {name}: no CUDA device is available to this torch "
-                           f"({torch.__version__})")
+        raise ValueError(f"--device {name}: no CUDA device is available to this torch "
+                         f"({torch.__version__})")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise CommandError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
-                           "device(s) are visible")
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
+                         "device(s) are visible")
     return device
 
 
@@ -216,13 +207,13 @@ def cmd_quantize(args) -> int:
 
     model, info = load_model(args, load_float=quantize_while_loading)
     if info["quantized"]:
-        raise CommandError("the checkpoint is already quantized")
+        raise ValueError("the checkpoint is already quantized")
     if getattr(model, "otq_summary", None) is None:  # the demo model or a random init
         quantize_model(model, **options)
     print(format_summary(model.otq_summary))
     if not model.otq_summary.quantized:
-        raise CommandError("no layer was quantized (each is excluded, not "
-                           "included or of a type kept float); nothing written")
+        raise ValueError("no layer was quantized (each is excluded, not "
+                         "included or of a type kept float); nothing written")
     meta = {"config": info["config"], "config_kwargs": info["config_kwargs"],
             "image_size": info["image_size"], "source": info["source"],
             "command": "otq " + shlex.join(sys.argv[1:]) if sys.argv else "otq quantize"}
@@ -247,7 +238,7 @@ def cmd_sample(args) -> int:
     x0 = fm.make_noise((args.n, *image_shape(model, info["image_size"])), args.seed,
                        device=_device(args), dtype=dtype)
     if args.cuda_graph and x0.device.type != "cuda":
-        raise CommandError(f"--cuda-graph needs a CUDA device (the model runs on {x0.device})")
+        raise ValueError(f"--cuda-graph needs a CUDA device (the model runs on {x0.device})")
     x = fm.sample(model, x0, steps=args.steps, method=args.method, cuda_graph=args.cuda_graph)
     save_grid(x, args.output, nrow=min(args.nrow, args.n))
     kind = "quantized" if info["quantized"] else "float"
@@ -262,7 +253,7 @@ def cmd_eval(args) -> int:
 
     model, info = load_model(args)
     if info["quantized"]:
-        raise CommandError("give the float model; eval quantizes it at every setting")
+        raise ValueError("give the float model; eval quantizes it at every setting")
     evaluate(model, bits=args.bits, methods=args.methods, granularity=args.granularity,
              n=args.n, steps=args.steps, solver=args.solver, seed=args.seed,
              image_size=info["image_size"], n_real=args.n_real, backend=args.backend,
@@ -280,10 +271,10 @@ def _bench_dir() -> Path | None:
 def cmd_bench(args) -> int:
     d = _bench_dir()
     if d is None:
-        raise CommandError("benchmarks/ is not next to this installation (installed from a "
-                           "wheel?). Clone the repository and run e.g. `python "
-                           "benchmarks/bench_linear.py --smoke` there, or `bash "
-                           "benchmarks/run_smoke.sh`.")
+        raise ValueError("benchmarks/ is not next to this installation (installed from a "
+                         "wheel?). Clone the repository and run e.g. `python "
+                         "benchmarks/bench_linear.py --smoke` there, or `bash "
+                         "benchmarks/run_smoke.sh`.")
     available = sorted(p.stem.removeprefix("bench_") for p in d.glob("bench_*.py"))
     if args.list or not args.subjects:
         print(f"benchmarks in {d}: {', '.join(available)}\n"
@@ -291,7 +282,7 @@ def cmd_bench(args) -> int:
         return 0
     unknown = [s for s in args.subjects if s not in available]
     if unknown:
-        raise CommandError(f"unknown subject(s) {unknown}; available: {available}")
+        raise ValueError(f"unknown subject(s) {unknown}; available: {available}")
     extra = (["--smoke"] if args.smoke else []) + list(args.extra)
     for subject in args.subjects:
         cmd = [sys.executable, str(d / f"bench_{subject}.py"), *extra]
@@ -437,7 +428,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except (CommandError, ValueError, OSError) as err:  # bad input: what and where, no traceback
+    except (ValueError, OSError) as err:  # bad input or file: what and where, no traceback
         if os.environ.get("OTQ_DEBUG"):
             raise
         print(f"otq {args.command}: error: {err}", file=sys.stderr)

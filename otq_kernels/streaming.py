@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .checkpoint import FORMAT, load_device
+from .checkpoint import FORMAT, load_device, read_safetensors_metadata
 from .models.checkpoint import checkpoint_state, read_float_checkpoint
 from .modules import HOOK_ATTRIBUTES, bare_module
 from .nn import finish_quantization, plan_quantization, quantize_layers
@@ -63,20 +63,13 @@ class _StoredTensor:
 def _safetensors_header(path: str) -> tuple[int, dict]:
     """(offset of the data, {name: dtype/shape/offsets entry}) of a float safetensors file:
     the library checks the header (offsets inside the file, known dtypes), then it is
-    read for the offsets. ValueError for a file that is not one, or is quantized."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            quantized = (f.metadata() or {}).get("format") == FORMAT
-        with open(path, "rb") as file:
-            size = struct.unpack("<Q", file.read(8))[0]
-            header = json.loads(file.read(size))
-    except Exception as err:  # safetensors raises its own error types (header, truncation)
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
-                         f"{err}") from None
-    if quantized:
+    read for the offsets. FileNotFoundError, or ValueError for a file that is not one or
+    is quantized."""
+    if read_safetensors_metadata(path).get("format") == FORMAT:
         raise ValueError(f"{path} is already quantized: load it with otq.load_quantized")
+    with open(path, "rb") as file:
+        size = struct.unpack("<Q", file.read(8))[0]
+        header = json.loads(file.read(size))
     header.pop("__metadata__", None)
     return 8 + size, header
 
@@ -90,8 +83,6 @@ def _float_tensors(source):
         yield read_float_checkpoint(source)
         return
     path = os.fspath(source)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     data_start, header = _safetensors_header(path)
     with open(path, "rb") as file:
         yield {key: _StoredTensor(file, data_start, key, entry) for key, entry in header.items()}

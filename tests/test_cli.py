@@ -144,14 +144,15 @@ def _refused(argv, capsys) -> str:
 
 
 def test_every_refusal_has_one_format(tmp_path, capsys):
-    """Input the commands refuse after parsing (besides ValueErrors of the library) prints
-    the same one line as they do."""
+    """Input the commands refuse after parsing (a file, an architecture, a subject) prints
+    one line, as the library's ValueErrors do."""
     quantized = tmp_path / "q.safetensors"
     assert cli.main(["quantize", "--random-init", "tiny", "-o", str(quantized), "--quiet"]) == 0
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
     refusals = {
-        ("sample", "--checkpoint", str(garbage)): f"cannot read {garbage}",
+        ("sample", "--checkpoint", str(garbage)): f"{garbage}: not a readable safetensors",
+        ("sample", "--checkpoint", str(tmp_path / "no.safetensors")): "checkpoint not found",
         ("quantize", "--checkpoint", str(quantized), "-o", str(tmp_path / "again.safetensors"),
          "--quiet"): "the checkpoint is already quantized",
         ("eval", "--checkpoint", str(quantized)): "give the float model",
