@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import struct
 import zlib
 
 import torch
@@ -213,6 +214,18 @@ def read_safetensors_metadata(path) -> dict:
     ValueError if it is not one."""
     with _safetensors_file(path) as f:
         return dict(f.metadata() or {})
+
+
+def read_safetensors_header(path) -> tuple[int, dict, dict]:
+    """(offset of the data, {name: {"dtype", "shape", "data_offsets"}}, metadata strings)
+    of a safetensors file, no tensor read: safetensors checks the header first (offsets
+    inside the file, known dtypes). ValueError if it is not one."""
+    metadata = read_safetensors_metadata(path)
+    with open(path, "rb") as file:
+        size = struct.unpack("<Q", file.read(8))[0]
+        header = json.loads(file.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header, metadata
 
 
 def _json(meta: dict, key: str, path) -> dict:

@@ -1,10 +1,11 @@
-"""The ``otq`` command: quantize | sample | eval | bench | demo.
+"""The ``otq`` command: quantize | sample | eval | info | bench | demo.
 
     otq quantize -o model_q4.safetensors --bits 4 --method ot     # the bundled demo model
     otq quantize --checkpoint fp.safetensors --config mnist -o q.safetensors \\
         --override 'input_blocks.0.*=8' --override 'out.2=8'
     otq sample --checkpoint model_q4.safetensors --n 64 --steps 20 -o samples.png
     otq eval --bits 2 3 4 8 --methods ot uniform --out-dir eval_out
+    otq info model_q4.safetensors
     otq bench linear --smoke
     otq demo
 
@@ -262,6 +263,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- info
+def cmd_info(args) -> int:
+    from .file_info import describe_file
+
+    info = describe_file(args.file, verify=not args.no_verify)
+    print(json.dumps(info.to_dict(), indent=1) if args.json else info)
+    return 0
+
+
 # ----------------------------------------------------------------------------- bench
 def _bench_dir() -> Path | None:
     d = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -388,6 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the t=0 velocity PSNR/SSIM and the latent probe")
     p.add_argument("--out-dir", default="eval_out", help="output directory (default eval_out)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="what a safetensors file holds: layers, bits, sizes",
+                       description="Describe a quantized checkpoint (a row per layer: bits, "
+                                   "method, bits/weight, SQNR, W2; the model's sizes; the "
+                                   "architecture it records) or a float safetensors file "
+                                   "(its tensors by dtype), without a model. Every tensor "
+                                   "of a quantized file is read and checked (checksums, "
+                                   "planes against bits and shape) unless --no-verify.")
+    p.add_argument("file", help="a .safetensors file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the report")
+    p.add_argument("--no-verify", action="store_true",
+                   help="read the header only (no checksum or plane checks)")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="run the benchmark scripts of a repository checkout",
                        description="Thin wrapper over benchmarks/bench_<subject>.py; "

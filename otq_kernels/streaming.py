@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
-import struct
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .checkpoint import FORMAT, load_device, read_safetensors_metadata
+from .checkpoint import FORMAT, load_device, read_safetensors_header
 from .models.checkpoint import checkpoint_state, read_float_checkpoint
 from .modules import HOOK_ATTRIBUTES, bare_module
 from .nn import finish_quantization, plan_quantization, quantize_layers
@@ -61,17 +59,12 @@ class _StoredTensor:
 
 
 def _safetensors_header(path: str) -> tuple[int, dict]:
-    """(offset of the data, {name: dtype/shape/offsets entry}) of a float safetensors file:
-    the library checks the header (offsets inside the file, known dtypes), then it is
-    read for the offsets. FileNotFoundError, or ValueError for a file that is not one or
-    is quantized."""
-    if read_safetensors_metadata(path).get("format") == FORMAT:
+    """(offset of the data, {name: dtype/shape/offsets entry}) of a float safetensors file;
+    FileNotFoundError, or ValueError for a file that is not one or is quantized."""
+    data_start, header, metadata = read_safetensors_header(path)
+    if metadata.get("format") == FORMAT:
         raise ValueError(f"{path} is already quantized: load it with otq.load_quantized")
-    with open(path, "rb") as file:
-        size = struct.unpack("<Q", file.read(8))[0]
-        header = json.loads(file.read(size))
-    header.pop("__metadata__", None)
-    return 8 + size, header
+    return data_start, header
 
 
 @contextlib.contextmanager

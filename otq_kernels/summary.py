@@ -99,8 +99,10 @@ def _layer_row(name: str, module: nn.Module, reason: str | None) -> LayerSummary
 
 
 def _totals(model: nn.Module) -> tuple[int, int, int, int]:
-    """(params, fp32 bytes, fp16 bytes, stored bytes) of the model before/after quantization."""
+    """(params, fp32 bytes, fp16 bytes, stored bytes) of the model before/after quantization;
+    a tensor several modules hold (tied weights) counts once, as it is stored."""
     params = fp32 = fp16 = after = 0
+    seen: set[int] = set()
     for module in model.modules():
         quant = isinstance(module, _QuantModule)
         if quant:
@@ -110,8 +112,9 @@ def _totals(model: nn.Module) -> tuple[int, int, int, int]:
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         skip = {id(t) for t in (module._planes() + [module.codebook])} if quant else set()
         for t in tensors:
-            if id(t) in skip:
+            if id(t) in skip or id(t) in seen:
                 continue
+            seen.add(id(t))
             size = t.numel() * t.element_size()
             after += size
             if t.is_floating_point():

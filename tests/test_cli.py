@@ -12,7 +12,7 @@ from otq_kernels import cli, demo, report
 from otq_kernels import nn as qnn
 from otq_kernels.checkpoint import read_metadata
 
-SUBCOMMANDS = ["quantize", "sample", "eval", "bench", "demo"]
+SUBCOMMANDS = ["quantize", "sample", "eval", "info", "bench", "demo"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -135,6 +135,28 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
+def test_info_describes_a_file_and_refuses_a_damaged_one(tmp_path, capsys):
+    ckpt = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", "--random-init", "tiny", "-o", str(ckpt), "--bits", "3",
+                     "--exclude", "out.*", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert cli.main(["info", str(ckpt)]) == 0
+    text = capsys.readouterr().out
+    assert "format version 1" in text and "config 'tiny', UNet arguments recorded" in text
+    assert "checksums match" in text and "out.2 " in text and "kept float (excluded)" in text
+    assert printed.split("\n")[-3] in text  # the totals line `otq quantize` printed
+    assert cli.main(["info", str(ckpt), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["quantized"] and data["metadata"]["config"] == "tiny"
+    assert len(data["summary"]["layers"]) == 43
+    raw = bytearray(ckpt.read_bytes())
+    raw[-3] ^= 1
+    ckpt.write_bytes(bytes(raw))
+    assert "does not match its checksum" in _refused(["info", str(ckpt)], capsys)
+    assert cli.main(["info", str(ckpt), "--no-verify"]) == 0
+    assert "tensors not read" in capsys.readouterr().out
+
+
 def _refused(argv, capsys) -> str:
     """What `otq ARGV` printed on stderr: one line `otq COMMAND: error: ...`, exit code 1."""
     assert cli.main(argv) == 1
@@ -150,6 +172,7 @@ def test_every_refusal_has_one_format(tmp_path, capsys):
     assert cli.main(["quantize", "--random-init", "tiny", "-o", str(quantized), "--quiet"]) == 0
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
+    (tmp_path / "model.pth").write_bytes(b"\x80\x02")
     refusals = {
         ("sample", "--checkpoint", str(garbage)): f"{garbage}: not a readable safetensors",
         ("sample", "--checkpoint", str(tmp_path / "no.safetensors")): "checkpoint not found",
@@ -157,6 +180,8 @@ def test_every_refusal_has_one_format(tmp_path, capsys):
          "--quiet"): "the checkpoint is already quantized",
         ("eval", "--checkpoint", str(quantized)): "give the float model",
         ("bench", "no_such_subject"): "unknown subject(s) ['no_such_subject']",
+        ("info", str(garbage)): f"{garbage}: not a readable safetensors",
+        ("info", str(tmp_path / "model.pth")): "safetensors files only",
     }
     for argv, message in refusals.items():
         assert message in _refused(list(argv), capsys)

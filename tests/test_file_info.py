@@ -1,0 +1,145 @@
+"""`otq info`'s reader: a file described without a model says what loading it gives."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import otq_kernels as otq
+from otq_kernels import demo
+from otq_kernels.checkpoint import _checksums, read_safetensors
+from otq_kernels.file_info import describe_file
+from otq_kernels.models import build_model
+
+
+def _quantized_file(tmp_path, model=None, **options):
+    model = model or demo.random_model("tiny", seed=1)
+    options = {"bits": 3, "progress": False, **options}
+    otq.quantize_model(model, **options)
+    path = tmp_path / "q.safetensors"
+    otq.save_quantized(model, path, metadata={"config": "tiny"})
+    return path, model
+
+
+def _rows(summary, quantized: bool) -> dict:
+    """{name: row as a dict} of the quantized rows, or of the kept-float ones without
+    their type (a file does not record it)."""
+    keep = [r for r in summary.layers if (r.status == "quantized") == quantized]
+    return {r.name: {k: v for k, v in dataclasses.asdict(r).items()
+                     if quantized or k != "type"} for r in keep}
+
+
+def _assert_same_summary(described, loaded) -> None:
+    assert _rows(described, True) == _rows(loaded, True)
+    assert _rows(described, False) == _rows(loaded, False)
+    assert (described.params, described.bytes_fp32, described.bytes_fp16,
+            described.bytes_after) == (loaded.params, loaded.bytes_fp32, loaded.bytes_fp16,
+                                       loaded.bytes_after)
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "header-only"])
+def test_a_quantized_file_reads_as_the_model_it_loads_into(tmp_path, verify):
+    path, _ = _quantized_file(
+        tmp_path, exclude=["out.*"],
+        overrides={"input_blocks.0.0": {"bits": 8, "granularity": "tensor"},
+                   "middle_block.*": {"method": "lloyd", "bits": 2}})
+    info = describe_file(path, verify=verify)
+    with torch.device("meta"):
+        skeleton = build_model("tiny")
+    loaded = otq.load_quantized(path, skeleton).otq_summary
+    _assert_same_summary(info.summary, loaded)
+    assert info.quantized and info.format_version == 1 and info.otq_version == otq.__version__
+    assert info.architecture == "config 'tiny' (bundled)" and info.metadata == {"config": "tiny"}
+    assert info.file_bytes == path.stat().st_size
+    assert set(info.tensors) == {"I32", "F32"}
+    assert ("checksums match" in info.checked) == verify
+    assert json.loads(json.dumps(info.to_dict()))["summary"]["bytes_after"] == loaded.bytes_after
+
+
+def test_shared_layers_and_weight_norm_are_counted_as_loading_counts_them(tmp_path):
+    """A layer registered twice and a weight two float layers tie are stored once
+    (aliases) and counted once; a weight-normed layer kept float holds the weight's parts."""
+    shared, tied, tying = nn.Linear(24, 24), nn.Linear(24, 24), nn.Linear(24, 24)
+    tying.weight = tied.weight
+    model = nn.Sequential(shared, nn.ReLU(), shared,
+                          nn.utils.parametrizations.weight_norm(nn.Linear(24, 8)), tied, tying)
+    path, quantized = _quantized_file(tmp_path, model, exclude=["3", "4", "5"])
+    assert json.loads(read_safetensors(path)[0]["aliases"]) == {
+        "2.plane0": "0.plane0", "2.plane1": "0.plane1", "2.codebook": "0.codebook",
+        "2.bias": "0.bias", "5.weight": "4.weight"}
+    info = describe_file(path)
+    _assert_same_summary(info.summary, quantized.otq_summary)
+    assert info.summary.bytes_after == sum(n for _, _, n in info.tensors.values())
+    rows = {r.name: r for r in info.summary.layers}
+    assert rows["3"].shape == [8, 24] and rows["3"].status == "kept float (excluded)"
+    assert rows["5"].shape == [24, 24] and rows["5"].nbytes == rows["4"].nbytes
+
+
+def test_rows_come_in_name_order_numbers_as_numbers(tmp_path):
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(12)])
+    path, _ = _quantized_file(tmp_path, model, exclude=["1"])
+    assert [r.name for r in describe_file(path).summary.layers] == [str(i) for i in range(12)]
+
+
+def test_a_float_file_says_what_loading_it_needs(tmp_path):
+    model = demo.random_model("tiny")
+    for metadata, architecture in [
+            (None, "not recorded: loading it needs --config"),
+            ({"config": "tiny"}, "config 'tiny' (bundled)"),
+            ({"config": "mine"}, "config 'mine' is not a bundled one: loading it needs --config"),
+            ({"config_kwargs": json.dumps({"model_channels": 8})},
+             "UNet arguments recorded (config_kwargs)")]:
+        path = tmp_path / "fp.safetensors"
+        save_file(model.state_dict(), str(path), metadata=metadata)
+        info = describe_file(path)
+        assert not info.quantized and info.summary is None
+        assert info.architecture == architecture
+        count = sum(t.numel() for t in model.state_dict().values())
+        assert info.tensors == {"F32": [len(model.state_dict()), count, 4 * count]}
+        assert f"floating-point parameters: {count:,}" in str(info)
+
+
+def _rewrite(path, change) -> None:
+    """Write ``path`` again with ``change(tensors)`` applied and valid checksums."""
+    meta, tensors = read_safetensors(path)
+    change(tensors)
+    meta.pop("checksums")
+    meta["checksums"] = _checksums(meta, tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_a_damaged_file_is_reported_not_described(tmp_path):
+    path, _ = _quantized_file(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        describe_file(path)
+    assert describe_file(path, verify=False).summary.layers  # the header is intact
+
+    path, _ = _quantized_file(tmp_path)
+    _rewrite(path, lambda t: t.update({"out.2.plane0": t["out.2.plane0"][:, :0].clone()}))
+    with pytest.raises(ValueError, match="'out.2': tensors inconsistent with bits=3"):
+        describe_file(path)
+    _rewrite(path, lambda t: t["out.2.codebook"].fill_(float("nan")))
+    with pytest.raises(ValueError, match="'out.2.codebook' contains NaN/Inf"):
+        describe_file(path)
+    _rewrite(path, lambda t: t.pop("out.2.codebook"))
+    with pytest.raises(ValueError, match="'out.2.codebook' is missing"):
+        describe_file(path, verify=False)
+
+
+def test_files_it_does_not_read(tmp_path):
+    pickle = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, pickle)
+    with pytest.raises(ValueError, match="safetensors files only"):
+        describe_file(pickle)
+    with pytest.raises(FileNotFoundError):
+        describe_file(tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 40)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        describe_file(garbage)
