@@ -298,6 +298,10 @@ def _check_entry(name: str, entry) -> type[_QuantModule]:
     if (not isinstance(shape, list) or len(shape) != ndim
             or not all(isinstance(s, int) and s > 0 for s in shape)):
         raise ValueError(f"layer {name!r}: shape {shape!r} is not a valid {ndim}-D weight shape")
+    stats = entry.get("stats") or {}
+    if not isinstance(stats, dict) or not all(
+            v is None or isinstance(v, (int, float)) for v in stats.values()):
+        raise ValueError(f"layer {name!r}: stats {stats!r} must map names to numbers")
     return cls
 
 

@@ -154,7 +154,10 @@ def _summary(meta: dict, header: dict, path) -> QuantizationSummary:
     quantized checkpoint, from its metadata and tensor header."""
     layers = _json(meta, "layers", path)
     for name, entry in layers.items():
-        _check_entry(name, entry)
+        try:
+            _check_entry(name, entry)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     aliases = _json(meta, ALIASES, path)
     named = {**header, **{alias: header[stored] for alias, stored in aliases.items()
                           if stored in header}}
@@ -171,6 +174,7 @@ def _verify(path, layers: dict) -> str:
     meta, tensors = _read_checkpoint(path)  # format, checksums, aliases
     for name, entry in layers.items():
         try:
+            _check_entry(name, entry)
             _quantized_tensor(name, entry, tensors)
             _bias(name, entry, tensors)
         except ValueError as err:
@@ -213,10 +217,10 @@ def describe_file(path: str | os.PathLike, verify: bool = True) -> FileInfo:
                         architecture=_architecture(meta), metadata=meta, summary=None,
                         checked="header (offsets inside the file, known dtypes)", **base)
     _check_format(meta, path)
-    summary = _summary(meta, header, path)
     checked = "header and metadata (tensors not read)"
-    if verify:
+    if verify:  # first: damaged metadata is reported as such
         checked = _verify(path, _json(meta, "layers", path))
+    summary = _summary(meta, header, path)
     user = _json(meta, "user", path)
     return FileInfo(quantized=True, format_version=int(meta["format_version"]),
                     otq_version=meta.get("otq_version"), architecture=_architecture(user),

@@ -265,6 +265,8 @@ def _with_layer_meta(path, dst, name, **changes):
                                                                "QuantConv2d"),
         ("fc", {"granularity": "row"}, "layer 'fc': bad granularity"),
         ("fc", {"bias": False}, "layer 'fc': bias"),
+        ("fc", {"stats": [1.0]}, "layer 'fc': stats"),
+        ("fc", {"stats": {"sqnr_db": "high"}}, "layer 'fc': stats"),
         ("attn", {"drop": True}, "unexpected keys"),
     ],
 )

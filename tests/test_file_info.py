@@ -102,10 +102,16 @@ def test_a_float_file_says_what_loading_it_needs(tmp_path):
         assert f"floating-point parameters: {count:,}" in str(info)
 
 
-def _rewrite(path, change) -> None:
-    """Write ``path`` again with ``change(tensors)`` applied and valid checksums."""
+def _rewrite(path, change=None, layers=None) -> None:
+    """Write ``path`` again with ``change(tensors)`` applied, the ``layers`` metadata
+    updated from ``layers`` ({name: {key: value}}), and valid checksums."""
     meta, tensors = read_safetensors(path)
-    change(tensors)
+    if change:
+        change(tensors)
+    entries = json.loads(meta["layers"])
+    for name, values in (layers or {}).items():
+        entries[name].update(values)
+    meta["layers"] = json.dumps(entries)
     meta.pop("checksums")
     meta["checksums"] = _checksums(meta, tensors)
     save_file(tensors, str(path), metadata=meta)
@@ -130,6 +136,19 @@ def test_a_damaged_file_is_reported_not_described(tmp_path):
     _rewrite(path, lambda t: t.pop("out.2.codebook"))
     with pytest.raises(ValueError, match="'out.2.codebook' is missing"):
         describe_file(path, verify=False)
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "header-only"])
+@pytest.mark.parametrize("changes, match", [
+    ({"stats": [1.0]}, "layer 'out.2': stats"),
+    ({"bits": 9}, "layer 'out.2': bits must be"),
+    ({"shape": [1, 32, 3]}, "layer 'out.2': shape"),
+], ids=["stats", "bits", "shape"])
+def test_metadata_load_quantized_refuses_is_refused(tmp_path, verify, changes, match):
+    path, _ = _quantized_file(tmp_path)
+    _rewrite(path, layers={"out.2": changes})
+    with pytest.raises(ValueError, match=f"{path}: {match}"):
+        describe_file(path, verify=verify)
 
 
 def test_files_it_does_not_read(tmp_path):
