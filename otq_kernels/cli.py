@@ -18,6 +18,8 @@ unless the file's metadata has ``config_kwargs``), or a quantized file written b
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import os
 import shlex
@@ -194,6 +196,25 @@ def _parse_override(text: str) -> tuple[str, dict]:
     return pattern, opts
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS,
+    Windows)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):
+        return None
+
+
+def release_freed_heap(_layer: str = "") -> None:
+    """Return the C heap's free pages to the system. Quantizing a checkpoint layer by
+    layer frees each float copy and the fitting's buffers, which glibc keeps resident
+    otherwise (docs/usage.md has the measurements)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def cmd_quantize(args) -> int:
     from .checkpoint import save_quantized
     from .nn import format_summary, quantize_model
@@ -204,7 +225,8 @@ def cmd_quantize(args) -> int:
                    overrides=dict(args.override or []), progress=not args.quiet)
 
     def quantize_while_loading(path, skeleton):  # one float layer in memory at a time
-        return load_and_quantize(path, skeleton, device=_device(args), **options)
+        return load_and_quantize(path, skeleton, device=_device(args),
+                                 after_layer=release_freed_heap, **options)
 
     model, info = load_model(args, load_float=quantize_while_loading)
     if info["quantized"]:

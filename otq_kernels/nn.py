@@ -264,14 +264,16 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
 
 
 def quantize_layers(model: nn.Module, plan: QuantizationPlan,
-                    float_layer: Callable[[str], nn.Module], progress: bool = True) -> None:
+                    float_layer: Callable[[str], nn.Module], progress: bool = True,
+                    after_layer: Callable[[str], None] | None = None) -> None:
     """Check every weight of ``plan``, then fit each layer and swap it in, in turn.
 
     float_layer(name): the float layer to quantize, the model's own or a copy filled from a
     file (asked twice per layer, once per pass, and never kept past its step, so a copy
     lives one layer at a time). The weights are all checked before the model is touched;
     fit_codebook checks each again, where fitting every layer before swapping any would
-    hold them all next to the float model.
+    hold them all next to the float model. after_layer(name), if given, is called once
+    each layer is swapped in.
     """
     from tqdm.auto import tqdm
 
@@ -280,6 +282,8 @@ def quantize_layers(model: nn.Module, plan: QuantizationPlan,
             check_weight(float_tensor(float_layer(name)))
     for name, opts in tqdm(plan.layers, desc="quantize", unit="layer", disable=not progress):
         replace_module(model, plan.aliases[name], _quantized(name, float_layer(name), opts))
+        if after_layer is not None:
+            after_layer(name)
 
 
 def _quantized(name: str, layer: nn.Module, opts: dict) -> nn.Module:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -111,7 +111,8 @@ def _float_layer(model: nn.Module, name: str, state: dict, device) -> nn.Module:
 def load_and_quantize(source, model: nn.Module, bits: int = 4, method: str = "ot",
                       granularity: str = "channel", include=None, exclude=None,
                       backend: str = "auto", overrides: dict | None = None,
-                      device=None, use_ema: bool = True, progress: bool = True) -> nn.Module:
+                      device=None, use_ema: bool = True, progress: bool = True,
+                      after_layer: Callable[[str], None] | None = None) -> nn.Module:
     """Fill ``model`` from the float checkpoint ``source`` while quantizing it, in place.
 
     source: a ``.safetensors`` path (read one tensor at a time), a ``.pt``/``.pth`` path or
@@ -120,7 +121,10 @@ def load_and_quantize(source, model: nn.Module, bits: int = 4, method: str = "ot
     best built under ``torch.device("meta")`` (no float weights allocated); a real model
     works too and is overwritten. The quantization options are :func:`quantize_model`'s.
     device: where the layers are fitted and the model ends up (default: the model's
-    device, CPU for a meta skeleton). Returns ``model`` with ``otq_summary``.
+    device, CPU for a meta skeleton). after_layer(name), if given, is called after each
+    layer is quantized and swapped in (to report progress or release memory: ``otq
+    quantize`` returns the C heap's free pages to the system there). Returns ``model``
+    with ``otq_summary``.
 
     The file is checked against the model (names, shapes) and every option and every
     chosen layer's weight (finite) before the model is touched: a bad one raises
@@ -137,7 +141,7 @@ def load_and_quantize(source, model: nn.Module, bits: int = 4, method: str = "ot
         state = checkpoint_state(raw, model, use_ema)
         check_loadable(model, "load_and_quantize", skip=replaced)
         quantize_layers(model, plan, lambda name: _float_layer(model, name, state, device),
-                        progress)
+                        progress, after_layer)
         rest = {key: value.to(device) for key, value in state.items()
                 if not key.startswith(tuple(f"{alias}." for alias in replaced))}
         materialize(model, device)

@@ -1,6 +1,7 @@
 """load_and_quantize: a float checkpoint quantized while it loads, one layer at a time, gives
 what quantize_model gives after load_fm_checkpoint (otq_kernels.streaming)."""
 
+import platform
 import weakref
 
 import pytest
@@ -216,6 +217,31 @@ def test_a_damaged_file_is_refused_before_the_skeleton_is_touched(tmp_path):
             _assert_same_model(loaded, clean)
 
 
+def test_after_layer_is_called_once_each_layer_is_in(tmp_path):
+    source = _sources(tmp_path, _float_unet())["f32"]
+    skeleton, seen = _meta(), []
+
+    def after_layer(name):
+        assert isinstance(skeleton.get_submodule(name), otq.nn.QuantLinear | otq.nn.QuantConv1d
+                          | otq.nn.QuantConv2d)
+        seen.append(name)
+
+    otq.load_and_quantize(source, skeleton, after_layer=after_layer, **OPTIONS)
+    quantized = [r.name for r in skeleton.otq_summary.quantized]
+    assert seen == quantized and len(seen) == 41  # 43 weighted layers less time_embed.0, .2
+
+
+def test_the_cli_returns_freed_heap_pages_where_glibc_can(monkeypatch):
+    if platform.libc_ver()[0] == "glibc":
+        assert cli._malloc_trim() is not None
+    cli.release_freed_heap("any.layer")  # a no-op where the C library has no malloc_trim
+    cli._malloc_trim.cache_clear()
+    monkeypatch.setattr(cli.ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError()))
+    assert cli._malloc_trim() is None
+    cli.release_freed_heap()
+    cli._malloc_trim.cache_clear()
+
+
 def test_the_cli_quantizes_a_float_file_while_loading_it(tmp_path, monkeypatch):
     path = _sources(tmp_path, _float_unet())["f32"]
     calls = []
@@ -227,6 +253,7 @@ def test_the_cli_quantizes_a_float_file_while_loading_it(tmp_path, monkeypatch):
                      "--exclude", "time_embed.*", "--override", "out.*=5", "--device", "cpu",
                      "--quiet", "-o", str(out)]) == 0
     assert len(calls) == 1 and calls[0]["bits"] == 3
+    assert calls[0]["after_layer"] is cli.release_freed_heap
     loaded = otq.load_quantized(out, _meta())
     expected = otq.quantize_model(load_fm_checkpoint(path, _meta()), **OPTIONS)
     x, t = torch.randn(2, 1, 16, 16), torch.rand(2)
