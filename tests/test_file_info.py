@@ -151,6 +151,14 @@ def test_metadata_load_quantized_refuses_is_refused(tmp_path, verify, changes, m
         describe_file(path, verify=verify)
 
 
+def test_a_file_written_before_checksums_says_so(tmp_path):
+    path, _ = _quantized_file(tmp_path)
+    meta, tensors = read_safetensors(path)
+    del meta["checksums"]
+    save_file(tensors, str(path), metadata=meta)
+    assert "every tensor read: no checksums (an older file)" in describe_file(path).checked
+
+
 def test_files_it_does_not_read(tmp_path):
     pickle = tmp_path / "model.pt"
     torch.save({"w": torch.ones(2)}, pickle)
