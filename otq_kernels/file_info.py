@@ -85,7 +85,8 @@ def _by_dtype(header: dict) -> dict:
 
 def _natural_key(name: str) -> list:
     """Sort key that puts ``blocks.2`` before ``blocks.10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    parts = re.split(r"([0-9]+)", name)  # text, number, text, ...
+    return [int(part) if i % 2 else part for i, part in enumerate(parts)]
 
 
 # ----------------------------------------------------------------------------- rows
@@ -134,13 +135,12 @@ def _totals(layers: dict, header: dict) -> tuple[int, int, int, int]:
     floating-point tensors other than the packed weights count as parameters."""
     packed = {key for name, entry in layers.items() for key in _packed_keys(name, entry["bits"])}
     params = sum(math.prod(entry["shape"]) for entry in layers.values())
-    fp32, fp16 = 4 * params, 2 * params
-    after = sum(_nbytes(header[key]) for key in packed)
+    fp32, fp16, after = 4 * params, 2 * params, 0
     for key, entry in header.items():
-        if key in packed:
-            continue
         size = _nbytes(entry)
         after += size
+        if key in packed:
+            continue
         if _is_float(entry):
             numel = math.prod(entry["shape"])
             params, fp32, fp16 = params + numel, fp32 + 4 * numel, fp16 + 2 * numel
