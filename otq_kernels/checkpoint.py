@@ -353,11 +353,15 @@ def _quantized_tensor(name: str, entry: dict, tensors: dict) -> QuantizedTensor:
                          f"shape={entry['shape']}: {err}") from None
 
 
+def layer_stats(entry: dict) -> dict:
+    """A ``layers`` entry's stats as the layer holds them (JSON's null back to inf)."""
+    return {k: (math.inf if v is None else v) for k, v in (entry.get("stats") or {}).items()}
+
+
 def _build(module: nn.Module, cls, qt: QuantizedTensor, bias, entry: dict, backend: str):
     layer = cls.replacing(module, qt, bias,
                           module.backend if isinstance(module, _QuantModule) else backend)
-    layer.stats = {k: (math.inf if v is None else v)
-                   for k, v in (entry.get("stats") or {}).items()}
+    layer.stats = layer_stats(entry)
     return layer
 
 
@@ -372,6 +376,27 @@ def _bias(name: str, entry: dict, tensors: dict) -> torch.Tensor | None:
         raise ValueError(f"tensor {key!r} must be float {entry['shape'][:1]}, got "
                          f"{bias.dtype} {list(bias.shape)}")
     return bias
+
+
+def _layer_tensors(name: str, entry: dict, tensors: dict):
+    """(QuantizedTensor, bias or None) of a checked ``layers`` entry, the tensors validated
+    against its bits and shape."""
+    return _quantized_tensor(name, entry, tensors), _bias(name, entry, tensors)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Read every tensor of a quantized checkpoint and check what :func:`load_quantized`
+    checks before it needs a model: format, checksums, aliases, each layer's entry and its
+    planes, codebook and bias. Returns the metadata strings; ValueError naming the file
+    and what is wrong."""
+    meta, tensors = _read_checkpoint(path)
+    for name, entry in _json(meta, "layers", path).items():
+        try:
+            _check_entry(name, entry)
+            _layer_tensors(name, entry, tensors)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+    return meta
 
 
 def _expected_state(model: nn.Module, swaps: list) -> dict:
@@ -452,8 +477,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
         if first != name:
             raise ValueError(f"{path}: layers {names} are one module in the model (shared), "
                              f"but the checkpoint quantized {first!r} and {name!r} apart")
-        qt = _quantized_tensor(name, entry, tensors)
-        bias = _bias(name, entry, tensors)
+        qt, bias = _layer_tensors(name, entry, tensors)
         try:
             swaps.append((names, _build(module, cls, qt, bias, entry, backend)))
         except ValueError as err:  # (e.g. a backend without a kernel for this layer)

@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass
 
 from .checkpoint import (
     ALIASES,
+    CHECKSUMS,
     FORMAT,
-    _bias,
     _check_entry,
     _check_format,
     _json,
-    _quantized_tensor,
-    _read_checkpoint,
+    layer_stats,
     read_safetensors_header,
+    verify_checkpoint,
 )
 from .format import plane_widths
 from .summary import LayerSummary, QuantizationSummary, _human, format_summary
@@ -103,7 +103,7 @@ def _packed_keys(name: str, bits: int) -> list[str]:
 
 def _quantized_row(name: str, entry: dict, header: dict, path) -> LayerSummary:
     nbytes = sum(_nbytes(_stored(header, key, path)) for key in _packed_keys(name, entry["bits"]))
-    stats = {k: (math.inf if v is None else v) for k, v in (entry.get("stats") or {}).items()}
+    stats = layer_stats(entry)
     return LayerSummary(name, entry["type"], list(entry["shape"]), "quantized", entry["bits"],
                         entry.get("method"), entry["granularity"],
                         8.0 * nbytes / math.prod(entry["shape"]), stats.get("sqnr_db"),
@@ -169,17 +169,10 @@ def _summary(meta: dict, header: dict, path) -> QuantizationSummary:
 
 
 # ----------------------------------------------------------------------------- checks
-def _verify(path, layers: dict) -> str:
-    """Read every tensor and check it as load_quantized does before it needs a model."""
-    meta, tensors = _read_checkpoint(path)  # format, checksums, aliases
-    for name, entry in layers.items():
-        try:
-            _check_entry(name, entry)
-            _quantized_tensor(name, entry, tensors)
-            _bias(name, entry, tensors)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-    sums = "checksums match" if "checksums" in meta else "no checksums (an older file)"
+def _verify(path) -> str:
+    """What :func:`~otq_kernels.checkpoint.verify_checkpoint` checked."""
+    meta = verify_checkpoint(path)
+    sums = "checksums match" if CHECKSUMS in meta else "no checksums (an older file)"
     return (f"every tensor read: {sums}; every layer's planes and codebook fit its bits "
             "and shape")
 
@@ -219,7 +212,7 @@ def describe_file(path: str | os.PathLike, verify: bool = True) -> FileInfo:
     _check_format(meta, path)
     checked = "header and metadata (tensors not read)"
     if verify:  # first: damaged metadata is reported as such
-        checked = _verify(path, _json(meta, "layers", path))
+        checked = _verify(path)
     summary = _summary(meta, header, path)
     user = _json(meta, "user", path)
     return FileInfo(quantized=True, format_version=int(meta["format_version"]),
