@@ -39,6 +39,7 @@ import common
 import torch
 
 from otq_kernels.backends import cuda
+from otq_kernels.dispatch_log import record_dispatch
 from otq_kernels.format import check_bits
 from otq_kernels.models.configs import config_names
 
@@ -133,10 +134,11 @@ def peak_step_bytes(run, step) -> int | None:
     return torch.cuda.max_memory_allocated(run.device)
 
 
-def velocity(model, x, t) -> torch.Tensor:
-    """The model's output v(x, t) [B, C, H, W], as fp32 on the CPU."""
-    with torch.inference_mode():
-        return model(x, t).float().cpu()
+def velocity(model, x, t) -> tuple[torch.Tensor, list[dict]]:
+    """The model's output v(x, t) [B, C, H, W], as fp32 on the CPU, and what its quantized
+    layers ran (``DispatchLog.summary()``: calls per op, backend and kernels)."""
+    with torch.inference_mode(), record_dispatch() as log:
+        return model(x, t).float().cpu(), log.summary()
 
 
 def bench_variant(run, master, variant, batches, image, dtype, modes, outputs,
@@ -163,7 +165,7 @@ def bench_variant(run, master, variant, batches, image, dtype, modes, outputs,
         t = torch.full((batch,), 0.5, device=run.device)
         step = step_fn(model, x, t, 0.01)
         try:
-            outputs[(variant, batch)] = velocity(model, x, t)
+            outputs[(variant, batch)], dispatch = velocity(model, x, t)
         except Exception as exc:  # noqa: BLE001
             run.error(exc, **fields, kernel="velocity", M=batch, batch=batch)
             continue
@@ -185,7 +187,7 @@ def bench_variant(run, master, variant, batches, image, dtype, modes, outputs,
                     "; ".join(graph_errors)
             run.add({**row, **timing, "model_bytes": nbytes, "peak_bytes": peak,
                      "runtime_layout_bytes": cuda.runtime_layout_bytes(),
-                     "model_bits_per_weight": bpw})
+                     "model_bits_per_weight": bpw, "dispatch": dispatch})
     del model
     gc.collect()
     if run.device.type == "cuda":

@@ -16,7 +16,8 @@ appends it to summary.txt):
   dense cuDNN layout), plus every layer at 4 bits/channel;
 - e2e: per variant and batch, step time, ratio and peak-memory ratio (and the MB of
   runtime code layouts cached, where any), eager and graph,
-  and the velocity's error vs the dense model / vs dequant;
+  and the velocity's error vs the dense model / vs dequant; and what the quantized
+  layers ran (calls per op, backend and kernels, from ``record_dispatch``);
 - fit: ms per whole-model pass per backend (ot); checks: ok or not;
 - splitk, splitk_mma: per kernel and M, how often each forced split-K was fastest and how
   much slower the heuristic's split was at worst;
@@ -179,11 +180,16 @@ def conv(payload: dict) -> None:
 
 
 def e2e(payload: dict) -> None:
+    dispatched = set()
     for r in payload.get("rows", []):
         if not r.get("p50_us"):
             continue
         variant = "fp16" if r["backend"] == "fp16" else \
             f"{r['bits']}b {r['granularity'][:2]} {r['backend']}"
+        if r.get("dispatch") and (variant, r["M"]) not in dispatched:
+            dispatched.add((variant, r["M"]))
+            print(f"   {variant:<16} batch {r['M']:<3} ran: " + "; ".join(
+                f"{d['calls']} {d['op']} {d['backend']} ({d['kernels']})" for d in r["dispatch"]))
         layouts = r.get("runtime_layout_bytes")
         print(f"   {variant:<16} batch {r['M']:<3} {r['kernel']:<5} {r['p50_us'] / 1e3:8.3f} ms "
               f"x{fmt(r.get('ratio'))} peak x{fmt(r.get('peak_ratio'))} "

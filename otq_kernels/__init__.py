@@ -5,6 +5,7 @@ Nothing here touches a GPU, compiles or allocates at import time.
 
 from . import nn, ops
 from .checkpoint import load_quantized, save_quantized
+from .dispatch_log import record_dispatch
 from .format import QuantizedTensor, pack_codes, plane_widths, unpack_codes
 from .nn import dequantize_model, quantize_model
 from .quantizers import METHODS, fake_quantize, fake_quantize_state_dict, fit_codebook
@@ -26,6 +27,7 @@ __all__ = [
     "pack_codes",
     "plane_widths",
     "quantize_model",
+    "record_dispatch",
     "save_quantized",
     "unpack_codes",
 ]

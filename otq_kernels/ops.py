@@ -27,7 +27,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch._C._functorch import get_dynamic_layer_stack_depth as _functorch_depth
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
-from . import backends
+from . import backends, dispatch_log
 from .backends import _device
 from .backends.dequant import dense_weight
 from .flops import teach_flop_counter
@@ -271,11 +271,21 @@ def _qt(planes, codebook, bits, shape) -> QuantizedTensor:
 
 
 def _run_linear(x, qt: QuantizedTensor, bias, backend: str) -> torch.Tensor:
+    if dispatch_log.recording():
+        dispatch_log.record_call("linear", backend, x, qt.shape, qt.bits, x.shape[0])
     return backends.function(backend, "linear")(x, qt, bias)
+
+
+def _record_conv2d(x, qt: QuantizedTensor, stride, padding, dilation, backend: str) -> None:
+    if dispatch_log.recording():
+        out = conv2d_output_shape(x.shape, qt.shape, stride, padding, dilation)
+        dispatch_log.record_call("conv2d", backend, x, qt.shape, qt.bits,
+                                 out[0] * out[2] * out[3])
 
 
 def _run_conv2d(x, qt: QuantizedTensor, bias, stride, padding, dilation, groups,
                 backend: str) -> torch.Tensor:
+    _record_conv2d(x, qt, stride, padding, dilation, backend)
     impl = backends.function(backend, "conv2d")
     y = impl(x, qt, bias, stride, padding, dilation, groups)
     return y.contiguous(memory_format=backends.conv_output_format(x))
@@ -614,6 +624,7 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
                                 tuple(qt.shape[2:]))
     plain = _plain_eager_call(x, bias)
     if not plain and _under_torch_transform():  # (vmap refuses memory-format queries)
+        _record_conv2d(x, qt, stride, padding, dilation, "reference")
         return backends.function("reference", "conv2d")(x, qt, bias, stride, padding,
                                                         dilation, groups)
     if not x.is_contiguous(memory_format=torch.channels_last):

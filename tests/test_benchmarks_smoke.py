@@ -683,6 +683,14 @@ def test_e2e_checks_each_variants_output(smoke_dir):
     assert fused and all(r["rel_err_vs_dequant"] < 1e-4 for r in fused), fused
     assert all("rel_err_vs_dequant" not in r for r in quantized if r["backend"] == "dequant")
     assert all(r["runtime_layout_bytes"] == 0 for r in rows if r.get("p50_us"))  # CPU: none
+    # what the quantized layers ran in the step: dequant's rows on dequant only, auto's on
+    # the CPU's picks; the same number of layer calls in both; none in the dense model
+    calls = {r["backend"]: sum(d["calls"] for d in r["dispatch"]) for r in quantized}
+    assert calls["auto"] == calls["dequant"] > 10
+    assert {d["backend"] for r in quantized if r["backend"] == "dequant"
+            for d in r["dispatch"]} == {"dequant"}
+    assert {d["backend"] for r in fused for d in r["dispatch"]} <= {"cpu", "dequant"}
+    assert all(r["dispatch"] == [] for r in rows if r["bits"] is None and r.get("p50_us"))
 
 
 def test_e2e_output_errors_compare_like_with_like():
@@ -863,6 +871,20 @@ def test_digest_shows_the_runtime_layouts_of_an_e2e_step(tmp_path, capsys):
     cuda, auto = [line for line in capsys.readouterr().out.splitlines() if "4b ch" in line]
     assert "bytes x0.28 layouts 21.5 MB err" in cuda
     assert "layouts" not in auto and "bytes x0.28 err" in auto
+
+
+def test_digest_says_once_per_variant_and_batch_what_the_layers_ran(tmp_path, capsys):
+    base = {"M": 1, "p50_us": 4000.0, "granularity": "channel", "bits": 4, "backend": "auto",
+            "dispatch": [{"op": "conv2d", "backend": "dequant", "kernels": "dequant_cuda + "
+                          "F.conv2d", "calls": 95}, {"op": "linear", "backend": "cuda",
+                                                     "kernels": "lut_gemv", "calls": 31}]}
+    rows = [{**base, "kernel": "eager"}, {**base, "kernel": "graph"},
+            {**base, "M": 8, "kernel": "eager"}]
+    (tmp_path / "e2e.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert _load("digest").main([str(tmp_path)]) == 0
+    ran = [line.strip() for line in capsys.readouterr().out.splitlines() if "ran:" in line]
+    assert ran == [f"4b ch auto       batch {m:<3} ran: 95 conv2d dequant (dequant_cuda + "
+                   f"F.conv2d); 31 linear cuda (lut_gemv)" for m in (1, 8)]
 
 
 def test_digest_summarizes_the_e2e_profile(tmp_path, capsys):

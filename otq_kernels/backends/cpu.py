@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._native import native, unavailable_reason
+from ..dispatch_log import note_kernel
 from ..format import QuantizedTensor, check_codes, padded_k, plane_widths
 from . import as_dtype
 from ._native_args import checked_codebook, checked_planes, fit_args, require_device, unpack_args
@@ -101,6 +102,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> t
         if bias.shape != (n,):
             raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
         b = as_dtype(bias, torch.float32).contiguous()
+    note_kernel("cpu_lut")
     native().cpu_lut_linear(xf.data_ptr(), m, k, _ptrs(planes), qt.bits, book.data_ptr(),
                             book.shape[0], n, 0 if b is None else b.data_ptr(), y.data_ptr())
     return as_dtype(y, x.dtype)

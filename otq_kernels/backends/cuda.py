@@ -30,6 +30,7 @@ import weakref
 import torch
 
 from .._native import native, unavailable_reason
+from ..dispatch_log import note_kernel
 from ..format import QuantizedTensor, check_codes, padded_k, plane_widths
 from . import _device, as_dtype, conv_output_format
 from ._native_args import (
@@ -281,6 +282,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         xa = aligned(x)
         if fragment:
             planes = fragment_planes(qt)
+        note_kernel(f"lut_{kernel}", split_k)
         native(require_cuda=True).cuda_lut_linear(
             xa.data_ptr(), DTYPE_CODES[x.dtype], m, k, [p.data_ptr() for p in planes], qt.bits,
             book.data_ptr(), per_channel, n, 0 if b is None else b.data_ptr(), y.data_ptr(),
@@ -497,6 +499,8 @@ def conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, stri
         planes = [aligned(p) for p in tap_major_planes(qt)]
         xc = x.contiguous(memory_format=torch.channels_last)
         xc = xc if xc.data_ptr() % 16 == 0 else xc.clone(memory_format=torch.channels_last)
+        if xc is not x:
+            note_kernel("x to channels-last")
         if split_k is None:
             split_k = conv_split_k_for(n, batch * oh * ow, k, _device.sm_count(dev))
         if not isinstance(split_k, int) or split_k < 1:
@@ -504,6 +508,7 @@ def conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, stri
         split_k = min(split_k, padded_k(k) // GROUP)
         ws = (torch.empty(split_k * batch * oh * ow * n, dtype=torch.float32, device=dev)
               if split_k > 1 else None)
+        note_kernel("lut_conv", split_k)
         native(require_cuda=True).cuda_lut_conv2d(
             xc.data_ptr(), DTYPE_CODES[x.dtype], [batch, c, h, w, n],
             [kh, kw, sh, sw, ph, pw, dh, dw], [p.data_ptr() for p in planes], qt.bits,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..dispatch_log import note_kernel
 from ..format import QuantizedTensor
 from . import as_dtype
 
@@ -29,20 +30,25 @@ def dense_weight(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight of qt's shape in ``dtype`` (transient; float64 is expanded by
     torch, the other dtypes by a native kernel where one runs)."""
     if dtype == torch.float64:
+        note_kernel("dequant_torch")
         return qt.dequantize(dtype)
     if qt.codebook.is_cuda:
         from . import cuda
 
         if cuda.expands_natively(qt):
+            note_kernel("dequant_cuda")
             return cuda.dequantize(qt, dtype)
         from .triton import dequantize_triton
 
+        note_kernel("dequant_triton")
         return dequantize_triton(qt, dtype)
     if qt.codebook.is_cpu:
         from . import cpu
 
         if cpu.unavailable(qt.device) is None:
+            note_kernel("dequant_cpu")
             return cpu.dequantize(qt, dtype)
+    note_kernel("dequant_torch")
     return qt.dequantize(dtype)
 
 
@@ -61,6 +67,7 @@ def _linear_by_row_chunks(x: torch.Tensor, qt: QuantizedTensor,
     for first in range(0, qt.n, rows):
         last = min(qt.n, first + rows)
         torch.mm(dense_weight(_row_chunk(qt, first, last), x.dtype), x.T, out=yt[first:last])
+        note_kernel("torch.mm by row chunks")
     y = yt.T.contiguous()
     return y if bias is None else y.add_(as_dtype(bias, x.dtype))
 
@@ -71,6 +78,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> t
     if x.is_cpu and 4 * qt.numel > CPU_CHUNK_BYTES and not x.requires_grad:
         return _linear_by_row_chunks(x, qt, bias)
     weight = dense_weight(qt, x.dtype).reshape(qt.n, qt.k)
+    note_kernel("F.linear")
     return F.linear(x, weight, None if bias is None else as_dtype(bias, x.dtype))
 
 
@@ -78,4 +86,5 @@ def conv2d(x, qt: QuantizedTensor, bias, stride, padding, dilation, groups):
     """x [B, C, H, W] -> [B, N, OH, OW]."""
     weight = dense_weight(qt, x.dtype)
     bias = None if bias is None else as_dtype(bias, x.dtype)
+    note_kernel("F.conv2d")
     return F.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..dispatch_log import note_kernel
 from ..format import QuantizedTensor, pack_codes, unpack_planes
 from ..quantizers import fit_rows_reference
 
@@ -19,6 +20,8 @@ def unavailable(device) -> None:
 def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] -> [M, N] with the dense dequantized weight in x.dtype."""
     weight = qt.dequantize(x.dtype).reshape(qt.n, qt.k)
+    note_kernel("dequant_torch")
+    note_kernel("F.linear")
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
@@ -26,6 +29,8 @@ def conv2d(x, qt: QuantizedTensor, bias, stride, padding, dilation, groups):
     """x [B, C, H, W] -> [B, N, OH, OW] with the dense dequantized weight in x.dtype."""
     weight = qt.dequantize(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
+    note_kernel("dequant_torch")
+    note_kernel("F.conv2d")
     return F.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
 
 

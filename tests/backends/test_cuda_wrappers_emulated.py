@@ -15,8 +15,9 @@ import torch
 from _cuda_emulation import ROOT, build_bindings, compiler, load_bindings
 from _triton_tolerance import assert_matches_reference, make_qt, randn
 
-from otq_kernels import ops
+from otq_kernels import dispatch_log, ops
 from otq_kernels.backends import _device, _native_args, cuda, reference
+from otq_kernels.dispatch_log import record_dispatch
 from otq_kernels.format import pack_codes
 from otq_kernels.quantizers import ot_rows
 
@@ -92,6 +93,39 @@ def test_linear_each_kernel(gpu, kwargs, m, n, k, bits, granularity, dtype):
             check_linear(m, n, k, bits, granularity, dtype, **kwargs)
         return
     check_linear(m, n, k, bits, granularity, dtype, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, kernel", [
+    ({"tensor_cores": False}, "lut_gemv"), ({"tensor_cores": True}, "lut_mma"),
+    ({"fragment": True}, "lut_frag"), ({"block_rows": 32}, "lut_frag32")],
+    ids=["gemv", "mma", "frag", "frag32"])
+def test_dispatch_log_names_the_kernel_launched(gpu, bindings, kwargs, kernel, monkeypatch):
+    """What record_dispatch notes is the kernel code that reaches the binding, with the
+    split-K factor passed to it."""
+    gpu()
+    recording = _Recording(bindings)
+    monkeypatch.setattr(cuda, "native", lambda require_cuda=False: recording)
+    qt = make_qt((24, 640), 2, "tensor", "cpu")
+    x = randn((5, 640), "cpu", torch.float16)
+    with record_dispatch() as log:
+        dispatch_log.record_call("linear", "cuda", x, qt.shape, 2, 5)
+        cuda.linear(x, qt, None, split_k=3, **kwargs)
+    (args,) = recording.calls["cuda_lut_linear"]
+    assert cuda.LINEAR_KERNELS[kernel.removeprefix("lut_")] == args[-1] and args[-4] == 3
+    assert log[0].kernels == [f"{kernel} split_k=3"]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dispatch_log_names_the_conv_and_its_copy_of_x(gpu, channels_last):
+    gpu()
+    w = make_qt((8, 8, 3, 3), 4, "channel", "cpu")
+    x = randn((1, 8, 6, 6), "cpu", torch.float16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with record_dispatch() as log:
+        dispatch_log.record_call("conv2d", "cuda", x, w.shape, 4, 36)
+        cuda.conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, split_k=1)
+    assert log[0].kernels == ([] if channels_last else ["x to channels-last"]) + ["lut_conv"]
 
 
 @pytest.mark.parametrize("split_k", [2, 5])
@@ -243,10 +277,18 @@ def test_a_quantized_unet_runs_on_the_cuda_backend(gpu, bindings, backend, overr
         model.to(torch.bfloat16)
         ref = model(x.bfloat16(), t)
         _set_backend(model, backend)
-        y = model(x.bfloat16(), t)
+        with record_dispatch(model) as log:
+            y = model(x.bfloat16(), t)
     convs = sum(isinstance(m, (otq.nn.QuantConv1d, otq.nn.QuantConv2d)) for m in model.modules())
     assert len(recording.calls["cuda_lut_conv2d"]) == convs - off_lut_conv
     assert len(recording.calls["cuda_lut_linear"]) >= 1
+    # the log names each layer's path: lut_conv / lut_frag, the 8-bit ends on dequant
+    on_dequant = sorted(r.layer for r in log if r.backend == "dequant")
+    assert on_dequant == sorted(overrides)
+    assert sum(r.kernels[-1].startswith("lut_conv") for r in log) == convs - off_lut_conv
+    linear = [r for r in log if r.op == "linear"]
+    assert len(linear) == len(recording.calls["cuda_lut_linear"])
+    assert all(r.backend == "cuda" and r.kernels[0].startswith("lut_frag") for r in linear)
 
     def err(a):
         return float((a.double() - truth).norm() / truth.norm())

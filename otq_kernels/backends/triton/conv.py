@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...dispatch_log import note_kernel
 from .. import _device, conv_output_format
 from ._grid import cdiv, next_power_of_2
 from .decode import _decode_gather, _grouped_tile, codebook_args, plane_args
@@ -199,6 +200,7 @@ def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     bias = bias.contiguous() if bias is not None else None
+    note_kernel("triton_conv", split)
     if split == 1:
         _launch(x_nhwc, qt, bias, y, 1, stride, padding, dilation, groups)
         return y

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...dispatch_log import note_kernel
 from ...format import plane_widths
 from .. import _device
 from ._grid import cdiv, next_power_of_2
@@ -422,7 +423,9 @@ def linear_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None,
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     if kernel in FIELD_MAJOR_KERNELS:
+        note_kernel("x to field-major")
         x = field_major(x, plane_widths(qt.bits)[0])
+    note_kernel(f"triton_{kernel}", split)
     _launch(kernel, x, qt, bias, out, split)
     if split > 1:
         _reduce_splits(out, bias, y)

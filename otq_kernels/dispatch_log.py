@@ -1,0 +1,148 @@
+"""Which backend and kernel each quantized layer call ran: :func:`record_dispatch`.
+
+Auto dispatch picks a backend per call from the device, the call's M (rows of
+activations) and the GPU's tuning table, and each backend then picks a kernel. This
+module lets a user see those choices::
+
+    with otq_kernels.record_dispatch(model) as log:
+        model(x, t)
+    print(log.table())        # a row per call: layer, op, weight, M, dtype, bits, backend, kernels
+    log.counts()              # {(op, backend, kernels): calls}
+
+It records the calls that run Python: eager calls, and the ``otq::`` op calls of a
+``torch.compile``d or exported program (whose layer names are not known there). A CUDA
+graph replay runs no Python and records nothing. While no log is open, a layer call pays
+a few function calls that find no open log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# The open logs, innermost last; each call is recorded in all of them.
+_OPEN: list[DispatchLog] = []
+
+
+@dataclass
+class DispatchRecord:
+    """One call of ``codebook_linear`` / ``codebook_conv2d``.
+
+    layer: the quantized module's name in the model given to :func:`record_dispatch` (None
+    for a call from elsewhere). m: rows of activations (a conv's batch × output pixels).
+    kernels: what the backend ran, in order (e.g. ``("dequant_cuda", "F.conv2d")``).
+    """
+
+    layer: str | None
+    op: str
+    backend: str
+    m: int
+    dtype: str
+    bits: int
+    weight_shape: tuple[int, ...]
+    device: str
+    kernels: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "op": self.op, "backend": self.backend, "m": self.m,
+                "dtype": self.dtype, "bits": self.bits, "weight_shape": list(self.weight_shape),
+                "device": self.device, "kernels": list(self.kernels)}
+
+
+class DispatchLog(list):
+    """The :class:`DispatchRecord` of each call, in call order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._layers: list[str] = []  # names of the quantized modules being called
+
+    def counts(self) -> dict[tuple[str, str, str], int]:
+        """Calls per (op, backend, kernels joined by " + "), most frequent first."""
+        keys = Counter((r.op, r.backend, " + ".join(r.kernels)) for r in self)
+        return dict(keys.most_common())
+
+    def to_dicts(self) -> list[dict]:
+        return [r.to_dict() for r in self]
+
+    def summary(self) -> list[dict]:
+        """:meth:`counts` as JSON-ready rows {"op", "backend", "kernels", "calls"}."""
+        return [{"op": op, "backend": backend, "kernels": kernels, "calls": n}
+                for (op, backend, kernels), n in self.counts().items()]
+
+    def table(self) -> str:
+        """A text table: one row per call, then the counts."""
+        head = ("layer", "op", "weight", "M", "dtype", "bits", "backend", "kernels")
+        rows = [(r.layer or "-", r.op, "x".join(map(str, r.weight_shape)), str(r.m), r.dtype,
+                 str(r.bits), r.backend, " + ".join(r.kernels) or "-") for r in self]
+        widths = [max(len(c) for c in col) for col in zip(head, *rows, strict=True)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                 for row in (head, *rows)]
+        lines += ["", "calls  op / backend / kernels"]
+        lines += [f"{n:5d}  {op} / {backend} / {kernels or '-'}"
+                  for (op, backend, kernels), n in self.counts().items()]
+        return "\n".join(lines)
+
+
+def recording() -> bool:
+    """Whether a :func:`record_dispatch` block is open."""
+    return bool(_OPEN)
+
+
+def record_call(op: str, backend: str, x: torch.Tensor, weight_shape, bits: int,
+                m: int) -> None:
+    """Open a record of an ``op`` call on x with codes of ``weight_shape`` in every open log
+    (the ops call this before the backend runs; only while :func:`recording`)."""
+    for log in _OPEN:
+        layer = log._layers[-1] if log._layers else None
+        log.append(DispatchRecord(layer, op, backend, int(m), str(x.dtype).removeprefix(
+            "torch."), int(bits), tuple(int(s) for s in weight_shape), str(x.device)))
+
+
+def note_kernel(name: str, split_k: int = 1) -> None:
+    """Add ``name`` (with `` split_k=S`` where a K split S > 1 runs) to the kernels of the
+    call being recorded: backends call this where they choose what to launch; a no-op
+    while nothing records."""
+    if split_k > 1:
+        name = f"{name} split_k={split_k}"
+    for log in _OPEN:
+        if log and name not in log[-1].kernels:
+            log[-1].kernels.append(name)
+
+
+def _layer_hooks(model: nn.Module, log: DispatchLog) -> list:
+    """Hooks that keep ``log._layers`` naming the quantized module being called."""
+    from .modules import _QuantModule  # modules imports ops, which imports this module
+
+    def enter(name):
+        return lambda module, args: log._layers.append(name)
+
+    def leave(module, args, output):
+        log._layers.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantModule):
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+    return handles
+
+
+@contextlib.contextmanager
+def record_dispatch(model: nn.Module | None = None) -> Iterator[DispatchLog]:
+    """Record every quantized layer call made inside the block into the :class:`DispatchLog`
+    it yields; with ``model``, each record names its layer (the module's name in ``model``).
+    Blocks nest: an inner block's calls are recorded in the outer log too."""
+    log = DispatchLog()
+    handles = [] if model is None else _layer_hooks(model, log)
+    _OPEN.append(log)
+    try:
+        yield log
+    finally:
+        _OPEN.remove(log)
+        for handle in handles:
+            handle.remove()

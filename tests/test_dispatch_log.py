@@ -1,0 +1,222 @@
+"""record_dispatch: which backend and kernels each quantized layer call ran."""
+
+import pytest
+import torch
+from torch import nn
+
+import otq_kernels as otq
+from otq_kernels import dispatch_log, ops
+from otq_kernels.backends import cpu
+
+HAS_CPU_KERNELS = cpu.unavailable(torch.device("cpu")) is None
+# What each backend runs for these calls on CPU tensors (the cpu backend's expansion where
+# the extension is built, torch's otherwise).
+EXPANSION = "dequant_cpu" if HAS_CPU_KERNELS else "dequant_torch"
+
+
+class _Net(nn.Module):
+    """conv 3->8 (3x3, stride 2) -> pointwise Conv1d 8->8 -> flatten -> linear 128->5."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.mix = nn.Conv1d(8, 8, 1)
+        self.head = nn.Linear(8 * 16, 5)
+
+    def forward(self, x):
+        h = self.conv(x)  # [B, 8, 4, 4]
+        h = self.mix(h.flatten(2))  # [B, 8, 16]
+        return self.head(h.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return otq.quantize_model(_Net(), bits=3, progress=False)
+
+
+def _conv_m(batch):
+    return batch * 4 * 4
+
+
+@pytest.mark.parametrize("batch", [1, 7, 40])
+def test_auto_records_each_layer_with_the_backend_dispatch_picks(net, batch):
+    x = torch.randn(batch, 3, 8, 8)
+    with otq.record_dispatch(net) as log:
+        y = net(x)
+    assert y.shape == (batch, 5)
+    # (the pointwise Conv1d runs as a conv where a conv kernel takes it: dequant on CPU)
+    assert [(r.layer, r.op) for r in log] == [("conv", "conv2d"), ("mix", "conv2d"),
+                                             ("head", "linear")]
+    assert [r.m for r in log] == [_conv_m(batch), batch * 16, batch]
+    assert [r.weight_shape for r in log] == [(8, 3, 3, 3), (8, 8, 1, 1), (5, 128)]
+    assert all(r.bits == 3 and r.dtype == "float32" and r.device == "cpu" for r in log)
+    dev = torch.device("cpu")
+    for r in log[:2]:
+        kernel = r.weight_shape[2:]
+        assert r.backend == ops.resolve_conv_backend(None, dev, r.m, torch.float32, 3, 1, kernel)
+        assert r.kernels == [EXPANSION, "F.conv2d"]
+    head = log[2]
+    assert head.backend == ops.resolve_linear_backend(None, dev, head.m, torch.float32, 3)
+    assert head.kernels == (["cpu_lut"] if head.backend == "cpu" else [EXPANSION, "F.linear"])
+
+
+@pytest.mark.parametrize("backend, kernels", [
+    ("reference", {"linear": ["dequant_torch", "F.linear"],
+                   "conv2d": ["dequant_torch", "F.conv2d"]}),
+    ("dequant", {"linear": [EXPANSION, "F.linear"], "conv2d": [EXPANSION, "F.conv2d"]}),
+])
+def test_named_backends_record_their_kernels(backend, kernels):
+    torch.manual_seed(1)
+    qt_lin = otq.fit_codebook(torch.randn(6, 40), 4)
+    qt_conv = otq.fit_codebook(torch.randn(6, 2, 3, 3), 2)
+    with otq.record_dispatch() as log:
+        ops.codebook_linear(torch.randn(3, 40), qt_lin, backend=backend)
+        ops.codebook_conv2d(torch.randn(1, 2, 5, 5), qt_conv, backend=backend)
+    assert [(r.layer, r.op, r.backend, r.m) for r in log] == [
+        (None, "linear", backend, 3), (None, "conv2d", backend, 9)]
+    assert [r.kernels for r in log] == [kernels["linear"], kernels["conv2d"]]
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNELS, reason="needs the extension's CPU kernels")
+def test_cpu_backend_and_chunked_expansion():
+    torch.manual_seed(2)
+    qt = otq.fit_codebook(torch.randn(8, 32), 4)
+    wide = otq.fit_codebook(torch.randn(2100, 1024), 2, granularity="tensor")  # > 8 MiB fp32
+    with otq.record_dispatch() as log:
+        ops.codebook_linear(torch.randn(2, 32), qt, backend="cpu")
+        ops.codebook_linear(torch.randn(1, 1024), wide, backend="dequant")
+    assert [r.kernels for r in log] == [["cpu_lut"], ["dequant_cpu", "torch.mm by row chunks"]]
+
+
+def test_float64_and_transforms_record_the_reference_path():
+    torch.manual_seed(3)
+    qt = otq.fit_codebook(torch.randn(4, 16), 3)
+    qt_conv = otq.fit_codebook(torch.randn(4, 2, 1, 1), 3)
+    with otq.record_dispatch() as log:
+        ops.codebook_linear(torch.randn(2, 16, dtype=torch.float64), qt)
+        torch.func.vmap(lambda v: ops.codebook_linear(v, qt))(torch.randn(5, 1, 16))
+        torch.func.vmap(lambda v: ops.codebook_conv2d(v, qt_conv))(torch.randn(3, 1, 2, 2, 2))
+    assert log[0].dtype == "float64" and log[0].kernels[0] == "dequant_torch"
+    assert [(r.op, r.backend) for r in log[1:]] == [("linear", "reference"),
+                                                    ("conv2d", "reference")]
+
+
+def test_grad_calls_go_through_the_op_and_are_recorded(net):
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with otq.record_dispatch(net) as log:
+        net(x).sum().backward()
+    assert [r.layer for r in log] == ["conv", "mix", "head"]
+    assert x.grad is not None
+
+
+def test_blocks_nest_and_clean_up(net):
+    x = torch.randn(1, 3, 8, 8)
+    with otq.record_dispatch() as outer:
+        net(x)
+        with otq.record_dispatch(net) as inner:
+            net(x)
+    net(x)  # after both blocks: recorded nowhere
+    assert len(inner) == 3 and [r.layer for r in inner] == ["conv", "mix", "head"]
+    assert len(outer) == 6 and all(r.layer is None for r in outer)
+    assert not dispatch_log.recording()
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
+
+
+def test_an_error_inside_the_block_closes_the_log(net):
+    with pytest.raises(ValueError, match="must be"), otq.record_dispatch(net) as log:
+        net(torch.randn(1, 3, 8, 8))
+        ops.codebook_linear(torch.randn(2, 7), net.head.qweight)
+    assert len(log) == 3 and not dispatch_log.recording()
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
+
+
+def test_a_layer_failing_inside_the_model_leaves_no_stale_name(net):
+    with otq.record_dispatch(net) as log:
+        with pytest.raises(ValueError):
+            net.head(torch.randn(2, 7))
+        ops.codebook_linear(torch.randn(1, 128), net.head.qweight)
+    assert [r.layer for r in log] == [None]
+
+
+def test_empty_batch_runs_no_kernel_and_is_not_recorded(net):
+    with otq.record_dispatch(net) as log:
+        assert net(torch.randn(0, 3, 8, 8)).shape == (0, 5)
+    assert len(log) == 0
+
+
+def test_shared_layer_is_named_once_per_call():
+    torch.manual_seed(4)
+    shared = nn.Linear(6, 6)
+    model = otq.quantize_model(nn.Sequential(shared, nn.ReLU(), shared), bits=4, progress=False)
+    with otq.record_dispatch(model) as log:
+        model(torch.randn(2, 6))
+    assert [r.layer for r in log] == ["0", "0"]
+
+
+def test_table_and_counts(net):
+    with otq.record_dispatch(net) as log:
+        net(torch.randn(1, 3, 8, 8))
+        net(torch.randn(1, 3, 8, 8))
+    counts = log.counts()
+    head = ("linear", log[2].backend, " + ".join(log[2].kernels))
+    assert counts == {("conv2d", "dequant", f"{EXPANSION} + F.conv2d"): 4, head: 2}
+    assert list(counts)[0][0] == "conv2d"  # most frequent first
+    lines = log.table().splitlines()
+    assert lines[0].split() == ["layer", "op", "weight", "M", "dtype", "bits", "backend",
+                                "kernels"]
+    assert lines[1].split()[:6] == ["conv", "conv2d", "8x3x3x3", "16", "float32", "3"]
+    assert len(lines) == 1 + 6 + 2 + len(counts)
+    assert log.to_dicts()[2] == {
+        "layer": "head", "op": "linear", "backend": log[2].backend, "m": 1,
+        "dtype": "float32", "bits": 3, "weight_shape": [5, 128], "device": "cpu",
+        "kernels": log[2].kernels}
+
+
+def test_compiled_model_records_its_op_calls(net):
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 8, 8)
+    compiled(x)  # compile outside the block
+    with otq.record_dispatch(compiled) as log:  # hooks on a compiled model: a recompile
+        y = compiled(x)
+    torch.testing.assert_close(y, net(x))
+    assert [(r.op, r.m) for r in log] == [("conv2d", 32), ("conv2d", 32), ("linear", 2)]
+    names = ["_orig_mod.conv", "_orig_mod.mix", "_orig_mod.head"]
+    assert all(r.layer in (None, name) for r, name in zip(log, names, strict=True))
+
+
+def test_note_kernel_outside_a_record_is_a_no_op():
+    dispatch_log.note_kernel("lut_gemv")  # nothing open
+    with otq.record_dispatch() as log:
+        dispatch_log.note_kernel("lut_gemv")  # open log, no call recorded yet
+    assert len(log) == 0
+
+
+@pytest.mark.parametrize("m, kernels", [(1, ["triton_gemv"]), (20, ["triton_splitk"]),
+                                        (100, ["x to field-major", "triton_gemm"])])
+def test_triton_records_the_kernel_it_picks_by_m(m, kernels, device):
+    pytest.importorskip("triton")
+    torch.manual_seed(5)
+    qt = otq.fit_codebook(torch.randn(16, 64), 4).to(device)
+    with otq.record_dispatch() as log:
+        ops.codebook_linear(torch.randn(m, 64, device=device), qt, backend="triton")
+    (record,) = log
+    assert record.backend == "triton" and record.m == m
+    assert [name.partition(" split_k=")[0] for name in record.kernels] == kernels
+
+
+def test_triton_field_major_copy_and_conv(device):
+    pytest.importorskip("triton")
+    from otq_kernels.backends.triton.matmul import linear_triton
+
+    torch.manual_seed(6)
+    qt = otq.fit_codebook(torch.randn(16, 64), 2).to(device)
+    qt_conv = otq.fit_codebook(torch.randn(8, 4, 3, 3), 4).to(device)
+    x = torch.randn(12, 64, device=device)
+    with otq.record_dispatch() as log:
+        dispatch_log.record_call("linear", "triton", x, qt.shape, 2, 12)
+        linear_triton(x, qt, kernel="splitk_fm", split_k=2)
+        ops.codebook_conv2d(torch.randn(1, 4, 6, 6, device=device), qt_conv, padding=1,
+                            backend="triton")
+    assert log[0].kernels == ["x to field-major", "triton_splitk_fm split_k=2"]
+    assert log[1].kernels[0].partition(" split_k=")[0] == "triton_conv"
