@@ -18,6 +18,7 @@ unless the file's metadata has ``config_kwargs``), or a quantized file written b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import json
@@ -253,6 +254,7 @@ def cmd_sample(args) -> int:
 
     from . import fm
     from .demo import image_shape
+    from .dispatch_log import record_dispatch
     from .report import save_grid
 
     model, info = load_model(args)
@@ -262,12 +264,29 @@ def cmd_sample(args) -> int:
                        device=_device(args), dtype=dtype)
     if args.cuda_graph and x0.device.type != "cuda":
         raise ValueError(f"--cuda-graph needs a CUDA device (the model runs on {x0.device})")
-    x = fm.sample(model, x0, steps=args.steps, method=args.method, cuda_graph=args.cuda_graph)
+    with record_dispatch(model) if args.dispatch else contextlib.nullcontext() as log:
+        x = fm.sample(model, x0, steps=args.steps, method=args.method,
+                      cuda_graph=args.cuda_graph)
     save_grid(x, args.output, nrow=min(args.nrow, args.n))
     kind = "quantized" if info["quantized"] else "float"
     print(f"wrote {args.output}: {args.n} samples of the {kind} model ({info['source']}), "
           f"{args.method} x {args.steps} steps, seed {args.seed}, {args.dtype}")
+    if log is not None:
+        print_dispatch(log)
     return 0
+
+
+def print_dispatch(log) -> None:
+    """What the quantized layers ran: each layer in the model's first call, then the calls
+    over all the recorded ones (a CUDA-graph replay records none)."""
+    from .dispatch_log import format_counts
+
+    if not log:
+        print("dispatch: no quantized layer call was recorded")
+        return
+    print(f"\ndispatch, the model's first call:\n{log.table(model_call=0)}")
+    print(f"\ndispatch, all {len(log)} layer calls in {log.model_calls} recorded model calls:\n"
+          f"{format_counts(log.counts())}")
 
 
 # ----------------------------------------------------------------------------- eval
@@ -403,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each velocity call from a CUDA graph (GPU; at small batch an "
                         "eager step is host-bound)")
+    p.add_argument("--dispatch", action="store_true",
+                   help="print which backend and kernels each quantized layer ran "
+                        "(otq_kernels.record_dispatch)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="fidelity over bits x methods -> JSON, table, plots",

@@ -35,7 +35,9 @@ class DispatchRecord:
 
     layer: the quantized module's name in the model given to :func:`record_dispatch` (None
     for a call from elsewhere). m: rows of activations (a conv's batch × output pixels).
-    kernels: what the backend ran, in order (e.g. ``("dequant_cuda", "F.conv2d")``).
+    kernels: what the backend ran, in order (e.g. ``["dequant_cuda", "F.conv2d"]``).
+    model_call: which call of that model (0 for the first in the block) made it (None
+    outside the model's forward or without a model).
     """
 
     layer: str | None
@@ -46,12 +48,19 @@ class DispatchRecord:
     bits: int
     weight_shape: tuple[int, ...]
     device: str
+    model_call: int | None = None
     kernels: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "op": self.op, "backend": self.backend, "m": self.m,
                 "dtype": self.dtype, "bits": self.bits, "weight_shape": list(self.weight_shape),
-                "device": self.device, "kernels": list(self.kernels)}
+                "device": self.device, "model_call": self.model_call,
+                "kernels": list(self.kernels)}
+
+
+def _counts(records) -> dict[tuple[str, str, str], int]:
+    keys = Counter((r.op, r.backend, " + ".join(r.kernels)) for r in records)
+    return dict(keys.most_common())
 
 
 class DispatchLog(list):
@@ -60,11 +69,12 @@ class DispatchLog(list):
     def __init__(self) -> None:
         super().__init__()
         self._layers: list[str] = []  # names of the quantized modules being called
+        self.model_calls = 0  # forward calls of the model given to record_dispatch
+        self._model_depth = 0  # > 0 inside its forward
 
     def counts(self) -> dict[tuple[str, str, str], int]:
         """Calls per (op, backend, kernels joined by " + "), most frequent first."""
-        keys = Counter((r.op, r.backend, " + ".join(r.kernels)) for r in self)
-        return dict(keys.most_common())
+        return _counts(self)
 
     def to_dicts(self) -> list[dict]:
         return [r.to_dict() for r in self]
@@ -74,18 +84,24 @@ class DispatchLog(list):
         return [{"op": op, "backend": backend, "kernels": kernels, "calls": n}
                 for (op, backend, kernels), n in self.counts().items()]
 
-    def table(self) -> str:
-        """A text table: one row per call, then the counts."""
+    def table(self, model_call: int | None = None) -> str:
+        """A text table: one row per call (those of the model's call ``model_call`` only,
+        if given), then the counts of those rows."""
+        records = [r for r in self if model_call is None or r.model_call == model_call]
         head = ("layer", "op", "weight", "M", "dtype", "bits", "backend", "kernels")
         rows = [(r.layer or "-", r.op, "x".join(map(str, r.weight_shape)), str(r.m), r.dtype,
-                 str(r.bits), r.backend, " + ".join(r.kernels) or "-") for r in self]
+                 str(r.bits), r.backend, " + ".join(r.kernels) or "-") for r in records]
         widths = [max(len(c) for c in col) for col in zip(head, *rows, strict=True)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                  for row in (head, *rows)]
-        lines += ["", "calls  op / backend / kernels"]
-        lines += [f"{n:5d}  {op} / {backend} / {kernels or '-'}"
-                  for (op, backend, kernels), n in self.counts().items()]
-        return "\n".join(lines)
+        return "\n".join([*lines, "", format_counts(_counts(records))])
+
+
+def format_counts(counts: dict[tuple[str, str, str], int]) -> str:
+    """:meth:`DispatchLog.counts` as lines "calls  op / backend / kernels"."""
+    return "\n".join(["calls  op / backend / kernels"] + [
+        f"{n:5d}  {op} / {backend} / {kernels or '-'}"
+        for (op, backend, kernels), n in counts.items()])
 
 
 def recording() -> bool:
@@ -99,8 +115,10 @@ def record_call(op: str, backend: str, x: torch.Tensor, weight_shape, bits: int,
     (the ops call this before the backend runs; only while :func:`recording`)."""
     for log in _OPEN:
         layer = log._layers[-1] if log._layers else None
+        model_call = log.model_calls - 1 if log._model_depth else None
         log.append(DispatchRecord(layer, op, backend, int(m), str(x.dtype).removeprefix(
-            "torch."), int(bits), tuple(int(s) for s in weight_shape), str(x.device)))
+            "torch."), int(bits), tuple(int(s) for s in weight_shape), str(x.device),
+            model_call))
 
 
 def note_kernel(name: str, split_k: int = 1) -> None:
@@ -115,7 +133,8 @@ def note_kernel(name: str, split_k: int = 1) -> None:
 
 
 def _layer_hooks(model: nn.Module, log: DispatchLog) -> list:
-    """Hooks that keep ``log._layers`` naming the quantized module being called."""
+    """Hooks that keep ``log._layers`` naming the quantized module being called and count
+    the model's calls."""
     from .modules import _QuantModule  # modules imports ops, which imports this module
 
     def enter(name):
@@ -124,7 +143,16 @@ def _layer_hooks(model: nn.Module, log: DispatchLog) -> list:
     def leave(module, args, output):
         log._layers.pop()
 
-    handles = []
+    def enter_model(module, args):
+        if log._model_depth == 0:  # (not a recursive call)
+            log.model_calls += 1
+        log._model_depth += 1
+
+    def leave_model(module, args, output):
+        log._model_depth -= 1
+
+    handles = [model.register_forward_pre_hook(enter_model),
+               model.register_forward_hook(leave_model, always_call=True)]
     for name, module in model.named_modules():
         if isinstance(module, _QuantModule):
             handles.append(module.register_forward_pre_hook(enter(name)))

@@ -70,6 +70,35 @@ def test_quantize_sample_round_trip(tmp_path, capsys):
              "-o", str(tmp_path / "g.png")], capsys)
 
 
+def test_sample_prints_what_each_layer_ran(tmp_path, capsys):
+    """--dispatch: each quantized layer of the model's first call with its backend and
+    kernels, then the counts over every call (midpoint x 2 steps: 4 model calls)."""
+    ckpt = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", "--random-init", "tiny", "-o", str(ckpt), "--bits", "3",
+                     "--exclude", "out.*", "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["sample", "--checkpoint", str(ckpt), "--n", "2", "--steps", "2",
+                     "--method", "midpoint", "-o", str(tmp_path / "s.png"), "--dispatch"]) == 0
+    out = capsys.readouterr().out
+    first, every = out.split("dispatch, the model's first call:\n")[1].split("\n\ndispatch, ")
+    model = otq.load_quantized(ckpt)
+    layers = [n for n, m in model.named_modules() if isinstance(m, otq.nn.QuantLinear)
+              or isinstance(m, (otq.nn.QuantConv1d, otq.nn.QuantConv2d))]
+    rows = first.splitlines()[1:1 + len(layers)]
+    assert [row.split()[0] for row in rows] == layers and "out.2" not in first
+    assert rows[0].split()[3] == "2"  # time_embed.0: M = the batch
+    per_call = sum(int(line.split()[0]) for line in first.splitlines()[len(layers) + 3:])
+    assert per_call == len(layers)
+    assert every.startswith(f"all {4 * len(layers)} layer calls in 4 recorded model calls:")
+    float_ckpt = tmp_path / "fp.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(demo.random_model("tiny").state_dict(), str(float_ckpt))
+    assert cli.main(["sample", "--checkpoint", str(float_ckpt), "--config", "tiny", "--n", "1",
+                     "--steps", "1", "-o", str(tmp_path / "f.png"), "--dispatch"]) == 0
+    assert "dispatch: no quantized layer call was recorded" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("dtype, tol", [("float16", 1e-3), ("bfloat16", 5e-3)])
 def test_sample_in_half_precision(tmp_path, capsys, dtype, tol):
     """`otq sample --dtype` runs the quantized model in fp16/bf16: same grid as float32."""

@@ -167,10 +167,28 @@ def test_table_and_counts(net):
                                 "kernels"]
     assert lines[1].split()[:6] == ["conv", "conv2d", "8x3x3x3", "16", "float32", "3"]
     assert len(lines) == 1 + 6 + 2 + len(counts)
-    assert log.to_dicts()[2] == {
+    assert log.to_dicts()[5] == {
         "layer": "head", "op": "linear", "backend": log[2].backend, "m": 1,
         "dtype": "float32", "bits": 3, "weight_shape": [5, 128], "device": "cpu",
-        "kernels": log[2].kernels}
+        "model_call": 1, "kernels": log[2].kernels}
+    second = log.table(model_call=1).splitlines()  # that call's rows and their counts
+    assert len(second) == 1 + 3 + 2 + len(counts)
+    assert [line.split()[0] for line in second[1:4]] == ["conv", "mix", "head"]
+    half = dispatch_log.format_counts({key: n // 2 for key, n in counts.items()})
+    assert second[-1 - len(counts):] == half.splitlines()
+
+
+def test_model_calls_are_counted_and_numbered(net):
+    x = torch.randn(1, 3, 8, 8)
+    with otq.record_dispatch(net) as log:
+        net(x)
+        ops.codebook_linear(torch.randn(1, 128), net.head.qweight)  # outside the model
+        net(x)
+    assert log.model_calls == 2
+    assert [r.model_call for r in log] == [0, 0, 0, None, 1, 1, 1]
+    with otq.record_dispatch() as log:
+        net(x)
+    assert log.model_calls == 0 and [r.model_call for r in log] == [None] * 3
 
 
 def test_compiled_model_records_its_op_calls(net):
