@@ -163,8 +163,10 @@ def _layer_hooks(model: nn.Module, log: DispatchLog) -> list:
 @contextlib.contextmanager
 def record_dispatch(model: nn.Module | None = None) -> Iterator[DispatchLog]:
     """Record every quantized layer call made inside the block into the :class:`DispatchLog`
-    it yields; with ``model``, each record names its layer (the module's name in ``model``).
-    Blocks nest: an inner block's calls are recorded in the outer log too."""
+    it yields; with ``model``, each record names its layer (the module's name in ``model``)
+    and the model's call that made it. Blocks nest: an inner block's calls are recorded in
+    the outer log too. The log is process-wide: calls that other threads make meanwhile are
+    recorded as well, and their layer names are not to be trusted."""
     log = DispatchLog()
     handles = [] if model is None else _layer_hooks(model, log)
     _OPEN.append(log)

@@ -238,3 +238,26 @@ def test_triton_field_major_copy_and_conv(device):
                             backend="triton")
     assert log[0].kernels == ["x to field-major", "triton_splitk_fm split_k=2"]
     assert log[1].kernels[0].partition(" split_k=")[0] == "triton_conv"
+
+
+@pytest.mark.parametrize("kernel_size, hw, channels_last, copied", [
+    (3, 6, False, False),   # M = 36: NCHW x read in place
+    (3, 33, False, True),   # M = 1089: above NCHW_IN_PLACE_MAX_M, a channels-last copy
+    (3, 33, True, False),
+    (1, 2, False, True),    # 1x1 at M = 4: the linear kernels on an NHWC copy
+    (1, 2, True, False),
+], ids=["3x3-in-place", "3x3-copy", "3x3-cl", "1x1-copy", "1x1-cl"])
+def test_triton_conv_says_when_it_copies_x(kernel_size, hw, channels_last, copied, device):
+    pytest.importorskip("triton")
+    torch.manual_seed(7)
+    qt = otq.fit_codebook(torch.randn(8, 4, kernel_size, kernel_size), 3).to(device)
+    x = torch.randn(1, 4, hw, hw, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with otq.record_dispatch() as log:
+        y = ops.codebook_conv2d(x, qt, padding=kernel_size // 2, backend="triton")
+    torch.testing.assert_close(y, ops.codebook_conv2d(x, qt, padding=kernel_size // 2,
+                                                      backend="reference"),
+                               atol=1e-4, rtol=1e-4)
+    assert ("x to channels-last" in log[0].kernels) == copied
+    assert log[0].kernels[-1].startswith("triton_conv" if kernel_size == 3 else "triton_gemv")

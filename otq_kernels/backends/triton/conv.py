@@ -190,12 +190,16 @@ def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=
         if not _is_pointwise(qt, stride, padding, groups):
             raise ValueError("kernel='linear' needs a 1x1 conv with stride 1, padding 0, groups 1")
         x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+        if x_nhwc.data_ptr() != x.data_ptr():  # a copy, not a view
+            note_kernel("x to channels-last")
         y = linear_triton(x_nhwc.view(b * h * w, c_in), _as_matrix(qt), bias)
         return y.view(b, h, w, n_out).permute(0, 3, 1, 2).contiguous(memory_format=out_format)
     y = torch.empty(b, n_out, oh, ow, dtype=x.dtype, device=x.device, memory_format=out_format)
     if y.numel() == 0:
         return y
     x_nhwc = _activation_view(x, m)
+    if x_nhwc.data_ptr() != x.data_ptr():  # a copy, not a view
+        note_kernel("x to channels-last")
     split = split_k or choose_conv_split(m, n_out // groups, c_g, groups, x.device)
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
