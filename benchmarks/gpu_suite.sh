@@ -24,7 +24,7 @@
 #                  machine start; with L minutes of device time left (status), add
 #                  OTQ_SUITE_DEADLINE_S=$(( (L - 3) * 60 )) (max 530) and skip it below ~7 min.
 #   4 after a kernel change (one ~9 min call, no wheels needed): OTQ_SUITE_PLAN=4 runs
-#                  env, build, tests_kernels (CUDA kernel, fit, UNet, layer tests), goal_linear_graph
+#                  env, build, tests_kernels (CUDA kernel, fit, UNet, layer, dispatch-log tests), goal_linear_graph
 #                  (CUDA kernels + dequant at M 1/2/4/8/12/16/32/64 and the expansion alone,
 #                  graph replays: goal_graph/), goal_conv_graph (the 3x3 and 1x1 convs at
 #                  batch 1, 4-bit, graph replays), goal_e2e, goal_e2e_tuned (the tuning those
@@ -290,7 +290,7 @@ run_step tests_kernels 160 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_kerne
     -k "${OTQ_SUITE_TEST_FILTER:-not long_rows_on_gpu}" \
     tests/backends/test_cuda_backend.py tests/backends/test_triton_fit.py \
     tests/models/test_unet.py tests/test_graphs.py tests/test_skeleton.py tests/test_nn.py \
-    tests/test_streaming.py'
+    tests/test_streaming.py tests/test_dispatch_log.py'
 
 run_step checks 150 "$TEST_ENV"'
   $PY benchmarks/gpu_checks.py --out "$DIR"'

@@ -261,3 +261,35 @@ def test_triton_conv_says_when_it_copies_x(kernel_size, hw, channels_last, copie
                                atol=1e-4, rtol=1e-4)
     assert ("x to channels-last" in log[0].kernels) == copied
     assert log[0].kernels[-1].startswith("triton_conv" if kernel_size == 3 else "triton_gemv")
+
+
+FINAL_KERNEL = {"cuda": "lut_", "triton": "triton_", "dequant": "F.", "reference": "F."}
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_each_call_names_the_kernel_of_its_backend():
+    """A 4-bit tiny UNet in fp16 at batch 1 and 4 on the GPU under auto dispatch: each call
+    is recorded with the backend dispatch resolves for it and ends in that backend's
+    kernel; the cuda linear calls name the kernel cuda.linear_kernel picks."""
+    from otq_kernels.backends import cuda
+    from otq_kernels.demo import random_model
+    from otq_kernels.models import IMAGE_SIZES
+
+    model = otq.quantize_model(random_model("tiny", seed=0), bits=4, progress=False)
+    model = model.cuda().half().eval()
+    layers = sum(isinstance(m, otq.nn.QuantLinear | otq.nn.QuantConv1d | otq.nn.QuantConv2d)
+                 for m in model.modules())
+    size, dev = IMAGE_SIZES["tiny"], torch.device("cuda")
+    for batch in (1, 4):
+        x = torch.randn(batch, model.in_channels, size, size, device=dev, dtype=torch.half)
+        with torch.inference_mode(), otq.record_dispatch(model) as log:
+            model(x, torch.full((batch,), 0.5, device=dev))
+        assert len(log) == layers and log.model_calls == 1
+        for r in log:
+            assert r.device.startswith("cuda") and r.dtype == "float16"
+            assert r.kernels and r.kernels[-1].startswith(FINAL_KERNEL[r.backend]), r
+            if r.op == "linear":
+                assert r.backend == ops.resolve_linear_backend(None, dev, r.m, torch.half, 4)
+            if r.op == "linear" and r.backend == "cuda":
+                kernel = cuda.linear_kernel(torch.half, 4, r.m, dev, per_channel=True)
+                assert r.kernels[-1].partition(" ")[0] == f"lut_{kernel}", r
