@@ -81,9 +81,9 @@ def test_sample_prints_what_each_layer_ran(tmp_path, capsys):
                      "--method", "midpoint", "-o", str(tmp_path / "s.png"), "--dispatch"]) == 0
     out = capsys.readouterr().out
     first, every = out.split("dispatch, the model's first call:\n")[1].split("\n\ndispatch, ")
-    model = otq.load_quantized(ckpt)
-    layers = [n for n, m in model.named_modules() if isinstance(m, otq.nn.QuantLinear)
-              or isinstance(m, (otq.nn.QuantConv1d, otq.nn.QuantConv2d))]
+    float_layers = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    layers = [n for n, m in demo.random_model("tiny").named_modules()
+              if isinstance(m, float_layers) and not n.startswith("out.")]
     rows = first.splitlines()[1:1 + len(layers)]
     assert [row.split()[0] for row in rows] == layers and "out.2" not in first
     assert rows[0].split()[3] == "2"  # time_embed.0: M = the batch
