@@ -71,6 +71,7 @@ class DispatchLog(list):
         self._layers: list[str] = []  # names of the quantized modules being called
         self.model_calls = 0  # forward calls of the model given to record_dispatch
         self._model_depth = 0  # > 0 inside its forward
+        self._current: DispatchRecord | None = None  # the call whose backend is running
 
     def counts(self) -> dict[tuple[str, str, str], int]:
         """Calls per (op, backend, kernels joined by " + "), most frequent first."""
@@ -109,27 +110,35 @@ def recording() -> bool:
     return bool(_OPEN)
 
 
-def record_call(op: str, backend: str, x: torch.Tensor, weight_shape, bits: int,
-                m: int) -> None:
-    """Open a record of an ``op`` call on x with codes of ``weight_shape`` in every open log
-    (the ops call this before the backend runs; only while :func:`recording`)."""
+@contextlib.contextmanager
+def recorded_call(op: str, backend: str, x: torch.Tensor, weight_shape, bits: int,
+                  m: int) -> Iterator[None]:
+    """Record an ``op`` call on x with codes of ``weight_shape`` in every open log; the
+    kernels that the backend notes inside the block are this call's (the ops run the
+    backend inside it; only while :func:`recording`)."""
     for log in _OPEN:
         layer = log._layers[-1] if log._layers else None
         model_call = log.model_calls - 1 if log._model_depth else None
-        log.append(DispatchRecord(layer, op, backend, int(m), str(x.dtype).removeprefix(
+        log._current = DispatchRecord(layer, op, backend, int(m), str(x.dtype).removeprefix(
             "torch."), int(bits), tuple(int(s) for s in weight_shape), str(x.device),
-            model_call))
+            model_call)
+        log.append(log._current)
+    try:
+        yield
+    finally:
+        for log in _OPEN:
+            log._current = None
 
 
 def note_kernel(name: str, split_k: int = 1) -> None:
     """Add ``name`` (with `` split_k=S`` where a K split S > 1 runs) to the kernels of the
     call being recorded: backends call this where they choose what to launch; a no-op
-    while nothing records."""
+    outside a recorded call (e.g. the expansion of a backward pass)."""
     if split_k > 1:
         name = f"{name} split_k={split_k}"
     for log in _OPEN:
-        if log and name not in log[-1].kernels:
-            log[-1].kernels.append(name)
+        if log._current is not None and name not in log._current.kernels:
+            log._current.kernels.append(name)
 
 
 def _layer_hooks(model: nn.Module, log: DispatchLog) -> list:

@@ -271,23 +271,28 @@ def _qt(planes, codebook, bits, shape) -> QuantizedTensor:
 
 
 def _run_linear(x, qt: QuantizedTensor, bias, backend: str) -> torch.Tensor:
+    impl = backends.function(backend, "linear")
     if dispatch_log.recording():
-        dispatch_log.record_call("linear", backend, x, qt.shape, qt.bits, x.shape[0])
-    return backends.function(backend, "linear")(x, qt, bias)
+        with dispatch_log.recorded_call("linear", backend, x, qt.shape, qt.bits, x.shape[0]):
+            return impl(x, qt, bias)
+    return impl(x, qt, bias)
 
 
-def _record_conv2d(x, qt: QuantizedTensor, stride, padding, dilation, backend: str) -> None:
-    if dispatch_log.recording():
-        out = conv2d_output_shape(x.shape, qt.shape, stride, padding, dilation)
-        dispatch_log.record_call("conv2d", backend, x, qt.shape, qt.bits,
-                                 out[0] * out[2] * out[3])
+def _conv2d_on(backend: str, x, qt: QuantizedTensor, bias, stride, padding, dilation,
+               groups) -> torch.Tensor:
+    """Backend ``backend``'s conv2d of x, recorded where a dispatch log is open."""
+    impl = backends.function(backend, "conv2d")
+    if not dispatch_log.recording():
+        return impl(x, qt, bias, stride, padding, dilation, groups)
+    out = conv2d_output_shape(x.shape, qt.shape, stride, padding, dilation)
+    with dispatch_log.recorded_call("conv2d", backend, x, qt.shape, qt.bits,
+                                    out[0] * out[2] * out[3]):
+        return impl(x, qt, bias, stride, padding, dilation, groups)
 
 
 def _run_conv2d(x, qt: QuantizedTensor, bias, stride, padding, dilation, groups,
                 backend: str) -> torch.Tensor:
-    _record_conv2d(x, qt, stride, padding, dilation, backend)
-    impl = backends.function(backend, "conv2d")
-    y = impl(x, qt, bias, stride, padding, dilation, groups)
+    y = _conv2d_on(backend, x, qt, bias, stride, padding, dilation, groups)
     return y.contiguous(memory_format=backends.conv_output_format(x))
 
 
@@ -624,9 +629,7 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
                                 tuple(qt.shape[2:]))
     plain = _plain_eager_call(x, bias)
     if not plain and _under_torch_transform():  # (vmap refuses memory-format queries)
-        _record_conv2d(x, qt, stride, padding, dilation, "reference")
-        return backends.function("reference", "conv2d")(x, qt, bias, stride, padding,
-                                                        dilation, groups)
+        return _conv2d_on("reference", x, qt, bias, stride, padding, dilation, groups)
     if not x.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous()  # NCHW or channels_last are both taken as they are
     if plain:

@@ -103,10 +103,16 @@ def test_float64_and_transforms_record_the_reference_path():
 
 
 def test_grad_calls_go_through_the_op_and_are_recorded(net):
-    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    """Calls with an autograd graph run through the op and are recorded as in inference;
+    the backward's own expansions are no layer call's and change no record."""
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), otq.record_dispatch(net) as plain:
+        net(x)
+    x.requires_grad_(True)
     with otq.record_dispatch(net) as log:
         net(x).sum().backward()
     assert [r.layer for r in log] == ["conv", "mix", "head"]
+    assert [r.kernels for r in log] == [r.kernels for r in plain]
     assert x.grad is not None
 
 
@@ -203,11 +209,15 @@ def test_compiled_model_records_its_op_calls(net):
     assert all(r.layer in (None, name) for r, name in zip(log, names, strict=True))
 
 
-def test_note_kernel_outside_a_record_is_a_no_op():
+def test_note_kernel_outside_a_recorded_call_is_a_no_op():
     dispatch_log.note_kernel("lut_gemv")  # nothing open
+    x = torch.randn(2, 4)
     with otq.record_dispatch() as log:
         dispatch_log.note_kernel("lut_gemv")  # open log, no call recorded yet
-    assert len(log) == 0
+        with dispatch_log.recorded_call("linear", "cuda", x, (3, 4), 4, 2):
+            dispatch_log.note_kernel("lut_mma", split_k=2)
+        dispatch_log.note_kernel("lut_frag")  # after the call: no call's
+    assert [r.kernels for r in log] == [["lut_mma split_k=2"]]
 
 
 @pytest.mark.parametrize("m, kernels", [(1, ["triton_gemv"]), (20, ["triton_splitk"]),
@@ -232,8 +242,8 @@ def test_triton_field_major_copy_and_conv(device):
     qt_conv = otq.fit_codebook(torch.randn(8, 4, 3, 3), 4).to(device)
     x = torch.randn(12, 64, device=device)
     with otq.record_dispatch() as log:
-        dispatch_log.record_call("linear", "triton", x, qt.shape, 2, 12)
-        linear_triton(x, qt, kernel="splitk_fm", split_k=2)
+        with dispatch_log.recorded_call("linear", "triton", x, qt.shape, 2, 12):
+            linear_triton(x, qt, kernel="splitk_fm", split_k=2)
         ops.codebook_conv2d(torch.randn(1, 4, 6, 6, device=device), qt_conv, padding=1,
                             backend="triton")
     assert log[0].kernels == ["x to field-major", "triton_splitk_fm split_k=2"]

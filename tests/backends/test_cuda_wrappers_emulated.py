@@ -108,8 +108,8 @@ def test_dispatch_log_names_the_kernel_launched(gpu, bindings, kwargs, kernel, m
     qt = make_qt((24, 640), 2, "tensor", "cpu")
     x = randn((5, 640), "cpu", torch.float16)
     with record_dispatch() as log:
-        dispatch_log.record_call("linear", "cuda", x, qt.shape, 2, 5)
-        cuda.linear(x, qt, None, split_k=3, **kwargs)
+        with dispatch_log.recorded_call("linear", "cuda", x, qt.shape, 2, 5):
+            cuda.linear(x, qt, None, split_k=3, **kwargs)
     (args,) = recording.calls["cuda_lut_linear"]
     assert cuda.LINEAR_KERNELS[kernel.removeprefix("lut_")] == args[-1] and args[-4] == 3
     assert log[0].kernels == [f"{kernel} split_k=3"]
@@ -123,8 +123,8 @@ def test_dispatch_log_names_the_conv_and_its_copy_of_x(gpu, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with record_dispatch() as log:
-        dispatch_log.record_call("conv2d", "cuda", x, w.shape, 4, 36)
-        cuda.conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, split_k=1)
+        with dispatch_log.recorded_call("conv2d", "cuda", x, w.shape, 4, 36):
+            cuda.conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, split_k=1)
     assert log[0].kernels == ([] if channels_last else ["x to channels-last"]) + ["lut_conv"]
 
 
