@@ -134,6 +134,8 @@ def note_kernel(name: str, split_k: int = 1) -> None:
     """Add ``name`` (with `` split_k=S`` where a K split S > 1 runs) to the kernels of the
     call being recorded: backends call this where they choose what to launch; a no-op
     outside a recorded call (e.g. the expansion of a backward pass)."""
+    if not _OPEN:
+        return
     if split_k > 1:
         name = f"{name} split_k={split_k}"
     for log in _OPEN:

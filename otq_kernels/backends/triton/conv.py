@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...dispatch_log import note_kernel
+from ...dispatch_log import note_kernel, recording
 from .. import _device, conv_output_format
 from ._grid import cdiv, next_power_of_2
 from .decode import _decode_gather, _grouped_tile, codebook_args, plane_args
@@ -190,7 +190,7 @@ def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=
         if not _is_pointwise(qt, stride, padding, groups):
             raise ValueError("kernel='linear' needs a 1x1 conv with stride 1, padding 0, groups 1")
         x_nhwc = x.permute(0, 2, 3, 1).contiguous()
-        if x_nhwc.data_ptr() != x.data_ptr():  # a copy, not a view
+        if recording() and x_nhwc.data_ptr() != x.data_ptr():  # a copy, not a view
             note_kernel("x to channels-last")
         y = linear_triton(x_nhwc.view(b * h * w, c_in), _as_matrix(qt), bias)
         return y.view(b, h, w, n_out).permute(0, 3, 1, 2).contiguous(memory_format=out_format)
@@ -198,7 +198,7 @@ def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=
     if y.numel() == 0:
         return y
     x_nhwc = _activation_view(x, m)
-    if x_nhwc.data_ptr() != x.data_ptr():  # a copy, not a view
+    if recording() and x_nhwc.data_ptr() != x.data_ptr():  # a copy, not a view
         note_kernel("x to channels-last")
     split = split_k or choose_conv_split(m, n_out // groups, c_g, groups, x.device)
     if not isinstance(split, int) or split < 1:
