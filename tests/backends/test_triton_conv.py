@@ -142,6 +142,20 @@ def test_through_ops(device):
     torch.testing.assert_close(y, reference.conv2d(x, qt, bias, (2, 2), (1, 1), (1, 1), 2))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs on CPU-only machines")
+def test_interpreter_refuses_bfloat16():
+    """The interpreter's tl.dot multiplies bfloat16 bit patterns: the backend refuses
+    bfloat16 x on CPU with a clear error, and auto runs the conv elsewhere."""
+    qt = make_qt((6, 4, 3, 3), 4, "channel", "cpu")
+    x, bias = randn((1, 4, 5, 7), "cpu", torch.bfloat16), randn((6,), "cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="interpreter .* no bfloat16"):
+        otq.ops.codebook_conv2d(x, qt, bias, 1, 1, backend="triton")
+    y = otq.ops.codebook_conv2d(x, qt, bias, 1, 1)
+    truth = reference.conv2d(x.double(), qt, bias.double(), (1, 1), (1, 1), (1, 1), 1)
+    assert_matches_reference(y, reference.conv2d(x, qt, bias, (1, 1), (1, 1), (1, 1), 1), truth,
+                             torch.bfloat16)
+
+
 def test_linear_path_needs_pointwise(device):
     qt = make_qt((6, 4, 3, 3), 2, "tensor", device)
     with pytest.raises(ValueError, match="1x1"):

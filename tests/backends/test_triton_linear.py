@@ -193,6 +193,20 @@ def test_unknown_kernel_rejected(device):
         linear_triton(randn((1, 8), device, torch.float32), qt, kernel="magic")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs on CPU-only machines")
+@pytest.mark.parametrize("m", [1, 20], ids=["gemv", "splitk"])
+def test_interpreter_refuses_bfloat16(m):
+    """The interpreter's tl.dot multiplies bfloat16 bit patterns (values near 1e10): the
+    backend refuses bfloat16 x on CPU with a clear error, and auto runs it elsewhere."""
+    qt = make_qt((9, 40), 4, "channel", "cpu")
+    x, bias = randn((m, 40), "cpu", torch.bfloat16), randn((9,), "cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match="interpreter .* no bfloat16"):
+        otq.ops.codebook_linear(x, qt, bias, backend="triton")
+    truth = reference.linear(x.double(), qt, bias.double())
+    assert_matches_reference(otq.ops.codebook_linear(x, qt, bias), reference.linear(x, qt, bias),
+                             truth, torch.bfloat16)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available()
                     or torch.cuda.get_device_properties(0).total_memory < 16 * 2**30,

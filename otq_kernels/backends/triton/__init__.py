@@ -27,6 +27,16 @@ def _on_its_gpu(t: torch.Tensor | None, launch, *args):
     return launch(*args)
 
 
+def _refuse_interpreted_bfloat16(x) -> None:
+    """The Triton interpreter (CPU tensors) has no bfloat16: its ``tl.dot`` multiplies the
+    raw bit patterns (triton-lang/triton#11584), so the split-K, GEMM and conv kernels would
+    return values near 1e10 instead of failing."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 and x.is_cpu:
+        raise ValueError("the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) has no "
+                         "bfloat16 matmul; run bfloat16 on a GPU, or on CPU with the "
+                         "'dequant', 'cpu' or 'reference' backend (auto picks one)")
+
+
 # Each kernel family lives in its own module, imported on first use (never at package
 # import, so no GPU query or compilation happens then). A submodule must not share an
 # entry point's name: importing it would rebind the package attribute to the module.
@@ -34,6 +44,7 @@ def linear(x, qt, bias):
     """x [M, K] -> [M, N]: GEMV / split-K / tiled GEMM on codes decoded in-kernel."""
     from .matmul import linear_triton
 
+    _refuse_interpreted_bfloat16(x)
     return _on_its_gpu(x, linear_triton, x, qt, bias)
 
 
@@ -41,6 +52,7 @@ def conv2d(x, qt, bias, stride, padding, dilation, groups):
     """Implicit-GEMM conv on channels-last tiles. x [B, C, H, W] -> [B, N, OH, OW]."""
     from .conv import conv2d_triton
 
+    _refuse_interpreted_bfloat16(x)
     return _on_its_gpu(x, conv2d_triton, x, qt, bias, stride, padding, dilation, groups)
 
 
