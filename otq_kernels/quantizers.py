@@ -155,7 +155,8 @@ def fit_rows_reference(x: torch.Tensor, bits: int, method: str = "ot", assign: s
 
 # ----------------------------------------------------------------------------- checks
 def check_weight(w) -> None:
-    """Raise ValueError unless ``w`` is a non-empty, finite, floating-point tensor."""
+    """Raise ValueError unless ``w`` is a non-empty, finite, floating-point tensor within
+    float32's range (codebooks are float32)."""
     if not isinstance(w, torch.Tensor):
         raise ValueError(f"weight must be a torch.Tensor, got {type(w).__name__}")
     if not w.dtype.is_floating_point:
@@ -169,6 +170,11 @@ def check_weight(w) -> None:
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"weight has {bad} NaN/Inf value(s); cannot fit a codebook")
+    fp32_max = torch.finfo(torch.float32).max
+    if w.dtype == torch.float64 and bool(w.abs().amax() > fp32_max):
+        bad = int((w.abs() > fp32_max).sum())
+        raise ValueError(f"weight has {bad} value(s) beyond float32's range (|w| > "
+                         f"{fp32_max:.4g}); codebooks are float32")
 
 
 def check_options(bits, method: str, granularity: str, assign: str) -> int:

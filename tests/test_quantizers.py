@@ -145,9 +145,26 @@ def test_short_rows_finite(method):
     assert torch.isfinite(qt.codebook).all() and torch.isfinite(qt.dequantize()).all()
 
 
+@pytest.mark.parametrize("method", otq.METHODS)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_weights_near_float32_max(method, granularity):
+    """Values up to float32's largest, whose sums overflow in float32: finite codebooks,
+    and the same relative error as the same weights scaled down to ordinary values."""
+    w = torch.rand(6, 50, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    w[0, :2] = torch.tensor([1.0, -1.0])
+    big = w * torch.finfo(torch.float32).max
+    qt = otq.fit_codebook(big, 3, method, granularity)
+    small = otq.fit_codebook(w, 3, method, granularity)
+    assert torch.isfinite(qt.codebook).all()
+    err = (qt.dequantize(torch.float64) - big.double()).norm() / big.double().norm()
+    small_err = (small.dequantize(torch.float64) - w.double()).norm() / w.double().norm()
+    assert err == pytest.approx(float(small_err), rel=1e-3)
+
+
 @pytest.mark.parametrize("bad, match", [
     (torch.tensor([[1.0, float("nan")]]), "NaN/Inf"),
     (torch.tensor([[1.0, float("inf")]]), "NaN/Inf"),
+    (torch.tensor([[1.0, -1e39]], dtype=torch.float64), "beyond float32's range"),
     (torch.ones(2, 2, dtype=torch.int32), "floating-point"),
     (torch.empty(0, 4), "non-empty"),
     (torch.tensor(1.0), "non-empty"),

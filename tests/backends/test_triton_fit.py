@@ -72,6 +72,24 @@ def test_torch_sort_matches_ot_rows(bits, n, assign, device):
     assert_matches_reference(x, bits, assign, *fit_rows_torch_sort(x, bits, assign))
 
 
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+@pytest.mark.parametrize("fitter", FITTERS)
+def test_rows_near_float32_max(fitter, assign, device):
+    """A row whose fp32 chunk sums would overflow (max|x| * n > float32's max) is fitted
+    scaled by a power of two: finite centroids, exactly 2**64 times those of the row scaled
+    down, as ot_rows gives them; an ordinary row beside it is fitted as alone."""
+    x = continuous_rows(2, 100, seed=5, device=device)
+    x[0] *= torch.finfo(torch.float32).max / x[0].abs().max()
+    codes, cents = FITTERS[fitter](x, 3, assign)
+    assert torch.isfinite(cents).all()
+    assert_matches_reference(x, 3, assign, codes, cents)
+    down = x.clone()
+    down[0] *= 2.0**-64
+    codes_down, cents_down = FITTERS[fitter](down, 3, assign)
+    assert torch.equal(codes, codes_down)
+    assert torch.equal(cents[0], cents_down[0] * 2.0**64) and torch.equal(cents[1], cents_down[1])
+
+
 @pytest.mark.parametrize("fitter", FITTERS)
 @pytest.mark.parametrize("bits,n", [(2, 40), (3, 7), (4, 100), (8, 128)])
 def test_ties_give_equal_mass_chunks(fitter, bits, n, device):

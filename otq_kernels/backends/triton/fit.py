@@ -199,29 +199,63 @@ def _launch(rows: torch.Tensor, bits: int, nearest: bool, row_tile: int):
     return codes, cents
 
 
+# Rows scaled by OVERFLOW_SCALE where max|row| * n could pass float32's max: a power of
+# two, so the scaled sums and means are exact images of the unscaled ones (values below
+# 2**-62 in such a row lose bits as subnormals, 2**190 below its largest).
+OVERFLOW_SCALE = 2.0**-64
+
+
+def _overflow_scales(rows: torch.Tensor) -> torch.Tensor | None:
+    """Per-row scales [R, 1] (1 or ``OVERFLOW_SCALE``) for rows whose fp32 chunk sums
+    could overflow to inf; None where none could (every ordinary weight: one reduction)."""
+    if rows.dtype == torch.float16:  # |x| <= 65504: sums of 2**31 of them stay finite
+        return None
+    big = rows.abs().amax(dim=1, keepdim=True) > torch.finfo(torch.float32).max / (2 * rows.shape[1])
+    if not bool(big.any()):
+        return None
+    return torch.where(big, OVERFLOW_SCALE, 1.0).to(torch.float32)
+
+
+def _fit_scaled(fit, rows: torch.Tensor, bits: int, assign: str, *args):
+    """``fit(rows, bits, assign, *args)``, on rows scaled down where their fp32 sums could
+    overflow (centroids scaled back up): the same codes and centroids as exact fp32
+    arithmetic without overflow would give."""
+    scales = _overflow_scales(rows)
+    if scales is None:
+        return fit(rows, bits, assign, *args)
+    codes, cents = fit(rows.to(torch.float32) * scales, bits, assign, *args)
+    return codes, cents / scales
+
+
 def fit_rows_triton(rows: torch.Tensor, bits: int, assign: str = "rank",
                     max_n: int | None = None, row_tile: int = ROW_TILE):
     """Equal-mass binning per row. rows [R, n] float -> (codes int64 [R, n], centroids f32 [R, 2**bits]).
 
-    Values are compared and accumulated in fp32 (float64 input is rounded to fp32 first).
-    Rows longer than ``max_n`` (default ``MAX_N``, env ``OTQ_TRITON_FIT_MAX_N``) use
+    Values are compared and accumulated in fp32 (float64 input is rounded to fp32 first;
+    rows whose sums could overflow are scaled by a power of two and back). Rows longer
+    than ``max_n`` (default ``MAX_N``, env ``OTQ_TRITON_FIT_MAX_N``) use
     :func:`fit_rows_torch_sort`, as does a block size whose launch ran out of resources.
     """
     _check(rows, bits, assign)
     r, n = rows.shape
     if r == 0 or n == 0:
         return _empty(rows, bits)
-    nearest = assign == "nearest"
+    return _fit_scaled(_fit_rows_fused, rows, bits, assign, max_n, row_tile)
+
+
+def _fit_rows_fused(rows: torch.Tensor, bits: int, assign: str, max_n: int | None,
+                    row_tile: int):
+    n, nearest = rows.shape[1], assign == "nearest"
     config = (_block(n), bits, nearest, rows.dtype)
     if n > (MAX_N if max_n is None else max_n) or config in _FAILED_LAUNCHES:
-        return fit_rows_torch_sort(rows, bits, assign)
+        return _fit_rows_sorted(rows, bits, assign)
     from triton.runtime.errors import OutOfResources
 
     try:
         return _launch(rows.contiguous(), bits, nearest, row_tile)
     except OutOfResources:
         _FAILED_LAUNCHES.add(config)
-        return fit_rows_torch_sort(rows, bits, assign)
+        return _fit_rows_sorted(rows, bits, assign)
 
 
 # ----------------------------------------------------------------------------- torch.sort path
@@ -248,9 +282,13 @@ def fit_rows_torch_sort(rows: torch.Tensor, bits: int, assign: str = "rank"):
     fused kernel is benchmarked against and its fallback for rows too long for one program.
     """
     _check(rows, bits, assign)
-    r, n = rows.shape
-    if r == 0 or n == 0:
+    if rows.shape[0] == 0 or rows.shape[1] == 0:
         return _empty(rows, bits)
+    return _fit_scaled(_fit_rows_sorted, rows, bits, assign)
+
+
+def _fit_rows_sorted(rows: torch.Tensor, bits: int, assign: str):
+    r, n = rows.shape
     x = rows.to(torch.float32)
     k = min(2**bits, n)
     values, order = torch.sort(x, dim=1, stable=True)
