@@ -171,7 +171,7 @@ def check_weight(w) -> None:
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"weight has {bad} NaN/Inf value(s); cannot fit a codebook")
     fp32_max = torch.finfo(torch.float32).max
-    if w.dtype == torch.float64 and bool(w.abs().amax() > fp32_max):
+    if w.dtype == torch.float64 and max(-float(w.min()), float(w.max())) > fp32_max:
         bad = int((w.abs() > fp32_max).sum())
         raise ValueError(f"weight has {bad} value(s) beyond float32's range (|w| > "
                          f"{fp32_max:.4g}); codebooks are float32")

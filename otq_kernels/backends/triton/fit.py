@@ -210,7 +210,9 @@ def _overflow_scales(rows: torch.Tensor) -> torch.Tensor | None:
     could overflow to inf; None where none could (every ordinary weight: one reduction)."""
     if rows.dtype == torch.float16:  # |x| <= 65504: sums of 2**31 of them stay finite
         return None
-    big = rows.abs().amax(dim=1, keepdim=True) > torch.finfo(torch.float32).max / (2 * rows.shape[1])
+    limit = torch.finfo(torch.float32).max / (2 * rows.shape[1])
+    low, high = torch.aminmax(rows, dim=1, keepdim=True)  # no [R, n] copy, as abs() makes
+    big = (high > limit) | (low < -limit)
     if not bool(big.any()):
         return None
     return torch.where(big, OVERFLOW_SCALE, 1.0).to(torch.float32)
