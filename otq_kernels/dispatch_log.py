@@ -116,6 +116,7 @@ def recorded_call(op: str, backend: str, x: torch.Tensor, weight_shape, bits: in
     """Record an ``op`` call on x with codes of ``weight_shape`` in every open log; the
     kernels that the backend notes inside the block are this call's (the ops run the
     backend inside it; only while :func:`recording`)."""
+    outer = [(log, log._current) for log in _OPEN]  # a call made inside another's backend
     for log in _OPEN:
         layer = log._layers[-1] if log._layers else None
         model_call = log.model_calls - 1 if log._model_depth else None
@@ -126,8 +127,8 @@ def recorded_call(op: str, backend: str, x: torch.Tensor, weight_shape, bits: in
     try:
         yield
     finally:
-        for log in _OPEN:
-            log._current = None
+        for log, current in outer:
+            log._current = current
 
 
 def note_kernel(name: str, split_k: int = 1) -> None:

@@ -170,8 +170,14 @@ def check_weight(w) -> None:
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"weight has {bad} NaN/Inf value(s); cannot fit a codebook")
+    if w.dtype == torch.float64:  # the only dtype that can hold values past float32's
+        _check_float32_range(w)
+
+
+def _check_float32_range(w: torch.Tensor) -> None:
     fp32_max = torch.finfo(torch.float32).max
-    if w.dtype == torch.float64 and max(-float(w.min()), float(w.max())) > fp32_max:
+    low, high = torch.aminmax(w)
+    if max(-float(low), float(high)) > fp32_max:
         bad = int((w.abs() > fp32_max).sum())
         raise ValueError(f"weight has {bad} value(s) beyond float32's range (|w| > "
                          f"{fp32_max:.4g}); codebooks are float32")

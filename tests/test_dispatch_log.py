@@ -220,6 +220,17 @@ def test_note_kernel_outside_a_recorded_call_is_a_no_op():
     assert [r.kernels for r in log] == [["lut_mma split_k=2"]]
 
 
+def test_a_call_inside_another_calls_backend_returns_the_notes_to_it():
+    x = torch.randn(2, 4)
+    with otq.record_dispatch() as log:
+        with dispatch_log.recorded_call("conv2d", "cuda", x, (3, 4, 1, 1), 4, 2):
+            with dispatch_log.recorded_call("linear", "cuda", x, (3, 4), 4, 2):
+                dispatch_log.note_kernel("lut_gemv")
+            dispatch_log.note_kernel("lut_conv")  # the outer call's again
+    assert [(r.op, r.kernels) for r in log] == [("conv2d", ["lut_conv"]),
+                                                ("linear", ["lut_gemv"])]
+
+
 @pytest.mark.parametrize("m, kernels", [(1, ["triton_gemv"]), (20, ["triton_splitk"]),
                                         (100, ["x to field-major", "triton_gemm"])])
 def test_triton_records_the_kernel_it_picks_by_m(m, kernels, device):

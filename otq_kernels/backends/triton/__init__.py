@@ -33,8 +33,8 @@ def _refuse_interpreted_bfloat16(x) -> None:
     return values near 1e10 instead of failing."""
     if isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16 and x.is_cpu:
         raise ValueError("the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) has no "
-                         "bfloat16 matmul; run bfloat16 on a GPU, or on CPU with the "
-                         "'dequant', 'cpu' or 'reference' backend (auto picks one)")
+                         "bfloat16 matmul; run bfloat16 on a GPU, or on CPU with backend "
+                         "'auto', which picks one that takes it")
 
 
 # Each kernel family lives in its own module, imported on first use (never at package
