@@ -47,6 +47,14 @@ for src in "${sources[@]}"; do
   regs=$(grep -Eo "Used [0-9]+ registers" "$tmp/ptxas.log" | awk '{print $2}' | sort -n | tail -1)
   echo "cuda-check: $src ok (none of our kernels spills on sm_90; at most ${regs:-0} registers)"
 done
+# --use_fast_math makes a plain float<->double cast cvt.ftz, which flushes float32
+# subnormals to zero: the fit (means in double, "nearest" codes) converts without it.
+nvcc "${flags[@]}" -Icsrc -arch=sm_90 -ptx csrc/cuda/ot_binning.cu -o "$tmp/ot_binning.ptx"
+if grep -Eq 'cvt(\.rn)?\.ftz\.f(32\.f64|64\.f32)' "$tmp/ot_binning.ptx"; then
+  echo "cuda-check: ot_binning.cu converts float32<->float64 with .ftz (subnormals become 0)"
+  exit 1
+fi
+echo "cuda-check: ot_binning.cu's float32<->float64 conversions keep subnormals (no .ftz)"
 # The CUDA half of the bindings (OTQ_WITH_CUDA) is only built on GPU machines: build it
 # here too (host code at -O0: only that it compiles, links and loads is checked).
 if ! [ -x "$py" ] || ! inc=$("$py" -c "import pybind11, sysconfig; print(pybind11.get_include(), sysconfig.get_paths()['include'])" 2>/dev/null); then

@@ -72,6 +72,29 @@ __global__ void iota_kernel(int32_t* index, int64_t* offsets, int64_t rows, int6
     offsets[i] = i * n;
 }
 
+// float <-> double with subnormals kept: --use_fast_math (setup.py) compiles the plain casts
+// as cvt.ftz, which flushes float32 subnormals to zero; the reference (and the host) keeps
+// them, in the codes and centroids alike.
+__device__ __forceinline__ double widen(float x) {
+#ifdef OTQ_CUDA_EMULATION
+  return static_cast<double>(x);
+#else
+  double y;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(y) : "f"(x));
+  return y;
+#endif
+}
+
+__device__ __forceinline__ float narrow(double x) {
+#ifdef OTQ_CUDA_EMULATION
+  return static_cast<float>(x);
+#else
+  float y;
+  asm("cvt.rn.f32.f64 %0, %1;" : "=f"(y) : "d"(x));
+  return y;
+#endif
+}
+
 // Block (chunk j, row r): mean of sorted[r, chunk j] in double; pads levels c..2^b-1.
 __global__ void __launch_bounds__(kReduceThreads)
     chunk_means_kernel(const float* __restrict__ sorted, int64_t n, int64_t c, int levels,
@@ -82,14 +105,14 @@ __global__ void __launch_bounds__(kReduceThreads)
   const int64_t lo = chunk_begin(n, c, j), hi = chunk_begin(n, c, j + 1);
   const float* src = sorted + row * n;
   double sum = 0.0;
-  for (int64_t i = lo + threadIdx.x; i < hi; i += kReduceThreads) sum += static_cast<double>(src[i]);
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kReduceThreads) sum += widen(src[i]);
   sum = Reduce(temp).Sum(sum);
   if (threadIdx.x != 0) return;
   const double mean = sum / static_cast<double>(hi - lo);
   means[row * kMaxLevels + j] = mean;
   const int last = j == c - 1 ? levels : static_cast<int>(j) + 1;
   for (int level = static_cast<int>(j); level < last; ++level)
-    centroids[row * levels + level] = static_cast<float>(mean);
+    centroids[row * levels + level] = narrow(mean);
 }
 
 __device__ __forceinline__ int64_t chunk_of_rank(int64_t rank, int64_t n, int64_t c) {
@@ -113,7 +136,7 @@ __global__ void nearest_codes_kernel(const float* __restrict__ x, int64_t rows, 
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < rows * n; t += stride) {
     const double* m = means + (t / n) * kMaxLevels;
-    const double v = static_cast<double>(x[t]);
+    const double v = widen(x[t]);
     int64_t lo = 0, hi = c - 1;  // answer in [lo, hi]
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;

@@ -377,6 +377,19 @@ def test_fit_rows_long_rows_both_assigns(cuda_backend, r, n, assign):
     torch.testing.assert_close(centroids.cpu(), ref_centroids.float())
 
 
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+def test_fit_rows_keep_subnormal_weights(cuda_backend, assign):
+    """setup.py's --use_fast_math turns plain float<->double casts into cvt.ftz, which
+    flushes float32 subnormals to zero; the fit converts without it (the compile check
+    reads the PTX): codes and centroids as the reference's."""
+    x = torch.randn(3, 257, generator=torch.Generator().manual_seed(11)) * 1e-39
+    x[0, :8] = torch.tensor([-2e-40, -1e-40, 1e-40, 2e-40] * 2)
+    codes, centroids = cuda_backend.fit_rows(x.cuda(), 2, assign)
+    ref_codes, ref_centroids = ot_rows(x.double(), 2, assign)
+    assert torch.equal(codes.cpu(), ref_codes)
+    torch.testing.assert_close(centroids.cpu(), ref_centroids.float(), rtol=1e-6, atol=0)
+
+
 def test_fit_rows_float64_beyond_float32_range_raises(cuda_backend):
     with pytest.raises(ValueError, match="NaN"):
         cuda_backend.fit_rows(torch.tensor([[1e300, 0.0, 1.0]], device="cuda",

@@ -482,6 +482,18 @@ def test_fit_rows_one_row_ties_and_signed_zeros(emulated, assign):
     check_fit_rows(emulated, x, 3, assign)
 
 
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+def test_fit_rows_subnormal_rows(emulated, assign):
+    """float32 subnormals keep their order and means (the GPU build's conversions avoid
+    --use_fast_math's flush to zero: tools/check_cuda_sources.sh reads its PTX)."""
+    x = torch.randn(3, 257, generator=torch.Generator().manual_seed(11)) * 1e-39
+    x[0, :8] = torch.tensor([-2e-40, -1e-40, 1e-40, 2e-40] * 2)
+    codes, centroids = emulated.fit_rows(x, 2, nearest=assign == "nearest")
+    ref_codes, ref_centroids = ot_rows(x.double(), 2, assign)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(centroids, ref_centroids.float(), rtol=1e-6, atol=0)
+
+
 def test_fit_rows_short_workspace_is_an_error(emulated):
     with pytest.raises(RuntimeError, match="invalid argument"):
         emulated.fit_rows(torch.randn(2, 10), 2, workspace_bytes=16)
