@@ -144,6 +144,72 @@ def test_shared_and_tied_layers_and_float_ones(tmp_path):
     assert torch.equal(model(x), expected(x))
 
 
+def _net_skeleton() -> nn.Module:
+    with torch.device("meta"):
+        return Net().eval()
+
+
+def _both_loads(source) -> tuple[nn.Module, nn.Module]:
+    """(load_and_quantize, quantize_model after load_fm_checkpoint) of ``source``."""
+    expected = otq.quantize_model(load_fm_checkpoint(source, Net().eval()), bits=4,
+                                  progress=False)
+    return otq.load_and_quantize(source, _net_skeleton(), bits=4, progress=False), expected
+
+
+def test_an_ema_layout_fills_every_name_of_a_shared_or_tied_tensor():
+    """The shadows index model.parameters(), which lists a shared tensor once: its other
+    names (a shared layer's, a tied weight's) take the shadow too, not the raw weight."""
+    torch.manual_seed(0)
+    src = Net().eval()
+    ema = {f"model.{k}": torch.zeros_like(v) for k, v in src.state_dict().items()}
+    ema.update({f"shadow_params.{i}": p.detach().clone() for i, p in
+                enumerate(src.parameters())})
+    model, expected = _both_loads(ema)
+    _assert_same_model(model, expected)
+    loaded = load_fm_checkpoint(ema, Net().eval())
+    for name, value in src.state_dict().items():
+        if "running" not in name and "num_batches" not in name:  # (buffers: raw, zeros)
+            assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_a_file_with_one_name_of_each_shared_tensor_loads(tmp_path):
+    """safetensors' save_model stores a tensor the model holds under several names once:
+    the names it dropped take the stored value."""
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    src = Net().eval()
+    path = tmp_path / "save_model.safetensors"
+    save_model(src, str(path))
+    full = tmp_path / "full.safetensors"
+    save_file({k: v.clone() for k, v in src.state_dict().items()}, str(full))
+    model, expected = _both_loads(path)
+    _assert_same_model(model, expected)
+    _assert_same_model(model, _both_loads(full)[0])
+
+
+def test_a_file_holding_two_values_for_one_shared_tensor_is_refused(tmp_path):
+    """The model holds one tensor under both names: which copy would it take? (torch's
+    load_state_dict takes the last silently.) Identical copies, NaNs included, are one."""
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in Net().state_dict().items()}
+    state["tail.weight"] = state["head.weight"] + 1
+    path = tmp_path / "two.safetensors"
+    save_file(state, str(path))
+    message = "different values for 'head.weight' and 'tail.weight', which are one tensor"
+    skeleton = _net_skeleton()
+    with pytest.raises(ValueError, match=message):
+        otq.load_and_quantize(path, skeleton, bits=4, progress=False)
+    assert _meta_names(skeleton) == _meta_names(_net_skeleton())  # untouched
+    with pytest.raises(ValueError, match=message):
+        load_fm_checkpoint(path, Net())
+    state["head.weight"][0, 0] = state["tail.weight"][0, 0] = float("nan")
+    state["tail.weight"] = state["head.weight"].clone()
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="layer 'head': weight has 1 NaN/Inf"):
+        otq.load_and_quantize(path, _net_skeleton(), bits=4, progress=False)
+
+
 def test_a_real_model_is_filled_and_moved_too(tmp_path):
     src = _float_unet()
     path = _sources(tmp_path, src)["f32"]

@@ -96,15 +96,51 @@ def extract_state_dict(
     out = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     shadows = {int(m.group(1)): v for k, v in state.items() if (m := _SHADOW.match(k))}
     if use_ema and shadows:
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if len(names) != len(shadows):
+        params = [p for p in model.parameters() if p.requires_grad]
+        if len(params) != len(shadows):
             raise ValueError(
-                f"EMA checkpoint has {len(shadows)} shadow params, model has {len(names)} "
+                f"EMA checkpoint has {len(shadows)} shadow params, model has {len(params)} "
                 "trainable parameters: different architecture"
             )
-        for i, name in enumerate(names):
-            out[name] = shadows[i]
+        names = _names_by_tensor(model.named_parameters(remove_duplicate=False))
+        for i, p in enumerate(params):
+            out.update(dict.fromkeys(names[id(p)], shadows[i]))  # every name of a shared one
     return out
+
+
+def _names_by_tensor(named) -> dict[int, list[str]]:
+    """id(tensor) -> its names, in order, from ``(name, tensor)`` pairs."""
+    names: dict[int, list[str]] = {}
+    for name, t in named:
+        names.setdefault(id(t), []).append(name)
+    return names
+
+
+def _fill_shared(state: dict, model: nn.Module) -> dict:
+    """``state`` with one value for each tensor the model holds under several names (a
+    shared layer, tied weights): a name the file lacks takes its partner's value (files
+    written by safetensors' ``save_model`` keep one name of each); ValueError where the
+    file stores different values under two of them (the model can hold only one)."""
+    own = model.state_dict(keep_vars=True).items()
+    for names in _names_by_tensor(own).values():
+        present = [n for n in names if n in state]
+        for name in present[1:]:
+            if not _same_values(state[present[0]], state[name]):
+                raise ValueError(f"checkpoint holds different values for {present[0]!r} and "
+                                 f"{name!r}, which are one tensor in the model")
+        if present:
+            state.update({n: state[present[0]] for n in names if n not in state})
+    return state
+
+
+def _same_values(a, b) -> bool:
+    """Whether two checkpoint values (tensors, or entries read on demand with ``.to``)
+    hold the same dtype, shape and bytes (a NaN equals itself)."""
+    if a is b:
+        return True
+    a, b = (t.to(torch.device("cpu")).reshape(-1).contiguous() for t in (a, b))
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.view(torch.uint8), b.view(torch.uint8))
 
 
 def checkpoint_state(raw: Mapping, model: nn.Module, use_ema: bool = True) -> dict:
@@ -114,6 +150,7 @@ def checkpoint_state(raw: Mapping, model: nn.Module, use_ema: bool = True) -> di
     when the checkpoint belongs to another architecture."""
     own = model.state_dict()
     state = extract_state_dict(strip_wrapper_prefixes(raw, own), model, use_ema)
+    state = _fill_shared(state, model)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [
