@@ -426,18 +426,28 @@ def _check_rest(own: dict, tensors: dict, path) -> None:
                              f"{value.dtype}")
 
 
+def usable_device(device) -> torch.device:
+    """``torch.device(device)`` where this torch and machine can hold values; else a
+    one-line ValueError ("device 'mps': ..." or "the meta device (it holds no values)")."""
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)  # a GPU the build or machine lacks fails here
+    except (RuntimeError, AssertionError) as err:  # (torch's two kinds for these)
+        first = (str(err).strip() or type(err).__name__).splitlines()[0]
+        raise ValueError(f"device {str(device)!r}: {first.split('. ')[0]}") from None
+    if device.type == "meta":
+        raise ValueError("the meta device (it holds no values)")
+    return device
+
+
 def load_device(model: nn.Module, device, path) -> torch.device:
     """``device``, else the model's (CPU for a skeleton on the meta device); ValueError
     for one that cannot hold the weights, before the model is touched."""
     if device is not None:
         try:
-            device = torch.device(device)
-            torch.empty(0, device=device)  # a GPU the build or machine lacks fails here
-        except (RuntimeError, AssertionError) as err:  # (torch's two kinds for these)
-            raise ValueError(f"{path}: cannot load onto device {str(device)!r}: {err}") from None
-        if device.type == "meta":
-            raise ValueError(f"{path}: cannot load onto the meta device (it holds no values)")
-        return device
+            return usable_device(device)
+        except ValueError as err:
+            raise ValueError(f"{path}: cannot load onto {err}") from None
     for t in list(model.parameters()) + list(model.buffers()):
         return torch.device("cpu") if t.is_meta else t.device
     return torch.device("cpu")

@@ -47,6 +47,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    """argparse type: an integer ``torch.manual_seed`` takes (-2**63 .. 2**64 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -2**63 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be between -2**63 and 2**64 - 1, got {value}")
+    return value
+
+
 def bit_width(text: str) -> int:
     """argparse type: a code width that :func:`format.check_bits` accepts (2..8)."""
     value = positive_int(text)
@@ -145,6 +156,8 @@ def _skeleton(model_class, kwargs: dict):
 def _device(args):
     import torch
 
+    from .checkpoint import usable_device
+
     name = getattr(args, "device", "auto") or "auto"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -159,7 +172,27 @@ def _device(args):
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
                          "device(s) are visible")
-    return device
+    try:
+        return usable_device(device)
+    except ValueError as err:
+        raise ValueError(f"--device {name}: cannot use {err}") from None
+
+
+def _check_output(path: str, what: str, directory: bool = False) -> Path:
+    """``path``, an output file (or ``directory``) the command can create; ValueError
+    before any work where it is empty, a directory where a file is wanted (or the
+    reverse), or under a file."""
+    if not str(path):
+        raise ValueError(f"{what}: the path is empty")
+    path = Path(path)
+    for place in (path, *path.parents):
+        if place.exists():
+            wanted_dir = directory or place != path
+            if place.is_dir() != wanted_dir:
+                kind = "not a directory" if wanted_dir else "a directory"
+                raise ValueError(f"{what} {path}: {place} is {kind}")
+            break
+    return path
 
 
 def _add_model_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -186,6 +219,9 @@ def _parse_override(text: str) -> tuple[str, dict]:
     if not sep or not pattern:
         raise argparse.ArgumentTypeError(f"override {text!r} must be PATTERN=BITS[:METHOD]")
     parts = spec.split(":")
+    if len(parts) > 3:
+        raise argparse.ArgumentTypeError(
+            f"override {text!r} must be PATTERN=BITS[:METHOD[:GRANULARITY]]")
     try:
         opts: dict = {"bits": int(parts[0])}
     except ValueError:
@@ -221,6 +257,9 @@ def cmd_quantize(args) -> int:
     from .nn import format_summary, quantize_model
     from .streaming import load_and_quantize
 
+    out = _check_output(args.output, "-o")
+    if args.checkpoint and out.exists() and os.path.samefile(out, args.checkpoint):
+        raise ValueError(f"-o {out} is the checkpoint being quantized; write to another file")
     options = dict(bits=args.bits, method=args.method, granularity=args.granularity,
                    include=args.include, exclude=args.exclude, backend=args.backend,
                    overrides=dict(args.override or []), progress=not args.quiet)
@@ -241,7 +280,6 @@ def cmd_quantize(args) -> int:
     meta = {"config": info["config"], "config_kwargs": info["config_kwargs"],
             "image_size": info["image_size"], "source": info["source"],
             "command": "otq " + shlex.join(sys.argv[1:]) if sys.argv else "otq quantize"}
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_quantized(model, out, metadata=meta)
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KB)")
@@ -255,8 +293,9 @@ def cmd_sample(args) -> int:
     from . import fm
     from .demo import image_shape
     from .dispatch_log import record_dispatch
-    from .report import save_grid
+    from .report import check_grid_path, save_grid
 
+    check_grid_path(_check_output(args.output, "-o"))
     model, info = load_model(args)
     dtype = getattr(torch, args.dtype)
     model = model.to(dtype)  # codebooks stay float32; GroupNorm runs in float32
@@ -293,6 +332,7 @@ def print_dispatch(log) -> None:
 def cmd_eval(args) -> int:
     from .demo import evaluate
 
+    _check_output(args.out_dir, "--out-dir", directory=True)
     model, info = load_model(args)
     if info["quantized"]:
         raise ValueError("give the float model; eval quantizes it at every setting")
@@ -348,6 +388,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run
 
+    _check_output(args.out_dir, "--out-dir", directory=True)
     run(out_dir=args.out_dir, bits=args.bits, methods=args.methods, n=args.n,
         steps=args.steps, solver=args.solver, seed=args.seed, progress=not args.quiet,
         device=_device(args))
@@ -372,7 +413,8 @@ def _sweep_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--steps", type=positive_int, default=steps,
                    help=f"ODE steps (default {steps})")
     p.add_argument("--solver", default="euler", choices=SOLVERS, help="ODE solver (default euler)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (same noise for every model)")
+    p.add_argument("--seed", type=seed_value, default=0,
+                   help="noise seed (same noise for every model)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 avoids OpenMP "
@@ -401,20 +443,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN",
                    help="keep layers matching these fnmatch patterns (or inside a module "
                         "that does) in float")
-    p.add_argument("--override", type=_parse_override, action="append", metavar="PAT=BITS[:M]",
-                   help="per-layer bits (and method), e.g. --override 'out.2=8' (repeatable)")
+    p.add_argument("--override", type=_parse_override, action="append",
+                   metavar="PAT=BITS[:M[:G]]",
+                   help="per-layer bits (and method, granularity), e.g. --override 'out.2=8' "
+                        "(repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("sample", help="PNG grid of samples from a float or quantized model",
                        description="Integrate the FM ODE from seeded noise and save a grid.")
     _add_model_args(p, "float or quantized (otq quantize) checkpoint")
-    p.add_argument("-o", "--output", default="samples.png", help="PNG path (default samples.png)")
+    p.add_argument("-o", "--output", default="samples.png",
+                   help="image path: .png (default samples.png), .jpg, .pdf or .svg")
     p.add_argument("--n", type=positive_int, default=16, help="number of samples (default 16)")
     p.add_argument("--steps", type=positive_int, default=20, help="ODE steps (default 20)")
     p.add_argument("--method", default="midpoint", choices=SOLVERS,
                    help="ODE solver (default midpoint)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="noise seed (default 0)")
     p.add_argument("--nrow", type=positive_int, default=8,
                    help="images per grid row (default 8)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],

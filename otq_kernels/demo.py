@@ -80,6 +80,15 @@ def _device(model: nn.Module) -> torch.device:
     return next(iter(model.parameters()), torch.empty(0)).device
 
 
+def _check_backend_runs(name: str, device: torch.device) -> None:
+    """ValueError, before any sampling, where backend ``name`` cannot run on ``device``."""
+    from . import backends
+
+    reason = None if name == "auto" else backends.get(name).unavailable(device)
+    if reason:
+        raise ValueError(f"backend {name!r} cannot run on {device}: {reason}")
+
+
 # ----------------------------------------------------------------------------- scoring
 def size_stats(model: nn.Module) -> dict:
     """Model size: bytes as stored, fp32/fp16 sizes, bits/weight (quantized layers only,
@@ -176,6 +185,7 @@ def evaluate(model: nn.Module, bits=DEMO_BITS, methods=METHODS, granularity: str
     started = time.perf_counter()
     model = model.eval()
     device = _device(model)
+    _check_backend_runs(backend, device)
     shape = image_shape(model, image_size)
     x0 = fm.make_noise((n, *shape), seed, device=device)
     real01, real_desc = real_images(shape, n_real, seed) if paper_protocol else (None, None)

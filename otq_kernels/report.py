@@ -100,10 +100,22 @@ def grid_image(x: torch.Tensor, nrow: int = 8, pad: int = 1):
     return (grid[..., 0] if c == 1 else grid).numpy()
 
 
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
+def check_grid_path(path: str | os.PathLike) -> None:
+    """ValueError unless ``path`` names an image file :func:`save_grid` writes."""
+    if Path(path).suffix.lower() not in GRID_SUFFIXES:
+        raise ValueError(f"{path}: an image grid is written as {', '.join(GRID_SUFFIXES)}; "
+                         f"not {Path(path).suffix or 'a name without an extension'}")
+
+
 def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 4) -> None:
-    """Save samples [B, C, H, W] in [-1, 1] as a PNG grid (nearest-upscaled by ``scale``)."""
+    """Save samples [B, C, H, W] in [-1, 1] as an image grid (nearest-upscaled by
+    ``scale``); the format follows the extension (:data:`GRID_SUFFIXES`)."""
     import numpy as np
 
+    check_grid_path(path)
     plt = _pyplot()
     g = grid_image(x, nrow)
     g = np.repeat(np.repeat(g, scale, 0), scale, 1)

@@ -125,7 +125,11 @@ def test_sample_in_half_precision(tmp_path, capsys, dtype, tol):
     (["sample", "--steps", "-2"], "argument --steps: must be at least 1, got -2"),
     (["eval", "--bits", "4", "1"], "argument --bits: bits must be an integer in 2..8, got 1"),
     (["demo", "--n", "two"], "argument --n: 'two' is not an integer"),
-], ids=["quantize-bits", "backend", "sample-n", "sample-steps", "eval-bits", "demo-n"])
+    (["sample", "--seed", str(2**64)], "argument --seed: must be between -2**63 and 2**64 - 1"),
+    (["quantize", "--override", "out.2=4:ot:tensor:x"],
+     "override 'out.2=4:ot:tensor:x' must be PATTERN=BITS[:METHOD[:GRANULARITY]]"),
+], ids=["quantize-bits", "backend", "sample-n", "sample-steps", "eval-bits", "demo-n",
+        "seed-range", "override-fields"])
 def test_bad_arguments_stop_at_parse_time(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
@@ -192,6 +196,61 @@ def _refused(argv, capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith(f"otq {argv[0]}: error: ") and err.count("\n") == 1, err
     return err
+
+
+def test_outputs_devices_and_backends_are_refused_before_any_work(tmp_path, capsys,
+                                                                  monkeypatch):
+    """An output the command could not write (no image extension, under a file, a
+    directory for a file, empty, the file being read), a device that holds no values or
+    that this torch lacks, and a backend that cannot run on the device: one line, before
+    the model is loaded or anything sampled."""
+    def never(*_args, **_kwargs):
+        raise AssertionError("the command went on to load or sample")
+
+    monkeypatch.setattr(cli, "load_model", never)
+    monkeypatch.setattr(demo, "run", never)
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("x")
+    tiny = ["--random-init", "tiny"]
+    for argv, message in [
+        (["sample", *tiny, "-o", str(tmp_path / "s.txt")], "s.txt: an image grid is written "
+         "as .png, .jpg, .jpeg, .pdf, .svg; not .txt"),
+        (["sample", *tiny, "-o", str(a_file / "s.png")], f"-o {a_file / 's.png'}: {a_file} "
+         "is not a directory"),
+        (["quantize", *tiny, "-o", str(tmp_path)], f"-o {tmp_path}: {tmp_path} is a directory"),
+        (["quantize", *tiny, "-o", ""], "-o: the path is empty"),
+        (["quantize", "--checkpoint", str(a_file), "-o", str(a_file)],
+         f"-o {a_file} is the checkpoint being quantized; write to another file"),
+        (["eval", *tiny, "--out-dir", str(a_file / "d")], f"{a_file} is not a directory"),
+        (["demo", "--out-dir", str(a_file)], f"--out-dir {a_file}: {a_file} is not a "
+         "directory"),
+    ]:
+        assert message in _refused(argv, capsys)
+    assert a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("device, message", [
+    ("meta", "--device meta: cannot use the meta device (it holds no values)"),
+    ("mps", "--device mps: cannot use device 'mps': Could not run"),
+], ids=["meta", "mps"])
+def test_a_device_that_holds_no_values_is_refused(device, message, tmp_path, capsys):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    for argv in (["sample", "--random-init", "tiny", "-o", str(tmp_path / "s.png")],
+                 ["demo", "--out-dir", str(tmp_path / "d")]):
+        assert message in _refused([*argv, "--device", device], capsys)
+    assert not any(tmp_path.iterdir())
+
+
+def test_eval_refuses_a_backend_that_cannot_run_on_the_device(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the cuda backend runs here")
+    argv = ["eval", "--random-init", "tiny", "--bits", "2", "--methods", "ot", "--n", "1",
+            "--steps", "1", "--n-real", "1", "--quiet", "--backend", "cuda",
+            "--out-dir", str(tmp_path / "ev")]
+    assert "backend 'cuda' cannot run on cpu: the cuda backend needs CUDA tensors" in \
+        _refused(argv, capsys)
+    assert not (tmp_path / "ev").exists()
 
 
 def test_every_refusal_has_one_format(tmp_path, capsys):
