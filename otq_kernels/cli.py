@@ -258,7 +258,8 @@ def cmd_quantize(args) -> int:
     from .streaming import load_and_quantize
 
     out = _check_output(args.output, "-o")
-    if args.checkpoint and out.exists() and os.path.samefile(out, args.checkpoint):
+    reads = Path(args.checkpoint or "")
+    if args.checkpoint and out.exists() and reads.exists() and os.path.samefile(out, reads):
         raise ValueError(f"-o {out} is the checkpoint being quantized; write to another file")
     options = dict(bits=args.bits, method=args.method, granularity=args.granularity,
                    include=args.include, exclude=args.exclude, backend=args.backend,

@@ -348,3 +348,13 @@ def test_grid_image_shapes():
     assert g.shape == (2 * 5 + 1, 3 * 5 + 1)
     g = report.grid_image(torch.zeros(2, 3, 4, 4), nrow=2)
     assert g.shape == (6, 11, 3)
+
+
+@pytest.mark.parametrize("suffix", report.GRID_SUFFIXES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_save_grid_writes_every_format_it_accepts(tmp_path, suffix, channels):
+    path = tmp_path / f"grid{suffix.upper() if suffix == '.png' else suffix}"
+    report.save_grid(torch.rand(3, channels, 4, 4) * 2 - 1, path, nrow=2)
+    assert path.stat().st_size > 0
+    with pytest.raises(ValueError, match="not .tif"):
+        report.save_grid(torch.zeros(1, 1, 2, 2), tmp_path / "grid.tif")
