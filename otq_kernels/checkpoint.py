@@ -26,6 +26,7 @@ import json
 import math
 import os
 import struct
+import sys
 import zlib
 
 import torch
@@ -195,6 +196,8 @@ def _safetensors_file(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise ValueError(f"{path} is a directory, not a checkpoint file")
+    if not os.path.isfile(path):  # a pipe or device would block or never end
+        raise ValueError(f"{path} is not a regular file")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             yield f
@@ -233,6 +236,8 @@ def _json(meta: dict, key: str, path) -> dict:
         value = json.loads(meta.get(key, "{}"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: metadata {key!r} is nested too deeply") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: metadata {key!r} must be a JSON object")
     return value
@@ -251,14 +256,22 @@ def _check_format(meta: dict, path) -> None:
                          "is corrupt")
 
 
+def read_aliases(meta: dict, stored, path) -> dict[str, str]:
+    """The metadata's ``aliases`` ({other name: stored name}), each checked to bind a name
+    that is not among ``stored`` (the file's tensor names) to one that is; ValueError
+    else."""
+    aliases = _json(meta, ALIASES, path)
+    for alias, name in aliases.items():
+        if not isinstance(name, str) or alias in stored or name not in stored:
+            raise ValueError(f"{path}: alias {alias!r} -> {name!r} must name a stored tensor "
+                             "under a name that is not stored: the file is corrupt")
+    return aliases
+
+
 def _add_aliases(meta: dict, tensors: dict, path) -> dict:
     """``tensors`` with each name of ``aliases`` bound to the tensor it names (stored once
     in the file under that name); ValueError for an alias that is not one."""
-    aliases = _json(meta, ALIASES, path)
-    for alias, name in aliases.items():
-        if alias in tensors or name not in tensors:
-            raise ValueError(f"{path}: alias {alias!r} -> {name!r} must name a stored tensor "
-                             "under a name that is not stored: the file is corrupt")
+    aliases = read_aliases(meta, tensors, path)
     return {**tensors, **{alias: tensors[name] for alias, name in aliases.items()}}
 
 
@@ -284,7 +297,7 @@ def _check_entry(name: str, entry) -> type[_QuantModule]:
     """Validate one ``layers`` entry; returns the Quant* class."""
     if not isinstance(entry, dict):
         raise ValueError(f"layer {name!r}: metadata entry must be an object")
-    cls = QUANT_CLASSES.get(entry.get("type"))
+    cls = QUANT_CLASSES.get(entry.get("type")) if isinstance(entry.get("type"), str) else None
     if cls is None:
         raise ValueError(f"layer {name!r}: unknown layer type {entry.get('type')!r}")
     try:
@@ -293,16 +306,23 @@ def _check_entry(name: str, entry) -> type[_QuantModule]:
         raise ValueError(f"layer {name!r}: {err}") from None
     if entry.get("granularity") not in GRANULARITIES:
         raise ValueError(f"layer {name!r}: bad granularity {entry.get('granularity')!r}")
+    if not isinstance(entry.get("method", ""), str):
+        raise ValueError(f"layer {name!r}: method {entry.get('method')!r} is not a name")
     shape = entry.get("shape")
     ndim = {QuantLinear: 2, QuantConv1d: 3, QuantConv2d: 4}[cls]
     if (not isinstance(shape, list) or len(shape) != ndim
             or not all(isinstance(s, int) and s > 0 for s in shape)):
         raise ValueError(f"layer {name!r}: shape {shape!r} is not a valid {ndim}-D weight shape")
     stats = entry.get("stats") or {}
-    if not isinstance(stats, dict) or not all(
-            v is None or isinstance(v, (int, float)) for v in stats.values()):
+    if not isinstance(stats, dict) or not all(v is None or _is_number(v) for v in stats.values()):
         raise ValueError(f"layer {name!r}: stats {stats!r} must map names to numbers")
     return cls
+
+
+def _is_number(v) -> bool:
+    """A JSON number a float holds (not a bool, not an integer beyond float's range)."""
+    return isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)
+                                    and abs(v) <= sys.float_info.max)
 
 
 def _target(model: nn.Module, name: str, cls: type[_QuantModule], entry: dict) -> nn.Module:

@@ -348,9 +348,10 @@ def cmd_eval(args) -> int:
 # ----------------------------------------------------------------------------- info
 def cmd_info(args) -> int:
     from .file_info import describe_file
+    from .report import jsonable
 
     info = describe_file(args.file, verify=not args.no_verify)
-    print(json.dumps(info.to_dict(), indent=1) if args.json else info)
+    print(json.dumps(jsonable(info.to_dict()), indent=1) if args.json else info)
     return 0
 
 

@@ -185,6 +185,6 @@ def record_dispatch(model: nn.Module | None = None) -> Iterator[DispatchLog]:
     try:
         yield log
     finally:
-        _OPEN.remove(log)
+        _OPEN[:] = [other for other in _OPEN if other is not log]  # (equal logs may differ)
         for handle in handles:
             handle.remove()

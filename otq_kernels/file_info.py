@@ -17,13 +17,13 @@ import re
 from dataclasses import asdict, dataclass
 
 from .checkpoint import (
-    ALIASES,
     CHECKSUMS,
     FORMAT,
     _check_entry,
     _check_format,
     _json,
     layer_stats,
+    read_aliases,
     read_safetensors_header,
     verify_checkpoint,
 )
@@ -158,9 +158,8 @@ def _summary(meta: dict, header: dict, path) -> QuantizationSummary:
             _check_entry(name, entry)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
-    aliases = _json(meta, ALIASES, path)
-    named = {**header, **{alias: header[stored] for alias, stored in aliases.items()
-                          if stored in header}}
+    aliases = read_aliases(meta, header, path)
+    named = {**header, **{alias: header[stored] for alias, stored in aliases.items()}}
     rows = [_quantized_row(name, entry, named, path) for name, entry in layers.items()]
     rows += [_kept_row(name, str(reason), named)
              for name, reason in _json(meta, "kept_float", path).items()]

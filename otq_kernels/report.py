@@ -29,13 +29,14 @@ def _finite(v):
     return v
 
 
-def _jsonable(obj):
+def jsonable(obj):
+    """``obj`` (dicts, lists, tensors, numbers) as strict JSON takes it: inf/nan as strings."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     return _finite(obj)
 
 
@@ -201,7 +202,7 @@ def _plot_mosaic(result: dict, samples: dict, path: Path, per_cell: int = 16) ->
 def write_outputs(result: dict, samples: dict, table: str, out: Path, log=print) -> None:
     """results.json, table.txt, plots and per-setting sample grids under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_jsonable(result), indent=1))
+    (out / "results.json").write_text(json.dumps(jsonable(result), indent=1))
     (out / "table.txt").write_text(table + "\n")
     for name, x in samples.items():
         save_grid(x, out / "samples" / f"{name}.png", nrow=min(8, len(x)))

@@ -129,6 +129,19 @@ def test_blocks_nest_and_clean_up(net):
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
 
 
+def test_an_inner_log_equal_to_the_outer_one_closes_itself_only(net):
+    """Logs are lists: when every call so far was made inside the inner block, the two are
+    equal, and leaving the inner block must still close the inner one."""
+    x = torch.randn(1, 3, 8, 8)
+    with otq.record_dispatch(net) as outer:
+        with otq.record_dispatch(net) as inner:
+            net(x)
+        assert inner == outer
+        net(x)
+    assert (len(outer), len(inner)) == (6, 3) and not dispatch_log.recording()
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in net.modules())
+
+
 def test_an_error_inside_the_block_closes_the_log(net):
     with pytest.raises(ValueError, match="must be"), otq.record_dispatch(net) as log:
         net(torch.randn(1, 3, 8, 8))

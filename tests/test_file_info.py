@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -102,9 +103,10 @@ def test_a_float_file_says_what_loading_it_needs(tmp_path):
         assert f"floating-point parameters: {count:,}" in str(info)
 
 
-def _rewrite(path, change=None, layers=None) -> None:
+def _rewrite(path, change=None, layers=None, metadata=None) -> None:
     """Write ``path`` again with ``change(tensors)`` applied, the ``layers`` metadata
-    updated from ``layers`` ({name: {key: value}}), and valid checksums."""
+    updated from ``layers`` ({name: {key: value}}), other metadata strings from
+    ``metadata``, and valid checksums."""
     meta, tensors = read_safetensors(path)
     if change:
         change(tensors)
@@ -112,6 +114,7 @@ def _rewrite(path, change=None, layers=None) -> None:
     for name, values in (layers or {}).items():
         entries[name].update(values)
     meta["layers"] = json.dumps(entries)
+    meta.update(metadata or {})
     meta.pop("checksums")
     meta["checksums"] = _checksums(meta, tensors)
     save_file(tensors, str(path), metadata=meta)
@@ -143,11 +146,30 @@ def test_a_damaged_file_is_reported_not_described(tmp_path):
     ({"stats": [1.0]}, "layer 'out.2': stats"),
     ({"bits": 9}, "layer 'out.2': bits must be"),
     ({"shape": [1, 32, 3]}, "layer 'out.2': shape"),
-], ids=["stats", "bits", "shape"])
+    ({"type": ["QuantConv2d"]}, "layer 'out.2': unknown layer type"),
+    ({"method": {"ot": 1}}, "layer 'out.2': method {'ot': 1} is not a name"),
+    ({"stats": {"sqnr_db": 10**400}}, "layer 'out.2': stats"),
+    ({"stats": {"sqnr_db": True}}, "layer 'out.2': stats"),
+], ids=["stats", "bits", "shape", "type", "method", "huge-number", "bool"])
 def test_metadata_load_quantized_refuses_is_refused(tmp_path, verify, changes, match):
     path, _ = _quantized_file(tmp_path)
     _rewrite(path, layers={"out.2": changes})
     with pytest.raises(ValueError, match=f"{path}: {match}"):
+        describe_file(path, verify=verify)
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "header-only"])
+@pytest.mark.parametrize("metadata, match", [
+    ({"aliases": json.dumps({"x.weight": ["out.2.codebook"]})}, "alias 'x.weight' -> \\['out"),
+    ({"aliases": json.dumps({"out.2.codebook": "out.2.plane0"})}, "alias 'out.2.codebook'"),
+    ({"user": "[" * 100_000 + "]" * 100_000}, "metadata 'user' is nested too deeply"),
+], ids=["alias-to-a-list", "alias-over-a-stored-tensor", "deep-nesting"])
+def test_crafted_metadata_is_refused(tmp_path, verify, metadata, match):
+    """Metadata with valid checksums that no writer makes: a ValueError, not a TypeError
+    or RecursionError from inside, nor numbers of one tensor reported for another."""
+    path, _ = _quantized_file(tmp_path)
+    _rewrite(path, metadata={"format_version": "2", **metadata})
+    with pytest.raises(ValueError, match=match):
         describe_file(path, verify=verify)
 
 
@@ -166,7 +188,27 @@ def test_files_it_does_not_read(tmp_path):
         describe_file(pickle)
     with pytest.raises(FileNotFoundError):
         describe_file(tmp_path / "missing.safetensors")
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)  # opening it would wait for a writer
+    with pytest.raises(ValueError, match="is not a regular file"):
+        describe_file(fifo)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 40)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         describe_file(garbage)
+
+
+def test_json_report_is_strict_json(tmp_path, capsys):
+    """An exact codebook's SQNR is inf: `otq info --json` writes it as "inf", not the
+    Infinity that strict JSON parsers refuse."""
+    from otq_kernels import cli
+
+    path, _ = _quantized_file(tmp_path)
+    _rewrite(path, layers={"out.2": {"stats": {"sqnr_db": float("inf")}}})
+    assert cli.main(["info", str(path), "--json"]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    rows = json.loads(capsys.readouterr().out, parse_constant=refuse)["summary"]["layers"]
+    assert [row["sqnr_db"] for row in rows if row["name"] == "out.2"] == ["inf"]
