@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fm import leaves_modes
 from .nn import quantize_model
 from .quantizers import METHODS
 from .report import format_table, write_outputs
@@ -67,7 +68,9 @@ def real_images(shape: tuple[int, int, int], n: int, seed: int = 0) -> tuple[tor
     """
     from .data import load_digits, load_image_patches
 
-    c, h, _ = shape
+    c, h, w = shape
+    if h != w or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"need square images and n >= 1, got shape {tuple(shape)}, n {n!r}")
     if c == 1:
         x = load_digits(size=h)
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
@@ -166,13 +169,15 @@ def _sample(model, x0, steps, solver):
     return x, time.perf_counter() - t
 
 
+@leaves_modes
 def evaluate(model: nn.Module, bits=DEMO_BITS, methods=METHODS, granularity: str = "channel",
              n: int = 16, steps: int = 8, solver: str = "euler", seed: int = 0,
              image_size: int = 16, n_real: int = 64, backend: str = "auto",
              out_dir: str | os.PathLike | None = None, paper_protocol: bool = True,
              progress: bool = True, log=print, meta: dict | None = None) -> dict:
-    """Quantize ``model`` (float, left untouched) at every bits × methods setting and score
-    each against the FP model on the same noise x0 [n, C, S, S] (S = image_size).
+    """Quantize ``model`` (float, left untouched, its modes too: it runs in eval mode) at
+    every bits × methods setting and score each against the FP model on the same noise x0
+    [n, C, S, S] (S = image_size, at least 6: the SSIM window).
 
     Returns ``{"meta", "fp", "rows": [...]}``; with ``out_dir`` also writes results.json,
     table.txt, plots and sample grids there.
@@ -183,10 +188,10 @@ def evaluate(model: nn.Module, bits=DEMO_BITS, methods=METHODS, granularity: str
     from .metrics import fidelity
 
     started = time.perf_counter()
-    model = model.eval()
     device = _device(model)
     _check_backend_runs(backend, device)
     shape = image_shape(model, image_size)
+    fidelity.check_ssim_size(shape[1:])
     x0 = fm.make_noise((n, *shape), seed, device=device)
     real01, real_desc = real_images(shape, n_real, seed) if paper_protocol else (None, None)
     real01 = real01.to(device) if real01 is not None else None

@@ -8,8 +8,11 @@ t = 0, data x1 in [-1, 1] at t = 1.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Callable, Iterable
+import operator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +21,29 @@ from .graphs import CudaGraphed
 
 FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; each submodule's own train/eval flag is
+    restored after it (``model.train(flag)`` would give them all the top module's)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def leaves_modes(fn: Callable) -> Callable:
+    """Decorate ``fn(model, ...)`` to run the model in eval mode and leave its modes as
+    they were (:func:`evaluating`)."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with evaluating(model):
+            return fn(model, *args, **kwargs)
+    return wrapper
 
 
 class VelocityWrapper(nn.Module):
@@ -90,17 +116,15 @@ def sample(
             f"adaptive: {ADAPTIVE_METHODS}"
         )
     fixed = method in FIXED_STEP_METHODS
-    if fixed and steps < 1:
-        raise ValueError("steps must be >= 1")
+    if fixed and not (_is_int(steps) and steps >= 1):
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     extras = {} if label is None else {"label": label.to(x0.device)}
     time_grid = torch.tensor([0.0, 1.0], device=x0.device)
     if return_intermediates:
         if not fixed:
             raise ValueError("return_intermediates needs a fixed-step method")
         time_grid = torch.linspace(0.0, 1.0, steps + 1, device=x0.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         velocity = VelocityWrapper(model, cfg_scale)
         if cuda_graph:
             velocity = CudaGraphed(velocity)
@@ -115,8 +139,17 @@ def sample(
             return_intermediates=return_intermediates,
             **extras,
         )
-    finally:
-        model.train(was_training)
+
+
+def _is_int(value) -> bool:
+    """An integer (a numpy one or an integer 0-d tensor too), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 class EMA:

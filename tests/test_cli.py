@@ -284,6 +284,19 @@ def test_override_parsing():
         cli._parse_override("nobits")
 
 
+def test_evaluate_leaves_the_model_as_it_was_and_checks_the_image_size_first(monkeypatch):
+    model = demo.random_model("tiny").train()
+    model.out.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    demo.evaluate(model, bits=[8], methods=["uniform"], n=1, steps=1, n_real=2,
+                  progress=False, log=lambda _text: None)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    monkeypatch.setattr(demo, "_sample", lambda *a: pytest.fail("sampled before checking"))
+    with pytest.raises(ValueError, match="SSIM needs images of at least 6x6 pixels"):
+        demo.evaluate(model, image_size=5, progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
 def test_eval_writes_results(tmp_path, capsys):
     out_dir = tmp_path / "ev"
     assert cli.main(["eval", "--random-init", "tiny", "--bits", "2", "8", "--methods", "ot",

@@ -108,6 +108,24 @@ def test_sample_intermediates_labels_and_errors():
     model.train()
     fm.sample(model, x0, steps=1)
     assert model.training  # mode restored
+    for steps in (2.5, 0, True, None):
+        with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+            fm.sample(model, x0, steps=steps)
+
+
+def test_sample_leaves_each_submodule_in_its_mode():
+    """A model training with a frozen (eval-mode) part keeps it in eval mode after
+    sampling; an error inside the solver leaves the modes as they were too."""
+    model = _model().train()
+    model.out.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    seen = []
+    model.out.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    fm.sample(model, fm.make_noise((1, 1, 16, 16), seed=0), steps=1)
+    assert seen == [False] and {n: m.training for n, m in model.named_modules()} == modes
+    with pytest.raises(ValueError, match="expects images"):
+        fm.sample(model, torch.zeros(1, 2, 16, 16), steps=1)  # wrong channel count
+    assert {n: m.training for n, m in model.named_modules()} == modes
 
 
 def test_train_reduces_loss():

@@ -19,14 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fm import evaluating
+
 INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 
 
 def paired_psnr_ssim(
     a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0, clamp: bool = True
 ) -> dict[str, float]:
-    """PSNR (dB) and SSIM between paired images a, b [B, C, H, W] (e.g. FP vs quantized
-    samples from the same x0). Defaults suit [-1, 1] images (clamped to it).
+    """PSNR (dB) and SSIM between paired images a, b [B, C, H, W], B >= 1, H and W >= 6
+    (the SSIM window's reflect padding), e.g. FP vs quantized samples from the same x0.
+    Defaults suit [-1, 1] images; ``clamp`` clamps to [-1, 1] when ``data_range`` is 2,
+    else to [0, data_range].
 
     PSNR uses the MSE over the whole batch (``inf`` when identical); SSIM is the mean of
     torchmetrics' Gaussian (11×11, σ 1.5) SSIM. Also returns ``mse`` and ``max_abs``.
@@ -36,8 +40,10 @@ def paired_psnr_ssim(
         structural_similarity_index_measure,
     )
 
-    if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"need two [B, C, H, W] tensors of one shape, got {a.shape}, {b.shape}")
+    _check_pair(a, b)
+    check_ssim_size(a.shape[-2:])
+    if not data_range > 0:
+        raise ValueError(f"data_range must be positive, got {data_range}")
     a, b = a.detach().float().cpu(), b.detach().float().cpu()
     if clamp:
         lo, hi = (-1.0, 1.0) if data_range == 2.0 else (0.0, data_range)
@@ -46,6 +52,19 @@ def paired_psnr_ssim(
     psnr = math.inf if mse == 0 else float(peak_signal_noise_ratio(a, b, data_range=data_range))
     ssim = float(structural_similarity_index_measure(a, b, data_range=data_range))
     return {"psnr": psnr, "ssim": ssim, "mse": mse, "max_abs": (a - b).abs().max().item()}
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape or a.ndim != 4 or a.shape[0] == 0:
+        raise ValueError("need two non-empty [B, C, H, W] tensors of one shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def check_ssim_size(hw) -> None:
+    """ValueError unless images of size ``hw`` (H, W) fit :func:`paired_psnr_ssim`'s
+    Gaussian SSIM (11×11 window, reflect padding of 5: at least 6×6)."""
+    if min(hw) < 6:
+        raise ValueError(f"SSIM needs images of at least 6x6 pixels, got {tuple(hw)}")
 
 
 def box_ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11) -> float:
@@ -72,18 +91,19 @@ def paper_velocity_psnr_ssim(
     label: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The paper's PSNR/SSIM: velocities of both models at time ``t`` on real ``images``
-    [B, C, H, W] in [0, 1] (one forward each, no ODE). PSNR = 20·log10(1/RMSE) over the
-    batch (peak 1 is nominal: velocities are unbounded); SSIM via :func:`box_ssim`."""
+    [B, C, H, W] in [0, 1] (one forward each in eval mode, the models' modes left as they
+    were, no ODE). PSNR = 20·log10(1/RMSE) over the batch (peak 1 is nominal: velocities
+    are unbounded); SSIM via :func:`box_ssim`."""
     extra = {} if label is None else {"label": label}
     tt = torch.full((images.shape[0],), float(t), device=images.device)
-    model_fp.eval()
-    model_q.eval()
-    return velocity_psnr_ssim(model_fp(images, tt, extra), model_q(images, tt, extra))
+    with evaluating(model_fp), evaluating(model_q):
+        return velocity_psnr_ssim(model_fp(images, tt, extra), model_q(images, tt, extra))
 
 
 def velocity_psnr_ssim(v_fp: torch.Tensor, v_q: torch.Tensor) -> dict[str, float]:
-    """The paper's scores of two velocity batches [B, C, H, W]: PSNR = 20·log10(1/RMSE)
-    over the batch, SSIM with the 11×11 box window."""
+    """The paper's scores of two velocity batches [B, C, H, W] of one shape: PSNR =
+    20·log10(1/RMSE) over the batch, SSIM with the 11×11 box window."""
+    _check_pair(v_fp, v_q)
     v_fp, v_q = v_fp.float(), v_q.float()
     rmse = torch.sqrt(torch.mean((v_fp - v_q) ** 2)).item()
     psnr = math.inf if rmse == 0 else 20 * math.log10(1.0 / rmse)

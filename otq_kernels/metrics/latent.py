@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..fm import evaluating
+
 COLLAPSE_THRESHOLD = 1e-4
 
 
@@ -21,6 +23,8 @@ def pca_variances(features: torch.Tensor, n_components: int = 20) -> torch.Tenso
 
     Exact SVD when min(N, D) <= 2048, else randomized ``torch.pca_lowrank``.
     """
+    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
+        raise ValueError(f"n_components must be an integer >= 1, got {n_components!r}")
     x = features.double()
     x = x - x.mean(dim=0, keepdim=True)
     n, d = x.shape
@@ -42,18 +46,19 @@ def bottleneck_features(
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Flattened output of ``module`` (default ``model.middle_block``) captured by a forward
-    hook while running ``model(images, t)``: images [N, C, H, W] -> [N, D]."""
+    hook while running ``model(images, t)`` in eval mode (the model's modes left as they
+    were): images [N, C, H, W] -> [N, D]."""
     module = module if module is not None else model.middle_block
     captured: list[torch.Tensor] = []
     handle = module.register_forward_hook(
         lambda _m, _i, out: captured.append(out.detach().float().flatten(1).cpu())
     )
-    model.eval()
     try:
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size]
-            extra = {} if label is None else {"label": label[i : i + batch_size]}
-            model(x, torch.full((x.shape[0],), float(t), device=x.device), extra)
+        with evaluating(model):
+            for i in range(0, len(images), batch_size):
+                x = images[i : i + batch_size]
+                extra = {} if label is None else {"label": label[i : i + batch_size]}
+                model(x, torch.full((x.shape[0],), float(t), device=x.device), extra)
     finally:
         handle.remove()
     return torch.cat(captured)

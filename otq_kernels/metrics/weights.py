@@ -8,7 +8,8 @@ dequantized first) and compute in float64 over all elements of the tensor.
 - ``sqnr_db = 10·log10(sum(w²) / sum((w - ŵ)²))`` (+inf when ŵ == w; -inf when w == 0 ≠ ŵ)
 - ``w2 = sqrt(mean((sort(w) - sort(ŵ))²))``: the exact 2-Wasserstein distance between
   the empirical distributions of the values (the OT quantizer's objective). It is at most
-  sqrt(mse) and equals it for the rank-assigned ``ot`` quantizer.
+  sqrt(mse) and equals it for the rank-assigned ``ot`` quantizer with one codebook per
+  tensor (per channel, sqrt(mse) is the rows' W2 and the whole tensor's can be smaller).
 """
 
 from __future__ import annotations

@@ -25,6 +25,34 @@ def _model(seed: int = 1):
     return model.eval()
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda a: fidelity.velocity_psnr_ssim(a, a.repeat(1, 3, 1, 1)), "of one shape"),
+    (lambda a: fidelity.velocity_psnr_ssim(a[0, 0], a[0, 0]), "of one shape"),
+    (lambda a: fidelity.velocity_psnr_ssim(a[:0], a[:0]), "non-empty"),
+    (lambda a: fidelity.paired_psnr_ssim(a, a, data_range=-2.0), "data_range must be positive"),
+    (lambda a: fidelity.paired_psnr_ssim(a, a, data_range=0.0), "data_range must be positive"),
+    (lambda a: fidelity.paired_psnr_ssim(a[..., :5, :], a[..., :5, :]), "at least 6x6"),
+    (lambda a: fidelity.paired_psnr_ssim(a[:0], a[:0]), "non-empty"),
+    (lambda a: latent.pca_variances(a.flatten(1), n_components=0), "n_components must be"),
+], ids=["velocity-shapes", "velocity-2d", "velocity-empty", "negative-range", "zero-range",
+        "five-pixels", "empty", "no-components"])
+def test_bad_input_is_refused_not_scored(call, match):
+    """Input that gave a score of nothing (psnr inf for different shapes broadcast, or a
+    clamp to an empty range) or a crash inside torchmetrics: a ValueError."""
+    with pytest.raises(ValueError, match=match):
+        call(torch.rand(2, 1, 16, 16) * 2 - 1)
+
+
+def test_probes_leave_the_models_modes():
+    fp, q = _model().train(), _model(seed=2).train()
+    fp.out.eval()
+    modes = {name: m.training for name, m in fp.named_modules()}
+    images = torch.rand(2, 1, 16, 16)
+    fidelity.paper_velocity_psnr_ssim(fp, q, images)
+    latent.latent_variance_probe(fp, images, ts=(0.0,), n_components=2)
+    assert {name: m.training for name, m in fp.named_modules()} == modes and q.training
+
+
 def test_paired_psnr_ssim():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(4, 1, 16, 16, generator=g) * 2 - 1
