@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .fm import leaves_modes
+from .format import integer_value
 from .nn import quantize_model
 from .quantizers import METHODS
 from .report import format_table, write_outputs
@@ -69,7 +70,7 @@ def real_images(shape: tuple[int, int, int], n: int, seed: int = 0) -> tuple[tor
     from .data import load_digits, load_image_patches
 
     c, h, w = shape
-    if h != w or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if h != w or not (integer_value(n) or 0) >= 1:
         raise ValueError(f"need square images and n >= 1, got shape {tuple(shape)}, n {n!r}")
     if c == 1:
         x = load_digits(size=h)

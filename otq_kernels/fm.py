@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import operator
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from .format import integer_value
 from .graphs import CudaGraphed
 
 FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
@@ -116,7 +116,7 @@ def sample(
             f"adaptive: {ADAPTIVE_METHODS}"
         )
     fixed = method in FIXED_STEP_METHODS
-    if fixed and not (_is_int(steps) and steps >= 1):
+    if fixed and not (integer_value(steps) or 0) >= 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     extras = {} if label is None else {"label": label.to(x0.device)}
     time_grid = torch.tensor([0.0, 1.0], device=x0.device)
@@ -139,17 +139,6 @@ def sample(
             return_intermediates=return_intermediates,
             **extras,
         )
-
-
-def _is_int(value) -> bool:
-    """An integer (a numpy one or an integer 0-d tensor too), not a bool."""
-    if isinstance(value, bool):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
 
 
 class EMA:

@@ -20,13 +20,19 @@ GRANULARITIES = ("tensor", "channel")
 WORD_BITS = 32
 
 
+def integer_value(value) -> int | None:
+    """The int an integer of any type holds (a numpy integer, a 0-d integer tensor); None
+    for anything else, bools included."""
+    try:
+        return None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_bits(bits) -> int:
     """``bits`` as an int (from any integer type: a numpy integer, a 0-d integer tensor),
     or ValueError if it is not an integer in 2..8."""
-    try:
-        value = None if isinstance(bits, bool) else operator.index(bits)
-    except TypeError:
-        value = None
+    value = integer_value(bits)
     if value is None or not MIN_BITS <= value <= MAX_BITS:
         raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
     return value

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..fm import evaluating
+from ..format import integer_value
 
 COLLAPSE_THRESHOLD = 1e-4
 
@@ -23,7 +24,7 @@ def pca_variances(features: torch.Tensor, n_components: int = 20) -> torch.Tenso
 
     Exact SVD when min(N, D) <= 2048, else randomized ``torch.pca_lowrank``.
     """
-    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
+    if not (integer_value(n_components) or 0) >= 1:
         raise ValueError(f"n_components must be an integer >= 1, got {n_components!r}")
     x = features.double()
     x = x - x.mean(dim=0, keepdim=True)
