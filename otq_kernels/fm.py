@@ -118,6 +118,7 @@ def sample(
     fixed = method in FIXED_STEP_METHODS
     if fixed and not (integer_value(steps) or 0) >= 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    _check_label(model, x0, label, cfg_scale)
     extras = {} if label is None else {"label": label.to(x0.device)}
     time_grid = torch.tensor([0.0, 1.0], device=x0.device)
     if return_intermediates:
@@ -139,6 +140,18 @@ def sample(
             return_intermediates=return_intermediates,
             **extras,
         )
+
+
+def _check_label(model: nn.Module, x0: torch.Tensor, label, cfg_scale: float) -> None:
+    """ValueError unless ``label`` is None or integer class indices [B] for x0's batch, and
+    ``cfg_scale`` is 0 or comes with a label for a class-conditional model."""
+    if label is not None and not (isinstance(label, torch.Tensor) and label.shape == x0.shape[:1]
+                                  and not label.is_floating_point() and not label.is_complex()):
+        raise ValueError(f"label must be an integer tensor [B] with B = {x0.shape[0]}, got "
+                         f"{tuple(label.shape) if isinstance(label, torch.Tensor) else label!r}")
+    if cfg_scale and (label is None or integer_value(getattr(model, "num_classes", None)) is None):
+        raise ValueError("cfg_scale needs a label and a class-conditional model (num_classes): "
+                         "guidance mixes in the velocity of the null class num_classes")
 
 
 class EMA:
