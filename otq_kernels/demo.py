@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fm import leaves_modes
+from . import backends, fm
 from .format import integer_value
 from .nn import quantize_model
 from .quantizers import METHODS
@@ -86,11 +86,9 @@ def _device(model: nn.Module) -> torch.device:
 
 def _check_backend_runs(name: str, device: torch.device) -> None:
     """ValueError, before any sampling, where backend ``name`` cannot run on ``device``."""
-    from . import backends
-
-    reason = None if name == "auto" else backends.get(name).unavailable(device)
-    if reason:
-        raise ValueError(f"backend {name!r} cannot run on {device}: {reason}")
+    problem = None if name == "auto" else backends.cannot_run(name, device)
+    if problem:
+        raise ValueError(problem)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -162,15 +160,13 @@ def score(fp: dict, q_samples, model_q, real01, fid_reason) -> dict:
 
 # ----------------------------------------------------------------------------- engine
 def _sample(model, x0, steps, solver):
-    from . import fm
-
     t = time.perf_counter()
     with torch.inference_mode():
         x = fm.sample(model, x0, steps=steps, method=solver)
     return x, time.perf_counter() - t
 
 
-@leaves_modes
+@fm.leaves_modes
 def evaluate(model: nn.Module, bits=DEMO_BITS, methods=METHODS, granularity: str = "channel",
              n: int = 16, steps: int = 8, solver: str = "euler", seed: int = 0,
              image_size: int = 16, n_real: int = 64, backend: str = "auto",
@@ -185,7 +181,6 @@ def evaluate(model: nn.Module, bits=DEMO_BITS, methods=METHODS, granularity: str
     """
     from tqdm.auto import tqdm
 
-    from . import fm
     from .metrics import fidelity
 
     started = time.perf_counter()

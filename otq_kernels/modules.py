@@ -515,6 +515,15 @@ def bare_module(model: nn.Module, what: str) -> nn.Module:
     return model
 
 
+def names_by_identity(named) -> dict[int, list[str]]:
+    """id(object) -> its names, in order, from ``(name, object)`` pairs (a module, tensor
+    or parameter reached under several names lists them all)."""
+    names: dict[int, list[str]] = {}
+    for name, obj in named:
+        names.setdefault(id(obj), []).append(name)
+    return names
+
+
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:
     """id(module) -> every name under which ``model`` reaches it (``named_modules`` order).
 
@@ -522,10 +531,7 @@ def module_aliases(model: nn.Module) -> dict[int, list[str]]:
     replaced under all its names, or the model would run it quantized in one place and
     float in the others.
     """
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return names
+    return names_by_identity(model.named_modules(remove_duplicate=False))
 
 
 def replace_module(model: nn.Module, names: list[str], new: nn.Module) -> None:

@@ -207,9 +207,9 @@ def _explicit_backend(backend: str, device: str) -> str:
     """``backend`` (or env OTQ_BACKEND when None/"auto"), checked to run on ``device``."""
     name = backend if backend not in (None, "auto") else os.environ.get("OTQ_BACKEND", "auto")
     if name != "auto":
-        reason = backends.get(name).unavailable(torch.device(device))
-        if reason:
-            raise RuntimeError(f"backend {name!r} cannot run on {device}: {reason}")
+        problem = backends.cannot_run(name, device)
+        if problem:
+            raise RuntimeError(problem)
     return name
 
 

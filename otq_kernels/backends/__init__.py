@@ -44,6 +44,13 @@ def _unknown(name) -> ValueError:
     return ValueError(f"unknown backend {name!r}; choose one of {NAMES} or 'auto'")
 
 
+def cannot_run(name: str, device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` ("backend 'cuda' cannot run on cpu:
+    ..."), or None where it can."""
+    reason = get(name).unavailable(torch.device(device))
+    return f"backend {name!r} cannot run on {device}: {reason}" if reason else None
+
+
 def function(name: str, op: str):
     """Backend ``name``'s implementation of ``op`` or a clear NotImplementedError."""
     impl = getattr(get(name), op, None)

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..modules import WRAPPER_PREFIXES, bare_module
+from ..modules import WRAPPER_PREFIXES, bare_module, names_by_identity
 from ..skeleton import check_loadable, materialize
 
 _SHADOW = re.compile(r"^shadow_params\.(\d+)$")
@@ -102,18 +102,10 @@ def extract_state_dict(
                 f"EMA checkpoint has {len(shadows)} shadow params, model has {len(params)} "
                 "trainable parameters: different architecture"
             )
-        names = _names_by_tensor(model.named_parameters(remove_duplicate=False))
+        names = names_by_identity(model.named_parameters(remove_duplicate=False))
         for i, p in enumerate(params):
             out.update(dict.fromkeys(names[id(p)], shadows[i]))  # every name of a shared one
     return out
-
-
-def _names_by_tensor(named) -> dict[int, list[str]]:
-    """id(tensor) -> its names, in order, from ``(name, tensor)`` pairs."""
-    names: dict[int, list[str]] = {}
-    for name, t in named:
-        names.setdefault(id(t), []).append(name)
-    return names
 
 
 def _fill_shared(state: dict, model: nn.Module) -> dict:
@@ -122,7 +114,7 @@ def _fill_shared(state: dict, model: nn.Module) -> dict:
     written by safetensors' ``save_model`` keep one name of each); ValueError where the
     file stores different values under two of them (the model can hold only one)."""
     own = model.state_dict(keep_vars=True).items()
-    for names in _names_by_tensor(own).values():
+    for names in names_by_identity(own).values():
         present = [n for n in names if n in state]
         for name in present[1:]:
             if not _same_values(state[present[0]], state[name]):
