@@ -363,7 +363,7 @@ def _quantized_tensor(name: str, entry: dict, tensors: dict) -> QuantizedTensor:
     if extra in tensors:
         raise ValueError(f"tensor {extra!r}: too many bit planes for bits={entry['bits']}")
     codebook = _tensor(tensors, f"{name}.codebook", torch.float32)
-    if not bool(torch.isfinite(codebook).all()):
+    if not codebook.is_meta and not bool(torch.isfinite(codebook).all()):
         raise ValueError(f"tensor {name + '.codebook'!r} contains NaN/Inf")
     try:
         return QuantizedTensor(planes, codebook, entry["bits"], tuple(entry["shape"]),
@@ -400,7 +400,7 @@ def _bias(name: str, entry: dict, tensors: dict) -> torch.Tensor | None:
 
 def _layer_tensors(name: str, entry: dict, tensors: dict):
     """(QuantizedTensor, bias or None) of a checked ``layers`` entry, the tensors validated
-    against its bits and shape."""
+    against its bits and shape (meta tensors: their shapes and dtypes only)."""
     return _quantized_tensor(name, entry, tensors), _bias(name, entry, tensors)
 
 

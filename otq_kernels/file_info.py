@@ -16,12 +16,15 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
+import torch
+
 from .checkpoint import (
     CHECKSUMS,
     FORMAT,
     _check_entry,
     _check_format,
     _json,
+    _layer_tensors,
     layer_stats,
     read_aliases,
     read_safetensors_header,
@@ -33,6 +36,9 @@ from .summary import LayerSummary, QuantizationSummary, _human, format_summary
 __all__ = ["FileInfo", "describe_file"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 @dataclass
@@ -90,19 +96,13 @@ def _natural_key(name: str) -> list:
 
 
 # ----------------------------------------------------------------------------- rows
-def _stored(header: dict, key: str, path) -> dict:
-    if key not in header:
-        raise ValueError(f"{path}: tensor {key!r} is missing from the checkpoint")
-    return header[key]
-
-
 def _packed_keys(name: str, bits: int) -> list[str]:
     """The file keys of a quantized layer's packed weight: its planes and codebook."""
     return [f"{name}.plane{i}" for i in range(len(plane_widths(bits)))] + [f"{name}.codebook"]
 
 
-def _quantized_row(name: str, entry: dict, header: dict, path) -> LayerSummary:
-    nbytes = sum(_nbytes(_stored(header, key, path)) for key in _packed_keys(name, entry["bits"]))
+def _quantized_row(name: str, entry: dict, header: dict) -> LayerSummary:
+    nbytes = sum(_nbytes(header[key]) for key in _packed_keys(name, entry["bits"]))
     stats = layer_stats(entry)
     return LayerSummary(name, entry["type"], list(entry["shape"]), "quantized", entry["bits"],
                         entry.get("method"), entry["granularity"],
@@ -149,20 +149,49 @@ def _totals(layers: dict, header: dict) -> tuple[int, int, int, int]:
     return params, fp32, fp16, after
 
 
-def _summary(meta: dict, header: dict, path) -> QuantizationSummary:
-    """The per-layer rows (in name order, numbers compared as numbers) and the totals of a
-    quantized checkpoint, from its metadata and tensor header."""
-    layers = _json(meta, "layers", path)
+def _layer_header(name: str, header: dict) -> dict:
+    """{key: meta tensor of the stored shape and dtype} of the tensors layer ``name``
+    holds directly (planes, codebook, bias)."""
+    tensors = {}
+    for key in header:
+        if key.startswith(f"{name}.") and "." not in key[len(name) + 1:]:
+            dtype = HEADER_DTYPES.get(header[key]["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {key!r} has dtype {header[key]['dtype']}, which no "
+                                 "quantized layer stores")
+            tensors[key] = torch.empty(header[key]["shape"], dtype=dtype, device="meta")
+    return tensors
+
+
+def _check_layers(layers: dict, kept: dict, named: dict, path) -> None:
+    """ValueError for a ``layers`` entry, or its planes', codebook's and bias's stored
+    shapes and dtypes, that :func:`~otq_kernels.load_quantized` would refuse; for a name
+    both quantized and kept float; for a kept layer that holds no tensor."""
     for name, entry in layers.items():
         try:
             _check_entry(name, entry)
+            _layer_tensors(name, entry, _layer_header(name, named))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+    for name in kept:
+        if name in layers:
+            raise ValueError(f"{path}: layer {name!r} is listed both as quantized and as "
+                             "kept float: the file is corrupt")
+        if not _own_keys(name, named):
+            raise ValueError(f"{path}: layer {name!r} is listed as kept float but the file "
+                             "holds no tensor of it: the file is corrupt")
+
+
+def _summary(meta: dict, header: dict, path) -> QuantizationSummary:
+    """The per-layer rows (in name order, numbers compared as numbers) and the totals of a
+    quantized checkpoint, from its metadata and tensor header (checked: see
+    :func:`_check_layers`)."""
+    layers, kept = _json(meta, "layers", path), _json(meta, "kept_float", path)
     aliases = read_aliases(meta, header, path)
     named = {**header, **{alias: header[stored] for alias, stored in aliases.items()}}
-    rows = [_quantized_row(name, entry, named, path) for name, entry in layers.items()]
-    rows += [_kept_row(name, str(reason), named)
-             for name, reason in _json(meta, "kept_float", path).items()]
+    _check_layers(layers, kept, named, path)
+    rows = [_quantized_row(name, entry, named) for name, entry in layers.items()]
+    rows += [_kept_row(name, str(reason), named) for name, reason in kept.items()]
     rows.sort(key=lambda row: _natural_key(row.name))
     return QuantizationSummary(rows, *_totals(layers, header))
 
@@ -194,7 +223,8 @@ def describe_file(path: str | os.PathLike, verify: bool = True) -> FileInfo:
     """What the safetensors file ``path`` holds (see the module docstring).
 
     verify: also read every tensor of a quantized file and check the checksums, aliases
-    and each layer's planes (a float file has nothing beyond its header to check).
+    and codebook values (a float file has nothing beyond its header to check); the stored
+    shapes and dtypes of each layer's planes, codebook and bias are checked either way.
     Raises FileNotFoundError, or ValueError naming what is wrong for a file that is not
     a safetensors file or a quantized checkpoint that is corrupt.
     """

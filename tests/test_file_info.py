@@ -130,12 +130,10 @@ def test_a_damaged_file_is_reported_not_described(tmp_path):
     assert describe_file(path, verify=False).summary.layers  # the header is intact
 
     path, _ = _quantized_file(tmp_path)
-    _rewrite(path, lambda t: t.update({"out.2.plane0": t["out.2.plane0"][:, :0].clone()}))
-    with pytest.raises(ValueError, match="'out.2': tensors inconsistent with bits=3"):
-        describe_file(path)
     _rewrite(path, lambda t: t["out.2.codebook"].fill_(float("nan")))
     with pytest.raises(ValueError, match="'out.2.codebook' contains NaN/Inf"):
         describe_file(path)
+    assert describe_file(path, verify=False).summary.layers  # the values are not read
     _rewrite(path, lambda t: t.pop("out.2.codebook"))
     with pytest.raises(ValueError, match="'out.2.codebook' is missing"):
         describe_file(path, verify=False)
@@ -171,6 +169,57 @@ def test_crafted_metadata_is_refused(tmp_path, verify, metadata, match):
     _rewrite(path, metadata={"format_version": "2", **metadata})
     with pytest.raises(ValueError, match=match):
         describe_file(path, verify=verify)
+
+
+def _plane0_empty(t):
+    t["out.2.plane0"] = t["out.2.plane0"][:, :0].clone()
+
+
+def _plane0_int64(t):
+    t["out.2.plane0"] = t["out.2.plane0"].long()
+
+
+def _plane2_extra(t):
+    t["out.2.plane2"] = t["out.2.plane1"].clone()
+
+
+def _bias_long(t):
+    t["out.2.bias"] = torch.zeros(2)
+
+
+def _codebook_uint16(t):
+    t["out.2.codebook"] = t["out.2.codebook"].view(torch.uint16)
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "header-only"])
+@pytest.mark.parametrize("change, match", [
+    (_plane0_empty, "'out.2': tensors inconsistent with bits=3"),
+    (_plane0_int64, "'out.2.plane0' has dtype torch.int64, expected torch.int32"),
+    (_plane2_extra, "'out.2.plane2': too many bit planes"),
+    (_bias_long, "'out.2.bias' must be float \\[1\\]"),
+    (_codebook_uint16, "'out.2.codebook' has dtype"),
+], ids=["plane-shape", "plane-dtype", "extra-plane", "bias-shape", "codebook-dtype"])
+def test_tensors_that_disagree_with_their_layer_are_refused(tmp_path, verify, change, match):
+    """The header alone shows a plane, codebook or bias whose shape or dtype does not fit
+    the layer's bits and shape: header-only mode refuses what loading would."""
+    path, _ = _quantized_file(tmp_path)
+    _rewrite(path, change)
+    with pytest.raises(ValueError, match=match):
+        describe_file(path, verify=verify)
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "header-only"])
+@pytest.mark.parametrize("kept, match", [
+    ({"out.2": "excluded"}, "'out.2' is listed both as quantized and as kept float"),
+    ({"nowhere": "excluded"}, "'nowhere' is listed as kept float but the file holds no"),
+], ids=["quantized-and-kept", "kept-without-tensors"])
+def test_kept_float_names_that_fit_no_layer_are_refused(tmp_path, verify, kept, match):
+    path, _ = _quantized_file(tmp_path, exclude=["time_embed.*"])
+    _rewrite(path, metadata={"kept_float": json.dumps(kept)})
+    with pytest.raises(ValueError, match=match):
+        describe_file(path, verify=verify)
+    _rewrite(path, metadata={"kept_float": json.dumps({"time_embed.0": "excluded"})})
+    assert "kept float (excluded)" in str(describe_file(path, verify=verify))
 
 
 def test_a_file_written_before_checksums_says_so(tmp_path):
