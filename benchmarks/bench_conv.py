@@ -224,7 +224,7 @@ def _crossovers(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
         if means:
             values[f"{path}_max_m"] = derive.crossover(
                 {m: (g or 0) > 1.0 for m, g in means.items()})
-            evidence[path] = {str(m): round(g, 3) for m, g in means.items()}
+            evidence[path] = derive.rounded(means)
     return values, evidence
 
 
@@ -246,6 +246,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tuning_from:
         return derive.tuning_from(args, "conv2d", derive_crossover)
+    if args.write_tuning:  # a table it cannot merge into stops it before any timing
+        derive.tuning_base(args.write_tuning)
     run = common.Run("conv", args)
     gpu = run.device.type == "cuda"
     dtype = common.bench_dtype(args, run.device)

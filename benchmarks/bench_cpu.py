@@ -22,8 +22,10 @@ import os
 import platform
 import subprocess
 import time
+from pathlib import Path
 
 import torch
+from common import positive_int
 
 import otq_kernels as otq
 from otq_kernels import ops
@@ -157,7 +159,7 @@ def expand_rows(reps: int, shapes, simd_caps=("avx512", "avx2", "none")) -> list
 
 def meta() -> dict:
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
+                         text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.processor())
     return {"date": time.strftime("%Y-%m-%d"), "git_sha": sha, "cpu": cpu,
@@ -174,7 +176,7 @@ def shape_pair(text: str) -> tuple[int, int]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=positive_int, default=5)
     parser.add_argument("--configs", nargs="+", default=["digits", "mnist"],
                         choices=config_names())
     parser.add_argument("--linear-shapes", nargs="*", type=shape_pair,

@@ -346,7 +346,7 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     speedups = splitk_field_major_speedups(rows)
     if speedups:
         values["triton_splitk_field_major"] = derive.geomean(list(speedups.values())) > 1.0
-        evidence["triton_splitk_field_major"] = _rounded(speedups)
+        evidence["triton_splitk_field_major"] = derive.rounded(speedups)
     return values, evidence
 
 
@@ -363,13 +363,13 @@ def cuda_crossovers(times: dict[tuple, dict[str, float]], choice: dict) -> tuple
     crossover, means = _wins_up_to(times, "rival", "cuda")
     if not means:
         return {}, {}
-    values, evidence = {"cuda_max_m": crossover}, {"cuda": _rounded(means)}
+    values, evidence = {"cuda_max_m": crossover}, {"cuda": derive.rounded(means)}
     for bits in sorted({key[2] for key in times}):
         crossover, means = _wins_up_to({key: t for key, t in times.items() if key[2] == bits},
                                        "rival", "cuda")
         if means and crossover != values["cuda_max_m"]:
             values.setdefault("cuda_max_m_by_bits", {})[str(bits)] = crossover
-            evidence.setdefault("cuda_by_bits", {})[str(bits)] = _rounded(means)
+            evidence.setdefault("cuda_by_bits", {})[str(bits)] = derive.rounded(means)
     return values, evidence
 
 
@@ -379,11 +379,6 @@ def _wins_up_to(times: dict[tuple, dict[str, float]], baseline: str,
     speedup over ``baseline``}) over the configurations where both ran."""
     means = derive.speedup_by_m(times, baseline, path)
     return derive.crossover({m: (g or 0) > 1.0 for m, g in means.items()}), means
-
-
-def _rounded(means: dict[int, float | None]) -> dict[str, float]:
-    """{M: geometric-mean speedup} as the evidence records it."""
-    return {str(m): round(g, 3) for m, g in means.items() if g}
 
 
 def triton_band(times: dict[tuple, dict[str, float]], cuda_max_m: int) -> tuple[dict, dict]:
@@ -398,7 +393,7 @@ def triton_band(times: dict[tuple, dict[str, float]], cuda_max_m: int) -> tuple[
     values = {"triton_max_m": last}
     if first > grid[0]:
         values["triton_min_m"] = first
-    return values, {"triton": _rounded(means)}
+    return values, {"triton": derive.rounded(means)}
 
 
 def variant_choice(times: dict[tuple, dict[str, float]], flag: str, default: str,
@@ -415,7 +410,7 @@ def variant_choice(times: dict[tuple, dict[str, float]], flag: str, default: str
     for t in times.values():
         if (variant if wins else default) in t:
             t[path] = t[variant if wins else default]
-    return {flag: wins}, {flag: _rounded(speedups)}
+    return {flag: wins}, {flag: derive.rounded(speedups)}
 
 
 def block_rows_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
@@ -425,7 +420,7 @@ def block_rows_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]
     speedups = derive.speedup_by_m(times, "lut_frag", "lut_frag32")  # lut_frag32's, per M
     if not speedups:
         return {}, {}
-    evidence = {"cuda_frag_32_rows": _rounded(speedups)}
+    evidence = {"cuda_frag_32_rows": derive.rounded(speedups)}
     from_m = None
     judged = [m for m in speedups if m <= MMA_MAX_M]
     for m in sorted(judged, reverse=True):  # the run of wins that reaches the largest M
@@ -468,7 +463,7 @@ def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict
         return {}, {}
     gemv_max_m = _gemv_crossover(speedups)
     values = {"cuda_gemv_max_m": gemv_max_m}
-    evidence = {"cuda_tensor_cores": _rounded(speedups)}
+    evidence = {"cuda_tensor_cores": derive.rounded(speedups)}
     mma_wins = False
     both = {key[2] for key, t in times.items() if "lut_gemv" in t and "lut_mma" in t}
     for bits in sorted(both):
@@ -478,7 +473,8 @@ def cuda_kernel_choice(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict
         mma_wins |= any((g or 0) > 1.0 for m, g in of_bits.items() if m > crossover)
         if crossover != gemv_max_m or bits > MMA_MAX_BITS:  # 8 bits: always their own
             values.setdefault("cuda_gemv_max_m_by_bits", {})[str(bits)] = crossover
-            evidence.setdefault("cuda_tensor_cores_by_bits", {})[str(bits)] = _rounded(of_bits)
+            by_bits = evidence.setdefault("cuda_tensor_cores_by_bits", {})
+            by_bits[str(bits)] = derive.rounded(of_bits)
     values["cuda_tensor_cores"] = mma_wins
     return values, evidence
 
@@ -552,6 +548,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.tuning_from:
         return derive.tuning_from(args, "linear", derive_crossovers)
+    if args.write_tuning:  # a table it cannot merge into stops it before any timing
+        derive.tuning_base(args.write_tuning)
     run = common.Run("linear", args)
     gpu = run.device.type == "cuda"
     dtype = common.bench_dtype(args, run.device)

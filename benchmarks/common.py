@@ -755,9 +755,9 @@ def backend_unavailable(name: str, device: torch.device) -> str | None:
 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖y − ref‖ / ‖ref‖ in fp32 (NaN/inf in y give inf)."""
+    """‖y − ref‖ / ‖ref‖ in fp32 (NaN/inf in y, or a shape other than ref's, give inf)."""
     y, ref = y.float(), ref.float()
-    if not bool(torch.isfinite(y).all()):
+    if y.shape != ref.shape or not bool(torch.isfinite(y).all()):
         return math.inf
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 

@@ -7,7 +7,8 @@ needed). ``digest.py`` shares :func:`geomean` and :data:`MAX_REL_ERR`.
 
 Pure json and math, no torch. ``python benchmarks/derive.py --tuning-changes PATH``: exit 0
 and name the GPU sections where PATH dispatches differently from the shipped table, else
-exit 1 (the GPU suite runs the tuned end-to-end step only then).
+exit 1 (the GPU suite runs the tuned end-to-end step only then); exit 2 where PATH cannot
+be read as a tuning table.
 """
 
 from __future__ import annotations
@@ -34,15 +35,35 @@ def write_tuning(path: str | Path, gpu_name: str, section: str, values: dict,
     ``gpus[gpu_name][section] = values`` and records the evidence under
     ``gpus[gpu_name]["_measured"][section]``. Other GPUs and sections are kept.
     """
+    from otq_kernels.tuning_schema import check_tuning_table
+
     path = Path(path)
-    source = path if path.exists() else SHIPPED_TUNING
-    table = json.loads(source.read_text())
+    table = tuning_base(path)
     entry = table.setdefault("gpus", {}).setdefault(gpu_name, {})
     entry[section] = values
     entry.setdefault("_measured", {})[section] = evidence
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=2) + "\n")
+    check_tuning_table(table, f"the table for {path}")  # (a derivation's own mistake)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=2) + "\n")
+    except OSError as err:
+        raise SystemExit(f"--write-tuning {path}: cannot write it: {err}") from None
     return path
+
+
+def tuning_base(path: str | Path) -> dict:
+    """The table --write-tuning ``path`` merges into: the tuning table it holds, else (no
+    such file) the shipped one; SystemExit naming it when it holds something else (a
+    results JSON, say), so a bench checks it before it times anything."""
+    from otq_kernels.tuning_schema import parse_tuning_table
+
+    path = Path(path)
+    source = path if path.exists() else SHIPPED_TUNING
+    try:
+        return parse_tuning_table(source.read_text(), str(source))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--write-tuning {path}: it merges into the tuning table there, "
+                         f"which cannot be used: {err}") from None
 
 
 def add_tuning_options(p: argparse.ArgumentParser) -> None:
@@ -81,14 +102,19 @@ def close_calls(evidence: dict, margin: float = CLOSE_CALL) -> list[str]:
 
 def tuning_from(args: argparse.Namespace, section: str, derive_rows) -> int:
     """``--tuning-from``: re-derive ``section`` of the tuning JSON --write-tuning from the
-    rows of one or more results JSONs of one GPU, without a GPU. derive_rows(rows) ->
-    (values, evidence); the evidence recorded also names the results files and their metas'
-    git shas and dates (comma-separated where there are several)."""
+    rows of one or more results JSONs of one GPU (of the bench whose subject matches
+    ``section``), without a GPU. derive_rows(rows) -> (values, evidence); the evidence
+    recorded also names the results files and their metas' git shas and dates
+    (comma-separated where there are several)."""
     if not args.write_tuning:
         raise SystemExit("--tuning-from needs --write-tuning PATH")
+    tuning_base(args.write_tuning)
     rows, metas, sources = [], [], []
     for name in args.tuning_from:
         meta, file_rows = read_gpu_results(name)
+        if meta.get("subject") != SUBJECTS[section]:
+            raise SystemExit(f"{name}: results of bench_{meta.get('subject')}, not of "
+                             f"bench_{SUBJECTS[section]} (the {section} section's)")
         if metas and meta["gpu"] != metas[0]["gpu"]:
             raise SystemExit(f"{name}: measured on {meta['gpu']!r}, not on "
                              f"{metas[0]['gpu']!r} like {args.tuning_from[0]}")
@@ -126,6 +152,11 @@ def read_gpu_results(name: str | Path) -> tuple[dict, list[dict]]:
     if meta.get("smoke") or not meta.get("gpu"):
         raise SystemExit(f"{name}: not a GPU run (smoke={meta.get('smoke')}, "
                          f"gpu={meta.get('gpu')!r})")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or (row.get("p50_us") is not None and not (
+                CONFIG_KEYS <= set(row) and all(isinstance(row[k], int) for k in ("M", "bits")))):
+            raise SystemExit(f"{name}: row {i} is not a timed row with "
+                             f"{', '.join(sorted(CONFIG_KEYS))}: {row!r}"[:300])
     return meta, rows
 
 
@@ -176,18 +207,33 @@ def geomean(values: list[float]) -> float | None:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+CONFIG_KEYS = {"M", "shape", "bits", "granularity"}  # what a timed row is a time of
+
+
+def is_right(row: dict) -> bool:
+    """Whether a row's result was right: rel_err, where recorded, at most MAX_REL_ERR; a
+    recorded null is a non-finite error (NaN/inf output, written as null), so wrong."""
+    if "rel_err" not in row:
+        return True
+    return row["rel_err"] is not None and row["rel_err"] <= MAX_REL_ERR
+
+
 def times_by_config(rows: list[dict], path_of) -> dict[tuple, dict[str, float]]:
     """{(M, shape, bits, granularity): {path: p50 µs}} over the timed rows whose result was
-    right (rel_err, where recorded, at most MAX_REL_ERR: a wrong kernel never wins a
-    crossover); path_of(row) names the row's path, or None to leave it out."""
+    right (:func:`is_right`: a wrong kernel never wins a crossover); path_of(row) names
+    the row's path, or None to leave it out."""
     times: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        right = (r.get("rel_err") or 0.0) <= MAX_REL_ERR
-        path = path_of(r) if r.get("p50_us") and right else None
+        path = path_of(r) if r.get("p50_us") and is_right(r) else None
         if path is not None:
             key = (r["M"], r["shape"], r["bits"], r["granularity"])
             times.setdefault(key, {})[path] = r["p50_us"]
     return times
+
+
+def rounded(means: dict[int, float | None]) -> dict[str, float]:
+    """{M: geometric-mean speedup} as the evidence records it (Ms without one left out)."""
+    return {str(m): round(g, 3) for m, g in means.items() if g}
 
 
 def speedup_by_m(times: dict[tuple, dict[str, float]], baseline: str,
@@ -201,6 +247,7 @@ def speedup_by_m(times: dict[tuple, dict[str, float]], baseline: str,
 
 
 DISPATCH_SECTIONS = ("linear", "conv2d")
+SUBJECTS = {"linear": "linear", "conv2d": "conv"}  # section -> the bench that times it
 
 
 def tuning_changes(path: str | Path) -> dict[str, list[str]]:
@@ -221,7 +268,11 @@ def tuning_changes(path: str | Path) -> dict[str, list[str]]:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--tuning-changes"] and len(sys.argv) == 3:
-        found = tuning_changes(sys.argv[2])
+        try:
+            found = tuning_changes(sys.argv[2])
+        except (OSError, ValueError, AttributeError) as err:  # (Attribute: not a table)
+            print(f"tuning changes: cannot read {sys.argv[2]}: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
         print(f"tuning changes: {found or 'none'}")
         raise SystemExit(0 if found else 1)
     print(__doc__)

@@ -39,7 +39,7 @@ import math
 import sys
 from pathlib import Path
 
-from derive import MAX_REL_ERR, geomean
+from derive import geomean, is_right
 
 FUSED = ("triton", "cuda")
 # The fields that name what a row timed (the rest are measurements)
@@ -110,8 +110,8 @@ def linear(payload: dict) -> None:
                 pct = f"{best['pct_copy_bw']:.0f}%" if best.get("pct_copy_bw") else "?"
                 text += (f" x{base / best['p50_us']:.2f} {best['backend'][0]}/"
                          f"{best['kernel']} {best['p50_us']:.1f}us {pct}")
-                if best.get("rel_err") is not None and best["rel_err"] > MAX_REL_ERR:
-                    text += f" ERR{best['rel_err']:.1e}"
+                if not is_right(best):
+                    text += f" ERR{fmt(best['rel_err'], '.1e').replace('-', 'nan/inf')}"
             if deq and base:
                 text += f" dq x{base / deq[0]['p50_us']:.2f}"
             parts.append(text)

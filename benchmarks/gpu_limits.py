@@ -36,13 +36,22 @@ _APPLIED: dict | None = None
 
 
 def _env_int(name: str) -> int | None:
-    value = os.environ.get(name, "").strip()
-    return int(value) if value else None
+    return _env_number(name, int)
 
 
 def _env_float(name: str) -> float | None:
+    return _env_number(name, float)
+
+
+def _env_number(name: str, kind: type):
+    """The environment variable ``name`` as a ``kind`` (None when unset or empty);
+    ValueError naming it when it is not one."""
     value = os.environ.get(name, "").strip()
-    return float(value) if value else None
+    try:
+        return kind(value) if value else None
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not {'an integer' if kind is int else 'a number'}"
+                         ) from None
 
 
 def apply(max_configs: int | None = None, rep_ms: float | None = None,

@@ -50,7 +50,7 @@
 # suite.tar.gz (everything: `tar -xzf suite.tar.gz -C benchmarks/results/`) and up to 6
 # JSON files (goal_linear.json, goal_e2e.json, goal_conv.json, checks.json, fit.json, ...).
 #
-# usage: bash benchmarks/gpu_suite.sh [OUTDIR]
+# usage: bash benchmarks/gpu_suite.sh [OUTDIR]     (-h, --help: this text)
 #   OUTDIR default: benchmarks/results/<gpu-slug>/; when $OUT is set (the device tool) the
 #   work happens in /tmp/otq_suite/<gpu-slug>/ and $OUT receives the files above after
 #   every step (a call killed at its limit still returns what was done).
@@ -80,6 +80,12 @@
 # FAILED with the reason, without running, so that a broken driver never reads as
 # "tests_cuda: ok, all skipped".
 set -uo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,/^set -uo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "gpu_suite: unknown option $1 (usage: bash benchmarks/gpu_suite.sh [OUTDIR])" >&2
+      exit 2 ;;
+esac
+[ $# -le 1 ] || { echo "gpu_suite: one OUTDIR at most, got $#: $*" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 T0=$(date +%s)
@@ -337,7 +343,10 @@ run_step goal_e2e_tuned 70 "$BENCH_ENV"'
   T="$DIR/goal_tuned/tuning.json"; mkdir -p "$DIR/goal_tuned"
   $PY benchmarks/bench_linear.py --tuning-from "$DIR/goal_graph/linear.json" --write-tuning "$T"
   $PY benchmarks/bench_conv.py --tuning-from "$DIR/goal_graph/conv.json" --write-tuning "$T"
-  [ -f "$T" ] && $PY benchmarks/derive.py --tuning-changes "$T" || exit 0
+  [ -f "$T" ] || exit 0
+  $PY benchmarks/derive.py --tuning-changes "$T"; changes=$?   # 1: none, 2: unreadable
+  [ "$changes" -eq 1 ] && exit 0
+  [ "$changes" -eq 0 ] || exit "$changes"
   OTQ_TUNING_FILE="$T" $PY benchmarks/bench_e2e.py --preset goal \
     --variants fp16,4:channel:auto --out "$DIR/goal_tuned" --budget-s "$STEP_BUDGET" --quiet'
 

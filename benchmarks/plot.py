@@ -183,11 +183,11 @@ def main(argv=None) -> int:
     plotters = {"linear": plot_linear, "conv": plot_conv, "fit": plot_fit, "e2e": plot_e2e}
     written = []
     for subject, fn in plotters.items():
-        payload = load(src, subject)
-        if payload is None:
-            print(f"plot: no {subject}.json in {src}")
-            continue
         try:
+            payload = load(src, subject)
+            if payload is None:
+                print(f"plot: no {subject}.json in {src}")
+                continue
             written += fn(payload, out)
         except Exception as err:  # noqa: BLE001 - one bad plot must not stop the others
             print(f"plot: {subject} failed: {type(err).__name__}: {err}")

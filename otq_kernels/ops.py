@@ -14,12 +14,12 @@ bitsandbytes does for its 4-bit layers. That is what Flow Matching likelihoods
 """
 
 import functools
-import json
 import operator
 import os
 import sys
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -33,7 +33,7 @@ from .backends.dequant import dense_weight
 from .flops import teach_flop_counter
 from .format import QuantizedTensor, check_bits, padded_k, plane_widths
 from .quantizers import fit_rows_reference
-from .tuning_schema import check_tuning_table
+from .tuning_schema import parse_tuning_table
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # float64 runs where torch's own kernels multiply the expanded weight: no fused kernel
@@ -54,12 +54,11 @@ def tuning_table(gpu_name: str) -> dict:
     path = os.environ.get("OTQ_TUNING_FILE")
     source = f"OTQ_TUNING_FILE={path}" if path else "the shipped tuning/default.json"
     try:
-        text = open(path).read() if path else (
+        text = Path(path).read_text() if path else (
             resources.files("otq_kernels").joinpath("tuning/default.json").read_text())
-        table = json.loads(text)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # (ValueError: bytes that are not UTF-8)
         raise ValueError(f"{source}: cannot read it as JSON: {err}") from None
-    check_tuning_table(table, source)
+    table = parse_tuning_table(text, source)
     return table.get("gpus", {}).get(gpu_name, table["default"])
 
 
@@ -203,14 +202,30 @@ def _runnable_candidates(op: str, dev: torch.device, bits: int | None,
 
 
 @_trace_constant
-def _explicit_backend(backend: str, device: str) -> str:
-    """``backend`` (or env OTQ_BACKEND when None/"auto"), checked to run on ``device``."""
-    name = backend if backend not in (None, "auto") else os.environ.get("OTQ_BACKEND", "auto")
-    if name != "auto":
-        problem = backends.cannot_run(name, device)
+def _explicit_backend(backend: str, device: str, op: str) -> str:
+    """``backend``, checked to run on ``device``; for None/"auto", env OTQ_BACKEND's
+    (unset or empty: auto), also checked to have ``op`` (a backend without it, as dequant
+    has no fit, pack or unpack, leaves those ops to auto), its errors naming the variable."""
+    if backend not in (None, "auto"):
+        problem = backends.cannot_run(backend, device)
         if problem:
             raise RuntimeError(problem)
-    return name
+        return backend
+    name = os.environ.get("OTQ_BACKEND") or "auto"
+    if name == "auto":
+        return name
+    try:
+        module, problem = backends.get(name), backends.cannot_run(name, device)
+    except ValueError as err:
+        raise ValueError(f"OTQ_BACKEND={name!r}: {err}") from None
+    if problem:
+        raise RuntimeError(f"OTQ_BACKEND={name!r}: {problem}")
+    if hasattr(module, _OP_FUNCTION[op]):
+        return name
+    if op in ("linear", "conv2d"):
+        raise ValueError(f"OTQ_BACKEND={name!r}: backend {name!r} has no {op} kernel; "
+                         "unset it or name a backend that has one")
+    return "auto"
 
 
 def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: int = 1,
@@ -228,7 +243,7 @@ def resolve_backend(backend: Optional[str], op: str, device: torch.device, m: in
     them to one kernel's range; strict export does not show M as a SymInt to ask).
     """
     dev = str(device)
-    name = _explicit_backend(backend or "auto", dev)
+    name = _explicit_backend(backend or "auto", dev, op)
     if name != "auto" or torch.compiler.is_exporting():
         return name
     for name, min_m, max_m in _auto_plan(op, dev, bits, kernel):

@@ -9,6 +9,7 @@ dispatch does not read (a typo would otherwise change nothing, silently).
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 
@@ -36,16 +37,43 @@ SCHEMA: dict[str, dict[str, str]] = {
     "fit": {"triton_max_n": "int"},
 }
 _KERNEL_SIZE = re.compile(r"[1-9][0-9]*x[1-9][0-9]*")
+_BIT_WIDTHS = [str(bits) for bits in range(MIN_BITS, MAX_BITS + 1)]  # as dispatch asks
+
+
+def parse_tuning_table(text: str, source: str) -> dict:
+    """The checked table (:func:`check_tuning_table`) that JSON ``text`` holds; ValueError
+    naming ``source`` for text that is not JSON, nests too deeply or repeats a key (JSON
+    parsers keep the last silently)."""
+    def refuse_repeats(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"{source}: key {repeated[0]!r} appears twice in one object")
+        return dict(pairs)
+
+    try:
+        table = json.loads(text, object_pairs_hook=refuse_repeats)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: cannot read it as JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{source}: cannot read it as JSON: nested too deeply") from None
+    check_tuning_table(table, source)
+    return table
 
 
 def check_tuning_table(table, source: str) -> None:
     """ValueError naming ``source`` and the entry, section and key of the first value of
-    the wrong kind; a UserWarning for each section or key that dispatch does not read."""
+    the wrong kind; a UserWarning for each top-level key, section or key that dispatch
+    does not read."""
     if not isinstance(table, dict) or not isinstance(table.get("default"), dict):
         raise ValueError(f"{source}: a tuning table is a JSON object with a 'default' entry")
     gpus = table.get("gpus", {})
     if not isinstance(gpus, dict):
         raise ValueError(f"{source}: 'gpus' must map GPU names to entries")
+    for key in table:
+        if key not in ("default", "gpus") and not key.startswith("_"):
+            warnings.warn(f"{source}: {key!r} is not read by dispatch (it reads 'default' "
+                          "and 'gpus')", stacklevel=3)
     for name, entry in [("default", table["default"]), *gpus.items()]:
         _check_entry(entry, f"{source}: entry {name!r}")
 
@@ -88,7 +116,7 @@ def _is_kind(value, kind: str) -> bool:
     if not isinstance(value, dict) or not all(_is_int(v) for v in value.values()):
         return False
     if kind == "int_by_bits":
-        return all(k.isdigit() and MIN_BITS <= int(k) <= MAX_BITS for k in value)
+        return all(k in _BIT_WIDTHS for k in value)
     return all(_KERNEL_SIZE.fullmatch(k) for k in value)
 
 

@@ -7,6 +7,7 @@ timing, unavailable backends recorded as skipped rows) into one temp dir, then t
 import argparse
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -68,6 +69,19 @@ def test_plots_from_smoke_json(smoke_dir, tmp_path):
     out, _ = smoke_dir
     assert _load("plot").main([str(out), "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png"))
+
+
+def test_a_results_file_that_is_not_json_stops_only_its_plot(smoke_dir, tmp_path, capsys):
+    out, _ = smoke_dir
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for subject in ("linear", "conv"):
+        (folder / f"{subject}.json").write_text((out / f"{subject}.json").read_text())
+    (folder / "linear.json").write_text("{not json")
+    assert _load("plot").main([str(folder), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "plot: linear failed: JSONDecodeError" in printed
+    assert [p.name for p in tmp_path.glob("*.png")] and "plot: wrote" in printed
 
 
 def test_conv_plot_keeps_both_cuda_input_layouts(tmp_path):
@@ -305,7 +319,8 @@ def test_large_m_triton_band():
 
 
 def _write_results(path: Path, rows: list[dict], **meta) -> Path:
-    meta = {"gpu": "GPU X", "smoke": False, "git_sha": "abc123", "date": "2026-01-02", **meta}
+    meta = {"subject": "linear", "gpu": "GPU X", "smoke": False, "git_sha": "abc123",
+            "date": "2026-01-02", **meta}
     path.write_text(json.dumps({"meta": meta, "rows": rows}))
     return path
 
@@ -321,7 +336,9 @@ def test_tuning_from_results_json(tmp_path):
     conv_rows = [{"M": 49, "shape": "8x8x3x3@7x7", "bits": 4, "granularity": "channel",
                   "backend": b, "kernel": k, "p50_us": t}
                  for b, k, t in (("dequant", "cudnn", 10.0), ("triton", "implicit_gemm", 5.0))]
-    conv = _write_results(tmp_path / "conv.json", conv_rows)
+    conv = _write_results(tmp_path / "conv.json", conv_rows, subject="conv")
+    with pytest.raises(SystemExit, match="results of bench_linear, not of bench_conv"):
+        _load("bench_conv").main(["--tuning-from", str(results), "--write-tuning", str(table)])
     assert _load("bench_conv").main(["--tuning-from", str(conv), "--write-tuning",
                                      str(table)]) == 0
     written = json.loads(table.read_text())
@@ -359,11 +376,22 @@ def test_tuning_from_results_json(tmp_path):
             _load("bench_linear").main(bad)
 
 
+def _results_text(rows: list) -> str:
+    return json.dumps({"meta": {"subject": "linear", "gpu": "GPU X"}, "rows": rows})
+
+
+_CONFIG = {"p50_us": 5.0, "M": 1, "shape": "8x8", "granularity": "channel"}
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read it"), ("{not json", "cannot read it"),
     ('{"rows": []}', "not a results JSON"), ("[1, 2]", "not a results JSON"),
-    ('{"meta": 5, "rows": []}', "not a results JSON")],
-    ids=["missing", "not-json", "no-meta", "a-list", "meta-a-number"])
+    ('{"meta": 5, "rows": []}', "not a results JSON"),
+    (_results_text([None]), "row 0 is not a timed row"),
+    (_results_text([{"p50_us": 5.0, "shape": "8x8"}]), "row 0 is not a timed row"),
+    (_results_text([{**_CONFIG, "bits": None}]), "row 0 is not a timed row")],
+    ids=["missing", "not-json", "no-meta", "a-list", "meta-a-number", "a-null-row",
+         "no-M", "bits-null"])
 def test_tuning_from_names_a_results_file_it_cannot_use(tmp_path, content, message):
     """A missing, broken or foreign results file stops --tuning-from with its name, not a
     traceback."""
@@ -377,6 +405,61 @@ def test_tuning_from_names_a_results_file_it_cannot_use(tmp_path, content, messa
     assert not (tmp_path / "t.json").exists()
 
 
+def test_a_kernel_with_non_finite_output_never_wins(tmp_path):
+    """A NaN output gives rel_err inf, which the results JSON stores as null: re-derived
+    from the file (--tuning-from), that row is as wrong as it was in the run."""
+    derive, linear = _load("derive"), _load("bench_linear")
+    rows = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 10.0}, 16: {"dequant": 100.0,
+                                                                    "lut_gemv": 10.0}})
+    for row in rows:
+        row["rel_err"] = 1e-4 if row["backend"] == "dequant" else math.inf
+    in_run = linear.derive_crossovers([dict(r) for r in rows])[0]
+    stored = [_load("common").clean(r) for r in rows]
+    assert [r["rel_err"] for r in stored if r["backend"] == "cuda"] == [None, None]
+    assert linear.derive_crossovers(stored)[0] == in_run
+    assert in_run.get("cuda_max_m", 0) == 0
+    assert [derive.is_right(r) for r in ({}, {"rel_err": 1e-3}, {"rel_err": None},
+                                         {"rel_err": 0.5})] == [True, True, False, False]
+    common = _load("common")
+    assert common.rel_error(torch.ones(3, 1), torch.ones(3, 4)) == math.inf  # no broadcast
+
+
+def test_write_tuning_merges_only_into_a_tuning_table(tmp_path):
+    """--write-tuning PATH that holds something else (a results JSON, text that is not
+    JSON, a folder) stops the bench before any timing or writing, naming it."""
+    rows = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0}})
+    results = _write_results(tmp_path / "linear.json", rows)
+    before = results.read_text()
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    for target in (results, broken, tmp_path):
+        with pytest.raises(SystemExit, match=f"--write-tuning {target}: it merges into"):
+            _load("bench_linear").main(["--tuning-from", str(results), "--write-tuning",
+                                        str(target)])
+        with pytest.raises(SystemExit, match="it merges into"):  # before it times anything
+            _load("bench_linear").main(["--smoke", "--write-tuning", str(target),
+                                        "--out", str(tmp_path / "never")])
+    assert results.read_text() == before and broken.read_text() == "{not json"
+    assert not (tmp_path / "never").exists()
+
+
+def test_tuning_changes_tells_an_unreadable_table_from_no_change(tmp_path):
+    """derive.py --tuning-changes: 0 changes, 1 none, 2 a file it cannot read (the suite
+    then reports the tuned step as failed, not as ok)."""
+    def code(path) -> int:
+        return subprocess.run([sys.executable, str(BENCH / "derive.py"), "--tuning-changes",
+                               str(path)], capture_output=True).returncode
+
+    listed = tmp_path / "list.json"
+    listed.write_text("[1]")
+    shipped = BENCH.parent / "otq_kernels" / "tuning" / "default.json"
+    changed = json.loads(shipped.read_text())
+    changed["gpus"]["GPU X"] = {"linear": {"cuda_max_m": 3}}
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    assert [code(p) for p in (tmp_path / "changed.json", shipped, tmp_path / "missing.json",
+                              listed)] == [0, 1, 2, 2]
+
+
 def test_tuning_from_names_its_close_calls(tmp_path, capsys):
     """Every speedup of the evidence within 2% of even is named after the derived values
     (nested maps and single numbers alike); none, no line."""
@@ -388,13 +471,13 @@ def test_tuning_from_names_its_close_calls(tmp_path, capsys):
     conv_rows = [{"M": 49, "shape": "8x8x3x3@7x7", "bits": 4, "granularity": "channel",
                   "backend": b, "kernel": k, "p50_us": t}
                  for b, k, t in (("dequant", "cudnn", 10.0), ("triton", "implicit_gemm", 9.9))]
-    conv = _write_results(tmp_path / "conv.json", conv_rows)
+    conv = _write_results(tmp_path / "conv.json", conv_rows, subject="conv")
     argv = ["--tuning-from", str(conv), "--write-tuning", str(tmp_path / "t.json")]
     assert _load("bench_conv").main(argv) == 0
     assert "close calls (speedup within 2% of even, about the run-to-run spread; check " \
         "before shipping): triton 49 x1.010" in capsys.readouterr().out
     conv_rows[1]["p50_us"] = 5.0
-    _write_results(tmp_path / "conv.json", conv_rows)
+    _write_results(tmp_path / "conv.json", conv_rows, subject="conv")
     assert _load("bench_conv").main(argv) == 0
     assert "close calls" not in capsys.readouterr().out
 
@@ -587,6 +670,18 @@ def test_error_rows_keep_the_schema():
     assert "Traceback" in row["error"] and row["p50_us"] is None
     payload = {"meta": {k: None for k in common.META_KEYS}, "rows": [row]}
     assert common.validate(payload) == []
+
+
+def test_autotune_variables_that_are_not_numbers_are_named(monkeypatch):
+    gpu_limits = _load("gpu_limits")
+    monkeypatch.setenv("OTQ_AUTOTUNE_MAX_CONFIGS", "4.0")
+    with pytest.raises(ValueError, match="OTQ_AUTOTUNE_MAX_CONFIGS='4.0' is not an integer"):
+        gpu_limits._env_int("OTQ_AUTOTUNE_MAX_CONFIGS")
+    monkeypatch.setenv("OTQ_AUTOTUNE_REP_MS", "20ms")
+    with pytest.raises(ValueError, match="OTQ_AUTOTUNE_REP_MS='20ms' is not a number"):
+        gpu_limits._env_float("OTQ_AUTOTUNE_REP_MS")
+    monkeypatch.setenv("OTQ_AUTOTUNE_REP_MS", " 2.5 ")
+    assert gpu_limits._env_float("OTQ_AUTOTUNE_REP_MS") == 2.5
 
 
 AUTOTUNE_PROBE = """
@@ -1001,7 +1096,8 @@ def test_e2e_profile_without_a_gpu_writes_a_skipped_row(tmp_path):
     assert _load("common").validate(payload) == []
 
 
-def test_cpu_bench_writes_call_unet_linear_and_expand_rows(tmp_path):
+def test_cpu_bench_writes_call_unet_linear_and_expand_rows(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout
     out = tmp_path / "cpu.json"
     _load("bench_cpu").main(["--out", str(out), "--reps", "1", "--configs", "tiny",
                              "--linear-shapes", "8,40"])
@@ -1019,6 +1115,11 @@ def test_cpu_bench_writes_call_unet_linear_and_expand_rows(tmp_path):
     expand = [r for r in data["rows"] if r["op"] == "expand"]
     assert len(expand) == 3 * 3 and "cpu (OTQ_CPU_SIMD=avx2)" in {r["backend"] for r in expand}
     assert all(r["ms"] > 0 for r in steps + linear + expand) and data["meta"]["cores"] >= 1
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, cwd=BENCH).stdout.strip()
+    assert data["meta"]["git_sha"] == sha  # the checkout's, wherever it runs from
+    with pytest.raises(SystemExit):  # at parse time, not after the work
+        _load("bench_cpu").main(["--out", str(tmp_path / "no.json"), "--reps", "0"])
 
 
 

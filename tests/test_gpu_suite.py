@@ -32,6 +32,22 @@ def _suite(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, Pat
     return proc, out
 
 
+def test_help_and_bad_arguments_run_nothing(tmp_path):
+    """--help prints the header; an option it does not know, or a second folder, is
+    refused before anything runs (an option once became OUTDIR, and the CPU steps ran)."""
+    def run(*args):
+        return subprocess.run(["bash", str(SUITE), *args], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path)
+
+    shown = run("--help")
+    assert shown.returncode == 0 and "usage: bash benchmarks/gpu_suite.sh [OUTDIR]" in shown.stdout
+    for args, why in [(["--dry-run"], "unknown option --dry-run"),
+                      (["a", "b"], "one OUTDIR at most, got 2")]:
+        refused = run(*args)
+        assert refused.returncode == 2 and why in refused.stderr
+        assert refused.stdout == "" and list(tmp_path.iterdir()) == []
+
+
 def test_no_gpu_marks_gpu_steps_failed_and_exports_results(tmp_path):
     proc, out = _suite(tmp_path, OTQ_SUITE_STEPS="env tests_cuda goal_linear",
                        OTQ_SUITE_DEADLINE_S="200")

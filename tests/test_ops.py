@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import otq_kernels as otq
 from otq_kernels import backends, ops
@@ -354,10 +355,36 @@ def test_dispatch_env_and_auto(monkeypatch):
     monkeypatch.setenv("OTQ_BACKEND", "reference")
     assert ops.resolve_backend(None, "linear", cpu, 1) == "reference"
     monkeypatch.setenv("OTQ_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="OTQ_BACKEND='nonsense': unknown backend"):
         ops.resolve_backend(None, "linear", cpu, 1)
     with pytest.raises(ValueError, match="unknown backend"):  # not a str: no TypeError
         backends.get(["cpu"])
+
+
+def test_env_backend_applies_to_the_ops_it_has(monkeypatch):
+    """OTQ_BACKEND names the layers' backend: quantizing still works under one without a
+    fit (dequant), a layer op it lacks or a device it cannot run on is an error naming the
+    variable, and an empty value means unset."""
+    cpu = torch.device("cpu")
+    auto = {op: ops.resolve_backend(None, op, cpu, 1) for op in ("fit", "pack", "unpack")}
+    monkeypatch.setenv("OTQ_BACKEND", "")
+    assert ops.resolve_backend(None, "linear", cpu, 1) == ops.resolve_backend("auto", "linear",
+                                                                             cpu, 1)
+    monkeypatch.setenv("OTQ_BACKEND", "dequant")
+    assert {op: ops.resolve_backend(None, op, cpu, 1) for op in auto} == auto
+    model = nn.Sequential(nn.Linear(40, 8))
+    x = torch.randn(3, 40)
+    otq.quantize_model(model, bits=3, progress=False)
+    with otq.record_dispatch() as calls:
+        y = model(x)
+    assert [call.backend for call in calls] == ["dequant"]
+    torch.testing.assert_close(y, x @ model[0].dequantize().T + model[0].bias)
+    monkeypatch.setenv("OTQ_BACKEND", "cpu")
+    with pytest.raises(ValueError, match="OTQ_BACKEND='cpu': backend 'cpu' has no conv2d"):
+        ops.resolve_backend(None, "conv2d", cpu, 1)
+    monkeypatch.setenv("OTQ_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="OTQ_BACKEND='cuda': backend 'cuda' cannot run"):
+        ops.resolve_backend(None, "fit", cpu, 1)
 
 
 def test_auto_never_picks_triton_on_cpu(monkeypatch):
@@ -503,10 +530,13 @@ _GOOD_ENTRY = {"linear": {"cuda_max_m": 16}, "conv2d": {"kernel_sizes": ["3x3"]}
     ({"default": {"linear": {"cuda_max_m": True}}}, "linear.cuda_max_m must be an integer"),
     ({"default": {"linear": {"cuda_tensor_cores": 1}}}, "must be true or false, got 1"),
     ({"default": {"linear": {"cuda_max_m_by_bits": {"9": 1}}}}, "map of bit widths"),
+    ({"default": {"linear": {"cuda_max_m_by_bits": {"08": 1}}}}, "map of bit widths"),
+    ({"default": {"linear": {"cuda_max_m_by_bits": {"\u0668": 1}}}}, "map of bit widths"),
     ({"default": {"conv2d": {"kernel_sizes": ["3"]}}}, "list of kernel sizes"),
     ({"default": {"conv2d": {"cuda_max_m_by_kernel": {"3x3": 1.5}}}}, "map of kernel sizes"),
 ], ids=["a-list", "no-default", "gpus-list", "entry-number", "section-list", "int-as-text",
-        "int-as-bool", "bool-as-int", "bits-9", "size-3", "float-crossover"])
+        "int-as-bool", "bool-as-int", "bits-9", "bits-08", "bits-arabic-8", "size-3",
+        "float-crossover"])
 def test_tuning_table_of_the_wrong_shape_is_refused(table, match, tmp_path, monkeypatch):
     """Through OTQ_TUNING_FILE: a ValueError naming the file (and entry, section and key)
     at the first dispatch, not a KeyError or AttributeError deep in it."""
@@ -518,10 +548,14 @@ def test_tuning_table_of_the_wrong_shape_is_refused(table, match, tmp_path, monk
         with pytest.raises(ValueError, match=match) as err:
             ops.tuning_table("GPU X")
         assert str(err.value).startswith(f"OTQ_TUNING_FILE={path}: ")
-        path.write_text("{not json")
-        ops.reload_tuning()
-        with pytest.raises(ValueError, match="cannot read it as JSON"):
-            ops.tuning_table("GPU X")
+        for text, why in [("{not json", "Expecting property name"),
+                          ("[" * 100_000, "nested too deeply"),
+                          ('{"default": {}, "default": {}}', "key 'default' appears twice")]:
+            path.write_text(text)
+            ops.reload_tuning()
+            with pytest.raises(ValueError, match=f"cannot read it as JSON|{why}") as err:
+                ops.tuning_table("GPU X")
+            assert why in str(err.value) and str(err.value).startswith("OTQ_TUNING_FILE=")
     finally:
         monkeypatch.delenv("OTQ_TUNING_FILE")
         ops.reload_tuning()
@@ -531,10 +565,11 @@ def test_tuning_keys_that_dispatch_does_not_read_warn():
     from otq_kernels.tuning_schema import check_tuning_table
 
     table = {"default": {"linear": {"cuda_max_M": 16, "_note": "kept"}, "conv3d": {},
-                         "_measured": {"anything": 1}}}
+                         "_measured": {"anything": 1}}, "gpu": {}, "_about": ""}
     with pytest.warns(UserWarning) as caught:
         check_tuning_table(table, "T")
     assert [str(w.message) for w in caught] == [
+        "T: 'gpu' is not read by dispatch (it reads 'default' and 'gpus')",
         "T: entry 'default': linear.cuda_max_M is not read by dispatch (a typo?)",
         "T: entry 'default': section 'conv3d' is not read by dispatch (known: ['conv2d', "
         "'fit', 'linear'])"]
