@@ -55,7 +55,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        emb = torch.cat([emb, emb.new_zeros(emb.shape[0], 1)], dim=-1)
     return emb
 
 
@@ -195,6 +195,8 @@ class AttentionBlock(nn.Module):
     ):
         super().__init__()
         if num_head_channels == -1:
+            if channels % num_heads:
+                raise ValueError(f"{channels} channels not divisible by {num_heads} heads")
             self.num_heads = num_heads
         else:
             if channels % num_head_channels:
@@ -224,8 +226,8 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, C, H, W]."""
         b, c, *spatial = x.shape
-        flat = x.reshape(b, c, -1)
+        flat = x.flatten(2)  # [B, C, T] (reshape(b, c, -1) cannot infer T when B = 0)
         q, k, v = self._split_heads(self.qkv(self.norm(flat)))
         h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, T, ch]
-        h = h.transpose(-1, -2).reshape(b, c, -1)
+        h = h.transpose(-1, -2).reshape(flat.shape)
         return (flat + self.proj_out(h)).reshape(b, c, *spatial)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..format import integer_value
 from .layers import (
     AttentionBlock,
     Downsample,
@@ -75,6 +76,12 @@ class UNetModel(nn.Module):
         if dims != 2 or with_fourier_features:
             raise ValueError("UNetModel builds 2-D models without Fourier features only "
                              f"(got dims={dims}, with_fourier_features={with_fourier_features})")
+        _check_arguments(in_channels=in_channels, model_channels=model_channels,
+                         out_channels=out_channels, num_res_blocks=num_res_blocks,
+                         attention_resolutions=attention_resolutions,
+                         channel_mult=channel_mult, num_classes=num_classes,
+                         num_heads=num_heads, num_head_channels=num_head_channels,
+                         num_heads_upsample=num_heads_upsample)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.model_channels = model_channels
         self.num_classes = num_classes
@@ -155,14 +162,24 @@ class UNetModel(nn.Module):
 
         The sinusoid is cast to ``dtype`` (the input's) before ``time_embed``. A
         class-conditional model given no label uses the null label ``num_classes``
-        (the unconditional branch of classifier-free guidance).
+        (the unconditional branch of classifier-free guidance). ValueError for a label
+        that is not integer class indices [B], or one given to an unconditional model.
         """
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))
-        if self.num_classes is not None:
-            if label is None:
-                label = torch.full((t.shape[0],), self.num_classes, device=t.device)
-            emb = emb + self.label_emb(label.long())
-        return emb
+        if self.num_classes is None:
+            if label is not None:
+                raise ValueError("a label was given to an unconditional model (num_classes "
+                                 "is None)")
+            return emb
+        if label is None:
+            label = torch.full((t.shape[0],), self.num_classes, device=t.device)
+        elif not (isinstance(label, torch.Tensor) and label.ndim == 1
+                  and label.shape[0] == t.shape[0] and not label.is_floating_point()
+                  and not label.is_complex() and label.dtype != torch.bool):
+            raise ValueError(f"label must be an integer tensor [B] of class indices 0.."
+                             f"{self.num_classes} with B = {t.shape[0]}, got "
+                             f"{_describe(label)}")
+        return emb + self.label_emb(label.long())
 
     def _check_input(self, x: torch.Tensor) -> None:
         """ValueError unless x is [B, in_channels, H, W] with H, W divisible by the depth."""
@@ -178,16 +195,15 @@ class UNetModel(nn.Module):
     ) -> torch.Tensor:
         """Velocity: x [B, C, H, W], t [B] or scalar in [0, 1] -> [B, C_out, H, W].
 
+        ``t`` may also be [1] or [B, 1, ...] (the layout of a time broadcast over images).
+
         ``extra`` may hold ``"label"`` [B] (int64) for class-conditional models; without
         it they use the null label.
         H and W must be divisible by ``2 ** (len(channel_mult) - 1)``.
         """
         self._check_input(x)
         extra = extra or {}
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        emb = self.embed(t, extra.get("label"), x.dtype)
+        emb = self.embed(_times(t, x.shape[0], x.device), extra.get("label"), x.dtype)
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb)
@@ -196,3 +212,60 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h.type(x.dtype))
+
+
+def _times(t, batch: int, device: torch.device) -> torch.Tensor:
+    """t as float32 [B]: from a scalar, [1], [B] or [B, 1, ...]; ValueError else."""
+    t = torch.as_tensor(t, device=device, dtype=torch.float32)
+    if t.ndim == 0:
+        return t.expand(batch)
+    if any(size != 1 for size in t.shape[1:]) or t.shape[0] not in (batch, 1):
+        raise ValueError(f"t must be a scalar, [1], [B] or [B, 1, ...] with B = {batch}, got "
+                         f"{list(t.shape)}")
+    return t.reshape(t.shape[0]).expand(batch)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.dtype} {list(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def _check_arguments(**args) -> None:
+    """ValueError naming the first UNetModel argument that builds no working network."""
+    def fail(name: str, want: str):
+        raise ValueError(f"UNetModel: {name} must be {want}, got {args[name]!r}")
+
+    def at_least(name: str, least: int, *allowed) -> None:
+        value = integer_value(args[name])
+        if args[name] not in allowed and (value is None or value < least):
+            fail(name, " or ".join([*map(repr, allowed), f"an integer >= {least}"]))
+
+    for name in ("in_channels", "model_channels", "out_channels"):
+        at_least(name, 1)
+    at_least("num_res_blocks", 0)
+    at_least("num_head_channels", 1, -1)
+    if args["num_head_channels"] == -1:  # (else the head width sets the head count)
+        at_least("num_heads", 1)
+        at_least("num_heads_upsample", 1, -1)
+    at_least("num_classes", 1, None)
+    mults = args["channel_mult"]
+    if (isinstance(mults, (str, bytes)) or not isinstance(mults, Sequence) or not mults
+            or not all(_is_number(m) and int(m * args["model_channels"]) >= 1 for m in mults)):
+        fail("channel_mult", "a non-empty sequence of numbers each giving >= 1 channel "
+                             "(times model_channels)")
+    factors = args["attention_resolutions"]
+    if isinstance(factors, (str, bytes)) or not all(
+            integer_value(f) is not None for f in _iterable(factors)):
+        fail("attention_resolutions", "a collection of downsampling factors (1, 2, 4, ...)")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _iterable(value) -> list:
+    try:
+        return list(value)
+    except TypeError:
+        return [None]

@@ -332,6 +332,73 @@ def test_wrong_image_shape_is_a_clear_error(shape):
         model(torch.randn(*shape), torch.zeros(shape[0]))
 
 
+@pytest.mark.parametrize("t", [torch.full((3, 1, 1, 1), 0.5), torch.tensor([0.5]), 0.5,
+                               torch.tensor(0.5, dtype=torch.float64)],
+                         ids=["B111", "one", "float", "0-d"])
+def test_times_of_every_broadcast_layout_agree(t):
+    model = _randomize(_tiny()).eval()
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(model(x, t), model(x, torch.full((3,), 0.5)), rtol=0, atol=0)
+
+
+def test_empty_batch_gives_an_empty_output():
+    model = _randomize(_tiny()).eval()
+    assert model(torch.randn(0, 1, 16, 16), torch.zeros(0)).shape == (0, 1, 16, 16)
+
+
+@pytest.mark.parametrize("conditional, t, label, match", [
+    (False, torch.zeros(2), None, r"t must be a scalar, \[1\], \[B\] .* B = 3, got \[2\]"),
+    (False, torch.zeros(3, 2), None, r"t must be .* got \[3, 2\]"),
+    (False, torch.zeros(3), torch.tensor([1, 2, 3]), "label was given to an unconditional"),
+    (True, torch.zeros(3), torch.tensor([0.7, 5.2, 9.9]), "got torch.float32 \\[3\\]"),
+    (True, torch.zeros(3), torch.tensor([True, False, True]), "got torch.bool"),
+    (True, torch.zeros(3), torch.tensor([[1], [2], [3]]), "got torch.int64 \\[3, 1\\]"),
+    (True, torch.zeros(3), torch.tensor([1, 2]), "with B = 3, got torch.int64 \\[2\\]"),
+    (True, torch.zeros(3), 3, "got int 3"),
+], ids=["t-2-for-3", "t-3x2", "label-unconditional", "label-float", "label-bool",
+        "label-B1", "label-2-for-3", "label-int"])
+def test_times_and_labels_that_fit_no_batch_are_refused(conditional, t, label, match):
+    """A clear ValueError, not a broadcast error deep in a ResBlock, and never a float
+    label truncated to a class or a label ignored."""
+    model = _tiny(num_classes=10 if conditional else None).eval()
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(3, 1, 16, 16), t, {"label": label} if label is not None else None)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(num_res_blocks=-1), "num_res_blocks must be an integer >= 0"),
+    (dict(channel_mult=()), "channel_mult must be a non-empty sequence"),
+    (dict(channel_mult=(1, 0)), "channel_mult must be"),
+    (dict(channel_mult=("1", "2")), "channel_mult must be"),
+    (dict(attention_resolutions="2"), "attention_resolutions must be a collection"),
+    (dict(num_heads=3), "64 channels not divisible by 3 heads"),
+    (dict(num_heads=0), "num_heads must be an integer >= 1"),
+    (dict(num_heads_upsample=0), "num_heads_upsample must be -1 or an integer >= 1"),
+    (dict(num_head_channels=0), "num_head_channels must be -1 or an integer >= 1"),
+    (dict(num_classes=0), "num_classes must be None or an integer >= 1"),
+    (dict(model_channels=True), "model_channels must be an integer >= 1"),
+], ids=["res-blocks-negative", "mult-empty", "mult-zero", "mult-text", "attention-text",
+        "heads-3", "heads-0", "heads-up-0", "head-channels-0", "classes-0", "channels-bool"])
+def test_arguments_that_build_no_working_unet_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        UNetModel(**{**unet_config("tiny"), **options})
+
+
+def test_unusual_arguments_that_work_are_kept():
+    """No res blocks per level, one base channel (an odd sinusoid width), numpy integers,
+    and num_heads ignored where a head width is given."""
+    import numpy as np
+
+    x = torch.randn(2, 1, 16, 16)
+    for options in (dict(num_res_blocks=0), dict(model_channels=1, channel_mult=(1, 1)),
+                    dict(num_res_blocks=np.int64(1)), dict(num_heads=-1, num_head_channels=16)):
+        model = _randomize(UNetModel(**{**unet_config("tiny"), **options})).eval()
+        assert model(x, 0.5).shape == x.shape and bool(torch.isfinite(model(x, 0.5)).all())
+    from otq_kernels.models.layers import timestep_embedding
+
+    assert timestep_embedding(torch.zeros(4), 1).shape == (4, 1)
+
+
 def test_accepts_the_examples_config_keys():
     kwargs = dict(unet_config("tiny"), image_size=16, dims=2, use_checkpoint=False,
                   with_fourier_features=False)
