@@ -40,6 +40,7 @@ from .modules import (
     QuantLinear,
     _QuantModule,
     bare_module,
+    memory_key,
     module_aliases,
     replace_module,
 )
@@ -173,10 +174,8 @@ def _stored_names(state: dict) -> tuple[dict, dict]:
     under the first only."""
     stored, first_name, aliases = {}, {}, {}
     for name, t in state.items():
-        view = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
-        if t.numel() == 0 or t.is_meta:  # (no memory: data_ptr says nothing)
-            stored[name] = t
-        elif view in first_name:
+        view = memory_key(t)
+        if view in first_name:
             aliases[name] = first_name[view]
         else:
             stored[name] = t

@@ -32,8 +32,8 @@ def kept_float_reason(parent: nn.Module | None) -> str | None:
 
 def _reads_quantized_weights(module: nn.Module) -> bool:
     """Whether ``module``'s fast path would read the weight of a quantized layer."""
-    if isinstance(module, nn.TransformerEncoder):
-        return len(module.layers) > 0 and _reads_quantized_weights(module.layers[0])
+    if isinstance(module, nn.TransformerEncoder):  # its nested tensor reaches every layer
+        return any(_reads_quantized_weights(layer) for layer in module.layers)
     return any(isinstance(getattr(module, name, None), _QuantModule)
                for name in ("linear1", "linear2"))
 
@@ -41,7 +41,7 @@ def _reads_quantized_weights(module: nn.Module) -> bool:
 def sync_fast_paths(model: nn.Module) -> None:
     """Switch off, in place, the fused fast path of every ``nn.TransformerEncoderLayer`` in
     ``model`` with a quantized ``linear1``/``linear2`` and of every ``nn.TransformerEncoder``
-    whose first layer is one; switch it back on where those layers are float again
+    with such a layer; switch it back on where those layers are float again
     (idempotent).
 
     The attributes set are those torch's fast-path checks read (``activation_relu_or_gelu``,

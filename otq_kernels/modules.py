@@ -515,6 +515,15 @@ def bare_module(model: nn.Module, what: str) -> nn.Module:
     return model
 
 
+def memory_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors exactly when they are the same view of the same memory (a
+    tensor and its ``detach()``, say); a tensor without memory (meta, empty) is only
+    equal to itself."""
+    if t.numel() == 0 or t.is_meta:  # (no memory: data_ptr says nothing)
+        return ("object", id(t))
+    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
+
+
 def names_by_identity(named) -> dict[int, list[str]]:
     """id(object) -> its names, in order, from ``(name, object)`` pairs (a module, tensor
     or parameter reached under several names lists them all)."""

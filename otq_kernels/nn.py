@@ -26,6 +26,7 @@ from .modules import (
     _QuantModule,
     bare_module,
     float_tensor,
+    memory_key,
     module_aliases,
     quant_class_for,
     replace_module,
@@ -138,6 +139,33 @@ def _plan(model: nn.Module, include, exclude,
     return chosen, reasons
 
 
+def _tie_groups(model: nn.Module, aliases: dict[int, list[str]], chosen: list[str],
+                reasons: dict[str, str]) -> dict[str, str]:
+    """Tied weights (one parameter held by several layers): {name: first name} for each
+    chosen layer after the first of its group, which will share the first's codes. A chosen
+    layer whose weight is also held elsewhere than as a chosen layer's weight (an LM head
+    tied to its embedding, a tied layer excluded) moves from ``chosen`` to ``reasons``:
+    quantizing it would untie them and store the weight twice."""
+    holders: dict[int, list[str]] = {}
+    for module in {id(m): m for m in model.modules()}.values():
+        prefix = aliases[id(module)][0]
+        for key, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append(f"{prefix}.{key}".lstrip("."))
+    weights = {f"{name}.weight": name for name in chosen}
+    ties = {}
+    for name in list(chosen):
+        weight = model.get_submodule(name)._parameters.get("weight")
+        group = holders.get(id(weight), []) if weight is not None else []
+        float_holders = [holder for holder in group if holder not in weights]
+        if float_holders:
+            chosen.remove(name)
+            reasons[name] = f"weight tied to {', '.join(float_holders)}, which stays float"
+        elif len(group) > 1 and weights[group[0]] != name:
+            ties[name] = weights[group[0]]
+    return ties
+
+
 def _as_patterns(value, what: str) -> list[str] | None:
     if value is None:
         return None
@@ -173,12 +201,15 @@ class QuantizationPlan:
 
     layers: (name, options) of each layer to quantize, in ``named_modules`` order;
     aliases: each of those names -> every name of that layer (a shared layer has several);
-    reasons: every other weighted layer's name -> why it stays float.
+    reasons: every other weighted layer's name -> why it stays float;
+    ties: a layer whose weight an earlier one of ``layers`` holds too (tied weights) ->
+    that layer's name, whose codes it shares.
     """
 
     layers: list[tuple[str, dict]]
     aliases: dict[str, list[str]]
     reasons: dict[str, str]
+    ties: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -205,6 +236,7 @@ def plan_quantization(model: nn.Module, bits: int = 4, method: str = "ot",
     _check_shaped(model)
     aliases = module_aliases(model)
     names, reasons = _plan(model, include, exclude, aliases)
+    ties = _tie_groups(model, aliases, names, reasons)
     layer_names = {name: aliases[id(model.get_submodule(name))] for name in names}
     every_name = [n for names_of_one in aliases.values() for n in names_of_one]
     _warn_unmatched(include, every_name, "include")
@@ -213,13 +245,18 @@ def plan_quantization(model: nn.Module, bits: int = 4, method: str = "ot",
                     "override")
     base = dict(bits=bits, method=method, granularity=granularity, backend=backend)
     layers = [(name, _layer_options(layer_names[name], base, overrides)) for name in names]
+    options = dict(layers)
     for name, opts in layers:
         with _naming_layer(name):
+            if name in ties and opts != options[ties[name]]:
+                raise ValueError(f"its weight is tied to {ties[name]!r}'s, which is given "
+                                 f"other options ({options[ties[name]]} and {opts}): tied "
+                                 "layers share one set of codes")
             module = model.get_submodule(name)
             layer_bits = check_options(opts["bits"], opts["method"], opts["granularity"], "rank")
             cls = quant_class_for(module)
             cls.check_backend(opts["backend"], layer_bits, cls._layout(module))
-    return QuantizationPlan(layers, layer_names, reasons)
+    return QuantizationPlan(layers, layer_names, reasons, ties)
 
 
 def finish_quantization(wrapper: nn.Module, model: nn.Module, reasons: dict) -> nn.Module:
@@ -253,6 +290,9 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     (include, exclude, override) that matches nothing warns: it is likely a typo. A layer
     registered under several names is one shared layer: the patterns match any of its
     names, it is listed under its first (``named_modules`` order) and replaced under all.
+    Layers that tie one weight share one set of codes (fitted once; they must get the same
+    options); a layer whose weight is tied to one that stays float (an embedding) stays
+    float too.
     To fill a meta skeleton from a float checkpoint while quantizing it, one layer in
     memory at a time, see :func:`otq_kernels.load_and_quantize`.
     """
@@ -281,9 +321,23 @@ def quantize_layers(model: nn.Module, plan: QuantizationPlan,
         with _naming_layer(name):
             check_weight(float_tensor(float_layer(name)))
     for name, opts in tqdm(plan.layers, desc="quantize", unit="layer", disable=not progress):
-        replace_module(model, plan.aliases[name], _quantized(name, float_layer(name), opts))
+        layer = float_layer(name)
+        if name in plan.ties:
+            layer = _sharing_codes(layer, model.get_submodule(plan.ties[name]), opts)
+        else:
+            layer = _quantized(name, layer, opts)
+        replace_module(model, plan.aliases[name], layer)
         if after_layer is not None:
             after_layer(name)
+
+
+def _sharing_codes(layer: nn.Module, tied: _QuantModule, opts: dict) -> nn.Module:
+    """The quantized layer of float ``layer`` whose weight is tied to the one ``tied`` was
+    fitted from: ``tied``'s planes and codebook (the same tensors), ``layer``'s bias."""
+    quant = quant_class_for(layer).replacing(layer, tied.qweight, float_tensor(layer, "bias"),
+                                             opts["backend"])
+    quant.stats = dict(tied.stats)
+    return quant
 
 
 def _quantized(name: str, layer: nn.Module, opts: dict) -> nn.Module:
@@ -297,18 +351,22 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
     same codebook weights, for tools and runtimes that need dense weights.
 
     dtype: the weights' dtype; default each layer's bias dtype, else that of the model's
-    first floating-point parameter (float32 if none). Shared layers stay shared, torch's
+    first floating-point parameter (float32 if none). Shared layers stay shared, layers
+    sharing codes (tied weights) get one float weight again, torch's
     transformer fast paths come back on (:mod:`.fast_paths`) and wrappers are seen
     through (:func:`~otq_kernels.modules.bare_module`). Returns ``model`` without its
     ``otq_summary``.
     """
     wrapper, model = model, bare_module(model, "dequantize_model")
     default = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    weights: dict[tuple, nn.Parameter] = {}  # codes -> the float weight made of them
     for names in module_aliases(model).values():
         layer = model.get_submodule(names[0])
         if isinstance(layer, _QuantModule) and names[0]:
             layer_dtype = dtype or (None if layer.bias is not None else default)
-            replace_module(model, names, layer.to_float(layer_dtype))
+            dense = layer.to_float(layer_dtype)
+            dense.weight = weights.setdefault(memory_key(layer.codebook), dense.weight)
+            replace_module(model, names, dense)
     sync_fast_paths(model)
     for obj in (wrapper, model):
         for attr in ("otq_summary", "_otq_reasons"):

@@ -26,6 +26,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch._C._functorch import get_dynamic_layer_stack_depth as _functorch_depth
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack as _dispatch_mode_stack
 
 from . import backends, dispatch_log
 from .backends import _device
@@ -329,10 +330,10 @@ def _plain_eager_call(x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> b
 
 
 def _teach_dispatch_mode() -> None:
-    """Before an op call: an active FlopCounterMode learns the ops' FLOPs (:mod:`.flops`)."""
+    """Before an op call: every active FlopCounterMode learns the ops' FLOPs (:mod:`.flops`),
+    nested ones and those under another dispatch mode too."""
     if not torch.compiler.is_compiling():
-        mode = _current_dispatch_mode()
-        if mode is not None:
+        for mode in _dispatch_mode_stack():
             teach_flop_counter(mode)
 
 

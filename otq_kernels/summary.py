@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .modules import _QuantModule, quant_class_for
+from .modules import _QuantModule, memory_key, quant_class_for
 
 
 # ----------------------------------------------------------------------------- summary
@@ -105,7 +105,8 @@ def _totals(model: nn.Module) -> tuple[int, int, int, int]:
     seen: set[int] = set()
     for module in model.modules():
         quant = isinstance(module, _QuantModule)
-        if quant:
+        if quant and memory_key(module.codebook) not in seen:  # (tied layers share codes)
+            seen.add(memory_key(module.codebook))
             numel = math.prod(module.weight_shape)
             params, fp32, fp16, after = (params + numel, fp32 + 4 * numel, fp16 + 2 * numel,
                                          after + module.nbytes)

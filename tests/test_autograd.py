@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import otq_kernels as otq
 from otq_kernels import ops
@@ -288,6 +289,21 @@ def test_flop_counter_counts_what_the_dequantized_twin_does(registered, monkeypa
         return counter.get_total_flops()
 
     assert flops(quant) == flops(twin) > 0
+    for op in (torch.ops.otq.codebook_linear, torch.ops.otq.codebook_conv2d):
+        monkeypatch.delitem(flop_counter.flop_registry, op, raising=False)
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def nested_flops(net) -> list[int]:  # an outer counter, an inner one, another mode
+        x = torch.randn(2, 3, 5, 5)
+        with flop_counter.FlopCounterMode(display=False) as outer:
+            with flop_counter.FlopCounterMode(display=False) as inner, Passing():
+                net(x)
+        return [outer.get_total_flops(), inner.get_total_flops()]
+
+    assert nested_flops(quant) == nested_flops(twin) and nested_flops(twin)[0] > 0
 
 
 @pytest.mark.parametrize("transform", [

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import otq_kernels as otq
+from otq_kernels import checkpoint as ckpt
 from otq_kernels import nn as qnn
 from otq_kernels.metrics.weights import sqnr_db
 from otq_kernels.models import load_fm_checkpoint
@@ -353,6 +355,65 @@ def test_quantize_model_warns_of_patterns_that_match_nothing():
                               overrides={"blocks.0": {"bits": 8}}, progress=False)
 
 
+class TiedHead(nn.Module):
+    """Two Linears tying one weight (their biases apart), a third, an embedding tied to a
+    head."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(40, 40), nn.Linear(40, 40), nn.Linear(40, 40)
+        self.b.weight = self.a.weight
+        self.emb, self.head = nn.Embedding(50, 40), nn.Linear(40, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.c(self.b(self.a(x)))) + self.emb.weight.sum()
+
+
+def test_tied_weights_share_one_set_of_codes(tmp_path):
+    """Layers tying one weight are fitted once and share the codes: counted and stored
+    once, still tied after saving, loading and dequantizing; a head tied to an embedding
+    (which stays float) stays float, as does a layer tied to an excluded one."""
+    torch.manual_seed(0)
+    model, x = TiedHead(), torch.randn(3, 40)
+    before = otq.nn.quantization_summary(model)
+    otq.quantize_model(model, bits=3, progress=False)
+    assert isinstance(model.a, qnn.QuantLinear) and isinstance(model.b, qnn.QuantLinear)
+    assert model.a.codebook.data_ptr() == model.b.codebook.data_ptr()
+    assert model.a.plane0.data_ptr() == model.b.plane0.data_ptr()
+    assert not torch.equal(model.a.bias, model.b.bias)
+    assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
+    assert model.otq_summary.params == before.params
+    assert model.otq_summary.bytes_fp32 == before.bytes_fp32
+    reasons = {r.name: r.status for r in model.otq_summary.layers}
+    assert reasons["head"] == "kept float (weight tied to emb.weight, which stays float)"
+    path = otq.save_quantized(model, tmp_path / "tied.safetensors")
+    assert json.loads(ckpt.read_safetensors(path)[0]["aliases"]) == {
+        "b.plane0": "a.plane0", "b.plane1": "a.plane1", "b.codebook": "a.codebook",
+        "head.weight": "emb.weight"}
+    loaded = otq.load_quantized(path, TiedHead())
+    assert loaded.a.codebook.data_ptr() == loaded.b.codebook.data_ptr()
+    assert torch.equal(loaded(x), model(x))
+    want = model(x)
+    otq.dequantize_model(model)
+    assert model.a.weight is model.b.weight and model.head.weight is model.emb.weight
+    torch.testing.assert_close(model(x), want)
+    partly = otq.quantize_model(TiedHead(), bits=3, exclude="b", progress=False)
+    assert type(partly.a) is nn.Linear and partly.a.weight is partly.b.weight
+    assert {r.name: r.status for r in partly.otq_summary.layers}["a"] == (
+        "kept float (weight tied to b.weight, which stays float)")
+
+
+def test_tied_layers_given_different_options_are_refused():
+    model = TiedHead()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="layer 'b': its weight is tied to 'a''s, which is "
+                                         "given other options"):
+        otq.quantize_model(model, bits=3, overrides={"b": {"bits": 4}}, progress=False)
+    assert type(model.a) is nn.Linear and all(torch.equal(v, state[k])
+                                              for k, v in model.state_dict().items())
+
+
 class Shared(nn.Module):
     """One Linear registered under three names (``b``, ``c.0``: aliases of ``a``)."""
 
@@ -472,11 +533,15 @@ def _twin_with_dense_weights(model: nn.Module, quantized: nn.Module) -> nn.Modul
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
-def test_transformer_encoder_layers_are_quantized_and_leave_their_fast_path():
+@pytest.mark.parametrize("exclude", [None, "layers.0.*"], ids=["all", "first-layer-float"])
+def test_transformer_encoder_layers_are_quantized_and_leave_their_fast_path(exclude):
+    """Also with the first layer kept float (a common recipe): the encoder's nested tensor
+    reached the quantized second layer, which failed inside the op."""
     torch.manual_seed(0)
     model = transformer_encoder()
-    quant = otq.nn.quantize_model(copy.deepcopy(model), bits=4, progress=False)
-    layer = quant.layers[0]
+    quant = otq.nn.quantize_model(copy.deepcopy(model), bits=4, exclude=exclude,
+                                  progress=False)
+    layer = quant.layers[1]
     assert isinstance(layer.linear1, qnn.QuantLinear) and isinstance(layer.linear2, qnn.QuantLinear)
     assert type(layer.self_attn.out_proj) is not qnn.QuantLinear  # MultiheadAttention's
     twin = _twin_with_dense_weights(model, quant)

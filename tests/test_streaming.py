@@ -133,6 +133,7 @@ def test_shared_and_tied_layers_and_float_ones(tmp_path):
     assert model.again is model.conv_b and isinstance(model.again, otq.nn.QuantConv2d)
     model(torch.randn(1, 3, 6, 6))
     assert calls == ["QuantConv2d"] and model.seen == ["QuantLinear"]  # not copies of them
+    assert model.head.codebook.data_ptr() == model.tail.codebook.data_ptr()  # tied: one set
     handle.remove()
     model(torch.randn(1, 3, 6, 6))
     assert calls == ["QuantConv2d"]
