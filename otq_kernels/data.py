@@ -8,12 +8,15 @@ a local path and fail with a clear error when it is missing.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .format import integer_value
 
 
 def _resize(x01: torch.Tensor, size: int) -> torch.Tensor:
@@ -50,12 +53,17 @@ def load_image_patches(
     """Random grayscale ``size``×``size`` patches of scikit-image sample images.
 
     Returns [n, 1, size, size] in [-1, 1]; images that are not installed locally are
-    skipped (RuntimeError if none is available).
+    skipped (RuntimeError if none is available). ValueError for names that are not a
+    tuple or list of names, or a size no image holds.
     """
     from skimage import data as skdata
     from skimage.color import rgb2gray
     from skimage.util import img_as_float32
 
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"names must be a tuple of scikit-image sample names, got {names!r}")
+    if (integer_value(size) or 0) < 1:
+        raise ValueError(f"size must be an integer >= 1, got {size!r}")
     images = []
     for name in names:
         try:
@@ -65,6 +73,9 @@ def load_image_patches(
         images.append(rgb2gray(img) if img.ndim == 3 else img)
     if not images:
         raise RuntimeError("no scikit-image sample image is available offline")
+    images = [img for img in images if min(img.shape) >= size]
+    if not images:
+        raise ValueError(f"size {size} is larger than every available image")
     rng = np.random.default_rng(seed)
     out = np.empty((n, 1, size, size), np.float32)
     for i in range(n):
@@ -85,12 +96,18 @@ def _require(path: str | os.PathLike, what: str) -> Path:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX (MNIST) file, gzipped or not."""
+    """Read an IDX (MNIST) file of unsigned bytes, gzipped or not; ValueError naming the
+    file when its header or length says it is not one."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         raw = f.read()
-    ndim = raw[3]
+    ndim = raw[3] if len(raw) >= 4 else 0
+    if len(raw) < 4 + 4 * ndim or raw[:3] != b"\x00\x00\x08" or ndim == 0:
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (bad header)")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) != 4 + 4 * ndim + math.prod(dims):
+        raise ValueError(f"{path}: {len(raw) - 4 - 4 * ndim} bytes of data where its header "
+                         f"says {dims} (truncated?)")
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -113,6 +130,9 @@ def load_mnist(
         img_f = _find(p, f"{prefix}-images-idx3-ubyte")
         lab_f = _find(p, f"{prefix}-labels-idx1-ubyte")
         imgs, labels = _read_idx(img_f), _read_idx(lab_f)
+    if imgs.ndim != 3 or labels.ndim != 1 or len(imgs) != len(labels):
+        raise ValueError(f"{p}: {split} images {list(imgs.shape)} and labels "
+                         f"{list(labels.shape)} are not N images [N, H, W] and N labels")
     x = _resize(torch.from_numpy(imgs.astype(np.float32) / 255.0)[:, None], size) * 2 - 1
     y = torch.from_numpy(labels.astype(np.int64))
     return (x, y) if return_labels else x

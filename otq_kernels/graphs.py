@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .format import integer_value
+
 _INFERENCE_ONLY = ("CudaGraphed is for inference: a replay records no autograd graph "
                    "(call it under torch.no_grad() or torch.inference_mode())")
 
@@ -38,8 +40,9 @@ class CudaGraphed(nn.Module):
 
     def __init__(self, fn: Callable[..., torch.Tensor], warmup: int = 2):
         super().__init__()
-        if warmup < 1:
-            raise ValueError(f"warmup must be >= 1 (a call before capture), got {warmup}")
+        if (integer_value(warmup) or 0) < 1:
+            raise ValueError(f"warmup must be an integer >= 1 (a call before capture), got "
+                             f"{warmup!r}")
         self.fn, self.warmup = fn, warmup
         self._graphs: dict[tuple, tuple] = {}
 

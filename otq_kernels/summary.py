@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .format import integer_value
 from .modules import _QuantModule, memory_key, quant_class_for
 
 
@@ -165,7 +166,10 @@ def _fit_name(name: str, width: int) -> str:
 
 
 def format_summary(summary: QuantizationSummary, max_rows: int | None = None) -> str:
-    """A printable table: one line per layer, then totals (sizes before and after)."""
+    """A printable table: one line per layer (the first ``max_rows``, an integer >= 0, if
+    given), then totals (sizes before and after)."""
+    if max_rows is not None and (integer_value(max_rows) is None or max_rows < 0):
+        raise ValueError(f"max_rows must be None or an integer >= 0, got {max_rows!r}")
     rows = summary.layers if max_rows is None else summary.layers[:max_rows]
     width = min(max((len(r.name) for r in rows), default=0), NAME_WIDTH_MAX)
     width = max(width, len("layer"))

@@ -22,6 +22,11 @@ def test_image_patches():
     x = data.load_image_patches(size=32, n=8, seed=0)
     assert x.shape == (8, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
     torch.testing.assert_close(x, data.load_image_patches(size=32, n=8, seed=0))
+    for bad, match in [(dict(names="camera"), "names must be a tuple"),
+                       (dict(size=0), "size must be an integer >= 1"),
+                       (dict(size=5000), "size 5000 is larger than every available image")]:
+        with pytest.raises(ValueError, match=match):
+            data.load_image_patches(**{"n": 2, **bad})
 
 
 def test_local_loaders(tmp_path):
@@ -46,6 +51,15 @@ def test_local_loaders(tmp_path):
     (tmp_path / "idx/t10k-labels-idx1-ubyte").write_bytes(lab)
     x2 = data.load_mnist(tmp_path / "idx", split="test", size=16)
     assert x2.shape == (5, 1, 16, 16)
+    for images, labels, match in [
+            (header + imgs.tobytes()[:-1], lab, "truncated"),
+            (b"", lab, "not an IDX file"), (header + imgs.tobytes(), lab[:-2], "truncated"),
+            (header + imgs.tobytes(), lab[:7] + bytes([3]) + bytes(range(3)),
+             r"images \[5, 28, 28\] and labels \[3\]")]:
+        (tmp_path / "idx/t10k-images-idx3-ubyte").write_bytes(images)
+        (tmp_path / "idx/t10k-labels-idx1-ubyte").write_bytes(labels)
+        with pytest.raises(ValueError, match=match):
+            data.load_mnist(tmp_path / "idx", split="test")
     # CIFAR-10 binary layout
     rec = np.random.default_rng(1).integers(0, 256, (4, 3073), dtype=np.uint8)
     rec[:, 0] = [3, 1, 4, 1]

@@ -88,8 +88,9 @@ def test_refuses_what_it_cannot_replay(stand_in_graphs):
         graphed(x.detach(), [0.5])
     with pytest.raises(TypeError, match="one tensor"):
         CudaGraphed(lambda x: (x, x))(x.detach())
-    with pytest.raises(ValueError, match="warmup"):
-        CudaGraphed(_velocity, warmup=0)
+    for warmup in (0, 1.5, True):
+        with pytest.raises(ValueError, match="warmup must be an integer >= 1"):
+            CudaGraphed(_velocity, warmup=warmup)
 
 
 def test_cpu_tensors_are_refused_before_any_capture():

@@ -237,6 +237,11 @@ def test_quantize_model_selection_and_summary():
     assert "kept float (unsupported type)" in text and "bits/weight overall" in text
     assert text.splitlines()[2].startswith("stem          QuantConv2d ")  # as wide as names
     assert str(s) == text and s.to_dict()["model_bits_per_weight"] == s.model_bits_per_weight
+    assert otq.nn.format_summary(s, max_rows=2).splitlines()[4] == (
+        f"... {len(s.layers) - 2} more layers")
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises(ValueError, match="max_rows must be None or an integer >= 0"):
+            otq.nn.format_summary(s, max_rows=bad)
 
 
 def test_summary_table_prints_long_layer_names_whole_up_to_its_limit():
