@@ -64,8 +64,12 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def check_codes(codes: torch.Tensor, bits) -> int:
-    """Raise ValueError unless ``codes`` is an integer [N, K] tensor in [0, 2**bits); -> bits."""
+    """Raise ValueError unless ``codes`` is an integer [N, K] tensor in [0, 2**bits) that
+    holds values (not on the meta device); -> bits."""
     bits = check_bits(bits)
+    if not isinstance(codes, torch.Tensor) or codes.is_meta:
+        what = "a meta tensor" if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise ValueError(f"codes must be a torch.Tensor holding values, got {what}")
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
@@ -223,4 +227,7 @@ class QuantizedTensor:
 
 def unpack_codes(qt: QuantizedTensor) -> torch.Tensor:
     """Codes int64 [N, K] of a QuantizedTensor (public API)."""
+    if not isinstance(qt, QuantizedTensor):
+        raise ValueError(f"unpack_codes takes a QuantizedTensor, got {type(qt).__name__} (for "
+                         "planes of your own: format.unpack_planes(planes, bits, k))")
     return qt.codes()

@@ -22,7 +22,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import backends, ops
-from .format import QuantizedTensor
+from .format import QuantizedTensor, integer_value
 from .metrics.weights import weight_error
 from .quantizers import check_options, fit_codebook
 
@@ -65,6 +65,9 @@ HOOK_ATTRIBUTES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_for
                    "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
 
 
+STATE_LAYOUT = "otq_layout"  # key of a quantized layer's state-dict metadata entry
+
+
 def _take_hooks(layer: nn.Module, module: nn.Module) -> None:
     """Give ``layer`` the forward and backward hooks of ``module``, which it replaces: the
     same dicts, so that their handles still remove them (and a hook registered on the
@@ -101,6 +104,12 @@ class _QuantModule(nn.Module):
         """Buffers and bias of ``qt``: normal tensors even under ``torch.inference_mode``
         (inference tensors could not be loaded into later, nor feed an input gradient)."""
         _check_finite_codebook(qt.codebook)
+        n = qt.shape[0] if len(qt.shape) > 1 else 1
+        if bias is not None and not (isinstance(bias, torch.Tensor)
+                                     and bias.is_floating_point() and bias.shape == (n,)):
+            raise ValueError(f"bias must be None or a float tensor [{n}], got "
+                             f"{getattr(bias, 'dtype', type(bias).__name__)} "
+                             f"{list(getattr(bias, 'shape', []))}")
         self.bits, self.granularity, self.method = qt.bits, qt.granularity, qt.method
         self.weight_shape = tuple(qt.shape)
         self.backend = self.check_backend(backend, qt.bits, self._layout(self))
@@ -163,15 +172,53 @@ class _QuantModule(nn.Module):
 
     # -- torch plumbing --------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        """Keep the codebook float32 under .half()/.bfloat16()/.to(dtype)."""
+        """Keep the codebook float32 and the planes int32 under .half()/.to(dtype) and
+        ``.type(dtype)`` (which casts every buffer: a plane cast to a float would lose its
+        codes, so the int32 plane is kept, moved where ``fn`` put the cast one)."""
+        planes = self._planes()
         out = super()._apply(fn, recurse)
+        for i, plane in enumerate(planes):
+            moved = self._buffers[f"plane{i}"]
+            if moved.dtype != torch.int32:
+                self._buffers[f"plane{i}"] = plane.to(moved.device)
         if self.codebook.dtype != torch.float32:
             self._buffers["codebook"] = self.codebook.float()
         self._cache.clear()
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The tensors, and in the state dict's per-module metadata (not saved in files) the
+        weight's shape, bits and granularity, which the planes cannot show (a K within the
+        same 32 columns packs to the same plane shape)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]][STATE_LAYOUT] = self._state_layout()
+
+    def _state_layout(self) -> list:
+        return [self.bits, self.granularity, list(self.weight_shape)]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Load as any module does, refusing (one of torch's load errors, this layer left
+        as it was) a state dict of a quantized layer of another weight shape, bit width or
+        granularity (where its metadata says so: a dict from ``state_dict()``) or with a
+        NaN/Inf codebook."""
+        theirs = (local_metadata or {}).get(STATE_LAYOUT)
+        codebook = state_dict.get(f"{prefix}codebook")
+        if theirs is not None and theirs != self._state_layout():
+            error_msgs.append(f"{prefix[:-1]}: the state dict holds a quantized layer of bits, "
+                              f"granularity, weight shape {theirs}; this one is "
+                              f"{self._state_layout()}")
+            return
+        try:
+            if isinstance(codebook, torch.Tensor):
+                _check_finite_codebook(codebook)
+        except ValueError as err:
+            error_msgs.append(f"{prefix}codebook: {err}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
         self._cache.clear()
 
     def _storage_repr(self) -> str:
@@ -287,7 +334,35 @@ class QuantLinear(_QuantModule):
 
 # ----------------------------------------------------------------------------- conv
 def _tuple(v, n: int) -> tuple[int, ...]:
-    return tuple(int(a) for a in v) if isinstance(v, (tuple, list)) else (int(v),) * n
+    """An int or n ints as n ints; ValueError for anything else (2.5 or "2" included)."""
+    values = tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+    ints = tuple(integer_value(a) for a in values)
+    if len(ints) != n or None in ints:
+        raise ValueError(f"expected an integer or {n} integers, got {v!r}")
+    return ints
+
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _check_geometry(cfg: dict, weight_shape: tuple[int, ...]) -> None:
+    """ValueError naming the first conv argument that does not fit the weight [N, C/g, ...]
+    or that nn.Conv*d would refuse."""
+    n, per_group = weight_shape[:2]
+    groups = cfg["groups"]
+    if any(s < 1 for s in cfg["stride"]) or any(d < 1 for d in cfg["dilation"]):
+        raise ValueError(f"stride {cfg['stride']} and dilation {cfg['dilation']} must be >= 1")
+    if not isinstance(cfg["padding"], str) and any(p < 0 for p in cfg["padding"]):
+        raise ValueError(f"padding {cfg['padding']} must be >= 0")
+    if cfg["padding_mode"] not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got "
+                         f"{cfg['padding_mode']!r}")
+    if groups < 1 or n % groups:
+        raise ValueError(f"groups={groups} must be >= 1 and divide the {n} output channels")
+    if (cfg["in_channels"], cfg["out_channels"]) != (per_group * groups, n):
+        raise ValueError(f"in_channels={cfg['in_channels']}, out_channels="
+                         f"{cfg['out_channels']} do not fit the weight {list(weight_shape)} "
+                         f"with groups={groups} (expected {per_group * groups}, {n})")
 
 
 def _resolve_padding(padding, padding_mode: str, kernel, dilation):
@@ -327,7 +402,12 @@ def _pointwise(kernel_size, stride, groups, pre_pad, conv_padding) -> bool:
 class _QuantConv(_QuantModule):
     """Common conv state: geometry copied from the float conv."""
 
-    def _init_conv(self, module_cfg: dict) -> None:
+    def _init_conv(self, module_cfg: dict, weight_shape: tuple[int, ...]) -> None:
+        groups = integer_value(module_cfg["groups"])
+        if groups is None:
+            raise ValueError(f"groups must be an integer, got {module_cfg['groups']!r}")
+        module_cfg = {**module_cfg, "groups": groups}
+        _check_geometry(module_cfg, weight_shape)
         self.in_channels = module_cfg["in_channels"]
         self.out_channels = module_cfg["out_channels"]
         self.kernel_size = module_cfg["kernel_size"]
@@ -402,10 +482,11 @@ class QuantConv2d(_QuantConv):
             raise ValueError(f"QuantConv2d needs a 4-D weight, got shape {list(qt.shape)}")
         n, c, kh, kw = qt.shape
         self._init_conv(dict(
-            in_channels=in_channels or c * groups, out_channels=out_channels or n,
+            in_channels=in_channels or c * (integer_value(groups) or 1),
+            out_channels=out_channels or n,
             kernel_size=(kh, kw), stride=_tuple(stride, 2),
             padding=padding if isinstance(padding, str) else _tuple(padding, 2),
-            dilation=_tuple(dilation, 2), groups=int(groups), padding_mode=padding_mode))
+            dilation=_tuple(dilation, 2), groups=groups, padding_mode=padding_mode), qt.shape)
         self._init_storage(qt, bias, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -440,10 +521,11 @@ class QuantConv1d(_QuantConv):
             raise ValueError(f"QuantConv1d needs a 3-D weight, got shape {list(qt.shape)}")
         n, c, k = qt.shape
         self._init_conv(dict(
-            in_channels=in_channels or c * groups, out_channels=out_channels or n,
+            in_channels=in_channels or c * (integer_value(groups) or 1),
+            out_channels=out_channels or n,
             kernel_size=(k,), stride=_tuple(stride, 1),
             padding=padding if isinstance(padding, str) else _tuple(padding, 1),
-            dilation=_tuple(dilation, 1), groups=int(groups), padding_mode=padding_mode))
+            dilation=_tuple(dilation, 1), groups=groups, padding_mode=padding_mode), qt.shape)
         self._init_storage(qt, bias, backend)
 
     @property

@@ -360,13 +360,16 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
     wrapper, model = model, bare_module(model, "dequantize_model")
     default = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     weights: dict[tuple, nn.Parameter] = {}  # codes -> the float weight made of them
+    swaps = []  # (names, float layer): all made before any is swapped in
     for names in module_aliases(model).values():
         layer = model.get_submodule(names[0])
         if isinstance(layer, _QuantModule) and names[0]:
             layer_dtype = dtype or (None if layer.bias is not None else default)
             dense = layer.to_float(layer_dtype)
             dense.weight = weights.setdefault(memory_key(layer.codebook), dense.weight)
-            replace_module(model, names, dense)
+            swaps.append((names, dense))
+    for names, dense in swaps:
+        replace_module(model, names, dense)
     sync_fast_paths(model)
     for obj in (wrapper, model):
         for attr in ("otq_summary", "_otq_reasons"):

@@ -32,8 +32,8 @@ from . import backends, dispatch_log
 from .backends import _device
 from .backends.dequant import dense_weight
 from .flops import teach_flop_counter
-from .format import QuantizedTensor, check_bits, padded_k, plane_widths
-from .quantizers import fit_rows_reference
+from .format import QuantizedTensor, padded_k, plane_widths
+from .quantizers import check_options, check_weight, fit_rows_reference
 from .tuning_schema import parse_tuning_table
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -658,8 +658,13 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
 
 def fit_rows(rows: torch.Tensor, bits: int, method: str = "ot", assign: str = "rank",
              backend: Optional[str] = None):
-    """Fit codebooks per row. rows [R, n] -> (codes int64 [R, n], centroids f32 [R, 2**b])."""
-    bits = check_bits(bits)
+    """Fit codebooks per row. rows [R, n] -> (codes int64 [R, n], centroids f32 [R, 2**b]).
+    ValueError for rows that are not a non-empty finite float matrix (a NaN row made the
+    Triton fit write codes past its row) and for bad options, before any backend runs."""
+    bits = check_options(bits, method, "channel", assign)
+    check_weight(rows)
+    if rows.dim() != 2:
+        raise ValueError(f"rows must be a matrix [R, n], got shape {tuple(rows.shape)}")
     name = resolve_backend(backend, "fit", rows.device, rows.shape[1])
     return torch.ops.otq.fit_codebook(rows.contiguous(), bits, method, assign, name)
 

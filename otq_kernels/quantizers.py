@@ -167,6 +167,7 @@ def check_weight(w) -> None:
     if w.numel() == 0 or w.dim() == 0:
         raise ValueError(f"weight must be a non-empty tensor with ≥1 dimension, got shape "
                          f"{tuple(w.shape)}")
+    w = w.detach()  # (an inference tensor or a parameter: the checks record no graph)
     if not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"weight has {bad} NaN/Inf value(s); cannot fit a codebook")

@@ -131,6 +131,9 @@ def load_and_quantize(source, model: nn.Module, bits: int = 4, method: str = "ot
     ValueError naming the key or the layer. Each weight is read twice (once to check it),
     never more than one layer's at a time.
     """
+    if after_layer is not None and not callable(after_layer):
+        raise ValueError(f"after_layer must be None or a function of the layer's name, got "
+                         f"{after_layer!r}")
     wrapper, model = model, bare_module(model, "load_and_quantize")
     plan = plan_quantization(model, bits, method, granularity, include, exclude, backend,
                              overrides)

@@ -93,6 +93,13 @@ def test_codes_out_of_range_or_float_rejected():
         otq.pack_codes(torch.zeros(1, 4), 2)
     with pytest.raises(ValueError, match="2-D"):
         otq.pack_codes(torch.zeros(4, dtype=torch.long), 2)
+    for codes, what in ((np.zeros((1, 4), np.int64), "ndarray"), (None, "NoneType"),
+                        (torch.zeros(1, 4, dtype=torch.long, device="meta"), "a meta tensor")):
+        with pytest.raises(ValueError, match=f"codes must be a torch.Tensor holding values, "
+                                             f"got {what}"):
+            otq.pack_codes(codes, 2)
+    with pytest.raises(ValueError, match="unpack_codes takes a QuantizedTensor, got list"):
+        otq.unpack_codes(otq.pack_codes(torch.zeros(1, 4, dtype=torch.long), 2))
 
 
 def _qt(bits=3, shape=(4, 10), granularity="channel"):

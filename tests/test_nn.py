@@ -144,6 +144,61 @@ def test_buffers_state_dict_and_dtypes():
     yh = q(x.half())
     assert yh.dtype == torch.float16
     torch.testing.assert_close(yh.float(), y, rtol=1e-2, atol=1e-2)
+    q.type(torch.float16)  # casts every buffer: the planes keep their codes
+    assert q.plane0.dtype == torch.int32 and q.codebook.dtype == torch.float32
+    torch.testing.assert_close(q.type(torch.float32)(x), y, rtol=1e-2, atol=1e-2)
+
+
+def test_load_state_dict_refuses_a_layer_the_planes_cannot_tell_apart():
+    """K = 33 and K = 40 pack to the same plane shapes: the state dict's metadata says
+    which layer it holds, and a mismatch is a load error, as a float layer's size mismatch
+    is (it loaded silently, and the layer ran on the other layer's codes). A NaN codebook
+    is one too (the constructor refuses it)."""
+    torch.manual_seed(0)
+    model = otq.quantize_model(nn.Sequential(nn.Linear(40, 8)), bits=4, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for other in (nn.Linear(33, 8), nn.Linear(40, 8)):
+        theirs = otq.quantize_model(nn.Sequential(other), bits=4 if other.in_features == 33
+                                    else 3, progress=False)
+        with pytest.raises(RuntimeError, match="0: the state dict holds a quantized layer of "
+                                               "bits, granularity, weight shape"):
+            model.load_state_dict(theirs.state_dict())
+    same = otq.quantize_model(nn.Sequential(nn.Linear(40, 8)), bits=4, progress=False)
+    state = same.state_dict()
+    state["0.codebook"] = state["0.codebook"].clone()
+    state["0.codebook"][0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"0.codebook: the codebook \[8, 16\] has 1 NaN"):
+        model.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.load_state_dict(same.state_dict())
+    x = torch.randn(2, 40)
+    assert torch.equal(model(x), same(x))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(in_channels=99), r"in_channels=99, out_channels=6 do not fit the weight \[6, 2, 3, 3\]"),
+    (dict(out_channels=5), "do not fit the weight"),
+    (dict(groups=2.5), "groups must be an integer, got 2.5"),
+    (dict(groups="2"), "groups must be an integer"),
+    (dict(groups=4), "groups=4 must be >= 1 and divide the 6 output channels"),
+    (dict(padding_mode="bogus"), "padding_mode must be one of"),
+    (dict(stride=0), "stride .* must be >= 1"),
+    (dict(dilation=(1, 0)), "dilation .* must be >= 1"),
+    (dict(padding=-1), "padding .* must be >= 0"),
+    (dict(stride=True), "expected an integer or 2 integers, got True"),
+    (dict(bias=torch.zeros(5)),
+     r"bias must be None or a float tensor \[6\], got torch.float32 \[5\]"),
+    (dict(bias=torch.zeros(6, dtype=torch.long)), "bias must be None or a float tensor"),
+], ids=["in-channels", "out-channels", "groups-float", "groups-text", "groups-4", "mode",
+        "stride-0", "dilation-0", "padding-negative", "stride-bool", "bias-short", "bias-int"])
+def test_layers_built_from_codes_refuse_a_geometry_that_does_not_fit(options, match):
+    """What nn.Conv2d refuses, or what does not fit the weight: refused when the layer is
+    made (it failed at the first call, or dequantize_model failed half-way)."""
+    qt = qnn.QuantConv2d.from_float(nn.Conv2d(2, 6, 3), bits=3).qweight
+    with pytest.raises(ValueError, match=match):
+        qnn.QuantConv2d(qt, **options)
+    grouped = qnn.QuantConv2d(qt, groups=2, in_channels=4)
+    assert grouped(torch.randn(1, 4, 5, 5)).shape == (1, 6, 3, 3)
 
 
 def test_no_dense_weight_attribute_says_where_the_weight_is():

@@ -327,6 +327,30 @@ def test_import_leaves_dynamo_and_triton_unloaded():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("rows, options, match", [
+    (torch.tensor([[1.0, float("nan"), 2.0]]), {}, "weight has 1 NaN/Inf"),
+    (torch.randn(4, 0), {}, "non-empty"),
+    (torch.randn(12), {}, r"rows must be a matrix \[R, n\]"),
+    (torch.randn(2, 3, 4), {}, r"rows must be a matrix"),
+    (torch.randn(2, 8), {"method": "bogus"}, "unknown method 'bogus'"),
+], ids=["nan", "no-columns", "1-d", "3-d", "method"])
+def test_fit_rows_refuses_what_no_backend_fits(backend, rows, options, match, monkeypatch):
+    """Before any backend runs: a NaN row made the Triton fit write codes past its row
+    (heap corruption under the interpreter), and the others failed in their own ways."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match=match):
+        ops.fit_rows(rows, 3, backend=backend, **options)
+
+
+def test_inference_tensors_quantize_with_grad_mode_on():
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(16, 8))
+    otq.quantize_model(model, bits=3, progress=False)
+    assert isinstance(model[0], otq.nn.QuantLinear)
+
+
 def test_fit_pack_unpack_wrappers_agree_with_format():
     rows = torch.randn(4, 50)
     codes, cents = ops.fit_rows(rows, 3, backend="reference")

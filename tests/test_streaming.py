@@ -296,6 +296,10 @@ def test_after_layer_is_called_once_each_layer_is_in(tmp_path):
     otq.load_and_quantize(source, skeleton, after_layer=after_layer, **OPTIONS)
     quantized = [r.name for r in skeleton.otq_summary.quantized]
     assert seen == quantized and len(seen) == 41  # 43 weighted layers less time_embed.0, .2
+    fresh = _meta()
+    with pytest.raises(ValueError, match="after_layer must be None or a function"):
+        otq.load_and_quantize(source, fresh, after_layer=1, **OPTIONS)
+    assert _meta_names(fresh) == _meta_names(_meta())  # untouched
 
 
 def test_the_cli_returns_freed_heap_pages_where_glibc_can(monkeypatch):
