@@ -140,7 +140,10 @@ class QuantizedTensor:
 
     def __post_init__(self):
         self.bits = check_bits(self.bits)
-        self.shape = tuple(int(s) for s in self.shape)
+        shape = tuple(integer_value(s) for s in self.shape)
+        if not shape or None in shape:
+            raise ValueError(f"shape must be a non-empty sequence of integers, got {self.shape!r}")
+        self.shape = shape
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")

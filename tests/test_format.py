@@ -86,6 +86,15 @@ def test_bits_of_any_integer_type_become_an_int(bits):
     assert [type(m.bits) for m in model] == [int, int]
 
 
+@pytest.mark.parametrize("shape", [(6.5, 40), (), ("6", 40), (True, 40)], ids=repr)
+def test_a_shape_that_is_not_integers_is_refused(shape):
+    planes = otq.pack_codes(torch.zeros(6, 40, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="shape must be a non-empty sequence of integers"):
+        QuantizedTensor(planes, torch.zeros(1, 4), 2, shape, "tensor")
+    assert QuantizedTensor(planes, torch.zeros(1, 4), 2, (np.int64(6), 40), "tensor").shape == (
+        6, 40)
+
+
 def test_codes_out_of_range_or_float_rejected():
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         otq.pack_codes(torch.tensor([[0, 4]]), 2)
