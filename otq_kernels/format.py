@@ -202,6 +202,8 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense weight of the original shape: codebook[g, code]."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         codes = self.codes()
         book = self.codebook.to(dtype)
         if self.granularity == "tensor":

@@ -358,6 +358,9 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
     ``otq_summary``.
     """
     wrapper, model = model, bare_module(model, "dequantize_model")
+    if isinstance(model, _QuantModule):  # (it cannot replace itself in place)
+        raise ValueError(f"dequantize_model: the model is itself a {type(model).__name__}; "
+                         "its .to_float() is the float layer")
     default = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     weights: dict[tuple, nn.Parameter] = {}  # codes -> the float weight made of them
     swaps = []  # (names, float layer): all made before any is swapped in

@@ -32,7 +32,7 @@ from . import backends, dispatch_log
 from .backends import _device
 from .backends.dequant import dense_weight
 from .flops import teach_flop_counter
-from .format import QuantizedTensor, padded_k, plane_widths
+from .format import QuantizedTensor, check_codes, padded_k, plane_widths
 from .quantizers import check_options, check_weight, fit_rows_reference
 from .tuning_schema import parse_tuning_table
 
@@ -671,6 +671,7 @@ def fit_rows(rows: torch.Tensor, bits: int, method: str = "ot", assign: str = "r
 
 def pack(codes: torch.Tensor, bits: int, backend: Optional[str] = None) -> list[torch.Tensor]:
     """Pack codes [N, K] into bit planes with the chosen backend (canonical format)."""
+    bits = check_codes(codes, bits)
     name = resolve_backend(backend, "pack", codes.device)
     return torch.ops.otq.pack(codes.contiguous(), bits, name)
 
@@ -679,6 +680,8 @@ def unpack(qt: QuantizedTensor, backend: Optional[str] = None,
            rows: Optional[slice] = None) -> torch.Tensor:
     """Codes int64 [N, K] of ``qt`` with the chosen backend; those of ``rows`` only (a
     slice of the N rows, step 1) if given."""
+    if not isinstance(qt, QuantizedTensor):
+        raise ValueError(f"unpack takes a QuantizedTensor, got {type(qt).__name__}")
     name = resolve_backend(backend, "unpack", qt.device)
     planes = qt.planes if rows is None else [p[rows] for p in qt.planes]
     return torch.ops.otq.unpack(planes, qt.bits, qt.k, name)

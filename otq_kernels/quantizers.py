@@ -154,13 +154,20 @@ def fit_rows_reference(x: torch.Tensor, bits: int, method: str = "ot", assign: s
 
 
 # ----------------------------------------------------------------------------- checks
+FIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def check_weight(w) -> None:
     """Raise ValueError unless ``w`` is a non-empty, finite, floating-point tensor within
     float32's range (codebooks are float32)."""
     if not isinstance(w, torch.Tensor):
         raise ValueError(f"weight must be a torch.Tensor, got {type(w).__name__}")
-    if not w.dtype.is_floating_point:
-        raise ValueError(f"weight must be a floating-point tensor, got {w.dtype}")
+    if w.dtype not in FIT_DTYPES:
+        raise ValueError(f"weight must be a floating-point tensor of "
+                         f"{', '.join(map(str, FIT_DTYPES))}, got {w.dtype} (convert it with "
+                         ".float() first)")
+    if w.layout != torch.strided:
+        raise ValueError(f"weight must be a dense tensor, got layout {w.layout} (.to_dense())")
     if w.is_meta:
         raise ValueError("weight is on the meta device (it holds no values): load or "
                          "initialise the weights before quantizing")

@@ -109,6 +109,12 @@ def test_codes_out_of_range_or_float_rejected():
             otq.pack_codes(codes, 2)
     with pytest.raises(ValueError, match="unpack_codes takes a QuantizedTensor, got list"):
         otq.unpack_codes(otq.pack_codes(torch.zeros(1, 4, dtype=torch.long), 2))
+    with pytest.raises(ValueError, match="unpack takes a QuantizedTensor, got list"):
+        otq.ops.unpack(otq.pack_codes(torch.zeros(1, 4, dtype=torch.long), 2))
+    with pytest.raises(ValueError, match="bits must be an integer in 2..8, got '4'"):
+        otq.ops.pack(torch.zeros(1, 4, dtype=torch.long), "4")
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        _qt()[0].dequantize("float32")
 
 
 def _qt(bits=3, shape=(4, 10), granularity="channel"):

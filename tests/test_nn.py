@@ -641,6 +641,8 @@ def test_dequantize_model_keeps_sharing_and_the_model_dtype():
     otq.dequantize_model(model)
     assert model[0].weight.dtype == model[1].weight.dtype == torch.float16
     assert otq.dequantize_model(model.float(), dtype=torch.float32) is model
+    with pytest.raises(ValueError, match="the model is itself a QuantLinear; its .to_float"):
+        otq.dequantize_model(qnn.QuantLinear.from_float(nn.Linear(8, 4), bits=3))
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")

@@ -166,6 +166,8 @@ def test_weights_near_float32_max(method, granularity):
     (torch.tensor([[1.0, float("inf")]]), "NaN/Inf"),
     (torch.tensor([[1.0, -1e39]], dtype=torch.float64), "beyond float32's range"),
     (torch.ones(2, 2, dtype=torch.int32), "floating-point"),
+    (torch.ones(2, 2).to(torch.float8_e4m3fn), "floating-point tensor of torch.float32"),
+    (torch.ones(2, 2).to_sparse(), "dense tensor, got layout torch.sparse_coo"),
     (torch.empty(0, 4), "non-empty"),
     (torch.tensor(1.0), "non-empty"),
     ([[1.0, 2.0]], "torch.Tensor"),
