@@ -5,7 +5,8 @@ the tuning table's format (``otq_kernels/tuning/default.json``) with these helpe
 right after timing or later from committed results JSONs (``--tuning-from``, no GPU
 needed). ``digest.py`` shares :func:`geomean` and :data:`MAX_REL_ERR`.
 
-Pure json and math, no torch. ``python benchmarks/derive.py --tuning-changes PATH``: exit 0
+Pure json and math; only reading and writing tuning tables imports otq_kernels' schema
+(and so torch). ``python benchmarks/derive.py --tuning-changes PATH``: exit 0
 and name the GPU sections where PATH dispatches differently from the shipped table, else
 exit 1 (the GPU suite runs the tuned end-to-end step only then); exit 2 where PATH cannot
 be read as a tuning table.
@@ -254,8 +255,11 @@ def tuning_changes(path: str | Path) -> dict[str, list[str]]:
     """{GPU name: [sections]} where the tuning JSON ``path`` (e.g. written by --tuning-from
     from a run's results) dispatches differently from the shipped table: the sections of
     DISPATCH_SECTIONS whose values (evidence aside) differ from what the shipped table
-    gives that GPU (its own entry, else the default)."""
-    table = json.loads(Path(path).read_text())
+    gives that GPU (its own entry, else the default). OSError or ValueError for a file
+    that is not a tuning table."""
+    from otq_kernels.tuning_schema import parse_tuning_table
+
+    table = parse_tuning_table(Path(path).read_text(), str(path))
     shipped = json.loads(SHIPPED_TUNING.read_text())
     changes = {}
     for gpu, entry in table.get("gpus", {}).items():
@@ -270,7 +274,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--tuning-changes"] and len(sys.argv) == 3:
         try:
             found = tuning_changes(sys.argv[2])
-        except (OSError, ValueError, AttributeError) as err:  # (Attribute: not a table)
+        except (OSError, ValueError) as err:
             print(f"tuning changes: cannot read {sys.argv[2]}: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         print(f"tuning changes: {found or 'none'}")

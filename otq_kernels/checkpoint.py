@@ -26,14 +26,13 @@ import json
 import math
 import os
 import struct
-import sys
 import zlib
 
 import torch
 from torch import nn
 
 from .fast_paths import sync_fast_paths
-from .format import GRANULARITIES, QuantizedTensor, check_bits, plane_widths
+from .format import GRANULARITIES, QuantizedTensor, check_bits, is_number, plane_widths
 from .modules import (
     QuantConv1d,
     QuantConv2d,
@@ -313,15 +312,9 @@ def _check_entry(name: str, entry) -> type[_QuantModule]:
             or not all(isinstance(s, int) and s > 0 for s in shape)):
         raise ValueError(f"layer {name!r}: shape {shape!r} is not a valid {ndim}-D weight shape")
     stats = entry.get("stats") or {}
-    if not isinstance(stats, dict) or not all(v is None or _is_number(v) for v in stats.values()):
+    if not isinstance(stats, dict) or not all(v is None or is_number(v) for v in stats.values()):
         raise ValueError(f"layer {name!r}: stats {stats!r} must map names to numbers")
     return cls
-
-
-def _is_number(v) -> bool:
-    """A JSON number a float holds (not a bool, not an integer beyond float's range)."""
-    return isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)
-                                    and abs(v) <= sys.float_info.max)
 
 
 def _target(model: nn.Module, name: str, cls: type[_QuantModule], entry: dict) -> nn.Module:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .format import integer_value
 from .graphs import CudaGraphed
+from .models.unet import is_class_indices
 
 FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -145,8 +146,7 @@ def sample(
 def _check_label(model: nn.Module, x0: torch.Tensor, label, cfg_scale: float) -> None:
     """ValueError unless ``label`` is None or integer class indices [B] for x0's batch, and
     ``cfg_scale`` is 0 or comes with a label for a class-conditional model."""
-    if label is not None and not (isinstance(label, torch.Tensor) and label.shape == x0.shape[:1]
-                                  and not label.is_floating_point() and not label.is_complex()):
+    if label is not None and not is_class_indices(label, x0.shape[0]):
         raise ValueError(f"label must be an integer tensor [B] with B = {x0.shape[0]}, got "
                          f"{tuple(label.shape) if isinstance(label, torch.Tensor) else label!r}")
     if cfg_scale and (label is None or integer_value(getattr(model, "num_classes", None)) is None):

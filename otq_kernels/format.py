@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,13 @@ def integer_value(value) -> int | None:
         return None if isinstance(value, bool) else operator.index(value)
     except TypeError:
         return None
+
+
+def is_number(value) -> bool:
+    """Whether ``value`` is a Python int or float that a float holds (not a bool, not an
+    integer beyond float's range)."""
+    return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                        and abs(value) <= sys.float_info.max)
 
 
 def check_bits(bits) -> int:

@@ -32,7 +32,7 @@ from . import backends, dispatch_log
 from .backends import _device
 from .backends.dequant import dense_weight
 from .flops import teach_flop_counter
-from .format import QuantizedTensor, check_codes, padded_k, plane_widths
+from .format import QuantizedTensor, check_bits, padded_k, plane_widths
 from .quantizers import check_options, check_weight, fit_rows_reference
 from .tuning_schema import parse_tuning_table
 
@@ -665,13 +665,23 @@ def fit_rows(rows: torch.Tensor, bits: int, method: str = "ot", assign: str = "r
     check_weight(rows)
     if rows.dim() != 2:
         raise ValueError(f"rows must be a matrix [R, n], got shape {tuple(rows.shape)}")
+    return fit_checked_rows(rows, bits, method, assign, backend)
+
+
+def fit_checked_rows(rows: torch.Tensor, bits: int, method: str, assign: str,
+                     backend: Optional[str] = None):
+    """:func:`fit_rows` of rows and options already checked (``fit_codebook`` checks its
+    weight once, not once more per call)."""
     name = resolve_backend(backend, "fit", rows.device, rows.shape[1])
     return torch.ops.otq.fit_codebook(rows.contiguous(), bits, method, assign, name)
 
 
 def pack(codes: torch.Tensor, bits: int, backend: Optional[str] = None) -> list[torch.Tensor]:
-    """Pack codes [N, K] into bit planes with the chosen backend (canonical format)."""
-    bits = check_codes(codes, bits)
+    """Pack codes [N, K] into bit planes with the chosen backend (canonical format); each
+    backend checks the codes' values (``format.check_codes``)."""
+    bits = check_bits(bits)
+    if not isinstance(codes, torch.Tensor):
+        raise ValueError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     name = resolve_backend(backend, "pack", codes.device)
     return torch.ops.otq.pack(codes.contiguous(), bits, name)
 

@@ -226,10 +226,10 @@ def fit_codebook(
     """
     check_weight(w)
     bits = check_options(bits, method, granularity, assign)
-    from .ops import fit_rows  # ops imports this module; keep the cycle lazy
+    from .ops import fit_checked_rows  # ops imports this module; keep the cycle lazy
 
     rows = weight_rows(w.detach(), granularity)
-    codes, centroids = fit_rows(rows, bits, method, assign, backend)
+    codes, centroids = fit_checked_rows(rows, bits, method, assign, backend)
     n = w.shape[0] if w.dim() > 1 else 1
     return QuantizedTensor(
         planes=pack_codes(codes.reshape(n, -1), bits),

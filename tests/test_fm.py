@@ -111,7 +111,8 @@ def test_sample_intermediates_labels_and_errors():
     for steps in (2.5, 0, True, None):
         with pytest.raises(ValueError, match="steps must be an integer >= 1"):
             fm.sample(model, x0, steps=steps)
-    for label in (torch.tensor(1), torch.tensor([0, 1, 2]), torch.tensor([0.0, 1.0]), 1):
+    for label in (torch.tensor(1), torch.tensor([0, 1, 2]), torch.tensor([0.0, 1.0]), 1,
+                  torch.tensor([True, False])):
         with pytest.raises(ValueError, match="label must be an integer tensor \\[B\\] with B = 2"):
             fm.sample(cond, x0, steps=1, label=label, cfg_scale=0.5)
     for net, label in ((model, None), (model, torch.tensor([0, 1])), (cond, None)):

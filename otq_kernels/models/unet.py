@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..format import integer_value
+from ..format import integer_value, is_number
 from .layers import (
     AttentionBlock,
     Downsample,
@@ -173,9 +173,7 @@ class UNetModel(nn.Module):
             return emb
         if label is None:
             label = torch.full((t.shape[0],), self.num_classes, device=t.device)
-        elif not (isinstance(label, torch.Tensor) and label.ndim == 1
-                  and label.shape[0] == t.shape[0] and not label.is_floating_point()
-                  and not label.is_complex() and label.dtype != torch.bool):
+        elif not is_class_indices(label, t.shape[0]):
             raise ValueError(f"label must be an integer tensor [B] of class indices 0.."
                              f"{self.num_classes} with B = {t.shape[0]}, got "
                              f"{_describe(label)}")
@@ -212,6 +210,13 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h.type(x.dtype))
+
+
+def is_class_indices(label, batch: int) -> bool:
+    """Whether ``label`` is an integer tensor [batch] (class indices; bools are not)."""
+    return (isinstance(label, torch.Tensor) and label.ndim == 1 and label.shape[0] == batch
+            and not label.is_floating_point() and not label.is_complex()
+            and label.dtype != torch.bool)
 
 
 def _times(t, batch: int, device: torch.device) -> torch.Tensor:
@@ -251,17 +256,13 @@ def _check_arguments(**args) -> None:
     at_least("num_classes", 1, None)
     mults = args["channel_mult"]
     if (isinstance(mults, (str, bytes)) or not isinstance(mults, Sequence) or not mults
-            or not all(_is_number(m) and int(m * args["model_channels"]) >= 1 for m in mults)):
+            or not all(is_number(m) and int(m * args["model_channels"]) >= 1 for m in mults)):
         fail("channel_mult", "a non-empty sequence of numbers each giving >= 1 channel "
                              "(times model_channels)")
     factors = args["attention_resolutions"]
     if isinstance(factors, (str, bytes)) or not all(
             integer_value(f) is not None for f in _iterable(factors)):
         fail("attention_resolutions", "a collection of downsampling factors (1, 2, 4, ...)")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _iterable(value) -> list:
