@@ -39,10 +39,10 @@ from .modules import (
     QuantLinear,
     _QuantModule,
     bare_module,
-    memory_key,
     module_aliases,
     replace_module,
 )
+from .sharing import memory_key
 from .skeleton import check_loadable, materialize
 from .summary import quantization_summary
 

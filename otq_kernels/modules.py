@@ -25,6 +25,7 @@ from . import backends, ops
 from .format import QuantizedTensor, integer_value
 from .metrics.weights import weight_error
 from .quantizers import check_options, fit_codebook
+from .sharing import converted
 
 
 def _computed_tensor(hook) -> str | None:
@@ -85,6 +86,12 @@ def _take_hooks(layer: nn.Module, module: nn.Module) -> None:
 def _normal(t: torch.Tensor) -> torch.Tensor:
     """``t`` contiguous, as a normal tensor (a copy only of an inference tensor)."""
     return t.clone(memory_format=torch.contiguous_format) if t.is_inference() else t.contiguous()
+
+
+def _kept_dtype(t: torch.Tensor, applied: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``applied`` (a conversion of ``t``) if it is still ``dtype``, else ``t`` moved to
+    ``applied``'s device."""
+    return applied if applied.dtype == dtype else t.to(applied.device)
 
 
 def _check_finite_codebook(codebook: torch.Tensor) -> None:
@@ -172,17 +179,21 @@ class _QuantModule(nn.Module):
 
     # -- torch plumbing --------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        """Keep the codebook float32 and the planes int32 under .half()/.to(dtype) and
-        ``.type(dtype)`` (which casts every buffer: a plane cast to a float would lose its
-        codes, so the int32 plane is kept, moved where ``fn`` put the cast one)."""
-        planes = self._planes()
-        out = super()._apply(fn, recurse)
-        for i, plane in enumerate(planes):
-            moved = self._buffers[f"plane{i}"]
-            if moved.dtype != torch.int32:
-                self._buffers[f"plane{i}"] = plane.to(moved.device)
-        if self.codebook.dtype != torch.float32:
-            self._buffers["codebook"] = self.codebook.float()
+        """Keep the planes int32 and the codebook float32, values unchanged, under
+        .half()/.to(dtype) and ``.type(dtype)`` (which casts every buffer: a plane cast to
+        a float would lose its codes): such a buffer is kept, moved where ``fn`` put the
+        cast one. Codes another layer shares (tied weights) get the same converted tensor
+        as there (:func:`~otq_kernels.sharing.converted`), so they stay shared."""
+        dtypes = {id(t): torch.int32 for t in self._planes()}
+        dtypes[id(self._buffers["codebook"])] = torch.float32
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            dtype = dtypes.get(id(t))
+            if dtype is None:
+                return fn(t)
+            return converted(fn, t, lambda t: _kept_dtype(t, fn(t), dtype))
+
+        out = super()._apply(convert, recurse)
         self._cache.clear()
         return out
 
@@ -595,15 +606,6 @@ def bare_module(model: nn.Module, what: str) -> nn.Module:
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         return bare_module(model.module, what)
     return model
-
-
-def memory_key(t: torch.Tensor) -> tuple:
-    """Equal for two tensors exactly when they are the same view of the same memory (a
-    tensor and its ``detach()``, say); a tensor without memory (meta, empty) is only
-    equal to itself."""
-    if t.numel() == 0 or t.is_meta:  # (no memory: data_ptr says nothing)
-        return ("object", id(t))
-    return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
 
 
 def names_by_identity(named) -> dict[int, list[str]]:

@@ -26,12 +26,12 @@ from .modules import (
     _QuantModule,
     bare_module,
     float_tensor,
-    memory_key,
     module_aliases,
     quant_class_for,
     replace_module,
 )
 from .quantizers import check_options, check_weight
+from .sharing import memory_key
 from .summary import (
     LayerSummary,
     QuantizationSummary,

@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .format import integer_value
-from .modules import _QuantModule, memory_key, quant_class_for
+from .modules import _QuantModule, quant_class_for
+from .sharing import memory_key
 
 
 # ----------------------------------------------------------------------------- summary

@@ -13,8 +13,10 @@ from torch import nn
 import otq_kernels as otq
 from otq_kernels import checkpoint as ckpt
 from otq_kernels import nn as qnn
+from otq_kernels import sharing
 from otq_kernels.metrics.weights import sqnr_db
 from otq_kernels.models import load_fm_checkpoint
+from otq_kernels.sharing import memory_key
 
 
 def _dequant_twin(float_module: nn.Module, quant: qnn._QuantModule) -> nn.Module:
@@ -462,6 +464,54 @@ def test_tied_weights_share_one_set_of_codes(tmp_path):
     assert type(partly.a) is nn.Linear and partly.a.weight is partly.b.weight
     assert {r.name: r.status for r in partly.otq_summary.layers}["a"] == (
         "kept float (weight tied to b.weight, which stays float)")
+
+
+def _views_of_one_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (not a.is_meta and memory_key(a) == memory_key(b))
+
+
+@pytest.mark.parametrize("convert, dtype", [
+    (lambda m: m.half(), torch.float16), (lambda m: m.to(torch.float64), torch.float64),
+    (lambda m: m.type(torch.float16), torch.float16), (lambda m: m.to("meta"), None),
+    (lambda m: m.to_empty(device="cpu"), None),
+    (lambda m: copy.deepcopy(m).bfloat16(), torch.bfloat16),
+], ids=["half", "to-float64", "type-half", "to-meta", "to-empty", "deepcopy-bf16"])
+def test_tied_codes_stay_shared_through_conversions(convert, dtype):
+    """.half(), .to(dtype/device), .type(), .to_empty() give tied layers one converted
+    codebook and planes (each layer converted apart made two copies: stored, moved and
+    saved twice), keep the codes' dtypes and values, and hold nothing past the call."""
+    torch.manual_seed(0)
+    model = otq.quantize_model(TiedHead(), bits=3, progress=False)
+    x = torch.randn(3, 40)
+    want, codebook = model(x), model.a.codebook.clone()
+    model = convert(model)
+    a, b = model.a, model.b
+    assert _views_of_one_memory(a.codebook, b.codebook) and a.codebook.dtype == torch.float32
+    for i in range(a.num_planes):
+        plane = a._buffers[f"plane{i}"]
+        assert _views_of_one_memory(plane, b._buffers[f"plane{i}"])
+        assert plane.dtype == torch.int32
+    assert not sharing._RESULTS  # forgotten once the conversion is over
+    if dtype is not None:
+        assert torch.equal(a.codebook, codebook)  # (not rounded through the model's dtype)
+        got = model(x.to(dtype))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.cuda
+def test_tied_codes_stay_shared_on_the_gpu_and_back():
+    torch.manual_seed(0)
+    model = otq.quantize_model(TiedHead(), bits=3, progress=False)
+    x = torch.randn(3, 40)
+    want = model(x)
+    for device in ("cuda", "cpu"):
+        model.to(device)
+        for name in ("codebook", *(f"plane{i}" for i in range(model.a.num_planes))):
+            a, b = model.a._buffers[name], model.b._buffers[name]
+            assert a.device.type == device and memory_key(a) == memory_key(b)
+        torch.testing.assert_close(model(x.to(device)).cpu(), want)
+    assert not sharing._RESULTS
 
 
 def test_tied_layers_given_different_options_are_refused():

@@ -1,0 +1,61 @@
+"""sharing.converted: one conversion per memory under one live fn, forgotten after."""
+
+import gc
+
+import pytest
+import torch
+
+from otq_kernels import sharing
+from otq_kernels.sharing import converted, memory_key
+
+
+def test_views_of_one_memory_get_one_result_while_fn_lives():
+    base = torch.arange(6.0)
+    a, b = base[:], base.detach()  # two tensor objects, one view of one memory
+    calls = []
+
+    def fn(t):
+        calls.append(t)
+        return t * 2
+
+    first = converted(fn, a, fn)
+    assert converted(fn, b, fn) is first and len(calls) == 1
+    assert converted(fn, base[1:], fn) is not first  # another view: converted apart
+    assert converted(lambda t: t, b, fn) is not first  # another fn
+    del fn
+    gc.collect()
+    assert not any(key[1] == memory_key(a) for key in sharing._RESULTS)
+
+
+def test_forgotten_when_the_memory_is_freed():
+    def fn(t):
+        return t + 1
+
+    t = torch.ones(4)
+    converted(fn, t, fn)
+    assert sharing._RESULTS
+    del t
+    gc.collect()
+    assert not sharing._RESULTS
+    again = torch.ones(4)  # (may reuse the freed memory: must not get the old result)
+    out = converted(fn, again, lambda t: t + 5)
+    assert torch.equal(out, torch.full((4,), 6.0))
+    del again, out
+    gc.collect()
+
+
+@pytest.mark.parametrize("t", [torch.empty(0), torch.ones(3, device="meta")],
+                         ids=["empty", "meta"])
+def test_tensors_without_memory_are_converted_each_time(t):
+    def fn(t):
+        return t.clone()
+
+    assert converted(fn, t, fn) is not converted(fn, t, fn)
+    assert not sharing._RESULTS
+
+
+def test_an_fn_without_weak_references_converts_each_view_apart():
+    t = torch.ones(3)
+    fn = torch.Tensor.double  # (a method descriptor takes no weak reference)
+    assert converted(fn, t, fn) is not converted(fn, t, fn)
+    assert not sharing._RESULTS
