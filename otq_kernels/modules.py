@@ -94,6 +94,19 @@ def _kept_dtype(t: torch.Tensor, applied: torch.Tensor, dtype: torch.dtype) -> t
     return applied if applied.dtype == dtype else t.to(applied.device)
 
 
+def _code_dtype_error(given: torch.Tensor, dtype: torch.dtype, assign: bool) -> str | None:
+    """Why a state dict's ``given`` cannot load into a buffer of ``dtype`` (int32 planes,
+    the float32 codebook), or None: a copy casts (an integer plane keeps its bits, a float
+    one would round codes), ``assign=True`` would keep a dtype no kernel takes."""
+    if assign and given.dtype != dtype:
+        return (f"load_state_dict(assign=True) takes it as {dtype} only (got {given.dtype}): "
+                "convert it, or load without assign")
+    if (given.dtype == torch.bool or given.is_complex()
+            or given.is_floating_point() != dtype.is_floating_point):
+        return f"a {dtype} buffer cannot take {given.dtype} values"
+    return None
+
+
 def _check_finite_codebook(codebook: torch.Tensor) -> None:
     """A NaN/Inf codebook entry would give NaN outputs without an error: refuse it here,
     once per layer (a meta skeleton's codebook has no values to check)."""
@@ -213,15 +226,24 @@ class _QuantModule(nn.Module):
                               unexpected_keys, error_msgs):
         """Load as any module does, refusing (one of torch's load errors, this layer left
         as it was) a state dict of a quantized layer of another weight shape, bit width or
-        granularity (where its metadata says so: a dict from ``state_dict()``) or with a
-        NaN/Inf codebook."""
-        theirs = (local_metadata or {}).get(STATE_LAYOUT)
-        codebook = state_dict.get(f"{prefix}codebook")
+        granularity (where its metadata says so: a dict from ``state_dict()``), with a
+        NaN/Inf codebook, or codes of a kind the buffers cannot take (see
+        :meth:`_code_dtype_error`)."""
+        metadata = local_metadata or {}
+        theirs = metadata.get(STATE_LAYOUT)
         if theirs is not None and theirs != self._state_layout():
             error_msgs.append(f"{prefix[:-1]}: the state dict holds a quantized layer of bits, "
                               f"granularity, weight shape {theirs}; this one is "
                               f"{self._state_layout()}")
             return
+        assign = bool(metadata.get("assign_to_params_buffers", False))
+        for name, dtype in self._code_dtypes().items():
+            given = state_dict.get(prefix + name)
+            error = isinstance(given, torch.Tensor) and _code_dtype_error(given, dtype, assign)
+            if error:
+                error_msgs.append(f"{prefix}{name}: {error}")
+                return
+        codebook = state_dict.get(f"{prefix}codebook")
         try:
             if isinstance(codebook, torch.Tensor):
                 _check_finite_codebook(codebook)
@@ -231,6 +253,10 @@ class _QuantModule(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._cache.clear()
+
+    def _code_dtypes(self) -> dict[str, torch.dtype]:
+        return {**{f"plane{i}": torch.int32 for i in range(self.num_planes)},
+                "codebook": torch.float32}
 
     def _storage_repr(self) -> str:
         return (f"bits={self.bits}, method={self.method!r}, granularity={self.granularity!r}, "

@@ -177,6 +177,41 @@ def test_load_state_dict_refuses_a_layer_the_planes_cannot_tell_apart():
     assert torch.equal(model(x), same(x))
 
 
+@pytest.mark.parametrize("key, convert, assign, match", [
+    ("plane0", torch.Tensor.long, False, None),
+    ("codebook", torch.Tensor.double, False, None),
+    ("codebook", lambda t: t, True, None),
+    ("plane0", torch.Tensor.long, True, r"0.plane0: load_state_dict\(assign=True\) takes it "
+                                        r"as torch.int32 only \(got torch.int64\)"),
+    ("codebook", torch.Tensor.half, True, "0.codebook: .*assign=True.* torch.float32 only"),
+    ("plane0", torch.Tensor.float, False,
+     "0.plane0: a torch.int32 buffer cannot take torch.float32 values"),
+    ("codebook", torch.Tensor.int, False, "a torch.float32 buffer cannot take torch.int32"),
+    ("codebook", torch.Tensor.bool, False, "cannot take torch.bool values"),
+], ids=["plane-int64", "codebook-float64", "assign", "assign-plane-int64",
+        "assign-codebook-fp16", "plane-float", "codebook-int", "codebook-bool"])
+def test_load_state_dict_takes_codes_its_buffers_can_hold(key, convert, assign, match):
+    """A copy casts integer planes (their bits kept) and float codebooks; float planes
+    (codes rounded) and integer or bool codebooks are a load error, and so is, under
+    assign=True, any dtype but the buffers' own (it kept an fp16 codebook or int64 planes,
+    which the kernels do not take)."""
+    torch.manual_seed(0)
+    model = otq.quantize_model(nn.Sequential(nn.Linear(40, 8)), bits=4, progress=False)
+    theirs = otq.quantize_model(nn.Sequential(nn.Linear(40, 8)), bits=4, progress=False)
+    state = theirs.state_dict()
+    state[f"0.{key}"] = convert(state[f"0.{key}"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if match is not None:
+        with pytest.raises(RuntimeError, match=match):
+            model.load_state_dict(state, assign=assign)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return
+    model.load_state_dict(state, assign=assign)
+    assert model[0].plane0.dtype == torch.int32 and model[0].codebook.dtype == torch.float32
+    x = torch.randn(2, 40)
+    assert torch.equal(model(x), theirs(x))
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(in_channels=99), r"in_channels=99, out_channels=6 do not fit the weight \[6, 2, 3, 3\]"),
     (dict(out_channels=5), "do not fit the weight"),
