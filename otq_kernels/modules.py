@@ -88,6 +88,16 @@ def _normal(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format) if t.is_inference() else t.contiguous()
 
 
+def _buffer(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a buffer of ``dtype``: ``t`` itself where it is one already (so a layer
+    sharing another's codes, tied weights, holds the very same tensors, as torch ties
+    parameters), else a detached contiguous normal tensor of it."""
+    if (type(t) is torch.Tensor and t.dtype == dtype and t.is_contiguous()
+            and not (t.requires_grad or t.is_inference())):
+        return t
+    return _normal(t.detach().to(dtype))
+
+
 def _kept_dtype(t: torch.Tensor, applied: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``applied`` (a conversion of ``t``) if it is still ``dtype``, else ``t`` moved to
     ``applied``'s device."""
@@ -137,8 +147,8 @@ class _QuantModule(nn.Module):
         self.num_planes = len(qt.planes)
         with torch.inference_mode(False):
             for i, plane in enumerate(qt.planes):
-                self.register_buffer(f"plane{i}", _normal(plane.detach().to(torch.int32)))
-            self.register_buffer("codebook", _normal(qt.codebook.detach().to(torch.float32)))
+                self.register_buffer(f"plane{i}", _buffer(plane, torch.int32))
+            self.register_buffer("codebook", _buffer(qt.codebook, torch.float32))
             if bias is None:
                 self.register_parameter("bias", None)
             else:

@@ -1,12 +1,13 @@
 """Tensors a model holds more than once: which views are the same memory, and one
 conversion per memory under ``Module._apply`` so that codes two layers share stay shared.
 
-Layers with tied weights share their planes and codebook: each holds its own view of the
-same memory. ``nn.Module._apply`` converts a module's buffers one module at a time
-(``.to(device)``, ``.half()``, ``.to_empty()``), so each layer would get its own copy and
-the codes would be stored, moved and saved twice. :func:`converted` gives every view of
-the same memory the same converted tensor while the conversion ``fn`` (one object for a
-whole ``model.to(...)`` call) and that memory are both alive, and forgets it after.
+Layers with tied weights hold the same plane and codebook tensors. ``nn.Module._apply``
+converts a module's buffers one module at a time (``.to(device)``, ``.half()``,
+``.to_empty()``), so each layer would get its own copy and the codes would be stored,
+moved and saved twice. :func:`converted` gives every view of the same memory (the same
+tensor, for one without memory: meta, empty) the same converted tensor while the
+conversion ``fn`` (one object for a whole ``model.to(...)`` call) and that memory are both
+alive and the memory has not been written to, and forgets it after.
 """
 
 from __future__ import annotations
@@ -26,25 +27,36 @@ def memory_key(t: torch.Tensor) -> tuple:
     return (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride())
 
 
-_RESULTS: dict[tuple, tuple] = {}  # (id(fn), memory key) -> (fn ref, storage ref, result)
+_RESULTS: dict[tuple, tuple] = {}  # (id(fn), memory key) -> (fn ref, owner ref, version, out)
 
 
 def converted(fn: Callable, t: torch.Tensor,
               convert: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``convert(t)``, the conversion of ``t`` under ``fn``; the tensor returned for an
-    earlier view of the same memory under the same live ``fn`` if there was one."""
+    earlier view of the same memory (of ``t`` itself, for a tensor without memory) under
+    the same live ``fn``, if that memory has not been written to since."""
     key = (id(fn), memory_key(t))
-    storage = t.untyped_storage() if key[1][0] != "object" else None
+    owner = t if key[1][0] == "object" else t.untyped_storage()  # (the memory lives as long)
+    version = _version(t)
     hit = _RESULTS.get(key)
-    if hit is not None and hit[0]() is fn and hit[1]() is storage:
-        return hit[2]
+    if hit is not None and hit[0]() is fn and hit[1]() is owner and hit[2] == version:
+        return hit[3]
     out = convert(t)
-    if storage is not None:
-        _remember(key, fn, storage, out)
+    if version is not None:
+        _remember(key, fn, owner, version, out)
     return out
 
 
-def _remember(key: tuple, fn: Callable, storage, out: torch.Tensor) -> None:
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place version counter ``t`` shares with its views (None for an inference
+    tensor, which has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _remember(key: tuple, fn: Callable, owner, version: int, out: torch.Tensor) -> None:
     entry: list = []
 
     def forget(_ref) -> None:  # fn or the memory is gone: the key may name another's next
@@ -52,8 +64,8 @@ def _remember(key: tuple, fn: Callable, storage, out: torch.Tensor) -> None:
             del _RESULTS[key]
 
     try:
-        refs = (weakref.ref(fn, forget), weakref.ref(storage, forget))
+        refs = (weakref.ref(fn, forget), weakref.ref(owner, forget))
     except TypeError:  # (an fn that takes no weak reference: convert each view apart)
         return
-    entry.append((*refs, out))
+    entry.append((*refs, version, out))
     _RESULTS[key] = entry[0]

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import pickle
 import warnings
 
 import pytest
@@ -476,8 +477,8 @@ def test_tied_weights_share_one_set_of_codes(tmp_path):
     before = otq.nn.quantization_summary(model)
     otq.quantize_model(model, bits=3, progress=False)
     assert isinstance(model.a, qnn.QuantLinear) and isinstance(model.b, qnn.QuantLinear)
-    assert model.a.codebook.data_ptr() == model.b.codebook.data_ptr()
-    assert model.a.plane0.data_ptr() == model.b.plane0.data_ptr()
+    assert model.a.codebook is model.b.codebook and model.a.plane0 is model.b.plane0
+    assert [n for n, _ in model.named_buffers() if n.startswith("b.")] == []  # listed once
     assert not torch.equal(model.a.bias, model.b.bias)
     assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
     assert model.otq_summary.params == before.params
@@ -510,7 +511,10 @@ def _views_of_one_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     (lambda m: m.type(torch.float16), torch.float16), (lambda m: m.to("meta"), None),
     (lambda m: m.to_empty(device="cpu"), None),
     (lambda m: copy.deepcopy(m).bfloat16(), torch.bfloat16),
-], ids=["half", "to-float64", "type-half", "to-meta", "to-empty", "deepcopy-bf16"])
+    (lambda m: m.to("meta").to_empty(device="cpu"), None),
+    (lambda m: pickle.loads(pickle.dumps(m)), torch.float32),
+], ids=["half", "to-float64", "type-half", "to-meta", "to-empty", "deepcopy-bf16",
+        "meta-then-to-empty", "pickle"])
 def test_tied_codes_stay_shared_through_conversions(convert, dtype):
     """.half(), .to(dtype/device), .type(), .to_empty() give tied layers one converted
     codebook and planes (each layer converted apart made two copies: stored, moved and

@@ -1,4 +1,5 @@
-"""sharing.converted: one conversion per memory under one live fn, forgotten after."""
+"""sharing.converted: one conversion per memory under one live fn while the memory is
+unchanged, forgotten after."""
 
 import gc
 
@@ -44,14 +45,32 @@ def test_forgotten_when_the_memory_is_freed():
     gc.collect()
 
 
-@pytest.mark.parametrize("t", [torch.empty(0), torch.ones(3, device="meta")],
+@pytest.mark.parametrize("make", [lambda: torch.empty(0), lambda: torch.ones(3, device="meta")],
                          ids=["empty", "meta"])
-def test_tensors_without_memory_are_converted_each_time(t):
+def test_tensors_without_memory_share_a_result_only_with_themselves(make):
+    """(meta tensors all point at address 0: only the object tells them apart)"""
+    t, other = make(), make()
+
     def fn(t):
         return t.clone()
 
-    assert converted(fn, t, fn) is not converted(fn, t, fn)
+    assert converted(fn, t, fn) is converted(fn, t, fn)
+    assert converted(fn, other, fn) is not converted(fn, t, fn)
+    del t, other
+    gc.collect()
     assert not sharing._RESULTS
+
+
+def test_memory_written_since_is_converted_again():
+    t = torch.ones(4)
+
+    def fn(t):
+        return t.clone()
+
+    first = converted(fn, t, fn)
+    t[1:].zero_()  # (through a view: views share the version counter)
+    again = converted(fn, t.detach(), fn)
+    assert again is not first and torch.equal(again, torch.tensor([1.0, 0, 0, 0]))
 
 
 def test_an_fn_without_weak_references_converts_each_view_apart():
