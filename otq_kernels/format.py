@@ -123,7 +123,7 @@ def unpack_planes(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor
         words = plane.to(torch.int64) & 0xFFFFFFFF
         shifts = torch.arange(per_word, device=plane.device, dtype=torch.int64) * width
         fields = (words.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
-        codes |= fields.reshape(n, kp) << offset
+        codes = codes | (fields.reshape(n, kp) << offset)  # (not in place: vmap batches it)
     return codes[:, :k].contiguous()
 
 

@@ -262,6 +262,30 @@ def test_torch_transforms_see_the_dequantized_twin(transform):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_vmap_over_stacked_quantized_models_runs_each_model(bits, granularity):
+    """Model ensembling (torch.func.stack_module_state + vmap over functional_call) batches
+    the codes too: each model's output (the unpacking updated an unbatched tensor in place
+    with batched codes, a RuntimeError)."""
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(otq.quantize_model(_Mixed(), bits=bits, granularity=granularity,
+                                         progress=False))
+    params, buffers = torch.func.stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(2, 3, 5, 5)
+
+    def one(p, b, x):
+        return torch.func.functional_call(skeleton, (p, b), (x,))
+
+    with torch.no_grad():
+        got = torch.func.vmap(one, in_dims=(0, 0, None))(params, buffers, x)
+        want = torch.stack([model(x) for model in models])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("registered", [False, True], ids=["counter-before-formulas",
                                                          "formulas-registered"])
 def test_flop_counter_counts_what_the_dequantized_twin_does(registered, monkeypatch):
