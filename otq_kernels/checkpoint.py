@@ -134,7 +134,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
     if "" in layers:
         raise ValueError("the root module itself is quantized; wrap it in nn.Sequential")
     user = _user_json(metadata)
-    stored, aliases = _stored_names(model.state_dict())
+    state = model.state_dict()
+    _check_codes_in(state, model)
+    stored, aliases = _stored_names(state)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in stored.items()}
     meta = {
         "format": FORMAT,
@@ -165,6 +167,18 @@ def _user_json(metadata) -> str:
     except (TypeError, ValueError) as err:
         raise ValueError(f"metadata must hold JSON values only (str, numbers, lists, dicts): "
                          f"{err}") from None
+
+
+def _check_codes_in(state: dict, model: nn.Module) -> None:
+    """ValueError for a quantized layer whose codes the state dict lacks (a buffer made
+    non-persistent, a state-dict hook): the file could not be loaded."""
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantModule):
+            missing = [k for k in module._code_dtypes() if f"{name}.{k}" not in state]
+            if missing:
+                raise ValueError(f"layer {name!r}: {missing} missing from the model's "
+                                 "state_dict (a buffer made non-persistent?): the file "
+                                 "could not be loaded")
 
 
 def _stored_names(state: dict) -> tuple[dict, dict]:

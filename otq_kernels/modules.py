@@ -66,7 +66,8 @@ HOOK_ATTRIBUTES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_for
                    "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
 
 
-STATE_LAYOUT = "otq_layout"  # key of a quantized layer's state-dict metadata entry
+STATE_LAYOUT = "otq_layout"  # keys of a quantized layer's state-dict metadata entries
+STATE_FIT = "otq_fit"
 
 
 def _take_hooks(layer: nn.Module, module: nn.Module) -> None:
@@ -223,11 +224,13 @@ class _QuantModule(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         """The tensors, and in the state dict's per-module metadata (not saved in files) the
         weight's shape, bits and granularity, which the planes cannot show (a K within the
-        same 32 columns packs to the same plane shape)."""
+        same 32 columns packs to the same plane shape), and the method and error stats
+        that describe these codes."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         metadata = getattr(destination, "_metadata", None)
         if metadata is not None and prefix[:-1] in metadata:
             metadata[prefix[:-1]][STATE_LAYOUT] = self._state_layout()
+            metadata[prefix[:-1]][STATE_FIT] = {"method": self.method, "stats": dict(self.stats)}
 
     def _state_layout(self) -> list:
         return [self.bits, self.granularity, list(self.weight_shape)]
@@ -238,7 +241,8 @@ class _QuantModule(nn.Module):
         as it was) a state dict of a quantized layer of another weight shape, bit width or
         granularity (where its metadata says so: a dict from ``state_dict()``), with a
         NaN/Inf codebook, or codes of a kind the buffers cannot take (see
-        :meth:`_code_dtype_error`)."""
+        :meth:`_code_dtype_error`). Codes loaded with their metadata bring their method
+        and error stats (those of the codes they replace were kept, and so reported)."""
         metadata = local_metadata or {}
         theirs = metadata.get(STATE_LAYOUT)
         if theirs is not None and theirs != self._state_layout():
@@ -260,14 +264,17 @@ class _QuantModule(nn.Module):
         except ValueError as err:
             error_msgs.append(f"{prefix}codebook: {err}")
             return
+        errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._cache.clear()
+        fit = metadata.get(STATE_FIT)
+        if len(error_msgs) == errors and isinstance(fit, dict):
+            self.method, self.stats = fit["method"], dict(fit["stats"])
 
     def _code_dtypes(self) -> dict[str, torch.dtype]:
         return {**{f"plane{i}": torch.int32 for i in range(self.num_planes)},
                 "codebook": torch.float32}
-
     def _storage_repr(self) -> str:
         return (f"bits={self.bits}, method={self.method!r}, granularity={self.granularity!r}, "
                 f"bits_per_weight={self.bits_per_weight:.3f}, backend={self.backend!r}")

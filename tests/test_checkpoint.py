@@ -101,6 +101,18 @@ def test_save_requires_quantized_layers(tmp_path):
         ckpt.save_quantized(Net(), tmp_path / "x.safetensors")
 
 
+def test_save_refuses_a_layer_whose_codes_are_not_in_the_state_dict(tmp_path):
+    """(a non-persistent codebook was left out of the file, which then failed to load)"""
+    model = _quantized()
+    name = next(n for n, m in model.named_modules() if isinstance(m, otq.nn.QuantLinear))
+    layer = model.get_submodule(name)
+    layer.register_buffer("codebook", layer.codebook, persistent=False)
+    with pytest.raises(ValueError, match=rf"layer '{name}': \['codebook'\] missing from the "
+                                         "model's state_dict"):
+        ckpt.save_quantized(model, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_swapped_model_and_path_are_named(tmp_path):
     path = tmp_path / "q.safetensors"
     with pytest.raises(TypeError, match=r"save_quantized\(model, path\): .* swapped"):

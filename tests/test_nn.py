@@ -178,6 +178,23 @@ def test_load_state_dict_refuses_a_layer_the_planes_cannot_tell_apart():
     assert torch.equal(model(x), same(x))
 
 
+def test_loaded_codes_bring_their_method_and_error_stats():
+    """The state dict's metadata carries the method and stats of its codes: a layer that
+    loads another's codes reports theirs (it kept its own: summaries and saved files
+    described codes it no longer held); a plain dict without metadata changes neither."""
+    torch.manual_seed(0)
+    theirs = otq.quantize_model(nn.Sequential(nn.Linear(64, 32)), bits=4, method="uniform",
+                                progress=False)
+    model = otq.quantize_model(nn.Sequential(nn.Linear(64, 32)), bits=4, progress=False)
+    own = (model[0].method, dict(model[0].stats))
+    model.load_state_dict(dict(theirs.state_dict()))  # (dict(): no metadata)
+    assert (model[0].method, model[0].stats) == own
+    model.load_state_dict(theirs.state_dict())
+    assert model[0].method == "uniform" and model[0].stats == theirs[0].stats != own[1]
+    row = otq.nn.quantization_summary(model).layers[0]
+    assert row.method == "uniform" and row.sqnr_db == theirs[0].stats["sqnr_db"]
+
+
 @pytest.mark.parametrize("key, convert, assign, match", [
     ("plane0", torch.Tensor.long, False, None),
     ("codebook", torch.Tensor.double, False, None),
