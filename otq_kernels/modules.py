@@ -168,11 +168,29 @@ class _QuantModule(nn.Module):
     # -- storage views ---------------------------------------------------------------
     def _planes(self) -> list[torch.Tensor]:
         buffers = self._buffers  # (read directly: nn.Module.__getattr__ costs ~0.5 µs a name)
-        return [buffers[f"plane{i}"] for i in range(self.num_planes)]
+        try:
+            return [buffers[f"plane{i}"] for i in range(self.num_planes)]
+        except KeyError as err:
+            raise self._codes_moved(err.args[0]) from None
+
+    def _codebook(self) -> torch.Tensor:
+        try:
+            return self._buffers["codebook"]
+        except KeyError:
+            raise self._codes_moved("codebook") from None
+
+    def _codes_moved(self, name: str) -> RuntimeError:
+        """The error for codes no longer in the buffers (torch's parametrize moves what it
+        parametrizes into ``parametrizations``; a computed codebook or plane would bypass
+        its checks and the cached runtime layouts)."""
+        return RuntimeError(f"{type(self).__name__}: its {name!r} is no longer a buffer "
+                            "(parametrized, or deleted); the codes must stay buffers: "
+                            "torch.nn.utils.parametrize.remove_parametrizations(layer, "
+                            f"{name!r}, leave_parametrized=False) restores it")
 
     def _cached(self, key: str, shape: tuple[int, ...]) -> QuantizedTensor:
         """QuantizedTensor over the current buffers with ``shape`` (rebuilt when they change)."""
-        tensors = (*self._planes(), self._buffers["codebook"])
+        tensors = (*self._planes(), self._codebook())
         hit = self._cache.get(key)
         if hit is not None and all(a is b for a, b in zip(hit[0], tensors, strict=True)):
             return hit[1]
@@ -208,8 +226,9 @@ class _QuantModule(nn.Module):
         a float would lose its codes): such a buffer is kept, moved where ``fn`` put the
         cast one. Codes another layer shares (tied weights) get the same converted tensor
         as there (:func:`~otq_kernels.sharing.converted`), so they stay shared."""
-        dtypes = {id(t): torch.int32 for t in self._planes()}
-        dtypes[id(self._buffers["codebook"])] = torch.float32
+        dtypes = {id(self._buffers.get(f"plane{i}")): torch.int32
+                  for i in range(self.num_planes)}
+        dtypes[id(self._buffers.get("codebook"))] = torch.float32  # (parametrized: moved)
 
         def convert(t: torch.Tensor) -> torch.Tensor:
             dtype = dtypes.get(id(t))
@@ -276,8 +295,10 @@ class _QuantModule(nn.Module):
         return {**{f"plane{i}": torch.int32 for i in range(self.num_planes)},
                 "codebook": torch.float32}
     def _storage_repr(self) -> str:
+        stored = all(name in self._buffers for name in self._code_dtypes())
+        bpw = f"{self.bits_per_weight:.3f}" if stored else "? (codes moved)"
         return (f"bits={self.bits}, method={self.method!r}, granularity={self.granularity!r}, "
-                f"bits_per_weight={self.bits_per_weight:.3f}, backend={self.backend!r}")
+                f"bits_per_weight={bpw}, backend={self.backend!r}")
 
     @staticmethod
     def _fit(weight: torch.Tensor, bits, method, granularity, module) -> QuantizedTensor:

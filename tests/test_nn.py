@@ -195,6 +195,30 @@ def test_loaded_codes_bring_their_method_and_error_stats():
     assert row.method == "uniform" and row.sqnr_db == theirs[0].stats["sqnr_db"]
 
 
+@pytest.mark.parametrize("name", ["codebook", "plane0"])
+def test_parametrized_codes_are_named_at_the_call(name):
+    """torch's parametrize moves a parametrized buffer out of the buffers: the call names
+    it and the way back (a KeyError from deep inside before); repr and .half() still work."""
+    from torch.nn.utils import parametrize
+
+    class Twice(nn.Module):
+        def forward(self, t):
+            return t * 2
+
+    torch.manual_seed(0)
+    model = otq.quantize_model(nn.Sequential(nn.Linear(40, 8)), bits=4, progress=False)
+    x = torch.randn(2, 40)
+    want = model(x)
+    parametrize.register_parametrization(model[0], name, Twice())
+    with pytest.raises(RuntimeError, match=f"its '{name}' is no longer a buffer .*"
+                                           "remove_parametrizations"):
+        model(x)
+    assert "codes moved" in repr(model)
+    copy.deepcopy(model).half()
+    parametrize.remove_parametrizations(model[0], name, leave_parametrized=False)
+    assert torch.equal(model(x), want)
+
+
 @pytest.mark.parametrize("key, convert, assign, match", [
     ("plane0", torch.Tensor.long, False, None),
     ("codebook", torch.Tensor.double, False, None),
