@@ -42,9 +42,16 @@ def converted(fn: Callable, t: torch.Tensor,
     if hit is not None and hit[0]() is fn and hit[1]() is owner and hit[2] == version:
         return hit[3]
     out = convert(t)
-    if version is not None:
+    if version is not None and not _holds(out, owner):  # (t itself, or a view, needs none)
         _remember(key, fn, owner, version, out)
     return out
+
+
+def _holds(out: torch.Tensor, owner) -> bool:
+    """Whether ``out`` is ``owner`` or lies in its memory (remembering it would keep that
+    memory alive for as long as ``fn`` lives)."""
+    return out is owner or (isinstance(owner, torch.UntypedStorage) and not out.is_meta
+                            and out.untyped_storage() is owner)
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -78,3 +78,21 @@ def test_an_fn_without_weak_references_converts_each_view_apart():
     fn = torch.Tensor.double  # (a method descriptor takes no weak reference)
     assert converted(fn, t, fn) is not converted(fn, t, fn)
     assert not sharing._RESULTS
+
+
+def test_a_result_in_the_memory_it_came_from_is_not_remembered():
+    """(every view converts to a view of the same memory anyway; an entry would keep the
+    memory alive for as long as a long-lived fn lives)"""
+    t = torch.ones(3)
+
+    def same(t):
+        return t
+
+    def view(t):
+        return t[:]
+
+    assert converted(same, t, same) is t
+    assert converted(view, t, view).data_ptr() == t.data_ptr()
+    meta = torch.ones(2, device="meta")
+    assert converted(same, meta, same) is meta
+    assert not sharing._RESULTS
