@@ -538,8 +538,9 @@ def _check_float64_backend(name: str, what: str) -> None:
 
 
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """Autocast's dtype where autocast is on for x's device type, else None."""
-    if torch._C._is_any_autocast_enabled():  # (0.15 µs; x.device.type costs 0.7 µs)
+    """Autocast's dtype where autocast is on for x's device type, else None (also for a
+    float64 x, which autocast never casts)."""
+    if torch._C._is_any_autocast_enabled() and x.dtype != torch.float64:  # (0.15 µs: first)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)

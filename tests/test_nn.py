@@ -80,11 +80,13 @@ def test_layers_follow_autocast_like_float_layers(make, x_shape):
 
 
 @EACH_LAYER_PATH
-def test_float64_layers_take_float64_activations(make, x_shape):
-    """A float64 model stays float64 after quantization, as torch's layers do."""
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "under-autocast"])
+def test_float64_layers_take_float64_activations(make, x_shape, autocast):
+    """A float64 model stays float64 after quantization, as torch's layers do, also under
+    autocast, which never casts float64 (the layers ran it in bfloat16)."""
     layer, quant, x = _quantized_pair(lambda: make().double(), x_shape, bits=4)
     x = x.double()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y_q, y_ref = quant(x), _dequant_twin(layer, quant)(x)
     assert y_q.dtype == y_ref.dtype == torch.float64
     torch.testing.assert_close(y_q, y_ref, rtol=1e-12, atol=1e-12)
