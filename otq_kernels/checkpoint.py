@@ -30,6 +30,7 @@ import zlib
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .fast_paths import sync_fast_paths
 from .format import GRANULARITIES, QuantizedTensor, check_bits, is_number, plane_widths
@@ -135,7 +136,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
         raise ValueError("the root module itself is quantized; wrap it in nn.Sequential")
     user = _user_json(metadata)
     state = model.state_dict()
-    _check_codes_in(state, model)
+    _check_savable(state, model)
     stored, aliases = _stored_names(state)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in stored.items()}
     meta = {
@@ -169,16 +170,28 @@ def _user_json(metadata) -> str:
                          f"{err}") from None
 
 
-def _check_codes_in(state: dict, model: nn.Module) -> None:
-    """ValueError for a quantized layer whose codes the state dict lacks (a buffer made
-    non-persistent, a state-dict hook): the file could not be loaded."""
+def _check_savable(state: dict, model: nn.Module) -> None:
+    """ValueError for a quantized layer whose file could not be loaded: one of another
+    class (a subclass, or one torch's parametrize made), or whose codes the state dict
+    lacks (a buffer made non-persistent, a state-dict hook)."""
     for name, module in model.named_modules():
-        if isinstance(module, _QuantModule):
-            missing = [k for k in module._code_dtypes() if f"{name}.{k}" not in state]
-            if missing:
-                raise ValueError(f"layer {name!r}: {missing} missing from the model's "
-                                 "state_dict (a buffer made non-persistent?): the file "
-                                 "could not be loaded")
+        if not isinstance(module, _QuantModule):
+            continue
+        if parametrize.is_parametrized(module):
+            names = list(module.parametrizations.keys())
+            raise ValueError(f"layer {name!r}: its {names} are parametrized; a file holds "
+                             "plain tensors: torch.nn.utils.parametrize."
+                             "remove_parametrizations(layer, name) first (its default, "
+                             "leave_parametrized=True, keeps the values they compute)")
+        if QUANT_CLASSES.get(type(module).__name__) is not type(module):
+            raise ValueError(f"layer {name!r}: a {type(module).__name__}, which "
+                             "load_quantized cannot build (it builds "
+                             f"{', '.join(QUANT_CLASSES)} layers only)")
+        missing = [k for k in module._code_dtypes() if f"{name}.{k}" not in state]
+        if missing:
+            raise ValueError(f"layer {name!r}: {missing} missing from the model's "
+                             "state_dict (a buffer made non-persistent?): the file "
+                             "could not be loaded")
 
 
 def _stored_names(state: dict) -> tuple[dict, dict]:

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.utils import parametrize
 
 import otq_kernels as otq
 from otq_kernels import checkpoint as ckpt
@@ -101,14 +102,32 @@ def test_save_requires_quantized_layers(tmp_path):
         ckpt.save_quantized(Net(), tmp_path / "x.safetensors")
 
 
-def test_save_refuses_a_layer_whose_codes_are_not_in_the_state_dict(tmp_path):
-    """(a non-persistent codebook was left out of the file, which then failed to load)"""
+class _Doubled(nn.Module):
+    def forward(self, t):
+        return 2 * t
+
+
+def _non_persistent_codebook(layer):
+    layer.register_buffer("codebook", layer.codebook, persistent=False)
+
+
+def _subclassed(layer):
+    layer.__class__ = type("MyQuantLinear", (otq.nn.QuantLinear,), {})
+
+
+@pytest.mark.parametrize("change, match", [
+    (_non_persistent_codebook, r"\['codebook'\] missing from the model's state_dict"),
+    (lambda layer: parametrize.register_parametrization(layer, "bias", _Doubled()),
+     r"its \['bias'\] are parametrized; .*remove_parametrizations"),
+    (_subclassed, "a MyQuantLinear, which load_quantized cannot build"),
+], ids=["non-persistent-codebook", "parametrized-bias", "subclass"])
+def test_save_refuses_a_layer_its_file_could_not_load(tmp_path, change, match):
+    """(each was written, and load_quantized, verify_checkpoint and otq info refused the
+    file)"""
     model = _quantized()
     name = next(n for n, m in model.named_modules() if isinstance(m, otq.nn.QuantLinear))
-    layer = model.get_submodule(name)
-    layer.register_buffer("codebook", layer.codebook, persistent=False)
-    with pytest.raises(ValueError, match=rf"layer '{name}': \['codebook'\] missing from the "
-                                         "model's state_dict"):
+    change(model.get_submodule(name))
+    with pytest.raises(ValueError, match=f"layer '{name}': {match}"):
         ckpt.save_quantized(model, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
