@@ -510,7 +510,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "au
     another architecture; the model is only modified once everything has been validated.
     """
     _check_argument_order("load_quantized(path, model)", model, path)
-    wrapper, model = model, bare_module(model, "load_quantized")
+    wrapper, model = model, bare_module(model, "load_quantized", swaps=True)
     meta, tensors = _read_checkpoint(path)
     layers = _json(meta, "layers", path)
     device = load_device(model, device, path)

@@ -13,6 +13,7 @@ after ``model.half()``.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -657,18 +658,28 @@ QUANT_TYPES: dict[type[nn.Module], type[_QuantModule]] = {
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def bare_module(model: nn.Module, what: str) -> nn.Module:
+def bare_module(model: nn.Module, what: str, swaps: bool = False) -> nn.Module:
     """The module that ``torch.compile``, ``DataParallel`` and ``DistributedDataParallel``
     wrappers hold (its names carry no ``_orig_mod.`` / ``module.`` prefix), else ``model``
-    itself; TypeError naming ``what`` (the caller) unless ``model`` is an nn.Module."""
+    itself; TypeError naming ``what`` (the caller) unless ``model`` is an nn.Module.
+
+    swaps: ``what`` swaps layers; a warning where DDP wraps them, since DDP registered
+    the parameters it synchronizes when it was made (the new layers' gradients would not
+    be averaged across ranks, silently).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what}: the model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (none compiled before it)
     if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
-        return bare_module(model._orig_mod, what)
+        return bare_module(model._orig_mod, what, swaps)
+    if swaps and isinstance(model, nn.parallel.DistributedDataParallel):
+        warnings.warn(f"{what}: the model is wrapped in DistributedDataParallel, which "
+                      "synchronizes the parameters it had when it was made: those of the "
+                      "swapped layers will not be (their gradients are not averaged across "
+                      "ranks). Swap layers in the bare model, then wrap it.", stacklevel=3)
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return bare_module(model.module, what)
+        return bare_module(model.module, what, swaps)
     return model
 
 

@@ -296,7 +296,7 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "ot",
     To fill a meta skeleton from a float checkpoint while quantizing it, one layer in
     memory at a time, see :func:`otq_kernels.load_and_quantize`.
     """
-    wrapper, model = model, bare_module(model, "quantize_model")
+    wrapper, model = model, bare_module(model, "quantize_model", swaps=True)
     plan = plan_quantization(model, bits, method, granularity, include, exclude, backend,
                              overrides)
     quantize_layers(model, plan, model.get_submodule, progress)
@@ -357,7 +357,7 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
     through (:func:`~otq_kernels.modules.bare_module`). Returns ``model`` without its
     ``otq_summary``.
     """
-    wrapper, model = model, bare_module(model, "dequantize_model")
+    wrapper, model = model, bare_module(model, "dequantize_model", swaps=True)
     if isinstance(model, _QuantModule):  # (it cannot replace itself in place)
         raise ValueError(f"dequantize_model: the model is itself a {type(model).__name__}; "
                          "its .to_float() is the float layer")

@@ -134,7 +134,7 @@ def load_and_quantize(source, model: nn.Module, bits: int = 4, method: str = "ot
     if after_layer is not None and not callable(after_layer):
         raise ValueError(f"after_layer must be None or a function of the layer's name, got "
                          f"{after_layer!r}")
-    wrapper, model = model, bare_module(model, "load_and_quantize")
+    wrapper, model = model, bare_module(model, "load_and_quantize", swaps=True)
     plan = plan_quantization(model, bits, method, granularity, include, exclude, backend,
                              overrides)
     what = "load_and_quantize" if isinstance(source, Mapping) else os.fspath(source)
