@@ -157,6 +157,7 @@ class _QuantModule(nn.Module):
                 device = qt.codebook.device
                 self.bias = nn.Parameter(bias.detach().clone().to(device), requires_grad=False)
         self._cache: dict = {}
+        self._refill_cache()
 
     def __getattr__(self, name: str):
         if name == "weight":  # what bitsandbytes/torchao layers keep; say where ours is
@@ -201,6 +202,20 @@ class _QuantModule(nn.Module):
             self._cache[key] = (tensors, qt)
         return qt
 
+    def _views(self) -> dict[str, tuple[int, ...]]:
+        """{cache key: shape} of the QuantizedTensor views ``forward`` reads."""
+        return {"canonical": self.weight_shape}
+
+    def _refill_cache(self) -> None:
+        """Drop the views of old buffers and make those of the current ones, so that the
+        first call reads the buffers as every later one does (``torch.jit.trace``'s check
+        compares two traces of one model: a view made inside the first one read them in
+        another order, and the check failed)."""
+        self._cache.clear()
+        if all(name in self._buffers for name in self._code_dtypes()):  # (not parametrized)
+            for key, shape in self._views().items():
+                self._cached(key, shape)
+
     @property
     def qweight(self) -> QuantizedTensor:
         """The weight as a QuantizedTensor of the float layer's weight shape."""
@@ -221,6 +236,13 @@ class _QuantModule(nn.Module):
         return self.qweight.nbytes
 
     # -- torch plumbing --------------------------------------------------------------
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` asks this first: refuse before it half-compiles the class
+        (its errors were unclear and changed on a second attempt)."""
+        raise RuntimeError(f"torch.jit.script cannot compile {type(self).__name__} (its "
+                           "QuantizedTensor views are Python objects); use torch.jit.trace, "
+                           "torch.export or torch.compile")
+
     def _apply(self, fn, recurse=True):
         """Keep the planes int32 and the codebook float32, values unchanged, under
         .half()/.to(dtype) and ``.type(dtype)`` (which casts every buffer: a plane cast to
@@ -238,7 +260,7 @@ class _QuantModule(nn.Module):
             return converted(fn, t, lambda t: _kept_dtype(t, fn(t), dtype))
 
         out = super()._apply(convert, recurse)
-        self._cache.clear()
+        self._refill_cache()
         return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -287,7 +309,7 @@ class _QuantModule(nn.Module):
         errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        self._cache.clear()
+        self._refill_cache()
         fit = metadata.get(STATE_FIT)
         if len(error_msgs) == errors and isinstance(fit, dict):
             self.method, self.stats = fit["method"], dict(fit["stats"])
@@ -617,6 +639,11 @@ class QuantConv1d(_QuantConv):
             _tuple(layout["dilation"], 1))
         return _pointwise(_tuple(layout["kernel_size"], 1), _tuple(layout["stride"], 1),
                           layout["groups"], pre_pad, conv_padding)
+
+    def _views(self) -> dict[str, tuple[int, ...]]:
+        n, c, k = self.weight_shape
+        views = {"canonical": self.weight_shape, "conv2d": (n, c, 1, k)}
+        return {**views, "linear": (n, c)} if self.pointwise else views
 
     def _conv_kernel_runs(self, x: torch.Tensor) -> bool:
         """Whether codebook_conv2d would run a conv kernel on x (not the reference) for
