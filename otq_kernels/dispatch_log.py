@@ -18,6 +18,7 @@ a few function calls that find no open log.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -63,15 +64,28 @@ def _counts(records) -> dict[tuple[str, str, str], int]:
     return dict(keys.most_common())
 
 
+@dataclass
+class _ThreadState:
+    """Where one thread is in the model: what the log's hooks and calls track per thread
+    (one stack for all threads crashed a call whose layer hooks were installed or removed
+    by another thread between its entry and its exit)."""
+
+    layers: list[str] = field(default_factory=list)  # the quantized modules being called
+    model_depth: int = 0  # > 0 inside the model's forward
+    current: DispatchRecord | None = None  # the call whose backend is running
+
+
 class DispatchLog(list):
     """The :class:`DispatchRecord` of each call, in call order."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._layers: list[str] = []  # names of the quantized modules being called
         self.model_calls = 0  # forward calls of the model given to record_dispatch
-        self._model_depth = 0  # > 0 inside its forward
-        self._current: DispatchRecord | None = None  # the call whose backend is running
+        self._threads: dict[int, _ThreadState] = {}
+
+    def _state(self) -> _ThreadState:
+        """The calling thread's state (made at its first use)."""
+        return self._threads.setdefault(threading.get_ident(), _ThreadState())
 
     def counts(self) -> dict[tuple[str, str, str], int]:
         """Calls per (op, backend, kernels joined by " + "), most frequent first."""
@@ -116,19 +130,20 @@ def recorded_call(op: str, backend: str, x: torch.Tensor, weight_shape, bits: in
     """Record an ``op`` call on x with codes of ``weight_shape`` in every open log; the
     kernels that the backend notes inside the block are this call's (the ops run the
     backend inside it; only while :func:`recording`)."""
-    outer = [(log, log._current) for log in _OPEN]  # a call made inside another's backend
-    for log in _OPEN:
-        layer = log._layers[-1] if log._layers else None
-        model_call = log.model_calls - 1 if log._model_depth else None
-        log._current = DispatchRecord(layer, op, backend, int(m), str(x.dtype).removeprefix(
+    states = [log._state() for log in _OPEN]
+    outer = [state.current for state in states]  # a call made inside another's backend
+    for log, state in zip(list(_OPEN), states, strict=True):
+        layer = state.layers[-1] if state.layers else None
+        model_call = log.model_calls - 1 if state.model_depth else None
+        state.current = DispatchRecord(layer, op, backend, int(m), str(x.dtype).removeprefix(
             "torch."), int(bits), tuple(int(s) for s in weight_shape), str(x.device),
             model_call)
-        log.append(log._current)
+        log.append(state.current)
     try:
         yield
     finally:
-        for log, current in outer:
-            log._current = current
+        for state, current in zip(states, outer, strict=True):
+            state.current = current
 
 
 def note_kernel(name: str, split_k: int = 1) -> None:
@@ -139,29 +154,34 @@ def note_kernel(name: str, split_k: int = 1) -> None:
         return
     if split_k > 1:
         name = f"{name} split_k={split_k}"
-    for log in _OPEN:
-        if log._current is not None and name not in log._current.kernels:
-            log._current.kernels.append(name)
+    for log in list(_OPEN):
+        current = log._state().current
+        if current is not None and name not in current.kernels:
+            current.kernels.append(name)
 
 
 def _layer_hooks(model: nn.Module, log: DispatchLog) -> list:
-    """Hooks that keep ``log._layers`` naming the quantized module being called and count
-    the model's calls."""
+    """Hooks that keep each thread's layer stack (``log._state().layers``) naming the
+    quantized module it is calling, and count the model's calls."""
     from .modules import _QuantModule  # modules imports ops, which imports this module
 
     def enter(name):
-        return lambda module, args: log._layers.append(name)
+        return lambda module, args: log._state().layers.append(name)
 
-    def leave(module, args, output):
-        log._layers.pop()
+    def leave(module, args, output):  # (a call entered before the hooks were: none pushed)
+        layers = log._state().layers
+        if layers:
+            layers.pop()
 
     def enter_model(module, args):
-        if log._model_depth == 0:  # (not a recursive call)
+        state = log._state()
+        if state.model_depth == 0:  # (not a recursive call)
             log.model_calls += 1
-        log._model_depth += 1
+        state.model_depth += 1
 
     def leave_model(module, args, output):
-        log._model_depth -= 1
+        state = log._state()
+        state.model_depth = max(state.model_depth - 1, 0)
 
     handles = [model.register_forward_pre_hook(enter_model),
                model.register_forward_hook(leave_model, always_call=True)]
@@ -178,7 +198,8 @@ def record_dispatch(model: nn.Module | None = None) -> Iterator[DispatchLog]:
     it yields; with ``model``, each record names its layer (the module's name in ``model``)
     and the model's call that made it. Blocks nest: an inner block's calls are recorded in
     the outer log too. The log is process-wide: calls that other threads make meanwhile are
-    recorded as well, and their layer names are not to be trusted."""
+    recorded as well, each under its own thread's layer (the layer hooks track each thread
+    apart; a call that was already inside a layer when the block opened gets none)."""
     log = DispatchLog()
     handles = [] if model is None else _layer_hooks(model, log)
     _OPEN.append(log)

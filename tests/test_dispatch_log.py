@@ -1,5 +1,8 @@
 """record_dispatch: which backend and kernels each quantized layer call ran."""
 
+import contextlib
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -156,6 +159,33 @@ def test_a_layer_failing_inside_the_model_leaves_no_stale_name(net):
             net.head(torch.randn(2, 7))
         ops.codebook_linear(torch.randn(1, 128), net.head.qweight)
     assert [r.layer for r in log] == [None]
+
+
+def test_a_log_opened_inside_a_layer_call_leaves_that_call_alone(net):
+    """A call already inside a layer when the log's hooks are installed (another thread's,
+    in a server) exits through a hook that never saw it enter: it raised IndexError."""
+    blocks = contextlib.ExitStack()
+    logs = []
+    handle = net.head.register_forward_pre_hook(
+        lambda module, args: logs.append(blocks.enter_context(otq.record_dispatch(net))))
+    try:
+        assert net(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+    finally:
+        handle.remove()
+        blocks.close()
+    assert [r.layer for r in logs[0]] == [None]  # (head's call, unnamed: entered before)
+
+
+def test_other_threads_calls_are_named_by_their_own_layers(net):
+    """Each thread's calls are named by its own layer stack."""
+    x = torch.randn(2, 3, 8, 8)
+    with otq.record_dispatch(net) as log:
+        worker = threading.Thread(target=net, args=(x,))
+        worker.start()
+        worker.join()
+        net(x)
+    assert [r.layer for r in log] == ["conv", "mix", "head"] * 2
+    assert [r.model_call for r in log] == [0, 0, 0, 1, 1, 1]
 
 
 def test_empty_batch_runs_no_kernel_and_is_not_recorded(net):
