@@ -95,13 +95,14 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> t
     y = torch.empty(m, n, dtype=torch.float32)
     if m == 0:
         return as_dtype(y, x.dtype)
-    xf = as_dtype(x, torch.float32).contiguous()
+    xf = as_dtype(x.detach(), torch.float32).contiguous()
     b = None
     if bias is not None:
         _require_cpu(bias, "bias")
         if bias.shape != (n,):
             raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
-        b = as_dtype(bias, torch.float32).contiguous()
+        b = as_dtype(bias.detach(), torch.float32).contiguous()  # (a reference to its memory
+        # for the call: another thread's bias.data = ... would free it under the kernel)
     note_kernel("cpu_lut")
     native().cpu_lut_linear(xf.data_ptr(), m, k, _ptrs(planes), qt.bits, book.data_ptr(),
                             book.shape[0], n, 0 if b is None else b.data_ptr(), y.data_ptr())

@@ -154,6 +154,31 @@ def test_bad_simd_cap_raises(monkeypatch):
         cpu.dequantize(qt)
 
 
+def test_linear_holds_the_bias_memory_for_the_call(monkeypatch):
+    """Another thread's ``layer.bias.data = ...`` during a call freed the memory the kernel
+    read (the call passed the Parameter's pointer without holding its memory): wrong
+    outputs, the size of whatever was allocated there next."""
+    torch.manual_seed(0)
+    layer = otq.nn.QuantLinear.from_float(torch.nn.Linear(32, 16), bits=4, backend="cpu")
+    x = torch.randn(2, 32)
+    want = layer(x)
+    real = cpu.native()
+
+    class SwappingBias:  # the native module, with a bias swap just before the kernel runs
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def cpu_lut_linear(self, *args):
+            with torch.no_grad():
+                layer.bias.data = layer.bias.data.clone()
+            junk = torch.full((16,), 1000.0)  # (takes the freed memory, where it was freed)
+            real.cpu_lut_linear(*args)
+            del junk
+
+    monkeypatch.setattr(cpu, "native", SwappingBias)
+    assert torch.equal(layer(x), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_linear_half_activations_keep_dtype(dtype):
     qt = make_qt(17, 65, 4, "tensor")
