@@ -212,7 +212,7 @@ class _QuantModule(nn.Module):
         compares two traces of one model: a view made inside the first one read them in
         another order, and the check failed)."""
         self._cache.clear()
-        if all(name in self._buffers for name in self._code_dtypes()):  # (not parametrized)
+        if self._codes_stored():
             for key, shape in self._views().items():
                 self._cached(key, shape)
 
@@ -249,9 +249,8 @@ class _QuantModule(nn.Module):
         a float would lose its codes): such a buffer is kept, moved where ``fn`` put the
         cast one. Codes another layer shares (tied weights) get the same converted tensor
         as there (:func:`~otq_kernels.sharing.converted`), so they stay shared."""
-        dtypes = {id(self._buffers.get(f"plane{i}")): torch.int32
-                  for i in range(self.num_planes)}
-        dtypes[id(self._buffers.get("codebook"))] = torch.float32  # (parametrized: moved)
+        dtypes = {id(self._buffers[name]): dtype for name, dtype in self._code_dtypes().items()
+                  if name in self._buffers}  # (a parametrized one is not)
 
         def convert(t: torch.Tensor) -> torch.Tensor:
             dtype = dtypes.get(id(t))
@@ -311,15 +310,20 @@ class _QuantModule(nn.Module):
                                       unexpected_keys, error_msgs)
         self._refill_cache()
         fit = metadata.get(STATE_FIT)
-        if len(error_msgs) == errors and isinstance(fit, dict):
+        if (len(error_msgs) == errors and isinstance(fit, dict)
+                and isinstance(fit.get("method"), str) and isinstance(fit.get("stats"), dict)):
             self.method, self.stats = fit["method"], dict(fit["stats"])
 
     def _code_dtypes(self) -> dict[str, torch.dtype]:
         return {**{f"plane{i}": torch.int32 for i in range(self.num_planes)},
                 "codebook": torch.float32}
+
+    def _codes_stored(self) -> bool:
+        """Whether every plane and the codebook are buffers (not parametrized away)."""
+        return all(name in self._buffers for name in self._code_dtypes())
+
     def _storage_repr(self) -> str:
-        stored = all(name in self._buffers for name in self._code_dtypes())
-        bpw = f"{self.bits_per_weight:.3f}" if stored else "? (codes moved)"
+        bpw = f"{self.bits_per_weight:.3f}" if self._codes_stored() else "? (codes moved)"
         return (f"bits={self.bits}, method={self.method!r}, granularity={self.granularity!r}, "
                 f"bits_per_weight={bpw}, backend={self.backend!r}")
 
