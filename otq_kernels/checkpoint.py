@@ -45,7 +45,7 @@ from .modules import (
 )
 from .sharing import memory_key
 from .skeleton import check_loadable, materialize
-from .summary import quantization_summary
+from .summary import kept_float_reasons, quantization_summary
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_quantized", "read_metadata", "save_quantized"]
 
@@ -144,7 +144,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
         "format_version": str(ALIASES_VERSION if aliases else 1),
         "otq_version": __version__,
         "layers": json.dumps(layers),
-        "kept_float": json.dumps(getattr(model, "_otq_reasons", {})),
+        "kept_float": json.dumps(kept_float_reasons(model)),
         "user": user,
     }
     if aliases:

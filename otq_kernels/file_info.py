@@ -112,7 +112,7 @@ def _quantized_row(name: str, entry: dict, header: dict) -> LayerSummary:
 
 def _own_keys(name: str, header: dict) -> list[str]:
     """The keys of the tensors layer ``name`` holds itself (its parametrizations' too)."""
-    prefix = f"{name}."
+    prefix = f"{name}." if name else ""  # ('' is the root: the keys without a module)
     return sorted((key for key in header if key.startswith(prefix) and (
         "." not in key[len(prefix):] or key[len(prefix):].startswith("parametrizations."))),
         key=_natural_key)

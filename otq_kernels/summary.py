@@ -96,7 +96,7 @@ def _layer_row(name: str, module: nn.Module, reason: str | None) -> LayerSummary
     if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
         weight = next(p for p in params if p.dim() >= 2)
     return LayerSummary(name, type(module).__name__, list(weight.shape),
-                        f"kept float ({reason or 'not selected'})",
+                        f"kept float ({reason})",
                         nbytes=sum(p.numel() * p.element_size() for p in params))
 
 
@@ -133,15 +133,22 @@ def quantization_summary(model: nn.Module) -> QuantizationSummary:
 
     Reasons recorded by :func:`quantize_model` (excluded, unsupported type, ...) are kept.
     """
-    reasons = getattr(model, "_otq_reasons", {})
-    rows = [
-        _layer_row(name, m, reasons.get(name, "unsupported type"
-                                        if quant_class_for(m) is None else None))
-        for name, m in model.named_modules()
-        if isinstance(m, _QuantModule) or _float_weighted(m)
-    ]
+    reasons = kept_float_reasons(model)
+    rows = [_layer_row(name, m, reasons.get(name)) for name, m in model.named_modules()
+            if isinstance(m, _QuantModule) or _float_weighted(m)]
     params, fp32, fp16, after = _totals(model)
     return QuantizationSummary(rows, params, fp32, fp16, after)
+
+
+def kept_float_reasons(model: nn.Module) -> dict[str, str]:
+    """{name: why it is float} of each weighted layer of the model's current tree that is
+    not quantized: the reason :func:`quantize_model` recorded, else "unsupported type" or
+    "not selected" (a layer added or swapped back since)."""
+    recorded = getattr(model, "_otq_reasons", {})
+    return {name: recorded.get(name) or ("unsupported type" if quant_class_for(m) is None
+                                         else "not selected")
+            for name, m in model.named_modules()
+            if not isinstance(m, _QuantModule) and _float_weighted(m)}
 
 
 def _fmt(v, spec: str) -> str:

@@ -79,6 +79,47 @@ def test_shared_layers_and_weight_norm_are_counted_as_loading_counts_them(tmp_pa
     assert rows["5"].shape == [24, 24] and rows["5"].nbytes == rows["4"].nbytes
 
 
+class _RootMatrix(nn.Module):
+    """A weight matrix on the root module itself, beside a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(8, 16))
+        self.a = nn.Linear(16, 16)
+
+
+def _quantized_twice(model):
+    otq.quantize_model(model, bits=3, exclude=["2"], progress=False)
+    otq.quantize_model(model, bits=3, progress=False)  # (quantizes what is still float)
+
+
+def _excluded_then_replaced(model):
+    otq.quantize_model(model, bits=3, exclude=["3"], progress=False)
+    model[3] = nn.Identity()
+    model.add_module("4", nn.Linear(8, 8))  # (added after quantizing: not selected)
+
+
+@pytest.mark.parametrize("make, edit, kept", [
+    (lambda: nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)), _quantized_twice,
+     {}),
+    (lambda: nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8), nn.Linear(8, 8)),
+     _excluded_then_replaced, {"4": "kept float (not selected)"}),
+    (_RootMatrix, lambda m: otq.quantize_model(m, bits=3, progress=False),
+     {"": "kept float (unsupported type)"}),
+], ids=["quantized-twice", "kept-float-layer-replaced", "root-matrix"])
+def test_kept_float_is_the_saved_model_s_own(tmp_path, make, edit, kept):
+    """The file's kept_float lists the float layers the model has when saved (the reasons
+    recorded by every quantize_model call, however stale, were written: otq info then
+    called the file corrupt), the root's own matrix included."""
+    model = make()
+    edit(model)
+    path = tmp_path / "q.safetensors"
+    otq.save_quantized(model, path)
+    info = describe_file(path)
+    assert {r.name: r.status for r in info.summary.layers if r.status != "quantized"} == kept
+    _assert_same_summary(info.summary, otq.nn.quantization_summary(model))
+
+
 def test_rows_come_in_name_order_numbers_as_numbers(tmp_path):
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(12)])
     path, _ = _quantized_file(tmp_path, model, exclude=["1"])
