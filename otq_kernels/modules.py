@@ -701,6 +701,8 @@ def bare_module(model: nn.Module, what: str, swaps: bool = False) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what}: the model must be a torch.nn.Module, got "
                         f"{type(model).__name__}")
+    if swaps:
+        _check_reserved_names(model, what)
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (none compiled before it)
     if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
         return bare_module(model._orig_mod, what, swaps)
@@ -712,6 +714,19 @@ def bare_module(model: nn.Module, what: str, swaps: bool = False) -> nn.Module:
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         return bare_module(model.module, what, swaps)
     return model
+
+
+# Attributes the swapping functions set on the model (and its wrappers).
+RESERVED_ATTRIBUTES = ("otq_summary", "_otq_reasons")
+
+
+def _check_reserved_names(model: nn.Module, what: str) -> None:
+    """ValueError, before anything is swapped, where the model holds a submodule,
+    parameter or buffer under a name ``what`` sets (it failed after every swap)."""
+    for name in RESERVED_ATTRIBUTES:
+        if any(name in held for held in (model._modules, model._parameters, model._buffers)):
+            raise ValueError(f"{what}: the model holds a submodule, parameter or buffer named "
+                             f"{name!r}, an attribute otq_kernels sets on the model: rename it")
 
 
 def names_by_identity(named) -> dict[int, list[str]]:

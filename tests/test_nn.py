@@ -596,6 +596,24 @@ def test_tied_codes_stay_shared_on_the_gpu_and_back():
     assert not sharing._RESULTS
 
 
+@pytest.mark.parametrize("name", ["otq_summary", "_otq_reasons"])
+@pytest.mark.parametrize("kind", ["submodule", "parameter"])
+def test_a_model_holding_a_name_quantize_model_sets_is_refused_first(tmp_path, name, kind):
+    """(it failed after every layer was swapped, in torch's words)"""
+    model = nn.Sequential(nn.Linear(8, 8))
+    held = nn.Linear(8, 8) if kind == "submodule" else nn.Parameter(torch.zeros(3))
+    setattr(model, name, held)
+    match = f"quantize_model: the model holds a submodule, parameter or buffer named '{name}'"
+    with pytest.raises(ValueError, match=match):
+        otq.quantize_model(model, bits=4, progress=False)
+    assert type(model[0]) is nn.Linear
+    path = otq.save_quantized(otq.quantize_model(nn.Sequential(nn.Linear(8, 8)), bits=4,
+                                                 progress=False), tmp_path / "q.safetensors")
+    with pytest.raises(ValueError, match=match.replace("quantize_model", "load_quantized")):
+        otq.load_quantized(path, model)
+    assert type(model[0]) is nn.Linear
+
+
 def test_tied_layers_given_different_options_are_refused():
     model = TiedHead()
     state = {k: v.clone() for k, v in model.state_dict().items()}
