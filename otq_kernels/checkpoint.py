@@ -40,6 +40,7 @@ from .modules import (
     QuantLinear,
     _QuantModule,
     bare_module,
+    computed_tensors,
     module_aliases,
     replace_module,
 )
@@ -183,6 +184,10 @@ def _check_savable(state: dict, model: nn.Module) -> None:
                              "plain tensors: torch.nn.utils.parametrize."
                              "remove_parametrizations(layer, name) first (its default, "
                              "leave_parametrized=True, keeps the values they compute)")
+        if computed_tensors(module):
+            raise ValueError(f"layer {name!r}: its {computed_tensors(module)} are computed by "
+                             "a forward pre-hook (pruning); a file holds plain tensors: "
+                             "torch.nn.utils.prune.remove(layer, name) first")
         if QUANT_CLASSES.get(type(module).__name__) is not type(module):
             raise ValueError(f"layer {name!r}: a {type(module).__name__}, which "
                              "load_quantized cannot build (it builds "

@@ -40,6 +40,13 @@ def _computed_tensor(hook) -> str | None:
     return None
 
 
+def computed_tensors(module: nn.Module) -> list[str]:
+    """The names of the tensors ``module``'s forward pre-hooks compute (pruning, the
+    legacy weight/spectral norm)."""
+    return [name for hook in module._forward_pre_hooks.values()
+            if (name := _computed_tensor(hook))]
+
+
 def float_tensor(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
     """The ``weight`` (or ``bias``) a float layer computes with, in its original shape.
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 import otq_kernels as otq
 from otq_kernels import checkpoint as ckpt
@@ -122,7 +122,9 @@ def _subclassed(layer):
     (lambda layer: parametrize.register_parametrization(layer, "bias", _Doubled()),
      r"its \['bias'\] are parametrized; .*remove_parametrizations"),
     (_subclassed, "a MyQuantLinear, which load_quantized cannot build"),
-], ids=["non-persistent-codebook", "parametrized-bias", "subclass"])
+    (lambda layer: prune.l1_unstructured(layer, "bias", 0.5),
+     r"its \['bias'\] are computed by a forward pre-hook \(pruning\).*prune.remove"),
+], ids=["non-persistent-codebook", "parametrized-bias", "subclass", "pruned-bias"])
 def test_save_refuses_a_layer_its_file_could_not_load(tmp_path, change, match):
     """(each was written, and load_quantized, verify_checkpoint and otq info refused the
     file)"""
