@@ -71,15 +71,17 @@ def _unwrap(obj: Mapping) -> dict[str, torch.Tensor]:
 def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor],
                            own_names) -> dict[str, torch.Tensor]:
     """``state`` with the wrapper prefixes (:data:`otq_kernels.modules.WRAPPER_PREFIXES`)
-    taken off its names, each only where every name carries it and none of ``own_names``
-    (the model's) does: the state dict of a DDP or compiled model loads into the bare one
-    (``module._orig_mod.`` too)."""
-    own_names = list(own_names)
+    taken off its names, each only where every name carries it and either none of
+    ``own_names`` (the model's) does or more names fit the model without it (a model with
+    a child called ``module``): the state dict of a DDP or compiled model loads into the
+    bare one (``module._orig_mod.`` too)."""
+    own = set(own_names)
     for prefix in WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state) and not any(
-                k.startswith(prefix) for k in own_names):
+        if state and all(k.startswith(prefix) for k in state):
             inner = {k[len(prefix):]: v for k, v in state.items()}
-            return strip_wrapper_prefixes(inner, own_names)
+            if (not any(k.startswith(prefix) for k in own)
+                    or len(own.intersection(inner)) > len(own.intersection(state))):
+                return strip_wrapper_prefixes(inner, own)
     return dict(state)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from otq_kernels.models import (
     load_fm_checkpoint,
     unet_config,
 )
+from otq_kernels.models.checkpoint import strip_wrapper_prefixes
 from otq_kernels.models.layers import AttentionBlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -424,3 +426,24 @@ def test_checkpoint_of_a_wrapped_model_loads_into_the_bare_one(prefix):
     partly = dict(state, extra=torch.zeros(1))  # not every name prefixed: left as it is
     with pytest.raises(ValueError, match="unexpected keys"):
         load_fm_checkpoint(partly, _tiny())
+
+
+@pytest.mark.parametrize("child", ["module", "_orig_mod"])
+def test_a_wrapper_prefix_goes_where_the_model_has_a_child_of_that_name(child):
+    """A model with a child called ``module``: its DataParallel state dict (module.module.*,
+    module.other.*) loads (the prefix was kept, since one of the model's names carries it);
+    the model's own state dict is left as it is."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(OrderedDict([(child, nn.Linear(4, 4)), ("other", nn.Linear(4, 2))]))
+
+    src = model()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(1.0)
+    prefix = "module." if child == "module" else "_orig_mod."
+    x = torch.randn(3, 4)
+    for state in ({prefix + k: v for k, v in src.state_dict().items()}, src.state_dict()):
+        target = model()
+        target.load_state_dict(strip_wrapper_prefixes(state, target.state_dict()))
+        assert torch.equal(target(x), src(x))
