@@ -165,10 +165,10 @@ def _user_json(metadata) -> str:
     if metadata is not None and not isinstance(metadata, dict):
         raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
     try:
-        return json.dumps(metadata or {})
+        return json.dumps(metadata or {}, allow_nan=False)  # (NaN/Infinity are not JSON)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"metadata must hold JSON values only (str, numbers, lists, dicts): "
-                         f"{err}") from None
+        raise ValueError(f"metadata must hold JSON values only (str, finite numbers, lists, "
+                         f"dicts): {err}") from None
 
 
 def _check_savable(state: dict, model: nn.Module) -> None:
@@ -403,6 +403,12 @@ def layer_stats(entry: dict) -> dict:
 
 
 def _build(module: nn.Module, cls, qt: QuantizedTensor, bias, entry: dict, backend: str):
+    """The quantized layer of ``qt`` replacing skeleton layer ``module``; its bias takes
+    the skeleton's bias dtype where it has one, as torch's load_state_dict copies into
+    the model's dtypes (the file's was kept: a float16 skeleton got float32 biases)."""
+    theirs = getattr(module, "bias", None)
+    if bias is not None and isinstance(theirs, torch.Tensor) and theirs.is_floating_point():
+        bias = bias.to(theirs.dtype)
     layer = cls.replacing(module, qt, bias,
                           module.backend if isinstance(module, _QuantModule) else backend)
     layer.stats = layer_stats(entry)

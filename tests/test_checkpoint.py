@@ -99,6 +99,27 @@ def test_round_trip_is_exact(saved):
     assert torch.equal(again(x), model(x))
 
 
+@pytest.mark.parametrize("saved_as, skeleton_as", [
+    (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+    (torch.float16, torch.float32)], ids=["fp32-into-fp16", "fp32-into-bf16", "fp16-into-fp32"])
+@pytest.mark.parametrize("on", ["cpu", "meta"])
+def test_loaded_biases_take_the_skeleton_s_dtype(tmp_path, saved_as, skeleton_as, on):
+    """As torch's load_state_dict copies into the model's dtypes: the quantized layers'
+    biases kept the file's dtype (a float16 model with float32 biases, whose dequantized
+    form then failed on mixed dtypes)."""
+    model = _quantized().to(saved_as)
+    path = otq.save_quantized(model, tmp_path / "q.safetensors")
+    with torch.device(on):
+        skeleton = Net().eval().to(skeleton_as)
+    loaded = _load(path, skeleton)
+    want = {k: v.dtype for k, v in model.to(skeleton_as).state_dict().items()}
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == want
+    x = torch.randn(2, 3, 5, 5, dtype=skeleton_as)
+    assert torch.equal(loaded(x), model(x))
+    otq.dequantize_model(loaded)
+    assert loaded(x).dtype == skeleton_as
+
+
 def test_save_requires_quantized_layers(tmp_path):
     with pytest.raises(ValueError, match="no quantized layers"):
         ckpt.save_quantized(Net(), tmp_path / "x.safetensors")
@@ -155,7 +176,9 @@ def test_missing_file(tmp_path):
 @pytest.mark.parametrize("metadata, match", [
     ([1, 2], "metadata must be a dict, got list"),
     ({"t": torch.zeros(1)}, "metadata must hold JSON values only.*Tensor"),
-], ids=["a-list", "a-tensor"])
+    ({"loss": float("nan")}, r"finite numbers, lists, dicts\): Out of range float"),
+    ({"best": [float("inf")]}, r"finite numbers, lists, dicts\): Out of range float"),
+], ids=["a-list", "a-tensor", "nan", "inf"])
 def test_save_refuses_metadata_that_is_not_json(tmp_path, metadata, match):
     path = tmp_path / "q.safetensors"
     with pytest.raises(ValueError, match=match):
