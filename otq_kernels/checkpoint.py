@@ -402,15 +402,17 @@ def layer_stats(entry: dict) -> dict:
     return {k: (math.inf if v is None else v) for k, v in (entry.get("stats") or {}).items()}
 
 
-def _build(module: nn.Module, cls, qt: QuantizedTensor, bias, entry: dict, backend: str):
+def _build(module: nn.Module, cls, qt: QuantizedTensor, bias, entry: dict,
+           backend: str | None):
     """The quantized layer of ``qt`` replacing skeleton layer ``module``; its bias takes
     the skeleton's bias dtype where it has one, as torch's load_state_dict copies into
     the model's dtypes (the file's was kept: a float16 skeleton got float32 biases)."""
     theirs = getattr(module, "bias", None)
     if bias is not None and isinstance(theirs, torch.Tensor) and theirs.is_floating_point():
         bias = bias.to(theirs.dtype)
-    layer = cls.replacing(module, qt, bias,
-                          module.backend if isinstance(module, _QuantModule) else backend)
+    if backend is None:
+        backend = module.backend if isinstance(module, _QuantModule) else "auto"
+    layer = cls.replacing(module, qt, bias, backend)
     layer.stats = layer_stats(entry)
     return layer
 
@@ -503,12 +505,13 @@ def load_device(model: nn.Module, device, path) -> torch.device:
     return torch.device("cpu")
 
 
-def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str = "auto",
+def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str | None = None,
                    device=None) -> nn.Module:
     """Load a :func:`save_quantized` file into ``model`` (a float skeleton), in place.
 
-    The layers listed in the file are swapped for Quant* modules (using ``backend``), then
-    every tensor is loaded strictly. ``device``: where to put the weights (default: the
+    The layers listed in the file are swapped for Quant* modules (using ``backend``;
+    default: a quantized skeleton layer's own, else "auto"), then every tensor is loaded
+    strictly. ``device``: where to put the weights (default: the
     model's, CPU for a skeleton on the meta device; the model is moved there). A skeleton
     built under ``torch.device("meta")`` allocates no float weights (:mod:`.skeleton`).
     Returns ``model`` with ``model.otq_summary``; a ``torch.compile`` or

@@ -120,6 +120,21 @@ def test_loaded_biases_take_the_skeleton_s_dtype(tmp_path, saved_as, skeleton_as
     assert loaded(x).dtype == skeleton_as
 
 
+def test_a_named_backend_is_taken_by_a_quantized_skeleton_too(saved):
+    """(a quantized skeleton's layers kept their own backend, the named one ignored)"""
+    _, path = saved
+    backends = {n: m.backend for n, m in _load(path, _quantized(seed=1)).named_modules()
+                if isinstance(m, qnn._QuantModule)}
+    assert set(backends.values()) == {"auto"}
+    skeleton = _quantized(seed=1)
+    skeleton.fc.backend = "reference"
+    kept = _load(path, skeleton)
+    assert kept.fc.backend == "reference" and kept.conv.backend == "auto"  # (the default)
+    named = ckpt.load_quantized(path, _quantized(seed=1), backend="reference")
+    assert {m.backend for m in named.modules() if isinstance(m, qnn._QuantModule)} == {
+        "reference"}
+
+
 def test_save_requires_quantized_layers(tmp_path):
     with pytest.raises(ValueError, match="no quantized layers"):
         ckpt.save_quantized(Net(), tmp_path / "x.safetensors")
