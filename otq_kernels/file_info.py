@@ -219,6 +219,22 @@ def _architecture(meta: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- entry point
+def _refuse_bare_codes(header: dict, path) -> None:
+    """ValueError for a file without otq metadata that holds quantized layers' tensors (a
+    quantized model's state dict written by safetensors' own save_file/save_model): it is
+    no float file, and no checkpoint otq can load (the layers' bits and shapes are not
+    recorded)."""
+    layers = sorted(key[:-len(".codebook")] for key in header if key.endswith(".codebook")
+                    and header.get(key[:-len("codebook")] + "plane0", {}).get("dtype") == "I32")
+    if layers:
+        raise ValueError(f"{path}: holds quantized layers' codes ({', '.join(layers[:4])}"
+                         f"{', ...' if len(layers) > 4 else ''}) without otq_kernels metadata: "
+                         "a quantized state dict written by safetensors' own save_file/"
+                         "save_model, which records no layer's bits or shape. Write it with "
+                         "otq.save_quantized, or load it into the same quantized model with "
+                         "load_state_dict")
+
+
 def describe_file(path: str | os.PathLike, verify: bool = True) -> FileInfo:
     """What the safetensors file ``path`` holds (see the module docstring).
 
@@ -235,6 +251,7 @@ def describe_file(path: str | os.PathLike, verify: bool = True) -> FileInfo:
     _, header, meta = read_safetensors_header(path)
     base = dict(path=path, file_bytes=os.path.getsize(path), tensors=_by_dtype(header))
     if meta.get("format") != FORMAT:
+        _refuse_bare_codes(header, path)
         return FileInfo(quantized=False, format_version=None, otq_version=None,
                         architecture=_architecture(meta), metadata=meta, summary=None,
                         checked="header (offsets inside the file, known dtypes)", **base)

@@ -144,6 +144,25 @@ def test_a_float_file_says_what_loading_it_needs(tmp_path):
         assert f"floating-point parameters: {count:,}" in str(info)
 
 
+def test_a_quantized_state_dict_without_otq_metadata_is_named_so(tmp_path):
+    """A quantized model's state dict written by safetensors itself: otq info called it a
+    float file and suggested `otq quantize`, which then failed on missing weights."""
+    from safetensors.torch import save_model
+
+    from otq_kernels.models import load_fm_checkpoint
+
+    model = demo.random_model("tiny", seed=1)
+    otq.quantize_model(model, bits=3, progress=False)
+    path = tmp_path / "sd.safetensors"
+    save_model(model, str(path))
+    with pytest.raises(ValueError, match="holds quantized layers' codes .* without "
+                                         "otq_kernels metadata.*otq.save_quantized"):
+        describe_file(path)
+    with pytest.raises(ValueError, match="it holds quantized layers' codes, not float "
+                                         "weights .*otq.load_quantized"):
+        load_fm_checkpoint(str(path), demo.random_model("tiny"))
+
+
 def _rewrite(path, change=None, layers=None, metadata=None) -> None:
     """Write ``path`` again with ``change(tensors)`` applied, the ``layers`` metadata
     updated from ``layers`` ({name: {key: value}}), other metadata strings from

@@ -153,10 +153,13 @@ def checkpoint_state(raw: Mapping, model: nn.Module, use_ema: bool = True) -> di
         if k in state and state[k].shape != v.shape
     ]
     if missing or unexpected or shapes:
+        codes = any(k.endswith((".codebook", ".plane0")) for k in unexpected)
         raise ValueError(
             "checkpoint does not match the model architecture: "
             f"missing keys {_head(missing)}; unexpected keys {_head(unexpected)}; "
             f"shape mismatches {_head(shapes)}"
+            + ("; it holds quantized layers' codes, not float weights (an otq_kernels "
+               "checkpoint loads with otq.load_quantized)" if codes else "")
         )
     return state
 
