@@ -27,6 +27,7 @@ import math
 import os
 import struct
 import zlib
+from collections import Counter
 
 import torch
 from torch import nn
@@ -139,7 +140,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
     state = model.state_dict()
     _check_savable(state, model)
     stored, aliases = _stored_names(state)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in stored.items()}
+    tensors = _file_tensors(stored)
     meta = {
         "format": FORMAT,
         "format_version": str(ALIASES_VERSION if aliases else 1),
@@ -169,6 +170,16 @@ def _user_json(metadata) -> str:
     except (TypeError, ValueError) as err:
         raise ValueError(f"metadata must hold JSON values only (str, finite numbers, lists, "
                          f"dicts): {err}") from None
+
+
+def _file_tensors(stored: dict) -> dict:
+    """The tensors to write: contiguous CPU ones, copied only where they must be (from
+    another device, non-contiguous, or sharing memory with another, which safetensors
+    refuses): a model on the CPU is not held twice while it is written."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in stored.items()}
+    owners = Counter(t.untyped_storage().data_ptr() for t in tensors.values())
+    return {k: t.clone() if owners[t.untyped_storage().data_ptr()] > 1 else t
+            for k, t in tensors.items()}
 
 
 def _check_savable(state: dict, model: nn.Module) -> None:

@@ -135,6 +135,32 @@ def test_a_named_backend_is_taken_by_a_quantized_skeleton_too(saved):
         "reference"}
 
 
+def test_save_writes_cpu_tensors_without_copying_them(tmp_path, monkeypatch):
+    """(every tensor was cloned: a model on the CPU was held twice while it was written);
+    tensors sharing memory as different views are still copied, which safetensors needs."""
+    import safetensors.torch
+
+    model = _quantized()
+    base = torch.randn(2, 8)
+    model.halves = nn.ParameterList([nn.Parameter(base[0]), nn.Parameter(base[1])])
+    written = {}
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, *args, **kwargs):
+        written.update(tensors)
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    path = otq.save_quantized(model, tmp_path / "q.safetensors")
+    assert written["fc.plane0"].data_ptr() == model.fc.plane0.data_ptr()
+    assert written["conv.codebook"].data_ptr() == model.conv.codebook.data_ptr()
+    assert written["halves.0"].data_ptr() != base.data_ptr()
+    skeleton = Net().eval()
+    skeleton.halves = nn.ParameterList([nn.Parameter(torch.zeros(8)) for _ in range(2)])
+    loaded = _load(path, skeleton)
+    assert torch.equal(loaded.halves[1], base[1])
+
+
 def test_save_requires_quantized_layers(tmp_path):
     with pytest.raises(ValueError, match="no quantized layers"):
         ckpt.save_quantized(Net(), tmp_path / "x.safetensors")
