@@ -145,13 +145,20 @@ def _tie_groups(model: nn.Module, aliases: dict[int, list[str]], chosen: list[st
     chosen layer after the first of its group, which will share the first's codes. A chosen
     layer whose weight is also held elsewhere than as a chosen layer's weight (an LM head
     tied to its embedding, a tied layer excluded) moves from ``chosen`` to ``reasons``:
-    quantizing it would untie them and store the weight twice."""
+    quantizing it would untie them and store the weight twice. So does a chosen layer
+    whose bias another module holds too (the quantized layer's bias is its own)."""
     holders: dict[int, list[str]] = {}
     for module in {id(m): m for m in model.modules()}.values():
         prefix = aliases[id(module)][0]
         for key, param in module._parameters.items():
             if param is not None:
                 holders.setdefault(id(param), []).append(f"{prefix}.{key}".lstrip("."))
+    for name in list(chosen):
+        bias = model.get_submodule(name)._parameters.get("bias")
+        others = [h for h in holders.get(id(bias), []) if h != f"{name}.bias"]
+        if bias is not None and others:
+            chosen.remove(name)
+            reasons[name] = f"bias shared with {', '.join(others)}, which quantizing would untie"
     weights = {f"{name}.weight": name for name in chosen}
     ties = {}
     for name in list(chosen):

@@ -614,6 +614,25 @@ def test_a_model_holding_a_name_quantize_model_sets_is_refused_first(tmp_path, n
     assert type(model[0]) is nn.Linear
 
 
+def test_layers_sharing_a_bias_stay_float_and_shared():
+    """A bias two layers hold (tied biases): quantizing either would untie it (each
+    quantized layer's bias is its own: stored twice, fine-tuned apart), so both stay
+    float with the reason; their weights' ties follow."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16),
+                          nn.Linear(16, 16))
+    model[1].bias = model[0].bias
+    model[2].weight = model[1].weight
+    x = torch.randn(2, 16)
+    otq.quantize_model(model, bits=4, progress=False)
+    assert [type(m).__name__ for m in model] == ["Linear", "Linear", "Linear", "QuantLinear"]
+    assert model[1].bias is model[0].bias and model[2].weight is model[1].weight
+    reasons = {r.name: r.status for r in model.otq_summary.layers}
+    assert reasons["0"] == "kept float (bias shared with 1.bias, which quantizing would untie)"
+    assert reasons["2"] == "kept float (weight tied to 1.weight, which stays float)"
+    assert model(x).shape == (2, 16)
+
+
 def test_tied_layers_given_different_options_are_refused():
     model = TiedHead()
     state = {k: v.clone() for k, v in model.state_dict().items()}
