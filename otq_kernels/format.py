@@ -127,9 +127,11 @@ def unpack_planes(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor
     return codes[:, :k].contiguous()
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class QuantizedTensor:
-    """Packed codes + codebook of one weight.
+    """Packed codes + codebook of one weight: checked when made, then read-only (a field
+    changed afterwards was re-checked by some backends only, and a layer's ``.qweight``
+    is its cached view of its buffers); equal and hashed by identity, as tensors are.
 
     planes:      list of int32 [N, K_pad * w / 32], one per bit plane (widest first).
     codebook:    float [G, 2**bits], G = 1 ("tensor") or N ("channel"); ascending rows.
@@ -147,11 +149,11 @@ class QuantizedTensor:
     method: str = "ot"
 
     def __post_init__(self):
-        self.bits = check_bits(self.bits)
+        object.__setattr__(self, "bits", check_bits(self.bits))  # (frozen: set once here)
         shape = tuple(integer_value(s) for s in self.shape)
         if not shape or None in shape:
             raise ValueError(f"shape must be a non-empty sequence of integers, got {self.shape!r}")
-        self.shape = shape
+        object.__setattr__(self, "shape", shape)
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
@@ -221,7 +223,8 @@ class QuantizedTensor:
         return dense.reshape(self.shape)
 
     def to(self, device=None, codebook_dtype: torch.dtype | None = None) -> QuantizedTensor:
-        """A copy on ``device`` (planes keep int32; codebook optionally cast)."""
+        """The same weight on ``device`` (planes keep int32; codebook optionally cast);
+        tensors already there, in that dtype, are shared, as ``Tensor.to`` shares them."""
         book = self.codebook.to(device=device, dtype=codebook_dtype or self.codebook.dtype)
         return QuantizedTensor(
             planes=[p.to(device) for p in self.planes],

@@ -1,5 +1,7 @@
 """The canonical packed format (DESIGN §2) against an independent bit-level packer."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,18 @@ def test_inconsistent_quantized_tensor_rejected():
         QuantizedTensor(qt.planes, qt.codebook.int(), 3, (4, 10))
     with pytest.raises(ValueError, match=r"planes on \['cpu'\] but the codebook on meta"):
         QuantizedTensor(qt.planes, qt.codebook.to("meta"), 3, (4, 10))
+
+
+def test_a_quantized_tensor_is_read_only_and_compared_by_identity():
+    """Fields are checked once, when made: changing one afterwards ran on some backends
+    unchecked (triton read past a cut plane) and changed a layer's output but not its
+    saved codes (``.qweight`` is the layer's cached view). ``==`` and hash are identity,
+    as for tensors (== raised on the tensor fields, hash was missing)."""
+    qt = otq.fit_codebook(torch.randn(8, 40), bits=3)
+    for field, value in [("bits", 4), ("codebook", qt.codebook * 2), ("shape", (8, 20)),
+                         ("granularity", "tensor"), ("planes", qt.planes[:1])]:
+        with pytest.raises(dataclasses.FrozenInstanceError, match=f"'{field}'"):
+            setattr(qt, field, value)
+    other = dataclasses.replace(qt, method="lloyd")  # (the way to another one: checked)
+    assert other.method == "lloyd" and other.planes is qt.planes
+    assert qt == qt and qt != other and qt in [other, qt] and len({qt, other, qt}) == 2

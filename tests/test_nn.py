@@ -308,8 +308,9 @@ def test_from_float_rejects_bad_input():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_layers_refuse_a_codebook_that_is_not_finite(bad):
     qt = qnn.QuantLinear.from_float(nn.Linear(6, 4), bits=2).qweight
-    qt.codebook = qt.codebook.clone()
-    qt.codebook[1, 2] = bad
+    book = qt.codebook.clone()
+    book[1, 2] = bad
+    qt = dataclasses.replace(qt, codebook=book)
     with pytest.raises(ValueError, match=r"codebook \[4, 4\] has 1 NaN/Inf entries"):
         qnn.QuantLinear(qt)
     conv = qnn.QuantConv1d.from_float(nn.Conv1d(2, 4, 3), bits=2).qweight
