@@ -151,9 +151,14 @@ class QuantizedTensor:
     def __post_init__(self):
         object.__setattr__(self, "bits", check_bits(self.bits))  # (frozen: set once here)
         shape = tuple(integer_value(s) for s in self.shape)
-        if not shape or None in shape:
-            raise ValueError(f"shape must be a non-empty sequence of integers, got {self.shape!r}")
+        if not shape or None in shape or min(shape) < 1:
+            raise ValueError(f"shape must be a non-empty sequence of positive integers, got "
+                             f"{self.shape!r}")
         object.__setattr__(self, "shape", shape)
+        tensors = [*self.planes, self.codebook]
+        if not all(isinstance(t, torch.Tensor) and t.layout == torch.strided for t in tensors):
+            raise ValueError("planes and codebook must be dense torch tensors, got "
+                             f"{[getattr(t, 'layout', type(t).__name__) for t in tensors]}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
@@ -225,6 +230,9 @@ class QuantizedTensor:
     def to(self, device=None, codebook_dtype: torch.dtype | None = None) -> QuantizedTensor:
         """The same weight on ``device`` (planes keep int32; codebook optionally cast);
         tensors already there, in that dtype, are shared, as ``Tensor.to`` shares them."""
+        if isinstance(device, torch.dtype):
+            raise ValueError(f"to(device, codebook_dtype=None) moves the weight; cast the "
+                             f"codebook with codebook_dtype={device} (planes stay int32)")
         book = self.codebook.to(device=device, dtype=codebook_dtype or self.codebook.dtype)
         return QuantizedTensor(
             planes=[p.to(device) for p in self.planes],

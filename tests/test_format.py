@@ -88,10 +88,13 @@ def test_bits_of_any_integer_type_become_an_int(bits):
     assert [type(m.bits) for m in model] == [int, int]
 
 
-@pytest.mark.parametrize("shape", [(6.5, 40), (), ("6", 40), (True, 40)], ids=repr)
-def test_a_shape_that_is_not_integers_is_refused(shape):
+@pytest.mark.parametrize("shape", [(6.5, 40), (), ("6", 40), (True, 40), (0, 40), (6, 0),
+                                   (6, -40)], ids=repr)
+def test_a_shape_that_is_not_positive_integers_is_refused(shape):
+    """(a 0 in it raised ZeroDivisionError, or ran every op into a reshape error)"""
     planes = otq.pack_codes(torch.zeros(6, 40, dtype=torch.long), 2)
-    with pytest.raises(ValueError, match="shape must be a non-empty sequence of integers"):
+    with pytest.raises(ValueError, match="shape must be a non-empty sequence of positive "
+                                         "integers"):
         QuantizedTensor(planes, torch.zeros(1, 4), 2, shape, "tensor")
     assert QuantizedTensor(planes, torch.zeros(1, 4), 2, (np.int64(6), 40), "tensor").shape == (
         6, 40)
@@ -179,3 +182,26 @@ def test_a_quantized_tensor_is_read_only_and_compared_by_identity():
     other = dataclasses.replace(qt, method="lloyd")  # (the way to another one: checked)
     assert other.method == "lloyd" and other.planes is qt.planes
     assert qt == qt and qt != other and qt in [other, qt] and len({qt, other, qt}) == 2
+
+
+@pytest.mark.parametrize("part", ["plane", "codebook"])
+def test_sparse_or_non_tensor_parts_are_refused(part):
+    """(they were taken, and every op failed inside torch)"""
+    planes = otq.pack_codes(torch.zeros(6, 40, dtype=torch.long), 2)
+    book = torch.zeros(1, 4)
+    if part == "plane":
+        planes = [planes[0].to_sparse()]
+    else:
+        book = book.to_sparse()
+    with pytest.raises(ValueError, match="planes and codebook must be dense torch tensors"):
+        QuantizedTensor(planes, book, 2, (6, 40), "tensor")
+    with pytest.raises(ValueError, match="must be dense torch tensors"):
+        QuantizedTensor(otq.pack_codes(torch.zeros(6, 40, dtype=torch.long), 2),
+                        [[0.0, 1.0, 2.0, 3.0]], 2, (6, 40), "tensor")
+
+
+def test_to_a_dtype_names_codebook_dtype():
+    qt = otq.fit_codebook(torch.randn(4, 40), bits=2)
+    with pytest.raises(ValueError, match="codebook_dtype=torch.float16"):
+        qt.to(torch.float16)
+    assert qt.to(codebook_dtype=torch.float64).codebook.dtype == torch.float64
