@@ -14,7 +14,6 @@ bitsandbytes does for its 4-bit layers. That is what Flow Matching likelihoods
 """
 
 import functools
-import operator
 import os
 import sys
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from . import backends, dispatch_log
 from .backends import _device
 from .backends.dequant import dense_weight
 from .flops import teach_flop_counter
-from .format import QuantizedTensor, check_bits, padded_k, plane_widths
+from .format import QuantizedTensor, check_bits, integer_value, padded_k, plane_widths
 from .quantizers import check_options, check_weight, fit_rows_reference
 from .tuning_schema import parse_tuning_table
 
@@ -579,11 +578,8 @@ def _empty_batch_output(x: torch.Tensor, bias, shape, bias_shape) -> torch.Tenso
 def _pair(value, name: str, minimum: int) -> list[int]:
     """[h, w] of an int or a pair of ints, each ≥ ``minimum``; ValueError naming it else."""
     items = [value, value] if not isinstance(value, (tuple, list)) else list(value)
-    try:
-        pair = [operator.index(item) for item in items]
-    except TypeError:
-        pair = []
-    if len(pair) != 2 or min(pair) < minimum:
+    pair = [integer_value(item) for item in items]  # (bools refused, as torch refuses them)
+    if len(pair) != 2 or None in pair or min(pair) < minimum:
         raise ValueError(f"codebook_conv2d: {name} must be an int ≥ {minimum} or a pair of "
                          f"them, got {value!r}")
     return pair
@@ -627,8 +623,9 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
         x, bias = _autocast(x, bias)
     if len(qt.shape) != 4:
         raise ValueError(f"codebook_conv2d: weight must be 4-D, got shape {list(qt.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    if integer_value(groups) is None or integer_value(groups) < 1:
         raise ValueError(f"codebook_conv2d: groups must be an int ≥ 1, got {groups!r}")
+    groups = integer_value(groups)
     if x.dim() != 4 or x.shape[1] != qt.shape[1] * groups:
         raise ValueError(f"codebook_conv2d: x must be [B, {qt.shape[1] * groups}, H, W] "
                          f"(groups={groups}), got {list(x.shape)}")

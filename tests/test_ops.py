@@ -4,6 +4,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,13 +124,17 @@ def test_conv2d_shape_errors():
     ({"dilation": (1, 0)}, "dilation must be an int ≥ 1"),
     ({"groups": 0}, "groups must be an int ≥ 1, got 0"),
     ({"groups": 1.0}, "groups must be an int ≥ 1, got 1.0"),
+    ({"stride": True}, "stride must .* got True"),
+    ({"padding": (False, 1)}, r"padding must .* got \(False, 1\)"),
+    ({"groups": True}, "groups must be an int ≥ 1, got True"),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else None)
 def test_conv2d_parameter_errors(kwargs, match):
-    """Bad stride, padding, dilation or groups: a ValueError naming it, before any kernel."""
+    """Bad stride, padding, dilation or groups: a ValueError naming it, before any kernel
+    (bools too, as torch refuses them; numpy integers are taken, as torch takes them)."""
     with pytest.raises(ValueError, match=match):
         ops.codebook_conv2d(torch.randn(1, 3, 8, 8), _qt(shape=(4, 3, 3, 3)), **kwargs)
     y = ops.codebook_conv2d(torch.randn(1, 3, 8, 8), _qt(shape=(4, 3, 3, 3)),
-                            stride=torch.tensor(2).item(), padding=(1, 0))
+                            stride=torch.tensor(2).item(), padding=(1, 0), groups=np.int64(1))
     assert y.shape == (1, 4, 4, 3)
 
 
