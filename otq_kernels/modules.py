@@ -23,6 +23,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import backends, ops
+from .backends.dequant import dense_weight
 from .format import QuantizedTensor, integer_value
 from .metrics.weights import weight_error
 from .quantizers import check_options, fit_codebook
@@ -229,8 +230,12 @@ class _QuantModule(nn.Module):
         return self._cached("canonical", self.weight_shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dense float weight of the original shape (e.g. [N, C/g, KH, KW])."""
-        return self.qweight.dequantize(dtype)
+        """Dense float weight of the original shape (e.g. [N, C/g, KH, KW]), expanded by a
+        native kernel where one runs (bit-exact with ``qweight.dequantize``, whose int64
+        temporaries take about 8x the weight's fp32 size)."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        return dense_weight(self.qweight, dtype)
 
     @property
     def bits_per_weight(self) -> float:
