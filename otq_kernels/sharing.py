@@ -7,7 +7,10 @@ converts a module's buffers one module at a time (``.to(device)``, ``.half()``,
 moved and saved twice. :func:`converted` gives every view of the same memory (the same
 tensor, for one without memory: meta, empty) the same converted tensor while the
 conversion ``fn`` (one object for a whole ``model.to(...)`` call) and that memory are both
-alive and the memory has not been written to, and forgets it after.
+alive and the memory has not been written to, and forgets it after. (A conversion
+function that outlives one call, a module-level one passed to ``_apply`` twice, shares
+its results across those calls while the memory lives: models that shared codes before
+still share the converted ones.)
 """
 
 from __future__ import annotations
