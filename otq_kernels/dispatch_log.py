@@ -130,9 +130,10 @@ def recorded_call(op: str, backend: str, x: torch.Tensor, weight_shape, bits: in
     """Record an ``op`` call on x with codes of ``weight_shape`` in every open log; the
     kernels that the backend notes inside the block are this call's (the ops run the
     backend inside it; only while :func:`recording`)."""
-    states = [log._state() for log in _OPEN]
+    logs = list(_OPEN)  # (one snapshot: other threads open and close logs meanwhile)
+    states = [log._state() for log in logs]
     outer = [state.current for state in states]  # a call made inside another's backend
-    for log, state in zip(list(_OPEN), states, strict=True):
+    for log, state in zip(logs, states, strict=True):
         layer = state.layers[-1] if state.layers else None
         model_call = log.model_calls - 1 if state.model_depth else None
         state.current = DispatchRecord(layer, op, backend, int(m), str(x.dtype).removeprefix(
