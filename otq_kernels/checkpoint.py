@@ -195,8 +195,9 @@ def _check_savable(state: dict, model: nn.Module) -> None:
                              "plain tensors: torch.nn.utils.parametrize."
                              "remove_parametrizations(layer, name) first (its default, "
                              "leave_parametrized=True, keeps the values they compute)")
-        if computed_tensors(module):
-            raise ValueError(f"layer {name!r}: its {computed_tensors(module)} are computed by "
+        computed = computed_tensors(module)
+        if computed:
+            raise ValueError(f"layer {name!r}: its {computed} are computed by "
                              "a forward pre-hook (pruning); a file holds plain tensors: "
                              "torch.nn.utils.prune.remove(layer, name) first")
         if QUANT_CLASSES.get(type(module).__name__) is not type(module):

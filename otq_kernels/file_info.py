@@ -224,8 +224,9 @@ def _refuse_bare_codes(header: dict, path) -> None:
     quantized model's state dict written by safetensors' own save_file/save_model): it is
     no float file, and no checkpoint otq can load (the layers' bits and shapes are not
     recorded)."""
-    layers = sorted(key[:-len(".codebook")] for key in header if key.endswith(".codebook")
-                    and header.get(key[:-len("codebook")] + "plane0", {}).get("dtype") == "I32")
+    layers = sorted(name for name in (key.removesuffix(".codebook") for key in header
+                                      if key.endswith(".codebook"))
+                    if header.get(f"{name}.plane0", {}).get("dtype") == "I32")
     if layers:
         raise ValueError(f"{path}: holds quantized layers' codes ({', '.join(layers[:4])}"
                          f"{', ...' if len(layers) > 4 else ''}) without otq_kernels metadata: "

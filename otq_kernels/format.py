@@ -30,6 +30,12 @@ def integer_value(value) -> int | None:
         return None
 
 
+def check_float_dtype(dtype) -> None:
+    """ValueError unless ``dtype`` is a floating-point torch.dtype (a weight's dtype)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+
+
 def is_number(value) -> bool:
     """Whether ``value`` is a Python int or float that a float holds (not a bool, not an
     integer beyond float's range)."""
@@ -217,8 +223,7 @@ class QuantizedTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense weight of the original shape: codebook[g, code]."""
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        check_float_dtype(dtype)
         codes = self.codes()
         book = self.codebook.to(dtype)
         if self.granularity == "tensor":

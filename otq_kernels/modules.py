@@ -24,7 +24,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from . import backends, ops
 from .backends.dequant import dense_weight
-from .format import QuantizedTensor, integer_value
+from .format import QuantizedTensor, check_float_dtype, integer_value
 from .metrics.weights import weight_error
 from .quantizers import check_options, fit_codebook
 from .sharing import converted
@@ -233,8 +233,7 @@ class _QuantModule(nn.Module):
         """Dense float weight of the original shape (e.g. [N, C/g, KH, KW]), expanded by a
         native kernel where one runs (bit-exact with ``qweight.dequantize``, whose int64
         temporaries take about 8x the weight's fp32 size)."""
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        check_float_dtype(dtype)
         return dense_weight(self.qweight, dtype)
 
     @property
@@ -658,7 +657,7 @@ class QuantConv1d(_QuantConv):
 
     def _views(self) -> dict[str, tuple[int, ...]]:
         n, c, k = self.weight_shape
-        views = {"canonical": self.weight_shape, "conv2d": (n, c, 1, k)}
+        views = {**super()._views(), "conv2d": (n, c, 1, k)}
         return {**views, "linear": (n, c)} if self.pointwise else views
 
     def _conv_kernel_runs(self, x: torch.Tensor) -> bool:

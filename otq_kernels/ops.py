@@ -623,9 +623,9 @@ def codebook_conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: Optional[torch.T
         x, bias = _autocast(x, bias)
     if len(qt.shape) != 4:
         raise ValueError(f"codebook_conv2d: weight must be 4-D, got shape {list(qt.shape)}")
-    if integer_value(groups) is None or integer_value(groups) < 1:
-        raise ValueError(f"codebook_conv2d: groups must be an int ≥ 1, got {groups!r}")
-    groups = integer_value(groups)
+    given, groups = groups, integer_value(groups)
+    if groups is None or groups < 1:
+        raise ValueError(f"codebook_conv2d: groups must be an int ≥ 1, got {given!r}")
     if x.dim() != 4 or x.shape[1] != qt.shape[1] * groups:
         raise ValueError(f"codebook_conv2d: x must be [B, {qt.shape[1] * groups}, H, W] "
                          f"(groups={groups}), got {list(x.shape)}")
