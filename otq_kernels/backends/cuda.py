@@ -291,7 +291,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
 
 
 # (layout name, id(planes[0])) -> (a weak reference to planes[0], what the layout depends
-# on, the layout's planes); an entry leaves with its tensor (weakref.finalize). Tensors
+# on, the layout's planes, the finalizer that removes the entry when the tensor dies). Tensors
 # cannot key a WeakKeyDictionary: it compares keys with ==, which is elementwise for tensors.
 _RUNTIME_LAYOUTS: dict[tuple[str, int], tuple] = {}
 
@@ -326,9 +326,9 @@ def _runtime_layout(qt: QuantizedTensor, name: str, build) -> list[torch.Tensor]
             for cached, new in zip(hit[2], planes, strict=True):
                 cached.copy_(new)
         planes = hit[2]
-    if not same_tensor:
-        weakref.finalize(qt.planes[0], _RUNTIME_LAYOUTS.pop, key, None)
-    _RUNTIME_LAYOUTS[key] = (weakref.ref(qt.planes[0]), stamp, planes)
+    leave = hit[3] if same_tensor else weakref.finalize(qt.planes[0], _RUNTIME_LAYOUTS.pop,
+                                                        key, None)
+    _RUNTIME_LAYOUTS[key] = (weakref.ref(qt.planes[0]), stamp, planes, leave)
     return planes
 
 
@@ -337,13 +337,15 @@ def runtime_layout_bytes() -> int:
     codes): each a second copy of the codes of a layer that the CUDA conv or ``fragment``
     kernel has run."""
     return sum(p.numel() * p.element_size()
-               for _, _, planes in _RUNTIME_LAYOUTS.values() for p in planes)
+               for _, _, planes, _ in _RUNTIME_LAYOUTS.values() for p in planes)
 
 
 def clear_runtime_layouts() -> None:
     """Drop every cached runtime layout; each is rebuilt at its layer's next call. Not
     while a captured CUDA graph that uses them may still be replayed: it would read freed
     memory."""
+    for *_, leave in list(_RUNTIME_LAYOUTS.values()):
+        leave.detach()  # (else each clear and rebuild would add one to the tensor)
     _RUNTIME_LAYOUTS.clear()
 
 

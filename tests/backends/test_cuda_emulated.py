@@ -13,6 +13,7 @@ import itertools
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -351,6 +352,24 @@ def test_runtime_layouts_bytes_clear_and_in_place_refresh():
     cuda.clear_runtime_layouts()
     assert all(torch.equal(a, b) for a, b in zip(cuda.fragment_planes(qt), fresh, strict=True))
     cuda.clear_runtime_layouts()
+
+
+def test_runtime_layouts_rebuilt_after_clear_keep_one_finalizer():
+    """Each clear and rebuild leaves one finalizer on the planes (the cleared entry's is
+    detached), and the rebuilt entry still leaves with its tensor."""
+    from otq_kernels.backends import cuda
+
+    qt = make_qt((40, 300), 3, "tensor", "cpu")
+    cuda.fragment_planes(qt)
+    live = len(weakref.finalize._registry)
+    for _ in range(5):
+        cuda.clear_runtime_layouts()
+        cuda.fragment_planes(qt)
+    assert len(weakref.finalize._registry) == live
+    key = ("fragment", id(qt.planes[0]))
+    del qt
+    gc.collect()
+    assert key not in cuda._RUNTIME_LAYOUTS and len(weakref.finalize._registry) == live - 1
 
 
 def test_misaligned_vector_load_is_reported(emulated):
