@@ -221,6 +221,28 @@ def test_parametrized_codes_are_named_at_the_call(name):
     assert torch.equal(model(x), want)
 
 
+def test_a_parametrized_bias_is_taken_as_the_bias_it_computes():
+    """quantize_model and dequantize_model take a parametrized bias as the plain bias it
+    computes (documented): same outputs, a plain parameter, the parametrization left."""
+    from torch.nn.utils import parametrize
+
+    class Twice(nn.Module):
+        def forward(self, t):
+            return t * 2
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(40, 8)), torch.randn(2, 40)
+    parametrize.register_parametrization(model[0], "bias", Twice())
+    bias = model[0].bias.detach().clone()
+    otq.quantize_model(model, bits=4, progress=False)
+    assert not parametrize.is_parametrized(model[0]) and torch.equal(model[0].bias, bias)
+    parametrize.register_parametrization(model[0], "bias", Twice())
+    want = model(x)
+    otq.dequantize_model(model)
+    assert not parametrize.is_parametrized(model[0])
+    assert torch.equal(model[0].bias, 2 * bias) and torch.allclose(model(x), want)
+
+
 @pytest.mark.parametrize("key, convert, assign, match", [
     ("plane0", torch.Tensor.long, False, None),
     ("codebook", torch.Tensor.double, False, None),
