@@ -251,6 +251,9 @@ void cuda_dequantize(const Ptrs& planes, int bits, uintptr_t codebook, bool per_
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "otq_kernels native kernels (CPU always; CUDA when WITH_CUDA)";
+  // otq_kernels/_native.py refuses a build of another API_VERSION (a stale in-place build
+  // after a pull): bump both together whenever a binding below changes.
+  m.attr("API_VERSION") = 1;
 #ifdef OTQ_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

@@ -19,12 +19,27 @@ class NativeUnavailable(RuntimeError):
     """The compiled extension (or its CUDA part) is not available."""
 
 
+# The bindings' version this code calls (csrc/bindings.cpp sets the build's own).
+API_VERSION = 1
+
+
 @functools.lru_cache(maxsize=1)
 def _load():
     try:
-        return importlib.import_module("otq_kernels._C"), None
+        module = importlib.import_module("otq_kernels._C")
     except ImportError as err:  # not built, or built against another torch
         return None, f"{type(err).__name__}: {err}"
+    return _checked(module)
+
+
+def _checked(module) -> tuple:
+    """(module, None), or (None, why) for a build from other sources than this code's."""
+    version = getattr(module, "API_VERSION", None)
+    if version != API_VERSION:
+        theirs = "unversioned (older)" if version is None else f"version {version}"
+        return None, (f"a stale build: its bindings are {theirs}, this code calls version "
+                      f"{API_VERSION} (the sources changed since it was built)")
+    return module, None
 
 
 def native(require_cuda: bool = False):

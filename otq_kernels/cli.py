@@ -542,11 +542,28 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as err:  # bad input or file: what and where, no traceback
-        if os.environ.get("OTQ_DEBUG"):
+    except (ValueError, OSError, ModuleNotFoundError) as err:  # what and where, no traceback
+        message = _optional_dependency(err) if isinstance(err, ModuleNotFoundError) else err
+        if os.environ.get("OTQ_DEBUG") or message is None:
             raise
-        print(f"otq {args.command}: error: {err}", file=sys.stderr)
+        print(f"otq {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+# An optional dependency's top-level module -> the pyproject extra that installs it.
+OPTIONAL_MODULES = {"flow_matching": "fm", "torchdiffeq": "fm", "torchmetrics": "fm",
+                    "sklearn": "fm", "skimage": "fm", "matplotlib": "fm", "ot": "fm",
+                    "scipy": "fm", "triton": "triton"}
+
+
+def _optional_dependency(err: ModuleNotFoundError) -> str | None:
+    """What to install for a missing optional dependency (None: not one of ours)."""
+    module = (err.name or "").partition(".")[0]
+    extra = OPTIONAL_MODULES.get(module)
+    if extra is None:
+        return None
+    return (f"this command needs {module!r}, an optional dependency: "
+            f"pip install 'otq_kernels[{extra}]' (or the repository's requirements.txt)")
 
 
 if __name__ == "__main__":

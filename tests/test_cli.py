@@ -276,6 +276,23 @@ def test_every_refusal_has_one_format(tmp_path, capsys):
     assert not (tmp_path / "again.safetensors").exists()
 
 
+@pytest.mark.parametrize("module, extra", [("flow_matching", "fm"), ("sklearn", "fm")])
+def test_a_missing_optional_dependency_names_the_extra(module, extra, tmp_path, capsys,
+                                                       monkeypatch):
+    """A command that needs an optional dependency (flow_matching to sample, the digits
+    of scikit-learn to evaluate) says which extra installs it, in the one-line format."""
+    monkeypatch.setitem(sys.modules, module, None)  # (an import of it now fails)
+    monkeypatch.setitem(sys.modules, f"{module}.solver", None)
+    monkeypatch.setitem(sys.modules, f"{module}.datasets", None)
+    argv = (["sample", "--random-init", "tiny", "--n", "1", "--steps", "1", "-o",
+             str(tmp_path / "x.png")] if module == "flow_matching" else
+            ["eval", "--bits", "4", "--methods", "ot", "--n", "2", "--steps", "1",
+             "--n-real", "8", "--out-dir", str(tmp_path / "eval")])
+    message = _refused(argv, capsys)
+    assert f"needs '{module}', an optional dependency: pip install 'otq_kernels[{extra}]'" in (
+        message)
+
+
 def test_override_parsing():
     assert cli._parse_override("out.2=8") == ("out.2", {"bits": 8})
     assert cli._parse_override("a=b=4:lloyd:tensor") == (

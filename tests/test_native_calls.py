@@ -2,14 +2,19 @@
 their pybind11 signatures (CI runs it on the CUDA build in tools/check_cuda_sources.sh;
 here on the CPU build, and on stand-in signatures that it must refuse)."""
 
+import hashlib
 import importlib.util
+import re
 import textwrap
 import types
 from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "check_native_calls.py"
+from otq_kernels._native import API_VERSION
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "check_native_calls.py"
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +78,19 @@ def test_a_call_that_does_not_fit_its_signature_is_named(tool, tmp_path, call, p
     else:
         assert len(errors) == 1 and errors[0].startswith("pkg/wrappers.py:3 ")
         assert errors[0].endswith(problem)
+
+
+def test_the_bindings_version_is_the_one_the_code_calls():
+    """csrc/bindings.cpp's API_VERSION equals API_VERSION, and the module body's
+    digest is the one recorded for it: a change to the bindings must bump both."""
+    source = (ROOT / "csrc" / "bindings.cpp").read_text()
+    assert re.search(r'm\.attr\("API_VERSION"\) = (\d+);', source)[1] == str(
+        API_VERSION)
+    body = source[source.index("PYBIND11_MODULE"):]
+    digest = hashlib.sha256(" ".join(body.split()).encode()).hexdigest()[:16]
+    assert (API_VERSION, digest) == RECORDED_BINDINGS, (
+        f"the bindings changed (digest {digest}): bump API_VERSION in csrc/bindings.cpp and "
+        "otq_kernels/_native.py, and record the new version and digest in this test")
+
+
+RECORDED_BINDINGS = (1, "760ef775859e9bf5")  # (API_VERSION, digest of the module body)

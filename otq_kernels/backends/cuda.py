@@ -78,6 +78,9 @@ def _no_kernel_image(index: int) -> str | None:
             native(require_cuda=True).cuda_check_kernel_image()
     except (RuntimeError, AttributeError) as err:  # AttributeError: an older build
         major, minor = torch.cuda.get_device_capability(index)
+        if major < 8:  # (the kernels' mma.sync.m16n8k16 needs sm_80: no build runs here)
+            return (f"this GPU (sm_{major}{minor}) is older than the CUDA kernels' minimum, "
+                    "sm_80; auto dispatch uses the Triton and dequant paths")
         return (f"otq_kernels._C has no kernels for this GPU (sm_{major}{minor}): {err}; "
                 f"rebuild it with OTQ_CUDA_ARCHS={major}{minor}")
     return None

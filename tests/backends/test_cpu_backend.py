@@ -1,5 +1,7 @@
 """The C++ CPU backend (otq_kernels._C, csrc/cpu) against format.py, ot_rows and reference."""
 
+import types
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -330,6 +332,20 @@ def test_missing_extension_names_the_build_command(monkeypatch):
         cpu.pack(torch.zeros(1, 4, dtype=torch.int64), 2)
     reason = cpu.unavailable(torch.device("cpu"))
     assert "ImportError" in reason and "make setup" in reason
+
+
+@pytest.mark.parametrize("version", [None, _native.API_VERSION + 1])
+def test_a_stale_build_is_unavailable_with_the_reason(version, monkeypatch):
+    """A _C built from older sources (no API_VERSION, or another) is refused when loaded,
+    so dispatch never picks it and a call says to rebuild (an AttributeError for a missing
+    function deep inside before)."""
+    stale = types.SimpleNamespace(cpu_pack=None, WITH_CUDA=False)
+    if version is not None:
+        stale.API_VERSION = version
+    monkeypatch.setattr(_native, "_load", lambda: _native._checked(stale))
+    with pytest.raises(_native.NativeUnavailable, match="a stale build.*make setup"):
+        cpu.pack(torch.zeros(1, 4, dtype=torch.int64), 2)
+    assert "stale build" in cpu.unavailable(torch.device("cpu"))
 
 
 def test_pack_empty_codes_like_format():

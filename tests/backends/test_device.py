@@ -1,6 +1,7 @@
 """Per-device facts are read from torch once per device, not once per call; Triton
 launches run with their tensors' GPU current."""
 
+import re
 from contextlib import contextmanager
 from types import SimpleNamespace
 from unittest import mock
@@ -85,3 +86,27 @@ def test_every_triton_entry_point_launches_through_the_device_guard(monkeypatch)
     triton_backend.dequantize_triton(qt, torch.float32)
     assert seen == ["linear_triton", "conv2d_triton", "fit_rows_triton", "pack_triton",
                     "unpack_triton", "dequantize_triton"]
+
+
+@pytest.mark.parametrize("capability, says", [
+    ((8, 6), "no kernels for this GPU \\(sm_86\\).*rebuild it with OTQ_CUDA_ARCHS=86"),
+    ((7, 5), "sm_75\\) is older than the CUDA kernels' minimum, sm_80"),
+])
+def test_a_gpu_without_kernel_images_gets_the_way_that_works(monkeypatch, capability, says):
+    """A GPU the build has no image for: a rebuild for its architecture where the kernels
+    can run (sm_80 on), none before (their mma.m16n8k16 cannot compile for sm_75)."""
+    from otq_kernels.backends import cuda
+
+    def no_image():
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(cuda, "native", lambda require_cuda: SimpleNamespace(
+        cuda_check_kernel_image=no_image))
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextmanager(lambda: (
+        yield))())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    cuda._no_kernel_image.cache_clear()
+    try:
+        assert re.search(says, cuda._no_kernel_image(0))
+    finally:
+        cuda._no_kernel_image.cache_clear()
