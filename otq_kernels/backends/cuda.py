@@ -80,7 +80,7 @@ def _no_kernel_image(index: int) -> str | None:
         major, minor = torch.cuda.get_device_capability(index)
         if major < 8:  # (the kernels' mma.sync.m16n8k16 needs sm_80: no build runs here)
             return (f"this GPU (sm_{major}{minor}) is older than the CUDA kernels' minimum, "
-                    "sm_80; auto dispatch uses the Triton and dequant paths")
+                    "sm_80; auto dispatch leaves the cuda backend out")
         return (f"otq_kernels._C has no kernels for this GPU (sm_{major}{minor}): {err}; "
                 f"rebuild it with OTQ_CUDA_ARCHS={major}{minor}")
     return None
