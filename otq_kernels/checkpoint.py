@@ -22,10 +22,12 @@ validated before the model is touched; problems raise ValueError naming the laye
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import struct
+import tempfile
 import zlib
 from collections import Counter
 
@@ -124,8 +126,6 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
     metadata: optional JSON-serialisable dict stored under ``user`` (e.g. the config
     needed to rebuild the float skeleton). Returns the path.
     """
-    from safetensors.torch import save_file
-
     from . import __version__
 
     _check_argument_order("save_quantized(model, path)", model, path)
@@ -152,13 +152,62 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, metadata: dict | N
     if aliases:
         meta[ALIASES] = json.dumps(aliases)
     meta[CHECKSUMS] = _checksums(meta, tensors)
+    _write_atomically(tensors, meta, os.fspath(path))
+    return path
+
+
+def _write_atomically(tensors: dict, meta: dict, path: str) -> None:
+    """``save_file`` into a hidden file beside ``path`` (through a symlink, beside its
+    target), its metadata put in key order, then renamed over it: an interrupted or
+    failed write leaves no partial file under ``path`` and keeps what was there, and equal
+    models give equal bytes (safetensors writes its metadata in a hash map's order, a new
+    one each save). The file gets the mode the umask gives (safetensors makes 0600).
+    OSError naming ``path`` when it cannot be written."""
+    target, partial = os.path.realpath(path), None
     try:
-        save_file(tensors, os.fspath(path), metadata=meta)
+        if os.path.isdir(target):
+            raise IsADirectoryError(errno.EISDIR, "it is a directory")
+        fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".partial",
+                                       prefix=f".{os.path.basename(target)}.")
+        os.close(fd)
+        _save_file(tensors, meta, partial)
+        _sort_metadata(partial)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(partial, 0o666 & ~umask)
+        os.replace(partial, target)
+        partial = None
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+
+
+def _save_file(tensors: dict, meta: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=meta)
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - safetensors wraps I/O errors in its own type
-        raise OSError(f"cannot write {os.fspath(path)}: {err}") from None
-    return path
+        raise OSError(str(err)) from None
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite the safetensors header of ``path`` in place with its metadata keys sorted
+    (the same JSON in another order: as long, or shorter and padded with spaces, as the
+    format allows)."""
+    with open(path, "r+b") as file:
+        size = struct.unpack("<Q", file.read(8))[0]
+        header = json.loads(file.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:
+            file.seek(8)
+            file.write(text.ljust(size))
 
 
 def _user_json(metadata) -> str:
@@ -251,14 +300,15 @@ def _safetensors_file(path):
 def read_safetensors(path) -> tuple[dict, dict]:
     """(metadata strings, tensors) of a safetensors file; ValueError if it is not one."""
     with _safetensors_file(path) as f:
-        return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+        return (dict(sorted((f.metadata() or {}).items())),
+                {k: f.get_tensor(k) for k in f.keys()})
 
 
 def read_safetensors_metadata(path) -> dict:
-    """The metadata strings of a safetensors file (its header checked, no tensor read);
-    ValueError if it is not one."""
+    """The metadata strings of a safetensors file, in key order (its header checked, no
+    tensor read); ValueError if it is not one."""
     with _safetensors_file(path) as f:
-        return dict(f.metadata() or {})
+        return dict(sorted((f.metadata() or {}).items()))
 
 
 def read_safetensors_header(path) -> tuple[int, dict, dict]:

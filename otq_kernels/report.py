@@ -12,14 +12,13 @@ from pathlib import Path
 import torch
 
 
-def _pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend."""
-    import matplotlib
+def _figure(nrows: int, ncols: int, figsize: tuple[float, float]):
+    """(a matplotlib Figure, its axes [nrows, ncols]): made without pyplot, so that the
+    caller's backend and figures (a notebook's) are left as they were."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def _finite(v):
@@ -115,22 +114,21 @@ def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scale: in
     """Save samples [B, C, H, W] in [-1, 1] as an image grid (nearest-upscaled by
     ``scale``); the format follows the extension (:data:`GRID_SUFFIXES`)."""
     import numpy as np
+    from matplotlib.image import imsave
 
     check_grid_path(path)
-    plt = _pyplot()
     g = grid_image(x, nrow)
     g = np.repeat(np.repeat(g, scale, 0), scale, 1)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(path, g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=1)
+    imsave(path, g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=1)
 
 
 def _plot_vs_bits(result: dict, panels: list[tuple[str, callable]], path: Path) -> None:
-    plt = _pyplot()
     rows = result["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     ncols = min(3, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.4 * nrows), squeeze=False)
+    fig, axes = _figure(nrows, ncols, (4.4 * ncols, 3.4 * nrows))
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (title, get) in zip(axes.flat, panels, strict=False):
@@ -146,12 +144,11 @@ def _plot_vs_bits(result: dict, panels: list[tuple[str, callable]], path: Path) 
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _plot_size(result: dict, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, axes = _figure(1, 1, (5, 3.6))
+    ax = axes[0][0]
     for m in dict.fromkeys(r["method"] for r in result["rows"]):
         pts = [(r["size"]["model_bytes"] / 1024, r["samples"]["psnr"]) for r in result["rows"]
                if r["method"] == m and math.isfinite(r["samples"]["psnr"])]
@@ -172,17 +169,15 @@ def _plot_size(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _plot_mosaic(result: dict, samples: dict, path: Path, per_cell: int = 16) -> None:
     """FP on top, then one row per method and one column per bit width."""
-    plt = _pyplot()
     bits = list(dict.fromkeys(r["bits"] for r in result["rows"]))
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     nrow = max(1, int(math.sqrt(min(per_cell, len(samples["fp"])))))
-    fig, axes = plt.subplots(len(methods) + 1, len(bits), squeeze=False,
-                             figsize=(2.2 * len(bits), 2.2 * (len(methods) + 1)))
+    fig, axes = _figure(len(methods) + 1, len(bits),
+                        (2.2 * len(bits), 2.2 * (len(methods) + 1)))
     for ax in axes.flat:
         ax.axis("off")
     cmap = "gray" if samples["fp"].shape[1] == 1 else None
@@ -196,7 +191,6 @@ def _plot_mosaic(result: dict, samples: dict, path: Path, per_cell: int = 16) ->
                 axes[i][j].set_title(f"{m} {b}-bit", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_outputs(result: dict, samples: dict, table: str, out: Path, log=print) -> None:

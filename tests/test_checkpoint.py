@@ -2,6 +2,8 @@
 
 import contextlib
 import json
+import os
+import stat
 import warnings
 
 import pytest
@@ -231,6 +233,56 @@ def test_save_names_a_path_it_cannot_write(tmp_path):
     for path in (tmp_path / "no" / "dir" / "q.safetensors", tmp_path):
         with pytest.raises(OSError, match=f"cannot write {path}"):
             ckpt.save_quantized(_quantized(), path)
+
+
+def test_equal_models_give_equal_bytes(tmp_path):
+    """Saving one model again gives the same bytes (safetensors wrote its metadata in a
+    hash map's order, a new one each save, so hashes of equal checkpoints differed)."""
+    model = _quantized()
+    paths = [tmp_path / f"q{i}.safetensors" for i in range(4)]
+    for path in paths:
+        ckpt.save_quantized(model, path, metadata={"b": 1, "a": "é\n"})
+    assert len({path.read_bytes() for path in paths}) == 1
+    assert list(ckpt.read_safetensors_metadata(paths[0])) == sorted(
+        ckpt.read_safetensors_metadata(paths[0]))
+    assert _load(paths[0]) is not None
+
+
+def test_a_failed_write_keeps_the_earlier_file_and_leaves_no_partial(tmp_path, monkeypatch):
+    """The file is written beside its name and renamed over it: a write that fails (a
+    full disk, an interrupt) leaves the earlier checkpoint whole and nothing else."""
+    from safetensors import torch as st
+
+    path = tmp_path / "q.safetensors"
+    ckpt.save_quantized(_quantized(), path)
+    before = path.read_bytes()
+    real = st.save_file
+
+    def fails_half_way(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as file:
+            file.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "save_file", fails_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_quantized(_quantized(seed=1), path)
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_the_file_takes_the_umask_s_mode_and_a_link_s_target(tmp_path):
+    """Written through a symlink, the target is replaced and the link kept, as open()
+    writes through one; the mode is what the umask leaves (safetensors makes 0600)."""
+    target, link = tmp_path / "real.safetensors", tmp_path / "link.safetensors"
+    link.symlink_to(target.name)
+    umask = os.umask(0o027)
+    try:
+        ckpt.save_quantized(_quantized(), link)
+    finally:
+        os.umask(umask)
+    assert link.is_symlink() and target.is_file()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert _load(link) is not None
 
 
 def test_not_safetensors(tmp_path):

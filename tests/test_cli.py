@@ -315,10 +315,19 @@ def test_evaluate_leaves_the_model_as_it_was_and_checks_the_image_size_first(mon
 
 
 def test_eval_writes_results(tmp_path, capsys):
+    """... and leaves matplotlib's backend alone (it switched a notebook's to Agg)."""
+    import matplotlib
+
     out_dir = tmp_path / "ev"
-    assert cli.main(["eval", "--random-init", "tiny", "--bits", "2", "8", "--methods", "ot",
-                     "uniform", "--n", "4", "--steps", "2", "--n-real", "8", "--quiet",
-                     "--out-dir", str(out_dir)]) == 0
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        assert cli.main(["eval", "--random-init", "tiny", "--bits", "2", "8", "--methods",
+                         "ot", "uniform", "--n", "4", "--steps", "2", "--n-real", "8",
+                         "--quiet", "--out-dir", str(out_dir)]) == 0
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(backend)
     printed = capsys.readouterr().out
     assert "vPSNR@0" in printed and "FID" in printed
     res = json.loads((out_dir / "results.json").read_text())
@@ -388,3 +397,21 @@ def test_save_grid_writes_every_format_it_accepts(tmp_path, suffix, channels):
     assert path.stat().st_size > 0
     with pytest.raises(ValueError, match="not .tif"):
         report.save_grid(torch.zeros(1, 1, 2, 2), tmp_path / "grid.tif")
+
+
+def _flushing() -> bool:
+    return float(torch.tensor(2.0 ** -1000, dtype=torch.float64) * 2.0 ** -60) == 0.0
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_demo_flushes_denormals_only_while_it_runs(monkeypatch, before):
+    """demo.run samples with denormals flushed and gives the caller's mode back (it left
+    them flushed for the whole process)."""
+    inside = []
+    monkeypatch.setattr(demo, "_run", lambda *args: inside.append(_flushing()) or {})
+    torch.set_flush_denormal(before)
+    try:
+        assert demo.run(log=lambda *a: None) == {}
+        assert inside == [True] and _flushing() is before
+    finally:
+        torch.set_flush_denormal(False)

@@ -52,9 +52,15 @@ def _sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     noise = signal = 0.0
     for start in range(0, a.numel(), CHUNK):
         x, y = a[start:start + CHUNK].double(), b[start:start + CHUNK].double()
-        noise += float(torch.sum((x - y) ** 2))
-        signal += float(torch.sum(x * x))
+        noise += _sum((x - y) ** 2)
+        signal += _sum(x * x)
     return noise, signal
+
+
+def _sum(t: torch.Tensor) -> float:
+    """Σt; on the CPU by numpy, whose sum does not depend on the thread count (torch's
+    splits a long one by threads, and the stats saved in checkpoints would follow)."""
+    return float(t.numpy().sum()) if t.device.type == "cpu" else float(torch.sum(t))
 
 
 def _sqnr(noise: float, signal: float) -> float:

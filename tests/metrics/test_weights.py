@@ -61,3 +61,20 @@ def test_half_precision_inputs_are_exact():
     ref = _numpy_reference(w.float().numpy(), q.float().numpy())
     assert W.wasserstein_1d(w, q) == pytest.approx(ref["w2"], rel=1e-12)
     assert W.sqnr_db(w, q) == pytest.approx(ref["sqnr_db"], rel=1e-12)
+
+
+def test_stats_do_not_depend_on_the_thread_count():
+    """The sums run on numpy on the CPU: torch's split a sum above 32,768 elements by
+    threads, so the stats a checkpoint stores changed with torch.set_num_threads."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(300_000, generator=gen)
+    w_hat = w + 1e-3 * torch.randn(300_000, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got.append(W.weight_error(w, w_hat))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1] == got[2]
