@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .fast_paths import sync_fast_paths
+from .fast_paths import kept_float_reason, sync_fast_paths
 from .format import GRANULARITIES, QuantizedTensor, check_bits, is_number, plane_widths
 from .modules import (
     QuantConv1d,
@@ -297,6 +297,19 @@ def _safetensors_file(path):
                          f"{err}") from None
 
 
+def is_safetensors_file(path) -> bool:
+    """Whether ``path`` is a regular file that starts as a safetensors file does (an 8-byte
+    header length within the file, then ``{``), whatever its name: ``Q.SAFETENSORS``, a
+    name without a suffix, or a ``.pt`` that ``otq quantize -o`` was given."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as file:
+        head = file.read(9)
+    return (len(head) == 9 and head[8:] == b"{"
+            and struct.unpack("<Q", head[:8])[0] <= os.path.getsize(path) - 8)
+
+
 def read_safetensors(path) -> tuple[dict, dict]:
     """(metadata strings, tensors) of a safetensors file; ValueError if it is not one."""
     with _safetensors_file(path) as f:
@@ -420,6 +433,7 @@ def _target(model: nn.Module, name: str, cls: type[_QuantModule], entry: dict) -
     if isinstance(module, cls):
         shape = list(module.weight_shape)
     elif isinstance(module, cls.FLOAT_TYPE):
+        _check_replaceable(model, name, module, cls)
         shape = list(module.weight.shape)
     else:
         raise ValueError(f"layer {name!r}: checkpoint has {entry['type']} but the model has "
@@ -430,6 +444,19 @@ def _target(model: nn.Module, name: str, cls: type[_QuantModule], entry: dict) -
     if (module.bias is not None) != bool(entry.get("bias")):
         raise ValueError(f"layer {name!r}: bias presence differs between checkpoint and model")
     return module
+
+
+def _check_replaceable(model: nn.Module, name: str, module: nn.Module, cls) -> None:
+    """ValueError for a float layer that quantize_model keeps float (a subclass with its
+    own forward, a layer its parent uses functionally): swapped for the file's codes, it
+    would drop what that forward adds, or break its parent's first call."""
+    parent = model.get_submodule(name.rpartition(".")[0])
+    reason = kept_float_reason(parent)
+    if type(module).forward is not cls.FLOAT_TYPE.forward:
+        reason = f"{type(module).__name__} overrides forward"
+    if reason:
+        raise ValueError(f"layer {name!r}: the checkpoint holds it quantized, but this model "
+                         f"keeps it float ({reason}); the file belongs to another model")
 
 
 def _tensor(tensors: dict, key: str, dtype: torch.dtype) -> torch.Tensor:
@@ -511,6 +538,19 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     return meta
+
+
+def _float_again(model: nn.Module, aliases: dict, swapped: dict, tensors: dict) -> list:
+    """(names, float layer) for each of a quantized skeleton's layers that the file holds
+    float (a layer ``otq quantize --exclude``d), on the meta device until loaded."""
+    swaps = []
+    for module in {id(m): m for m in model.modules()}.values():
+        names = aliases[id(module)]
+        weight = tensors.get(f"{names[0]}.weight")
+        if isinstance(module, _QuantModule) and id(module) not in swapped and (
+                weight is not None and weight.is_floating_point()):
+            swaps.append((names, module.float_shell(weight.dtype, torch.device("meta"))))
+    return swaps
 
 
 def _expected_state(model: nn.Module, swaps: list) -> dict:
@@ -607,6 +647,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str | Non
             swaps.append((names, _build(module, cls, qt, bias, entry, backend)))
         except ValueError as err:  # (e.g. a backend without a kernel for this layer)
             raise ValueError(f"{path}: layer {name!r}: {err}") from None
+    swaps += _float_again(model, aliases, swapped, tensors)
     _check_rest(_expected_state(model, swaps), tensors, path)
     check_loadable(model, os.fspath(path), skip=tuple(n for names, _ in swaps for n in names))
     for names, layer in swaps:  # everything validated: now mutate the model

@@ -71,9 +71,10 @@ def bit_width(text: str) -> int:
 # ----------------------------------------------------------------------------- models
 def _file_metadata(path: str) -> dict:
     """safetensors metadata ({} for other files)."""
-    if not str(path).endswith(".safetensors"):
+    from .checkpoint import is_safetensors_file, read_safetensors_metadata
+
+    if not (str(path).lower().endswith(".safetensors") or is_safetensors_file(path)):
         return {}
-    from .checkpoint import read_safetensors_metadata
 
     return read_safetensors_metadata(path)
 
@@ -87,7 +88,13 @@ def _config_kwargs(name: str | None, meta_kwargs, meta_name=None) -> tuple[str, 
     if name:
         return name, unet_config(name)
     if meta_kwargs:
-        kwargs = json.loads(meta_kwargs) if isinstance(meta_kwargs, str) else meta_kwargs
+        try:
+            kwargs = json.loads(meta_kwargs) if isinstance(meta_kwargs, str) else meta_kwargs
+        except (json.JSONDecodeError, RecursionError):
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise ValueError("the checkpoint's config_kwargs is not a JSON object of UNet "
+                             "arguments; pass --config")
         return "from checkpoint metadata", kwargs
     if meta_name in config_names():
         return meta_name, unet_config(meta_name)
@@ -99,7 +106,7 @@ def load_model(args, load_float=None) -> tuple:
     """(model, info) from --checkpoint / --config / --random-init; info has config,
     config_kwargs, image_size, source, quantized. load_float(path, meta skeleton) fills
     the skeleton from a float checkpoint (default: load_fm_checkpoint)."""
-    from .checkpoint import FORMAT, load_quantized
+    from .checkpoint import FORMAT, _json, load_quantized
     from .models import (
         IMAGE_SIZES,
         UNetModel,
@@ -124,9 +131,13 @@ def load_model(args, load_float=None) -> tuple:
         info.update(config=meta.get("config", "digits"), config_kwargs=meta.get("config_kwargs"),
                     source="bundled demo model")
     else:
+        if not os.path.exists(ckpt):  # (before the architecture: that question comes second)
+            raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+        if os.path.isdir(ckpt):
+            raise ValueError(f"{ckpt} is a directory, not a checkpoint file")
         meta = _file_metadata(ckpt)
         if meta.get("format") == FORMAT:
-            user = json.loads(meta.get("user", "{}"))
+            user = _json(meta, "user", ckpt)
             name, kwargs = _config_kwargs(args.config, user.get("config_kwargs"),
                                           user.get("config"))
             model = load_quantized(ckpt, _skeleton(UNetModel, kwargs), device=_device(args))
@@ -140,8 +151,19 @@ def load_model(args, load_float=None) -> tuple:
         info.update(config_kwargs=kwargs, source=str(ckpt))
     size = (getattr(args, "image_size", None) or info.get("image_size")
             or IMAGE_SIZES.get(info.get("config"), 16))
-    info["image_size"] = int(size)
+    info["image_size"] = _image_size(model, size)
     return model.to(_device(args)).eval(), info
+
+
+def _image_size(model, size) -> int:
+    """``size`` (--image-size, else the checkpoint's): a positive integer the UNet can
+    halve down to its lowest level, or ValueError (a file could record any value)."""
+    factor = 2 ** (len(getattr(model, "channel_mult", (1,))) - 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % factor:
+        raise ValueError(f"image size {size!r} (--image-size, or the checkpoint's "
+                         f"image_size) must be a positive integer divisible by {factor}, the "
+                         "UNet's downsampling")
+    return size
 
 
 def _skeleton(model_class, kwargs: dict):
@@ -149,8 +171,12 @@ def _skeleton(model_class, kwargs: dict):
     allocate and initialise first), in eval mode."""
     import torch
 
-    with torch.device("meta"):
-        return model_class(**kwargs).eval()
+    try:
+        with torch.device("meta"):
+            return model_class(**kwargs).eval()
+    except TypeError as err:  # (an argument the model does not take)
+        raise ValueError(f"the checkpoint's UNet arguments do not fit: {err}; pass --config"
+                         ) from None
 
 
 def _device(args):
@@ -184,6 +210,8 @@ def _check_output(path: str, what: str, directory: bool = False) -> Path:
     reverse), or under a file."""
     if not str(path):
         raise ValueError(f"{what}: the path is empty")
+    if not directory and str(path).endswith((os.sep, "/")):
+        raise ValueError(f"{what} {path}: a file name is wanted, not a directory's")
     path = Path(path)
     for place in (path, *path.parents):
         if place.exists():
@@ -191,6 +219,10 @@ def _check_output(path: str, what: str, directory: bool = False) -> Path:
             if place.is_dir() != wanted_dir:
                 kind = "not a directory" if wanted_dir else "a directory"
                 raise ValueError(f"{what} {path}: {place} is {kind}")
+            folder = place if place.is_dir() else place.parent
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(f"{what} {path}: cannot write in {folder} (read-only or "
+                                 "no permission)")
             break
     return path
 
@@ -274,15 +306,16 @@ def cmd_quantize(args) -> int:
         raise ValueError("the checkpoint is already quantized")
     if getattr(model, "otq_summary", None) is None:  # the demo model or a random init
         quantize_model(model, **options)
-    print(format_summary(model.otq_summary))
     if not model.otq_summary.quantized:
+        print(format_summary(model.otq_summary))
         raise ValueError("no layer was quantized (each is excluded, not "
                          "included or of a type kept float); nothing written")
     meta = {"config": info["config"], "config_kwargs": info["config_kwargs"],
             "image_size": info["image_size"], "source": info["source"],
             "command": "otq " + shlex.join(sys.argv[1:]) if sys.argv else "otq quantize"}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_quantized(model, out, metadata=meta)
+    save_quantized(model, out, metadata=meta)  # (before printing: `| head` loses nothing)
+    print(format_summary(model.otq_summary))
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KB)")
     return 0
 
@@ -456,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Integrate the FM ODE from seeded noise and save a grid.")
     _add_model_args(p, "float or quantized (otq quantize) checkpoint")
     p.add_argument("-o", "--output", default="samples.png",
-                   help="image path: .png (default samples.png), .jpg, .pdf or .svg")
+                   help="image path: .png (default samples.png), .jpg, .jpeg, .pdf or .svg")
     p.add_argument("--n", type=positive_int, default=16, help="number of samples (default 16)")
     p.add_argument("--steps", type=positive_int, default=20, help="ODE steps (default 20)")
     p.add_argument("--method", default="midpoint", choices=SOLVERS,
@@ -528,26 +561,42 @@ def main(argv=None) -> int:
     """Entry point of the ``otq`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
-    if "--" in argv:
+    if argv[:1] == ["bench"] and "--" in argv:  # (elsewhere `--` ends the options, as usual)
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if extra and args.command != "bench":
-        parser.error(f"arguments after '--' are only accepted by `otq bench`: {extra}")
+    args = build_parser().parse_args(argv)
     args.extra = extra
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, OSError, ModuleNotFoundError) as err:  # what and where, no traceback
-        message = _optional_dependency(err) if isinstance(err, ModuleNotFoundError) else err
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:  # stdout's reader left (`| head`): it read all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no exit flush)
+        return 141  # (as a tool killed by SIGPIPE)
+    except (ValueError, OSError, ModuleNotFoundError, MemoryError, RuntimeError) as err:
+        message = _user_error(err)
         if os.environ.get("OTQ_DEBUG") or message is None:
             raise
         print(f"otq {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _user_error(err: Exception) -> str | None:
+    """The one line for an error of the input or the machine (a bad file, a missing
+    optional dependency, memory); None for a bug, which keeps its traceback."""
+    if isinstance(err, ModuleNotFoundError):
+        return _optional_dependency(err)
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and (
+            type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err))):
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "MemoryError"
+        return f"out of memory: {first}"
+    if isinstance(err, RuntimeError):
+        return None
+    return str(err)
 
 
 # An optional dependency's top-level module -> the pyproject extra that installs it.

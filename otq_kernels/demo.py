@@ -231,9 +231,12 @@ def evaluate(model: nn.Module, bits=DEMO_BITS, methods=METHODS, granularity: str
         "rows": rows,
     }
     table = format_table(result)
+    wrote = None
+    if out_dir is not None:  # (first: a reader of the log that leaves, `| head`, loses nothing)
+        wrote = write_outputs(result, samples, table, Path(out_dir))
     log(table)
-    if out_dir is not None:
-        write_outputs(result, samples, table, Path(out_dir), log)
+    if wrote:
+        log(wrote)
     return result
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -25,6 +25,7 @@ from .checkpoint import (
     _check_format,
     _json,
     _layer_tensors,
+    is_safetensors_file,
     layer_stats,
     read_aliases,
     read_safetensors_header,
@@ -60,7 +61,9 @@ class FileInfo:
     checked: str
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """The fields as a dict (not asdict: its recursive deep copy overflowed on
+        metadata nested a few hundred levels deep, which json.loads takes)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["summary"] = self.summary.to_dict() if self.summary is not None else None
         return d
 
@@ -246,7 +249,8 @@ def describe_file(path: str | os.PathLike, verify: bool = True) -> FileInfo:
     a safetensors file or a quantized checkpoint that is corrupt.
     """
     path = os.fspath(path)
-    if path.lower().endswith(PICKLE_SUFFIXES) and os.path.isfile(path):
+    if path.lower().endswith(PICKLE_SUFFIXES) and os.path.isfile(path) and not (
+            is_safetensors_file(path)):
         raise ValueError(f"{path}: otq info reads safetensors files only (this name is a "
                          "pickle's, which otq never unpickles to inspect)")
     _, header, meta = read_safetensors_header(path)

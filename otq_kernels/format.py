@@ -30,10 +30,14 @@ def integer_value(value) -> int | None:
         return None
 
 
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_float_dtype(dtype) -> None:
-    """ValueError unless ``dtype`` is a floating-point torch.dtype (a weight's dtype)."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    """ValueError unless ``dtype`` is a dtype a dense weight is computed in (float8 types
+    hold values but torch's look-ups do not produce them)."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype!r}")
 
 
 def is_number(value) -> bool:

@@ -319,11 +319,11 @@ class _QuantModule(nn.Module):
         errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        self._refill_cache()
         fit = metadata.get(STATE_FIT)
         if (len(error_msgs) == errors and isinstance(fit, dict)
                 and isinstance(fit.get("method"), str) and isinstance(fit.get("stats"), dict)):
             self.method, self.stats = fit["method"], dict(fit["stats"])
+        self._refill_cache()  # (after the method: .qweight carries it)
 
     def _code_dtypes(self) -> dict[str, torch.dtype]:
         return {**{f"plane{i}": torch.int32 for i in range(self.num_planes)},
@@ -376,19 +376,23 @@ class _QuantModule(nn.Module):
         float32 without one) and this bias, on this device, in this train/eval mode, with
         these hooks: the inverse of :meth:`from_float` up to the quantization error."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"{type(self).__name__}.to_float: dtype must be a floating-point "
-                             f"torch.dtype, got {dtype!r}")
-        device = self.codebook.device
-        with torch.device("meta"):  # shapes only: the weights come from this layer
-            layer = self.FLOAT_TYPE(**self._float_layout(), bias=self.bias is not None,
-                                    dtype=dtype)
-        layer = layer.to_empty(device=device).train(self.training)
-        _take_hooks(layer, self)
+        check_float_dtype(dtype)
+        layer = self.float_shell(dtype, self.codebook.device)
         with torch.no_grad():
             layer.weight.copy_(self.dequantize(dtype))
             if self.bias is not None:
                 layer.bias.copy_(self.bias)
+        return layer
+
+    def float_shell(self, dtype: torch.dtype, device) -> nn.Module:
+        """The ``FLOAT_TYPE`` layer of this geometry, bias, train/eval mode and hooks, its
+        tensors uninitialised on ``device`` (meta: none): what :meth:`to_float` fills, and
+        what a checkpoint that kept this layer float loads into."""
+        with torch.device("meta"):  # shapes only: the weights come from elsewhere
+            layer = self.FLOAT_TYPE(**self._float_layout(), bias=self.bias is not None,
+                                    dtype=dtype)
+        layer = layer.to_empty(device=device).train(self.training)
+        _take_hooks(layer, self)
         return layer
 
     def _float_layout(self) -> dict:

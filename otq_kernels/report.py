@@ -21,22 +21,20 @@ def _figure(nrows: int, ncols: int, figsize: tuple[float, float]):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _finite(v):
-    """JSON-safe float: inf/nan become strings."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
-    return v
-
-
 def jsonable(obj):
-    """``obj`` (dicts, lists, tensors, numbers) as strict JSON takes it: inf/nan as strings."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return jsonable(obj.tolist())
-    return _finite(obj)
+    """``obj`` (dicts, lists, tensors, numbers) as strict JSON takes it: inf/nan as strings,
+    tensors and numpy values as lists and numbers. Done by json itself (no Python
+    recursion: metadata as deeply nested as json.loads took prints too)."""
+    return json.loads(json.dumps(obj, default=_as_list), parse_constant=NON_FINITE.__getitem__)
+
+
+NON_FINITE = {"Infinity": "inf", "-Infinity": "-inf", "NaN": "nan"}
+
+
+def _as_list(obj):
+    if hasattr(obj, "tolist"):  # a tensor, a numpy array or scalar
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 def _g(v, spec: str, width: int) -> str:
@@ -193,8 +191,9 @@ def _plot_mosaic(result: dict, samples: dict, path: Path, per_cell: int = 16) ->
     fig.savefig(path, dpi=110)
 
 
-def write_outputs(result: dict, samples: dict, table: str, out: Path, log=print) -> None:
-    """results.json, table.txt, plots and per-setting sample grids under ``out``."""
+def write_outputs(result: dict, samples: dict, table: str, out: Path) -> str:
+    """results.json, table.txt, plots and per-setting sample grids under ``out``; returns
+    the line that says so."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(jsonable(result), indent=1))
     (out / "table.txt").write_text(table + "\n")
@@ -213,5 +212,5 @@ def write_outputs(result: dict, samples: dict, table: str, out: Path, log=print)
         _plot_vs_bits(result, panels[:2], out / "psnr_ssim_vs_bits.png")
         _plot_size(result, out / "psnr_vs_size.png")
         _plot_mosaic(result, samples, out / "samples_mosaic.png")
-    log(f"wrote {out}/results.json, table.txt, fidelity_vs_bits.png, psnr_ssim_vs_bits.png, "
-        f"psnr_vs_size.png, samples_mosaic.png and samples/*.png")
+    return (f"wrote {out}/results.json, table.txt, fidelity_vs_bits.png, "
+            f"psnr_ssim_vs_bits.png, psnr_vs_size.png, samples_mosaic.png and samples/*.png")

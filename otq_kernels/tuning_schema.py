@@ -57,6 +57,10 @@ def parse_tuning_table(text: str, source: str) -> dict:
         raise ValueError(f"{source}: cannot read it as JSON: {err}") from None
     except RecursionError:
         raise ValueError(f"{source}: cannot read it as JSON: nested too deeply") from None
+    except ValueError as err:  # (an integer of more digits than Python converts, say)
+        if str(err).startswith(f"{source}:"):  # (a repeated key, said above)
+            raise
+        raise ValueError(f"{source}: cannot read it as JSON: {err}") from None
     check_tuning_table(table, source)
     return table
 
@@ -102,7 +106,8 @@ def _check_entry(entry, where: str) -> None:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A count, size or M threshold: a non-negative integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_kind(value, kind: str) -> bool:
@@ -121,9 +126,9 @@ def _is_kind(value, kind: str) -> bool:
 
 
 _DESCRIBE = {
-    "int": "an integer",
+    "int": "an integer >= 0",
     "bool": "true or false",
     "kernel_sizes": 'a list of kernel sizes like "3x3"',
-    "int_by_bits": f'a map of bit widths ("{MIN_BITS}".."{MAX_BITS}") to integers',
-    "int_by_kernel": 'a map of kernel sizes ("3x3", ...) to integers',
+    "int_by_bits": f'a map of bit widths ("{MIN_BITS}".."{MAX_BITS}") to integers >= 0',
+    "int_by_kernel": 'a map of kernel sizes ("3x3", ...) to integers >= 0',
 }

@@ -285,6 +285,69 @@ def test_the_file_takes_the_umask_s_mode_and_a_link_s_target(tmp_path):
     assert _load(link) is not None
 
 
+class _LoRALinear(nn.Linear):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora = nn.Linear(self.in_features, self.out_features, bias=False)
+
+    def forward(self, x):
+        return super().forward(x) + self.lora(x)
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2)
+
+    def forward(self, x):
+        return self.attn(x, x, x)[0]
+
+
+def _named(name: str, layer: nn.Module) -> nn.Module:
+    """A model holding ``layer`` under the dotted ``name``."""
+    root = module = nn.Module()
+    *parents, last = name.split(".")
+    for part in parents:
+        module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    module.add_module(last, layer)
+    return root
+
+
+@pytest.mark.parametrize("name, keeps_float, match", [
+    ("0", lambda: nn.Sequential(_LoRALinear(16, 16)),
+     "layer '0': .* keeps it float \\(_LoRALinear overrides forward\\)"),
+    ("0.attn.out_proj", lambda: nn.Sequential(_Attention()),
+     "'0.attn.out_proj': .* keeps it float \\(used functionally by MultiheadAttention\\)"),
+], ids=["overrides-forward", "used-functionally"])
+def test_a_layer_the_model_keeps_float_is_not_swapped_for_the_file_s_codes(
+        tmp_path, name, keeps_float, match):
+    """(A LoRA layer lost its branch in silence; an attention's out_proj broke its first
+    call with an AttributeError.)"""
+    model = qnn.quantize_model(_named(name, nn.Linear(16, 16)), bits=4, progress=False)
+    path = ckpt.save_quantized(model, tmp_path / "q.safetensors")
+    with pytest.raises(ValueError, match=match):
+        ckpt.load_quantized(path, keeps_float())
+
+
+def test_a_quantized_skeleton_takes_a_layer_the_file_kept_float(tmp_path):
+    """A file written with a layer excluded loads into a skeleton quantized whole: that
+    layer goes back to float (the file decides, as for the other layers' bits), with the
+    skeleton layer's hooks; it failed on missing and unexpected keys."""
+    torch.manual_seed(0)
+    saved = qnn.quantize_model(Net().eval(), bits=4, exclude=["fc"], progress=False)
+    path = ckpt.save_quantized(saved, tmp_path / "q.safetensors")
+    skeleton = qnn.quantize_model(Net().eval(), bits=2, progress=False)
+    calls = []
+    skeleton.fc.register_forward_hook(lambda *args: calls.append(1))
+    loaded = ckpt.load_quantized(path, skeleton)
+    assert type(loaded.fc) is nn.Linear and not loaded.fc.training
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(loaded(x), saved(x)) and calls == [1]
+    assert {row.name: row.status for row in loaded.otq_summary.layers}["fc"].startswith(
+        "kept float")
+
+
 def test_not_safetensors(tmp_path):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(b"\x13\x00\x00\x00\x00\x00\x00\x00{not json at all}" + bytes(64))

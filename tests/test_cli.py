@@ -1,11 +1,14 @@
 """The `otq` CLI and the evaluation engine (tiny random UNets, few samples and steps)."""
 
 import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import otq_kernels as otq
 from otq_kernels import cli, demo, report
@@ -219,6 +222,8 @@ def test_outputs_devices_and_backends_are_refused_before_any_work(tmp_path, caps
          "is not a directory"),
         (["quantize", *tiny, "-o", str(tmp_path)], f"-o {tmp_path}: {tmp_path} is a directory"),
         (["quantize", *tiny, "-o", ""], "-o: the path is empty"),
+        (["quantize", *tiny, "-o", f"{a_file}/"], f"-o {a_file}/: a file name is wanted, "
+         "not a directory's"),
         (["quantize", "--checkpoint", str(a_file), "-o", str(a_file)],
          f"-o {a_file} is the checkpoint being quantized; write to another file"),
         (["eval", *tiny, "--out-dir", str(a_file / "d")], f"{a_file} is not a directory"),
@@ -264,6 +269,8 @@ def test_every_refusal_has_one_format(tmp_path, capsys):
     refusals = {
         ("sample", "--checkpoint", str(garbage)): f"{garbage}: not a readable safetensors",
         ("sample", "--checkpoint", str(tmp_path / "no.safetensors")): "checkpoint not found",
+        ("sample", "--checkpoint", str(tmp_path / "no.pt")): "checkpoint not found",
+        ("quantize", "--checkpoint", str(tmp_path)): f"{tmp_path} is a directory",
         ("quantize", "--checkpoint", str(quantized), "-o", str(tmp_path / "again.safetensors"),
          "--quiet"): "the checkpoint is already quantized",
         ("eval", "--checkpoint", str(quantized)): "give the float model",
@@ -291,6 +298,120 @@ def test_a_missing_optional_dependency_names_the_extra(module, extra, tmp_path, 
     message = _refused(argv, capsys)
     assert f"needs '{module}', an optional dependency: pip install 'otq_kernels[{extra}]'" in (
         message)
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
+        tmp_path, capsys, monkeypatch):
+    """(root passes permission checks: the check is what os.access says.)"""
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != tmp_path)
+    out = tmp_path / "new" / "q.safetensors"
+    assert f"-o {out}: cannot write in {tmp_path}" in _refused(
+        ["quantize", "--random-init", "tiny", "-o", str(out)], capsys)
+    assert not out.parent.exists()
+
+
+def test_files_are_read_by_their_content_not_their_name(tmp_path, capsys):
+    """A checkpoint written under any name (`-o Q.PT`) is read back as the safetensors it
+    is (it was read as a pickle, or refused as 'unsupported format')."""
+    for name in ("Q.PT", "q_no_suffix"):
+        path = tmp_path / name
+        assert cli.main(["quantize", "--random-init", "tiny", "-o", str(path), "--quiet"]) == 0
+        assert cli.main(["info", "--", str(path)]) == 0  # (`--` ends the options)
+        assert "quantized checkpoint" in capsys.readouterr().out
+        assert cli.main(["sample", "--checkpoint", str(path), "--n", "1", "--steps", "1",
+                         "-o", str(tmp_path / "s.png")]) == 0
+    fp = tmp_path / "FP.SAFETENSORS"
+    from safetensors.torch import save_file
+
+    save_file(demo.random_model("tiny").state_dict(), str(fp), metadata={"config": "tiny"})
+    assert cli.main(["sample", "--checkpoint", str(fp), "--n", "1", "--steps", "1",
+                     "-o", str(tmp_path / "f.png")]) == 0
+
+
+def test_a_reader_of_stdout_that_leaves_loses_no_output(tmp_path):
+    """`otq quantize ... | head -1`: the file is written before the summary is printed, and
+    the broken pipe ends the command quietly with 141, as SIGPIPE ends a Unix tool (it
+    printed an error and returned 1, having written nothing)."""
+    import os
+
+    out = tmp_path / "q.safetensors"
+    read, write = os.pipe()
+    os.close(read)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "otq_kernels.cli", "quantize",
+                           "--random-init", "tiny", "--quiet", "-o", str(out)],
+                          stdout=write, stderr=subprocess.PIPE, env=env, text=True)
+    os.close(write)
+    assert done.returncode == 141 and done.stderr == ""
+    assert read_metadata(out)["user"]["config"] == "tiny"
+
+
+def test_out_of_memory_is_one_line_and_a_bug_keeps_its_traceback(capsys, monkeypatch):
+    def runs_out(args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                           "allocate 4398046511104 bytes.\nmore")
+
+    monkeypatch.setattr(cli, "cmd_info", runs_out)
+    assert "out of memory: DefaultCPUAllocator: can't allocate memory" in _refused(
+        ["info", "x"], capsys)
+    monkeypatch.setattr(cli, "cmd_info", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["info", "x"])
+
+
+def test_a_file_s_architecture_and_image_size_are_checked_before_use(tmp_path, capsys):
+    """Metadata a file could hold (written by hand, checksums restamped) gives the one-line
+    error, never a traceback from deep inside (AttributeError, TypeError, a negative
+    dimension); an image size the UNet cannot halve is refused before quantizing."""
+    from safetensors.torch import load_file, save_file
+
+    from otq_kernels import checkpoint as ckpt
+
+    tiny = ["--random-init", "tiny"]
+    assert "image size 7 (--image-size, or the checkpoint's image_size) must be a positive " \
+        "integer divisible by" in _refused(["quantize", *tiny, "--image-size", "7", "-o",
+                                           str(tmp_path / "q7.safetensors")], capsys)
+    assert not (tmp_path / "q7.safetensors").exists()
+    good = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", *tiny, "-o", str(good), "--quiet"]) == 0
+    capsys.readouterr()
+    meta, tensors = ckpt.read_safetensors(good)
+    for user, message in [("[1]", "metadata 'user' must be a JSON object"),
+                          ('{"config": "tiny", "image_size": -16}', "image size -16"),
+                          ('{"config": "tiny", "image_size": [16]}', "image size [16]"),
+                          ('{"config_kwargs": [1, 2]}', "config_kwargs is not a JSON object"),
+                          ('{"config_kwargs": {"bogus": 1}}', "UNet arguments do not fit")]:
+        bad = dict(meta, user=user)
+        bad[ckpt.CHECKSUMS] = ckpt._checksums(bad, tensors)
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=bad)
+        assert message in _refused(["sample", "--checkpoint", str(tmp_path / "bad.safetensors"),
+                                    "--n", "1", "-o", str(tmp_path / "s.png")], capsys)
+    fp = tmp_path / "fp.safetensors"
+    save_file(load_file(str(good)), str(fp), metadata={"config_kwargs": "[1, 2]"})
+    assert "config_kwargs is not a JSON object" in _refused(
+        ["sample", "--checkpoint", str(fp), "--n", "1", "-o", str(tmp_path / "s.png")], capsys)
+
+
+def test_json_output_takes_what_json_does(tmp_path, capsys):
+    """inf/nan as strings, tensors and numpy values as lists and numbers, and metadata as
+    deeply nested as json.loads takes (600 levels overflowed the recursive conversion)."""
+    import numpy as np
+
+    assert report.jsonable({"a": [math.inf, -math.inf, math.nan], 3: torch.tensor([1, 2]),
+                            "b": np.float32(0.5), "c": (np.arange(2),)}) == {
+        "a": ["inf", "-inf", "nan"], "3": [1, 2], "b": 0.5, "c": [[0, 1]]}
+    deep = nested = {}
+    for _ in range(600):
+        nested["x"] = nested = {}
+    path = tmp_path / "q.safetensors"
+    otq.save_quantized(otq.quantize_model(nn.Sequential(nn.Linear(8, 4)), progress=False),
+                       path, metadata={"deep": deep})
+    capsys.readouterr()
+    assert cli.main(["info", "--json", str(path)]) == 0
+    got, depth = json.loads(capsys.readouterr().out)["metadata"]["deep"], 0
+    while got:
+        got, depth = got["x"], depth + 1
+    assert depth == 600
 
 
 def test_override_parsing():

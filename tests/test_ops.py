@@ -554,9 +554,10 @@ _GOOD_ENTRY = {"linear": {"cuda_max_m": 16}, "conv2d": {"kernel_sizes": ["3x3"]}
     ({"default": _GOOD_ENTRY, "gpus": []}, "'gpus' must map GPU names to entries"),
     ({"default": _GOOD_ENTRY, "gpus": {"GPU X": 5}}, "entry 'GPU X' must be a JSON object"),
     ({"default": {"linear": [16]}}, "section 'linear' must be a JSON object"),
-    ({"default": {"linear": {"cuda_max_m": "16"}}}, "linear.cuda_max_m must be an integer, "
-                                                     "got '16'"),
+    ({"default": {"linear": {"cuda_max_m": "16"}}}, "linear.cuda_max_m must be an integer "
+                                                     ">= 0, got '16'"),
     ({"default": {"linear": {"cuda_max_m": True}}}, "linear.cuda_max_m must be an integer"),
+    ({"default": {"linear": {"cuda_max_m": -5}}}, "linear.cuda_max_m must be an integer >= 0"),
     ({"default": {"linear": {"cuda_tensor_cores": 1}}}, "must be true or false, got 1"),
     ({"default": {"linear": {"cuda_max_m_by_bits": {"9": 1}}}}, "map of bit widths"),
     ({"default": {"linear": {"cuda_max_m_by_bits": {"08": 1}}}}, "map of bit widths"),
@@ -564,7 +565,7 @@ _GOOD_ENTRY = {"linear": {"cuda_max_m": 16}, "conv2d": {"kernel_sizes": ["3x3"]}
     ({"default": {"conv2d": {"kernel_sizes": ["3"]}}}, "list of kernel sizes"),
     ({"default": {"conv2d": {"cuda_max_m_by_kernel": {"3x3": 1.5}}}}, "map of kernel sizes"),
 ], ids=["a-list", "no-default", "gpus-list", "entry-number", "section-list", "int-as-text",
-        "int-as-bool", "bool-as-int", "bits-9", "bits-08", "bits-arabic-8", "size-3",
+        "int-as-bool", "negative", "bool-as-int", "bits-9", "bits-08", "bits-arabic-8", "size-3",
         "float-crossover"])
 def test_tuning_table_of_the_wrong_shape_is_refused(table, match, tmp_path, monkeypatch):
     """Through OTQ_TUNING_FILE: a ValueError naming the file (and entry, section and key)
@@ -579,7 +580,9 @@ def test_tuning_table_of_the_wrong_shape_is_refused(table, match, tmp_path, monk
         assert str(err.value).startswith(f"OTQ_TUNING_FILE={path}: ")
         for text, why in [("{not json", "Expecting property name"),
                           ("[" * 100_000, "nested too deeply"),
-                          ('{"default": {}, "default": {}}', "key 'default' appears twice")]:
+                          ('{"default": {}, "default": {}}', "key 'default' appears twice"),
+                          ('{"default": {"linear": {"cuda_max_m": ' + "9" * 5000 + "}}}",
+                           "Exceeds the limit")]:
             path.write_text(text)
             ops.reload_tuning()
             with pytest.raises(ValueError, match=f"cannot read it as JSON|{why}") as err:

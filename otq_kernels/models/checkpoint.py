@@ -34,9 +34,13 @@ def _read_file(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from ..checkpoint import read_safetensors  # the quantized checkpoints' reader
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a checkpoint file")
+    if not os.path.isfile(path):  # a pipe or device would block or never end
+        raise ValueError(f"{path} is not a regular file")
+    from ..checkpoint import is_safetensors_file, read_safetensors
 
+    if path.endswith(".safetensors") or is_safetensors_file(path):  # (by content too)
         return read_safetensors(path)[1]
     if not path.endswith((".pt", ".pth", ".ckpt", ".bin")):
         raise ValueError(f"unsupported checkpoint format {path!r} (use .safetensors, .pt or "
@@ -61,9 +65,11 @@ def _torch_load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _unwrap(obj: Mapping) -> dict[str, torch.Tensor]:
+def _unwrap(obj: Mapping, source) -> dict[str, torch.Tensor]:
     """Return the flat tensor dict: ``obj["model"]`` when present, else ``obj``."""
-    inner = obj.get("model") if isinstance(obj, Mapping) else None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: holds a {type(obj).__name__}, not a state dict")
+    inner = obj.get("model")
     state = inner if isinstance(inner, Mapping) else obj
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
@@ -75,14 +81,21 @@ def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor],
     ``own_names`` (the model's) does or more names fit the model without it (a model with
     a child called ``module``): the state dict of a DDP or compiled model loads into the
     bare one (``module._orig_mod.`` too)."""
-    own = set(own_names)
+    own, state = set(own_names), dict(state)
+    while prefix := _strippable_prefix(state, own):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _strippable_prefix(state: dict, own: set) -> str | None:
+    """The first wrapper prefix that comes off ``state``'s names (see above), or None."""
     for prefix in WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
-            inner = {k[len(prefix):]: v for k, v in state.items()}
+            inner = {k[len(prefix):] for k in state}
             if (not any(k.startswith(prefix) for k in own)
                     or len(own.intersection(inner)) > len(own.intersection(state))):
-                return strip_wrapper_prefixes(inner, own)
-    return dict(state)
+                return prefix
+    return None
 
 
 def extract_state_dict(
@@ -96,7 +109,11 @@ def extract_state_dict(
     if own_prefixed or not any(k.startswith("model.") for k in state):
         return dict(state)
     out = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    shadows = {int(m.group(1)): v for k, v in state.items() if (m := _SHADOW.match(k))}
+    found = [(int(m.group(1)), v) for k, v in state.items() if (m := _SHADOW.match(k))]
+    shadows = dict(found)
+    if len(shadows) != len(found) or sorted(shadows) != list(range(len(shadows))):
+        raise ValueError(f"EMA checkpoint's shadow_params are not numbered 0..{len(found) - 1} "
+                         "once each")
     if use_ema and shadows:
         params = [p for p in model.parameters() if p.requires_grad]
         if len(params) != len(shadows):
@@ -166,8 +183,9 @@ def checkpoint_state(raw: Mapping, model: nn.Module, use_ema: bool = True) -> di
 
 def read_float_checkpoint(path_or_state: str | os.PathLike | Mapping) -> dict:
     """The flat {name: tensor} of a state dict, an examples' checkpoint dict or a file."""
-    raw = path_or_state if isinstance(path_or_state, Mapping) else _read_file(path_or_state)
-    return _unwrap(raw)
+    if isinstance(path_or_state, Mapping):
+        return _unwrap(path_or_state, "the state dict")
+    return _unwrap(_read_file(path_or_state), os.fspath(path_or_state))
 
 
 def load_fm_checkpoint(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 from collections import OrderedDict
 
 import pytest
@@ -275,6 +276,44 @@ def test_checkpoint_plain_and_ema_layout(tmp_path):
     pt = tmp_path / "m.pt"
     torch.save(ckpt, pt)
     torch.testing.assert_close(load_fm_checkpoint(pt, _tiny()).eval()(x, t), ema_src(x, t))
+
+
+@pytest.mark.parametrize("indices", [[0, 2], ["1", "01"]], ids=["gap", "twice"])
+def test_ema_shadows_must_be_numbered_once_each(indices):
+    """(A gap raised a KeyError from deep inside; `1` and `01` both took index 1 and one
+    was dropped, which one by dict order.)"""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"shadow_params.{i}": torch.zeros(2, 2) for i in indices})
+    if indices == ["1", "01"]:
+        state["shadow_params.0"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="shadow_params are not numbered 0..[12] once each"):
+        load_fm_checkpoint(state, model)
+
+
+def test_many_wrapper_prefixes_come_off_without_recursion():
+    state = {"module." * 3000 + k: v for k, v in nn.Linear(2, 2).state_dict().items()}
+    assert set(strip_wrapper_prefixes(state, ["weight", "bias"])) == {"weight", "bias"}
+
+
+@pytest.mark.parametrize("content", [torch.zeros(3), [torch.zeros(1)], None, 7],
+                         ids=["tensor", "list", "none", "int"])
+def test_a_torch_file_without_a_state_dict_is_named(tmp_path, content):
+    path = tmp_path / "m.pt"
+    torch.save(content, path)
+    with pytest.raises(ValueError, match=f"{path}: holds a .*, not a state dict"):
+        load_fm_checkpoint(path, _tiny())
+
+
+def test_a_pipe_or_a_directory_named_like_a_checkpoint_is_refused(tmp_path):
+    """(A FIFO named .pt blocked torch.load forever.)"""
+    fifo = tmp_path / "m.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        load_fm_checkpoint(fifo, _tiny())
+    (tmp_path / "d.pth").mkdir()
+    with pytest.raises(ValueError, match="is a directory, not a checkpoint file"):
+        load_fm_checkpoint(tmp_path / "d.pth", _tiny())
 
 
 def test_checkpoint_wrong_architecture():
