@@ -540,6 +540,21 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     return meta
 
 
+def _check_shared_in_file(model: nn.Module, layers: dict, file_aliases: dict, path) -> None:
+    """ValueError where the file quantized one module held under two names (a shared
+    layer: listed once, its codes aliased) that the model holds as two modules."""
+    for alias, stored in file_aliases.items():
+        other, _, key = alias.rpartition(".")
+        first = stored.rpartition(".")[0]
+        if key != "codebook" or first not in layers or other in layers:
+            continue
+        with contextlib.suppress(AttributeError):
+            if model.get_submodule(first) is not model.get_submodule(other):
+                raise ValueError(f"{path}: layers {first!r} and {other!r} are one module in "
+                                 "the checkpoint (shared), but two in the model; share it in "
+                                 "the skeleton too")
+
+
 def _float_again(model: nn.Module, aliases: dict, swapped: dict, tensors: dict) -> list:
     """(names, float layer) for each of a quantized skeleton's layers that the file holds
     float (a layer ``otq quantize --exclude``d), on the meta device until loaded."""
@@ -647,6 +662,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str | Non
             swaps.append((names, _build(module, cls, qt, bias, entry, backend)))
         except ValueError as err:  # (e.g. a backend without a kernel for this layer)
             raise ValueError(f"{path}: layer {name!r}: {err}") from None
+    _check_shared_in_file(model, layers, _json(meta, ALIASES, path), path)
     swaps += _float_again(model, aliases, swapped, tensors)
     _check_rest(_expected_state(model, swaps), tensors, path)
     check_loadable(model, os.fspath(path), skip=tuple(n for names, _ in swaps for n in names))

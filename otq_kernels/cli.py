@@ -26,6 +26,7 @@ import os
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from .backends import NAMES as BACKEND_NAMES
@@ -316,7 +317,7 @@ def cmd_quantize(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_quantized(model, out, metadata=meta)  # (before printing: `| head` loses nothing)
     print(format_summary(model.otq_summary))
-    print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KB)")
+    print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB)")
     return 0
 
 
@@ -570,6 +571,8 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    format_warning, warnings.formatwarning = warnings.formatwarning, (
+        lambda message, *_args, **_kwargs: f"otq {args.command}: warning: {message}\n")
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()
@@ -577,12 +580,17 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # stdout's reader left (`| head`): it read all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no exit flush)
         return 141  # (as a tool killed by SIGPIPE)
+    except KeyboardInterrupt:  # (a file being written is left as it was: see save_quantized)
+        print(f"otq {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError, ModuleNotFoundError, MemoryError, RuntimeError) as err:
         message = _user_error(err)
         if os.environ.get("OTQ_DEBUG") or message is None:
             raise
         print(f"otq {args.command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = format_warning
 
 
 def _user_error(err: Exception) -> str | None:

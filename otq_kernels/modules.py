@@ -555,9 +555,10 @@ class _QuantConv(_QuantModule):
                              f"{CONV_BACKENDS} for convs")
         dtypes = (torch.float32, torch.float16, torch.bfloat16)
         if not any(ops.conv_kernel_takes(name, d, bits, layout["groups"]) for d in dtypes):
-            raise ValueError(f"backend {name!r}'s conv kernel does not take {bits}-bit codes "
-                             f"with groups={layout['groups']}; choose 'auto' or another of "
-                             f"{CONV_BACKENDS}")
+            others = [b for b in CONV_BACKENDS if b != name]
+            raise ValueError(f"the conv kernel of backend {name!r} does not take {bits}-bit "
+                             f"codes with groups={layout['groups']}; choose 'auto' or one of "
+                             f"{others}")
         return name
 
     @staticmethod

@@ -48,7 +48,7 @@ def _g(v, spec: str, width: int) -> str:
 def format_table(result: dict) -> str:
     """The fidelity + size table (one line per setting, FP first)."""
     fp = result["fp"]
-    head = (f"{'bits':>4} {'method':<9} {'bits/w':>7} {'model KB':>9} {'PSNR dB':>8} "
+    head = (f"{'bits':>4} {'method':<9} {'bits/w':>7} {'model KiB':>9} {'PSNR dB':>8} "
             f"{'SSIM':>6} {'pix W2':>7} {'vPSNR@0':>8} {'vSSIM@0':>8} {'lat.var':>8} "
             f"{'FID':>5}")
     lines = [head, "-" * len(head)]
@@ -71,7 +71,7 @@ def format_table(result: dict) -> str:
     lines += ["-" * len(head),
               f"{m['n']} samples, {m['solver']} x {m['steps']} steps, seed {m['seed']}, "
               f"{m['granularity']} codebooks. bits/w: quantized layers incl. fp32 codebooks; "
-              f"model KB: everything stored.",
+              f"model KiB: everything stored.",
               "PSNR/SSIM/pix W2 (pixels, exact per pair, mean): FP vs quantized samples from "
               "the same noise. vPSNR/vSSIM@0: paper protocol (velocity at t=0 on real images). "
               "lat.var: mean PCA(20) variance of the bottleneck at t=0.",
@@ -161,7 +161,7 @@ def _plot_size(result: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("model size (KB, log scale)")
+    ax.set_xlabel("model size (KiB, log scale)")
     ax.set_ylabel("paired sample PSNR (dB)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

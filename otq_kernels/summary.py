@@ -160,7 +160,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def _human(nbytes: int) -> str:
-    return f"{nbytes / 1024:.1f} KB" if nbytes < 1024**2 else f"{nbytes / 1024**2:.2f} MB"
+    return f"{nbytes / 1024:.1f} KiB" if nbytes < 1024**2 else f"{nbytes / 1024**2:.2f} MiB"
 
 
 # The widest layer-name column of the printed table; longer names keep their end.

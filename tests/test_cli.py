@@ -414,6 +414,25 @@ def test_json_output_takes_what_json_does(tmp_path, capsys):
     assert depth == 600
 
 
+def test_warnings_and_interrupts_are_one_line(tmp_path, capsys, monkeypatch):
+    """A warning prints as `otq CMD: warning: ...` (it printed Python's file:line and the
+    source line); Ctrl-C ends with 130 and one line (it printed a traceback)."""
+    done = subprocess.run([sys.executable, "-m", "otq_kernels.cli", "quantize", "--random-init",
+                           "tiny", "--quiet", "--include", "zz*", "-o",
+                           str(tmp_path / "q.safetensors")], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        "otq quantize: warning: quantize_model: include pattern 'zz*' matches no module",
+        "otq quantize: error: no layer was quantized (each is excluded, not included or of a "
+        "type kept float); nothing written"]
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_info", interrupted)
+    assert cli.main(["info", "x"]) == 130
+    assert capsys.readouterr().err == "otq info: interrupted\n"
+
+
 def test_override_parsing():
     assert cli._parse_override("out.2=8") == ("out.2", {"bits": 8})
     assert cli._parse_override("a=b=4:lloyd:tensor") == (

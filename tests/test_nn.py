@@ -1106,7 +1106,7 @@ def test_pointwise_conv1d_takes_a_conv_kernel_where_one_runs(backend, path, monk
     (lambda: nn.Conv2d(4, 6, 1), "cpu", 4, "backend 'cpu' has no conv kernel"),
     (lambda: nn.Conv1d(4, 6, 3), "cpu", 4, "backend 'cpu' has no conv kernel"),
     (lambda: nn.Conv1d(4, 6, 1, padding_mode="reflect"), "cpu", 4, "'cpu' has no conv"),
-    (lambda: nn.Conv2d(4, 6, 3), "cuda", 8, "'cuda'.s conv kernel does not take 8-bit codes"),
+    (lambda: nn.Conv2d(4, 6, 3), "cuda", 8, "of backend 'cuda' does not take 8-bit codes"),
     (lambda: nn.Conv2d(4, 6, 3, groups=2), "cuda", 4, "does not take 4-bit codes with groups=2"),
 ], ids=["cpu-3x3", "cpu-1x1", "cpu-conv1d-k3", "cpu-conv1d-reflect", "cuda-8bit",
         "cuda-groups"])

@@ -176,7 +176,7 @@ class UNetModel(nn.Module):
         elif not is_class_indices(label, t.shape[0]):
             raise ValueError(f"label must be an integer tensor [B] of class indices 0.."
                              f"{self.num_classes} with B = {t.shape[0]}, got "
-                             f"{_describe(label)}")
+                             f"{describe_value(label)}")
         return emb + self.label_emb(label.long())
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -230,7 +230,8 @@ def _times(t, batch: int, device: torch.device) -> torch.Tensor:
     return t.reshape(t.shape[0]).expand(batch)
 
 
-def _describe(value) -> str:
+def describe_value(value) -> str:
+    """A tensor's dtype and shape, else the value's type and repr (for error messages)."""
     if isinstance(value, torch.Tensor):
         return f"{value.dtype} {list(value.shape)}"
     return f"{type(value).__name__} {value!r}"[:80]
