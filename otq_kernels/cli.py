@@ -33,7 +33,10 @@ from .backends import NAMES as BACKEND_NAMES
 from .format import check_bits
 from .quantizers import METHODS
 
-SOLVERS = ("euler", "midpoint", "heun2", "rk4", "dopri5")
+# fm.FIXED_STEP_METHODS + fm.ADAPTIVE_METHODS, spelled out (a test holds them equal): fm
+# brings the UNet and graph code, which `otq --help` and `otq info` need not import.
+SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4", "dopri5", "dopri8", "bosh3",
+           "fehlberg2", "adaptive_heun")
 BACKEND_CHOICES = ("auto", *BACKEND_NAMES)
 
 

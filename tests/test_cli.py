@@ -433,6 +433,12 @@ def test_warnings_and_interrupts_are_one_line(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == "otq info: interrupted\n"
 
 
+def test_the_cli_offers_every_solver_fm_sample_takes():
+    from otq_kernels import fm
+
+    assert cli.SOLVERS == fm.FIXED_STEP_METHODS + fm.ADAPTIVE_METHODS
+
+
 def test_override_parsing():
     assert cli._parse_override("out.2=8") == ("out.2", {"bits": 8})
     assert cli._parse_override("a=b=4:lloyd:tensor") == (
