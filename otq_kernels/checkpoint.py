@@ -162,19 +162,21 @@ def _write_atomically(tensors: dict, meta: dict, path: str) -> None:
     failed write leaves no partial file under ``path`` and keeps what was there, and equal
     models give equal bytes (safetensors writes its metadata in a hash map's order, a new
     one each save). The file gets the mode the umask gives (safetensors makes 0600).
-    OSError naming ``path`` when it cannot be written."""
+    OSError naming ``path`` when it cannot be written, or names a directory, a device or a
+    pipe (a rename would replace it: `-o /dev/null` as root)."""
     target, partial = os.path.realpath(path), None
     try:
-        if os.path.isdir(target):
-            raise IsADirectoryError(errno.EISDIR, "it is a directory")
-        fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), suffix=".partial",
-                                       prefix=f".{os.path.basename(target)}.")
+        if path.endswith((os.sep, "/")) or os.path.isdir(target):
+            raise IsADirectoryError(errno.EISDIR, "it names a directory")
+        if os.path.exists(target) and not os.path.isfile(target):
+            raise OSError("it is not a regular file (a device or a pipe)")
+        fd, partial = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".otq-save-",
+                                       suffix=".partial")
         os.close(fd)
         _save_file(tensors, meta, partial)
         _sort_metadata(partial)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)
+        with contextlib.suppress(OSError):  # (a file system without modes keeps its own)
+            os.chmod(partial, 0o666 & ~_umask())
         os.replace(partial, target)
         partial = None
     except OSError as err:
@@ -183,6 +185,17 @@ def _write_atomically(tensors: dict, meta: dict, path: str) -> None:
         if partial is not None:
             with contextlib.suppress(OSError):
                 os.unlink(partial)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (Linux's /proc; else set and put
+    back, which leaves a moment another thread's new file would take umask 0)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), \
+            open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
 
 
 def _save_file(tensors: dict, meta: dict, path: str) -> None:
@@ -289,6 +302,8 @@ def _safetensors_file(path):
         raise ValueError(f"{path} is a directory, not a checkpoint file")
     if not os.path.isfile(path):  # a pipe or device would block or never end
         raise ValueError(f"{path} is not a regular file")
+    with open(path, "rb"):  # (a PermissionError as such: safetensors says "no such file")
+        pass
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             yield f
@@ -557,14 +572,23 @@ def _check_shared_in_file(model: nn.Module, layers: dict, file_aliases: dict, pa
 
 def _float_again(model: nn.Module, aliases: dict, swapped: dict, tensors: dict) -> list:
     """(names, float layer) for each of a quantized skeleton's layers that the file holds
-    float (a layer ``otq quantize --exclude``d), on the meta device until loaded."""
-    swaps = []
+    float (a layer ``otq quantize --exclude``d), on the meta device until loaded: in the
+    skeleton's dtype (its bias's, else the model's first float parameter's), as
+    load_state_dict keeps a model's dtypes, and layers whose file weight is one tensor
+    (tied weights) sharing one parameter again."""
+    default = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                   torch.float32)
+    swaps, weights = [], {}  # weights: id(file weight) -> the first float layer's parameter
     for module in {id(m): m for m in model.modules()}.values():
         names = aliases[id(module)]
         weight = tensors.get(f"{names[0]}.weight")
-        if isinstance(module, _QuantModule) and id(module) not in swapped and (
-                weight is not None and weight.is_floating_point()):
-            swaps.append((names, module.float_shell(weight.dtype, torch.device("meta"))))
+        if not isinstance(module, _QuantModule) or id(module) in swapped or (
+                weight is None or not weight.is_floating_point()):
+            continue
+        dtype = module.bias.dtype if module.bias is not None else default
+        layer = module.float_shell(dtype, torch.device("meta"))
+        layer.weight = weights.setdefault(id(weight), layer.weight)
+        swaps.append((names, layer))
     return swaps
 
 

@@ -223,6 +223,9 @@ def _check_output(path: str, what: str, directory: bool = False) -> Path:
             if place.is_dir() != wanted_dir:
                 kind = "not a directory" if wanted_dir else "a directory"
                 raise ValueError(f"{what} {path}: {place} is {kind}")
+            if place == path and not (place.is_dir() or place.is_file()):
+                raise ValueError(f"{what} {path}: not a regular file (a device or a pipe, "
+                                 "which the write would replace)")
             folder = place if place.is_dir() else place.parent
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise ValueError(f"{what} {path}: cannot write in {folder} (read-only or "

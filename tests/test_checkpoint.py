@@ -348,6 +348,63 @@ def test_a_quantized_skeleton_takes_a_layer_the_file_kept_float(tmp_path):
         "kept float")
 
 
+def test_a_layer_back_to_float_takes_the_skeleton_s_dtype_and_keeps_its_tie(tmp_path):
+    """A half-precision file's float layer comes back in the float32 skeleton's dtype (it
+    came back float16, and the forward failed on mixed dtypes), and tied float weights
+    come back as one parameter (they were loaded twice, untied)."""
+    class TiedPair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    saved = qnn.quantize_model(TiedPair().half(), bits=4, exclude=["a", "b"], progress=False)
+    path = ckpt.save_quantized(saved, tmp_path / "q.safetensors")
+    loaded = ckpt.load_quantized(path, qnn.quantize_model(TiedPair(), bits=2, progress=False))
+    assert loaded.a.weight is loaded.b.weight and loaded.a.weight.dtype == torch.float32
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(loaded(x), saved.float()(x))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "trailing-slash", "long-name"])
+def test_save_refuses_what_a_rename_would_replace_and_takes_long_names(tmp_path, kind):
+    """A pipe or device is not replaced by a file (as root, `-o /dev/null` would have
+    been), a name ending in '/' is not taken as a file's; a 240-byte name saves (the
+    hidden file beside it has a short fixed name)."""
+    model = _quantized()
+    if kind == "long-name":
+        path = tmp_path / ("n" * 228 + ".safetensors")
+        ckpt.save_quantized(model, path)
+        assert _load(path) is not None and sorted(tmp_path.iterdir()) == [path]
+        return
+    if kind == "fifo":
+        path = tmp_path / "pipe"
+        os.mkfifo(path)
+        match = "it is not a regular file"
+    else:
+        path, match = f"{tmp_path}/ckpts/", "it names a directory"
+    with pytest.raises(OSError, match=f"cannot write .*: {match}"):
+        ckpt.save_quantized(model, path)
+    assert not (tmp_path / "ckpts").exists() and (kind != "fifo" or stat.S_ISFIFO(
+        os.stat(path).st_mode))
+
+
+def test_an_unreadable_file_is_named_as_such(tmp_path, monkeypatch):
+    """(safetensors reports any open error as 'No such file or directory'.)"""
+    path = ckpt.save_quantized(_quantized(), tmp_path / "q.safetensors")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ckpt, "open", denied, raising=False)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        _load(path)
+
+
 def test_not_safetensors(tmp_path):
     path = tmp_path / "junk.safetensors"
     path.write_bytes(b"\x13\x00\x00\x00\x00\x00\x00\x00{not json at all}" + bytes(64))

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +215,8 @@ def test_outputs_devices_and_backends_are_refused_before_any_work(tmp_path, caps
     monkeypatch.setattr(demo, "run", never)
     a_file = tmp_path / "a.txt"
     a_file.write_text("x")
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
     tiny = ["--random-init", "tiny"]
     for argv, message in [
         (["sample", *tiny, "-o", str(tmp_path / "s.txt")], "s.txt: an image grid is written "
@@ -224,6 +227,7 @@ def test_outputs_devices_and_backends_are_refused_before_any_work(tmp_path, caps
         (["quantize", *tiny, "-o", ""], "-o: the path is empty"),
         (["quantize", *tiny, "-o", f"{a_file}/"], f"-o {a_file}/: a file name is wanted, "
          "not a directory's"),
+        (["quantize", *tiny, "-o", str(fifo)], f"-o {fifo}: not a regular file"),
         (["quantize", "--checkpoint", str(a_file), "-o", str(a_file)],
          f"-o {a_file} is the checkpoint being quantized; write to another file"),
         (["eval", *tiny, "--out-dir", str(a_file / "d")], f"{a_file} is not a directory"),
@@ -332,8 +336,6 @@ def test_a_reader_of_stdout_that_leaves_loses_no_output(tmp_path):
     """`otq quantize ... | head -1`: the file is written before the summary is printed, and
     the broken pipe ends the command quietly with 141, as SIGPIPE ends a Unix tool (it
     printed an error and returned 1, having written nothing)."""
-    import os
-
     out = tmp_path / "q.safetensors"
     read, write = os.pipe()
     os.close(read)
