@@ -49,13 +49,15 @@ def cuda_archs(value: str) -> list[str]:
     """OTQ_CUDA_ARCHS (``80;90``; ``8.0``, ``sm_90``, ``90a`` and ``100f`` forms, ``;``,
     ``,`` or spaces between) as nvcc's SM numbers, or SystemExit saying what is wrong."""
     archs = []
-    for item in re.split(r"[;,\s]+", value.strip()):
-        match = re.fullmatch(r"(?:sm_)?(\d+?)\.?(\d)([af]?)", item)
+    for item in filter(None, re.split(r"[;,\s]+", value)):
+        match = re.fullmatch(r"(?:sm_)?([1-9]\d?)\.?(\d)([af]?)", item)
         if not match or int(match[1] + match[2]) < MIN_ARCH:
             raise SystemExit(f"setup.py: OTQ_CUDA_ARCHS={value!r}: {item!r} is not an SM "
-                             f"number of {MIN_ARCH} or more (e.g. 80;90; the kernels' "
+                             f"number of {MIN_ARCH} or more (e.g. '80;90': the kernels' "
                              f"mma.sync.m16n8k16 needs sm_{MIN_ARCH})")
         archs.append("".join(match.groups()))
+    if not archs:
+        raise SystemExit(f"setup.py: OTQ_CUDA_ARCHS={value!r} names no SM number (e.g. '80;90')")
     return archs
 
 

@@ -140,19 +140,22 @@ def load_model(args, load_float=None) -> tuple:
         if os.path.isdir(ckpt):
             raise ValueError(f"{ckpt} is a directory, not a checkpoint file")
         meta = _file_metadata(ckpt)
-        if meta.get("format") == FORMAT:
-            user = _json(meta, "user", ckpt)
-            name, kwargs = _config_kwargs(args.config, user.get("config_kwargs"),
-                                          user.get("config"))
-            model = load_quantized(ckpt, _skeleton(UNetModel, kwargs), device=_device(args))
-            info.update(quantized=True, image_size=user.get("image_size"),
-                        config=user.get("config", name))
+        quantized = meta.get("format") == FORMAT
+        recorded = _json(meta, "user", ckpt) if quantized else meta
+        if not isinstance(recorded.get("config", ""), str):
+            raise ValueError(f"{ckpt}: its metadata 'config' is not a config name")
+        name, kwargs = _config_kwargs(args.config, recorded.get("config_kwargs"),
+                                      recorded.get("config"))
+        skeleton = _skeleton(UNetModel, kwargs)
+        if getattr(args, "image_size", None):  # (before the work: quantizing while loading)
+            _image_size(skeleton, args.image_size)
+        if quantized:
+            model = load_quantized(ckpt, skeleton, device=_device(args))
+            info.update(quantized=True, image_size=recorded.get("image_size"))
         else:
-            name, kwargs = _config_kwargs(args.config, meta.get("config_kwargs"),
-                                          meta.get("config"))
-            model = (load_float or load_fm_checkpoint)(ckpt, _skeleton(UNetModel, kwargs))
-            info.update(config=meta.get("config", name))
-        info.update(config_kwargs=kwargs, source=str(ckpt))
+            model = (load_float or load_fm_checkpoint)(ckpt, skeleton)
+        info.update(config=args.config or recorded.get("config", name), config_kwargs=kwargs,
+                    source=str(ckpt))
     size = (getattr(args, "image_size", None) or info.get("image_size")
             or IMAGE_SIZES.get(info.get("config"), 16))
     info["image_size"] = _image_size(model, size)
@@ -319,7 +322,7 @@ def cmd_quantize(args) -> int:
                          "included or of a type kept float); nothing written")
     meta = {"config": info["config"], "config_kwargs": info["config_kwargs"],
             "image_size": info["image_size"], "source": info["source"],
-            "command": "otq " + shlex.join(sys.argv[1:]) if sys.argv else "otq quantize"}
+            "command": "otq " + shlex.join(args.argv)}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_quantized(model, out, metadata=meta)  # (before printing: `| head` loses nothing)
     print(format_summary(model.otq_summary))
@@ -337,6 +340,9 @@ def cmd_sample(args) -> int:
     from .report import check_grid_path, save_grid
 
     check_grid_path(_check_output(args.output, "-o"))
+    fm.check_solver(args.method, args.dtype)
+    import matplotlib  # noqa: F401 - (save_grid's: missing, say so before sampling)
+
     model, info = load_model(args)
     dtype = getattr(torch, args.dtype)
     model = model.to(dtype)  # codebooks stay float32; GroupNorm runs in float32
@@ -349,8 +355,10 @@ def cmd_sample(args) -> int:
                       cuda_graph=args.cuda_graph)
     save_grid(x, args.output, nrow=min(args.nrow, args.n))
     kind = "quantized" if info["quantized"] else "float"
+    steps = (f"x {args.steps} steps" if args.method in fm.FIXED_STEP_METHODS else
+             "(adaptive: its own steps)")
     print(f"wrote {args.output}: {args.n} samples of the {kind} model ({info['source']}), "
-          f"{args.method} x {args.steps} steps, seed {args.seed}, {args.dtype}")
+          f"{args.method} {steps}, seed {args.seed}, {args.dtype}")
     if log is not None:
         print_dispatch(log)
     return 0
@@ -422,7 +430,7 @@ def cmd_bench(args) -> int:
         print("+", shlex.join(cmd), flush=True)
         rc = subprocess.call(cmd, cwd=d.parent)
         if rc:
-            return rc
+            return rc if rc > 0 else 128 - rc  # (a signal -N: 128 + N, as a shell says)
     return 0
 
 
@@ -453,7 +461,7 @@ def _sweep_args(p: argparse.ArgumentParser, steps: int) -> None:
                    help=f"quantizers to sweep (default all: {', '.join(METHODS)})")
     p.add_argument("--n", type=positive_int, default=16, help="samples per setting (default 16)")
     p.add_argument("--steps", type=positive_int, default=steps,
-                   help=f"ODE steps (default {steps})")
+                   help=f"ODE steps of a fixed-step solver (default {steps})")
     p.add_argument("--solver", default="euler", choices=SOLVERS, help="ODE solver (default euler)")
     p.add_argument("--seed", type=seed_value, default=0,
                    help="noise seed (same noise for every model)")
@@ -498,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="samples.png",
                    help="image path: .png (default samples.png), .jpg, .jpeg, .pdf or .svg")
     p.add_argument("--n", type=positive_int, default=16, help="number of samples (default 16)")
-    p.add_argument("--steps", type=positive_int, default=20, help="ODE steps (default 20)")
+    p.add_argument("--steps", type=positive_int, default=20,
+                   help="ODE steps of a fixed-step solver (default 20)")
     p.add_argument("--method", default="midpoint", choices=SOLVERS,
                    help="ODE solver (default midpoint)")
     p.add_argument("--seed", type=seed_value, default=0, help="noise seed (default 0)")
@@ -572,7 +581,7 @@ def main(argv=None) -> int:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
-    args.extra = extra
+    args.extra, args.argv = extra, argv + (["--", *extra] if extra else [])
     if getattr(args, "threads", None):
         import torch
 
@@ -581,7 +590,8 @@ def main(argv=None) -> int:
         lambda message, *_args, **_kwargs: f"otq {args.command}: warning: {message}\n")
     try:
         status = int(args.func(args) or 0)
-        sys.stdout.flush()
+        if sys.stdout is not None:  # (None where fd 1 was closed: `>&-`)
+            sys.stdout.flush()
         return status
     except BrokenPipeError:  # stdout's reader left (`| head`): it read all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (no exit flush)

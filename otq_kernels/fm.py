@@ -111,11 +111,7 @@ def sample(
     """
     from flow_matching.solver import ODESolver
 
-    if method not in FIXED_STEP_METHODS + ADAPTIVE_METHODS:
-        raise ValueError(
-            f"unknown method {method!r}; fixed-step: {FIXED_STEP_METHODS}, "
-            f"adaptive: {ADAPTIVE_METHODS}"
-        )
+    check_solver(method, x0.dtype)
     fixed = method in FIXED_STEP_METHODS
     if fixed and not (integer_value(steps) or 0) >= 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -141,6 +137,19 @@ def sample(
             return_intermediates=return_intermediates,
             **extras,
         )
+
+
+def check_solver(method: str, dtype) -> None:
+    """ValueError for an unknown method, or an adaptive one in float16/bfloat16 (``dtype``:
+    a torch.dtype or its name): its tolerances (1e-5) are below their resolution, and the
+    step size shrinks to zero (torchdiffeq's 'underflow in dt')."""
+    if method not in FIXED_STEP_METHODS + ADAPTIVE_METHODS:
+        raise ValueError(f"unknown method {method!r}; fixed-step: {FIXED_STEP_METHODS}, "
+                         f"adaptive: {ADAPTIVE_METHODS}")
+    name = str(dtype).removeprefix("torch.")
+    if method in ADAPTIVE_METHODS and name in ("float16", "bfloat16"):
+        raise ValueError(f"the adaptive method {method!r} needs float32 (its tolerances are "
+                         f"below {name}'s resolution); use a fixed-step method in {name}")
 
 
 def _check_label(model: nn.Module, x0: torch.Tensor, label, cfg_scale: float) -> None:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -439,6 +440,59 @@ def test_the_cli_offers_every_solver_fm_sample_takes():
     from otq_kernels import fm
 
     assert cli.SOLVERS == fm.FIXED_STEP_METHODS + fm.ADAPTIVE_METHODS
+
+
+def test_review_of_the_session_67_cli(tmp_path, capsys, monkeypatch):
+    """An adaptive solver in float16 is refused before any work (torchdiffeq's 'underflow
+    in dt' traceback); --image-size is checked before quantizing while loading; a
+    non-string config in the metadata is one line; --config names the config recorded;
+    the command recorded is main's argv (a host program's sys.argv before); a bench
+    script killed by a signal gives 128 + N."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from otq_kernels import streaming
+
+    assert "the adaptive method 'dopri5' needs float32" in _refused(
+        ["sample", "--random-init", "tiny", "--method", "dopri5", "--dtype", "float16",
+         "-o", str(tmp_path / "s.png")], capsys)
+    fp = tmp_path / "fp.safetensors"
+    save_file(demo.random_model("tiny").state_dict(), str(fp), metadata={"config": "mnist"})
+    monkeypatch.setattr(streaming, "load_and_quantize",
+                        lambda *a, **k: pytest.fail("quantized before checking the size"))
+    assert "image size 7" in _refused(["quantize", "--checkpoint", str(fp), "--config",
+                                       "tiny", "--image-size", "7", "-o",
+                                       str(tmp_path / "q7.safetensors")], capsys)
+    args = argparse.Namespace(checkpoint=str(fp), config="tiny", image_size=None,
+                              random_init=None, device="cpu")
+    _, info = cli.load_model(args)
+    assert info["config"] == "tiny" and info["image_size"] == 16  # (it kept 'mnist', 28)
+    monkeypatch.undo()
+    out = tmp_path / "q.safetensors"
+    monkeypatch.setattr(sys, "argv", ["host-program", "its-own-argument"])
+    assert cli.main(["quantize", "--random-init", "tiny", "--quiet", "-o", str(out)]) == 0
+    assert read_metadata(out)["user"]["command"] == (
+        f"otq quantize --random-init tiny --quiet -o {out}")
+    meta, tensors = otq.checkpoint.read_safetensors(out)
+    user = json.loads(meta["user"])
+    bad = dict(meta, user=json.dumps(dict(user, config=["tiny"])))
+    bad[otq.checkpoint.CHECKSUMS] = otq.checkpoint._checksums(bad, tensors)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=bad)
+    assert "its metadata 'config' is not a config name" in _refused(
+        ["sample", "--checkpoint", str(tmp_path / "bad.safetensors"), "-o",
+         str(tmp_path / "s.png")], capsys)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: -13)
+    assert cli.main(["bench", "linear", "--smoke"]) == 141
+
+
+def test_a_closed_stdout_is_no_error(tmp_path):
+    """`otq quantize ... >&-`: Python sets sys.stdout to None; the command still succeeds."""
+    out = tmp_path / "q.safetensors"
+    done = subprocess.run(f"{shlex.quote(sys.executable)} -m otq_kernels.cli quantize "
+                          f"--random-init tiny --quiet -o {shlex.quote(str(out))} >&-",
+                          shell=True, capture_output=True, text=True)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and out.exists()
 
 
 def test_override_parsing():

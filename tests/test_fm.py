@@ -111,6 +111,9 @@ def test_sample_intermediates_labels_and_errors():
     for steps in (2.5, 0, True, None):
         with pytest.raises(ValueError, match="steps must be an integer >= 1"):
             fm.sample(model, x0, steps=steps)
+    for dtype in (torch.float16, torch.bfloat16):  # (torchdiffeq: 'underflow in dt')
+        with pytest.raises(ValueError, match="adaptive method 'dopri5' needs float32"):
+            fm.sample(model, x0.to(dtype), method="dopri5")
     for label in (torch.tensor(1), torch.tensor([0, 1, 2]), torch.tensor([0.0, 1.0]), 1,
                   torch.tensor([True, False])):
         with pytest.raises(ValueError, match="label must be an integer tensor \\[B\\] with B = 2"

@@ -26,15 +26,19 @@ def setup_py():
 @pytest.mark.parametrize("value, archs", [
     ("80;90", ["80", "90"]), ("8.0, 9.0", ["80", "90"]), ("sm_90a", ["90a"]),
     (" 86 89 ", ["86", "89"]), ("10.0;100f;120", ["100", "100f", "120"]),
+    ("80;90;", ["80", "90"]), (";80", ["80"]),
 ])
 def test_cuda_archs_takes_the_usual_spellings(setup_py, value, archs):
     assert setup_py.cuda_archs(value) == archs
 
 
-@pytest.mark.parametrize("value", ["75", "80;sm_70", "", "compute_90", "8.0+PTX", "9"])
+@pytest.mark.parametrize("value", ["75", "80;sm_70", "compute_90", "8.0+PTX", "9", "080",
+                                   "1000"])
 def test_cuda_archs_refuses_what_nvcc_or_the_kernels_cannot_take(setup_py, value):
     with pytest.raises(SystemExit, match="OTQ_CUDA_ARCHS=.*not an SM number of 80 or more"):
         setup_py.cuda_archs(value)
+    with pytest.raises(SystemExit, match="OTQ_CUDA_ARCHS=' ; ' names no SM number"):
+        setup_py.cuda_archs(" ; ")
 
 
 @pytest.mark.parametrize("value, on", [("1", True), ("yes", True), ("ON", True),
