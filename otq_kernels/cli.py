@@ -26,6 +26,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -586,10 +587,9 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    format_warning, warnings.formatwarning = warnings.formatwarning, (
-        lambda message, *_args, **_kwargs: f"otq {args.command}: warning: {message}\n")
     try:
-        status = int(args.func(args) or 0)
+        with _one_line_warnings(args.command):
+            status = int(args.func(args) or 0)
         if sys.stdout is not None:  # (None where fd 1 was closed: `>&-`)
             sys.stdout.flush()
         return status
@@ -605,8 +605,38 @@ def main(argv=None) -> int:
             raise
         print(f"otq {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+_WARNINGS = threading.local()  # .command: the otq command this thread runs, if any
+_WARNING_USERS = {"count": 0, "python": None}  # commands running; the formatter before
+_WARNING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """Warnings print as ``otq COMMAND: warning: ...`` while ``command`` runs in this
+    thread; Python's format is back when the last command in any thread ends."""
+    with _WARNING_LOCK:
+        if _WARNING_USERS["count"] == 0:
+            _WARNING_USERS["python"], warnings.formatwarning = (warnings.formatwarning,
+                                                                _format_warning)
+        _WARNING_USERS["count"] += 1
+    outer, _WARNINGS.command = getattr(_WARNINGS, "command", None), command
+    try:
+        yield
     finally:
-        warnings.formatwarning = format_warning
+        _WARNINGS.command = outer
+        with _WARNING_LOCK:
+            _WARNING_USERS["count"] -= 1
+            if _WARNING_USERS["count"] == 0:
+                warnings.formatwarning = _WARNING_USERS["python"]
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    command = getattr(_WARNINGS, "command", None)
+    if command is None:  # (another thread's warning while a command runs)
+        return _WARNING_USERS["python"](message, category, filename, lineno, line)
+    return f"otq {command}: warning: {message}\n"
 
 
 def _user_error(err: Exception) -> str | None:

@@ -495,6 +495,30 @@ def test_a_closed_stdout_is_no_error(tmp_path):
     assert done.returncode == 0 and "Traceback" not in done.stderr and out.exists()
 
 
+def test_one_line_warnings_are_undone_when_commands_overlap_in_threads(monkeypatch):
+    """(Each command put back the formatter it found: overlapping ones left theirs for
+    good, and every later warning in the process printed as `otq info: warning`.)"""
+    import threading
+    import warnings
+
+    python_format = warnings.formatwarning
+    both_inside, lines = threading.Barrier(2, timeout=10), []
+
+    def info(args):
+        both_inside.wait()
+        lines.append(warnings.formatwarning(f"from {args.file}", UserWarning, "f.py", 1))
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_info", info)
+    threads = [threading.Thread(target=cli.main, args=(["info", name],)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(lines) == ["otq info: warning: from a\n", "otq info: warning: from b\n"]
+    assert warnings.formatwarning is python_format
+
+
 def test_override_parsing():
     assert cli._parse_override("out.2=8") == ("out.2", {"bits": 8})
     assert cli._parse_override("a=b=4:lloyd:tensor") == (
