@@ -144,11 +144,17 @@ def score(fp: dict, q_samples, model_q, real01, fid_reason) -> dict:
     from .metrics.wasserstein import paired_pixel_w2
 
     out = {"samples": fidelity.paired_psnr_ssim(fp["samples"], q_samples)}
-    w2 = paired_pixel_w2(fp["samples"], q_samples)
-    w = w2["upper"].clamp_min(0).sqrt()
-    out["pixel_w2"] = {"method": w2["method"], "kappa": w2["kappa"], "mean": float(w.mean()),
-                       "max": float(w.max()), "w2sq": w2["upper"].tolist(),
-                       "lower_w2sq": w2["lower"].tolist()}
+    finite = bool(torch.isfinite(q_samples).all())
+    if finite:
+        w2 = paired_pixel_w2(fp["samples"], q_samples)
+        w = w2["upper"].clamp_min(0).sqrt()
+        out["pixel_w2"] = {"method": w2["method"], "kappa": w2["kappa"],
+                           "mean": float(w.mean()), "max": float(w.max()),
+                           "w2sq": w2["upper"].tolist(), "lower_w2sq": w2["lower"].tolist()}
+    else:  # (a diverged setting is a row of its own, not the end of the sweep)
+        out["pixel_w2"] = {"method": "not computed: the samples hold NaN or Inf",
+                           "kappa": None, "mean": math.nan, "max": math.nan}
+        fid_reason = fid_reason or "the samples hold NaN or Inf"
     if real01 is not None:
         v_q, latent = velocity_and_latent(model_q, real01)
         out["paper_velocity_t0"] = fidelity.velocity_psnr_ssim(fp["velocity"], v_q)

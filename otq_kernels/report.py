@@ -72,8 +72,9 @@ def format_table(result: dict) -> str:
               f"{m['n']} samples, {m['solver']} x {m['steps']} steps, seed {m['seed']}, "
               f"{m['granularity']} codebooks. bits/w: quantized layers incl. fp32 codebooks; "
               f"model KiB: everything stored.",
-              "PSNR/SSIM/pix W2 (pixels, exact per pair, mean): FP vs quantized samples from "
-              "the same noise. vPSNR/vSSIM@0: paper protocol (velocity at t=0 on real images). "
+              f"PSNR/SSIM/pix W2 (pixels, {_w2_kind(result['rows'])}, mean): FP vs quantized "
+              "samples from the same noise. vPSNR/vSSIM@0: paper protocol (velocity at t=0 on "
+              "real images). "
               "lat.var: mean PCA(20) variance of the bottleneck at t=0.",
               f"FID: {m['fid']}"]
     over = sorted({r["bits"] for r in result["rows"]
@@ -189,6 +190,14 @@ def _plot_mosaic(result: dict, samples: dict, path: Path, per_cell: int = 16) ->
                 axes[i][j].set_title(f"{m} {b}-bit", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _w2_kind(rows: list) -> str:
+    """What the pix W2 column holds: exact values, or upper bounds (larger images)."""
+    bounds = {r["pixel_w2"]["kappa"] for r in rows if r["pixel_w2"]["method"] == "bounds"}
+    if not bounds:
+        return "exact per pair"
+    return f"W2 an upper bound per pair: kappa={max(bounds)} interval, images above 32 px"
 
 
 def write_outputs(result: dict, samples: dict, table: str, out: Path) -> str:

@@ -519,6 +519,34 @@ def test_one_line_warnings_are_undone_when_commands_overlap_in_threads(monkeypat
     assert warnings.formatwarning is python_format
 
 
+def test_a_diverged_setting_is_a_row_not_the_end_of_the_sweep(monkeypatch, tmp_path):
+    """Non-finite samples at one setting (an overflow) give that row NaN scores; the other
+    settings and the outputs are written (the pixel W2 raised and lost the whole sweep)."""
+    quantize = demo.quantize_model
+
+    def diverging(model, **options):
+        q = quantize(model, **options)
+        if options["method"] == "uniform":
+            q.out.register_forward_hook(lambda module, args, out: out * math.nan)
+        return q
+
+    monkeypatch.setattr(demo, "quantize_model", diverging)
+    result = demo.evaluate(demo.random_model("tiny"), bits=(2,), methods=("ot", "uniform"),
+                           n=2, steps=1, n_real=4, progress=False, log=lambda _text: None,
+                           out_dir=tmp_path / "ev")
+    ot, uniform = result["rows"]
+    assert math.isfinite(ot["pixel_w2"]["mean"]) and math.isnan(uniform["pixel_w2"]["mean"])
+    assert uniform["pixel_w2"]["method"].startswith("not computed")
+    assert (tmp_path / "ev" / "results.json").exists()
+
+
+def test_the_table_says_when_pixel_w2_is_an_upper_bound():
+    exact = [{"pixel_w2": {"method": "exact", "kappa": None}}]
+    bounds = [{"pixel_w2": {"method": "bounds", "kappa": 2}}]
+    assert report._w2_kind(exact) == "exact per pair"
+    assert "upper bound per pair: kappa=2" in report._w2_kind(exact + bounds)
+
+
 def test_override_parsing():
     assert cli._parse_override("out.2=8") == ("out.2", {"bits": 8})
     assert cli._parse_override("a=b=4:lloyd:tensor") == (

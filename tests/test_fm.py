@@ -60,6 +60,16 @@ def test_sample_euler_matches_manual_loop():
     torch.testing.assert_close(fm.sample(model, x0, steps=3), x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("steps", [61, 109, 8])
+@pytest.mark.parametrize("method, stages", [("euler", 1), ("midpoint", 2), ("rk4", 4)])
+def test_fixed_step_methods_take_exactly_steps_steps(steps, method, stages):
+    """NFE = steps x stages (torchdiffeq's own grid from step_size=1/61 had 62 steps)."""
+    model, calls = _model(), []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    fm.sample(model, fm.make_noise((1, 1, 16, 16), seed=0), steps=steps, method=method)
+    assert len(calls) == steps * stages
+
+
 @pytest.mark.parametrize("method", ["rk4", "dopri5"])
 def test_sample_with_cuda_graph_replays_the_velocity_calls(method, monkeypatch):
     """cuda_graph=True runs every velocity call of the solver through one CudaGraphed
