@@ -30,7 +30,7 @@ def _as_tensor(x, name: str) -> torch.Tensor:
             raise ValueError(f"{name} must be an array or tensor, got {type(x).__name__}") from exc
     if x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"{name} must be a real-valued image, got dtype {x.dtype}")
-    return x.to(torch.float64)
+    return x.detach().to(torch.float64)  # (no distance here is differentiable)
 
 
 def normalize(img: torch.Tensor, name: str = "image") -> torch.Tensor:
@@ -39,15 +39,16 @@ def normalize(img: torch.Tensor, name: str = "image") -> torch.Tensor:
         raise ValueError(f"{name} contains NaN or Inf values")
     if (img < 0).any():
         raise ValueError(f"{name} has negative values; images must be non-negative measures")
-    mass = img.sum(dim=(-2, -1), keepdim=True)
-    if (mass <= 0).any():
+    peak = img.amax(dim=(-2, -1), keepdim=True)
+    if (peak <= 0).any():
         raise ValueError(f"{name} is all zero (mass 0); it cannot be normalized to mass 1")
-    return img / mass
+    img = img / peak  # (first: a sum of finite values near 1e308 overflows to inf)
+    return img / img.sum(dim=(-2, -1), keepdim=True)
 
 
 def check_p(p) -> int:
     """Return p as int; only p = 1 and p = 2 are supported."""
-    if p not in (1, 2):
+    if isinstance(p, bool) or p not in (1, 2):
         raise ValueError(f"p must be 1 or 2, got {p!r}")
     return int(p)
 
@@ -76,7 +77,11 @@ def as_image_pair(a, b, p) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
 
 def check_kappa(kappa, h: int, w: int) -> int:
     """Coarsening factor: an integer 1 <= kappa <= min(H, W)."""
-    if isinstance(kappa, bool) or int(kappa) != kappa or kappa < 1:
+    try:
+        whole = not isinstance(kappa, bool) and int(kappa) == kappa and kappa >= 1
+    except (TypeError, ValueError, OverflowError):  # (None, inf, nan: not numbers of it)
+        whole = False
+    if not whole:
         raise ValueError(f"kappa must be a positive integer, got {kappa!r}")
     if kappa > min(h, w):
         raise ValueError(f"kappa={kappa} is larger than the image ({h}x{w})")

@@ -70,10 +70,12 @@ def block_pair_costs(wa: np.ndarray, wb: np.ndarray, cost: np.ndarray) -> np.nda
     for i in range(len(wa)):
         sa, sb = wa[i] > 0, wb[i] > 0
         a, b = wa[i, sa], wb[i, sb]
-        val, log = ot.emd2(a, b * (a.sum() / b.sum()), cost[i][np.ix_(sa, sb)],
+        mass = a.sum()  # solved at mass 1, then scaled: POT's simplex gets masses below
+        # ~1e-155 wrong and segfaults below ~1e-170 (a Gaussian blob's far blocks)
+        val, log = ot.emd2(a / mass, b / b.sum(), cost[i][np.ix_(sa, sb)],
                            numItermax=NUM_ITER_MAX, log=True)
         if log.get("result_code") != 1:
             raise RuntimeError(f"ot.emd2 failed on a {len(a)}x{len(b)} block pair: "
                                f"result_code={log.get('result_code')}")
-        out[i] = val
+        out[i] = val * mass
     return out

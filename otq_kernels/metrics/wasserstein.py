@@ -142,7 +142,10 @@ def _timed_bounds(mu, nu, p, kappa, names) -> dict:
 
 def _check_names(names, default) -> list[str]:
     names = default if names is None else names
-    names = [*LOWER_BOUNDS, *UPPER_BOUNDS] if names == "all" else list(names)
+    names = [*LOWER_BOUNDS, *UPPER_BOUNDS] if names == "all" else (
+        [names] if isinstance(names, str) else list(names))  # (a string was split up)
+    if not names:
+        raise ValueError("names must name at least one bound")
     unknown = set(names) - set(LOWER_BOUNDS) - set(UPPER_BOUNDS)
     if unknown:
         raise ValueError(f"unknown bound names {sorted(unknown)}; "
@@ -219,12 +222,14 @@ def paired_pixel_w2(samples_a, samples_b, exact_max_side: int = 32, kappa: int =
     "lower": [B], "upper": [B]} (float64 tensors; lower = upper = w2sq when exact).
     Normalization hides total-intensity differences; report those separately.
     """
+    shapes = [tuple(getattr(s, "shape", ())) for s in (samples_a, samples_b)]
+    if shapes[0] != shapes[1]:  # (before the channel mean: RGB against gray passed)
+        raise ValueError(f"sample batches differ in shape: {shapes[0]} vs {shapes[1]}")
     a = _samples_to_images(samples_a, eps, "samples_a")
     b = _samples_to_images(samples_b, eps, "samples_b")
-    if a.shape != b.shape:
-        raise ValueError(f"sample batches differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
     if max(a.shape[-2:]) <= exact_max_side:
         v = exact_wasserstein(a, b, p=2)
-        return {"method": "exact", "kappa": None, "w2sq": v, "lower": v, "upper": v.clone()}
+        return {"method": "exact", "kappa": None, "w2sq": v, "lower": v.clone(),
+                "upper": v.clone()}
     lo, hi = wasserstein_bounds(a, b, p=2, kappa=kappa)
     return {"method": "bounds", "kappa": kappa, "w2sq": None, "lower": lo, "upper": hi}

@@ -168,6 +168,9 @@ def test_emd_failure_raises(monkeypatch):
     (torch.ones(4, 4), torch.ones(4, 4), {"p": 3}, "p must be"),
     (torch.ones(4, 4), torch.ones(4, 4), {"kappa": 8}, "larger than the image"),
     (torch.ones(4, 4), torch.ones(4, 4), {"kappa": 0}, "positive integer"),
+    (torch.ones(4, 4), torch.ones(4, 4), {"kappa": None}, "positive integer"),
+    (torch.ones(4, 4), torch.ones(4, 4), {"kappa": float("inf")}, "positive integer"),
+    (torch.ones(4, 4), torch.ones(4, 4), {"p": True}, "p must be"),
 ])
 def test_bad_input_raises(a, b, kw, match):
     fn = W.wasserstein_bounds if "kappa" in kw else W.exact_wasserstein
@@ -180,6 +183,33 @@ def test_unknown_bound_name_raises():
         W.all_bounds(torch.ones(4, 4), torch.ones(4, 4), names=["upper_nonsense"])
     with pytest.raises(ValueError, match="at least one lower"):
         W.wasserstein_bounds(torch.ones(4, 4), torch.ones(4, 4), names=["lower_min_cost"])
+
+
+def test_bound_names_a_string_or_none():
+    a, b = torch.rand(4, 4), torch.rand(4, 4)
+    row = W.all_bounds(a, b, kappa=2, names="lower_min_cost")[0]  # (split into letters)
+    assert "lower_min_cost" in row and "upper_weighted_cost" not in row
+    with pytest.raises(ValueError, match="at least one bound"):
+        W.all_bounds(a, b, names=[])
+
+
+def test_bounds_of_blobs_with_near_empty_blocks_and_of_inputs_needing_care():
+    """A float64 Gaussian blob's far blocks hold masses near 1e-300: the block LPs run at
+    mass 1 (POT's simplex crashed the process below ~1e-170); inputs that require grad,
+    and finite images whose sum overflows, are taken as any other."""
+    yy, xx = torch.meshgrid(*[torch.arange(32, dtype=torch.float64)] * 2, indexing="ij")
+    a = torch.exp(-((yy - 4) ** 2 + (xx - 5) ** 2) / 2)
+    b = torch.exp(-((yy - 26) ** 2 + (xx - 24) ** 2) / 2)
+    assert 0 < a.min() < 1e-200
+    exact = W.exact_wasserstein(a, b)
+    lower, upper = W.wasserstein_bounds(a, b, kappa=2)
+    assert lower <= exact * (1 + 1e-9) and upper >= exact * (1 - 1e-9)
+    grad = a.clone().requires_grad_()
+    assert W.wasserstein_bounds(grad, b, kappa=2) == (lower, upper)
+    huge = torch.full((4, 4), 1e307, dtype=torch.float64)
+    huge[0, 0] = 3e307
+    assert W.exact_wasserstein(huge, a[:4, :4]) == pytest.approx(
+        W.exact_wasserstein(huge * 1e-300, a[:4, :4]), rel=1e-12)
 
 
 def test_paired_pixel_w2_exact_and_bounds():
@@ -196,6 +226,9 @@ def test_paired_pixel_w2_exact_and_bounds():
     assert torch.all(bounds["upper"] >= exact["w2sq"] - 1e-9)
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
         W.paired_pixel_w2(xa[0], xb[0])
+    with pytest.raises(ValueError, match="sample batches differ in shape"):
+        W.paired_pixel_w2(xa, xb[:, :1])  # (RGB against gray: equal after the channel mean)
+    assert exact["lower"] is not exact["w2sq"]
 
 
 def test_import_is_light():
