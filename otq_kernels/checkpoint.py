@@ -586,7 +586,7 @@ def _float_again(model: nn.Module, aliases: dict, swapped: dict, tensors: dict) 
                 weight is None or not weight.is_floating_point()):
             continue
         dtype = module.bias.dtype if module.bias is not None else default
-        layer = module.float_shell(dtype, torch.device("meta"))
+        layer = module.float_shell(dtype, torch.device("meta"), share_hooks=True)
         layer.weight = weights.setdefault(id(weight), layer.weight)
         swaps.append((names, layer))
     return swaps

@@ -79,13 +79,16 @@ STATE_LAYOUT = "otq_layout"  # keys of a quantized layer's state-dict metadata e
 STATE_FIT = "otq_fit"
 
 
-def _take_hooks(layer: nn.Module, module: nn.Module) -> None:
-    """Give ``layer`` the forward and backward hooks of ``module``, which it replaces: the
-    same dicts, so that their handles still remove them (and a hook registered on the
-    discarded ``module`` later reaches ``layer`` too), less the hooks that compute the
-    float weight or bias (the quantized layer holds them computed)."""
+def _take_hooks(layer: nn.Module, module: nn.Module, share: bool) -> None:
+    """Give ``layer`` the forward and backward hooks of ``module``, less the hooks that
+    compute the float weight or bias (the quantized layer holds them computed). ``share``
+    (``layer`` replaces ``module``): the same dicts, so that their handles still remove
+    them (and a hook registered on the discarded ``module`` later reaches ``layer`` too);
+    else copies, as for two modules that both live on (a hook added to one stays its)."""
     for attr in HOOK_ATTRIBUTES:
-        setattr(layer, attr, getattr(module, attr))
+        hooks = getattr(module, attr)  # (a dict, or _is_full_backward_hook's None/bool)
+        copy = not share and isinstance(hooks, dict)
+        setattr(layer, attr, type(hooks)(hooks) if copy else hooks)
     pre_hooks = module._forward_pre_hooks
     if any(_computed_tensor(hook) for hook in pre_hooks.values()):
         layer._forward_pre_hooks = OrderedDict(
@@ -135,6 +138,18 @@ def _check_finite_codebook(codebook: torch.Tensor) -> None:
         raise ValueError(f"the codebook {list(codebook.shape)} has {bad} NaN/Inf entries")
 
 
+def check_bias(bias, n: int) -> None:
+    """ValueError unless ``bias`` is None or a float tensor [n] that holds values."""
+    if bias is not None and not (isinstance(bias, torch.Tensor)
+                                 and bias.is_floating_point() and bias.shape == (n,)):
+        raise ValueError(f"bias must be None or a float tensor [{n}], got "
+                         f"{getattr(bias, 'dtype', type(bias).__name__)} "
+                         f"{list(getattr(bias, 'shape', []))}")
+    if bias is not None and bias.is_meta:
+        raise ValueError("bias is on the meta device (it holds no values): load or "
+                         "initialise it before quantizing")
+
+
 class _QuantModule(nn.Module):
     """Shared storage: planes/codebook buffers, float bias, cached QuantizedTensor views."""
 
@@ -144,12 +159,7 @@ class _QuantModule(nn.Module):
         """Buffers and bias of ``qt``: normal tensors even under ``torch.inference_mode``
         (inference tensors could not be loaded into later, nor feed an input gradient)."""
         _check_finite_codebook(qt.codebook)
-        n = qt.shape[0] if len(qt.shape) > 1 else 1
-        if bias is not None and not (isinstance(bias, torch.Tensor)
-                                     and bias.is_floating_point() and bias.shape == (n,)):
-            raise ValueError(f"bias must be None or a float tensor [{n}], got "
-                             f"{getattr(bias, 'dtype', type(bias).__name__)} "
-                             f"{list(getattr(bias, 'shape', []))}")
+        check_bias(bias, qt.shape[0] if len(qt.shape) > 1 else 1)
         self.bits, self.granularity, self.method = qt.bits, qt.granularity, qt.method
         self.weight_shape = tuple(qt.shape)
         self.backend = self.check_backend(backend, qt.bits, self._layout(self))
@@ -304,8 +314,14 @@ class _QuantModule(nn.Module):
             return
         assign = bool(metadata.get("assign_to_params_buffers", False))
         for name, dtype in self._code_dtypes().items():
-            given = state_dict.get(prefix + name)
-            error = isinstance(given, torch.Tensor) and _code_dtype_error(given, dtype, assign)
+            given, own = state_dict.get(prefix + name), self._buffers.get(name)
+            error = isinstance(given, torch.Tensor) and (
+                _code_dtype_error(given, dtype, assign) or (
+                    own is not None and given.shape != own.shape and (
+                        f"size mismatch: copying a buffer of shape {list(given.shape)}, "
+                        f"the shape in this layer is {list(own.shape)} (no code loaded: "
+                        "the rest would give codes of one layer to the codebook of "
+                        "another)")))
             if error:
                 error_msgs.append(f"{prefix}{name}: {error}")
                 return
@@ -364,27 +380,30 @@ class _QuantModule(nn.Module):
 
     @classmethod
     def replacing(cls, module: nn.Module, qt: QuantizedTensor, bias: torch.Tensor | None,
-                  backend: str) -> _QuantModule:
+                  backend: str, share_hooks: bool = True) -> _QuantModule:
         """A layer of ``qt`` to put in place of ``module``: its geometry, train/eval mode
-        and hooks."""
+        and hooks (``share_hooks``: its very hook dicts, see :func:`_take_hooks`)."""
         layer = cls(qt, bias, backend, **cls._layout(module)).train(module.training)
-        _take_hooks(layer, module)
+        _take_hooks(layer, module, share_hooks)
         return layer
 
-    def to_float(self, dtype: torch.dtype | None = None) -> nn.Module:
+    def to_float(self, dtype: torch.dtype | None = None, share_hooks: bool = False
+                 ) -> nn.Module:
         """The ``FLOAT_TYPE`` layer of the dequantized weight (``dtype``: default the bias's,
         float32 without one) and this bias, on this device, in this train/eval mode, with
-        these hooks: the inverse of :meth:`from_float` up to the quantization error."""
+        these hooks (copies; ``share_hooks``, for a swap: the same dicts): the inverse of
+        :meth:`from_float` up to the quantization error."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         check_float_dtype(dtype)
-        layer = self.float_shell(dtype, self.codebook.device)
+        layer = self.float_shell(dtype, self.codebook.device, share_hooks)
         with torch.no_grad():
             layer.weight.copy_(self.dequantize(dtype))
             if self.bias is not None:
                 layer.bias.copy_(self.bias)
         return layer
 
-    def float_shell(self, dtype: torch.dtype, device) -> nn.Module:
+    def float_shell(self, dtype: torch.dtype, device, share_hooks: bool = False
+                    ) -> nn.Module:
         """The ``FLOAT_TYPE`` layer of this geometry, bias, train/eval mode and hooks, its
         tensors uninitialised on ``device`` (meta: none): what :meth:`to_float` fills, and
         what a checkpoint that kept this layer float loads into."""
@@ -392,7 +411,7 @@ class _QuantModule(nn.Module):
             layer = self.FLOAT_TYPE(**self._float_layout(), bias=self.bias is not None,
                                     dtype=dtype)
         layer = layer.to_empty(device=device).train(self.training)
-        _take_hooks(layer, self)
+        _take_hooks(layer, self, share_hooks)
         return layer
 
     def _float_layout(self) -> dict:
@@ -402,15 +421,17 @@ class _QuantModule(nn.Module):
 
     @classmethod
     def from_float(cls, module: nn.Module, bits: int = 4, method: str = "ot",
-                   granularity: str = "channel", backend: str = "auto") -> _QuantModule:
+                   granularity: str = "channel", backend: str = "auto",
+                   share_hooks: bool = False) -> _QuantModule:
         """Quantize a float layer of ``FLOAT_TYPE`` (its weight is fitted once; the module
-        is left untouched)."""
+        is left untouched). The layer takes copies of its hooks (``share_hooks``, for a
+        swap: the same dicts, as ``quantize_model`` does)."""
         _check_type(module, cls.FLOAT_TYPE)
         cls.check_backend(backend, check_options(bits, method, granularity, "rank"),
                           cls._layout(module))
         weight = float_tensor(module)
         qt = cls._fit(weight, bits, method, granularity, module)
-        layer = cls.replacing(module, qt, float_tensor(module, "bias"), backend)
+        layer = cls.replacing(module, qt, float_tensor(module, "bias"), backend, share_hooks)
         layer._set_stats(weight)
         return layer
 

@@ -25,6 +25,7 @@ from .modules import (
     QuantLinear,
     _QuantModule,
     bare_module,
+    check_bias,
     float_tensor,
     module_aliases,
     quant_class_for,
@@ -247,6 +248,10 @@ def plan_quantization(model: nn.Module, bits: int = 4, method: str = "ot",
     layer_names = {name: aliases[id(model.get_submodule(name))] for name in names}
     every_name = [n for names_of_one in aliases.values() for n in names_of_one]
     _warn_unmatched(include, every_name, "include")
+    if include and not names and all(_matches_any(every_name, [p]) for p in include):
+        warnings.warn("quantize_model: the include patterns select no layer it quantizes "
+                      "(what they match is kept float or already quantized: see the "
+                      "summary's reasons)", stacklevel=2)
     _warn_unmatched(exclude, every_name, "exclude")
     _warn_unmatched(overrides, _scopes([n for name in names for n in layer_names[name]]),
                     "override")
@@ -326,16 +331,27 @@ def quantize_layers(model: nn.Module, plan: QuantizationPlan,
 
     for name, _ in plan.layers:
         with _naming_layer(name):
-            check_weight(float_tensor(float_layer(name)))
-    for name, opts in tqdm(plan.layers, desc="quantize", unit="layer", disable=not progress):
-        layer = float_layer(name)
-        if name in plan.ties:
-            layer = _sharing_codes(layer, model.get_submodule(plan.ties[name]), opts)
-        else:
-            layer = _quantized(name, layer, opts)
-        replace_module(model, plan.aliases[name], layer)
-        if after_layer is not None:
-            after_layer(name)
+            _check_tensors(float_layer(name))  # (held by no name here: one layer alive)
+    try:
+        for name, opts in tqdm(plan.layers, desc="quantize", unit="layer",
+                               disable=not progress):
+            layer = float_layer(name)
+            if name in plan.ties:
+                layer = _sharing_codes(layer, model.get_submodule(plan.ties[name]), opts)
+            else:
+                layer = _quantized(name, layer, opts)
+            replace_module(model, plan.aliases[name], layer)
+            if after_layer is not None:
+                after_layer(name)
+    finally:  # (interrupted part way: torch's fused paths must not meet a swapped layer)
+        sync_fast_paths(model)
+
+
+def _check_tensors(layer: nn.Module) -> None:
+    """ValueError naming what is wrong with a float layer's weight or bias."""
+    weight = float_tensor(layer)
+    check_weight(weight)
+    check_bias(float_tensor(layer, "bias"), weight.shape[0])
 
 
 def _sharing_codes(layer: nn.Module, tied: _QuantModule, opts: dict) -> nn.Module:
@@ -349,7 +365,7 @@ def _sharing_codes(layer: nn.Module, tied: _QuantModule, opts: dict) -> nn.Modul
 
 def _quantized(name: str, layer: nn.Module, opts: dict) -> nn.Module:
     with _naming_layer(name):
-        return quant_class_for(layer).from_float(layer, **opts)
+        return quant_class_for(layer).from_float(layer, **opts, share_hooks=True)
 
 
 def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
@@ -375,7 +391,7 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
         layer = model.get_submodule(names[0])
         if isinstance(layer, _QuantModule) and names[0]:
             layer_dtype = dtype or (None if layer.bias is not None else default)
-            dense = layer.to_float(layer_dtype)
+            dense = layer.to_float(layer_dtype, share_hooks=True)
             dense.weight = weights.setdefault(memory_key(layer.codebook), dense.weight)
             swaps.append((names, dense))
     for names, dense in swaps:

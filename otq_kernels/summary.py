@@ -181,13 +181,15 @@ def format_summary(summary: QuantizationSummary, max_rows: int | None = None) ->
     rows = summary.layers if max_rows is None else summary.layers[:max_rows]
     width = min(max((len(r.name) for r in rows), default=0), NAME_WIDTH_MAX)
     width = max(width, len("layer"))
-    head = (f"{'layer':<{width}} {'type':<12} {'shape':<18} {'bits':>4} {'method':<9} "
+    types = max([12, *(len(r.type) for r in rows)])  # (MultiheadAttention: 18)
+    head = (f"{'layer':<{width}} {'type':<{types}} {'shape':<18} {'bits':>4} {'method':<9} "
             f"{'bits/w':>7} {'SQNR dB':>8} {'W2':>9}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         note = "" if r.status == "quantized" else r.status
         lines.append(
-            f"{_fit_name(r.name, width):<{width}} {r.type:<12} {'x'.join(map(str, r.shape)):<18} "
+            f"{_fit_name(r.name, width):<{width}} {r.type:<{types}} "
+            f"{'x'.join(map(str, r.shape)):<18} "
             f"{_fmt(r.bits, 'd'):>4} {r.method or '-':<9} {_fmt(r.bits_per_weight, '.3f'):>7} "
             f"{_fmt(r.sqnr_db, '.2f'):>8} {_fmt(r.w2, '.2e'):>9}  {note}")
     if max_rows is not None and len(summary.layers) > max_rows:

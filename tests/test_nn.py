@@ -417,6 +417,19 @@ def test_summary_table_prints_long_layer_names_whole_up_to_its_limit():
     assert lines[4].startswith("..." + long[-(NAME_WIDTH_MAX - 3):] + " QuantLinear")
 
 
+def test_summary_table_widens_its_type_column_for_long_type_names():
+    """(MultiheadAttention and its NonDynamicallyQuantizableLinear pushed their rows out
+    of line.)"""
+    model = nn.Sequential(nn.MultiheadAttention(16, 2), nn.Linear(16, 4))
+    otq.quantize_model(model, bits=2, progress=False)
+    lines = otq.nn.format_summary(model.otq_summary).splitlines()
+    shape = lines[0].index("shape")
+    rows = [line for line in lines[2:] if "x" in line.split()[-1:] or "float" in line
+            or "QuantLinear" in line][:3]
+    assert len(rows) == 3 and all(row[shape - 1] == " " and row[shape].isdigit()
+                                  for row in rows), "\n".join(lines)
+
+
 def test_quantize_model_include_and_errors():
     model = Toy()
     otq.nn.quantize_model(model, bits=2, include=["blocks.*"], progress=False)
@@ -881,6 +894,87 @@ def test_a_replaced_layers_hooks_go_with_it():
         otq.dequantize_model(model)
         model(x)
     assert calls == [(2, 6), (2, 6)] and type(model[0]) is nn.Linear
+
+
+def test_from_float_and_to_float_copy_hooks_for_layers_that_both_live_on():
+    """A hook added to the float layer after from_float (or to a to_float copy) stays on
+    that layer: the shared hook dicts made each hook fire on both, and a comparison of
+    their outputs through hooks read an MSE of 0."""
+    torch.manual_seed(0)
+    linear, seen = nn.Linear(16, 8), []
+    linear.register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    quantized = qnn.QuantLinear.from_float(linear, bits=2)
+    linear.register_forward_hook(lambda m, args, out: seen.append("float only"))
+    dense = quantized.to_float()
+    dense.register_forward_pre_hook(lambda m, args: seen.append("dense only"))
+    x = torch.randn(2, 16)
+    for layer in (linear, quantized, dense):
+        layer(x)
+    assert seen == ["Linear", "float only", "QuantLinear", "dense only", "Linear"]
+
+
+@pytest.mark.parametrize("bias, match", [
+    (lambda: nn.Parameter(torch.empty(8, device="meta")), "bias is on the meta device"),
+    (lambda: nn.Parameter(torch.zeros(8, dtype=torch.int64), requires_grad=False),
+     "bias must be None or a float tensor \\[8\\], got torch.int64"),
+], ids=["meta", "int64"])
+def test_biases_are_checked_before_any_layer_is_replaced(bias, match):
+    """(The last layer's bias was checked only when its turn came: earlier layers were
+    already swapped, and a meta bias raised torch's NotImplementedError.)"""
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    model[2].bias = bias()
+    with pytest.raises(ValueError, match=f"layer '2': {match}"):
+        otq.quantize_model(model, progress=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+
+
+def test_an_interrupted_quantize_model_leaves_torch_s_fast_paths_consistent(monkeypatch):
+    """A failure after some layers are swapped (memory, Ctrl-C) still turns the fused
+    transformer path off where a layer is quantized (its next eval call failed on a
+    QuantLinear without a dense .weight); a second call finishes the job."""
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True).eval()
+    model = nn.Sequential(layer)
+    real, calls = qnn._quantized, []
+
+    def fails_second(name, module, opts):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(name, module, opts)
+
+    monkeypatch.setattr(qnn, "_quantized", fails_second)
+    with pytest.raises(KeyboardInterrupt):
+        otq.quantize_model(model, progress=False)
+    assert any(isinstance(m, qnn.QuantLinear) for m in model.modules())
+    with torch.no_grad():
+        model(torch.randn(2, 5, 16))  # (the fused path would need every dense weight)
+
+
+def test_load_state_dict_of_other_code_shapes_loads_no_code():
+    """A plain dict (no layout metadata) of a per-tensor layer into a per-channel one:
+    the planes fit, the codebook does not; nothing is loaded (the planes were, leaving
+    one layer's codes on another's codebook)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 8)
+    mine = qnn.QuantLinear.from_float(linear, bits=4, granularity="channel")
+    theirs = qnn.QuantLinear.from_float(nn.Linear(64, 8), bits=4, granularity="tensor")
+    before = mine.dequantize()
+    plain = {key: value.clone() for key, value in theirs.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match="codebook: size mismatch.*no code loaded"):
+            mine.load_state_dict(plain, strict=strict)
+        assert torch.equal(mine.dequantize(), before)
+
+
+def test_include_patterns_that_select_no_quantizable_layer_warn():
+    """(A DiT's attention out_proj, or layers quantized already, included: nothing was
+    quantized and nothing said.)"""
+    model = nn.Sequential(nn.MultiheadAttention(16, 2), nn.Linear(16, 4))
+    with pytest.warns(UserWarning, match="include patterns select no layer it quantizes"):
+        otq.quantize_model(model, include=["*.out_proj"], progress=False)
+    otq.quantize_model(model, progress=False)
+    with pytest.warns(UserWarning, match="select no layer it quantizes"):
+        otq.quantize_model(model, include=["1"], progress=False)
 
 
 class LoRALinear(nn.Linear):
