@@ -44,6 +44,7 @@ from .modules import (
     _QuantModule,
     bare_module,
     computed_tensors,
+    dense_dtype,
     module_aliases,
     replace_module,
 )
@@ -295,13 +296,7 @@ def _safetensors_file(path):
     dtypes); FileNotFoundError, or ValueError for a file that is not one."""
     from safetensors import safe_open
 
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory, not a checkpoint file")
-    if not os.path.isfile(path):  # a pipe or device would block or never end
-        raise ValueError(f"{path} is not a regular file")
+    path = require_file(path)
     with open(path, "rb"):  # (a PermissionError as such: safetensors says "no such file")
         pass
     try:
@@ -310,6 +305,25 @@ def _safetensors_file(path):
     except Exception as err:  # safetensors raises its own error types (header, truncation)
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
                          f"{err}") from None
+
+
+def require_file(path) -> str:
+    """``path`` as a string: FileNotFoundError where nothing is there, ValueError for a
+    directory, a pipe or a device (a read of those would block or never end)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a regular file")
+    return path
+
+
+def reads_as_safetensors(path) -> bool:
+    """Whether the readers take ``path`` as a safetensors file: by its name (any case; a
+    damaged one then says what is wrong with it) or by its first bytes."""
+    return os.fspath(path).lower().endswith(".safetensors") or is_safetensors_file(path)
 
 
 def is_safetensors_file(path) -> bool:
@@ -576,8 +590,6 @@ def _float_again(model: nn.Module, aliases: dict, swapped: dict, tensors: dict) 
     skeleton's dtype (its bias's, else the model's first float parameter's), as
     load_state_dict keeps a model's dtypes, and layers whose file weight is one tensor
     (tied weights) sharing one parameter again."""
-    default = next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                   torch.float32)
     swaps, weights = [], {}  # weights: id(file weight) -> the first float layer's parameter
     for module in {id(m): m for m in model.modules()}.values():
         names = aliases[id(module)]
@@ -585,8 +597,8 @@ def _float_again(model: nn.Module, aliases: dict, swapped: dict, tensors: dict) 
         if not isinstance(module, _QuantModule) or id(module) in swapped or (
                 weight is None or not weight.is_floating_point()):
             continue
-        dtype = module.bias.dtype if module.bias is not None else default
-        layer = module.float_shell(dtype, torch.device("meta"), share_hooks=True)
+        layer = module.float_shell(dense_dtype(module, model), torch.device("meta"),
+                                   share_hooks=True)
         layer.weight = weights.setdefault(id(weight), layer.weight)
         swaps.append((names, layer))
     return swaps

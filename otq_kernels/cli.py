@@ -76,9 +76,9 @@ def bit_width(text: str) -> int:
 # ----------------------------------------------------------------------------- models
 def _file_metadata(path: str) -> dict:
     """safetensors metadata ({} for other files)."""
-    from .checkpoint import is_safetensors_file, read_safetensors_metadata
+    from .checkpoint import read_safetensors_metadata, reads_as_safetensors
 
-    if not (str(path).lower().endswith(".safetensors") or is_safetensors_file(path)):
+    if not reads_as_safetensors(path):
         return {}
 
     return read_safetensors_metadata(path)
@@ -111,7 +111,7 @@ def load_model(args, load_float=None) -> tuple:
     """(model, info) from --checkpoint / --config / --random-init; info has config,
     config_kwargs, image_size, source, quantized. load_float(path, meta skeleton) fills
     the skeleton from a float checkpoint (default: load_fm_checkpoint)."""
-    from .checkpoint import FORMAT, _json, load_quantized
+    from .checkpoint import FORMAT, _json, load_quantized, require_file
     from .models import (
         IMAGE_SIZES,
         UNetModel,
@@ -136,10 +136,7 @@ def load_model(args, load_float=None) -> tuple:
         info.update(config=meta.get("config", "digits"), config_kwargs=meta.get("config_kwargs"),
                     source="bundled demo model")
     else:
-        if not os.path.exists(ckpt):  # (before the architecture: that question comes second)
-            raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-        if os.path.isdir(ckpt):
-            raise ValueError(f"{ckpt} is a directory, not a checkpoint file")
+        require_file(ckpt)  # (before the architecture: that question comes second)
         meta = _file_metadata(ckpt)
         quantized = meta.get("format") == FORMAT
         recorded = _json(meta, "user", ckpt) if quantized else meta

@@ -130,12 +130,31 @@ def _code_dtype_error(given: torch.Tensor, dtype: torch.dtype, assign: bool) -> 
     return None
 
 
+def _code_shape_error(given: torch.Tensor, own: torch.Tensor | None) -> str | None:
+    """Why ``given`` cannot load into the code buffer ``own`` for its shape (the layer then
+    loads no code at all: the rest would put one layer's codes on another's codebook)."""
+    if own is None or given.shape == own.shape:
+        return None
+    return (f"size mismatch: copying a buffer of shape {list(given.shape)}, the shape in "
+            f"this layer is {list(own.shape)} (no code loaded)")
+
+
 def _check_finite_codebook(codebook: torch.Tensor) -> None:
     """A NaN/Inf codebook entry would give NaN outputs without an error: refuse it here,
     once per layer (a meta skeleton's codebook has no values to check)."""
     if codebook.device.type != "meta" and not bool(torch.isfinite(codebook).all()):
         bad = int((~torch.isfinite(codebook)).sum())
         raise ValueError(f"the codebook {list(codebook.shape)} has {bad} NaN/Inf entries")
+
+
+def dense_dtype(layer: _QuantModule, model: nn.Module) -> torch.dtype:
+    """The dtype quantized ``layer``'s dense form takes in ``model``: its bias's, else the
+    model's first floating-point parameter's, else float32 (what torch's load_state_dict
+    keeps, and what dequantize_model gives)."""
+    if layer.bias is not None:
+        return layer.bias.dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                torch.float32)
 
 
 def check_bias(bias, n: int) -> None:
@@ -314,14 +333,10 @@ class _QuantModule(nn.Module):
             return
         assign = bool(metadata.get("assign_to_params_buffers", False))
         for name, dtype in self._code_dtypes().items():
-            given, own = state_dict.get(prefix + name), self._buffers.get(name)
+            given = state_dict.get(prefix + name)
             error = isinstance(given, torch.Tensor) and (
-                _code_dtype_error(given, dtype, assign) or (
-                    own is not None and given.shape != own.shape and (
-                        f"size mismatch: copying a buffer of shape {list(given.shape)}, "
-                        f"the shape in this layer is {list(own.shape)} (no code loaded: "
-                        "the rest would give codes of one layer to the codebook of "
-                        "another)")))
+                _code_dtype_error(given, dtype, assign)
+                or _code_shape_error(given, self._buffers.get(name)))
             if error:
                 error_msgs.append(f"{prefix}{name}: {error}")
                 return

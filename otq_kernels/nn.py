@@ -26,6 +26,7 @@ from .modules import (
     _QuantModule,
     bare_module,
     check_bias,
+    dense_dtype,
     float_tensor,
     module_aliases,
     quant_class_for,
@@ -272,9 +273,8 @@ def plan_quantization(model: nn.Module, bits: int = 4, method: str = "ot",
 
 
 def finish_quantization(wrapper: nn.Module, model: nn.Module, reasons: dict) -> nn.Module:
-    """After the layers are swapped: torch's fast paths where they still apply, and the
-    summary attached to ``model`` and its ``wrapper``; returns ``wrapper``."""
-    sync_fast_paths(model)
+    """After the layers are swapped (:func:`quantize_layers` has set torch's fast paths):
+    the summary attached to ``model`` and its ``wrapper``; returns ``wrapper``."""
     model._otq_reasons = {**getattr(model, "_otq_reasons", {}), **reasons}
     model.otq_summary = wrapper.otq_summary = quantization_summary(model)
     return wrapper
@@ -384,14 +384,12 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
     if isinstance(model, _QuantModule):  # (it cannot replace itself in place)
         raise ValueError(f"dequantize_model: the model is itself a {type(model).__name__}; "
                          "its .to_float() is the float layer")
-    default = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     weights: dict[tuple, nn.Parameter] = {}  # codes -> the float weight made of them
     swaps = []  # (names, float layer): all made before any is swapped in
     for names in module_aliases(model).values():
         layer = model.get_submodule(names[0])
         if isinstance(layer, _QuantModule) and names[0]:
-            layer_dtype = dtype or (None if layer.bias is not None else default)
-            dense = layer.to_float(layer_dtype, share_hooks=True)
+            dense = layer.to_float(dtype or dense_dtype(layer, model), share_hooks=True)
             dense.weight = weights.setdefault(memory_key(layer.codebook), dense.weight)
             swaps.append((names, dense))
     for names, dense in swaps:

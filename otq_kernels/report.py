@@ -197,7 +197,7 @@ def _w2_kind(rows: list) -> str:
     bounds = {r["pixel_w2"]["kappa"] for r in rows if r["pixel_w2"]["method"] == "bounds"}
     if not bounds:
         return "exact per pair"
-    return f"W2 an upper bound per pair: kappa={max(bounds)} interval, images above 32 px"
+    return f"W2 an upper bound per pair: kappa={max(bounds)} interval"
 
 
 def write_outputs(result: dict, samples: dict, table: str, out: Path) -> str:

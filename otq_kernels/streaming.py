@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .checkpoint import FORMAT, is_safetensors_file, load_device, read_safetensors_header
+from .checkpoint import FORMAT, load_device, read_safetensors_header, reads_as_safetensors
 from .models.checkpoint import checkpoint_state, read_float_checkpoint
 from .modules import HOOK_ATTRIBUTES, bare_module
 from .nn import finish_quantization, plan_quantization, quantize_layers
@@ -73,8 +73,7 @@ def _float_tensors(source):
     """{name: tensor or _StoredTensor} of a float checkpoint: a ``.safetensors`` path is
     opened for reading on demand (for the duration of the block), anything else is read
     whole (:func:`~otq_kernels.models.checkpoint.read_float_checkpoint`)."""
-    if isinstance(source, Mapping) or not (os.fspath(source).endswith(".safetensors")
-                                           or is_safetensors_file(source)):
+    if isinstance(source, Mapping) or not reads_as_safetensors(source):
         yield read_float_checkpoint(source)
         return
     path = os.fspath(source)

@@ -31,16 +31,10 @@ _SHADOW = re.compile(r"^shadow_params\.(\d+)$")
 
 
 def _read_file(path: str | os.PathLike) -> dict:
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory, not a checkpoint file")
-    if not os.path.isfile(path):  # a pipe or device would block or never end
-        raise ValueError(f"{path} is not a regular file")
-    from ..checkpoint import is_safetensors_file, read_safetensors
+    from ..checkpoint import read_safetensors, reads_as_safetensors, require_file
 
-    if path.endswith(".safetensors") or is_safetensors_file(path):  # (by content too)
+    path = require_file(path)
+    if reads_as_safetensors(path):
         return read_safetensors(path)[1]
     if not path.endswith((".pt", ".pth", ".ckpt", ".bin")):
         raise ValueError(f"unsupported checkpoint format {path!r} (use .safetensors, .pt or "
