@@ -212,19 +212,20 @@ def _device(args):
 def _check_output(path: str, what: str, directory: bool = False) -> Path:
     """``path``, an output file (or ``directory``) the command can create; ValueError
     before any work where it is empty, a directory where a file is wanted (or the
-    reverse), or under a file."""
+    reverse), under a file, or in a folder it cannot write (where a symlink points)."""
     if not str(path):
         raise ValueError(f"{what}: the path is empty")
     if not directory and str(path).endswith((os.sep, "/")):
         raise ValueError(f"{what} {path}: a file name is wanted, not a directory's")
     path = Path(path)
-    for place in (path, *path.parents):
+    real = Path(os.path.realpath(path))  # a symlink, dangling or not, is written through
+    for place in (real, *real.parents):
         if place.exists():
-            wanted_dir = directory or place != path
+            wanted_dir = directory or place != real
             if place.is_dir() != wanted_dir:
                 kind = "not a directory" if wanted_dir else "a directory"
                 raise ValueError(f"{what} {path}: {place} is {kind}")
-            if place == path and not (place.is_dir() or place.is_file()):
+            if place == real and not (place.is_dir() or place.is_file()):
                 raise ValueError(f"{what} {path}: not a regular file (a device or a pipe, "
                                  "which the write would replace)")
             folder = place if place.is_dir() else place.parent

@@ -315,6 +315,18 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(
     assert not out.parent.exists()
 
 
+def test_a_symlink_is_checked_where_it_points(tmp_path, capsys, monkeypatch):
+    """A (dangling) symlink into a folder the command cannot write is refused before any
+    work; it was found only when the checkpoint was written."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != locked)
+    link = tmp_path / "q.safetensors"
+    link.symlink_to(locked / "q.safetensors")
+    assert f"-o {link}: cannot write in {locked}" in _refused(
+        ["quantize", "--random-init", "tiny", "-o", str(link)], capsys)
+
+
 def test_files_are_read_by_their_content_not_their_name(tmp_path, capsys):
     """A checkpoint written under any name (`-o Q.PT`) is read back as the safetensors it
     is (it was read as a pickle, or refused as 'unsupported format')."""

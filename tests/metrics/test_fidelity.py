@@ -98,7 +98,8 @@ def test_fid_unavailable_is_reported(monkeypatch, tmp_path):
 
 def test_fid_with_a_local_feature_network():
     """The FID path end to end (torchmetrics' Fréchet distance) on a small fixed network:
-    0 for identical sets, growing with the distribution shift."""
+    0 for identical sets (up to the matrix square root's rounding: 1.2e-6 with
+    torchmetrics 1.0, the floor pyproject declares), growing with the distribution shift."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
                               torch.nn.Linear(12, 6)).double()
@@ -110,7 +111,7 @@ def test_fid_with_a_local_feature_network():
     near = fidelity.fid(real, other, feature=feature)["fid"]
     far = fidelity.fid(real, (other * 0.5 + 0.4), feature=feature)["fid"]
     assert same["n_real"] == same["n_fake"] == 64
-    assert abs(same["fid"]) < 1e-6 and 0 < near < far
+    assert abs(same["fid"]) < 1e-5 and 0 < near < far
 
 
 class _ToDouble(torch.nn.Module):
