@@ -49,7 +49,7 @@ from .modules import (
     replace_module,
 )
 from .sharing import memory_key
-from .skeleton import check_loadable, materialize
+from .skeleton import check_loadable, check_shaped, materialize
 from .summary import kept_float_reasons, quantization_summary
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_quantized", "read_metadata", "save_quantized"]
@@ -678,6 +678,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str | Non
     """
     _check_argument_order("load_quantized(path, model)", model, path)
     wrapper, model = model, bare_module(model, "load_quantized", swaps=True)
+    check_shaped(model, "loading")
     meta, tensors = _read_checkpoint(path)
     layers = _json(meta, "layers", path)
     device = load_device(model, device, path)

@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Callable
 
 from torch import nn
-from torch.nn.parameter import UninitializedTensorMixin
 
 from . import backends
 from .fast_paths import kept_float_reason, sync_fast_paths
@@ -34,6 +33,7 @@ from .modules import (
 )
 from .quantizers import check_options, check_weight
 from .sharing import memory_key
+from .skeleton import check_shaped
 from .summary import (
     LayerSummary,
     QuantizationSummary,
@@ -196,14 +196,6 @@ def _warn_unmatched(patterns, names: list[str], what: str) -> None:
                           stacklevel=3)
 
 
-def _check_shaped(model: nn.Module) -> None:
-    """ValueError naming the first parameter of a lazy module not shaped yet."""
-    for name, p in model.named_parameters():
-        if isinstance(p, UninitializedTensorMixin):
-            raise ValueError(f"parameter {name!r} is not initialised yet (a lazy module): run "
-                             "one forward call to shape it before quantizing")
-
-
 @dataclasses.dataclass
 class QuantizationPlan:
     """What :func:`quantize_model` does to a model, decided before anything changes.
@@ -242,7 +234,7 @@ def plan_quantization(model: nn.Module, bits: int = 4, method: str = "ot",
     backends.check_name(backend)
     include, exclude = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     _check_overrides(overrides)
-    _check_shaped(model)
+    check_shaped(model, "quantizing")
     aliases = module_aliases(model)
     names, reasons = _plan(model, include, exclude, aliases)
     ties = _tie_groups(model, aliases, names, reasons)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedTensorMixin
 
 
 def _meta_tensors(model: nn.Module):
@@ -35,6 +36,14 @@ def check_loadable(model: nn.Module, what: str, skip: tuple[str, ...] = ()) -> N
         raise ValueError(f"{what}: the model's buffers {unsaved[:8]} are on the meta device and "
                          "not saved in checkpoints (persistent=False), so loading cannot fill "
                          "them: build the model on a real device, or give them values first")
+
+
+def check_shaped(model: nn.Module, before: str) -> None:
+    """ValueError naming the first parameter of a lazy module not shaped yet."""
+    for name, p in model.named_parameters():
+        if isinstance(p, UninitializedTensorMixin):
+            raise ValueError(f"parameter {name!r} is not initialised yet (a lazy module): run "
+                             f"one forward call to shape it before {before}")
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:

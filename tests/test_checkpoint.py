@@ -562,6 +562,18 @@ def test_wrong_model(saved):
         _load(path, Net(width=16))
 
 
+def test_a_lazy_skeleton_is_refused_before_anything_changes(saved):
+    """A lazy layer not shaped yet is named (it was torch's RuntimeError from deep inside);
+    the model is left as it was."""
+    _, path = saved
+    model = Net()
+    model.fc = nn.LazyLinear(5)
+    with pytest.raises(ValueError, match=r"parameter 'fc.weight' is not initialised yet "
+                       r"\(a lazy module\): run one forward call to shape it before loading"):
+        _load(path, model)
+    assert type(model.conv) is nn.Conv2d and type(model.fc) is nn.LazyLinear
+
+
 def test_a_shared_layer_round_trips_and_must_be_shared_in_the_skeleton(tmp_path):
     from test_nn import Shared
 
