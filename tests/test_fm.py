@@ -184,6 +184,21 @@ def test_train_ema_and_labels_deterministic():
     assert runs[0] == runs[1]
 
 
+def test_the_ema_warms_up_its_decay():
+    """Update n uses min(decay, (1 + n) / (10 + n)): after 3 updates toward 1 from 0 the
+    initial value keeps 0.1 * 2/11 * 3/12 of its weight (0.999**3 without the warm-up)."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = fm.EMA(model, decay=0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(3):
+        ema.update(model)
+    kept = 0.1 * 2 / 11 * 3 / 12
+    assert ema.shadow["weight"].item() == pytest.approx(1 - kept, rel=1e-6)
+
+
 def _labels_seen(label_dropout: float) -> torch.Tensor:
     """Labels the model receives during a short conditional training run."""
     torch.manual_seed(0)
