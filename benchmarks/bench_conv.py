@@ -177,7 +177,7 @@ def best_dense_ratios(rows: list[dict]) -> None:
             r["ratio_best"] = ref / r["p50_us"]
 
 
-def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
+def derive_crossover(rows: list[dict], widths=()) -> tuple[dict, dict]:
     """conv2d.triton_max_m and conv2d.cuda_max_m: the largest measured M (batch·OH·OW) up
     to which Triton beats dequant, and the CUDA kernel the faster of dequant and Triton
     (dispatch tries cuda first), at every measured M.
@@ -189,7 +189,10 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
     layers judged: dispatch runs convs of other sizes (e.g. 1×1 ones, left out unless
     --include-1x1) on dequant, as nothing measured them. Where several sizes were judged,
     ``<path>_max_m_by_kernel`` holds the crossover over one size's layers where it
-    differs from the one over all of them (a 1×1 conv is a GEMM of another shape).
+    differs from the one over all of them (a 1×1 conv is a GEMM of another shape), 0
+    where the path has no time on that size's layers. A path that raised or was wrong on
+    some configuration counts nowhere (:func:`derive.times_by_config`). ``widths`` is
+    not read (conv dispatch has no per-width entries).
     """
     times = derive.times_by_config(rows, lambda r: r["backend"] if r.get("backend") in (
         "dequant", "triton", "cuda") and r.get("kernel") not in (NOSPLIT, CHANNELS_LAST)
@@ -204,14 +207,17 @@ def derive_crossover(rows: list[dict]) -> tuple[dict, dict]:
     for size in sizes if len(sizes) > 1 else ():
         own, own_evidence = _crossovers({c: t for c, t in times.items()
                                          if conv_kernel_size(c[1]) == size})
-        for name, crossover in own.items():
-            if crossover != values[name]:
-                values.setdefault(f"{name}_by_kernel", {})[size] = crossover
+        for name in [name for name in CROSSOVER_NAMES if name in values]:
+            if own.get(name, 0) != values[name]:
+                values.setdefault(f"{name}_by_kernel", {})[size] = own.get(name, 0)
         for path, means in own_evidence.items():
             evidence.setdefault(f"{path}_by_kernel", {})[size] = means
     if values:
         values["kernel_sizes"] = sizes
     return values, evidence
+
+
+CROSSOVER_NAMES = ("triton_max_m", "cuda_max_m")  # what _crossovers derives
 
 
 def _crossovers(times: dict[tuple, dict[str, float]]) -> tuple[dict, dict]:
@@ -265,9 +271,9 @@ def main(argv=None) -> int:
     cache: dict = {}
 
     def finalize(rows: list[dict]) -> None:
-        common.fill_ratios(rows, ("op", "shape", "batch", "dtype"))
+        common.fill_ratios(rows, ("op", "shape", "batch", "dtype"), baseline_kernel="cudnn")
         best_dense_ratios(rows)
-        values, evidence = derive_crossover(rows)
+        values, evidence = derive_crossover(rows, bits_list)
         run.meta["crossovers"] = {"values": values, "geomean_speedup_vs_dequant": evidence}
 
     run.finalizers.append(finalize)

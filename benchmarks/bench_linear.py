@@ -275,8 +275,11 @@ CROSSOVER_PATHS = {("dequant", "cublas"): "dequant", ("triton", "auto"): "triton
                    ("cuda", "lut_frag"): "lut_frag", ("cuda", "lut_frag32"): "lut_frag32"}
 
 
-def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
-    """Dispatch thresholds (the tuning table's "linear" section) from measured rows.
+def derive_crossovers(rows: list[dict], widths=()) -> tuple[dict, dict]:
+    """Dispatch thresholds (the tuning table's "linear" section) from measured rows;
+    ``widths``: the bit widths the run meant to time (a width without a cuda time
+    then gets cuda_max_m_by_bits 0, not the other widths' crossover). A path that raised
+    or was wrong on some configuration counts nowhere (:func:`derive.times_by_config`).
 
     Every "wins at M" below is a geometric mean > 1 of per-configuration speedups over the
     shapes, bits and granularities timed at that grid M; a crossover is the largest grid M
@@ -333,7 +336,7 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
         (r.get("backend"), r.get("kernel"))))
     values, evidence = {}, {}
     steps = (block_rows_choice, fragment_choice, cuda_kernel_choice, gemm_kernel_choice,
-             lambda t: cuda_crossovers(t, values),  # each step reads the values so far
+             lambda t: cuda_crossovers(t, values, widths),  # each reads the values so far
              lambda t: triton_band(t, values.get("cuda_max_m", 0)))
     for step in steps:
         chosen, chosen_evidence = step(times)
@@ -350,10 +353,11 @@ def derive_crossovers(rows: list[dict]) -> tuple[dict, dict]:
     return values, evidence
 
 
-def cuda_crossovers(times: dict[tuple, dict[str, float]], choice: dict) -> tuple[dict, dict]:
+def cuda_crossovers(times: dict[tuple, dict[str, float]], choice: dict,
+                    widths=()) -> tuple[dict, dict]:
     """cuda_max_m and cuda_max_m_by_bits with their evidence (see derive_crossovers), the
     cuda backend's times being those of the kernel it runs under ``choice`` (the tuning
-    values chosen so far)."""
+    values chosen so far); 0 for each of ``widths`` the cuda backend has no time at."""
     for (m, _, bits, _), t in times.items():
         if "dequant" in t:  # cuda must beat the faster of dequant and triton
             t["rival"] = min(t["dequant"], t.get("triton", t["dequant"]))
@@ -370,6 +374,9 @@ def cuda_crossovers(times: dict[tuple, dict[str, float]], choice: dict) -> tuple
         if means and crossover != values["cuda_max_m"]:
             values.setdefault("cuda_max_m_by_bits", {})[str(bits)] = crossover
             evidence.setdefault("cuda_by_bits", {})[str(bits)] = derive.rounded(means)
+    timed = {key[2] for key, t in times.items() if "cuda" in t and "rival" in t}
+    for bits in sorted(set(widths) - timed) if values["cuda_max_m"] else ():
+        values.setdefault("cuda_max_m_by_bits", {})[str(bits)] = 0
     return values, evidence
 
 
@@ -570,7 +577,7 @@ def main(argv=None) -> int:
         common.fill_ratios(rows, ("op", "M", "N", "K", "dtype"))
         common.fill_ratios(rows, ("op", "M", "N", "K", "dtype", "bits", "granularity"),
                            baseline="dequant", field="ratio_vs_dequant")
-        values, evidence = derive_crossovers(rows)
+        values, evidence = derive_crossovers(rows, bits_list)
         run.meta["crossovers"] = {"values": values, "geomean_speedup_vs_rival": evidence}
 
     run.finalizers.append(finalize)

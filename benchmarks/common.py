@@ -431,13 +431,16 @@ def error_row(err: BaseException, **fields) -> dict:
 
 
 def fill_ratios(rows: list[dict], key_fields: tuple[str, ...], baseline: str = "fp16",
-                field: str = "ratio") -> None:
-    """row[field] = p50(baseline row) / p50(row) for rows sharing ``key_fields`` (same run).
+                field: str = "ratio", baseline_kernel: str | None = None) -> None:
+    """row[field] = p50(baseline row) / p50(row) for rows sharing ``key_fields`` (same run);
+    the baseline rows are those of backend ``baseline`` (and kernel ``baseline_kernel``,
+    where given).
 
     With field "ratio" also sets ``frac_of_bound`` = ratio / bound_ratio where known.
     """
     base = {tuple(r.get(k) for k in key_fields): r["p50_us"] for r in rows
-            if r.get("backend") == baseline and r.get("p50_us")}
+            if r.get("backend") == baseline and r.get("p50_us")
+            and baseline_kernel in (None, r.get("kernel"))}
     for r in rows:
         ref = base.get(tuple(r.get(k) for k in key_fields))
         if r.get("p50_us") and ref:

@@ -104,15 +104,18 @@ def close_calls(evidence: dict, margin: float = CLOSE_CALL) -> list[str]:
 def tuning_from(args: argparse.Namespace, section: str, derive_rows) -> int:
     """``--tuning-from``: re-derive ``section`` of the tuning JSON --write-tuning from the
     rows of one or more results JSONs of one GPU (of the bench whose subject matches
-    ``section``), without a GPU. derive_rows(rows) -> (values, evidence); the evidence
+    ``section``), without a GPU. derive_rows(rows, widths) -> (values, evidence), widths
+    being the bit widths the runs meant to time (their metas' ``bits``); the evidence
     recorded also names the results files and their metas' git shas and dates
-    (comma-separated where there are several)."""
+    (comma-separated where there are several), and ``gaps``, what the runs left out
+    (:func:`run_gaps`, also printed as warnings)."""
     if not args.write_tuning:
         raise SystemExit("--tuning-from needs --write-tuning PATH")
     tuning_base(args.write_tuning)
-    rows, metas, sources = [], [], []
+    rows, metas, sources, gaps = [], [], [], []
     for name in args.tuning_from:
         meta, file_rows = read_gpu_results(name)
+        gaps += [f"{name}: {gap}" for gap in run_gaps(meta)]
         if meta.get("subject") != SUBJECTS[section]:
             raise SystemExit(f"{name}: results of bench_{meta.get('subject')}, not of "
                              f"bench_{SUBJECTS[section]} (the {section} section's)")
@@ -123,15 +126,19 @@ def tuning_from(args: argparse.Namespace, section: str, derive_rows) -> int:
         metas.append(meta)
         source = Path(name).resolve()
         sources.append(str(source.relative_to(REPO) if REPO in source.parents else source))
-    values, evidence = derive_rows(rows)
+    widths = sorted({b for m in metas for b in m.get("bits") or () if isinstance(b, int)})
+    values, evidence = derive_rows(rows, widths)
     if not values:
         raise SystemExit(f"{', '.join(args.tuning_from)}: no fused and dequant rows to "
                          "derive from")
     close = close_calls(evidence)
     evidence = {**evidence, "source": ", ".join(sources),
-                **{key: _joined([m.get(key) for m in metas]) for key in ("git_sha", "date")}}
+                **{key: _joined([m.get(key) for m in metas]) for key in ("git_sha", "date")},
+                **({"gaps": gaps} if gaps else {})}
     path = write_tuning(args.write_tuning, metas[0]["gpu"], section, values, evidence)
     print(f"{metas[0]['gpu']} {section}: {values} -> {path}")
+    for gap in gaps:
+        print(f"  warning: {gap}: what it did not time was judged from the rest")
     if close:
         print(f"  close calls (speedup within {CLOSE_CALL:.0%} of even, about the run-to-run "
               f"spread; check before shipping): {'; '.join(close)}")
@@ -155,10 +162,24 @@ def read_gpu_results(name: str | Path) -> tuple[dict, list[dict]]:
                          f"gpu={meta.get('gpu')!r})")
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or (row.get("p50_us") is not None and not (
-                CONFIG_KEYS <= set(row) and all(isinstance(row[k], int) for k in ("M", "bits")))):
+                CONFIG_KEYS <= set(row) and isinstance(row["M"], int) and (
+                    isinstance(row["bits"], int) or row.get("backend") == "fp16"))):
             raise SystemExit(f"{name}: row {i} is not a timed row with "
                              f"{', '.join(sorted(CONFIG_KEYS))}: {row!r}"[:300])
     return meta, rows
+
+
+def run_gaps(meta: dict) -> list[str]:
+    """What a results file's run left out: cut short (meta.complete false), ended by a
+    fatal CUDA error, configurations skipped for the budget; [] for a whole run."""
+    gaps = []
+    if not meta.get("complete", True):
+        gaps.append("the run was cut short (meta.complete is false)")
+    if meta.get("fatal_error"):
+        gaps.append(f"a fatal CUDA error ended it ({meta['fatal_error']})"[:200])
+    if meta.get("skipped_configs"):
+        gaps.append(f"{len(meta['skipped_configs'])} configurations were not timed (budget)")
+    return gaps
 
 
 def _joined(values: list):
@@ -219,14 +240,33 @@ def is_right(row: dict) -> bool:
     return row["rel_err"] is not None and row["rel_err"] <= MAX_REL_ERR
 
 
+def is_time(value) -> bool:
+    """Whether a row's p50_us is a time: a finite positive number."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def failed_paths(rows: list[dict], path_of) -> set[str]:
+    """The paths (path_of(row), None for none) with a row that raised or gave a wrong
+    result (:func:`is_right`)."""
+    return {path_of(r) for r in rows if (r.get("error") or (r.get("p50_us") and not is_right(r)))
+            and path_of(r) is not None}
+
+
 def times_by_config(rows: list[dict], path_of) -> dict[tuple, dict[str, float]]:
-    """{(M, shape, bits, granularity): {path: p50 µs}} over the timed rows whose result was
-    right (:func:`is_right`: a wrong kernel never wins a crossover); path_of(row) names
-    the row's path, or None to leave it out."""
+    """{(M, shape, bits, granularity): {path: p50 µs}} over the timed rows; path_of(row)
+    names the row's path, or None to leave it out. A path that raised or gave a wrong
+    result on any configuration (:func:`failed_paths`) is left out everywhere (a
+    warning on stderr names it): the tuning flags and crossovers apply to every
+    configuration, so a kernel wrong on some must win none."""
+    failed = failed_paths(rows, path_of)
+    for path in sorted(failed):
+        print(f"warning: {path} raised or gave wrong results on some configurations: left "
+              "out of every decision", file=sys.stderr)
     times: dict[tuple, dict[str, float]] = {}
     for r in rows:
-        path = path_of(r) if r.get("p50_us") and is_right(r) else None
-        if path is not None:
+        path = path_of(r) if is_time(r.get("p50_us")) else None
+        if path is not None and path not in failed:
             key = (r["M"], r["shape"], r["bits"], r["granularity"])
             times.setdefault(key, {})[path] = r["p50_us"]
     return times

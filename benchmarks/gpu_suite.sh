@@ -48,7 +48,9 @@
 # What comes back (files_at): summary.txt (step status, error tails, results digest,
 # with times against benchmarks/results/<gpu-slug>/ where this GPU has results),
 # suite.tar.gz (everything: `tar -xzf suite.tar.gz -C benchmarks/results/`) and up to 6
-# JSON files (goal_linear.json, goal_e2e.json, goal_conv.json, checks.json, fit.json, ...).
+# JSON files (goal_graph_linear.json, goal_graph_conv.json, goal_tuning.json,
+# goal_linear.json, goal_e2e.json, goal_conv.json, checks.json, ...; the first six found).
+# A failed build ends the GPU steps (FAILED, not run), leaving the device time for a rerun.
 #
 # usage: bash benchmarks/gpu_suite.sh [OUTDIR]     (-h, --help: this text)
 #   OUTDIR default: benchmarks/results/<gpu-slug>/; when $OUT is set (the device tool) the
@@ -156,7 +158,9 @@ export_out() {
   [ -n "${OUT:-}" ] && [ "$ARGC" -lt 1 ] || return 0
   cp "$SUMMARY" "$OUT/summary.txt" 2>/dev/null
   local n=0 src dst
-  for pair in goal/linear.json:goal_linear.json goal/e2e.json:goal_e2e.json \
+  for pair in goal_graph/linear.json:goal_graph_linear.json \
+              goal_graph/conv.json:goal_graph_conv.json goal_tuned/tuning.json:goal_tuning.json \
+              goal/linear.json:goal_linear.json goal/e2e.json:goal_e2e.json \
               goal/conv.json:goal_conv.json checks.json:checks.json fit.json:fit.json \
               linear.json:linear.json e2e.json:e2e.json conv.json:conv.json \
               tuning.json:tuning.json splitk.json:splitk.json \
@@ -183,6 +187,7 @@ export_out() {
 run_step() {
   local name=$1 cap=$(( $2 * CAP_SCALE )) cmd=$3
   wanted "$name" || return 0
+  LAST_RC=0
   if [ -n "$NO_GPU" ] && ! in_list "$name" "$CPU_STEPS"; then
     echo "$name: FAILED (not run: $NO_GPU)" | tee -a "$SUMMARY"
     return 0
@@ -197,6 +202,7 @@ run_step() {
   STEP_BUDGET=$(( t * 8 / 10 )) DIR="$DIR" PY="$PY" \
     timeout -k 10 "$t" bash -c "$cmd" >"$DIR/logs/$name.log" 2>&1
   local rc=$? status=ok
+  LAST_RC=$rc
   [ $rc -ne 0 ] && status="FAILED rc=$rc"
   { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && status="TIMEOUT after ${t}s (killed)"
   local log=$DIR/logs/$name.log
@@ -238,9 +244,11 @@ fi
 TEST_ENV="export OTQ_AUTOTUNE_MAX_CONFIGS=$TEST_AT OTQ_AUTOTUNE_REP_MS=$AT_REP"
 BENCH_ENV="export OTQ_AUTOTUNE_MAX_CONFIGS=$BENCH_AT OTQ_AUTOTUNE_REP_MS=$AT_REP"
 # pytest on the GPU: Triton autotune capped, stops itself at the step's budget (gpu_limits)
+# and, with pytest-timeout, a test past 90 s fails (so one slow test cannot eat the step)
 PYTEST="$TEST_ENV"'; export OTQ_PYTEST_DEADLINE=$(( $(date +%s) + STEP_BUDGET ));
+  per_test=$($PY -c "import pytest_timeout" 2>/dev/null && echo --timeout=90)
   PYTHONPATH="$PYTHONPATH:'"$REPO"'/benchmarks" $PY -m pytest -p gpu_limits -p no:cacheprovider \
-    -q -ra --durations=15'
+    -q -ra --durations=15 $per_test'
 
 # -- steps ------------------------------------------------------------------------------
 run_step env 40 '
@@ -284,6 +292,12 @@ run_step build 240 '
   export PATH="$(dirname "$(command -v $PY)"):$PATH"   # ninja of the same environment
   $PY setup.py build_ext --inplace || exit 1
   $PY -c "import otq_kernels._C as c; print(\"extension:\", c.__file__, \"WITH_CUDA =\", c.WITH_CUDA); assert c.WITH_CUDA, \"built without CUDA\""'
+# without the extension every later GPU step would time or test the rest only: end early,
+# so that the device time left can go to a run after the fix
+if wanted build && [ "$LAST_RC" -ne 0 ] && [ -z "$NO_GPU" ]; then
+  NO_GPU="the build failed (logs/build.log)"
+  echo "gpu_suite: WARNING $NO_GPU: the GPU steps will not run" | tee -a "$SUMMARY"
+fi
 
 run_step tests_cuda 150 "$PYTEST"' -m cuda --junitxml="$DIR/logs/pytest_cuda.xml" tests'
 
@@ -339,16 +353,20 @@ run_step goal_e2e 110 "$BENCH_ENV"'
 # the dispatch tuning that this run's graph replays earn (--tuning-from, as the session
 # after would derive it) and, where it dispatches differently from the shipped table, the
 # e2e goal under it (fp16 and 4-bit per channel auto; meta.tuning says what it read)
+# (a derivation that fails fails the step, after the e2e goal under what the other gave)
 run_step goal_e2e_tuned 70 "$BENCH_ENV"'
-  T="$DIR/goal_tuned/tuning.json"; mkdir -p "$DIR/goal_tuned"
-  $PY benchmarks/bench_linear.py --tuning-from "$DIR/goal_graph/linear.json" --write-tuning "$T"
-  $PY benchmarks/bench_conv.py --tuning-from "$DIR/goal_graph/conv.json" --write-tuning "$T"
-  [ -f "$T" ] || exit 0
+  T="$DIR/goal_tuned/tuning.json"; mkdir -p "$DIR/goal_tuned"; failed=0
+  $PY benchmarks/bench_linear.py --tuning-from "$DIR/goal_graph/linear.json" --write-tuning "$T" || failed=1
+  if [ -f "$DIR/goal_graph/conv.json" ]; then
+    $PY benchmarks/bench_conv.py --tuning-from "$DIR/goal_graph/conv.json" --write-tuning "$T" || failed=1
+  fi
+  [ -f "$T" ] || exit 1
   $PY benchmarks/derive.py --tuning-changes "$T"; changes=$?   # 1: none, 2: unreadable
-  [ "$changes" -eq 1 ] && exit 0
+  [ "$changes" -eq 1 ] && exit "$failed"
   [ "$changes" -eq 0 ] || exit "$changes"
   OTQ_TUNING_FILE="$T" $PY benchmarks/bench_e2e.py --preset goal \
-    --variants fp16,4:channel:auto --out "$DIR/goal_tuned" --budget-s "$STEP_BUDGET" --quiet'
+    --variants fp16,4:channel:auto --out "$DIR/goal_tuned" --budget-s "$STEP_BUDGET" --quiet || exit 1
+  exit "$failed"'
 
 # Triton's GEMMs at M = 256 and 1024 (4-bit per channel, graph replays): gemm (one K = 16
 # wgmma per field position, each waited for) against gemm_tile (whole K tiles, one

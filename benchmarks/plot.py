@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+from derive import is_right
+
 try:  # optional: without matplotlib, main() says so and returns 0 (JSON is the result)
     import matplotlib
 
@@ -42,7 +44,9 @@ def title(payload: dict, text: str) -> str:
 
 
 def timed(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("p50_us") and not r.get("skipped")]
+    """The rows with a time and a right result (derive.is_right: a fast wrong kernel is
+    not plotted)."""
+    return [r for r in rows if r.get("p50_us") and not r.get("skipped") and is_right(r)]
 
 
 def best_fused(rows: list[dict]) -> dict[tuple, float]:

@@ -98,6 +98,37 @@ def test_conv_plot_keeps_both_cuda_input_layouts(tmp_path):
     assert [f.name for f in files] == ["conv_ratio.png"] and files[0].stat().st_size > 0
 
 
+def test_plots_leave_out_wrong_results():
+    """A fast kernel with a wrong result (rel_err above derive.MAX_REL_ERR, or a
+    non-finite one) is not plotted: it inflated the README's best fused ratio."""
+    plot = _load("plot")
+    base = {"backend": "cuda", "shape": "s", "bits": 4, "M": 1, "p50_us": 1.0}
+    rows = [{**base, "kernel": "lut_gemv", "ratio": 2.0, "rel_err": 1e-4},
+            {**base, "kernel": "lut_frag", "ratio": 9.0, "rel_err": 0.5},
+            {**base, "kernel": "lut_mma", "ratio": 8.0, "rel_err": None}]
+    assert plot.best_fused(plot.timed(rows)) == {("s", 4, 1): 2.0}
+
+
+def test_derive_takes_only_finite_positive_times():
+    """A NaN or zero p50 (a hand-made or broken file) is no time: it won every
+    comparison it entered."""
+    linear = _load("bench_linear")
+    rows = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0},
+                       16: {"dequant": 100.0, "lut_gemv": 200.0}})
+    for bad in (float("nan"), 0.0, float("inf")):
+        broken = _cuda_rows({16: {"dequant": bad, "lut_gemv": 50.0}}, bits=3) + rows
+        assert linear.derive_crossovers(broken)[0] == {"cuda_max_m": 1}
+
+
+def test_digest_header_names_the_run(tmp_path, capsys):
+    """Each file's header names its git sha and date (files of an earlier run, left in a
+    folder a later run was extracted into, showed no sign of it)."""
+    meta = {"gpu": "G", "git_sha": "abc1234", "date": "2026-12-04T17:40:42+00:00"}
+    (tmp_path / "linear.json").write_text(json.dumps({"meta": meta, "rows": []}))
+    assert _load("digest").main([str(tmp_path)]) == 0
+    assert "git abc1234 2026-12-04T17:40" in capsys.readouterr().out
+
+
 def test_smoke_refuses_results_tree():
     common = _load("common")
     with pytest.raises(SystemExit):
@@ -303,12 +334,12 @@ def test_large_m_triton_band():
     assert evidence["triton_gemm_tile"] == {"256": 5.0, "1024": 3.6}
     assert evidence["triton"] == {"1": 0.667, "16": 0.667, "256": 1.25, "1024": 1.2}
     rows = _cuda_rows(times)
-    for r in rows:  # gemm_tile wrong at 256: it wins nothing there, whatever its time
+    for r in rows:  # gemm_tile wrong at 256: it wins nothing, whatever its times
         if r["kernel"] == "gemm_tile" and r["M"] == 256:
             r["rel_err"] = 0.5
     values, evidence = linear.derive_crossovers(rows)
-    assert evidence["triton_gemm_tile"] == {"1024": 3.6} and "triton_min_m" in values
-    assert values["triton_min_m"] == values["triton_max_m"] == 1024
+    assert "triton_gemm_tile" not in values and "triton_gemm_tile" not in evidence
+    assert values["triton_max_m"] == 0 and "triton_min_m" not in values
     times[1024]["gemm_tile"] = 400.0  # loses at 1024: the band is M = 256 alone
     assert linear.derive_crossovers(_cuda_rows(times))[0]["triton_max_m"] == 256
     for t in (times[256], times[1024]):
@@ -482,24 +513,25 @@ def test_tuning_from_names_its_close_calls(tmp_path, capsys):
     assert "close calls" not in capsys.readouterr().out
 
 
-def test_shipped_h200_entry_matches_its_results():
+def test_shipped_h200_entry_matches_its_results(tmp_path, capsys):
     """The shipped NVIDIA H200 entry (and the default, its copy) is what --tuning-from
-    derives from the committed results it names, with their evidence."""
-    linear, conv = _load("bench_linear"), _load("bench_conv")
+    writes from the committed results it names, with their evidence (the bench's own
+    command, which reads the results' dense fp16 rows too)."""
     table = json.loads((BENCH.parent / "otq_kernels" / "tuning" / "default.json").read_text())
     entry = table["gpus"]["NVIDIA H200"]
-    for derive, section in ((linear.derive_crossovers, "linear"),
-                            (conv.derive_crossover, "conv2d")):
+    for bench, section in (("bench_linear", "linear"), ("bench_conv", "conv2d")):
         measured = entry["_measured"][section]
-        path = BENCH.parent / measured["source"]
-        assert path.parent.parent == BENCH / "results" / "nvidia-h200"
-        if not path.exists():
-            pytest.skip(f"{path} not in this checkout")
-        results = json.loads(path.read_text())
-        values, evidence = derive(results["rows"])
-        assert entry[section] == values == table["default"][section]
-        assert {k: v for k, v in measured.items() if k in evidence} == evidence
-        assert measured["git_sha"] == results["meta"]["git_sha"]
+        sources = [BENCH.parent / name for name in measured["source"].split(", ")]
+        assert all(path.parent.parent == BENCH / "results" / "nvidia-h200" for path in sources)
+        if not all(path.exists() for path in sources):
+            pytest.skip(f"{sources} not in this checkout")
+        out = tmp_path / f"{section}.json"
+        assert _load(bench).main(["--tuning-from", *map(str, sources),
+                                  "--write-tuning", str(out)]) == 0
+        written = json.loads(out.read_text())["gpus"]["NVIDIA H200"]
+        assert written[section] == entry[section] == table["default"][section]
+        assert written["_measured"][section] == measured
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_splitk_layout_choice_from_rows():
@@ -594,6 +626,72 @@ def test_conv_crossover_of_its_own_for_a_kernel_size_that_differs():
                                           "3x3": {"49": 2.5, "196": 2.5, "784": 2.5}}
 
 
+def test_conv_path_without_times_on_a_kernel_size_is_kept_off_it():
+    """lut_conv timed on the 3×3 layers only (here: not timed on the 1×1 ones, which
+    Triton ran): the 1×1 convs get cuda_max_m 0, not the 3×3 layers' crossover."""
+    conv = _load("bench_conv")
+    rows = []
+    for m, hw in ((49, "7x7"), (196, "14x14")):
+        for shape in (f"8x8x3x3@{hw}", f"16x8x1x1@{hw}"):
+            base = {"M": m, "shape": shape, "bits": 4, "granularity": "channel"}
+            rows += [{**base, "backend": "dequant", "kernel": "cudnn", "p50_us": 10.0},
+                     {**base, "backend": "triton", "kernel": "implicit_gemm", "p50_us": 20.0}]
+            if "3x3" in shape:
+                rows.append({**base, "backend": "cuda", "kernel": "lut_conv", "p50_us": 4.0})
+    values, _ = conv.derive_crossover(rows)
+    assert values == {"triton_max_m": 0, "cuda_max_m": 196, "cuda_max_m_by_kernel": {"1x1": 0},
+                      "kernel_sizes": ["1x1", "3x3"]}
+
+
+@pytest.mark.parametrize("failure", [{"error": "RuntimeError: lut_frag ..."},
+                                     {"rel_err": 0.5}, {"rel_err": None}],
+                         ids=["raised", "wrong", "non-finite"])
+def test_a_path_that_failed_somewhere_wins_nowhere(failure, capsys):
+    """lut_frag faster everywhere but raising or wrong at 3 bits: cuda_mma_fragment is not
+    set (it applies to every width), and a warning names the path."""
+    linear = _load("bench_linear")
+    times = {1: {"dequant": 100.0, "lut_gemv": 30.0, "lut_mma": 50.0, "lut_frag": 20.0},
+             16: {"dequant": 100.0, "lut_gemv": 160.0, "lut_mma": 80.0, "lut_frag": 40.0}}
+    rows = _cuda_rows(times) + _cuda_rows(times, bits=3)
+    assert linear.derive_crossovers(rows)[0]["cuda_mma_fragment"] is True
+    for r in rows:
+        if r["kernel"] == "lut_frag" and r["bits"] == 3 and r["M"] == 16:
+            r.update(failure, p50_us=None if "error" in failure else r["p50_us"])
+    values, evidence = linear.derive_crossovers(rows)
+    assert "cuda_mma_fragment" not in values and "cuda_mma_fragment" not in evidence
+    assert "warning: lut_frag raised or gave wrong results" in capsys.readouterr().err
+
+
+def test_a_width_the_run_meant_to_time_but_did_not_gets_no_cuda():
+    """A budget cut before 8 bits: the 8-bit layers get cuda_max_m_by_bits 0 (they were
+    dispatched to the LUT GEMV up to the 4-bit crossover, never timed at 8 bits)."""
+    linear = _load("bench_linear")
+    rows = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0},
+                       16: {"dequant": 100.0, "lut_gemv": 60.0}})
+    assert linear.derive_crossovers(rows, widths=[4])[0] == {"cuda_max_m": 16}
+    values, _ = linear.derive_crossovers(rows, widths=[4, 8])
+    assert values == {"cuda_max_m": 16, "cuda_max_m_by_bits": {"8": 0}}
+
+
+def test_tuning_from_names_what_a_cut_short_run_left_out(tmp_path, capsys):
+    """A results file of a run cut short, ended by a fatal error or over budget: the
+    derivation goes on, warns, and records the gaps with the evidence."""
+    rows = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0}})
+    results = _write_results(tmp_path / "linear.json", rows, complete=False, bits=[4, 8],
+                              fatal_error="CUDA error: an illegal memory access",
+                              skipped_configs=["('goal', 8192, 8192, 8, 'channel')"])
+    table = tmp_path / "tuning.json"
+    assert _load("bench_linear").main(["--tuning-from", str(results), "--write-tuning",
+                                       str(table)]) == 0
+    out = capsys.readouterr().out
+    entry = json.loads(table.read_text())["gpus"]["GPU X"]
+    gaps = entry["_measured"]["linear"]["gaps"]
+    assert [gap.split(": ", 1)[1][:20] for gap in gaps] == [
+        "the run was cut shor", "a fatal CUDA error e", "1 configurations wer"]
+    assert all(f"warning: {gap}" in out for gap in gaps)
+    assert entry["linear"] == {"cuda_max_m": 1, "cuda_max_m_by_bits": {"8": 0}}
+
+
 def test_conv_cuda_is_timed_on_both_input_layouts(tmp_path, monkeypatch):
     """lut_conv runs on the NCHW x (its copy timed with it) and, as lut_conv_cl, on a
     channels-last x made once outside the timing (the layout cudnn_nhwc gets)."""
@@ -606,6 +704,16 @@ def test_conv_cuda_is_timed_on_both_input_layouts(tmp_path, monkeypatch):
 
     monkeypatch.setattr(conv, "candidates", lambda run, backends: [
         ("cuda", "lut_conv", fake_cuda), ("cuda", conv.CHANNELS_LAST, fake_cuda)])
+    time_dense = conv.time_dense
+
+    def with_a_faster_nhwc_row(run, layer_key, *args):  # (timed on a GPU only)
+        fresh = layer_key not in args[-1]
+        time_dense(run, layer_key, *args)
+        if fresh:
+            nchw = run.rows[-1]
+            run.add({**nchw, "kernel": "cudnn_nhwc", "p50_us": nchw["p50_us"] / 2})
+
+    monkeypatch.setattr(conv, "time_dense", with_a_faster_nhwc_row)
     assert conv.main(["--smoke", "--quiet", "--out", str(tmp_path), "--bits", "4",
                       "--granularity", "channel", "--batches", "2"]) == 0
     rows = json.loads((tmp_path / "conv.json").read_text())["rows"]
@@ -613,6 +721,11 @@ def test_conv_cuda_is_timed_on_both_input_layouts(tmp_path, monkeypatch):
     assert set(kernels) == {"lut_conv", conv.CHANNELS_LAST}
     assert all(r["rel_err"] < 1e-5 for r in kernels.values())
     assert set(seen) == {False, True} and seen == sorted(seen)  # NCHW calls, then NHWC
+    dense = {(r["kernel"], r["shape"]): r["p50_us"] for r in rows if r["backend"] == "fp16"}
+    for r in rows:  # ratio: against NCHW cuDNN (it was the last dense row's, NHWC's)
+        nchw, nhwc = dense[("cudnn", r["shape"])], dense[("cudnn_nhwc", r["shape"])]
+        assert r["ratio"] == pytest.approx(nchw / r["p50_us"], rel=1e-3)
+        assert r["ratio_best"] == pytest.approx(min(nchw, nhwc) / r["p50_us"], rel=1e-3)
 
 
 def test_tensor_core_kernel_is_timed_only_where_it_runs():

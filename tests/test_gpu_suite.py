@@ -98,6 +98,61 @@ def test_no_gpu_still_runs_the_plots_of_the_benches(tmp_path):
     assert "plot_more: ok" in summary
 
 
+def _python_seeing_a_gpu(tmp_path: Path, name: str) -> str:
+    """An interpreter for the suite whose GPU probe (a script on stdin that asks for the
+    device name) sees a GPU called ``name``; anything else runs on this Python."""
+    fake = tmp_path / "python_seeing_a_gpu"
+    fake.write_text(f"""#!/bin/bash
+if [ "$#" -eq 1 ] && [ "$1" = "-" ]; then
+  src=$(cat)
+  if grep -q get_device_name <<<"$src"; then echo {name}; exit 0; fi
+  exec {sys.executable} - <<<"$src"
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def test_a_failed_build_ends_the_gpu_steps(tmp_path):
+    """Without the extension every GPU step would time or test the rest only (eight
+    minutes of device time): they are marked not run, and the suite ends early."""
+    proc, out = _suite(tmp_path, OTQ_SUITE_STEPS="build goal_linear tests_kernels",
+                       OTQ_SUITE_DEADLINE_S="200",
+                       PYTHON=_python_seeing_a_gpu(tmp_path, "nvidia-h100"))
+    summary = (out / "summary.txt").read_text()
+    assert "build: FAILED rc=1" in summary, proc.stdout + proc.stderr
+    assert "CUDA build of torch" in summary  # (this torch is a CPU build)
+    for step in ("goal_linear", "tests_kernels"):
+        assert f"{step}: FAILED (not run: the build failed (logs/build.log))" in summary
+
+
+def test_the_tuned_e2e_step_fails_where_a_derivation_fails(tmp_path):
+    """goal_e2e_tuned said ok when --tuning-from failed (no results, or results it could
+    not read); with the committed H200 graph replays it derives the shipped linear entry,
+    changes nothing and is ok."""
+    python = _python_seeing_a_gpu(tmp_path, "nvidia-h200")
+    work = tmp_path / "work"
+
+    def tuned_step() -> str:
+        proc = subprocess.run(["bash", str(SUITE), str(work)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHON": python,
+                                                "OTQ_SUITE_STEPS": "goal_e2e_tuned",
+                                                "OTQ_SUITE_DEADLINE_S": "200"})
+        return next((line for line in proc.stdout.splitlines()
+                     if line.startswith("goal_e2e_tuned: ")), proc.stdout + proc.stderr)
+
+    assert tuned_step().startswith("goal_e2e_tuned: FAILED rc=1")  # no results at all
+    committed = SUITE.parent / "results" / "nvidia-h200" / "goal_graph" / "linear.json"
+    if not committed.exists():
+        pytest.skip(f"{committed} not in this checkout")
+    (work / "goal_graph").mkdir(parents=True)
+    (work / "goal_graph" / "linear.json").write_bytes(committed.read_bytes())
+    assert tuned_step().startswith("goal_e2e_tuned: ok")
+    (work / "goal_graph" / "conv.json").write_text("{}")
+    assert tuned_step().startswith("goal_e2e_tuned: FAILED rc=1")
+
+
 def test_the_test_files_and_the_test_filter_the_suite_names_exist():
     """A renamed test file or test would make a pytest step collect nothing, or all."""
     text = SUITE.read_text()
