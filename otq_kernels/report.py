@@ -91,7 +91,7 @@ def grid_image(x: torch.Tensor, nrow: int = 8, pad: int = 1):
     b, c, h, w = x.shape
     img = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
     rows = -(-b // nrow)
-    grid = torch.ones(rows * (h + pad) + pad, nrow * (w + pad) + pad, c)
+    grid = torch.ones(rows * (h + pad) + pad, nrow * (w + pad) + pad, c, device="cpu")
     for i in range(b):
         r, col = divmod(i, nrow)
         y0, x0 = pad + r * (h + pad), pad + col * (w + pad)

@@ -51,7 +51,7 @@ class _StoredTensor:
         self.offset, self.nbytes = data_start + begin, end - begin
 
     def to(self, device: torch.device) -> torch.Tensor:
-        data = torch.empty(self.nbytes, dtype=torch.uint8)
+        data = torch.empty(self.nbytes, dtype=torch.uint8, device="cpu")
         self.file.seek(self.offset)
         if self.file.readinto(data.numpy()) != self.nbytes:
             raise ValueError(f"{self.file.name}: tensor {self.key!r} is cut short (the file "

@@ -1323,3 +1323,35 @@ def test_export_with_a_dynamic_batch_on_the_gpu():
         for m in (1, 16, 300):
             x = torch.randn(m, 256, device="cuda", dtype=torch.float16)
             torch.testing.assert_close(exported(x), model(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference", "dequant"])
+def test_a_default_device_context_leaves_a_cpu_model_s_work_on_the_cpu(backend, tmp_path):
+    """Under ``with torch.device(...)`` (meta here; "cuda" on a GPU machine) float layers
+    on CPU inputs compute on the CPU, and so do ours: the cpu backend allocated its
+    outputs on the context's device and handed their pointers to the C++ kernels (a null
+    pointer under meta, GPU memory under cuda)."""
+    from otq_kernels import backends
+
+    reason = backends.cannot_run(backend, torch.device("cpu")) if backend != "auto" else None
+    if reason:
+        pytest.skip(reason)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 8))
+
+    x = torch.randn(3, 40)
+    outside = qnn.quantize_model(make(), bits=3, backend=backend, progress=False)
+    expected = outside(x)
+    otq.save_quantized(outside, tmp_path / "outside.safetensors")
+    model, skeleton = make(), make()  # (float models built outside: inside they are meta)
+    with torch.device("meta"):
+        qnn.quantize_model(model, bits=3, backend=backend, progress=False)
+        assert torch.equal(model(x), expected)
+        assert torch.equal(model[0].dequantize(), outside[0].dequantize())
+        otq.save_quantized(model, tmp_path / "inside.safetensors")
+        loaded = ckpt.load_quantized(tmp_path / "inside.safetensors", skeleton, backend=backend)
+        assert torch.equal(loaded(x), expected)
+    assert (tmp_path / "inside.safetensors").read_bytes() == (
+        tmp_path / "outside.safetensors").read_bytes()

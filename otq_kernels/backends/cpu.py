@@ -41,7 +41,7 @@ def pack(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
     bits = check_codes(codes, bits)
     n, k = codes.shape
     codes = codes.to(torch.int64).contiguous()
-    planes = [torch.empty(n, padded_k(k) * w // 32, dtype=torch.int32)
+    planes = [torch.empty(n, padded_k(k) * w // 32, dtype=torch.int32, device="cpu")
               for w in plane_widths(bits)]
     if codes.numel():
         native().cpu_pack(codes.data_ptr(), n, k, bits, _ptrs(planes))
@@ -52,7 +52,7 @@ def unpack(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
     """Bit planes -> codes int64 [N, k]."""
     bits, n = unpack_args(planes, bits, k)
     planes = checked_planes(planes, bits, n, k, "cpu")
-    codes = torch.empty(n, k, dtype=torch.int64)
+    codes = torch.empty(n, k, dtype=torch.int64, device="cpu")
     if codes.numel():
         native().cpu_unpack(_ptrs(planes), n, k, bits, codes.data_ptr())
     return codes
@@ -71,8 +71,8 @@ def fit_rows(rows: torch.Tensor, bits: int, assign: str = "rank"):
     is_double = rows.dtype == torch.float64
     x = rows.contiguous() if is_double else rows.to(torch.float32).contiguous()
     r, n = x.shape
-    codes = torch.empty(r, n, dtype=torch.int64)
-    centroids = torch.empty(r, 2**bits, dtype=torch.float32)
+    codes = torch.empty(r, n, dtype=torch.int64, device="cpu")
+    centroids = torch.empty(r, 2**bits, dtype=torch.float32, device="cpu")
     native().cpu_fit_rows(x.data_ptr(), is_double, r, n, bits, assign == "nearest",
                           codes.data_ptr(), centroids.data_ptr())
     return codes, centroids
@@ -92,7 +92,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None) -> t
     planes = checked_planes(qt.planes, qt.bits, n, k, "cpu")
     book = checked_codebook(qt, "cpu")
     m = x.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
+    y = torch.empty(m, n, dtype=torch.float32, device="cpu")
     if m == 0:
         return as_dtype(y, x.dtype)
     xf = as_dtype(x.detach(), torch.float32).contiguous()
@@ -118,7 +118,7 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cpu")
     book = checked_codebook(qt, "cpu")
     n, k = qt.n, qt.k
-    out = torch.empty(n, k, dtype=torch.float32)
+    out = torch.empty(n, k, dtype=torch.float32, device="cpu")
     if n * k:
         native().cpu_dequantize(_ptrs(planes), n, k, qt.bits, book.data_ptr(), book.shape[0],
                                 out.data_ptr())

@@ -63,7 +63,7 @@ def _linear_by_row_chunks(x: torch.Tensor, qt: QuantizedTensor,
                           bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] -> [M, N] as y^T[rows] = W[rows] @ x^T, chunk by chunk of weight rows."""
     rows = max(1, CPU_CHUNK_BYTES // (4 * qt.k))
-    yt = torch.empty(qt.n, x.shape[0], dtype=x.dtype)
+    yt = torch.empty(qt.n, x.shape[0], dtype=x.dtype, device=x.device)
     for first in range(0, qt.n, rows):
         last = min(qt.n, first + rows)
         torch.mm(dense_weight(_row_chunk(qt, first, last), x.dtype), x.T, out=yt[first:last])

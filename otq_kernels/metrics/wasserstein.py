@@ -203,7 +203,7 @@ def wasserstein_bounds(a, b, p: int = 2, kappa: int = 2, names=None):
 
 def _samples_to_images(x, eps: float, name: str) -> torch.Tensor:
     """[B, C, H, W] in [-1, 1] -> non-negative grayscale [B, H, W] ((x+1)/2 + eps, clamped)."""
-    x = torch.as_tensor(x)
+    x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)  # (kept where it is)
     if x.dim() != 4:
         raise ValueError(f"{name} must be [B, C, H, W], got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():

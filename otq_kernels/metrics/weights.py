@@ -31,8 +31,8 @@ def _pair(w, w_hat) -> tuple[torch.Tensor, torch.Tensor]:
         w_hat = w_hat.dequantize()
     if isinstance(w, QuantizedTensor):
         w = w.dequantize()
-    a = torch.as_tensor(w).detach().reshape(-1)
-    b = torch.as_tensor(w_hat).detach().reshape(-1).to(a.device)
+    a = _tensor(w).detach().reshape(-1)
+    b = _tensor(w_hat).detach().reshape(-1).to(a.device)
     dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     a, b = a.to(dtype), b.to(dtype)
     if a.numel() != b.numel():
@@ -40,6 +40,12 @@ def _pair(w, w_hat) -> tuple[torch.Tensor, torch.Tensor]:
     if a.numel() == 0:
         raise ValueError("weights are empty")
     return a, b
+
+
+def _tensor(x) -> torch.Tensor:
+    """x itself if a tensor (torch.as_tensor would move it to a default-device context's
+    device, ``with torch.device("meta")`` say), else x as a tensor."""
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
 
 # Elements per float64 chunk of the sums below: their temporaries stay a few MiB, not
