@@ -290,21 +290,69 @@ def _stored_names(state: dict) -> tuple[dict, dict]:
 
 
 # ----------------------------------------------------------------------------- read
+# safetensors' dtype names (little-endian) -> torch's, where this torch has them
+SAFETENSORS_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+    ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
+    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("BOOL", "bool"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")) if hasattr(torch, attr)}
+
+
 @contextlib.contextmanager
-def _safetensors_file(path):
-    """safetensors' reader of ``path`` (its header checked: offsets inside the file, known
-    dtypes); FileNotFoundError, or ValueError for a file that is not one."""
+def open_safetensors(path):
+    """(offset of the data, {name: {"dtype", "shape", "data_offsets"}}, metadata strings in
+    key order, the open file) of a safetensors file, opened once: a file renamed over
+    ``path`` meanwhile (an atomic save) is not mixed in, and the tensors read from it
+    (:class:`StoredTensor`) are copies, not the file's pages mapped into the process (a
+    file overwritten in place changed a loaded model's weights; a truncated one killed
+    it). safetensors checks the header first (offsets inside the file, known dtypes).
+    FileNotFoundError, or ValueError for a file that is not one."""
+    path = require_file(path)
+    with open(path, "rb") as file:
+        metadata = _checked_metadata(file, path)
+        file.seek(0)
+        size = struct.unpack("<Q", file.read(8))[0]
+        header = json.loads(file.read(size))
+        header.pop("__metadata__", None)
+        yield 8 + size, header, metadata, file
+
+
+def _checked_metadata(file, path: str) -> dict:
+    """The metadata strings of the open safetensors ``file``, in key order, after
+    safetensors has checked its header (through the same open file where the system
+    names one: /proc/self/fd); ValueError for a file that is not one."""
     from safetensors import safe_open
 
-    path = require_file(path)
-    with open(path, "rb"):  # (a PermissionError as such: safetensors says "no such file")
-        pass
+    same = f"/proc/self/fd/{file.fileno()}"
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            yield f
+        with safe_open(same if os.path.exists(same) else path, framework="pt",
+                       device="cpu") as f:
+            return dict(sorted((f.metadata() or {}).items()))
     except Exception as err:  # safetensors raises its own error types (header, truncation)
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
                          f"{err}") from None
+
+
+class StoredTensor:
+    """One tensor of an open safetensors file (:func:`open_safetensors`), read when asked
+    for with ``to`` into memory of its own."""
+
+    def __init__(self, file, data_start: int, key: str, entry: dict):
+        if entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r} has dtype {entry.get('dtype')!r}, which this "
+                             "torch cannot hold")
+        self.file, self.key, self.dtype = file, key, SAFETENSORS_DTYPES[entry["dtype"]]
+        self.shape = torch.Size(entry["shape"])
+        begin, end = entry["data_offsets"]
+        self.offset, self.nbytes = data_start + begin, end - begin
+
+    def to(self, device: torch.device | str) -> torch.Tensor:
+        data = torch.empty(self.nbytes, dtype=torch.uint8, device="cpu")
+        self.file.seek(self.offset)
+        if self.file.readinto(data.numpy()) != self.nbytes:
+            raise ValueError(f"{self.file.name}: tensor {self.key!r} is cut short (the file "
+                             "changed while it was read?)")
+        return data.view(self.dtype).reshape(self.shape).to(device)
 
 
 def require_file(path) -> str:
@@ -340,29 +388,26 @@ def is_safetensors_file(path) -> bool:
 
 
 def read_safetensors(path) -> tuple[dict, dict]:
-    """(metadata strings, tensors) of a safetensors file; ValueError if it is not one."""
-    with _safetensors_file(path) as f:
-        return (dict(sorted((f.metadata() or {}).items())),
-                {k: f.get_tensor(k) for k in f.keys()})
+    """(metadata strings, tensors) of a safetensors file, read through one open file into
+    memory of their own (:func:`open_safetensors`); ValueError if it is not one."""
+    with open_safetensors(path) as (data_start, header, metadata, file):
+        return metadata, {key: StoredTensor(file, data_start, key, header[key]).to("cpu")
+                          for key in sorted(header)}
 
 
 def read_safetensors_metadata(path) -> dict:
     """The metadata strings of a safetensors file, in key order (its header checked, no
     tensor read); ValueError if it is not one."""
-    with _safetensors_file(path) as f:
-        return dict(sorted((f.metadata() or {}).items()))
+    with open_safetensors(path) as (_, _, metadata, _):
+        return metadata
 
 
 def read_safetensors_header(path) -> tuple[int, dict, dict]:
     """(offset of the data, {name: {"dtype", "shape", "data_offsets"}}, metadata strings)
-    of a safetensors file, no tensor read: safetensors checks the header first (offsets
-    inside the file, known dtypes). ValueError if it is not one."""
-    metadata = read_safetensors_metadata(path)
-    with open(path, "rb") as file:
-        size = struct.unpack("<Q", file.read(8))[0]
-        header = json.loads(file.read(size))
-    header.pop("__metadata__", None)
-    return 8 + size, header, metadata
+    of a safetensors file, no tensor read (:func:`open_safetensors`). ValueError if it is
+    not one."""
+    with open_safetensors(path) as (data_start, header, metadata, _):
+        return data_start, header, metadata
 
 
 def _json(meta: dict, key: str, path) -> dict:

@@ -21,6 +21,7 @@ import torch
 from .checkpoint import (
     CHECKSUMS,
     FORMAT,
+    SAFETENSORS_DTYPES,
     _check_entry,
     _check_format,
     _json,
@@ -37,9 +38,6 @@ from .summary import LayerSummary, QuantizationSummary, _human, format_summary
 __all__ = ["FileInfo", "describe_file"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
-HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 @dataclass
@@ -158,7 +156,7 @@ def _layer_header(name: str, header: dict) -> dict:
     tensors = {}
     for key in header:
         if key.startswith(f"{name}.") and "." not in key[len(name) + 1:]:
-            dtype = HEADER_DTYPES.get(header[key]["dtype"])
+            dtype = SAFETENSORS_DTYPES.get(header[key]["dtype"])
             if dtype is None:
                 raise ValueError(f"tensor {key!r} has dtype {header[key]['dtype']}, which no "
                                  "quantized layer stores")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .checkpoint import FORMAT, load_device, read_safetensors_header, reads_as_safetensors
+from .checkpoint import FORMAT, StoredTensor, load_device, open_safetensors, reads_as_safetensors
 from .models.checkpoint import checkpoint_state, read_float_checkpoint
 from .modules import HOOK_ATTRIBUTES, bare_module
 from .nn import finish_quantization, plan_quantization, quantize_layers
@@ -29,57 +29,19 @@ from .skeleton import check_loadable, materialize
 __all__ = ["load_and_quantize"]
 
 
-# safetensors' dtype names (little-endian) -> torch's, where this torch has them
-_DTYPES = {name: getattr(torch, attr) for name, attr in (
-    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
-    ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
-    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("BOOL", "bool"),
-    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")) if hasattr(torch, attr)}
-
-
-class _StoredTensor:
-    """One tensor of a safetensors file, read when asked for with ``read`` into memory of
-    its own (not the file's pages mapped into the process, which would stay resident)."""
-
-    def __init__(self, file, data_start: int, key: str, entry: dict):
-        if entry.get("dtype") not in _DTYPES:
-            raise ValueError(f"tensor {key!r} has dtype {entry.get('dtype')!r}, which this "
-                             "torch cannot hold")
-        self.file, self.key, self.dtype = file, key, _DTYPES[entry["dtype"]]
-        self.shape = torch.Size(entry["shape"])
-        begin, end = entry["data_offsets"]
-        self.offset, self.nbytes = data_start + begin, end - begin
-
-    def to(self, device: torch.device) -> torch.Tensor:
-        data = torch.empty(self.nbytes, dtype=torch.uint8, device="cpu")
-        self.file.seek(self.offset)
-        if self.file.readinto(data.numpy()) != self.nbytes:
-            raise ValueError(f"{self.file.name}: tensor {self.key!r} is cut short (the file "
-                             "changed while it was read?)")
-        return data.view(self.dtype).reshape(self.shape).to(device)
-
-
-def _safetensors_header(path: str) -> tuple[int, dict]:
-    """(offset of the data, {name: dtype/shape/offsets entry}) of a float safetensors file;
-    FileNotFoundError, or ValueError for a file that is not one or is quantized."""
-    data_start, header, metadata = read_safetensors_header(path)
-    if metadata.get("format") == FORMAT:
-        raise ValueError(f"{path} is already quantized: load it with otq.load_quantized")
-    return data_start, header
-
-
 @contextlib.contextmanager
 def _float_tensors(source):
-    """{name: tensor or _StoredTensor} of a float checkpoint: a ``.safetensors`` path is
+    """{name: tensor or StoredTensor} of a float checkpoint: a ``.safetensors`` path is
     opened for reading on demand (for the duration of the block), anything else is read
     whole (:func:`~otq_kernels.models.checkpoint.read_float_checkpoint`)."""
     if isinstance(source, Mapping) or not reads_as_safetensors(source):
         yield read_float_checkpoint(source)
         return
-    path = os.fspath(source)
-    data_start, header = _safetensors_header(path)
-    with open(path, "rb") as file:
-        yield {key: _StoredTensor(file, data_start, key, entry) for key, entry in header.items()}
+    with open_safetensors(source) as (data_start, header, metadata, file):
+        if metadata.get("format") == FORMAT:
+            raise ValueError(f"{os.fspath(source)} is already quantized: load it with "
+                             "otq.load_quantized")
+        yield {key: StoredTensor(file, data_start, key, entry) for key, entry in header.items()}
 
 
 def _kept_by_copies(model: nn.Module, layer: nn.Module) -> dict:

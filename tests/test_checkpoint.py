@@ -562,6 +562,44 @@ def test_wrong_model(saved):
         _load(path, Net(width=16))
 
 
+def test_a_loaded_model_owns_its_tensors(saved):
+    """The file overwritten in place or truncated after loading changes nothing: the
+    tensors were views of the file's pages mapped into the process (the weights changed
+    silently; a truncated file killed the process at the next forward, SIGBUS)."""
+    model, path = saved
+    loaded = _load(path)
+    x = torch.randn(2, 3, 6, 6)
+    expected = loaded(x)
+    size = path.stat().st_size
+    with open(path, "r+b") as file:
+        file.seek(size // 2)
+        file.write(b"\x7f" * (size - size // 2))
+    assert torch.equal(loaded(x), expected)
+    os.truncate(path, 16)
+    assert torch.equal(loaded(x), expected)
+
+
+def test_a_file_renamed_over_the_path_while_it_is_read_is_not_mixed_in(saved, tmp_path,
+                                                                        monkeypatch):
+    """An atomic save of another model over the path between the header check and the
+    tensor reads: the load reads the file it opened, whole (it reopened the path for the
+    tensors, and mixed one file's header with the other's data: "corrupt")."""
+    model, path = saved
+    other = tmp_path / "other.safetensors"
+    ckpt.save_quantized(_quantized(seed=1), other)
+    checked = ckpt._checked_metadata
+
+    def then_replaced(file, name):
+        metadata = checked(file, name)
+        os.replace(other, path)
+        return metadata
+
+    monkeypatch.setattr(ckpt, "_checked_metadata", then_replaced)
+    loaded = _load(path)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(loaded(x), model(x))
+
+
 def test_a_lazy_skeleton_is_refused_before_anything_changes(saved):
     """A lazy layer not shaped yet is named (it was torch's RuntimeError from deep inside);
     the model is left as it was."""
