@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -24,17 +25,33 @@ FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
+# id(model) -> [blocks of evaluating(model) open, its modules' modes before the first]
+_EVALUATING: dict[int, list] = {}
+_EVALUATING_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode inside the block; each submodule's own train/eval flag is
-    restored after it (``model.train(flag)`` would give them all the top module's)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    restored after it (``model.train(flag)`` would give them all the top module's).
+    Blocks on one model that overlap (nested, or threads sampling it) share one eval
+    period: the first saves the modes, the last restores them (a thread's block ending
+    put another's model back in train mode, dropout on, mid-sampling)."""
+    with _EVALUATING_LOCK:
+        entry = _EVALUATING.get(id(model))
+        if entry is None:
+            entry = _EVALUATING[id(model)] = [0, [(m, m.training) for m in model.modules()]]
+            model.eval()
+        entry[0] += 1
     try:
         yield model
     finally:
-        for m, training in modes:
-            m.training = training
+        with _EVALUATING_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _EVALUATING[id(model)]
+                for m, training in entry[1]:
+                    m.training = training
 
 
 def leaves_modes(fn: Callable) -> Callable:

@@ -151,6 +151,41 @@ def test_sample_leaves_each_submodule_in_its_mode():
     assert {n: m.training for n, m in model.named_modules()} == modes
 
 
+def test_overlapping_eval_blocks_on_one_model_share_one_eval_period():
+    """Thread A enters, thread B enters, A leaves: B's model stays in eval mode (A's exit
+    put it back in train mode, dropout on, while B sampled) and B's exit restores the
+    modes from before A's block (it left the model in eval mode for good)."""
+    import threading
+
+    model = _model().train()
+    model.out.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen_by_b = []
+
+    def a():
+        with fm.evaluating(model):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with fm.evaluating(model):
+            b_in.set()
+            a_out.wait(5)
+            seen_by_b.extend(m.training for m in model.modules())
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert a_out.is_set() and seen_by_b and not any(seen_by_b)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert fm._EVALUATING == {}
+
+
 def test_train_reduces_loss():
     from otq_kernels.data import load_digits
 
