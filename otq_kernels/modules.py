@@ -12,6 +12,7 @@ after ``model.half()``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from collections import OrderedDict
@@ -227,15 +228,19 @@ class _QuantModule(nn.Module):
                             "torch.nn.utils.parametrize.remove_parametrizations(layer, "
                             f"{name!r}, leave_parametrized=False) restores it")
 
-    def _cached(self, key: str, shape: tuple[int, ...]) -> QuantizedTensor:
-        """QuantizedTensor over the current buffers with ``shape`` (rebuilt when they change)."""
+    def _cached(self, key: str, shape: tuple[int, ...], keep: bool = False) -> QuantizedTensor:
+        """QuantizedTensor over the current buffers with ``shape``: the one kept for them,
+        else a new one, kept where ``keep`` (:meth:`_refill_cache`, when the buffers become
+        the layer's own). Tensors swapped in for a call (``torch.func.functional_call``,
+        vmap's batched ones) are never kept: they outlived the call, and a layer holding
+        vmap's tensors could not be copied or pickled."""
         tensors = (*self._planes(), self._codebook())
         hit = self._cache.get(key)
         if hit is not None and all(a is b for a, b in zip(hit[0], tensors, strict=True)):
             return hit[1]
         qt = QuantizedTensor(list(tensors[:-1]), tensors[-1], self.bits, shape,
                              self.granularity, self.method)
-        if not torch.compiler.is_compiling():  # a trace's tensors are not kept past it
+        if keep and not torch.compiler.is_compiling():  # a trace's tensors are not kept past it
             self._cache[key] = (tensors, qt)
         return qt
 
@@ -251,7 +256,14 @@ class _QuantModule(nn.Module):
         self._cache.clear()
         if self._codes_stored():
             for key, shape in self._views().items():
-                self._cached(key, shape)
+                self._cached(key, shape, keep=True)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in self.__dict__.get("_buffers", ()) and "_cache" in self.__dict__:
+            self._cache.clear()  # (``layer.codebook = t``: t is the layer's own now)
+            with contextlib.suppress(ValueError, RuntimeError):  # (a forward says what)
+                self._refill_cache()
 
     @property
     def qweight(self) -> QuantizedTensor:

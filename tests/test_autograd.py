@@ -4,7 +4,10 @@ The oracle is torch's own autograd through F.linear / F.conv2d on the dequantize
 """
 
 import copy
+import gc
+import pickle
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -284,6 +287,28 @@ def test_vmap_over_stacked_quantized_models_runs_each_model(bits, granularity):
         got = torch.func.vmap(one, in_dims=(0, 0, None))(params, buffers, x)
         want = torch.stack([model(x) for model in models])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for copy_of in (copy.deepcopy, pickle.dumps):  # (the layers kept vmap's tensors)
+        copy_of(skeleton)
+
+
+def test_a_functional_call_leaves_no_tensor_behind():
+    """The tensors passed to torch.func.functional_call are not kept by the layers after
+    the call (they were, until each layer's next forward), and a codebook that requires
+    grad, refused there, leaves the layer copyable."""
+    torch.manual_seed(0)
+    model = otq.quantize_model(_Mixed(), bits=3, progress=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 5, 5)
+    expected = model(x)
+    torch.testing.assert_close(torch.func.functional_call(model, state, (x,)), expected)
+    passed = [weakref.ref(t) for t in state.values()]
+    del state
+    gc.collect()
+    assert [ref for ref in passed if ref() is not None] == []
+    codebook = model.head.codebook.clone().requires_grad_()
+    with pytest.raises(ValueError):
+        torch.func.functional_call(model, {"head.codebook": codebook}, (x,))
+    copy.deepcopy(model)
 
 
 @pytest.mark.parametrize("registered", [False, True], ids=["counter-before-formulas",
