@@ -121,13 +121,16 @@ inline int blocks_for(int64_t items, int threads, int64_t cap = 65535LL * 16) {
 inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
 // Dynamic shared memory above the 48 KB default needs an opt-in per kernel (on the current
-// device); a launch asking for more without it fails.
+// device); a launch asking for more without it fails. A refused opt-in is returned and
+// cleared (left pending, torch's next launch check would raise it again).
 template <typename... Params>
 cudaError_t allow_dynamic_smem(void (*kernel)(Params...), size_t bytes) {
   constexpr size_t kDefaultLimit = 48 * 1024;
   if (bytes <= kDefaultLimit) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
+  const cudaError_t err = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) cudaGetLastError();
+  return err;
 }
 
 // Plane base pointers and their words per row, passed to kernels by value.

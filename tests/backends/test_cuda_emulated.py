@@ -473,6 +473,17 @@ def test_dequantize_wrapper_rejects_bad_inputs():
         cuda.dequantize(qt, torch.float16)
 
 
+def test_a_refused_shared_memory_opt_in_is_returned_not_left_pending(emulated):
+    """A kernel's opt-in to more shared memory than the GPU gives fails the launch with
+    its error, cleared: left pending, torch's next launch check raised it again, on an
+    op of its own."""
+    import ctypes
+
+    pending = ctypes.c_int(-1)
+    assert emulated.lib.otq_emu_refused_smem_opt_in(ctypes.byref(pending)) != 0
+    assert pending.value == 0
+
+
 def test_kernel_image_status_is_success(emulated):
     """The launcher behind cuda_check_kernel_image (the emulation has every image)."""
     assert emulated.lib.otq_emu_kernel_image_status() == 0

@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/common.cuh"
 #include "cuda/launchers.h"
 
 extern "C" {
@@ -68,6 +69,16 @@ int otq_emu_dequantize(const uint32_t* const* planes, int bits, const float* cod
 }
 
 int otq_emu_kernel_image_status() { return otq::cuda::kernel_image_status(); }
+
+// An opt-in past every GPU's limit (256 KB): its error code, and whether it was left
+// pending for the next launch check (1) or cleared (0).
+static __global__ void otq_emu_any_kernel(int) {}
+
+int otq_emu_refused_smem_opt_in(int* left_pending) {
+  const int err = otq::cuda::allow_dynamic_smem(otq_emu_any_kernel, size_t{256} * 1024);
+  *left_pending = cudaGetLastError() != cudaSuccess;
+  return err;
+}
 
 const char* otq_emu_error_string(int code) { return otq::cuda::error_string(code); }
 
