@@ -28,7 +28,7 @@ from .backends.dequant import dense_weight
 from .format import QuantizedTensor, check_float_dtype, integer_value
 from .metrics.weights import weight_error
 from .quantizers import check_options, fit_codebook
-from .sharing import converted
+from .sharing import converted, memory_key
 
 
 def _computed_tensor(hook) -> str | None:
@@ -371,6 +371,13 @@ class _QuantModule(nn.Module):
     def _code_dtypes(self) -> dict[str, torch.dtype]:
         return {**{f"plane{i}": torch.int32 for i in range(self.num_planes)},
                 "codebook": torch.float32}
+
+    def codes_key(self) -> tuple:
+        """Equal for two layers exactly when they hold the same codes: the same views of
+        the same memory for every plane and the codebook, and one weight shape (tied
+        weights); layers sharing only a codebook differ."""
+        return (tuple(memory_key(t) for t in (*self._planes(), self._codebook())),
+                tuple(self.weight_shape))
 
     def _codes_stored(self) -> bool:
         """Whether every plane and the codebook are buffers (not parametrized away)."""

@@ -32,7 +32,6 @@ from .modules import (
     replace_module,
 )
 from .quantizers import check_options, check_weight
-from .sharing import memory_key
 from .skeleton import check_shaped
 from .summary import (
     LayerSummary,
@@ -382,7 +381,7 @@ def dequantize_model(model: nn.Module, dtype=None) -> nn.Module:
         layer = model.get_submodule(names[0])
         if isinstance(layer, _QuantModule) and names[0]:
             dense = layer.to_float(dtype or dense_dtype(layer, model), share_hooks=True)
-            dense.weight = weights.setdefault(memory_key(layer.codebook), dense.weight)
+            dense.weight = weights.setdefault(layer.codes_key(), dense.weight)
             swaps.append((names, dense))
     for names, dense in swaps:
         replace_module(model, names, dense)

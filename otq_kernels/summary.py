@@ -104,22 +104,24 @@ def _totals(model: nn.Module) -> tuple[int, int, int, int]:
     """(params, fp32 bytes, fp16 bytes, stored bytes) of the model before/after quantization;
     a tensor several modules hold (tied weights) counts once, as it is stored."""
     params = fp32 = fp16 = after = 0
-    seen: set[int] = set()
+    seen: set = set()
     for module in model.modules():
         quant = isinstance(module, _QuantModule)
-        if quant and memory_key(module.codebook) not in seen:  # (tied layers share codes)
-            seen.add(memory_key(module.codebook))
+        if quant and module.codes_key() not in seen:  # (tied layers share codes)
+            seen.add(module.codes_key())
             numel = math.prod(module.weight_shape)
-            params, fp32, fp16, after = (params + numel, fp32 + 4 * numel, fp16 + 2 * numel,
-                                         after + module.nbytes)
+            params, fp32, fp16 = params + numel, fp32 + 4 * numel, fp16 + 2 * numel
         tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        skip = {id(t) for t in (module._planes() + [module.codebook])} if quant else set()
-        for t in tensors:
-            if id(t) in skip or id(t) in seen:
+        codes = {id(t) for t in (module._planes() + [module.codebook])} if quant else set()
+        for t in tensors:  # (a code tensor by its memory: layers may share a codebook only)
+            key = memory_key(t) if id(t) in codes else id(t)
+            if key in seen:
                 continue
-            seen.add(id(t))
+            seen.add(key)
             size = t.numel() * t.element_size()
             after += size
+            if id(t) in codes:
+                continue
             if t.is_floating_point():
                 params += t.numel() if isinstance(t, nn.Parameter) else 0
                 fp32, fp16 = fp32 + 4 * t.numel(), fp16 + 2 * t.numel()

@@ -1355,3 +1355,24 @@ def test_a_default_device_context_leaves_a_cpu_model_s_work_on_the_cpu(backend, 
         assert torch.equal(loaded(x), expected)
     assert (tmp_path / "inside.safetensors").read_bytes() == (
         tmp_path / "outside.safetensors").read_bytes()
+
+
+def test_layers_sharing_only_a_codebook_keep_their_own_codes():
+    """Two layers of their own codes and one codebook tensor (a model-wide codebook):
+    dequantize_model gave both the first layer's weight (tied weights were recognized by
+    the codebook alone), and the summary counted one layer's parameters."""
+    book = torch.linspace(-1, 1, 16).reshape(1, 16)
+    torch.manual_seed(0)
+    layers = [qnn.QuantLinear(otq.QuantizedTensor(
+        otq.pack_codes(torch.randint(0, 16, (8, 8)), 4), book, 4, (8, 8), "tensor"))
+        for _ in range(2)]
+    model = nn.Sequential(layers[0], nn.ReLU(), layers[1])
+    assert model[0].codebook is model[2].codebook
+    summary = qnn.quantization_summary(model)
+    planes = sum(p.nbytes for layer in layers for p in layer._planes())
+    assert summary.params == 128 and summary.bytes_after == planes + book.nbytes
+    x = torch.randn(3, 8)
+    expected = model(x)
+    dense = qnn.dequantize_model(model)
+    assert dense[0].weight is not dense[2].weight
+    torch.testing.assert_close(dense(x), expected, rtol=1e-5, atol=1e-6)
