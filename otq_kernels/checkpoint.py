@@ -44,6 +44,7 @@ from .modules import (
     _QuantModule,
     bare_module,
     computed_tensors,
+    containing_names,
     dense_dtype,
     module_aliases,
     replace_module,
@@ -652,11 +653,11 @@ def _float_again(model: nn.Module, aliases: dict, swapped: dict, tensors: dict) 
 def _expected_state(model: nn.Module, swaps: list) -> dict:
     """The model's state dict as it will be after the swaps (without touching the model);
     swaps: (names of one module, its replacement)."""
-    own = model.state_dict()
-    for names, layer in swaps:
-        for name in names:
-            own = {k: v for k, v in own.items() if not k.startswith(name + ".")}
-            own.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
+    replaced = {name: layer for names, layer in swaps for name in names}
+    own = {k: v for k, v in model.state_dict().items()
+           if replaced.keys().isdisjoint(containing_names(k))}
+    for name, layer in replaced.items():
+        own.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     return own
 
 

@@ -38,11 +38,15 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     period: the first saves the modes, the last restores them (a thread's block ending
     put another's model back in train mode, dropout on, mid-sampling)."""
     with _EVALUATING_LOCK:
-        entry = _EVALUATING.get(id(model))
-        if entry is None:
-            entry = _EVALUATING[id(model)] = [0, [(m, m.training) for m in model.modules()]]
-            model.eval()
+        entry = _EVALUATING.get(id(model)) or [0, [(m, m.training) for m in model.modules()]]
+        try:
+            model.eval()  # (in every block: a model set to train inside the first too)
+        except BaseException:
+            if not entry[0]:
+                _restore_modes(entry[1])
+            raise
         entry[0] += 1
+        _EVALUATING[id(model)] = entry
     try:
         yield model
     finally:
@@ -50,8 +54,12 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             entry[0] -= 1
             if entry[0] == 0:
                 del _EVALUATING[id(model)]
-                for m, training in entry[1]:
-                    m.training = training
+                _restore_modes(entry[1])
+
+
+def _restore_modes(modes: list) -> None:
+    for module, training in modes:
+        module.training = training
 
 
 def leaves_modes(fn: Callable) -> Callable:
@@ -185,18 +193,20 @@ def _check_label(model: nn.Module, x0: torch.Tensor, label, cfg_scale: float) ->
 class EMA:
     """Exponential moving average of a model's floating-point state (weights + buffers).
 
-    Update n (from 0) uses the decay min(decay, (1 + n) / (10 + n)) (warm-up): without it
-    the initial weights would keep a share decay**n, 61% after 500 updates at 0.999.
+    With ``warmup``, update n (from 0) uses the decay min(decay, (1 + n) / (10 + n)):
+    without it the initial weights keep a share decay**n, 61% after 500 updates at 0.999.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        self.decay = decay
+    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
         self.updates = 0
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        decay = self.decay
+        if self.warmup:
+            decay = min(decay, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
         for k, v in model.state_dict().items():
             if v.is_floating_point():
@@ -245,6 +255,7 @@ def train(
     log_every: int = 0,
     callback: Callable[[int, float], None] | None = None,
     label_dropout: float = 0.0,
+    ema_warmup: bool = True,
 ) -> list[float]:
     """Conditional-OT flow matching: minimise ||v(x_t, t) − (x1 − x0)||² with AdamW.
 
@@ -252,8 +263,8 @@ def train(
     Each step draws a batch with replacement, t ~ U(0, 1) and x0 ~ N(0, I) from a
     generator seeded with ``seed`` (model init is the caller's). ``schedule``:
     'constant' or 'cosine' (after ``warmup`` linear steps). With ``ema_decay`` an EMA
-    of the weights (with a warm-up of its decay, :class:`EMA`) is kept and copied into
-    ``model`` at the end. Leaves the model in
+    of the weights (with a warm-up of its decay unless ``ema_warmup`` is False,
+    :class:`EMA`) is kept and copied into ``model`` at the end. Leaves the model in
     eval mode. With ``label_dropout`` p > 0 each label is replaced by the null label
     ``model.num_classes`` with probability p, so that classifier-free guidance has a
     trained unconditional branch. Returns the per-step losses.
@@ -267,7 +278,7 @@ def train(
     g = torch.Generator().manual_seed(int(seed))
     path = CondOTProbPath()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    ema = EMA(model, ema_decay) if ema_decay else None
+    ema = EMA(model, ema_decay, ema_warmup) if ema_decay else None
     model.train()
     losses: list[float] = []
     for step in range(steps):

@@ -809,6 +809,12 @@ def names_by_identity(named) -> dict[int, list[str]]:
     return names
 
 
+def containing_names(name: str) -> list[str]:
+    """The names of the modules containing ``name`` ("a.b.c": "a", "a.b")."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def module_aliases(model: nn.Module) -> dict[int, list[str]]:
     """id(module) -> every name under which ``model`` reaches it (``named_modules`` order).
 

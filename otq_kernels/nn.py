@@ -25,6 +25,7 @@ from .modules import (
     _QuantModule,
     bare_module,
     check_bias,
+    containing_names,
     dense_dtype,
     float_tensor,
     module_aliases,
@@ -64,11 +65,7 @@ def _matches(name: str, patterns) -> bool:
 
 def _scopes(names: list[str]) -> list[str]:
     """Each name and the names of the modules containing it ("a.b.c": "a", "a.b", "a.b.c")."""
-    scopes = []
-    for name in names:
-        parts = name.split(".")
-        scopes += [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return scopes
+    return [scope for name in names for scope in (*containing_names(name), name)]
 
 
 def _matches_any(names: list[str], patterns) -> bool:
@@ -112,12 +109,12 @@ def _plan(model: nn.Module, include, exclude,
     A subclass of nn.Linear/Conv that overrides ``forward`` (a LoRA layer, say) stays float:
     the quantized layer would drop what its forward adds.
     """
-    chosen, reasons = [], {}
+    chosen, chosen_set, reasons = [], set(), {}
     parents = dict(model.named_modules())
     for name, module in model.named_modules():
         if isinstance(module, _QuantModule) or not _float_weighted(module):
             continue
-        if any(name.startswith(f"{layer}.") for layer in chosen):
+        if not chosen_set.isdisjoint(containing_names(name)):
             continue  # inside a layer that is replaced whole
         names = aliases[id(module)]
         parent = parents.get(name.rpartition(".")[0]) if name else None
@@ -137,6 +134,7 @@ def _plan(model: nn.Module, include, exclude,
             reasons[name] = "excluded"
         else:
             chosen.append(name)
+            chosen_set.add(name)
     return chosen, reasons
 
 

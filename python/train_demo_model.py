@@ -83,6 +83,7 @@ def main(argv=None) -> None:
         warmup=args.warmup,
         schedule="cosine",
         ema_decay=args.ema_decay,
+        ema_warmup=False,  # (as the bundled model was trained, before the warm-up existed)
         log_every=50,
         callback=log,
     )

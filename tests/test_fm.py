@@ -186,6 +186,33 @@ def test_overlapping_eval_blocks_on_one_model_share_one_eval_period():
     assert fm._EVALUATING == {}
 
 
+def test_an_eval_block_is_in_eval_mode_whatever_came_before():
+    """An inner block after model.train() inside the outer one runs in eval mode; an
+    eval() that raises leaves no block open (the next block skipped eval())."""
+    model = _model().train()
+    with fm.evaluating(model):
+        model.train()
+        with fm.evaluating(model):
+            assert not model.training
+    assert model.training and fm._EVALUATING == {}
+
+    class FailingOnce(torch.nn.Module):
+        failed = False
+
+        def train(self, mode=True):
+            if not mode and not FailingOnce.failed:
+                FailingOnce.failed = True
+                raise RuntimeError("eval failed")
+            return super().train(mode)
+
+    flaky = FailingOnce().train()
+    with pytest.raises(RuntimeError, match="eval failed"), fm.evaluating(flaky):
+        pass
+    assert fm._EVALUATING == {} and flaky.training
+    with fm.evaluating(flaky):
+        assert not flaky.training
+
+
 def test_train_reduces_loss():
     from otq_kernels.data import load_digits
 
@@ -232,6 +259,12 @@ def test_the_ema_warms_up_its_decay():
         ema.update(model)
     kept = 0.1 * 2 / 11 * 3 / 12
     assert ema.shadow["weight"].item() == pytest.approx(1 - kept, rel=1e-6)
+    plain = fm.EMA(torch.nn.Linear(1, 1, bias=False).requires_grad_(False), 0.999,
+                   warmup=False)
+    plain.shadow["weight"].zero_()
+    for _ in range(3):
+        plain.update(model)
+    assert plain.shadow["weight"].item() == pytest.approx(1 - 0.999**3, rel=1e-6)
 
 
 def _labels_seen(label_dropout: float) -> torch.Tensor:
