@@ -12,7 +12,6 @@ after ``model.half()``.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import warnings
 from collections import OrderedDict
@@ -228,19 +227,20 @@ class _QuantModule(nn.Module):
                             "torch.nn.utils.parametrize.remove_parametrizations(layer, "
                             f"{name!r}, leave_parametrized=False) restores it")
 
-    def _cached(self, key: str, shape: tuple[int, ...], keep: bool = False) -> QuantizedTensor:
-        """QuantizedTensor over the current buffers with ``shape``: the one kept for them,
-        else a new one, kept where ``keep`` (:meth:`_refill_cache`, when the buffers become
-        the layer's own). Tensors swapped in for a call (``torch.func.functional_call``,
-        vmap's batched ones) are never kept: they outlived the call, and a layer holding
-        vmap's tensors could not be copied or pickled."""
+    def _cached(self, key: str, shape: tuple[int, ...]) -> QuantizedTensor:
+        """QuantizedTensor over the current buffers with ``shape`` (rebuilt when they
+        change). Not kept: a trace's tensors, vmap's batched ones and tensors that require
+        grad (a layer holding those could not be copied or pickled). (Tensors that
+        ``torch.func.functional_call`` swaps in stay referenced until the next call.)"""
         tensors = (*self._planes(), self._codebook())
         hit = self._cache.get(key)
         if hit is not None and all(a is b for a, b in zip(hit[0], tensors, strict=True)):
             return hit[1]
         qt = QuantizedTensor(list(tensors[:-1]), tensors[-1], self.bits, shape,
                              self.granularity, self.method)
-        if keep and not torch.compiler.is_compiling():  # a trace's tensors are not kept past it
+        if torch.compiler.is_compiling() or not all(map(_keepable, tensors)):
+            self._cache.pop(key, None)
+        else:
             self._cache[key] = (tensors, qt)
         return qt
 
@@ -256,14 +256,7 @@ class _QuantModule(nn.Module):
         self._cache.clear()
         if self._codes_stored():
             for key, shape in self._views().items():
-                self._cached(key, shape, keep=True)
-
-    def __setattr__(self, name: str, value) -> None:
-        super().__setattr__(name, value)
-        if name in self.__dict__.get("_buffers", ()) and "_cache" in self.__dict__:
-            self._cache.clear()  # (``layer.codebook = t``: t is the layer's own now)
-            with contextlib.suppress(ValueError, RuntimeError):  # (a forward says what)
-                self._refill_cache()
+                self._cached(key, shape)
 
     @property
     def qweight(self) -> QuantizedTensor:
@@ -807,6 +800,12 @@ def names_by_identity(named) -> dict[int, list[str]]:
     for name, obj in named:
         names.setdefault(id(obj), []).append(name)
     return names
+
+
+def _keepable(t: torch.Tensor) -> bool:
+    """Whether a layer may keep a view of ``t`` past the call: not vmap's (functorch's
+    wrapper of a batch), not one that requires grad."""
+    return not (t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def containing_names(name: str) -> list[str]:

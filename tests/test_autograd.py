@@ -4,10 +4,8 @@ The oracle is torch's own autograd through F.linear / F.conv2d on the dequantize
 """
 
 import copy
-import gc
 import pickle
 import warnings
-import weakref
 
 import pytest
 import torch
@@ -291,23 +289,15 @@ def test_vmap_over_stacked_quantized_models_runs_each_model(bits, granularity):
         copy_of(skeleton)
 
 
-def test_a_functional_call_leaves_no_tensor_behind():
-    """The tensors passed to torch.func.functional_call are not kept by the layers after
-    the call (they were, until each layer's next forward), and a codebook that requires
-    grad, refused there, leaves the layer copyable."""
+def test_a_codebook_that_requires_grad_leaves_the_layer_copyable():
+    """A codebook that requires grad, passed to torch.func.functional_call and refused
+    there, was kept in the layer's views: the layer could not be deep-copied."""
     torch.manual_seed(0)
     model = otq.quantize_model(_Mixed(), bits=3, progress=False)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(2, 3, 5, 5)
-    expected = model(x)
-    torch.testing.assert_close(torch.func.functional_call(model, state, (x,)), expected)
-    passed = [weakref.ref(t) for t in state.values()]
-    del state
-    gc.collect()
-    assert [ref for ref in passed if ref() is not None] == []
     codebook = model.head.codebook.clone().requires_grad_()
+    x = torch.randn(2, 3, 5, 5)
     with pytest.raises(ValueError):
-        torch.func.functional_call(model, {"head.codebook": codebook}, (x,))
+        torch.func.functional_call(model, {"head.codebook": codebook * 1}, (x,))
     copy.deepcopy(model)
 
 
