@@ -292,11 +292,14 @@ def _stored_names(state: dict) -> tuple[dict, dict]:
 
 # ----------------------------------------------------------------------------- read
 # safetensors' dtype names (little-endian) -> torch's, where this torch has them
+# (one element per item; packed ones, F4 say, are read by safetensors: StoredTensor)
 SAFETENSORS_DTYPES = {name: getattr(torch, attr) for name, attr in (
     ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
     ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("BOOL", "bool"),
-    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")) if hasattr(torch, attr)}
+    ("C64", "complex64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)}
 
 
 @contextlib.contextmanager
@@ -318,16 +321,20 @@ def open_safetensors(path):
         yield 8 + size, header, metadata, file
 
 
+def _same_file(file) -> str:
+    """A path that opens the file ``file`` has open (/proc/self/fd), else its name."""
+    same = f"/proc/self/fd/{file.fileno()}"
+    return same if os.path.exists(same) else file.name
+
+
 def _checked_metadata(file, path: str) -> dict:
     """The metadata strings of the open safetensors ``file``, in key order, after
     safetensors has checked its header (through the same open file where the system
-    names one: /proc/self/fd); ValueError for a file that is not one."""
+    names one); ValueError for a file that is not one."""
     from safetensors import safe_open
 
-    same = f"/proc/self/fd/{file.fileno()}"
     try:
-        with safe_open(same if os.path.exists(same) else path, framework="pt",
-                       device="cpu") as f:
+        with safe_open(_same_file(file), framework="pt", device="cpu") as f:
             return dict(sorted((f.metadata() or {}).items()))
     except Exception as err:  # safetensors raises its own error types (header, truncation)
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
@@ -336,18 +343,25 @@ def _checked_metadata(file, path: str) -> dict:
 
 class StoredTensor:
     """One tensor of an open safetensors file (:func:`open_safetensors`), read when asked
-    for with ``to`` into memory of its own."""
+    for with ``to`` into memory of its own (a dtype outside SAFETENSORS_DTYPES through
+    safetensors, from the same open file, copied)."""
 
     def __init__(self, file, data_start: int, key: str, entry: dict):
-        if entry.get("dtype") not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {key!r} has dtype {entry.get('dtype')!r}, which this "
-                             "torch cannot hold")
-        self.file, self.key, self.dtype = file, key, SAFETENSORS_DTYPES[entry["dtype"]]
+        self.file, self.key, self.dtype = file, key, SAFETENSORS_DTYPES.get(entry["dtype"])
         self.shape = torch.Size(entry["shape"])
         begin, end = entry["data_offsets"]
         self.offset, self.nbytes = data_start + begin, end - begin
+        if self.dtype is not None and self.nbytes != self.shape.numel() * self.dtype.itemsize:
+            raise ValueError(f"{file.name}: tensor {key!r} holds {self.nbytes} bytes, not "
+                             f"those of {entry['dtype']} {list(self.shape)} (the file changed "
+                             "while it was read?)")
 
     def to(self, device: torch.device | str) -> torch.Tensor:
+        if self.dtype is None:
+            from safetensors import safe_open
+
+            with safe_open(_same_file(self.file), framework="pt", device="cpu") as f:
+                return f.get_tensor(self.key).clone().to(device)
         data = torch.empty(self.nbytes, dtype=torch.uint8, device="cpu")
         self.file.seek(self.offset)
         if self.file.readinto(data.numpy()) != self.nbytes:

@@ -600,6 +600,19 @@ def test_a_file_renamed_over_the_path_while_it_is_read_is_not_mixed_in(saved, tm
     assert torch.equal(loaded(x), model(x))
 
 
+def test_every_dtype_safetensors_holds_is_read(tmp_path):
+    """Tensors of dtypes beyond the plain table (complex, 8-bit floats, packed 4-bit) read
+    back as safetensors reads them: the one-open reader refused them at first."""
+    tensors = {"c64": torch.randn(3, dtype=torch.complex64),
+               "e8m0": torch.ones(4).to(torch.float8_e8m0fnu),
+               "fp4": torch.zeros(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    _, read = ckpt.read_safetensors(tmp_path / "t.safetensors")
+    for key, t in tensors.items():
+        assert read[key].dtype == t.dtype and read[key].shape == t.shape
+        assert torch.equal(read[key].view(torch.uint8), t.view(torch.uint8))
+
+
 def test_a_lazy_skeleton_is_refused_before_anything_changes(saved):
     """A lazy layer not shaped yet is named (it was torch's RuntimeError from deep inside);
     the model is left as it was."""
