@@ -77,8 +77,9 @@ def header(name: str, payload: dict) -> None:
     gemm = (meta.get("gemm") or {}).get("tflops")
     print(f"== {name}: {len(rows)} rows, {len(errors)} errors, {meta.get('wall_s')} s, "
           f"gpu {meta.get('gpu')}, copy {fmt(meta.get('copy_gbps'), '.0f')} GB/s, "
-          f"gemm {fmt(gemm, '.0f')} TFLOP/s, autotune {meta.get('autotune_limit')}, "
-          f"git {meta.get('git_sha')} {str(meta.get('date'))[:16]}"
+          f"gemm {fmt(gemm, '.0f')} TFLOP/s, autotune {meta.get('autotune_limit')}"
+          + (f", git {meta.get('git_sha')} {str(meta.get('date') or '')[:16]}"
+             if meta.get("git_sha") else "")
           + ("".join(f"; {f}" for f in flags)))
     seen = set()
     for r in errors:

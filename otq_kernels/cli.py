@@ -322,7 +322,7 @@ def cmd_quantize(args) -> int:
     meta = {"config": info["config"], "config_kwargs": info["config_kwargs"],
             "image_size": info["image_size"], "source": info["source"],
             "command": "otq " + shlex.join(args.argv)}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(os.path.realpath(out)).parent.mkdir(parents=True, exist_ok=True)  # (a link's target's)
     save_quantized(model, out, metadata=meta)  # (before printing: `| head` loses nothing)
     print(format_summary(model.otq_summary))
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB)")

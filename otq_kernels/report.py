@@ -118,7 +118,7 @@ def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scale: in
     check_grid_path(path)
     g = grid_image(x, nrow)
     g = np.repeat(np.repeat(g, scale, 0), scale, 1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(os.path.realpath(path)).parent.mkdir(parents=True, exist_ok=True)  # (a link's target's)
     imsave(path, g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=1)
 
 
@@ -203,7 +203,7 @@ def _w2_kind(rows: list) -> str:
 def write_outputs(result: dict, samples: dict, table: str, out: Path) -> str:
     """results.json, table.txt, plots and per-setting sample grids under ``out``; returns
     the line that says so."""
-    out.mkdir(parents=True, exist_ok=True)
+    Path(os.path.realpath(out)).mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(jsonable(result), indent=1))
     (out / "table.txt").write_text(table + "\n")
     for name, x in samples.items():

@@ -327,6 +327,15 @@ def test_a_symlink_is_checked_where_it_points(tmp_path, capsys, monkeypatch):
         ["quantize", "--random-init", "tiny", "-o", str(link)], capsys)
 
 
+def test_a_dangling_symlink_is_written_through_into_a_new_folder(tmp_path, capsys):
+    """-o a symlink to a file in a folder not made yet: the folder made is the target's
+    (it was the link's, and the save failed after quantizing)."""
+    link = tmp_path / "q.safetensors"
+    link.symlink_to(tmp_path / "new" / "q.safetensors")
+    assert cli.main(["quantize", "--random-init", "tiny", "-o", str(link), "--quiet"]) == 0
+    assert (tmp_path / "new" / "q.safetensors").is_file() and link.resolve().is_file()
+
+
 def test_files_are_read_by_their_content_not_their_name(tmp_path, capsys):
     """A checkpoint written under any name (`-o Q.PT`) is read back as the safetensors it
     is (it was read as a pickle, or refused as 'unsupported format')."""
