@@ -193,9 +193,10 @@ def load_fm_checkpoint(
     ``torch.compile`` wrapper loads as it is (its ``module.``/``_orig_mod.`` prefixes are
     dropped), and a compiled ``model`` is seen through.
 
-    ``model`` may be built under ``torch.device("meta")`` (no float weights allocated
-    twice, no random init): its tensors get storage where the checkpoint's are (CPU for a
-    file) before the load (:mod:`otq_kernels.skeleton`). Raises ValueError naming missing /
+    ``model`` may be built under ``torch.device("meta")`` (no random init): its tensors
+    get storage where the checkpoint's are (CPU for a file) before the load
+    (:mod:`otq_kernels.skeleton`); the file's tensors and the model's are both held while
+    one is copied into the other, as for a model built on a device. Raises ValueError naming missing /
     unexpected / mis-shaped keys when the checkpoint belongs to another architecture.
     """
     wrapper, model = model, bare_module(model, "load_fm_checkpoint")
