@@ -391,14 +391,20 @@ def _(x, planes, codebook, bits, weight_shape, bias, stride, padding, dilation, 
                        memory_format=backends.conv_output_format(x))
 
 
-@torch.library.custom_op("otq::fit_codebook", mutates_args=())
-def _fit_codebook_op(rows: torch.Tensor, bits: int, method: str, assign: str,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_rows_with(rows: torch.Tensor, bits: int, method: str, assign: str,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int64 [R, n], centroids float32 [R, 2**bits]) of rows [R, n] by ``backend``."""
     if method in FUSED_METHODS and backend != "reference":
         codes, centroids = backends.function(backend, "fit_rows")(rows, bits, assign)
     else:
         codes, centroids = fit_rows_reference(rows, bits, method, assign)
     return codes.to(torch.int64), centroids.to(torch.float32)
+
+
+@torch.library.custom_op("otq::fit_codebook", mutates_args=())
+def _fit_codebook_op(rows: torch.Tensor, bits: int, method: str, assign: str,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fit_rows_with(rows, bits, method, assign, backend)
 
 
 @_fit_codebook_op.register_fake
@@ -671,6 +677,8 @@ def fit_checked_rows(rows: torch.Tensor, bits: int, method: str, assign: str,
     """:func:`fit_rows` of rows and options already checked (``fit_codebook`` checks its
     weight once, not once more per call)."""
     name = resolve_backend(backend, "fit", rows.device, rows.shape[1])
+    if _plain_eager_call(rows):  # (the op's first call imports torch._dynamo: 1 s, 150 MB)
+        return _fit_rows_with(rows.contiguous(), bits, method, assign, name)
     return torch.ops.otq.fit_codebook(rows.contiguous(), bits, method, assign, name)
 
 
@@ -681,6 +689,8 @@ def pack(codes: torch.Tensor, bits: int, backend: Optional[str] = None) -> list[
     if not isinstance(codes, torch.Tensor):
         raise ValueError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     name = resolve_backend(backend, "pack", codes.device)
+    if _plain_eager_call(codes):
+        return backends.function(name, "pack")(codes.contiguous(), bits)
     return torch.ops.otq.pack(codes.contiguous(), bits, name)
 
 
@@ -692,4 +702,6 @@ def unpack(qt: QuantizedTensor, backend: Optional[str] = None,
         raise ValueError(f"unpack takes a QuantizedTensor, got {type(qt).__name__}")
     name = resolve_backend(backend, "unpack", qt.device)
     planes = qt.planes if rows is None else [p[rows] for p in qt.planes]
+    if _plain_eager_call(planes[0]):
+        return backends.function(name, "unpack")(list(planes), qt.bits, qt.k)
     return torch.ops.otq.unpack(planes, qt.bits, qt.k, name)

@@ -196,8 +196,9 @@ def load_fm_checkpoint(
     ``model`` may be built under ``torch.device("meta")`` (no random init): its tensors
     get storage where the checkpoint's are (CPU for a file) before the load
     (:mod:`otq_kernels.skeleton`); the file's tensors and the model's are both held while
-    one is copied into the other, as for a model built on a device. Raises ValueError naming missing /
-    unexpected / mis-shaped keys when the checkpoint belongs to another architecture.
+    one is copied into the other, as for a model built on a device. Raises ValueError
+    naming missing / unexpected / mis-shaped keys when the checkpoint belongs to another
+    architecture.
     """
     wrapper, model = model, bare_module(model, "load_fm_checkpoint")
     state = checkpoint_state(read_float_checkpoint(path_or_state), model, use_ema)
