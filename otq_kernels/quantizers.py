@@ -65,16 +65,30 @@ def ot_rows(x: torch.Tensor, bits: int, assign: str = "rank"):
 
 
 def lloyd_rows(x: torch.Tensor, bits: int):
-    """Lloyd-Max from the ot start until no code changes or 50 iterations. x [R, n]."""
+    """Lloyd-Max from the ot start until no code changes or 50 iterations, row by row.
+    x [R, n].
+
+    After the first iteration a row whose codes did not change holds the means of its
+    cells already (a fixed point): it leaves the loop, the others go on (one slow row
+    kept every row iterating); the result is the same, bit for bit."""
     k = min(2**bits, x.shape[1])
     codes, centroids = ot_rows(x, bits)
-    centroids = centroids[:, :k]
-    for _ in range(LLOYD_MAX_ITERS):
-        new_codes = nearest_codes(x, centroids)
-        if torch.equal(new_codes, codes):
+    centroids = centroids[:, :k].contiguous()
+    rows = None  # the rows still iterating, None while all are (x is not copied then)
+    xs, held, means = x, codes, centroids  # (those rows': x, codes, centroids)
+    for step in range(LLOYD_MAX_ITERS):
+        new_codes = nearest_codes(xs, means)
+        changed = (new_codes != held).any(1)
+        if not bool(changed.any()):
             break
-        codes = new_codes
-        centroids = _cell_means(x, codes, centroids)
+        if step and not bool(changed.all()):  # (the first makes every row's cell means)
+            rows = changed.nonzero().squeeze(1) if rows is None else rows[changed]
+            xs, new_codes, means = xs[changed], new_codes[changed], means[changed]
+        held, means = new_codes, _cell_means(xs, new_codes, means)
+        if rows is None:
+            codes, centroids = held, means
+        else:
+            codes[rows], centroids[rows] = held, means
     return codes, _pad_levels(centroids, bits)
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import otq_kernels as otq
+from otq_kernels import quantizers as q
 from otq_kernels.quantizers import fit_rows_reference
 
 BITS = range(2, 9)
@@ -105,6 +106,45 @@ def test_centroids_ascending_and_codes_in_range(method, granularity):
     assert torch.all(qt.codebook[:, 1:] >= qt.codebook[:, :-1])
     assert qt.codebook.shape == (1 if granularity == "tensor" else 12, 8)
     assert qt.dequantize().shape == w.shape
+
+
+def _lloyd_all_rows_together(x, bits):
+    """Lloyd-Max over all rows until none changes (the loop before rows left it one by
+    one): the oracle of lloyd_rows, bit for bit."""
+    k = min(2**bits, x.shape[1])
+    codes, centroids = q.ot_rows(x, bits)
+    centroids = centroids[:, :k]
+    for _ in range(q.LLOYD_MAX_ITERS):
+        new_codes = q.nearest_codes(x, centroids)
+        if torch.equal(new_codes, codes):
+            break
+        codes, centroids = new_codes, q._cell_means(x, new_codes, centroids)
+    return codes, q._pad_levels(centroids, bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lloyd_rows_leave_the_loop_one_by_one_with_the_same_result(bits):
+    """Rows of other scales and lengths converge after different numbers of iterations;
+    each leaves the loop once its codes stop changing, and every code and centroid is
+    what iterating all rows together gives."""
+    torch.manual_seed(bits)
+    for r, n in ((1, 5), (7, 300), (256, 1024)):
+        x = (torch.randn(r, n) * torch.rand(r, 1) * 3).double()
+        x[0, :3] = x[0, 3]  # (ties)
+        got, want = q.lloyd_rows(x, bits), _lloyd_all_rows_together(x, bits)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # a row of mixed magnitudes whose codes hold at the first iteration, while the other
+    # row's change: its centroids are then its cells' means, summed in another order than
+    # ot's chunk means (a row frozen at the first iteration kept ot's, a few ulps off)
+    x = torch.tensor([[1.1634, 0.1520, 0.7091, 0.4072, -1.9383, -1.2799, -1.3482, 0.0602,
+                       -0.2973, 1.5462, -0.4308, -0.5254],
+                      [20439141.1380896, 9638077.47230351, 3278113892068.791,
+                       -1444206977843.408, -138352219.99646828, -79.86725296561198,
+                       -9275897.034521133, 77494926.10086201, 123690593190440.03,
+                       -7698.547061117876, -99179528.05635366, 169.82459558094553]],
+                     dtype=torch.float64)
+    got, want = q.lloyd_rows(x, 2), _lloyd_all_rows_together(x, 2)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("bits", BITS)
