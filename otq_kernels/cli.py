@@ -581,12 +581,8 @@ def main(argv=None) -> int:
         argv, extra = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     args.extra, args.argv = extra, argv + (["--", *extra] if extra else [])
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
-        with _one_line_warnings(args.command):
+        with _one_line_warnings(args.command), _torch_threads(getattr(args, "threads", None)):
             status = int(args.func(args) or 0)
         if sys.stdout is not None:  # (None where fd 1 was closed: `>&-`)
             sys.stdout.flush()
@@ -603,6 +599,23 @@ def main(argv=None) -> int:
             raise
         print(f"otq {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None):
+    """torch's CPU thread count ``count`` inside the block (as it was after it: ``main``
+    called from Python leaves its caller's setting), if given."""
+    if not count:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 _WARNINGS = threading.local()  # .command: the otq command this thread runs, if any

@@ -516,6 +516,33 @@ def test_a_closed_stdout_is_no_error(tmp_path):
     assert done.returncode == 0 and "Traceback" not in done.stderr and out.exists()
 
 
+def test_threads_are_set_for_the_command_only(tmp_path, capsys):
+    """--threads N sets torch's CPU threads while the command runs; main() called from
+    Python leaves its caller's setting (it kept N)."""
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1
+    seen = []
+    real = cli.cmd_eval
+
+    def spy(args):
+        seen.append(torch.get_num_threads())
+        return real(args)
+
+    parser = cli.build_parser()
+    eval_parser = parser._subparsers._group_actions[0].choices["eval"]
+    eval_parser.set_defaults(func=spy)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cli, "build_parser", lambda: parser)
+            assert cli.main(["eval", "--bits", "4", "--methods", "ot", "--n", "2", "--steps",
+                             "1", "--n-real", "8", "--quiet", "--threads", str(wanted),
+                             "--out-dir", str(tmp_path / "e")]) == 0
+            after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [wanted] and after == before
+
+
 def test_one_line_warnings_are_undone_when_commands_overlap_in_threads(monkeypatch):
     """(Each command put back the formatter it found: overlapping ones left theirs for
     good, and every later warning in the process printed as `otq info: warning`.)"""
