@@ -106,6 +106,19 @@ def test_ties_give_equal_mass_chunks(fitter, bits, n, device):
     assert_nearest(x, codes, centroids)
 
 
+def test_nearest_codes_of_subnormal_and_huge_rows_are_exact(device):
+    """A row of four fp32 subnormals (each its own centroid) and one near fp32's maximum:
+    every value gets its own code, as in the reference (fp32 midpoints rounded the
+    subnormal ones onto the upper centroid, and overflowed to inf for the huge ones)."""
+    tiny = torch.finfo(torch.float32).smallest_normal * 2.0**-23
+    big = torch.finfo(torch.float32).max
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, 0.25, 0.5, 1.0]]) * torch.tensor(
+        [[tiny], [big]])
+    codes, centroids = fit_rows_triton(x.to(device), 2, "nearest")
+    assert torch.equal(codes.cpu(), torch.arange(4).expand(2, 4))
+    assert torch.equal(torch.gather(centroids.cpu(), 1, codes.cpu()), x)
+
+
 @pytest.mark.parametrize("rows,n,row_tile", [(5, 7, 2048), (3, 33, 32), (9, 20, 64)])
 def test_row_tiling_and_masked_rows(rows, n, row_tile, device):
     x = continuous_rows(rows, n, seed=rows + n, device=device)

@@ -99,7 +99,9 @@ def _chunk_of(rank, q, r):
 
 @triton.jit
 def _nearest(cent_rows_ptr, v, k, valid, BITS: tl.constexpr):
-    """Count of centroid midpoints < v (= nearest centroid, lowest on ties): binary search."""
+    """Count of centroid midpoints < v (= nearest centroid, lowest on ties): binary search.
+    The midpoints in float64, where they are exact (in fp32, (c0 + c1) * 0.5 rounds: to c1
+    for subnormal neighbours, to inf past fp32's maximum)."""
     lo = tl.zeros(v.shape, dtype=tl.int32)
     hi = lo + (k - 1)
     for _ in tl.static_range(BITS):
@@ -107,7 +109,7 @@ def _nearest(cent_rows_ptr, v, k, valid, BITS: tl.constexpr):
         mid = (lo + hi) // 2
         c0 = tl.load(cent_rows_ptr + mid, mask=active, other=0.0)
         c1 = tl.load(cent_rows_ptr + mid + 1, mask=active, other=0.0)
-        above = (c0 + c1) * 0.5 < v
+        above = (c0.to(tl.float64) + c1.to(tl.float64)) * 0.5 < v.to(tl.float64)
         lo = tl.where(active & above, mid + 1, lo)
         hi = tl.where(active & ~above, mid, hi)
     return lo
