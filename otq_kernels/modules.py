@@ -26,7 +26,7 @@ from . import backends, ops
 from .backends.dequant import dense_weight
 from .format import QuantizedTensor, check_float_dtype, integer_value
 from .metrics.weights import weight_error
-from .quantizers import check_options, fit_codebook
+from .quantizers import check_options, check_weight, fit_codebook
 from .sharing import converted, memory_key
 
 
@@ -387,10 +387,14 @@ class _QuantModule(nn.Module):
             check_options(bits, method, granularity, "rank")
         except ValueError as err:
             raise ValueError(f"{type(module).__name__}: {err}") from None
+        if weight.dtype == torch.float64:  # (past float32's range: said so, not "Inf")
+            check_weight(weight)
         return fit_codebook(weight.detach().float(), bits, method, granularity)
 
     def _set_stats(self, weight: torch.Tensor) -> None:
-        self.stats = weight_error(weight.detach().float(), self.dequantize())
+        """The error of the codes against ``weight`` as it is (a float64 weight's own
+        values: those float32 cannot hold count)."""
+        self.stats = weight_error(weight.detach(), self.dequantize())
 
     @staticmethod
     def _layout(module: nn.Module) -> dict:

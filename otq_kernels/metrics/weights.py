@@ -53,14 +53,18 @@ def _tensor(x) -> torch.Tensor:
 CHUNK = 1 << 20
 
 
-def _sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(Σ(a - b)², Σa²) in float64, chunk by chunk. a, b: [n]."""
+def _sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(Σ(a/s - b/s)², Σ(a/s)², s) in float64, chunk by chunk. a, b: [n]. s is the power
+    of two nearest the largest |value| (exact scaling: weights near 1e-170 gave 0/0 and a
+    perfect SQNR, their squares underflowing)."""
+    peak = max(float(a.abs().max()), float(b.abs().max()))
+    scale = 2.0 ** min(max(math.frexp(peak)[1], -1000), 1000) if peak > 0 else 1.0
     noise = signal = 0.0
     for start in range(0, a.numel(), CHUNK):
-        x, y = a[start:start + CHUNK].double(), b[start:start + CHUNK].double()
+        x, y = a[start:start + CHUNK].double() / scale, b[start:start + CHUNK].double() / scale
         noise += _sum((x - y) ** 2)
         signal += _sum(x * x)
-    return noise, signal
+    return noise, signal, scale
 
 
 def _sum(t: torch.Tensor) -> float:
@@ -80,12 +84,14 @@ def _sqnr(noise: float, signal: float) -> float:
 def mse(w, w_hat) -> float:
     """Mean squared error over all elements. w, w_hat: any shapes with equal numel."""
     a, b = _pair(w, w_hat)
-    return _sums(a, b)[0] / a.numel()
+    noise, _, scale = _sums(a, b)
+    return noise / a.numel() * scale * scale
 
 
 def sqnr_db(w, w_hat) -> float:
     """Signal-to-quantization-noise ratio in dB: 10·log10(Σw² / Σ(w - ŵ)²)."""
-    return _sqnr(*_sums(*_pair(w, w_hat)))
+    noise, signal, _ = _sums(*_pair(w, w_hat))
+    return _sqnr(noise, signal)
 
 
 def _sorted(t: torch.Tensor) -> torch.Tensor:
@@ -97,7 +103,8 @@ def _sorted(t: torch.Tensor) -> torch.Tensor:
 
 
 def _w2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return math.sqrt(_sums(_sorted(a), _sorted(b))[0] / a.numel())
+    noise, _, scale = _sums(_sorted(a), _sorted(b))
+    return math.sqrt(noise / a.numel()) * scale
 
 
 def wasserstein_1d(w, w_hat) -> float:
@@ -108,5 +115,6 @@ def wasserstein_1d(w, w_hat) -> float:
 def weight_error(w, w_hat) -> dict:
     """All three at once: {"mse", "sqnr_db", "w2"} (floats)."""
     a, b = _pair(w, w_hat)
-    noise, signal = _sums(a, b)
-    return {"mse": noise / a.numel(), "sqnr_db": _sqnr(noise, signal), "w2": _w2(a, b)}
+    noise, signal, scale = _sums(a, b)
+    return {"mse": noise / a.numel() * scale * scale, "sqnr_db": _sqnr(noise, signal),
+            "w2": _w2(a, b)}

@@ -78,3 +78,36 @@ def test_stats_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert got[0] == got[1] == got[2]
+
+
+@pytest.mark.parametrize("magnitude", [1e-170, 1e-50, 1e30])
+def test_tiny_and_huge_weights_give_the_scale_free_scores(magnitude):
+    """SQNR does not depend on the weights' scale, mse and w2 scale with it: weights near
+    1e-170 lost to zeros read 0/0 (their squares underflow) and scored a perfect fit."""
+    w = torch.tensor([1.0, -2.0, 3.0, 0.5], dtype=torch.float64)
+    half = w.clone()
+    half[::2] = 0.0
+    unit = W.weight_error(w, half)
+    for w_hat, sqnr in ((torch.zeros_like(w), 0.0), (half, unit["sqnr_db"])):
+        got = W.weight_error(w * magnitude, w_hat * magnitude)
+        assert got["sqnr_db"] == pytest.approx(sqnr, abs=1e-9)
+        assert W.sqnr_db(w * magnitude, w_hat * magnitude) == got["sqnr_db"]
+    got = W.weight_error(w * magnitude, half * magnitude)
+    assert got["w2"] == pytest.approx(unit["w2"] * magnitude, rel=1e-12)
+    assert got["mse"] == pytest.approx(unit["mse"] * magnitude**2, rel=1e-12, abs=1e-300)
+
+
+def test_a_float64_layer_s_stats_compare_its_own_weights():
+    """A float64 layer whose weights float32 cannot hold (below its smallest subnormal)
+    fits all-zero codebooks: its stats say so (they compared the float32 copy, zeros
+    too, and read a perfect fit); one past float32's range is named as such."""
+    layer = torch.nn.Linear(8, 4, bias=False).double()
+    with torch.no_grad():
+        layer.weight.mul_(1e-50)
+    q = otq.nn.QuantLinear.from_float(layer, bits=4)
+    assert torch.count_nonzero(q.codebook) == 0
+    assert q.stats["sqnr_db"] == pytest.approx(0.0, abs=1e-9) and q.stats["w2"] > 0
+    with torch.no_grad():
+        layer.weight[0, 0] = 1e39
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        otq.nn.QuantLinear.from_float(layer, bits=4)
