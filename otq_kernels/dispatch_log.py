@@ -72,6 +72,7 @@ class _ThreadState:
 
     layers: list[str] = field(default_factory=list)  # the quantized modules being called
     model_depth: int = 0  # > 0 inside the model's forward
+    model_call: int = 0  # which of the model's calls this thread is inside
     current: DispatchRecord | None = None  # the call whose backend is running
 
 
@@ -82,6 +83,14 @@ class DispatchLog(list):
         super().__init__()
         self.model_calls = 0  # forward calls of the model given to record_dispatch
         self._threads: dict[int, _ThreadState] = {}
+        self._lock = threading.Lock()
+
+    def _next_model_call(self) -> int:
+        """The index of a model call starting now (threads count apart: one's call
+        numbered another's records when it read the shared count at record time)."""
+        with self._lock:
+            self.model_calls += 1
+            return self.model_calls - 1
 
     def _state(self) -> _ThreadState:
         """The calling thread's state (made at its first use)."""
@@ -135,7 +144,7 @@ def recorded_call(op: str, backend: str, x: torch.Tensor, weight_shape, bits: in
     outer = [state.current for state in states]  # a call made inside another's backend
     for log, state in zip(logs, states, strict=True):
         layer = state.layers[-1] if state.layers else None
-        model_call = log.model_calls - 1 if state.model_depth else None
+        model_call = state.model_call if state.model_depth else None
         state.current = DispatchRecord(layer, op, backend, int(m), str(x.dtype).removeprefix(
             "torch."), int(bits), tuple(int(s) for s in weight_shape), str(x.device),
             model_call)
@@ -177,7 +186,7 @@ def _layer_hooks(model: nn.Module, log: DispatchLog) -> list:
     def enter_model(module, args):
         state = log._state()
         if state.model_depth == 0:  # (not a recursive call)
-            log.model_calls += 1
+            state.model_call = log._next_model_call()
         state.model_depth += 1
 
     def leave_model(module, args, output):

@@ -188,6 +188,38 @@ def test_other_threads_calls_are_named_by_their_own_layers(net):
     assert [r.model_call for r in log] == [0, 0, 0, 1, 1, 1]
 
 
+def test_overlapping_calls_in_threads_number_their_own_records(net):
+    """Thread A's call starts, B's starts and ends, then A's goes on: every record of
+    A's call carries A's number (it read the log's count when recorded: B's)."""
+    x = torch.randn(2, 3, 8, 8)
+    a_started, b_done = threading.Event(), threading.Event()
+
+    def a_waits_for_b(module, args):
+        if threading.current_thread().name == "A" and not b_done.is_set():
+            a_started.set()
+            b_done.wait(10)
+
+    def b():
+        a_started.wait(10)
+        net(x)
+        b_done.set()
+
+    handle = net.mix.register_forward_pre_hook(a_waits_for_b)
+    try:
+        with otq.record_dispatch(net) as log:
+            threads = [threading.Thread(target=net, args=(x,), name="A"),
+                       threading.Thread(target=b)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+    finally:
+        handle.remove()
+    assert b_done.is_set() and log.model_calls == 2
+    calls = {call: [r.layer for r in log if r.model_call == call] for call in (0, 1)}
+    assert calls == {0: ["conv", "mix", "head"], 1: ["conv", "mix", "head"]}
+
+
 def test_empty_batch_runs_no_kernel_and_is_not_recorded(net):
     with otq.record_dispatch(net) as log:
         assert net(torch.randn(0, 3, 8, 8)).shape == (0, 5)
