@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 
 import torch
 
@@ -35,6 +36,9 @@ def _formulas() -> dict:
             torch.ops.otq.codebook_conv2d: conv2d_flops}
 
 
+_REGISTERING = threading.Lock()
+
+
 def teach_flop_counter(mode) -> None:
     """Register the formulas with torch's flop counter, if that module is loaded, and add
     them to ``mode`` (the active dispatch mode) if it is a counter made before they were
@@ -43,9 +47,10 @@ def teach_flop_counter(mode) -> None:
     if counter_module is None:
         return
     registry = counter_module.flop_registry
-    for op, formula in _formulas().items():
-        if op not in registry:
-            counter_module.register_flop_formula(op)(formula)
+    with _REGISTERING:  # (two threads' first counters: torch refuses a second registration)
+        for op, formula in _formulas().items():
+            if op not in registry:
+                counter_module.register_flop_formula(op)(formula)
     # (newer torch pushes an inner mode whose .counter holds the copy; older, the counter)
     own = getattr(getattr(mode, "counter", mode), "flop_registry", None)
     if isinstance(own, dict):
