@@ -92,7 +92,8 @@ inline int64_t max(int64_t a, int64_t b) { return a > b ? a : b; }
 
 template <typename... Params>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > 227 * 1024)
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<size_t>(value) > otq_emu::kMaxOptInSmem)
     return otq_emu::last_error() = cudaErrorInvalidValue;  // (as the runtime: also pending)
   otq_emu::dynamic_smem_limit(reinterpret_cast<const void*>(kernel)) = static_cast<size_t>(value);
   return cudaSuccess;

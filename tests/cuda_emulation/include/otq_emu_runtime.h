@@ -20,6 +20,10 @@
 
 namespace otq_emu {
 
+// The most dynamic shared memory a block may opt in to on every GPU the extension builds
+// for (sm_80 and up): sm_86/sm_89's 99 KB (sm_80: 163 KB, sm_90: 227 KB).
+constexpr size_t kMaxOptInSmem = 99 * 1024;
+
 // A fault in a kernel thread (what would be an illegal-address or misaligned-address trap
 // on the GPU): the thread stops, the launch fails and cudaGetLastError reports it.
 struct Fault {
@@ -171,7 +175,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<voi
     last_error() = cudaErrorInvalidConfiguration;
     return;
   }
-  if (smem > 227 * 1024) {
+  if (smem > kMaxOptInSmem) {
     last_error() = cudaErrorInvalidValue;
     return;
   }
