@@ -351,17 +351,29 @@ class StoredTensor:
         self.shape = torch.Size(entry["shape"])
         begin, end = entry["data_offsets"]
         self.offset, self.nbytes = data_start + begin, end - begin
-        if self.dtype is not None and self.nbytes != self.shape.numel() * self.dtype.itemsize:
+        self._read = None if self.dtype is not None else self._by_safetensors(entry["dtype"])
+        if self._read is not None:
+            self.dtype, self.shape = self._read.dtype, self._read.shape  # (F4: 2 per byte)
+        elif self.nbytes != self.shape.numel() * self.dtype.itemsize:
             raise ValueError(f"{file.name}: tensor {key!r} holds {self.nbytes} bytes, not "
                              f"those of {entry['dtype']} {list(self.shape)} (the file changed "
                              "while it was read?)")
 
-    def to(self, device: torch.device | str) -> torch.Tensor:
-        if self.dtype is None:
-            from safetensors import safe_open
+    def _by_safetensors(self, dtype: str) -> torch.Tensor:
+        """The tensor read now by safetensors (a packed dtype), copied; ValueError naming
+        a dtype it cannot give torch."""
+        from safetensors import safe_open
 
+        try:
             with safe_open(_same_file(self.file), framework="pt", device="cpu") as f:
-                return f.get_tensor(self.key).clone().to(device)
+                return f.get_tensor(self.key).clone()
+        except Exception as err:  # (safetensors' own error types)
+            raise ValueError(f"{self.file.name}: tensor {self.key!r} has dtype {dtype!r}, "
+                             f"which this torch cannot hold ({err})") from None
+
+    def to(self, device: torch.device | str) -> torch.Tensor:
+        if self._read is not None:
+            return self._read.to(device)
         data = torch.empty(self.nbytes, dtype=torch.uint8, device="cpu")
         self.file.seek(self.offset)
         if self.file.readinto(data.numpy()) != self.nbytes:

@@ -27,7 +27,7 @@ ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 # id(model) -> [blocks of evaluating(model) open, its modules' modes before the first]
 _EVALUATING: dict[int, list] = {}
-_EVALUATING_LOCK = threading.Lock()
+_EVALUATING_LOCK = threading.RLock()  # (re-entered where a module's eval() opens a block)
 
 
 @contextlib.contextmanager

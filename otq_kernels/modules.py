@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -227,20 +228,23 @@ class _QuantModule(nn.Module):
                             "torch.nn.utils.parametrize.remove_parametrizations(layer, "
                             f"{name!r}, leave_parametrized=False) restores it")
 
-    def _cached(self, key: str, shape: tuple[int, ...]) -> QuantizedTensor:
+    def _cached(self, key: str, shape: tuple[int, ...], keep: bool = False) -> QuantizedTensor:
         """QuantizedTensor over the current buffers with ``shape`` (rebuilt when they
-        change). Not kept: a trace's tensors, vmap's batched ones and tensors that require
-        grad (a layer holding those could not be copied or pickled). (Tensors that
-        ``torch.func.functional_call`` swaps in stay referenced until the next call.)"""
+        change). It is kept where ``keep`` (:meth:`_refill_cache`: the buffers are the
+        layer's own) or where the same tensors were read at the last build too (a buffer
+        assigned for good, as accelerate's device moves do); not the tensors of one call
+        (``torch.func.functional_call``, an offload hook's copies: they stayed referenced),
+        of a trace, vmap's batched ones and tensors that require grad (a layer holding
+        those could not be copied or pickled)."""
         tensors = (*self._planes(), self._codebook())
         hit = self._cache.get(key)
         if hit is not None and all(a is b for a, b in zip(hit[0], tensors, strict=True)):
             return hit[1]
         qt = QuantizedTensor(list(tensors[:-1]), tensors[-1], self.bits, shape,
                              self.granularity, self.method)
-        if torch.compiler.is_compiling() or not all(map(_keepable, tensors)):
-            self._cache.pop(key, None)
-        else:
+        self._cache.pop(key, None)
+        if (not torch.compiler.is_compiling() and all(map(_keepable, tensors))
+                and (keep or _built_before(self, key, tensors))):
             self._cache[key] = (tensors, qt)
         return qt
 
@@ -256,7 +260,7 @@ class _QuantModule(nn.Module):
         self._cache.clear()
         if self._codes_stored():
             for key, shape in self._views().items():
-                self._cached(key, shape)
+                self._cached(key, shape, keep=True)
 
     @property
     def qweight(self) -> QuantizedTensor:
@@ -804,6 +808,21 @@ def names_by_identity(named) -> dict[int, list[str]]:
     for name, obj in named:
         names.setdefault(id(obj), []).append(name)
     return names
+
+
+# layer -> {view key: weak references to the tensors of the view it last built, not kept}
+_LAST_BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _built_before(layer: nn.Module, key: str, tensors: tuple) -> bool:
+    """Whether ``layer``'s last build of view ``key`` read these same ``tensors`` (then
+    forgotten); else they are remembered (weakly: nothing is kept alive by it)."""
+    built = _LAST_BUILT.setdefault(layer, {})
+    last = built.pop(key, None)
+    if last is not None and all(ref() is t for ref, t in zip(last, tensors, strict=True)):
+        return True
+    built[key] = tuple(weakref.ref(t) for t in tensors)
+    return False
 
 
 def _keepable(t: torch.Tensor) -> bool:

@@ -4,8 +4,10 @@ The oracle is torch's own autograd through F.linear / F.conv2d on the dequantize
 """
 
 import copy
+import gc
 import pickle
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -287,6 +289,37 @@ def test_vmap_over_stacked_quantized_models_runs_each_model(bits, granularity):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for copy_of in (copy.deepcopy, pickle.dumps):  # (the layers kept vmap's tensors)
         copy_of(skeleton)
+
+
+def test_tensors_of_one_call_are_not_kept_and_assigned_ones_are(monkeypatch):
+    """The layers keep no reference to tensors swapped in for one call (functional_call,
+    an offload hook's copies: they stayed referenced until the next call), and keep the
+    view of a buffer assigned for good after its second read (it was rebuilt each
+    forward, the old codes kept alive)."""
+    from otq_kernels import modules
+
+    torch.manual_seed(0)
+    model = otq.quantize_model(_Mixed(), bits=3, progress=False)
+    x = torch.randn(2, 3, 5, 5)
+    expected = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.testing.assert_close(torch.func.functional_call(model, state, (x,)), expected)
+    passed = [weakref.ref(t) for t in state.values()]
+    del state
+    gc.collect()
+    assert [ref for ref in passed if ref() is not None] == []
+    for _ in range(2):  # (each layer keeps its view again from its second read)
+        model(x)
+    old = weakref.ref(model.head._buffers["codebook"])
+    model.head._buffers["codebook"] = model.head.codebook.clone()  # (as accelerate does)
+    builds = []
+    real = modules.QuantizedTensor
+    monkeypatch.setattr(modules, "QuantizedTensor",
+                        lambda *a, **k: builds.append(1) or real(*a, **k))
+    for _ in range(4):
+        torch.testing.assert_close(model(x), expected)
+    gc.collect()
+    assert len(builds) == 2 and old() is None
 
 
 def test_a_codebook_that_requires_grad_leaves_the_layer_copyable():

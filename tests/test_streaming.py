@@ -284,6 +284,47 @@ def test_a_damaged_file_is_refused_before_the_skeleton_is_touched(tmp_path):
             _assert_same_model(loaded, clean)
 
 
+class _WithBuffer(nn.Module):
+    def __init__(self, buffer: torch.Tensor):
+        super().__init__()
+        self.lin = nn.Linear(32, 16)
+        self.register_buffer("odd", buffer)
+
+
+def test_packed_and_unknown_dtypes_in_a_float_file(tmp_path):
+    """A packed 4-bit buffer (F4: two values a byte) loads with its torch shape (it was
+    refused as mis-shaped); a dtype this torch cannot hold (F6) is a ValueError before
+    the model is touched (it was safetensors' own error after the layers were swapped)."""
+    import json
+    import struct
+
+    torch.manual_seed(0)
+    def fp4(fill):
+        return torch.full((4, 2), fill, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+
+    model = _WithBuffer(fp4(0x21))
+    save_file(model.state_dict(), str(tmp_path / "f4.safetensors"))
+    loaded = otq.load_and_quantize(tmp_path / "f4.safetensors", _WithBuffer(fp4(0)),
+                                   bits=3, progress=False)
+    assert torch.equal(loaded.odd.view(torch.uint8), fp4(0x21).view(torch.uint8))
+    header, blobs, offset = {}, [], 0
+    for key, value in model.state_dict().items():
+        data = value.numpy().tobytes() if key != "odd" else b"\0\0\0"
+        header[key] = {"dtype": "F32" if key != "odd" else "F6_E2M3",
+                       "shape": list(value.shape) if key != "odd" else [4],
+                       "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (tmp_path / "f6.safetensors").write_bytes(struct.pack("<Q", len(text)) + text
+                                              + b"".join(blobs))
+    skeleton = _WithBuffer(fp4(0))
+    with pytest.raises(ValueError, match="tensor 'odd' has dtype 'F6_E2M3', which this torch"):
+        otq.load_and_quantize(tmp_path / "f6.safetensors", skeleton, bits=3, progress=False)
+    assert type(skeleton.lin) is nn.Linear
+
+
 def test_after_layer_is_called_once_each_layer_is_in(tmp_path):
     source = _sources(tmp_path, _float_unet())["f32"]
     skeleton, seen = _meta(), []
