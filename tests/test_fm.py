@@ -213,6 +213,35 @@ def test_an_eval_block_is_in_eval_mode_whatever_came_before():
         assert not flaky.training
 
 
+def test_an_eval_that_opens_a_block_itself_does_not_deadlock():
+    """A module whose eval() opens an eval block of its own (on a part): the lock is
+    re-entrant (a plain lock deadlocked, holding it while eval() ran)."""
+    import threading
+
+    class Opening(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.part = torch.nn.Dropout(0.5)
+
+        def train(self, mode=True):
+            if not mode:
+                with fm.evaluating(self.part):
+                    pass
+            return super().train(mode)
+
+    model = Opening().train()
+    done = threading.Event()
+
+    def enter():
+        with fm.evaluating(model):
+            done.set()
+
+    worker = threading.Thread(target=enter, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert done.is_set() and model.training and fm._EVALUATING == {}
+
+
 def test_train_reduces_loss():
     from otq_kernels.data import load_digits
 
