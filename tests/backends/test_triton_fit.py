@@ -119,6 +119,19 @@ def test_nearest_codes_of_subnormal_and_huge_rows_are_exact(device):
     assert torch.equal(torch.gather(centroids.cpu(), 1, codes.cpu()), x)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bfloat16 (CPU)")
+def test_bfloat16_subnormal_rows_fit_as_the_reference_does():
+    """bfloat16 rows of subnormals on the CPU (the interpreter widened them wrongly:
+    centroids 3.5x too large): the same codes and centroids as the reference."""
+    from otq_kernels import ops
+
+    x = (torch.tensor([[1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 34.0]]) * 1e-39).bfloat16()
+    for assign in ("rank", "nearest"):
+        got = ops.fit_rows(x, 2, "ot", assign, backend="triton")
+        want = ops.fit_rows(x, 2, "ot", assign, backend="reference")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("rows,n,row_tile", [(5, 7, 2048), (3, 33, 32), (9, 20, 64)])
 def test_row_tiling_and_masked_rows(rows, n, row_tile, device):
     x = continuous_rows(rows, n, seed=rows + n, device=device)
