@@ -3,11 +3,11 @@
 :func:`load_and_quantize` gives what ``quantize_model(load_fm_checkpoint(path, model))``
 gives, bit for bit, without holding the float model: each layer it quantizes is read from
 the file, fitted on ``device`` and replaced before the next is read, so the peak is the
-quantized model plus one float layer and its fit's working memory (bitsandbytes' and
-transformers' quantize-on-load; on CPU, for a 2048² layer at 4 bits, about 2x the
-layer's fp32 size for ot per channel, 6x per tensor, up to 10x for lloyd: the methods
-but ot run the float64 reference), and at the end the tensors kept float (biases and
-layers not quantized, norms, embeddings) twice for a moment: read, then copied in.
+quantized model plus one layer's step (bitsandbytes' and transformers' quantize-on-load;
+read, check, fit and stats of a 2048² layer at 4 bits peaked on CPU at 7-11x the
+layer's fp32 size with ot per channel, more with the other methods: lloyd's fit alone
+14-16x), and at the end the tensors kept float (biases and layers not quantized, norms,
+embeddings) twice for a moment: read, then copied in.
 A ``.safetensors`` file is read tensor by tensor (with file reads, not a mapping of the
 file, whose pages would stay in the process's resident memory); a ``.pt``/``.pth`` file or
 a state dict is already whole in memory (only the skeleton's float copy is saved there).
