@@ -5,8 +5,8 @@ gives, bit for bit, without holding the float model: each layer it quantizes is 
 the file, fitted on ``device`` and replaced before the next is read, so the peak is the
 quantized model plus one layer's step (bitsandbytes' and transformers' quantize-on-load;
 read, check, fit and stats of a 2048² layer at 4 bits peaked on CPU at 7-11x the
-layer's fp32 size with ot per channel, more with the other methods: lloyd's fit alone
-14-16x), and at the end the tensors kept float (biases and layers not quantized, norms,
+layer's fp32 size with ot per channel, more with the other methods and per tensor),
+and at the end the tensors kept float (biases and layers not quantized, norms,
 embeddings) twice for a moment: read, then copied in.
 A ``.safetensors`` file is read tensor by tensor (with file reads, not a mapping of the
 file, whose pages would stay in the process's resident memory); a ``.pt``/``.pth`` file or

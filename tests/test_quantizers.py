@@ -147,6 +147,19 @@ def test_lloyd_rows_leave_the_loop_one_by_one_with_the_same_result(bits):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("method", ["ot", "lloyd", "uniform", "piecewise", "log2"])
+def test_the_reference_fits_chunks_of_rows_with_the_same_result(method, monkeypatch):
+    """Rows fitted a chunk at a time (the float64 temporaries of a whole layer took up to
+    14x its fp32 size) give every row's codes and centroids bit for bit."""
+    torch.manual_seed(1)
+    x = torch.randn(300, 257) * torch.rand(300, 1) * 3
+    whole = fit_rows_reference(x, 3, method)
+    monkeypatch.setattr(q, "REFERENCE_CHUNK", 1000)  # (3 rows a chunk)
+    chunked = fit_rows_reference(x, 3, method)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    assert chunked[0].dtype == torch.int64 and chunked[1].dtype == torch.float32
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_lloyd_never_worse_than_ot(bits):
     w = torch.randn(16, 200, dtype=torch.float64) ** 3  # heavy tails separate the two
