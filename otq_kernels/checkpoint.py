@@ -418,8 +418,14 @@ def read_safetensors(path) -> tuple[dict, dict]:
     """(metadata strings, tensors) of a safetensors file, read through one open file into
     memory of their own (:func:`open_safetensors`); ValueError if it is not one."""
     with open_safetensors(path) as (data_start, header, metadata, file):
-        return metadata, {key: StoredTensor(file, data_start, key, header[key]).to("cpu")
-                          for key in sorted(header)}
+        return metadata, read_tensors(file, data_start, header)
+
+
+def read_tensors(file, data_start: int, header: dict) -> dict:
+    """{name: tensor} of every tensor the header of the open safetensors ``file`` lists,
+    in name order, read into memory of their own (:class:`StoredTensor`)."""
+    return {key: StoredTensor(file, data_start, key, header[key]).to("cpu")
+            for key in sorted(header)}
 
 
 def read_safetensors_metadata(path) -> dict:
@@ -427,14 +433,6 @@ def read_safetensors_metadata(path) -> dict:
     tensor read); ValueError if it is not one."""
     with open_safetensors(path) as (_, _, metadata, _):
         return metadata
-
-
-def read_safetensors_header(path) -> tuple[int, dict, dict]:
-    """(offset of the data, {name: {"dtype", "shape", "data_offsets"}}, metadata strings)
-    of a safetensors file, no tensor read (:func:`open_safetensors`). ValueError if it is
-    not one."""
-    with open_safetensors(path) as (data_start, header, metadata, _):
-        return data_start, header, metadata
 
 
 def _json(meta: dict, key: str, path) -> dict:
@@ -484,7 +482,11 @@ def _add_aliases(meta: dict, tensors: dict, path) -> dict:
 def _read_checkpoint(path) -> tuple[dict, dict]:
     """(metadata strings, tensors under every name the model holds them) of a quantized
     checkpoint, its format and checksums checked; ValueError else."""
-    meta, tensors = read_safetensors(path)
+    return _checked_checkpoint(*read_safetensors(path), path)
+
+
+def _checked_checkpoint(meta: dict, tensors: dict, path) -> tuple[dict, dict]:
+    """:func:`_read_checkpoint` of metadata and tensors already read."""
     _check_format(meta, path)
     _verify_checksums(meta, tensors, path)
     return meta, _add_aliases(meta, tensors, path)
@@ -626,12 +628,12 @@ def _layer_tensors(name: str, entry: dict, tensors: dict):
     return _quantized_tensor(name, entry, tensors), _bias(name, entry, tensors)
 
 
-def verify_checkpoint(path: str | os.PathLike) -> dict:
+def verify_checkpoint(path: str | os.PathLike, read: tuple[dict, dict] | None = None) -> dict:
     """Read every tensor of a quantized checkpoint and check what :func:`load_quantized`
     checks before it needs a model: format, checksums, aliases, each layer's entry and its
-    planes, codebook and bias. Returns the metadata strings; ValueError naming the file
-    and what is wrong."""
-    meta, tensors = _read_checkpoint(path)
+    planes, codebook and bias. ``read``: its (metadata, tensors) already read. Returns the
+    metadata strings; ValueError naming the file and what is wrong."""
+    meta, tensors = _checked_checkpoint(*read, path) if read else _read_checkpoint(path)
     for name, entry in _json(meta, "layers", path).items():
         try:
             _check_entry(name, entry)

@@ -28,8 +28,9 @@ from .checkpoint import (
     _layer_tensors,
     is_safetensors_file,
     layer_stats,
+    open_safetensors,
     read_aliases,
-    read_safetensors_header,
+    read_tensors,
     verify_checkpoint,
 )
 from .format import plane_widths
@@ -198,9 +199,9 @@ def _summary(meta: dict, header: dict, path) -> QuantizationSummary:
 
 
 # ----------------------------------------------------------------------------- checks
-def _verify(path) -> str:
+def _verify(path, read: tuple[dict, dict]) -> str:
     """What :func:`~otq_kernels.checkpoint.verify_checkpoint` checked."""
-    meta = verify_checkpoint(path)
+    meta = verify_checkpoint(path, read)
     sums = "checksums match" if CHECKSUMS in meta else "no checksums (an older file)"
     return (f"every tensor read: {sums}; every layer's planes and codebook fit its bits "
             "and shape")
@@ -251,8 +252,12 @@ def describe_file(path: str | os.PathLike, verify: bool = True) -> FileInfo:
             is_safetensors_file(path)):
         raise ValueError(f"{path}: otq info reads safetensors files only (this name is a "
                          "pickle's, which otq never unpickles to inspect)")
-    _, header, meta = read_safetensors_header(path)
-    base = dict(path=path, file_bytes=os.path.getsize(path), tensors=_by_dtype(header))
+    with open_safetensors(path) as (data_start, header, meta, file):  # (one open: a file
+        # renamed over path meanwhile is not mixed in)
+        file_bytes = os.fstat(file.fileno()).st_size
+        read = (meta, read_tensors(file, data_start, header)) if (
+            verify and meta.get("format") == FORMAT) else None
+    base = dict(path=path, file_bytes=file_bytes, tensors=_by_dtype(header))
     if meta.get("format") != FORMAT:
         _refuse_bare_codes(header, path)
         return FileInfo(quantized=False, format_version=None, otq_version=None,
@@ -261,7 +266,7 @@ def describe_file(path: str | os.PathLike, verify: bool = True) -> FileInfo:
     _check_format(meta, path)
     checked = "header and metadata (tensors not read)"
     if verify:  # first: damaged metadata is reported as such
-        checked = _verify(path)
+        checked = _verify(path, read)
     summary = _summary(meta, header, path)
     user = _json(meta, "user", path)
     return FileInfo(quantized=True, format_version=int(meta["format_version"]),
