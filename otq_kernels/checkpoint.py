@@ -780,7 +780,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module, backend: str | Non
     for names, layer in swaps:  # everything validated: now mutate the model
         replace_module(model, names, layer)
     sync_fast_paths(model)
-    materialize(model, device)
+    materialize(model, device, adopt=tensors)  # (the tensors read: no second copy)
     model.to(device)
     model.load_state_dict(tensors, strict=True)  # copies across devices, one tensor at a time
     model._otq_reasons = _json(meta, "kept_float", path)

@@ -46,18 +46,34 @@ def check_shaped(model: nn.Module, before: str) -> None:
                              f"one forward call to shape it before {before}")
 
 
-def materialize(model: nn.Module, device: torch.device) -> None:
+def materialize(model: nn.Module, device: torch.device, adopt=None) -> None:
     """Give every meta parameter and buffer uninitialised storage on ``device``, in place.
 
-    Parameters stay ``nn.Parameter`` with their ``requires_grad``; a tensor shared by
-    several modules (tied weights) stays shared.
+    adopt: {qualified name: tensor} read for the model (a checkpoint's, never the
+    caller's own): a meta tensor of that name takes the tensor itself as its storage where
+    dtype, shape and device agree, so the load that follows copies nothing (a float
+    checkpoint was held twice: read, then copied in). Parameters stay ``nn.Parameter``
+    with their ``requires_grad``; a tensor shared by several modules (tied weights) stays
+    shared.
     """
     made: dict[int, torch.Tensor] = {}
-    for _, store, name, _, t in list(_meta_tensors(model)):
+    for _, store, name, qualified, t in list(_meta_tensors(model)):
         if id(t) not in made:
-            with torch.inference_mode(False):  # loadable later, also outside inference mode
-                # (not empty_like: on a meta tensor it imports sympy, 0.4 s)
-                empty = torch.empty(t.shape, dtype=t.dtype, device=device)
-            made[id(t)] = (nn.Parameter(empty, requires_grad=t.requires_grad)
-                           if isinstance(t, nn.Parameter) else empty)
+            data = _adoptable((adopt or {}).get(qualified), t, device)
+            if data is None:
+                with torch.inference_mode(False):  # loadable later, also outside it
+                    # (not empty_like: on a meta tensor it imports sympy, 0.4 s)
+                    data = torch.empty(t.shape, dtype=t.dtype, device=device)
+            made[id(t)] = (nn.Parameter(data, requires_grad=t.requires_grad)
+                           if isinstance(t, nn.Parameter) else data)
         store[name] = made[id(t)]
+
+
+def _adoptable(value, meta: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """``value`` (detached) where it can be the storage of ``meta`` on ``device``."""
+    if (isinstance(value, torch.Tensor) and type(value) is torch.Tensor
+            and value.dtype == meta.dtype and value.shape == meta.shape
+            and value.device == torch.device(device) and value.layout == torch.strided
+            and not value.is_inference() and not value.requires_grad):
+        return value.detach()
+    return None

@@ -5,9 +5,9 @@ gives, bit for bit, without holding the float model: each layer it quantizes is 
 the file, fitted on ``device`` and replaced before the next is read, so the peak is the
 quantized model plus one layer's step (bitsandbytes' and transformers' quantize-on-load;
 read, check, fit and stats of a 2048² layer at 4 bits peaked on CPU at 7-11x the
-layer's fp32 size with ot per channel, more with the other methods and per tensor),
-and at the end the tensors kept float (biases and layers not quantized, norms,
-embeddings) twice for a moment: read, then copied in.
+layer's fp32 size with ot per channel, more with the other methods and per tensor); a
+meta skeleton's tensors kept float (biases and layers not quantized, norms, embeddings)
+take the tensors read for them.
 A ``.safetensors`` file is read tensor by tensor (with file reads, not a mapping of the
 file, whose pages would stay in the process's resident memory); a ``.pt``/``.pth`` file or
 a state dict is already whole in memory (only the skeleton's float copy is saved there).
@@ -113,7 +113,7 @@ def load_and_quantize(source, model: nn.Module, bits: int = 4, method: str = "ot
                         progress, after_layer)
         rest = {key: value.to(device) for key, value in state.items()
                 if not key.startswith(tuple(f"{alias}." for alias in replaced))}
-        materialize(model, device)
+        materialize(model, device, adopt=None if isinstance(source, Mapping) else rest)
         model.load_state_dict(rest, strict=False)
     model.to(device)
     return finish_quantization(wrapper, model, plan.reasons)

@@ -139,6 +139,34 @@ def test_float_checkpoint_loads_into_a_meta_skeleton():
     assert torch.equal(loaded(x, t), src.eval()(x, t))
 
 
+@pytest.mark.parametrize("source", ["file", "state dict"])
+def test_a_meta_skeleton_takes_the_tensors_read_from_a_file(source, tmp_path, monkeypatch):
+    """From a file, every tensor of a meta skeleton is the tensor read for it (the float
+    checkpoint was held twice: read, then copied in); a state dict passed in is copied,
+    so the caller's tensors stay theirs."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = build_model("tiny").eval()
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    save_file(state, str(tmp_path / "f.safetensors"))
+    adopted = []
+    real = skeleton._adoptable
+    monkeypatch.setattr(skeleton, "_adoptable",
+                        lambda *a: adopted.append(real(*a) is not None) or real(*a))
+    with torch.device("meta"):
+        skel = build_model("tiny")
+    loaded = load_fm_checkpoint(tmp_path / "f.safetensors" if source == "file" else state,
+                                skel).eval()
+    assert adopted and set(adopted) == {source == "file"}
+    x, t = torch.randn(2, 1, 16, 16), torch.rand(2)
+    expected = src(x, t)
+    assert torch.equal(loaded(x, t), expected)
+    for value in state.values():
+        value.zero_()
+    assert torch.equal(loaded(x, t), expected)
+
+
 def test_cli_loads_quantized_checkpoints_without_a_float_model(tmp_path, monkeypatch):
     out = tmp_path / "q.safetensors"
     assert cli.main(["quantize", "--random-init", "tiny", "-o", str(out), "--bits", "4",

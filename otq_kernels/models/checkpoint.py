@@ -193,17 +193,18 @@ def load_fm_checkpoint(
     ``torch.compile`` wrapper loads as it is (its ``module.``/``_orig_mod.`` prefixes are
     dropped), and a compiled ``model`` is seen through.
 
-    ``model`` may be built under ``torch.device("meta")`` (no random init): its tensors
-    get storage where the checkpoint's are (CPU for a file) before the load
-    (:mod:`otq_kernels.skeleton`); the file's tensors and the model's are both held while
-    one is copied into the other, as for a model built on a device. Raises ValueError
-    naming missing / unexpected / mis-shaped keys when the checkpoint belongs to another
-    architecture.
+    ``model`` may be built under ``torch.device("meta")`` (no random init, no second
+    copy): from a file, its tensors take the tensors read for them where dtype and shape
+    agree (a state dict passed in is copied, as torch's load does)
+    (:mod:`otq_kernels.skeleton`). Raises ValueError naming missing / unexpected /
+    mis-shaped keys when the checkpoint belongs to another architecture.
     """
     wrapper, model = model, bare_module(model, "load_fm_checkpoint")
     state = checkpoint_state(read_float_checkpoint(path_or_state), model, use_ema)
     check_loadable(model, "load_fm_checkpoint")
-    materialize(model, next(iter(state.values())).device if state else torch.device("cpu"))
+    read = not isinstance(path_or_state, Mapping)  # (a caller's own tensors stay theirs)
+    materialize(model, next(iter(state.values())).device if state else torch.device("cpu"),
+                adopt=state if read else None)
     model.load_state_dict(state, strict=True)
     return wrapper
 
