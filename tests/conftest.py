@@ -33,3 +33,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def renamed_over_after_the_header(monkeypatch):
+    """A function ``(path, other)``: the next safetensors read of ``path`` has ``other``
+    renamed over it (an atomic save) right after its header is checked."""
+    from otq_kernels import checkpoint
+
+    def arrange(path, other):
+        checked = checkpoint._checked_metadata
+
+        def then_replaced(file, name):
+            metadata = checked(file, name)
+            if os.path.exists(other):
+                os.replace(other, path)
+            return metadata
+
+        monkeypatch.setattr(checkpoint, "_checked_metadata", then_replaced)
+
+    return arrange

@@ -579,22 +579,15 @@ def test_a_loaded_model_owns_its_tensors(saved):
     assert torch.equal(loaded(x), expected)
 
 
-def test_a_file_renamed_over_the_path_while_it_is_read_is_not_mixed_in(saved, tmp_path,
-                                                                        monkeypatch):
+def test_a_file_renamed_over_the_path_while_it_is_read_is_not_mixed_in(
+        saved, tmp_path, renamed_over_after_the_header):
     """An atomic save of another model over the path between the header check and the
     tensor reads: the load reads the file it opened, whole (it reopened the path for the
     tensors, and mixed one file's header with the other's data: "corrupt")."""
     model, path = saved
     other = tmp_path / "other.safetensors"
     ckpt.save_quantized(_quantized(seed=1), other)
-    checked = ckpt._checked_metadata
-
-    def then_replaced(file, name):
-        metadata = checked(file, name)
-        os.replace(other, path)
-        return metadata
-
-    monkeypatch.setattr(ckpt, "_checked_metadata", then_replaced)
+    renamed_over_after_the_header(path, other)
     loaded = _load(path)
     x = torch.randn(2, 3, 6, 6)
     assert torch.equal(loaded(x), model(x))

@@ -323,24 +323,15 @@ def test_json_report_is_strict_json(tmp_path, capsys):
     assert [row["sqnr_db"] for row in rows if row["name"] == "out.2"] == ["inf"]
 
 
-def test_a_file_renamed_over_the_path_while_it_is_described_is_not_mixed_in(tmp_path,
-                                                                             monkeypatch):
+def test_a_file_renamed_over_the_path_while_it_is_described_is_not_mixed_in(
+        tmp_path, renamed_over_after_the_header):
     """An atomic save of another model over the path while `otq info` reads: the report is
     the first file's, its checksums checked on its own tensors (the header and the
     tensors were read in two opens: one file's layer table, another's checksums)."""
-    from otq_kernels import checkpoint
-
     path, _ = _quantized_file(tmp_path)
     expected = describe_file(path)
     other = tmp_path / "other.safetensors"
     otq.save_quantized(otq.quantize_model(demo.random_model("tiny", seed=2), bits=2,
                                           progress=False), other)
-    checked = checkpoint._checked_metadata
-
-    def then_replaced(file, name):
-        metadata = checked(file, name)
-        os.replace(other, path)
-        return metadata
-
-    monkeypatch.setattr(checkpoint, "_checked_metadata", then_replaced)
+    renamed_over_after_the_header(path, other)
     assert describe_file(path) == expected
