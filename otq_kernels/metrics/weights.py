@@ -53,18 +53,22 @@ def _tensor(x) -> torch.Tensor:
 CHUNK = 1 << 20
 
 
-def _sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
-    """(Σ(a/s - b/s)², Σ(a/s)², s) in float64, chunk by chunk. a, b: [n]. s is the power
-    of two nearest the largest |value| (exact scaling: weights near 1e-170 gave 0/0 and a
-    perfect SQNR, their squares underflowing)."""
+def _scale(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The power of two nearest the largest |value| of a and b: the sums below divide by
+    it (exact), so weights near 1e-170 do not give 0/0 and a perfect SQNR, their squares
+    underflowing."""
     peak = max(float(torch.linalg.vector_norm(t, math.inf)) for t in (a, b))  # (no |t| copy)
-    scale = 2.0 ** min(max(math.frexp(peak)[1], -1000), 1000) if peak > 0 else 1.0
+    return 2.0 ** min(max(math.frexp(peak)[1], -1000), 1000) if peak > 0 else 1.0
+
+
+def _sums(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[float, float]:
+    """(Σ(a/s - b/s)², Σ(a/s)²) in float64 for s = ``scale``, chunk by chunk. a, b: [n]."""
     noise = signal = 0.0
     for start in range(0, a.numel(), CHUNK):
         x, y = a[start:start + CHUNK].double() / scale, b[start:start + CHUNK].double() / scale
         noise += _sum((x - y) ** 2)
         signal += _sum(x * x)
-    return noise, signal, scale
+    return noise, signal
 
 
 def _sum(t: torch.Tensor) -> float:
@@ -84,14 +88,14 @@ def _sqnr(noise: float, signal: float) -> float:
 def mse(w, w_hat) -> float:
     """Mean squared error over all elements. w, w_hat: any shapes with equal numel."""
     a, b = _pair(w, w_hat)
-    noise, _, scale = _sums(a, b)
-    return noise / a.numel() * scale * scale
+    scale = _scale(a, b)
+    return _sums(a, b, scale)[0] / a.numel() * scale * scale
 
 
 def sqnr_db(w, w_hat) -> float:
     """Signal-to-quantization-noise ratio in dB: 10·log10(Σw² / Σ(w - ŵ)²)."""
-    noise, signal, _ = _sums(*_pair(w, w_hat))
-    return _sqnr(noise, signal)
+    a, b = _pair(w, w_hat)
+    return _sqnr(*_sums(a, b, _scale(a, b)))
 
 
 def _sorted(t: torch.Tensor) -> torch.Tensor:
@@ -102,19 +106,20 @@ def _sorted(t: torch.Tensor) -> torch.Tensor:
     return torch.sort(t).values
 
 
-def _w2(a: torch.Tensor, b: torch.Tensor) -> float:
-    noise, _, scale = _sums(_sorted(a), _sorted(b))
-    return math.sqrt(noise / a.numel()) * scale
+def _w2(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
+    return math.sqrt(_sums(_sorted(a), _sorted(b), scale)[0] / a.numel()) * scale
 
 
 def wasserstein_1d(w, w_hat) -> float:
     """Exact W2 between the value distributions: sqrt(mean((sort(w) - sort(ŵ))²))."""
-    return _w2(*_pair(w, w_hat))
+    a, b = _pair(w, w_hat)
+    return _w2(a, b, _scale(a, b))
 
 
 def weight_error(w, w_hat) -> dict:
     """All three at once: {"mse", "sqnr_db", "w2"} (floats)."""
     a, b = _pair(w, w_hat)
-    noise, signal, scale = _sums(a, b)
+    scale = _scale(a, b)  # (once: the sorted values have the same peak)
+    noise, signal = _sums(a, b, scale)
     return {"mse": noise / a.numel() * scale * scale, "sqnr_db": _sqnr(noise, signal),
-            "w2": _w2(a, b)}
+            "w2": _w2(a, b, scale)}
