@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import os
 import platform
@@ -166,6 +167,13 @@ def score(fp: dict, q_samples, model_q, real01, fid_reason) -> dict:
 
 
 # ----------------------------------------------------------------------------- engine
+def _copy_sharing_tensors(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are ``model``'s own: quantizing
+    it swaps its layers and reads their weights, so no float weight is copied."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return copy.deepcopy(model, {id(t): t for t in tensors})
+
+
 def _sample(model, x0, steps, solver):
     t = time.perf_counter()
     with torch.inference_mode():
@@ -216,8 +224,8 @@ def evaluate(model: nn.Module, bits=DEMO_BITS, methods=METHODS, granularity: str
     for b, m in bar:
         bar.set_postfix_str(f"{b} bits {m}")
         t = time.perf_counter()
-        q = quantize_model(copy.deepcopy(model), bits=b, method=m, granularity=granularity,
-                           backend=backend, progress=False)
+        q = quantize_model(_copy_sharing_tensors(model), bits=b, method=m,
+                           granularity=granularity, backend=backend, progress=False)
         q_time = time.perf_counter() - t
         q_samples, s_time = _sample(q, x0, steps, solver)
         row = {"bits": b, "method": m, "granularity": granularity, "size": size_stats(q),

@@ -588,6 +588,26 @@ def test_a_diverged_setting_is_a_row_not_the_end_of_the_sweep(monkeypatch, tmp_p
     assert (tmp_path / "ev" / "results.json").exists()
 
 
+def test_evaluate_quantizes_copies_that_share_the_float_tensors(monkeypatch):
+    model = demo.random_model("tiny")
+    tensors = model.state_dict(keep_vars=True)
+    shared = []
+    quantize = demo.quantize_model
+
+    def checking(copy, **options):
+        given = copy.state_dict(keep_vars=True)
+        shared.append(copy is not model and given.keys() == tensors.keys()
+                      and all(given[key] is value for key, value in tensors.items()))
+        return quantize(copy, **options)
+
+    monkeypatch.setattr(demo, "quantize_model", checking)
+    demo.evaluate(model, bits=[2], methods=["ot", "uniform"], n=1, steps=1, n_real=2,
+                  progress=False, log=lambda _text: None)
+    assert shared == [True, True]
+    assert model.state_dict(keep_vars=True).keys() == tensors.keys()
+    assert not any(isinstance(m, (qnn.QuantLinear, qnn.QuantConv2d)) for m in model.modules())
+
+
 def test_the_table_says_when_pixel_w2_is_an_upper_bound():
     exact = [{"pixel_w2": {"method": "exact", "kappa": None}}]
     bounds = [{"pixel_w2": {"method": "bounds", "kappa": 2}}]
@@ -607,9 +627,14 @@ def test_evaluate_leaves_the_model_as_it_was_and_checks_the_image_size_first(mon
     model = demo.random_model("tiny").train()
     model.out.eval()
     modes = {name: m.training for name, m in model.named_modules()}
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    tensors = {key: id(value) for key, value in model.state_dict(keep_vars=True).items()}
     demo.evaluate(model, bits=[8], methods=["uniform"], n=1, steps=1, n_real=2,
                   progress=False, log=lambda _text: None)
     assert {name: m.training for name, m in model.named_modules()} == modes
+    after = model.state_dict(keep_vars=True)
+    assert {key: id(value) for key, value in after.items()} == tensors
+    assert all(torch.equal(after[key], value) for key, value in state.items())
     monkeypatch.setattr(demo, "_sample", lambda *a: pytest.fail("sampled before checking"))
     with pytest.raises(ValueError, match="SSIM needs images of at least 6x6 pixels"):
         demo.evaluate(model, image_size=5, progress=False)
