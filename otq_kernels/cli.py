@@ -296,6 +296,7 @@ def release_freed_heap(_layer: str = "") -> None:
 def cmd_quantize(args) -> int:
     from .checkpoint import save_quantized
     from .nn import format_summary, quantize_model
+    from .report import make_parent
     from .streaming import load_and_quantize
 
     out = _check_output(args.output, "-o")
@@ -322,7 +323,7 @@ def cmd_quantize(args) -> int:
     meta = {"config": info["config"], "config_kwargs": info["config_kwargs"],
             "image_size": info["image_size"], "source": info["source"],
             "command": "otq " + shlex.join(args.argv)}
-    Path(os.path.realpath(out)).parent.mkdir(parents=True, exist_ok=True)  # (a link's target's)
+    make_parent(out)
     save_quantized(model, out, metadata=meta)  # (before printing: `| head` loses nothing)
     print(format_summary(model.otq_summary))
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB)")

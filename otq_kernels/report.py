@@ -109,6 +109,12 @@ def check_grid_path(path: str | os.PathLike) -> None:
                          f"not {Path(path).suffix or 'a name without an extension'}")
 
 
+def make_parent(path: str | os.PathLike) -> None:
+    """Make the folder (and its parents) the file ``path`` is written into: where the
+    path goes through a symlink (dangling or not), its target's."""
+    Path(os.path.realpath(path)).parent.mkdir(parents=True, exist_ok=True)
+
+
 def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 4) -> None:
     """Save samples [B, C, H, W] in [-1, 1] as an image grid (nearest-upscaled by
     ``scale``); the format follows the extension (:data:`GRID_SUFFIXES`)."""
@@ -118,7 +124,7 @@ def save_grid(x: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scale: in
     check_grid_path(path)
     g = grid_image(x, nrow)
     g = np.repeat(np.repeat(g, scale, 0), scale, 1)
-    Path(os.path.realpath(path)).parent.mkdir(parents=True, exist_ok=True)  # (a link's target's)
+    make_parent(path)
     imsave(path, g, cmap="gray" if g.ndim == 2 else None, vmin=0, vmax=1)
 
 
@@ -203,7 +209,7 @@ def _w2_kind(rows: list) -> str:
 def write_outputs(result: dict, samples: dict, table: str, out: Path) -> str:
     """results.json, table.txt, plots and per-setting sample grids under ``out``; returns
     the line that says so."""
-    Path(os.path.realpath(out)).mkdir(parents=True, exist_ok=True)
+    make_parent(out / "results.json")
     (out / "results.json").write_text(json.dumps(jsonable(result), indent=1))
     (out / "table.txt").write_text(table + "\n")
     for name, x in samples.items():
