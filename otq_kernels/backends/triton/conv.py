@@ -9,7 +9,8 @@ rather than copied to NHWC), decodes the matching weight tile [BLOCK_C, BLOCK_N]
 (k = c * KH * KW + tap, a strided walk of the canonical order, so the decoder gathers
 words; the words of one channel block stay in L1 across its taps) and accumulates with
 ``tl.dot`` in float32.
-The output tile is written straight into an NCHW tensor (coalesced along output pixels).
+The output tile is stored through y's strides, y dense in ``conv_output_format(x)``: along
+output pixels for NCHW, along channels for channels-last.
 
 Small M (batch 1 at low resolution) leaves most SMs idle with long K loops (7x7 with
 256 -> 256 channels: 8 tiles of 32x64, 144 steps each), so program axis 2 splits the

@@ -6,12 +6,12 @@ columns k, never touching a dense weight in memory:
 - ``_decode_rows``: a contiguous K range [k0, k0 + BLOCK_K) of BLOCK_N rows. Each plane
   is read as whole words ([BLOCK_N, BLOCK_K * w / 32] int32, contiguous along K, so the
   loads vectorize), fields are split off with shifts in registers and the tile is
-  reshaped to [BLOCK_N, BLOCK_K]. Used by the dequantize kernel.
+  reshaped to [BLOCK_N, BLOCK_K]. Used by the dequantize kernel and ``gemm_tile``.
 - ``_tile_words`` + ``_decode_field``: the same K range, decoded one field position at a
   time. Every plane's words are aligned to plane 0's word grid ([BLOCK_N, BLOCK_K * W0 /
   32]); field j of word w is column k0 + w * (32 / W0) + j. Only one [BLOCK_N, WORDS0]
   slice of codes is live at a time and nothing is reshaped, so no kept linear config
-  spills registers (see docs/kernels.md). Used by the linear kernels (GEMV and tl.dot).
+  spills registers (see docs/kernels.md). Used by the GEMV and ``gemm`` (split-K too).
 - ``_decode_gather``: arbitrary (rows, cols) index tensors of any broadcast shape; every
   element loads its own word. Used by the conv kernel, whose K order (kh, kw, c) walks
   the canonical (c, kh, kw) order with a stride.
