@@ -52,7 +52,7 @@ triton-min-check: setup $(TRITON_MIN_DIR)/.installed
 		tests/test_ops.py tests/test_nn.py tests/test_autograd.py
 
 test: setup lint cuda-check triton-aot-check triton-min-check
-	$(PY) -m pytest -q tests
+	OTQ_EXPECT_NATIVE=1 $(PY) -m pytest -q tests
 
 bench-smoke: setup
 	bash benchmarks/run_smoke.sh

@@ -1,4 +1,6 @@
-"""Test set-up: Triton's interpreter on CPU-only machines, `cuda` marker skipping."""
+"""Test set-up: Triton's interpreter on CPU-only machines, `cuda` marker skipping, and
+``OTQ_EXPECT_NATIVE=1`` (set by ``make test``): the native extension must load, or the
+run stops (its tests would all skip)."""
 
 import os
 
@@ -11,12 +13,21 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    if os.environ.get("OTQ_EXPECT_NATIVE") == "1":
+        from otq_kernels._native import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is not None:
+            raise pytest.UsageError(f"OTQ_EXPECT_NATIVE=1: {reason}")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda") is not None:  # (not keywords: a param id "cuda")
             item.add_marker(skip)
 
 

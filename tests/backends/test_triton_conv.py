@@ -37,7 +37,7 @@ GEOMETRIES = list(itertools.product([1, 3], [1, 2], [0, 1], [1, 2], [1, 2]))
 
 @pytest.mark.parametrize("ksize,stride,padding,dilation,groups", GEOMETRIES)
 def test_geometry_sweep(ksize, stride, padding, dilation, groups, device):
-    batch = 1 + 2 * (stride + padding + dilation) % 2
+    batch = 1 + 2 * ((stride + padding + dilation) % 2)
     check_conv((batch, 4, 5, 7), 6, ksize, 3, "channel", torch.float32, device, stride,
                padding, dilation, groups, with_bias=groups == 1, kernel="implicit")
 
