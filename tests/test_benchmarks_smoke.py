@@ -62,6 +62,8 @@ def test_smoke_writes_valid_json(subject, smoke_dir):
     assert all(row["smoke"] is True for row in payload["rows"])
     timed = [row for row in payload["rows"] if not row["skipped"]]
     assert timed, "no path ran at all"
+    derive = _load("derive")
+    assert [row for row in payload["rows"] if row.get("error") or not derive.is_right(row)] == []
     assert any(row["backend"] in ("fp16", "reference", "torch_sort") for row in timed)
 
 
