@@ -270,14 +270,18 @@ class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("shape, granularity", [((9, 13), "channel"), ((1, 13), "channel"),
                                                 ((9, 13), "tensor")])
-def test_plain_eager_call_skips_the_op_with_the_same_result(backend, shape, granularity):
+def test_plain_eager_call_skips_the_op_with_the_same_result(backend, shape, granularity,
+                                                            monkeypatch):
     """Plain eager calls run the backend directly; a dispatch mode sees the op, same numbers."""
     if backend == "cpu" and otq.backends.get("cpu").unavailable(torch.device("cpu")):
         pytest.skip("native CPU extension not built")
     qt, bias, x = _qt(shape, 3, granularity), torch.randn(shape[0]), torch.randn(4, 13)
     cq, img = _qt((4, 2, 3, 3), 3, granularity), torch.randn(1, 2, 6, 5)
+    teach = ops._teach_dispatch_mode  # (run before each op call, never on the direct path)
+    monkeypatch.setattr(ops, "_teach_dispatch_mode", lambda: pytest.fail("took the op"))
     direct = (ops.codebook_linear(x, qt, bias, backend),
               ops.codebook_conv2d(img, cq, None, 1, 1))
+    monkeypatch.setattr(ops, "_teach_dispatch_mode", teach)
     with _OpRecorder() as seen:
         via_op = (ops.codebook_linear(x, qt, bias, backend),
                   ops.codebook_conv2d(img, cq, None, 1, 1))
