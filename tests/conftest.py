@@ -38,6 +38,24 @@ def device() -> torch.device:
 
 
 @pytest.fixture
+def spy(monkeypatch):
+    """A function ``(module, name) -> calls``: ``module.name`` still runs, and each call's
+    positional arguments are appended to ``calls`` (which backend a call reached)."""
+
+    def watch(module, name):
+        calls, real = [], getattr(module, name)
+
+        def recorded(*args, **kwargs):
+            calls.append(args)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recorded)
+        return calls
+
+    return watch
+
+
+@pytest.fixture
 def one_thread():
     """Run a test with one torch thread: tiny CPU models are faster so on shared cores."""
     threads = torch.get_num_threads()

@@ -88,10 +88,13 @@ def test_fit_rows_tensor_granularity_long_row():
     torch.testing.assert_close(centroids, ref_centroids.float())
 
 
-def test_fit_codebook_through_ops_uses_cpu_backend():
+def test_fit_codebook_through_ops_uses_cpu_backend(spy):
     w = torch.randn(9, 40)
+    calls = spy(cpu, "fit_rows")
     a = otq.fit_codebook(w, bits=3, backend="cpu")
+    assert [args[1] for args in calls] == [3]
     b = otq.fit_codebook(w, bits=3, backend="reference")
+    assert len(calls) == 1
     assert torch.equal(a.codes(), b.codes())
     torch.testing.assert_close(a.codebook, b.codebook)
 

@@ -198,10 +198,12 @@ def test_bad_arguments(device):
 
 @pytest.mark.parametrize("shape,granularity", [((6, 2, 3, 3), "channel"), ((4, 20), "tensor"),
                                                ((50,), "tensor")])
-def test_fit_codebook_end_to_end(shape, granularity, device):
+def test_fit_codebook_end_to_end(shape, granularity, device, spy):
     gen = torch.Generator().manual_seed(len(shape))
     w = torch.randn(shape, generator=gen).to(device)
+    calls = spy(otq.backends.get("triton"), "fit_rows")
     got = otq.fit_codebook(w, bits=4, granularity=granularity, backend="triton")
+    assert len(calls) == 1
     ref = otq.fit_codebook(w, bits=4, granularity=granularity, backend="reference")
     assert got.granularity == ref.granularity and got.shape == ref.shape
     assert torch.equal(otq.unpack_codes(got).cpu(), otq.unpack_codes(ref).cpu())

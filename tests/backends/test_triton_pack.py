@@ -91,8 +91,11 @@ def test_bad_arguments(device):
         unpack_triton(planes, 3, 40)
 
 
-def test_ops_route_to_triton(device):
+def test_ops_route_to_triton(device, spy):
     w = torch.randn(4, 3, 5, device=device)
     qt = otq.fit_codebook(w, bits=5, backend="reference")
+    triton_backend = otq.backends.get("triton")
+    unpacked, packed = spy(triton_backend, "unpack"), spy(triton_backend, "pack")
     assert torch.equal(otq.ops.unpack(qt, backend="triton"), otq.unpack_codes(qt))
     assert_planes_equal(otq.ops.pack(otq.unpack_codes(qt), 5, backend="triton"), qt.planes)
+    assert (len(unpacked), len(packed)) == (1, 1)
