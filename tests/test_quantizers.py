@@ -84,8 +84,8 @@ def test_matches_numpy_oracle(method, bits):
         np.testing.assert_allclose(cents[i, :used].numpy(), ref_cents, rtol=2e-5, atol=1e-6)
         # padded levels repeat the last centroid
         assert torch.all(cents[i, used:] == cents[i, used - 1])
-        mismatch = (codes[i].numpy() != ref_codes).mean()
-        assert mismatch <= 0.01, f"{method} b={bits}: {mismatch:.1%} codes differ"
+        np.testing.assert_array_equal(codes[i].numpy(), ref_codes)  # (no value is within
+        # float64 rounding of a boundary in these rows: one code off is a bug)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -94,7 +94,7 @@ def test_ot_nearest_assignment(bits):
     codes, cents = fit_rows_reference(x, bits, "ot", assign="nearest")
     for i, row in enumerate(x.numpy()):
         ref_codes, ref_cents = np_ot(row, bits, "nearest")
-        assert (codes[i].numpy() == ref_codes).mean() > 0.99
+        np.testing.assert_array_equal(codes[i].numpy(), ref_codes)
         np.testing.assert_allclose(cents[i, : ref_cents.size].numpy(), ref_cents, rtol=2e-5)
 
 
