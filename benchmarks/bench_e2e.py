@@ -115,15 +115,18 @@ def release_cublas_workspaces() -> None:
         clear()
 
 
-def peak_step_bytes(run, step) -> int | None:
-    """Peak allocated bytes during one warmed-up step (weights, inputs and the library
-    workspaces this model itself uses included).
+def peak_step_bytes(run, step) -> dict:
+    """{"peak_bytes": the peak allocated during one warmed-up step (weights, inputs and
+    the library workspaces this model itself uses included), "peak_requested_bytes": the
+    same peak of the sizes asked for, before the caching allocator rounds them up (the
+    rounding follows what the process allocated before: the same FP16 step peaked 5%
+    higher in one H200 file than in another)}; None for both off CUDA.
 
     The warm-up step is not measured: it autotunes the Triton kernels, and Triton's
     ``do_bench`` allocates a 256 MB L2-flush buffer that no later step holds.
     """
     if run.device.type != "cuda":
-        return None
+        return {"peak_bytes": None, "peak_requested_bytes": None}
     run.sync()
     release_cublas_workspaces()
     step()
@@ -131,7 +134,9 @@ def peak_step_bytes(run, step) -> int | None:
     torch.cuda.reset_peak_memory_stats(run.device)
     step()
     run.sync()
-    return torch.cuda.max_memory_allocated(run.device)
+    return {"peak_bytes": torch.cuda.max_memory_allocated(run.device),
+            "peak_requested_bytes": torch.cuda.memory_stats(run.device).get(
+                "requested_bytes.all.peak")}
 
 
 def velocity(model, x, t) -> tuple[torch.Tensor, list[dict]]:
@@ -185,7 +190,7 @@ def bench_variant(run, master, variant, batches, image, dtype, modes, outputs,
             if mode == "graph" and timing.get("timing") != "graph":
                 row["note"] = "CUDA-graph capture failed; eager time reported: " + \
                     "; ".join(graph_errors)
-            run.add({**row, **timing, "model_bytes": nbytes, "peak_bytes": peak,
+            run.add({**row, **timing, "model_bytes": nbytes, **peak,
                      "runtime_layout_bytes": cuda.runtime_layout_bytes(),
                      "model_bits_per_weight": bpw, "dispatch": dispatch})
     del model
@@ -202,8 +207,9 @@ def fill_memory_ratios(rows: list[dict]) -> None:
         ref = base.get((r.get("M"), r.get("kernel")))
         if not ref or not r.get("p50_us"):
             continue
-        if r.get("peak_bytes") and ref.get("peak_bytes"):
-            r["peak_ratio"] = r["peak_bytes"] / ref["peak_bytes"]
+        for field in ("peak", "peak_requested"):
+            if r.get(f"{field}_bytes") and ref.get(f"{field}_bytes"):
+                r[f"{field}_ratio"] = r[f"{field}_bytes"] / ref[f"{field}_bytes"]
         r["model_bytes_ratio"] = r["model_bytes"] / ref["model_bytes"]
 
 

@@ -81,7 +81,7 @@ def parser(subject: str, description: str) -> argparse.ArgumentParser:
                    help="stop starting new configurations after this many seconds and write "
                         "what was measured (skipped configurations are listed in meta)")
     p.add_argument("--no-flush", action="store_true",
-                   help="do not flush L2 between timed reps (default: flush with a 256 MB write)")
+                   help="do not flush L2 between timed reps (default: flush by reading 256 MiB)")
     p.add_argument("--quiet", action="store_true", help="no per-row progress lines")
     return p
 
@@ -304,13 +304,18 @@ def capture_graph(fn: Callable[[], object], errors: list | None = None):
 
 
 class L2Flusher:
-    """Writes a 256 MB buffer between timed reps (allocated on first use, not at import)."""
+    """Reads a 256 MiB buffer between timed reps (allocated on first use, not at import).
+
+    Read, not written: a write (Triton's do_bench zeroes its buffer) leaves the L2 full of
+    dirty lines, written back to memory inside the next timed interval, which would charge
+    a memory-bound kernel (the dense baseline) for up to 60 MB of traffic not its own."""
 
     def __init__(self, device: torch.device, nbytes: int = L2_FLUSH_BYTES):
-        self.buffer = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
+        self.buffer = torch.zeros(nbytes // 4, dtype=torch.int32, device=device)
+        self.total = torch.zeros((), dtype=torch.int64, device=device)
 
     def __call__(self) -> None:
-        self.buffer.zero_()
+        torch.sum(self.buffer, 0, dtype=torch.int64, out=self.total)
 
 
 def time_cuda(fn: Callable[[], object], flusher: L2Flusher | None = None, graph: bool = False,
@@ -432,17 +437,21 @@ def error_row(err: BaseException, **fields) -> dict:
 
 def fill_ratios(rows: list[dict], key_fields: tuple[str, ...], baseline: str = "fp16",
                 field: str = "ratio", baseline_kernel: str | None = None) -> None:
-    """row[field] = p50(baseline row) / p50(row) for rows sharing ``key_fields`` (same run);
-    the baseline rows are those of backend ``baseline`` (and kernel ``baseline_kernel``,
-    where given).
+    """row[field] = p50(baseline row) / p50(row) for rows sharing ``key_fields`` (same run)
+    and their ``timing`` (a row timed eagerly after its CUDA-graph capture failed is not
+    compared with graph replays); the baseline rows are those of backend ``baseline`` (and
+    kernel ``baseline_kernel``, where given).
 
     With field "ratio" also sets ``frac_of_bound`` = ratio / bound_ratio where known.
     """
-    base = {tuple(r.get(k) for k in key_fields): r["p50_us"] for r in rows
+    def key(r: dict) -> tuple:
+        return (*(r.get(k) for k in key_fields), r.get("timing"))
+
+    base = {key(r): r["p50_us"] for r in rows
             if r.get("backend") == baseline and r.get("p50_us")
             and baseline_kernel in (None, r.get("kernel"))}
     for r in rows:
-        ref = base.get(tuple(r.get(k) for k in key_fields))
+        ref = base.get(key(r))
         if r.get("p50_us") and ref:
             r[field] = ref / r["p50_us"]
             if field == "ratio" and r.get("bound_ratio"):
@@ -469,7 +478,8 @@ class Run:
         self.rows: list[dict] = []
         self.meta = base_meta(subject, self.device, self.smoke)
         self.meta.update(l2_flush_bytes=0 if args.no_flush or self.device.type != "cuda"
-                         else L2_FLUSH_BYTES, budget_s=args.budget_s, skipped_configs=[],
+                         else L2_FLUSH_BYTES, l2_flush="read", budget_s=args.budget_s,
+                         skipped_configs=[],
                          copy_gbps=None, gemm=None, autotune_limit=AUTOTUNE_LIMIT,
                          preset=getattr(args, "preset", None), errors=0, fatal_error=None,
                          complete=False)

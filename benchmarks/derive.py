@@ -122,6 +122,9 @@ def tuning_from(args: argparse.Namespace, section: str, derive_rows) -> int:
         if metas and meta["gpu"] != metas[0]["gpu"]:
             raise SystemExit(f"{name}: measured on {meta['gpu']!r}, not on "
                              f"{metas[0]['gpu']!r} like {args.tuning_from[0]}")
+        if metas and bool(meta.get("graph")) != bool(metas[0].get("graph")):
+            raise SystemExit(f"{name}: {_timing_mode(meta)}, {args.tuning_from[0]} "
+                             f"{_timing_mode(metas[0])}: the two do not compare")
         rows += file_rows
         metas.append(meta)
         source = Path(name).resolve()
@@ -143,6 +146,10 @@ def tuning_from(args: argparse.Namespace, section: str, derive_rows) -> int:
         print(f"  close calls (speedup within {CLOSE_CALL:.0%} of even, about the run-to-run "
               f"spread; check before shipping): {'; '.join(close)}")
     return 0
+
+
+def _timing_mode(meta: dict) -> str:
+    return "timed as CUDA-graph replays" if meta.get("graph") else "timed eagerly"
 
 
 def read_gpu_results(name: str | Path) -> tuple[dict, list[dict]]:
@@ -253,6 +260,16 @@ def failed_paths(rows: list[dict], path_of) -> set[str]:
             and path_of(r) is not None}
 
 
+def eager_among_graphs(rows: list[dict]) -> list[dict]:
+    """The rows timed eagerly (``"timing": "events"``: their graph capture failed) in a run
+    that timed others as CUDA-graph replays: the two do not compare (eager times hold host
+    launch time, 1.3-3x the replays' on the H200)."""
+    timed = [r for r in rows if is_time(r.get("p50_us"))]
+    if not any(r.get("timing") == "graph" for r in timed):
+        return []
+    return [r for r in timed if r.get("timing") == "events"]
+
+
 def times_by_config(rows: list[dict], path_of) -> dict[tuple, dict[str, float]]:
     """{(M, shape, bits, granularity): {path: p50 µs}} over the timed rows; path_of(row)
     names the row's path, or None to leave it out. A path that raised or gave a wrong
@@ -263,10 +280,16 @@ def times_by_config(rows: list[dict], path_of) -> dict[tuple, dict[str, float]]:
     for path in sorted(failed):
         print(f"warning: {path} raised or gave wrong results on some configurations: left "
               "out of every decision", file=sys.stderr)
+    eager = eager_among_graphs(rows)
+    if eager:
+        print(f"warning: {len(eager)} rows timed eagerly (their CUDA-graph capture failed: "
+              f"{', '.join(sorted({str(path_of(r)) for r in eager}))}) among graph "
+              "replays: left out of every decision", file=sys.stderr)
+    eager_ids = {id(r) for r in eager}
     times: dict[tuple, dict[str, float]] = {}
     for r in rows:
         path = path_of(r) if is_time(r.get("p50_us")) else None
-        if path is not None and path not in failed:
+        if path is not None and path not in failed and id(r) not in eager_ids:
             key = (r["M"], r["shape"], r["bits"], r["granularity"])
             times.setdefault(key, {})[path] = r["p50_us"]
     return times

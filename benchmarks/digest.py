@@ -95,6 +95,7 @@ def linear(payload: dict) -> None:
     expansion([r for r in rows if r.get("op") == "dequantize"])
     rows = [r for r in rows if r.get("op") != "dequantize"]
     fp16 = {(r["shape"], r["M"]): r["p50_us"] for r in rows if r["backend"] == "fp16"}
+    fp16_timing = {(r["shape"], r["M"]): r.get("timing") for r in rows if r["backend"] == "fp16"}
     groups: dict[tuple, dict[int, list[dict]]] = {}
     for r in rows:
         if r["backend"] != "fp16":
@@ -114,6 +115,8 @@ def linear(payload: dict) -> None:
                          f"{best['kernel']} {best['p50_us']:.1f}us {pct}")
                 if not is_right(best):
                     text += f" ERR{fmt(best['rel_err'], '.1e').replace('-', 'nan/inf')}"
+                if best.get("timing") != fp16_timing.get((shape, m)):
+                    text += f" ({best.get('timing')} against fp16's {fp16_timing[(shape, m)]})"
             if deq and base:
                 text += f" dq x{base / deq[0]['p50_us']:.2f}"
             parts.append(text)

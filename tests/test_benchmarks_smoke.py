@@ -67,6 +67,15 @@ def test_smoke_writes_valid_json(subject, smoke_dir):
     assert any(row["backend"] in ("fp16", "reference", "torch_sort") for row in timed)
 
 
+def test_the_l2_flush_reads_its_buffer_and_writes_nothing_to_it():
+    """A written flush leaves the L2 dirty: the write-back lands in the next timed rep."""
+    flusher = _load("common").L2Flusher(torch.device("cpu"), nbytes=1 << 12)
+    flusher.buffer.fill_(3)
+    version = flusher.buffer._version
+    flusher()
+    assert flusher.buffer._version == version and int(flusher.total) == 3 * 1024
+
+
 def test_plots_from_smoke_json(smoke_dir, tmp_path):
     out, _ = smoke_dir
     assert _load("plot").main([str(out), "--out", str(tmp_path)]) == 0
@@ -665,6 +674,30 @@ def test_a_path_that_failed_somewhere_wins_nowhere(failure, capsys):
     assert "warning: lut_frag raised or gave wrong results" in capsys.readouterr().err
 
 
+def test_a_row_timed_eagerly_among_graph_replays_is_compared_with_none(tmp_path, capsys):
+    """A path whose CUDA-graph capture failed is timed eagerly (host launch time
+    included): it gets no ratio against the graph-timed FP16 row, wins no decision (a
+    warning names it), and files timed in the two modes are not derived from together."""
+    linear, common = _load("bench_linear"), _load("common")
+    rows = _cuda_rows({1: {"dequant": 100.0, "lut_gemv": 30.0},
+                       16: {"dequant": 100.0, "lut_gemv": 60.0}})
+    for r in rows:
+        r["timing"] = "events" if r["kernel"] == "lut_gemv" and r["M"] == 16 else "graph"
+    rows += [{**rows[0], "backend": "fp16", "kernel": "cublas", "p50_us": 50.0, "M": m}
+             for m in (1, 16)]
+    common.fill_ratios(rows, ("shape", "M"))
+    assert [(r["M"], r.get("ratio")) for r in rows if r["kernel"] == "lut_gemv"] == [
+        (1, 50.0 / 30.0), (16, None)]
+    assert linear.derive_crossovers(rows)[0] == {"cuda_max_m": 1}
+    assert "1 rows timed eagerly (their CUDA-graph capture failed: lut_gemv)" in (
+        capsys.readouterr().err)
+    graphs = _write_results(tmp_path / "g.json", rows, graph=True)
+    eager = _write_results(tmp_path / "e.json", rows, graph=False)
+    with pytest.raises(SystemExit, match="timed eagerly, .*g.json timed as CUDA-graph"):
+        linear.main(["--tuning-from", str(graphs), str(eager), "--write-tuning",
+                     str(tmp_path / "t.json")])
+
+
 def test_a_width_the_run_meant_to_time_but_did_not_gets_no_cuda():
     """A budget cut before 8 bits: the 8-bit layers get cuda_max_m_by_bits 0 (they were
     dispatched to the LUT GEMV up to the 4-bit crossover, never timed at 8 bits)."""
@@ -763,6 +796,8 @@ def test_peak_memory_is_measured_on_a_warmed_up_step(monkeypatch):
     cuda = torch.cuda
     monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda d=None: events.append("reset"))
     monkeypatch.setattr(cuda, "max_memory_allocated", lambda d=None: events.append("read") or 7)
+    monkeypatch.setattr(cuda, "memory_stats",
+                        lambda d=None: {"requested_bytes.all.peak": 6, "allocated_bytes": 0})
     monkeypatch.setattr(e2e, "release_cublas_workspaces", lambda: events.append("release"))
 
     class FakeRun:
@@ -771,8 +806,21 @@ def test_peak_memory_is_measured_on_a_warmed_up_step(monkeypatch):
         def sync(self):
             events.append("sync")
 
-    assert e2e.peak_step_bytes(FakeRun(), lambda: events.append("step")) == 7
+    assert e2e.peak_step_bytes(FakeRun(), lambda: events.append("step")) == {
+        "peak_bytes": 7, "peak_requested_bytes": 6}
     assert events == ["sync", "release", "step", "sync", "reset", "step", "sync", "read"]
+
+
+def test_memory_ratios_against_the_fp16_step_of_the_same_batch_and_mode():
+    e2e = _load("bench_e2e")
+    row = {"M": 1, "kernel": "graph", "p50_us": 10.0, "model_bytes": 30,
+           "peak_bytes": 40, "peak_requested_bytes": 36}
+    rows = [{**row, "backend": "fp16", "model_bytes": 100, "peak_bytes": 160,
+             "peak_requested_bytes": 150},
+            {**row, "backend": "cuda"}, {**row, "backend": "cuda", "kernel": "events"}]
+    e2e.fill_memory_ratios(rows)
+    assert (rows[1]["peak_ratio"], rows[1]["peak_requested_ratio"]) == (0.25, 0.24)
+    assert rows[1]["model_bytes_ratio"] == 0.3 and "peak_ratio" not in rows[2]
 
 
 def test_error_rows_keep_the_schema():
@@ -981,6 +1029,18 @@ def test_digest_compares_lut_frag_with_lut_mma(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert "   lut_frag vs lut_mma b2: M1 x1.00 | M16 x1.00" in out  # sqrt(2 * 0.5)
     assert "   lut_frag32 vs lut_frag b2: M16 x1.50" in out
+
+
+def test_digest_says_when_the_best_kernel_was_timed_unlike_fp16(tmp_path, capsys):
+    rows = [{"backend": "cuda", "kernel": "lut_gemv", "M": 1, "shape": "a", "bits": 4,
+             "granularity": "channel", "p50_us": 10.0, "timing": "events"},
+            {"backend": "fp16", "kernel": "cublas", "M": 1, "shape": "a", "p50_us": 50.0,
+             "timing": "graph"}]
+    (tmp_path / "goal_graph").mkdir()
+    (tmp_path / "goal_graph" / "linear.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    assert _load("digest").main([str(tmp_path)]) == 0
+    assert "M1 x5.00 c/lut_gemv 10.0us ? (events against fp16's graph)" in (
+        capsys.readouterr().out)
 
 
 def test_digest_times_a_run_against_an_earlier_one(tmp_path, capsys):
