@@ -311,11 +311,11 @@ class L2Flusher:
     a memory-bound kernel (the dense baseline) for up to 60 MB of traffic not its own."""
 
     def __init__(self, device: torch.device, nbytes: int = L2_FLUSH_BYTES):
-        self.buffer = torch.zeros(nbytes // 4, dtype=torch.int32, device=device)
+        self.buffer = torch.zeros(nbytes // 8, dtype=torch.int64, device=device)
         self.total = torch.zeros((), dtype=torch.int64, device=device)
 
     def __call__(self) -> None:
-        torch.sum(self.buffer, 0, dtype=torch.int64, out=self.total)
+        torch.sum(self.buffer, 0, out=self.total)  # (no dtype=: it would copy the buffer)
 
 
 def time_cuda(fn: Callable[[], object], flusher: L2Flusher | None = None, graph: bool = False,

@@ -68,12 +68,20 @@ def test_smoke_writes_valid_json(subject, smoke_dir):
 
 
 def test_the_l2_flush_reads_its_buffer_and_writes_nothing_to_it():
-    """A written flush leaves the L2 dirty: the write-back lands in the next timed rep."""
+    """A written flush leaves the L2 dirty: the write-back lands in the next timed rep.
+    A sum into the flusher's own scalar: no copy of the buffer (a sum asked for another
+    dtype converts the whole buffer first), nothing allocated."""
+    from torch.profiler import ProfilerActivity, profile
+
     flusher = _load("common").L2Flusher(torch.device("cpu"), nbytes=1 << 12)
     flusher.buffer.fill_(3)
     version = flusher.buffer._version
-    flusher()
-    assert flusher.buffer._version == version and int(flusher.total) == 3 * 1024
+    with profile(activities=[ProfilerActivity.CPU]) as ran:
+        flusher()
+    called = {event.name for event in ran.events()}
+    assert "aten::sum" in called
+    assert not called & {"aten::to", "aten::_to_copy", "aten::copy_", "aten::empty_strided"}
+    assert flusher.buffer._version == version and int(flusher.total) == 3 * 512
 
 
 def test_plots_from_smoke_json(smoke_dir, tmp_path):
