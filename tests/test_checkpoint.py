@@ -793,3 +793,47 @@ def test_the_skeletons_hooks_go_with_the_loaded_layers(saved):
     loaded = _load(path, skeleton)
     x = torch.randn(2, 3, 5, 5)
     assert torch.equal(loaded(x), model(x)) and calls == ["QuantLinear"]
+
+
+def _mlp(*widths: int) -> nn.Sequential:
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def test_a_quantized_skeleton_layer_the_file_lacks_is_a_value_error(tmp_path):
+    """A quantized skeleton with a layer the file holds neither quantized nor float (another
+    architecture): the key mismatch, not an AttributeError, and the skeleton untouched."""
+    _, path = _saved_4bit(lambda: _mlp(16, 16, 8), tmp_path / "q.safetensors")
+    skeleton = qnn.quantize_model(_mlp(16, 16, 8, 8), bits=3, progress=False)
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    with pytest.raises(ValueError, match=r"missing keys \['4\.bias', '4\.codebook'"):
+        ckpt.load_quantized(path, skeleton)
+    after = skeleton.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("bad", [["16", 16], [16, None], [16, [16]]], ids=str)
+def test_a_shape_of_other_than_integers_is_refused_naming_the_layer(tmp_path, bad):
+    _, path = _saved_4bit(lambda: _mlp(16, 16, 8), tmp_path / "q.safetensors")
+    bad_path = _with_layer_meta(path, tmp_path / "bad.safetensors", "0", shape=bad)
+    match = "layer '0': shape .* is not a valid 2-D weight shape"
+    with pytest.raises(ValueError, match=match):
+        ckpt.load_quantized(bad_path, _mlp(16, 16, 8))
+    with pytest.raises(ValueError, match=match):
+        ckpt.verify_checkpoint(bad_path)
+
+
+def test_a_backend_without_a_kernel_for_a_layer_of_the_file_is_named(tmp_path):
+    """The cpu backend runs no 3x3 conv: said so, naming the layer (not a key mismatch as
+    if the file were another model's); the skeleton stays float."""
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+
+    _, path = _saved_4bit(make, tmp_path / "conv.safetensors")
+    skeleton = make()
+    with pytest.raises(ValueError, match="layer '0': .*backend 'cpu' has no conv kernel"):
+        ckpt.load_quantized(path, skeleton, backend="cpu")
+    assert isinstance(skeleton[0], nn.Conv2d) and isinstance(skeleton[2], nn.Linear)

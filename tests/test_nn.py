@@ -563,6 +563,9 @@ def test_tied_weights_share_one_set_of_codes(tmp_path):
     assert model.a.codebook is model.b.codebook and model.a.plane0 is model.b.plane0
     assert [n for n, _ in model.named_buffers() if n.startswith("b.")] == []  # listed once
     assert not torch.equal(model.a.bias, model.b.bias)
+    assert model.b.stats == model.a.stats and set(model.a.stats) == {"mse", "sqnr_db", "w2"}
+    rows = {row.name: row for row in model.otq_summary.layers}
+    assert rows["b"].sqnr_db == rows["a"].sqnr_db is not None
     assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
     assert model.otq_summary.params == before.params
     assert model.otq_summary.bytes_fp32 == before.bytes_fp32
@@ -574,6 +577,7 @@ def test_tied_weights_share_one_set_of_codes(tmp_path):
         "head.weight": "emb.weight"}
     loaded = otq.load_quantized(path, TiedHead())
     assert loaded.a.codebook.data_ptr() == loaded.b.codebook.data_ptr()
+    assert loaded.b.stats == loaded.a.stats == model.a.stats
     assert torch.equal(loaded(x), model(x))
     want = model(x)
     otq.dequantize_model(model)
@@ -622,6 +626,24 @@ def test_tied_codes_stay_shared_through_conversions(convert, dtype):
         got = b(a(x.to(dtype))).float()  # (the tied layers: the model adds a large constant)
         tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-6}.get(dtype, 0)
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_a_conversion_drops_the_views_of_the_codes_it_replaced():
+    """After a conversion that gives the layers new code tensors (``to_empty`` here; on a
+    GPU ``model.cuda()``), no cached view keeps the old ones alive (a CPU copy of every
+    layer's codes until its next read), and the views read the new buffers."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = otq.quantize_model(nn.Sequential(nn.Linear(16, 16), nn.Conv1d(16, 8, 3)),
+                               bits=3, progress=False)
+    old = [weakref.ref(t) for m in model for t in (*m._planes(), m.codebook)]
+    model.to_empty(device="cpu")
+    gc.collect()
+    assert [ref for ref in old if ref() is not None] == []
+    for m in model:
+        assert m.qweight.planes[0] is m.plane0 and m.qweight.codebook is m.codebook
 
 
 @pytest.mark.cuda

@@ -305,6 +305,22 @@ def test_a_torch_file_without_a_state_dict_is_named(tmp_path, content):
         load_fm_checkpoint(path, _tiny())
 
 
+def test_running_out_of_memory_while_reading_a_torch_file_stays_a_memory_error(
+        tmp_path, monkeypatch):
+    """(Not "holds a NoneType" nor "not a weights-only torch checkpoint".)"""
+    from otq_kernels.models import checkpoint
+
+    path = tmp_path / "m.pt"
+    torch.save(_tiny().state_dict(), path)
+
+    def out_of_memory(path):
+        raise MemoryError
+
+    monkeypatch.setattr(checkpoint, "_torch_load", out_of_memory)
+    with pytest.raises(MemoryError):
+        load_fm_checkpoint(path, _tiny())
+
+
 def test_a_pipe_or_a_directory_named_like_a_checkpoint_is_refused(tmp_path):
     """(A FIFO named .pt blocked torch.load forever.)"""
     fifo = tmp_path / "m.pt"
