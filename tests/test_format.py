@@ -1,6 +1,7 @@
 """The canonical packed format (DESIGN §2) against an independent bit-level packer."""
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -206,3 +207,75 @@ def test_to_a_dtype_names_codebook_dtype():
     with pytest.raises(ValueError, match="codebook_dtype=torch.float16"):
         qt.to(torch.float16)
     assert qt.to(codebook_dtype=torch.float64).codebook.dtype == torch.float64
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 69)
+def _planes(bits=3, n=2, k=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    return otq.pack_codes(codes, bits), codes
+
+def test_pack_codes_rejects_negative_codes():
+    """A negative code is out of [0, 2**bits) as much as 2**bits is: packed, -1 would
+    silently become the all-ones field (code 3 at 2 bits)."""
+    for codes in (torch.tensor([[-1, 0]]), torch.tensor([[0, 1, -4]], dtype=torch.int8)):
+        with pytest.raises(ValueError, match=r"codes must lie in \[0, 4\)"):
+            otq.pack_codes(codes, 2)
+
+def test_unpack_planes_checks_the_planes_it_is_given():
+    """unpack_planes is what unpack_codes' error message points users to ("for planes of
+    your own"): wrong plane counts, dtypes or shapes are ValueErrors naming the plane,
+    not an IndexError/zip error or silently decoded garbage."""
+    planes, codes = _planes()
+    assert torch.equal(unpack_planes(planes, 3, 40), codes)
+    with pytest.raises(ValueError, match="bits=3 needs 2 planes, got 0"):
+        unpack_planes([], 3, 40)
+    with pytest.raises(ValueError, match="bits=3 needs 2 planes, got 1"):
+        unpack_planes(planes[:1], 3, 40)
+    with pytest.raises(ValueError, match="plane of width 2 must be int32"):
+        unpack_planes([planes[0].long(), planes[1]], 3, 40)  # right shape, wrong dtype
+    with pytest.raises(ValueError, match="plane of width 2 must be int32"):
+        unpack_planes(planes, 3, 70)  # K_pad 96, the planes hold 64
+    with pytest.raises(ValueError, match="plane of width 1 must be int32"):
+        unpack_planes([planes[0], planes[1][:1]], 3, 40)  # another row count
+
+@pytest.mark.parametrize("bits", [np.int64(3), torch.tensor(3)], ids=repr)
+def test_quantized_tensor_stores_bits_as_an_int(bits):
+    """bits of any integer type, given to the constructor directly, are stored as the int
+    they hold (the layers' metadata is JSON)."""
+    planes, _ = _planes()
+    qt = QuantizedTensor(planes, torch.zeros(2, 8), bits, (2, 40))
+    assert type(qt.bits) is int and qt.bits == 3
+
+@pytest.mark.parametrize("shape", [[6, 40], (np.int64(6), np.int32(40)), torch.Size([6, 40]),
+                                   (torch.tensor(6), 40)], ids=repr)
+def test_quantized_tensor_stores_shape_as_a_tuple_of_ints(shape):
+    planes = otq.pack_codes(torch.zeros(6, 40, dtype=torch.long), 2)
+    qt = QuantizedTensor(planes, torch.zeros(1, 4), 2, shape, "tensor")
+    assert type(qt.shape) is tuple and qt.shape == (6, 40)
+    assert all(type(s) is int for s in qt.shape)
+
+def test_quantized_tensor_refuses_planes_of_another_integer_dtype():
+    """A plane of the right shape but not int32 (an int64 or uint8 plane) is refused
+    when made, not read by a kernel as int32 words."""
+    planes, _ = _planes()
+    for dtype in (torch.int64, torch.int16):
+        with pytest.raises(ValueError, match=r"plane of width 2 must be int32 \[2, 4\], got "
+                                             f"{dtype}"):
+            QuantizedTensor([planes[0].to(dtype), planes[1]], torch.zeros(2, 8), 3, (2, 40))
+
+def test_is_number_takes_every_int_up_to_float_max():
+    """is_number (checkpoint stats, UNet channel multipliers): an int a float holds."""
+    from otq_kernels.format import is_number
+
+    assert is_number(int(sys.float_info.max)) and is_number(-int(sys.float_info.max))
+    assert not is_number(10**400) and not is_number(True)
+
+def test_to_moves_planes_and_codebook_together():
+    qt = otq.fit_codebook(torch.randn(4, 40), bits=3)
+    moved = qt.to("meta")
+    assert {p.device.type for p in moved.planes} == {"meta"}
+    assert moved.codebook.device.type == "meta"
+    back = qt.to("cpu")
+    assert all(a is b for a, b in zip(back.planes, qt.planes, strict=True))
+    assert back.codebook is qt.codebook

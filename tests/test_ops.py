@@ -849,3 +849,28 @@ def test_cuda_kernel_choice_from_a_tuning_file(tmp_path, monkeypatch):
     finally:
         monkeypatch.delenv("OTQ_TUNING_FILE", raising=False)
         ops.reload_tuning()  # later tests read the shipped table again
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 69)
+def test_reference_backend_takes_a_bias_of_another_float_dtype():
+    """The oracle casts a float32 bias to x's dtype (F.linear/F.conv2d would refuse the
+    mix), for linear and conv alike."""
+    torch.manual_seed(0)
+    qt, cq = otq.fit_codebook(torch.randn(4, 6), 3), otq.fit_codebook(torch.randn(4, 2, 3, 3), 3)
+    bias = torch.randn(4)
+    for dtype in (torch.bfloat16, torch.float64):
+        x, img = torch.randn(3, 6, dtype=dtype), torch.randn(1, 2, 5, 5, dtype=dtype)
+        y = otq.ops.codebook_linear(x, qt, bias, backend="reference")
+        assert y.dtype == dtype
+        assert torch.equal(y, otq.ops.codebook_linear(x, qt, bias.to(dtype), backend="reference"))
+        z = otq.ops.codebook_conv2d(img, cq, bias, 1, 1, backend="reference")
+        assert z.dtype == dtype
+        assert torch.equal(z, otq.ops.codebook_conv2d(img, cq, bias.to(dtype), 1, 1,
+                                                      backend="reference"))
+
+def test_reference_pack_refuses_codes_out_of_range():
+    """ops.pack: 'each backend checks the codes' values (format.check_codes)', the
+    reference backend too (not clamped or wrapped into the planes)."""
+    for codes in (torch.tensor([[0, 4]]), torch.tensor([[0, -1]])):
+        with pytest.raises(ValueError, match=r"codes must lie in \[0, 4\)"):
+            otq.ops.pack(codes, 2, backend="reference")

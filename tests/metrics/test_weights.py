@@ -111,3 +111,15 @@ def test_a_float64_layer_s_stats_compare_its_own_weights():
         layer.weight[0, 0] = 1e39
     with pytest.raises(ValueError, match="beyond float32's range"):
         otq.nn.QuantLinear.from_float(layer, bits=4)
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 69)
+def test_weight_error_of_bfloat16_and_float16_weights():
+    """Half-precision weights are compared as float32 (numpy has no bfloat16)."""
+    w = torch.randn(8, 20)
+    qt = otq.fit_codebook(w, 3)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = w.to(dtype)
+        got = W.weight_error(half, qt)
+        assert got == W.weight_error(half.float(), qt)
+        assert W.weight_error(qt, half) == W.weight_error(qt, half.float())
