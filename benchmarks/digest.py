@@ -94,8 +94,7 @@ def linear(payload: dict) -> None:
     rows = [r for r in payload.get("rows", []) if r.get("p50_us")]
     expansion([r for r in rows if r.get("op") == "dequantize"])
     rows = [r for r in rows if r.get("op") != "dequantize"]
-    fp16 = {(r["shape"], r["M"]): r["p50_us"] for r in rows if r["backend"] == "fp16"}
-    fp16_timing = {(r["shape"], r["M"]): r.get("timing") for r in rows if r["backend"] == "fp16"}
+    fp16 = {(r["shape"], r["M"]): r for r in rows if r["backend"] == "fp16"}
     groups: dict[tuple, dict[int, list[dict]]] = {}
     for r in rows:
         if r["backend"] != "fp16":
@@ -104,7 +103,8 @@ def linear(payload: dict) -> None:
     for (shape, bits, gran), per_m in groups.items():
         parts = []
         for m in sorted(per_m):
-            base = fp16.get((shape, m))
+            dense = fp16.get((shape, m))
+            base = dense["p50_us"] if dense else None
             fused = [r for r in per_m[m] if r["backend"] in FUSED]
             deq = [r for r in per_m[m] if r["backend"] == "dequant"]
             best = min(fused, key=lambda r: r["p50_us"]) if fused else None
@@ -115,8 +115,8 @@ def linear(payload: dict) -> None:
                          f"{best['kernel']} {best['p50_us']:.1f}us {pct}")
                 if not is_right(best):
                     text += f" ERR{fmt(best['rel_err'], '.1e').replace('-', 'nan/inf')}"
-                if best.get("timing") != fp16_timing.get((shape, m)):
-                    text += f" ({best.get('timing')} against fp16's {fp16_timing[(shape, m)]})"
+                if best.get("timing") != dense.get("timing"):
+                    text += f" ({best.get('timing')} against fp16's {dense.get('timing')})"
             if deq and base:
                 text += f" dq x{base / deq[0]['p50_us']:.2f}"
             parts.append(text)

@@ -210,11 +210,6 @@ def test_to_a_dtype_names_codebook_dtype():
 
 
 # ------------------------------------------------ pinned by a mutation campaign (session 69)
-def _planes(bits=3, n=2, k=40, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
-    return otq.pack_codes(codes, bits), codes
-
 def test_pack_codes_rejects_negative_codes():
     """A negative code is out of [0, 2**bits) as much as 2**bits is: packed, -1 would
     silently become the all-ones field (code 3 at 2 bits)."""
@@ -222,11 +217,13 @@ def test_pack_codes_rejects_negative_codes():
         with pytest.raises(ValueError, match=r"codes must lie in \[0, 4\)"):
             otq.pack_codes(codes, 2)
 
+
 def test_unpack_planes_checks_the_planes_it_is_given():
     """unpack_planes is what unpack_codes' error message points users to ("for planes of
     your own"): wrong plane counts, dtypes or shapes are ValueErrors naming the plane,
     not an IndexError/zip error or silently decoded garbage."""
-    planes, codes = _planes()
+    qt, codes = _qt(3, (2, 40))
+    planes = qt.planes
     assert torch.equal(unpack_planes(planes, 3, 40), codes)
     with pytest.raises(ValueError, match="bits=3 needs 2 planes, got 0"):
         unpack_planes([], 3, 40)
@@ -239,13 +236,15 @@ def test_unpack_planes_checks_the_planes_it_is_given():
     with pytest.raises(ValueError, match="plane of width 1 must be int32"):
         unpack_planes([planes[0], planes[1][:1]], 3, 40)  # another row count
 
+
 @pytest.mark.parametrize("bits", [np.int64(3), torch.tensor(3)], ids=repr)
 def test_quantized_tensor_stores_bits_as_an_int(bits):
     """bits of any integer type, given to the constructor directly, are stored as the int
     they hold (the layers' metadata is JSON)."""
-    planes, _ = _planes()
+    planes = _qt(3, (2, 40))[0].planes
     qt = QuantizedTensor(planes, torch.zeros(2, 8), bits, (2, 40))
     assert type(qt.bits) is int and qt.bits == 3
+
 
 @pytest.mark.parametrize("shape", [[6, 40], (np.int64(6), np.int32(40)), torch.Size([6, 40]),
                                    (torch.tensor(6), 40)], ids=repr)
@@ -255,14 +254,16 @@ def test_quantized_tensor_stores_shape_as_a_tuple_of_ints(shape):
     assert type(qt.shape) is tuple and qt.shape == (6, 40)
     assert all(type(s) is int for s in qt.shape)
 
+
 def test_quantized_tensor_refuses_planes_of_another_integer_dtype():
     """A plane of the right shape but not int32 (an int64 or uint8 plane) is refused
     when made, not read by a kernel as int32 words."""
-    planes, _ = _planes()
+    planes = _qt(3, (2, 40))[0].planes
     for dtype in (torch.int64, torch.int16):
         with pytest.raises(ValueError, match=r"plane of width 2 must be int32 \[2, 4\], got "
                                              f"{dtype}"):
             QuantizedTensor([planes[0].to(dtype), planes[1]], torch.zeros(2, 8), 3, (2, 40))
+
 
 def test_is_number_takes_every_int_up_to_float_max():
     """is_number (checkpoint stats, UNet channel multipliers): an int a float holds."""
@@ -270,6 +271,7 @@ def test_is_number_takes_every_int_up_to_float_max():
 
     assert is_number(int(sys.float_info.max)) and is_number(-int(sys.float_info.max))
     assert not is_number(10**400) and not is_number(True)
+
 
 def test_to_moves_planes_and_codebook_together():
     qt = otq.fit_codebook(torch.randn(4, 40), bits=3)

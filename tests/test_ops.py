@@ -868,6 +868,7 @@ def test_reference_backend_takes_a_bias_of_another_float_dtype():
         assert torch.equal(z, otq.ops.codebook_conv2d(img, cq, bias.to(dtype), 1, 1,
                                                       backend="reference"))
 
+
 def test_reference_pack_refuses_codes_out_of_range():
     """ops.pack: 'each backend checks the codes' values (format.check_codes)', the
     reference backend too (not clamped or wrapped into the planes)."""

@@ -278,6 +278,7 @@ def test_piecewise_puts_a_value_on_an_inner_edge_in_the_upper_bin():
     deq = otq.fit_codebook(w, 2, "piecewise").dequantize()
     assert deq[0].tolist() == [3.5, 0.5, 3.5, 1.5, 2.5]
 
+
 def test_the_reference_fits_rows_longer_than_its_chunk(monkeypatch):
     """A row of more values than REFERENCE_CHUNK (one codebook per tensor of a layer past
     2**20 weights) is fitted one row per chunk, with the same result."""
@@ -288,11 +289,13 @@ def test_the_reference_fits_rows_longer_than_its_chunk(monkeypatch):
     part = q.fit_rows_reference(x, 3, "ot")
     assert torch.equal(whole[0], part[0]) and torch.equal(whole[1], part[1])
 
+
 @pytest.mark.parametrize("method", otq.METHODS)
 def test_the_reference_returns_int64_codes_and_float32_centroids(method):
     """fit_rows_reference's documented return types, on the one-chunk path too."""
     codes, cents = q.fit_rows_reference(torch.randn(4, 50), 3, method)
     assert codes.dtype == torch.int64 and cents.dtype == torch.float32
+
 
 def test_fit_codebook_defaults_to_4_bits_ot_channel_rank():
     """The documented defaults (README/usage: bits=4, method "ot", granularity "channel")."""
@@ -300,6 +303,7 @@ def test_fit_codebook_defaults_to_4_bits_ot_channel_rank():
     qt = otq.fit_codebook(w)
     assert (qt.bits, qt.method, qt.granularity) == (4, "ot", "channel")
     assert torch.equal(qt.codes(), otq.fit_codebook(w, 4, "ot", "channel", "rank").codes())
+
 
 def test_a_float64_weight_at_float32_max_is_accepted():
     """|w| == float32's largest value is within float32's range (only |w| beyond it is
@@ -309,12 +313,14 @@ def test_a_float64_weight_at_float32_max_is_accepted():
     qt = otq.fit_codebook(w, 2)
     assert torch.equal(qt.dequantize(torch.float64), w)
 
+
 def test_an_unknown_assign_is_refused_for_every_method_on_the_reference_path():
     """The native CPU fit checks assign itself, which hid a missing check: on the torch
     path (backend="reference", or any method but ot) an unknown assign was ignored."""
     for method in otq.METHODS:
         with pytest.raises(ValueError, match="unknown assign 'closest'"):
             otq.fit_codebook(torch.randn(4, 8), 2, method, assign="closest", backend="reference")
+
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_fake_quantize_keeps_the_dtype(dtype):
@@ -324,6 +330,7 @@ def test_fake_quantize_keeps_the_dtype(dtype):
     assert out.dtype == dtype and out.shape == w.shape
     sd = otq.fake_quantize_state_dict({"w": w}, 3)
     assert sd["w"].dtype == dtype
+
 
 def test_fake_quantize_state_dict_passes_non_float_entries_through_as_copies():
     """Integer tensors of any size and non-tensor entries pass through; tensors left
@@ -338,6 +345,7 @@ def test_fake_quantize_state_dict_passes_non_float_entries_through_as_copies():
     out["tiny"].zero_()
     assert sd["tiny"].abs().sum() > 0
 
+
 def test_fake_quantize_state_dict_size_threshold_is_2_to_the_bits():
     """'tensors with fewer than 2**bits elements are copied unchanged': 7 values at 3 bits
     stay, 8 are quantized (piecewise: 8 values do not map onto themselves)."""
@@ -347,6 +355,7 @@ def test_fake_quantize_state_dict_size_threshold_is_2_to_the_bits():
     assert torch.equal(out["seven"], sd["seven"])
     want = otq.fit_codebook(sd["eight"], 3, "piecewise", "tensor").dequantize()
     assert torch.equal(out["eight"], want) and not torch.equal(out["eight"], sd["eight"])
+
 
 def test_fake_quantize_state_dict_fits_2d_weights_per_output_channel():
     """A Linear weight (2-D) gets one codebook per output channel, like a conv's."""
