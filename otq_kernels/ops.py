@@ -394,7 +394,7 @@ def _(x, planes, codebook, bits, weight_shape, bias, stride, padding, dilation, 
 def _fit_rows_with(rows: torch.Tensor, bits: int, method: str, assign: str,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes int64 [R, n], centroids float32 [R, 2**bits]) of rows [R, n] by ``backend``."""
-    if method in FUSED_METHODS and backend != "reference":
+    if method in FUSED_METHODS:  # (the reference backend's fit_rows is the torch "ot" fit)
         codes, centroids = backends.function(backend, "fit_rows")(rows, bits, assign)
     else:
         codes, centroids = fit_rows_reference(rows, bits, method, assign)

@@ -387,6 +387,19 @@ def test_fit_pack_unpack_wrappers_agree_with_format():
     assert torch.equal(ops.unpack(qt, backend="reference"), codes)
 
 
+def test_ot_fit_on_the_reference_backend_runs_its_fit_rows(spy):
+    """backend="reference" reaches the reference backend's own ``fit_rows`` for "ot" (the
+    method it declares); other methods take the torch fit without it."""
+    calls = spy(otq.backends.get("reference"), "fit_rows")
+    rows = torch.randn(3, 20)
+    codes, cents = ops.fit_rows(rows, 2, backend="reference")
+    assert [args[1] for args in calls] == [2]
+    want_codes, want_cents = otq.quantizers.ot_rows(rows.double(), 2)
+    assert torch.equal(codes, want_codes) and torch.equal(cents, want_cents.float())
+    ops.fit_rows(rows, 2, method="lloyd", backend="reference")
+    assert len(calls) == 1
+
+
 def test_unpack_rows_of_a_layer():
     """ops.unpack(rows=slice) gives those rows' codes, as the whole unpack's slice."""
     codes = torch.randint(0, 8, (9, 70))
