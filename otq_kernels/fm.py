@@ -19,7 +19,7 @@ from torch import nn
 
 from .format import integer_value
 from .graphs import CudaGraphed
-from .models.unet import describe_value, is_class_indices
+from .models.unet import check_label_range, describe_value, is_class_indices
 
 FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -180,12 +180,16 @@ def check_solver(method: str, dtype) -> None:
 
 
 def _check_label(model: nn.Module, x0: torch.Tensor, label, cfg_scale: float) -> None:
-    """ValueError unless ``label`` is None or integer class indices [B] for x0's batch, and
-    ``cfg_scale`` is 0 or comes with a label for a class-conditional model."""
+    """ValueError unless ``label`` is None or integer class indices [B] for x0's batch
+    (0..num_classes where the model has ``num_classes``), and ``cfg_scale`` is 0 or comes
+    with a label for a class-conditional model."""
     if label is not None and not is_class_indices(label, x0.shape[0]):
         raise ValueError(f"label must be an integer tensor [B] with B = {x0.shape[0]}, got "
                          f"{describe_value(label)}")
-    if cfg_scale and (label is None or integer_value(getattr(model, "num_classes", None)) is None):
+    classes = integer_value(getattr(model, "num_classes", None))
+    if label is not None and classes is not None:  # (once here, not once per step)
+        check_label_range(label, classes)
+    if cfg_scale and (label is None or classes is None):
         raise ValueError("cfg_scale needs a label and a class-conditional model (num_classes): "
                          "guidance mixes in the velocity of the null class num_classes")
 

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("flow_matching")
 
@@ -134,6 +135,27 @@ def test_sample_intermediates_labels_and_errors():
     for net, label in ((model, None), (model, torch.tensor([0, 1])), (cond, None)):
         with pytest.raises(ValueError, match="cfg_scale needs a label and a class-conditional"):
             fm.sample(net, x0, steps=1, label=label, cfg_scale=0.5)
+
+
+def test_sample_checks_label_values_once_before_the_model_runs():
+    """A label outside 0..num_classes is a ValueError before any step (the model itself
+    reads no GPU label's values, and nn.Embedding would assert on the device)."""
+    calls = []
+
+    class Velocity(nn.Module):
+        num_classes = 3
+
+        def forward(self, x, t, extra=None):
+            calls.append(extra["label"])
+            return torch.zeros_like(x)
+
+    x0 = fm.make_noise((2, 1, 4, 4), seed=0)
+    for label in (torch.tensor([0, 4]), torch.tensor([-1, 2])):
+        with pytest.raises(ValueError, match=r"class indices 0\.\.3 \(3: the null class\)"):
+            fm.sample(Velocity(), x0, steps=1, label=label)
+    assert calls == []
+    fm.sample(Velocity(), x0, steps=1, label=torch.tensor([3, 0]))
+    assert [c.tolist() for c in calls] == [[3, 0]]
 
 
 def test_sample_leaves_each_submodule_in_its_mode():

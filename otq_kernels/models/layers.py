@@ -85,6 +85,8 @@ class Upsample(nn.Module):
         self.use_conv = use_conv
         if use_conv:
             self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        elif self.out_channels != channels:
+            raise ValueError("Upsample without conv cannot change the channel count")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, C_out, 2H, 2W]."""

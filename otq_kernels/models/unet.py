@@ -163,7 +163,9 @@ class UNetModel(nn.Module):
         The sinusoid is cast to ``dtype`` (the input's) before ``time_embed``. A
         class-conditional model given no label uses the null label ``num_classes``
         (the unconditional branch of classifier-free guidance). ValueError for a label
-        that is not integer class indices [B], or one given to an unconditional model.
+        that is not integer class indices [B], or one given to an unconditional model, and
+        for a CPU label outside 0..num_classes (a GPU label's values are not read here:
+        ``fm.sample`` checks them once per call).
         """
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(dtype))
         if self.num_classes is None:
@@ -177,6 +179,8 @@ class UNetModel(nn.Module):
             raise ValueError(f"label must be an integer tensor [B] of class indices 0.."
                              f"{self.num_classes} with B = {t.shape[0]}, got "
                              f"{describe_value(label)}")
+        elif label.is_cpu and not _tracing():  # (on a GPU the check would sync each call)
+            check_label_range(label, self.num_classes)
         return emb + self.label_emb(label.long())
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -217,6 +221,24 @@ def is_class_indices(label, batch: int) -> bool:
     return (isinstance(label, torch.Tensor) and label.ndim == 1 and label.shape[0] == batch
             and not label.is_floating_point() and not label.is_complex()
             and label.dtype != torch.bool)
+
+
+def check_label_range(label: torch.Tensor, num_classes: int) -> None:
+    """ValueError unless class indices ``label`` [B] lie in 0..num_classes (the last, the
+    null class of guidance): nn.Embedding would raise an IndexError, or on a GPU a
+    device-side assert that leaves the CUDA context unusable. Reads the values (on a GPU,
+    a sync)."""
+    if label.numel() == 0:
+        return
+    low, high = int(label.min()), int(label.max())
+    if low < 0 or high > num_classes:
+        raise ValueError(f"label values must be class indices 0..{num_classes} "
+                         f"({num_classes}: the null class), got {low}..{high}")
+
+
+def _tracing() -> bool:
+    """Whether torch.compile/export or torch.jit.trace is tracing (values are not read)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def _times(t, batch: int, device: torch.device) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -20,7 +21,7 @@ from otq_kernels.models import (
     unet_config,
 )
 from otq_kernels.models.checkpoint import strip_wrapper_prefixes
-from otq_kernels.models.layers import AttentionBlock
+from otq_kernels.models.layers import AttentionBlock, Downsample, Upsample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -412,14 +413,41 @@ def test_empty_batch_gives_an_empty_output():
     (True, torch.zeros(3), torch.tensor([[1], [2], [3]]), "got torch.int64 \\[3, 1\\]"),
     (True, torch.zeros(3), torch.tensor([1, 2]), "with B = 3, got torch.int64 \\[2\\]"),
     (True, torch.zeros(3), 3, "got int 3"),
+    (True, torch.zeros(3), torch.tensor([0, 11, 3]), r"class indices 0\.\.10 .* got 0\.\.11"),
+    (True, torch.zeros(3), torch.tensor([-1, 0, 3], dtype=torch.int32), "got -1\\.\\.3"),
 ], ids=["t-2-for-3", "t-3x2", "label-unconditional", "label-float", "label-bool",
-        "label-B1", "label-2-for-3", "label-int"])
+        "label-B1", "label-2-for-3", "label-int", "label-past-null", "label-negative"])
 def test_times_and_labels_that_fit_no_batch_are_refused(conditional, t, label, match):
     """A clear ValueError, not a broadcast error deep in a ResBlock, and never a float
     label truncated to a class or a label ignored."""
     model = _tiny(num_classes=10 if conditional else None).eval()
     with pytest.raises(ValueError, match=match):
         model(torch.randn(3, 1, 16, 16), t, {"label": label} if label is not None else None)
+
+
+def test_the_null_class_is_a_label_and_traced_labels_are_not_read():
+    """num_classes itself (the null class) is in range; while torch.jit.trace runs the
+    values are not read (the trace would hold them as constants)."""
+    model = _randomize(_tiny(num_classes=10)).eval().requires_grad_(False)
+    x, t = torch.randn(2, 1, 16, 16), torch.zeros(2)
+    torch.testing.assert_close(model(x, t, {"label": torch.tensor([10, 10])}), model(x, t))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
+        traced = torch.jit.trace(lambda x, label: model(x, t, {"label": label}),
+                                 (x, torch.tensor([1, 2])))
+    assert not [w for w in caught if "Python integer" in str(w.message)]
+    torch.testing.assert_close(traced(x, torch.tensor([3, 4])),
+                               model(x, t, {"label": torch.tensor([3, 4])}))
+
+
+@pytest.mark.parametrize("resample", [Upsample, Downsample])
+def test_resampling_changes_channels_only_through_its_conv(resample):
+    """Without a conv the channel count cannot change: a ValueError (an Upsample kept its
+    input's channels while its ``out_channels`` said otherwise)."""
+    with pytest.raises(ValueError, match="without conv cannot change the channel count"):
+        resample(4, use_conv=False, out_channels=8)
+    assert resample(4, use_conv=True, out_channels=8)(torch.zeros(1, 4, 4, 4)).shape[1] == 8
+    assert resample(4, use_conv=False, out_channels=4)(torch.zeros(1, 4, 4, 4)).shape[1] == 4
 
 
 @pytest.mark.parametrize("options, match", [
