@@ -78,7 +78,8 @@ def check_tuning_table(table, source: str) -> None:
         if key not in ("default", "gpus") and not key.startswith("_"):
             warnings.warn(f"{source}: {key!r} is not read by dispatch (it reads 'default' "
                           "and 'gpus')", stacklevel=3)
-    for name, entry in [("default", table["default"]), *gpus.items()]:
+    gpu_entries = [(name, entry) for name, entry in gpus.items() if not name.startswith("_")]
+    for name, entry in [("default", table["default"]), *gpu_entries]:
         _check_entry(entry, f"{source}: entry {name!r}")
 
 

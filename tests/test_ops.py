@@ -632,7 +632,8 @@ def test_tuning_keys_that_dispatch_does_not_read_warn():
     from otq_kernels.tuning_schema import check_tuning_table
 
     table = {"default": {"linear": {"cuda_max_M": 16, "_note": "kept"}, "conv3d": {},
-                         "_measured": {"anything": 1}}, "gpu": {}, "_about": ""}
+                         "_measured": {"anything": 1}}, "gpu": {}, "_about": "",
+             "gpus": {"_about": "a note, as at every other level"}}
     with pytest.warns(UserWarning) as caught:
         check_tuning_table(table, "T")
     assert [str(w.message) for w in caught] == [
@@ -785,6 +786,10 @@ def test_every_tuning_entry_picks_a_kernel_that_takes_the_call(entry, kernels, m
                         assert cuda.wide_blocks_support(bits, per_channel)
                     if dtype == torch.float32:
                         assert kernel == "gemv"
+                    canonical = cuda.linear_kernel(dtype, bits, m, gpu, per_channel,
+                                                   fragment=False)  # (8 bits: no mma)
+                    assert canonical == "gemv" or (
+                        canonical == "mma" and cuda.tensor_cores_support(dtype, bits))
     assert seen == kernels
 
 
@@ -802,6 +807,7 @@ def test_explicit_kernel_arguments_are_checked(monkeypatch):
     assert choose(torch.float16, 4, 1, gpu, False, fragment=True) == "frag"
     assert choose(torch.float16, 3, 1, gpu, True, block_rows=32) == "frag32"
     assert choose(torch.float16, 8, 1, gpu, False, tensor_cores=True) == "frag"
+    assert choose(torch.float16, 4, 1, gpu, False, fragment=False) == "gemv"
     for kwargs, dtype, bits, per_channel, match in (
             ({"tensor_cores": True}, torch.float32, 4, False, "tensor_cores needs"),
             ({"fragment": True}, torch.float16, 8, True, "fragment=True needs"),
@@ -888,3 +894,170 @@ def test_reference_pack_refuses_codes_out_of_range():
     for codes in (torch.tensor([[0, 4]]), torch.tensor([[0, -1]])):
         with pytest.raises(ValueError, match=r"codes must lie in \[0, 4\)"):
             otq.ops.pack(codes, 2, backend="reference")
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_gpu_fit_takes_triton_up_to_its_tuned_row_length_then_cuda(monkeypatch):
+    """fit on a GPU: the Triton fit for rows of up to fit.triton_max_n (4096 where the
+    table has none), the cuda fit for longer rows; pack and unpack take Triton whatever
+    the fit entry says."""
+    gpu = _gpu_plan(monkeypatch, {})
+    assert [ops.resolve_backend(None, "fit", gpu, n) for n in (1, 4096, 4097)] == [
+        "triton", "triton", "cuda"]
+    gpu = _gpu_plan(monkeypatch, {"fit": {"triton_max_n": 0}})
+    assert ops.resolve_backend(None, "fit", gpu, 1) == "cuda"
+    assert [ops.resolve_backend(None, op, gpu) for op in ("pack", "unpack")] == ["triton"] * 2
+
+
+def test_auto_passes_over_a_backend_that_cannot_run(monkeypatch):
+    """Without the native build the cpu backend cannot run: auto takes dequant for layers
+    and the reference for fits (plans built before are dropped by reload_tuning)."""
+    monkeypatch.setattr(backends.get("cpu"), "unavailable", lambda device: "not built")
+    ops.reload_tuning()
+    try:
+        cpu = torch.device("cpu")
+        assert ops.resolve_backend(None, "linear", cpu, 1) == "dequant"
+        assert ops.resolve_backend(None, "fit", cpu, 8) == "reference"
+    finally:
+        monkeypatch.undo()
+        ops.reload_tuning()
+
+
+def test_gpu_plans_are_keyed_by_triton_interpret_and_cpu_plans_by_nothing(monkeypatch):
+    """Availability on a GPU reads TRITON_INTERPRET: a change of it builds a new plan (a
+    value seen before reuses its plan); the CPU's plans read no variable."""
+    built = []
+    monkeypatch.setattr(ops, "_runnable_candidates",
+                        lambda op, dev, bits, kernel: built.append(str(dev)) or ())
+    ops.reload_tuning()
+    try:
+        for value in ("1", "0", "1"):
+            monkeypatch.setenv("TRITON_INTERPRET", value)
+            ops._auto_plan("linear", "cuda:0")
+            ops._auto_plan("linear", "cpu")
+        assert built == ["cuda:0", "cpu", "cuda:0"]
+    finally:
+        ops.reload_tuning()
+
+
+def test_bias_of_the_wrong_shape_is_refused_by_name():
+    qt, cq = _qt(), _qt(shape=(4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"codebook_linear: bias must be \[9\] on cpu, got "
+                                         r"\(8,\) on cpu"):
+        ops.codebook_linear(torch.randn(2, 13), qt, torch.randn(8))
+    with pytest.raises(ValueError, match=r"codebook_conv2d: bias must be \[4\] on cpu, got "
+                                         r"\(3,\) on cpu"):
+        ops.codebook_conv2d(torch.randn(1, 3, 8, 8), cq, torch.randn(3))
+
+
+def test_autocast_leaves_float64_activations_as_they_are():
+    """torch.autocast never casts float64 x (F.linear keeps it float64), so neither do the
+    quantized ops."""
+    qt, cq = _qt(), _qt(shape=(4, 3, 3, 3))
+    x, img = torch.randn(3, 13, dtype=torch.float64), torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.linear(x, qt.dequantize(torch.float64)).dtype == torch.float64  # torch's rule
+        assert ops.compute_dtype(x) == torch.float64
+        y = ops.codebook_linear(x, qt)
+        z = ops.codebook_conv2d(img, cq, padding=1)
+    assert y.dtype == z.dtype == torch.float64
+    torch.testing.assert_close(y, F.linear(x, qt.dequantize(torch.float64)))
+
+
+def test_conv_dispatch_is_asked_with_every_output_pixel_of_the_batch(monkeypatch):
+    """A conv's M is B × OH × OW (the rows of its implicit GEMM), as the tuning measured."""
+    asked, resolve = [], ops.resolve_conv_backend
+
+    def spy(backend, device, m, *args):
+        asked.append(m)
+        return resolve(backend, device, m, *args)
+
+    monkeypatch.setattr(ops, "resolve_conv_backend", spy)
+    cq = _qt(shape=(6, 4, 3, 3))
+    ops.codebook_conv2d(torch.randn(2, 4, 7, 5), cq, padding=1)
+    ops.codebook_conv2d(torch.randn(3, 4, 7, 5), cq, stride=2)
+    assert asked == [2 * 7 * 5, 3 * 3 * 2]
+
+
+def test_fit_pack_and_unpack_run_through_their_ops_under_a_dispatch_mode():
+    """As the layers' ops: a dispatch mode sees otq::fit_codebook, otq::pack and
+    otq::unpack, with the direct path's results."""
+    torch.manual_seed(0)
+    rows = torch.randn(3, 40)
+    codes, cents = ops.fit_rows(rows, 3, backend="reference")
+    with _OpRecorder() as seen:
+        via_op = ops.fit_rows(rows, 3, backend="reference")
+        planes = ops.pack(codes, 3, backend="reference")
+        qt = otq.QuantizedTensor(planes, cents, 3, (3, 40), "channel")
+        unpacked = ops.unpack(qt, backend="reference")
+    assert {"otq.fit_codebook.default", "otq.pack.default", "otq.unpack.default"} <= set(seen.ops)
+    assert torch.equal(via_op[0], codes) and torch.equal(via_op[1], cents)
+    assert torch.equal(unpacked, codes)
+
+
+def test_pack_and_unpack_refuse_arguments_of_the_wrong_type():
+    with pytest.raises(ValueError, match="codes must be a torch.Tensor, got list"):
+        ops.pack([[0, 1]], 2)
+    with pytest.raises(ValueError, match="unpack takes a QuantizedTensor, got Tensor"):
+        ops.unpack(torch.zeros(2, 2, dtype=torch.int32))
+
+
+def test_a_repeated_tuning_key_is_named_once():
+    from otq_kernels.tuning_schema import parse_tuning_table
+
+    with pytest.raises(ValueError) as err:
+        parse_tuning_table('{"default": {"linear": {}, "linear": {}}}', "T")
+    assert str(err.value) == "T: key 'linear' appears twice in one object"
+
+
+def test_crossovers_by_kernel_size_are_checked_as_kernel_sizes():
+    """*_by_kernel maps take "KHxKW" keys (not bit widths), *_by_bits maps the reverse."""
+    from otq_kernels.tuning_schema import check_tuning_table
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_tuning_table({"default": {"conv2d": {"cuda_max_m_by_kernel": {"1x1": 49},
+                                                   "cuda_max_m_by_bits": {"4": 9}}}}, "T")
+    for key, value in (("cuda_max_m_by_kernel", {"4": 1}), ("cuda_max_m_by_bits", {"3x3": 1})):
+        with pytest.raises(ValueError, match=f"conv2d.{key} must be a map of"):
+            check_tuning_table({"default": {"conv2d": {key: value}}}, "T")
+
+
+def test_check_name_refuses_what_is_not_a_backend_name():
+    assert backends.check_name("auto") == "auto" and backends.check_name("cpu") == "cpu"
+    for name in ("gpu", ["cpu"], None):
+        with pytest.raises(ValueError, match="unknown backend"):  # not a str: no TypeError
+            backends.check_name(name)
+
+
+def test_named_cpu_backend_has_no_conv_kernel():
+    """conv_kernel_takes: a backend without conv2d (cpu) and the reference take no conv;
+    dequant takes every dtype, bits and groups, float64 included."""
+    assert not ops.conv_kernel_takes("cpu", torch.float32, 4)
+    assert not ops.conv_kernel_takes("reference", torch.float32, 4)
+    assert ops.conv_kernel_takes("dequant", torch.float64, 8, 2)
+
+
+@pytest.mark.parametrize("backend", ["dequant", "reference"])
+def test_conv_bias_is_added_on_the_expanding_backends(backend):
+    torch.manual_seed(0)
+    cq, x, bias = _qt((4, 3, 3, 3), 3), torch.randn(2, 3, 6, 5), torch.randn(4)
+    y = ops.codebook_conv2d(x, cq, bias, padding=1, backend=backend)
+    torch.testing.assert_close(y, F.conv2d(x, cq.dequantize(), bias, padding=1))
+
+
+@pytest.mark.parametrize("budget, chunks", [(64, [1] * 5), (256, [2, 2, 1])])
+def test_dequant_linear_expands_the_rows_its_chunk_budget_holds(budget, chunks, monkeypatch):
+    """On CPU a weight over CPU_CHUNK_BYTES (fp32) is expanded a chunk of rows at a time:
+    as many rows as the budget holds, one where a single row exceeds it."""
+    from otq_kernels.backends import dequant
+
+    torch.manual_seed(0)
+    qt, x, bias = _qt((5, 32), 3), torch.randn(3, 32), torch.randn(5)
+    monkeypatch.setattr(dequant, "CPU_CHUNK_BYTES", budget)  # a row of 32 is 128 bytes
+    rows, chunk = [], dequant._row_chunk
+    monkeypatch.setattr(dequant, "_row_chunk", lambda qt, first, last: rows.append(
+        last - first) or chunk(qt, first, last))
+    y = ops.codebook_linear(x, qt, bias, backend="dequant")
+    assert rows == chunks
+    torch.testing.assert_close(y, F.linear(x, qt.dequantize(), bias))

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from ..format import PLANE_WIDTHS, WORD_BITS, QuantizedTensor, check_bits, padded_k, plane_widths
+from ..format import (
+    PLANE_WIDTHS,
+    WORD_BITS,
+    QuantizedTensor,
+    check_bits,
+    integer_value,
+    padded_k,
+    plane_widths,
+)
 from ..quantizers import ASSIGNS
 from . import as_dtype
 
@@ -62,14 +70,16 @@ def checked_codebook(qt: QuantizedTensor, device_type: str,
     return aligned(as_dtype(book, torch.float32))
 
 
-def unpack_args(planes, bits, k) -> tuple[int, int]:
-    """Validate unpack's scalar arguments -> (bits, n rows)."""
+def unpack_args(planes, bits, k) -> tuple[int, int, int]:
+    """Validate unpack's scalar arguments -> (bits, n rows, k) as ints (a numpy integer k
+    taken, a bool refused)."""
     bits = check_bits(bits)
     if not planes:
         raise ValueError("unpack needs at least one plane")
-    if not isinstance(k, int) or k <= 0:
+    length = integer_value(k)
+    if length is None or length <= 0:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    return bits, planes[0].shape[0]
+    return bits, planes[0].shape[0], length
 
 
 def fit_args(rows, bits, assign: str) -> int:

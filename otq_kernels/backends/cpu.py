@@ -50,7 +50,7 @@ def pack(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
 
 def unpack(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
     """Bit planes -> codes int64 [N, k]."""
-    bits, n = unpack_args(planes, bits, k)
+    bits, n, k = unpack_args(planes, bits, k)
     planes = checked_planes(planes, bits, n, k, "cpu")
     codes = torch.empty(n, k, dtype=torch.int64, device="cpu")
     if codes.numel():

@@ -219,8 +219,11 @@ def linear_kernel(dtype: torch.dtype, bits: int, m: int, device: torch.device,
     """
     if fragment is None and block_rows == 32:  # 32-row blocks imply fragment order
         fragment = True
-    if tensor_cores is None:  # fragment=True implies the tensor-core kernel
-        tensor_cores = bool(fragment) or use_tensor_cores(dtype, bits, m, device, per_channel)
+    if tensor_cores is None:  # fragment=True implies the tensor-core kernel; fragment=False
+        # leaves the canonical-order one, which not every width and dtype has
+        tensor_cores = bool(fragment) or (
+            use_tensor_cores(dtype, bits, m, device, per_channel)
+            and (fragment is None or tensor_cores_support(dtype, bits)))
     if fragment and not tensor_cores:
         raise ValueError("fragment=True needs the tensor-core kernel (tensor_cores)")
     if tensor_cores and fragment is None:  # 8-bit codes have one tensor-core kernel
@@ -564,7 +567,7 @@ def pack(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
 
 def unpack(planes: list[torch.Tensor], bits: int, k: int) -> torch.Tensor:
     """Bit planes on CUDA -> codes int64 [N, k]."""
-    bits, n = unpack_args(planes, bits, k)
+    bits, n, k = unpack_args(planes, bits, k)
     _require_cuda(planes[0], "plane")
     dev = planes[0].device
     planes = checked_planes(planes, bits, n, k, "cuda", dev)

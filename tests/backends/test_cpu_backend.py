@@ -2,6 +2,7 @@
 
 import types
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -296,6 +297,10 @@ def test_bad_inputs_raise_value_errors():
         cpu.unpack(qt.planes[:1], 3, 40)
     with pytest.raises(ValueError, match="int32"):
         cpu.unpack([p.to(torch.int64) for p in qt.planes], 3, 40)
+    for k in (True, 0, 40.0):  # (True was taken as k = 1)
+        with pytest.raises(ValueError, match="k must be a positive int"):
+            cpu.unpack(qt.planes, 3, k)
+    assert torch.equal(cpu.unpack(qt.planes, 3, np.int64(40)), cpu.unpack(qt.planes, 3, 40))
     with pytest.raises(ValueError, match=r"x must be \[M, 40\]"):
         cpu.linear(torch.randn(2, 41), qt, None)
     with pytest.raises(ValueError, match="float16/bfloat16/float32"):
@@ -356,3 +361,70 @@ def test_pack_empty_codes_like_format():
         codes = torch.zeros(shape, dtype=torch.int64)
         got, want = cpu.pack(codes, 3), pack_codes(codes, 3)
         assert [tuple(p.shape) for p in got] == [tuple(p.shape) for p in want]
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_the_cpu_backend_refuses_tensors_of_other_devices():
+    """With the extension loaded, unavailable() is None on CPU and names the device for any
+    other one (auto dispatch asks every backend; the C++ reads CPU memory only)."""
+    assert cpu.unavailable(torch.device("cpu")) is None
+    for device in (torch.device("cuda", 0), torch.device("meta")):
+        assert cpu.unavailable(device) == f"the cpu backend runs on CPU tensors, not {device}"
+
+
+def test_aligned_copies_only_a_misaligned_tensor():
+    """Kernels take 128-bit loads: a 16-byte-aligned contiguous tensor is passed as it is,
+    any other start is copied to an aligned clone of the same values."""
+    from otq_kernels.backends._native_args import aligned
+
+    base = torch.arange(64, dtype=torch.int32)
+    for start in (0, 4, 8, 12):  # 16-byte steps
+        view = base[start:]
+        assert view.data_ptr() % 16 != 0 or aligned(view) is view
+    assert base.data_ptr() % 16 == 0 and aligned(base) is base
+    view = base[1:9]  # 4 bytes past an aligned start
+    out = aligned(view)
+    assert out.data_ptr() % 16 == 0 and torch.equal(out, view)
+
+
+def test_require_device_given_a_device_takes_only_that_one():
+    """The cuda backend passes the layer's device: a tensor elsewhere is refused even where
+    its device type matches (a stand-in on CPU: the meta device given, a CPU tensor)."""
+    from otq_kernels.backends._native_args import require_device
+
+    require_device(torch.zeros(2), "x", "cpu")
+    with pytest.raises(ValueError, match="cpu backend: x must be a CPU tensor on meta, got cpu"):
+        require_device(torch.zeros(2), "x", "cpu", torch.device("meta"))
+
+
+def test_fit_rows_refuses_rows_that_are_not_a_non_empty_matrix():
+    """The backend's own check (ops.fit_rows checks before it; a direct call must not reach
+    the C++ fit with them)."""
+    for rows in (torch.empty(0, 8), torch.empty(3, 0), torch.randn(8), torch.randn(2, 3, 4)):
+        with pytest.raises(ValueError, match=r"rows must be a non-empty 2-D \[R, n\] tensor"):
+            cpu.fit_rows(rows, 3, "rank")
+    with pytest.raises(ValueError, match="rows must be float16/bfloat16/float32/float64, got "
+                                         "torch.int64"):
+        cpu.fit_rows(torch.zeros(2, 8, dtype=torch.int64), 3, "rank")
+
+
+def test_a_stale_build_says_which_bindings_it_has():
+    for stale, theirs in ((types.SimpleNamespace(), "unversioned (older)"),
+                          (types.SimpleNamespace(API_VERSION=0), "version 0")):
+        module, why = _native._checked(stale)
+        assert module is None
+        assert f"its bindings are {theirs}, this code calls version {_native.API_VERSION}" in why
+
+
+@pytest.mark.parametrize("with_cuda", [False, True])
+def test_native_with_cuda_required_needs_a_cuda_build(with_cuda, monkeypatch):
+    build = types.SimpleNamespace(API_VERSION=_native.API_VERSION, WITH_CUDA=with_cuda)
+    monkeypatch.setattr(_native, "_load", lambda: _native._checked(build))
+    assert _native.native() is build
+    if with_cuda:
+        assert _native.native(require_cuda=True) is build
+        assert _native.unavailable_reason(require_cuda=True) is None
+    else:
+        with pytest.raises(_native.NativeUnavailable, match="built without CUDA kernels"):
+            _native.native(require_cuda=True)
+        assert "built without CUDA" in _native.unavailable_reason(require_cuda=True)

@@ -117,10 +117,11 @@ def test_split_heuristic_fills_the_gpu(monkeypatch):
     assert conv.choose_conv_split(49, 256, 8, 1, gpu) == 1  # less than one channel block
 
 
-def test_split_k_must_be_positive(device):
+@pytest.mark.parametrize("split_k", [-1, 0, 2.0, True])
+def test_split_k_must_be_positive(split_k, device):
     qt = make_qt((6, 4, 3, 3), 2, "tensor", device)
-    with pytest.raises(ValueError, match="split_k"):
-        conv2d_triton(randn((1, 4, 5, 5), device, torch.float32), qt, split_k=-1)
+    with pytest.raises(ValueError, match="split_k must be a positive int"):
+        conv2d_triton(randn((1, 4, 5, 5), device, torch.float32), qt, split_k=split_k)
 
 
 @pytest.mark.parametrize("ksize,kernel,split_k", [(3, None, None), (3, "implicit", 3),
@@ -160,3 +161,28 @@ def test_linear_path_needs_pointwise(device):
     qt = make_qt((6, 4, 3, 3), 2, "tensor", device)
     with pytest.raises(ValueError, match="1x1"):
         conv2d_triton(randn((1, 4, 5, 5), device, torch.float32), qt, kernel="linear")
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_conv_pruning_keeps_the_tiles_the_problem_fills(monkeypatch):
+    """_prune_conv on the shipped GPU tiles: BLOCK_M, BLOCK_N and BLOCK_C no larger than
+    the (power-of-two rounded, at least 16) M, N and C; else the one smallest tile."""
+    from otq_kernels.backends.triton import conv
+
+    monkeypatch.setattr(conv, "INTERPRET", False)  # the GPU config list
+    configs = conv._conv_configs()
+
+    def kept(m, n, c):
+        return sorted((k.kwargs["BLOCK_M"], k.kwargs["BLOCK_N"], k.kwargs["BLOCK_C"])
+                      for k in conv._prune_conv(configs, {"M": m, "N": n, "C": c}))
+
+    assert kept(49, 256, 16) == [(32, 64, 16), (64, 32, 16), (64, 64, 16), (64, 128, 16)]
+    assert kept(4096, 64, 64) == [(32, 64, 16), (64, 32, 16), (64, 64, 16), (64, 64, 32),
+                                  (128, 64, 16)]
+    assert kept(1, 1, 1) == [(32, 64, 16)]  # none fits: the smallest
+
+
+def test_unknown_conv_kernel_rejected(device):
+    qt = make_qt((6, 4, 3, 3), 2, "tensor", device)
+    with pytest.raises(ValueError, match="unknown conv kernel 'gemm'"):
+        conv2d_triton(randn((1, 4, 5, 5), device, torch.float32), qt, kernel="gemm")

@@ -48,6 +48,16 @@ def test_split_k(kernel, split_k, dtype, device):
     check_linear(m, 7, 161, 7, "tensor", dtype, device, kernel=kernel, split_k=split_k)
 
 
+@pytest.mark.parametrize("split_k", [-1, 0, 2.0, True])
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+def test_split_k_must_be_positive(kernel, split_k, device):
+    """A ValueError (split_k=-1 made a grid with no program: y came back uninitialised)."""
+    qt = make_qt((7, 33), 3, "tensor", device)
+    with pytest.raises(ValueError, match="split_k must be a positive int"):
+        linear_triton(randn((2, 33), device, torch.float32), qt, kernel=kernel,
+                      split_k=split_k)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [7, 33])
@@ -259,3 +269,53 @@ def test_which_kernels_read_field_major_x(kernel, reorders, monkeypatch, device)
     monkeypatch.setattr(matmul, "field_major", lambda x, w0: calls.append(w0) or real(x, w0))
     check_linear(20, 9, 70, 4, "channel", torch.float32, device, kernel=kernel)
     assert calls == ([4] if reorders else [])
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_dot_pruning_keeps_the_tiles_the_problem_fills(monkeypatch):
+    """_prune_dot on the shipped splitk tiles: BLOCK_M and BLOCK_N no larger than the
+    (power-of-two rounded, at least 16) problem, each bound on its own dimension."""
+    monkeypatch.setattr(matmul, "INTERPRET", False)  # the GPU config list
+    configs = matmul._dot_configs("splitk")
+    args = {"K": 4096, "W0": 4, "x_ptr": torch.empty(0).half(), "X_FIELD_MAJOR": False}
+
+    def kept(m, n):
+        return sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                      for c in matmul._prune_dot(configs, {**args, "M": m, "N": n}))
+
+    assert kept(16, 64) == [(16, 64)]
+    assert kept(16, 4096) == [(16, 64), (16, 128)]
+    assert kept(40, 100) == [(16, 64), (16, 128), (32, 64), (64, 64), (64, 128)]
+    assert matmul._fits(16, 1) and matmul._fits(32, 17) and not matmul._fits(32, 16)
+    for m, n, want in ((64, 4096, [(64, 128)]), (128, 64, [(128, 64)]),
+                       (16, 16, [(64, 128)])):  # none fits: the smallest tile
+        tiles = matmul._prune_tile(matmul._tile_configs(), {"M": m, "N": n})
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tiles] == want
+
+
+def test_field_major_tiles_fit_shared_memory_at_every_width(monkeypatch):
+    """x_stage_bytes: num_stages x [BLOCK_M, FIELD_K * 32 // W0] activations; the 128-row
+    gemm tiles fit X_STAGE_LIMIT at 8 bits (64-column K tiles), not at 2 (256)."""
+    monkeypatch.setattr(matmul, "INTERPRET", False)
+    configs = matmul._dot_configs("gemm")
+    for w0, block_k in ((8, 64), (4, 128), (2, 256), (1, 512)):
+        for c in configs:
+            assert matmul.x_stage_bytes(c, w0, 2) == (c.num_stages * c.kwargs["BLOCK_M"]
+                                                      * block_k * 2)
+    args = {"M": 4096, "N": 4096, "K": 4096, "x_ptr": torch.empty(0).half(),
+            "X_FIELD_MAJOR": True}
+    wide = {w0: [c.kwargs["BLOCK_M"] for c in matmul._prune_dot(configs, {**args, "W0": w0})]
+            for w0 in (8, 2)}
+    assert 128 in wide[8] and 128 not in wide[2] and wide[2]
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_dot_precision_follows_torchs_tf32_switch_for_float32_only(allow_tf32):
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32  # (monkeypatch cannot restore it)
+    try:
+        assert matmul._dot_precision(torch.float32) == ("tf32" if allow_tf32 else "ieee")
+        assert matmul._dot_precision(torch.float16) == "tf32"
+        assert matmul._dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

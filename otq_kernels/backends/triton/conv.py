@@ -201,8 +201,9 @@ def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=
     x_nhwc = _activation_view(x, m)
     if recording() and x_nhwc.data_ptr() != x.data_ptr():  # a copy, not a view
         note_kernel("x to channels-last")
-    split = split_k or choose_conv_split(m, n_out // groups, c_g, groups, x.device)
-    if not isinstance(split, int) or split < 1:
+    split = choose_conv_split(m, n_out // groups, c_g, groups, x.device) if split_k is None \
+        else split_k
+    if type(split) is not int or split < 1:
         raise ValueError(f"split_k must be a positive int, got {split_k!r}")
     bias = bias.contiguous() if bias is not None else None
     note_kernel("triton_conv", split)
