@@ -534,3 +534,18 @@ def test_gpu_compiled_backward():
     w = qt.dequantize(torch.float32)
     want = 2 * (x.detach().float() @ w.T) @ w
     torch.testing.assert_close(x.grad.float(), want, rtol=2e-2, atol=5e-2)
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_flop_counter_counts_a_model_of_linear_layers_alone(monkeypatch):
+    """A linear call teaches a counter made before the formulas were registered, as a conv
+    call does (_Mixed's first layer is a conv, which taught the counter for both)."""
+    from torch.utils import flop_counter
+
+    torch.manual_seed(0)
+    quant = otq.quantize_model(nn.Sequential(nn.Linear(8, 4)), bits=3, progress=False)
+    for op in (torch.ops.otq.codebook_linear, torch.ops.otq.codebook_conv2d):
+        monkeypatch.delitem(flop_counter.flop_registry, op, raising=False)
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        quant(torch.randn(2, 8))
+    assert counter.get_total_flops() == 2 * 2 * 4 * 8

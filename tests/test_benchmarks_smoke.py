@@ -1464,3 +1464,85 @@ def test_graph_timing_captures_through_the_packages_capture(monkeypatch):
     errors = []
     assert common.capture_graph(lambda: None, errors) is None
     assert "stream is capturing" in errors[0]
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_a_complete_write_gives_the_caller_its_sigterm_handler_back(tmp_path):
+    """A Run writes its rows on SIGTERM; its final write puts the handler it replaced
+    back (a checkpoint keeps its own), so an in-process caller keeps its own."""
+    import signal
+
+    common = _load("common")
+    before, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
+    args = common.parser("probe", "").parse_args(["--smoke", "--quiet", "--out", str(tmp_path)])
+    try:
+        run = common.Run("probe", args, measure_ceilings=False)
+        assert signal.getsignal(signal.SIGTERM) is not before
+        run.write(quiet=True)
+        assert signal.getsignal(signal.SIGTERM) is not before
+        run.write(quiet=True, complete=True)
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        torch.set_num_threads(threads)  # (smoke mode pins 1 thread on CPU)
+
+
+def test_apply_says_what_it_applied_where_it_patches_nothing(monkeypatch):
+    """meta.autotune_limit records apply's answer: under the interpreter, without a CUDA
+    device or without triton nothing is patched, and the answer says so (and is kept:
+    apply runs once per process)."""
+    if torch.cuda.is_available():
+        pytest.skip("would patch triton in this process")
+    monkeypatch.setenv("OTQ_AUTOTUNE_MAX_CONFIGS", "3")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gpu_limits = _load("gpu_limits")  # (a fresh module: nothing applied yet)
+    assert gpu_limits.apply_from_env() == {"max_configs": None, "rep_ms": None}
+    assert gpu_limits.apply(1, 5.0, require_cuda=False) is gpu_limits.apply_from_env()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    gpu_limits = _load("gpu_limits")
+    assert gpu_limits.apply_from_env() == {"max_configs": None, "rep_ms": None,
+                                           "note": "no CUDA device: not applied"}
+    monkeypatch.delenv("OTQ_AUTOTUNE_MAX_CONFIGS")
+    gpu_limits = _load("gpu_limits")  # (nothing asked: nothing to patch, nothing to say)
+    assert gpu_limits.apply_from_env() == {"max_configs": None, "rep_ms": None}
+    gpu_limits = _load("gpu_limits")
+    monkeypatch.setitem(sys.modules, "triton.runtime.autotuner", None)
+    assert gpu_limits.apply(2, 5.0, require_cuda=False) == {
+        "max_configs": None, "rep_ms": None, "note": "triton not importable: ModuleNotFoundError"}
+
+
+APPLIED_PROBE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import gpu_limits
+print(gpu_limits.apply(int(sys.argv[2]), float(sys.argv[3]), require_cuda=False))
+"""
+
+
+@pytest.mark.parametrize("limit,rep_ms,expected", [
+    (3, 5.0, "{'max_configs': 3, 'rep_ms': 5.0}"),
+    (0, 0.0, "{'max_configs': None, 'rep_ms': None}")])  # (0: no cap, triton's own timing)
+def test_apply_records_the_limits_it_patched_in(limit, rep_ms, expected, tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = subprocess.run([sys.executable, "-c", APPLIED_PROBE, str(BENCH), str(limit),
+                            str(rep_ms)], capture_output=True, text=True, timeout=120, env=env)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.strip() == expected
+
+
+def test_bound_ratio_is_16_over_the_stored_bits_per_weight():
+    """A 4-bit per-tensor layer of 64x128 weights stores 4096 bytes of codes and a
+    16-entry fp32 codebook: 4.0625 bits/weight, a memory-bound cap of x3.94 over fp16."""
+    common = _load("common")
+    qt = common.random_qt(64, 128, 4, "tensor", torch.device("cpu"))
+    assert common.quantized_bytes(qt) == 4096 + 64
+    assert common.bound_ratio(qt) == pytest.approx(16 / 4.0625)
+
+
+@pytest.mark.parametrize("argv", [[], ["--tuning-changes"], ["--tuning-changes", "a", "b"],
+                                  ["--tuning", "x.json"]])
+def test_derive_without_its_one_option_prints_its_usage_and_exits_2(argv):
+    done = subprocess.run([sys.executable, str(BENCH / "derive.py"), *argv],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--tuning-changes PATH" in done.stdout

@@ -742,3 +742,57 @@ def test_demo_flushes_denormals_only_while_it_runs(monkeypatch, before):
         assert inside == [True] and _flushing() is before
     finally:
         torch.set_flush_denormal(False)
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_sample_grid_rows_hold_at_most_n_images(tmp_path, monkeypatch):
+    """--nrow is the most images a grid row holds: fewer samples than --nrow make one
+    row of them (not a row padded out with empty cells)."""
+    calls = []
+    monkeypatch.setattr(report, "save_grid",
+                        lambda x, path, nrow=8: calls.append((len(x), nrow)))
+    for n, nrow in ((3, 8), (5, 2)):
+        assert cli.main(["sample", "--random-init", "tiny", "--n", str(n), "--nrow", str(nrow),
+                         "--steps", "1", "--method", "euler",
+                         "-o", str(tmp_path / "g.png")]) == 0
+    assert calls == [(3, 3), (5, 2)]
+
+
+def test_the_demo_sweeps_the_bits_it_names_from_the_api_and_the_command():
+    """`otq demo` and demo.run/evaluate sweep the same widths: 2, 3, 4 and 8 bits."""
+    assert demo.DEMO_BITS == (2, 3, 4, 8)
+    assert cli.build_parser().parse_args(["demo"]).bits == list(demo.DEMO_BITS)
+
+
+def test_each_command_puts_back_the_warning_format_it_found(monkeypatch):
+    """The formatter a command found is back after it, and the next command installs its
+    own again (the threads test compares with the formatter it finds at its start, which
+    an earlier test's leak would already have replaced)."""
+    import warnings
+
+    def mine(message, category, filename, lineno, line=None):
+        return "mine\n"
+
+    lines = []
+    monkeypatch.setattr(warnings, "formatwarning", mine)
+    monkeypatch.setattr(cli, "cmd_info", lambda args: lines.append(
+        warnings.formatwarning("w", UserWarning, "f.py", 1)) or 0)
+    for _ in range(2):
+        assert cli.main(["info", "x"]) == 0
+        assert warnings.formatwarning is mine
+    assert lines == ["otq info: warning: w\n"] * 2
+
+
+def test_the_paper_protocol_reads_the_velocity_at_t_0():
+    """velocity_and_latent's default time is the paper's t = 0 (what evaluate and score
+    call it with), for every image of the batch."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x, t):
+            seen.append(t)
+            return x
+
+    v, latent = demo.velocity_and_latent(Probe(), torch.ones(2, 1, 8, 8))
+    assert latent is None and torch.equal(v, torch.ones(2, 1, 8, 8))
+    assert torch.equal(seen[0], torch.zeros(2))

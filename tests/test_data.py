@@ -68,3 +68,35 @@ def test_local_loaders(tmp_path):
     assert x3.shape == (4, 3, 32, 32) and y3.tolist() == [3, 1, 4, 1]
     with pytest.raises(FileNotFoundError):
         data.load_cifar10(tmp_path, split="train")
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_image_patches_as_large_as_the_image_are_the_image():
+    """A patch of an image's full size has one place to go (an off-by-one in the offset
+    range refused it)."""
+    pytest.importorskip("skimage")
+    from skimage import data as skdata
+    from skimage.util import img_as_float32
+
+    camera = torch.from_numpy(img_as_float32(skdata.camera()))
+    x = data.load_image_patches(size=camera.shape[0], n=1, names=("camera",))
+    torch.testing.assert_close(x[0, 0], camera * 2 - 1)
+
+
+def test_cifar10_bytes_map_to_minus_one_one_channel_first(tmp_path):
+    rec = np.zeros((2, 3073), dtype=np.uint8)
+    rec[0, 1:] = 255
+    rec[1, 1:] = np.arange(3072) % 256
+    rec[:, 0] = [7, 2]
+    rec.tofile(tmp_path / "test_batch.bin")
+    x, y = data.load_cifar10(tmp_path, split="test", return_labels=True)
+    assert y.tolist() == [7, 2] and x.dtype == torch.float32 and (x[0] == 1).all()
+    expected = torch.from_numpy(rec[1, 1:].reshape(3, 32, 32) / 127.5 - 1).float()
+    torch.testing.assert_close(x[1], expected)
+
+
+def test_non_square_images_are_resized_to_squares(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (3, 28, 20), dtype=np.uint8)
+    np.savez(tmp_path / "mnist.npz", x_train=imgs, y_train=np.arange(3), x_test=imgs,
+             y_test=np.arange(3))
+    assert data.load_mnist(tmp_path / "mnist.npz", size=28).shape == (3, 1, 28, 28)

@@ -389,3 +389,46 @@ def test_on_the_gpu_each_call_names_the_kernel_of_its_backend():
             if r.op == "linear" and r.backend == "cuda":
                 kernel = cuda.linear_kernel(torch.half, 4, r.m, dev, per_channel=True)
                 assert r.kernels[-1].partition(" ")[0] == f"lut_{kernel}", r
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_a_call_with_no_kernel_noted_shows_a_dash():
+    log = dispatch_log.DispatchLog()
+    log.append(dispatch_log.DispatchRecord(None, "linear", "x", 1, "float32", 4, (2, 3), "cpu"))
+    lines = log.table().splitlines()
+    assert lines[1].split() == ["-", "linear", "2x3", "1", "float32", "4", "x", "-"]
+    assert lines[-1].split() == ["1", "linear", "/", "x", "/", "-"]
+
+
+def test_a_model_that_calls_itself_makes_one_model_call():
+    """A recursive call of the model (its forward calling the model again) belongs to the
+    outer call: one index per outer call."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, again=True):
+            y = self.lin(x)
+            return self(y, again=False) if again else y
+
+    model = otq.quantize_model(Twice(), bits=3, progress=False)
+    with otq.record_dispatch(model) as log:
+        model(torch.randn(2, 4))
+        model(torch.randn(2, 4))
+    assert log.model_calls == 2
+    assert [(r.layer, r.model_call) for r in log] == [("lin", 0), ("lin", 0), ("lin", 1),
+                                                       ("lin", 1)]
+
+
+def test_a_model_call_that_raises_still_ends():
+    """The model's exit hook runs when its forward raises: the next call is a call of its
+    own, numbered after it."""
+    model = otq.quantize_model(nn.Sequential(nn.Linear(4, 4)), bits=3, progress=False)
+    with otq.record_dispatch(model) as log:
+        with pytest.raises(ValueError, match="K=4"):
+            model(torch.randn(2, 5))
+        model(torch.randn(2, 4))
+    assert log.model_calls == 2
+    assert [(r.layer, r.model_call) for r in log] == [("0", 1)]

@@ -352,3 +352,70 @@ def test_lazy_imports():
     )
     root = __file__.rsplit("/tests/", 1)[0]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_intermediates_need_a_fixed_step_method():
+    """An adaptive method has no step grid to return: a ValueError, not a [2, ...] pair."""
+    with pytest.raises(ValueError, match="return_intermediates needs a fixed-step method"):
+        fm.sample(_model(), fm.make_noise((1, 1, 16, 16), seed=0), method="dopri5",
+                  return_intermediates=True)
+
+
+def test_train_calls_back_with_the_mean_loss_of_each_log_window():
+    torch.manual_seed(0)
+    calls = []
+    losses = fm.train(build_model("tiny"), torch.rand(8, 1, 16, 16) * 2 - 1, steps=4,
+                      batch_size=2, log_every=2, callback=lambda s, l: calls.append((s, l)))
+    assert [s for s, _ in calls] == [2, 4]
+    assert calls[0][1] == pytest.approx(sum(losses[:2]) / 2)
+    assert calls[1][1] == pytest.approx(sum(losses[2:]) / 2)
+
+
+def test_an_adaptive_method_integrates_from_t_0():
+    """dopri5 (its time grid [0, 1]) lands where 8 rk4 steps over [0, 1] do."""
+    model, x0 = _model(), fm.make_noise((1, 1, 16, 16), seed=0)
+    torch.testing.assert_close(fm.sample(model, x0, method="dopri5"),
+                               fm.sample(model, x0, steps=8, method="rk4"), rtol=0, atol=1e-3)
+
+
+def test_lr_schedule_warms_up_then_follows_a_half_cosine():
+    import math
+
+    cosine = [fm._lr_factor(s, 10, 2, "cosine") for s in range(10)]
+    assert cosine[:3] == [0.5, 1.0, 1.0] and cosine[6] == pytest.approx(0.5)
+    assert cosine[9] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:], strict=False))
+    assert [fm._lr_factor(s, 10, 2, "constant") for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_train_sets_the_scheduled_lr_before_each_step(monkeypatch):
+    seen, step = [], torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    fm.train(build_model("tiny"), torch.zeros(4, 1, 16, 16), steps=4, batch_size=2, lr=0.1,
+             warmup=2, schedule="cosine")
+    assert seen == pytest.approx([0.05, 0.1, 0.1, 0.05])
+
+
+def test_train_leaves_the_ema_weights_in_the_model():
+    """One update at decay 0.5 (no warm-up): the model ends as the mean of its initial
+    and its trained weights."""
+    data, runs = torch.rand(8, 1, 16, 16) * 2 - 1, []
+    for ema_decay in (None, 0.5):
+        torch.manual_seed(0)
+        model = build_model("tiny")
+        fm.train(model, data, steps=1, batch_size=4, seed=1, ema_decay=ema_decay,
+                 ema_warmup=False)
+        runs.append(model.state_dict())
+    torch.manual_seed(0)
+    init = build_model("tiny").state_dict()
+    name = "out.2.weight"  # (the zero-initialised output conv: the first step's gradient)
+    assert not torch.equal(runs[0][name], init[name])
+    for name, value in init.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(runs[1][name], (value + runs[0][name]) / 2)

@@ -1401,3 +1401,29 @@ def test_layers_sharing_only_a_codebook_keep_their_own_codes():
     dense = qnn.dequantize_model(model)
     assert dense[0].weight is not dense[2].weight
     torch.testing.assert_close(dense(x), expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_summary_totals_line_gives_sizes_in_kib_below_a_mib_and_in_mib_from_it():
+    s = qnn.QuantizationSummary([], params=1024, bytes_fp32=4 * 1024 ** 2,
+                                bytes_fp16=1024 ** 2 - 1, bytes_after=1536)
+    assert qnn.format_summary(s).splitlines()[-1] == (
+        "model size: 4.00 MiB fp32, 1024.0 KiB fp16 -> 1.5 KiB quantized (12.000 bits/weight "
+        "overall, codebooks, biases and float layers included)")
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_fast_paths_are_switched_off_only_where_weights_are_quantized():
+    """sync_fast_paths leaves a float model's and a float layer's fast path on, switches a
+    quantized layer's off, and a second sync leaves it off (idempotent)."""
+    from otq_kernels.fast_paths import sync_fast_paths
+
+    model = transformer_encoder()
+    sync_fast_paths(model)
+    assert model.layers[0].activation_relu_or_gelu and model.use_nested_tensor
+    quant = otq.nn.quantize_model(copy.deepcopy(model), bits=4, exclude="layers.0.*",
+                                  progress=False)
+    for _ in range(2):
+        assert quant.layers[0].activation_relu_or_gelu  # float: torch's fast path kept
+        assert quant.layers[1].activation_relu_or_gelu == 0 and not quant.use_nested_tensor
+        sync_fast_paths(quant)

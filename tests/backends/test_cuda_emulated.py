@@ -626,3 +626,15 @@ def test_tap_major_planes_layout_and_cache():
     assert key not in _RUNTIME_LAYOUTS  # the entry leaves with the layer's planes
     pointwise = make_qt((5, 7, 1, 1), 4, "tensor", "cpu")
     assert tap_major_planes(pointwise) is pointwise.planes  # one tap: no re-pack
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_runtime_layout_rows_longer_than_a_chunk_build_one_block_a_step():
+    """A row of more codes than LAYOUT_CHUNK_CODES: each step takes exactly one 16-row
+    block (the least that keeps blocks whole), the last one partial."""
+    from otq_kernels.backends import cuda
+
+    k = cuda.LAYOUT_CHUNK_CODES + 1
+    assert cuda._row_chunks(40, k) == [slice(0, 16), slice(16, 32), slice(32, 40)]
+    assert cuda._row_chunks(40, cuda.LAYOUT_CHUNK_CODES // 32) == [slice(0, 32),
+                                                                      slice(32, 40)]

@@ -295,3 +295,44 @@ def test_a_quantized_unet_runs_on_the_cuda_backend(gpu, bindings, backend, overr
 
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     assert err(y) <= 1.25 * err(ref), (err(y), err(ref))
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_conv_split_k_heuristic_reaches_the_binding(gpu, bindings, monkeypatch):
+    """conv_split_k_for: two blocks per SM over (16-row blocks) x (pixel tiles of 16, or
+    64 past 16 pixels), at least 8 K' groups a split, at most MAX_SPLIT_K; conv2d passes
+    its value (split_k=None) to lut_conv."""
+    assert cuda.conv_split_k_for(256, 49, 2304, SMS) == 9  # 16 blocks: 72 groups // 8
+    assert cuda.conv_split_k_for(256, 784, 2304, SMS) == 2  # 208 blocks
+    assert cuda.conv_split_k_for(256, 32, 1 << 16, SMS) == 17  # one 64-pixel tile a row block
+    assert cuda.conv_split_k_for(16, 16, 1 << 20, SMS) == cuda.MAX_SPLIT_K
+    assert cuda.conv_split_k_for(16, 16, 255, SMS) == 1  # 8 groups: one split
+    gpu()
+    recording = _Recording(bindings)
+    monkeypatch.setattr(cuda, "native", lambda require_cuda=False: recording)
+    w = make_qt((16, 64, 3, 3), 4, "channel", "cpu")  # K' = 576: 18 groups, 2 splits
+    x = randn((1, 64, 4, 4), "cpu", torch.float16)
+    y = cuda.conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1)
+    (args,) = recording.calls["cuda_lut_conv2d"]
+    assert args[-3] == cuda.conv_split_k_for(16, 16, 576, SMS) == 2
+    truth = reference.conv2d(x.double(), w, None, (1, 1), (1, 1), (1, 1), 1)
+    assert_matches_reference(y, reference.conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1), truth,
+                             torch.float16)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, padding", [
+    ((1, 8, 3, 3), (16, 8, 3, 3), (0, 0)),   # a 1x1 output
+    ((1, 8, 3, 5), (16, 8, 3, 5), (0, 0)),
+    ((1, 8, 1, 4), (16, 8, 3, 3), (1, 0)),   # one row, two columns
+])
+def test_conv2d_one_pixel_wide_outputs(gpu, x_shape, w_shape, padding):
+    """Outputs one pixel high or wide run (the size check refuses only empty ones)."""
+    gpu()
+    w = make_qt(w_shape, 4, "channel", "cpu")
+    x = randn(x_shape, "cpu", torch.float16)
+    args = ((1, 1), padding, (1, 1), 1)
+    y = cuda.conv2d(x, w, None, *args)
+    truth = reference.conv2d(x.double(), w, None, *args)
+    assert_matches_reference(y, reference.conv2d(x, w, None, *args), truth, torch.float16)
+    with pytest.raises(ValueError, match="too small"):
+        cuda.conv2d(x[..., :2, :2], w, None, (1, 1), (0, 0), (1, 1), 1)

@@ -136,3 +136,68 @@ def test_pca_variances_match_covariance_eigenvalues():
     eig = torch.linalg.eigvalsh(torch.cov(x.T.double())).flip(0).float()
     torch.testing.assert_close(var, eig, rtol=1e-4, atol=1e-6)
     assert int((var < latent.COLLAPSE_THRESHOLD).sum()) == 1
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_variance_stats_summarise_the_pca_variances():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 4, generator=g) * torch.tensor([2.0, 1.0, 0.5, 1e-4])
+    stats = latent.variance_stats(x, n_components=4)
+    var = stats["variances"]
+    assert stats["mean"] == pytest.approx(var.mean().item())
+    assert stats["std"] == pytest.approx(var.std(unbiased=False).item())  # (numpy's ddof=0)
+    assert stats["collapsed"] == 1 and stats["dim"] == 4 and stats["n"] == 50
+
+
+def test_fid_needs_a_nonempty_inception_weights_file(monkeypatch, tmp_path):
+    """With torch-fidelity importable, FID runs only on a non-empty weights file."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert "Inception weights not found" in fidelity.fid_unavailable_reason()
+    path = fidelity.inception_weights_path()
+    path.parent.mkdir(parents=True)
+    path.touch()  # (what an interrupted download leaves)
+    assert "Inception weights not found" in fidelity.fid_unavailable_reason()
+    path.write_bytes(b"weights")
+    assert fidelity.fid_unavailable_reason() is None
+
+
+def test_box_ssim_is_the_papers_formula():
+    """11x11 box window with zero padding, C1 = 0.01^2, C2 = 0.03^2, mean over pixels."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 12, 12, generator=g)
+    y = (x + 0.1 * torch.randn(2, 1, 12, 12, generator=g)).clamp(0, 1)
+    kernel = torch.full((1, 1, 11, 11), 1 / 121)
+    pool = lambda z: torch.nn.functional.conv2d(z, kernel, padding=5)  # noqa: E731
+    mx, my = pool(x), pool(y)
+    vx, vy, cxy = pool(x * x) - mx**2, pool(y * y) - my**2, pool(x * y) - mx * my
+    c1, c2 = 1e-4, 9e-4
+    ssim = ((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    assert fidelity.box_ssim(x, y) == pytest.approx(ssim.mean().item(), rel=1e-5)
+
+
+def test_fid_sees_clamped_unit_rgb_images():
+    x = torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 1, 5)
+    rgb = fidelity._to_unit_rgb(x)
+    assert rgb.shape == (1, 3, 1, 5)
+    torch.testing.assert_close(rgb[0, :, 0], torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]).repeat(3, 1))
+
+
+def test_paper_scores_feed_time_and_label_to_both_models():
+    nets = []
+    for seed in (1, 2):
+        torch.manual_seed(0)
+        net = build_model("tiny", num_classes=3)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        nets.append(net.eval())
+    images, label, t = torch.rand(2, 1, 16, 16), torch.tensor([0, 2]), torch.full((2,), 0.5)
+    got = fidelity.paper_velocity_psnr_ssim(*nets, images, t=0.5, label=label)
+    with torch.no_grad():
+        want = fidelity.velocity_psnr_ssim(*(net(images, t, {"label": label}) for net in nets))
+    assert got == pytest.approx(want)

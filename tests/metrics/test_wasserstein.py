@@ -263,3 +263,40 @@ def test_refinements_tighten_and_stay_valid(p):
     assert plain_lo <= lo <= exact + 1e-9
     if p == 2:
         assert lo > plain_lo
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def test_each_image_is_named_in_its_error():
+    ok = torch.ones(4, 4)
+    with pytest.raises(ValueError, match="^b has negative values"):
+        W.exact_wasserstein(ok, -ok)
+    with pytest.raises(ValueError, match="^a contains NaN"):
+        W.wasserstein_bounds(ok * float("nan"), ok)
+
+
+def test_lp_plan_and_duals_are_optimal():
+    """solve_ot's plan couples a and b, and (u, v) are optimal duals (NaN on zero mass)."""
+    from otq_kernels.metrics._wasserstein_lp import solve_ot
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(6, generator=g, dtype=torch.float64)
+    a[2] = 0
+    a /= a.sum()
+    b = torch.rand(5, generator=g, dtype=torch.float64)
+    b /= b.sum()
+    M = torch.rand(6, 5, generator=g, dtype=torch.float64)
+    r = solve_ot(a, b, M)
+    ok = a > 0
+    torch.testing.assert_close(r.plan.sum(1), a)
+    torch.testing.assert_close(r.plan.sum(0), b)
+    assert torch.isnan(r.u[2]) and torch.isfinite(r.u[ok]).all() and torch.isfinite(r.v).all()
+    slack = M[ok] - r.u[ok, None] - r.v[None, :]
+    assert (slack >= -1e-12).all() and (slack[r.plan[ok] > 0].abs() < 1e-12).all()
+    assert float(a[ok] @ r.u[ok] + b @ r.v) == pytest.approx(r.cost, rel=1e-12)
+    assert float((r.plan * M).sum()) == pytest.approx(r.cost, rel=1e-12)
+
+
+def test_one_sinkhorn_sweep_already_tightens_the_dual_bound():
+    a, b = dotmark_pairs("log_grf", 16, 1, seed=11)
+    lo = [W.lower_dual_upscaling(a[0], b[0], p=2, sinkhorn_iters=k) for k in (0, 1, 20)]
+    assert lo[0] < lo[1] < lo[2] <= W.exact_wasserstein(a[0], b[0]) + 1e-9

@@ -530,3 +530,56 @@ def test_a_wrapper_prefix_goes_where_the_model_has_a_child_of_that_name(child):
         target = model()
         target.load_state_dict(strip_wrapper_prefixes(state, target.state_dict()))
         assert torch.equal(target(x), src(x))
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 70)
+def _adm_resblock(block, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """ADM's ResBlock forward written out with functional ops and the block's weights."""
+    F = torch.nn.functional
+
+    def norm(gn, z):
+        return F.group_norm(z, gn.num_groups, gn.weight, gn.bias, gn.eps)
+
+    h = F.silu(norm(block.in_layers[0], x))
+    if isinstance(block.h_upd, nn.Identity):
+        pass
+    elif hasattr(block.h_upd, "op"):  # down: 2x2 average pooling
+        h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+    else:  # up: nearest x2
+        h, x = F.interpolate(h, scale_factor=2.0), F.interpolate(x, scale_factor=2.0)
+    h = block.in_layers[2](h)
+    e = block.emb_layers[1](F.silu(emb))[..., None, None]
+    if block.use_scale_shift_norm:
+        scale, shift = e.chunk(2, dim=1)
+        h = norm(block.out_layers[0], h) * (1 + scale) + shift
+    else:
+        h = norm(block.out_layers[0], h + e)
+    return block.skip_connection(x) + block.out_layers[3](F.silu(h))
+
+
+@pytest.mark.parametrize("resample", ["none", "up", "down"])
+@pytest.mark.parametrize("scale_shift", [True, False], ids=["film", "add"])
+def test_resblock_matches_adm(resample, scale_shift):
+    """With its zero-initialised output conv made non-zero (which hides the whole residual
+    branch in a fresh model), a ResBlock computes ADM's forward."""
+    from otq_kernels.models.layers import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(16, 24, 0.0, out_channels=32, use_scale_shift_norm=scale_shift,
+                     up=resample == "up", down=resample == "down")
+    block = _randomize(block).eval()
+    x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, emb), _adm_resblock(block, x, emb),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_timestep_embedding_is_adms():
+    """[cos(t f_i), sin(t f_i)] with f_i = 10000^(-i/half), zero-padded to an odd dim."""
+    from otq_kernels.models.layers import timestep_embedding
+
+    t = torch.tensor([0.0, 0.25, 1.0, 700.0])
+    freqs = torch.tensor([10000.0 ** (-i / 3) for i in range(3)])
+    args = t[:, None] * freqs[None]
+    expected = torch.cat([args.cos(), args.sin(), torch.zeros(4, 1)], dim=1)
+    torch.testing.assert_close(timestep_embedding(t, 7), expected)
