@@ -237,8 +237,10 @@ def check_label_range(label: torch.Tensor, num_classes: int) -> None:
 
 
 def _tracing() -> bool:
-    """Whether torch.compile/export or torch.jit.trace is tracing (values are not read)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """Whether torch.compile/export, torch.jit.trace or a functorch transform (vmap, grad,
+    ...) sees the call: values are not read then (vmap has no rule for it)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._functorch.get_dynamic_layer_stack_depth() > 0)
 
 
 def _times(t, batch: int, device: torch.device) -> torch.Tensor:

@@ -426,8 +426,8 @@ def test_times_and_labels_that_fit_no_batch_are_refused(conditional, t, label, m
 
 
 def test_the_null_class_is_a_label_and_traced_labels_are_not_read():
-    """num_classes itself (the null class) is in range; while torch.jit.trace runs the
-    values are not read (the trace would hold them as constants)."""
+    """num_classes itself (the null class) is in range; while torch.jit.trace or vmap runs
+    the values are not read (a trace would hold them as constants, vmap refuses)."""
     model = _randomize(_tiny(num_classes=10)).eval().requires_grad_(False)
     x, t = torch.randn(2, 1, 16, 16), torch.zeros(2)
     torch.testing.assert_close(model(x, t, {"label": torch.tensor([10, 10])}), model(x, t))
@@ -438,6 +438,12 @@ def test_the_null_class_is_a_label_and_traced_labels_are_not_read():
     assert not [w for w in caught if "Python integer" in str(w.message)]
     torch.testing.assert_close(traced(x, torch.tensor([3, 4])),
                                model(x, t, {"label": torch.tensor([3, 4])}))
+    labels = torch.tensor([[0, 1], [10, 2]])  # (vmap has no rule for reading values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (attention's batching fallback)
+        mapped = torch.func.vmap(lambda x, label: model(x, t, {"label": label}))(
+            torch.stack([x, x]), labels)
+    torch.testing.assert_close(mapped[1], model(x, t, {"label": labels[1]}))
 
 
 @pytest.mark.parametrize("resample", [Upsample, Downsample])
