@@ -278,6 +278,9 @@ def train(
     if schedule not in ("constant", "cosine"):
         raise ValueError("schedule must be 'constant' or 'cosine'")
     null_label = _null_label(model, labels, label_dropout)
+    classes = integer_value(getattr(model, "num_classes", None))
+    if classes is not None and is_class_indices(labels, len(data)):  # (once, not per step
+        check_label_range(labels, classes)  # on a GPU, where the model reads no values)
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(int(seed))
     path = CondOTProbPath()

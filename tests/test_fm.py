@@ -158,6 +158,15 @@ def test_sample_checks_label_values_once_before_the_model_runs():
     assert [c.tolist() for c in calls] == [[3, 0]]
 
 
+def test_train_checks_label_values_once_before_any_step():
+    model = build_model("tiny", num_classes=3)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"class indices 0\.\.3 .* got 0\.\.5"):
+        fm.train(model, torch.zeros(4, 1, 16, 16), labels=torch.tensor([0, 1, 5, 2]), steps=2,
+                 batch_size=2)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
 def test_sample_leaves_each_submodule_in_its_mode():
     """A model training with a frozen (eval-mode) part keeps it in eval mode after
     sampling; an error inside the solver leaves the modes as they were too."""
