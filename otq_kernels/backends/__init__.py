@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from ..format import integer_value
+
 NAMES = ("reference", "dequant", "triton", "cuda", "cpu")
 _MODULES = {name: f"{__name__}.{name}" for name in NAMES}
 
@@ -66,6 +68,18 @@ def conv_output_format(x: torch.Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def checked_split_k(split_k) -> int | None:
+    """A kernel's forced split-K count as an int >= 1, or None (the backend's heuristic);
+    ValueError for anything else (-1 made a grid with no program: the output came back
+    uninitialised)."""
+    if split_k is None:
+        return None
+    value = integer_value(split_k)
+    if value is None or value < 1:
+        raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+    return value
 
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from .._native import native, unavailable_reason
 from ..dispatch_log import note_kernel
 from ..format import QuantizedTensor, check_codes, padded_k, plane_widths
-from . import _device, as_dtype, conv_output_format
+from . import _device, as_dtype, checked_split_k, conv_output_format
 from ._native_args import (
     aligned,
     checked_codebook,
@@ -277,10 +277,7 @@ def linear(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None,
         return y
     b = _checked_bias(bias, n, x.dtype, dev)
     with torch.cuda.device(dev):
-        if split_k is None:
-            split_k = split_k_for(n, k, _device.sm_count(dev), block_rows)
-        if not isinstance(split_k, int) or split_k < 1:
-            raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+        split_k = checked_split_k(split_k) or split_k_for(n, k, _device.sm_count(dev), block_rows)
         split_k = min(split_k, padded_k(k) // GROUP)  # no empty splits: smaller workspace
         rows = min(m, MMA_MAX_M if tensor_cores else GEMV_MAX_M)  # the launch's chunk
         ws = (torch.empty(split_k * rows * n, dtype=torch.float32, device=dev)
@@ -509,10 +506,8 @@ def conv2d(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None, stri
         xc = xc if xc.data_ptr() % 16 == 0 else xc.clone(memory_format=torch.channels_last)
         if xc is not x:
             note_kernel("x to channels-last")
-        if split_k is None:
-            split_k = conv_split_k_for(n, batch * oh * ow, k, _device.sm_count(dev))
-        if not isinstance(split_k, int) or split_k < 1:
-            raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+        split_k = checked_split_k(split_k) or conv_split_k_for(n, batch * oh * ow, k,
+                                                               _device.sm_count(dev))
         split_k = min(split_k, padded_k(k) // GROUP)
         ws = (torch.empty(split_k * batch * oh * ow * n, dtype=torch.float32, device=dev)
               if split_k > 1 else None)

@@ -136,6 +136,17 @@ def test_linear_split_k_workspace(gpu, split_k):
     check_linear(11, 48, 640, 4, "channel", torch.float32, split_k=split_k)
 
 
+@pytest.mark.parametrize("split_k", [0, -1, True, 2.0])
+def test_split_k_must_be_a_positive_int(gpu, split_k):
+    gpu()
+    qt, w = make_qt((8, 64), 4, "channel", "cpu"), make_qt((8, 8, 3, 3), 4, "channel", "cpu")
+    with pytest.raises(ValueError, match="split_k must be a positive int"):
+        cuda.linear(randn((2, 64), "cpu", torch.float16), qt, None, split_k=split_k)
+    with pytest.raises(ValueError, match="split_k must be a positive int"):
+        cuda.conv2d(randn((1, 8, 6, 6), "cpu", torch.float16), w, None, (1, 1), (1, 1),
+                    (1, 1), 1, split_k=split_k)
+
+
 def test_linear_eight_bits_and_float32(gpu):
     gpu({"cuda_tensor_cores": True, "cuda_gemv_max_m_by_bits": {"8": 1}})
     check_linear(4, 20, 260, 8, "tensor", torch.float16)   # lut_frag, 8-bit per tensor

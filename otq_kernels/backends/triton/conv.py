@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ...dispatch_log import note_kernel, recording
-from .. import _device, conv_output_format
+from .. import _device, checked_split_k, conv_output_format
 from ._grid import cdiv, next_power_of_2
 from .decode import _decode_gather, _grouped_tile, codebook_args, plane_args
 from .matmul import GEMV_MAX_M, _dot_precision, _k_range, _reduce_splits, linear_triton
@@ -201,10 +201,8 @@ def conv2d_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None, stride=
     x_nhwc = _activation_view(x, m)
     if recording() and x_nhwc.data_ptr() != x.data_ptr():  # a copy, not a view
         note_kernel("x to channels-last")
-    split = choose_conv_split(m, n_out // groups, c_g, groups, x.device) if split_k is None \
-        else split_k
-    if type(split) is not int or split < 1:
-        raise ValueError(f"split_k must be a positive int, got {split_k!r}")
+    split = checked_split_k(split_k) or choose_conv_split(m, n_out // groups, c_g, groups,
+                                                          x.device)
     bias = bias.contiguous() if bias is not None else None
     note_kernel("triton_conv", split)
     if split == 1:

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ...dispatch_log import note_kernel
 from ...format import plane_widths
-from .. import _device
+from .. import _device, checked_split_k
 from ._grid import cdiv, next_power_of_2
 from .decode import (
     _decode_field,
@@ -410,8 +410,7 @@ def linear_triton(x: torch.Tensor, qt, bias: torch.Tensor | None = None,
     kernel = kernel or choose_kernel(x.shape[0], x.device)
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
-    if split_k is not None and (type(split_k) is not int or split_k < 1):  # (-1 launched
-        raise ValueError(f"split_k must be a positive int, got {split_k!r}")  # no program)
+    split_k = checked_split_k(split_k)
     m, k, n = x.shape[0], qt.k, qt.n
     if x.stride(1) != 1:
         x = x.contiguous()
