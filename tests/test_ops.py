@@ -964,19 +964,13 @@ def test_autocast_leaves_float64_activations_as_they_are():
     torch.testing.assert_close(y, F.linear(x, qt.dequantize(torch.float64)))
 
 
-def test_conv_dispatch_is_asked_with_every_output_pixel_of_the_batch(monkeypatch):
+def test_conv_dispatch_is_asked_with_every_output_pixel_of_the_batch(spy):
     """A conv's M is B × OH × OW (the rows of its implicit GEMM), as the tuning measured."""
-    asked, resolve = [], ops.resolve_conv_backend
-
-    def spy(backend, device, m, *args):
-        asked.append(m)
-        return resolve(backend, device, m, *args)
-
-    monkeypatch.setattr(ops, "resolve_conv_backend", spy)
+    calls = spy(ops, "resolve_conv_backend")
     cq = _qt(shape=(6, 4, 3, 3))
     ops.codebook_conv2d(torch.randn(2, 4, 7, 5), cq, padding=1)
     ops.codebook_conv2d(torch.randn(3, 4, 7, 5), cq, stride=2)
-    assert asked == [2 * 7 * 5, 3 * 3 * 2]
+    assert [args[2] for args in calls] == [2 * 7 * 5, 3 * 3 * 2]
 
 
 def test_fit_pack_and_unpack_run_through_their_ops_under_a_dispatch_mode():
@@ -1047,7 +1041,8 @@ def test_conv_bias_is_added_on_the_expanding_backends(backend):
 
 
 @pytest.mark.parametrize("budget, chunks", [(64, [1] * 5), (256, [2, 2, 1])])
-def test_dequant_linear_expands_the_rows_its_chunk_budget_holds(budget, chunks, monkeypatch):
+def test_dequant_linear_expands_the_rows_its_chunk_budget_holds(budget, chunks, monkeypatch,
+                                                                spy):
     """On CPU a weight over CPU_CHUNK_BYTES (fp32) is expanded a chunk of rows at a time:
     as many rows as the budget holds, one where a single row exceeds it."""
     from otq_kernels.backends import dequant
@@ -1055,9 +1050,7 @@ def test_dequant_linear_expands_the_rows_its_chunk_budget_holds(budget, chunks, 
     torch.manual_seed(0)
     qt, x, bias = _qt((5, 32), 3), torch.randn(3, 32), torch.randn(5)
     monkeypatch.setattr(dequant, "CPU_CHUNK_BYTES", budget)  # a row of 32 is 128 bytes
-    rows, chunk = [], dequant._row_chunk
-    monkeypatch.setattr(dequant, "_row_chunk", lambda qt, first, last: rows.append(
-        last - first) or chunk(qt, first, last))
+    calls = spy(dequant, "_row_chunk")
     y = ops.codebook_linear(x, qt, bias, backend="dequant")
-    assert rows == chunks
+    assert [last - first for _, first, last in calls] == chunks
     torch.testing.assert_close(y, F.linear(x, qt.dequantize(), bias))
