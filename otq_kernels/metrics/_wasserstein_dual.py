@@ -1,7 +1,9 @@
 """Dual upscaling: coarse potentials -> admissible fine potentials -> a lower bound.
 
 Given optimal coarse potentials (F, G) of a block-level OT problem with cost C [n, n]:
-1. fill potentials of empty blocks by coarse c-transforms (F = G^C on all blocks, G = F^C);
+1. complete the potentials by coarse c-transforms, F = G^C on all blocks, G = F^C (G is
+   NaN on empty blocks; F from G alone: for an admissible pair G^C >= F, so the LP's F is
+   not needed);
 2. interpolate F (block centres -> pixel centres, bilinear, edge-clamped) to f0 [H, W];
 3. g = (f0)^c over supp(mu), f = g^c over supp(nu): now f_i + g_j <= c_ij on the supports;
 4. the bound is <mu, f> + <nu, g> <= W_p^p (weak duality).
@@ -22,8 +24,9 @@ from ._wasserstein_ctransform import c_transform, soft_c_transform_sq
 __all__ = ["dual_upscale_bound"]
 
 
-def _fill_coarse(u: torch.Tensor, v: torch.Tensor, C: torch.Tensor):
-    """Complete potentials (NaN on empty blocks) by coarse c-transforms. -> [n], [n]."""
+def _fill_coarse(v: torch.Tensor, C: torch.Tensor):
+    """Potentials on every block from v [n] (NaN on empty blocks) by coarse c-transforms
+    of cost C [n, n]. -> [n], [n]."""
     v_ok = torch.isfinite(v)
     u_full = (C[:, v_ok] - v[v_ok][None, :]).amin(1)
     v_full = (C - u_full[:, None]).amin(0)
@@ -60,16 +63,17 @@ def sinkhorn_refine(f: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, kappa: 
     return f
 
 
-def dual_upscale_bound(u: torch.Tensor, v: torch.Tensor, C: torch.Tensor, grid, kappa: int,
+def dual_upscale_bound(v: torch.Tensor, C: torch.Tensor, grid, kappa: int,
                        mu: torch.Tensor, nu: torch.Tensor, p: int, sinkhorn_iters: int = 20
                        ) -> float:
     """Lower bound on W_p^p(mu, nu).
 
-    u, v: [n] coarse potentials (NaN on empty blocks); C: [n, n] the coarse cost they solve;
+    v: [n] the coarse potential on nu's side (NaN on empty blocks) of the LP with cost
+    C [n, n];
     mu, nu: [H, W] fine images of mass 1; sinkhorn_iters: refinement sweeps (p = 2 only).
     """
     h, w = mu.shape
-    u_full, v_full = _fill_coarse(u, v, C)
+    u_full, v_full = _fill_coarse(v, C)
     f0 = _interpolate(u_full, grid, kappa, h, w)
     g0 = _interpolate(v_full, grid, kappa, h, w)
     best = max(_bound_from(f0, mu, nu, p), _bound_from(g0, nu, mu, p))

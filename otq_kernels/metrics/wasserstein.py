@@ -88,7 +88,7 @@ def _lower_dual(mu, nu, p, kappa, sinkhorn_iters=20):
     cm, cn = _coarse_pair(mu, nu, kappa)
     C = centre_cost(cm, cn, p)
     lp = solve_ot(cm.mass, cn.mass, C)
-    return dual_upscale_bound(lp.u, lp.v, C, cm.grid, cm.kappa, mu, nu, p, sinkhorn_iters)
+    return dual_upscale_bound(lp.v, C, cm.grid, cm.kappa, mu, nu, p, sinkhorn_iters)
 
 
 def upper_weighted_cost(a, b, p: int = 2, kappa: int = 2, local_refine: bool = True):

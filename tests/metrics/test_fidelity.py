@@ -138,6 +138,26 @@ def test_pca_variances_match_covariance_eigenvalues():
     assert int((var < latent.COLLAPSE_THRESHOLD).sum()) == 1
 
 
+def test_pca_variances_of_wide_features_take_the_randomized_branch(monkeypatch):
+    """Above 2048 in both dimensions the variances come from ``torch.pca_lowrank``; on
+    features of rank 5 they equal the exact ones (from the small factor) and the rest
+    vanish."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    a = torch.randn(2050, 5, generator=g, dtype=torch.float64) * scales
+    b = torch.randn(5, 2060, generator=g, dtype=torch.float64)
+    calls = []
+    lowrank = torch.pca_lowrank
+    monkeypatch.setattr(torch, "pca_lowrank", lambda *a, **k: calls.append(k) or lowrank(*a, **k))
+    var = latent.pca_variances((a @ b).float(), 8)
+    assert len(calls) == 1 and calls[0]["q"] == 18 and calls[0]["center"] is False
+    r = torch.linalg.qr(a - a.mean(0)).R  # centred features = Q R b, so their spectrum is R b's
+    exact = (torch.linalg.svdvals(r @ b) ** 2 / (2050 - 1)).float()
+    assert var.shape == (8,)
+    torch.testing.assert_close(var[:5], exact, rtol=1e-4, atol=0)
+    assert var[5:].max() < 1e-6 * exact[0]
+
+
 # ------------------------------------------------ pinned by a mutation campaign (session 70)
 def test_variance_stats_summarise_the_pca_variances():
     g = torch.Generator().manual_seed(0)
