@@ -428,3 +428,129 @@ def test_native_with_cuda_required_needs_a_cuda_build(with_cuda, monkeypatch):
         with pytest.raises(_native.NativeUnavailable, match="built without CUDA kernels"):
             _native.native(require_cuda=True)
         assert "built without CUDA" in _native.unavailable_reason(require_cuda=True)
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 71)
+def test_fit_rows_nearest_ties_take_the_lowest_code():
+    """Heavy ties at 8 bits: neighbouring chunks share a mean, so values sit exactly on
+    (repeated) midpoints; the nearest centroid is the lowest such code, as in ot_rows."""
+    x = torch.randint(-3, 4, (4, 301), generator=torch.Generator().manual_seed(3)).float()
+    for dtype in (torch.float32, torch.float64):
+        codes, _ = cpu.fit_rows(x.to(dtype), 8, "nearest")
+        assert torch.equal(codes, ot_rows(x.double(), 8, "nearest")[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
+def test_fit_rows_one_value_apart_from_the_rest(dtype, assign):
+    """A row of equal values but one (a sparse weight row): the sort's digit passes see all
+    but one item in one bucket, and must still move that item."""
+    x = torch.zeros(4, 50, dtype=dtype)
+    x[2] = 1.0
+    one_ulp_up = torch.nextafter(x[2, 7], torch.tensor(2.0, dtype=dtype))  # lowest key bit
+    x[0, 0], x[1, -1], x[2, 7], x[3, 0] = 5.0, -5.0, one_ulp_up, -(2.0**-30)
+    codes, centroids = cpu.fit_rows(x, 2, assign)
+    ref_codes, ref_centroids = ot_rows(x.double(), 2, assign)
+    assert torch.equal(codes, ref_codes)
+    torch.testing.assert_close(centroids, ref_centroids.float())
+
+
+def test_fit_rows_float64_means_use_the_float64_values():
+    """A float64 row's chunk means are taken of its float64 values (rounded once to float32
+    at the end): pairs 0.4 and 1.4 ulp(float32) above 1 + j/8 average to 0.9 ulp, which
+    rounds up; the means of their float32 roundings (0 and 1 ulp) would round to even."""
+    ulp = 2.0**-23
+    j = torch.arange(4, dtype=torch.float64)
+    x = torch.stack([1 + j / 8 + 0.4 * ulp, 1 + j / 8 + 1.4 * ulp], 1).reshape(1, 8)
+    _, centroids = cpu.fit_rows(x, 2)
+    assert torch.equal(centroids, ot_rows(x, 2)[1].float())
+    assert torch.equal(centroids[0] - (1 + j.float() / 8), torch.full((4,), 2.0**-23))
+
+
+def _native_planes(qt):
+    from otq_kernels.backends._native_args import aligned
+
+    planes = [aligned(p) for p in qt.planes]
+    return planes, [p.data_ptr() for p in planes]
+
+
+@pytest.mark.parametrize("simd", cpu.SIMD_PATHS)
+def test_kernels_write_nothing_past_their_output(simd, monkeypatch):
+    """n not a multiple of the 16-row chunks or the 4-row blocks, k not of the 8- or 16-lane
+    stores: a guard after `out` / `y` keeps its values (masked stores end each row, the last
+    chunk stops at row n)."""
+    monkeypatch.setenv("OTQ_CPU_SIMD", simd)
+    for bits in (2, 4, 7):
+        n, k = 17, 45
+        guard = 16 * k  # (a whole chunk of rows too many lands in it)
+        qt = make_qt(n, k, bits, "channel", seed=bits)
+        planes, ptrs = _native_planes(qt)
+        out = torch.full((n * k + guard,), 7.0)
+        _C.cpu_dequantize(ptrs, n, k, bits, qt.codebook.data_ptr(), n, out.data_ptr())
+        assert torch.equal(out[: n * k].view(n, k), qt.dequantize())
+        assert bool((out[n * k:] == 7.0).all())
+        n, k, guard = 7, 545, 64
+        qt = make_qt(n, k, bits, "channel", seed=bits)
+        planes, ptrs = _native_planes(qt)
+        for m in (1, 3):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            y = torch.full((m * n + guard,), 7.0)
+            _C.cpu_lut_linear(x.data_ptr(), m, k, ptrs, bits, qt.codebook.data_ptr(), n, n, 0,
+                              y.data_ptr())
+            assert rel_err(y[: m * n].view(m, n), reference.linear(x.double(), qt, None)) < 1e-5
+            assert bool((y[m * n:] == 7.0).all())
+
+
+# each call passes pointer 1 where memory is expected: reaching the kernel would crash
+NATIVE_REFUSALS = {
+    "fit_rows-row-of-2**32": (lambda: _C.cpu_fit_rows(1, False, 1, 2**32, 2, False, 1, 1),
+                              r"rows longer than 2\*\*32 - 1"),
+    "fit_rows-bits": (lambda: _C.cpu_fit_rows(1, False, 1, 4, 1, False, 1, 1),
+                      "bits must be in 2..8, got 1"),
+    "fit_rows-null-centroids": (lambda: _C.cpu_fit_rows(1, True, 1, 4, 2, True, 1, 0),
+                                "centroids is a null pointer"),
+    "pack-bits": (lambda: _C.cpu_pack(1, 1, 32, 9, [1, 1]), "bits must be in 2..8, got 9"),
+    "unpack-null-codes": (lambda: _C.cpu_unpack([1], 1, 32, 2, 0), "codes is a null pointer"),
+    "unpack-extra-plane": (lambda: _C.cpu_unpack([1, 1], 1, 32, 2, 1),
+                           "bits=2 needs 1 planes, got 2"),
+    "unpack-null-plane": (lambda: _C.cpu_unpack([1, 0], 1, 32, 3, 1), "plane is a null pointer"),
+    "lut_linear-groups": (lambda: _C.cpu_lut_linear(1, 1, 32, [1], 2, 1, 2, 4, 0, 1),
+                          "groups must be 1 or n"),
+    "lut_linear-null-x": (lambda: _C.cpu_lut_linear(0, 1, 32, [1], 2, 1, 1, 4, 0, 1),
+                          "x is a null pointer"),
+    "lut_linear-bits": (lambda: _C.cpu_lut_linear(1, 1, 32, [1, 1], 9, 1, 1, 4, 0, 1),
+                        "bits must be in 2..8, got 9"),
+    "lut_linear-planes": (lambda: _C.cpu_lut_linear(1, 1, 32, [1], 3, 1, 1, 4, 0, 1),
+                          "bits=3 needs 2 planes, got 1"),
+    "lut_linear-null-y": (lambda: _C.cpu_lut_linear(1, 1, 32, [1], 2, 1, 1, 4, 0, 0),
+                          "y is a null pointer"),
+    "dequantize-planes": (lambda: _C.cpu_dequantize([1], 4, 32, 3, 1, 1, 1),
+                          "bits=3 needs 2 planes, got 1"),
+    "dequantize-null-codebook": (lambda: _C.cpu_dequantize([1], 4, 32, 2, 0, 1, 1),
+                                 "codebook is a null pointer"),
+}
+
+
+@pytest.mark.parametrize("name", list(NATIVE_REFUSALS))
+def test_native_entry_points_refuse_before_touching_memory(name):
+    call, message = NATIVE_REFUSALS[name]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("simd", cpu.SIMD_PATHS)
+def test_linear_columns_past_k_add_nothing_whatever_entry_0_holds(simd, monkeypatch):
+    """The padding columns past K decode to code 0; the SIMD kernels mask them out rather
+    than trusting the zeroed activations, so an unused non-finite entry 0 cannot turn the
+    output into NaN (inf * 0)."""
+    monkeypatch.setenv("OTQ_CPU_SIMD", simd)
+    n, bits = 5, 3
+    for k in (255, 300):  # past a block's last column but one, and a span's; SIMD at m = 1, 3
+        codes = torch.randint(1, 2**bits, (n, k), generator=torch.Generator().manual_seed(k))
+        codebook = torch.randn(1, 2**bits, generator=torch.Generator().manual_seed(1))
+        codebook[0, 0] = float("inf")
+        qt = otq.QuantizedTensor(pack_codes(codes, bits), codebook, bits, (n, k), "tensor")
+        for m in (1, 3):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            y = cpu.linear(x, qt, None)
+            assert rel_err(y, reference.linear(x.double(), qt, None)) < 1e-5
