@@ -186,3 +186,22 @@ def test_unknown_conv_kernel_rejected(device):
     qt = make_qt((6, 4, 3, 3), 2, "tensor", device)
     with pytest.raises(ValueError, match="unknown conv kernel 'gemm'"):
         conv2d_triton(randn((1, 4, 5, 5), device, torch.float32), qt, kernel="gemm")
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 71)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_asymmetric_geometry(channels_last, device):
+    """A 3x2 kernel, stride (2, 1), padding (1, 0), dilation (1, 2) on a 7x9 image: the
+    kernel body keeps h and w apart (the other tests use square kernels and one value for
+    both axes: a kernel reading tap kh * KH + kw, or dil_w, stride_h or pad_h for the
+    other axis, passed them)."""
+    qt = make_qt((6, 4, 3, 2), 4, "channel", device, seed=5)
+    x = randn((2, 4, 7, 9), device, torch.float32, seed=2)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    bias = randn((6,), device, torch.float32, seed=3)
+    conv = (2, 1), (1, 0), (1, 2), 1
+    y = conv2d_triton(x, qt, bias, *conv, kernel="implicit", split_k=1)
+    assert y.shape == (2, 6, 4, 7)
+    truth = reference.conv2d(x.double(), qt, bias.double(), *conv)
+    assert_matches_reference(y, reference.conv2d(x, qt, bias, *conv), truth, torch.float32)

@@ -319,3 +319,14 @@ def test_dot_precision_follows_torchs_tf32_switch_for_float32_only(allow_tf32):
         assert matmul._dot_precision(torch.bfloat16) == "tf32"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+# ------------------------------------------------ pinned by a mutation campaign (session 71)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_activation_rows_strided_past_k(kernel, device):
+    """x a column slice of a wider tensor (row stride K + 5, read in place, not copied):
+    the kernels step x's rows by stride_xm (stepping by K passed every other CPU test)."""
+    qt = make_qt((9, 40), 4, "channel", device)
+    x = randn((5 if kernel == "gemv" else 20, 45), device, torch.float32)[:, :40]
+    assert x.stride() == (45, 1)
+    torch.testing.assert_close(linear_triton(x, qt, kernel=kernel), reference.linear(x, qt, None))
