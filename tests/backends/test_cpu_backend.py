@@ -69,14 +69,17 @@ def test_fit_rows_matches_ot_rows(n, bits, assign):
     torch.testing.assert_close(centroids, ref_centroids.float(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("assign", ["rank", "nearest"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_fit_rows_ties_match_stable_sort(dtype):
-    """Many equal values (and -0.0 vs +0.0): ranks follow a stable sort, as in ot_rows."""
+def test_fit_rows_ties_match_stable_sort(dtype, assign):
+    """Many equal values (and -0.0 vs +0.0): ranks follow a stable sort, as in ot_rows;
+    nearest assignment (at 8 bits neighbouring chunks share a mean, so values sit exactly
+    on midpoints) takes the lowest of the tied codes."""
     x = torch.randint(-3, 4, (4, 301), generator=torch.Generator().manual_seed(3)).to(dtype)
     x[:, ::7] = -0.0
     for bits in (2, 3, 8):
-        codes, centroids = cpu.fit_rows(x, bits)
-        ref_codes, ref_centroids = ot_rows(x.double(), bits)
+        codes, centroids = cpu.fit_rows(x, bits, assign)
+        ref_codes, ref_centroids = ot_rows(x.double(), bits, assign)
         assert torch.equal(codes, ref_codes)
         torch.testing.assert_close(centroids, ref_centroids.float())
 
@@ -318,19 +321,7 @@ def test_bad_inputs_raise_value_errors():
                                            3, qt.shape, "channel"))
 
 
-def test_native_entry_points_validate_arguments():
-    with pytest.raises(ValueError, match="bits must be in 2..8"):
-        _C.cpu_unpack([1], 1, 32, 9, 1)
-    with pytest.raises(ValueError, match="null pointer"):
-        _C.cpu_pack(0, 1, 32, 2, [1])
-    with pytest.raises(ValueError, match="needs 2 planes"):
-        _C.cpu_pack(1, 1, 32, 3, [1])
-    with pytest.raises(ValueError, match="positive"):
-        _C.cpu_fit_rows(1, False, 0, 4, 2, False, 1, 1)
-    with pytest.raises(ValueError, match="groups must be 1 or n"):
-        _C.cpu_dequantize([1, 1], 4, 32, 3, 1, 2, 1)
-    with pytest.raises(ValueError, match="null pointer"):
-        _C.cpu_dequantize([1], 4, 32, 2, 1, 1, 0)
+def test_the_build_says_whether_it_has_cuda_kernels():
     assert _C.WITH_CUDA in (True, False)
 
 
@@ -431,15 +422,6 @@ def test_native_with_cuda_required_needs_a_cuda_build(with_cuda, monkeypatch):
 
 
 # ------------------------------------------------ pinned by a mutation campaign (session 71)
-def test_fit_rows_nearest_ties_take_the_lowest_code():
-    """Heavy ties at 8 bits: neighbouring chunks share a mean, so values sit exactly on
-    (repeated) midpoints; the nearest centroid is the lowest such code, as in ot_rows."""
-    x = torch.randint(-3, 4, (4, 301), generator=torch.Generator().manual_seed(3)).float()
-    for dtype in (torch.float32, torch.float64):
-        codes, _ = cpu.fit_rows(x.to(dtype), 8, "nearest")
-        assert torch.equal(codes, ot_rows(x.double(), 8, "nearest")[0])
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("assign", ["rank", "nearest"])
 def test_fit_rows_one_value_apart_from_the_rest(dtype, assign):
@@ -503,6 +485,13 @@ def test_kernels_write_nothing_past_their_output(simd, monkeypatch):
 
 # each call passes pointer 1 where memory is expected: reaching the kernel would crash
 NATIVE_REFUSALS = {
+    "unpack-bits": (lambda: _C.cpu_unpack([1], 1, 32, 9, 1), "bits must be in 2..8"),
+    "pack-null-codes": (lambda: _C.cpu_pack(0, 1, 32, 2, [1]), "null pointer"),
+    "pack-planes": (lambda: _C.cpu_pack(1, 1, 32, 3, [1]), "needs 2 planes"),
+    "fit_rows-no-rows": (lambda: _C.cpu_fit_rows(1, False, 0, 4, 2, False, 1, 1), "positive"),
+    "dequantize-groups": (lambda: _C.cpu_dequantize([1, 1], 4, 32, 3, 1, 2, 1),
+                          "groups must be 1 or n"),
+    "dequantize-null-out": (lambda: _C.cpu_dequantize([1], 4, 32, 2, 1, 1, 0), "null pointer"),
     "fit_rows-row-of-2**32": (lambda: _C.cpu_fit_rows(1, False, 1, 2**32, 2, False, 1, 1),
                               r"rows longer than 2\*\*32 - 1"),
     "fit_rows-bits": (lambda: _C.cpu_fit_rows(1, False, 1, 4, 1, False, 1, 1),
