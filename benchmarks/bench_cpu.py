@@ -29,6 +29,7 @@ from common import positive_int
 
 import otq_kernels as otq
 from otq_kernels import ops
+from otq_kernels.backends import cpu as cpu_backend
 from otq_kernels.models.configs import IMAGE_SIZES, config_names, unet_config
 from otq_kernels.models.unet import UNetModel
 
@@ -142,14 +143,12 @@ def linear_rows(reps: int, shapes, simd_caps=("avx2", "none")) -> list[dict]:
 def expand_rows(reps: int, shapes, simd_caps=("avx512", "avx2", "none")) -> list[dict]:
     """The C++ expansion alone (``cpu.dequantize`` to float32, its output allocation
     included: above 32 MiB that is page faults on every call), capped to each SIMD path."""
-    from otq_kernels.backends import cpu
-
     rows = []
     for n, k in shapes:
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
         for bits in (2, 4, 8):
             qt = otq.fit_codebook(w, bits=bits, granularity="channel")
-            expand = functools.partial(cpu.dequantize, qt)
+            expand = functools.partial(cpu_backend.dequantize, qt)
             rows += [{"op": "expand", "N": n, "K": k, "bits": bits,
                       "backend": f"cpu (OTQ_CPU_SIMD={cap})",
                       "ms": best_ms(functools.partial(_capped, cap, expand), reps)}
@@ -164,7 +163,9 @@ def meta() -> dict:
                 if ln.startswith("model name")), platform.processor())
     return {"date": time.strftime("%Y-%m-%d"), "git_sha": sha, "cpu": cpu,
             "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "loadavg_at_start": os.getloadavg()}
+            "torch_threads": torch.get_num_threads(), "loadavg_at_start": os.getloadavg(),
+            "simd_path": {"dequantize": cpu_backend.simd_path("dequantize"),
+                          "linear M=1 K=4096": cpu_backend.simd_path("linear", 1, 4096)}}
 
 
 def shape_pair(text: str) -> tuple[int, int]:

@@ -125,6 +125,22 @@ void cpu_dequantize(const Ptrs& planes, int64_t n, int64_t k, int bits, uintptr_
                        as<float>(out));
 }
 
+// The explicit-SIMD path ("avx512", "avx2" or "none": the portable loops) that op
+// ("linear": cpu_lut_linear with m rows of k columns; "dequantize") takes now.
+std::string cpu_simd_path(const std::string& op, int64_t m, int64_t k) {
+  check_size(m, "m"), check_size(k, "k"), check_simd_env();
+  otq::cpu::Simd path;
+  if (op == "linear")
+    path = otq::cpu::lut_linear_path(m, k);
+  else if (op == "dequantize")
+    path = otq::cpu::dequantize_path();
+  else
+    throw std::invalid_argument("op must be 'linear' or 'dequantize', got '" + op + "'");
+  return path == otq::cpu::Simd::kAvx512 ? "avx512"
+         : path == otq::cpu::Simd::kAvx2 ? "avx2"
+                                         : "none";
+}
+
 #ifdef OTQ_WITH_CUDA
 void check_cuda(int err) {
   if (err != 0) throw std::runtime_error(std::string("CUDA error: ") + otq::cuda::error_string(err));
@@ -253,7 +269,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "otq_kernels native kernels (CPU always; CUDA when WITH_CUDA)";
   // otq_kernels/_native.py refuses a build of another API_VERSION (a stale in-place build
   // after a pull): bump both together whenever a binding below changes.
-  m.attr("API_VERSION") = 1;
+  m.attr("API_VERSION") = 2;
 #ifdef OTQ_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else
@@ -272,6 +288,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y[m, n] = x[m, k] @ W^T + bias in float32 (bias pointer 0 = none).");
   m.def("cpu_dequantize", &cpu_dequantize, "planes"_a, "n"_a, "k"_a, "bits"_a, "codebook"_a,
         "groups"_a, "out"_a, "Dense float32 weight out[n, k] = codebook[g(row), code].");
+  m.def("cpu_simd_path", &cpu_simd_path, "op"_a, "m"_a, "k"_a,
+        "The SIMD path ('avx512', 'avx2', 'none') of op 'linear' (m x k) or 'dequantize'.");
 #ifdef OTQ_WITH_CUDA
   m.attr("GEMV_MAX_M") = otq::cuda::kGemvMaxM;
   m.def("cuda_lut_linear", &cuda_lut_linear, "x"_a, "dtype"_a, "m"_a, "k"_a, "planes"_a,

@@ -20,7 +20,7 @@ class NativeUnavailable(RuntimeError):
 
 
 # The bindings' version this code calls (csrc/bindings.cpp sets the build's own).
-API_VERSION = 1
+API_VERSION = 2
 
 
 @functools.lru_cache(maxsize=1)

@@ -1299,6 +1299,7 @@ def test_cpu_bench_writes_call_unet_linear_and_expand_rows(tmp_path, monkeypatch
     expand = [r for r in data["rows"] if r["op"] == "expand"]
     assert len(expand) == 3 * 3 and "cpu (OTQ_CPU_SIMD=avx2)" in {r["backend"] for r in expand}
     assert all(r["ms"] > 0 for r in steps + linear + expand) and data["meta"]["cores"] >= 1
+    assert set(data["meta"]["simd_path"].values()) <= {"avx512", "avx2", "none"}
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True, cwd=BENCH).stdout.strip()
     assert data["meta"]["git_sha"] == sha  # the checkout's, wherever it runs from

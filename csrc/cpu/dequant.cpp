@@ -19,16 +19,30 @@ void dequantize_rows(Planes planes, int64_t first, int64_t last, int64_t k, int 
 
 }  // namespace
 
-void dequantize(Planes planes, int64_t n, int64_t k, int bits, const float* codebook,
-                int64_t groups, float* out) {
+Simd dequantize_path() {
 #ifdef OTQ_AVX512
-  if (avx512_supported() && simd_allowed(Simd::kAvx512))
-    return dequantize_avx512(planes, n, k, bits, codebook, groups, out);
+  if (avx512_supported() && simd_allowed(Simd::kAvx512)) return Simd::kAvx512;
 #endif
 #ifdef OTQ_AVX2
-  if (avx2_supported() && simd_allowed(Simd::kAvx2))
-    return dequantize_avx2(planes, n, k, bits, codebook, groups, out);
+  if (avx2_supported() && simd_allowed(Simd::kAvx2)) return Simd::kAvx2;
 #endif
+  return Simd::kNone;
+}
+
+void dequantize(Planes planes, int64_t n, int64_t k, int bits, const float* codebook,
+                int64_t groups, float* out) {
+  switch (dequantize_path()) {
+#ifdef OTQ_AVX512
+    case Simd::kAvx512:
+      return dequantize_avx512(planes, n, k, bits, codebook, groups, out);
+#endif
+#ifdef OTQ_AVX2
+    case Simd::kAvx2:
+      return dequantize_avx2(planes, n, k, bits, codebook, groups, out);
+#endif
+    default:
+      break;
+  }
   const int64_t chunks = (n + kRowsPerChunk - 1) / kRowsPerChunk;
 #pragma omp parallel for schedule(static) if (n * k >= kMinParallelWeights)
   for (int64_t c = 0; c < chunks; ++c) {

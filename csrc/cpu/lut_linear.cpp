@@ -72,16 +72,32 @@ void linear_block(const float* x, int64_t m, int64_t k, Planes planes, int bits,
 
 }  // namespace
 
-void lut_linear(const float* x, int64_t m, int64_t k, Planes planes, int bits,
-                const float* codebook, int64_t groups, int64_t n, const float* bias, float* y) {
+Simd lut_linear_path(int64_t m, int64_t k) {
 #ifdef OTQ_AVX512
   if (avx512_supported() && simd_allowed(Simd::kAvx512) && fills_blocks(k, m, 512))
-    return lut_linear_avx512(x, m, k, planes, bits, codebook, groups, n, bias, y);
+    return Simd::kAvx512;
 #endif
 #ifdef OTQ_AVX2
   if (avx2_supported() && simd_allowed(Simd::kAvx2) && fills_blocks(k, m, 256))
-    return lut_linear_avx2(x, m, k, planes, bits, codebook, groups, n, bias, y);
+    return Simd::kAvx2;
 #endif
+  return Simd::kNone;
+}
+
+void lut_linear(const float* x, int64_t m, int64_t k, Planes planes, int bits,
+                const float* codebook, int64_t groups, int64_t n, const float* bias, float* y) {
+  switch (lut_linear_path(m, k)) {
+#ifdef OTQ_AVX512
+    case Simd::kAvx512:
+      return lut_linear_avx512(x, m, k, planes, bits, codebook, groups, n, bias, y);
+#endif
+#ifdef OTQ_AVX2
+    case Simd::kAvx2:
+      return lut_linear_avx2(x, m, k, planes, bits, codebook, groups, n, bias, y);
+#endif
+    default:
+      break;
+  }
   const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
 #pragma omp parallel if (m * n * k >= kMinParallelMacs)
   {

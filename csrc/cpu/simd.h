@@ -34,6 +34,12 @@ inline Simd simd_cap() {
 // Whether OTQ_CPU_SIMD allows `path`.
 inline bool simd_allowed(Simd path) { return simd_cap() <= path; }
 
+// The path lut_linear takes for m rows of x with k columns, and the one dequantize takes:
+// the widest one built in, that this CPU runs and OTQ_CPU_SIMD allows (for lut_linear,
+// also one whose column blocks k fills); kNone for the portable loops.
+Simd lut_linear_path(int64_t m, int64_t k);
+Simd dequantize_path();
+
 #ifdef OTQ_AVX512
 // Whether this CPU (and OS) runs AVX-512F code.
 bool avx512_supported();

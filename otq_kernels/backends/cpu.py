@@ -21,6 +21,14 @@ ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SIMD_PATHS = ("avx512", "avx2", "none")
 
 
+def simd_path(op: str = "linear", m: int = 1, k: int = 4096) -> str:
+    """The explicit-SIMD path the C++ kernels take now: "avx512", "avx2" or "none" (the
+    portable loops), for ``op`` "linear" (the LUT linear with x [m, k]: short rows take the
+    portable loops) or "dequantize" (the expansion; m and k unused). The widest path built
+    in that this CPU runs and env OTQ_CPU_SIMD allows (ValueError for a bad value)."""
+    return native().cpu_simd_path(op, m, k)
+
+
 def unavailable(device) -> str | None:
     if device.type != "cpu":
         return f"the cpu backend runs on CPU tensors, not {device}"

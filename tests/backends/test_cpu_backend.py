@@ -1,10 +1,12 @@
 """The C++ CPU backend (otq_kernels._C, csrc/cpu) against format.py, ot_rows and reference."""
 
+import platform
 import types
 
 import numpy as np
 import pytest
 import torch
+from _cpu_flags import cpu_flags
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -152,6 +154,43 @@ def test_every_simd_path_matches_reference(monkeypatch):
                     assert torch.equal(cpu.dequantize(qt), qt.dequantize())
                     for m in (1, 3, 6):
                         assert rel_err(cpu.linear(x[:m], qt, None), truth[:m]) < 1e-5
+
+
+def _expected_path(cap: str, m: int | None = None, k: int = 0) -> str:
+    """The path of the rule in csrc/cpu (simd.h, lut_linear.cpp) on this CPU, under ``cap``:
+    the widest it runs and the cap allows; for the linear (m given), one whose blocks of
+    512 / 256 columns x's k fills past a quarter (m = 1) or a half (m > 1)."""
+    flags = cpu_flags()
+    runs = {"avx512": "avx512f" in flags, "avx2": {"avx2", "fma"} <= flags}
+    allowed = cpu.SIMD_PATHS[cpu.SIMD_PATHS.index(cap):]
+    for path, cols in (("avx512", 512), ("avx2", 256)):
+        if runs[path] and path in allowed and (m is None or k > cols // (4 if m == 1 else 2)):
+            return path
+    return "none"
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not cpu_flags(),
+                    reason="the SIMD paths are x86-64 ones; the rule reads /proc/cpuinfo")
+@pytest.mark.parametrize("cap", [None, *cpu.SIMD_PATHS])
+def test_simd_path_is_the_widest_this_cpu_runs_and_the_cap_allows(cap, monkeypatch):
+    if cap is None:
+        monkeypatch.delenv("OTQ_CPU_SIMD", raising=False)
+    else:
+        monkeypatch.setenv("OTQ_CPU_SIMD", cap)
+    assert cpu.simd_path("dequantize") == _expected_path(cap or "avx512")
+    for m in (1, 2, 16):
+        for k in (1, 64, 65, 128, 129, 256, 257, 4096):
+            assert cpu.simd_path("linear", m, k) == _expected_path(cap or "avx512", m, k), (m, k)
+
+
+def test_simd_path_refuses_bad_arguments(monkeypatch):
+    with pytest.raises(ValueError, match="op must be"):
+        cpu.simd_path("conv2d")
+    with pytest.raises(ValueError, match="m must be positive"):
+        cpu.simd_path("linear", 0, 8)
+    monkeypatch.setenv("OTQ_CPU_SIMD", "sse9")
+    with pytest.raises(ValueError, match="OTQ_CPU_SIMD"):
+        cpu.simd_path("dequantize")
 
 
 def test_bad_simd_cap_raises(monkeypatch):

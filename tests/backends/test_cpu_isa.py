@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cpu_flags import cpu_flags
 
 import otq_kernels as otq
 from otq_kernels.backends import reference
@@ -44,15 +45,6 @@ pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="instruction set levels are x86-64 ones")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
 def _build(level: str, out_dir: Path) -> Path:
     digest = hashlib.sha256(level.encode())
     for path in SOURCES + HEADERS:
@@ -73,7 +65,7 @@ def lib(request):
     level = request.param
     if shutil.which("g++") is None:
         pytest.skip("no g++ to build the CPU kernels")
-    missing = [f for f in NEEDS_FLAGS[level] if f not in _cpu_flags()]
+    missing = [f for f in NEEDS_FLAGS[level] if f not in cpu_flags()]
     if missing:
         pytest.skip(f"this CPU lacks {missing} for the {level} build")
     library = ctypes.CDLL(str(_build(level, ROOT / "build" / "cpu_isa")))
