@@ -100,6 +100,17 @@ UNLIMITED = 2**62
 CPU_LUT_MAX_M = 16
 
 
+def _env(name: str) -> str | None:
+    """``os.environ.get(name)``, read from the mapping os.environ writes through to: ~0.2 µs
+    against ~1.5 µs for an unset variable (``_Environ`` raises and catches a KeyError),
+    on every quantized layer's call."""
+    data, environ = getattr(os.environ, "_data", None), os.environ
+    if data is None or not hasattr(environ, "encodekey"):  # (not CPython's _Environ)
+        return environ.get(name)
+    value = data.get(environ.encodekey(name))
+    return None if value is None else environ.decodevalue(value)
+
+
 def _trace_constant(fn):
     """``torch.compiler.assume_constant_result`` without importing torch._dynamo at import.
 
@@ -184,7 +195,7 @@ def _auto_plan(op: str, device: str, bits: int | None = None,
     :func:`reload_tuning`), keyed by the environment variables availability reads.
     """
     env = _PLAN_ENV.get(device.partition(":")[0], ())
-    key = (op, device, bits, kernel, *(os.environ.get(v) for v in env))
+    key = (op, device, bits, kernel, *(_env(v) for v in env))
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _runnable_candidates(op, torch.device(device), bits, kernel)
@@ -211,7 +222,7 @@ def _explicit_backend(backend: str, device: str, op: str) -> str:
         if problem:
             raise RuntimeError(problem)
         return backend
-    name = os.environ.get("OTQ_BACKEND") or "auto"
+    name = _env("OTQ_BACKEND") or "auto"
     if name == "auto":
         return name
     try:
@@ -583,6 +594,9 @@ def _empty_batch_output(x: torch.Tensor, bias, shape, bias_shape) -> torch.Tenso
 
 def _pair(value, name: str, minimum: int) -> list[int]:
     """[h, w] of an int or a pair of ints, each ≥ ``minimum``; ValueError naming it else."""
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is type(value[1]) is int:
+        if min(value) >= minimum:  # (a layer's own tuple: the common case, taken quickly)
+            return list(value)
     items = [value, value] if not isinstance(value, (tuple, list)) else list(value)
     pair = [integer_value(item) for item in items]  # (bools refused, as torch refuses them)
     if len(pair) != 2 or None in pair or min(pair) < minimum:

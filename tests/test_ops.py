@@ -1,6 +1,7 @@
 """torch.library ops, input checks and backend dispatch (reference backend on CPU)."""
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -921,6 +922,18 @@ def test_auto_passes_over_a_backend_that_cannot_run(monkeypatch):
     finally:
         monkeypatch.undo()
         ops.reload_tuning()
+
+
+@pytest.mark.parametrize("value", [None, "", "cpu", "dequant ", "é-∂"])
+def test_env_reads_what_os_environ_holds(value, monkeypatch):
+    """Dispatch's quick read of a variable agrees with os.environ.get, after a set or an
+    unset through os.environ (the mapping it reads is the one those write through to)."""
+    monkeypatch.setenv("OTQ_TEST_VARIABLE", "before")
+    if value is None:
+        monkeypatch.delenv("OTQ_TEST_VARIABLE")
+    else:
+        monkeypatch.setenv("OTQ_TEST_VARIABLE", value)
+    assert ops._env("OTQ_TEST_VARIABLE") == os.environ.get("OTQ_TEST_VARIABLE") == value
 
 
 def test_gpu_plans_are_keyed_by_triton_interpret_and_cpu_plans_by_nothing(monkeypatch):

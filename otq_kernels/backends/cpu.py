@@ -126,9 +126,8 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
     planes = checked_planes(qt.planes, qt.bits, qt.n, qt.k, "cpu")
     book = checked_codebook(qt, "cpu")
     n, k = qt.n, qt.k
-    out = torch.empty(n, k, dtype=torch.float32, device="cpu")
+    out = torch.empty(qt.shape, dtype=torch.float32, device="cpu")  # (rows of k, as [n, k])
     if n * k:
         native().cpu_dequantize(_ptrs(planes), n, k, qt.bits, book.data_ptr(), book.shape[0],
                                 out.data_ptr())
-    out = as_dtype(out, dtype)
-    return out if len(qt.shape) == 2 else out.reshape(qt.shape)
+    return as_dtype(out, dtype)

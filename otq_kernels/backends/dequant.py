@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..dispatch_log import note_kernel
 from ..format import QuantizedTensor
-from . import as_dtype
+from . import as_dtype, cpu
 
 # On the CPU, a linear layer whose dense weight would exceed this is expanded and
 # multiplied a chunk of rows at a time: a fresh weight-sized buffer is slow to allocate
@@ -32,7 +32,12 @@ def dense_weight(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float64:
         note_kernel("dequant_torch")
         return qt.dequantize(dtype)
-    if qt.codebook.is_cuda:
+    book = qt.codebook
+    if book.is_cpu:
+        if cpu.unavailable(book.device) is None:
+            note_kernel("dequant_cpu")
+            return cpu.dequantize(qt, dtype)
+    elif book.is_cuda:
         from . import cuda
 
         if cuda.expands_natively(qt):
@@ -42,12 +47,6 @@ def dense_weight(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
 
         note_kernel("dequant_triton")
         return dequantize_triton(qt, dtype)
-    if qt.codebook.is_cpu:
-        from . import cpu
-
-        if cpu.unavailable(qt.device) is None:
-            note_kernel("dequant_cpu")
-            return cpu.dequantize(qt, dtype)
     note_kernel("dequant_torch")
     return qt.dequantize(dtype)
 
@@ -87,4 +86,4 @@ def conv2d(x, qt: QuantizedTensor, bias, stride, padding, dilation, groups):
     weight = dense_weight(qt, x.dtype)
     bias = None if bias is None else as_dtype(bias, x.dtype)
     note_kernel("F.conv2d")
-    return F.conv2d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
