@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import platform
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,19 +44,26 @@ NEEDS_FLAGS = {"baseline": (), "avx2": ("avx2", "fma", "bmi2"), "avx2_lut": ("av
                "avx512_lut": ("avx512f",),
                "avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl")}
 
+# Set by test_kernels_clean_under_asan_and_ubsan for its rerun of this module's kernel
+# tests on sanitized builds (in a process with libasan preloaded).
+SANITIZED = os.environ.get("OTQ_CPU_ISA_SANITIZE") == "1"
+SANITIZER_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                   "-fno-omit-frame-pointer", "-g")
+
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                                 reason="instruction set levels are x86-64 ones")
 
 
 def _build(level: str, out_dir: Path) -> Path:
-    digest = hashlib.sha256(level.encode())
+    sanitize = SANITIZER_FLAGS if SANITIZED else ()
+    digest = hashlib.sha256(" ".join((level, *sanitize)).encode())
     for path in SOURCES + HEADERS:
         digest.update(path.read_bytes())
     target = out_dir / digest.hexdigest()[:16] / f"libotq_cpu_{level}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         cmd = [shutil.which("g++") or "g++", "-O3", "-std=c++17", "-fopenmp", "-fPIC", "-shared",
-               f"-march={LEVELS[level][0]}", *LEVELS[level][1], "-DOTQ_NO_CPU_CLONES",
+               f"-march={LEVELS[level][0]}", *LEVELS[level][1], "-DOTQ_NO_CPU_CLONES", *sanitize,
                f"-I{ROOT / 'csrc'}",
                *map(str, SOURCES), "-o", str(target)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -122,3 +132,25 @@ def test_lut_linear_matches_reference(lib, bits, granularity, m, n, k):
     # float32 summation in any order: |error| <= (k + 1) u sum_i |x_i w_i| (+ |bias|)
     magnitude = x.double().abs() @ qt.dequantize(torch.float64).abs().T + bias.double().abs()
     assert bool(((y.double() - truth).abs() <= (k + 1) * 2.0**-24 * magnitude).all())
+
+
+@pytest.mark.skipif(SANITIZED, reason="this is the run under the sanitizers")
+def test_kernels_clean_under_asan_and_ubsan():
+    """The kernel tests above, rerun on ASan+UBSan builds of every level this CPU runs:
+    every buffer is a tensor of its exact size, so a read or a write past one (an x column
+    past K, a plane word past the row, a codebook entry past 2**bits) stops the run."""
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to build the CPU kernels")
+    runtime = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    if not Path(runtime).is_file():
+        pytest.skip("libasan.so not installed")
+    env = dict(os.environ, LD_PRELOAD=runtime, OTQ_CPU_ISA_SANITIZE="1",
+               ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "--capture=sys",
+                           "-p", "no:cacheprovider",
+                           __file__, "-k", "dequantize_bit_exact or lut_linear_matches"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    assert int(re.search(r"(\d+) passed", done.stdout)[1]) >= 2 * 7 * 7 * 2
