@@ -101,8 +101,8 @@ CPU_LUT_MAX_M = 16
 
 
 def _env(name: str) -> str | None:
-    """``os.environ.get(name)``, read from the mapping os.environ writes through to: ~0.2 µs
-    against ~1.5 µs for an unset variable (``_Environ`` raises and catches a KeyError),
+    """``os.environ.get(name)``, read from the mapping os.environ writes through to: 0.35 µs
+    against 1.2 µs for an unset variable (``_Environ`` raises and catches a KeyError),
     on every quantized layer's call."""
     data, environ = getattr(os.environ, "_data", None), os.environ
     if data is None or not hasattr(environ, "encodekey"):  # (not CPython's _Environ)
