@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..dispatch_log import note_kernel
 from ..format import QuantizedTensor
-from . import as_dtype, cpu
+from . import as_dtype
 
 # On the CPU, a linear layer whose dense weight would exceed this is expanded and
 # multiplied a chunk of rows at a time: a fresh weight-sized buffer is slow to allocate
@@ -34,6 +34,8 @@ def dense_weight(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
         return qt.dequantize(dtype)
     book = qt.codebook
     if book.is_cpu:
+        from . import cpu  # (here, not at import: it would add the C++ backend's imports)
+
         if cpu.unavailable(book.device) is None:
             note_kernel("dequant_cpu")
             return cpu.dequantize(qt, dtype)
